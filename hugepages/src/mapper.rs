@@ -1,0 +1,209 @@
+//! Mapping memory into a device's IOMMU domain.
+
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex};
+
+use vfio_ioctls::{VfioContainer, VfioOps};
+
+use crate::{DmaError, DmaMemory, IovaAllocator, Result};
+
+/// Something that maps host memory at an IOVA for device DMA: a VFIO container today, an
+/// iommufd IOAS later.
+pub trait DmaMapper: Send + Sync {
+    /// Maps `len` bytes at `vaddr` to `iova`, readable and writable by the device.
+    ///
+    /// # Safety
+    /// `vaddr..vaddr+len` must stay mapped in this process until [`DmaMapper::unmap`] is
+    /// called for the same range, and must be accessed only through raw pointers while mapped.
+    unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()>;
+
+    /// Removes a mapping made by [`DmaMapper::map`].
+    fn unmap(&self, iova: u64, len: usize) -> Result<()>;
+}
+
+/// A [`DmaMapper`] over a VFIO type1 container.
+pub struct VfioDmaMapper {
+    container: Arc<VfioContainer>,
+}
+
+impl VfioDmaMapper {
+    /// Wraps a container that already has a group attached (so the IOMMU type is set).
+    pub fn new(container: Arc<VfioContainer>) -> Self {
+        Self { container }
+    }
+}
+
+impl DmaMapper for VfioDmaMapper {
+    unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
+        // SAFETY: the caller keeps the range mapped and reference-free until unmap.
+        unsafe { VfioOps::vfio_dma_map(&*self.container, iova, len, vaddr) }.map_err(|e| {
+            DmaError::Map {
+                iova,
+                len,
+                reason: format!("VFIO_IOMMU_MAP_DMA: {e}"),
+            }
+        })
+    }
+
+    fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+        VfioOps::vfio_dma_unmap(&*self.container, iova, len).map_err(|e| DmaError::Map {
+            iova,
+            len,
+            reason: format!("VFIO_IOMMU_UNMAP_DMA: {e}"),
+        })
+    }
+}
+
+/// DMA memory mapped into an IOMMU at an allocated IOVA; unmapped and its IOVA returned on drop.
+pub struct DmaBuffer {
+    // ManuallyDrop: if the IOMMU refuses to unmap, the memory is leaked, never freed under DMA.
+    memory: ManuallyDrop<DmaMemory>,
+    released: bool,
+    iova: u64,
+    mapper: Arc<dyn DmaMapper>,
+    iovas: Arc<Mutex<IovaAllocator>>,
+}
+
+impl DmaBuffer {
+    /// Allocates an IOVA range for `memory` (aligned to its page size) and maps it.
+    pub fn map(
+        memory: DmaMemory,
+        mapper: Arc<dyn DmaMapper>,
+        iovas: Arc<Mutex<IovaAllocator>>,
+    ) -> Result<Self> {
+        let len = memory.len();
+        let align = memory.page_kind().size() as u64;
+        let iova = iovas
+            .lock()
+            .map_err(|_| DmaError::Iova("allocator lock poisoned".into()))?
+            .alloc(len as u64, align)?;
+        // SAFETY: `memory` is owned by the returned buffer, which unmaps before dropping it,
+        // and DmaMemory exposes only raw-pointer access.
+        if let Err(e) = unsafe { mapper.map(iova, len, memory.as_ptr()) } {
+            if let Ok(mut a) = iovas.lock() {
+                let _ = a.free(iova, len as u64);
+            }
+            return Err(e);
+        }
+        Ok(Self {
+            memory: ManuallyDrop::new(memory),
+            released: false,
+            iova,
+            mapper,
+            iovas,
+        })
+    }
+
+    /// The IOVA the device uses for the start of the buffer.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// The memory.
+    pub fn memory(&self) -> &DmaMemory {
+        &self.memory
+    }
+
+    /// Unmaps explicitly, reporting an IOMMU error that drop would have to ignore.
+    pub fn unmap(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        if self.released {
+            return Ok(());
+        }
+        let len = self.memory.len();
+        self.mapper.unmap(self.iova, len)?;
+        self.released = true;
+        if let Ok(mut a) = self.iovas.lock() {
+            a.free(self.iova, len as u64)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DmaBuffer {
+    fn drop(&mut self) {
+        match self.release() {
+            Ok(()) => {}
+            Err(e) if !self.released => {
+                eprintln!("error: {e}; leaking the buffer so the device cannot write freed memory");
+                return;
+            }
+            Err(e) => eprintln!("warning: {e}"),
+        }
+        // SAFETY: unmapped from the IOMMU above, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.memory) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records mappings so tests can check what the buffer asked of the IOMMU.
+    #[derive(Default)]
+    struct RecordingMapper {
+        live: Mutex<Vec<(u64, usize, usize)>>,
+        refuse: bool,
+    }
+
+    impl DmaMapper for RecordingMapper {
+        unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
+            if self.refuse {
+                return Err(DmaError::Map { iova, len, reason: "refused".into() });
+            }
+            self.live.lock().unwrap().push((iova, len, vaddr as usize));
+            Ok(())
+        }
+        fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+            let mut live = self.live.lock().unwrap();
+            let pos = live.iter().position(|&(i, l, _)| i == iova && l == len).ok_or(
+                DmaError::Map { iova, len, reason: "not mapped".into() },
+            )?;
+            live.remove(pos);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buffer_maps_at_allocated_iova_and_unmaps_on_drop() {
+        let mapper = Arc::new(RecordingMapper::default());
+        let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
+        let mem = DmaMemory::allocate_small("t", 8192).unwrap();
+        let vaddr = mem.as_ptr() as usize;
+        let buf = DmaBuffer::map(mem, mapper.clone(), iovas.clone()).unwrap();
+        assert_eq!(*mapper.live.lock().unwrap(), vec![(4 << 30, 8192, vaddr)]);
+        let second = DmaBuffer::map(
+            DmaMemory::allocate_small("t2", 4096).unwrap(),
+            mapper.clone(),
+            iovas.clone(),
+        )
+        .unwrap();
+        assert_eq!(second.iova(), (4 << 30) + 8192);
+        drop(buf);
+        assert_eq!(mapper.live.lock().unwrap().len(), 1);
+        second.unmap().unwrap();
+        assert!(mapper.live.lock().unwrap().is_empty());
+        // Both IOVA ranges came back: the next buffer starts at the window again.
+        let third = DmaBuffer::map(
+            DmaMemory::allocate_small("t3", 4096).unwrap(),
+            mapper.clone(),
+            iovas,
+        )
+        .unwrap();
+        assert_eq!(third.iova(), 4 << 30);
+    }
+
+    #[test]
+    fn refused_mapping_returns_its_iova() {
+        let mapper = Arc::new(RecordingMapper { refuse: true, ..Default::default() });
+        let iovas = Arc::new(Mutex::new(IovaAllocator::with_window(0, 8192).unwrap()));
+        for _ in 0..4 {
+            let mem = DmaMemory::allocate_small("t", 8192).unwrap();
+            assert!(DmaBuffer::map(mem, mapper.clone(), iovas.clone()).is_err());
+        }
+        assert_eq!(iovas.lock().unwrap().alloc(8192, 4096).unwrap(), 0);
+    }
+}

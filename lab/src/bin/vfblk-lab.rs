@@ -1,0 +1,300 @@
+//! `vfblk-lab`: boot the VM lab, run the demo, open a shell in the guest, run nested guests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vfblk_lab::scenario::{self, Contents, Lab};
+use vfblk_lab::vm::{self, Echo, Ending, Limits};
+use vfblk_lab::{LabError, Result};
+
+const USAGE: &str = "usage: vfblk-lab <command> [options]
+
+commands:
+  setup                      fetch and unpack the guest kernel into the cache
+  demo [--json]              boot the lab and show the NVMe controller reached through VFIO
+  run --script FILE [--fio] [--nested] [--verbose] [--json]
+                             boot the lab guest and run FILE (busybox sh) in it
+  shell [--fio] [--nested]   boot the lab guest with a shell on this terminal (Ctrl-A X quits)
+  nested-stats [--boots N] [--json]
+                             boot N second-level guests inside the lab guest, report boot times
+  nested [--boots N] [--verbose]
+                             (inside the lab guest) boot second-level guests under KVM
+";
+
+struct Args {
+    words: Vec<String>,
+}
+
+impl Args {
+    fn flag(&mut self, name: &str) -> bool {
+        let before = self.words.len();
+        self.words.retain(|w| w != name);
+        before != self.words.len()
+    }
+
+    fn value(&mut self, name: &str) -> Result<Option<String>> {
+        let Some(pos) = self.words.iter().position(|w| w == name) else {
+            return Ok(None);
+        };
+        if pos + 1 >= self.words.len() {
+            return Err(LabError::Setup(format!("{name} needs a value")));
+        }
+        let value = self.words.remove(pos + 1);
+        self.words.remove(pos);
+        Ok(Some(value))
+    }
+
+    fn number(&mut self, name: &str, default: u32) -> Result<u32> {
+        match self.value(name)? {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| LabError::Setup(format!("{name} takes a number, not {v:?}"))),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.words.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Setup(format!("unexpected arguments: {:?}\n{USAGE}", self.words)))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut words: Vec<String> = std::env::args().skip(1).collect();
+    if words.is_empty() || words[0] == "--help" || words[0] == "-h" {
+        print!("{USAGE}");
+        return if words.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+    }
+    let command = words.remove(0);
+    let args = Args { words };
+    let result = match command.as_str() {
+        "setup" => setup(args),
+        "demo" => demo(args),
+        "run" => run_script(args),
+        "shell" => shell(args),
+        "nested" => nested(args),
+        "nested-stats" => nested_stats(args),
+        other => Err(LabError::Setup(format!("unknown command {other:?}\n{USAGE}"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfblk-lab {command}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn setup(args: Args) -> Result<()> {
+    args.finish()?;
+    let kernel = vfblk_lab::kernel::ensure_kernel()?;
+    println!("guest kernel {} ready: {}", kernel.release, kernel.vmlinux.display());
+    Ok(())
+}
+
+/// Limits of a first-level guest under TCG: it boots in about 5 s; nested runs take minutes.
+fn l2_limits(total: Duration) -> Limits {
+    Limits {
+        boot: Duration::from_secs(90),
+        total,
+    }
+}
+
+fn demo(mut args: Args) -> Result<()> {
+    let json = args.flag("--json");
+    args.finish()?;
+    let started = Instant::now();
+    eprintln!("lab: preparing guest kernel and project binaries");
+    let lab = Lab::new("demo")?;
+    let initrd = lab.l2_image(scenario::VFIO_PROBE_SCRIPT, Contents::default())?;
+    let disk = lab.disk("nvme.img", 1024)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    eprintln!("lab: booting the guest ({})", spec.accel.describe());
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(Duration::from_secs(180)),
+        2,
+        &lab.dir.join("console.log"),
+        Echo::Steps,
+    )?;
+    let run = &retried.run;
+    run.expect_success("VFIO probe in the lab guest")?;
+    let probe = run
+        .record("probe")
+        .ok_or_else(|| LabError::Guest("the guest reported no probe result".into()))?;
+    let guest = run.record("guest").cloned().unwrap_or_default();
+    if json {
+        let out = serde_json::json!({
+            "accel": "tcg",
+            "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
+            "boot_tries": retried.tries,
+            "total_s": started.elapsed().as_secs_f64(),
+            "guest": guest,
+            "probe": probe,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let g = |k: &str| probe[k].clone();
+    let cap = &probe["cap"];
+    println!();
+    println!("vfblk lab: emulated NVMe reached through VFIO from inside the guest");
+    println!("  acceleration     {}", spec.accel.describe());
+    println!(
+        "  guest            Linux {}, {} vCPUs, {} x 2 MiB hugepages, SVM {}",
+        guest["kernel"].as_str().unwrap_or("?"),
+        guest["cpus"],
+        guest["hugepages"],
+        if guest["svm"] == true { "available (nested KVM possible)" } else { "absent" }
+    );
+    println!(
+        "  boot             {:.1} s to /init (try {}), {:.1} s in all",
+        run.boot_time.unwrap_or_default().as_secs_f64(),
+        retried.tries,
+        started.elapsed().as_secs_f64()
+    );
+    println!("  controller       {} (class {}, vendor:device {})", g("pci_address").as_str().unwrap_or("?"), g("class").as_str().unwrap_or("?"), g("vendor_device").as_str().unwrap_or("?"));
+    println!("  IOMMU group      {} (/dev/vfio/{})", g("iommu_group"), g("iommu_group"));
+    println!("  driver           {}", g("driver").as_str().unwrap_or("?"));
+    println!("  BAR0             {} bytes mapped", g("bar0_size"));
+    println!("  VS               NVMe {}", g("version").as_str().unwrap_or("?"));
+    println!("  CAP              {}", cap["raw"].as_str().unwrap_or("?"));
+    println!(
+        "                   MQES {} entries, DSTRD {} ({} B doorbell stride), TO {} ms, CQR {}",
+        cap["max_queue_entries"], cap["doorbell_stride_code"], cap["doorbell_stride_bytes"], cap["timeout_ms"], cap["contiguous_queues_required"]
+    );
+    println!(
+        "                   MPS {}..{} bytes, NVM command set {}",
+        cap["page_size_min"], cap["page_size_max"], cap["nvm_command_set"]
+    );
+    println!("  CSTS             {}", g("csts").as_str().unwrap_or("?"));
+    let dma = &probe["dma"];
+    println!(
+        "  DMA buffer       {} bytes of {} pages at IOVA {} (mapped in the IOMMU, then unmapped)",
+        dma["size"], dma["page_kind"].as_str().unwrap_or("?"), dma["iova"].as_str().unwrap_or("?")
+    );
+    println!("  console log      {}", run.log.display());
+    Ok(())
+}
+
+fn contents(args: &mut Args) -> Contents {
+    Contents {
+        fio: args.flag("--fio"),
+        nested: args.flag("--nested"),
+    }
+}
+
+fn run_script(mut args: Args) -> Result<()> {
+    let json = args.flag("--json");
+    let verbose = args.flag("--verbose");
+    let contents = contents(&mut args);
+    let script = args
+        .value("--script")?
+        .ok_or_else(|| LabError::Setup("run needs --script FILE".into()))?;
+    args.finish()?;
+    let script = std::fs::read_to_string(PathBuf::from(&script))?;
+    let lab = Lab::new("run")?;
+    let initrd = lab.l2_image(&script, contents)?;
+    let disk = lab.disk("nvme.img", 1024)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    let echo = if verbose { Echo::All } else { Echo::Steps };
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(Duration::from_secs(1800)),
+        2,
+        &lab.dir.join("console.log"),
+        echo,
+    )?;
+    let run = &retried.run;
+    if json {
+        for r in &run.records {
+            println!("{r}");
+        }
+    } else {
+        for r in &run.records {
+            println!("record: {r}");
+        }
+        println!(
+            "ending: {:?}, boot {:.1} s (try {}), {:.1} s in all; console log {}",
+            run.ending,
+            run.boot_time.unwrap_or_default().as_secs_f64(),
+            retried.tries,
+            run.elapsed.as_secs_f64(),
+            run.log.display()
+        );
+    }
+    run.expect_success("script")
+}
+
+fn shell(mut args: Args) -> Result<()> {
+    let contents = contents(&mut args);
+    args.finish()?;
+    let lab = Lab::new("shell")?;
+    let initrd = lab.l2_image(scenario::VFIO_PROBE_SCRIPT, contents)?;
+    let disk = lab.disk("nvme.img", 1024)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    vm::run_interactive(&spec)
+}
+
+fn nested(mut args: Args) -> Result<()> {
+    let boots = args.number("--boots", 1)?;
+    let echo = if args.flag("--verbose") { Echo::All } else { Echo::Quiet };
+    args.finish()?;
+    scenario::run_nested(boots, echo)
+}
+
+fn nested_stats(mut args: Args) -> Result<()> {
+    let boots = args.number("--boots", 10)?;
+    let json = args.flag("--json");
+    args.finish()?;
+    let lab = Lab::new("nested-stats")?;
+    let initrd = lab.l2_image(&scenario::nested_script(boots), Contents { fio: false, nested: true })?;
+    let disk = lab.disk("nvme.img", 64)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    let per_boot = scenario::L3_LIMITS.total * scenario::L3_TRIES;
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(per_boot * boots + Duration::from_secs(120)),
+        2,
+        &lab.dir.join("console.log"),
+        Echo::Steps,
+    )?;
+    let run = &retried.run;
+    let boots_seen: Vec<&serde_json::Value> = run.records.iter().filter_map(|r| r.get("nested")).collect();
+    if json {
+        println!("{}", serde_json::json!({"l2_tries": retried.tries, "boots": boots_seen, "ending": format!("{:?}", run.ending)}));
+    } else {
+        println!("second-level guests under KVM inside the TCG lab guest:");
+        println!("  boot  tries  boot time  total   result");
+        for b in &boots_seen {
+            println!(
+                "  {:>4}  {:>5}  {:>8.1}s  {:>5.1}s  {}",
+                b["boot"],
+                b["tries"],
+                b["boot_s"].as_f64().unwrap_or(f64::NAN),
+                b["total_s"].as_f64().unwrap_or(f64::NAN),
+                if b["ok"] == true { "ok".to_string() } else { format!("FAILED {}", b["problems"]) }
+            );
+        }
+        let first_try = boots_seen.iter().filter(|b| b["tries"] == 1).count();
+        let ok = boots_seen.iter().filter(|b| b["ok"] == true).count();
+        println!(
+            "  {ok}/{} runs passed; {first_try}/{} booted at the first try",
+            boots_seen.len(),
+            boots_seen.len()
+        );
+    }
+    if run.ending != Ending::Finished(0) || boots_seen.len() != boots as usize {
+        return Err(LabError::Guest(format!(
+            "nested runs did not all finish: {:?}, {} of {boots} reported; log {}",
+            run.ending,
+            boots_seen.len(),
+            run.log.display()
+        )));
+    }
+    Ok(())
+}

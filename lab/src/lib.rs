@@ -1,0 +1,111 @@
+//! The VM lab: boots a Debian guest kernel under QEMU with an emulated NVMe controller behind
+//! a virtual Intel IOMMU, so the project's VFIO driver runs against a controller on machines
+//! that have none, and starts second-level VMs inside that guest under its (emulated-SVM) KVM.
+//!
+//! Inputs come only from Debian's packages (see `scripts/setup.sh`); what is downloaded and
+//! built is cached by version under [`cache_dir`].
+
+#![deny(missing_docs)]
+
+pub mod cpio;
+pub mod initramfs;
+pub mod kernel;
+pub mod scenario;
+pub mod vm;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Lab errors.
+#[derive(Debug)]
+pub enum LabError {
+    /// A missing or failing input: package, kernel, program, file.
+    Setup(String),
+    /// The guest did not do what the test asked.
+    Guest(String),
+    /// An I/O error on the host.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabError::Setup(m) => write!(f, "lab setup: {m}"),
+            LabError::Guest(m) => write!(f, "lab guest: {m}"),
+            LabError::Io(e) => write!(f, "lab: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LabError {}
+
+impl From<std::io::Error> for LabError {
+    fn from(e: std::io::Error) -> Self {
+        LabError::Io(e)
+    }
+}
+
+/// Lab result.
+pub type Result<T> = std::result::Result<T, LabError>;
+
+/// Where downloads, unpacked kernels and run directories live: `$VFBLK_LAB_CACHE`, else
+/// `$HOME/.cache/vfblk-lab` (outside the git tree).
+pub fn cache_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("VFBLK_LAB_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/vfblk-lab")
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lab crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// Directory of the project's release binaries, built on first use (once per process) so a
+/// guest never runs a stale binary.
+pub fn project_bin_dir() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--release", "--bins", "-p", "vfblk-nvme", "-p", "vfblk-lab"])
+                .current_dir(&root)
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !status.success() {
+                return Err(format!("cargo build --release of the guest binaries: {status}"));
+            }
+            Ok(target.join("release"))
+        })
+        .clone()
+        .map_err(LabError::Setup)
+}
+
+/// A fresh directory for one run's images and logs, under the cache.
+pub fn run_dir(name: &str) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = cache_dir()?
+        .join("runs")
+        .join(format!("{name}-{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,282 @@
+//! The lab's standard guests: the first-level guest with the NVMe controller behind the
+//! virtual IOMMU, and the second-level guest started inside it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::initramfs::Initramfs;
+use crate::kernel::{ensure_kernel, GuestKernel};
+use crate::vm::{self, Accel, Echo, Limits, NvmeDisk, VmSpec};
+use crate::{project_bin_dir, run_dir, LabError, Result};
+
+/// Modules the first-level guest loads: VFIO for the NVMe controller, the kernel's own nvme
+/// driver (for independent checks), virtio for disks, KVM for second-level guests.
+pub const L2_MODULES: &[&str] = &[
+    "vfio_pci",
+    "vfio_iommu_type1",
+    "nvme",
+    "virtio_pci",
+    "virtio_blk",
+    "kvm_amd",
+];
+
+/// Modules the second-level guest loads.
+pub const L3_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+
+/// The serial number of the lab's emulated NVMe controller.
+pub const NVME_SERIAL: &str = "vfblk0001";
+
+/// Hugepages (2 MiB) `/init` reserves in the first-level guest.
+pub const L2_HUGEPAGES: u32 = 128;
+
+/// Where the second-level guest's files sit inside the first-level guest.
+pub const L3_DIR: &str = "/lab/l3";
+
+/// Programs a guest image can carry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Contents {
+    /// fio and its libraries.
+    pub fio: bool,
+    /// QEMU, its firmware and a second-level guest (kernel + initramfs), for nested VMs.
+    pub nested: bool,
+}
+
+/// A prepared lab: the guest kernel and the project's binaries.
+pub struct Lab {
+    /// The guest kernel.
+    pub kernel: GuestKernel,
+    /// The project's release binaries.
+    pub bin_dir: PathBuf,
+    /// This run's directory for images and logs.
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// Fetches (or finds cached) the guest kernel and builds the project's binaries.
+    pub fn new(name: &str) -> Result<Self> {
+        let kernel = ensure_kernel()?;
+        let bin_dir = project_bin_dir()?;
+        let dir = run_dir(name)?;
+        Ok(Self {
+            kernel,
+            bin_dir,
+            dir,
+        })
+    }
+
+    /// Builds the first-level guest image with `script` as its test.
+    pub fn l2_image(&self, script: &str, contents: Contents) -> Result<PathBuf> {
+        let mut image = Initramfs::new(&self.kernel, L2_MODULES, L2_HUGEPAGES)?;
+        for bin in ["vfblk-nvme", "vfblk-lab"] {
+            image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
+        }
+        if contents.fio {
+            image.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
+        }
+        if contents.nested {
+            self.add_nested(&mut image)?;
+        }
+        image.set_test_script(script);
+        let path = self.dir.join("l2.cpio");
+        image.write(&path)?;
+        Ok(path)
+    }
+
+    fn add_nested(&self, image: &mut Initramfs) -> Result<()> {
+        image.add_program(
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            "usr/bin/qemu-system-x86_64",
+        )?;
+        // Firmware a q35 guest booted with -kernel needs (SeaBIOS, the PVH/linuxboot ROMs).
+        for rom in [
+            "bios-256k.bin",
+            "linuxboot.bin",
+            "linuxboot_dma.bin",
+            "pvh.bin",
+            "kvmvapic.bin",
+        ] {
+            let host = Path::new("/usr/share/qemu").join(rom);
+            if !host.exists() {
+                return Err(LabError::Setup(format!(
+                    "{} missing: install qemu-system-x86 (scripts/setup.sh)",
+                    host.display()
+                )));
+            }
+            image.add_file(&format!("usr/share/qemu/{rom}"), &host, 0o644);
+        }
+        let mut l3 = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
+        l3.set_test_script(L3_DISK_SCRIPT);
+        let l3_path = self.dir.join("l3.cpio");
+        l3.write(&l3_path)?;
+        image.add_file(&format!("{L3_DIR}/initrd.cpio"), &l3_path, 0o644);
+        image.add_file(&format!("{L3_DIR}/vmlinux"), &self.kernel.vmlinux, 0o644);
+        Ok(())
+    }
+
+    /// A raw disk image of `size_mib` MiB in this run's directory.
+    pub fn disk(&self, name: &str, size_mib: u64) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        let file = std::fs::File::create(&path)?;
+        file.set_len(size_mib << 20)?;
+        Ok(path)
+    }
+
+    /// The first-level guest: TCG, virtual IOMMU, one emulated NVMe controller on `nvme_image`.
+    pub fn l2_spec(&self, initrd: &Path, nvme_image: &Path) -> VmSpec {
+        let mut spec = VmSpec::new("L2", Accel::Tcg, &self.kernel.vmlinux, initrd);
+        spec.memory_mib = 3072;
+        spec.iommu = true;
+        spec.nvme.push(NvmeDisk {
+            image: nvme_image.to_path_buf(),
+            serial: NVME_SERIAL.to_string(),
+        });
+        spec
+    }
+}
+
+/// Script of the VFIO probe: binds the emulated NVMe to vfio-pci and has the project's driver
+/// open it through VFIO, read its registers and map a hugepage buffer for DMA.
+pub const VFIO_PROBE_SCRIPT: &str = r#". /lab/lib.sh
+step "loading vfio_iommu_type1 and vfio_pci"
+modprobe vfio_iommu_type1 || fail "modprobe vfio_iommu_type1"
+modprobe vfio_pci || fail "modprobe vfio_pci"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller (class 0x010802) in the guest"
+step "binding $bdf to vfio-pci"
+vfblk-nvme bind-vfio "$bdf" || fail "vfblk-nvme bind-vfio $bdf"
+step "probing $bdf through VFIO"
+vfblk-nvme probe "$bdf" --json > /tmp/probe.json || fail "vfblk-nvme probe $bdf"
+record "{\"probe\": $(cat /tmp/probe.json)}"
+svm=false; grep -qw svm /proc/cpuinfo && svm=true
+record "{\"guest\": {\"kernel\": \"$(uname -r)\", \"cpus\": $(grep -c ^processor /proc/cpuinfo), \"svm\": $svm, \"hugepages\": $(cat /proc/sys/vm/nr_hugepages)}}"
+"#;
+
+/// The second-level guest's test: reads a marker the first-level guest wrote to its virtio
+/// disk, writes a random MiB, reads it back after dropping caches, and reports its checksum
+/// so the first-level guest can check the bytes reached the disk image.
+pub const L3_DISK_SCRIPT: &str = r#". /lab/lib.sh
+modprobe virtio_pci || fail "modprobe virtio_pci"
+modprobe virtio_blk || fail "modprobe virtio_blk"
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+[ -b /dev/vda ] || fail "no /dev/vda"
+marker=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000')
+dd if=/dev/urandom of=/tmp/pattern bs=4096 count=256 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek=256 conv=fsync 2>/dev/null || fail "write to /dev/vda"
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/readback bs=4096 skip=256 count=256 2>/dev/null || fail "read from /dev/vda"
+cmp -s /tmp/pattern /tmp/readback || fail "read-back differs from what was written"
+sum=$(md5sum < /tmp/pattern | cut -d' ' -f1)
+record "{\"l3\": {\"marker\": \"$marker\", \"md5\": \"$sum\", \"offset\": 1048576, \"len\": 1048576}}"
+"#;
+
+/// Script of the nested test: KVM inside the first-level guest, then a second-level guest.
+pub fn nested_script(boots: u32) -> String {
+    format!(
+        r#". /lab/lib.sh
+step "loading kvm_amd"
+modprobe kvm_amd || fail "modprobe kvm_amd"
+[ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd"
+step "starting {boots} second-level guest(s) under KVM"
+vfblk-lab nested --boots {boots} || fail "nested guest"
+"#
+    )
+}
+
+/// Limits for a second-level guest boot under KVM-in-TCG. Most boot in 18-30 s; stalls of
+/// 10 minutes have been seen, hence a boot deadline and retries.
+pub const L3_LIMITS: Limits = Limits {
+    boot: Duration::from_secs(120),
+    total: Duration::from_secs(240),
+};
+
+/// Tries per second-level boot.
+pub const L3_TRIES: u32 = 3;
+
+/// Runs inside the first-level guest: boots the second-level guest `boots` times, checks
+/// each run's disk writes against the disk image, and prints one record per boot.
+pub fn run_nested(boots: u32, echo: Echo) -> Result<()> {
+    let dir = Path::new("/tmp/l3");
+    std::fs::create_dir_all(dir)?;
+    let mut failures = 0;
+    for boot in 1..=boots {
+        let disk = dir.join("disk.img");
+        let marker = format!("vfblk-l3-marker-{boot}");
+        let mut data = marker.clone().into_bytes();
+        data.resize(4 << 20, 0);
+        std::fs::write(&disk, &data)?;
+        let mut spec = VmSpec::new(
+            "L3",
+            Accel::Kvm,
+            &Path::new(L3_DIR).join("vmlinux"),
+            &Path::new(L3_DIR).join("initrd.cpio"),
+        );
+        spec.cpus = 1;
+        spec.memory_mib = 256;
+        spec.virtio_disks.push(disk.clone());
+        let log = dir.join(format!("console-{boot}.log"));
+        let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
+        let run = &retried.run;
+        let mut problems: Vec<String> = run.failures.clone();
+        match &run.ending {
+            vm::Ending::Finished(0) => {}
+            other => problems.push(format!("{other:?}")),
+        }
+        if let Some(l3) = run.record("l3") {
+            if l3["marker"] != marker.as_str() {
+                problems.push(format!("marker read in L3 was {}, expected {marker}", l3["marker"]));
+            }
+            let image = std::fs::read(&disk)?;
+            let written = &image[1 << 20..2 << 20];
+            let sum = md5_hex(written);
+            if l3["md5"] != sum.as_str() {
+                problems.push(format!("disk image holds md5 {sum}, L3 wrote {}", l3["md5"]));
+            }
+        } else {
+            problems.push("L3 reported no result".into());
+        }
+        if !problems.is_empty() {
+            failures += 1;
+            eprintln!("{}", vm::tail(&log, 30));
+        }
+        let record = serde_json::json!({"nested": {
+            "boot": boot,
+            "tries": retried.tries,
+            "stalled_s": retried.stalled.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>(),
+            "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
+            "total_s": run.elapsed.as_secs_f64(),
+            "ok": problems.is_empty(),
+            "problems": problems,
+        }});
+        println!("{}-RECORD {record}", crate::initramfs::MARK);
+    }
+    if failures > 0 {
+        return Err(LabError::Guest(format!("{failures} of {boots} nested runs failed")));
+    }
+    Ok(())
+}
+
+/// md5 of a buffer as hex, by busybox's `md5sum` (the guest has no other hashing tool, and
+/// the second-level guest computes its side the same way).
+fn md5_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        return "md5sum-unavailable".into();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(data);
+    }
+    child
+        .wait_with_output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}

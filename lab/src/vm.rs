@@ -1,0 +1,427 @@
+//! Starting a QEMU guest, reading its serial console, and stopping it.
+//!
+//! The same runner starts the first-level guest on the host (TCG) and a second-level guest
+//! inside it (KVM on the first guest's emulated SVM). Every run has a boot deadline and an
+//! overall deadline; on either, the runner kills the QEMU process it started (by its pid,
+//! nothing else) and says which deadline passed, so callers can retry a stalled boot but
+//! never a failed test.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::initramfs::MARK;
+use crate::{LabError, Result};
+
+/// How the guest's CPU is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// QEMU's multi-threaded TCG emulator with `-cpu max` (which includes SVM, so the guest
+    /// can run KVM itself).
+    Tcg,
+    /// KVM, with the host's CPU model.
+    Kvm,
+}
+
+impl Accel {
+    /// A short human-readable name.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Accel::Tcg => "TCG (software emulation, multi-threaded, -cpu max with SVM)",
+            Accel::Kvm => "KVM (-cpu host)",
+        }
+    }
+}
+
+/// An emulated NVMe controller backed by a raw image.
+#[derive(Debug, Clone)]
+pub struct NvmeDisk {
+    /// Raw image file.
+    pub image: PathBuf,
+    /// The serial number the controller reports in Identify.
+    pub serial: String,
+}
+
+/// A vhost-user-blk device whose backend listens on a unix socket.
+#[derive(Debug, Clone)]
+pub struct VhostUserBlk {
+    /// The backend's socket; QEMU connects and reconnects every second.
+    pub socket: PathBuf,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Name used in logs and errors.
+    pub name: String,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// CPU acceleration.
+    pub accel: Accel,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB (a shared memfd, so vhost-user backends can map it).
+    pub memory_mib: u64,
+    /// Kernel image (a PVH `vmlinux` or a bzImage).
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Appended to the kernel command line.
+    pub cmdline: String,
+    /// A virtual Intel IOMMU (with interrupt remapping), required for VFIO in the guest.
+    pub iommu: bool,
+    /// Emulated NVMe controllers.
+    pub nvme: Vec<NvmeDisk>,
+    /// virtio-blk disks backed by raw images.
+    pub virtio_disks: Vec<PathBuf>,
+    /// vhost-user-blk devices.
+    pub vhost_user_blk: Vec<VhostUserBlk>,
+}
+
+impl VmSpec {
+    /// A spec with the lab's defaults and no devices.
+    pub fn new(name: &str, accel: Accel, kernel: &Path, initrd: &Path) -> Self {
+        Self {
+            name: name.to_string(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel,
+            cpus: 2,
+            memory_mib: 2048,
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            cmdline: String::new(),
+            iommu: false,
+            nvme: Vec::new(),
+            virtio_disks: Vec::new(),
+            vhost_user_blk: Vec::new(),
+        }
+    }
+
+    /// The QEMU command line; `interactive` puts the console and QEMU monitor on the terminal.
+    pub fn args(&self, interactive: bool) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        if interactive {
+            push(&["-serial", "mon:stdio"]);
+        } else {
+            push(&["-serial", "stdio", "-monitor", "none"]);
+        }
+        match self.accel {
+            Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        }
+        let mem = format!("memory-backend-memfd,id=ram,size={}M,share=on", self.memory_mib);
+        let machine = if self.iommu {
+            "q35,kernel-irqchip=split,memory-backend=ram"
+        } else {
+            "q35,memory-backend=ram"
+        };
+        let smp = self.cpus.to_string();
+        let memsize = format!("{}M", self.memory_mib);
+        push(&["-machine", machine, "-object", &mem, "-m", &memsize, "-smp", &smp]);
+        if self.iommu {
+            // The IOMMU must exist before the devices that sit behind it.
+            push(&["-device", "intel-iommu,intremap=on"]);
+        }
+        for (i, disk) in self.nvme.iter().enumerate() {
+            let drive = format!(
+                "file={},if=none,id=nvm{i},format=raw,cache=unsafe",
+                disk.image.display()
+            );
+            let dev = format!("nvme,serial={},drive=nvm{i}", disk.serial);
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        for (i, disk) in self.virtio_disks.iter().enumerate() {
+            let drive = format!(
+                "file={},if=none,id=vd{i},format=raw,cache=unsafe",
+                disk.display()
+            );
+            let dev = format!("virtio-blk-pci,drive=vd{i}");
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        for (i, blk) in self.vhost_user_blk.iter().enumerate() {
+            let chardev = format!("socket,id=vub{i},path={},reconnect=1", blk.socket.display());
+            let dev = format!("vhost-user-blk-pci,chardev=vub{i},num-queues={}", blk.num_queues);
+            push(&["-chardev", &chardev, "-device", &dev]);
+        }
+        let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");
+        if self.iommu {
+            cmdline.push_str(" intel_iommu=on");
+        }
+        if interactive {
+            cmdline.push_str(" vfblk.shell");
+        }
+        if !self.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.cmdline);
+        }
+        let kernel = self.kernel.display().to_string();
+        let initrd = self.initrd.display().to_string();
+        push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+        a
+    }
+}
+
+/// Deadlines of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From start until `/init` reports it is running.
+    pub boot: Duration,
+    /// From start until QEMU exits.
+    pub total: Duration,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The test script finished with this exit status and the guest powered off.
+    Finished(i32),
+    /// `/init` did not report in time: the boot stalled (safe to retry).
+    BootStalled,
+    /// The guest booted but did not finish in time.
+    TimedOut,
+    /// QEMU exited before the test script finished.
+    QemuExited(String),
+}
+
+/// What one run produced.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// How it ended.
+    pub ending: Ending,
+    /// `@@VFBLK-RECORD` payloads, parsed as JSON.
+    pub records: Vec<serde_json::Value>,
+    /// `@@VFBLK-FAIL` messages.
+    pub failures: Vec<String>,
+    /// Wall-clock time from QEMU's start until `/init` reported.
+    pub boot_time: Option<Duration>,
+    /// Wall-clock time of the whole run.
+    pub elapsed: Duration,
+    /// The serial console log.
+    pub log: PathBuf,
+}
+
+impl Run {
+    /// The first record that has the given key.
+    pub fn record(&self, key: &str) -> Option<&serde_json::Value> {
+        self.records.iter().find_map(|r| r.get(key))
+    }
+
+    /// An error unless the test script exited 0.
+    pub fn expect_success(&self, what: &str) -> Result<()> {
+        match &self.ending {
+            Ending::Finished(0) if self.failures.is_empty() => Ok(()),
+            ending => Err(LabError::Guest(format!(
+                "{what}: {ending:?}; failures: {:?}; console log: {}\n{}",
+                self.failures,
+                self.log.display(),
+                tail(&self.log, 40)
+            ))),
+        }
+    }
+}
+
+/// The last `lines` lines of a file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How much of the console the runner shows while the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Nothing.
+    Quiet,
+    /// `@@VFBLK-STEP` progress lines.
+    Steps,
+    /// Every console line.
+    All,
+}
+
+enum Line {
+    Text(String),
+    Closed,
+}
+
+/// Boots a guest, follows its console until it powers off or a deadline passes.
+pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run> {
+    let started = Instant::now();
+    let stderr_log = log.with_extension("qemu-stderr");
+    let mut child = Command::new(&spec.qemu)
+        .args(spec.args(false))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&stderr_log)?)
+        .spawn()
+        .map_err(|e| LabError::Setup(format!("{}: cannot start {}: {e}", spec.name, spec.qemu.display())))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    let mut log_file = File::create(log)?;
+    let reader = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = log_file.write_all(&buf);
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if tx.send(Line::Text(line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Line::Closed);
+    });
+
+    let mut out = Run {
+        ending: Ending::TimedOut,
+        records: Vec::new(),
+        failures: Vec::new(),
+        boot_time: None,
+        elapsed: Duration::ZERO,
+        log: log.to_path_buf(),
+    };
+    let mut exit_status = None;
+    loop {
+        let deadline = if out.boot_time.is_none() { limits.boot } else { limits.total };
+        let Some(left) = deadline.checked_sub(started.elapsed()) else {
+            out.ending = if out.boot_time.is_none() { Ending::BootStalled } else { Ending::TimedOut };
+            break;
+        };
+        match rx.recv_timeout(left) {
+            Ok(Line::Text(line)) => {
+                if echo == Echo::All {
+                    // Defang markers so a guest of a guest cannot speak for the guest.
+                    eprintln!("[{}] {}", spec.name, line.replace(MARK, "@@(nested)"));
+                }
+                let Some(pos) = line.find(MARK) else { continue };
+                let tagged = &line[pos + MARK.len()..];
+                let (tag, rest) = tagged.split_once(' ').unwrap_or((tagged, ""));
+                match tag {
+                    "-BOOTED" => out.boot_time = Some(started.elapsed()),
+                    "-STEP" if echo == Echo::Steps => {
+                        eprintln!("  [{} {:>5.1}s] {rest}", spec.name, started.elapsed().as_secs_f64())
+                    }
+                    "-RECORD" => match serde_json::from_str(rest) {
+                        Ok(v) => out.records.push(v),
+                        Err(e) => out.failures.push(format!("unparsable record {rest:?}: {e}")),
+                    },
+                    "-FAIL" => out.failures.push(rest.to_string()),
+                    "-EXIT" => exit_status = rest.trim().parse::<i32>().ok(),
+                    _ => {}
+                }
+            }
+            Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                out.ending = match exit_status {
+                    Some(code) => Ending::Finished(code),
+                    None => Ending::QemuExited(tail(&stderr_log, 5)),
+                };
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    stop(&mut child);
+    let _ = reader.join();
+    out.elapsed = started.elapsed();
+    Ok(out)
+}
+
+/// Kills the QEMU we started, if it is still running, and reaps it.
+fn stop(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // Give a guest that already powered off a moment to let QEMU exit by itself.
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(50));
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+        }
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// A run that retried stalled boots.
+#[derive(Debug, Clone)]
+pub struct RetriedRun {
+    /// The last run (the one that booted, or the last stalled one).
+    pub run: Run,
+    /// How many boots were tried (1 = first time).
+    pub tries: u32,
+    /// Time spent in boots that stalled.
+    pub stalled: Vec<Duration>,
+}
+
+/// Runs a guest, starting it again (up to `max_tries` in all) only when its boot stalled.
+/// A guest that booted and then failed or timed out is never retried.
+pub fn run_retrying_stalls(
+    spec: &VmSpec,
+    limits: Limits,
+    max_tries: u32,
+    log: &Path,
+    echo: Echo,
+) -> Result<RetriedRun> {
+    let mut stalled = Vec::new();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let run = run(spec, limits, log, echo)?;
+        if run.ending == Ending::BootStalled && tries < max_tries {
+            eprintln!(
+                "lab: {}: boot stalled after {:.0}s (try {tries} of {max_tries}); starting it again",
+                spec.name,
+                run.elapsed.as_secs_f64()
+            );
+            let _ = std::fs::rename(log, log.with_extension(format!("stalled{tries}")));
+            stalled.push(run.elapsed);
+            continue;
+        }
+        return Ok(RetriedRun { run, tries, stalled });
+    }
+}
+
+/// Runs a guest with the console and QEMU monitor on this terminal (Ctrl-A X quits).
+pub fn run_interactive(spec: &VmSpec) -> Result<()> {
+    let status = Command::new(&spec.qemu)
+        .args(spec.args(true))
+        .status()
+        .map_err(|e| LabError::Setup(format!("cannot start {}: {e}", spec.qemu.display())))?;
+    if !status.success() {
+        return Err(LabError::Guest(format!("{} exited with {status}", spec.qemu.display())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_put_iommu_before_devices_and_share_ram() {
+        let mut spec = VmSpec::new("t", Accel::Tcg, Path::new("/k"), Path::new("/i"));
+        spec.iommu = true;
+        spec.nvme.push(NvmeDisk {
+            image: "/d.img".into(),
+            serial: "abc".into(),
+        });
+        let args = spec.args(false).join(" ");
+        let iommu = args.find("intel-iommu,intremap=on").unwrap();
+        let nvme = args.find("nvme,serial=abc").unwrap();
+        assert!(iommu < nvme);
+        assert!(args.contains("share=on"));
+        assert!(args.contains("kernel-irqchip=split"));
+        assert!(args.contains("intel_iommu=on"));
+        assert!(args.contains("tcg,thread=multi"));
+    }
+}
