@@ -44,12 +44,16 @@ impl IovaAllocator {
     /// Allocates `len` bytes aligned to `align` (a power of two).
     pub fn alloc(&mut self, len: u64, align: u64) -> Result<u64> {
         if len == 0 || !align.is_power_of_two() {
-            return Err(DmaError::Iova(format!("bad request: len {len:#x}, align {align:#x}")));
+            return Err(DmaError::Iova(format!(
+                "bad request: len {len:#x}, align {align:#x}"
+            )));
         }
         for i in 0..self.free.len() {
             let (fs, fe) = self.free[i];
             let base = fs.div_ceil(align) * align;
-            let Some(end) = base.checked_add(len) else { continue };
+            let Some(end) = base.checked_add(len) else {
+                continue;
+            };
             if end > fe {
                 continue;
             }
@@ -73,7 +77,9 @@ impl IovaAllocator {
         let end = iova
             .checked_add(len)
             .filter(|&e| iova >= self.start && e <= self.end && len > 0)
-            .ok_or_else(|| DmaError::Iova(format!("free of {iova:#x}+{len:#x} outside the window")))?;
+            .ok_or_else(|| {
+                DmaError::Iova(format!("free of {iova:#x}+{len:#x} outside the window"))
+            })?;
         let pos = self.free.partition_point(|&(s, _)| s < iova);
         let overlaps_prev = pos > 0 && self.free[pos - 1].1 > iova;
         let overlaps_next = pos < self.free.len() && self.free[pos].0 < end;

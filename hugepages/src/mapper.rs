@@ -152,16 +152,25 @@ mod tests {
     impl DmaMapper for RecordingMapper {
         unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
             if self.refuse {
-                return Err(DmaError::Map { iova, len, reason: "refused".into() });
+                return Err(DmaError::Map {
+                    iova,
+                    len,
+                    reason: "refused".into(),
+                });
             }
             self.live.lock().unwrap().push((iova, len, vaddr as usize));
             Ok(())
         }
         fn unmap(&self, iova: u64, len: usize) -> Result<()> {
             let mut live = self.live.lock().unwrap();
-            let pos = live.iter().position(|&(i, l, _)| i == iova && l == len).ok_or(
-                DmaError::Map { iova, len, reason: "not mapped".into() },
-            )?;
+            let pos = live
+                .iter()
+                .position(|&(i, l, _)| i == iova && l == len)
+                .ok_or(DmaError::Map {
+                    iova,
+                    len,
+                    reason: "not mapped".into(),
+                })?;
             live.remove(pos);
             Ok(())
         }
@@ -198,7 +207,10 @@ mod tests {
 
     #[test]
     fn refused_mapping_returns_its_iova() {
-        let mapper = Arc::new(RecordingMapper { refuse: true, ..Default::default() });
+        let mapper = Arc::new(RecordingMapper {
+            refuse: true,
+            ..Default::default()
+        });
         let iovas = Arc::new(Mutex::new(IovaAllocator::with_window(0, 8192).unwrap()));
         for _ in 0..4 {
             let mem = DmaMemory::allocate_small("t", 8192).unwrap();

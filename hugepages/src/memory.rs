@@ -84,9 +84,13 @@ impl DmaMemory {
             let what = what.to_string();
             move |source| DmaError::Alloc { what, len, source }
         };
-        let file = memfd(name, libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)
-            .map_err(err("memfd_create(MFD_HUGETLB)"))?;
-        file.set_len(len as u64).map_err(err("ftruncate of hugetlb memfd"))?;
+        let file = memfd(
+            name,
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        )
+        .map_err(err("memfd_create(MFD_HUGETLB)"))?;
+        file.set_len(len as u64)
+            .map_err(err("ftruncate of hugetlb memfd"))?;
         // populate: fault every page in now, so a shortage of hugepages shows here (ENOMEM)
         // rather than as SIGBUS on first touch.
         let map = MmapOptions::new()
@@ -109,7 +113,8 @@ impl DmaMemory {
             move |source| DmaError::Alloc { what, len, source }
         };
         let file = memfd(name, libc::MFD_CLOEXEC).map_err(err("memfd_create"))?;
-        file.set_len(len as u64).map_err(err("ftruncate of memfd"))?;
+        file.set_len(len as u64)
+            .map_err(err("ftruncate of memfd"))?;
         let map = MmapOptions::new()
             .len(len)
             .populate()
@@ -161,9 +166,13 @@ impl DmaMemory {
     /// # Panics
     /// If the range is outside the memory (a caller bug, not device or guest input).
     pub fn write_bytes(&self, offset: usize, data: &[u8]) {
-        assert!(offset.checked_add(data.len()).is_some_and(|end| end <= self.len()));
+        assert!(offset
+            .checked_add(data.len())
+            .is_some_and(|end| end <= self.len()));
         // SAFETY: bounds checked above; raw copy, no reference to DMA memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        }
     }
 
     /// Copies bytes out from `offset`.
@@ -171,9 +180,13 @@ impl DmaMemory {
     /// # Panics
     /// If the range is outside the memory.
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset.checked_add(out.len()).is_some_and(|end| end <= self.len()));
+        assert!(offset
+            .checked_add(out.len())
+            .is_some_and(|end| end <= self.len()));
         // SAFETY: bounds checked above; raw copy out of the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        }
     }
 }
 
@@ -221,7 +234,10 @@ mod tests {
             assert_eq!(mem.as_ptr() as usize % HUGE_PAGE_SIZE, 0);
             mem.write_bytes((4 << 20) - 4, b"end!");
         } else {
-            assert!(huge.is_err(), "hugetlb allocation succeeded with {free} free hugepages");
+            assert!(
+                huge.is_err(),
+                "hugetlb allocation succeeded with {free} free hugepages"
+            );
             let mem = DmaMemory::allocate("test-fallback", 3 << 20).unwrap();
             assert_eq!(mem.page_kind(), PageKind::Small4K);
         }

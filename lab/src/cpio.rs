@@ -30,7 +30,9 @@ pub struct Archive {
 }
 
 fn normalize(path: &str) -> String {
-    path.trim_start_matches('/').trim_end_matches('/').to_string()
+    path.trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_string()
 }
 
 impl Archive {
@@ -122,7 +124,11 @@ impl Archive {
 
     /// Writes the archive in newc format, ending with the trailer.
     pub fn write_to(&self, out: &mut impl Write) -> io::Result<u64> {
-        let mut writer = NewcWriter { out, offset: 0, ino: 1 };
+        let mut writer = NewcWriter {
+            out,
+            offset: 0,
+            ino: 1,
+        };
         for (path, entry) in &self.entries {
             match entry {
                 Entry::Dir => writer.entry(path, 0o040755, &[])?,

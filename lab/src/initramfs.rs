@@ -41,12 +41,13 @@ fn init_script(hugepages: u32) -> String {
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/lab/bin:/bin:/sbin:/usr/bin:/usr/sbin
-mkdir -p /proc /sys /dev /tmp /run /dev/hugepages
+mkdir -p /proc /sys /dev /tmp /run
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+mkdir -p /dev/hugepages
 mount -t hugetlbfs hugetlbfs /dev/hugepages
 echo {hugepages} > /proc/sys/vm/nr_hugepages
 ip link set lo up 2>/dev/null
@@ -98,7 +99,9 @@ impl Initramfs {
         let base = format!("lib/modules/{}", self.release);
         let strip = |rel: &Path| -> String {
             let s = rel.to_string_lossy();
-            s.trim_end_matches(".xz").trim_end_matches(".zst").to_string()
+            s.trim_end_matches(".xz")
+                .trim_end_matches(".zst")
+                .to_string()
         };
         let mut dep_lines = String::new();
         for (name, rel, _) in &closure {
@@ -118,7 +121,8 @@ impl Initramfs {
         }
         self.archive
             .bytes(&format!("{base}/modules.dep"), dep_lines, 0o644);
-        self.archive.bytes(&format!("{base}/modules.builtin"), "", 0o644);
+        self.archive
+            .bytes(&format!("{base}/modules.builtin"), "", 0o644);
         Ok(())
     }
 
@@ -142,7 +146,10 @@ impl Initramfs {
     /// Adds a program and the shared libraries it loads, at the same paths as on the host.
     pub fn add_program(&mut self, host: &Path, dest: &str) -> Result<()> {
         if !host.exists() {
-            return Err(LabError::Setup(format!("{} does not exist", host.display())));
+            return Err(LabError::Setup(format!(
+                "{} does not exist",
+                host.display()
+            )));
         }
         self.archive.file(dest, host, 0o755);
         self.add_libs_of(host)

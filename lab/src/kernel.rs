@@ -89,7 +89,10 @@ pub fn ensure_kernel() -> Result<GuestKernel> {
     if vmlinux.exists() && kernel.modules_dir.exists() {
         return Ok(kernel);
     }
-    eprintln!("lab: fetching guest kernel linux-image-{release} (cached in {})", dir.display());
+    eprintln!(
+        "lab: fetching guest kernel linux-image-{release} (cached in {})",
+        dir.display()
+    );
     let _ = fs::remove_dir_all(&dir);
     let download = dir.join("download");
     fs::create_dir_all(&download)?;
@@ -227,7 +230,10 @@ impl ModuleIndex {
         };
         let out = Command::new(tool).arg("-dc").arg(&path).output()?;
         if !out.status.success() {
-            return Err(LabError::Setup(format!("{tool} -dc {} failed", path.display())));
+            return Err(LabError::Setup(format!(
+                "{tool} -dc {} failed",
+                path.display()
+            )));
         }
         Ok(out.stdout)
     }

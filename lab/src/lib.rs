@@ -84,12 +84,23 @@ pub fn project_bin_dir() -> Result<PathBuf> {
                 .unwrap_or_else(|| root.join("target"));
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--release", "--bins", "-p", "vfblk-nvme", "-p", "vfblk-lab"])
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "--bins",
+                    "-p",
+                    "vfblk-nvme",
+                    "-p",
+                    "vfblk-lab",
+                ])
                 .current_dir(&root)
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
             if !status.success() {
-                return Err(format!("cargo build --release of the guest binaries: {status}"));
+                return Err(format!(
+                    "cargo build --release of the guest binaries: {status}"
+                ));
             }
             Ok(target.join("release"))
         })
@@ -103,9 +114,25 @@ pub fn run_dir(name: &str) -> Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let dir = cache_dir()?
-        .join("runs")
-        .join(format!("{name}-{stamp}-{}", std::process::id()));
+    let runs = cache_dir()?.join("runs");
+    prune_runs(&runs, 30);
+    let dir = runs.join(format!("{name}-{stamp}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Keeps the `keep` newest run directories (their logs help debugging; the images are large).
+fn prune_runs(runs: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(keep);
+    for (_, dir) in dirs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -95,13 +95,16 @@ impl Lab {
             "pvh.bin",
             "kvmvapic.bin",
         ] {
-            let host = Path::new("/usr/share/qemu").join(rom);
-            if !host.exists() {
-                return Err(LabError::Setup(format!(
-                    "{} missing: install qemu-system-x86 (scripts/setup.sh)",
-                    host.display()
-                )));
-            }
+            // Debian's QEMU searches /usr/share/qemu, then /usr/share/seabios.
+            let host = ["/usr/share/qemu", "/usr/share/seabios"]
+                .iter()
+                .map(|dir| Path::new(dir).join(rom))
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    LabError::Setup(format!(
+                        "QEMU firmware {rom} missing: install qemu-system-x86 (scripts/setup.sh)"
+                    ))
+                })?;
             image.add_file(&format!("usr/share/qemu/{rom}"), &host, 0o644);
         }
         let mut l3 = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
@@ -222,13 +225,19 @@ pub fn run_nested(boots: u32, echo: Echo) -> Result<()> {
         }
         if let Some(l3) = run.record("l3") {
             if l3["marker"] != marker.as_str() {
-                problems.push(format!("marker read in L3 was {}, expected {marker}", l3["marker"]));
+                problems.push(format!(
+                    "marker read in L3 was {}, expected {marker}",
+                    l3["marker"]
+                ));
             }
             let image = std::fs::read(&disk)?;
             let written = &image[1 << 20..2 << 20];
             let sum = md5_hex(written);
             if l3["md5"] != sum.as_str() {
-                problems.push(format!("disk image holds md5 {sum}, L3 wrote {}", l3["md5"]));
+                problems.push(format!(
+                    "disk image holds md5 {sum}, L3 wrote {}",
+                    l3["md5"]
+                ));
             }
         } else {
             problems.push("L3 reported no result".into());
@@ -249,7 +258,9 @@ pub fn run_nested(boots: u32, echo: Echo) -> Result<()> {
         println!("{}-RECORD {record}", crate::initramfs::MARK);
     }
     if failures > 0 {
-        return Err(LabError::Guest(format!("{failures} of {boots} nested runs failed")));
+        return Err(LabError::Guest(format!(
+            "{failures} of {boots} nested runs failed"
+        )));
     }
     Ok(())
 }

@@ -106,7 +106,13 @@ impl VmSpec {
     pub fn args(&self, interactive: bool) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
         if interactive {
             push(&["-serial", "mon:stdio"]);
         } else {
@@ -116,7 +122,10 @@ impl VmSpec {
             Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         }
-        let mem = format!("memory-backend-memfd,id=ram,size={}M,share=on", self.memory_mib);
+        let mem = format!(
+            "memory-backend-memfd,id=ram,size={}M,share=on",
+            self.memory_mib
+        );
         let machine = if self.iommu {
             "q35,kernel-irqchip=split,memory-backend=ram"
         } else {
@@ -124,7 +133,9 @@ impl VmSpec {
         };
         let smp = self.cpus.to_string();
         let memsize = format!("{}M", self.memory_mib);
-        push(&["-machine", machine, "-object", &mem, "-m", &memsize, "-smp", &smp]);
+        push(&[
+            "-machine", machine, "-object", &mem, "-m", &memsize, "-smp", &smp,
+        ]);
         if self.iommu {
             // The IOMMU must exist before the devices that sit behind it.
             push(&["-device", "intel-iommu,intremap=on"]);
@@ -147,7 +158,10 @@ impl VmSpec {
         }
         for (i, blk) in self.vhost_user_blk.iter().enumerate() {
             let chardev = format!("socket,id=vub{i},path={},reconnect=1", blk.socket.display());
-            let dev = format!("vhost-user-blk-pci,chardev=vub{i},num-queues={}", blk.num_queues);
+            let dev = format!(
+                "vhost-user-blk-pci,chardev=vub{i},num-queues={}",
+                blk.num_queues
+            );
             push(&["-chardev", &chardev, "-device", &dev]);
         }
         let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");
@@ -260,7 +274,13 @@ pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run>
         .stdout(Stdio::piped())
         .stderr(File::create(&stderr_log)?)
         .spawn()
-        .map_err(|e| LabError::Setup(format!("{}: cannot start {}: {e}", spec.name, spec.qemu.display())))?;
+        .map_err(|e| {
+            LabError::Setup(format!(
+                "{}: cannot start {}: {e}",
+                spec.name,
+                spec.qemu.display()
+            ))
+        })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     let mut log_file = File::create(log)?;
@@ -293,9 +313,17 @@ pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run>
     };
     let mut exit_status = None;
     loop {
-        let deadline = if out.boot_time.is_none() { limits.boot } else { limits.total };
+        let deadline = if out.boot_time.is_none() {
+            limits.boot
+        } else {
+            limits.total
+        };
         let Some(left) = deadline.checked_sub(started.elapsed()) else {
-            out.ending = if out.boot_time.is_none() { Ending::BootStalled } else { Ending::TimedOut };
+            out.ending = if out.boot_time.is_none() {
+                Ending::BootStalled
+            } else {
+                Ending::TimedOut
+            };
             break;
         };
         match rx.recv_timeout(left) {
@@ -310,11 +338,17 @@ pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run>
                 match tag {
                     "-BOOTED" => out.boot_time = Some(started.elapsed()),
                     "-STEP" if echo == Echo::Steps => {
-                        eprintln!("  [{} {:>5.1}s] {rest}", spec.name, started.elapsed().as_secs_f64())
+                        eprintln!(
+                            "  [{} {:>5.1}s] {rest}",
+                            spec.name,
+                            started.elapsed().as_secs_f64()
+                        )
                     }
                     "-RECORD" => match serde_json::from_str(rest) {
                         Ok(v) => out.records.push(v),
-                        Err(e) => out.failures.push(format!("unparsable record {rest:?}: {e}")),
+                        Err(e) => out
+                            .failures
+                            .push(format!("unparsable record {rest:?}: {e}")),
                     },
                     "-FAIL" => out.failures.push(rest.to_string()),
                     "-EXIT" => exit_status = rest.trim().parse::<i32>().ok(),
@@ -331,17 +365,18 @@ pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run>
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    stop(&mut child);
+    let powered_off = matches!(out.ending, Ending::Finished(_) | Ending::QemuExited(_));
+    stop(&mut child, powered_off);
     let _ = reader.join();
     out.elapsed = started.elapsed();
     Ok(out)
 }
 
 /// Kills the QEMU we started, if it is still running, and reaps it.
-fn stop(child: &mut Child) {
+fn stop(child: &mut Child, powered_off: bool) {
     if let Ok(None) = child.try_wait() {
         // Give a guest that already powered off a moment to let QEMU exit by itself.
-        for _ in 0..20 {
+        for _ in 0..if powered_off { 40 } else { 0 } {
             std::thread::sleep(Duration::from_millis(50));
             if let Ok(Some(_)) = child.try_wait() {
                 return;
@@ -387,7 +422,11 @@ pub fn run_retrying_stalls(
             stalled.push(run.elapsed);
             continue;
         }
-        return Ok(RetriedRun { run, tries, stalled });
+        return Ok(RetriedRun {
+            run,
+            tries,
+            stalled,
+        });
     }
 }
 
@@ -398,7 +437,10 @@ pub fn run_interactive(spec: &VmSpec) -> Result<()> {
         .status()
         .map_err(|e| LabError::Setup(format!("cannot start {}: {e}", spec.qemu.display())))?;
     if !status.success() {
-        return Err(LabError::Guest(format!("{} exited with {status}", spec.qemu.display())));
+        return Err(LabError::Guest(format!(
+            "{} exited with {status}",
+            spec.qemu.display()
+        )));
     }
     Ok(())
 }
@@ -423,5 +465,106 @@ mod tests {
         assert!(args.contains("kernel-irqchip=split"));
         assert!(args.contains("intel_iommu=on"));
         assert!(args.contains("tcg,thread=multi"));
+    }
+}
+
+#[cfg(test)]
+mod runner_tests {
+    //! The runner's deadline and retry policy, exercised with small shell programs standing
+    //! in for QEMU (they print what a guest's console would).
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn fake_qemu(dir: &Path, name: &str, body: &str) -> VmSpec {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut spec = VmSpec::new(name, Accel::Tcg, Path::new("/k"), Path::new("/i"));
+        spec.qemu = path;
+        spec
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfblk-vm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const SHORT: Limits = Limits {
+        boot: Duration::from_millis(700),
+        total: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn stalled_boot_is_retried_and_the_process_killed() {
+        let dir = temp_dir("stall");
+        let pids = dir.join("pids");
+        let spec = fake_qemu(
+            &dir,
+            "stall",
+            &format!("echo $$ >> {}\nexec sleep 30", pids.display()),
+        );
+        let retried = run_retrying_stalls(&spec, SHORT, 3, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 3);
+        assert_eq!(retried.stalled.len(), 2);
+        assert_eq!(retried.run.ending, Ending::BootStalled);
+        let pids = std::fs::read_to_string(&pids).unwrap();
+        assert_eq!(pids.lines().count(), 3);
+        for pid in pids.lines() {
+            let pid: i32 = pid.parse().unwrap();
+            // SAFETY: signal 0 only checks whether the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0;
+            assert!(!alive, "stalled fake QEMU {pid} still running");
+        }
+    }
+
+    #[test]
+    fn failed_test_is_not_retried() {
+        let dir = temp_dir("fail");
+        let spec = fake_qemu(
+            &dir,
+            "fail",
+            "echo '@@VFBLK-BOOTED 1.0'\necho '@@VFBLK-FAIL disk read back wrong'\necho '@@VFBLK-EXIT 1'",
+        );
+        let retried = run_retrying_stalls(&spec, SHORT, 3, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 1);
+        assert_eq!(retried.run.ending, Ending::Finished(1));
+        assert_eq!(
+            retried.run.failures,
+            vec!["disk read back wrong".to_string()]
+        );
+        assert!(retried.run.expect_success("t").is_err());
+    }
+
+    #[test]
+    fn records_are_parsed_and_hang_after_boot_times_out() {
+        let dir = temp_dir("hang");
+        let spec = fake_qemu(
+            &dir,
+            "hang",
+            "echo 'noise @@VFBLK-BOOTED 0.5'\necho '@@VFBLK-RECORD {\"a\": 1}'\nexec sleep 30",
+        );
+        let limits = Limits {
+            boot: Duration::from_secs(3),
+            total: Duration::from_secs(1),
+        };
+        let run = run(&spec, limits, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(run.ending, Ending::TimedOut);
+        assert!(run.boot_time.is_some());
+        assert_eq!(run.record("a"), Some(&serde_json::json!(1)));
+        let retried = run_retrying_stalls(&spec, limits, 3, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 1, "a guest that booted must not be retried");
+    }
+
+    #[test]
+    fn qemu_exiting_early_is_reported() {
+        let dir = temp_dir("exit");
+        let spec = fake_qemu(&dir, "exit", "echo 'qemu: could not open disk' >&2\nexit 1");
+        let run = run(&spec, SHORT, &dir.join("log"), Echo::Quiet).unwrap();
+        match run.ending {
+            Ending::QemuExited(msg) => assert!(msg.contains("could not open disk"), "{msg}"),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -56,7 +56,11 @@ impl fmt::Display for Error {
         match self {
             Error::Io { what, source } => write!(f, "{what}: {source}"),
             Error::Device { device, what } => write!(f, "{device}: {what}"),
-            Error::Vfio { device, what, reason } => write!(f, "{device}: VFIO {what}: {reason}"),
+            Error::Vfio {
+                device,
+                what,
+                reason,
+            } => write!(f, "{device}: VFIO {what}: {reason}"),
             Error::Dma { device, source } => write!(f, "{device}: {source}"),
             Error::BadArgument(m) => f.write_str(m),
         }

@@ -135,7 +135,10 @@ impl SysfsPciDevice {
 
     /// Vendor and device id.
     pub fn ids(&self) -> Result<(u16, u16)> {
-        Ok((self.attr_hex("vendor")? as u16, self.attr_hex("device")? as u16))
+        Ok((
+            self.attr_hex("vendor")? as u16,
+            self.attr_hex("device")? as u16,
+        ))
     }
 
     /// The bound driver's name, if any.
@@ -176,7 +179,10 @@ impl SysfsPciDevice {
         if driver.is_some() && self.driver().as_deref() == driver {
             return Ok(());
         }
-        self.write_sysfs(self.path().join("driver_override"), if want.is_empty() { "\n" } else { want })?;
+        self.write_sysfs(
+            self.path().join("driver_override"),
+            if want.is_empty() { "\n" } else { want },
+        )?;
         if self.driver().is_some() {
             self.write_sysfs(self.path().join("driver/unbind"), &self.address.to_string())?;
         }
@@ -217,8 +223,23 @@ mod tests {
         let a: PciAddress = "0000:00:03.0".parse().unwrap();
         assert_eq!(a.to_string(), "0000:00:03.0");
         let b: PciAddress = "3a:1f.7".parse().unwrap();
-        assert_eq!(b, PciAddress { domain: 0, bus: 0x3a, device: 0x1f, function: 7 });
-        for bad in ["", "00:03", "0000:00:20.0", "0000:00:03.8", "x:00:03.0", "0:0:0:0.0"] {
+        assert_eq!(
+            b,
+            PciAddress {
+                domain: 0,
+                bus: 0x3a,
+                device: 0x1f,
+                function: 7
+            }
+        );
+        for bad in [
+            "",
+            "00:03",
+            "0000:00:20.0",
+            "0000:00:03.8",
+            "x:00:03.0",
+            "0:0:0:0.0",
+        ] {
             assert!(bad.parse::<PciAddress>().is_err(), "{bad:?} parsed");
         }
     }

@@ -64,8 +64,8 @@ pub fn probe(address: PciAddress) -> Result<ProbeReport> {
         device: address.to_string(),
         source,
     };
-    let memory = DmaMemory::allocate_huge(&format!("vfblk-probe-{address}"), 2 << 20)
-        .map_err(dma_err)?;
+    let memory =
+        DmaMemory::allocate_huge(&format!("vfblk-probe-{address}"), 2 << 20).map_err(dma_err)?;
     let mapper = Arc::new(VfioDmaMapper::new(pci.container().clone()));
     let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
     let buffer = DmaBuffer::map(memory, mapper, iovas).map_err(dma_err)?;

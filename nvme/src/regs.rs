@@ -122,7 +122,12 @@ impl Csts {
 
 impl std::fmt::Display for Csts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shst = ["normal", "shutdown in progress", "shutdown complete", "reserved"];
+        let shst = [
+            "normal",
+            "shutdown in progress",
+            "shutdown complete",
+            "reserved",
+        ];
         write!(
             f,
             "{:#x} (RDY {}, CFS {}, SHST {})",
@@ -184,6 +189,9 @@ mod tests {
         let vs = Version(0x00010400);
         assert_eq!((vs.major(), vs.minor(), vs.tertiary()), (1, 4, 0));
         assert_eq!(vs.to_string(), "1.4.0");
-        assert_eq!(Csts(0b1001).to_string(), "0x9 (RDY 1, CFS 0, SHST shutdown complete)");
+        assert_eq!(
+            Csts(0b1001).to_string(),
+            "0x9 (RDY 1, CFS 0, SHST shutdown complete)"
+        );
     }
 }

@@ -53,12 +53,8 @@ impl VfioPci {
             }
         };
         let container = Arc::new(VfioContainer::new(None).map_err(vfio("opening the container"))?);
-        let device = VfioDevice::new(
-            &sysfs.path(),
-            container.clone() as Arc<dyn VfioOps>,
-            false,
-        )
-        .map_err(vfio(&format!("opening group {iommu_group} and the device")))?;
+        let device = VfioDevice::new(&sysfs.path(), container.clone() as Arc<dyn VfioOps>, false)
+            .map_err(vfio(&format!("opening group {iommu_group} and the device")))?;
 
         let bar0 = map_bar0(&device, &dev, bar0_min)?;
         let pci = Self {

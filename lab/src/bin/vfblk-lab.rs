@@ -58,7 +58,10 @@ impl Args {
         if self.words.is_empty() {
             Ok(())
         } else {
-            Err(LabError::Setup(format!("unexpected arguments: {:?}\n{USAGE}", self.words)))
+            Err(LabError::Setup(format!(
+                "unexpected arguments: {:?}\n{USAGE}",
+                self.words
+            )))
         }
     }
 }
@@ -67,7 +70,11 @@ fn main() -> ExitCode {
     let mut words: Vec<String> = std::env::args().skip(1).collect();
     if words.is_empty() || words[0] == "--help" || words[0] == "-h" {
         print!("{USAGE}");
-        return if words.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        return if words.is_empty() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     let command = words.remove(0);
     let args = Args { words };
@@ -78,7 +85,9 @@ fn main() -> ExitCode {
         "shell" => shell(args),
         "nested" => nested(args),
         "nested-stats" => nested_stats(args),
-        other => Err(LabError::Setup(format!("unknown command {other:?}\n{USAGE}"))),
+        other => Err(LabError::Setup(format!(
+            "unknown command {other:?}\n{USAGE}"
+        ))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,7 +101,11 @@ fn main() -> ExitCode {
 fn setup(args: Args) -> Result<()> {
     args.finish()?;
     let kernel = vfblk_lab::kernel::ensure_kernel()?;
-    println!("guest kernel {} ready: {}", kernel.release, kernel.vmlinux.display());
+    println!(
+        "guest kernel {} ready: {}",
+        kernel.release,
+        kernel.vmlinux.display()
+    );
     Ok(())
 }
 
@@ -149,7 +162,11 @@ fn demo(mut args: Args) -> Result<()> {
         guest["kernel"].as_str().unwrap_or("?"),
         guest["cpus"],
         guest["hugepages"],
-        if guest["svm"] == true { "available (nested KVM possible)" } else { "absent" }
+        if guest["svm"] == true {
+            "available (nested KVM possible)"
+        } else {
+            "absent"
+        }
     );
     println!(
         "  boot             {:.1} s to /init (try {}), {:.1} s in all",
@@ -157,15 +174,31 @@ fn demo(mut args: Args) -> Result<()> {
         retried.tries,
         started.elapsed().as_secs_f64()
     );
-    println!("  controller       {} (class {}, vendor:device {})", g("pci_address").as_str().unwrap_or("?"), g("class").as_str().unwrap_or("?"), g("vendor_device").as_str().unwrap_or("?"));
-    println!("  IOMMU group      {} (/dev/vfio/{})", g("iommu_group"), g("iommu_group"));
+    println!(
+        "  controller       {} (class {}, vendor:device {})",
+        g("pci_address").as_str().unwrap_or("?"),
+        g("class").as_str().unwrap_or("?"),
+        g("vendor_device").as_str().unwrap_or("?")
+    );
+    println!(
+        "  IOMMU group      {} (/dev/vfio/{})",
+        g("iommu_group"),
+        g("iommu_group")
+    );
     println!("  driver           {}", g("driver").as_str().unwrap_or("?"));
     println!("  BAR0             {} bytes mapped", g("bar0_size"));
-    println!("  VS               NVMe {}", g("version").as_str().unwrap_or("?"));
+    println!(
+        "  VS               NVMe {}",
+        g("version").as_str().unwrap_or("?")
+    );
     println!("  CAP              {}", cap["raw"].as_str().unwrap_or("?"));
     println!(
         "                   MQES {} entries, DSTRD {} ({} B doorbell stride), TO {} ms, CQR {}",
-        cap["max_queue_entries"], cap["doorbell_stride_code"], cap["doorbell_stride_bytes"], cap["timeout_ms"], cap["contiguous_queues_required"]
+        cap["max_queue_entries"],
+        cap["doorbell_stride_code"],
+        cap["doorbell_stride_bytes"],
+        cap["timeout_ms"],
+        cap["contiguous_queues_required"]
     );
     println!(
         "                   MPS {}..{} bytes, NVM command set {}",
@@ -175,7 +208,9 @@ fn demo(mut args: Args) -> Result<()> {
     let dma = &probe["dma"];
     println!(
         "  DMA buffer       {} bytes of {} pages at IOVA {} (mapped in the IOMMU, then unmapped)",
-        dma["size"], dma["page_kind"].as_str().unwrap_or("?"), dma["iova"].as_str().unwrap_or("?")
+        dma["size"],
+        dma["page_kind"].as_str().unwrap_or("?"),
+        dma["iova"].as_str().unwrap_or("?")
     );
     println!("  console log      {}", run.log.display());
     Ok(())
@@ -242,7 +277,11 @@ fn shell(mut args: Args) -> Result<()> {
 
 fn nested(mut args: Args) -> Result<()> {
     let boots = args.number("--boots", 1)?;
-    let echo = if args.flag("--verbose") { Echo::All } else { Echo::Quiet };
+    let echo = if args.flag("--verbose") {
+        Echo::All
+    } else {
+        Echo::Quiet
+    };
     args.finish()?;
     scenario::run_nested(boots, echo)
 }
@@ -252,7 +291,13 @@ fn nested_stats(mut args: Args) -> Result<()> {
     let json = args.flag("--json");
     args.finish()?;
     let lab = Lab::new("nested-stats")?;
-    let initrd = lab.l2_image(&scenario::nested_script(boots), Contents { fio: false, nested: true })?;
+    let initrd = lab.l2_image(
+        &scenario::nested_script(boots),
+        Contents {
+            fio: false,
+            nested: true,
+        },
+    )?;
     let disk = lab.disk("nvme.img", 64)?;
     let spec = lab.l2_spec(&initrd, &disk);
     let per_boot = scenario::L3_LIMITS.total * scenario::L3_TRIES;
@@ -264,21 +309,39 @@ fn nested_stats(mut args: Args) -> Result<()> {
         Echo::Steps,
     )?;
     let run = &retried.run;
-    let boots_seen: Vec<&serde_json::Value> = run.records.iter().filter_map(|r| r.get("nested")).collect();
+    let boots_seen: Vec<&serde_json::Value> =
+        run.records.iter().filter_map(|r| r.get("nested")).collect();
     if json {
-        println!("{}", serde_json::json!({"l2_tries": retried.tries, "boots": boots_seen, "ending": format!("{:?}", run.ending)}));
+        println!(
+            "{}",
+            serde_json::json!({"l2_tries": retried.tries, "boots": boots_seen, "ending": format!("{:?}", run.ending)})
+        );
     } else {
         println!("second-level guests under KVM inside the TCG lab guest:");
         println!("  boot  tries  boot time  total   result");
         for b in &boots_seen {
             println!(
                 "  {:>4}  {:>5}  {:>8.1}s  {:>5.1}s  {}",
-                b["boot"],
-                b["tries"],
+                b["boot"].as_u64().unwrap_or(0),
+                b["tries"].as_u64().unwrap_or(0),
                 b["boot_s"].as_f64().unwrap_or(f64::NAN),
                 b["total_s"].as_f64().unwrap_or(f64::NAN),
-                if b["ok"] == true { "ok".to_string() } else { format!("FAILED {}", b["problems"]) }
+                if b["ok"] == true {
+                    "ok".to_string()
+                } else {
+                    format!("FAILED {}", b["problems"])
+                }
             );
+        }
+        let boot_times: Vec<f64> = boots_seen
+            .iter()
+            .filter_map(|b| b["boot_s"].as_f64())
+            .collect();
+        if !boot_times.is_empty() {
+            let min = boot_times.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = boot_times.iter().cloned().fold(0.0, f64::max);
+            let mean = boot_times.iter().sum::<f64>() / boot_times.len() as f64;
+            println!("  boot time: min {min:.1} s, mean {mean:.1} s, max {max:.1} s");
         }
         let first_try = boots_seen.iter().filter(|b| b["tries"] == 1).count();
         let ok = boots_seen.iter().filter(|b| b["ok"] == true).count();

@@ -18,7 +18,11 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
-    let words: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "--json").collect();
+    let words: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--json")
+        .collect();
     let result = match words.as_slice() {
         ["list"] => list(json),
         ["bind-vfio", addr] => bind(addr, Some("vfio-pci")),
@@ -46,14 +50,19 @@ fn list(json: bool) -> Result<()> {
     let devices = SysfsPciDevice::find_by_class(CLASS_NVME)?;
     let mut rows = Vec::new();
     for dev in &devices {
-        let group = dev.iommu_group().map(|g| g.to_string()).unwrap_or_else(|_| "none".into());
+        let group = dev
+            .iommu_group()
+            .map(|g| g.to_string())
+            .unwrap_or_else(|_| "none".into());
         let driver = dev.driver().unwrap_or_else(|| "none".into());
         rows.push((dev.address(), driver, group));
     }
     if json {
         let items: Vec<String> = rows
             .iter()
-            .map(|(a, d, g)| format!("{{\"pci_address\":\"{a}\",\"driver\":\"{d}\",\"iommu_group\":\"{g}\"}}"))
+            .map(|(a, d, g)| {
+                format!("{{\"pci_address\":\"{a}\",\"driver\":\"{d}\",\"iommu_group\":\"{g}\"}}")
+            })
             .collect();
         println!("[{}]", items.join(","));
     } else if rows.is_empty() {
@@ -87,12 +96,29 @@ fn run_probe(addr: &str, json: bool) -> Result<()> {
         return Ok(());
     }
     let cap = report.cap;
-    println!("{address}: NVMe {} through VFIO (IOMMU group {})", report.version, report.iommu_group);
-    println!("  vendor:device  {:04x}:{:04x}, class {:#08x}, driver {}", report.ids.0, report.ids.1, report.class, report.driver);
+    println!(
+        "{address}: NVMe {} through VFIO (IOMMU group {})",
+        report.version, report.iommu_group
+    );
+    println!(
+        "  vendor:device  {:04x}:{:04x}, class {:#08x}, driver {}",
+        report.ids.0, report.ids.1, report.class, report.driver
+    );
     println!("  BAR0           {} bytes mapped", report.bar0_size);
-    println!("  CAP            {:#018x}: MQES {}, CQR {}, DSTRD {} B, TO {} ms, MPS {}..{}", cap.0, cap.max_queue_entries(), cap.contiguous_queues_required(), cap.doorbell_stride(), cap.timeout_ms(), cap.page_size_min(), cap.page_size_max());
+    println!(
+        "  CAP            {:#018x}: MQES {}, CQR {}, DSTRD {} B, TO {} ms, MPS {}..{}",
+        cap.0,
+        cap.max_queue_entries(),
+        cap.contiguous_queues_required(),
+        cap.doorbell_stride(),
+        cap.timeout_ms(),
+        cap.page_size_min(),
+        cap.page_size_max()
+    );
     println!("  CC / CSTS      {:#x} / {}", report.cc, report.csts);
-    println!("  DMA            {} bytes ({}) mapped at IOVA {:#x} and unmapped", report.dma_size, report.dma_page_kind, report.dma_iova);
+    println!(
+        "  DMA            {} bytes ({}) mapped at IOVA {:#x} and unmapped",
+        report.dma_size, report.dma_page_kind, report.dma_iova
+    );
     Ok(())
 }
-

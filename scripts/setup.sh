@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what the lab and the tests need on a fresh Debian 12 machine, idempotently:
+# QEMU, fio, busybox, cpio and xz from Debian's packages; hugepages on the host; the guest
+# kernel (downloaded with apt, unpacked and cached by the lab outside the git tree).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export PATH="$HOME/.cargo/bin:$PATH"
+have() { command -v "$1" >/dev/null 2>&1; }
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+need_apt=()
+# busybox-static, not busybox: the guest image copies /bin/busybox without libraries.
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils; do
+    installed "$pkg" || need_apt+=("$pkg")
+done
+
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=no
+apt_install() {
+    if [ "$apt_updated" = no ]; then
+        echo "setup: apt-get update"
+        apt-get update -qq
+        apt_updated=yes
+    fi
+    echo "setup: apt-get install $*"
+    apt-get install -y -qq "$@" >/dev/null
+}
+if [ ${#need_apt[@]} -gt 0 ]; then
+    apt_install "${need_apt[@]}"
+fi
+# qemu-system-x86 from Debian 12 can displace a newer qemu-utils; install the matching one.
+have qemu-img || apt_install qemu-utils
+# The guest kernel is found through apt-cache; make sure the package lists exist.
+if ! apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
+    [ "$apt_updated" = yes ] || { apt-get update -qq; apt_updated=yes; }
+fi
+
+# Hugepages on the host for the DMA-memory tests (the lab guest reserves its own).
+want_huge=64
+have_huge=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
+if [ "$have_huge" -lt "$want_huge" ]; then
+    if echo "$want_huge" > /proc/sys/vm/nr_hugepages 2>/dev/null; then
+        echo "setup: reserved $(cat /proc/sys/vm/nr_hugepages) x 2 MiB hugepages on the host"
+    else
+        echo "setup: warning: could not reserve hugepages (not root?); DMA tests use the 4 KiB fallback"
+    fi
+fi
+
+cargo run --quiet --release -p vfblk-lab -- setup

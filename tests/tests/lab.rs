@@ -1,0 +1,117 @@
+//! Lab tests: the emulated NVMe controller reached through VFIO from a project binary inside
+//! the first-level guest, and a second-level guest under the first guest's KVM.
+//!
+//! These need QEMU, busybox and the guest kernel (scripts/setup.sh installs them). They fail,
+//! never skip, when something is missing.
+
+use std::time::Duration;
+
+use vfblk_lab::scenario::{self, Contents, Lab};
+use vfblk_lab::vm::{self, Echo, Limits};
+use vfblk_tests::lab_lock;
+
+fn l2_limits(total_s: u64) -> Limits {
+    Limits {
+        boot: Duration::from_secs(90),
+        total: Duration::from_secs(total_s),
+    }
+}
+
+#[test]
+fn vfio_probe_of_emulated_nvme_in_guest() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-vfio-probe").expect("lab setup");
+    let initrd = lab
+        .l2_image(scenario::VFIO_PROBE_SCRIPT, Contents::default())
+        .expect("guest image");
+    let disk = lab.disk("nvme.img", 256).expect("disk image");
+    let spec = lab.l2_spec(&initrd, &disk);
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(240),
+        2,
+        &lab.dir.join("console.log"),
+        Echo::Steps,
+    )
+    .expect("run the lab guest");
+    let run = &retried.run;
+    eprintln!(
+        "L2 booted in {:.1} s (try {}), run took {:.1} s",
+        run.boot_time.unwrap_or_default().as_secs_f64(),
+        retried.tries,
+        run.elapsed.as_secs_f64()
+    );
+    run.expect_success("VFIO probe").unwrap();
+
+    let probe = run.record("probe").expect("probe record");
+    assert_eq!(probe["driver"], "vfio-pci", "{probe}");
+    assert_eq!(probe["class"], "0x010802", "{probe}");
+    // QEMU's emulated controller (PCI 1b36:0010) reports NVMe 1.4.
+    assert_eq!(probe["vendor_device"], "1b36:0010", "{probe}");
+    assert!(
+        probe["version"].as_str().unwrap().starts_with("1.4."),
+        "{probe}"
+    );
+    assert!(probe["iommu_group"].as_u64().is_some(), "{probe}");
+    assert!(probe["bar0_size"].as_u64().unwrap() >= 0x2000, "{probe}");
+    let cap = &probe["cap"];
+    assert_ne!(cap["raw"], "0xffffffffffffffff", "{probe}");
+    assert!(cap["max_queue_entries"].as_u64().unwrap() >= 2, "{probe}");
+    assert_eq!(cap["nvm_command_set"], true, "{probe}");
+    assert_eq!(cap["page_size_min"], 4096, "{probe}");
+    let dma = &probe["dma"];
+    assert_eq!(dma["size"], 2 << 20, "{probe}");
+    assert_eq!(dma["page_kind"], "2 MiB hugetlb", "{probe}");
+    let iova =
+        u64::from_str_radix(dma["iova"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert!((4 << 30..1 << 39).contains(&iova), "{probe}");
+
+    let guest = run.record("guest").expect("guest record");
+    assert_eq!(
+        guest["svm"], true,
+        "TCG -cpu max should expose SVM: {guest}"
+    );
+    assert_eq!(guest["hugepages"], scenario::L2_HUGEPAGES, "{guest}");
+}
+
+#[test]
+fn nested_guest_reads_and_writes_virtio_disk() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-nested").expect("lab setup");
+    let initrd = lab
+        .l2_image(
+            &scenario::nested_script(1),
+            Contents {
+                fio: false,
+                nested: true,
+            },
+        )
+        .expect("guest image");
+    let disk = lab.disk("nvme.img", 64).expect("disk image");
+    let spec = lab.l2_spec(&initrd, &disk);
+    let l3_budget = scenario::L3_LIMITS.total.as_secs() * u64::from(scenario::L3_TRIES);
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(l3_budget + 120),
+        2,
+        &lab.dir.join("console.log"),
+        Echo::Steps,
+    )
+    .expect("run the lab guest");
+    let run = &retried.run;
+    let nested = run.record("nested").cloned();
+    if let Some(n) = &nested {
+        eprintln!(
+            "L3 boot {}: {} tries, booted in {} s, run {} s",
+            n["boot"], n["tries"], n["boot_s"], n["total_s"]
+        );
+    }
+    run.expect_success("nested guest").unwrap();
+    let n = nested.expect("nested record");
+    assert_eq!(n["ok"], true, "{n}");
+    assert!(n["boot_s"].as_f64().unwrap() > 0.0, "{n}");
+    assert!(
+        n["tries"].as_u64().unwrap() <= u64::from(scenario::L3_TRIES),
+        "{n}"
+    );
+}
