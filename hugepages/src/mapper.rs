@@ -24,12 +24,22 @@ pub trait DmaMapper: Send + Sync {
 /// A [`DmaMapper`] over a VFIO type1 container.
 pub struct VfioDmaMapper {
     container: Arc<VfioContainer>,
+    // The container's mappings vanish when its last group detaches (the device is closed),
+    // so every mapper, and every buffer through it, keeps the device open.
+    _device: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl VfioDmaMapper {
-    /// Wraps a container that already has a group attached (so the IOMMU type is set).
-    pub fn new(container: Arc<VfioContainer>) -> Self {
-        Self { container }
+    /// Wraps a container that has a group attached (so the IOMMU type is set), and keeps
+    /// `device` (whatever holds that group attached) alive as long as any mapping may exist.
+    pub fn new(
+        container: Arc<VfioContainer>,
+        device: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            container,
+            _device: device,
+        }
     }
 }
 

@@ -142,7 +142,7 @@ impl VmSpec {
         }
         for (i, disk) in self.nvme.iter().enumerate() {
             let drive = format!(
-                "file={},if=none,id=nvm{i},format=raw,cache=unsafe",
+                "file={},if=none,id=nvm{i},format=raw,cache=unsafe,discard=unmap",
                 disk.image.display()
             );
             let dev = format!("nvme,serial={},drive=nvm{i}", disk.serial);

@@ -6,10 +6,16 @@
 
 #![deny(missing_docs)]
 
+pub mod controller;
 pub mod mmio;
 pub mod pci;
 pub mod probe;
+pub mod prp;
+pub mod queue;
 pub mod regs;
+pub mod spec;
+pub mod sync_io;
+pub mod verify;
 pub mod vfio;
 
 use std::fmt;
@@ -47,6 +53,28 @@ pub enum Error {
         /// The cause.
         source: vfblk_hugepages::DmaError,
     },
+    /// A command completed with an error status.
+    Command {
+        /// PCI address.
+        device: String,
+        /// Queue id (0 = admin).
+        queue: u16,
+        /// Command id.
+        cid: u16,
+        /// Opcode.
+        opcode: u8,
+        /// What the command was for.
+        what: String,
+        /// The NVMe status.
+        status: spec::Status,
+    },
+    /// The controller did not respond in time.
+    Timeout {
+        /// PCI address.
+        device: String,
+        /// What was awaited.
+        what: String,
+    },
     /// A malformed argument.
     BadArgument(String),
 }
@@ -62,6 +90,18 @@ impl fmt::Display for Error {
                 reason,
             } => write!(f, "{device}: VFIO {what}: {reason}"),
             Error::Dma { device, source } => write!(f, "{device}: {source}"),
+            Error::Command {
+                device,
+                queue,
+                cid,
+                opcode,
+                what,
+                status,
+            } => write!(
+                f,
+                "{device}: queue {queue}, cid {cid}, opcode {opcode:#04x} ({what}): {status}"
+            ),
+            Error::Timeout { device, what } => write!(f, "{device}: timed out waiting for {what}"),
             Error::BadArgument(m) => f.write_str(m),
         }
     }

@@ -50,7 +50,7 @@ pub fn probe(address: PciAddress) -> Result<ProbeReport> {
     let sysfs = SysfsPciDevice::new(address)?;
     let class = sysfs.class()?;
     let ids = sysfs.ids()?;
-    let pci = VfioPci::open(address, BAR0_MIN)?;
+    let pci = Arc::new(VfioPci::open(address, BAR0_MIN)?);
     let regs = Registers::new(pci.bar0());
     let (cap, version, cc, csts) = (regs.cap(), regs.version(), regs.cc(), regs.csts());
     if cap.0 == u64::MAX || version.0 == u32::MAX {
@@ -66,7 +66,7 @@ pub fn probe(address: PciAddress) -> Result<ProbeReport> {
     };
     let memory =
         DmaMemory::allocate_huge(&format!("vfblk-probe-{address}"), 2 << 20).map_err(dma_err)?;
-    let mapper = Arc::new(VfioDmaMapper::new(pci.container().clone()));
+    let mapper = Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
     let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
     let buffer = DmaBuffer::map(memory, mapper, iovas).map_err(dma_err)?;
     let (dma_iova, dma_size, dma_page_kind) = (

@@ -298,7 +298,9 @@ fn le64(b: &[u8], off: usize) -> u64 {
 }
 
 fn ascii(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).trim_end_matches([' ', '\0']).to_string()
+    String::from_utf8_lossy(b)
+        .trim_end_matches([' ', '\0'])
+        .to_string()
 }
 
 /// The Identify Controller fields we use (CNS 1).

@@ -1,42 +1,121 @@
-//! `vfblk-nvme`: find NVMe controllers, hand them to vfio-pci and back, probe them through VFIO.
+//! `vfblk-nvme`: an nvme-cli-like tool over our VFIO driver: find controllers, hand them to
+//! vfio-pci and back, probe, identify, read/write LBA ranges, flush, write zeroes,
+//! deallocate, and a data-integrity exercise.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
+use vfblk_nvme::controller::{Controller, Options};
 use vfblk_nvme::pci::{PciAddress, SysfsPciDevice, CLASS_NVME};
-use vfblk_nvme::{probe, Result};
+use vfblk_nvme::prp::Segment;
+use vfblk_nvme::verify::{self, VerifyOptions};
+use vfblk_nvme::{probe, sync_io, Error, Result};
 
 const USAGE: &str = "usage: vfblk-nvme <command> [options]
 
 commands:
-  list                     NVMe controllers with their driver and IOMMU group
-  bind-vfio PCI_ADDRESS    unbind from its driver and bind to vfio-pci (driver_override)
-  bind-kernel PCI_ADDRESS  give the controller back to the kernel's nvme driver
-  probe PCI_ADDRESS [--json]
-                           open through VFIO, read CAP/VS/CSTS, map a hugepage DMA buffer
+  list [--json]                     NVMe controllers with their driver and IOMMU group
+  bind-vfio ADDR                    bind to vfio-pci (driver_override, unbind, probe)
+  bind-kernel ADDR                  give the controller back to the kernel's nvme driver
+  probe ADDR [--json]               open through VFIO, read CAP/VS/CSTS, map a DMA buffer
+  identify ADDR [--json]            bring the controller up, Identify it and its namespaces
+  read ADDR --lba N --blocks N --out FILE [--nsid N]
+  write ADDR --lba N --in FILE [--nsid N]      (FILE size: a multiple of the block size)
+  flush ADDR [--nsid N]
+  write-zeroes ADDR --lba N --blocks N [--nsid N]
+  deallocate ADDR --lba N --blocks N [--nsid N]
+  verify ADDR [--seed N] [--queues N] [--ops N] [--region-blocks N] [--nsid N] [--json]
+                                    random writes + read-backs on several queues/threads,
+                                    then every block of the area written with its pattern
+  check-pattern PATH --blocks N --block-size N [--seed N] [--first-lba N] [--skip N] [--json]
+                                    check a device or file (read with ordinary I/O) holds
+                                    the patterns `verify` wrote for LBAs from first-lba,
+                                    starting `skip` blocks into PATH (default: first-lba)
 ";
 
+/// Positional words and `--name value` options; `--json` is a flag.
+struct Cli {
+    words: Vec<String>,
+    options: HashMap<String, String>,
+    json: bool,
+}
+
+impl Cli {
+    fn parse() -> Result<Self> {
+        let mut cli = Cli {
+            words: Vec::new(),
+            options: HashMap::new(),
+            json: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            if arg == "--json" {
+                cli.json = true;
+            } else if let Some(name) = arg.strip_prefix("--") {
+                let value = args
+                    .next()
+                    .ok_or_else(|| Error::BadArgument(format!("--{name} needs a value")))?;
+                cli.options.insert(name.to_string(), value);
+            } else {
+                cli.words.push(arg);
+            }
+        }
+        Ok(cli)
+    }
+
+    fn num(&self, name: &str, default: Option<u64>) -> Result<u64> {
+        match self.options.get(name) {
+            Some(v) => {
+                let parsed = match v.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => v.parse(),
+                };
+                parsed.map_err(|_| Error::BadArgument(format!("--{name}: {v:?} is not a number")))
+            }
+            None => default.ok_or_else(|| Error::BadArgument(format!("--{name} is required"))),
+        }
+    }
+
+    fn path(&self, name: &str) -> Result<&str> {
+        self.options
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| Error::BadArgument(format!("--{name} is required")))
+    }
+
+    fn address(&self) -> Result<PciAddress> {
+        self.words
+            .get(1)
+            .ok_or_else(|| Error::BadArgument("a PCI address is required".into()))?
+            .parse()
+    }
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let words: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| *a != "--json")
-        .collect();
-    let result = match words.as_slice() {
-        ["list"] => list(json),
-        ["bind-vfio", addr] => bind(addr, Some("vfio-pci")),
-        ["bind-kernel", addr] => bind(addr, Some("nvme")),
-        ["probe", addr] => run_probe(addr, json),
-        ["--help"] | ["-h"] => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
+    let result = Cli::parse().and_then(|cli| {
+        let command = cli.words.first().cloned().unwrap_or_default();
+        match command.as_str() {
+            "list" => list(cli.json),
+            "bind-vfio" => bind(&cli, "vfio-pci"),
+            "bind-kernel" => bind(&cli, "nvme"),
+            "probe" => run_probe(&cli),
+            "identify" => identify(&cli),
+            "read" => read(&cli),
+            "write" => write(&cli),
+            "flush" => simple(&cli, "flush"),
+            "write-zeroes" => simple(&cli, "write-zeroes"),
+            "deallocate" => simple(&cli, "deallocate"),
+            "verify" => run_verify(&cli),
+            "check-pattern" => check_pattern(&cli),
+            "--help" | "-h" | "help" => {
+                print!("{USAGE}");
+                Ok(())
+            }
+            _ => Err(Error::BadArgument(format!(
+                "unknown command {command:?}\n{USAGE}"
+            ))),
         }
-        _ => {
-            eprint!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -48,15 +127,20 @@ fn main() -> ExitCode {
 
 fn list(json: bool) -> Result<()> {
     let devices = SysfsPciDevice::find_by_class(CLASS_NVME)?;
-    let mut rows = Vec::new();
-    for dev in &devices {
-        let group = dev
-            .iommu_group()
-            .map(|g| g.to_string())
-            .unwrap_or_else(|_| "none".into());
-        let driver = dev.driver().unwrap_or_else(|| "none".into());
-        rows.push((dev.address(), driver, group));
-    }
+    let rows: Vec<(PciAddress, String, String)> = devices
+        .iter()
+        .map(|d| {
+            let group = d
+                .iommu_group()
+                .map(|g| g.to_string())
+                .unwrap_or_else(|_| "none".into());
+            (
+                d.address(),
+                d.driver().unwrap_or_else(|| "none".into()),
+                group,
+            )
+        })
+        .collect();
     if json {
         let items: Vec<String> = rows
             .iter()
@@ -76,11 +160,11 @@ fn list(json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bind(addr: &str, driver: Option<&str>) -> Result<()> {
-    let address: PciAddress = addr.parse()?;
+fn bind(cli: &Cli, driver: &str) -> Result<()> {
+    let address = cli.address()?;
     let dev = SysfsPciDevice::new(address)?;
     let before = dev.driver().unwrap_or_else(|| "none".into());
-    dev.bind(driver)?;
+    dev.bind(Some(driver))?;
     eprintln!(
         "{address}: {before} -> {}",
         dev.driver().unwrap_or_else(|| "none".into())
@@ -88,10 +172,10 @@ fn bind(addr: &str, driver: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn run_probe(addr: &str, json: bool) -> Result<()> {
-    let address: PciAddress = addr.parse()?;
+fn run_probe(cli: &Cli) -> Result<()> {
+    let address = cli.address()?;
     let report = probe::probe(address)?;
-    if json {
+    if cli.json {
         println!("{}", report.to_json());
         return Ok(());
     }
@@ -120,5 +204,291 @@ fn run_probe(addr: &str, json: bool) -> Result<()> {
         "  DMA            {} bytes ({}) mapped at IOVA {:#x} and unmapped",
         report.dma_size, report.dma_page_kind, report.dma_iova
     );
+    Ok(())
+}
+
+fn open(cli: &Cli) -> Result<Controller> {
+    Controller::open(
+        cli.address()?,
+        &Options {
+            io_queues: cli.num("queues", Some(4))? as u16,
+        },
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let escaped: String = s
+        .chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c if c.is_control() => format!("\\u{:04x}", c as u32).chars().collect(),
+            c => vec![c],
+        })
+        .collect();
+    format!("\"{escaped}\"")
+}
+
+fn identify(cli: &Cli) -> Result<()> {
+    let ctrl = open(cli)?;
+    let id = ctrl.identify();
+    if cli.json {
+        let ns: Vec<String> = ctrl
+            .namespaces()
+            .iter()
+            .map(|n| {
+                format!(
+                    "{{\"nsid\":{},\"blocks\":{},\"block_size\":{},\"size_bytes\":{},\"deallocated_reads_zeroes\":{}}}",
+                    n.nsid,
+                    n.info.nsze,
+                    n.info.block_size(),
+                    n.info.size_bytes(),
+                    n.info.deallocated_reads_zeroes()
+                )
+            })
+            .collect();
+        println!(
+            "{{\"pci_address\":\"{}\",\"version\":\"{}\",\"serial\":{},\"model\":{},\"firmware\":{},\"mdts\":{},\"max_transfer\":{},\"io_queues\":{},\"dsm\":{},\"write_zeroes\":{},\"volatile_write_cache\":{},\"sgl\":{},\"doorbell_buffer\":{},\"namespaces\":[{}]}}",
+            ctrl.name(),
+            ctrl.version(),
+            json_str(&id.serial),
+            json_str(&id.model),
+            json_str(&id.firmware),
+            id.mdts,
+            ctrl.max_transfer(),
+            ctrl.io_queues_granted(),
+            id.supports_dsm(),
+            id.supports_write_zeroes(),
+            id.has_volatile_write_cache(),
+            id.supports_sgl(),
+            id.supports_doorbell_buffer(),
+            ns.join(",")
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {} (serial {}, firmware {}), NVMe {}",
+        ctrl.name(),
+        id.model,
+        id.serial,
+        id.firmware,
+        ctrl.version()
+    );
+    println!(
+        "  max transfer {} bytes (MDTS {}), {} I/O queue pairs granted",
+        ctrl.max_transfer(),
+        id.mdts,
+        ctrl.io_queues_granted()
+    );
+    println!(
+        "  optional: DSM {}, Write Zeroes {}, volatile write cache {}, SGL {}, shadow doorbells {}",
+        id.supports_dsm(),
+        id.supports_write_zeroes(),
+        id.has_volatile_write_cache(),
+        id.supports_sgl(),
+        id.supports_doorbell_buffer()
+    );
+    for n in ctrl.namespaces() {
+        println!(
+            "  namespace {}: {} blocks of {} bytes ({} bytes)",
+            n.nsid,
+            n.info.nsze,
+            n.info.block_size(),
+            n.info.size_bytes()
+        );
+    }
+    Ok(())
+}
+
+fn read(cli: &Cli) -> Result<()> {
+    let ctrl = open(cli)?;
+    let nsid = cli.num("nsid", Some(1))? as u32;
+    let shift = ctrl.namespace(nsid).map(|n| n.info.lba_shift).unwrap_or(9);
+    let (lba, blocks) = (cli.num("lba", None)?, cli.num("blocks", None)?);
+    let len = (blocks << shift) as usize;
+    let buf = ctrl.dma_buffer(len.max(1))?;
+    let mut qp = ctrl.create_io_queue_pair(8)?;
+    let what = format!("read of {blocks} blocks at LBA {lba}, namespace {nsid}");
+    sync_io::run(ctrl.name(), &mut qp, &what, |qp| {
+        qp.read(
+            nsid,
+            lba,
+            blocks as u32,
+            shift,
+            &[Segment {
+                iova: buf.iova(),
+                len: len as u32,
+            }],
+            0,
+        )
+    })?;
+    let mut data = vec![0u8; len];
+    buf.memory().read_bytes(0, &mut data);
+    let out = cli.path("out")?;
+    std::fs::write(out, &data).map_err(|e| Error::Io {
+        what: format!("writing {out}"),
+        source: e,
+    })?;
+    eprintln!("read {len} bytes from LBA {lba} into {out}");
+    Ok(())
+}
+
+fn write(cli: &Cli) -> Result<()> {
+    let ctrl = open(cli)?;
+    let nsid = cli.num("nsid", Some(1))? as u32;
+    let shift = ctrl.namespace(nsid).map(|n| n.info.lba_shift).unwrap_or(9);
+    let lba = cli.num("lba", None)?;
+    let input = cli.path("in")?;
+    let data = std::fs::read(input).map_err(|e| Error::Io {
+        what: format!("reading {input}"),
+        source: e,
+    })?;
+    if data.is_empty() || data.len() % (1 << shift) != 0 {
+        return Err(Error::BadArgument(format!(
+            "{input}: {} bytes is not a positive multiple of the {}-byte block",
+            data.len(),
+            1 << shift
+        )));
+    }
+    let blocks = (data.len() >> shift) as u32;
+    let buf = ctrl.dma_buffer(data.len())?;
+    buf.memory().write_bytes(0, &data);
+    let mut qp = ctrl.create_io_queue_pair(8)?;
+    let what = format!("write of {blocks} blocks at LBA {lba}, namespace {nsid}");
+    sync_io::run(ctrl.name(), &mut qp, &what, |qp| {
+        qp.write(
+            nsid,
+            lba,
+            blocks,
+            shift,
+            &[Segment {
+                iova: buf.iova(),
+                len: data.len() as u32,
+            }],
+            0,
+        )
+    })?;
+    eprintln!("wrote {} bytes from {input} at LBA {lba}", data.len());
+    Ok(())
+}
+
+fn simple(cli: &Cli, command: &str) -> Result<()> {
+    let ctrl = open(cli)?;
+    let nsid = cli.num("nsid", Some(1))? as u32;
+    let mut qp = ctrl.create_io_queue_pair(8)?;
+    let name = ctrl.name().to_string();
+    match command {
+        "flush" => sync_io::run(&name, &mut qp, "flush", |qp| qp.flush(nsid, 0))?,
+        "write-zeroes" => {
+            let (lba, blocks) = (cli.num("lba", None)?, cli.num("blocks", None)? as u32);
+            let what = format!("write zeroes of {blocks} blocks at LBA {lba}");
+            sync_io::run(&name, &mut qp, &what, |qp| {
+                qp.write_zeroes(nsid, lba, blocks, 0)
+            })?
+        }
+        _ => {
+            let (lba, blocks) = (cli.num("lba", None)?, cli.num("blocks", None)? as u32);
+            let what = format!("deallocate of {blocks} blocks at LBA {lba}");
+            sync_io::run(&name, &mut qp, &what, |qp| {
+                qp.deallocate(nsid, &[(lba, blocks)], 0)
+            })?
+        }
+    };
+    eprintln!("{command}: success");
+    Ok(())
+}
+
+fn run_verify(cli: &Cli) -> Result<()> {
+    let opts = VerifyOptions {
+        nsid: cli.num("nsid", Some(1))? as u32,
+        seed: cli.num("seed", Some(1))?,
+        queues: cli.num("queues", Some(2))? as u16,
+        ops: cli.num("ops", Some(200))? as u32,
+        region_blocks: cli.num("region-blocks", Some(16384))?,
+        entries: 64,
+    };
+    let ctrl = Controller::open(
+        cli.address()?,
+        &Options {
+            io_queues: opts.queues,
+        },
+    )?;
+    if ctrl.io_queues_granted() < opts.queues {
+        return Err(Error::BadArgument(format!(
+            "{}: {} queues asked, {} granted",
+            ctrl.name(),
+            opts.queues,
+            ctrl.io_queues_granted()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let r = verify::verify(&ctrl, &opts)?;
+    let secs = started.elapsed().as_secs_f64();
+    if cli.json {
+        println!(
+            "{{\"ops\":{},\"bytes\":{},\"unaligned_ops\":{},\"largest\":{},\"queues\":{},\"first_lba\":{},\"blocks\":{},\"block_size\":{},\"seed\":{},\"seconds\":{secs:.3}}}",
+            r.ops, r.bytes, r.unaligned_ops, r.largest, r.queues, r.area.0, r.area.1, r.block_size, opts.seed
+        );
+    } else {
+        println!(
+            "verified {} write+read-back ops ({} bytes, {} with unaligned buffers, largest {} bytes) on {} queues in {secs:.1} s; blocks {}..{} hold seed {}'s pattern",
+            r.ops, r.bytes, r.unaligned_ops, r.largest, r.queues, r.area.0, r.area.0 + r.area.1, opts.seed
+        );
+    }
+    Ok(())
+}
+
+fn check_pattern(cli: &Cli) -> Result<()> {
+    use std::io::Read;
+    let path = cli
+        .words
+        .get(1)
+        .ok_or_else(|| Error::BadArgument("a path is required".into()))?;
+    let seed = cli.num("seed", Some(1))?;
+    let blocks = cli.num("blocks", None)?;
+    let block_size = cli.num("block-size", None)? as usize;
+    let first = cli.num("first-lba", Some(0))?;
+    // Where that LBA's data starts in the file: at the LBA on a device, anywhere in a copy.
+    let skip = cli.num("skip", Some(first))?;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::Io {
+        what: format!("opening {path}"),
+        source: e,
+    })?;
+    if skip > 0 {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(skip * block_size as u64))
+            .map_err(|e| Error::Io {
+                what: format!("seeking {path}"),
+                source: e,
+            })?;
+    }
+    let chunk_blocks = 256u64;
+    let mut buf = vec![0u8; chunk_blocks as usize * block_size];
+    let mut lba = first;
+    while lba < first + blocks {
+        let n = chunk_blocks.min(first + blocks - lba) as usize;
+        file.read_exact(&mut buf[..n * block_size])
+            .map_err(|e| Error::Io {
+                what: format!("reading {path} at block {lba}"),
+                source: e,
+            })?;
+        if let Some(bad) = verify::check_pattern(seed, lba, block_size, &buf[..n * block_size]) {
+            return Err(Error::BadArgument(format!(
+                "{path}: block {bad} does not hold seed {seed}'s pattern"
+            )));
+        }
+        lba += n as u64;
+    }
+    if cli.json {
+        println!(
+            "{{\"path\":{},\"blocks\":{blocks},\"first_lba\":{first},\"ok\":true}}",
+            json_str(path)
+        );
+    } else {
+        println!(
+            "{path}: blocks {first}..{} hold seed {seed}'s pattern",
+            first + blocks
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,442 @@
+//! Controller bring-up and administration: reset, admin queue, Identify, queue creation and
+//! deletion, shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vfblk_hugepages::{DmaBuffer, DmaMapper, DmaMemory, IovaAllocator, VfioDmaMapper};
+
+use crate::pci::PciAddress;
+use crate::queue::{Layout, QueuePair};
+use crate::regs::{offset, Cap, Registers, Version};
+use crate::spec::{Command, IdentifyController, IdentifyNamespace, Status};
+use crate::vfio::VfioPci;
+use crate::{Error, Result};
+
+/// Controller memory page size we configure (CC.MPS = 0).
+pub const PAGE_SIZE: usize = 4096;
+
+/// Entries in the admin queues.
+const ADMIN_ENTRIES: u16 = 32;
+
+/// How long an admin command may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Transfer limit when the controller reports none (MDTS = 0).
+const DEFAULT_MAX_TRANSFER: usize = 2 << 20;
+
+/// An active namespace.
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Its Identify data.
+    pub info: IdentifyNamespace,
+}
+
+/// Options for [`Controller::open`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// I/O queue pairs to ask the controller for.
+    pub io_queues: u16,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { io_queues: 8 }
+    }
+}
+
+pub(crate) struct Shared {
+    pub name: String,
+    pub pci: Arc<VfioPci>,
+    pub cap: Cap,
+    pub version: Version,
+    pub mapper: Arc<dyn DmaMapper>,
+    pub iovas: Arc<Mutex<IovaAllocator>>,
+    pub admin: Mutex<QueuePair>,
+    pub identify: IdentifyController,
+    pub namespaces: Vec<Namespace>,
+    pub io_queues_granted: u16,
+    pub max_transfer: usize,
+    /// Queue ids in use (index = qid).
+    pub qids: Mutex<Vec<bool>>,
+    scratch: Mutex<DmaBuffer>,
+}
+
+/// An NVMe controller brought up through VFIO. I/O queue pairs created from it may be moved
+/// to other threads; the controller is shut down when it and all its queue pairs are dropped.
+#[derive(Clone)]
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+fn wait_ready(regs: &Registers, name: &str, ready: bool, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let csts = regs.csts();
+        if csts.fatal() {
+            return Err(Error::Device {
+                device: name.into(),
+                what: format!(
+                    "controller fatal status while waiting for RDY={}: CSTS {csts}",
+                    ready as u8
+                ),
+            });
+        }
+        if csts.ready() == ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                device: name.into(),
+                what: format!(
+                    "CSTS.RDY to become {} (CSTS {csts}, waited {timeout:?})",
+                    ready as u8
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Controller {
+    /// Brings up the controller at `address` (bound to vfio-pci): disable, admin queue,
+    /// enable, Identify controller and namespaces, Set Features Number of Queues.
+    pub fn open(address: PciAddress, options: &Options) -> Result<Self> {
+        let name = address.to_string();
+        let pci = Arc::new(VfioPci::open(address, crate::probe::BAR0_MIN)?);
+        let regs = Registers::new(pci.bar0());
+        let cap = regs.cap();
+        let version = regs.version();
+        if !cap.nvm_command_set() {
+            return Err(Error::Device {
+                device: name,
+                what: format!("CAP {:#x}: no NVM command set", cap.0),
+            });
+        }
+        if !(cap.page_size_min()..=cap.page_size_max()).contains(&PAGE_SIZE) {
+            return Err(Error::Device {
+                device: name,
+                what: format!(
+                    "4 KiB pages unsupported (MPS {}..{})",
+                    cap.page_size_min(),
+                    cap.page_size_max()
+                ),
+            });
+        }
+        // CAP.TO is in 500 ms units; a 0 would mean "no time": allow at least 500 ms.
+        let timeout = Duration::from_millis(cap.timeout_ms().max(500));
+        let bar = pci.bar0();
+        if regs.cc() & 1 == 1 || regs.csts().ready() {
+            bar.write32(offset::CC, regs.cc() & !1);
+        }
+        wait_ready(&regs, &name, false, timeout)?;
+
+        let mapper: Arc<dyn DmaMapper> =
+            Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
+        let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
+        let dma = |len: usize, what: &str| -> Result<DmaBuffer> {
+            let mem =
+                DmaMemory::allocate(&format!("vfblk-{what}-{name}"), len).map_err(|source| {
+                    Error::Dma {
+                        device: name.clone(),
+                        source,
+                    }
+                })?;
+            DmaBuffer::map(mem, mapper.clone(), iovas.clone()).map_err(|source| Error::Dma {
+                device: name.clone(),
+                source,
+            })
+        };
+
+        let entries = ADMIN_ENTRIES.min(cap.max_queue_entries().min(4096) as u16);
+        let layout = Layout::new(entries, PAGE_SIZE, PAGE_SIZE);
+        let admin_mem = dma(layout.total, "admin")?;
+        let admin = QueuePair::new(
+            0,
+            layout,
+            admin_mem,
+            pci.clone(),
+            cap.doorbell_stride(),
+            PAGE_SIZE as u64,
+        );
+        let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
+        bar.write32(offset::AQA, aqa);
+        bar.write64(offset::ASQ, admin.sq_iova());
+        bar.write64(offset::ACQ, admin.cq_iova());
+        // EN, CSS = NVM (0), MPS = 0 (4 KiB), AMS = round robin, IOSQES = 6, IOCQES = 4.
+        let cc = 1 | (6 << 16) | (4 << 20);
+        bar.write32(offset::CC, cc);
+        wait_ready(&regs, &name, true, timeout)?;
+
+        let scratch = dma(PAGE_SIZE, "identify")?;
+        let mut shared = Shared {
+            name: name.clone(),
+            pci: pci.clone(),
+            cap,
+            version,
+            mapper: mapper.clone(),
+            iovas: iovas.clone(),
+            admin: Mutex::new(admin),
+            identify: IdentifyController::parse(&[0; 4096]),
+            namespaces: Vec::new(),
+            io_queues_granted: 0,
+            max_transfer: DEFAULT_MAX_TRANSFER,
+            qids: Mutex::new(Vec::new()),
+            scratch: Mutex::new(scratch),
+        };
+        shared.identify =
+            IdentifyController::parse(&shared.identify_page(Command::identify(1, 0, 0))?);
+        if shared.identify.mdts > 0 {
+            let mdts = cap.page_size_min() << shared.identify.mdts;
+            shared.max_transfer = mdts.min(DEFAULT_MAX_TRANSFER);
+        }
+        let list = shared.identify_page(Command::identify(2, 0, 0))?;
+        for chunk in list.chunks_exact(4) {
+            let nsid = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+            if nsid == 0 {
+                break;
+            }
+            let info =
+                IdentifyNamespace::parse(&shared.identify_page(Command::identify(0, nsid, 0))?);
+            shared.namespaces.push(Namespace { nsid, info });
+        }
+        let wanted = options.io_queues.max(1);
+        let granted = shared.admin_command(
+            Command::set_number_of_queues(wanted, wanted),
+            "Set Features (Number of Queues)",
+        )?;
+        let sqs = (granted & 0xffff) as u16 + 1;
+        let cqs = (granted >> 16) as u16 + 1;
+        shared.io_queues_granted = sqs.min(cqs).min(wanted);
+        *shared.qids.lock().expect("fresh") =
+            vec![false; usize::from(shared.io_queues_granted) + 1];
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// PCI address as text.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Identify Controller data.
+    pub fn identify(&self) -> &IdentifyController {
+        &self.shared.identify
+    }
+
+    /// Active namespaces.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.shared.namespaces
+    }
+
+    /// The namespace `nsid`.
+    pub fn namespace(&self, nsid: u32) -> Result<&Namespace> {
+        self.shared
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .ok_or_else(|| Error::Device {
+                device: self.shared.name.clone(),
+                what: format!("no active namespace {nsid}"),
+            })
+    }
+
+    /// CAP.
+    pub fn cap(&self) -> Cap {
+        self.shared.cap
+    }
+
+    /// VS.
+    pub fn version(&self) -> Version {
+        self.shared.version
+    }
+
+    /// I/O queue pairs the controller granted.
+    pub fn io_queues_granted(&self) -> u16 {
+        self.shared.io_queues_granted
+    }
+
+    /// Largest transfer per command in bytes (MDTS, capped at 2 MiB).
+    pub fn max_transfer(&self) -> usize {
+        self.shared.max_transfer
+    }
+
+    /// DMA memory mapped for this controller (for I/O buffers).
+    pub fn dma_buffer(&self, len: usize) -> Result<DmaBuffer> {
+        let name = &self.shared.name;
+        let mem =
+            DmaMemory::allocate(&format!("vfblk-io-{name}"), len).map_err(|source| Error::Dma {
+                device: name.clone(),
+                source,
+            })?;
+        DmaBuffer::map(mem, self.shared.mapper.clone(), self.shared.iovas.clone()).map_err(
+            |source| Error::Dma {
+                device: name.clone(),
+                source,
+            },
+        )
+    }
+
+    /// Creates an I/O queue pair of `entries` entries (2..=MQES).
+    pub fn create_io_queue_pair(&self, entries: u16) -> Result<QueuePair> {
+        let s = &self.shared;
+        let max = s.cap.max_queue_entries().min(u32::from(u16::MAX)) as u16;
+        if !(2..=max).contains(&entries) {
+            return Err(Error::BadArgument(format!(
+                "{}: queue entries {entries} not in 2..={max}",
+                s.name
+            )));
+        }
+        let qid = {
+            let mut qids = s
+                .qids
+                .lock()
+                .map_err(|_| Error::BadArgument("qid lock poisoned".into()))?;
+            let qid = (1..qids.len())
+                .find(|&q| !qids[q])
+                .ok_or_else(|| Error::Device {
+                    device: s.name.clone(),
+                    what: format!("all {} granted I/O queues are in use", s.io_queues_granted),
+                })?;
+            qids[qid] = true;
+            qid as u16
+        };
+        let result = (|| {
+            let layout = Layout::new(entries, PAGE_SIZE, s.max_transfer);
+            let mem = self.dma_buffer(layout.total)?;
+            let mut qp = QueuePair::new(
+                qid,
+                layout,
+                mem,
+                s.pci.clone(),
+                s.cap.doorbell_stride(),
+                s.max_transfer as u64,
+            );
+            s.admin_command(
+                Command::create_cq(qid, entries, qp.cq_iova()),
+                "Create I/O CQ",
+            )?;
+            if let Err(e) = s.admin_command(
+                Command::create_sq(qid, entries, qp.sq_iova(), qid),
+                "Create I/O SQ",
+            ) {
+                let _ = s.admin_command(Command::delete_cq(qid), "Delete I/O CQ");
+                return Err(e);
+            }
+            qp.owner = Some(self.shared.clone());
+            Ok(qp)
+        })();
+        if result.is_err() {
+            s.release_qid(qid);
+        }
+        result
+    }
+}
+
+impl Shared {
+    /// Runs one admin command to completion; returns its dword 0.
+    pub fn admin_command(&self, cmd: Command, what: &str) -> Result<u32> {
+        let mut admin = self
+            .admin
+            .lock()
+            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        let cid = admin.submit(cmd, 0).map_err(|e| Error::Device {
+            device: self.name.clone(),
+            what: format!("admin {what}: {e}"),
+        })?;
+        admin.ring();
+        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        let mut done = None;
+        while done.is_none() {
+            admin.poll(1, |c| done = Some(c));
+            if done.is_none() {
+                if Instant::now() > deadline {
+                    return Err(Error::Timeout {
+                        device: self.name.clone(),
+                        what: format!("admin {what} (opcode {:#04x}, cid {cid})", cmd.opcode),
+                    });
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let c = done.expect("loop ends with a completion");
+        if !c.status.is_success() {
+            return Err(Error::Command {
+                device: self.name.clone(),
+                queue: 0,
+                cid: c.cid,
+                opcode: cmd.opcode,
+                what: what.to_string(),
+                status: c.status,
+            });
+        }
+        Ok(c.result)
+    }
+
+    fn identify_page(&self, mut cmd: Command) -> Result<[u8; 4096]> {
+        let scratch = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::BadArgument("scratch lock poisoned".into()))?;
+        cmd.prp1 = scratch.iova();
+        self.admin_command(
+            cmd,
+            &format!("Identify (CNS {}, NSID {})", cmd.cdw10, cmd.nsid),
+        )?;
+        let mut page = [0u8; 4096];
+        scratch.memory().read_bytes(0, &mut page);
+        Ok(page)
+    }
+
+    pub fn delete_io_queues(&self, qid: u16) -> Result<()> {
+        self.admin_command(Command::delete_sq(qid), "Delete I/O SQ")?;
+        self.admin_command(Command::delete_cq(qid), "Delete I/O CQ")?;
+        self.release_qid(qid);
+        Ok(())
+    }
+
+    fn release_qid(&self, qid: u16) {
+        if let Ok(mut qids) = self.qids.lock() {
+            if let Some(q) = qids.get_mut(usize::from(qid)) {
+                *q = false;
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Normal shutdown (CC.SHN = 01), then disable, so the device stops all DMA before the
+        // admin rings are unmapped.
+        let regs = Registers::new(self.pci.bar0());
+        let bar = self.pci.bar0();
+        bar.write32(offset::CC, (regs.cc() & !(3 << 14)) | (1 << 14));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while regs.csts().shutdown_status() != 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if regs.csts().shutdown_status() != 2 {
+            eprintln!(
+                "warning: {}: shutdown did not complete within 5 s (CSTS {})",
+                self.name,
+                regs.csts()
+            );
+        }
+        bar.write32(offset::CC, regs.cc() & !1);
+        let timeout = Duration::from_millis(self.cap.timeout_ms().max(500));
+        if let Err(e) = wait_ready(&regs, &self.name, false, timeout) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// Status of a failed command, for callers matching on NVMe status.
+pub fn command_status(e: &Error) -> Option<Status> {
+    match e {
+        Error::Command { status, .. } => Some(*status),
+        _ => None,
+    }
+}

@@ -1,0 +1,490 @@
+//! A polled submission/completion queue pair, owned by one thread.
+//!
+//! Commands are written into the SQ ring in DMA memory; the SQ tail doorbell is rung once per
+//! batch ([`QueuePair::ring`]). [`QueuePair::poll`] reads completions by phase tag and rings
+//! the CQ head doorbell once per call. The command id indexes a preallocated slot that holds
+//! the caller's token and a PRP list page, so nothing is allocated per I/O.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use vfblk_hugepages::DmaBuffer;
+
+use crate::controller::Shared;
+use crate::prp::{self, PrpError, Segment};
+use crate::spec::{nvm, Command, Completion, DsmRange, Status};
+use crate::vfio::VfioPci;
+
+/// Why a command was not queued. Cheap to return on the hot path; the queue is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every slot is in flight: poll, then submit again (back-pressure).
+    QueueFull,
+    /// The transfer exceeds the controller's MDTS.
+    TooLarge {
+        /// Bytes requested.
+        len: u64,
+        /// Bytes allowed.
+        max: u64,
+    },
+    /// The buffer cannot be described with PRPs.
+    Prp(PrpError),
+    /// The buffer length does not match the block count.
+    LengthMismatch {
+        /// Bytes in the buffer.
+        buffer: u64,
+        /// Bytes the blocks need.
+        blocks: u64,
+    },
+    /// Block count 0 or above 65536, or too many DSM ranges.
+    BadCount,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::QueueFull => f.write_str("queue full"),
+            SubmitError::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "transfer of {len} bytes exceeds the controller's maximum of {max}"
+                )
+            }
+            SubmitError::Prp(e) => write!(f, "{e}"),
+            SubmitError::LengthMismatch { buffer, blocks } => {
+                write!(
+                    f,
+                    "buffer holds {buffer} bytes but the blocks need {blocks}"
+                )
+            }
+            SubmitError::BadCount => f.write_str("block or range count out of bounds"),
+        }
+    }
+}
+
+/// A finished command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoCompletion {
+    /// The caller's token from submission.
+    pub token: u64,
+    /// The command id the command ran under.
+    pub cid: u16,
+    /// Its status.
+    pub status: Status,
+    /// Command-specific result (dword 0).
+    pub result: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    token: u64,
+    opcode: u8,
+    busy: bool,
+}
+
+/// Layout of a queue pair's DMA memory: SQ ring, CQ ring, then the per-slot PRP list pages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub entries: u16,
+    pub page: usize,
+    pub list_pages: usize,
+    pub cq_offset: usize,
+    pub lists_offset: usize,
+    pub total: usize,
+}
+
+impl Layout {
+    pub fn new(entries: u16, page: usize, max_transfer: usize) -> Self {
+        let round = |n: usize| n.div_ceil(page) * page;
+        let sq = round(usize::from(entries) * 64);
+        let cq = round(usize::from(entries) * 16);
+        // Entries for a max-size transfer starting mid-page, plus chain links.
+        let per_page = page / 8;
+        let entries_needed = max_transfer / page + 1;
+        let list_pages = entries_needed.div_ceil(per_page - 1).max(1);
+        let slots = usize::from(entries) - 1;
+        Self {
+            entries,
+            page,
+            list_pages,
+            cq_offset: sq,
+            lists_offset: sq + cq,
+            total: sq + cq + slots * list_pages * page,
+        }
+    }
+}
+
+/// A submission queue and its completion queue.
+pub struct QueuePair {
+    qid: u16,
+    entries: u16,
+    sq: *mut Command,
+    cq: *const Completion,
+    sq_tail: u16,
+    sq_head: u16,
+    rung_tail: u16,
+    cq_head: u16,
+    phase: bool,
+    sq_doorbell: usize,
+    cq_doorbell: usize,
+    slots: Box<[Slot]>,
+    free: Vec<u16>,
+    lists: *mut u8,
+    lists_iova: u64,
+    layout: Layout,
+    max_transfer: u64,
+    spurious: u64,
+    pci: Arc<VfioPci>,
+    /// The controller, for deleting the queues on drop; `None` for the admin queue.
+    pub(crate) owner: Option<Arc<Shared>>,
+    // Last: the rings stay mapped until the queues are deleted; leaked if deletion fails,
+    // because the device might still write them.
+    memory: std::mem::ManuallyDrop<DmaBuffer>,
+}
+
+// SAFETY: the raw pointers point into `memory`, which the pair owns; the pair is used by one
+// thread at a time (it is moved to its poller thread, not shared).
+unsafe impl Send for QueuePair {}
+
+impl QueuePair {
+    pub(crate) fn new(
+        qid: u16,
+        layout: Layout,
+        memory: DmaBuffer,
+        pci: Arc<VfioPci>,
+        doorbell_stride: usize,
+        max_transfer: u64,
+    ) -> Self {
+        let base = memory.memory().as_ptr();
+        let slots = usize::from(layout.entries) - 1;
+        // SAFETY: offsets are within the buffer by construction of `layout`.
+        let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
+        // Zero the CQ: phase tags start at 0 and the first pass expects 1.
+        memory.memory().write_bytes(
+            layout.cq_offset,
+            &vec![0u8; usize::from(layout.entries) * 16],
+        );
+        let q = usize::from(qid);
+        Self {
+            qid,
+            entries: layout.entries,
+            sq: base.cast(),
+            cq: cq.cast(),
+            sq_tail: 0,
+            sq_head: 0,
+            rung_tail: 0,
+            cq_head: 0,
+            phase: true,
+            sq_doorbell: crate::regs::offset::DOORBELLS + (2 * q) * doorbell_stride,
+            cq_doorbell: crate::regs::offset::DOORBELLS + (2 * q + 1) * doorbell_stride,
+            slots: vec![Slot::default(); slots].into_boxed_slice(),
+            // Lowest cid first, so a lightly loaded queue touches few slots.
+            free: (0..slots as u16).rev().collect(),
+            lists,
+            lists_iova: memory.iova() + layout.lists_offset as u64,
+            layout,
+            max_transfer,
+            spurious: 0,
+            pci,
+            owner: None,
+            memory: std::mem::ManuallyDrop::new(memory),
+        }
+    }
+
+    /// Queue id (0 is the admin queue).
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// IOVA of the SQ ring.
+    pub(crate) fn sq_iova(&self) -> u64 {
+        self.memory.iova()
+    }
+
+    /// IOVA of the CQ ring.
+    pub(crate) fn cq_iova(&self) -> u64 {
+        self.memory.iova() + self.layout.cq_offset as u64
+    }
+
+    /// Ring entries.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Commands that can be in flight at once (one ring slot always stays empty).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Commands in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Completions seen for command ids that were not in flight (a device bug; counted, ignored).
+    pub fn spurious_completions(&self) -> u64 {
+        self.spurious
+    }
+
+    /// Largest transfer in bytes.
+    pub fn max_transfer(&self) -> u64 {
+        self.max_transfer
+    }
+
+    /// Queues a command with no data (or data pointers already set); `cmd.cid` is assigned.
+    pub fn submit(&mut self, mut cmd: Command, token: u64) -> Result<u16, SubmitError> {
+        let cid = *self.free.last().ok_or(SubmitError::QueueFull)?;
+        // The ring may be full while slots are free if the device has not reported SQ head.
+        let next_tail = (self.sq_tail + 1) % self.entries;
+        if next_tail == self.sq_head {
+            return Err(SubmitError::QueueFull);
+        }
+        self.free.pop();
+        cmd.cid = cid;
+        self.slots[usize::from(cid)] = Slot {
+            token,
+            opcode: cmd.opcode,
+            busy: true,
+        };
+        // SAFETY: sq_tail < entries; the SQ ring is ours to write at the tail.
+        unsafe { self.sq.add(usize::from(self.sq_tail)).write_volatile(cmd) };
+        self.sq_tail = next_tail;
+        Ok(cid)
+    }
+
+    fn slot_list(&self, cid: u16) -> (*mut u64, u64) {
+        let bytes = usize::from(cid) * self.layout.list_pages * self.layout.page;
+        // SAFETY: cid < slots, so the slot's list pages lie within the lists area.
+        let ptr = unsafe { self.lists.add(bytes) };
+        (ptr.cast(), self.lists_iova + bytes as u64)
+    }
+
+    fn submit_data(
+        &mut self,
+        mut cmd: Command,
+        data: &[Segment],
+        expected_len: u64,
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        if expected_len > self.max_transfer {
+            return Err(SubmitError::TooLarge {
+                len: expected_len,
+                max: self.max_transfer,
+            });
+        }
+        let cid = *self.free.last().ok_or(SubmitError::QueueFull)?;
+        let (list, list_iova) = self.slot_list(cid);
+        // SAFETY: the slot's list pages are ours while the slot is free (and then in flight).
+        let prps = unsafe {
+            prp::build(
+                data,
+                self.layout.page as u64,
+                list,
+                list_iova,
+                self.layout.list_pages,
+            )
+        }
+        .map_err(SubmitError::Prp)?;
+        if prps.len != expected_len {
+            return Err(SubmitError::LengthMismatch {
+                buffer: prps.len,
+                blocks: expected_len,
+            });
+        }
+        cmd.prp1 = prps.prp1;
+        cmd.prp2 = prps.prp2;
+        self.submit(cmd, token)
+    }
+
+    /// Queues a Read of `blocks` blocks of `block_shift` (log2 block size) at `lba` into `data`.
+    pub fn read(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        block_shift: u8,
+        data: &[Segment],
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        self.rw(nvm::READ, nsid, lba, blocks, block_shift, data, token)
+    }
+
+    /// Queues a Write of `blocks` blocks at `lba` from `data`.
+    pub fn write(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        block_shift: u8,
+        data: &[Segment],
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        self.rw(nvm::WRITE, nsid, lba, blocks, block_shift, data, token)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rw(
+        &mut self,
+        opcode: u8,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        block_shift: u8,
+        data: &[Segment],
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        if !(1..=65536).contains(&blocks) {
+            return Err(SubmitError::BadCount);
+        }
+        let len = u64::from(blocks) << block_shift;
+        self.submit_data(Command::rw(opcode, nsid, lba, blocks), data, len, token)
+    }
+
+    /// Queues a Flush of the namespace's volatile write cache.
+    pub fn flush(&mut self, nsid: u32, token: u64) -> Result<u16, SubmitError> {
+        self.submit(Command::new(nvm::FLUSH, nsid), token)
+    }
+
+    /// Queues a Write Zeroes of `blocks` (1..=65536) blocks at `lba`.
+    pub fn write_zeroes(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        if !(1..=65536).contains(&blocks) {
+            return Err(SubmitError::BadCount);
+        }
+        self.submit(Command::rw(nvm::WRITE_ZEROES, nsid, lba, blocks), token)
+    }
+
+    /// Queues a Dataset Management deallocate of up to 256 `(lba, blocks)` ranges. The range
+    /// list goes to the slot's preallocated page.
+    pub fn deallocate(
+        &mut self,
+        nsid: u32,
+        ranges: &[(u64, u32)],
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        if ranges.is_empty() || ranges.len() > 256 || ranges.len() * 16 > self.layout.page {
+            return Err(SubmitError::BadCount);
+        }
+        let cid = *self.free.last().ok_or(SubmitError::QueueFull)?;
+        let (list, list_iova) = self.slot_list(cid);
+        let list: *mut DsmRange = list.cast();
+        for (i, &(lba, blocks)) in ranges.iter().enumerate() {
+            // SAFETY: at most 256 ranges of 16 bytes fit the slot's first list page.
+            unsafe {
+                list.add(i).write(DsmRange {
+                    attributes: 0,
+                    blocks,
+                    lba,
+                })
+            };
+        }
+        self.submit(
+            Command::deallocate(nsid, ranges.len() as u32, list_iova),
+            token,
+        )
+    }
+
+    /// Rings the SQ tail doorbell if commands were queued since the last ring.
+    pub fn ring(&mut self) {
+        if self.rung_tail == self.sq_tail {
+            return;
+        }
+        // Commands and PRP lists must be visible to the device before it sees the new tail.
+        fence(Ordering::SeqCst);
+        self.pci
+            .bar0()
+            .write32(self.sq_doorbell, u32::from(self.sq_tail));
+        self.rung_tail = self.sq_tail;
+    }
+
+    /// Reaps up to `max` completions, calling `each` for every one, and rings the CQ head
+    /// doorbell once if any were reaped. Returns how many were reaped.
+    pub fn poll(&mut self, max: usize, mut each: impl FnMut(IoCompletion)) -> usize {
+        let mut reaped = 0;
+        while reaped < max {
+            // SAFETY: cq_head < entries; the CQ ring is written by the device, read volatile.
+            let entry = unsafe { self.cq.add(usize::from(self.cq_head)) };
+            // SAFETY: as above; the status word is read first and alone to test the phase.
+            let status = unsafe { std::ptr::addr_of!((*entry).status).read_volatile() };
+            if (status & 1 == 1) != self.phase {
+                break;
+            }
+            // The rest of the entry may only be read after the phase tag says it is new.
+            fence(Ordering::Acquire);
+            // SAFETY: as above.
+            let cqe = unsafe { entry.read_volatile() };
+            self.cq_head += 1;
+            if self.cq_head == self.entries {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            self.sq_head = cqe.sq_head % self.entries;
+            reaped += 1;
+            let cid = usize::from(cqe.cid);
+            match self.slots.get_mut(cid) {
+                Some(slot) if slot.busy => {
+                    slot.busy = false;
+                    let token = slot.token;
+                    self.free.push(cqe.cid);
+                    each(IoCompletion {
+                        token,
+                        cid: cqe.cid,
+                        status: Status::from_completion(cqe.status),
+                        result: cqe.dw0,
+                    });
+                }
+                _ => self.spurious += 1,
+            }
+        }
+        if reaped > 0 {
+            self.pci
+                .bar0()
+                .write32(self.cq_doorbell, u32::from(self.cq_head));
+        }
+        reaped
+    }
+
+    /// Opcode of the command in flight under `cid`, if any.
+    pub fn opcode_of(&self, cid: u16) -> Option<u8> {
+        self.slots
+            .get(usize::from(cid))
+            .filter(|s| s.busy)
+            .map(|s| s.opcode)
+    }
+}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            if let Err(e) = owner.delete_io_queues(self.qid) {
+                eprintln!("warning: {e}; leaking the memory of queue {}", self.qid);
+                return;
+            }
+        }
+        // SAFETY: the device no longer uses the rings (queues deleted, or for the admin queue
+        // the controller disabled before the pair is dropped); `memory` is not used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.memory) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_fits_rings_and_lists() {
+        // QEMU: MDTS 7 with 4 KiB pages = 512 KiB transfers.
+        let l = Layout::new(256, 4096, 512 << 10);
+        assert_eq!(l.cq_offset, 16384);
+        assert_eq!(l.lists_offset, 16384 + 4096);
+        assert_eq!(l.list_pages, 1);
+        assert_eq!(l.total, 16384 + 4096 + 255 * 4096);
+        // 2 MiB transfers need 513 entries: two chained list pages.
+        assert_eq!(Layout::new(64, 4096, 2 << 20).list_pages, 2);
+    }
+}

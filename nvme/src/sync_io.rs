@@ -1,0 +1,75 @@
+//! Running single commands to completion: for tools and tests, not the data path.
+
+use std::time::{Duration, Instant};
+
+use crate::queue::{IoCompletion, QueuePair, SubmitError};
+use crate::spec::Status;
+use crate::{Error, Result};
+
+/// How long one synchronous I/O may take before it is reported as timed out.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Submits with `submit`, rings, and polls until that command completes. A non-success
+/// status is returned as [`Error::Command`] naming `what`.
+pub fn run(
+    device: &str,
+    qp: &mut QueuePair,
+    what: &str,
+    submit: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
+) -> Result<IoCompletion> {
+    let c = run_status(device, qp, what, submit)?;
+    if !c.status.is_success() {
+        return Err(Error::Command {
+            device: device.to_string(),
+            queue: qp.qid(),
+            cid: c.cid,
+            opcode: c.token as u8,
+            what: what.to_string(),
+            status: c.status,
+        });
+    }
+    Ok(c)
+}
+
+/// Like [`run`], but returns the completion whatever its status.
+pub fn run_status(
+    device: &str,
+    qp: &mut QueuePair,
+    what: &str,
+    submit: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
+) -> Result<IoCompletion> {
+    let cid = submit(qp).map_err(|e| Error::Device {
+        device: device.to_string(),
+        what: format!("queue {}: cannot submit {what}: {e}", qp.qid()),
+    })?;
+    let opcode = qp.opcode_of(cid).unwrap_or(0);
+    qp.ring();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut done: Option<IoCompletion> = None;
+    loop {
+        qp.poll(usize::MAX, |c| {
+            if c.cid == cid {
+                done = Some(c);
+            }
+        });
+        if let Some(mut c) = done {
+            c.token = u64::from(opcode);
+            return Ok(c);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                device: device.to_string(),
+                what: format!("queue {}, cid {cid}: {what}", qp.qid()),
+            });
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// The status of a command error, if it is one.
+pub fn status_of(e: &Error) -> Option<Status> {
+    match e {
+        Error::Command { status, .. } => Some(*status),
+        _ => None,
+    }
+}
