@@ -98,12 +98,20 @@ pub fn ensure_kernel() -> Result<GuestKernel> {
     fs::create_dir_all(&download)?;
     // apt's sandbox user must be able to write here, or apt warns and falls back to root.
     let _ = Command::new("chmod").arg("777").arg(&download).status();
-    run_capture(
-        Command::new("apt-get")
-            .args(["download", &format!("linux-image-{release}")])
-            .current_dir(&download),
-        "apt-get download of the guest kernel",
-    )?;
+    let fetch = || {
+        run_capture(
+            Command::new("apt-get")
+                .args(["download", &format!("linux-image-{release}")])
+                .current_dir(&download),
+            "apt-get download of the guest kernel",
+        )
+    };
+    if fetch().is_err() {
+        // Stale package lists name a version the mirror no longer has: refresh once.
+        eprintln!("lab: apt-get download failed; running apt-get update and trying again");
+        run_capture(Command::new("apt-get").arg("update"), "apt-get update")?;
+        fetch()?;
+    }
     let deb = fs::read_dir(&download)?
         .flatten()
         .map(|e| e.path())
