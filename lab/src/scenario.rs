@@ -291,3 +291,41 @@ fn md5_hex(data: &[u8]) -> String {
         })
         .unwrap_or_default()
 }
+
+/// Script of the NVMe benchmark: our driver's `perf` at QD1 and QD32, then fio with io_uring
+/// on the guest kernel's nvme driver at the same depths, on the same controller and vCPUs.
+pub fn nvme_bench_script(seconds: u32) -> String {
+    let fio = |qd: u32| {
+        format!(
+            "fio --name=qd{qd} --filename=/dev/nvme0n1 --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth={qd} --numjobs=1 --runtime={seconds} --time_based --ramp_time=1 --norandommap --randrepeat=0 --output-format=json"
+        )
+    };
+    format!(
+        r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci && modprobe nvme || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+step "warm-up: 2 s of 512 KiB random writes"
+vfblk-nvme perf $bdf --rw randwrite --bs 524288 --qd 4 --seconds 2 --warmup-ms 0 >/dev/null || fail "fill"
+for qd in 1 32; do
+    step "vfblk-nvme perf randread 4 KiB QD$qd, {seconds} s"
+    vfblk-nvme perf $bdf --rw randread --bs 4096 --qd $qd --seconds {seconds} --json > /tmp/perf.json || fail "perf QD$qd"
+    record "{{\"ours_qd$qd\": $(cat /tmp/perf.json)}}"
+done
+vfblk-nvme bind-kernel $bdf || fail "bind-kernel"
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do [ -b /dev/nvme0n1 ] && break; sleep 0.25; done
+step "fio io_uring randread 4 KiB QD1, {seconds} s"
+{fio1} > /tmp/fio.json || fail "fio QD1"
+record "{{\"fio_qd1\": $(tr -d '\n' < /tmp/fio.json)}}"
+step "fio io_uring randread 4 KiB QD32, {seconds} s"
+{fio32} > /tmp/fio.json || fail "fio QD32"
+record "{{\"fio_qd32\": $(tr -d '\n' < /tmp/fio.json)}}"
+record "{{\"fio_command\": \"{fio_cmd}\"}}"
+"#,
+        fio1 = fio(1),
+        fio32 = fio(32),
+        fio_cmd = fio(0)
+            .replace("--iodepth=0", "--iodepth=QD")
+            .replace("--name=qd0", "--name=qdQD"),
+    )
+}

@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod mmio;
 pub mod pci;
+pub mod perf;
 pub mod probe;
 pub mod prp;
 pub mod queue;

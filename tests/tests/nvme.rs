@@ -23,6 +23,9 @@ bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
 vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
 vfblk-nvme identify $bdf --json > /tmp/id.json || fail "identify"
 record "{{\"identify\": $(cat /tmp/id.json)}}"
+step "steady-state I/O: 2 s of 4 KiB random reads and writes at QD16 (before the patterns, which it would overwrite), counting heap allocations"
+vfblk-nvme perf $bdf --rw randrw --read-percent 50 --bs 4096 --qd 16 --seconds 2 --warmup-ms 500 --json > /tmp/perf.json || fail "perf"
+record "{{\"perf\": $(cat /tmp/perf.json)}}"
 step "random patterns on {QUEUES} queue pairs / threads"
 vfblk-nvme verify $bdf --queues {QUEUES} --ops 300 --region-blocks {REGION_BLOCKS} --seed {SEED} --json > /tmp/v.json || fail "verify"
 record "{{\"verify\": $(cat /tmp/v.json)}}"
@@ -105,6 +108,15 @@ fn driver_against_emulated_controller() {
     );
     assert_eq!(k["zeroes"], true, "{k}");
     assert_eq!(k["device_bytes"], (IMAGE_MIB << 20) / 512, "{k}");
+
+    // 5. No heap allocation per I/O in steady state (the tool's counting global allocator).
+    let p = run.record("perf").expect("perf record");
+    assert!(p["ios"].as_u64().unwrap() > 1000, "{p}");
+    assert!(
+        p["reads"].as_u64().unwrap() > 0 && p["reads"] != p["ios"],
+        "mixed reads and writes: {p}"
+    );
+    assert_eq!(p["allocations"], 0, "heap allocations in the I/O loop: {p}");
 
     // 3. Write Zeroes and deallocate read back as zeros (the device reports DLFEAT = 1);
     //    bad LBAs and namespaces come back as their NVMe statuses.

@@ -18,6 +18,9 @@ commands:
   shell [--fio] [--nested]   boot the lab guest with a shell on this terminal (Ctrl-A X quits)
   nested-stats [--boots N] [--json]
                              boot N second-level guests inside the lab guest, report boot times
+  bench-nvme [--seconds N] [--json]
+                             our driver's perf vs fio (io_uring, kernel nvme driver),
+                             4 KiB randread at QD1 and QD32, same guest and controller
   nested [--boots N] [--verbose]
                              (inside the lab guest) boot second-level guests under KVM
 ";
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         "shell" => shell(args),
         "nested" => nested(args),
         "nested-stats" => nested_stats(args),
+        "bench-nvme" => bench_nvme(args),
         other => Err(LabError::Setup(format!(
             "unknown command {other:?}\n{USAGE}"
         ))),
@@ -358,6 +362,95 @@ fn nested_stats(mut args: Args) -> Result<()> {
             boots_seen.len(),
             run.log.display()
         )));
+    }
+    Ok(())
+}
+
+/// fio's figures for one queue depth: IOPS, p50, p99, p99.9 (µs).
+type FioFigures = (f64, f64, f64, f64);
+
+fn bench_nvme(mut args: Args) -> Result<()> {
+    let seconds = args.number("--seconds", 10)?;
+    let json = args.flag("--json");
+    args.finish()?;
+    let lab = Lab::new("bench-nvme")?;
+    let initrd = lab.l2_image(
+        &scenario::nvme_bench_script(seconds),
+        Contents {
+            fio: true,
+            nested: false,
+        },
+    )?;
+    let disk = lab.disk("nvme.img", 1024)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    let retried = vm::run_retrying_stalls(
+        &spec,
+        l2_limits(Duration::from_secs(u64::from(seconds) * 6 + 180)),
+        2,
+        &lab.dir.join("console.log"),
+        Echo::Steps,
+    )?;
+    let run = &retried.run;
+    run.expect_success("NVMe benchmark")?;
+    let ours = |qd: u32| {
+        run.record(&format!("ours_qd{qd}"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let fio = |qd: u32| {
+        let job = run
+            .record(&format!("fio_qd{qd}"))
+            .map(|f| f["jobs"][0]["read"].clone())
+            .unwrap_or_default();
+        let pct = |p: &str| job["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+        (
+            job["iops"].as_f64().unwrap_or(f64::NAN),
+            pct("50.000000"),
+            pct("99.000000"),
+            pct("99.900000"),
+        )
+    };
+    let rows: Vec<(u32, serde_json::Value, FioFigures)> =
+        [1, 32].iter().map(|&qd| (qd, ours(qd), fio(qd))).collect();
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(qd, o, f)| serde_json::json!({"qd": qd, "ours": o, "fio_io_uring": {"iops": f.0, "p50_us": f.1, "p99_us": f.2, "p999_us": f.3}}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"seconds": seconds, "rows": out, "fio_command": run.record("fio_command")})
+        );
+        return Ok(());
+    }
+    println!("4 KiB random read, {seconds} s each, one thread/job, same TCG guest (2 vCPUs) and emulated controller:");
+    println!(
+        "  QD  {:<28} {:>9} {:>9} {:>9} {:>9}  ratio",
+        "", "IOPS", "p50 us", "p99 us", "p99.9 us"
+    );
+    for (qd, o, f) in &rows {
+        let oi = o["iops"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {qd:>2}  {:<28} {:>9.0} {:>9.1} {:>9.1} {:>9.1}",
+            "vfblk-nvme perf (VFIO, polled)",
+            oi,
+            o["lat_p50_us"].as_f64().unwrap_or(f64::NAN),
+            o["lat_p99_us"].as_f64().unwrap_or(f64::NAN),
+            o["lat_p999_us"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!(
+            "  {qd:>2}  {:<28} {:>9.0} {:>9.1} {:>9.1} {:>9.1}  {:.2}x",
+            "fio io_uring (kernel nvme)",
+            f.0,
+            f.1,
+            f.2,
+            f.3,
+            oi / f.0
+        );
+        println!(
+            "      heap allocations while measuring (ours): {}",
+            o["allocations"]
+        );
     }
     Ok(())
 }

@@ -2,11 +2,15 @@
 //! vfio-pci and back, probe, identify, read/write LBA ranges, flush, write zeroes,
 //! deallocate, and a data-integrity exercise.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use vfblk_nvme::controller::{Controller, Options};
 use vfblk_nvme::pci::{PciAddress, SysfsPciDevice, CLASS_NVME};
+use vfblk_nvme::perf::{self, PerfOptions, Workload};
 use vfblk_nvme::prp::Segment;
 use vfblk_nvme::verify::{self, VerifyOptions};
 use vfblk_nvme::{probe, sync_io, Error, Result};
@@ -27,11 +31,43 @@ commands:
   verify ADDR [--seed N] [--queues N] [--ops N] [--region-blocks N] [--nsid N] [--json]
                                     random writes + read-backs on several queues/threads,
                                     then every block of the area written with its pattern
+  perf ADDR [--rw randread|randwrite|randrw] [--read-percent N] [--bs BYTES] [--qd N]
+           [--queues N] [--seconds N] [--warmup-ms N] [--nsid N] [--json]
+                                    keep QD commands in flight per queue pair (one thread
+                                    each); IOPS, MB/s, latency percentiles, heap allocations
   check-pattern PATH --blocks N --block-size N [--seed N] [--first-lba N] [--skip N] [--json]
                                     check a device or file (read with ordinary I/O) holds
                                     the patterns `verify` wrote for LBAs from first-lba,
                                     starting `skip` blocks into PATH (default: first-lba)
 ";
+
+/// Counts heap allocations, so `perf` can show the I/O loop makes none.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only adds a counter.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Positional words and `--name value` options; `--json` is a flag.
 struct Cli {
@@ -107,6 +143,7 @@ fn main() -> ExitCode {
             "deallocate" => simple(&cli, "deallocate"),
             "verify" => run_verify(&cli),
             "check-pattern" => check_pattern(&cli),
+            "perf" => run_perf(&cli),
             "--help" | "-h" | "help" => {
                 print!("{USAGE}");
                 Ok(())
@@ -488,6 +525,68 @@ fn check_pattern(cli: &Cli) -> Result<()> {
         println!(
             "{path}: blocks {first}..{} hold seed {seed}'s pattern",
             first + blocks
+        );
+    }
+    Ok(())
+}
+
+fn run_perf(cli: &Cli) -> Result<()> {
+    let workload = match cli
+        .options
+        .get("rw")
+        .map(String::as_str)
+        .unwrap_or("randread")
+    {
+        "randread" => Workload::RandRead,
+        "randwrite" => Workload::RandWrite,
+        "randrw" => Workload::RandRw {
+            read_percent: cli.num("read-percent", Some(70))?.min(100) as u8,
+        },
+        other => {
+            return Err(Error::BadArgument(format!(
+                "--rw {other}: randread, randwrite or randrw"
+            )))
+        }
+    };
+    let opts = PerfOptions {
+        nsid: cli.num("nsid", Some(1))? as u32,
+        workload,
+        block_size: cli.num("bs", Some(4096))? as usize,
+        queue_depth: cli.num("qd", Some(32))? as u16,
+        queues: cli.num("queues", Some(1))? as u16,
+        duration: Duration::from_secs(cli.num("seconds", Some(10))?),
+        warmup: Duration::from_millis(cli.num("warmup-ms", Some(1000))?),
+    };
+    let ctrl = Controller::open(
+        cli.address()?,
+        &Options {
+            io_queues: opts.queues,
+        },
+    )?;
+    if ctrl.io_queues_granted() < opts.queues {
+        return Err(Error::BadArgument(format!(
+            "{}: {} queues asked, {} granted",
+            ctrl.name(),
+            opts.queues,
+            ctrl.io_queues_granted()
+        )));
+    }
+    let counter = || ALLOCATIONS.load(Ordering::Relaxed);
+    let r = perf::perf(&ctrl, &opts, &counter)?;
+    let rw = cli
+        .options
+        .get("rw")
+        .cloned()
+        .unwrap_or_else(|| "randread".into());
+    if cli.json {
+        println!(
+            "{{\"rw\":\"{rw}\",\"bs\":{},\"qd\":{},\"queues\":{},\"seconds\":{:.3},\"ios\":{},\"reads\":{},\"iops\":{:.1},\"mb_per_s\":{:.3},\"lat_mean_us\":{:.2},\"lat_p50_us\":{:.2},\"lat_p99_us\":{:.2},\"lat_p999_us\":{:.2},\"allocations\":{}}}",
+            opts.block_size, opts.queue_depth, opts.queues, r.seconds, r.ios, r.reads, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations
+        );
+    } else {
+        println!(
+            "{} {rw} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s; latency mean {:.1} us, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us; {} heap allocations while measuring",
+            ctrl.name(), opts.block_size, opts.queue_depth, opts.queues, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations
         );
     }
     Ok(())

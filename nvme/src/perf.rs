@@ -1,0 +1,382 @@
+//! A load generator in the manner of SPDK's `perf`: each thread owns a queue pair and keeps
+//! `queue_depth` commands in flight, ringing the doorbell once per batch; latencies go to a
+//! fixed-size histogram, so the measured loop allocates nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::controller::Controller;
+use crate::prp::Segment;
+use crate::queue::{IoCompletion, SubmitError};
+use crate::verify::mix;
+use crate::{Error, Result};
+
+/// The access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Random reads and writes, `read_percent` of them reads.
+    RandRw {
+        /// Share of reads, 0..=100.
+        read_percent: u8,
+    },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct PerfOptions {
+    /// Namespace.
+    pub nsid: u32,
+    /// Access pattern.
+    pub workload: Workload,
+    /// Bytes per I/O (a multiple of the block size, at most MDTS).
+    pub block_size: usize,
+    /// Commands in flight per queue pair.
+    pub queue_depth: u16,
+    /// Queue pairs, one thread each.
+    pub queues: u16,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time first (caches, allocations, queue setup effects).
+    pub warmup: Duration,
+}
+
+/// Latency histogram: 64 power-of-two ranges of nanoseconds, each split in 16 linear buckets.
+#[derive(Clone)]
+pub struct Histogram {
+    buckets: [u64; 64 * 16],
+    count: u64,
+    sum_ns: u128,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: [0; 64 * 16],
+            count: 0,
+            sum_ns: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn index(ns: u64) -> usize {
+        if ns < 16 {
+            return ns as usize;
+        }
+        let msb = 63 - ns.leading_zeros() as usize; // >= 4
+        let sub = ((ns >> (msb - 4)) & 15) as usize;
+        (msb - 3) * 16 + sub
+    }
+
+    fn upper_bound(index: usize) -> u64 {
+        if index < 16 {
+            return index as u64;
+        }
+        let msb = index / 16 + 3;
+        let sub = (index % 16) as u64;
+        let bound = ((16 + u128::from(sub) + 1) << (msb - 4)) - 1;
+        bound.min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Records one latency.
+    pub fn record(&mut self, ns: u64) {
+        self.buckets[Self::index(ns)] += 1;
+        self.count += 1;
+        self.sum_ns += u128::from(ns);
+    }
+
+    /// Adds another histogram.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Mean in nanoseconds.
+    pub fn mean_ns(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum_ns as f64 / self.count as f64
+        }
+    }
+
+    /// The latency at quantile `q` (0..1), as the upper bound of its bucket (within 1/16).
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Self::upper_bound(i);
+            }
+        }
+        0
+    }
+}
+
+/// What [`perf`] measured.
+#[derive(Debug, Clone)]
+pub struct PerfReport {
+    /// I/Os completed in the measured time.
+    pub ios: u64,
+    /// Of which reads.
+    pub reads: u64,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// I/Os per second.
+    pub iops: f64,
+    /// Megabytes (10^6) per second.
+    pub mb_per_s: f64,
+    /// Mean latency, microseconds.
+    pub mean_us: f64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// 99.9th percentile, microseconds.
+    pub p999_us: f64,
+    /// Heap allocations during the measured time (by the caller's counter).
+    pub allocations: u64,
+}
+
+/// Where the workers are: the main thread samples the allocation counter when all have
+/// started measuring and again when all have stopped.
+#[derive(Default)]
+struct Phase {
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    sampled: AtomicBool,
+    failed: AtomicBool,
+}
+
+/// Marks the run failed if a worker leaves early (error or panic).
+struct FailGuard<'a>(&'a Phase);
+
+impl Drop for FailGuard<'_> {
+    fn drop(&mut self) {
+        self.0.failed.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Worker {
+    hist: Histogram,
+    reads: u64,
+}
+
+/// Runs the workload; `allocations` reads a process-wide allocation counter (the binary's
+/// global allocator), sampled when measurement starts and ends.
+pub fn perf(
+    ctrl: &Controller,
+    opts: &PerfOptions,
+    allocations: &(dyn Fn() -> u64 + Sync),
+) -> Result<PerfReport> {
+    let ns = ctrl.namespace(opts.nsid)?.clone();
+    let block = ns.info.block_size() as usize;
+    if opts.block_size == 0 || opts.block_size % block != 0 || opts.block_size > ctrl.max_transfer()
+    {
+        return Err(Error::BadArgument(format!(
+            "{}: I/O size {} must be a multiple of {block} and at most {}",
+            ctrl.name(),
+            opts.block_size,
+            ctrl.max_transfer()
+        )));
+    }
+    let blocks_per_io = (opts.block_size / block) as u32;
+    let slots = ns.info.nsze / u64::from(blocks_per_io);
+    let entries = (opts.queue_depth + 1).max(2);
+    let phase = Phase::default();
+    let (start_allocs, end_allocs, workers) =
+        std::thread::scope(|scope| -> Result<(u64, u64, Vec<Worker>)> {
+            let mut handles = Vec::new();
+            for q in 0..opts.queues {
+                let (phase, ns) = (&phase, &ns);
+                handles.push(scope.spawn(move || -> Result<Worker> {
+                    // Whatever way this worker ends, the others and the main thread stop waiting.
+                    let _guard = FailGuard(phase);
+                    let mut qp = ctrl.create_io_queue_pair(entries)?;
+                    let depth = usize::from(opts.queue_depth).min(qp.capacity());
+                    let buffers = ctrl.dma_buffer(depth * opts.block_size)?;
+                    let mut issued_at = vec![Instant::now(); depth];
+                    let mut slot_is_read = vec![false; depth];
+                    let mut rng = mix(0x9e37 ^ u64::from(q));
+                    let mut worker = Worker {
+                        hist: Histogram::default(),
+                        reads: 0,
+                    };
+                    let submit = |qp: &mut crate::queue::QueuePair,
+                                  slot: usize,
+                                  rng: &mut u64,
+                                  issued_at: &mut [Instant]|
+                     -> std::result::Result<bool, SubmitError> {
+                        *rng = mix(*rng);
+                        let lba = (*rng % slots) * u64::from(blocks_per_io);
+                        let is_read = match opts.workload {
+                            Workload::RandRead => true,
+                            Workload::RandWrite => false,
+                            Workload::RandRw { read_percent } => {
+                                (*rng >> 56) % 100 < u64::from(read_percent)
+                            }
+                        };
+                        let seg = [Segment {
+                            iova: buffers.iova() + (slot * opts.block_size) as u64,
+                            len: opts.block_size as u32,
+                        }];
+                        issued_at[slot] = Instant::now();
+                        let shift = ns.info.lba_shift;
+                        if is_read {
+                            qp.read(ns.nsid, lba, blocks_per_io, shift, &seg, slot as u64)?;
+                        } else {
+                            qp.write(ns.nsid, lba, blocks_per_io, shift, &seg, slot as u64)?;
+                        }
+                        Ok(is_read)
+                    };
+                    let fail = |e: SubmitError, qid: u16| Error::Device {
+                        device: ctrl.name().to_string(),
+                        what: format!("queue {qid}: submit: {e}"),
+                    };
+                    for (slot, is_read) in slot_is_read.iter_mut().enumerate() {
+                        *is_read = submit(&mut qp, slot, &mut rng, &mut issued_at)
+                            .map_err(|e| fail(e, qp.qid()))?;
+                    }
+                    qp.ring();
+                    let warm_until = Instant::now() + opts.warmup;
+                    let mut measuring = false;
+                    let mut end = warm_until + opts.duration;
+                    let mut error: Option<IoCompletion> = None;
+                    let mut resubmit = [0usize; 1024];
+                    loop {
+                        let now = Instant::now();
+                        if !measuring && now >= warm_until {
+                            phase.started.fetch_add(1, Ordering::SeqCst);
+                            measuring = true;
+                            worker.hist = Histogram::default();
+                            worker.reads = 0;
+                            end = Instant::now() + opts.duration;
+                        }
+                        if measuring && now >= end {
+                            break;
+                        }
+                        let mut n = 0;
+                        qp.poll(resubmit.len(), |c| {
+                            if !c.status.is_success() && error.is_none() {
+                                error = Some(c);
+                            }
+                            let slot = c.token as usize;
+                            worker
+                                .hist
+                                .record(issued_at[slot].elapsed().as_nanos() as u64);
+                            worker.reads += u64::from(slot_is_read[slot]);
+                            resubmit[n] = slot;
+                            n += 1;
+                        });
+                        if let Some(c) = error {
+                            return Err(Error::Device {
+                                device: ctrl.name().to_string(),
+                                what: format!("queue {}: cid {}: {}", qp.qid(), c.cid, c.status),
+                            });
+                        }
+                        for &slot in &resubmit[..n] {
+                            slot_is_read[slot] = submit(&mut qp, slot, &mut rng, &mut issued_at)
+                                .map_err(|e| fail(e, qp.qid()))?;
+                        }
+                        qp.ring();
+                    }
+                    phase.finished.fetch_add(1, Ordering::SeqCst);
+                    // Stay out of the allocator until the main thread has read the counter.
+                    while !phase.sampled.load(Ordering::SeqCst)
+                        && !phase.failed.load(Ordering::SeqCst)
+                    {
+                        std::thread::yield_now();
+                    }
+                    // Drain so the queue pair is deleted idle.
+                    let drain_deadline = Instant::now() + Duration::from_secs(10);
+                    while qp.in_flight() > 0 && Instant::now() < drain_deadline {
+                        qp.poll(usize::MAX, |_| {});
+                    }
+                    std::mem::forget(_guard);
+                    Ok(worker)
+                }));
+            }
+            let all = u32::from(opts.queues) as usize;
+            let wait_for = |counter: &AtomicUsize| {
+                while counter.load(Ordering::SeqCst) < all && !phase.failed.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            };
+            wait_for(&phase.started);
+            let start = allocations();
+            wait_for(&phase.finished);
+            let end = allocations();
+            phase.sampled.store(true, Ordering::SeqCst);
+            let mut workers = Vec::new();
+            for h in handles {
+                workers.push(
+                    h.join()
+                        .map_err(|_| Error::BadArgument("perf worker panicked".into()))??,
+                );
+            }
+            Ok((start, end, workers))
+        })?;
+    let mut hist = Histogram::default();
+    let mut reads = 0;
+    for w in &workers {
+        hist.merge(&w.hist);
+        reads += w.reads;
+    }
+    let seconds = opts.duration.as_secs_f64();
+    let ios = hist.count();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Ok(PerfReport {
+        ios,
+        reads,
+        seconds,
+        iops: ios as f64 / seconds,
+        mb_per_s: (ios as f64 * opts.block_size as f64) / seconds / 1e6,
+        mean_us: hist.mean_ns() / 1000.0,
+        p50_us: us(hist.quantile_ns(0.5)),
+        p99_us: us(hist.quantile_ns(0.99)),
+        p999_us: us(hist.quantile_ns(0.999)),
+        allocations: end_allocs - start_allocs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_within_a_sixteenth() {
+        let mut h = Histogram::default();
+        for ns in 1..=100_000u64 {
+            h.record(ns);
+        }
+        for (q, exact) in [(0.5, 50_000.0), (0.99, 99_000.0), (0.999, 99_900.0)] {
+            let got = h.quantile_ns(q) as f64;
+            assert!(
+                got >= exact && got <= exact * (1.0 + 1.0 / 16.0),
+                "q{q}: {got} vs {exact}"
+            );
+        }
+        assert!((h.mean_ns() - 50_000.5).abs() < 1.0);
+        // Every value falls in a bucket whose upper bound is at least the value.
+        for ns in [0u64, 15, 16, 17, 31, 32, 1000, 1 << 40, u64::MAX] {
+            let i = Histogram::index(ns);
+            assert!(Histogram::upper_bound(i) >= ns, "{ns}");
+            if i > 0 {
+                assert!(Histogram::upper_bound(i - 1) < ns, "{ns}");
+            }
+        }
+    }
+}
