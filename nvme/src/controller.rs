@@ -62,6 +62,10 @@ pub(crate) struct Shared {
     /// Queue ids in use (index = qid).
     pub qids: Mutex<Vec<bool>>,
     scratch: Mutex<DmaBuffer>,
+    /// Bumped by every reset; queue pairs compare it with the one they were created in.
+    pub generation: std::sync::atomic::AtomicU64,
+    /// CC as configured at enable, for re-enabling after a reset.
+    cc: u32,
 }
 
 /// An NVMe controller brought up through VFIO. I/O queue pairs created from it may be moved
@@ -185,6 +189,8 @@ impl Controller {
             max_transfer: DEFAULT_MAX_TRANSFER,
             qids: Mutex::new(Vec::new()),
             scratch: Mutex::new(scratch),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            cc,
         };
         shared.identify =
             IdentifyController::parse(&shared.identify_page(Command::identify(1, 0, 0))?);
@@ -259,6 +265,21 @@ impl Controller {
         self.shared.io_queues_granted
     }
 
+    /// Resets the controller (CC.EN 1 -> 0 -> 1) and brings it back with the same settings.
+    /// Commands in flight on any queue pair complete as aborted
+    /// ([`crate::spec::Status::ABORTED_BY_RESET`]) and the queue pairs recreate their queues
+    /// on their next submit, ring or poll; callers resubmit what was aborted.
+    pub fn reset(&self) -> Result<()> {
+        self.shared.reset()
+    }
+
+    /// Resets done so far.
+    pub fn resets(&self) -> u64 {
+        self.shared
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Largest transfer per command in bytes (MDTS, capped at 2 MiB).
     pub fn max_transfer(&self) -> usize {
         self.shared.max_transfer
@@ -315,17 +336,8 @@ impl Controller {
                 s.cap.doorbell_stride(),
                 s.max_transfer as u64,
             );
-            s.admin_command(
-                Command::create_cq(qid, entries, qp.cq_iova()),
-                "Create I/O CQ",
-            )?;
-            if let Err(e) = s.admin_command(
-                Command::create_sq(qid, entries, qp.sq_iova(), qid),
-                "Create I/O SQ",
-            ) {
-                let _ = s.admin_command(Command::delete_cq(qid), "Delete I/O CQ");
-                return Err(e);
-            }
+            let generation = s.create_io_queues(qid, entries, qp.cq_iova(), qp.sq_iova())?;
+            qp.set_generation(generation);
             qp.owner = Some(self.shared.clone());
             Ok(qp)
         })();
@@ -343,6 +355,10 @@ impl Shared {
             .admin
             .lock()
             .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        self.admin_command_locked(&mut admin, cmd, what)
+    }
+
+    fn admin_command_locked(&self, admin: &mut QueuePair, cmd: Command, what: &str) -> Result<u32> {
         let cid = admin.submit(cmd, 0).map_err(|e| Error::Device {
             device: self.name.clone(),
             what: format!("admin {what}: {e}"),
@@ -376,6 +392,69 @@ impl Shared {
         Ok(c.result)
     }
 
+    /// Creates the CQ and SQ of I/O queue `qid`; returns the controller generation they
+    /// belong to (read under the admin lock, so a reset cannot slip in between).
+    pub fn create_io_queues(
+        &self,
+        qid: u16,
+        entries: u16,
+        cq_iova: u64,
+        sq_iova: u64,
+    ) -> Result<u64> {
+        let mut admin = self
+            .admin
+            .lock()
+            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        self.admin_command_locked(
+            &mut admin,
+            Command::create_cq(qid, entries, cq_iova),
+            "Create I/O CQ",
+        )?;
+        if let Err(e) = self.admin_command_locked(
+            &mut admin,
+            Command::create_sq(qid, entries, sq_iova, qid),
+            "Create I/O SQ",
+        ) {
+            let _ = self.admin_command_locked(&mut admin, Command::delete_cq(qid), "Delete I/O CQ");
+            return Err(e);
+        }
+        Ok(generation)
+    }
+
+    /// Disables and re-enables the controller with a fresh admin queue, and asks for the
+    /// same number of I/O queues, all under the admin lock. I/O queue pairs notice (the
+    /// generation) and recreate their queues themselves, reporting what was in flight as
+    /// aborted.
+    pub fn reset(&self) -> Result<()> {
+        let mut admin = self
+            .admin
+            .lock()
+            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let regs = Registers::new(self.pci.bar0());
+        let bar = self.pci.bar0();
+        let timeout = Duration::from_millis(self.cap.timeout_ms().max(500));
+        bar.write32(offset::CC, regs.cc() & !1);
+        wait_ready(&regs, &self.name, false, timeout)?;
+        admin.reset_rings();
+        admin.abandon_all();
+        let entries = u32::from(admin.entries());
+        bar.write32(offset::AQA, ((entries - 1) << 16) | (entries - 1));
+        bar.write64(offset::ASQ, admin.sq_iova());
+        bar.write64(offset::ACQ, admin.cq_iova());
+        bar.write32(offset::CC, self.cc);
+        wait_ready(&regs, &self.name, true, timeout)?;
+        let wanted = self.io_queues_granted.max(1);
+        self.admin_command_locked(
+            &mut admin,
+            Command::set_number_of_queues(wanted, wanted),
+            "Set Features (Number of Queues) after reset",
+        )?;
+        Ok(())
+    }
+
     fn identify_page(&self, mut cmd: Command) -> Result<[u8; 4096]> {
         let scratch = self
             .scratch
@@ -398,7 +477,7 @@ impl Shared {
         Ok(())
     }
 
-    fn release_qid(&self, qid: u16) {
+    pub(crate) fn release_qid(&self, qid: u16) {
         if let Ok(mut qids) = self.qids.lock() {
             if let Some(q) = qids.get_mut(usize::from(qid)) {
                 *q = false;

@@ -11,6 +11,12 @@ use crate::queue::{IoCompletion, SubmitError};
 use crate::verify::mix;
 use crate::{Error, Result};
 
+/// Period of the queue pairs' timeout clock.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A command in flight for this many ticks (30 s) has timed out.
+const TIMEOUT_TICKS: u32 = 300;
+
 /// The access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {

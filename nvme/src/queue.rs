@@ -38,6 +38,8 @@ pub enum SubmitError {
     },
     /// Block count 0 or above 65536, or too many DSM ranges.
     BadCount,
+    /// The controller was reset and this queue could not be created again.
+    QueueLost,
 }
 
 impl std::fmt::Display for SubmitError {
@@ -58,6 +60,7 @@ impl std::fmt::Display for SubmitError {
                 )
             }
             SubmitError::BadCount => f.write_str("block or range count out of bounds"),
+            SubmitError::QueueLost => f.write_str("queue lost in a controller reset"),
         }
     }
 }
@@ -80,6 +83,31 @@ struct Slot {
     token: u64,
     opcode: u8,
     busy: bool,
+    /// The queue's tick count when the command was submitted.
+    tick: u32,
+}
+
+/// A command that has been in flight for long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StuckCommand {
+    /// Command id.
+    pub cid: u16,
+    /// The caller's token.
+    pub token: u64,
+    /// Opcode.
+    pub opcode: u8,
+    /// Ticks since submission.
+    pub age: u32,
+}
+
+/// The busy slot submitted the most ticks ago, and its age.
+fn oldest(slots: &[Slot], now: u32) -> Option<(usize, u32)> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.busy)
+        .map(|(i, s)| (i, now.wrapping_sub(s.tick)))
+        .max_by_key(|&(_, age)| age)
 }
 
 /// Layout of a queue pair's DMA memory: SQ ring, CQ ring, then the per-slot PRP list pages.
@@ -134,6 +162,14 @@ pub struct QueuePair {
     layout: Layout,
     max_transfer: u64,
     spurious: u64,
+    /// Controller generation the queues were created in; a reset bumps the controller's.
+    generation: u64,
+    /// Commands in flight at a reset, reported as aborted by the next poll.
+    aborted: Vec<u16>,
+    lost: bool,
+    /// Coarse clock for command timeouts, advanced by [`QueuePair::tick`]; submissions
+    /// stamp it instead of reading a clock per I/O.
+    ticks: u32,
     pci: Arc<VfioPci>,
     /// The controller, for deleting the queues on drop; `None` for the admin queue.
     pub(crate) owner: Option<Arc<Shared>>,
@@ -185,9 +221,69 @@ impl QueuePair {
             layout,
             max_transfer,
             spurious: 0,
+            generation: 0,
+            aborted: Vec::with_capacity(slots),
+            lost: false,
+            ticks: 0,
             pci,
             owner: None,
             memory: std::mem::ManuallyDrop::new(memory),
+        }
+    }
+
+    /// Empties both rings (after the controller forgot them in a reset).
+    pub(crate) fn reset_rings(&mut self) {
+        self.sq_tail = 0;
+        self.sq_head = 0;
+        self.rung_tail = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        let cq_bytes = usize::from(self.entries) * 16;
+        // SAFETY: the CQ ring lies within our memory; the device does not own it now.
+        unsafe { std::ptr::write_bytes(self.cq as *mut u8, 0, cq_bytes) };
+    }
+
+    /// Forgets every command in flight (admin queue after a reset: nobody waits for them).
+    pub(crate) fn abandon_all(&mut self) {
+        for (cid, slot) in self.slots.iter_mut().enumerate() {
+            if slot.busy {
+                slot.busy = false;
+                self.free.push(cid as u16);
+            }
+        }
+    }
+
+    pub(crate) fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// If the controller was reset since this pair's queues were created, creates them
+    /// again and queues every command that was in flight for an aborted completion. One
+    /// atomic load when nothing happened.
+    fn follow_resets(&mut self) {
+        let Some(owner) = &self.owner else { return };
+        let now = owner.generation.load(Ordering::Acquire);
+        if now == self.generation {
+            return;
+        }
+        let owner = owner.clone();
+        for (cid, slot) in self.slots.iter().enumerate() {
+            if slot.busy && !self.aborted.contains(&(cid as u16)) {
+                self.aborted.push(cid as u16);
+            }
+        }
+        self.reset_rings();
+        match owner.create_io_queues(self.qid, self.entries, self.cq_iova(), self.sq_iova()) {
+            Ok(generation) => {
+                self.generation = generation;
+                self.lost = false;
+            }
+            Err(e) => {
+                if !self.lost {
+                    eprintln!("error: queue {} not recreated after reset: {e}", self.qid);
+                }
+                self.lost = true;
+            }
         }
     }
 
@@ -233,6 +329,10 @@ impl QueuePair {
 
     /// Queues a command with no data (or data pointers already set); `cmd.cid` is assigned.
     pub fn submit(&mut self, mut cmd: Command, token: u64) -> Result<u16, SubmitError> {
+        self.follow_resets();
+        if self.lost {
+            return Err(SubmitError::QueueLost);
+        }
         let cid = *self.free.last().ok_or(SubmitError::QueueFull)?;
         // The ring may be full while slots are free if the device has not reported SQ head.
         let next_tail = (self.sq_tail + 1) % self.entries;
@@ -245,6 +345,7 @@ impl QueuePair {
             token,
             opcode: cmd.opcode,
             busy: true,
+            tick: self.ticks,
         };
         // SAFETY: sq_tail < entries; the SQ ring is ours to write at the tail.
         unsafe { self.sq.add(usize::from(self.sq_tail)).write_volatile(cmd) };
@@ -391,7 +492,8 @@ impl QueuePair {
 
     /// Rings the SQ tail doorbell if commands were queued since the last ring.
     pub fn ring(&mut self) {
-        if self.rung_tail == self.sq_tail {
+        self.follow_resets();
+        if self.rung_tail == self.sq_tail || self.lost {
             return;
         }
         // Commands and PRP lists must be visible to the device before it sees the new tail.
@@ -405,7 +507,24 @@ impl QueuePair {
     /// Reaps up to `max` completions, calling `each` for every one, and rings the CQ head
     /// doorbell once if any were reaped. Returns how many were reaped.
     pub fn poll(&mut self, max: usize, mut each: impl FnMut(IoCompletion)) -> usize {
+        self.follow_resets();
         let mut reaped = 0;
+        while reaped < max {
+            let Some(cid) = self.aborted.pop() else { break };
+            let slot = &mut self.slots[usize::from(cid)];
+            slot.busy = false;
+            self.free.push(cid);
+            reaped += 1;
+            each(IoCompletion {
+                token: slot.token,
+                cid,
+                status: Status::ABORTED_BY_RESET,
+                result: 0,
+            });
+        }
+        if self.lost {
+            return reaped;
+        }
         while reaped < max {
             // SAFETY: cq_head < entries; the CQ ring is written by the device, read volatile.
             let entry = unsafe { self.cq.add(usize::from(self.cq_head)) };
@@ -449,6 +568,20 @@ impl QueuePair {
         reaped
     }
 
+    /// Advances the timeout clock by one tick (call it at a fixed period, e.g. every 100 ms)
+    /// and returns the command in flight the longest if it is older than `limit` ticks.
+    pub fn tick(&mut self, limit: u32) -> Option<StuckCommand> {
+        self.ticks = self.ticks.wrapping_add(1);
+        let (cid, age) = oldest(&self.slots, self.ticks)?;
+        let slot = &self.slots[cid];
+        (age > limit).then_some(StuckCommand {
+            cid: cid as u16,
+            token: slot.token,
+            opcode: slot.opcode,
+            age,
+        })
+    }
+
     /// Opcode of the command in flight under `cid`, if any.
     pub fn opcode_of(&self, cid: u16) -> Option<u8> {
         self.slots
@@ -461,7 +594,10 @@ impl QueuePair {
 impl Drop for QueuePair {
     fn drop(&mut self) {
         if let Some(owner) = self.owner.take() {
-            if let Err(e) = owner.delete_io_queues(self.qid) {
+            if owner.generation.load(Ordering::Acquire) != self.generation {
+                // A reset already removed the controller's queues (and their DMA).
+                owner.release_qid(self.qid);
+            } else if let Err(e) = owner.delete_io_queues(self.qid) {
                 eprintln!("warning: {e}; leaking the memory of queue {}", self.qid);
                 return;
             }
@@ -475,6 +611,29 @@ impl Drop for QueuePair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oldest_busy_slot_wins_across_wraparound() {
+        let mut slots = [Slot::default(); 4];
+        assert_eq!(oldest(&slots, 10), None);
+        slots[1] = Slot {
+            busy: true,
+            tick: u32::MAX - 1,
+            ..Default::default()
+        };
+        slots[2] = Slot {
+            busy: true,
+            tick: 3,
+            ..Default::default()
+        };
+        slots[3] = Slot {
+            busy: false,
+            tick: 0,
+            ..Default::default()
+        };
+        // Now = 5 after the counter wrapped: slot 1 is 7 ticks old, slot 2 is 2.
+        assert_eq!(oldest(&slots, 5), Some((1, 7)));
+    }
 
     #[test]
     fn layout_fits_rings_and_lists() {

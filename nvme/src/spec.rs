@@ -215,6 +215,10 @@ const _: () = assert!(std::mem::size_of::<DsmRange>() == 16);
 pub struct Status(pub u16);
 
 impl Status {
+    /// Generic "Command Aborted due to SQ Deletion": what the driver reports for commands
+    /// that were in flight when the controller was reset (the reset deleted their queue).
+    pub const ABORTED_BY_RESET: Status = Status(0x08);
+
     /// From a completion's status field (which carries the phase tag in bit 0).
     pub fn from_completion(status: u16) -> Self {
         Status(status >> 1)

@@ -9,15 +9,25 @@ use crate::{Error, Result};
 /// How long one synchronous I/O may take before it is reported as timed out.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often [`run`] resubmits a command aborted by a controller reset.
+pub const MAX_RESUBMITS: u32 = 3;
+
 /// Submits with `submit`, rings, and polls until that command completes. A non-success
 /// status is returned as [`Error::Command`] naming `what`.
 pub fn run(
     device: &str,
     qp: &mut QueuePair,
     what: &str,
-    submit: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
+    mut submit: impl FnMut(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
 ) -> Result<IoCompletion> {
-    let c = run_status(device, qp, what, submit)?;
+    // A controller reset aborts what was in flight; re-executing a block command is safe.
+    let mut c = run_status(device, qp, what, &mut submit)?;
+    for _ in 0..MAX_RESUBMITS {
+        if c.status != Status::ABORTED_BY_RESET {
+            break;
+        }
+        c = run_status(device, qp, what, &mut submit)?;
+    }
     if !c.status.is_success() {
         return Err(Error::Command {
             device: device.to_string(),

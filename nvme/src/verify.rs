@@ -28,6 +28,8 @@ pub struct VerifyOptions {
     pub region_blocks: u64,
     /// Queue entries.
     pub entries: u16,
+    /// Reset the controller once this many operations (all threads) have completed.
+    pub reset_after_ops: Option<u64>,
 }
 
 /// What [`verify`] did.
@@ -47,6 +49,10 @@ pub struct VerifyReport {
     pub area: (u64, u64),
     /// Block size.
     pub block_size: u32,
+    /// Controller resets done in the middle of the exercise.
+    pub resets: u64,
+    /// Operations completed after the last reset.
+    pub ops_after_reset: u64,
 }
 
 /// 64-bit mix (splitmix64).
@@ -107,12 +113,39 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
         AtomicU64::new(0),
         AtomicU64::new(0),
     ];
+    let resets_before = ctrl.resets();
+    let ops_at_reset = AtomicU64::new(0);
+    let workers_done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| -> Result<()> {
         let mut workers = Vec::new();
+        let resetter = opts.reset_after_ops.map(|threshold| {
+            let (counters, ops_at_reset, workers_done) = (&counters, &ops_at_reset, &workers_done);
+            scope.spawn(move || -> Result<()> {
+                while counters[0].load(Ordering::Relaxed) < threshold {
+                    if workers_done.load(Ordering::Relaxed) == usize::from(opts.queues) {
+                        return Err(Error::BadArgument(format!(
+                            "the workload ended before {threshold} operations; no reset was done"
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                ctrl.reset()?;
+                ops_at_reset.store(counters[0].load(Ordering::Relaxed), Ordering::Relaxed);
+                Ok(())
+            })
+        });
         for q in 0..opts.queues {
             let counters = &counters;
             let ns = &ns;
+            let workers_done = &workers_done;
             workers.push(scope.spawn(move || -> Result<()> {
+                struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+                impl Drop for Done<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _done = Done(workers_done);
                 let name = ctrl.name().to_string();
                 let mut qp = ctrl.create_io_queue_pair(opts.entries)?;
                 let buf_len = ctrl.max_transfer() + 4096;
@@ -185,10 +218,21 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
             w.join()
                 .map_err(|_| Error::BadArgument("verify worker panicked".into()))??;
         }
+        if let Some(r) = resetter {
+            r.join()
+                .map_err(|_| Error::BadArgument("reset thread panicked".into()))??;
+        }
         Ok(())
     })?;
+    let ops = counters[0].load(Ordering::Relaxed);
     Ok(VerifyReport {
-        ops: counters[0].load(Ordering::Relaxed),
+        resets: ctrl.resets() - resets_before,
+        ops_after_reset: if opts.reset_after_ops.is_some() {
+            ops - ops_at_reset.load(Ordering::Relaxed)
+        } else {
+            0
+        },
+        ops,
         bytes: counters[1].load(Ordering::Relaxed),
         unaligned_ops: counters[2].load(Ordering::Relaxed),
         largest: counters[3].load(Ordering::Relaxed),

@@ -26,8 +26,8 @@ record "{{\"identify\": $(cat /tmp/id.json)}}"
 step "steady-state I/O: 2 s of 4 KiB random reads and writes at QD16 (before the patterns, which it would overwrite), counting heap allocations"
 vfblk-nvme perf $bdf --rw randrw --read-percent 50 --bs 4096 --qd 16 --seconds 2 --warmup-ms 500 --json > /tmp/perf.json || fail "perf"
 record "{{\"perf\": $(cat /tmp/perf.json)}}"
-step "random patterns on {QUEUES} queue pairs / threads"
-vfblk-nvme verify $bdf --queues {QUEUES} --ops 300 --region-blocks {REGION_BLOCKS} --seed {SEED} --json > /tmp/v.json || fail "verify"
+step "random patterns on {QUEUES} queue pairs / threads, with a controller reset in the middle"
+vfblk-nvme verify $bdf --queues {QUEUES} --ops 300 --region-blocks {REGION_BLOCKS} --seed {SEED} --reset-after-ops 400 --json > /tmp/v.json || fail "verify"
 record "{{\"verify\": $(cat /tmp/v.json)}}"
 step "flush, write zeroes, deallocate"
 vfblk-nvme flush $bdf || fail "flush"
@@ -100,6 +100,12 @@ fn driver_against_emulated_controller() {
         "one-MDTS transfers were exercised: {v}"
     );
     assert!(v["unaligned_ops"].as_u64().unwrap() > 0, "{v}");
+
+    // 4. A reset in the middle of the workload: the controller comes back, the queue pairs
+    //    recreate their queues, aborted commands are resubmitted, and the workload goes on
+    //    (every read-back still matched, and the kernel reads the same bytes below).
+    assert_eq!(v["resets"], 1, "{v}");
+    assert!(v["ops_after_reset"].as_u64().unwrap() >= 100, "{v}");
     let k = run.record("kernel").expect("kernel record");
     assert_eq!(
         k["patterns"],

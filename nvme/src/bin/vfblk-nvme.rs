@@ -28,7 +28,8 @@ commands:
   flush ADDR [--nsid N]
   write-zeroes ADDR --lba N --blocks N [--nsid N]
   deallocate ADDR --lba N --blocks N [--nsid N]
-  verify ADDR [--seed N] [--queues N] [--ops N] [--region-blocks N] [--nsid N] [--json]
+  verify ADDR [--seed N] [--queues N] [--ops N] [--region-blocks N] [--nsid N]
+         [--reset-after-ops N] [--json]
                                     random writes + read-backs on several queues/threads,
                                     then every block of the area written with its pattern
   perf ADDR [--rw randread|randwrite|randrw] [--read-percent N] [--bs BYTES] [--qd N]
@@ -443,6 +444,11 @@ fn run_verify(cli: &Cli) -> Result<()> {
         ops: cli.num("ops", Some(200))? as u32,
         region_blocks: cli.num("region-blocks", Some(16384))?,
         entries: 64,
+        reset_after_ops: cli
+            .options
+            .get("reset-after-ops")
+            .map(|_| cli.num("reset-after-ops", None))
+            .transpose()?,
     };
     let ctrl = Controller::open(
         cli.address()?,
@@ -463,8 +469,8 @@ fn run_verify(cli: &Cli) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     if cli.json {
         println!(
-            "{{\"ops\":{},\"bytes\":{},\"unaligned_ops\":{},\"largest\":{},\"queues\":{},\"first_lba\":{},\"blocks\":{},\"block_size\":{},\"seed\":{},\"seconds\":{secs:.3}}}",
-            r.ops, r.bytes, r.unaligned_ops, r.largest, r.queues, r.area.0, r.area.1, r.block_size, opts.seed
+            "{{\"ops\":{},\"bytes\":{},\"unaligned_ops\":{},\"largest\":{},\"queues\":{},\"first_lba\":{},\"blocks\":{},\"block_size\":{},\"seed\":{},\"resets\":{},\"ops_after_reset\":{},\"seconds\":{secs:.3}}}",
+            r.ops, r.bytes, r.unaligned_ops, r.largest, r.queues, r.area.0, r.area.1, r.block_size, opts.seed, r.resets, r.ops_after_reset
         );
     } else {
         println!(
