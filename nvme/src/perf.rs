@@ -262,8 +262,24 @@ pub fn perf(
                     let mut end = warm_until + opts.duration;
                     let mut error: Option<IoCompletion> = None;
                     let mut resubmit = [0usize; 1024];
+                    let mut next_tick = Instant::now() + TICK;
                     loop {
                         let now = Instant::now();
+                        if now >= next_tick {
+                            next_tick = now + TICK;
+                            if let Some(stuck) = qp.tick(TIMEOUT_TICKS) {
+                                return Err(Error::Timeout {
+                                    device: ctrl.name().to_string(),
+                                    what: format!(
+                                        "queue {}: cid {} (opcode {:#04x}) in flight for {} ms",
+                                        qp.qid(),
+                                        stuck.cid,
+                                        stuck.opcode,
+                                        u128::from(stuck.age) * TICK.as_millis()
+                                    ),
+                                });
+                            }
+                        }
                         if !measuring && now >= warm_until {
                             phase.started.fetch_add(1, Ordering::SeqCst);
                             measuring = true;
