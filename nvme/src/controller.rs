@@ -336,6 +336,7 @@ impl Controller {
                 s.cap.doorbell_stride(),
                 s.max_transfer as u64,
             );
+            qp.set_sgl(s.identify.supports_sgl());
             let generation = s.create_io_queues(qid, entries, qp.cq_iova(), qp.sq_iova())?;
             qp.set_generation(generation);
             qp.owner = Some(self.shared.clone());

@@ -14,6 +14,7 @@ pub mod probe;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod sgl;
 pub mod spec;
 pub mod sync_io;
 pub mod verify;

@@ -12,7 +12,8 @@ use vfblk_hugepages::DmaBuffer;
 
 use crate::controller::Shared;
 use crate::prp::{self, PrpError, Segment};
-use crate::spec::{nvm, Command, Completion, DsmRange, Status};
+use crate::sgl;
+use crate::spec::{nvm, Command, Completion, DsmRange, Status, PSDT_SGL};
 use crate::vfio::VfioPci;
 
 /// Why a command was not queued. Cheap to return on the hot path; the queue is unchanged.
@@ -167,6 +168,10 @@ pub struct QueuePair {
     /// Commands in flight at a reset, reported as aborted by the next poll.
     aborted: Vec<u16>,
     lost: bool,
+    /// The controller takes SGLs for I/O commands.
+    sgl: bool,
+    /// Commands sent with SGLs (buffers PRPs could not describe).
+    sgl_commands: u64,
     /// Coarse clock for command timeouts, advanced by [`QueuePair::tick`]; submissions
     /// stamp it instead of reading a clock per I/O.
     ticks: u32,
@@ -224,6 +229,8 @@ impl QueuePair {
             generation: 0,
             aborted: Vec::with_capacity(slots),
             lost: false,
+            sgl: false,
+            sgl_commands: 0,
             ticks: 0,
             pci,
             owner: None,
@@ -251,6 +258,15 @@ impl QueuePair {
                 self.free.push(cid as u16);
             }
         }
+    }
+
+    pub(crate) fn set_sgl(&mut self, supported: bool) {
+        self.sgl = supported;
+    }
+
+    /// Commands sent with SGLs so far.
+    pub fn sgl_commands(&self) -> u64 {
+        self.sgl_commands
     }
 
     pub(crate) fn set_generation(&mut self, generation: u64) {
@@ -376,7 +392,7 @@ impl QueuePair {
         let cid = *self.free.last().ok_or(SubmitError::QueueFull)?;
         let (list, list_iova) = self.slot_list(cid);
         // SAFETY: the slot's list pages are ours while the slot is free (and then in flight).
-        let prps = unsafe {
+        let built = unsafe {
             prp::build(
                 data,
                 self.layout.page as u64,
@@ -384,17 +400,30 @@ impl QueuePair {
                 list_iova,
                 self.layout.list_pages,
             )
-        }
-        .map_err(SubmitError::Prp)?;
-        if prps.len != expected_len {
+        };
+        let (dptr_lo, dptr_hi, len) = match built {
+            Ok(prps) => (prps.prp1, prps.prp2, prps.len),
+            Err(PrpError::Gap | PrpError::Unaligned) if self.sgl => {
+                let capacity = self.layout.list_pages * self.layout.page / 16;
+                // SAFETY: as above; the same pages hold SGL descriptors instead.
+                let (lo, hi, len) = unsafe { sgl::build(data, list.cast(), list_iova, capacity) }
+                    .map_err(SubmitError::Prp)?;
+                cmd.flags |= PSDT_SGL;
+                (lo, hi, len)
+            }
+            Err(e) => return Err(SubmitError::Prp(e)),
+        };
+        if len != expected_len {
             return Err(SubmitError::LengthMismatch {
-                buffer: prps.len,
+                buffer: len,
                 blocks: expected_len,
             });
         }
-        cmd.prp1 = prps.prp1;
-        cmd.prp2 = prps.prp2;
-        self.submit(cmd, token)
+        cmd.prp1 = dptr_lo;
+        cmd.prp2 = dptr_hi;
+        let cid = self.submit(cmd, token)?;
+        self.sgl_commands += u64::from(cmd.flags & PSDT_SGL != 0);
+        Ok(cid)
     }
 
     /// Queues a Read of `blocks` blocks of `block_shift` (log2 block size) at `lba` into `data`.

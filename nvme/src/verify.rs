@@ -41,6 +41,10 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Operations whose buffer did not start on a page boundary.
     pub unaligned_ops: u64,
+    /// Operations with a scattered buffer (2-4 pieces splitting pages), which needs SGLs.
+    pub scattered_ops: u64,
+    /// Commands the queue pairs sent with SGLs.
+    pub sgl_commands: u64,
     /// Largest transfer used.
     pub largest: u64,
     /// Threads and queue pairs used.
@@ -107,12 +111,8 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
         )));
     }
     let max_blocks = (ctrl.max_transfer() / block).clamp(1, 65536) as u64;
-    let counters = [
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    ];
+    // ops, bytes, unaligned ops, largest transfer, scattered ops, commands sent with SGLs
+    let counters: [AtomicU64; 6] = Default::default();
     let resets_before = ctrl.resets();
     let ops_at_reset = AtomicU64::new(0);
     let workers_done = std::sync::atomic::AtomicUsize::new(0);
@@ -155,13 +155,14 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                 let mut rng = opts.seed ^ (u64::from(q) << 32) ^ 0x5eed;
                 let mut host = vec![0u8; buf_len];
                 let mut back = vec![0u8; buf_len];
-                let io = |qp: &mut crate::queue::QueuePair, write: bool, lba: u64, blocks: u64, seg: Segment| {
+                let sgl = ctrl.identify().supports_sgl();
+                let io = |qp: &mut crate::queue::QueuePair, write: bool, lba: u64, blocks: u64, segs: &[Segment]| {
                     let what = format!("{} of {blocks} blocks at LBA {lba}", if write { "write" } else { "read" });
                     sync_io::run(&name, qp, &what, |qp| {
                         if write {
-                            qp.write(ns.nsid, lba, blocks as u32, shift, &[seg], 0)
+                            qp.write(ns.nsid, lba, blocks as u32, shift, segs, 0)
                         } else {
-                            qp.read(ns.nsid, lba, blocks as u32, shift, &[seg], 0)
+                            qp.read(ns.nsid, lba, blocks as u32, shift, segs, 0)
                         }
                     })
                 };
@@ -178,19 +179,64 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     // Buffer start: page aligned, or a dword-aligned offset into the page.
                     let offset = if (rng >> 40) % 2 == 0 { 0 } else { (((rng >> 44) % 1023) + 1) as usize * 4 };
                     let len = blocks as usize * block;
+                    // Pieces of the buffer as (offset in the DMA buffer, length): one, or (when
+                    // the controller takes SGLs) 2-4 pieces cut at dword points and spread out
+                    // with gaps, which PRPs cannot describe.
+                    let mut pieces = [(0usize, 0usize); 4];
+                    let mut count = 1;
+                    pieces[0] = (offset, len);
+                    let scatter = sgl && len >= 64 && (rng >> 50) % 3 == 0;
+                    if scatter {
+                        count = 2 + ((rng >> 52) % 3) as usize;
+                        let mut cuts = [0usize; 5];
+                        cuts[count] = len;
+                        let mut r = rng;
+                        for cut in cuts.iter_mut().take(count).skip(1) {
+                            r = mix(r);
+                            *cut = 4 * (1 + (r as usize) % (len / 4 - 1));
+                        }
+                        cuts[..=count].sort_unstable();
+                        let mut cursor = offset;
+                        for j in 0..count {
+                            r = mix(r);
+                            let piece = cuts[j + 1] - cuts[j];
+                            pieces[j] = (cursor, piece);
+                            cursor += piece + 4 * (1 + (r as usize) % 200);
+                        }
+                        // Empty pieces (equal cuts) are merged away.
+                        let mut kept = 0;
+                        for j in 0..count {
+                            if pieces[j].1 > 0 {
+                                pieces[kept] = pieces[j];
+                                kept += 1;
+                            }
+                        }
+                        count = kept;
+                    }
                     fill_pattern(opts.seed, lba, block, &mut host[..len]);
-                    wbuf.memory().write_bytes(offset, &host[..len]);
-                    rbuf.memory().write_bytes(offset, &vec![0xa5; len]);
-                    let wseg = Segment { iova: wbuf.iova() + offset as u64, len: len as u32 };
-                    let rseg = Segment { iova: rbuf.iova() + offset as u64, len: len as u32 };
-                    io(&mut qp, true, lba, blocks, wseg)?;
-                    io(&mut qp, false, lba, blocks, rseg)?;
-                    rbuf.memory().read_bytes(offset, &mut back[..len]);
+                    let mut wsegs = [Segment { iova: 0, len: 0 }; 4];
+                    let mut rsegs = wsegs;
+                    let mut done = 0;
+                    for j in 0..count {
+                        let (at, n) = pieces[j];
+                        wbuf.memory().write_bytes(at, &host[done..done + n]);
+                        rbuf.memory().write_bytes(at, &vec![0xa5; n]);
+                        wsegs[j] = Segment { iova: wbuf.iova() + at as u64, len: n as u32 };
+                        rsegs[j] = Segment { iova: rbuf.iova() + at as u64, len: n as u32 };
+                        done += n;
+                    }
+                    io(&mut qp, true, lba, blocks, &wsegs[..count])?;
+                    io(&mut qp, false, lba, blocks, &rsegs[..count])?;
+                    let mut done = 0;
+                    for &(at, n) in &pieces[..count] {
+                        rbuf.memory().read_bytes(at, &mut back[done..done + n]);
+                        done += n;
+                    }
                     if let Some(bad) = check_pattern(opts.seed, lba, block, &back[..len]) {
                         return Err(Error::Device {
                             device: name,
                             what: format!(
-                                "queue {}: read-back of LBA {bad} differs (op: {blocks} blocks at LBA {lba}, buffer offset {offset})",
+                                "queue {}: read-back of LBA {bad} differs (op: {blocks} blocks at LBA {lba}, buffer offset {offset}, {count} pieces)",
                                 qp.qid()
                             ),
                         });
@@ -199,6 +245,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     counters[1].fetch_add(len as u64, Ordering::Relaxed);
                     counters[2].fetch_add(u64::from(offset != 0), Ordering::Relaxed);
                     counters[3].fetch_max(len as u64, Ordering::Relaxed);
+                    counters[4].fetch_add(u64::from(count > 1), Ordering::Relaxed);
                 }
                 // Write the whole region once more so every block holds its pattern.
                 let mut lba = first;
@@ -207,10 +254,11 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     let len = blocks as usize * block;
                     fill_pattern(opts.seed, lba, block, &mut host[..len]);
                     wbuf.memory().write_bytes(0, &host[..len]);
-                    io(&mut qp, true, lba, blocks, Segment { iova: wbuf.iova(), len: len as u32 })?;
+                    io(&mut qp, true, lba, blocks, &[Segment { iova: wbuf.iova(), len: len as u32 }])?;
                     lba += blocks;
                 }
                 sync_io::run(&name, &mut qp, "flush", |qp| qp.flush(ns.nsid, 0))?;
+                counters[5].fetch_add(qp.sgl_commands(), Ordering::Relaxed);
                 Ok(())
             }));
         }
@@ -235,6 +283,8 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
         ops,
         bytes: counters[1].load(Ordering::Relaxed),
         unaligned_ops: counters[2].load(Ordering::Relaxed),
+        scattered_ops: counters[4].load(Ordering::Relaxed),
+        sgl_commands: counters[5].load(Ordering::Relaxed),
         largest: counters[3].load(Ordering::Relaxed),
         queues: opts.queues,
         area: (0, total),

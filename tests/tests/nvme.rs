@@ -100,6 +100,13 @@ fn driver_against_emulated_controller() {
         "one-MDTS transfers were exercised: {v}"
     );
     assert!(v["unaligned_ops"].as_u64().unwrap() > 0, "{v}");
+    // Scattered buffers that break PRP rules went out as SGLs (QEMU's controller has them).
+    assert_eq!(id["sgl"], true, "{id}");
+    assert!(v["scattered_ops"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["sgl_commands"].as_u64().unwrap() >= v["scattered_ops"].as_u64().unwrap(),
+        "{v}"
+    );
 
     // 4. A reset in the middle of the workload: the controller comes back, the queue pairs
     //    recreate their queues, aborted commands are resubmitted, and the workload goes on

@@ -469,8 +469,8 @@ fn run_verify(cli: &Cli) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     if cli.json {
         println!(
-            "{{\"ops\":{},\"bytes\":{},\"unaligned_ops\":{},\"largest\":{},\"queues\":{},\"first_lba\":{},\"blocks\":{},\"block_size\":{},\"seed\":{},\"resets\":{},\"ops_after_reset\":{},\"seconds\":{secs:.3}}}",
-            r.ops, r.bytes, r.unaligned_ops, r.largest, r.queues, r.area.0, r.area.1, r.block_size, opts.seed, r.resets, r.ops_after_reset
+            "{{\"ops\":{},\"bytes\":{},\"unaligned_ops\":{},\"scattered_ops\":{},\"sgl_commands\":{},\"largest\":{},\"queues\":{},\"first_lba\":{},\"blocks\":{},\"block_size\":{},\"seed\":{},\"resets\":{},\"ops_after_reset\":{},\"seconds\":{secs:.3}}}",
+            r.ops, r.bytes, r.unaligned_ops, r.scattered_ops, r.sgl_commands, r.largest, r.queues, r.area.0, r.area.1, r.block_size, opts.seed, r.resets, r.ops_after_reset
         );
     } else {
         println!(
