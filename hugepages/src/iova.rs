@@ -5,10 +5,9 @@ use crate::{DmaError, Result};
 
 /// Hands out aligned IOVA ranges from a window, lowest first, reusing freed ranges.
 ///
-/// The default window is [4 GiB, 512 GiB): above the low range a platform may reserve (MSI
-/// doorbells at 0xFEE00000) and below the 39-bit limit of an emulated Intel IOMMU. Guest RAM
-/// mapped at IOVA = guest-physical address must stay out of this window (it is below 4 GiB
-/// for small guests, or placed by the caller with [`IovaAllocator::with_window`]).
+/// The default window is [256 GiB, 512 GiB): below the 39-bit limit of an emulated Intel
+/// IOMMU, far above the MSI range at 0xFEE00000, and above guest RAM of up to 256 GiB mapped
+/// at IOVA = guest-physical address (such mappings use [`IovaAllocator::reserve`]).
 #[derive(Debug, Clone)]
 pub struct IovaAllocator {
     start: u64,
@@ -19,7 +18,7 @@ pub struct IovaAllocator {
 
 impl Default for IovaAllocator {
     fn default() -> Self {
-        Self::with_window(4 << 30, 1 << 39).expect("valid default window")
+        Self::with_window(256 << 30, 1 << 39).expect("valid default window")
     }
 }
 
@@ -70,6 +69,40 @@ impl IovaAllocator {
             "no free range of {len:#x} bytes aligned to {align:#x} in {:#x}..{:#x}",
             self.start, self.end
         )))
+    }
+
+    /// Takes a caller-chosen range (guest RAM at IOVA = guest-physical address) out of the
+    /// window so `alloc` never hands it out. Ranges outside the window need no reservation and
+    /// return `Ok(false)`; a range that overlaps allocated space is an error.
+    pub fn reserve(&mut self, iova: u64, len: u64) -> Result<bool> {
+        let end = iova
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or_else(|| DmaError::Iova(format!("bad range {iova:#x}+{len:#x}")))?;
+        if end <= self.start || iova >= self.end {
+            return Ok(false);
+        }
+        if iova < self.start || end > self.end {
+            return Err(DmaError::Iova(format!(
+                "{iova:#x}..{end:#x} straddles the allocator window {:#x}..{:#x}",
+                self.start, self.end
+            )));
+        }
+        let pos = self
+            .free
+            .iter()
+            .position(|&(s, e)| s <= iova && end <= e)
+            .ok_or_else(|| {
+                DmaError::Iova(format!("{iova:#x}..{end:#x} overlaps allocated IOVAs"))
+            })?;
+        let (s, e) = self.free.remove(pos);
+        if end < e {
+            self.free.insert(pos, (end, e));
+        }
+        if s < iova {
+            self.free.insert(pos, (s, iova));
+        }
+        Ok(true)
     }
 
     /// Returns a range from [`IovaAllocator::alloc`].
@@ -133,10 +166,28 @@ mod tests {
     }
 
     #[test]
+    fn reserve_carves_out_chosen_ranges() {
+        let mut a = IovaAllocator::with_window(0x10000, 0x20000).unwrap();
+        assert!(
+            !a.reserve(0x1000, 0x1000).unwrap(),
+            "below the window: nothing to track"
+        );
+        assert!(a.reserve(0x10000, 0x2000).unwrap());
+        assert_eq!(a.alloc(0x1000, 0x1000).unwrap(), 0x12000);
+        assert!(a.reserve(0x11000, 0x2000).is_err(), "overlaps");
+        assert!(
+            a.reserve(0xf000, 0x2000).is_err(),
+            "straddles the window start"
+        );
+        a.free(0x10000, 0x2000).unwrap();
+        assert_eq!(a.alloc(0x2000, 0x1000).unwrap(), 0x10000);
+    }
+
+    #[test]
     fn default_window_stays_below_39_bits() {
         let mut a = IovaAllocator::default();
         let (start, end) = a.window();
-        assert!(start >= 4 << 30 && end <= 1 << 39);
+        assert!(start >= 256 << 30 && end <= 1 << 39);
         let x = a.alloc(2 << 20, 2 << 20).unwrap();
         assert!(x + (2 << 20) <= 1 << 39);
     }

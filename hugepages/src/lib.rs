@@ -14,10 +14,12 @@
 mod iova;
 mod mapper;
 mod memory;
+mod pool;
 
 pub use iova::IovaAllocator;
-pub use mapper::{DmaBuffer, DmaMapper, VfioDmaMapper};
+pub use mapper::{DmaBuffer, DmaMapper, ExternalMapping, VfioDmaMapper};
 pub use memory::{DmaMemory, PageKind};
+pub use pool::{DmaChunk, DmaPool};
 
 use std::fmt;
 

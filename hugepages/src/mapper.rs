@@ -148,6 +148,83 @@ impl Drop for DmaBuffer {
     }
 }
 
+/// Memory the caller owns (guest RAM from a vhost-user memory table) mapped at a chosen IOVA,
+/// unmapped on drop.
+pub struct ExternalMapping {
+    iova: u64,
+    len: usize,
+    reserved: bool,
+    mapper: Arc<dyn DmaMapper>,
+    iovas: Arc<Mutex<IovaAllocator>>,
+}
+
+impl ExternalMapping {
+    /// Maps `len` bytes at `vaddr` to `iova`, reserving the range in `iovas` if it falls in
+    /// its window.
+    ///
+    /// # Safety
+    /// `vaddr..vaddr+len` must stay mapped in this process until the mapping is dropped, and
+    /// the process must only access it through raw pointers (the device writes it by DMA).
+    pub unsafe fn new(
+        mapper: Arc<dyn DmaMapper>,
+        iovas: Arc<Mutex<IovaAllocator>>,
+        iova: u64,
+        vaddr: *mut u8,
+        len: usize,
+    ) -> Result<Self> {
+        let reserved = iovas
+            .lock()
+            .map_err(|_| DmaError::Iova("allocator lock poisoned".into()))?
+            .reserve(iova, len as u64)?;
+        // SAFETY: forwarded from the caller.
+        if let Err(e) = unsafe { mapper.map(iova, len, vaddr) } {
+            if reserved {
+                if let Ok(mut a) = iovas.lock() {
+                    let _ = a.free(iova, len as u64);
+                }
+            }
+            return Err(e);
+        }
+        Ok(Self {
+            iova,
+            len,
+            reserved,
+            mapper,
+            iovas,
+        })
+    }
+
+    /// The IOVA.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// The length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: zero-length mappings are refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for ExternalMapping {
+    fn drop(&mut self) {
+        match self.mapper.unmap(self.iova, self.len) {
+            Ok(()) if self.reserved => {
+                if let Ok(mut a) = self.iovas.lock() {
+                    let _ = a.free(self.iova, self.len as u64);
+                }
+            }
+            Ok(()) => {}
+            // The range stays reserved: the device may still reach it.
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,14 +270,14 @@ mod tests {
         let mem = DmaMemory::allocate_small("t", 8192).unwrap();
         let vaddr = mem.as_ptr() as usize;
         let buf = DmaBuffer::map(mem, mapper.clone(), iovas.clone()).unwrap();
-        assert_eq!(*mapper.live.lock().unwrap(), vec![(4 << 30, 8192, vaddr)]);
+        assert_eq!(*mapper.live.lock().unwrap(), vec![(256 << 30, 8192, vaddr)]);
         let second = DmaBuffer::map(
             DmaMemory::allocate_small("t2", 4096).unwrap(),
             mapper.clone(),
             iovas.clone(),
         )
         .unwrap();
-        assert_eq!(second.iova(), (4 << 30) + 8192);
+        assert_eq!(second.iova(), (256 << 30) + 8192);
         drop(buf);
         assert_eq!(mapper.live.lock().unwrap().len(), 1);
         second.unmap().unwrap();
@@ -212,7 +289,63 @@ mod tests {
             iovas,
         )
         .unwrap();
-        assert_eq!(third.iova(), 4 << 30);
+        assert_eq!(third.iova(), 256 << 30);
+    }
+
+    #[test]
+    fn external_mapping_reserves_and_releases_its_range() {
+        let mapper = Arc::new(RecordingMapper::default());
+        let iovas = Arc::new(Mutex::new(
+            IovaAllocator::with_window(0x10_0000, 0x20_0000).unwrap(),
+        ));
+        let mut ram = vec![0u8; 0x2000];
+        // Guest RAM at GPA 0x1000: below the window, mapped, nothing reserved.
+        let low = unsafe {
+            ExternalMapping::new(
+                mapper.clone(),
+                iovas.clone(),
+                0x1000,
+                ram.as_mut_ptr(),
+                0x1000,
+            )
+        }
+        .unwrap();
+        // At the window's start: reserved, so allocations go around it.
+        let high = unsafe {
+            ExternalMapping::new(
+                mapper.clone(),
+                iovas.clone(),
+                0x10_0000,
+                ram.as_mut_ptr(),
+                0x2000,
+            )
+        }
+        .unwrap();
+        assert_eq!(
+            iovas.lock().unwrap().alloc(0x1000, 0x1000).unwrap(),
+            0x10_2000
+        );
+        assert!(
+            unsafe {
+                ExternalMapping::new(
+                    mapper.clone(),
+                    iovas.clone(),
+                    0x10_1000,
+                    ram.as_mut_ptr(),
+                    0x1000,
+                )
+            }
+            .is_err(),
+            "overlapping mapping refused"
+        );
+        assert_eq!(mapper.live.lock().unwrap().len(), 2);
+        drop(high);
+        drop(low);
+        assert!(mapper.live.lock().unwrap().is_empty());
+        assert_eq!(
+            iovas.lock().unwrap().alloc(0x2000, 0x1000).unwrap(),
+            0x10_0000
+        );
     }
 
     #[test]

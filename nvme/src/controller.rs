@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vfblk_hugepages::{DmaBuffer, DmaMapper, DmaMemory, IovaAllocator, VfioDmaMapper};
+use vfblk_hugepages::{
+    DmaChunk, DmaMapper, DmaPool, ExternalMapping, IovaAllocator, VfioDmaMapper,
+};
 
 use crate::pci::PciAddress;
 use crate::queue::{Layout, QueuePair};
@@ -61,7 +63,8 @@ pub(crate) struct Shared {
     pub max_transfer: usize,
     /// Queue ids in use (index = qid).
     pub qids: Mutex<Vec<bool>>,
-    scratch: Mutex<DmaBuffer>,
+    scratch: Mutex<DmaChunk>,
+    pub pool: DmaPool,
     /// Bumped by every reset; queue pairs compare it with the one they were created in.
     pub generation: std::sync::atomic::AtomicU64,
     /// CC as configured at enable, for re-enabling after a reset.
@@ -140,15 +143,9 @@ impl Controller {
         let mapper: Arc<dyn DmaMapper> =
             Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
         let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
-        let dma = |len: usize, what: &str| -> Result<DmaBuffer> {
-            let mem =
-                DmaMemory::allocate(&format!("vfblk-{what}-{name}"), len).map_err(|source| {
-                    Error::Dma {
-                        device: name.clone(),
-                        source,
-                    }
-                })?;
-            DmaBuffer::map(mem, mapper.clone(), iovas.clone()).map_err(|source| Error::Dma {
+        let pool = DmaPool::new(&format!("vfblk-{name}"), mapper.clone(), iovas.clone());
+        let dma = |len: usize| -> Result<DmaChunk> {
+            pool.alloc(len, PAGE_SIZE).map_err(|source| Error::Dma {
                 device: name.clone(),
                 source,
             })
@@ -156,7 +153,7 @@ impl Controller {
 
         let entries = ADMIN_ENTRIES.min(cap.max_queue_entries().min(4096) as u16);
         let layout = Layout::new(entries, PAGE_SIZE, PAGE_SIZE);
-        let admin_mem = dma(layout.total, "admin")?;
+        let admin_mem = dma(layout.total)?;
         let admin = QueuePair::new(
             0,
             layout,
@@ -174,7 +171,7 @@ impl Controller {
         bar.write32(offset::CC, cc);
         wait_ready(&regs, &name, true, timeout)?;
 
-        let scratch = dma(PAGE_SIZE, "identify")?;
+        let scratch = dma(PAGE_SIZE)?;
         let mut shared = Shared {
             name: name.clone(),
             pci: pci.clone(),
@@ -189,6 +186,7 @@ impl Controller {
             max_transfer: DEFAULT_MAX_TRANSFER,
             qids: Mutex::new(Vec::new()),
             scratch: Mutex::new(scratch),
+            pool: pool.clone(),
             generation: std::sync::atomic::AtomicU64::new(0),
             cc,
         };
@@ -285,20 +283,37 @@ impl Controller {
         self.shared.max_transfer
     }
 
-    /// DMA memory mapped for this controller (for I/O buffers).
-    pub fn dma_buffer(&self, len: usize) -> Result<DmaBuffer> {
-        let name = &self.shared.name;
-        let mem =
-            DmaMemory::allocate(&format!("vfblk-io-{name}"), len).map_err(|source| Error::Dma {
-                device: name.clone(),
+    /// DMA memory mapped for this controller (for I/O buffers), page aligned, from the
+    /// controller's hugepage pool.
+    pub fn dma_buffer(&self, len: usize) -> Result<DmaChunk> {
+        self.shared
+            .pool
+            .alloc(len, PAGE_SIZE)
+            .map_err(|source| Error::Dma {
+                device: self.shared.name.clone(),
                 source,
-            })?;
-        DmaBuffer::map(mem, self.shared.mapper.clone(), self.shared.iovas.clone()).map_err(
-            |source| Error::Dma {
-                device: name.clone(),
+            })
+    }
+
+    /// Maps memory the caller owns (guest RAM, at IOVA = guest-physical address) into this
+    /// controller's IOMMU domain, so commands can point at it directly.
+    ///
+    /// # Safety
+    /// `vaddr..vaddr+len` must stay mapped until the returned mapping is dropped and must be
+    /// accessed only through raw pointers meanwhile (the device writes it by DMA).
+    pub unsafe fn map_external(
+        &self,
+        iova: u64,
+        vaddr: *mut u8,
+        len: usize,
+    ) -> Result<ExternalMapping> {
+        let s = &self.shared;
+        // SAFETY: forwarded from the caller.
+        unsafe { ExternalMapping::new(s.mapper.clone(), s.iovas.clone(), iova, vaddr, len) }
+            .map_err(|source| Error::Dma {
+                device: s.name.clone(),
                 source,
-            },
-        )
+            })
     }
 
     /// Creates an I/O queue pair of `entries` entries (2..=MQES).
@@ -467,7 +482,7 @@ impl Shared {
             &format!("Identify (CNS {}, NSID {})", cmd.cdw10, cmd.nsid),
         )?;
         let mut page = [0u8; 4096];
-        scratch.memory().read_bytes(0, &mut page);
+        scratch.read_bytes(0, &mut page);
         Ok(page)
     }
 

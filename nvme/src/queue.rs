@@ -8,7 +8,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vfblk_hugepages::DmaBuffer;
+use vfblk_hugepages::DmaChunk;
 
 use crate::controller::Shared;
 use crate::prp::{self, PrpError, Segment};
@@ -180,7 +180,7 @@ pub struct QueuePair {
     pub(crate) owner: Option<Arc<Shared>>,
     // Last: the rings stay mapped until the queues are deleted; leaked if deletion fails,
     // because the device might still write them.
-    memory: std::mem::ManuallyDrop<DmaBuffer>,
+    memory: std::mem::ManuallyDrop<DmaChunk>,
 }
 
 // SAFETY: the raw pointers point into `memory`, which the pair owns; the pair is used by one
@@ -191,17 +191,17 @@ impl QueuePair {
     pub(crate) fn new(
         qid: u16,
         layout: Layout,
-        memory: DmaBuffer,
+        memory: DmaChunk,
         pci: Arc<VfioPci>,
         doorbell_stride: usize,
         max_transfer: u64,
     ) -> Self {
-        let base = memory.memory().as_ptr();
+        let base = memory.as_ptr();
         let slots = usize::from(layout.entries) - 1;
         // SAFETY: offsets are within the buffer by construction of `layout`.
         let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
         // Zero the CQ: phase tags start at 0 and the first pass expects 1.
-        memory.memory().write_bytes(
+        memory.write_bytes(
             layout.cq_offset,
             &vec![0u8; usize::from(layout.entries) * 16],
         );

@@ -148,7 +148,8 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                 let _done = Done(workers_done);
                 let name = ctrl.name().to_string();
                 let mut qp = ctrl.create_io_queue_pair(opts.entries)?;
-                let buf_len = ctrl.max_transfer() + 4096;
+                // Room for a start offset of up to 4 KiB and the gaps between scattered pieces.
+                let buf_len = ctrl.max_transfer() + 3 * 4096;
                 let wbuf = ctrl.dma_buffer(buf_len)?;
                 let rbuf = ctrl.dma_buffer(buf_len)?;
                 let first = u64::from(q) * opts.region_blocks;
@@ -219,8 +220,8 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     let mut done = 0;
                     for j in 0..count {
                         let (at, n) = pieces[j];
-                        wbuf.memory().write_bytes(at, &host[done..done + n]);
-                        rbuf.memory().write_bytes(at, &vec![0xa5; n]);
+                        wbuf.write_bytes(at, &host[done..done + n]);
+                        rbuf.write_bytes(at, &vec![0xa5; n]);
                         wsegs[j] = Segment { iova: wbuf.iova() + at as u64, len: n as u32 };
                         rsegs[j] = Segment { iova: rbuf.iova() + at as u64, len: n as u32 };
                         done += n;
@@ -229,7 +230,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     io(&mut qp, false, lba, blocks, &rsegs[..count])?;
                     let mut done = 0;
                     for &(at, n) in &pieces[..count] {
-                        rbuf.memory().read_bytes(at, &mut back[done..done + n]);
+                        rbuf.read_bytes(at, &mut back[done..done + n]);
                         done += n;
                     }
                     if let Some(bad) = check_pattern(opts.seed, lba, block, &back[..len]) {
@@ -253,7 +254,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     let blocks = max_blocks.min(first + opts.region_blocks - lba);
                     let len = blocks as usize * block;
                     fill_pattern(opts.seed, lba, block, &mut host[..len]);
-                    wbuf.memory().write_bytes(0, &host[..len]);
+                    wbuf.write_bytes(0, &host[..len]);
                     io(&mut qp, true, lba, blocks, &[Segment { iova: wbuf.iova(), len: len as u32 }])?;
                     lba += blocks;
                 }

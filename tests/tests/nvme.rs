@@ -44,6 +44,12 @@ vfblk-nvme deallocate $bdf --lba 200 --blocks 64 || fail "deallocate"
 vfblk-nvme read $bdf --lba 200 --blocks 64 --out /tmp/dsm || fail "read after deallocate"
 dsm=false; cmp -s /tmp/dsm /tmp/zero && dsm=true
 record "{{\"zeroes\": {{\"write_zeroes\": $wz, \"deallocate\": $dsm}}}}"
+step "buffers in separately mapped memory at chosen IOVAs (as guest RAM will be)"
+dd if=/dev/urandom of=/tmp/ext bs=4096 count=16 2>/dev/null
+vfblk-nvme write $bdf --lba 40000 --in /tmp/ext --external-iova 0x40000000 || fail "write from external memory"
+vfblk-nvme read $bdf --lba 40000 --blocks 128 --out /tmp/ext.back --external-iova 0x7fff0000 || fail "read into external memory"
+ext=false; cmp -s /tmp/ext /tmp/ext.back && ext=true
+record "{{\"external\": $ext}}"
 step "error statuses"
 vfblk-nvme read $bdf --lba {nsze} --blocks 1 --out /tmp/x 2>/tmp/oor.err && fail "read past the end succeeded"
 vfblk-nvme read $bdf --lba 0 --blocks 1 --nsid 0 --out /tmp/x 2>/tmp/ns.err && fail "read of namespace 0 succeeded"
@@ -140,6 +146,7 @@ fn driver_against_emulated_controller() {
     let z = run.record("zeroes").expect("zeroes record");
     assert_eq!(z["write_zeroes"], true, "{z}");
     assert_eq!(z["deallocate"], true, "{z}");
+    assert_eq!(run.record("external"), Some(&serde_json::json!(true)));
     let e = run.record("errors").expect("errors record");
     let oor = e["out_of_range"].as_str().unwrap();
     assert!(oor.contains("LBA Out of Range (SCT 0x0, SC 0x80"), "{oor}");

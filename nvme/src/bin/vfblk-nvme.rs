@@ -23,8 +23,11 @@ commands:
   bind-kernel ADDR                  give the controller back to the kernel's nvme driver
   probe ADDR [--json]               open through VFIO, read CAP/VS/CSTS, map a DMA buffer
   identify ADDR [--json]            bring the controller up, Identify it and its namespaces
-  read ADDR --lba N --blocks N --out FILE [--nsid N]
-  write ADDR --lba N --in FILE [--nsid N]      (FILE size: a multiple of the block size)
+  read ADDR --lba N --blocks N --out FILE [--nsid N] [--external-iova IOVA]
+  write ADDR --lba N --in FILE [--nsid N] [--external-iova IOVA]
+                                    (FILE size: a multiple of the block size; with
+                                    --external-iova the buffer is separate memory mapped at
+                                    that IOVA, as guest RAM is)
   flush ADDR [--nsid N]
   write-zeroes ADDR --lba N --blocks N [--nsid N]
   deallocate ADDR --lba N --blocks N [--nsid N]
@@ -338,13 +341,48 @@ fn identify(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// The data buffer of a `read` or `write`: a chunk of the driver's pool, or (with
+/// `--external-iova`) separate memory mapped at a chosen IOVA, the way guest RAM is.
+struct IoBuffer {
+    iova: u64,
+    ptr: *mut u8,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn io_buffer(cli: &Cli, ctrl: &Controller, len: usize) -> Result<IoBuffer> {
+    if cli.options.contains_key("external-iova") {
+        let iova = cli.num("external-iova", None)?;
+        let memory = vfblk_hugepages::DmaMemory::allocate_small("vfblk-external", len).map_err(
+            |source| Error::Dma {
+                device: ctrl.name().to_string(),
+                source,
+            },
+        )?;
+        // SAFETY: `memory` outlives the mapping (both kept in the IoBuffer, mapping dropped
+        // first) and is only accessed through raw copies.
+        let mapping = unsafe { ctrl.map_external(iova, memory.as_ptr(), memory.len())? };
+        let ptr = memory.as_ptr();
+        return Ok(IoBuffer {
+            iova,
+            ptr,
+            _keep: Box::new((mapping, memory)),
+        });
+    }
+    let chunk = ctrl.dma_buffer(len)?;
+    Ok(IoBuffer {
+        iova: chunk.iova(),
+        ptr: chunk.as_ptr(),
+        _keep: Box::new(chunk),
+    })
+}
+
 fn read(cli: &Cli) -> Result<()> {
     let ctrl = open(cli)?;
     let nsid = cli.num("nsid", Some(1))? as u32;
     let shift = ctrl.namespace(nsid).map(|n| n.info.lba_shift).unwrap_or(9);
     let (lba, blocks) = (cli.num("lba", None)?, cli.num("blocks", None)?);
     let len = (blocks << shift) as usize;
-    let buf = ctrl.dma_buffer(len.max(1))?;
+    let buf = io_buffer(cli, &ctrl, len.max(1))?;
     let mut qp = ctrl.create_io_queue_pair(8)?;
     let what = format!("read of {blocks} blocks at LBA {lba}, namespace {nsid}");
     sync_io::run(ctrl.name(), &mut qp, &what, |qp| {
@@ -354,20 +392,24 @@ fn read(cli: &Cli) -> Result<()> {
             blocks as u32,
             shift,
             &[Segment {
-                iova: buf.iova(),
+                iova: buf.iova,
                 len: len as u32,
             }],
             0,
         )
     })?;
     let mut data = vec![0u8; len];
-    buf.memory().read_bytes(0, &mut data);
+    // SAFETY: the buffer holds at least `len` bytes; the device is done with it.
+    unsafe { std::ptr::copy_nonoverlapping(buf.ptr, data.as_mut_ptr(), len) };
     let out = cli.path("out")?;
     std::fs::write(out, &data).map_err(|e| Error::Io {
         what: format!("writing {out}"),
         source: e,
     })?;
-    eprintln!("read {len} bytes from LBA {lba} into {out}");
+    eprintln!(
+        "read {len} bytes from LBA {lba} into {out} (buffer at IOVA {:#x})",
+        buf.iova
+    );
     Ok(())
 }
 
@@ -389,8 +431,9 @@ fn write(cli: &Cli) -> Result<()> {
         )));
     }
     let blocks = (data.len() >> shift) as u32;
-    let buf = ctrl.dma_buffer(data.len())?;
-    buf.memory().write_bytes(0, &data);
+    let buf = io_buffer(cli, &ctrl, data.len())?;
+    // SAFETY: the buffer holds at least `data.len()` bytes and the device is not using it.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr, data.len()) };
     let mut qp = ctrl.create_io_queue_pair(8)?;
     let what = format!("write of {blocks} blocks at LBA {lba}, namespace {nsid}");
     sync_io::run(ctrl.name(), &mut qp, &what, |qp| {
@@ -400,13 +443,17 @@ fn write(cli: &Cli) -> Result<()> {
             blocks,
             shift,
             &[Segment {
-                iova: buf.iova(),
+                iova: buf.iova,
                 len: data.len() as u32,
             }],
             0,
         )
     })?;
-    eprintln!("wrote {} bytes from {input} at LBA {lba}", data.len());
+    eprintln!(
+        "wrote {} bytes from {input} at LBA {lba} (buffer at IOVA {:#x})",
+        data.len(),
+        buf.iova
+    );
     Ok(())
 }
 

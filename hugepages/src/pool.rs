@@ -1,0 +1,233 @@
+//! Page-aligned sub-allocation of mapped DMA memory: queues, PRP lists and I/O buffers share
+//! 2 MiB hugepage arenas instead of taking a whole hugepage (and an IOMMU mapping) each.
+
+use std::sync::{Arc, Mutex};
+
+use crate::{
+    DmaBuffer, DmaError, DmaMapper, DmaMemory, IovaAllocator, Result, HUGE_PAGE_SIZE,
+    SMALL_PAGE_SIZE,
+};
+
+struct Arena {
+    buffer: DmaBuffer,
+    /// Free offsets within the arena.
+    free: IovaAllocator,
+}
+
+struct Inner {
+    name: String,
+    mapper: Arc<dyn DmaMapper>,
+    iovas: Arc<Mutex<IovaAllocator>>,
+    arenas: Vec<Arena>,
+}
+
+/// A growing set of mapped arenas handing out page-aligned chunks.
+#[derive(Clone)]
+pub struct DmaPool {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// A page-aligned piece of a [`DmaPool`] arena; returned to the pool on drop.
+pub struct DmaChunk {
+    pool: Arc<Mutex<Inner>>,
+    arena: usize,
+    offset: usize,
+    len: usize,
+    ptr: *mut u8,
+    iova: u64,
+}
+
+// SAFETY: the chunk is an exclusive range of a shared mapping that lives as long as the pool
+// (the chunk holds the pool); access is through raw pointers only.
+unsafe impl Send for DmaChunk {}
+// SAFETY: as above; `&DmaChunk` only offers copies in and out.
+unsafe impl Sync for DmaChunk {}
+
+impl DmaPool {
+    /// A pool whose arenas are mapped through `mapper` at IOVAs from `iovas`.
+    pub fn new(name: &str, mapper: Arc<dyn DmaMapper>, iovas: Arc<Mutex<IovaAllocator>>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                name: name.to_string(),
+                mapper,
+                iovas,
+                arenas: Vec::new(),
+            })),
+        }
+    }
+
+    /// Allocates `len` bytes (rounded up to 4 KiB) aligned to `align` (a power of two, at
+    /// least 4 KiB), adding an arena of at least 2 MiB when none has room.
+    pub fn alloc(&self, len: usize, align: usize) -> Result<DmaChunk> {
+        let align = align.max(SMALL_PAGE_SIZE);
+        if !align.is_power_of_two() || len == 0 {
+            return Err(DmaError::Iova(format!(
+                "bad chunk request: {len} bytes aligned to {align}"
+            )));
+        }
+        let len = len.div_ceil(SMALL_PAGE_SIZE) * SMALL_PAGE_SIZE;
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| DmaError::Iova("pool lock poisoned".into()))?;
+        let found = inner.arenas.iter_mut().enumerate().find_map(|(i, a)| {
+            a.free
+                .alloc(len as u64, align as u64)
+                .ok()
+                .map(|off| (i, off))
+        });
+        let (arena, offset) = match found {
+            Some(hit) => hit,
+            None => {
+                let size =
+                    (len + align).max(HUGE_PAGE_SIZE).div_ceil(HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE;
+                let name = format!("{}-arena{}", inner.name, inner.arenas.len());
+                let memory = DmaMemory::allocate(&name, size)?;
+                let size = memory.len();
+                let buffer = DmaBuffer::map(memory, inner.mapper.clone(), inner.iovas.clone())?;
+                let mut free = IovaAllocator::with_window(0, size as u64)?;
+                let offset = free.alloc(len as u64, align as u64)?;
+                inner.arenas.push(Arena { buffer, free });
+                (inner.arenas.len() - 1, offset)
+            }
+        };
+        let a = &inner.arenas[arena];
+        // SAFETY: offset + len lies within the arena's mapping.
+        let ptr = unsafe { a.buffer.memory().as_ptr().add(offset as usize) };
+        Ok(DmaChunk {
+            pool: self.inner.clone(),
+            arena,
+            offset: offset as usize,
+            len,
+            ptr,
+            iova: a.buffer.iova() + offset,
+        })
+    }
+
+    /// Arenas mapped so far.
+    pub fn arenas(&self) -> usize {
+        self.inner.lock().map(|i| i.arenas.len()).unwrap_or(0)
+    }
+}
+
+impl DmaChunk {
+    /// Device address of the chunk's first byte.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Host address of the chunk's first byte (raw: the device may write it at any time).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes (a multiple of 4 KiB).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: chunks are at least a page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `data` in at `offset`.
+    ///
+    /// # Panics
+    /// If the range is outside the chunk (a caller bug).
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) {
+        assert!(offset
+            .checked_add(data.len())
+            .is_some_and(|end| end <= self.len));
+        // SAFETY: bounds checked; raw copy into our own range.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) }
+    }
+
+    /// Fills `len` bytes at `offset` with `byte`.
+    ///
+    /// # Panics
+    /// If the range is outside the chunk.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: bounds checked; raw fill of our own range.
+        unsafe { std::ptr::write_bytes(self.ptr.add(offset), byte, len) }
+    }
+
+    /// Copies bytes out from `offset`.
+    ///
+    /// # Panics
+    /// If the range is outside the chunk.
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset
+            .checked_add(out.len())
+            .is_some_and(|end| end <= self.len));
+        // SAFETY: bounds checked; raw copy out of our own range.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), out.len()) }
+    }
+}
+
+impl Drop for DmaChunk {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.pool.lock() {
+            if let Some(a) = inner.arenas.get_mut(self.arena) {
+                let _ = a.free.free(self.offset as u64, self.len as u64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct CountingMapper {
+        maps: Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl DmaMapper for CountingMapper {
+        unsafe fn map(&self, iova: u64, len: usize, _vaddr: *mut u8) -> Result<()> {
+            self.maps.lock().unwrap().push((iova, len));
+            Ok(())
+        }
+        fn unmap(&self, _iova: u64, _len: usize) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn chunks_share_arenas_and_come_back() {
+        let mapper = Arc::new(CountingMapper::default());
+        let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
+        let pool = DmaPool::new("t", mapper.clone(), iovas);
+        let a = pool.alloc(100, 4096).unwrap();
+        let b = pool.alloc(64 << 10, 64 << 10).unwrap();
+        assert_eq!(a.len(), 4096);
+        assert_eq!(pool.arenas(), 1, "both fit one arena");
+        assert_eq!(b.iova() % (64 << 10), 0);
+        assert_ne!(a.iova(), b.iova());
+        // Chunks do not overlap and hold their own bytes.
+        a.write_bytes(0, b"first");
+        b.write_bytes(0, b"second");
+        let mut out = [0u8; 5];
+        a.read_bytes(0, &mut out);
+        assert_eq!(&out, b"first");
+        let a_iova = a.iova();
+        drop(a);
+        assert_eq!(
+            pool.alloc(4096, 4096).unwrap().iova(),
+            a_iova,
+            "freed space is reused"
+        );
+        // Larger than what is left: a second arena, mapped once.
+        let big = pool.alloc(3 << 20, 4096).unwrap();
+        assert_eq!(big.len(), 3 << 20);
+        assert_eq!(pool.arenas(), 2);
+        assert_eq!(mapper.maps.lock().unwrap().len(), 2);
+        assert!(pool.alloc(0, 4096).is_err());
+        assert!(
+            pool.alloc(4096, 12288).is_err(),
+            "alignment must be a power of two"
+        );
+    }
+}
