@@ -9,7 +9,7 @@ use vfblk_hugepages::{
 };
 
 use crate::pci::PciAddress;
-use crate::queue::{Layout, QueuePair};
+use crate::queue::{Layout, QueuePair, ShadowDoorbells};
 use crate::regs::{offset, Cap, Registers, Version};
 use crate::spec::{Command, IdentifyController, IdentifyNamespace, Status};
 use crate::vfio::VfioPci;
@@ -41,11 +41,16 @@ pub struct Namespace {
 pub struct Options {
     /// I/O queue pairs to ask the controller for.
     pub io_queues: u16,
+    /// Use shadow doorbells (Doorbell Buffer Config) if the controller offers them.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { io_queues: 8 }
+        Self {
+            io_queues: 8,
+            shadow_doorbells: true,
+        }
     }
 }
 
@@ -69,6 +74,8 @@ pub(crate) struct Shared {
     pub generation: std::sync::atomic::AtomicU64,
     /// CC as configured at enable, for re-enabling after a reset.
     cc: u32,
+    /// Shadow doorbell and event index pages, when Doorbell Buffer Config is in use.
+    dbbuf: Option<(DmaChunk, DmaChunk)>,
 }
 
 /// An NVMe controller brought up through VFIO. I/O queue pairs created from it may be moved
@@ -189,6 +196,7 @@ impl Controller {
             pool: pool.clone(),
             generation: std::sync::atomic::AtomicU64::new(0),
             cc,
+            dbbuf: None,
         };
         shared.identify =
             IdentifyController::parse(&shared.identify_page(Command::identify(1, 0, 0))?);
@@ -216,6 +224,14 @@ impl Controller {
         shared.io_queues_granted = sqs.min(cqs).min(wanted);
         *shared.qids.lock().expect("fresh") =
             vec![false; usize::from(shared.io_queues_granted) + 1];
+        if options.shadow_doorbells && shared.identify.supports_doorbell_buffer() {
+            let pages = (dma(PAGE_SIZE)?, dma(PAGE_SIZE)?);
+            shared.dbbuf = Some(pages);
+            if let Err(e) = shared.configure_doorbell_buffers(None) {
+                eprintln!("warning: {e}; using MMIO doorbells only");
+                shared.dbbuf = None;
+            }
+        }
         Ok(Self {
             shared: Arc::new(shared),
         })
@@ -269,6 +285,11 @@ impl Controller {
     /// on their next submit, ring or poll; callers resubmit what was aborted.
     pub fn reset(&self) -> Result<()> {
         self.shared.reset()
+    }
+
+    /// Whether I/O queue pairs use shadow doorbells (Doorbell Buffer Config).
+    pub fn shadow_doorbells_in_use(&self) -> bool {
+        self.shared.dbbuf.is_some()
     }
 
     /// Resets done so far.
@@ -352,6 +373,7 @@ impl Controller {
                 s.max_transfer as u64,
             );
             qp.set_sgl(s.identify.supports_sgl());
+            qp.set_shadow(s.shadow_doorbells(qid));
             let generation = s.create_io_queues(qid, entries, qp.cq_iova(), qp.sq_iova())?;
             qp.set_generation(generation);
             qp.owner = Some(self.shared.clone());
@@ -422,6 +444,19 @@ impl Shared {
             .lock()
             .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        // A new queue starts at tail/head 0; stale shadow values from an earlier queue with
+        // this id would make the controller run old entries.
+        if let Some(sh) = self.shadow_doorbells(qid) {
+            for p in [
+                sh.sq,
+                sh.cq,
+                sh.sq_event as *mut u32,
+                sh.cq_event as *mut u32,
+            ] {
+                // SAFETY: the entries lie in our doorbell pages; the queue does not exist yet.
+                unsafe { p.write_volatile(0) };
+            }
+        }
         self.admin_command_locked(
             &mut admin,
             Command::create_cq(qid, entries, cq_iova),
@@ -468,7 +503,48 @@ impl Shared {
             Command::set_number_of_queues(wanted, wanted),
             "Set Features (Number of Queues) after reset",
         )?;
+        if self.dbbuf.is_some() {
+            self.configure_doorbell_buffers(Some(&mut admin))?;
+        }
         Ok(())
+    }
+
+    /// Zeroes the doorbell pages and sends Doorbell Buffer Config (with the admin queue
+    /// already locked by the caller, or locking it).
+    fn configure_doorbell_buffers(&self, admin: Option<&mut QueuePair>) -> Result<()> {
+        let Some((shadow, event)) = &self.dbbuf else {
+            return Ok(());
+        };
+        shadow.fill(0, PAGE_SIZE, 0);
+        event.fill(0, PAGE_SIZE, 0);
+        let cmd = Command::doorbell_buffer_config(shadow.iova(), event.iova());
+        let what = "Doorbell Buffer Config";
+        match admin {
+            Some(admin) => self.admin_command_locked(admin, cmd, what)?,
+            None => self.admin_command(cmd, what)?,
+        };
+        Ok(())
+    }
+
+    /// Queue `qid`'s entries in the doorbell pages, if shadow doorbells are in use and the
+    /// entries fit the page.
+    pub(crate) fn shadow_doorbells(&self, qid: u16) -> Option<ShadowDoorbells> {
+        let (shadow, event) = self.dbbuf.as_ref()?;
+        let stride = self.cap.doorbell_stride();
+        let sq = 2 * usize::from(qid) * stride;
+        let cq = sq + stride;
+        if qid == 0 || cq + 4 > PAGE_SIZE {
+            return None;
+        }
+        // SAFETY: both offsets are within the one-page chunks (checked above).
+        unsafe {
+            Some(ShadowDoorbells {
+                sq: shadow.as_ptr().add(sq).cast(),
+                cq: shadow.as_ptr().add(cq).cast(),
+                sq_event: event.as_ptr().add(sq).cast(),
+                cq_event: event.as_ptr().add(cq).cast(),
+            })
+        }
     }
 
     fn identify_page(&self, mut cmd: Command) -> Result<[u8; 4096]> {

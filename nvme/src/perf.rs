@@ -155,6 +155,8 @@ pub struct PerfReport {
     pub p999_us: f64,
     /// Heap allocations during the measured time (by the caller's counter).
     pub allocations: u64,
+    /// MMIO doorbell writes that shadow doorbells made unnecessary (whole run).
+    pub doorbells_skipped: u64,
 }
 
 /// Where the workers are: the main thread samples the allocation counter when all have
@@ -179,6 +181,7 @@ impl Drop for FailGuard<'_> {
 struct Worker {
     hist: Histogram,
     reads: u64,
+    doorbells_skipped: u64,
 }
 
 /// Runs the workload; `allocations` reads a process-wide allocation counter (the binary's
@@ -220,6 +223,7 @@ pub fn perf(
                     let mut worker = Worker {
                         hist: Histogram::default(),
                         reads: 0,
+                        doorbells_skipped: 0,
                     };
                     let submit = |qp: &mut crate::queue::QueuePair,
                                   slot: usize,
@@ -353,9 +357,11 @@ pub fn perf(
         })?;
     let mut hist = Histogram::default();
     let mut reads = 0;
+    let mut doorbells_skipped = 0;
     for w in &workers {
         hist.merge(&w.hist);
         reads += w.reads;
+        doorbells_skipped += w.doorbells_skipped;
     }
     let seconds = opts.duration.as_secs_f64();
     let ios = hist.count();
@@ -371,6 +377,7 @@ pub fn perf(
         p99_us: us(hist.quantile_ns(0.99)),
         p999_us: us(hist.quantile_ns(0.999)),
         allocations: end_allocs - start_allocs,
+        doorbells_skipped,
     })
 }
 

@@ -111,6 +111,23 @@ fn oldest(slots: &[Slot], now: u32) -> Option<(usize, u32)> {
         .max_by_key(|&(_, age)| age)
 }
 
+/// A queue's entries in the shadow doorbell and event index buffers (Doorbell Buffer Config):
+/// the driver writes the new tail/head to the shadow buffer and writes the MMIO doorbell
+/// only when the controller's event index says it is not polling them already.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShadowDoorbells {
+    pub sq: *mut u32,
+    pub cq: *mut u32,
+    pub sq_event: *const u32,
+    pub cq_event: *const u32,
+}
+
+/// Whether moving a doorbell from `old` to `new` passes the controller's event index (the
+/// `vring_need_event` rule NVMe borrowed from virtio).
+pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// Layout of a queue pair's DMA memory: SQ ring, CQ ring, then the per-slot PRP list pages.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Layout {
@@ -172,6 +189,10 @@ pub struct QueuePair {
     sgl: bool,
     /// Commands sent with SGLs (buffers PRPs could not describe).
     sgl_commands: u64,
+    /// Shadow doorbells, when the controller was given Doorbell Buffer Config.
+    shadow: Option<ShadowDoorbells>,
+    /// MMIO doorbell writes saved by the shadow doorbells' event indexes.
+    doorbells_skipped: u64,
     /// Coarse clock for command timeouts, advanced by [`QueuePair::tick`]; submissions
     /// stamp it instead of reading a clock per I/O.
     ticks: u32,
@@ -183,8 +204,9 @@ pub struct QueuePair {
     memory: std::mem::ManuallyDrop<DmaChunk>,
 }
 
-// SAFETY: the raw pointers point into `memory`, which the pair owns; the pair is used by one
-// thread at a time (it is moved to its poller thread, not shared).
+// SAFETY: the raw pointers point into `memory`, which the pair owns, or into the controller's
+// doorbell buffers, which `owner` keeps alive; the pair is used by one thread at a time (it
+// is moved to its poller thread, not shared).
 unsafe impl Send for QueuePair {}
 
 impl QueuePair {
@@ -231,6 +253,8 @@ impl QueuePair {
             lost: false,
             sgl: false,
             sgl_commands: 0,
+            shadow: None,
+            doorbells_skipped: 0,
             ticks: 0,
             pci,
             owner: None,
@@ -258,6 +282,49 @@ impl QueuePair {
                 self.free.push(cid as u16);
             }
         }
+    }
+
+    pub(crate) fn set_shadow(&mut self, shadow: Option<ShadowDoorbells>) {
+        self.shadow = shadow;
+    }
+
+    /// MMIO doorbell writes the shadow doorbells made unnecessary.
+    pub fn doorbells_skipped(&self) -> u64 {
+        self.doorbells_skipped
+    }
+
+    /// Whether this pair uses shadow doorbells.
+    pub fn uses_shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Publishes a new SQ tail or CQ head: to the shadow buffer, and to the MMIO doorbell
+    /// unless the event index says the controller will find it itself.
+    fn doorbell(&mut self, cq: bool, old: u16, new: u16) {
+        if let Some(sh) = self.shadow {
+            let (shadow, event) = if cq {
+                (sh.cq, sh.cq_event)
+            } else {
+                (sh.sq, sh.sq_event)
+            };
+            // SAFETY: the pointers address this queue's entries in the controller's doorbell
+            // buffers, which live as long as the controller (held through `owner`).
+            unsafe { shadow.write_volatile(u32::from(new)) };
+            // The shadow value must be visible before the event index is read (Linux: mb()).
+            fence(Ordering::SeqCst);
+            // SAFETY: as above.
+            let event = unsafe { event.read_volatile() } as u16;
+            if !need_event(event, new, old) {
+                self.doorbells_skipped += 1;
+                return;
+            }
+        }
+        let offset = if cq {
+            self.cq_doorbell
+        } else {
+            self.sq_doorbell
+        };
+        self.pci.bar0().write32(offset, u32::from(new));
     }
 
     pub(crate) fn set_sgl(&mut self, supported: bool) {
@@ -527,10 +594,9 @@ impl QueuePair {
         }
         // Commands and PRP lists must be visible to the device before it sees the new tail.
         fence(Ordering::SeqCst);
-        self.pci
-            .bar0()
-            .write32(self.sq_doorbell, u32::from(self.sq_tail));
-        self.rung_tail = self.sq_tail;
+        let (old, new) = (self.rung_tail, self.sq_tail);
+        self.doorbell(false, old, new);
+        self.rung_tail = new;
     }
 
     /// Reaps up to `max` completions, calling `each` for every one, and rings the CQ head
@@ -554,6 +620,7 @@ impl QueuePair {
         if self.lost {
             return reaped;
         }
+        let old_head = self.cq_head;
         while reaped < max {
             // SAFETY: cq_head < entries; the CQ ring is written by the device, read volatile.
             let entry = unsafe { self.cq.add(usize::from(self.cq_head)) };
@@ -590,9 +657,7 @@ impl QueuePair {
             }
         }
         if reaped > 0 {
-            self.pci
-                .bar0()
-                .write32(self.cq_doorbell, u32::from(self.cq_head));
+            self.doorbell(true, old_head, self.cq_head);
         }
         reaped
     }
@@ -640,6 +705,21 @@ impl Drop for QueuePair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_index_rule() {
+        // The controller asked to be told when the tail passes 5.
+        assert!(need_event(5, 6, 4), "moved from 4 to 6: passed 5");
+        assert!(need_event(5, 6, 5), "moved from 5 to 6: passed 5");
+        assert!(!need_event(5, 5, 4), "reached 5, not past it");
+        assert!(
+            !need_event(9, 6, 4),
+            "the controller is already polling up to 9"
+        );
+        // Wraparound of the 16-bit counters.
+        assert!(need_event(0xffff, 2, 0xfffe));
+        assert!(!need_event(3, 2, 0xfffe));
+    }
 
     #[test]
     fn oldest_busy_slot_wins_across_wraparound() {

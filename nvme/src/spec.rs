@@ -157,6 +157,16 @@ impl Command {
         }
     }
 
+    /// Doorbell Buffer Config: shadow doorbells at `shadow`, event indexes at `event`
+    /// (one page each).
+    pub fn doorbell_buffer_config(shadow: u64, event: u64) -> Self {
+        Self {
+            prp1: shadow,
+            prp2: event,
+            ..Self::new(admin::DOORBELL_BUFFER_CONFIG, 0)
+        }
+    }
+
     /// Delete I/O Submission Queue `qid`.
     pub fn delete_sq(qid: u16) -> Self {
         Self {

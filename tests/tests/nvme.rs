@@ -96,6 +96,9 @@ fn driver_against_emulated_controller() {
     assert_eq!(id["namespaces"][0]["nsid"], 1, "{id}");
     assert_eq!(id["namespaces"][0]["size_bytes"], IMAGE_MIB << 20, "{id}");
     let max_transfer = id["max_transfer"].as_u64().unwrap();
+    // QEMU offers Doorbell Buffer Config; everything below runs with shadow doorbells.
+    assert_eq!(id["doorbell_buffer"], true, "{id}");
+    assert_eq!(id["shadow_doorbells_in_use"], true, "{id}");
 
     // 2. Patterns at many offsets and sizes, aligned and not, on several queues.
     let v = run.record("verify").expect("verify record");

@@ -18,6 +18,9 @@ use vfblk_nvme::{probe, sync_io, Error, Result};
 const USAGE: &str = "usage: vfblk-nvme <command> [options]
 
 commands:
+  Commands that bring the controller up use shadow doorbells when it offers them;
+  --mmio-doorbells always writes the doorbell registers instead.
+
   list [--json]                     NVMe controllers with their driver and IOMMU group
   bind-vfio ADDR                    bind to vfio-pci (driver_override, unbind, probe)
   bind-kernel ADDR                  give the controller back to the kernel's nvme driver
@@ -78,6 +81,8 @@ struct Cli {
     words: Vec<String>,
     options: HashMap<String, String>,
     json: bool,
+    /// `--mmio-doorbells`: do not use shadow doorbells even if the controller offers them.
+    mmio_doorbells: bool,
 }
 
 impl Cli {
@@ -86,11 +91,14 @@ impl Cli {
             words: Vec::new(),
             options: HashMap::new(),
             json: false,
+            mmio_doorbells: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             if arg == "--json" {
                 cli.json = true;
+            } else if arg == "--mmio-doorbells" {
+                cli.mmio_doorbells = true;
             } else if let Some(name) = arg.strip_prefix("--") {
                 let value = args
                     .next()
@@ -253,6 +261,7 @@ fn open(cli: &Cli) -> Result<Controller> {
         cli.address()?,
         &Options {
             io_queues: cli.num("queues", Some(4))? as u16,
+            shadow_doorbells: !cli.mmio_doorbells,
         },
     )
 }
@@ -289,7 +298,7 @@ fn identify(cli: &Cli) -> Result<()> {
             })
             .collect();
         println!(
-            "{{\"pci_address\":\"{}\",\"version\":\"{}\",\"serial\":{},\"model\":{},\"firmware\":{},\"mdts\":{},\"max_transfer\":{},\"io_queues\":{},\"dsm\":{},\"write_zeroes\":{},\"volatile_write_cache\":{},\"sgl\":{},\"doorbell_buffer\":{},\"namespaces\":[{}]}}",
+            "{{\"pci_address\":\"{}\",\"version\":\"{}\",\"serial\":{},\"model\":{},\"firmware\":{},\"mdts\":{},\"max_transfer\":{},\"io_queues\":{},\"dsm\":{},\"write_zeroes\":{},\"volatile_write_cache\":{},\"sgl\":{},\"doorbell_buffer\":{},\"shadow_doorbells_in_use\":{},\"namespaces\":[{}]}}",
             ctrl.name(),
             ctrl.version(),
             json_str(&id.serial),
@@ -303,6 +312,7 @@ fn identify(cli: &Cli) -> Result<()> {
             id.has_volatile_write_cache(),
             id.supports_sgl(),
             id.supports_doorbell_buffer(),
+            ctrl.shadow_doorbells_in_use(),
             ns.join(",")
         );
         return Ok(());
@@ -501,6 +511,7 @@ fn run_verify(cli: &Cli) -> Result<()> {
         cli.address()?,
         &Options {
             io_queues: opts.queues,
+            shadow_doorbells: !cli.mmio_doorbells,
         },
     )?;
     if ctrl.io_queues_granted() < opts.queues {
@@ -614,6 +625,7 @@ fn run_perf(cli: &Cli) -> Result<()> {
         cli.address()?,
         &Options {
             io_queues: opts.queues,
+            shadow_doorbells: !cli.mmio_doorbells,
         },
     )?;
     if ctrl.io_queues_granted() < opts.queues {
@@ -633,13 +645,15 @@ fn run_perf(cli: &Cli) -> Result<()> {
         .unwrap_or_else(|| "randread".into());
     if cli.json {
         println!(
-            "{{\"rw\":\"{rw}\",\"bs\":{},\"qd\":{},\"queues\":{},\"seconds\":{:.3},\"ios\":{},\"reads\":{},\"iops\":{:.1},\"mb_per_s\":{:.3},\"lat_mean_us\":{:.2},\"lat_p50_us\":{:.2},\"lat_p99_us\":{:.2},\"lat_p999_us\":{:.2},\"allocations\":{}}}",
-            opts.block_size, opts.queue_depth, opts.queues, r.seconds, r.ios, r.reads, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations
+            "{{\"rw\":\"{rw}\",\"bs\":{},\"qd\":{},\"queues\":{},\"seconds\":{:.3},\"ios\":{},\"reads\":{},\"iops\":{:.1},\"mb_per_s\":{:.3},\"lat_mean_us\":{:.2},\"lat_p50_us\":{:.2},\"lat_p99_us\":{:.2},\"lat_p999_us\":{:.2},\"allocations\":{},\"shadow_doorbells\":{},\"doorbells_skipped\":{}}}",
+            opts.block_size, opts.queue_depth, opts.queues, r.seconds, r.ios, r.reads, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations,
+            ctrl.shadow_doorbells_in_use(), r.doorbells_skipped
         );
     } else {
         println!(
-            "{} {rw} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s; latency mean {:.1} us, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us; {} heap allocations while measuring",
-            ctrl.name(), opts.block_size, opts.queue_depth, opts.queues, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations
+            "{} {rw} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s; latency mean {:.1} us, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us; {} heap allocations while measuring; shadow doorbells {} ({} MMIO writes saved)",
+            ctrl.name(), opts.block_size, opts.queue_depth, opts.queues, r.iops, r.mb_per_s, r.mean_us, r.p50_us, r.p99_us, r.p999_us, r.allocations,
+            ctrl.shadow_doorbells_in_use(), r.doorbells_skipped
         );
     }
     Ok(())
