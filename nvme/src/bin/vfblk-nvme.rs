@@ -266,6 +266,25 @@ fn open(cli: &Cli) -> Result<Controller> {
     )
 }
 
+/// Brings the controller up and checks it granted `queues` I/O queue pairs.
+fn open_with_queues(cli: &Cli, queues: u16) -> Result<Controller> {
+    let ctrl = Controller::open(
+        cli.address()?,
+        &Options {
+            io_queues: queues,
+            shadow_doorbells: !cli.mmio_doorbells,
+        },
+    )?;
+    if ctrl.io_queues_granted() < queues {
+        return Err(Error::BadArgument(format!(
+            "{}: {queues} queues asked, {} granted",
+            ctrl.name(),
+            ctrl.io_queues_granted()
+        )));
+    }
+    Ok(ctrl)
+}
+
 fn json_str(s: &str) -> String {
     let escaped: String = s
         .chars()
@@ -507,21 +526,7 @@ fn run_verify(cli: &Cli) -> Result<()> {
             .map(|_| cli.num("reset-after-ops", None))
             .transpose()?,
     };
-    let ctrl = Controller::open(
-        cli.address()?,
-        &Options {
-            io_queues: opts.queues,
-            shadow_doorbells: !cli.mmio_doorbells,
-        },
-    )?;
-    if ctrl.io_queues_granted() < opts.queues {
-        return Err(Error::BadArgument(format!(
-            "{}: {} queues asked, {} granted",
-            ctrl.name(),
-            opts.queues,
-            ctrl.io_queues_granted()
-        )));
-    }
+    let ctrl = open_with_queues(cli, opts.queues)?;
     let started = std::time::Instant::now();
     let r = verify::verify(&ctrl, &opts)?;
     let secs = started.elapsed().as_secs_f64();
@@ -621,21 +626,7 @@ fn run_perf(cli: &Cli) -> Result<()> {
         duration: Duration::from_secs(cli.num("seconds", Some(10))?),
         warmup: Duration::from_millis(cli.num("warmup-ms", Some(1000))?),
     };
-    let ctrl = Controller::open(
-        cli.address()?,
-        &Options {
-            io_queues: opts.queues,
-            shadow_doorbells: !cli.mmio_doorbells,
-        },
-    )?;
-    if ctrl.io_queues_granted() < opts.queues {
-        return Err(Error::BadArgument(format!(
-            "{}: {} queues asked, {} granted",
-            ctrl.name(),
-            opts.queues,
-            ctrl.io_queues_granted()
-        )));
-    }
+    let ctrl = open_with_queues(cli, opts.queues)?;
     let counter = || ALLOCATIONS.load(Ordering::Relaxed);
     let r = perf::perf(&ctrl, &opts, &counter)?;
     let rw = cli
