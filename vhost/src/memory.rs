@@ -1,0 +1,237 @@
+//! Guest memory as the frontend's SET_MEM_TABLE describes it: regions of shared fds mapped
+//! into this process, with every guest address and length checked against them.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use crate::{Error, Result};
+
+/// One mapped region.
+#[derive(Debug)]
+pub struct Region {
+    /// Guest-physical start.
+    pub guest_phys: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Frontend (QEMU) virtual address of the start, used in vring addresses.
+    pub frontend_addr: u64,
+    /// Offset of the region in its fd.
+    pub mmap_offset: u64,
+    host: *mut u8,
+    _file: File,
+}
+
+// SAFETY: the mapping is process-wide shared memory accessed through raw pointers only.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `GuestMemory::map_region`.
+        unsafe { libc::munmap(self.host.cast(), self.size as usize) };
+    }
+}
+
+/// A host-side view of a guest buffer, inside one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSlice {
+    /// Guest-physical address.
+    pub guest_phys: u64,
+    /// Host address.
+    pub host: *mut u8,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// The guest's memory table.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+}
+
+/// Most regions a table may have (vhost-user's VHOST_MEMORY_BASELINE_NREGIONS).
+pub const MAX_REGIONS: usize = 8;
+
+impl GuestMemory {
+    /// Maps the regions of a SET_MEM_TABLE message. `regions` are
+    /// (guest_phys, size, frontend_addr, mmap_offset) with one fd each.
+    pub fn from_table(regions: &[(u64, u64, u64, u64)], files: Vec<File>) -> Result<Self> {
+        if regions.len() != files.len() || regions.is_empty() || regions.len() > MAX_REGIONS {
+            return Err(Error::Protocol(format!(
+                "memory table with {} regions and {} fds",
+                regions.len(),
+                files.len()
+            )));
+        }
+        let mut mem = GuestMemory::default();
+        for (&(guest_phys, size, frontend_addr, mmap_offset), file) in regions.iter().zip(files) {
+            mem.add(guest_phys, size, frontend_addr, mmap_offset, file)?;
+        }
+        Ok(mem)
+    }
+
+    /// Maps and adds one region; overlapping or wrapping regions are refused.
+    pub fn add(
+        &mut self,
+        guest_phys: u64,
+        size: u64,
+        frontend_addr: u64,
+        mmap_offset: u64,
+        file: File,
+    ) -> Result<()> {
+        let gend = guest_phys.checked_add(size);
+        let fend = frontend_addr.checked_add(size);
+        if size == 0 || gend.is_none() || fend.is_none() || mmap_offset.checked_add(size).is_none()
+        {
+            return Err(Error::Protocol(format!(
+                "bad region gpa {guest_phys:#x} size {size:#x}"
+            )));
+        }
+        for r in &self.regions {
+            if guest_phys < r.guest_phys + r.size && r.guest_phys < guest_phys + size {
+                return Err(Error::Protocol(format!(
+                    "region at {guest_phys:#x} overlaps {:#x}",
+                    r.guest_phys
+                )));
+            }
+        }
+        // SAFETY: a fresh shared mapping of the frontend's fd; the result is checked.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                mmap_offset as libc::off_t,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(Error::Io {
+                what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.regions.push(Region {
+            guest_phys,
+            size,
+            frontend_addr,
+            mmap_offset,
+            host: host.cast(),
+            _file: file,
+        });
+        Ok(())
+    }
+
+    /// Removes the region starting at `guest_phys` (REM_MEM_REG).
+    pub fn remove(&mut self, guest_phys: u64, size: u64) -> Result<()> {
+        let pos = self
+            .regions
+            .iter()
+            .position(|r| r.guest_phys == guest_phys && r.size == size)
+            .ok_or_else(|| Error::Protocol(format!("no region at {guest_phys:#x} of {size:#x}")))?;
+        self.regions.remove(pos);
+        Ok(())
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Host address of `len` bytes at guest-physical `gpa`, if they lie in one region.
+    #[inline]
+    pub fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        for r in &self.regions {
+            let off = gpa.wrapping_sub(r.guest_phys);
+            if gpa >= r.guest_phys && off <= r.size && len <= r.size - off {
+                // SAFETY: off + len <= size: inside the mapping.
+                return Some(unsafe { r.host.add(off as usize) });
+            }
+        }
+        None
+    }
+
+    /// Host address of `len` bytes at a frontend virtual address (vring addresses).
+    pub fn translate_frontend(&self, addr: u64, len: u64) -> Option<*mut u8> {
+        for r in &self.regions {
+            let off = addr.wrapping_sub(r.frontend_addr);
+            if addr >= r.frontend_addr && off <= r.size && len <= r.size - off {
+                // SAFETY: inside the mapping, as above.
+                return Some(unsafe { r.host.add(off as usize) });
+            }
+        }
+        None
+    }
+
+    /// Guest-physical address of a frontend virtual address.
+    pub fn frontend_to_guest(&self, addr: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let off = addr.wrapping_sub(r.frontend_addr);
+            (addr >= r.frontend_addr && off < r.size).then_some(r.guest_phys + off)
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A memfd of `size` bytes for tests that play the frontend.
+    pub fn memfd(size: u64) -> File {
+        let name = std::ffi::CString::new("vfblk-test-guest").unwrap();
+        // SAFETY: valid name; checked result.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(size).unwrap();
+        f
+    }
+
+    #[test]
+    fn translation_is_bounded_by_regions() {
+        let f1 = memfd(0x10000);
+        let f2 = memfd(0x10000);
+        let mem = GuestMemory::from_table(
+            &[
+                (0, 0x10000, 0x7000_0000, 0),
+                (0x10_0000, 0x8000, 0x7100_0000, 0x8000),
+            ],
+            vec![f1, f2],
+        )
+        .unwrap();
+        assert!(mem.translate(0, 0x10000).is_some());
+        assert!(mem.translate(0xffff, 1).is_some());
+        assert!(
+            mem.translate(0xffff, 2).is_none(),
+            "crosses the end of region 0"
+        );
+        assert!(mem.translate(0x10000, 1).is_none(), "in the hole");
+        assert!(mem.translate(0x10_7fff, 1).is_some());
+        assert!(mem.translate(0x10_8000, 1).is_none());
+        assert!(mem.translate(u64::MAX, 2).is_none(), "wrapping");
+        assert!(mem.translate(0x10_0000, u64::MAX).is_none());
+        assert_eq!(mem.frontend_to_guest(0x7100_0010), Some(0x10_0010));
+        assert!(mem.translate_frontend(0x7000_fff0, 0x20).is_none());
+        let p0 = mem.translate(0x100, 4).unwrap();
+        let p1 = mem.translate_frontend(0x7000_0100, 4).unwrap();
+        assert_eq!(p0, p1);
+    }
+
+    #[test]
+    fn bad_tables_are_refused() {
+        assert!(GuestMemory::from_table(&[], vec![]).is_err());
+        assert!(GuestMemory::from_table(&[(0, 0x1000, 0, 0)], vec![]).is_err());
+        let overlapping = GuestMemory::from_table(
+            &[(0, 0x2000, 0, 0), (0x1000, 0x2000, 0x10000, 0)],
+            vec![memfd(0x2000), memfd(0x3000)],
+        );
+        assert!(overlapping.is_err());
+        assert!(
+            GuestMemory::from_table(&[(u64::MAX - 10, 0x1000, 0, 0)], vec![memfd(0x1000)]).is_err()
+        );
+        assert!(GuestMemory::from_table(&[(0, 0, 0, 0)], vec![memfd(0x1000)]).is_err());
+    }
+}
