@@ -7,11 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod blk;
 pub mod chain;
+pub mod device;
 pub mod inflight;
 pub mod memory;
 pub mod virtq;
+pub mod worker;
 
 use std::fmt;
 

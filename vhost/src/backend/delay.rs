@@ -1,0 +1,96 @@
+//! A wrapper that holds completions for a while and releases them shuffled, so tests can
+//! force out-of-order completion (what breaks recovery without inflight tracking).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Backend, BackendInfo, BackendQueue};
+use crate::blk::Request;
+use crate::Result;
+
+/// Delays every completion of the inner backend by `delay` and releases them in a random
+/// order within each poll.
+pub struct DelayBackend {
+    inner: Arc<dyn Backend>,
+    delay: Duration,
+    info: BackendInfo,
+}
+
+impl DelayBackend {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Backend>, delay: Duration) -> Self {
+        let mut info = inner.info().clone();
+        info.description = format!(
+            "{} (completions held {delay:?} and shuffled)",
+            info.description
+        );
+        Self { inner, delay, info }
+    }
+}
+
+impl Backend for DelayBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+        Ok(Box::new(DelayQueue {
+            inner: self.inner.open_queue()?,
+            delay: self.delay,
+            held: Vec::with_capacity(4096),
+            rng: 0x2545_f491_4f6c_dd1d ^ (Instant::now().elapsed().as_nanos() as u64),
+        }))
+    }
+}
+
+struct DelayQueue {
+    inner: Box<dyn BackendQueue>,
+    delay: Duration,
+    held: Vec<(Instant, u16, u8)>,
+    rng: u64,
+}
+
+impl BackendQueue for DelayQueue {
+    fn can_submit(&self) -> bool {
+        self.held.len() < self.held.capacity() && self.inner.can_submit()
+    }
+
+    fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
+        self.inner.submit(request, token)
+    }
+
+    fn flush_submissions(&mut self) {
+        self.inner.flush_submissions();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        let release_at = Instant::now() + self.delay;
+        let held = &mut self.held;
+        self.inner
+            .poll(&mut |token, status| held.push((release_at, token, status)));
+        let now = Instant::now();
+        // Shuffle the ripe ones (xorshift), then release them.
+        let mut ripe = 0;
+        for i in 0..self.held.len() {
+            if self.held[i].0 <= now {
+                self.held.swap(ripe, i);
+                ripe += 1;
+            }
+        }
+        for i in (1..ripe).rev() {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let j = (self.rng % (i as u64 + 1)) as usize;
+            self.held.swap(i, j);
+        }
+        for (_, token, status) in self.held.drain(..ripe) {
+            done(token, status);
+        }
+        ripe
+    }
+
+    fn in_flight(&self) -> usize {
+        self.held.len() + self.inner.in_flight()
+    }
+}

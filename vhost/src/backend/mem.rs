@@ -1,0 +1,176 @@
+//! A RAM disk in a named shared-memory file (e.g. under /dev/shm), so its data outlive the
+//! process: what the kill-and-restart tests need.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Backend, BackendInfo, BackendQueue};
+use crate::blk::{status, Operation, Request, SECTOR};
+use crate::{Error, Result};
+
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a shared mapping used through raw copies only, like a disk.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly our mapping.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// The `mem` backend.
+pub struct MemBackend {
+    map: Arc<Mapping>,
+    info: BackendInfo,
+}
+
+/// Completions a queue can hold before it refuses submissions.
+const QUEUE_DEPTH: usize = 1024;
+
+impl MemBackend {
+    /// Opens (creating or growing to `size` bytes) the file at `path` and maps it shared.
+    pub fn open(path: &Path, size: u64) -> Result<Self> {
+        if size == 0 || size % SECTOR != 0 {
+            return Err(Error::Backend(format!(
+                "mem backend size {size} is not a positive multiple of 512"
+            )));
+        }
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |source| Error::Io { what, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io("opening"))?;
+        if file.metadata().map_err(io("stat of"))?.len() < size {
+            file.set_len(size).map_err(io("sizing"))?;
+        }
+        // SAFETY: a fresh shared mapping of our file; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io("mmap of")(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            map: Arc::new(Mapping {
+                base: base.cast(),
+                len: size as usize,
+            }),
+            info: BackendInfo {
+                description: format!("mem:{} ({} MiB)", path.display(), size >> 20),
+                capacity_sectors: size / SECTOR,
+                block_size: 512,
+                flush: true,
+                discard: true,
+                write_zeroes: true,
+            },
+        })
+    }
+}
+
+impl Backend for MemBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+        Ok(Box::new(MemQueue {
+            map: self.map.clone(),
+            done: VecDeque::with_capacity(QUEUE_DEPTH),
+        }))
+    }
+}
+
+struct MemQueue {
+    map: Arc<Mapping>,
+    done: VecDeque<(u16, u8)>,
+}
+
+impl MemQueue {
+    fn execute(&self, r: &Request) -> u8 {
+        let disk = self.map.base;
+        match r.op {
+            Operation::Read | Operation::Write => {
+                let mut off = (r.sector * SECTOR) as usize;
+                for s in &r.data[..r.data_count] {
+                    let len = s.len as usize;
+                    // Bounds were checked against the capacity by blk::parse.
+                    // SAFETY: off + len <= capacity bytes = the mapping; `s` is guest memory
+                    // translated for `len` bytes.
+                    unsafe {
+                        if r.op == Operation::Read {
+                            std::ptr::copy_nonoverlapping(disk.add(off), s.host, len);
+                        } else {
+                            std::ptr::copy_nonoverlapping(s.host, disk.add(off), len);
+                        }
+                    }
+                    off += len;
+                }
+                status::OK
+            }
+            Operation::Flush => status::OK,
+            Operation::Discard | Operation::WriteZeroes { .. } => {
+                for &(sector, count) in &r.ranges[..r.range_count] {
+                    // SAFETY: ranges were checked against the capacity by blk::parse.
+                    unsafe {
+                        std::ptr::write_bytes(
+                            disk.add((sector * SECTOR) as usize),
+                            0,
+                            count as usize * SECTOR as usize,
+                        )
+                    };
+                }
+                status::OK
+            }
+        }
+    }
+}
+
+impl BackendQueue for MemQueue {
+    fn can_submit(&self) -> bool {
+        self.done.len() < QUEUE_DEPTH
+    }
+
+    fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
+        if !self.can_submit() {
+            return Err(Error::Backend("mem queue full".into()));
+        }
+        let status = self.execute(request);
+        self.done.push_back((token, status));
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        let n = self.done.len();
+        while let Some((token, status)) = self.done.pop_front() {
+            done(token, status);
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}

@@ -1,0 +1,57 @@
+//! Block backends: what a virtio-blk request is finally done with. Each virtqueue gets its own
+//! [`BackendQueue`] (no sharing between poller threads); submission is asynchronous and
+//! completion is polled. Requests hand the backend the guest's own buffers (host addresses of
+//! guest memory), never a copy, so an NVMe backend can DMA straight into guest RAM.
+
+mod delay;
+mod file;
+mod mem;
+mod uring;
+
+pub use delay::DelayBackend;
+pub use file::FileBackend;
+pub use mem::MemBackend;
+
+use crate::blk::Request;
+use crate::Result;
+
+/// What a backend offers; becomes the device's config space and feature bits.
+#[derive(Debug, Clone)]
+pub struct BackendInfo {
+    /// Human-readable description.
+    pub description: String,
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Flush is meaningful (volatile cache).
+    pub flush: bool,
+    /// Discard supported.
+    pub discard: bool,
+    /// Write zeroes supported.
+    pub write_zeroes: bool,
+}
+
+/// A backend: a source of per-virtqueue queues.
+pub trait Backend: Send + Sync {
+    /// What it offers.
+    fn info(&self) -> &BackendInfo;
+    /// A queue for one virtqueue, used by one poller thread.
+    fn open_queue(&self) -> Result<Box<dyn BackendQueue>>;
+}
+
+/// One virtqueue's path to the backend.
+pub trait BackendQueue: Send {
+    /// Whether another request can be submitted now.
+    fn can_submit(&self) -> bool;
+    /// Starts `request` (checked by [`crate::blk::parse`]); `token` comes back at completion.
+    /// The request's buffers stay valid until then.
+    fn submit(&mut self, request: &Request, token: u16) -> Result<()>;
+    /// Pushes out what was submitted since the last call (one system call per batch for
+    /// backends that need one).
+    fn flush_submissions(&mut self) {}
+    /// Reports finished requests as (token, virtio status); returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize;
+    /// Requests submitted and not yet reported.
+    fn in_flight(&self) -> usize;
+}
