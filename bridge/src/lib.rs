@@ -1,7 +1,7 @@
-//! The host binary's wiring: an NVMe controller bound to a PCI address (`vfblk-nvme`),
-//! served to VMs as vhost-user-blk (`vfblk-vhost`).
-//!
-//! Not built yet: the binary arrives with the vhost-user device (issue 4) and its NVMe
-//! backend. It is a workspace member now so the layout is fixed from the start.
+//! The host binaries' library: the vhost-user-blk load generator (a frontend that acts like
+//! QEMU and a guest driver at once). The bridge binary itself is thin wiring over
+//! `vfblk-vhost`.
 
 #![deny(missing_docs)]
+
+pub mod loadgen;

@@ -400,15 +400,12 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let i = u32::from(index);
-        let restart = self.vring(i)?.started;
-        if restart {
-            // The worker holds the old fd: restart the queue with the new one.
-            self.stop_queue(u16::from(index));
-        }
-        self.vring(i)?.call = fd;
-        if restart {
-            self.try_start(u16::from(index))?;
+        let v = self.vring(u32::from(index))?;
+        let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
+        v.call = fd;
+        if v.started {
+            self.worker(u16::from(index))
+                .set_call(u16::from(index), for_worker);
         }
         Ok(())
     }

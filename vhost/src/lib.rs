@@ -13,6 +13,7 @@ pub mod chain;
 pub mod device;
 pub mod inflight;
 pub mod memory;
+pub mod server;
 pub mod virtq;
 pub mod worker;
 

@@ -403,6 +403,12 @@ impl DriverQueue {
         Ok(Some((head, len)))
     }
 
+    /// The used index as the device last published it (what QEMU rewinds to on reconnect).
+    pub fn used_idx_in_memory(&self) -> u16 {
+        // SAFETY: used idx at offset 2.
+        unsafe { &*(self.used.add(2) as *const AtomicU16) }.load(Ordering::Acquire)
+    }
+
     /// Avail index written so far.
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx

@@ -82,6 +82,11 @@ enum Command {
         publish: bool,
         reply: mpsc::Sender<QueueStopped>,
     },
+    /// Replace a running queue's call eventfd.
+    SetCall {
+        index: u16,
+        call: Option<File>,
+    },
     Exit,
 }
 
@@ -165,6 +170,11 @@ impl Worker {
         self.send(Command::Start(Box::new(queue)));
     }
 
+    /// Gives a running queue a new call eventfd.
+    pub fn set_call(&self, index: u16, call: Option<File>) {
+        self.send(Command::SetCall { index, call });
+    }
+
     /// Stops one queue (or all), draining in-flight requests; returns their final states.
     pub fn stop(&self, index: Option<u16>, publish: bool) -> Vec<QueueStopped> {
         let (reply, rx) = mpsc::channel();
@@ -216,6 +226,11 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                             }
                         }
                         queues = kept;
+                    }
+                    Command::SetCall { index, call } => {
+                        if let Some(q) = queues.iter_mut().find(|q| q.index == index) {
+                            q.call = call;
+                        }
                     }
                     Command::Exit => {
                         for mut q in queues.drain(..) {

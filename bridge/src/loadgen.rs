@@ -1,0 +1,615 @@
+//! A vhost-user-blk frontend that is also the guest driver: it shares memory with the backend
+//! like QEMU does (a memfd), negotiates like QEMU (keeping the inflight fd across reconnects,
+//! rewinding each ring's avail index to its used index when the backend comes back), and puts
+//! virtio-blk requests on the rings itself. In verify mode every write stamps its blocks with
+//! (block, generation, seed) and every read checks them.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vfblk_nvme::perf::Histogram;
+use vfblk_nvme::verify::mix;
+use vfblk_vhost::blk::{req, status};
+use vfblk_vhost::virtq::{DriverBuffer, DriverQueue};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Random reads.
+    Read,
+    /// Random writes.
+    Write,
+    /// Random reads and writes, this percentage reads.
+    Mixed(u8),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// Virtqueues.
+    pub queues: u16,
+    /// Entries per virtqueue.
+    pub queue_size: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// Bytes per request (a multiple of 512).
+    pub block_size: u32,
+    /// Access pattern.
+    pub workload: Workload,
+    /// Stamp writes and check reads.
+    pub verify: bool,
+    /// Seconds of I/O.
+    pub seconds: f64,
+    /// Use INFLIGHT_SHMFD when the backend offers it.
+    pub inflight: bool,
+    /// How long to wait for a vanished backend.
+    pub reconnect_timeout: Duration,
+    /// A request outstanding this long is reported lost.
+    pub io_timeout: Duration,
+    /// Pattern seed.
+    pub seed: u32,
+}
+
+/// What happened.
+#[derive(Default)]
+pub struct Report {
+    /// Requests completed.
+    pub ios: u64,
+    /// Of which reads.
+    pub reads: u64,
+    /// Reads whose data did not match the last completed write.
+    pub verify_errors: u64,
+    /// Requests completed with a status other than OK.
+    pub failed: u64,
+    /// Requests that did not complete within the I/O timeout.
+    pub lost: u64,
+    /// Used elements for heads not in flight (a request completed twice, or garbage).
+    pub not_a_head: u64,
+    /// Times the backend went away and came back.
+    pub reconnects: u64,
+    /// Per reconnect: ms from the last completion before the backend vanished to the first
+    /// completion after it came back.
+    pub pauses_ms: Vec<f64>,
+    /// Latency histogram.
+    pub latency: Histogram,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Inflight tracking was in use.
+    pub inflight: bool,
+    /// First error messages (at most 10).
+    pub errors: Vec<String>,
+}
+
+struct Slot {
+    busy: bool,
+    write: bool,
+    unit: u64,
+    generation: u32,
+    issued: Instant,
+}
+
+struct Queue {
+    ring: DriverQueue,
+    kick: EventFd,
+    call: EventFd,
+    slots: Vec<Slot>,
+    head_to_slot: Vec<Option<usize>>,
+    /// GPA of each slot's control area (header at +0, status at +16) and data buffer.
+    control_gpa: u64,
+    data_gpa: u64,
+}
+
+struct Memory {
+    file: File,
+    base: *mut u8,
+    len: usize,
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: our mapping.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// The running load generator.
+pub struct LoadGen {
+    opts: Options,
+    mem: Memory,
+    queues: Vec<Queue>,
+    frontend: Option<(Frontend, UnixStream)>,
+    inflight_file: Option<(VhostUserInflight, File)>,
+    capacity_sectors: u64,
+    units: u64,
+    expected: Vec<u32>,
+    busy_units: Vec<bool>,
+    next_generation: u32,
+    rng: u64,
+    report: Report,
+}
+
+fn memfd(len: usize) -> std::io::Result<Memory> {
+    let name = std::ffi::CString::new("vfblk-loadgen-guest").expect("no NUL");
+    // SAFETY: memfd creation; checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)?;
+    // SAFETY: shared mapping of our memfd; checked.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Memory {
+        file,
+        base: base.cast(),
+        len,
+    })
+}
+
+fn stamp(unit: u64, generation: u32, seed: u32, out: &mut [u8]) {
+    for (w, word) in out.chunks_exact_mut(8).enumerate() {
+        let v = match w % 64 {
+            0 => unit,
+            1 => u64::from(generation) | (u64::from(seed) << 32),
+            _ => mix(unit ^ (u64::from(generation) << 40) ^ (w as u64)),
+        };
+        word.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+impl LoadGen {
+    /// Sets up guest memory and rings, and connects.
+    pub fn new(opts: Options) -> Result<Self, String> {
+        if opts.block_size == 0
+            || opts.block_size % 512 != 0
+            || opts.depth == 0
+            || opts.depth >= opts.queue_size / 2
+        {
+            return Err(
+                "block size must be a multiple of 512 and depth below half the queue size".into(),
+            );
+        }
+        let ring_bytes = DriverQueue::bytes(opts.queue_size).div_ceil(4096) * 4096;
+        let control_bytes = (usize::from(opts.depth) * 32).div_ceil(4096) * 4096;
+        let data_bytes = usize::from(opts.depth) * opts.block_size as usize;
+        let per_queue = ring_bytes + control_bytes + data_bytes.div_ceil(4096) * 4096;
+        let total = per_queue * usize::from(opts.queues);
+        let mem = memfd(total).map_err(|e| format!("guest memory: {e}"))?;
+        let mut queues = Vec::new();
+        for q in 0..usize::from(opts.queues) {
+            let off = q * per_queue;
+            // SAFETY: the ring area lies inside our zeroed mapping.
+            let ring = unsafe { DriverQueue::new(mem.base.add(off), off as u64, opts.queue_size) };
+            let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
+            queues.push(Queue {
+                ring,
+                kick: new_fd()?,
+                call: new_fd()?,
+                slots: (0..opts.depth)
+                    .map(|_| Slot {
+                        busy: false,
+                        write: false,
+                        unit: 0,
+                        generation: 0,
+                        issued: Instant::now(),
+                    })
+                    .collect(),
+                head_to_slot: vec![None; usize::from(opts.queue_size)],
+                control_gpa: (off + ring_bytes) as u64,
+                data_gpa: (off + ring_bytes + control_bytes) as u64,
+            });
+        }
+        let mut lg = Self {
+            rng: mix(u64::from(opts.seed) | 1),
+            opts,
+            mem,
+            queues,
+            frontend: None,
+            inflight_file: None,
+            capacity_sectors: 0,
+            units: 0,
+            expected: Vec::new(),
+            busy_units: Vec::new(),
+            next_generation: 1,
+            report: Report::default(),
+        };
+        lg.connect(Instant::now() + lg.opts.reconnect_timeout)?;
+        lg.units = lg.capacity_sectors * 512 / u64::from(lg.opts.block_size);
+        if lg.units < u64::from(lg.opts.depth) * u64::from(lg.opts.queues) * 2 {
+            return Err(format!(
+                "the device ({} sectors) is too small for this depth",
+                lg.capacity_sectors
+            ));
+        }
+        lg.expected = vec![0; lg.units as usize];
+        lg.busy_units = vec![false; lg.units as usize];
+        Ok(lg)
+    }
+
+    fn host(&self, gpa: u64) -> *mut u8 {
+        debug_assert!((gpa as usize) < self.mem.len);
+        // SAFETY: every GPA we use lies in our mapping (GPA = offset).
+        unsafe { self.mem.base.add(gpa as usize) }
+    }
+
+    /// Connects (retrying until `deadline`) and negotiates like QEMU's vhost-user-blk.
+    fn connect(&mut self, deadline: Instant) -> Result<(), String> {
+        let stream = loop {
+            match UnixStream::connect(&self.opts.socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("connecting to {}: {e}", self.opts.socket.display())),
+            }
+        };
+        let watch = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut fe = Frontend::from_stream(stream, u64::from(self.opts.queues));
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: vhost::Error| format!("{what}: {err}")
+        };
+        fe.set_owner().map_err(e("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(e("GET_FEATURES"))?;
+        let wanted = (1u64 << 32)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | (1 << 2)
+            | (1 << 6)
+            | (1 << 9)
+            | (1 << 12);
+        fe.set_features(offered & wanted)
+            .map_err(e("SET_FEATURES"))?;
+        let pf = fe
+            .get_protocol_features()
+            .map_err(e("GET_PROTOCOL_FEATURES"))?;
+        let mut want_pf = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+        if self.opts.inflight {
+            want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        let pf = pf & want_pf;
+        fe.set_protocol_features(pf)
+            .map_err(e("SET_PROTOCOL_FEATURES"))?;
+        let (_, payload) = fe
+            .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+            .map_err(e("GET_CONFIG"))?;
+        if payload.len() < 8 {
+            return Err("config space too short".into());
+        }
+        self.capacity_sectors = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+        self.report.inflight = pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        if self.report.inflight {
+            if self.inflight_file.is_none() {
+                let ask = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.opts.queues,
+                    queue_size: self.opts.queue_size,
+                };
+                self.inflight_file = Some(fe.get_inflight_fd(&ask).map_err(e("GET_INFLIGHT_FD"))?);
+            }
+            let (info, file) = self.inflight_file.as_ref().expect("just set");
+            fe.set_inflight_fd(info, file.as_raw_fd())
+                .map_err(e("SET_INFLIGHT_FD"))?;
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: self.mem.len as u64,
+            userspace_addr: self.mem.base as u64,
+            mmap_offset: 0,
+            mmap_handle: self.mem.file.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).map_err(e("SET_MEM_TABLE"))?;
+        let va = |gpa: u64| self.mem.base as u64 + gpa;
+        for (i, q) in self.queues.iter().enumerate() {
+            fe.set_vring_num(i, self.opts.queue_size)
+                .map_err(e("SET_VRING_NUM"))?;
+            // QEMU restores last_avail_idx to the used index after a disconnect.
+            fe.set_vring_base(i, q.ring.used_idx_in_memory())
+                .map_err(e("SET_VRING_BASE"))?;
+            let (d, a, u) = q.ring.gpas;
+            let cfg = VringConfigData {
+                queue_max_size: self.opts.queue_size,
+                queue_size: self.opts.queue_size,
+                flags: 0,
+                desc_table_addr: va(d),
+                used_ring_addr: va(u),
+                avail_ring_addr: va(a),
+                log_addr: None,
+            };
+            fe.set_vring_addr(i, &cfg).map_err(e("SET_VRING_ADDR"))?;
+            fe.set_vring_kick(i, &q.kick).map_err(e("SET_VRING_KICK"))?;
+            fe.set_vring_call(i, &q.call).map_err(e("SET_VRING_CALL"))?;
+            fe.set_vring_enable(i, true)
+                .map_err(e("SET_VRING_ENABLE"))?;
+            let _ = q.kick.write(1);
+        }
+        self.frontend = Some((fe, watch));
+        Ok(())
+    }
+
+    fn backend_gone(&self) -> bool {
+        let Some((_, watch)) = &self.frontend else {
+            return true;
+        };
+        let mut pfd = libc::pollfd {
+            fd: watch.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLIN) != 0
+    }
+
+    fn error(&mut self, msg: String) {
+        if self.report.errors.len() < 10 {
+            self.report.errors.push(msg);
+        }
+    }
+
+    fn submit(&mut self, qi: usize, si: usize) {
+        // Pick a unit no request in flight touches.
+        let unit = loop {
+            self.rng = mix(self.rng);
+            let u = self.rng % self.units;
+            if !self.busy_units[u as usize] {
+                break u;
+            }
+        };
+        self.rng = mix(self.rng);
+        let write = match self.opts.workload {
+            Workload::Read => false,
+            Workload::Write => true,
+            Workload::Mixed(p) => (self.rng % 100) as u8 >= p,
+        };
+        let bs = self.opts.block_size as usize;
+        let q = &self.queues[qi];
+        let control = q.control_gpa + 32 * si as u64;
+        let data = q.data_gpa + (si * bs) as u64;
+        let generation = if write {
+            let g = self.next_generation;
+            self.next_generation = self.next_generation.wrapping_add(1).max(1);
+            g
+        } else {
+            0
+        };
+        let sector = unit * (bs as u64 / 512);
+        // SAFETY: control and data areas lie in our mapping; the device does not own them
+        // until the chain is made available below.
+        unsafe {
+            let hdr = self.host(control);
+            let kind = if write { req::OUT } else { req::IN };
+            std::ptr::copy_nonoverlapping(kind.to_le_bytes().as_ptr(), hdr, 4);
+            std::ptr::write_bytes(hdr.add(4), 0, 4);
+            std::ptr::copy_nonoverlapping(sector.to_le_bytes().as_ptr(), hdr.add(8), 8);
+            self.host(control + 16).write_volatile(0xff);
+            let buf = std::slice::from_raw_parts_mut(self.host(data), bs);
+            if write {
+                stamp(unit, generation, self.opts.seed, buf);
+            } else {
+                buf.fill(0xa5);
+            }
+        }
+        let q = &mut self.queues[qi];
+        let chain = [
+            DriverBuffer {
+                gpa: control,
+                len: 16,
+                write: false,
+            },
+            DriverBuffer {
+                gpa: data,
+                len: bs as u32,
+                write: !write,
+            },
+            DriverBuffer {
+                gpa: control + 16,
+                len: 1,
+                write: true,
+            },
+        ];
+        let Some(head) = q.ring.add(&chain) else {
+            return;
+        };
+        q.head_to_slot[usize::from(head)] = Some(si);
+        q.slots[si] = Slot {
+            busy: true,
+            write,
+            unit,
+            generation,
+            issued: Instant::now(),
+        };
+        self.busy_units[unit as usize] = true;
+    }
+
+    fn complete(&mut self, qi: usize, head: u16) {
+        let Some(si) = self.queues[qi].head_to_slot[usize::from(head)].take() else {
+            self.report.not_a_head += 1;
+            self.error(format!(
+                "queue {qi}: used id {head} is not a request in flight"
+            ));
+            return;
+        };
+        let slot = &mut self.queues[qi].slots[si];
+        slot.busy = false;
+        let (write, unit, generation, issued) =
+            (slot.write, slot.unit, slot.generation, slot.issued);
+        self.busy_units[unit as usize] = false;
+        let control = self.queues[qi].control_gpa + 32 * si as u64;
+        let data = self.queues[qi].data_gpa + (si * self.opts.block_size as usize) as u64;
+        // SAFETY: the status byte lies in our mapping and the device has published it.
+        let st = unsafe { self.host(control + 16).read_volatile() };
+        self.report.ios += 1;
+        self.report
+            .latency
+            .record(issued.elapsed().as_nanos() as u64);
+        if st != status::OK {
+            self.report.failed += 1;
+            self.error(format!(
+                "queue {qi}: {} of unit {unit} completed with status {st}",
+                if write { "write" } else { "read" }
+            ));
+            return;
+        }
+        if write {
+            self.expected[unit as usize] = generation;
+            return;
+        }
+        self.report.reads += 1;
+        let want = self.expected[unit as usize];
+        if self.opts.verify && want != 0 {
+            let bs = self.opts.block_size as usize;
+            let mut expect = vec![0u8; bs];
+            stamp(unit, want, self.opts.seed, &mut expect);
+            // SAFETY: the data buffer lies in our mapping; the device is done with it.
+            let got = unsafe { std::slice::from_raw_parts(self.host(data), bs) };
+            if got != expect.as_slice() {
+                self.report.verify_errors += 1;
+                let seen = u64::from_le_bytes(got[8..16].try_into().expect("8 bytes")) as u32;
+                self.error(format!(
+                    "queue {qi}: unit {unit} read generation {seen}, expected {want}"
+                ));
+            }
+        }
+    }
+
+    /// Runs the workload; reconnects whenever the backend vanishes.
+    pub fn run(mut self) -> Report {
+        let started = Instant::now();
+        let end = started + Duration::from_secs_f64(self.opts.seconds);
+        let mut last_completion = Instant::now();
+        let mut gone_since: Option<Instant> = None;
+        let mut awaiting_first = false;
+        let mut stopping = false;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                stopping = true;
+            }
+            if gone_since.is_none() && self.backend_gone() {
+                gone_since = Some(now);
+                self.frontend = None;
+            }
+            if let Some(t) = gone_since {
+                if now.duration_since(t) > self.opts.reconnect_timeout {
+                    self.error(format!(
+                        "backend did not come back within {:?}",
+                        self.opts.reconnect_timeout
+                    ));
+                    break;
+                }
+                match self.connect(now) {
+                    Ok(()) => {
+                        gone_since = None;
+                        awaiting_first = true;
+                        self.report.reconnects += 1;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            let mut progress = 0;
+            for qi in 0..self.queues.len() {
+                if !stopping {
+                    for si in 0..self.queues[qi].slots.len() {
+                        if !self.queues[qi].slots[si].busy {
+                            self.submit(qi, si);
+                            progress += 1;
+                        }
+                    }
+                    if progress > 0 {
+                        let _ = self.queues[qi].kick.write(1);
+                    }
+                }
+                loop {
+                    match self.queues[qi].ring.pop_used() {
+                        Ok(Some((head, _len))) => {
+                            self.complete(qi, head);
+                            progress += 1;
+                            let now = Instant::now();
+                            if awaiting_first {
+                                self.report.pauses_ms.push(
+                                    now.duration_since(last_completion).as_secs_f64() * 1000.0,
+                                );
+                                awaiting_first = false;
+                            }
+                            last_completion = now;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.report.not_a_head += 1;
+                            self.error(format!("queue {qi}: {e}"));
+                        }
+                    }
+                }
+                let stuck = self.queues[qi]
+                    .slots
+                    .iter()
+                    .filter(|s| s.busy && s.issued.elapsed() > self.opts.io_timeout)
+                    .count();
+                if stuck > 0 && gone_since.is_none() {
+                    self.report.lost += stuck as u64;
+                    let msg = format!(
+                        "queue {qi}: requests outstanding for more than {:?}",
+                        self.opts.io_timeout
+                    );
+                    self.error(msg);
+                    self.report.seconds = started.elapsed().as_secs_f64();
+                    return self.report;
+                }
+            }
+            let outstanding = self
+                .queues
+                .iter()
+                .flat_map(|q| q.slots.iter())
+                .any(|s| s.busy);
+            if stopping && !outstanding {
+                break;
+            }
+            if progress == 0 {
+                let mut fds: Vec<libc::pollfd> = self
+                    .queues
+                    .iter()
+                    .map(|q| libc::pollfd {
+                        fd: q.call.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: valid pollfd array.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+                for q in &self.queues {
+                    let _ = q.call.read();
+                }
+            }
+        }
+        self.report.seconds = started.elapsed().as_secs_f64();
+        self.report
+    }
+}
