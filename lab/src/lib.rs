@@ -93,6 +93,8 @@ pub fn project_bin_dir() -> Result<PathBuf> {
                     "vfblk-nvme",
                     "-p",
                     "vfblk-lab",
+                    "-p",
+                    "vfblk-bridge",
                 ])
                 .current_dir(&root)
                 .status()

@@ -1,5 +1,6 @@
-//! A wrapper that holds completions for a while and releases them shuffled, so tests can
-//! force out-of-order completion (what breaks recovery without inflight tracking).
+//! A wrapper that holds each completion for a random time up to a limit and releases ripe ones
+//! shuffled, so tests can force out-of-order completion (what breaks recovery without inflight
+//! tracking: the set of completed requests is then not a prefix of the avail ring).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,8 +9,8 @@ use super::{Backend, BackendInfo, BackendQueue};
 use crate::blk::Request;
 use crate::Result;
 
-/// Delays every completion of the inner backend by `delay` and releases them in a random
-/// order within each poll.
+/// Delays every completion of the inner backend by a random time in [0, `delay`] and releases
+/// them in a random order within each poll.
 pub struct DelayBackend {
     inner: Arc<dyn Backend>,
     delay: Duration,
@@ -64,11 +65,20 @@ impl BackendQueue for DelayQueue {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        let release_at = Instant::now() + self.delay;
-        let held = &mut self.held;
-        self.inner
-            .poll(&mut |token, status| held.push((release_at, token, status)));
         let now = Instant::now();
+        let held = &mut self.held;
+        let rng = &mut self.rng;
+        let limit = self.delay.as_micros().max(1) as u64;
+        self.inner.poll(&mut |token, status| {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            held.push((
+                now + Duration::from_micros(*rng % (limit + 1)),
+                token,
+                status,
+            ));
+        });
         // Shuffle the ripe ones (xorshift), then release them.
         let mut ripe = 0;
         for i in 0..self.held.len() {
