@@ -10,6 +10,7 @@
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
+pub mod recovery;
 pub mod scenario;
 pub mod vm;
 

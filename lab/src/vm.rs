@@ -266,6 +266,18 @@ enum Line {
 
 /// Boots a guest, follows its console until it powers off or a deadline passes.
 pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run> {
+    run_watching(spec, limits, log, echo, &mut |_| {})
+}
+
+/// Like [`run`], calling `on_step` with the text of every `@@VFBLK-STEP` line as it arrives
+/// (so the host can act while the guest runs: kill a backend, restart it).
+pub fn run_watching(
+    spec: &VmSpec,
+    limits: Limits,
+    log: &Path,
+    echo: Echo,
+    on_step: &mut dyn FnMut(&str),
+) -> Result<Run> {
     let started = Instant::now();
     let stderr_log = log.with_extension("qemu-stderr");
     let mut child = Command::new(&spec.qemu)
@@ -337,12 +349,15 @@ pub fn run(spec: &VmSpec, limits: Limits, log: &Path, echo: Echo) -> Result<Run>
                 let (tag, rest) = tagged.split_once(' ').unwrap_or((tagged, ""));
                 match tag {
                     "-BOOTED" => out.boot_time = Some(started.elapsed()),
-                    "-STEP" if echo == Echo::Steps => {
-                        eprintln!(
-                            "  [{} {:>5.1}s] {rest}",
-                            spec.name,
-                            started.elapsed().as_secs_f64()
-                        )
+                    "-STEP" => {
+                        if echo == Echo::Steps {
+                            eprintln!(
+                                "  [{} {:>5.1}s] {rest}",
+                                spec.name,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                        on_step(rest);
                     }
                     "-RECORD" => match serde_json::from_str(rest) {
                         Ok(v) => out.records.push(v),

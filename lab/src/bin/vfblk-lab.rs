@@ -4,15 +4,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use vfblk_lab::recovery::{self, DemoBackend, DemoOptions};
 use vfblk_lab::scenario::{self, Contents, Lab};
-use vfblk_lab::vm::{self, Echo, Ending, Limits};
+use vfblk_lab::vm::{self, Accel, Echo, Ending, Limits};
 use vfblk_lab::{LabError, Result};
 
 const USAGE: &str = "usage: vfblk-lab <command> [options]
 
 commands:
   setup                      fetch and unpack the guest kernel into the cache
-  demo [--json]              boot the lab and show the NVMe controller reached through VFIO
+  demo [--backend mem|file] [--kills N] [--json]
+                             boot the lab: the NVMe controller reached through VFIO in the
+                             guest, and fio verifying a vhost-user-blk disk while the host
+                             kills the bridge with SIGKILL and restarts it
   run --script FILE [--fio] [--nested] [--verbose] [--json]
                              boot the lab guest and run FILE (busybox sh) in it
   shell [--fio] [--nested]   boot the lab guest with a shell on this terminal (Ctrl-A X quits)
@@ -123,35 +127,49 @@ fn l2_limits(total: Duration) -> Limits {
 
 fn demo(mut args: Args) -> Result<()> {
     let json = args.flag("--json");
+    let backend = match args.value("--backend")?.as_deref() {
+        None | Some("mem") => DemoBackend::Mem,
+        Some("file") => DemoBackend::File,
+        Some(other) => return Err(LabError::Setup(format!("--backend {other}: mem or file"))),
+    };
+    let kills = args.number("--kills", 2)?;
     args.finish()?;
     let started = Instant::now();
     eprintln!("lab: preparing guest kernel and project binaries");
     let lab = Lab::new("demo")?;
-    let initrd = lab.l2_image(scenario::VFIO_PROBE_SCRIPT, Contents::default())?;
-    let disk = lab.disk("nvme.img", 1024)?;
-    let spec = lab.l2_spec(&initrd, &disk);
-    eprintln!("lab: booting the guest ({})", spec.accel.describe());
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(Duration::from_secs(180)),
-        2,
-        &lab.dir.join("console.log"),
-        Echo::Steps,
-    )?;
-    let run = &retried.run;
-    run.expect_success("VFIO probe in the lab guest")?;
+    eprintln!("lab: booting the guest (TCG) with the emulated NVMe behind a virtual IOMMU and a vhost-user-blk disk served by vfblk-bridge");
+    let opts = DemoOptions {
+        backend,
+        kills,
+        vfio_probe: true,
+        fio_mib: 32,
+    };
+    let outcome = recovery::run_demo(&lab, &opts)?;
+    let run = &outcome.run.run;
+    run.expect_success("lab demo")?;
     let probe = run
         .record("probe")
         .ok_or_else(|| LabError::Guest("the guest reported no probe result".into()))?;
     let guest = run.record("guest").cloned().unwrap_or_default();
+    let fio = run.record("fio").cloned().unwrap_or_default();
+    let (writes, reads, max_pause_ms, fio_errors) = recovery::fio_summary(&fio);
     if json {
         let out = serde_json::json!({
             "accel": "tcg",
             "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
-            "boot_tries": retried.tries,
             "total_s": started.elapsed().as_secs_f64(),
             "guest": guest,
             "probe": probe,
+            "recovery": {
+                "backend": outcome.backend,
+                "kills": outcome.kills,
+                "resubmitted": outcome.resubmitted,
+                "fio_exit": run.record("fio_exit"),
+                "fio_writes": writes,
+                "fio_verified_reads": reads,
+                "fio_errors": fio_errors,
+                "longest_io_pause_ms": max_pause_ms,
+            },
         });
         println!("{out}");
         return Ok(());
@@ -159,10 +177,10 @@ fn demo(mut args: Args) -> Result<()> {
     let g = |k: &str| probe[k].clone();
     let cap = &probe["cap"];
     println!();
-    println!("vfblk lab: emulated NVMe reached through VFIO from inside the guest");
-    println!("  acceleration     {}", spec.accel.describe());
+    println!("vfblk lab demo");
+    println!("  acceleration     {}", Accel::Tcg.describe());
     println!(
-        "  guest            Linux {}, {} vCPUs, {} x 2 MiB hugepages, SVM {}",
+        "  guest            Linux {}, {} vCPUs, {} x 2 MiB hugepages, SVM {}; booted in {:.1} s",
         guest["kernel"].as_str().unwrap_or("?"),
         guest["cpus"],
         guest["hugepages"],
@@ -170,53 +188,64 @@ fn demo(mut args: Args) -> Result<()> {
             "available (nested KVM possible)"
         } else {
             "absent"
-        }
-    );
-    println!(
-        "  boot             {:.1} s to /init (try {}), {:.1} s in all",
+        },
         run.boot_time.unwrap_or_default().as_secs_f64(),
-        retried.tries,
-        started.elapsed().as_secs_f64()
     );
+    println!("NVMe through VFIO (inside the guest)");
     println!(
-        "  controller       {} (class {}, vendor:device {})",
+        "  controller       {} (class {}, vendor:device {}), driver {}",
         g("pci_address").as_str().unwrap_or("?"),
         g("class").as_str().unwrap_or("?"),
-        g("vendor_device").as_str().unwrap_or("?")
+        g("vendor_device").as_str().unwrap_or("?"),
+        g("driver").as_str().unwrap_or("?")
     );
     println!(
-        "  IOMMU group      {} (/dev/vfio/{})",
+        "  IOMMU group      {} (/dev/vfio/{}); BAR0 {} bytes mapped",
         g("iommu_group"),
-        g("iommu_group")
+        g("iommu_group"),
+        g("bar0_size")
     );
-    println!("  driver           {}", g("driver").as_str().unwrap_or("?"));
-    println!("  BAR0             {} bytes mapped", g("bar0_size"));
     println!(
-        "  VS               NVMe {}",
-        g("version").as_str().unwrap_or("?")
+        "  VS / CAP         NVMe {} / {}",
+        g("version").as_str().unwrap_or("?"),
+        cap["raw"].as_str().unwrap_or("?")
     );
-    println!("  CAP              {}", cap["raw"].as_str().unwrap_or("?"));
     println!(
-        "                   MQES {} entries, DSTRD {} ({} B doorbell stride), TO {} ms, CQR {}",
+        "                   MQES {}, DSTRD {} B, TO {} ms, CQR {}, MPS {}..{} bytes",
         cap["max_queue_entries"],
-        cap["doorbell_stride_code"],
         cap["doorbell_stride_bytes"],
         cap["timeout_ms"],
-        cap["contiguous_queues_required"]
+        cap["contiguous_queues_required"],
+        cap["page_size_min"],
+        cap["page_size_max"]
     );
-    println!(
-        "                   MPS {}..{} bytes, NVM command set {}",
-        cap["page_size_min"], cap["page_size_max"], cap["nvm_command_set"]
-    );
-    println!("  CSTS             {}", g("csts").as_str().unwrap_or("?"));
     let dma = &probe["dma"];
     println!(
-        "  DMA buffer       {} bytes of {} pages at IOVA {} (mapped in the IOMMU, then unmapped)",
+        "  DMA buffer       {} bytes of {} pages mapped at IOVA {}",
         dma["size"],
         dma["page_kind"].as_str().unwrap_or("?"),
         dma["iova"].as_str().unwrap_or("?")
     );
-    println!("  console log      {}", run.log.display());
+    println!("vhost-user-blk with live recovery (host bridge, guest fio)");
+    println!("  backend          {}", outcome.backend);
+    println!("  bridge restarts  {} x SIGKILL mid-run, restarted 0.5 s later; {} request(s) run again from the inflight region", outcome.kills, outcome.resubmitted);
+    println!(
+        "  fio in the guest exit status {}, {} writes then {} verified reads (crc32c), {} errors",
+        run.record("fio_exit").cloned().unwrap_or_default(),
+        writes,
+        reads,
+        fio_errors
+    );
+    println!(
+        "  longest I/O pause seen by the guest: {:.0} ms (fio's maximum completion latency)",
+        max_pause_ms
+    );
+    println!(
+        "  total            {:.1} s; console log {}; bridge log {}",
+        started.elapsed().as_secs_f64(),
+        run.log.display(),
+        outcome.bridge_log.display()
+    );
     Ok(())
 }
 
