@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
