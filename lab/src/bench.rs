@@ -23,10 +23,15 @@ fn wait_for(socket: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(LabError::Setup(format!("backend exited with {status} before listening")));
+            return Err(LabError::Setup(format!(
+                "backend exited with {status} before listening"
+            )));
         }
         if Instant::now() > deadline {
-            return Err(LabError::Setup(format!("no socket at {}", socket.display())));
+            return Err(LabError::Setup(format!(
+                "no socket at {}",
+                socket.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -34,7 +39,12 @@ fn wait_for(socket: &Path, child: &mut Child) -> Result<()> {
 }
 
 /// Runs the load generator (pinned to CPU 0) against `backend` (pinned to CPU 1).
-fn measure(bin_dir: &Path, socket: &Path, backend: &[String], loadgen: &[&str]) -> Result<serde_json::Value> {
+fn measure(
+    bin_dir: &Path,
+    socket: &Path,
+    backend: &[String],
+    loadgen: &[&str],
+) -> Result<serde_json::Value> {
     let _ = std::fs::remove_file(socket);
     let mut child = Command::new("taskset")
         .args(["-c", "1"])
@@ -54,7 +64,8 @@ fn measure(bin_dir: &Path, socket: &Path, backend: &[String], loadgen: &[&str]) 
             .arg("--json")
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        serde_json::from_str(text.trim()).map_err(|e| LabError::Guest(format!("load generator printed {text:?}: {e}")))
+        serde_json::from_str(text.trim())
+            .map_err(|e| LabError::Guest(format!("load generator printed {text:?}: {e}")))
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -62,8 +73,18 @@ fn measure(bin_dir: &Path, socket: &Path, backend: &[String], loadgen: &[&str]) 
 }
 
 /// Runs both backends on `data` (a file of `size_mib` MiB, created if missing).
-pub fn run(bin_dir: &Path, dir: &Path, data: &Path, size_mib: u64, loadgen: &[&str]) -> Result<Vec<BenchRow>> {
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(data)?;
+pub fn run(
+    bin_dir: &Path,
+    dir: &Path,
+    data: &Path,
+    size_mib: u64,
+    loadgen: &[&str],
+) -> Result<Vec<BenchRow>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data)?;
     file.set_len(size_mib << 20)?;
     drop(file);
     let socket = dir.join("bench.sock");
@@ -99,7 +120,11 @@ pub fn run(bin_dir: &Path, dir: &Path, data: &Path, size_mib: u64, loadgen: &[&s
     ] {
         eprintln!("bench: {name}");
         let report = measure(bin_dir, &socket, &cmd, loadgen)?;
-        rows.push(BenchRow { name: name.to_string(), backend_command: format!("taskset -c 1 {}", cmd.join(" ")), report });
+        rows.push(BenchRow {
+            name: name.to_string(),
+            backend_command: format!("taskset -c 1 {}", cmd.join(" ")),
+            report,
+        });
     }
     Ok(rows)
 }

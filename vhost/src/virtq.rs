@@ -403,6 +403,24 @@ impl DriverQueue {
         Ok(Some((head, len)))
     }
 
+    /// The next used element without checking or freeing anything (for chains written with
+    /// [`DriverQueue::add_raw`]): (id, written length).
+    pub fn pop_used_raw(&mut self) -> Option<(u32, u32)> {
+        // SAFETY: used idx at offset 2.
+        let used = unsafe { &*(self.used.add(2) as *const AtomicU16) }.load(Ordering::Acquire);
+        if used == self.last_used {
+            return None;
+        }
+        let slot = usize::from(self.last_used % self.size);
+        // SAFETY: ring[slot] inside the used ring.
+        let e = unsafe {
+            let e = self.used.add(4 + 8 * slot) as *const u32;
+            (e.read_volatile(), e.add(1).read_volatile())
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        Some(e)
+    }
+
     /// The used index as the device last published it (what QEMU rewinds to on reconnect).
     pub fn used_idx_in_memory(&self) -> u16 {
         // SAFETY: used idx at offset 2.

@@ -497,26 +497,59 @@ fn bench_vhost(mut args: Args) -> Result<()> {
     let dir = vfblk_lab::run_dir("bench-vhost")?;
     let data = std::path::PathBuf::from(format!("/dev/shm/vfblk-bench-{}", std::process::id()));
     let (secs, depth) = (seconds.to_string(), qd.to_string());
-    let loadgen = ["--rw", "read", "--bs", "4096", "--qd", depth.as_str(), "--queues", "1", "--seconds", secs.as_str()];
+    let loadgen = [
+        "--rw",
+        "read",
+        "--bs",
+        "4096",
+        "--qd",
+        depth.as_str(),
+        "--queues",
+        "1",
+        "--seconds",
+        secs.as_str(),
+    ];
     let rows = vfblk_lab::bench::run(&bin_dir, &dir, &data, 256, &loadgen);
     let _ = std::fs::remove_file(&data);
     let rows = rows?;
-    let loadgen_cmd = format!("taskset -c 0 vfblk-loadgen --socket SOCKET {} --json", loadgen.join(" "));
+    let loadgen_cmd = format!(
+        "taskset -c 0 vfblk-loadgen --socket SOCKET {} --json",
+        loadgen.join(" ")
+    );
     if json {
         let out: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!({"name": r.name, "backend_command": r.backend_command, "report": r.report})).collect();
-        println!("{}", serde_json::json!({"loadgen_command": loadgen_cmd, "rows": out}));
+        println!(
+            "{}",
+            serde_json::json!({"loadgen_command": loadgen_cmd, "rows": out})
+        );
         return Ok(());
     }
     println!("4 KiB random read, QD{qd}, 1 queue, {seconds} s, on a 256 MiB file in /dev/shm; backend pinned to CPU 1, load generator to CPU 0:");
-    println!("  {:<44} {:>10} {:>9} {:>9} {:>9}", "backend", "IOPS", "p50 us", "p99 us", "p99.9 us");
+    println!(
+        "  {:<44} {:>10} {:>9} {:>9} {:>9}",
+        "backend", "IOPS", "p50 us", "p99 us", "p99.9 us"
+    );
     for r in &rows {
         let f = |k: &str| r.report[k].as_f64().unwrap_or(f64::NAN);
-        println!("  {:<44} {:>10.0} {:>9.1} {:>9.1} {:>9.1}", r.name, f("iops"), f("lat_p50_us"), f("lat_p99_us"), f("lat_p999_us"));
+        println!(
+            "  {:<44} {:>10.0} {:>9.1} {:>9.1} {:>9.1}",
+            r.name,
+            f("iops"),
+            f("lat_p50_us"),
+            f("lat_p99_us"),
+            f("lat_p999_us")
+        );
     }
     if let [ours, qsd, ours_file] = rows.as_slice() {
         let iops = |r: &vfblk_lab::bench::BenchRow| r.report["iops"].as_f64().unwrap_or(f64::NAN);
-        println!("  ratio mem backend / qemu-storage-daemon: {:.2}x", iops(ours) / iops(qsd));
-        println!("  ratio file backend / qemu-storage-daemon: {:.2}x", iops(ours_file) / iops(qsd));
+        println!(
+            "  ratio mem backend / qemu-storage-daemon: {:.2}x",
+            iops(ours) / iops(qsd)
+        );
+        println!(
+            "  ratio file backend / qemu-storage-daemon: {:.2}x",
+            iops(ours_file) / iops(qsd)
+        );
     }
     println!("  load generator: {loadgen_cmd}");
     for r in &rows {

@@ -1,0 +1,547 @@
+//! The device over a real vhost-user socket, driven by a minimal frontend in this test:
+//! negotiation, config space, every request type, and hostile input (descriptors outside
+//! memory, loops, over-long chains, wrong directions, missing status, out-of-range sectors,
+//! nested indirect tables, malformed vhost-user messages). Bad input must get IOERR/UNSUPP or
+//! the chain back without status, never a panic, and the device must keep serving.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vfblk_vhost::backend::MemBackend;
+use vfblk_vhost::blk::{req, status};
+use vfblk_vhost::device::DeviceConfig;
+use vfblk_vhost::virtq::{
+    Descriptor, DriverBuffer, DriverQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+};
+use vfblk_vhost::worker::{PollMode, Worker};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: usize = 4 << 20;
+const DISK: u64 = 16 << 20;
+const QSIZE: u16 = 64;
+const BUF: u64 = 1 << 20; // buffers live above 1 MiB
+
+fn start_server(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vfblk-devtest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("blk.sock");
+    let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
+    let workers = vec![Worker::spawn(
+        "test-poller".into(),
+        None,
+        PollMode {
+            idle_loops_before_sleep: Some(1000),
+        },
+    )];
+    let mut serial = [0u8; 20];
+    serial[..9].copy_from_slice(b"test-disk");
+    let config = Arc::new(DeviceConfig {
+        num_queues: 2,
+        inflight: true,
+        serial,
+        backend,
+        workers,
+    });
+    let s = socket.clone();
+    std::thread::spawn(move || vfblk_vhost::server::serve(&s, config, || {}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    socket
+}
+
+struct Guest {
+    fe: Frontend,
+    base: *mut u8,
+    ring: DriverQueue,
+    kick: EventFd,
+    _call: EventFd,
+    _mem: File,
+    features: u64,
+    config: Vec<u8>,
+    protocol: VhostUserProtocolFeatures,
+}
+
+impl Guest {
+    fn connect(socket: &PathBuf) -> Guest {
+        let name = std::ffi::CString::new("guest").unwrap();
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        let mem = unsafe { File::from_raw_fd(fd) };
+        mem.set_len(MEM as u64).unwrap();
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        } as *mut u8;
+        let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        fe.set_features(features).unwrap();
+        let protocol = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(protocol).unwrap();
+        let (_, config) = fe
+            .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+            .unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: base as u64,
+            mmap_offset: 0,
+            mmap_handle: fd,
+        };
+        fe.set_mem_table(&[region]).unwrap();
+        let ring = unsafe { DriverQueue::new(base, 0, QSIZE) };
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_base(0, 0).unwrap();
+        let (d, a, u) = ring.gpas;
+        let va = |g: u64| base as u64 + g;
+        let cfg = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: va(d),
+            used_ring_addr: va(u),
+            avail_ring_addr: va(a),
+            log_addr: None,
+        };
+        fe.set_vring_addr(0, &cfg).unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        Guest {
+            fe,
+            base,
+            ring,
+            kick,
+            _call: call,
+            _mem: mem,
+            features,
+            config: config.to_vec(),
+            protocol,
+        }
+    }
+
+    fn at(&self, gpa: u64) -> *mut u8 {
+        assert!((gpa as usize) < MEM);
+        unsafe { self.base.add(gpa as usize) }
+    }
+
+    fn put(&self, gpa: u64, data: &[u8]) {
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.at(gpa), data.len()) }
+    }
+
+    fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        unsafe { std::ptr::copy_nonoverlapping(self.at(gpa), v.as_mut_ptr(), len) };
+        v
+    }
+
+    fn header(&self, gpa: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.put(gpa, &h);
+    }
+
+    fn wait_used(&mut self) -> (u16, u32) {
+        let _ = self.kick.write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(u) = self.ring.pop_used().expect("device returned a valid head") {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "no completion within 5 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// A well-formed request: header, optional data, status. Returns (status, used len).
+    fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+        let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
+        self.header(hdr, kind, sector);
+        self.put(st, &[0xff]);
+        let mut chain = vec![DriverBuffer {
+            gpa: hdr,
+            len: 16,
+            write: false,
+        }];
+        if let Some((len, write)) = data {
+            chain.push(DriverBuffer {
+                gpa: dat,
+                len,
+                write,
+            });
+        }
+        chain.push(DriverBuffer {
+            gpa: st,
+            len: 1,
+            write: true,
+        });
+        self.ring.add(&chain).unwrap();
+        let (_, len) = self.wait_used();
+        (self.get(st, 1)[0], len)
+    }
+
+    /// Raw descriptors at indexes 40.. (head 40); returns (status byte, used id, used len).
+    fn raw(&mut self, descs: &[Descriptor], status_gpa: u64) -> (u8, u32, u32) {
+        self.put(status_gpa, &[0xff]);
+        let list: Vec<(u16, Descriptor)> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i as u16 + 40, *d))
+            .collect();
+        self.ring.add_raw(&list, 40);
+        let _ = self.kick.write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some((id, len)) = self.ring.pop_used_raw() {
+                return (self.get(status_gpa, 1)[0], id, len);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no completion for a hostile chain within 5 s"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
+    Descriptor {
+        addr,
+        len,
+        flags,
+        next,
+    }
+}
+
+#[test]
+fn negotiation_and_config_space() {
+    let socket = start_server("negotiation");
+    let g = Guest::connect(&socket);
+    for bit in [32, 28, 29, 30, 2, 6, 9, 12, 13, 14] {
+        assert!(
+            g.features & (1 << bit) != 0,
+            "feature bit {bit} offered: {:#x}",
+            g.features
+        );
+    }
+    assert!(g.protocol.contains(
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+    ));
+    let c = &g.config;
+    assert_eq!(
+        u64::from_le_bytes(c[0..8].try_into().unwrap()),
+        DISK / 512,
+        "capacity"
+    );
+    assert_eq!(
+        u32::from_le_bytes(c[12..16].try_into().unwrap()),
+        126,
+        "seg_max"
+    );
+    assert_eq!(
+        u32::from_le_bytes(c[20..24].try_into().unwrap()),
+        512,
+        "blk_size"
+    );
+    assert_eq!(
+        u16::from_le_bytes(c[34..36].try_into().unwrap()),
+        2,
+        "num_queues"
+    );
+    assert!(
+        u32::from_le_bytes(c[36..40].try_into().unwrap()) > 0,
+        "max_discard_sectors"
+    );
+    let mut fe = g.fe;
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+}
+
+#[test]
+fn config_reads_are_bounded() {
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+    let dir = std::env::temp_dir().join(format!("vfblk-devtest-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
+    let workers = vec![Worker::spawn(
+        "test-poller".into(),
+        None,
+        PollMode {
+            idle_loops_before_sleep: Some(1000),
+        },
+    )];
+    let config = Arc::new(DeviceConfig {
+        num_queues: 1,
+        inflight: true,
+        serial: [0; 20],
+        backend,
+        workers,
+    });
+    let mut dev = vfblk_vhost::device::BlkDevice::new(config);
+    let flags = VhostUserConfigFlags::empty();
+    assert_eq!(dev.get_config(0, 60, flags).unwrap().len(), 60);
+    assert_eq!(dev.get_config(8, 4, flags).unwrap().len(), 4);
+    assert!(dev.get_config(40, 40, flags).is_err(), "past the end");
+    assert!(
+        dev.get_config(u32::MAX, 2, flags).is_err(),
+        "offset overflow"
+    );
+    assert!(dev.set_config(0, &[1], flags).is_err(), "read-only");
+    // Inflight requests with nonsense sizes are refused.
+    use vhost::vhost_user::message::VhostUserInflight;
+    for (n, qs) in [(0u16, 128u16), (2, 128), (1, 100), (1, 0)] {
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: n,
+            queue_size: qs,
+        };
+        assert!(dev.get_inflight_fd(&ask).is_err(), "{n} queues of {qs}");
+    }
+    assert!(dev.set_vring_num(0, 100).is_err(), "not a power of two");
+    assert!(dev.set_vring_num(5, 64).is_err(), "no such queue");
+    assert!(dev.set_features(1 << 63).is_err(), "feature not offered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_request_type() {
+    let socket = start_server("requests");
+    let mut g = Guest::connect(&socket);
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    g.put(BUF + 4096, &pattern);
+    assert_eq!(
+        g.request(req::OUT, 100, Some((8192, false))),
+        (status::OK, 1)
+    );
+    g.put(BUF + 4096, &[0u8; 8192]);
+    assert_eq!(
+        g.request(req::IN, 100, Some((8192, true))),
+        (status::OK, 8193),
+        "read writes data + status"
+    );
+    assert_eq!(g.get(BUF + 4096, 8192), pattern);
+    assert_eq!(g.request(req::FLUSH, 0, None).0, status::OK);
+    let (st, len) = g.request(req::GET_ID, 0, Some((20, true)));
+    assert_eq!((st, len), (status::OK, 21));
+    assert_eq!(&g.get(BUF + 4096, 9), b"test-disk");
+    // Write zeroes over sectors 100..104, discard 104..116: both read back as zeros.
+    let mut ranges = Vec::new();
+    ranges.extend_from_slice(&100u64.to_le_bytes());
+    ranges.extend_from_slice(&4u32.to_le_bytes());
+    ranges.extend_from_slice(&0u32.to_le_bytes());
+    g.put(BUF + 4096, &ranges);
+    assert_eq!(
+        g.request(req::WRITE_ZEROES, 0, Some((16, false))).0,
+        status::OK
+    );
+    let mut discard = Vec::new();
+    discard.extend_from_slice(&104u64.to_le_bytes());
+    discard.extend_from_slice(&12u32.to_le_bytes());
+    discard.extend_from_slice(&0u32.to_le_bytes());
+    g.put(BUF + 4096, &discard);
+    assert_eq!(g.request(req::DISCARD, 0, Some((16, false))).0, status::OK);
+    assert_eq!(g.request(req::IN, 100, Some((8192, true))).0, status::OK);
+    assert!(g.get(BUF + 4096, 8192).iter().all(|&b| b == 0));
+    // Anything else: UNSUPP. Discard with flags: UNSUPP.
+    assert_eq!(g.request(99, 0, None).0, status::UNSUPP);
+    let mut flagged = discard.clone();
+    flagged[12] = 1;
+    g.put(BUF + 4096, &flagged);
+    assert_eq!(
+        g.request(req::DISCARD, 0, Some((16, false))).0,
+        status::UNSUPP
+    );
+}
+
+#[test]
+fn hostile_chains_get_errors_and_the_device_keeps_serving() {
+    let socket = start_server("hostile");
+    let mut g = Guest::connect(&socket);
+    let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
+    let ok_read = |g: &mut Guest| g.request(req::IN, 0, Some((512, true))).0;
+
+    // Data buffer outside guest memory: no safe status write possible -> chain back, len 0.
+    g.header(hdr, req::IN, 0);
+    let r = g.raw(
+        &[
+            d(hdr, 16, DESC_F_NEXT, 41),
+            d(MEM as u64 - 100, 512, DESC_F_WRITE | DESC_F_NEXT, 42),
+            d(st, 1, DESC_F_WRITE, 0),
+        ],
+        st,
+    );
+    assert_eq!((r.0, r.1, r.2), (0xff, 40, 0), "out-of-memory buffer");
+    assert_eq!(ok_read(&mut g), status::OK);
+
+    // Address that wraps around.
+    let r = g.raw(
+        &[
+            d(hdr, 16, DESC_F_NEXT, 41),
+            d(u64::MAX - 10, 512, DESC_F_WRITE | DESC_F_NEXT, 42),
+            d(st, 1, DESC_F_WRITE, 0),
+        ],
+        st,
+    );
+    assert_eq!(r.2, 0, "wrapping address");
+
+    // A loop: 41 -> 42 -> 41.
+    let r = g.raw(
+        &[
+            d(hdr, 16, DESC_F_NEXT, 41),
+            d(dat, 512, DESC_F_WRITE | DESC_F_NEXT, 42),
+            d(dat, 512, DESC_F_WRITE | DESC_F_NEXT, 41),
+        ],
+        st,
+    );
+    assert_eq!(r.2, 0, "descriptor loop");
+    // next outside the table.
+    let r = g.raw(&[d(hdr, 16, DESC_F_NEXT, 500)], st);
+    assert_eq!(r.2, 0, "next index outside the table");
+    assert_eq!(ok_read(&mut g), status::OK);
+
+    // Huge chain through an indirect table of 200 entries (more than we accept).
+    let table = BUF + 128 * 4096;
+    for i in 0..200u16 {
+        let last = i == 199;
+        let desc = if i == 0 {
+            d(hdr, 16, DESC_F_NEXT, 1)
+        } else if last {
+            d(st, 1, DESC_F_WRITE, 0)
+        } else {
+            d(
+                dat + u64::from(i) * 512,
+                512,
+                DESC_F_WRITE | DESC_F_NEXT,
+                i + 1,
+            )
+        };
+        let bytes: [u8; 16] = unsafe { std::mem::transmute(desc) };
+        g.put(table + 16 * u64::from(i), &bytes);
+    }
+    let r = g.raw(&[d(table, 200 * 16, DESC_F_INDIRECT, 0)], st);
+    assert_eq!(r.2, 0, "chain longer than the device accepts");
+    // Indirect inside indirect.
+    let nested: [u8; 16] = unsafe { std::mem::transmute(d(table, 32, DESC_F_INDIRECT, 0)) };
+    g.put(table + 4096, &nested);
+    let r = g.raw(&[d(table + 4096, 16, DESC_F_INDIRECT, 0)], st);
+    assert_eq!(r.2, 0, "nested indirect table");
+    // Indirect combined with NEXT, and an indirect table of odd length.
+    assert_eq!(
+        g.raw(
+            &[
+                d(table, 32, DESC_F_INDIRECT | DESC_F_NEXT, 41),
+                d(st, 1, DESC_F_WRITE, 0)
+            ],
+            st
+        )
+        .2,
+        0
+    );
+    assert_eq!(g.raw(&[d(table, 20, DESC_F_INDIRECT, 0)], st).2, 0);
+    assert_eq!(ok_read(&mut g), status::OK);
+
+    // Wrong direction: a read whose data buffer is device-readable -> IOERR.
+    g.header(hdr, req::IN, 0);
+    let r = g.raw(
+        &[
+            d(hdr, 16, DESC_F_NEXT, 41),
+            d(dat, 512, DESC_F_NEXT, 42),
+            d(st, 1, DESC_F_WRITE, 0),
+        ],
+        st,
+    );
+    assert_eq!(
+        (r.0, r.2),
+        (status::IOERR, 1),
+        "read into a read-only buffer"
+    );
+    // A readable buffer after a writable one.
+    let r = g.raw(
+        &[
+            d(hdr, 16, DESC_F_NEXT, 41),
+            d(dat, 512, DESC_F_WRITE | DESC_F_NEXT, 42),
+            d(st, 1, 0, 0),
+        ],
+        st,
+    );
+    assert_eq!(r.2, 0, "readable after writable");
+    // Missing status byte: last buffer device-readable.
+    g.header(hdr, req::OUT, 0);
+    let r = g.raw(&[d(hdr, 16, DESC_F_NEXT, 41), d(dat, 512, 0, 0)], st);
+    assert_eq!((r.0, r.2), (0xff, 0), "no status byte");
+    // Header shorter than 16 bytes.
+    let r = g.raw(&[d(hdr, 8, DESC_F_NEXT, 41), d(st, 1, DESC_F_WRITE, 0)], st);
+    assert_eq!((r.0, r.2), (status::IOERR, 1), "short header");
+    // Sectors beyond the capacity, and a length that is not a multiple of 512.
+    assert_eq!(
+        g.request(req::IN, DISK / 512 - 1, Some((1024, true))).0,
+        status::IOERR
+    );
+    assert_eq!(
+        g.request(req::OUT, u64::MAX, Some((512, false))).0,
+        status::IOERR
+    );
+    assert_eq!(g.request(req::IN, 0, Some((100, true))).0, status::IOERR);
+    // Discard range past the end.
+    let mut bad = Vec::new();
+    bad.extend_from_slice(&(DISK / 512 - 1).to_le_bytes());
+    bad.extend_from_slice(&8u32.to_le_bytes());
+    bad.extend_from_slice(&0u32.to_le_bytes());
+    g.put(dat, &bad);
+    assert_eq!(
+        g.request(req::DISCARD, 0, Some((16, false))).0,
+        status::IOERR
+    );
+
+    // After all that, the device still serves real I/O.
+    g.put(dat, &[0x5a; 512]);
+    assert_eq!(g.request(req::OUT, 7, Some((512, false))).0, status::OK);
+    g.put(dat, &[0; 512]);
+    assert_eq!(g.request(req::IN, 7, Some((512, true))).0, status::OK);
+    assert_eq!(g.get(dat, 512), vec![0x5a; 512]);
+}
+
+#[test]
+fn malformed_messages_close_the_connection_and_the_next_one_is_served() {
+    let socket = start_server("messages");
+    for garbage in [
+        // Unknown request code, absurd size.
+        [0x0f, 0x27, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f].to_vec(),
+        // SET_MEM_TABLE (5) with a payload too short for its region count and no fds.
+        [5, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 200, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+        // A truncated header.
+        [1, 0, 0].to_vec(),
+    ] {
+        let mut raw = UnixStream::connect(&socket).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        raw.write_all(&garbage).unwrap();
+        let _ = raw.shutdown(std::net::Shutdown::Write);
+        let mut buf = [0u8; 64];
+        // The device answers nothing useful and closes the connection.
+        let _ = std::io::Read::read(&mut raw, &mut buf);
+    }
+    let mut g = Guest::connect(&socket);
+    assert_eq!(g.request(req::FLUSH, 0, None).0, status::OK);
+    let _ = g.fe.as_raw_fd();
+}
