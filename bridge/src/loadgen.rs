@@ -59,6 +59,8 @@ pub struct Options {
     pub io_timeout: Duration,
     /// Pattern seed.
     pub seed: u32,
+    /// Back guest memory with 2 MiB hugepages (as QEMU with a hugetlbfs memory backend).
+    pub hugepages: bool,
 }
 
 /// What happened.
@@ -139,10 +141,18 @@ pub struct LoadGen {
     report: Report,
 }
 
-fn memfd(len: usize) -> std::io::Result<Memory> {
+fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
     let name = std::ffi::CString::new("vfblk-loadgen-guest").expect("no NUL");
+    let (flags, len) = if hugepages {
+        (
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            len.div_ceil(2 << 20) * (2 << 20),
+        )
+    } else {
+        (libc::MFD_CLOEXEC, len)
+    };
     // SAFETY: memfd creation; checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -198,7 +208,16 @@ impl LoadGen {
         let data_bytes = usize::from(opts.depth) * opts.block_size as usize;
         let per_queue = ring_bytes + control_bytes + data_bytes.div_ceil(4096) * 4096;
         let total = per_queue * usize::from(opts.queues);
-        let mem = memfd(total).map_err(|e| format!("guest memory: {e}"))?;
+        let mem = memfd(total, opts.hugepages).map_err(|e| {
+            format!(
+                "guest memory ({}): {e}",
+                if opts.hugepages {
+                    "2 MiB hugepages"
+                } else {
+                    "memfd"
+                }
+            )
+        })?;
         let mut queues = Vec::new();
         for q in 0..usize::from(opts.queues) {
             let off = q * per_queue;

@@ -200,3 +200,89 @@ fn without_inflight_tracking_requests_are_lost_or_run_twice() {
         std::process::id()
     ));
 }
+
+#[test]
+fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
+    let dir = std::env::temp_dir().join(format!("vfblk-sigterm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("blk.sock");
+    let log = dir.join("bridge.log");
+    let backend = shm("sigterm");
+    // Two queues on two pollers: the queues of one device spread over several workers.
+    let args = [
+        "--backend",
+        backend.as_str(),
+        "--test-delay-ms",
+        "10",
+        "--queues",
+        "2",
+        "--cpus",
+        "0,1",
+    ];
+    let bridge = start_bridge(&socket, &args, &log);
+    let loadgen = Command::new(bin("vfblk-loadgen"))
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--rw",
+            "mixed",
+            "--verify",
+            "--json",
+            "--seconds",
+            "4",
+            "--queues",
+            "2",
+            "--qd",
+            "16",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = bridge.id() as i32;
+    // SAFETY: signalling the child we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let started = Instant::now();
+    let status = wait_with_deadline(bridge, Duration::from_secs(15));
+    eprintln!(
+        "bridge exited {:?} {:.0} ms after SIGTERM",
+        status,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(status, Some(0), "SIGTERM: drain, then exit 0");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("completing requests in flight"),
+        "{log_text}"
+    );
+    let mut next = start_bridge(&socket, &args, &log);
+    let out = loadgen.wait_with_output().unwrap();
+    let _ = next.kill();
+    let _ = next.wait();
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    eprintln!("across a SIGTERM restart with 2 queues: {r}");
+    assert_eq!(r["reconnects"], 1, "{r}");
+    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
+        assert_eq!(r[key], 0, "{key}: {r}");
+    }
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/vfblk-test-sigterm-{}",
+        std::process::id()
+    ));
+}
+
+fn wait_with_deadline(mut child: Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

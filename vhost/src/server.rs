@@ -12,18 +12,25 @@ use crate::{Error, Result};
 
 type Current = Arc<Mutex<Option<Arc<Mutex<BlkDevice>>>>>;
 
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts later) and handles
-/// them on a dedicated thread: drain the current device, then exit.
-fn handle_signals(current: Current) {
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards.
+/// Call it first in `main`, before any thread exists, so that [`serve`]'s signal thread is the
+/// only one that receives them.
+pub fn block_signals() -> libc::sigset_t {
     // SAFETY: plain signal-set manipulation on a local sigset_t.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// Handles SIGTERM and SIGINT on a dedicated thread: drain the current device (complete and
+/// publish what is in flight, bounded), then exit 0.
+fn handle_signals(current: Current) {
+    let set = block_signals();
     std::thread::spawn(move || {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits for one of the blocked signals.

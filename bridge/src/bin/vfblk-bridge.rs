@@ -137,6 +137,8 @@ fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Before any poller thread exists, so only the server's signal thread sees SIGTERM.
+    vfblk_vhost::server::block_signals();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -21,6 +21,7 @@ const USAGE: &str = "usage: vfblk-loadgen --socket PATH [options]
   --reconnect-timeout-s N   wait this long for a vanished backend (default 30)
   --io-timeout-s N    report requests outstanding this long as lost (default 10)
   --seed N            pattern seed
+  --hugepages         guest memory on 2 MiB hugepages (needs reserved hugepages)
   --json              machine-readable summary
 ";
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         reconnect_timeout: Duration::from_secs(30),
         io_timeout: Duration::from_secs(10),
         seed: 1,
+        hugepages: false,
     };
     let mut json = false;
     let mut args = std::env::args().skip(1);
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
                 "--io-timeout-s" => o.io_timeout = Duration::from_secs(num(v()?)?),
                 "--seed" => o.seed = num(v()?)? as u32,
                 "--json" => json = true,
+                "--hugepages" => o.hugepages = true,
                 "--help" | "-h" => {
                     print!("{USAGE}");
                     std::process::exit(0);
