@@ -79,6 +79,7 @@ fn chaos(
     let mut rng: u64 = 0x9e37_79b9 ^ u64::from(std::process::id());
     std::thread::sleep(Duration::from_millis(300));
     let mut done = 0;
+    let inflight = !bridge_args.contains(&"--no-inflight");
     for _ in 0..kills {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -88,6 +89,18 @@ fn chaos(
         bridge.wait().unwrap();
         bridge = start_bridge(&socket, bridge_args, &log);
         done += 1;
+        if inflight {
+            // Each kill must hit a connected frontend: wait until the new bridge has
+            // recovered the load generator's rings before the next interval starts.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while recoveries(&log) < done {
+                assert!(
+                    Instant::now() < deadline,
+                    "load generator did not reconnect after kill {done}"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
     }
     let out = loadgen.wait_with_output().expect("load generator");
     let _ = bridge.kill();
@@ -106,12 +119,21 @@ fn chaos(
     }
 }
 
+/// Connections the bridges in `log` recovered from the inflight region.
+fn recoveries(log: &Path) -> u32 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("recovered from the inflight region")
+        .count() as u32
+}
+
 fn shm(name: &str) -> String {
     format!("mem:/dev/shm/vfblk-test-{name}-{}:64M", std::process::id())
 }
 
 #[test]
 fn fifty_sigkills_with_out_of_order_completions_lose_nothing() {
+    let _lock = vfblk_tests::lab_lock();
     let backend = shm("inflight");
     let o = chaos(
         "inflight",
@@ -150,6 +172,7 @@ fn fifty_sigkills_with_out_of_order_completions_lose_nothing() {
 
 #[test]
 fn file_backend_survives_sigkills() {
+    let _lock = vfblk_tests::lab_lock();
     let dir = std::env::temp_dir().join(format!("vfblk-filebackend-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let backend = format!("file:{}:64M", dir.join("disk.img").display());
@@ -171,6 +194,7 @@ fn file_backend_survives_sigkills() {
 
 #[test]
 fn without_inflight_tracking_requests_are_lost_or_run_twice() {
+    let _lock = vfblk_tests::lab_lock();
     let backend = shm("noinflight");
     let o = chaos(
         "noinflight",
@@ -203,6 +227,7 @@ fn without_inflight_tracking_requests_are_lost_or_run_twice() {
 
 #[test]
 fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
+    let _lock = vfblk_tests::lab_lock();
     let dir = std::env::temp_dir().join(format!("vfblk-sigterm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
