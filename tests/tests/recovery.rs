@@ -119,6 +119,13 @@ fn chaos(
     }
 }
 
+/// No verify error, failure, loss or double completion.
+fn assert_clean(r: &serde_json::Value) {
+    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
+        assert_eq!(r[key], 0, "{key}: {r}");
+    }
+}
+
 /// Connections the bridges in `log` recovered from the inflight region.
 fn recoveries(log: &Path) -> u32 {
     std::fs::read_to_string(log)
@@ -160,9 +167,7 @@ fn fifty_sigkills_with_out_of_order_completions_lose_nothing() {
         o.kills,
         "a pause measured for every restart: {r}"
     );
-    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
-        assert_eq!(r[key], 0, "{key}: {r}");
-    }
+    assert_clean(r);
     assert!(r["reads"].as_u64().unwrap() > 1000, "{r}");
     let _ = std::fs::remove_file(format!(
         "/dev/shm/vfblk-test-inflight-{}",
@@ -186,9 +191,7 @@ fn file_backend_survives_sigkills() {
     let r = &o.report;
     eprintln!("file backend, {} kills: {r}", o.kills);
     assert_eq!(r["reconnects"], o.kills, "{r}");
-    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
-        assert_eq!(r[key], 0, "{key}: {r}");
-    }
+    assert_clean(r);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -289,9 +292,7 @@ fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     eprintln!("across a SIGTERM restart with 2 queues: {r}");
     assert_eq!(r["reconnects"], 1, "{r}");
-    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
-        assert_eq!(r[key], 0, "{key}: {r}");
-    }
+    assert_clean(&r);
     let _ = std::fs::remove_file(format!(
         "/dev/shm/vfblk-test-sigterm-{}",
         std::process::id()

@@ -278,25 +278,10 @@ impl BlkDevice {
 }
 
 fn map_inflight(file: File, offset: u64, size: u64) -> VuResult<InflightMap> {
-    // SAFETY: mapping the frontend's inflight fd; checked.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(bad_param(format!(
-            "mmap of the inflight fd: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    let ptr = crate::memory::map_shared(file.as_raw_fd(), size as usize, offset, 0)
+        .map_err(|e| bad_param(format!("mmap of the inflight fd: {e}")))?;
     Ok(InflightMap {
-        ptr: ptr.cast(),
+        ptr,
         len: size as usize,
         file,
     })

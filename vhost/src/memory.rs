@@ -6,6 +6,30 @@ use std::os::fd::AsRawFd;
 
 use crate::{Error, Result};
 
+/// Maps `len` bytes of `fd` at `offset`, shared and read-write; the caller unmaps.
+pub fn map_shared(
+    fd: std::os::fd::RawFd,
+    len: usize,
+    offset: u64,
+    extra_flags: libc::c_int,
+) -> std::io::Result<*mut u8> {
+    // SAFETY: a fresh shared mapping chosen by the kernel; the result is checked.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | extra_flags,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ptr.cast())
+}
+
 /// One mapped region.
 #[derive(Debug)]
 pub struct Region {
@@ -96,29 +120,22 @@ impl GuestMemory {
                 )));
             }
         }
-        // SAFETY: a fresh shared mapping of the frontend's fd; the result is checked.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                mmap_offset as libc::off_t,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(Error::Io {
-                what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let host = map_shared(
+            file.as_raw_fd(),
+            size as usize,
+            mmap_offset,
+            libc::MAP_NORESERVE,
+        )
+        .map_err(|source| Error::Io {
+            what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
+            source,
+        })?;
         self.regions.push(Region {
             guest_phys,
             size,
             frontend_addr,
             mmap_offset,
-            host: host.cast(),
+            host,
             _file: file,
         });
         Ok(())

@@ -59,20 +59,8 @@ impl MemBackend {
         if file.metadata().map_err(io("stat of"))?.len() < size {
             file.set_len(size).map_err(io("sizing"))?;
         }
-        // SAFETY: a fresh shared mapping of our file; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io("mmap of")(std::io::Error::last_os_error()));
-        }
+        let base = crate::memory::map_shared(file.as_raw_fd(), size as usize, 0, 0)
+            .map_err(io("mmap of"))?;
         Ok(Self {
             map: Arc::new(Mapping {
                 base: base.cast(),
