@@ -1,7 +1,8 @@
-//! The host binaries' library: the vhost-user-blk load generator (a frontend that acts like
-//! QEMU and a guest driver at once). The bridge binary itself is thin wiring over
-//! `vfblk-vhost`.
+//! The host binaries' library: the NVMe backend of the bridge (our VFIO driver behind the
+//! vhost-user-blk device) and the load generator (a frontend that acts like QEMU and a guest
+//! driver at once). The binaries themselves are thin wiring.
 
 #![deny(missing_docs)]
 
 pub mod loadgen;
+pub mod nvme_backend;

@@ -67,7 +67,7 @@ impl Lab {
     /// Builds the first-level guest image with `script` as its test.
     pub fn l2_image(&self, script: &str, contents: Contents) -> Result<PathBuf> {
         let mut image = Initramfs::new(&self.kernel, L2_MODULES, L2_HUGEPAGES)?;
-        for bin in ["vfblk-nvme", "vfblk-lab"] {
+        for bin in ["vfblk-nvme", "vfblk-lab", "vfblk-bridge", "vfblk-loadgen"] {
             image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
         }
         if contents.fio {

@@ -52,9 +52,25 @@ impl VfioPci {
                 reason: e.to_string(),
             }
         };
-        let container = Arc::new(VfioContainer::new(None).map_err(vfio("opening the container"))?);
-        let device = VfioDevice::new(&sysfs.path(), container.clone() as Arc<dyn VfioOps>, false)
-            .map_err(vfio(&format!("opening group {iommu_group} and the device")))?;
+        // A process that was just killed may still hold the group while the kernel tears it
+        // down (EBUSY): a restarted driver waits for that, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (container, device) = loop {
+            let container =
+                Arc::new(VfioContainer::new(None).map_err(vfio("opening the container"))?);
+            match VfioDevice::new(&sysfs.path(), container.clone() as Arc<dyn VfioOps>, false) {
+                Ok(device) => break (container, device),
+                Err(vfio_ioctls::VfioError::OpenGroup(ref e, _))
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(vfio(&format!("opening group {iommu_group} and the device"))(e))
+                }
+            }
+        };
 
         let bar0 = map_bar0(&device, &dev, bar0_min)?;
         let pci = Self {

@@ -269,6 +269,15 @@ impl BlkDevice {
         }
     }
 
+    /// Releases what the backend holds of this connection's memory (after `disconnect`).
+    pub fn release_memory(&mut self) {
+        if self.mem.take().is_some() {
+            if let Err(e) = self.config.backend.guest_memory_changed(None) {
+                eprintln!("warning: backend could not release guest memory: {e}");
+            }
+        }
+    }
+
     /// Stops every queue after completing and publishing what is in flight (SIGTERM).
     pub fn drain(&mut self) {
         for index in 0..self.vrings.len() as u16 {
@@ -333,6 +342,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         for &i in &running {
             self.stop_queue(i);
         }
+        self.config
+            .backend
+            .guest_memory_changed(Some(&mem))
+            .map_err(bad_param)?;
         self.mem = Some(mem);
         for i in running {
             self.try_start(i)?;

@@ -303,6 +303,19 @@ struct Slot {
     written: u32,
 }
 
+/// Writes a request's status byte and queues its head for the used ring.
+fn finish(slots: &[Slot], completed: &mut Vec<u16>, head: u16, st: u8) {
+    let Some(slot) = slots.get(usize::from(head)) else {
+        return;
+    };
+    if !slot.status.is_null() {
+        // SAFETY: the status byte was translated inside guest memory when the chain was
+        // walked; the guest owns the buffer until we publish it.
+        unsafe { slot.status.write_volatile(st) };
+    }
+    completed.push(head);
+}
+
 struct QueueRuntime {
     index: u16,
     _mem: Arc<GuestMemory>,
@@ -439,13 +452,7 @@ impl QueueRuntime {
     }
 
     fn finish(&mut self, head: u16, st: u8) {
-        let slot = self.slots[usize::from(head)];
-        if !slot.status.is_null() {
-            // SAFETY: the status byte was translated inside guest memory when the chain was
-            // walked; the guest owns the buffer until we publish it.
-            unsafe { slot.status.write_volatile(st) };
-        }
-        self.completed.push(head);
+        finish(&self.slots, &mut self.completed, head, st);
     }
 
     /// One round: resubmissions, new requests, completions, publication. Returns work done.
@@ -479,31 +486,12 @@ impl QueueRuntime {
             }
         }
         self.backend.flush_submissions();
-        let mut finished: [(u16, u8); 64] = [(0, 0); 64];
-        loop {
-            let mut n = 0;
-            // Collect a bounded batch without allocating, then finish them.
-            let mut overflow = false;
-            self.backend.poll(&mut |token, st| {
-                if n < finished.len() {
-                    finished[n] = (token, st);
-                    n += 1;
-                } else {
-                    overflow = true;
-                }
-            });
-            for &(head, st) in &finished[..n] {
-                self.finish(head, st);
-            }
-            work += n;
-            debug_assert!(
-                !overflow,
-                "backend returned more than 64 completions at once"
-            );
-            if n < finished.len() {
-                break;
-            }
-        }
+        // Finish every completion the backend reports, however many: the borrows are split
+        // so the callback can write status bytes and queue used elements directly.
+        let (slots, completed) = (&self.slots, &mut self.completed);
+        work += self
+            .backend
+            .poll(&mut |head, st| finish(slots, completed, head, st));
         self.publish();
         work
     }
@@ -548,5 +536,105 @@ impl QueueRuntime {
             next_avail: self.vq.next_avail,
             abandoned: self.backend.in_flight(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::req;
+    use crate::virtq::{DriverBuffer, DriverQueue};
+
+    /// Holds every request until `burst` have arrived, then completes them all in one poll.
+    struct BurstBackend {
+        held: Vec<u16>,
+        burst: usize,
+    }
+
+    impl BackendQueue for BurstBackend {
+        fn can_submit(&self) -> bool {
+            true
+        }
+        fn submit(&mut self, _r: &Request, token: u16) -> crate::Result<()> {
+            self.held.push(token);
+            Ok(())
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+            if self.held.len() < self.burst {
+                return 0;
+            }
+            let n = self.held.len();
+            for t in self.held.drain(..) {
+                done(t, status::OK);
+            }
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.held.len()
+        }
+    }
+
+    #[test]
+    fn a_burst_of_completions_larger_than_a_round_is_all_published() {
+        let size = 256u16;
+        let file = crate::memory::tests::memfd(4 << 20);
+        let mem = Arc::new(GuestMemory::from_table(&[(0, 4 << 20, 0, 0)], vec![file]).unwrap());
+        let host = mem.translate(0, 4 << 20).unwrap();
+        // SAFETY: the rings fit the first MiB of the 4 MiB region.
+        let mut drv = unsafe { DriverQueue::new(host, 0, size) };
+        let vq = DeviceQueue::new(&mem, size, drv.gpas.0, drv.gpas.1, drv.gpas.2, false).unwrap();
+        let limits = Limits {
+            capacity: 1 << 20,
+            flush: true,
+            discard: false,
+            write_zeroes: false,
+            max_range_sectors: 0,
+            seg_max: 126,
+        };
+        let burst = 120; // more than a poll round (64), 240 of the 256 descriptors
+        let mut q = QueueRuntime::new(QueueStart {
+            index: 0,
+            mem: mem.clone(),
+            vq,
+            inflight: None,
+            backend: Box::new(BurstBackend {
+                held: Vec::new(),
+                burst,
+            }),
+            call: None,
+            kick: None,
+            limits,
+            id: [0; ID_BYTES],
+            resubmit: Vec::new(),
+        });
+        for i in 0..burst as u64 {
+            let hdr = (1 << 20) + 32 * i;
+            // SAFETY: inside the region; a FLUSH header (type 4).
+            unsafe { (host.add(hdr as usize) as *mut u32).write(req::FLUSH) };
+            drv.add(&[
+                DriverBuffer {
+                    gpa: hdr,
+                    len: 16,
+                    write: false,
+                },
+                DriverBuffer {
+                    gpa: hdr + 16,
+                    len: 1,
+                    write: true,
+                },
+            ])
+            .unwrap();
+        }
+        for _ in 0..10 {
+            q.process(true);
+        }
+        let mut used = 0;
+        while drv.pop_used().unwrap().is_some() {
+            used += 1;
+        }
+        assert_eq!(
+            used, burst,
+            "every completion of the burst reached the used ring"
+        );
     }
 }

@@ -16,6 +16,8 @@ backends (SPEC):
   mem:PATH:SIZE      RAM disk in a shared-memory file (e.g. /dev/shm/disk0), SIZE in bytes
                      or with K/M/G; its data outlive the process
   file:PATH[:SIZE]   a file (created/grown to SIZE) or a block device, through io_uring
+  nvme:PCI_ADDR[:NSID]  an NVMe controller bound to vfio-pci, through our userspace driver;
+                     guest RAM is mapped for DMA at IOVA = guest-physical address
 
 options:
   --queues N         virtqueues offered (default 1)
@@ -39,7 +41,33 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size"))
 }
 
-fn backend(spec: &str) -> Result<Arc<dyn Backend>, String> {
+fn nvme_backend(addr: &str, nsid: u32, queues: u16) -> Result<Arc<dyn Backend>, String> {
+    use vfblk_nvme::controller::{Controller, Options};
+    let address = addr.parse().map_err(|e: vfblk_nvme::Error| e.to_string())?;
+    let ctrl = Controller::open(
+        address,
+        &Options {
+            io_queues: queues,
+            ..Options::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(
+        vfblk_bridge::nvme_backend::NvmeBackend::new(ctrl, nsid).map_err(|e| e.to_string())?,
+    ))
+}
+
+fn backend(spec: &str, queues: u16) -> Result<Arc<dyn Backend>, String> {
+    if let Some(rest) = spec.strip_prefix("nvme:") {
+        // PCI addresses contain colons: the namespace is an optional last ":N" after "dddd:bb:dd.f".
+        let (addr, nsid) = match rest.rsplit_once(':') {
+            Some((a, n)) if a.contains('.') && n.parse::<u32>().is_ok() => {
+                (a, n.parse().expect("checked"))
+            }
+            _ => (rest, 1),
+        };
+        return nvme_backend(addr, nsid, queues);
+    }
     let parts: Vec<&str> = spec.splitn(3, ':').collect();
     match parts.as_slice() {
         ["mem", path, size] => Ok(Arc::new(
@@ -93,7 +121,10 @@ fn run() -> Result<(), String> {
         }
     }
     let socket = socket.ok_or(format!("--socket is required\n{USAGE}"))?;
-    let mut backend = backend(&spec.ok_or(format!("--backend is required\n{USAGE}"))?)?;
+    let mut backend = backend(
+        &spec.ok_or(format!("--backend is required\n{USAGE}"))?,
+        queues,
+    )?;
     if let Some(d) = delay {
         backend = Arc::new(DelayBackend::new(backend, d));
     }

@@ -38,6 +38,12 @@ pub trait Backend: Send + Sync {
     fn info(&self) -> &BackendInfo;
     /// A queue for one virtqueue, used by one poller thread.
     fn open_queue(&self) -> Result<Box<dyn BackendQueue>>;
+
+    /// The guest's memory table changed (`None`: the frontend went away). A backend that
+    /// DMAs into guest memory maps it here; called while no queue is running.
+    fn guest_memory_changed(&self, _memory: Option<&crate::memory::GuestMemory>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One virtqueue's path to the backend.

@@ -1,0 +1,303 @@
+//! The NVMe backend: virtio-blk requests become NVMe commands on a queue pair per virtqueue,
+//! with data pointers built from the guest's own buffers. Guest RAM is mapped into the
+//! controller's IOMMU domain at IOVA = guest-physical address, so the SSD DMAs straight into
+//! the guest: no copy. Requests above MDTS are split; buffers that break PRP rules go out as
+//! SGLs when the controller has them (QueuePair decides).
+
+use std::sync::Mutex;
+
+use vfblk_hugepages::ExternalMapping;
+use vfblk_nvme::controller::{Controller, Namespace};
+use vfblk_nvme::prp::Segment;
+use vfblk_nvme::queue::QueuePair;
+use vfblk_vhost::backend::{Backend, BackendInfo, BackendQueue};
+use vfblk_vhost::blk::{status, Operation, Request, SECTOR};
+use vfblk_vhost::memory::GuestMemory;
+use vfblk_vhost::{Error, Result};
+
+/// Most NVMe commands one virtio-blk request may become (MDTS splits, ranges).
+const MAX_PARTS: usize = 8;
+/// Queue entries per NVMe queue pair.
+const ENTRIES: u16 = 256;
+
+/// The `nvme` backend.
+pub struct NvmeBackend {
+    ctrl: Controller,
+    ns: Namespace,
+    info: BackendInfo,
+    mappings: Mutex<Vec<ExternalMapping>>,
+}
+
+impl NvmeBackend {
+    /// Serves namespace `nsid` of an opened controller.
+    pub fn new(ctrl: Controller, nsid: u32) -> Result<Self> {
+        let ns = ctrl
+            .namespace(nsid)
+            .map_err(|e| Error::Backend(e.to_string()))?
+            .clone();
+        let id = ctrl.identify();
+        let info = BackendInfo {
+            description: format!(
+                "nvme:{} namespace {} ({} MiB, {}-byte blocks, {}, max transfer {} KiB)",
+                ctrl.name(),
+                nsid,
+                ns.info.size_bytes() >> 20,
+                ns.info.block_size(),
+                id.model,
+                ctrl.max_transfer() >> 10
+            ),
+            capacity_sectors: ns.info.size_bytes() / SECTOR,
+            block_size: ns.info.block_size(),
+            flush: id.has_volatile_write_cache(),
+            discard: id.supports_dsm(),
+            write_zeroes: id.supports_write_zeroes(),
+        };
+        Ok(Self {
+            ctrl,
+            ns,
+            info,
+            mappings: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl Backend for NvmeBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+        let qp = self
+            .ctrl
+            .create_io_queue_pair(ENTRIES)
+            .map_err(|e| Error::Backend(e.to_string()))?;
+        Ok(Box::new(NvmeQueue {
+            qp,
+            nsid: self.ns.nsid,
+            shift: self.ns.info.lba_shift,
+            max_transfer: self.ctrl.max_transfer() as u64,
+            parts: vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice(),
+            in_flight: 0,
+            reaped: Vec::with_capacity(usize::from(ENTRIES)),
+        }))
+    }
+
+    fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> Result<()> {
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        // Old mappings go first: the same guest-physical ranges come back at the same IOVAs.
+        mappings.clear();
+        let Some(memory) = memory else { return Ok(()) };
+        for r in memory.regions() {
+            let host = memory
+                .translate(r.guest_phys, r.size)
+                .ok_or_else(|| Error::Backend("region does not translate".into()))?;
+            // SAFETY: the region stays mapped while the connection's GuestMemory lives; the
+            // device releases these mappings (guest_memory_changed(None)) before it drops it,
+            // and guest memory is only touched through raw pointers.
+            let m = unsafe { self.ctrl.map_external(r.guest_phys, host, r.size as usize) }
+                .map_err(|e| {
+                    Error::Backend(format!(
+                        "mapping guest RAM at IOVA {:#x}: {e}",
+                        r.guest_phys
+                    ))
+                })?;
+            mappings.push(m);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Part {
+    pending: u8,
+    status: u8,
+}
+
+struct NvmeQueue {
+    qp: QueuePair,
+    nsid: u32,
+    shift: u8,
+    max_transfer: u64,
+    /// Per virtio token (head): NVMe commands outstanding and the worst status.
+    parts: Box<[Part]>,
+    in_flight: usize,
+    reaped: Vec<(u16, u8)>,
+}
+
+impl NvmeQueue {
+    fn fail(&mut self, token: u16) {
+        let p = &mut self.parts[usize::from(token)];
+        p.status = status::IOERR;
+    }
+
+    fn issue(
+        &mut self,
+        token: u16,
+        f: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, vfblk_nvme::queue::SubmitError>,
+    ) -> bool {
+        match f(&mut self.qp) {
+            Ok(_) => {
+                self.parts[usize::from(token)].pending += 1;
+                true
+            }
+            Err(e) => {
+                eprintln!("nvme backend: head {token}: {e}");
+                self.fail(token);
+                false
+            }
+        }
+    }
+
+    fn read_write(&mut self, r: &Request, token: u16) {
+        let block = 1u64 << self.shift;
+        let start = r.sector * SECTOR;
+        if start % block != 0 || r.data_len % block != 0 {
+            self.fail(token);
+            return;
+        }
+        let mut lba = start >> self.shift;
+        let mut chunk = [Segment { iova: 0, len: 0 }; vfblk_vhost::chain::MAX_SEGMENTS];
+        let mut count = 0usize;
+        let mut chunk_len = 0u64;
+        for s in &r.data[..r.data_count] {
+            let (mut gpa, mut left) = (s.gpa, u64::from(s.len));
+            while left > 0 {
+                let room = self.max_transfer - chunk_len;
+                let take = left.min(room);
+                chunk[count] = Segment {
+                    iova: gpa,
+                    len: take as u32,
+                };
+                count += 1;
+                chunk_len += take;
+                gpa += take;
+                left -= take;
+                if chunk_len == self.max_transfer || count == chunk.len() {
+                    if !self.send_chunk(r.op, token, lba, &chunk[..count], chunk_len) {
+                        return;
+                    }
+                    lba += chunk_len >> self.shift;
+                    count = 0;
+                    chunk_len = 0;
+                }
+            }
+        }
+        if count > 0 {
+            self.send_chunk(r.op, token, lba, &chunk[..count], chunk_len);
+        }
+    }
+
+    fn send_chunk(
+        &mut self,
+        op: Operation,
+        token: u16,
+        lba: u64,
+        segs: &[Segment],
+        len: u64,
+    ) -> bool {
+        // A chunk that ends inside a block (a segment split at the transfer limit) cannot be
+        // sent: the limit is a multiple of the block size, so only odd guest buffers hit this.
+        if len % (1 << self.shift) != 0 {
+            self.fail(token);
+            return false;
+        }
+        let (nsid, shift, blocks) = (self.nsid, self.shift, (len >> self.shift) as u32);
+        self.issue(token, |qp| match op {
+            Operation::Read => qp.read(nsid, lba, blocks, shift, segs, u64::from(token)),
+            _ => qp.write(nsid, lba, blocks, shift, segs, u64::from(token)),
+        })
+    }
+}
+
+impl BackendQueue for NvmeQueue {
+    fn can_submit(&self) -> bool {
+        self.qp.capacity() - self.qp.in_flight() >= MAX_PARTS
+    }
+
+    fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
+        self.parts[usize::from(token)] = Part {
+            pending: 0,
+            status: status::OK,
+        };
+        let nsid = self.nsid;
+        match r.op {
+            Operation::Read | Operation::Write => self.read_write(r, token),
+            Operation::Flush => {
+                self.issue(token, |qp| qp.flush(nsid, u64::from(token)));
+            }
+            Operation::Discard => {
+                let mut ranges = [(0u64, 0u32); vfblk_vhost::blk::MAX_DISCARD_SEGMENTS];
+                let shift = self.shift;
+                for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
+                    ranges[i] = (
+                        (sector * SECTOR) >> shift,
+                        ((u64::from(count) * SECTOR) >> shift) as u32,
+                    );
+                }
+                let n = r.range_count;
+                self.issue(token, |qp| {
+                    qp.deallocate(nsid, &ranges[..n], u64::from(token))
+                });
+            }
+            Operation::WriteZeroes { .. } => {
+                for &(sector, count) in &r.ranges[..r.range_count] {
+                    let mut lba = (sector * SECTOR) >> self.shift;
+                    let mut left = (u64::from(count) * SECTOR) >> self.shift;
+                    while left > 0 {
+                        let n = left.min(65536) as u32;
+                        if !self.issue(token, |qp| qp.write_zeroes(nsid, lba, n, u64::from(token)))
+                        {
+                            break;
+                        }
+                        lba += u64::from(n);
+                        left -= u64::from(n);
+                    }
+                }
+            }
+        }
+        let p = self.parts[usize::from(token)];
+        if p.pending == 0 {
+            // Nothing reached the device (refused before submission): report now.
+            self.reaped.push((
+                token,
+                if p.status == status::OK {
+                    status::IOERR
+                } else {
+                    p.status
+                },
+            ));
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn flush_submissions(&mut self) {
+        self.qp.ring();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        let parts = &mut self.parts;
+        let reaped = &mut self.reaped;
+        self.qp.poll(usize::from(ENTRIES), |c| {
+            let token = c.token as u16;
+            let p = &mut parts[usize::from(token)];
+            if !c.status.is_success() {
+                p.status = status::IOERR;
+            }
+            p.pending = p.pending.saturating_sub(1);
+            if p.pending == 0 {
+                reaped.push((token, p.status));
+            }
+        });
+        let n = self.reaped.len();
+        for (token, st) in self.reaped.drain(..) {
+            done(token, st);
+        }
+        self.in_flight -= n;
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}

@@ -1,0 +1,75 @@
+//! The bridge's NVMe backend in the lab guest: vfblk-bridge serves the emulated NVMe
+//! controller (through our VFIO driver, guest memory mapped at IOVA = GPA) and vfblk-loadgen
+//! verifies data through it while the bridge is killed with SIGKILL and restarted (each new
+//! bridge brings the controller up again and re-runs what was in flight). Requests larger than
+//! the controller's MDTS are split.
+
+use std::time::Duration;
+
+use vfblk_lab::scenario::{Contents, Lab};
+use vfblk_lab::vm::{self, Echo, Limits};
+use vfblk_tests::lab_lock;
+
+const SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+start_bridge() {
+    rm -f /tmp/b.sock
+    vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf >/dev/null 2>>/tmp/bridge.log &
+    echo $! > /tmp/bridge.pid
+    for i in $(seq 1 200); do [ -S /tmp/b.sock ] && return 0; sleep 0.05; done
+    cat /tmp/bridge.log; fail "bridge did not start"
+}
+start_bridge
+step "1 MiB requests (twice the MDTS) with verify"
+vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 1048576 --qd 4 --seconds 3 --json > /tmp/big.json || { cat /tmp/big.json /tmp/bridge.log; fail "large requests"; }
+record "{\"split\": $(cat /tmp/big.json)}"
+step "4 KiB mixed verify, bridge killed with SIGKILL 3 times"
+vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
+lg=$!
+for k in 1 2 3; do sleep 2.5; kill -9 $(cat /tmp/bridge.pid); start_bridge; done
+wait $lg; rc=$?
+record "{\"kills\": $(cat /tmp/lg.json)}"
+grep -c "recovered from the inflight region" /tmp/bridge.log > /tmp/recovered
+record "{\"recovered\": $(cat /tmp/recovered), \"backend\": \"$(grep -m1 'serving' /tmp/bridge.log | tr -d '\"')\"}"
+[ $rc = 0 ] || { cat /tmp/bridge.log; fail "loadgen reported errors"; }
+"#;
+
+#[test]
+fn nvme_backend_verifies_across_sigkills() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-nvme-backend").expect("lab setup");
+    let initrd = lab
+        .l2_image(SCRIPT, Contents::default())
+        .expect("guest image");
+    let disk = lab.disk("nvme.img", 256).expect("disk image");
+    let spec = lab.l2_spec(&initrd, &disk);
+    let limits = Limits {
+        boot: Duration::from_secs(90),
+        total: Duration::from_secs(300),
+    };
+    let retried =
+        vm::run_retrying_stalls(&spec, limits, 2, &lab.dir.join("console.log"), Echo::Steps)
+            .expect("run the lab guest");
+    let run = &retried.run;
+    let split = run.record("split").cloned();
+    let kills = run.record("kills").cloned();
+    eprintln!(
+        "1 MiB requests: {split:?}\nkills: {kills:?}\n{:?}",
+        run.record("backend")
+    );
+    run.expect_success("NVMe backend").unwrap();
+    let clean = |r: &serde_json::Value| {
+        for key in ["verify_errors", "failed", "lost", "not_a_head"] {
+            assert_eq!(r[key], 0, "{key}: {r}");
+        }
+    };
+    let split = split.unwrap();
+    clean(&split);
+    assert!(split["reads"].as_u64().unwrap() > 0, "{split}");
+    let kills = kills.unwrap();
+    clean(&kills);
+    assert_eq!(kills["reconnects"], 3, "{kills}");
+    assert_eq!(run.record("recovered"), Some(&serde_json::json!(3)));
+}
