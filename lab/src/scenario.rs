@@ -116,6 +116,26 @@ impl Lab {
         Ok(())
     }
 
+    /// Boots the first-level guest with `script` (an NVMe image of `nvme_mib` MiB attached),
+    /// retrying a stalled boot once, within `total`.
+    pub fn run_l2(
+        &self,
+        script: &str,
+        contents: Contents,
+        nvme_mib: u64,
+        total: Duration,
+        echo: Echo,
+    ) -> Result<vm::RetriedRun> {
+        let initrd = self.l2_image(script, contents)?;
+        let disk = self.disk("nvme.img", nvme_mib)?;
+        let spec = self.l2_spec(&initrd, &disk);
+        let limits = Limits {
+            boot: Duration::from_secs(90),
+            total,
+        };
+        vm::run_retrying_stalls(&spec, limits, 2, &self.dir.join("console.log"), echo)
+    }
+
     /// A raw disk image of `size_mib` MiB in this run's directory.
     pub fn disk(&self, name: &str, size_mib: u64) -> Result<PathBuf> {
         let path = self.dir.join(name);

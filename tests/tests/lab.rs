@@ -7,33 +7,22 @@
 use std::time::Duration;
 
 use vfblk_lab::scenario::{self, Contents, Lab};
-use vfblk_lab::vm::{self, Echo, Limits};
+use vfblk_lab::vm::Echo;
 use vfblk_tests::lab_lock;
-
-fn l2_limits(total_s: u64) -> Limits {
-    Limits {
-        boot: Duration::from_secs(90),
-        total: Duration::from_secs(total_s),
-    }
-}
 
 #[test]
 fn vfio_probe_of_emulated_nvme_in_guest() {
     let _lock = lab_lock();
     let lab = Lab::new("test-vfio-probe").expect("lab setup");
-    let initrd = lab
-        .l2_image(scenario::VFIO_PROBE_SCRIPT, Contents::default())
-        .expect("guest image");
-    let disk = lab.disk("nvme.img", 256).expect("disk image");
-    let spec = lab.l2_spec(&initrd, &disk);
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(240),
-        2,
-        &lab.dir.join("console.log"),
-        Echo::Steps,
-    )
-    .expect("run the lab guest");
+    let retried = lab
+        .run_l2(
+            scenario::VFIO_PROBE_SCRIPT,
+            Contents::default(),
+            256,
+            Duration::from_secs(240),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
     let run = &retried.run;
     eprintln!(
         "L2 booted in {:.1} s (try {}), run took {:.1} s",
@@ -78,26 +67,20 @@ fn vfio_probe_of_emulated_nvme_in_guest() {
 fn nested_guest_reads_and_writes_virtio_disk() {
     let _lock = lab_lock();
     let lab = Lab::new("test-nested").expect("lab setup");
-    let initrd = lab
-        .l2_image(
-            &scenario::nested_script(1),
-            Contents {
-                fio: false,
-                nested: true,
-            },
-        )
-        .expect("guest image");
-    let disk = lab.disk("nvme.img", 64).expect("disk image");
-    let spec = lab.l2_spec(&initrd, &disk);
     let l3_budget = scenario::L3_LIMITS.total.as_secs() * u64::from(scenario::L3_TRIES);
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(l3_budget + 120),
-        2,
-        &lab.dir.join("console.log"),
-        Echo::Steps,
-    )
-    .expect("run the lab guest");
+    let nested = Contents {
+        fio: false,
+        nested: true,
+    };
+    let retried = lab
+        .run_l2(
+            &scenario::nested_script(1),
+            nested,
+            64,
+            Duration::from_secs(l3_budget + 120),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
     let run = &retried.run;
     let nested = run.record("nested").cloned();
     if let Some(n) = &nested {

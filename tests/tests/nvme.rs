@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use vfblk_lab::scenario::{self, Contents, Lab};
-use vfblk_lab::vm::{self, Echo, Limits};
+use vfblk_lab::vm::Echo;
 use vfblk_tests::lab_lock;
 
 const IMAGE_MIB: u64 = 256;
@@ -74,18 +74,15 @@ record "{{\"kernel\": {{\"patterns\": [$k1, $k2, $k3], \"zeroes\": $kz, \"device
 fn driver_against_emulated_controller() {
     let _lock = lab_lock();
     let lab = Lab::new("test-nvme-driver").expect("lab setup");
-    let initrd = lab
-        .l2_image(&driver_script(), Contents::default())
-        .expect("guest image");
-    let disk = lab.disk("nvme.img", IMAGE_MIB).expect("disk image");
-    let spec = lab.l2_spec(&initrd, &disk);
-    let limits = Limits {
-        boot: Duration::from_secs(90),
-        total: Duration::from_secs(300),
-    };
-    let retried =
-        vm::run_retrying_stalls(&spec, limits, 2, &lab.dir.join("console.log"), Echo::Steps)
-            .expect("run the lab guest");
+    let retried = lab
+        .run_l2(
+            &driver_script(),
+            Contents::default(),
+            IMAGE_MIB,
+            Duration::from_secs(300),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
     let run = &retried.run;
     run.expect_success("NVMe driver test").unwrap();
 

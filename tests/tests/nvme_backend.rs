@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use vfblk_lab::scenario::{Contents, Lab};
-use vfblk_lab::vm::{self, Echo, Limits};
+use vfblk_lab::vm::Echo;
 use vfblk_tests::lab_lock;
 
 const SCRIPT: &str = r#". /lab/lib.sh
@@ -40,18 +40,15 @@ record "{\"recovered\": $(cat /tmp/recovered), \"backend\": \"$(grep -m1 'servin
 fn nvme_backend_verifies_across_sigkills() {
     let _lock = lab_lock();
     let lab = Lab::new("test-nvme-backend").expect("lab setup");
-    let initrd = lab
-        .l2_image(SCRIPT, Contents::default())
-        .expect("guest image");
-    let disk = lab.disk("nvme.img", 256).expect("disk image");
-    let spec = lab.l2_spec(&initrd, &disk);
-    let limits = Limits {
-        boot: Duration::from_secs(90),
-        total: Duration::from_secs(300),
-    };
-    let retried =
-        vm::run_retrying_stalls(&spec, limits, 2, &lab.dir.join("console.log"), Echo::Steps)
-            .expect("run the lab guest");
+    let retried = lab
+        .run_l2(
+            SCRIPT,
+            Contents::default(),
+            256,
+            Duration::from_secs(300),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
     let run = &retried.run;
     let split = run.record("split").cloned();
     let kills = run.record("kills").cloned();

@@ -134,6 +134,10 @@ fn recoveries(log: &Path) -> u32 {
         .count() as u32
 }
 
+fn remove_shm(name: &str) {
+    let _ = std::fs::remove_file(format!("/dev/shm/vfblk-test-{name}-{}", std::process::id()));
+}
+
 fn shm(name: &str) -> String {
     format!("mem:/dev/shm/vfblk-test-{name}-{}:64M", std::process::id())
 }
@@ -169,10 +173,7 @@ fn fifty_sigkills_with_out_of_order_completions_lose_nothing() {
     );
     assert_clean(r);
     assert!(r["reads"].as_u64().unwrap() > 1000, "{r}");
-    let _ = std::fs::remove_file(format!(
-        "/dev/shm/vfblk-test-inflight-{}",
-        std::process::id()
-    ));
+    remove_shm("inflight");
 }
 
 #[test]
@@ -222,10 +223,7 @@ fn without_inflight_tracking_requests_are_lost_or_run_twice() {
         damage > 0,
         "out-of-order completions plus a QEMU-style rewind must show damage: {r}"
     );
-    let _ = std::fs::remove_file(format!(
-        "/dev/shm/vfblk-test-noinflight-{}",
-        std::process::id()
-    ));
+    remove_shm("noinflight");
 }
 
 #[test]
@@ -293,10 +291,7 @@ fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
     eprintln!("across a SIGTERM restart with 2 queues: {r}");
     assert_eq!(r["reconnects"], 1, "{r}");
     assert_clean(&r);
-    let _ = std::fs::remove_file(format!(
-        "/dev/shm/vfblk-test-sigterm-{}",
-        std::process::id()
-    ));
+    remove_shm("sigterm");
 }
 
 fn wait_with_deadline(mut child: Child, limit: Duration) -> Option<i32> {
