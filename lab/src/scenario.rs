@@ -112,6 +112,13 @@ impl Lab {
         let l3_path = self.dir.join("l3.cpio");
         l3.write(&l3_path)?;
         image.add_file(&format!("{L3_DIR}/initrd.cpio"), &l3_path, 0o644);
+        // A second image for guests whose disk is vhost-user-blk: fio with verify.
+        let mut l3_fio = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
+        l3_fio.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
+        l3_fio.set_test_script(L3_FIO_SCRIPT);
+        let l3_fio_path = self.dir.join("l3-fio.cpio");
+        l3_fio.write(&l3_fio_path)?;
+        image.add_file(&format!("{L3_DIR}/initrd-fio.cpio"), &l3_fio_path, 0o644);
         image.add_file(&format!("{L3_DIR}/vmlinux"), &self.kernel.vmlinux, 0o644);
         Ok(())
     }
@@ -190,6 +197,67 @@ cmp -s /tmp/pattern /tmp/readback || fail "read-back differs from what was writt
 sum=$(md5sum < /tmp/pattern | cut -d' ' -f1)
 record "{\"l3\": {\"marker\": \"$marker\", \"md5\": \"$sum\", \"offset\": 1048576, \"len\": 1048576}}"
 "#;
+
+/// The second-level guest's fio test on its (vhost-user-blk) disk.
+pub const L3_FIO_SCRIPT: &str = r#". /lab/lib.sh
+modprobe virtio_pci || fail "modprobe virtio_pci"
+modprobe virtio_blk || fail "modprobe virtio_blk"
+for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || fail "no /dev/vda"
+step "fio in L3: 16 MiB random writes with crc32c verify"
+fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=16M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
+rc=$?
+record "{\"fio_exit\": $rc}"
+record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
+[ $rc = 0 ] || { cat /tmp/fio.err; fail "fio exited with $rc"; }
+"#;
+
+/// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
+/// vhost-user-blk device served on `socket`, runs fio with verify in it, and prints one
+/// record with fio's figures.
+pub fn run_nested_vhost(socket: &Path, echo: Echo) -> Result<()> {
+    let dir = Path::new("/tmp/l3");
+    std::fs::create_dir_all(dir)?;
+    let mut spec = VmSpec::new(
+        "L3",
+        Accel::Kvm,
+        &Path::new(L3_DIR).join("vmlinux"),
+        &Path::new(L3_DIR).join("initrd-fio.cpio"),
+    );
+    spec.cpus = 1;
+    // Debian's fio brings ~85 MB of libraries (rbd, gluster...) into the initramfs.
+    spec.memory_mib = 768;
+    spec.vhost_user_blk.push(vm::VhostUserBlk {
+        socket: socket.to_path_buf(),
+        num_queues: 1,
+    });
+    let log = dir.join("console-vhost.log");
+    let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
+    let run = &retried.run;
+    let fio = run.record("fio").cloned().unwrap_or_default();
+    let job = &fio["jobs"][0];
+    let record = serde_json::json!({"l3_vhost": {
+        "tries": retried.tries,
+        "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
+        "total_s": run.elapsed.as_secs_f64(),
+        "fio_exit": run.record("fio_exit"),
+        "writes": job["write"]["total_ios"],
+        "verified_reads": job["read"]["total_ios"],
+        "write_iops": job["write"]["iops"],
+        "fio_error": job["error"],
+        "failures": run.failures,
+        "ending": format!("{:?}", run.ending),
+    }});
+    println!("{}-RECORD {record}", crate::initramfs::MARK);
+    if run.ending != vm::Ending::Finished(0) {
+        eprintln!("{}", vm::tail(&log, 30));
+        return Err(LabError::Guest(format!(
+            "L3 on vhost-user-blk: {:?}, {:?}",
+            run.ending, run.failures
+        )));
+    }
+    Ok(())
+}
 
 /// Script of the nested test: KVM inside the first-level guest, then a second-level guest.
 pub fn nested_script(boots: u32) -> String {

@@ -70,3 +70,48 @@ fn nvme_backend_verifies_across_sigkills() {
     assert_eq!(kills["reconnects"], 3, "{kills}");
     assert_eq!(run.record("recovered"), Some(&serde_json::json!(3)));
 }
+
+/// The whole stack: a second-level VM under the lab guest's KVM whose virtio-blk disk is a
+/// vhost-user-blk device served by vfblk-bridge in the lab guest, through the NVMe backend
+/// and our VFIO driver, to the emulated NVMe controller behind the virtual IOMMU. fio in the
+/// second-level VM writes and verifies.
+const STACK_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+modprobe kvm_amd || fail "modprobe kvm_amd"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf >/dev/null 2>/tmp/bridge.log &
+for i in $(seq 1 200); do [ -S /tmp/b.sock ] && break; sleep 0.05; done
+[ -S /tmp/b.sock ] || { cat /tmp/bridge.log; fail "bridge did not start"; }
+step "L3 VM under KVM, its disk on the bridge's NVMe backend, fio with verify"
+vfblk-lab nested --vhost-user /tmp/b.sock || { cat /tmp/bridge.log; fail "L3 on the NVMe backend"; }
+"#;
+
+#[test]
+fn nested_vm_on_the_nvme_backend() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-nvme-stack").expect("lab setup");
+    let nested = Contents {
+        fio: false,
+        nested: true,
+    };
+    let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
+    let retried = lab
+        .run_l2(
+            STACK_SCRIPT,
+            nested,
+            256,
+            budget + Duration::from_secs(120),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let l3 = run.record("l3_vhost").cloned();
+    eprintln!("L3 on the NVMe backend: {l3:?}");
+    run.expect_success("nested VM on the NVMe backend").unwrap();
+    let l3 = l3.expect("L3 record");
+    assert_eq!(l3["fio_exit"], 0, "{l3}");
+    assert_eq!(l3["fio_error"], 0, "{l3}");
+    assert_eq!(l3["writes"], 16 * 256, "{l3}");
+    assert_eq!(l3["verified_reads"], 16 * 256, "{l3}");
+}

@@ -28,8 +28,9 @@ commands:
   bench-vhost [--seconds N] [--qd N] [--json]
                              vfblk-loadgen 4 KiB randread against vfblk-bridge (mem) and
                              against qemu-storage-daemon on the same data, one core each
-  nested [--boots N] [--verbose]
-                             (inside the lab guest) boot second-level guests under KVM
+  nested [--boots N] [--vhost-user SOCKET] [--verbose]
+                             (inside the lab guest) boot second-level guests under KVM; with
+                             --vhost-user, one whose disk is that vhost-user-blk socket, with fio
 ";
 
 struct Args {
@@ -314,13 +315,17 @@ fn shell(mut args: Args) -> Result<()> {
 
 fn nested(mut args: Args) -> Result<()> {
     let boots = args.number("--boots", 1)?;
+    let vhost = args.value("--vhost-user")?;
     let echo = if args.flag("--verbose") {
         Echo::All
     } else {
         Echo::Quiet
     };
     args.finish()?;
-    scenario::run_nested(boots, echo)
+    match vhost {
+        Some(socket) => scenario::run_nested_vhost(std::path::Path::new(&socket), echo),
+        None => scenario::run_nested(boots, echo),
+    }
 }
 
 fn nested_stats(mut args: Args) -> Result<()> {
