@@ -119,7 +119,7 @@ pub fn run_dir(name: &str) -> Result<PathBuf> {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let runs = cache_dir()?.join("runs");
-    prune_runs(&runs, 30);
+    prune_runs(&runs, 12);
     let dir = runs.join(format!("{name}-{stamp}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
