@@ -7,12 +7,30 @@ use std::os::fd::AsRawFd;
 use crate::{Error, Result};
 
 /// Maps `len` bytes of `fd` at `offset`, shared and read-write; the caller unmaps.
+///
+/// A regular file (memfd, hugetlbfs, shm) must hold the whole range: the fd may come from a
+/// vhost-user peer, and touching a mapping past the end of its file raises SIGBUS.
 pub fn map_shared(
     fd: std::os::fd::RawFd,
     len: usize,
     offset: u64,
     extra_flags: libc::c_int,
 ) -> std::io::Result<*mut u8> {
+    // SAFETY: fstat into a zeroed stat buffer; the result is checked.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = offset.checked_add(len as u64);
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && end.is_none_or(|e| e > st.st_size as u64) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the file holds {} bytes, not {len} at offset {offset}",
+                st.st_size
+            ),
+        ));
+    }
     // SAFETY: a fresh shared mapping chosen by the kernel; the result is checked.
     let ptr = unsafe {
         libc::mmap(
@@ -235,6 +253,14 @@ pub(crate) mod tests {
         let p0 = mem.translate(0x100, 4).unwrap();
         let p1 = mem.translate_frontend(0x7000_0100, 4).unwrap();
         assert_eq!(p0, p1);
+    }
+
+    #[test]
+    fn regions_longer_than_their_file_are_refused() {
+        // Mapping would succeed, and the first touch past the file's end would be SIGBUS.
+        assert!(GuestMemory::from_table(&[(0, 0x2000, 0, 0)], vec![memfd(0x1000)]).is_err());
+        assert!(GuestMemory::from_table(&[(0, 0x1000, 0, 0x1000)], vec![memfd(0x1000)]).is_err());
+        assert!(GuestMemory::from_table(&[(0, 0x1000, 0, 0x1000)], vec![memfd(0x2000)]).is_ok());
     }
 
     #[test]

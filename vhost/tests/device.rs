@@ -318,6 +318,21 @@ fn config_reads_are_bounded() {
         };
         assert!(dev.get_inflight_fd(&ask).is_err(), "{n} queues of {qs}");
     }
+    // An inflight fd shorter than the size the frontend claims: refused, not mapped (a
+    // touch past its end would be SIGBUS).
+    let name = std::ffi::CString::new("short").unwrap();
+    let short = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
+    short.set_len(4096).unwrap();
+    let claim = VhostUserInflight {
+        mmap_size: 1 << 20,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: 128,
+    };
+    assert!(
+        dev.set_inflight_fd(&claim, short).is_err(),
+        "short inflight fd"
+    );
     assert!(dev.set_vring_num(0, 100).is_err(), "not a power of two");
     assert!(dev.set_vring_num(5, 64).is_err(), "no such queue");
     assert!(dev.set_features(1 << 63).is_err(), "feature not offered");
