@@ -11,7 +11,7 @@ use vfblk_hugepages::{
 use crate::pci::PciAddress;
 use crate::queue::{Layout, QueuePair, ShadowDoorbells};
 use crate::regs::{offset, Cap, Registers, Version};
-use crate::spec::{Command, IdentifyController, IdentifyNamespace, Status};
+use crate::spec::{Command, IdentifyController, IdentifyNamespace};
 use crate::vfio::VfioPci;
 use crate::{Error, Result};
 
@@ -601,13 +601,5 @@ impl Drop for Shared {
         if let Err(e) = wait_ready(&regs, &self.name, false, timeout) {
             eprintln!("warning: {e}");
         }
-    }
-}
-
-/// Status of a failed command, for callers matching on NVMe status.
-pub fn command_status(e: &Error) -> Option<Status> {
-    match e {
-        Error::Command { status, .. } => Some(*status),
-        _ => None,
     }
 }

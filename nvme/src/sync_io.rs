@@ -21,19 +21,19 @@ pub fn run(
     mut submit: impl FnMut(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
 ) -> Result<IoCompletion> {
     // A controller reset aborts what was in flight; re-executing a block command is safe.
-    let mut c = run_status(device, qp, what, &mut submit)?;
+    let (mut c, mut opcode) = run_status(device, qp, what, &mut submit)?;
     for _ in 0..MAX_RESUBMITS {
         if c.status != Status::ABORTED_BY_RESET {
             break;
         }
-        c = run_status(device, qp, what, &mut submit)?;
+        (c, opcode) = run_status(device, qp, what, &mut submit)?;
     }
     if !c.status.is_success() {
         return Err(Error::Command {
             device: device.to_string(),
             queue: qp.qid(),
             cid: c.cid,
-            opcode: c.token as u8,
+            opcode,
             what: what.to_string(),
             status: c.status,
         });
@@ -41,13 +41,13 @@ pub fn run(
     Ok(c)
 }
 
-/// Like [`run`], but returns the completion whatever its status.
+/// Like [`run`], but returns the completion whatever its status, with the command's opcode.
 pub fn run_status(
     device: &str,
     qp: &mut QueuePair,
     what: &str,
     submit: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, SubmitError>,
-) -> Result<IoCompletion> {
+) -> Result<(IoCompletion, u8)> {
     let cid = submit(qp).map_err(|e| Error::Device {
         device: device.to_string(),
         what: format!("queue {}: cannot submit {what}: {e}", qp.qid()),
@@ -62,9 +62,8 @@ pub fn run_status(
                 done = Some(c);
             }
         });
-        if let Some(mut c) = done {
-            c.token = u64::from(opcode);
-            return Ok(c);
+        if let Some(c) = done {
+            return Ok((c, opcode));
         }
         if Instant::now() > deadline {
             return Err(Error::Timeout {
@@ -73,13 +72,5 @@ pub fn run_status(
             });
         }
         std::hint::spin_loop();
-    }
-}
-
-/// The status of a command error, if it is one.
-pub fn status_of(e: &Error) -> Option<Status> {
-    match e {
-        Error::Command { status, .. } => Some(*status),
-        _ => None,
     }
 }

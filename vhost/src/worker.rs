@@ -318,8 +318,7 @@ fn finish(slots: &[Slot], completed: &mut Vec<u16>, head: u16, st: u8) {
 
 struct QueueRuntime {
     index: u16,
-    _mem: Arc<GuestMemory>,
-    mem: *const GuestMemory,
+    mem: Arc<GuestMemory>,
     vq: DeviceQueue,
     inflight: Option<(InflightQueue, Arc<InflightMap>)>,
     backend: Box<dyn BackendQueue>,
@@ -336,7 +335,8 @@ struct QueueRuntime {
     reported: u32,
 }
 
-// SAFETY: `mem` points into `_mem`, which the runtime owns; one thread runs it.
+// SAFETY: the raw pointers it holds (status bytes, request buffers) point into guest memory
+// that `mem` keeps mapped; one thread runs the queue at a time.
 unsafe impl Send for QueueRuntime {}
 
 impl QueueRuntime {
@@ -346,8 +346,7 @@ impl QueueRuntime {
         resubmit.reverse(); // popped from the end: oldest first
         let mut runtime = Self {
             index: q.index,
-            mem: Arc::as_ptr(&q.mem),
-            _mem: q.mem,
+            mem: q.mem,
             vq: q.vq,
             inflight: q.inflight,
             backend: q.backend,
@@ -384,9 +383,7 @@ impl QueueRuntime {
 
     /// Walks, checks and submits the chain at `head`.
     fn start(&mut self, head: u16) {
-        // SAFETY: `mem` is kept alive by `_mem`.
-        let mem = unsafe { &*self.mem };
-        if let Err(e) = self.chain.walk(&self.vq, mem, head) {
+        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
             self.complain(format_args!("head {head}: {e}; returned without status"));
             self.slots[usize::from(head)] = Slot {
                 status: std::ptr::null_mut(),

@@ -39,7 +39,13 @@ impl Backend for DelayBackend {
             inner: self.inner.open_queue()?,
             delay: self.delay,
             held: Vec::with_capacity(4096),
-            rng: 0x2545_f491_4f6c_dd1d ^ (Instant::now().elapsed().as_nanos() as u64),
+            // Different orders in different runs; never zero (xorshift would stay at zero).
+            rng: 0x2545_f491_4f6c_dd1d
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+                | 1,
         }))
     }
 }
