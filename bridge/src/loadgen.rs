@@ -139,6 +139,8 @@ pub struct LoadGen {
     next_generation: u32,
     rng: u64,
     report: Report,
+    /// The expected contents of a verified read (reused: no allocation per I/O).
+    scratch: Vec<u8>,
 }
 
 fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
@@ -255,6 +257,7 @@ impl LoadGen {
             busy_units: Vec::new(),
             next_generation: 1,
             report: Report::default(),
+            scratch: Vec::new(),
         };
         lg.connect(Instant::now() + lg.opts.reconnect_timeout)?;
         lg.units = lg.capacity_sectors * 512 / u64::from(lg.opts.block_size);
@@ -505,11 +508,14 @@ impl LoadGen {
         let want = self.expected[unit as usize];
         if self.opts.verify && want != 0 {
             let bs = self.opts.block_size as usize;
-            let mut expect = vec![0u8; bs];
+            let mut expect = std::mem::take(&mut self.scratch);
+            expect.resize(bs, 0);
             stamp(unit, want, self.opts.seed, &mut expect);
             // SAFETY: the data buffer lies in our mapping; the device is done with it.
             let got = unsafe { std::slice::from_raw_parts(self.host(data), bs) };
-            if got != expect.as_slice() {
+            let mismatch = got != expect.as_slice();
+            self.scratch = expect;
+            if mismatch {
                 self.report.verify_errors += 1;
                 let seen = u64::from_le_bytes(got[8..16].try_into().expect("8 bytes")) as u32;
                 self.error(format!(

@@ -260,6 +260,7 @@ pub struct DriverQueue {
     pub gpas: (u64, u64, u64),
     free: Vec<u16>,
     next_free_chain: Vec<u16>,
+    head_in_flight: Vec<bool>,
     avail_idx: u16,
     last_used: u16,
 }
@@ -299,6 +300,7 @@ impl DriverQueue {
             gpas: (gpa, gpa + avail_off as u64, gpa + used_off as u64),
             free: (0..size).rev().collect(),
             next_free_chain: vec![0; usize::from(size)],
+            head_in_flight: vec![false; usize::from(size)],
             avail_idx: 0,
             last_used: 0,
         }
@@ -321,26 +323,34 @@ impl DriverQueue {
         if buffers.is_empty() || buffers.len() > self.free.len() {
             return None;
         }
-        let ids: Vec<u16> = (0..buffers.len())
-            .map(|_| self.free.pop().expect("checked"))
-            .collect();
+        // Take each descriptor's successor before writing it, so no list of ids is needed.
+        let head = self.free.pop().expect("checked");
+        let mut current = head;
         for (i, b) in buffers.iter().enumerate() {
-            let last = i + 1 == buffers.len();
+            let next = if i + 1 < buffers.len() {
+                self.free.pop().expect("checked")
+            } else {
+                u16::MAX
+            };
             let d = Descriptor {
                 addr: b.gpa,
                 len: b.len,
-                flags: if b.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
-                next: if last { 0 } else { ids[i + 1] },
+                flags: if b.write { DESC_F_WRITE } else { 0 }
+                    | if next == u16::MAX { 0 } else { DESC_F_NEXT },
+                next: if next == u16::MAX { 0 } else { next },
             };
-            // SAFETY: ids are < size: inside the table.
-            unsafe { self.desc.add(usize::from(ids[i])).write_volatile(d) };
+            // SAFETY: ids from the free list are < size: inside the table.
+            unsafe { self.desc.add(usize::from(current)).write_volatile(d) };
+            // Remember the chain's members to free them when the head comes back.
+            self.next_free_chain[usize::from(current)] = next;
+            current = next;
         }
-        // Remember the chain's members to free them when the head comes back.
-        for w in ids.windows(2) {
-            self.next_free_chain[usize::from(w[0])] = w[1];
-        }
-        let head = ids[0];
-        self.next_free_chain[usize::from(*ids.last().expect("non-empty"))] = u16::MAX;
+        self.head_in_flight[usize::from(head)] = true;
+        self.publish_avail(head);
+        Some(head)
+    }
+
+    fn publish_avail(&mut self, head: u16) {
         let slot = usize::from(self.avail_idx % self.size);
         // SAFETY: ring[slot] inside the avail ring.
         unsafe { (self.avail.add(4 + 2 * slot) as *mut u16).write_volatile(head) };
@@ -348,7 +358,6 @@ impl DriverQueue {
         // SAFETY: avail idx at offset 2, 2-aligned.
         unsafe { &*(self.avail.add(2) as *const AtomicU16) }
             .store(self.avail_idx, Ordering::Release);
-        Some(head)
     }
 
     /// Writes raw descriptors (for hostile-input tests) at the given indexes and makes `head`
@@ -358,13 +367,7 @@ impl DriverQueue {
             // SAFETY: index reduced mod size: inside the table.
             unsafe { self.desc.add(usize::from(i % self.size)).write_volatile(d) };
         }
-        let slot = usize::from(self.avail_idx % self.size);
-        // SAFETY: ring[slot] inside the avail ring.
-        unsafe { (self.avail.add(4 + 2 * slot) as *mut u16).write_volatile(head) };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        // SAFETY: avail idx at offset 2.
-        unsafe { &*(self.avail.add(2) as *const AtomicU16) }
-            .store(self.avail_idx, Ordering::Release);
+        self.publish_avail(head);
     }
 
     /// The next used element, if the device published one: (head, written length). The
@@ -385,12 +388,13 @@ impl DriverQueue {
         self.last_used = self.last_used.wrapping_add(1);
         let head = u16::try_from(id)
             .ok()
-            .filter(|&h| h < self.size && !self.free.contains(&h));
+            .filter(|&h| h < self.size && self.head_in_flight[usize::from(h)]);
         let Some(head) = head else {
             return Err(Error::Guest(format!(
                 "used ring returned id {id}, which is not a head in flight"
             )));
         };
+        self.head_in_flight[usize::from(head)] = false;
         let mut d = head;
         loop {
             self.free.push(d);
