@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vfblk_lab::recovery::{self, DemoBackend, DemoOptions};
 use vfblk_lab::scenario::{self, Contents, Lab};
-use vfblk_lab::vm::{self, Accel, Echo, Ending, Limits};
+use vfblk_lab::vm::{self, Accel, Echo, Ending};
 use vfblk_lab::{LabError, Result};
 
 const USAGE: &str = "usage: vfblk-lab <command> [options]
@@ -120,14 +120,6 @@ fn setup(args: Args) -> Result<()> {
         kernel.vmlinux.display()
     );
     Ok(())
-}
-
-/// Limits of a first-level guest under TCG: it boots in about 5 s; nested runs take minutes.
-fn l2_limits(total: Duration) -> Limits {
-    Limits {
-        boot: Duration::from_secs(90),
-        total,
-    }
 }
 
 fn demo(mut args: Args) -> Result<()> {
@@ -271,17 +263,8 @@ fn run_script(mut args: Args) -> Result<()> {
     args.finish()?;
     let script = std::fs::read_to_string(PathBuf::from(&script))?;
     let lab = Lab::new("run")?;
-    let initrd = lab.l2_image(&script, contents)?;
-    let disk = lab.disk("nvme.img", 1024)?;
-    let spec = lab.l2_spec(&initrd, &disk);
     let echo = if verbose { Echo::All } else { Echo::Steps };
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(Duration::from_secs(1800)),
-        2,
-        &lab.dir.join("console.log"),
-        echo,
-    )?;
+    let retried = lab.run_l2(&script, contents, 1024, Duration::from_secs(1800), echo)?;
     let run = &retried.run;
     if json {
         for r in &run.records {
@@ -333,21 +316,17 @@ fn nested_stats(mut args: Args) -> Result<()> {
     let json = args.flag("--json");
     args.finish()?;
     let lab = Lab::new("nested-stats")?;
-    let initrd = lab.l2_image(
-        &scenario::nested_script(boots),
-        Contents {
-            fio: false,
-            nested: true,
-        },
-    )?;
-    let disk = lab.disk("nvme.img", 64)?;
-    let spec = lab.l2_spec(&initrd, &disk);
     let per_boot = scenario::L3_LIMITS.total * scenario::L3_TRIES;
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(per_boot * boots + Duration::from_secs(120)),
-        2,
-        &lab.dir.join("console.log"),
+    let contents = Contents {
+        fio: false,
+        nested: true,
+    };
+    let total = per_boot * boots + Duration::from_secs(120);
+    let retried = lab.run_l2(
+        &scenario::nested_script(boots),
+        contents,
+        64,
+        total,
         Echo::Steps,
     )?;
     let run = &retried.run;
@@ -412,20 +391,16 @@ fn bench_nvme(mut args: Args) -> Result<()> {
     let json = args.flag("--json");
     args.finish()?;
     let lab = Lab::new("bench-nvme")?;
-    let initrd = lab.l2_image(
+    let contents = Contents {
+        fio: true,
+        nested: false,
+    };
+    let total = Duration::from_secs(u64::from(seconds) * 6 + 180);
+    let retried = lab.run_l2(
         &scenario::nvme_bench_script(seconds),
-        Contents {
-            fio: true,
-            nested: false,
-        },
-    )?;
-    let disk = lab.disk("nvme.img", 1024)?;
-    let spec = lab.l2_spec(&initrd, &disk);
-    let retried = vm::run_retrying_stalls(
-        &spec,
-        l2_limits(Duration::from_secs(u64::from(seconds) * 6 + 180)),
-        2,
-        &lab.dir.join("console.log"),
+        contents,
+        1024,
+        total,
         Echo::Steps,
     )?;
     let run = &retried.run;
