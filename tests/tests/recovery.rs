@@ -40,6 +40,26 @@ fn start_bridge(socket: &Path, extra: &[&str], log: &Path) -> Child {
     child
 }
 
+/// The load generator in verify mode (mixed reads and writes, JSON report on stdout).
+fn spawn_loadgen(socket: &Path, seconds: u32, extra: &[&str]) -> Child {
+    Command::new(bin("vfblk-loadgen"))
+        .arg("--socket")
+        .arg(socket)
+        .args([
+            "--rw",
+            "mixed",
+            "--verify",
+            "--json",
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting vfblk-loadgen")
+}
+
 struct Outcome {
     report: serde_json::Value,
     kills: u32,
@@ -60,22 +80,7 @@ fn chaos(
     let socket = dir.join("blk.sock");
     let log = dir.join("bridge.log");
     let mut bridge = start_bridge(&socket, bridge_args, &log);
-    let loadgen = Command::new(bin("vfblk-loadgen"))
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--rw",
-            "mixed",
-            "--verify",
-            "--json",
-            "--seconds",
-            &seconds.to_string(),
-        ])
-        .args(loadgen_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting vfblk-loadgen");
+    let loadgen = spawn_loadgen(&socket, seconds, loadgen_args);
     let mut rng: u64 = 0x9e37_79b9 ^ u64::from(std::process::id());
     std::thread::sleep(Duration::from_millis(300));
     let mut done = 0;
@@ -247,24 +252,7 @@ fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
         "0,1",
     ];
     let bridge = start_bridge(&socket, &args, &log);
-    let loadgen = Command::new(bin("vfblk-loadgen"))
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--rw",
-            "mixed",
-            "--verify",
-            "--json",
-            "--seconds",
-            "4",
-            "--queues",
-            "2",
-            "--qd",
-            "16",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let loadgen = spawn_loadgen(&socket, 4, &["--queues", "2", "--qd", "16"]);
     std::thread::sleep(Duration::from_millis(1500));
     let pid = bridge.id() as i32;
     // SAFETY: signalling the child we started.

@@ -29,11 +29,8 @@ const DISK: u64 = 16 << 20;
 const QSIZE: u16 = 64;
 const BUF: u64 = 1 << 20; // buffers live above 1 MiB
 
-fn start_server(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vfblk-devtest-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("blk.sock");
+/// A mem-backed device with `queues` queues on one test poller; GET_ID answers "test-disk".
+fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
     let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
     let workers = vec![Worker::spawn(
         "test-poller".into(),
@@ -44,13 +41,21 @@ fn start_server(name: &str) -> PathBuf {
     )];
     let mut serial = [0u8; 20];
     serial[..9].copy_from_slice(b"test-disk");
-    let config = Arc::new(DeviceConfig {
-        num_queues: 2,
+    Arc::new(DeviceConfig {
+        num_queues: queues,
         inflight: true,
         serial,
         backend,
         workers,
-    });
+    })
+}
+
+fn start_server(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vfblk-devtest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("blk.sock");
+    let config = device_config(&dir, 2);
     let s = socket.clone();
     std::thread::spawn(move || vfblk_vhost::server::serve(&s, config, || {}));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -282,21 +287,7 @@ fn config_reads_are_bounded() {
     use vhost::vhost_user::VhostUserBackendReqHandlerMut;
     let dir = std::env::temp_dir().join(format!("vfblk-devtest-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
-    let workers = vec![Worker::spawn(
-        "test-poller".into(),
-        None,
-        PollMode {
-            idle_loops_before_sleep: Some(1000),
-        },
-    )];
-    let config = Arc::new(DeviceConfig {
-        num_queues: 1,
-        inflight: true,
-        serial: [0; 20],
-        backend,
-        workers,
-    });
+    let config = device_config(&dir, 1);
     let mut dev = vfblk_vhost::device::BlkDevice::new(config);
     let flags = VhostUserConfigFlags::empty();
     assert_eq!(dev.get_config(0, 60, flags).unwrap().len(), 60);
