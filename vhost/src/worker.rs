@@ -15,6 +15,7 @@ use crate::chain::Chain;
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
 use crate::virtq::DeviceQueue;
+use vmm_sys_util::eventfd::EventFd;
 
 /// The mapped inflight region, shared by the device and its queues.
 pub struct InflightMap {
@@ -93,7 +94,7 @@ enum Command {
 struct Mailbox {
     pending: AtomicBool,
     commands: Mutex<Vec<Command>>,
-    wake: File,
+    wake: EventFd,
 }
 
 /// Tuning of the poll loop.
@@ -107,14 +108,6 @@ pub struct PollMode {
 pub struct Worker {
     mailbox: Arc<Mailbox>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd creation; checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh fd.
-    unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
 }
 
 fn signal(fd: &File) {
@@ -135,7 +128,8 @@ impl Worker {
         let mailbox = Arc::new(Mailbox {
             pending: AtomicBool::new(false),
             commands: Mutex::new(Vec::new()),
-            wake: eventfd(),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .expect("eventfd for a poller mailbox"),
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
@@ -162,7 +156,7 @@ impl Worker {
             .unwrap_or_else(|e| e.into_inner())
             .push(command);
         self.mailbox.pending.store(true, Ordering::Release);
-        signal(&self.mailbox.wake);
+        let _ = self.mailbox.wake.write(1);
     }
 
     /// Hands a queue to this worker.
@@ -285,7 +279,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
         });
         // SAFETY: a valid pollfd array.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        drain_eventfd(&mailbox.wake);
+        let _ = mailbox.wake.read();
         for q in queues.iter() {
             if let Some(k) = &q.kick {
                 drain_eventfd(k);
