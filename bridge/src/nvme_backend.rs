@@ -15,6 +15,16 @@ use vfblk_vhost::blk::{status, Operation, Request, SECTOR};
 use vfblk_vhost::memory::GuestMemory;
 use vfblk_vhost::{Error, Result};
 
+/// A range of 512-byte sectors as (first block, blocks) of a namespace with 2^shift-byte
+/// blocks; `None` unless both ends fall on block boundaries (rounding would touch blocks the
+/// guest did not name).
+fn sectors_to_blocks(sector: u64, count: u32, shift: u8) -> Option<(u64, u64)> {
+    let start = sector.checked_mul(SECTOR)?;
+    let len = u64::from(count) * SECTOR;
+    let mask = (1u64 << shift) - 1;
+    (start & mask == 0 && len & mask == 0).then_some((start >> shift, len >> shift))
+}
+
 /// Most NVMe commands one virtio-blk request may become (MDTS splits, ranges).
 const MAX_PARTS: usize = 8;
 /// Queue entries per NVMe queue pair.
@@ -125,6 +135,24 @@ struct NvmeQueue {
 }
 
 impl NvmeQueue {
+    /// Accounts a submitted request; one that sent nothing to the device completes now.
+    fn accounted(&mut self, token: u16) -> Result<()> {
+        let p = self.parts[usize::from(token)];
+        if p.pending == 0 {
+            // Nothing reached the device (refused before submission): report now.
+            self.reaped.push((
+                token,
+                if p.status == status::OK {
+                    status::IOERR
+                } else {
+                    p.status
+                },
+            ));
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
     fn fail(&mut self, token: u16) {
         let p = &mut self.parts[usize::from(token)];
         p.status = status::IOERR;
@@ -227,12 +255,14 @@ impl BackendQueue for NvmeQueue {
             }
             Operation::Discard => {
                 let mut ranges = [(0u64, 0u32); vfblk_vhost::blk::MAX_DISCARD_SEGMENTS];
-                let shift = self.shift;
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
-                    ranges[i] = (
-                        (sector * SECTOR) >> shift,
-                        ((u64::from(count) * SECTOR) >> shift) as u32,
-                    );
+                    match sectors_to_blocks(sector, count, self.shift) {
+                        Some((lba, blocks)) => ranges[i] = (lba, blocks as u32),
+                        None => {
+                            self.fail(token);
+                            return self.accounted(token);
+                        }
+                    }
                 }
                 let n = r.range_count;
                 self.issue(token, |qp| {
@@ -241,8 +271,11 @@ impl BackendQueue for NvmeQueue {
             }
             Operation::WriteZeroes { .. } => {
                 for &(sector, count) in &r.ranges[..r.range_count] {
-                    let mut lba = (sector * SECTOR) >> self.shift;
-                    let mut left = (u64::from(count) * SECTOR) >> self.shift;
+                    let Some((mut lba, mut left)) = sectors_to_blocks(sector, count, self.shift)
+                    else {
+                        self.fail(token);
+                        break;
+                    };
                     while left > 0 {
                         let n = left.min(65536) as u32;
                         if !self.issue(token, |qp| qp.write_zeroes(nsid, lba, n, u64::from(token)))
@@ -255,20 +288,7 @@ impl BackendQueue for NvmeQueue {
                 }
             }
         }
-        let p = self.parts[usize::from(token)];
-        if p.pending == 0 {
-            // Nothing reached the device (refused before submission): report now.
-            self.reaped.push((
-                token,
-                if p.status == status::OK {
-                    status::IOERR
-                } else {
-                    p.status
-                },
-            ));
-        }
-        self.in_flight += 1;
-        Ok(())
+        self.accounted(token)
     }
 
     fn flush_submissions(&mut self) {
@@ -299,5 +319,21 @@ impl BackendQueue for NvmeQueue {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sectors_to_blocks;
+
+    #[test]
+    fn ranges_convert_only_on_block_boundaries() {
+        // 512-byte blocks: every sector range converts as is.
+        assert_eq!(sectors_to_blocks(3, 5, 9), Some((3, 5)));
+        // 4 KiB blocks: 8 sectors per block.
+        assert_eq!(sectors_to_blocks(16, 24, 12), Some((2, 3)));
+        assert_eq!(sectors_to_blocks(17, 8, 12), None, "start inside a block");
+        assert_eq!(sectors_to_blocks(16, 12, 12), None, "end inside a block");
+        assert_eq!(sectors_to_blocks(u64::MAX, 8, 12), None, "overflow");
     }
 }
