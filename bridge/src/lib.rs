@@ -1,8 +1,67 @@
-//! The host binaries' library: the NVMe backend of the bridge (our VFIO driver behind the
-//! vhost-user-blk device) and the load generator (a frontend that acts like QEMU and a guest
-//! driver at once). The binaries themselves are thin wiring.
+//! The bridge: virtio-blk requests translated to block backends. [`virtio_blk`] has the spec
+//! types, [`request`] checks a walked chain into a [`request::Request`], [`device`] is the
+//! virtio-blk device type the vhost-user plumbing (`vfblk-vhost`) serves, and [`backend`]
+//! holds the backends side by side (mem, file, nvme). [`target`] is what the `vfblk-bridge`
+//! binary runs.
 
 #![deny(missing_docs)]
 
-pub mod loadgen;
-pub mod nvme_backend;
+pub mod backend;
+pub mod device;
+pub mod request;
+pub mod spec;
+pub mod target;
+pub mod virtio_blk;
+
+/// Errors of the bridge; each variant is one cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An OS call failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk size a backend cannot serve.
+    #[error("{what}: {bytes} bytes is not a positive multiple of 512")]
+    BadSize {
+        /// Which disk.
+        what: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// A backend queue got more requests than it has room for (a logic error: the device
+    /// asks `can_submit` first).
+    #[error("{0} queue full")]
+    QueueFull(&'static str),
+    /// The NVMe driver failed.
+    #[error("NVMe: {what}")]
+    Nvme {
+        /// What was being done.
+        what: String,
+        /// The driver's error.
+        #[source]
+        source: vfblk_nvme::Error,
+    },
+    /// A backend spec or command-line value that does not parse.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The vhost-user plumbing failed.
+    #[error("vhost-user")]
+    Vhost(#[from] vfblk_vhost::Error),
+    /// A thread panicked while holding a lock.
+    #[error("a lock ({0}) was poisoned by a panicking thread")]
+    Poisoned(&'static str),
+}
+
+impl From<Error> for vfblk_vhost::Error {
+    fn from(e: Error) -> Self {
+        vfblk_vhost::Error::Device(Box::new(e))
+    }
+}
+
+/// Result of the bridge.
+pub type Result<T> = std::result::Result<T, Error>;

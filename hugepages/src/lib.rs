@@ -56,9 +56,7 @@ pub enum DmaError {
 impl fmt::Display for DmaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DmaError::Alloc { what, len, source } => {
-                write!(f, "DMA memory: {what} ({len} bytes): {source}")
-            }
+            DmaError::Alloc { what, len, .. } => write!(f, "DMA memory: {what} ({len} bytes)"),
             DmaError::Iova(m) => write!(f, "IOVA allocation: {m}"),
             DmaError::Map { iova, len, reason } => {
                 write!(f, "IOMMU mapping of IOVA {iova:#x}+{len:#x}: {reason}")

@@ -138,10 +138,13 @@ impl Drop for DmaBuffer {
         match self.release() {
             Ok(()) => {}
             Err(e) if !self.released => {
-                eprintln!("error: {e}; leaking the buffer so the device cannot write freed memory");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "{e}; leaking the buffer so the device cannot write freed memory"
+                );
                 return;
             }
-            Err(e) => eprintln!("warning: {e}"),
+            Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "{e}"),
         }
         // SAFETY: unmapped from the IOMMU above, and never used again.
         unsafe { ManuallyDrop::drop(&mut self.memory) }
@@ -220,7 +223,7 @@ impl Drop for ExternalMapping {
             }
             Ok(()) => {}
             // The range stays reserved: the device may still reach it.
-            Err(e) => eprintln!("error: {e}"),
+            Err(e) => tracing::error!(error = &e as &dyn std::error::Error, "{e}"),
         }
     }
 }
@@ -300,6 +303,7 @@ mod tests {
         ));
         let mut ram = vec![0u8; 0x2000];
         // Guest RAM at GPA 0x1000: below the window, mapped, nothing reserved.
+        // SAFETY: `ram` outlives the mappings; the recording mapper does no DMA.
         let low = unsafe {
             ExternalMapping::new(
                 mapper.clone(),
@@ -311,6 +315,7 @@ mod tests {
         }
         .unwrap();
         // At the window's start: reserved, so allocations go around it.
+        // SAFETY: as above.
         let high = unsafe {
             ExternalMapping::new(
                 mapper.clone(),
@@ -326,6 +331,7 @@ mod tests {
             0x10_2000
         );
         assert!(
+            // SAFETY: as above.
             unsafe {
                 ExternalMapping::new(
                     mapper.clone(),

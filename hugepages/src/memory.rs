@@ -63,13 +63,13 @@ fn round_up(len: usize, align: usize) -> usize {
 
 impl DmaMemory {
     /// Allocates `len` bytes (rounded up to the page size) on 2 MiB huge pages, falling back
-    /// to locked 4 KiB pages with a warning on stderr when no huge pages are available.
+    /// to locked 4 KiB pages with a logged warning when no huge pages are available.
     pub fn allocate(name: &str, len: usize) -> Result<Self> {
         match Self::allocate_huge(name, len) {
             Ok(mem) => Ok(mem),
             Err(huge_err) => {
-                eprintln!(
-                    "warning: {name}: no 2 MiB hugepages for {len} bytes ({huge_err}); \
+                tracing::warn!(
+                    "{name}: no 2 MiB hugepages for {len} bytes ({huge_err}); \
                      using locked 4 KiB pages (reserve some in /proc/sys/vm/nr_hugepages)"
                 );
                 Self::allocate_small(name, len)
@@ -213,6 +213,7 @@ mod tests {
         mem.write_bytes(100, b"shared");
         let dup = mem.fd().try_clone_to_owned().unwrap();
         let file = File::from(dup);
+        // SAFETY: the memfd is 4 KiB and nothing truncates it while the view lives.
         let view = unsafe { MmapOptions::new().len(4096).map(&file) }.unwrap();
         assert_eq!(&view[100..106], b"shared");
     }

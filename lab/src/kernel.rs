@@ -89,8 +89,8 @@ pub fn ensure_kernel() -> Result<GuestKernel> {
     if vmlinux.exists() && kernel.modules_dir.exists() {
         return Ok(kernel);
     }
-    eprintln!(
-        "lab: fetching guest kernel linux-image-{release} (cached in {})",
+    tracing::info!(
+        "fetching guest kernel linux-image-{release} (cached in {})",
         dir.display()
     );
     let _ = fs::remove_dir_all(&dir);
@@ -108,7 +108,7 @@ pub fn ensure_kernel() -> Result<GuestKernel> {
     };
     if fetch().is_err() {
         // Stale package lists name a version the mirror no longer has: refresh once.
-        eprintln!("lab: apt-get download failed; running apt-get update and trying again");
+        tracing::warn!("apt-get download failed; running apt-get update and trying again");
         run_capture(Command::new("apt-get").arg("update"), "apt-get update")?;
         fetch()?;
     }

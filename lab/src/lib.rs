@@ -7,46 +7,31 @@
 
 #![deny(missing_docs)]
 
-pub mod bench;
+pub mod cli;
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
+pub mod process;
 pub mod recovery;
 pub mod scenario;
 pub mod vm;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 /// Lab errors.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LabError {
     /// A missing or failing input: package, kernel, program, file.
+    #[error("lab setup: {0}")]
     Setup(String),
     /// The guest did not do what the test asked.
+    #[error("lab guest: {0}")]
     Guest(String),
     /// An I/O error on the host.
-    Io(std::io::Error),
-}
-
-impl fmt::Display for LabError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LabError::Setup(m) => write!(f, "lab setup: {m}"),
-            LabError::Guest(m) => write!(f, "lab guest: {m}"),
-            LabError::Io(e) => write!(f, "lab: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for LabError {}
-
-impl From<std::io::Error> for LabError {
-    fn from(e: std::io::Error) -> Self {
-        LabError::Io(e)
-    }
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// Lab result.
@@ -92,11 +77,14 @@ pub fn project_bin_dir() -> Result<PathBuf> {
                     "--release",
                     "--bins",
                     "-p",
-                    "vfblk-nvme",
+                    "vfblk-benches",
                     "-p",
                     "vfblk-lab",
                     "-p",
                     "vfblk-bridge",
+                    // The recovery tests widen their windows with --test-delay-ms.
+                    "--features",
+                    "vfblk-bridge/test-delay",
                 ])
                 .current_dir(&root)
                 .status()

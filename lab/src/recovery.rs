@@ -3,12 +3,12 @@
 //! the host kills the bridge with SIGKILL mid-run and starts it again. fio must finish with
 //! exit status 0 and no verify error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::process::start_bridge;
 use crate::scenario::{Contents, Lab, VFIO_PROBE_SCRIPT};
 use crate::vm::{self, Echo, Limits, RetriedRun, VhostUserBlk};
 use crate::{LabError, Result};
@@ -72,36 +72,8 @@ record "{{\"fio\": $(tr -d '\n' < /tmp/fio.json)}}"
     )
 }
 
-fn start_bridge(bin: &Path, socket: &Path, spec: &str, log: &Path) -> Result<Child> {
-    let _ = std::fs::remove_file(socket);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let child = Command::new(bin)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--backend", spec])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| LabError::Setup(format!("starting {}: {e}", bin.display())))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > deadline {
-            return Err(LabError::Setup(format!(
-                "the bridge did not create {}",
-                socket.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(child)
-}
-
 /// Runs the demonstration.
 pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
-    let bridge_bin = lab.bin_dir.join("vfblk-bridge");
     let socket = lab.dir.join("blk.sock");
     let log = lab.dir.join("bridge.log");
     let spec = match opts.backend {
@@ -120,7 +92,12 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         num_queues: 1,
     });
 
-    let bridge = Mutex::new(start_bridge(&bridge_bin, &socket, &spec, &log)?);
+    let bridge = Mutex::new(start_bridge(
+        &lab.bin_dir,
+        &socket,
+        &["--backend", &spec],
+        &log,
+    )?);
     let fio_started = AtomicBool::new(false);
     let finished = AtomicBool::new(false);
     let kills = AtomicU32::new(0);
@@ -141,12 +118,12 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
                 child.kill()?;
                 child.wait()?;
                 kills.fetch_add(1, Ordering::AcqRel);
-                eprintln!(
-                    "  [host] bridge killed with SIGKILL ({} so far); starting it again in 0.5 s",
+                tracing::info!(
+                    "[host] bridge killed with SIGKILL ({} so far); starting it again in 0.5 s",
                     kills.load(Ordering::Acquire)
                 );
                 std::thread::sleep(Duration::from_millis(500));
-                *child = start_bridge(&bridge_bin, &socket, &spec, &log)?;
+                *child = start_bridge(&lab.bin_dir, &socket, &["--backend", &spec], &log)?;
             }
             Ok(())
         });
@@ -193,7 +170,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         .sum();
     let backend = log_text
         .lines()
-        .find_map(|l| l.strip_prefix("vfblk-bridge: serving "))
+        .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))
         .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
         .unwrap_or(spec);
     Ok(DemoOutcome {

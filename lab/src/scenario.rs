@@ -250,7 +250,7 @@ pub fn run_nested_vhost(socket: &Path, echo: Echo) -> Result<()> {
     }});
     println!("{}-RECORD {record}", crate::initramfs::MARK);
     if run.ending != vm::Ending::Finished(0) {
-        eprintln!("{}", vm::tail(&log, 30));
+        tracing::warn!("{}", vm::tail(&log, 30));
         return Err(LabError::Guest(format!(
             "L3 on vhost-user-blk: {:?}, {:?}",
             run.ending, run.failures
@@ -332,7 +332,7 @@ pub fn run_nested(boots: u32, echo: Echo) -> Result<()> {
         }
         if !problems.is_empty() {
             failures += 1;
-            eprintln!("{}", vm::tail(&log, 30));
+            tracing::warn!("{}", vm::tail(&log, 30));
         }
         let record = serde_json::json!({"nested": {
             "boot": boot,

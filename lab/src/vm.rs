@@ -342,7 +342,7 @@ pub fn run_watching(
             Ok(Line::Text(line)) => {
                 if echo == Echo::All {
                     // Defang markers so a guest of a guest cannot speak for the guest.
-                    eprintln!("[{}] {}", spec.name, line.replace(MARK, "@@(nested)"));
+                    tracing::info!("[{}] {}", spec.name, line.replace(MARK, "@@(nested)"));
                 }
                 let Some(pos) = line.find(MARK) else { continue };
                 let tagged = &line[pos + MARK.len()..];
@@ -351,8 +351,8 @@ pub fn run_watching(
                     "-BOOTED" => out.boot_time = Some(started.elapsed()),
                     "-STEP" => {
                         if echo == Echo::Steps {
-                            eprintln!(
-                                "  [{} {:>5.1}s] {rest}",
+                            tracing::info!(
+                                "[{} {:>5.1}s] {rest}",
                                 spec.name,
                                 started.elapsed().as_secs_f64()
                             );
@@ -428,8 +428,8 @@ pub fn run_retrying_stalls(
         tries += 1;
         let run = run(spec, limits, log, echo)?;
         if run.ending == Ending::BootStalled && tries < max_tries {
-            eprintln!(
-                "lab: {}: boot stalled after {:.0}s (try {tries} of {max_tries}); starting it again",
+            tracing::warn!(
+                "{}: boot stalled after {:.0}s (try {tries} of {max_tries}); starting it again",
                 spec.name,
                 run.elapsed.as_secs_f64()
             );

@@ -10,7 +10,7 @@ use vfblk_hugepages::{
 
 use crate::pci::PciAddress;
 use crate::queue::{Layout, QueuePair, ShadowDoorbells};
-use crate::regs::{offset, Cap, Registers, Version};
+use crate::regs::{offset, Cap, Cc, Registers, ShutdownNotification, Version};
 use crate::spec::{Command, IdentifyController, IdentifyNamespace};
 use crate::vfio::VfioPci;
 use crate::{Error, Result};
@@ -73,7 +73,7 @@ pub(crate) struct Shared {
     /// Bumped by every reset; queue pairs compare it with the one they were created in.
     pub generation: std::sync::atomic::AtomicU64,
     /// CC as configured at enable, for re-enabling after a reset.
-    cc: u32,
+    cc: Cc,
     /// Shadow doorbell and event index pages, when Doorbell Buffer Config is in use.
     dbbuf: Option<(DmaChunk, DmaChunk)>,
 }
@@ -83,6 +83,49 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub struct Controller {
     shared: Arc<Shared>,
+}
+
+/// The one disable sequence (open, reset, drop): clear CC.EN if the controller is enabled or
+/// still ready, then wait for CSTS.RDY = 0. After it the controller does no DMA.
+fn disable(regs: &Registers, name: &str, timeout: Duration) -> Result<()> {
+    let cc = regs.cc();
+    if cc.enabled() || regs.csts().ready() {
+        regs.set_cc(cc.with_enable(false));
+    }
+    wait_ready(regs, name, false, timeout)
+}
+
+/// The one enable sequence (open, reset): point the controller at the admin queue, write
+/// `cc` with CC.EN set, and wait for CSTS.RDY = 1.
+fn enable(
+    regs: &Registers,
+    bar: &crate::mmio::Mmio,
+    admin: &QueuePair,
+    cc: Cc,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let last = u32::from(admin.entries() - 1);
+    bar.write32(offset::AQA, (last << 16) | last);
+    bar.write64(offset::ASQ, admin.sq_iova());
+    bar.write64(offset::ACQ, admin.cq_iova());
+    regs.set_cc(cc.with_enable(true));
+    wait_ready(regs, name, true, timeout)
+}
+
+/// Normal shutdown (CC.SHN = 01) and its completion, bounded by `timeout`.
+fn shutdown(regs: &Registers, name: &str, timeout: Duration) {
+    regs.set_cc(regs.cc().with_shutdown(ShutdownNotification::Normal));
+    let deadline = Instant::now() + timeout;
+    while regs.csts().shutdown_status() != 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if regs.csts().shutdown_status() != 2 {
+        tracing::warn!(
+            "{name}: shutdown did not complete within {timeout:?} (CSTS {})",
+            regs.csts()
+        );
+    }
 }
 
 fn wait_ready(regs: &Registers, name: &str, ready: bool, timeout: Duration) -> Result<()> {
@@ -119,7 +162,7 @@ impl Controller {
     /// enable, Identify controller and namespaces, Set Features Number of Queues.
     pub fn open(address: PciAddress, options: &Options) -> Result<Self> {
         let name = address.to_string();
-        let pci = Arc::new(VfioPci::open(address, crate::probe::BAR0_MIN)?);
+        let pci = Arc::new(VfioPci::open(address, crate::regs::BAR0_MIN)?);
         let regs = Registers::new(pci.bar0());
         let cap = regs.cap();
         let version = regs.version();
@@ -142,10 +185,7 @@ impl Controller {
         // CAP.TO is in 500 ms units; a 0 would mean "no time": allow at least 500 ms.
         let timeout = Duration::from_millis(cap.timeout_ms().max(500));
         let bar = pci.bar0();
-        if regs.cc() & 1 == 1 || regs.csts().ready() {
-            bar.write32(offset::CC, regs.cc() & !1);
-        }
-        wait_ready(&regs, &name, false, timeout)?;
+        disable(&regs, &name, timeout)?;
 
         let mapper: Arc<dyn DmaMapper> =
             Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
@@ -169,14 +209,14 @@ impl Controller {
             cap.doorbell_stride(),
             PAGE_SIZE as u64,
         );
-        let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
-        bar.write32(offset::AQA, aqa);
-        bar.write64(offset::ASQ, admin.sq_iova());
-        bar.write64(offset::ACQ, admin.cq_iova());
-        // EN, CSS = NVM (0), MPS = 0 (4 KiB), AMS = round robin, IOSQES = 6, IOCQES = 4.
-        let cc = 1 | (6 << 16) | (4 << 20);
-        bar.write32(offset::CC, cc);
-        wait_ready(&regs, &name, true, timeout)?;
+        // NVM command set, 4 KiB pages, round robin, 64-byte SQEs and 16-byte CQEs.
+        let cc = Cc::default()
+            .with_command_set(0)
+            .with_page_size(PAGE_SIZE)
+            .with_arbitration(0)
+            .with_sq_entry_size(6)
+            .with_cq_entry_size(4);
+        enable(&regs, bar, &admin, cc, &name, timeout)?;
 
         let scratch = dma(PAGE_SIZE)?;
         let mut shared = Shared {
@@ -228,7 +268,10 @@ impl Controller {
             let pages = (dma(PAGE_SIZE)?, dma(PAGE_SIZE)?);
             shared.dbbuf = Some(pages);
             if let Err(e) = shared.configure_doorbell_buffers(None) {
-                eprintln!("warning: {e}; using MMIO doorbells only");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "{e}; using MMIO doorbells only"
+                );
                 shared.dbbuf = None;
             }
         }
@@ -348,10 +391,10 @@ impl Controller {
             )));
         }
         let qid = {
-            let mut qids = s
-                .qids
-                .lock()
-                .map_err(|_| Error::BadArgument("qid lock poisoned".into()))?;
+            let mut qids = s.qids.lock().map_err(|_| Error::Poisoned {
+                device: self.name().to_string(),
+                lock: "qid",
+            })?;
             let qid = (1..qids.len())
                 .find(|&q| !qids[q])
                 .ok_or_else(|| Error::Device {
@@ -389,10 +432,10 @@ impl Controller {
 impl Shared {
     /// Runs one admin command to completion; returns its dword 0.
     pub fn admin_command(&self, cmd: Command, what: &str) -> Result<u32> {
-        let mut admin = self
-            .admin
-            .lock()
-            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "admin",
+        })?;
         self.admin_command_locked(&mut admin, cmd, what)
     }
 
@@ -439,10 +482,10 @@ impl Shared {
         cq_iova: u64,
         sq_iova: u64,
     ) -> Result<u64> {
-        let mut admin = self
-            .admin
-            .lock()
-            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
+        let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "admin",
+        })?;
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         // A new queue starts at tail/head 0; stale shadow values from an earlier queue with
         // this id would make the controller run old entries.
@@ -478,25 +521,21 @@ impl Shared {
     /// generation) and recreate their queues themselves, reporting what was in flight as
     /// aborted.
     pub fn reset(&self) -> Result<()> {
-        let mut admin = self
-            .admin
-            .lock()
-            .map_err(|_| Error::BadArgument("admin lock poisoned".into()))?;
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "admin",
+        })?;
         let regs = Registers::new(self.pci.bar0());
         let bar = self.pci.bar0();
         let timeout = Duration::from_millis(self.cap.timeout_ms().max(500));
-        bar.write32(offset::CC, regs.cc() & !1);
-        wait_ready(&regs, &self.name, false, timeout)?;
+        // Disabled first: only then has the device stopped writing the queues' memory, so
+        // only then may the queue pairs (which watch the generation) recycle it.
+        disable(&regs, &self.name, timeout)?;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         admin.reset_rings();
         admin.abandon_all();
-        let entries = u32::from(admin.entries());
-        bar.write32(offset::AQA, ((entries - 1) << 16) | (entries - 1));
-        bar.write64(offset::ASQ, admin.sq_iova());
-        bar.write64(offset::ACQ, admin.cq_iova());
-        bar.write32(offset::CC, self.cc);
-        wait_ready(&regs, &self.name, true, timeout)?;
+        enable(&regs, bar, &admin, self.cc, &self.name, timeout)?;
         let wanted = self.io_queues_granted.max(1);
         self.admin_command_locked(
             &mut admin,
@@ -548,10 +587,10 @@ impl Shared {
     }
 
     fn identify_page(&self, mut cmd: Command) -> Result<[u8; 4096]> {
-        let scratch = self
-            .scratch
-            .lock()
-            .map_err(|_| Error::BadArgument("scratch lock poisoned".into()))?;
+        let scratch = self.scratch.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "scratch",
+        })?;
         cmd.prp1 = scratch.iova();
         self.admin_command(
             cmd,
@@ -580,26 +619,13 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // Normal shutdown (CC.SHN = 01), then disable, so the device stops all DMA before the
-        // admin rings are unmapped.
+        // Normal shutdown, then disable, so the device stops all DMA before the admin
+        // rings are unmapped.
         let regs = Registers::new(self.pci.bar0());
-        let bar = self.pci.bar0();
-        bar.write32(offset::CC, (regs.cc() & !(3 << 14)) | (1 << 14));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while regs.csts().shutdown_status() != 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if regs.csts().shutdown_status() != 2 {
-            eprintln!(
-                "warning: {}: shutdown did not complete within 5 s (CSTS {})",
-                self.name,
-                regs.csts()
-            );
-        }
-        bar.write32(offset::CC, regs.cc() & !1);
+        shutdown(&regs, &self.name, Duration::from_secs(5));
         let timeout = Duration::from_millis(self.cap.timeout_ms().max(500));
-        if let Err(e) = wait_ready(&regs, &self.name, false, timeout) {
-            eprintln!("warning: {e}");
+        if let Err(e) = disable(&regs, &self.name, timeout) {
+            tracing::warn!(error = &e as &dyn std::error::Error, "{e}");
         }
     }
 }

@@ -6,6 +6,7 @@ use std::ptr::NonNull;
 pub struct Mmio {
     base: NonNull<u8>,
     len: usize,
+    _map: memmap2::MmapRaw,
 }
 
 // SAFETY: the mapping is process-wide; volatile accesses from any thread are sound (ordering
@@ -17,22 +18,16 @@ unsafe impl Sync for Mmio {}
 impl Mmio {
     /// Maps `len` bytes of `fd` at `offset` (a VFIO region) read-write and shared.
     pub fn map(fd: std::os::fd::RawFd, offset: u64, len: usize) -> std::io::Result<Self> {
-        // SAFETY: a fresh mapping chosen by the kernel; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(ptr.cast()).ok_or(std::io::ErrorKind::AddrNotAvailable)?;
-        Ok(Self { base, len })
+        let map = memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map_raw(fd)?;
+        let base = NonNull::new(map.as_mut_ptr()).ok_or(std::io::ErrorKind::AddrNotAvailable)?;
+        Ok(Self {
+            base,
+            len,
+            _map: map,
+        })
     }
 
     /// Length of the mapping.
@@ -79,12 +74,5 @@ impl Mmio {
     pub fn write64(&self, offset: usize, value: u64) {
         // SAFETY: aligned and in bounds (checked by `at`); device memory needs volatile access.
         unsafe { self.at::<u64>(offset).write_volatile(value) }
-    }
-}
-
-impl Drop for Mmio {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map`; nothing refers into it.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }

@@ -154,6 +154,7 @@ mod tests {
 
     fn run(segs: &[Segment], pages: usize) -> (Result<Prps, PrpError>, Vec<u64>) {
         let mut list = vec![0u64; pages * 512];
+        // SAFETY: the vector holds `pages` pages of list entries.
         let r = unsafe { build(segs, PAGE, list.as_mut_ptr(), LIST_IOVA, pages) };
         (r, list)
     }

@@ -363,7 +363,11 @@ impl QueuePair {
             }
             Err(e) => {
                 if !self.lost {
-                    eprintln!("error: queue {} not recreated after reset: {e}", self.qid);
+                    tracing::error!(
+                        error = &e as &dyn std::error::Error,
+                        "queue {} not recreated after reset: {e}",
+                        self.qid
+                    );
                 }
                 self.lost = true;
             }
@@ -692,7 +696,11 @@ impl Drop for QueuePair {
                 // A reset already removed the controller's queues (and their DMA).
                 owner.release_qid(self.qid);
             } else if let Err(e) = owner.delete_io_queues(self.qid) {
-                eprintln!("warning: {e}; leaking the memory of queue {}", self.qid);
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "{e}; leaking the memory of queue {}",
+                    self.qid
+                );
                 return;
             }
         }

@@ -1,5 +1,8 @@
 //! NVMe controller registers (BAR0) and their fields, NVMe base specification 1.4 §3.1.
 
+/// Bytes of BAR0 the driver needs mapped: registers plus doorbells for a few queues.
+pub const BAR0_MIN: usize = 0x2000;
+
 use crate::mmio::Mmio;
 
 /// Register offsets in BAR0.
@@ -139,6 +142,94 @@ impl std::fmt::Display for Csts {
     }
 }
 
+/// Shutdown notification (CC.SHN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownNotification {
+    /// No notification.
+    None = 0,
+    /// Normal shutdown: the controller completes outstanding work first.
+    Normal = 1,
+    /// Abrupt shutdown.
+    Abrupt = 2,
+}
+
+/// Controller Configuration (NVMe 1.4 §3.1.5), built and read by named fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cc(pub u32);
+
+impl Cc {
+    const EN: u32 = 1;
+    const CSS_SHIFT: u32 = 4;
+    const MPS_SHIFT: u32 = 7;
+    const AMS_SHIFT: u32 = 11;
+    const SHN_SHIFT: u32 = 14;
+    const IOSQES_SHIFT: u32 = 16;
+    const IOCQES_SHIFT: u32 = 20;
+
+    fn with_field(self, shift: u32, width: u32, value: u32) -> Self {
+        let mask = ((1u32 << width) - 1) << shift;
+        Cc((self.0 & !mask) | ((value << shift) & mask))
+    }
+
+    fn field(self, shift: u32, width: u32) -> u32 {
+        (self.0 >> shift) & ((1 << width) - 1)
+    }
+
+    /// CC.EN set or cleared.
+    pub fn with_enable(self, enable: bool) -> Self {
+        self.with_field(0, 1, u32::from(enable))
+    }
+
+    /// CC.EN.
+    pub fn enabled(self) -> bool {
+        self.0 & Self::EN != 0
+    }
+
+    /// CC.CSS: the I/O command set (0: NVM).
+    pub fn with_command_set(self, css: u32) -> Self {
+        self.with_field(Self::CSS_SHIFT, 3, css)
+    }
+
+    /// CC.MPS from a memory page size of `page_size` bytes (4 KiB << MPS).
+    pub fn with_page_size(self, page_size: usize) -> Self {
+        let mps = (page_size.trailing_zeros()).saturating_sub(12);
+        self.with_field(Self::MPS_SHIFT, 4, mps)
+    }
+
+    /// Memory page size in bytes.
+    pub fn page_size(self) -> usize {
+        4096 << self.field(Self::MPS_SHIFT, 4)
+    }
+
+    /// CC.AMS: arbitration (0: round robin).
+    pub fn with_arbitration(self, ams: u32) -> Self {
+        self.with_field(Self::AMS_SHIFT, 3, ams)
+    }
+
+    /// CC.SHN.
+    pub fn with_shutdown(self, shn: ShutdownNotification) -> Self {
+        self.with_field(Self::SHN_SHIFT, 2, shn as u32)
+    }
+
+    /// CC.IOSQES: I/O submission queue entry size as a power of two.
+    pub fn with_sq_entry_size(self, log2: u32) -> Self {
+        self.with_field(Self::IOSQES_SHIFT, 4, log2)
+    }
+
+    /// CC.IOCQES: I/O completion queue entry size as a power of two.
+    pub fn with_cq_entry_size(self, log2: u32) -> Self {
+        self.with_field(Self::IOCQES_SHIFT, 4, log2)
+    }
+
+    /// IOSQES and IOCQES.
+    pub fn entry_sizes(self) -> (u32, u32) {
+        (
+            self.field(Self::IOSQES_SHIFT, 4),
+            self.field(Self::IOCQES_SHIFT, 4),
+        )
+    }
+}
+
 /// Typed access to the controller registers in a mapped BAR0.
 pub struct Registers<'a> {
     bar: &'a Mmio,
@@ -161,8 +252,13 @@ impl<'a> Registers<'a> {
     }
 
     /// CC.
-    pub fn cc(&self) -> u32 {
-        self.bar.read32(offset::CC)
+    pub fn cc(&self) -> Cc {
+        Cc(self.bar.read32(offset::CC))
+    }
+
+    /// Writes CC.
+    pub fn set_cc(&self, cc: Cc) {
+        self.bar.write32(offset::CC, cc.0);
     }
 
     /// CSTS.
@@ -174,6 +270,36 @@ impl<'a> Registers<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cc_fields_land_where_the_spec_puts_them() {
+        let cc = Cc::default()
+            .with_enable(true)
+            .with_command_set(0)
+            .with_page_size(4096)
+            .with_arbitration(0)
+            .with_sq_entry_size(6)
+            .with_cq_entry_size(4);
+        assert_eq!(
+            cc.0,
+            1 | (6 << 16) | (4 << 20),
+            "what the driver always wrote"
+        );
+        assert!(cc.enabled());
+        assert_eq!(cc.page_size(), 4096);
+        assert_eq!(cc.entry_sizes(), (6, 4));
+        let off = cc.with_enable(false);
+        assert!(!off.enabled());
+        assert_eq!(off.0, 6 << 16 | 4 << 20, "disabling keeps the rest");
+        let shn = cc.with_shutdown(ShutdownNotification::Normal);
+        assert_eq!(shn.0 & (3 << 14), 1 << 14);
+        assert_eq!(
+            shn.with_shutdown(ShutdownNotification::None).0,
+            cc.0,
+            "the field is replaced, not or-ed"
+        );
+        assert_eq!(Cc::default().with_page_size(16384).0 >> 7 & 0xf, 2);
+    }
 
     #[test]
     fn decodes_qemu_7_2_cap_and_version() {

@@ -90,6 +90,7 @@ mod tests {
             iova: 0x1234_5601,
             len: 777,
         }];
+        // SAFETY: the list array holds the capacity passed.
         let (lo, hi, total) = unsafe { build(&segs, list.as_mut_ptr(), 0x9000, 4) }.unwrap();
         assert_eq!((lo, hi, total), (0x1234_5601, 777, 777));
         assert_eq!(list[0], Descriptor::default(), "no list for one segment");
@@ -112,6 +113,7 @@ mod tests {
                 len: 820,
             },
         ];
+        // SAFETY: the list array holds the capacity passed.
         let (lo, hi, total) = unsafe { build(&segs, list.as_mut_ptr(), 0x9000, 4) }.unwrap();
         assert_eq!(total, 5120);
         assert_eq!(lo, 0x9000);
@@ -133,10 +135,12 @@ mod tests {
         assert_eq!(&bytes[8..12], &0x10u32.to_le_bytes());
         assert_eq!(bytes[15], 0x30);
         assert_eq!(
+            // SAFETY: the list array holds the capacity passed.
             unsafe { build(&segs, list.as_mut_ptr(), 0x9000, 2) },
             Err(PrpError::TooLong)
         );
         assert_eq!(
+            // SAFETY: the list array holds the capacity passed.
             unsafe { build(&[], list.as_mut_ptr(), 0x9000, 2) },
             Err(PrpError::Empty)
         );

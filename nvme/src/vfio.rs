@@ -46,10 +46,10 @@ impl VfioPci {
         }
         let vfio = |what: &str| {
             let (device, what) = (dev.clone(), what.to_string());
-            move |e: vfio_ioctls::VfioError| Error::Vfio {
+            move |source: vfio_ioctls::VfioError| Error::Vfio {
                 device,
                 what,
-                reason: e.to_string(),
+                source,
             }
         };
         // A process that was just killed may still hold the group while the kernel tears it

@@ -3,42 +3,11 @@
 //! tracking nothing may be lost, failed or corrupted; without it (and completions forced out
 //! of order) requests are lost or run twice.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
-
-fn bin(name: &str) -> PathBuf {
-    vfblk_lab::project_bin_dir()
-        .expect("building the project's binaries")
-        .join(name)
-}
-
-fn start_bridge(socket: &Path, extra: &[&str], log: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(bin("vfblk-bridge"))
-        .arg("--socket")
-        .arg(socket)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting vfblk-bridge");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "bridge did not create {}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child
-}
+use vfblk_tests::{bin, start_bridge};
 
 /// The load generator in verify mode (mixed reads and writes, JSON report on stdout).
 fn spawn_loadgen(socket: &Path, seconds: u32, extra: &[&str]) -> Child {

@@ -191,3 +191,201 @@ impl Chain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every hostile chain a guest can write, walked in-process.
+    use super::*;
+    use crate::mock::MockGuest;
+    use crate::virtq::MAX_QUEUE_SIZE;
+
+    const MEM: u64 = 1 << 20;
+
+    fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
+        Descriptor::new(addr, len, flags, next)
+    }
+
+    /// Walks raw descriptors placed at indexes 4.. with head 4.
+    fn walk_raw(guest: &mut MockGuest, descs: &[Descriptor]) -> Result<Vec<Segment>, ChainError> {
+        let list: Vec<(u16, Descriptor)> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i as u16 + 4, *d))
+            .collect();
+        guest.add_raw(&list, 4);
+        walk_head(guest, 4)
+    }
+
+    fn walk_head(guest: &mut MockGuest, head: u16) -> Result<Vec<Segment>, ChainError> {
+        // Each test chain is the newest one made available.
+        let chain = guest.walk_newest()?;
+        assert_eq!(chain.head, head);
+        Ok(chain.segments().to_vec())
+    }
+
+    #[test]
+    fn a_direct_chain_translates_every_buffer_in_order() {
+        let mut g = MockGuest::new(MEM, 16);
+        let (a, b, c) = (g.alloc(16), g.alloc(4096), g.alloc(1));
+        let head = g.add_chain(&[(a, 16, false), (b, 4096, true), (c, 1, true)]);
+        let segs = walk_head(&mut g, head).unwrap();
+        let shape: Vec<(u64, u32, bool)> = segs.iter().map(|s| (s.gpa, s.len, s.write)).collect();
+        assert_eq!(shape, vec![(a, 16, false), (b, 4096, true), (c, 1, true)]);
+        let host = g.memory().translate(b, 4096).unwrap();
+        assert_eq!(segs[1].host, host);
+    }
+
+    #[test]
+    fn an_indirect_chain_walks_like_a_direct_one() {
+        let mut g = MockGuest::new(MEM, 16);
+        let (a, b, c) = (g.alloc(16), g.alloc(512), g.alloc(1));
+        let head = g.add_indirect(&[(a, 16, false), (b, 512, true), (c, 1, true)]);
+        let segs = walk_head(&mut g, head).unwrap();
+        let shape: Vec<(u64, u32, bool)> = segs.iter().map(|s| (s.gpa, s.len, s.write)).collect();
+        assert_eq!(shape, vec![(a, 16, false), (b, 512, true), (c, 1, true)]);
+    }
+
+    #[test]
+    fn empty_buffers_are_skipped() {
+        let mut g = MockGuest::new(MEM, 16);
+        let (a, c) = (g.alloc(16), g.alloc(1));
+        let head = g.add_chain(&[(a, 16, false), (a, 0, true), (c, 1, true)]);
+        assert_eq!(walk_head(&mut g, head).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_buffer_outside_guest_memory_is_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let hdr = g.alloc(16);
+        let r = walk_raw(
+            &mut g,
+            &[
+                d(hdr, 16, DESC_F_NEXT, 5),
+                d(MEM - 100, 512, DESC_F_WRITE, 0),
+            ],
+        );
+        assert_eq!(r, Err(ChainError::OutOfMemory));
+        let r = walk_raw(&mut g, &[d(MEM, 1, DESC_F_WRITE, 0)]);
+        assert_eq!(r, Err(ChainError::OutOfMemory), "starts at the end");
+    }
+
+    #[test]
+    fn an_address_that_wraps_around_is_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let r = walk_raw(&mut g, &[d(u64::MAX - 10, 512, DESC_F_WRITE, 0)]);
+        assert_eq!(r, Err(ChainError::OutOfMemory));
+        let r = walk_raw(&mut g, &[d(16, u32::MAX, DESC_F_WRITE, 0)]);
+        assert_eq!(r, Err(ChainError::OutOfMemory), "length past the end");
+    }
+
+    #[test]
+    fn a_loop_is_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let b = g.alloc(512);
+        // 4 -> 5 -> 6 -> 5
+        let r = walk_raw(
+            &mut g,
+            &[
+                d(b, 16, DESC_F_NEXT, 5),
+                d(b, 512, DESC_F_WRITE | DESC_F_NEXT, 6),
+                d(b, 512, DESC_F_WRITE | DESC_F_NEXT, 5),
+            ],
+        );
+        assert_eq!(r, Err(ChainError::Loop));
+        // A descriptor naming itself.
+        let r = walk_raw(&mut g, &[d(b, 16, DESC_F_NEXT, 4)]);
+        assert_eq!(r, Err(ChainError::Loop));
+    }
+
+    #[test]
+    fn next_outside_the_table_is_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let b = g.alloc(16);
+        let r = walk_raw(&mut g, &[d(b, 16, DESC_F_NEXT, 16)]);
+        assert_eq!(r, Err(ChainError::BadIndex));
+        let r = walk_raw(&mut g, &[d(b, 16, DESC_F_NEXT, u16::MAX)]);
+        assert_eq!(r, Err(ChainError::BadIndex));
+    }
+
+    #[test]
+    fn a_chain_longer_than_accepted_is_refused() {
+        let mut g = MockGuest::new(4 << 20, 256);
+        let buf = g.alloc(512);
+        // Direct: MAX_SEGMENTS + 1 buffers.
+        let n = MAX_SEGMENTS + 1;
+        let list: Vec<(u64, u32, bool)> = (0..n).map(|_| (buf, 512, true)).collect();
+        let head = g.add_chain(&list);
+        assert_eq!(walk_head(&mut g, head), Err(ChainError::TooLong));
+        // Indirect: 200 entries.
+        let mut g = MockGuest::new(4 << 20, 16);
+        let buf = g.alloc(512);
+        let list: Vec<(u64, u32, bool)> = (0..200).map(|_| (buf, 512, true)).collect();
+        let head = g.add_indirect(&list);
+        assert_eq!(walk_head(&mut g, head), Err(ChainError::TooLong));
+    }
+
+    #[test]
+    fn exactly_the_most_buffers_accepted_walks() {
+        let mut g = MockGuest::new(4 << 20, 256);
+        let buf = g.alloc(512);
+        let list: Vec<(u64, u32, bool)> = (0..MAX_SEGMENTS).map(|_| (buf, 512, true)).collect();
+        let head = g.add_chain(&list);
+        assert_eq!(walk_head(&mut g, head).unwrap().len(), MAX_SEGMENTS);
+    }
+
+    #[test]
+    fn malformed_indirect_tables_are_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let b = g.alloc(512);
+        let table = g.write_table(&[d(b, 16, DESC_F_NEXT, 1), d(b, 1, DESC_F_WRITE, 0)]);
+        // Outside memory.
+        let r = walk_raw(&mut g, &[d(MEM - 16, 32, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::OutOfMemory), "table outside memory");
+        // Nested: an indirect descriptor inside an indirect table.
+        let nested = g.write_table(&[d(table, 32, DESC_F_INDIRECT, 0)]);
+        let r = walk_raw(&mut g, &[d(nested, 16, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndirect), "nested table");
+        // Misaligned table, a length that is not a multiple of 16, an empty table.
+        let r = walk_raw(&mut g, &[d(table + 8, 32, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndirect), "misaligned table");
+        let r = walk_raw(&mut g, &[d(table, 20, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndirect), "odd length");
+        let r = walk_raw(&mut g, &[d(table, 0, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndirect), "empty table");
+        // Combined with NEXT.
+        let r = walk_raw(
+            &mut g,
+            &[
+                d(table, 32, DESC_F_INDIRECT | DESC_F_NEXT, 5),
+                d(b, 1, DESC_F_WRITE, 0),
+            ],
+        );
+        assert_eq!(r, Err(ChainError::BadIndirect), "indirect with NEXT");
+        // Larger than any queue.
+        let huge = 16 * (u32::from(MAX_QUEUE_SIZE) + 1);
+        let r = walk_raw(&mut g, &[d(0, huge, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndirect), "more entries than a queue");
+    }
+
+    #[test]
+    fn loops_and_bad_indexes_inside_an_indirect_table_are_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let b = g.alloc(512);
+        let looped = g.write_table(&[d(b, 16, DESC_F_NEXT, 1), d(b, 16, DESC_F_NEXT, 0)]);
+        let r = walk_raw(&mut g, &[d(looped, 32, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::Loop));
+        let beyond = g.write_table(&[d(b, 16, DESC_F_NEXT, 2), d(b, 16, 0, 0)]);
+        let r = walk_raw(&mut g, &[d(beyond, 32, DESC_F_INDIRECT, 0)]);
+        assert_eq!(r, Err(ChainError::BadIndex));
+    }
+
+    #[test]
+    fn a_readable_buffer_after_a_writable_one_is_refused() {
+        let mut g = MockGuest::new(MEM, 16);
+        let (a, b, c) = (g.alloc(16), g.alloc(512), g.alloc(1));
+        let head = g.add_chain(&[(a, 16, false), (b, 512, true), (c, 1, false)]);
+        assert_eq!(walk_head(&mut g, head), Err(ChainError::BadOrder));
+        let head = g.add_indirect(&[(a, 16, true), (b, 512, false)]);
+        assert_eq!(walk_head(&mut g, head), Err(ChainError::BadOrder));
+    }
+}

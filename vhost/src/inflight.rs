@@ -5,6 +5,7 @@
 //! Per queue: a 16-byte header {features u64, version u16, desc_num u16, last_batch_head u16,
 //! used_idx u16} and `desc_num` entries {inflight u8, padding [u8; 5], next u16, counter u64}.
 
+use std::fs::File;
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 
 /// Region version we write.
@@ -13,6 +14,62 @@ pub const VERSION: u16 = 1;
 /// Bytes of one queue's region for `queue_size` descriptors (libvhost-user's rule).
 pub fn region_size(queue_size: u16) -> usize {
     (16 + 16 * usize::from(queue_size)).div_ceil(64) * 64
+}
+
+/// The mapped inflight region of a connection (all its queues), shared by the protocol
+/// handler and the queues' workers.
+pub struct InflightMap {
+    ptr: *mut u8,
+    len: usize,
+    queue_size: u16,
+    _map: memmap2::MmapRaw,
+    _file: File,
+}
+
+// SAFETY: shared memory used through raw pointers; each queue touches only its own region.
+unsafe impl Send for InflightMap {}
+// SAFETY: as above.
+unsafe impl Sync for InflightMap {}
+
+impl InflightMap {
+    /// Maps `len` bytes of `file` at `offset`, laid out for queues of `queue_size`.
+    pub fn map(file: File, offset: u64, len: u64, queue_size: u16) -> crate::Result<Self> {
+        let map =
+            crate::memory::map_shared(&file, len as usize, offset, false).map_err(|source| {
+                crate::Error::Io {
+                    what: format!("mapping the inflight region ({len} bytes at offset {offset})"),
+                    source,
+                }
+            })?;
+        Ok(Self {
+            ptr: map.as_mut_ptr(),
+            len: len as usize,
+            queue_size,
+            _map: map,
+            _file: file,
+        })
+    }
+
+    /// The queue size the region is laid out for.
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    /// Queue `index`'s region, if the mapping holds it.
+    ///
+    /// # Safety
+    /// At most one [`InflightQueue`] per index may exist at a time, and it must not outlive
+    /// this mapping.
+    pub unsafe fn queue(&self, index: u16) -> Option<InflightQueue> {
+        let size = region_size(self.queue_size);
+        let offset = usize::from(index) * size;
+        if offset + size > self.len {
+            return None;
+        }
+        // SAFETY: the region lies within the mapping (checked), 64-aligned; the caller
+        // guarantees it is the only writer and that the mapping outlives it.
+        Some(unsafe { InflightQueue::new(self.ptr.add(offset), self.queue_size) })
+    }
 }
 
 /// One queue's inflight region, mapped from the frontend's shared fd.
@@ -185,6 +242,7 @@ mod tests {
     #[test]
     fn fresh_region_is_initialised_without_touching_desc0() {
         let mut mem = region(8);
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q = unsafe { InflightQueue::new(mem.as_mut_ptr().cast(), 8) };
         let r = q.recover(5);
         assert!(r.fresh && r.resubmit.is_empty());
@@ -196,6 +254,7 @@ mod tests {
     fn in_flight_heads_come_back_oldest_first() {
         let mut mem = region(8);
         let base: *mut u8 = mem.as_mut_ptr().cast();
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q = unsafe { InflightQueue::new(base, 8) };
         q.recover(0);
         for h in [3, 1, 6, 2] {
@@ -205,6 +264,7 @@ mod tests {
         q.prepare_batch(&[6, 1]);
         q.finish_batch(&[6, 1], 2);
         // "Crash": a new process maps the same region.
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q2 = unsafe { InflightQueue::new(base, 8) };
         let r = q2.recover(2);
         assert_eq!(r.resubmit, vec![3, 2]);
@@ -220,6 +280,7 @@ mod tests {
     fn batch_published_but_not_cleared_is_undone() {
         let mut mem = region(8);
         let base: *mut u8 = mem.as_mut_ptr().cast();
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q = unsafe { InflightQueue::new(base, 8) };
         q.recover(10);
         for h in [0, 4, 7] {
@@ -228,6 +289,7 @@ mod tests {
         // Crash after the used ring got index 12 (heads 7 and 0) but before the flags were
         // cleared.
         q.prepare_batch(&[7, 0]);
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q2 = unsafe { InflightQueue::new(base, 8) };
         let r = q2.recover(12);
         assert_eq!(r.cleared_batch, 2);
@@ -241,6 +303,7 @@ mod tests {
         for w in mem.iter_mut() {
             *w = u64::MAX;
         }
+        // SAFETY: the test region is region_size(8) bytes, 8-aligned, alive for the test, one writer.
         let mut q = unsafe { InflightQueue::new(mem.as_mut_ptr().cast(), 8) };
         let r = q.recover(3);
         // Every flag byte reads 0xff, not 1: nothing to resubmit, nothing out of bounds.

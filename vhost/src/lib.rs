@@ -1,54 +1,161 @@
-//! vhost-user-blk device: protocol handler, guest memory, virtqueues, inflight tracking,
-//! virtio-blk requests and pluggable block backends.
+//! vhost-user device plumbing, knowing nothing of any device type: the protocol handler
+//! (features, memory table, vrings, inflight fds, start and stop), guest memory, the device
+//! side of split virtqueues, the descriptor-chain walker, the inflight region, and the poller
+//! threads that run queues. A device type (`vfblk-bridge` has one) plugs in
+//! through [`device::Device`] and [`device::QueueHandler`].
 //!
 //! The data path, top to bottom: [`virtq`] (avail ring) → [`chain`] (descriptors checked
-//! against [`memory`]) → [`blk`] (request checked against the device limits) →
-//! [`inflight`] (recorded) → a [`backend`] queue → completion → used ring.
+//! against [`memory`]) → [`inflight`] (recorded) → the device's [`device::QueueHandler`] →
+//! completion → used ring, all driven by a [`worker`]. [`protocol`] and [`server`] set queues
+//! up from the frontend's messages; [`driver`] and [`mock`] are the guest's side.
 
 #![deny(missing_docs)]
 
-pub mod backend;
-pub mod blk;
 pub mod chain;
 pub mod device;
+pub mod driver;
+pub mod guest_errors;
 pub mod inflight;
 pub mod memory;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
+pub mod protocol;
 pub mod server;
 pub mod virtq;
 pub mod worker;
 
-use std::fmt;
-
-/// Errors of the vhost-user device.
-#[derive(Debug)]
+/// Errors of the vhost-user plumbing; each variant is one cause.
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The frontend sent something we cannot accept.
-    Protocol(String),
-    /// The guest's rings are malformed.
-    Guest(String),
+    /// A queue size virtio does not allow.
+    #[error("queue size {0} is not a power of two up to 32768")]
+    QueueSize(u16),
+    /// Ring addresses without the alignment virtio requires.
+    #[error("misaligned rings: descriptors {desc:#x}, avail {avail:#x}, used {used:#x}")]
+    MisalignedRings {
+        /// Descriptor table address.
+        desc: u64,
+        /// Avail ring address.
+        avail: u64,
+        /// Used ring address.
+        used: u64,
+    },
+    /// A ring that does not lie inside guest memory.
+    #[error("{ring} ring at {addr:#x} ({len} bytes) is outside guest memory")]
+    RingOutsideMemory {
+        /// Which ring.
+        ring: &'static str,
+        /// Frontend address.
+        addr: u64,
+        /// Bytes it needs.
+        len: usize,
+    },
+    /// The driver claims more available buffers than the ring holds.
+    #[error("avail index {avail} is more than {size} ahead of {next}")]
+    AvailIndexAhead {
+        /// The driver's avail index.
+        avail: u16,
+        /// Our next avail position.
+        next: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The avail ring names a head outside the descriptor table.
+    #[error("avail ring names head {head} of a {size}-entry table")]
+    HeadOutOfRange {
+        /// The head.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The used ring returned an id that is not a chain head in flight (driver side).
+    #[error("used ring returned id {0}, which is not a head in flight")]
+    NotAHead(u32),
+    /// A memory table with no region, too many, or a different number of fds.
+    #[error("memory table with {regions} regions and {fds} fds (1 to {max} regions, one fd each)")]
+    MemoryTableShape {
+        /// Regions described.
+        regions: usize,
+        /// Fds received.
+        fds: usize,
+        /// Most regions accepted.
+        max: usize,
+    },
+    /// A region that is empty, wraps around, or overlaps another.
+    #[error("region at guest address {guest_phys:#x} of {size:#x} bytes: {why}")]
+    BadRegion {
+        /// Guest-physical start.
+        guest_phys: u64,
+        /// Length.
+        size: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// REM_MEM_REG for a region we do not have.
+    #[error("no region at guest address {guest_phys:#x} of {size:#x} bytes")]
+    NoSuchRegion {
+        /// Guest-physical start.
+        guest_phys: u64,
+        /// Length.
+        size: u64,
+    },
+    /// An inflight-region request we cannot serve.
+    #[error("inflight region: {num_queues} queue(s) of {queue_size} in {mmap_size} bytes")]
+    BadInflight {
+        /// Queues described.
+        num_queues: u16,
+        /// Queue size described.
+        queue_size: u16,
+        /// Bytes of the mapping.
+        mmap_size: u64,
+    },
+    /// A queue whose size differs from the inflight region's.
+    #[error("queue {queue}: size {size} differs from the inflight region's {inflight}")]
+    InflightQueueSize {
+        /// Queue index.
+        queue: u16,
+        /// Its vring size.
+        size: u16,
+        /// The inflight region's queue size.
+        inflight: u16,
+    },
     /// An OS call failed.
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
-    /// A backend failed.
-    Backend(String),
+    /// The vhost-user transport failed (listening, accepting).
+    #[error("{what}")]
+    Transport {
+        /// What was being done.
+        what: String,
+        /// What the vhost crate said.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The device type refused or failed (a backend's error, with its cause).
+    #[error("device")]
+    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A thread panicked while holding a lock; the state it guarded may be half-changed.
+    #[error("a lock ({0}) was poisoned by a panicking thread")]
+    Poisoned(&'static str),
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Protocol(m) => write!(f, "vhost-user protocol: {m}"),
-            Error::Guest(m) => write!(f, "guest: {m}"),
-            Error::Io { what, source } => write!(f, "{what}: {source}"),
-            Error::Backend(m) => write!(f, "backend: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
-
-/// Result of the vhost-user device.
+/// Result of the vhost-user plumbing.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error with every cause in its chain, `: `-separated (for one log line).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

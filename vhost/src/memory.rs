@@ -2,50 +2,52 @@
 //! into this process, with every guest address and length checked against them.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
 use crate::{Error, Result};
 
-/// Maps `len` bytes of `fd` at `offset`, shared and read-write; the caller unmaps.
+/// Maps `len` bytes of `file` at `offset`, shared and read-write (`no_reserve`: without
+/// reserving swap, for guest RAM). Unmapped when the result is dropped.
 ///
 /// A regular file (memfd, hugetlbfs, shm) must hold the whole range: the fd may come from a
 /// vhost-user peer, and touching a mapping past the end of its file raises SIGBUS.
 pub fn map_shared(
-    fd: std::os::fd::RawFd,
+    file: &File,
     len: usize,
     offset: u64,
-    extra_flags: libc::c_int,
-) -> std::io::Result<*mut u8> {
-    // SAFETY: fstat into a zeroed stat buffer; the result is checked.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    no_reserve: bool,
+) -> std::io::Result<memmap2::MmapRaw> {
+    let meta = file.metadata()?;
     let end = offset.checked_add(len as u64);
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG && end.is_none_or(|e| e > st.st_size as u64) {
+    if meta.file_type().is_file() && end.is_none_or(|e| e > meta.len()) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
                 "the file holds {} bytes, not {len} at offset {offset}",
-                st.st_size
+                meta.len()
             ),
         ));
     }
-    // SAFETY: a fresh shared mapping chosen by the kernel; the result is checked.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | extra_flags,
-            fd,
-            offset as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
+    let mut options = memmap2::MmapOptions::new();
+    options.offset(offset).len(len);
+    if no_reserve {
+        options.no_reserve_swap();
+    }
+    options.map_raw(file)
+}
+
+/// A new memfd of `size` bytes (close-on-exec), for memory this process shares with a peer.
+pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(ptr.cast())
+    // SAFETY: a fresh fd that nothing else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// One mapped region.
@@ -60,6 +62,7 @@ pub struct Region {
     /// Offset of the region in its fd.
     pub mmap_offset: u64,
     host: *mut u8,
+    _map: memmap2::MmapRaw,
     _file: File,
 }
 
@@ -67,13 +70,6 @@ pub struct Region {
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `GuestMemory::map_region`.
-        unsafe { libc::munmap(self.host.cast(), self.size as usize) };
-    }
-}
 
 /// A host-side view of a guest buffer, inside one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,11 +96,11 @@ impl GuestMemory {
     /// (guest_phys, size, frontend_addr, mmap_offset) with one fd each.
     pub fn from_table(regions: &[(u64, u64, u64, u64)], files: Vec<File>) -> Result<Self> {
         if regions.len() != files.len() || regions.is_empty() || regions.len() > MAX_REGIONS {
-            return Err(Error::Protocol(format!(
-                "memory table with {} regions and {} fds",
-                regions.len(),
-                files.len()
-            )));
+            return Err(Error::MemoryTableShape {
+                regions: regions.len(),
+                fds: files.len(),
+                max: MAX_REGIONS,
+            });
         }
         let mut mem = GuestMemory::default();
         for (&(guest_phys, size, frontend_addr, mmap_offset), file) in regions.iter().zip(files) {
@@ -126,34 +122,33 @@ impl GuestMemory {
         let fend = frontend_addr.checked_add(size);
         if size == 0 || gend.is_none() || fend.is_none() || mmap_offset.checked_add(size).is_none()
         {
-            return Err(Error::Protocol(format!(
-                "bad region gpa {guest_phys:#x} size {size:#x}"
-            )));
+            return Err(Error::BadRegion {
+                guest_phys,
+                size,
+                why: "empty or wrapping around",
+            });
         }
         for r in &self.regions {
             if guest_phys < r.guest_phys + r.size && r.guest_phys < guest_phys + size {
-                return Err(Error::Protocol(format!(
-                    "region at {guest_phys:#x} overlaps {:#x}",
-                    r.guest_phys
-                )));
+                return Err(Error::BadRegion {
+                    guest_phys,
+                    size,
+                    why: "overlaps another region",
+                });
             }
         }
-        let host = map_shared(
-            file.as_raw_fd(),
-            size as usize,
-            mmap_offset,
-            libc::MAP_NORESERVE,
-        )
-        .map_err(|source| Error::Io {
-            what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
-            source,
-        })?;
+        let map =
+            map_shared(&file, size as usize, mmap_offset, true).map_err(|source| Error::Io {
+                what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
+                source,
+            })?;
         self.regions.push(Region {
             guest_phys,
             size,
             frontend_addr,
             mmap_offset,
-            host,
+            host: map.as_mut_ptr(),
+            _map: map,
             _file: file,
         });
         Ok(())
@@ -165,7 +160,7 @@ impl GuestMemory {
             .regions
             .iter()
             .position(|r| r.guest_phys == guest_phys && r.size == size)
-            .ok_or_else(|| Error::Protocol(format!("no region at {guest_phys:#x} of {size:#x}")))?;
+            .ok_or(Error::NoSuchRegion { guest_phys, size })?;
         self.regions.remove(pos);
         Ok(())
     }
@@ -215,14 +210,7 @@ pub(crate) mod tests {
 
     /// A memfd of `size` bytes for tests that play the frontend.
     pub fn memfd(size: u64) -> File {
-        let name = std::ffi::CString::new("vfblk-test-guest").unwrap();
-        // SAFETY: valid name; checked result.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd.
-        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        f.set_len(size).unwrap();
-        f
+        super::memfd("vfblk-test-guest", size).unwrap()
     }
 
     #[test]

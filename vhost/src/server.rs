@@ -1,16 +1,24 @@
-//! Serving the device on a unix socket: accept a frontend, handle its messages until it goes
+//! Serving a device on a unix socket: accept a frontend, handle its messages until it goes
 //! away, stop its queues, and accept the next one with fresh state. SIGTERM drains what is in
-//! flight (bounded) and exits cleanly.
+//! flight (bounded) and makes [`serve`] return, so the binary exits cleanly.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{BackendReqHandler, Listener};
 
-use crate::device::{BlkDevice, DeviceConfig};
+use crate::protocol::{Connection, DeviceConfig};
 use crate::{Error, Result};
 
-type Current = Arc<Mutex<Option<Arc<Mutex<BlkDevice>>>>>;
+/// What the signal thread shares with the serving loop.
+struct Shared {
+    /// The connection being served and its socket (taken out before the socket closes).
+    current: Mutex<Option<(Arc<Mutex<Connection>>, RawFd)>>,
+    /// A signal arrived: finish instead of accepting again.
+    stopping: AtomicBool,
+}
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards.
 /// Call it first in `main`, before any thread exists, so that [`serve`]'s signal thread is the
@@ -27,60 +35,93 @@ pub fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Handles SIGTERM and SIGINT on a dedicated thread: drain the current device (complete and
-/// publish what is in flight, bounded), then exit 0.
-fn handle_signals(current: Current) {
+/// Handles SIGTERM and SIGINT on a dedicated thread: drain the current connection (complete
+/// and publish what is in flight, bounded), then shut the sockets down so that [`serve`]
+/// returns.
+fn handle_signals(shared: Arc<Shared>, listener: RawFd) {
     let set = block_signals();
     std::thread::spawn(move || {
         let mut sig: libc::c_int = 0;
-        // SAFETY: waits for one of the blocked signals.
+        // SAFETY: waits for one of the blocked signals; both pointers are locals.
         unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("vfblk-bridge: signal {sig}: completing requests in flight, then exiting");
-        let device = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(device) = device {
-            device.lock().unwrap_or_else(|e| e.into_inner()).drain();
+        tracing::info!("signal {sig}: completing requests in flight, then exiting");
+        shared.stopping.store(true, Ordering::Release);
+        // A poisoned lock still holds the connection: draining it is the best left to do.
+        let current = shared.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((connection, stream)) = current.as_ref() {
+            connection.lock().unwrap_or_else(|e| e.into_inner()).drain();
+            // SAFETY: the stream is open while it is in `current` (the serving loop takes it
+            // out under this lock before closing it); shutdown only ends its traffic.
+            unsafe { libc::shutdown(*stream, libc::SHUT_RDWR) };
         }
-        std::process::exit(0);
+        drop(current);
+        // SAFETY: the listener lives until `serve` returns, which needs this shutdown first.
+        unsafe { libc::shutdown(listener, libc::SHUT_RDWR) };
     });
 }
 
-/// Listens on `path` and serves one frontend at a time, forever (until a signal).
+/// Listens on `path` and serves one frontend at a time until SIGTERM or SIGINT, which drain
+/// what is in flight and return `Ok`.
 pub fn serve(path: &Path, config: Arc<DeviceConfig>, on_ready: impl FnOnce()) -> Result<()> {
-    let current: Current = Arc::new(Mutex::new(None));
-    handle_signals(current.clone());
-    let listener = Listener::new(path, true)
-        .map_err(|e| Error::Protocol(format!("listening on {}: {e}", path.display())))?;
+    let listener = Listener::new(path, true).map_err(|source| Error::Transport {
+        what: format!("listening on {}", path.display()),
+        source,
+    })?;
+    let shared = Arc::new(Shared {
+        current: Mutex::new(None),
+        stopping: AtomicBool::new(false),
+    });
+    handle_signals(shared.clone(), listener.as_raw_fd());
     on_ready();
     loop {
-        let stream = match listener.accept() {
+        let accepted = listener.accept();
+        if shared.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let stream = match accepted {
             Ok(Some(s)) => s,
             Ok(None) => continue,
-            Err(e) => {
-                return Err(Error::Protocol(format!(
-                    "accept on {}: {e}",
-                    path.display()
-                )))
+            Err(source) => {
+                return Err(Error::Transport {
+                    what: format!("accept on {}", path.display()),
+                    source,
+                })
             }
         };
-        let device = Arc::new(Mutex::new(BlkDevice::new(config.clone())));
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(device.clone());
-        let mut handler = BackendReqHandler::from_stream(stream, device.clone());
+        let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
+        let stream_fd = stream.as_raw_fd();
+        *shared
+            .current
+            .lock()
+            .map_err(|_| Error::Poisoned("current connection"))? =
+            Some((connection.clone(), stream_fd));
+        let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
         loop {
             if let Err(e) = handler.handle_request() {
                 match e {
+                    _ if shared.stopping.load(Ordering::Acquire) => {}
                     vhost::vhost_user::Error::Disconnected
                     | vhost::vhost_user::Error::PartialMessage => {
-                        eprintln!("vfblk-bridge: frontend disconnected")
+                        tracing::info!("frontend disconnected")
                     }
-                    other => eprintln!("vfblk-bridge: closing the connection: {other}"),
+                    other => tracing::warn!("closing the connection: {other}"),
                 }
                 break;
             }
         }
-        device
+        // Out of `current` before the socket closes (the signal thread shuts it down).
+        shared
+            .current
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .map_err(|_| Error::Poisoned("current connection"))?
+            .take();
+        connection
+            .lock()
+            .map_err(|_| Error::Poisoned("connection"))?
             .disconnect();
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        drop(handler);
+        if shared.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
     }
 }

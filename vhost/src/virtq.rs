@@ -1,5 +1,5 @@
-//! Split virtqueues (virtio 1.1 §2.6): the device side the backend runs, and the driver side
-//! the load generator and the tests run. Ring indexes shared with the other side are read and
+//! Split virtqueues (virtio 1.1 §2.6), the device side: what a poller runs (the driver side
+//! is [`crate::driver`]). Ring indexes shared with the other side are read and
 //! written as atomics (acquire/release); descriptors and ring entries with volatile accesses.
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
@@ -36,6 +36,28 @@ pub struct Descriptor {
 }
 
 const _: () = assert!(std::mem::size_of::<Descriptor>() == 16);
+
+impl Descriptor {
+    /// A descriptor with these fields.
+    pub const fn new(addr: u64, len: u32, flags: u16, next: u16) -> Self {
+        Self {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+
+    /// The 16 little-endian bytes a driver writes into a table.
+    pub fn to_le_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+}
 
 /// Bytes of each ring part for `size` entries (with the event-index words).
 pub fn ring_sizes(size: u16) -> (usize, usize, usize) {
@@ -79,22 +101,15 @@ impl DeviceQueue {
         event_idx: bool,
     ) -> Result<Self> {
         if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
-            return Err(Error::Protocol(format!(
-                "queue size {size} is not a power of two up to 32768"
-            )));
+            return Err(Error::QueueSize(size));
         }
         let (dl, al, ul) = ring_sizes(size);
         if desc % 16 != 0 || avail % 2 != 0 || used % 4 != 0 {
-            return Err(Error::Protocol(format!(
-                "misaligned rings: desc {desc:#x}, avail {avail:#x}, used {used:#x}"
-            )));
+            return Err(Error::MisalignedRings { desc, avail, used });
         }
-        let t = |addr: u64, len: usize, what: &str| {
-            mem.translate_frontend(addr, len as u64).ok_or_else(|| {
-                Error::Protocol(format!(
-                    "{what} ring at {addr:#x} ({len} bytes) is outside guest memory"
-                ))
-            })
+        let t = |addr: u64, len: usize, ring: &'static str| {
+            mem.translate_frontend(addr, len as u64)
+                .ok_or(Error::RingOutsideMemory { ring, addr, len })
         };
         Ok(Self {
             size,
@@ -149,20 +164,21 @@ impl DeviceQueue {
             return Ok(None);
         }
         if avail.wrapping_sub(self.next_avail) > self.size {
-            return Err(Error::Guest(format!(
-                "avail index {avail} is more than {} ahead of {}",
-                self.size, self.next_avail
-            )));
+            return Err(Error::AvailIndexAhead {
+                avail,
+                next: self.next_avail,
+                size: self.size,
+            });
         }
         let slot = usize::from(self.next_avail % self.size);
         // SAFETY: ring[slot] at offset 4 + 2*slot, inside the avail ring.
         let head = unsafe { (self.avail.add(4 + 2 * slot) as *const u16).read_volatile() };
         self.next_avail = self.next_avail.wrapping_add(1);
         if head >= self.size {
-            return Err(Error::Guest(format!(
-                "avail ring names head {head} of a {}-entry table",
-                self.size
-            )));
+            return Err(Error::HeadOutOfRange {
+                head,
+                size: self.size,
+            });
         }
         Ok(Some(head))
     }
@@ -249,207 +265,10 @@ impl DeviceQueue {
     }
 }
 
-/// The driver side of a split virtqueue, on memory this process owns and shares with the
-/// device (the load generator, and tests standing in for a guest).
-pub struct DriverQueue {
-    size: u16,
-    desc: *mut Descriptor,
-    avail: *mut u8,
-    used: *mut u8,
-    /// Guest-physical addresses of the three parts.
-    pub gpas: (u64, u64, u64),
-    free: Vec<u16>,
-    next_free_chain: Vec<u16>,
-    head_in_flight: Vec<bool>,
-    avail_idx: u16,
-    last_used: u16,
-}
-
-// SAFETY: the pointers address the caller's shared mapping, which outlives the queue; one
-// thread uses the queue.
-unsafe impl Send for DriverQueue {}
-
-/// A buffer handed to the device: guest-physical address, length, device-writable.
-#[derive(Debug, Clone, Copy)]
-pub struct DriverBuffer {
-    /// Guest-physical address.
-    pub gpa: u64,
-    /// Length.
-    pub len: u32,
-    /// The device writes it.
-    pub write: bool,
-}
-
-impl DriverQueue {
-    /// Lays the rings out at `host` (guest-physical `gpa`), which must hold
-    /// [`DriverQueue::bytes`] bytes, zeroed.
-    ///
-    /// # Safety
-    /// `host` must point to that many writable bytes that stay mapped while the queue lives.
-    pub unsafe fn new(host: *mut u8, gpa: u64, size: u16) -> Self {
-        let (dl, al, _) = ring_sizes(size);
-        let avail_off = dl;
-        let used_off = (dl + al).div_ceil(4096) * 4096;
-        Self {
-            size,
-            desc: host.cast(),
-            // SAFETY: within the caller's area (see `bytes`).
-            avail: unsafe { host.add(avail_off) },
-            // SAFETY: as above.
-            used: unsafe { host.add(used_off) },
-            gpas: (gpa, gpa + avail_off as u64, gpa + used_off as u64),
-            free: (0..size).rev().collect(),
-            next_free_chain: vec![0; usize::from(size)],
-            head_in_flight: vec![false; usize::from(size)],
-            avail_idx: 0,
-            last_used: 0,
-        }
-    }
-
-    /// Bytes the rings of a `size`-entry queue take.
-    pub fn bytes(size: u16) -> usize {
-        let (dl, al, ul) = ring_sizes(size);
-        (dl + al).div_ceil(4096) * 4096 + ul
-    }
-
-    /// Free descriptors.
-    pub fn free_descriptors(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Writes a chain for `buffers` and makes it available; returns its head. `None` when
-    /// there are not enough free descriptors.
-    pub fn add(&mut self, buffers: &[DriverBuffer]) -> Option<u16> {
-        if buffers.is_empty() || buffers.len() > self.free.len() {
-            return None;
-        }
-        // Take each descriptor's successor before writing it, so no list of ids is needed.
-        let head = self.free.pop().expect("checked");
-        let mut current = head;
-        for (i, b) in buffers.iter().enumerate() {
-            let next = if i + 1 < buffers.len() {
-                self.free.pop().expect("checked")
-            } else {
-                u16::MAX
-            };
-            let d = Descriptor {
-                addr: b.gpa,
-                len: b.len,
-                flags: if b.write { DESC_F_WRITE } else { 0 }
-                    | if next == u16::MAX { 0 } else { DESC_F_NEXT },
-                next: if next == u16::MAX { 0 } else { next },
-            };
-            // SAFETY: ids from the free list are < size: inside the table.
-            unsafe { self.desc.add(usize::from(current)).write_volatile(d) };
-            // Remember the chain's members to free them when the head comes back.
-            self.next_free_chain[usize::from(current)] = next;
-            current = next;
-        }
-        self.head_in_flight[usize::from(head)] = true;
-        self.publish_avail(head);
-        Some(head)
-    }
-
-    fn publish_avail(&mut self, head: u16) {
-        let slot = usize::from(self.avail_idx % self.size);
-        // SAFETY: ring[slot] inside the avail ring.
-        unsafe { (self.avail.add(4 + 2 * slot) as *mut u16).write_volatile(head) };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        // SAFETY: avail idx at offset 2, 2-aligned.
-        unsafe { &*(self.avail.add(2) as *const AtomicU16) }
-            .store(self.avail_idx, Ordering::Release);
-    }
-
-    /// Writes raw descriptors (for hostile-input tests) at the given indexes and makes `head`
-    /// available. The caller owns consistency.
-    pub fn add_raw(&mut self, descriptors: &[(u16, Descriptor)], head: u16) {
-        for &(i, d) in descriptors {
-            // SAFETY: index reduced mod size: inside the table.
-            unsafe { self.desc.add(usize::from(i % self.size)).write_volatile(d) };
-        }
-        self.publish_avail(head);
-    }
-
-    /// The next used element, if the device published one: (head, written length). The
-    /// chain's descriptors are freed. A head that is not the start of a chain we made is an
-    /// error (what a guest reports as "id N is not a head").
-    pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>> {
-        // SAFETY: used idx at offset 2.
-        let used = unsafe { &*(self.used.add(2) as *const AtomicU16) }.load(Ordering::Acquire);
-        if used == self.last_used {
-            return Ok(None);
-        }
-        let slot = usize::from(self.last_used % self.size);
-        // SAFETY: ring[slot] inside the used ring.
-        let (id, len) = unsafe {
-            let e = self.used.add(4 + 8 * slot) as *const u32;
-            (e.read_volatile(), e.add(1).read_volatile())
-        };
-        self.last_used = self.last_used.wrapping_add(1);
-        let head = u16::try_from(id)
-            .ok()
-            .filter(|&h| h < self.size && self.head_in_flight[usize::from(h)]);
-        let Some(head) = head else {
-            return Err(Error::Guest(format!(
-                "used ring returned id {id}, which is not a head in flight"
-            )));
-        };
-        self.head_in_flight[usize::from(head)] = false;
-        let mut d = head;
-        loop {
-            self.free.push(d);
-            let next = self.next_free_chain[usize::from(d)];
-            if next == u16::MAX {
-                break;
-            }
-            d = next;
-        }
-        Ok(Some((head, len)))
-    }
-
-    /// The next used element without checking or freeing anything (for chains written with
-    /// [`DriverQueue::add_raw`]): (id, written length).
-    pub fn pop_used_raw(&mut self) -> Option<(u32, u32)> {
-        // SAFETY: used idx at offset 2.
-        let used = unsafe { &*(self.used.add(2) as *const AtomicU16) }.load(Ordering::Acquire);
-        if used == self.last_used {
-            return None;
-        }
-        let slot = usize::from(self.last_used % self.size);
-        // SAFETY: ring[slot] inside the used ring.
-        let e = unsafe {
-            let e = self.used.add(4 + 8 * slot) as *const u32;
-            (e.read_volatile(), e.add(1).read_volatile())
-        };
-        self.last_used = self.last_used.wrapping_add(1);
-        Some(e)
-    }
-
-    /// The used index as the device last published it (what QEMU rewinds to on reconnect).
-    pub fn used_idx_in_memory(&self) -> u16 {
-        // SAFETY: used idx at offset 2.
-        unsafe { &*(self.used.add(2) as *const AtomicU16) }.load(Ordering::Acquire)
-    }
-
-    /// Avail index written so far.
-    pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
-    }
-
-    /// Used index consumed so far.
-    pub fn last_used(&self) -> u16 {
-        self.last_used
-    }
-
-    /// Host pointers of the rings (for tests that corrupt them).
-    pub fn raw(&self) -> (*mut Descriptor, *mut u8, *mut u8) {
-        (self.desc, self.avail, self.used)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::{DriverBuffer, DriverQueue};
     use crate::memory::tests::memfd;
 
     #[test]
@@ -518,12 +337,14 @@ mod tests {
         let file = memfd(1 << 20);
         let mem = GuestMemory::from_table(&[(0, 1 << 20, 0, 0)], vec![file]).unwrap();
         let host = mem.translate(0, 1 << 20).unwrap();
+        // SAFETY: the mapped test region holds the rings and outlives the queue.
         let mut drv = unsafe { DriverQueue::new(host, 0, 4) };
         let mut dev = DeviceQueue::new(&mem, 4, drv.gpas.0, drv.gpas.1, drv.gpas.2, false).unwrap();
         drv.add_raw(&[], 9); // head out of range
         assert!(dev.pop().is_err());
         // An avail index far ahead of what the ring can hold.
         let (_, avail, _) = drv.raw();
+        // SAFETY: the avail index word lies inside the rings of the test region.
         unsafe { (avail.add(2) as *mut u16).write(1000) };
         assert!(dev.pop().is_err());
         // Rings outside memory, misaligned, bad sizes.

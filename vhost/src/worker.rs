@@ -1,5 +1,6 @@
 //! Poller threads. Each owns some virtqueues (of one or several devices) and runs them without
-//! locks: avail ring → chain → request → inflight record → backend → completion → used ring.
+//! locks: avail ring → chain → inflight record → the device's queue handler → completion →
+//! used ring.
 //! The protocol thread talks to a worker only through its mailbox, which the worker checks
 //! with one atomic load per loop.
 
@@ -9,35 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::BackendQueue;
-use crate::blk::{self, status, Limits, Request, Verdict, ID_BYTES};
 use crate::chain::Chain;
-use crate::inflight::InflightQueue;
+use crate::device::{QueueHandler, Taken};
+use crate::guest_errors::GuestErrors;
+use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
 use crate::virtq::DeviceQueue;
 use vmm_sys_util::eventfd::EventFd;
-
-/// The mapped inflight region, shared by the device and its queues.
-pub struct InflightMap {
-    /// Start of the mapping.
-    pub ptr: *mut u8,
-    /// Length.
-    pub len: usize,
-    /// The fd (kept so the mapping's file stays referenced).
-    pub file: File,
-}
-
-// SAFETY: shared memory used through raw pointers; each queue touches only its own region.
-unsafe impl Send for InflightMap {}
-// SAFETY: as above.
-unsafe impl Sync for InflightMap {}
-
-impl Drop for InflightMap {
-    fn drop(&mut self) {
-        // SAFETY: our mapping.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// Everything a worker needs to run one virtqueue.
 pub struct QueueStart {
@@ -49,16 +28,14 @@ pub struct QueueStart {
     pub vq: DeviceQueue,
     /// The queue's inflight region, if tracking is on.
     pub inflight: Option<(InflightQueue, Arc<InflightMap>)>,
-    /// The backend queue.
-    pub backend: Box<dyn BackendQueue>,
+    /// The device's handler for this queue.
+    pub handler: Box<dyn QueueHandler>,
     /// Call eventfd (interrupts to the guest).
     pub call: Option<File>,
     /// Kick eventfd (the guest's notifications).
     pub kick: Option<File>,
-    /// Request limits.
-    pub limits: Limits,
-    /// GET_ID answer.
-    pub id: [u8; ID_BYTES],
+    /// Where guest errors are reported.
+    pub errors: Arc<GuestErrors>,
     /// Heads to run again first, oldest first (from inflight recovery).
     pub resubmit: Vec<u16>,
 }
@@ -70,7 +47,7 @@ pub struct QueueStopped {
     pub index: u16,
     /// Next avail index (what GET_VRING_BASE returns).
     pub next_avail: u16,
-    /// Requests still in the backend when the drain deadline passed.
+    /// Chains still in the handler when the drain deadline passed.
     pub abandoned: usize,
 }
 
@@ -112,44 +89,54 @@ pub struct Worker {
 
 fn signal(fd: &File) {
     let one: u64 = 1;
-    // SAFETY: 8-byte write to an eventfd.
+    // SAFETY: 8-byte write from a local to an eventfd the frontend gave us.
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 fn drain_eventfd(fd: &File) {
     let mut v: u64 = 0;
-    // SAFETY: 8-byte read from a non-blocking eventfd (EAGAIN when empty).
+    // SAFETY: 8-byte read into a local from a non-blocking eventfd (EAGAIN when empty).
     unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
 }
 
 impl Worker {
     /// Starts a poller thread, pinned to `cpu` when given.
-    pub fn spawn(name: String, cpu: Option<usize>, mode: PollMode) -> Self {
+    pub fn spawn(name: String, cpu: Option<usize>, mode: PollMode) -> crate::Result<Self> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+            crate::Error::Io {
+                what: format!("eventfd for poller {name}'s mailbox"),
+                source,
+            }
+        })?;
         let mailbox = Arc::new(Mailbox {
             pending: AtomicBool::new(false),
             commands: Mutex::new(Vec::new()),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .expect("eventfd for a poller mailbox"),
+            wake,
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
-            .name(name)
+            .name(name.clone())
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-                        eprintln!("warning: could not pin poller to cpu {cpu}");
+                        tracing::warn!("could not pin poller to cpu {cpu}");
                     }
                 }
                 run(&mb, mode)
             })
-            .expect("spawning a poller thread");
-        Self {
+            .map_err(|source| crate::Error::Io {
+                what: format!("spawning poller thread {name}"),
+                source,
+            })?;
+        Ok(Self {
             mailbox,
             thread: Some(thread),
-        }
+        })
     }
 
     fn send(&self, command: Command) {
+        // A poisoned mailbox only means a sender panicked between push and unlock: the
+        // vector itself is intact, so later commands still get through.
         self.mailbox
             .commands
             .lock()
@@ -190,9 +177,9 @@ impl Drop for Worker {
     }
 }
 
-/// How long a stop waits for the backend to finish what it has.
+/// How long a stop waits for the handler to finish what it has.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-/// Requests taken from one ring per loop before the others get a turn.
+/// Chains taken from one ring per loop before the others get a turn.
 const BUDGET: usize = 64;
 
 fn run(mailbox: &Mailbox, mode: PollMode) {
@@ -258,10 +245,11 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
 fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
     for q in queues.iter_mut() {
         q.vq.set_kicks(true);
+        q.errors.flush();
     }
     let busy = queues
         .iter()
-        .any(|q| q.vq.has_avail() || q.backend.in_flight() > 0 || !q.resubmit.is_empty());
+        .any(|q| q.vq.has_avail() || q.handler.in_flight() > 0 || !q.resubmit.is_empty());
     if !busy {
         let mut fds: Vec<libc::pollfd> = queues
             .iter()
@@ -277,7 +265,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
             events: libc::POLLIN,
             revents: 0,
         });
-        // SAFETY: a valid pollfd array.
+        // SAFETY: a valid pollfd array of the given length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         let _ = mailbox.wake.read();
         for q in queues.iter() {
@@ -291,46 +279,26 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Slot {
-    status: *mut u8,
-    written: u32,
-}
-
-/// Writes a request's status byte and queues its head for the used ring.
-fn finish(slots: &[Slot], completed: &mut Vec<u16>, head: u16, st: u8) {
-    let Some(slot) = slots.get(usize::from(head)) else {
-        return;
-    };
-    if !slot.status.is_null() {
-        // SAFETY: the status byte was translated inside guest memory when the chain was
-        // walked; the guest owns the buffer until we publish it.
-        unsafe { slot.status.write_volatile(st) };
-    }
-    completed.push(head);
-}
-
 struct QueueRuntime {
     index: u16,
-    mem: Arc<GuestMemory>,
+    /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
+    _mem: Arc<GuestMemory>,
     vq: DeviceQueue,
     inflight: Option<(InflightQueue, Arc<InflightMap>)>,
-    backend: Box<dyn BackendQueue>,
+    handler: Box<dyn QueueHandler>,
     call: Option<File>,
     kick: Option<File>,
-    limits: Limits,
-    id: [u8; ID_BYTES],
+    errors: Arc<GuestErrors>,
     resubmit: Vec<u16>,
     chain: Chain,
-    request: Box<Request>,
-    slots: Vec<Slot>,
+    /// Heads finished since the last publication, and the bytes written into each.
     completed: Vec<u16>,
+    written: Vec<u32>,
     broken: bool,
-    reported: u32,
 }
 
-// SAFETY: the raw pointers it holds (status bytes, request buffers) point into guest memory
-// that `mem` keeps mapped; one thread runs the queue at a time.
+// SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
+// `_mem` keeps mapped; one thread runs the queue at a time.
 unsafe impl Send for QueueRuntime {}
 
 impl QueueRuntime {
@@ -340,126 +308,59 @@ impl QueueRuntime {
         resubmit.reverse(); // popped from the end: oldest first
         let mut runtime = Self {
             index: q.index,
-            mem: q.mem,
+            _mem: q.mem,
             vq: q.vq,
             inflight: q.inflight,
-            backend: q.backend,
+            handler: q.handler,
             call: q.call,
             kick: q.kick,
-            limits: q.limits,
-            id: q.id,
+            errors: q.errors,
             resubmit,
             chain: Chain::default(),
-            request: Box::default(),
-            slots: vec![
-                Slot {
-                    status: std::ptr::null_mut(),
-                    written: 0
-                };
-                size
-            ],
             completed: Vec::with_capacity(size),
+            written: Vec::with_capacity(size),
             broken: false,
-            reported: 0,
         };
         runtime.vq.set_kicks(false);
         // Whatever the guest queued while no one was serving the ring is picked up by polling.
         runtime
     }
 
-    fn complain(&mut self, what: std::fmt::Arguments) {
-        // Hostile guests must not flood the log: the first few, then silence.
-        if self.reported < 10 {
-            eprintln!("queue {}: {what}", self.index);
-            self.reported += 1;
-        }
+    fn complete(&mut self, head: u16, written: u32) {
+        self.completed.push(head);
+        self.written.push(written);
     }
 
-    /// Walks, checks and submits the chain at `head`.
+    /// Walks the chain at `head` and hands it to the handler.
     fn start(&mut self, head: u16) {
-        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
-            self.complain(format_args!("head {head}: {e}; returned without status"));
-            self.slots[usize::from(head)] = Slot {
-                status: std::ptr::null_mut(),
-                written: 0,
-            };
-            self.completed.push(head);
+        if let Err(e) = self.chain.walk(&self.vq, &self._mem, head) {
+            self.errors.report(
+                self.index,
+                format_args!("head {head}: {e}; returned without status"),
+            );
+            self.complete(head, 0);
             return;
         }
-        let verdict = blk::parse(
-            self.chain.segments(),
-            &self.limits,
-            &self.id,
-            &mut self.request,
-        );
-        let written = match self.request.op {
-            blk::Operation::Read => self.request.data_len as u32 + 1,
-            _ => 1,
-        };
-        match verdict {
-            Verdict::Submit => {
-                self.slots[usize::from(head)] = Slot {
-                    status: self.request.status,
-                    written,
-                };
-                if let Err(e) = self.backend.submit(&self.request, head) {
-                    self.complain(format_args!("head {head}: {e}"));
-                    self.finish(head, status::IOERR);
-                }
-            }
-            Verdict::Complete(st) => {
-                let written = if st == status::OK
-                    && written == 1
-                    && self.request.data_len > 0
-                    && self.request.data[0].write
-                {
-                    // GET_ID wrote the id into the data buffers.
-                    self.request.data_len.min(ID_BYTES as u64) as u32 + 1
-                } else {
-                    1
-                };
-                if st != status::OK {
-                    self.complain(format_args!(
-                        "head {head}: request refused with status {st}"
-                    ));
-                }
-                self.slots[usize::from(head)] = Slot {
-                    status: self.request.status,
-                    written,
-                };
-                self.finish(head, st);
-            }
-            Verdict::Drop => {
-                self.complain(format_args!(
-                    "head {head}: no status byte; returned without status"
-                ));
-                self.slots[usize::from(head)] = Slot {
-                    status: std::ptr::null_mut(),
-                    written: 0,
-                };
-                self.completed.push(head);
-            }
+        match self.handler.take(&self.chain) {
+            Taken::Done(written) => self.complete(head, written),
+            Taken::Pending => {}
         }
     }
 
-    fn finish(&mut self, head: u16, st: u8) {
-        finish(&self.slots, &mut self.completed, head, st);
-    }
-
-    /// One round: resubmissions, new requests, completions, publication. Returns work done.
+    /// One round: resubmissions, new chains, completions, publication. Returns work done.
     fn process(&mut self, take_new: bool) -> usize {
         if self.broken {
             return 0;
         }
         let mut work = 0;
-        while self.backend.can_submit() {
+        while self.handler.can_take() {
             let Some(head) = self.resubmit.pop() else {
                 break;
             };
             self.start(head);
             work += 1;
         }
-        while take_new && self.resubmit.is_empty() && work < BUDGET && self.backend.can_submit() {
+        while take_new && self.resubmit.is_empty() && work < BUDGET && self.handler.can_take() {
             match self.vq.pop() {
                 Ok(Some(head)) => {
                     if let Some((inflight, _)) = &mut self.inflight {
@@ -470,19 +371,22 @@ impl QueueRuntime {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.complain(format_args!("{e}; queue stopped until the device is reset"));
+                    self.errors.report(
+                        self.index,
+                        format_args!("{e}; queue stopped until the device is reset"),
+                    );
                     self.broken = true;
                     break;
                 }
             }
         }
-        self.backend.flush_submissions();
-        // Finish every completion the backend reports, however many: the borrows are split
-        // so the callback can write status bytes and queue used elements directly.
-        let (slots, completed) = (&self.slots, &mut self.completed);
-        work += self
-            .backend
-            .poll(&mut |head, st| finish(slots, completed, head, st));
+        self.handler.flush();
+        // Finish every completion the handler reports, however many.
+        let (completed, written) = (&mut self.completed, &mut self.written);
+        work += self.handler.poll(&mut |head, len| {
+            completed.push(head);
+            written.push(len);
+        });
         self.publish();
         work
     }
@@ -494,8 +398,7 @@ impl QueueRuntime {
         if let Some((inflight, _)) = &mut self.inflight {
             inflight.prepare_batch(&self.completed);
         }
-        for &head in &self.completed {
-            let written = self.slots[usize::from(head)].written;
+        for (&head, &written) in self.completed.iter().zip(&self.written) {
             self.vq.push_used(head, written);
         }
         self.vq.publish_used();
@@ -503,6 +406,7 @@ impl QueueRuntime {
             inflight.finish_batch(&self.completed, self.vq.next_used);
         }
         self.completed.clear();
+        self.written.clear();
         if self.vq.needs_notification() {
             if let Some(call) = &self.call {
                 signal(call);
@@ -512,20 +416,21 @@ impl QueueRuntime {
 
     fn stop(&mut self, publish: bool) -> QueueStopped {
         let deadline = Instant::now() + DRAIN_DEADLINE;
-        while self.backend.in_flight() > 0 && Instant::now() < deadline {
+        while self.handler.in_flight() > 0 && Instant::now() < deadline {
             if publish {
                 self.process(false);
             } else {
-                // The connection is gone: let the backend finish, publish nothing; the
+                // The connection is gone: let the handler finish, publish nothing; the
                 // inflight region still lists these, so the next connection runs them again.
-                self.backend.poll(&mut |_, _| {});
+                self.handler.poll(&mut |_, _| {});
             }
             std::thread::yield_now();
         }
+        self.errors.flush();
         QueueStopped {
             index: self.index,
             next_avail: self.vq.next_avail,
-            abandoned: self.backend.in_flight(),
+            abandoned: self.handler.in_flight(),
         }
     }
 }
@@ -533,99 +438,171 @@ impl QueueRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::req;
-    use crate::virtq::{DriverBuffer, DriverQueue};
+    use crate::mock::MockGuest;
+    use std::sync::Mutex;
 
-    /// Holds every request until `burst` have arrived, then completes them all in one poll.
-    struct BurstBackend {
-        held: Vec<u16>,
-        burst: usize,
+    /// When a test handler lets its chains go.
+    enum Release {
+        /// All at once, when this many are held.
+        Burst(usize),
+        /// The heads the test puts in the list.
+        Chosen(Arc<Mutex<Vec<u16>>>),
     }
 
-    impl BackendQueue for BurstBackend {
-        fn can_submit(&self) -> bool {
+    /// Holds every chain it takes until its release rule lets it go.
+    struct HoldHandler {
+        held: Vec<u16>,
+        release: Release,
+    }
+
+    impl HoldHandler {
+        fn boxed(release: Release) -> Box<dyn QueueHandler> {
+            Box::new(Self {
+                held: Vec::new(),
+                release,
+            })
+        }
+    }
+
+    impl QueueHandler for HoldHandler {
+        fn can_take(&self) -> bool {
             true
         }
-        fn submit(&mut self, _r: &Request, token: u16) -> crate::Result<()> {
-            self.held.push(token);
-            Ok(())
+        fn take(&mut self, chain: &Chain) -> Taken {
+            self.held.push(chain.head);
+            Taken::Pending
         }
-        fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-            if self.held.len() < self.burst {
-                return 0;
+        fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize {
+            let released: Vec<u16> = match &self.release {
+                Release::Burst(n) if self.held.len() >= *n => std::mem::take(&mut self.held),
+                Release::Burst(_) => Vec::new(),
+                Release::Chosen(list) => std::mem::take(&mut *list.lock().unwrap()),
+            };
+            for h in &released {
+                self.held.retain(|x| x != h);
+                done(*h, 1);
             }
-            let n = self.held.len();
-            for t in self.held.drain(..) {
-                done(t, status::OK);
-            }
-            n
+            released.len()
         }
         fn in_flight(&self) -> usize {
             self.held.len()
         }
     }
 
-    #[test]
-    fn a_burst_of_completions_larger_than_a_round_is_all_published() {
-        let size = 256u16;
-        let file = crate::memory::tests::memfd(4 << 20);
-        let mem = Arc::new(GuestMemory::from_table(&[(0, 4 << 20, 0, 0)], vec![file]).unwrap());
-        let host = mem.translate(0, 4 << 20).unwrap();
-        // SAFETY: the rings fit the first MiB of the 4 MiB region.
-        let mut drv = unsafe { DriverQueue::new(host, 0, size) };
-        let vq = DeviceQueue::new(&mem, size, drv.gpas.0, drv.gpas.1, drv.gpas.2, false).unwrap();
-        let limits = Limits {
-            capacity: 1 << 20,
-            flush: true,
-            discard: false,
-            write_zeroes: false,
-            max_range_sectors: 0,
-            seg_max: 126,
-        };
-        let burst = 120; // more than a poll round (64), 240 of the 256 descriptors
-        let mut q = QueueRuntime::new(QueueStart {
+    fn runtime(guest: &MockGuest, handler: Box<dyn QueueHandler>) -> QueueRuntime {
+        QueueRuntime::new(QueueStart {
             index: 0,
-            mem: mem.clone(),
-            vq,
+            mem: guest.memory(),
+            vq: guest.device_queue(false),
             inflight: None,
-            backend: Box::new(BurstBackend {
-                held: Vec::new(),
-                burst,
-            }),
+            handler,
             call: None,
             kick: None,
-            limits,
-            id: [0; ID_BYTES],
+            errors: Arc::new(GuestErrors::new("test")),
             resubmit: Vec::new(),
-        });
-        for i in 0..burst as u64 {
-            let hdr = (1 << 20) + 32 * i;
-            // SAFETY: inside the region; a FLUSH header (type 4).
-            unsafe { (host.add(hdr as usize) as *mut u32).write(req::FLUSH) };
-            drv.add(&[
-                DriverBuffer {
-                    gpa: hdr,
-                    len: 16,
-                    write: false,
-                },
-                DriverBuffer {
-                    gpa: hdr + 16,
-                    len: 1,
-                    write: true,
-                },
-            ])
-            .unwrap();
+        })
+    }
+
+    #[test]
+    fn a_burst_of_completions_larger_than_a_round_is_all_published() {
+        let mut guest = MockGuest::new(4 << 20, 256);
+        let burst = 120; // more than a poll round (64), 240 of the 256 descriptors
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(burst)));
+        for _ in 0..burst {
+            let hdr = guest.alloc(16);
+            let status = guest.alloc(1);
+            guest.add_chain(&[(hdr, 16, false), (status, 1, true)]);
         }
         for _ in 0..10 {
             q.process(true);
         }
         let mut used = 0;
-        while drv.pop_used().unwrap().is_some() {
+        while guest.pop_used().is_some() {
             used += 1;
         }
         assert_eq!(
             used, burst,
             "every completion of the burst reached the used ring"
         );
+    }
+
+    #[test]
+    fn chains_that_cannot_be_walked_come_back_empty_and_the_queue_goes_on() {
+        let mut guest = MockGuest::new(1 << 20, 16);
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
+        let errors = q.errors.clone();
+        // A descriptor whose next index is outside the table.
+        guest.add_raw(
+            &[(
+                0,
+                crate::virtq::Descriptor {
+                    addr: 0x8000,
+                    len: 16,
+                    flags: crate::virtq::DESC_F_NEXT,
+                    next: 99,
+                },
+            )],
+            0,
+        );
+        q.process(true);
+        assert_eq!(guest.pop_used_raw(), Some((0, 0)));
+        assert_eq!(errors.total(), 1);
+        let hdr = guest.alloc(16);
+        let head = guest.add_chain(&[(hdr, 16, false)]);
+        q.process(true);
+        assert_eq!(guest.pop_used(), Some((head, 1)));
+    }
+
+    #[test]
+    fn a_ring_claiming_more_than_it_holds_stops_the_queue() {
+        let mut guest = MockGuest::new(1 << 20, 8);
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
+        guest.set_avail_idx(100);
+        q.process(true);
+        assert!(q.broken);
+        assert_eq!(q.process(true), 0, "a broken queue takes nothing more");
+    }
+
+    #[test]
+    fn a_queue_that_dies_mid_flight_leaves_exactly_its_unfinished_heads_to_run_again() {
+        use crate::inflight::region_size;
+        let size = 16u16;
+        let mut guest = MockGuest::new(1 << 20, size);
+        let file = crate::memory::memfd("inflight-test", region_size(size) as u64).unwrap();
+        let map = Arc::new(InflightMap::map(file, 0, region_size(size) as u64, size).unwrap());
+        // SAFETY: the only queue of this region; `map` outlives it.
+        let mut region = unsafe { map.queue(0) }.unwrap();
+        assert!(region.recover(0).fresh);
+        let release = Arc::new(Mutex::new(Vec::new()));
+        let mut q = QueueRuntime::new(QueueStart {
+            index: 0,
+            mem: guest.memory(),
+            vq: guest.device_queue(true),
+            inflight: Some((region, map.clone())),
+            handler: HoldHandler::boxed(Release::Chosen(release.clone())),
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+        });
+        let heads: Vec<u16> = (0..3)
+            .map(|_| {
+                let b = guest.alloc(16);
+                guest.add_chain(&[(b, 16, false), (b, 1, true)])
+            })
+            .collect();
+        q.process(true);
+        // The middle one finishes; the process dies before the others do.
+        release.lock().unwrap().push(heads[1]);
+        q.process(true);
+        assert_eq!(guest.pop_used(), Some((heads[1], 1)));
+        drop(q);
+        // The successor maps the same region and finds the two unfinished heads, oldest first.
+        // SAFETY: the previous queue is gone; `map` outlives this one.
+        let mut successor = unsafe { map.queue(0) }.unwrap();
+        let used_idx = guest.device_queue(true).used_idx();
+        let recovery = successor.recover(used_idx);
+        assert!(!recovery.fresh);
+        assert_eq!(recovery.resubmit, vec![heads[0], heads[2]]);
     }
 }

@@ -5,10 +5,10 @@ use std::sync::{Arc, Mutex};
 
 use vfblk_hugepages::{DmaBuffer, DmaMemory, IovaAllocator, VfioDmaMapper};
 
-use crate::pci::{PciAddress, SysfsPciDevice};
-use crate::regs::{Cap, Csts, Registers, Version};
-use crate::vfio::VfioPci;
-use crate::{Error, Result};
+use vfblk_nvme::pci::{PciAddress, SysfsPciDevice};
+use vfblk_nvme::regs::{Cap, Cc, Csts, Registers, Version};
+use vfblk_nvme::vfio::VfioPci;
+use vfblk_nvme::{Error, Result};
 
 /// What [`probe`] found.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub struct ProbeReport {
     /// VS.
     pub version: Version,
     /// CC.
-    pub cc: u32,
+    pub cc: Cc,
     /// CSTS.
     pub csts: Csts,
     /// IOVA of the DMA buffer that was mapped.
@@ -41,16 +41,13 @@ pub struct ProbeReport {
     pub dma_page_kind: &'static str,
 }
 
-/// Bytes of BAR0 the driver needs mapped: registers plus doorbells for a few queues.
-pub const BAR0_MIN: usize = 0x2000;
-
 /// Opens the controller through VFIO, reads its registers, and maps (then unmaps) a 2 MiB
 /// hugepage buffer for DMA. Changes nothing on the controller but enabling bus mastering.
 pub fn probe(address: PciAddress) -> Result<ProbeReport> {
     let sysfs = SysfsPciDevice::new(address)?;
     let class = sysfs.class()?;
     let ids = sysfs.ids()?;
-    let pci = Arc::new(VfioPci::open(address, BAR0_MIN)?);
+    let pci = Arc::new(VfioPci::open(address, vfblk_nvme::regs::BAR0_MIN)?);
     let regs = Registers::new(pci.bar0());
     let (cap, version, cc, csts) = (regs.cap(), regs.version(), regs.cc(), regs.csts());
     if cap.0 == u64::MAX || version.0 == u32::MAX {
@@ -94,42 +91,36 @@ pub fn probe(address: PciAddress) -> Result<ProbeReport> {
 }
 
 impl ProbeReport {
-    /// The report as one line of JSON.
-    pub fn to_json(&self) -> String {
+    /// The report as JSON (what `vfblk-nvme probe --json` prints and the lab reads).
+    pub fn to_json(&self) -> serde_json::Value {
         let cap = self.cap;
-        format!(
-            concat!(
-                "{{\"pci_address\":\"{}\",\"class\":\"{:#08x}\",\"vendor_device\":\"{:04x}:{:04x}\",",
-                "\"driver\":\"{}\",\"iommu_group\":{},\"bar0_size\":{},\"version\":\"{}\",",
-                "\"version_raw\":\"{:#010x}\",\"cc\":\"{:#x}\",\"csts\":\"{}\",",
-                "\"cap\":{{\"raw\":\"{:#018x}\",\"max_queue_entries\":{},\"contiguous_queues_required\":{},",
-                "\"doorbell_stride_code\":{},\"doorbell_stride_bytes\":{},\"timeout_ms\":{},",
-                "\"nvm_command_set\":{},\"page_size_min\":{},\"page_size_max\":{}}},",
-                "\"dma\":{{\"iova\":\"{:#x}\",\"size\":{},\"page_kind\":\"{}\"}}}}"
-            ),
-            self.address,
-            self.class,
-            self.ids.0,
-            self.ids.1,
-            self.driver,
-            self.iommu_group,
-            self.bar0_size,
-            self.version,
-            self.version.0,
-            self.cc,
-            self.csts,
-            cap.0,
-            cap.max_queue_entries(),
-            cap.contiguous_queues_required(),
-            cap.doorbell_stride_code(),
-            cap.doorbell_stride(),
-            cap.timeout_ms(),
-            cap.nvm_command_set(),
-            cap.page_size_min(),
-            cap.page_size_max(),
-            self.dma_iova,
-            self.dma_size,
-            self.dma_page_kind,
-        )
+        serde_json::json!({
+            "pci_address": self.address.to_string(),
+            "class": format!("{:#08x}", self.class),
+            "vendor_device": format!("{:04x}:{:04x}", self.ids.0, self.ids.1),
+            "driver": self.driver,
+            "iommu_group": self.iommu_group,
+            "bar0_size": self.bar0_size,
+            "version": self.version.to_string(),
+            "version_raw": format!("{:#010x}", self.version.0),
+            "cc": format!("{:#x}", self.cc.0),
+            "csts": self.csts.to_string(),
+            "cap": {
+                "raw": format!("{:#018x}", cap.0),
+                "max_queue_entries": cap.max_queue_entries(),
+                "contiguous_queues_required": cap.contiguous_queues_required(),
+                "doorbell_stride_code": cap.doorbell_stride_code(),
+                "doorbell_stride_bytes": cap.doorbell_stride(),
+                "timeout_ms": cap.timeout_ms(),
+                "nvm_command_set": cap.nvm_command_set(),
+                "page_size_min": cap.page_size_min(),
+                "page_size_max": cap.page_size_max(),
+            },
+            "dma": {
+                "iova": format!("{:#x}", self.dma_iova),
+                "size": self.dma_size,
+                "page_kind": self.dma_page_kind,
+            },
+        })
     }
 }

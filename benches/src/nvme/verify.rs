@@ -8,10 +8,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::controller::Controller;
-use crate::prp::Segment;
-use crate::sync_io;
-use crate::{Error, Result};
+use vfblk_nvme::controller::Controller;
+use vfblk_nvme::prp::Segment;
+use vfblk_nvme::{Error, Result};
+
+use super::sync_io;
+use crate::patterns::{check_pattern, fill_pattern, mix};
 
 /// What to exercise.
 #[derive(Debug, Clone)]
@@ -57,42 +59,6 @@ pub struct VerifyReport {
     pub resets: u64,
     /// Operations completed after the last reset.
     pub ops_after_reset: u64,
-}
-
-/// 64-bit mix (splitmix64).
-pub fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Fills `out` with the pattern of the blocks starting at `lba`.
-pub fn fill_pattern(seed: u64, lba: u64, block_size: usize, out: &mut [u8]) {
-    for (i, block) in out.chunks_mut(block_size).enumerate() {
-        let b = lba + i as u64;
-        let base = mix(seed ^ b.wrapping_mul(0x1000_0000_01b3));
-        for (w, word) in block.chunks_mut(8).enumerate() {
-            let v = if w == 0 {
-                b
-            } else {
-                mix(base.wrapping_add(w as u64))
-            };
-            word.copy_from_slice(&v.to_le_bytes()[..word.len()]);
-        }
-    }
-}
-
-/// Index of the first block in `data` (starting at `lba`) that does not hold its pattern.
-pub fn check_pattern(seed: u64, lba: u64, block_size: usize, data: &[u8]) -> Option<u64> {
-    let mut expect = vec![0u8; block_size];
-    for (i, block) in data.chunks(block_size).enumerate() {
-        fill_pattern(seed, lba + i as u64, block_size, &mut expect);
-        if block != &expect[..block.len()] {
-            return Some(lba + i as u64);
-        }
-    }
-    None
 }
 
 /// Runs the exercise; the area used is `[0, queues * region_blocks)` of the namespace.
@@ -157,7 +123,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                 let mut host = vec![0u8; buf_len];
                 let mut back = vec![0u8; buf_len];
                 let sgl = ctrl.identify().supports_sgl();
-                let io = |qp: &mut crate::queue::QueuePair, write: bool, lba: u64, blocks: u64, segs: &[Segment]| {
+                let io = |qp: &mut vfblk_nvme::queue::QueuePair, write: bool, lba: u64, blocks: u64, segs: &[Segment]| {
                     let what = format!("{} of {blocks} blocks at LBA {lba}", if write { "write" } else { "read" });
                     sync_io::run(&name, qp, &what, |qp| {
                         if write {
@@ -291,22 +257,4 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
         area: (0, total),
         block_size: block as u32,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_depends_on_lba_and_seed_and_checks() {
-        let mut a = vec![0u8; 1024];
-        fill_pattern(7, 100, 512, &mut a);
-        assert_eq!(check_pattern(7, 100, 512, &a), None);
-        assert_eq!(check_pattern(8, 100, 512, &a), Some(100));
-        assert_eq!(check_pattern(7, 101, 512, &a), Some(101));
-        // The second block alone matches its own pattern: content is per block.
-        assert_eq!(check_pattern(7, 101, 512, &a[512..]), None);
-        a[700] ^= 1;
-        assert_eq!(check_pattern(7, 100, 512, &a), Some(101));
-    }
 }

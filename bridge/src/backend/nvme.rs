@@ -10,10 +10,12 @@ use vfblk_hugepages::ExternalMapping;
 use vfblk_nvme::controller::{Controller, Namespace};
 use vfblk_nvme::prp::Segment;
 use vfblk_nvme::queue::QueuePair;
-use vfblk_vhost::backend::{Backend, BackendInfo, BackendQueue};
-use vfblk_vhost::blk::{status, Operation, Request, SECTOR};
 use vfblk_vhost::memory::GuestMemory;
-use vfblk_vhost::{Error, Result};
+
+use super::{Backend, BackendInfo, BackendQueue};
+use crate::request::{Operation, Request};
+use crate::virtio_blk::{status, SECTOR};
+use crate::{Error, Result};
 
 /// A range of 512-byte sectors as (first block, blocks) of a namespace with 2^shift-byte
 /// blocks; `None` unless both ends fall on block boundaries (rounding would touch blocks the
@@ -43,7 +45,10 @@ impl NvmeBackend {
     pub fn new(ctrl: Controller, nsid: u32) -> Result<Self> {
         let ns = ctrl
             .namespace(nsid)
-            .map_err(|e| Error::Backend(e.to_string()))?
+            .map_err(|source| Error::Nvme {
+                what: format!("namespace {nsid}"),
+                source,
+            })?
             .clone();
         let id = ctrl.identify();
         let info = BackendInfo {
@@ -80,7 +85,10 @@ impl Backend for NvmeBackend {
         let qp = self
             .ctrl
             .create_io_queue_pair(ENTRIES)
-            .map_err(|e| Error::Backend(e.to_string()))?;
+            .map_err(|source| Error::Nvme {
+                what: "creating an I/O queue pair".into(),
+                source,
+            })?;
         Ok(Box::new(NvmeQueue {
             qp,
             nsid: self.ns.nsid,
@@ -93,23 +101,24 @@ impl Backend for NvmeBackend {
     }
 
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> Result<()> {
-        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mappings = self
+            .mappings
+            .lock()
+            .map_err(|_| Error::Poisoned("guest RAM mappings"))?;
         // Old mappings go first: the same guest-physical ranges come back at the same IOVAs.
         mappings.clear();
         let Some(memory) = memory else { return Ok(()) };
         for r in memory.regions() {
             let host = memory
                 .translate(r.guest_phys, r.size)
-                .ok_or_else(|| Error::Backend("region does not translate".into()))?;
+                .expect("a region translates to itself");
             // SAFETY: the region stays mapped while the connection's GuestMemory lives; the
             // device releases these mappings (guest_memory_changed(None)) before it drops it,
             // and guest memory is only touched through raw pointers.
             let m = unsafe { self.ctrl.map_external(r.guest_phys, host, r.size as usize) }
-                .map_err(|e| {
-                    Error::Backend(format!(
-                        "mapping guest RAM at IOVA {:#x}: {e}",
-                        r.guest_phys
-                    ))
+                .map_err(|source| Error::Nvme {
+                    what: format!("mapping guest RAM at IOVA {:#x}", r.guest_phys),
+                    source,
                 })?;
             mappings.push(m);
         }
@@ -169,7 +178,7 @@ impl NvmeQueue {
                 true
             }
             Err(e) => {
-                eprintln!("nvme backend: head {token}: {e}");
+                tracing::warn!("nvme backend: head {token}: {e}");
                 self.fail(token);
                 false
             }
@@ -254,7 +263,7 @@ impl BackendQueue for NvmeQueue {
                 self.issue(token, |qp| qp.flush(nsid, u64::from(token)));
             }
             Operation::Discard => {
-                let mut ranges = [(0u64, 0u32); vfblk_vhost::blk::MAX_DISCARD_SEGMENTS];
+                let mut ranges = [(0u64, 0u32); crate::request::MAX_DISCARD_SEGMENTS];
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
                     match sectors_to_blocks(sector, count, self.shift) {
                         Some((lba, blocks)) => ranges[i] = (lba, blocks as u32),

@@ -3,17 +3,21 @@
 //! completion is polled. Requests hand the backend the guest's own buffers (host addresses of
 //! guest memory), never a copy, so an NVMe backend can DMA straight into guest RAM.
 
+#[cfg(any(test, feature = "test-delay"))]
 mod delay;
 mod file;
 mod mem;
-mod uring;
+mod nvme;
 
+#[cfg(any(test, feature = "test-delay"))]
 pub use delay::DelayBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
+pub use nvme::NvmeBackend;
 
-use crate::blk::Request;
+use crate::request::Request;
 use crate::Result;
+use vfblk_vhost::memory::GuestMemory;
 
 /// What a backend offers; becomes the device's config space and feature bits.
 #[derive(Debug, Clone)]
@@ -41,7 +45,7 @@ pub trait Backend: Send + Sync {
 
     /// The guest's memory table changed (`None`: the frontend went away). A backend that
     /// DMAs into guest memory maps it here; called while no queue is running.
-    fn guest_memory_changed(&self, _memory: Option<&crate::memory::GuestMemory>) -> Result<()> {
+    fn guest_memory_changed(&self, _memory: Option<&GuestMemory>) -> Result<()> {
         Ok(())
     }
 }
@@ -50,7 +54,7 @@ pub trait Backend: Send + Sync {
 pub trait BackendQueue: Send {
     /// Whether another request can be submitted now.
     fn can_submit(&self) -> bool;
-    /// Starts `request` (checked by [`crate::blk::parse`]); `token` comes back at completion.
+    /// Starts `request` (checked by [`crate::request::parse`]); `token` comes back at completion.
     /// The request's buffers stay valid until then.
     fn submit(&mut self, request: &Request, token: u16) -> Result<()>;
     /// Pushes out what was submitted since the last call (one system call per batch for

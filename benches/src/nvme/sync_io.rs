@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::queue::{IoCompletion, QueuePair, SubmitError};
-use crate::spec::Status;
-use crate::{Error, Result};
+use vfblk_nvme::queue::{IoCompletion, QueuePair, SubmitError};
+use vfblk_nvme::spec::Status;
+use vfblk_nvme::{Error, Result};
 
 /// How long one synchronous I/O may take before it is reported as timed out.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);

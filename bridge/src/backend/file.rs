@@ -7,15 +7,17 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::uring::{Sqe, Uring, OP_FALLOCATE, OP_FSYNC, OP_READV, OP_WRITEV};
-use super::{Backend, BackendInfo, BackendQueue};
-use crate::blk::{status, Operation, Request, MAX_DISCARD_SEGMENTS, SECTOR};
-use crate::chain::MAX_SEGMENTS;
-use crate::{Error, Result};
+use io_uring::{opcode, squeue, types, IoUring};
 
-const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+use super::{Backend, BackendInfo, BackendQueue};
+use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
+use crate::virtio_blk::{status, SECTOR};
+use crate::{Error, Result};
+use vfblk_vhost::chain::MAX_SEGMENTS;
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Requests in flight per queue.
@@ -58,10 +60,10 @@ impl FileBackend {
             buffered.metadata().map_err(io("stat of"))?.len()
         };
         if capacity < SECTOR {
-            return Err(Error::Backend(format!(
-                "{}: {capacity} bytes is smaller than a sector",
-                path.display()
-            )));
+            return Err(Error::BadSize {
+                what: format!("file backend {}", path.display()),
+                bytes: capacity,
+            });
         }
         // O_DIRECT fails on some filesystems (tmpfs): then every request goes buffered.
         let direct = OpenOptions::new()
@@ -101,8 +103,13 @@ impl Backend for FileBackend {
     }
 
     fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+        let entries = DEPTH as u32 * 2;
+        let ring = IoUring::new(entries).map_err(|source| Error::Io {
+            what: format!("io_uring_setup with {entries} entries"),
+            source,
+        })?;
         Ok(Box::new(FileQueue {
-            ring: Uring::new(DEPTH as u32 * 2)?,
+            ring,
             direct: self.direct.clone(),
             buffered: self.buffered.clone(),
             slots: (0..DEPTH).map(|_| Slot::default()).collect(),
@@ -144,7 +151,7 @@ impl Default for Slot {
 unsafe impl Send for Slot {}
 
 struct FileQueue {
-    ring: Uring,
+    ring: IoUring,
     direct: Option<Arc<File>>,
     buffered: Arc<File>,
     slots: Vec<Slot>,
@@ -154,20 +161,22 @@ struct FileQueue {
 
 impl BackendQueue for FileQueue {
     fn can_submit(&self) -> bool {
-        !self.free.is_empty() && self.ring.space() as usize > MAX_DISCARD_SEGMENTS
+        // SAFETY: `submission_shared` only reads the queue's counters; no other handle to
+        // the submission queue exists while we hold `&self`.
+        let sq = unsafe { self.ring.submission_shared() };
+        !self.free.is_empty() && sq.capacity() - sq.len() > MAX_DISCARD_SEGMENTS
     }
 
     fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
-        let index = self
-            .free
-            .pop()
-            .ok_or_else(|| Error::Backend("file queue full".into()))?;
+        let index = self.free.pop().ok_or(Error::QueueFull("file"))?;
         let slot = &mut self.slots[index];
         slot.token = token;
         slot.status = status::OK;
         slot.done_bytes = 0;
         slot.expected = 0;
-        let mut sqes = [Sqe::default(); MAX_DISCARD_SEGMENTS];
+        let index_tag = index as u64;
+        let mut sqes: [Option<squeue::Entry>; MAX_DISCARD_SEGMENTS] =
+            [const { None }; MAX_DISCARD_SEGMENTS];
         let mut n = 0;
         match r.op {
             Operation::Read | Operation::Write => {
@@ -179,33 +188,24 @@ impl BackendQueue for FileQueue {
                         iov_len: s.len as usize,
                     };
                 }
-                let fd = match (&self.direct, aligned) {
+                let fd = types::Fd(match (&self.direct, aligned) {
                     (Some(d), true) => d.as_raw_fd(),
                     _ => self.buffered.as_raw_fd(),
-                };
+                });
                 slot.expected = r.data_len;
-                sqes[0] = Sqe {
-                    opcode: if r.op == Operation::Read {
-                        OP_READV
-                    } else {
-                        OP_WRITEV
-                    },
-                    fd,
-                    off: r.sector * SECTOR,
-                    addr: slot.iovecs.as_ptr() as u64,
-                    len: r.data_count as u32,
-                    user_data: index as u64,
-                    ..Default::default()
-                };
+                let (iovecs, count, offset) =
+                    (slot.iovecs.as_ptr(), r.data_count as u32, r.sector * SECTOR);
+                sqes[0] = Some(if r.op == Operation::Read {
+                    opcode::Readv::new(fd, iovecs, count).offset(offset).build()
+                } else {
+                    opcode::Writev::new(fd, iovecs, count)
+                        .offset(offset)
+                        .build()
+                });
                 n = 1;
             }
             Operation::Flush => {
-                sqes[0] = Sqe {
-                    opcode: OP_FSYNC,
-                    fd: self.buffered.as_raw_fd(),
-                    user_data: index as u64,
-                    ..Default::default()
-                };
+                sqes[0] = Some(opcode::Fsync::new(types::Fd(self.buffered.as_raw_fd())).build());
                 n = 1;
             }
             Operation::Discard | Operation::WriteZeroes { .. } => {
@@ -216,33 +216,42 @@ impl BackendQueue for FileQueue {
                     _ => FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 };
                 for &(sector, count) in &r.ranges[..r.range_count] {
-                    sqes[n] = Sqe {
-                        opcode: OP_FALLOCATE,
-                        fd: self.buffered.as_raw_fd(),
-                        off: sector * SECTOR,
-                        addr: u64::from(count) * SECTOR,
-                        len: mode,
-                        user_data: index as u64,
-                        ..Default::default()
-                    };
+                    sqes[n] = Some(
+                        opcode::Fallocate::new(
+                            types::Fd(self.buffered.as_raw_fd()),
+                            u64::from(count) * SECTOR,
+                        )
+                        .offset(sector * SECTOR)
+                        .mode(mode)
+                        .build(),
+                    );
                     n += 1;
                 }
             }
         }
         slot.pending = n as u32;
-        for sqe in &sqes[..n] {
-            if !self.ring.push(*sqe) {
+        let mut sq = self.ring.submission();
+        for sqe in sqes[..n].iter_mut().filter_map(Option::take) {
+            // SAFETY: the iovecs live in the slot and the buffers in guest memory, both until
+            // the completion is reaped; the fds are kept open by the queue.
+            if unsafe { sq.push(&sqe.user_data(index_tag)) }.is_err() {
                 // can_submit reserved room for the largest request; this is a logic error.
-                return Err(Error::Backend("io_uring submission queue overflow".into()));
+                return Err(Error::QueueFull("io_uring submission"));
             }
         }
+        drop(sq);
         self.in_flight += 1;
         Ok(())
     }
 
     fn flush_submissions(&mut self) {
+        // One system call per batch, none when there is nothing new; entries the kernel did
+        // not take stay queued for the next call.
+        if self.ring.submission().is_empty() {
+            return;
+        }
         if let Err(e) = self.ring.submit() {
-            eprintln!("warning: {e}; will retry");
+            tracing::warn!("io_uring_enter: {e}; will retry");
         }
     }
 
@@ -250,10 +259,10 @@ impl BackendQueue for FileQueue {
         let slots = &mut self.slots;
         let free = &mut self.free;
         let mut finished = 0;
-        self.ring.reap(&mut |user_data, res| {
-            let index = user_data as usize;
+        for cqe in self.ring.completion() {
+            let (index, res) = (cqe.user_data() as usize, cqe.result());
             let Some(slot) = slots.get_mut(index) else {
-                return;
+                continue;
             };
             if res < 0 {
                 slot.status = if res == -libc::EOPNOTSUPP {
@@ -274,7 +283,7 @@ impl BackendQueue for FileQueue {
                 free.push(index);
                 finished += 1;
             }
-        });
+        }
         self.in_flight -= finished;
         finished
     }

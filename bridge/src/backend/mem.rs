@@ -3,34 +3,17 @@
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::{Backend, BackendInfo, BackendQueue};
-use crate::blk::{status, Operation, Request, SECTOR};
+use crate::request::{Operation, Request};
+use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
-
-struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a shared mapping used through raw copies only, like a disk.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly our mapping.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
 
 /// The `mem` backend.
 pub struct MemBackend {
-    map: Arc<Mapping>,
+    map: Arc<memmap2::MmapRaw>,
     info: BackendInfo,
 }
 
@@ -41,9 +24,10 @@ impl MemBackend {
     /// Opens (creating or growing to `size` bytes) the file at `path` and maps it shared.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
         if size == 0 || size % SECTOR != 0 {
-            return Err(Error::Backend(format!(
-                "mem backend size {size} is not a positive multiple of 512"
-            )));
+            return Err(Error::BadSize {
+                what: format!("mem backend {}", path.display()),
+                bytes: size,
+            });
         }
         let io = |what: &str| {
             let what = format!("{what} {}", path.display());
@@ -59,13 +43,12 @@ impl MemBackend {
         if file.metadata().map_err(io("stat of"))?.len() < size {
             file.set_len(size).map_err(io("sizing"))?;
         }
-        let base = crate::memory::map_shared(file.as_raw_fd(), size as usize, 0, 0)
+        let map = memmap2::MmapOptions::new()
+            .len(size as usize)
+            .map_raw(&file)
             .map_err(io("mmap of"))?;
         Ok(Self {
-            map: Arc::new(Mapping {
-                base: base.cast(),
-                len: size as usize,
-            }),
+            map: Arc::new(map),
             info: BackendInfo {
                 description: format!("mem:{} ({} MiB)", path.display(), size >> 20),
                 capacity_sectors: size / SECTOR,
@@ -92,19 +75,19 @@ impl Backend for MemBackend {
 }
 
 struct MemQueue {
-    map: Arc<Mapping>,
+    map: Arc<memmap2::MmapRaw>,
     done: VecDeque<(u16, u8)>,
 }
 
 impl MemQueue {
     fn execute(&self, r: &Request) -> u8 {
-        let disk = self.map.base;
+        let disk = self.map.as_mut_ptr();
         match r.op {
             Operation::Read | Operation::Write => {
                 let mut off = (r.sector * SECTOR) as usize;
                 for s in &r.data[..r.data_count] {
                     let len = s.len as usize;
-                    // Bounds were checked against the capacity by blk::parse.
+                    // Bounds were checked against the capacity by request::parse.
                     // SAFETY: off + len <= capacity bytes = the mapping; `s` is guest memory
                     // translated for `len` bytes.
                     unsafe {
@@ -121,7 +104,7 @@ impl MemQueue {
             Operation::Flush => status::OK,
             Operation::Discard | Operation::WriteZeroes { .. } => {
                 for &(sector, count) in &r.ranges[..r.range_count] {
-                    // SAFETY: ranges were checked against the capacity by blk::parse.
+                    // SAFETY: ranges were checked against the capacity by request::parse.
                     unsafe {
                         std::ptr::write_bytes(
                             disk.add((sector * SECTOR) as usize),
@@ -143,7 +126,7 @@ impl BackendQueue for MemQueue {
 
     fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
         if !self.can_submit() {
-            return Err(Error::Backend("mem queue full".into()));
+            return Err(Error::QueueFull("mem"));
         }
         let status = self.execute(request);
         self.done.push_back((token, status));

@@ -10,10 +10,11 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vfblk_nvme::perf::Histogram;
-use vfblk_nvme::verify::mix;
-use vfblk_vhost::blk::{req, status};
-use vfblk_vhost::virtq::{DriverBuffer, DriverQueue};
+use vfblk_bridge::virtio_blk::{req, status};
+use vfblk_vhost::driver::{DriverBuffer, DriverQueue};
+
+use crate::histogram::Histogram;
+use crate::patterns::mix;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -93,6 +94,75 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+impl Report {
+    /// Nothing went wrong: no verify error, failure, loss, stray head or error message.
+    pub fn clean(&self) -> bool {
+        self.verify_errors == 0
+            && self.failed == 0
+            && self.lost == 0
+            && self.not_a_head == 0
+            && self.errors.is_empty()
+    }
+
+    /// Completed requests per second.
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.seconds.max(1e-9)
+    }
+
+    /// The report as JSON (what `--json` prints; the benchmarks and tests read it).
+    pub fn to_json(&self) -> serde_json::Value {
+        let us = |q: f64| (self.latency.quantile_ns(q) as f64 / 100.0).round() / 10.0;
+        let max_pause = self.pauses_ms.iter().cloned().fold(0.0, f64::max);
+        serde_json::json!({
+            "ios": self.ios,
+            "reads": self.reads,
+            "seconds": self.seconds,
+            "iops": self.iops(),
+            "lat_p50_us": us(0.5),
+            "lat_p99_us": us(0.99),
+            "lat_p999_us": us(0.999),
+            "verify_errors": self.verify_errors,
+            "failed": self.failed,
+            "lost": self.lost,
+            "not_a_head": self.not_a_head,
+            "reconnects": self.reconnects,
+            "inflight": self.inflight,
+            "pauses_ms": self.pauses_ms,
+            "max_pause_ms": max_pause,
+            "errors": self.errors,
+        })
+    }
+
+    /// The report for people.
+    pub fn to_text(&self) -> String {
+        let us = |q: f64| self.latency.quantile_ns(q) as f64 / 1000.0;
+        let max_pause = self.pauses_ms.iter().cloned().fold(0.0, f64::max);
+        let mut out = format!(
+            "{} I/Os in {:.1} s: {:.0} IOPS; latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n",
+            self.ios,
+            self.seconds,
+            self.iops(),
+            us(0.5),
+            us(0.99),
+            us(0.999)
+        );
+        out.push_str(&format!(
+            "verify errors {}, failed {}, lost {}, not-a-head {}; {} reconnect(s), inflight tracking {}, longest pause {:.1} ms\n",
+            self.verify_errors,
+            self.failed,
+            self.lost,
+            self.not_a_head,
+            self.reconnects,
+            if self.inflight { "on" } else { "off" },
+            max_pause
+        ));
+        for e in &self.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        out
+    }
+}
+
 struct Slot {
     busy: bool,
     write: bool,
@@ -112,17 +182,12 @@ struct Queue {
     data_gpa: u64,
 }
 
+/// Guest memory: a memfd shared with the backend, mapped here.
 struct Memory {
     file: File,
     base: *mut u8,
     len: usize,
-}
-
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: our mapping.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
+    _map: memmap2::MmapRaw,
 }
 
 /// The running load generator.
@@ -161,24 +226,12 @@ fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
     // SAFETY: fresh fd.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len as u64)?;
-    // SAFETY: shared mapping of our memfd; checked.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
+    let map = memmap2::MmapOptions::new().len(len).map_raw(&file)?;
     Ok(Memory {
         file,
-        base: base.cast(),
+        base: map.as_mut_ptr(),
         len,
+        _map: map,
     })
 }
 
@@ -195,7 +248,11 @@ fn stamp(unit: u64, generation: u32, seed: u32, out: &mut [u8]) {
 
 impl LoadGen {
     /// Sets up guest memory and rings, and connects.
-    pub fn new(opts: Options) -> Result<Self, String> {
+    pub fn new(opts: Options) -> crate::Result<Self> {
+        Self::setup(opts).map_err(crate::Error::Run)
+    }
+
+    fn setup(opts: Options) -> Result<Self, String> {
         if opts.block_size == 0
             || opts.block_size % 512 != 0
             || opts.depth == 0

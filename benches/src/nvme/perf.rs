@@ -5,11 +5,13 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::controller::Controller;
-use crate::prp::Segment;
-use crate::queue::{IoCompletion, SubmitError};
-use crate::verify::mix;
-use crate::{Error, Result};
+use vfblk_nvme::controller::Controller;
+use vfblk_nvme::prp::Segment;
+use vfblk_nvme::queue::{IoCompletion, SubmitError};
+use vfblk_nvme::{Error, Result};
+
+use crate::histogram::Histogram;
+use crate::patterns::mix;
 
 /// Period of the queue pairs' timeout clock.
 const TICK: Duration = Duration::from_millis(100);
@@ -48,88 +50,6 @@ pub struct PerfOptions {
     pub duration: Duration,
     /// Unmeasured time first (caches, allocations, queue setup effects).
     pub warmup: Duration,
-}
-
-/// Latency histogram: 64 power-of-two ranges of nanoseconds, each split in 16 linear buckets.
-#[derive(Clone)]
-pub struct Histogram {
-    buckets: [u64; 64 * 16],
-    count: u64,
-    sum_ns: u128,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: [0; 64 * 16],
-            count: 0,
-            sum_ns: 0,
-        }
-    }
-}
-
-impl Histogram {
-    fn index(ns: u64) -> usize {
-        if ns < 16 {
-            return ns as usize;
-        }
-        let msb = 63 - ns.leading_zeros() as usize; // >= 4
-        let sub = ((ns >> (msb - 4)) & 15) as usize;
-        (msb - 3) * 16 + sub
-    }
-
-    fn upper_bound(index: usize) -> u64 {
-        if index < 16 {
-            return index as u64;
-        }
-        let msb = index / 16 + 3;
-        let sub = (index % 16) as u64;
-        let bound = ((16 + u128::from(sub) + 1) << (msb - 4)) - 1;
-        bound.min(u128::from(u64::MAX)) as u64
-    }
-
-    /// Records one latency.
-    pub fn record(&mut self, ns: u64) {
-        self.buckets[Self::index(ns)] += 1;
-        self.count += 1;
-        self.sum_ns += u128::from(ns);
-    }
-
-    /// Adds another histogram.
-    pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a += b;
-        }
-        self.count += other.count;
-        self.sum_ns += other.sum_ns;
-    }
-
-    /// Samples recorded.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Mean in nanoseconds.
-    pub fn mean_ns(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum_ns as f64 / self.count as f64
-        }
-    }
-
-    /// The latency at quantile `q` (0..1), as the upper bound of its bucket (within 1/16).
-    pub fn quantile_ns(&self, q: f64) -> u64 {
-        let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= target {
-                return Self::upper_bound(i);
-            }
-        }
-        0
-    }
 }
 
 /// What [`perf`] measured.
@@ -225,7 +145,7 @@ pub fn perf(
                         reads: 0,
                         doorbells_skipped: 0,
                     };
-                    let submit = |qp: &mut crate::queue::QueuePair,
+                    let submit = |qp: &mut vfblk_nvme::queue::QueuePair,
                                   slot: usize,
                                   rng: &mut u64,
                                   issued_at: &mut [Instant]|
@@ -379,33 +299,4 @@ pub fn perf(
         allocations: end_allocs - start_allocs,
         doorbells_skipped,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_quantiles_within_a_sixteenth() {
-        let mut h = Histogram::default();
-        for ns in 1..=100_000u64 {
-            h.record(ns);
-        }
-        for (q, exact) in [(0.5, 50_000.0), (0.99, 99_000.0), (0.999, 99_900.0)] {
-            let got = h.quantile_ns(q) as f64;
-            assert!(
-                got >= exact && got <= exact * (1.0 + 1.0 / 16.0),
-                "q{q}: {got} vs {exact}"
-            );
-        }
-        assert!((h.mean_ns() - 50_000.5).abs() < 1.0);
-        // Every value falls in a bucket whose upper bound is at least the value.
-        for ns in [0u64, 15, 16, 17, 31, 32, 1000, 1 << 40, u64::MAX] {
-            let i = Histogram::index(ns);
-            assert!(Histogram::upper_bound(i) >= ns, "{ns}");
-            if i > 0 {
-                assert!(Histogram::upper_bound(i - 1) < ns, "{ns}");
-            }
-        }
-    }
 }

@@ -4,20 +4,21 @@
 //! nested indirect tables, malformed vhost-user messages). Bad input must get IOERR/UNSUPP or
 //! the chain back without status, never a panic, and the device must keep serving.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfblk_vhost::backend::MemBackend;
-use vfblk_vhost::blk::{req, status};
-use vfblk_vhost::device::DeviceConfig;
-use vfblk_vhost::virtq::{
-    Descriptor, DriverBuffer, DriverQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
-};
+use vfblk_bridge::backend::MemBackend;
+use vfblk_bridge::device::BlkDevice;
+use vfblk_bridge::virtio_blk::RequestHeader;
+use vfblk_bridge::virtio_blk::{req, status};
+use vfblk_vhost::guest_errors::GuestErrors;
+use vfblk_vhost::mock::{MockGuest, FRONTEND_BASE};
+use vfblk_vhost::protocol::DeviceConfig;
+use vfblk_vhost::virtq::{Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vfblk_vhost::worker::{PollMode, Worker};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -38,15 +39,14 @@ fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
         PollMode {
             idle_loops_before_sleep: Some(1000),
         },
-    )];
-    let mut serial = [0u8; 20];
-    serial[..9].copy_from_slice(b"test-disk");
+    )
+    .unwrap()];
     Arc::new(DeviceConfig {
         num_queues: queues,
         inflight: true,
-        serial,
-        backend,
+        device: Arc::new(BlkDevice::new(backend, queues, "test-disk")),
         workers,
+        errors: Arc::new(GuestErrors::new("test-device")),
     })
 }
 
@@ -68,11 +68,9 @@ fn start_server(name: &str) -> PathBuf {
 
 struct Guest {
     fe: Frontend,
-    base: *mut u8,
-    ring: DriverQueue,
+    g: MockGuest,
     kick: EventFd,
     _call: EventFd,
-    _mem: File,
     features: u64,
     config: Vec<u8>,
     protocol: VhostUserProtocolFeatures,
@@ -80,20 +78,7 @@ struct Guest {
 
 impl Guest {
     fn connect(socket: &PathBuf) -> Guest {
-        let name = std::ffi::CString::new("guest").unwrap();
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-        let mem = unsafe { File::from_raw_fd(fd) };
-        mem.set_len(MEM as u64).unwrap();
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        } as *mut u8;
+        let g = MockGuest::new(MEM as u64, QSIZE);
         let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
@@ -106,25 +91,23 @@ impl Guest {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM as u64,
-            userspace_addr: base as u64,
+            userspace_addr: FRONTEND_BASE,
             mmap_offset: 0,
-            mmap_handle: fd,
+            mmap_handle: g.file().as_raw_fd(),
         };
         fe.set_mem_table(&[region]).unwrap();
-        let ring = unsafe { DriverQueue::new(base, 0, QSIZE) };
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         fe.set_vring_num(0, QSIZE).unwrap();
         fe.set_vring_base(0, 0).unwrap();
-        let (d, a, u) = ring.gpas;
-        let va = |g: u64| base as u64 + g;
+        let (d, a, u) = g.ring_addresses();
         let cfg = VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
             flags: 0,
-            desc_table_addr: va(d),
-            used_ring_addr: va(u),
-            avail_ring_addr: va(a),
+            desc_table_addr: d,
+            used_ring_addr: u,
+            avail_ring_addr: a,
             log_addr: None,
         };
         fe.set_vring_addr(0, &cfg).unwrap();
@@ -132,44 +115,37 @@ impl Guest {
         fe.set_vring_call(0, &call).unwrap();
         Guest {
             fe,
-            base,
-            ring,
+            g,
             kick,
             _call: call,
-            _mem: mem,
             features,
             config: config.to_vec(),
             protocol,
         }
     }
 
-    fn at(&self, gpa: u64) -> *mut u8 {
-        assert!((gpa as usize) < MEM);
-        unsafe { self.base.add(gpa as usize) }
-    }
-
     fn put(&self, gpa: u64, data: &[u8]) {
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.at(gpa), data.len()) }
+        self.g.write(gpa, data);
     }
 
     fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        unsafe { std::ptr::copy_nonoverlapping(self.at(gpa), v.as_mut_ptr(), len) };
-        v
+        self.g.read(gpa, len)
     }
 
     fn header(&self, gpa: u64, kind: u32, sector: u64) {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.put(gpa, &h);
+        let h = RequestHeader {
+            kind,
+            ioprio: 0,
+            sector,
+        };
+        self.put(gpa, &h.to_bytes());
     }
 
     fn wait_used(&mut self) -> (u16, u32) {
         let _ = self.kick.write(1);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(u) = self.ring.pop_used().expect("device returned a valid head") {
+            if let Some(u) = self.g.pop_used() {
                 return u;
             }
             assert!(Instant::now() < deadline, "no completion within 5 s");
@@ -182,24 +158,12 @@ impl Guest {
         let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
         self.header(hdr, kind, sector);
         self.put(st, &[0xff]);
-        let mut chain = vec![DriverBuffer {
-            gpa: hdr,
-            len: 16,
-            write: false,
-        }];
+        let mut chain = vec![(hdr, 16, false)];
         if let Some((len, write)) = data {
-            chain.push(DriverBuffer {
-                gpa: dat,
-                len,
-                write,
-            });
+            chain.push((dat, len, write));
         }
-        chain.push(DriverBuffer {
-            gpa: st,
-            len: 1,
-            write: true,
-        });
-        self.ring.add(&chain).unwrap();
+        chain.push((st, 1, true));
+        self.g.add_chain(&chain);
         let (_, len) = self.wait_used();
         (self.get(st, 1)[0], len)
     }
@@ -212,11 +176,11 @@ impl Guest {
             .enumerate()
             .map(|(i, d)| (i as u16 + 40, *d))
             .collect();
-        self.ring.add_raw(&list, 40);
+        self.g.add_raw(&list, 40);
         let _ = self.kick.write(1);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some((id, len)) = self.ring.pop_used_raw() {
+            if let Some((id, len)) = self.g.pop_used_raw() {
                 return (self.get(status_gpa, 1)[0], id, len);
             }
             assert!(
@@ -229,12 +193,7 @@ impl Guest {
 }
 
 fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor {
-        addr,
-        len,
-        flags,
-        next,
-    }
+    Descriptor::new(addr, len, flags, next)
 }
 
 #[test]
@@ -288,7 +247,7 @@ fn config_reads_are_bounded() {
     let dir = std::env::temp_dir().join(format!("vfblk-devtest-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = device_config(&dir, 1);
-    let mut dev = vfblk_vhost::device::BlkDevice::new(config);
+    let mut dev = vfblk_vhost::protocol::Connection::new(config);
     let flags = VhostUserConfigFlags::empty();
     assert_eq!(dev.get_config(0, 60, flags).unwrap().len(), 60);
     assert_eq!(dev.get_config(8, 4, flags).unwrap().len(), 4);
@@ -311,9 +270,7 @@ fn config_reads_are_bounded() {
     }
     // An inflight fd shorter than the size the frontend claims: refused, not mapped (a
     // touch past its end would be SIGBUS).
-    let name = std::ffi::CString::new("short").unwrap();
-    let short = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
-    short.set_len(4096).unwrap();
+    let short = vfblk_vhost::memory::memfd("short", 4096).unwrap();
     let claim = VhostUserInflight {
         mmap_size: 1 << 20,
         mmap_offset: 0,
@@ -442,13 +399,13 @@ fn hostile_chains_get_errors_and_the_device_keeps_serving() {
                 i + 1,
             )
         };
-        let bytes: [u8; 16] = unsafe { std::mem::transmute(desc) };
+        let bytes = desc.to_le_bytes();
         g.put(table + 16 * u64::from(i), &bytes);
     }
     let r = g.raw(&[d(table, 200 * 16, DESC_F_INDIRECT, 0)], st);
     assert_eq!(r.2, 0, "chain longer than the device accepts");
     // Indirect inside indirect.
-    let nested: [u8; 16] = unsafe { std::mem::transmute(d(table, 32, DESC_F_INDIRECT, 0)) };
+    let nested = d(table, 32, DESC_F_INDIRECT, 0).to_le_bytes();
     g.put(table + 4096, &nested);
     let r = g.raw(&[d(table + 4096, 16, DESC_F_INDIRECT, 0)], st);
     assert_eq!(r.2, 0, "nested indirect table");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Backend, BackendInfo, BackendQueue};
-use crate::blk::Request;
+use crate::request::Request;
 use crate::Result;
 
 /// Delays every completion of the inner backend by a random time in [0, `delay`] and releases

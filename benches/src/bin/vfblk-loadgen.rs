@@ -1,0 +1,115 @@
+//! `vfblk-loadgen`: drive any vhost-user-blk backend like QEMU and a guest would, measure it,
+//! and (with --verify) check every read against the last completed write, across backend
+//! restarts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use vfblk_benches::loadgen::{LoadGen, Options, Workload};
+
+/// Drive a vhost-user-blk backend like QEMU and a guest would.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The backend's vhost-user socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Virtqueues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    queues: u16,
+    /// Entries per virtqueue (a power of two).
+    #[arg(long, default_value_t = 128, value_parser = queue_size)]
+    queue_size: u16,
+    /// Requests in flight per queue (below half the queue size).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    qd: u16,
+    /// Bytes per request (a multiple of 512).
+    #[arg(long, default_value_t = 4096)]
+    bs: u32,
+    /// read, write or mixed[:READ_PERCENT].
+    #[arg(long, default_value = "read", value_parser = workload)]
+    rw: Workload,
+    /// Stamp writes and check reads (use with write or mixed).
+    #[arg(long)]
+    verify: bool,
+    /// Seconds of I/O.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Do not use INFLIGHT_SHMFD even if offered.
+    #[arg(long)]
+    no_inflight: bool,
+    /// Wait this long for a vanished backend.
+    #[arg(long, default_value_t = 30)]
+    reconnect_timeout_s: u64,
+    /// Report requests outstanding this long as lost.
+    #[arg(long, default_value_t = 10)]
+    io_timeout_s: u64,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u32,
+    /// Guest memory on 2 MiB hugepages (needs reserved hugepages).
+    #[arg(long)]
+    hugepages: bool,
+    /// Machine-readable summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n < 4 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4"));
+    }
+    Ok(n)
+}
+
+fn workload(s: &str) -> Result<Workload, String> {
+    match s.split_once(':') {
+        None if s == "read" => Ok(Workload::Read),
+        None if s == "write" => Ok(Workload::Write),
+        None if s == "mixed" => Ok(Workload::Mixed(50)),
+        Some(("mixed", p)) => match p.parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(Workload::Mixed(p)),
+            _ => Err(format!("mixed:{p}: a read percentage from 0 to 100")),
+        },
+        _ => Err(format!("{s:?}: read, write or mixed[:N]")),
+    }
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let options = Options {
+        socket: a.socket,
+        queues: a.queues,
+        queue_size: a.queue_size,
+        depth: a.qd,
+        block_size: a.bs,
+        workload: a.rw,
+        verify: a.verify,
+        seconds: a.seconds,
+        inflight: !a.no_inflight,
+        reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
+        io_timeout: Duration::from_secs(a.io_timeout_s),
+        seed: a.seed,
+        hugepages: a.hugepages,
+    };
+    let report = match LoadGen::new(options) {
+        Ok(lg) => lg.run(),
+        Err(e) => {
+            eprintln!("vfblk-loadgen: {}", vfblk_benches::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,192 @@
+//! Backend specs as operators write them (`mem:PATH:SIZE`, `file:PATH[:SIZE]`,
+//! `nvme:PCI_ADDR[:NSID]`) and sizes with K/M/G suffixes, parsed without silent overflow.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use vfblk_nvme::pci::PciAddress;
+
+use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend};
+use crate::{Error, Result};
+
+/// A size in bytes: a number with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| Error::BadArgument(format!("{s:?} is not a size in bytes (K/M/G/T)")))
+}
+
+/// Which backend to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// A RAM disk in a shared-memory file.
+    Mem {
+        /// The file (e.g. under /dev/shm).
+        path: PathBuf,
+        /// Bytes.
+        size: u64,
+    },
+    /// A file or block device through io_uring.
+    File {
+        /// The file or device.
+        path: PathBuf,
+        /// Create or grow the file to this many bytes.
+        size: Option<u64>,
+    },
+    /// A namespace of an NVMe controller bound to vfio-pci.
+    Nvme {
+        /// The controller.
+        address: PciAddress,
+        /// Namespace id.
+        nsid: u32,
+    },
+}
+
+impl FromStr for BackendSpec {
+    type Err = Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::BadArgument(format!(
+                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], nvme:PCI_ADDR[:NSID])"
+            ))
+        };
+        if let Some(rest) = spec.strip_prefix("nvme:") {
+            // PCI addresses contain colons: the namespace is an optional last ":N" after the
+            // function ("dddd:bb:dd.f:N").
+            let (addr, nsid) = match rest.rsplit_once(':') {
+                Some((a, n)) if a.contains('.') => (
+                    a,
+                    n.parse::<u32>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("the namespace id is not a number above 0"))?,
+                ),
+                _ => (rest, 1),
+            };
+            let address = addr
+                .parse()
+                .map_err(|e: vfblk_nvme::Error| bad(&e.to_string()))?;
+            return Ok(BackendSpec::Nvme { address, nsid });
+        }
+        let parts: Vec<&str> = spec.splitn(3, ':').collect();
+        match parts.as_slice() {
+            ["mem", path, size] if !path.is_empty() => Ok(BackendSpec::Mem {
+                path: PathBuf::from(path),
+                size: parse_size(size)?,
+            }),
+            ["file", path] if !path.is_empty() => Ok(BackendSpec::File {
+                path: PathBuf::from(path),
+                size: None,
+            }),
+            ["file", path, size] if !path.is_empty() => Ok(BackendSpec::File {
+                path: PathBuf::from(path),
+                size: Some(parse_size(size)?),
+            }),
+            _ => Err(bad("unknown kind or missing fields")),
+        }
+    }
+}
+
+impl BackendSpec {
+    /// Opens the backend; an NVMe controller gets `queues` I/O queue pairs.
+    pub fn open(&self, queues: u16) -> Result<Arc<dyn Backend>> {
+        Ok(match self {
+            BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
+            BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
+            BackendSpec::Nvme { address, nsid } => {
+                use vfblk_nvme::controller::{Controller, Options};
+                let ctrl = Controller::open(
+                    *address,
+                    &Options {
+                        io_queues: queues,
+                        ..Options::default()
+                    },
+                )
+                .map_err(|source| Error::Nvme {
+                    what: format!("opening {address}"),
+                    source,
+                })?;
+                Arc::new(NvmeBackend::new(ctrl, *nsid)?)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_suffixes_and_refuse_overflow() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("16K").unwrap(), 16 << 10);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(
+            parse_size("17179869184G").is_err(),
+            "2^34 GiB overflows u64: refused, not wrapped"
+        );
+    }
+
+    #[test]
+    fn backend_specs_parse() {
+        assert_eq!(
+            "mem:/dev/shm/d0:64M".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Mem {
+                path: "/dev/shm/d0".into(),
+                size: 64 << 20
+            }
+        );
+        assert_eq!(
+            "file:/tmp/disk.img".parse::<BackendSpec>().unwrap(),
+            BackendSpec::File {
+                path: "/tmp/disk.img".into(),
+                size: None
+            }
+        );
+        assert_eq!(
+            "file:/tmp/d:1G".parse::<BackendSpec>().unwrap(),
+            BackendSpec::File {
+                path: "/tmp/d".into(),
+                size: Some(1 << 30)
+            }
+        );
+        let nvme = "nvme:0000:00:04.0".parse::<BackendSpec>().unwrap();
+        assert_eq!(
+            nvme,
+            BackendSpec::Nvme {
+                address: "0000:00:04.0".parse().unwrap(),
+                nsid: 1
+            }
+        );
+        let ns2 = "nvme:0000:00:04.0:2".parse::<BackendSpec>().unwrap();
+        assert!(matches!(ns2, BackendSpec::Nvme { nsid: 2, .. }));
+        for bad in [
+            "",
+            "mem",
+            "mem:/x",
+            "mem::1M",
+            "mem:/x:lots",
+            "file:",
+            "disk:/x",
+            "nvme:zz",
+            "nvme:0000:00:04.0:0",
+            "nvme:0000:00:04.0:x",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad:?} refused");
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The `vfblk-lab` command line: set the lab up, run the demo, run a script in the lab guest,
+//! open a shell in it, and (inside the guest) boot nested VMs. The binary parses [`LabCli`]
+//! and calls [`run`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::recovery::{self, DemoBackend, DemoOptions};
+use crate::scenario::{self, Contents, Lab};
+use crate::vm::{self, Accel, Echo, Ending};
+use crate::{LabError, Result};
+
+/// The vfblk VM lab.
+#[derive(Parser, Debug)]
+#[command(name = "vfblk-lab", version)]
+pub struct LabCli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+/// What the lab guest holds besides the project's binaries.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ContentsArgs {
+    /// fio and its libraries.
+    #[arg(long)]
+    pub fio: bool,
+    /// What nested (L3) guests need.
+    #[arg(long)]
+    pub nested: bool,
+}
+
+/// The demo's backend.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum DemoBackendArg {
+    /// RAM disk in a shared-memory file.
+    Mem,
+    /// A file through io_uring.
+    File,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Fetch and unpack the guest kernel into the cache.
+    Setup,
+    /// Boot the lab: the NVMe controller reached through VFIO in the guest, and fio verifying
+    /// a vhost-user-blk disk while the host kills the bridge with SIGKILL and restarts it.
+    Demo {
+        /// The bridge's backend.
+        #[arg(long, value_enum, default_value_t = DemoBackendArg::Mem)]
+        backend: DemoBackendArg,
+        /// SIGKILLs of the bridge.
+        #[arg(long, default_value_t = 2)]
+        kills: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the lab guest and run FILE (busybox sh) in it.
+    Run {
+        /// The script.
+        #[arg(long)]
+        script: PathBuf,
+        /// What the guest holds.
+        #[command(flatten)]
+        contents: ContentsArgs,
+        /// Echo the whole console.
+        #[arg(long)]
+        verbose: bool,
+        /// Print the records as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the lab guest with a shell on this terminal (Ctrl-A X quits).
+    Shell {
+        /// What the guest holds.
+        #[command(flatten)]
+        contents: ContentsArgs,
+    },
+    /// Boot N second-level guests inside the lab guest, report boot times.
+    NestedStats {
+        /// Boots.
+        #[arg(long, default_value_t = 10)]
+        boots: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (Inside the lab guest) boot second-level guests under KVM; with --vhost-user, one
+    /// whose disk is that vhost-user-blk socket, with fio.
+    Nested {
+        /// Boots.
+        #[arg(long, default_value_t = 1)]
+        boots: u32,
+        /// A vhost-user-blk socket for the nested guest's disk.
+        #[arg(long)]
+        vhost_user: Option<PathBuf>,
+        /// Echo the nested console.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
+impl From<ContentsArgs> for Contents {
+    fn from(c: ContentsArgs) -> Self {
+        Contents {
+            fio: c.fio,
+            nested: c.nested,
+        }
+    }
+}
+
+/// Runs a command.
+pub fn run(cli: LabCli) -> Result<()> {
+    match cli.command {
+        LabCommand::Setup => setup(),
+        LabCommand::Demo {
+            backend,
+            kills,
+            json,
+        } => {
+            let backend = match backend {
+                DemoBackendArg::Mem => DemoBackend::Mem,
+                DemoBackendArg::File => DemoBackend::File,
+            };
+            demo(backend, kills, json)
+        }
+        LabCommand::Run {
+            script,
+            contents,
+            verbose,
+            json,
+        } => run_script(&script, contents.into(), verbose, json),
+        LabCommand::Shell { contents } => shell(contents.into()),
+        LabCommand::NestedStats { boots, json } => nested_stats(boots, json),
+        LabCommand::Nested {
+            boots,
+            vhost_user,
+            verbose,
+        } => nested(boots, vhost_user.as_deref(), verbose),
+    }
+}
+
+fn setup() -> Result<()> {
+    let kernel = crate::kernel::ensure_kernel()?;
+    println!(
+        "guest kernel {} ready: {}",
+        kernel.release,
+        kernel.vmlinux.display()
+    );
+    Ok(())
+}
+
+fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
+    let started = Instant::now();
+    tracing::info!("preparing guest kernel and project binaries");
+    let lab = Lab::new("demo")?;
+    tracing::info!("booting the guest (TCG) with the emulated NVMe behind a virtual IOMMU and a vhost-user-blk disk served by vfblk-bridge");
+    let opts = DemoOptions {
+        backend,
+        kills,
+        vfio_probe: true,
+        fio_mib: 32,
+    };
+    let outcome = recovery::run_demo(&lab, &opts)?;
+    let run = &outcome.run.run;
+    run.expect_success("lab demo")?;
+    let probe = run
+        .record("probe")
+        .ok_or_else(|| LabError::Guest("the guest reported no probe result".into()))?;
+    let guest = run.record("guest").cloned().unwrap_or_default();
+    let fio = run.record("fio").cloned().unwrap_or_default();
+    let (writes, reads, max_pause_ms, fio_errors) = recovery::fio_summary(&fio);
+    if json {
+        let out = serde_json::json!({
+            "accel": "tcg",
+            "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
+            "total_s": started.elapsed().as_secs_f64(),
+            "guest": guest,
+            "probe": probe,
+            "recovery": {
+                "backend": outcome.backend,
+                "kills": outcome.kills,
+                "resubmitted": outcome.resubmitted,
+                "fio_exit": run.record("fio_exit"),
+                "fio_writes": writes,
+                "fio_verified_reads": reads,
+                "fio_errors": fio_errors,
+                "longest_io_pause_ms": max_pause_ms,
+            },
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let g = |k: &str| probe[k].clone();
+    let cap = &probe["cap"];
+    println!();
+    println!("vfblk lab demo");
+    println!("  acceleration     {}", Accel::Tcg.describe());
+    println!(
+        "  guest            Linux {}, {} vCPUs, {} x 2 MiB hugepages, SVM {}; booted in {:.1} s",
+        guest["kernel"].as_str().unwrap_or("?"),
+        guest["cpus"],
+        guest["hugepages"],
+        if guest["svm"] == true {
+            "available (nested KVM possible)"
+        } else {
+            "absent"
+        },
+        run.boot_time.unwrap_or_default().as_secs_f64(),
+    );
+    println!("NVMe through VFIO (inside the guest)");
+    println!(
+        "  controller       {} (class {}, vendor:device {}), driver {}",
+        g("pci_address").as_str().unwrap_or("?"),
+        g("class").as_str().unwrap_or("?"),
+        g("vendor_device").as_str().unwrap_or("?"),
+        g("driver").as_str().unwrap_or("?")
+    );
+    println!(
+        "  IOMMU group      {} (/dev/vfio/{}); BAR0 {} bytes mapped",
+        g("iommu_group"),
+        g("iommu_group"),
+        g("bar0_size")
+    );
+    println!(
+        "  VS / CAP         NVMe {} / {}",
+        g("version").as_str().unwrap_or("?"),
+        cap["raw"].as_str().unwrap_or("?")
+    );
+    println!(
+        "                   MQES {}, DSTRD {} B, TO {} ms, CQR {}, MPS {}..{} bytes",
+        cap["max_queue_entries"],
+        cap["doorbell_stride_bytes"],
+        cap["timeout_ms"],
+        cap["contiguous_queues_required"],
+        cap["page_size_min"],
+        cap["page_size_max"]
+    );
+    let dma = &probe["dma"];
+    println!(
+        "  DMA buffer       {} bytes of {} pages mapped at IOVA {}",
+        dma["size"],
+        dma["page_kind"].as_str().unwrap_or("?"),
+        dma["iova"].as_str().unwrap_or("?")
+    );
+    println!("vhost-user-blk with live recovery (host bridge, guest fio)");
+    println!("  backend          {}", outcome.backend);
+    println!("  bridge restarts  {} x SIGKILL mid-run, restarted 0.5 s later; {} request(s) run again from the inflight region", outcome.kills, outcome.resubmitted);
+    println!(
+        "  fio in the guest exit status {}, {} writes then {} verified reads (crc32c), {} errors",
+        run.record("fio_exit").cloned().unwrap_or_default(),
+        writes,
+        reads,
+        fio_errors
+    );
+    println!(
+        "  longest I/O pause seen by the guest: {:.0} ms (fio's maximum completion latency)",
+        max_pause_ms
+    );
+    println!(
+        "  total            {:.1} s; console log {}; bridge log {}",
+        started.elapsed().as_secs_f64(),
+        run.log.display(),
+        outcome.bridge_log.display()
+    );
+    Ok(())
+}
+
+fn run_script(script: &Path, contents: Contents, verbose: bool, json: bool) -> Result<()> {
+    let script = std::fs::read_to_string(script)?;
+    let lab = Lab::new("run")?;
+    let echo = if verbose { Echo::All } else { Echo::Steps };
+    let retried = lab.run_l2(&script, contents, 1024, Duration::from_secs(1800), echo)?;
+    let run = &retried.run;
+    if json {
+        for r in &run.records {
+            println!("{r}");
+        }
+    } else {
+        for r in &run.records {
+            println!("record: {r}");
+        }
+        println!(
+            "ending: {:?}, boot {:.1} s (try {}), {:.1} s in all; console log {}",
+            run.ending,
+            run.boot_time.unwrap_or_default().as_secs_f64(),
+            retried.tries,
+            run.elapsed.as_secs_f64(),
+            run.log.display()
+        );
+    }
+    run.expect_success("script")
+}
+
+fn shell(contents: Contents) -> Result<()> {
+    let lab = Lab::new("shell")?;
+    let initrd = lab.l2_image(scenario::VFIO_PROBE_SCRIPT, contents)?;
+    let disk = lab.disk("nvme.img", 1024)?;
+    let spec = lab.l2_spec(&initrd, &disk);
+    vm::run_interactive(&spec)
+}
+
+fn nested(boots: u32, vhost: Option<&Path>, verbose: bool) -> Result<()> {
+    let echo = if verbose { Echo::All } else { Echo::Quiet };
+    match vhost {
+        Some(socket) => scenario::run_nested_vhost(socket, echo),
+        None => scenario::run_nested(boots, echo),
+    }
+}
+
+fn nested_stats(boots: u32, json: bool) -> Result<()> {
+    let lab = Lab::new("nested-stats")?;
+    let per_boot = scenario::L3_LIMITS.total * scenario::L3_TRIES;
+    let contents = Contents {
+        fio: false,
+        nested: true,
+    };
+    let total = per_boot * boots + Duration::from_secs(120);
+    let retried = lab.run_l2(
+        &scenario::nested_script(boots),
+        contents,
+        64,
+        total,
+        Echo::Steps,
+    )?;
+    let run = &retried.run;
+    let boots_seen: Vec<&serde_json::Value> =
+        run.records.iter().filter_map(|r| r.get("nested")).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"l2_tries": retried.tries, "boots": boots_seen, "ending": format!("{:?}", run.ending)})
+        );
+    } else {
+        println!("second-level guests under KVM inside the TCG lab guest:");
+        println!("  boot  tries  boot time  total   result");
+        for b in &boots_seen {
+            println!(
+                "  {:>4}  {:>5}  {:>8.1}s  {:>5.1}s  {}",
+                b["boot"].as_u64().unwrap_or(0),
+                b["tries"].as_u64().unwrap_or(0),
+                b["boot_s"].as_f64().unwrap_or(f64::NAN),
+                b["total_s"].as_f64().unwrap_or(f64::NAN),
+                if b["ok"] == true {
+                    "ok".to_string()
+                } else {
+                    format!("FAILED {}", b["problems"])
+                }
+            );
+        }
+        let boot_times: Vec<f64> = boots_seen
+            .iter()
+            .filter_map(|b| b["boot_s"].as_f64())
+            .collect();
+        if !boot_times.is_empty() {
+            let min = boot_times.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = boot_times.iter().cloned().fold(0.0, f64::max);
+            let mean = boot_times.iter().sum::<f64>() / boot_times.len() as f64;
+            println!("  boot time: min {min:.1} s, mean {mean:.1} s, max {max:.1} s");
+        }
+        let first_try = boots_seen.iter().filter(|b| b["tries"] == 1).count();
+        let ok = boots_seen.iter().filter(|b| b["ok"] == true).count();
+        println!(
+            "  {ok}/{} runs passed; {first_try}/{} booted at the first try",
+            boots_seen.len(),
+            boots_seen.len()
+        );
+    }
+    if run.ending != Ending::Finished(0) || boots_seen.len() != boots as usize {
+        return Err(LabError::Guest(format!(
+            "nested runs did not all finish: {:?}, {} of {boots} reported; log {}",
+            run.ending,
+            boots_seen.len(),
+            run.log.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Starting the processes the lab and the tests run on the host — a vhost-user backend above
+//! all — and waiting, with a deadline, until they listen.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{LabError, Result};
+
+/// How long a backend may take to create its socket.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Spawns `command` (after removing a stale `socket`) and waits until `socket` exists. A
+/// process that exits first, or does not listen within `timeout`, is an error (and is
+/// killed).
+pub fn spawn_listening(mut command: Command, socket: &Path, timeout: Duration) -> Result<Child> {
+    let _ = std::fs::remove_file(socket);
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .spawn()
+        .map_err(|e| LabError::Setup(format!("starting {program}: {e}")))?;
+    let deadline = Instant::now() + timeout;
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LabError::Setup(format!(
+                "{program} exited with {status} before listening on {}",
+                socket.display()
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Setup(format!(
+                "{program} did not create {} within {timeout:?}",
+                socket.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(child)
+}
+
+/// Starts `vfblk-bridge` from `bin_dir` on `socket` with `args`, its log appended to `log`,
+/// and waits until it listens.
+pub fn start_bridge(bin_dir: &Path, socket: &Path, args: &[&str], log: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut command = Command::new(bin_dir.join("vfblk-bridge"));
+    command
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log);
+    spawn_listening(command, socket, LISTEN_TIMEOUT)
+}

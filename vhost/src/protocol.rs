@@ -1,0 +1,524 @@
+//! The vhost-user protocol handler: one [`Connection`] per frontend, implementing the vhost
+//! crate's backend request handler. It negotiates features, maps guest memory and the
+//! inflight region, and starts each virtqueue on a poller thread once its kick fd arrives,
+//! recovering in-flight requests from the inflight region first. What the queues carry is
+//! the [`Device`]'s business.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendReqHandlerMut};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::device::{Device, QueueSetup};
+use crate::error_chain;
+use crate::guest_errors::GuestErrors;
+use crate::inflight::{region_size, InflightMap};
+use crate::memory::GuestMemory;
+use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
+use crate::worker::{QueueStart, Worker};
+
+/// Settings shared by every connection of one device.
+pub struct DeviceConfig {
+    /// Virtqueues offered.
+    pub num_queues: u16,
+    /// Offer INFLIGHT_SHMFD (off only to show what goes wrong without it).
+    pub inflight: bool,
+    /// The device type.
+    pub device: Arc<dyn Device>,
+    /// Poller threads; queue i runs on worker i % len.
+    pub workers: Vec<Worker>,
+    /// Where guest-triggered errors of this device are reported.
+    pub errors: Arc<GuestErrors>,
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    base: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    started: bool,
+}
+
+/// One connection's state.
+pub struct Connection {
+    config: Arc<DeviceConfig>,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    mem: Option<Arc<GuestMemory>>,
+    vrings: Vec<Vring>,
+    inflight: Option<Arc<InflightMap>>,
+}
+
+fn invalid(what: &'static str) -> VuError {
+    VuError::InvalidOperation(what)
+}
+
+fn bad_param<E: std::error::Error>(e: E) -> VuError {
+    tracing::warn!("vhost-user: refused: {}", error_chain(&e));
+    VuError::InvalidParam
+}
+
+impl Connection {
+    /// A device for a new connection.
+    pub fn new(config: Arc<DeviceConfig>) -> Self {
+        let vrings = (0..config.num_queues).map(|_| Vring::default()).collect();
+        Self {
+            config,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            mem: None,
+            vrings,
+            inflight: None,
+        }
+    }
+
+    /// Feature bits we offer: the ring features and the device type's.
+    pub fn offered_features(config: &DeviceConfig) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | config.device.features()
+    }
+
+    /// Protocol features we offer.
+    pub fn offered_protocol(config: &DeviceConfig) -> VhostUserProtocolFeatures {
+        let mut p = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+        if config.inflight {
+            p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        p
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn worker(&self, index: u16) -> &Worker {
+        &self.config.workers[usize::from(index) % self.config.workers.len()]
+    }
+
+    /// Starts queue `index` if it has everything it needs (rings, memory, kick).
+    fn try_start(&mut self, index: u16) -> VuResult<()> {
+        let features = self.features;
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let inflight_map = self.inflight.clone();
+        let v = &self.vrings[usize::from(index)];
+        if v.started || v.kick.is_none() || v.size == 0 || v.desc == 0 {
+            return Ok(());
+        }
+        let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
+            .map_err(bad_param)?;
+        let used_idx = vq.used_idx();
+        vq.next_used = used_idx;
+        let (inflight, resubmit) = match inflight_map {
+            Some(map) if map.queue_size() == v.size => {
+                // SAFETY: one InflightQueue per started queue (a queue is started once until
+                // stopped); the worker keeps `map` alive beside it.
+                let Some(mut q) = (unsafe { map.queue(index) }) else {
+                    return Err(bad_param(crate::Error::BadInflight {
+                        num_queues: index + 1,
+                        queue_size: v.size,
+                        mmap_size: 0,
+                    }));
+                };
+                let rec = q.recover(used_idx);
+                // Requests in flight were taken from the avail ring: continue after them.
+                vq.next_avail = used_idx.wrapping_add(rec.resubmit.len() as u16);
+                if !rec.fresh {
+                    tracing::info!(
+                        queue = index,
+                        used_idx,
+                        resubmit = rec.resubmit.len(),
+                        "queue {index}: recovered from the inflight region: used idx {used_idx}, {} request(s) to run again, {} published but not cleared",
+                        rec.resubmit.len(),
+                        rec.cleared_batch
+                    );
+                } else {
+                    vq.next_avail = v.base;
+                }
+                (Some((q, map)), rec.resubmit)
+            }
+            Some(map) => {
+                return Err(bad_param(crate::Error::InflightQueueSize {
+                    queue: index,
+                    size: v.size,
+                    inflight: map.queue_size(),
+                }));
+            }
+            None => {
+                vq.next_avail = v.base;
+                (None, Vec::new())
+            }
+        };
+        let setup = QueueSetup {
+            index,
+            size: v.size,
+            features,
+            errors: self.config.errors.clone(),
+        };
+        let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
+        let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
+        let start = QueueStart {
+            index,
+            mem,
+            vq,
+            inflight,
+            handler,
+            call: dup(&v.call),
+            kick: dup(&v.kick),
+            errors: self.config.errors.clone(),
+            resubmit,
+        };
+        self.worker(index).start(start);
+        self.vrings[usize::from(index)].started = true;
+        Ok(())
+    }
+
+    fn stop_queue(&mut self, index: u16) -> u16 {
+        let v = &self.vrings[usize::from(index)];
+        if !v.started {
+            return v.base;
+        }
+        let stopped = self.worker(index).stop(Some(index), true);
+        self.vrings[usize::from(index)].started = false;
+        let next_avail = stopped.first().map(|s| s.next_avail).unwrap_or(0);
+        self.vrings[usize::from(index)].base = next_avail;
+        next_avail
+    }
+
+    /// The connection is gone: stop every queue, letting the device finish, publishing
+    /// nothing more. What was in flight stays in the inflight region for the next connection.
+    pub fn disconnect(&mut self) {
+        for index in 0..self.vrings.len() as u16 {
+            if self.vrings[usize::from(index)].started {
+                for s in self.worker(index).stop(Some(index), false) {
+                    if s.abandoned > 0 {
+                        tracing::warn!(
+                            "queue {}: {} request(s) still in the device at disconnect",
+                            s.index,
+                            s.abandoned
+                        );
+                    }
+                }
+                self.vrings[usize::from(index)].started = false;
+            }
+        }
+    }
+
+    /// Releases what the device holds of this connection's memory (after `disconnect`).
+    pub fn release_memory(&mut self) {
+        if self.mem.take().is_some() {
+            if let Err(e) = self.config.device.guest_memory_changed(None) {
+                tracing::warn!("device could not release guest memory: {}", error_chain(&e));
+            }
+        }
+    }
+
+    /// Stops every queue after completing and publishing what is in flight (SIGTERM).
+    pub fn drain(&mut self) {
+        for index in 0..self.vrings.len() as u16 {
+            self.stop_queue(index);
+        }
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Connection {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.drain();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.drain();
+        self.features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(Self::offered_features(&self.config))
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !Self::offered_features(&self.config) != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
+        let regions: Vec<(u64, u64, u64, u64)> = ctx
+            .iter()
+            .map(|r| (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset))
+            .collect();
+        let mem = Arc::new(GuestMemory::from_table(&regions, files).map_err(bad_param)?);
+        // Running queues keep their old mapping until restarted on the new one.
+        let running: Vec<u16> = (0..self.vrings.len() as u16)
+            .filter(|&i| self.vrings[usize::from(i)].started)
+            .collect();
+        for &i in &running {
+            self.stop_queue(i);
+        }
+        self.config
+            .device
+            .guest_memory_changed(Some(&mem))
+            .map_err(bad_param)?;
+        self.mem = Some(mem);
+        for i in running {
+            self.try_start(i)?;
+        }
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        self.vring(index)?.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let v = self.vring(index)?;
+        v.desc = descriptor;
+        v.used = used;
+        v.avail = available;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.vring(index)?.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        let next_avail = self.stop_queue(index as u16);
+        let v = self.vring(index)?;
+        v.kick = None;
+        v.call = None;
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = u32::from(index);
+        self.vring(i)?.kick = fd;
+        self.try_start(u16::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(u32::from(index))?;
+        let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
+        v.call = fd;
+        if v.started {
+            self.worker(u16::from(index))
+                .set_call(u16::from(index), for_worker);
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(Self::offered_protocol(&self.config))
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = Self::offered_protocol(&self.config);
+        let asked = VhostUserProtocolFeatures::from_bits(features).ok_or(VuError::InvalidParam)?;
+        if !offered.contains(asked) {
+            return Err(VuError::InvalidParam);
+        }
+        self.protocol = asked;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.config.num_queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, _enable: bool) -> VuResult<()> {
+        // Rings start when their kick fd arrives (as libvhost-user does); enable is noted only.
+        self.vring(index).map(|_| ())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let space = self.config.device.config_space();
+        let end = offset
+            .checked_add(size)
+            .filter(|&e| e as usize <= space.len())
+            .ok_or(VuError::InvalidParam)?;
+        Ok(space[offset as usize..end as usize].to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        // Nothing in the config space is writable (no device offers CONFIG_WCE yet).
+        Err(invalid("config space is read-only"))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu: vhost::vhost_user::GpuBackend) -> VuResult<()> {
+        Err(invalid("not a GPU"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(invalid("no shared objects"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        if !self.config.inflight {
+            return Err(invalid("inflight tracking is off"));
+        }
+        let (n, qs) = (inflight.num_queues, inflight.queue_size);
+        if n == 0
+            || n > self.config.num_queues
+            || qs == 0
+            || !qs.is_power_of_two()
+            || qs > MAX_QUEUE_SIZE
+        {
+            return Err(bad_param(crate::Error::BadInflight {
+                num_queues: n,
+                queue_size: qs,
+                mmap_size: 0,
+            }));
+        }
+        let size = u64::from(n) * region_size(qs) as u64;
+        let file = crate::memory::memfd("vfblk-inflight", size).map_err(|source| {
+            bad_param(crate::Error::Io {
+                what: format!("memfd for an inflight region of {size} bytes"),
+                source,
+            })
+        })?;
+        let reply = VhostUserInflight {
+            mmap_size: size,
+            mmap_offset: 0,
+            num_queues: n,
+            queue_size: qs,
+        };
+        let ours = file.try_clone().map_err(|source| {
+            bad_param(crate::Error::Io {
+                what: "duplicating the inflight fd".into(),
+                source,
+            })
+        })?;
+        self.inflight = Some(Arc::new(
+            InflightMap::map(ours, 0, size, qs).map_err(bad_param)?,
+        ));
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        if !self.config.inflight {
+            return Err(invalid("inflight tracking is off"));
+        }
+        let (n, qs) = (inflight.num_queues, inflight.queue_size);
+        let needed = u64::from(n) * region_size(qs) as u64;
+        if n == 0
+            || n > self.config.num_queues
+            || qs == 0
+            || !qs.is_power_of_two()
+            || qs > MAX_QUEUE_SIZE
+            || inflight.mmap_size < needed
+        {
+            return Err(bad_param(crate::Error::BadInflight {
+                num_queues: n,
+                queue_size: qs,
+                mmap_size: inflight.mmap_size,
+            }));
+        }
+        self.inflight = Some(Arc::new(
+            InflightMap::map(file, inflight.mmap_offset, inflight.mmap_size, qs)
+                .map_err(bad_param)?,
+        ));
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<vhost::VhostUserMemoryRegionBase>> {
+        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(invalid("no device state transfer"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(invalid("no device state transfer"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(invalid("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(invalid("no dirty logging"))
+    }
+}
