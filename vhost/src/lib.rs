@@ -140,6 +140,12 @@ pub enum Error {
     /// The device type refused or failed (a backend's error, with its cause).
     #[error("device")]
     Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A poller did not answer a stop within its deadline.
+    #[error("a poller did not answer within {waited:?}")]
+    PollerStuck {
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
     /// A thread panicked while holding a lock; the state it guarded may be half-changed.
     #[error("a lock ({0}) was poisoned by a panicking thread")]
     Poisoned(&'static str),

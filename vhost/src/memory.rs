@@ -2,6 +2,7 @@
 //! into this process, with every guest address and length checked against them.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use crate::{Error, Result};
 
@@ -82,14 +83,19 @@ pub struct HostSlice {
     pub len: u32,
 }
 
-/// The guest's memory table.
-#[derive(Debug, Default)]
+/// The guest's memory table. Cloning shares the mappings (each region is unmapped when the
+/// last table holding it goes), so a table can change one region at a time.
+#[derive(Debug, Default, Clone)]
 pub struct GuestMemory {
-    regions: Vec<Region>,
+    regions: Vec<Arc<Region>>,
 }
 
-/// Most regions a table may have (vhost-user's VHOST_MEMORY_BASELINE_NREGIONS).
+/// Most regions a SET_MEM_TABLE message may carry (vhost-user's
+/// VHOST_MEMORY_BASELINE_NREGIONS).
 pub const MAX_REGIONS: usize = 8;
+/// Most regions a table may reach through ADD_MEM_REG (what GET_MAX_MEM_SLOTS answers;
+/// libvhost-user's long-standing limit, plenty for memory hotplug).
+pub const MAX_MEM_SLOTS: usize = 32;
 
 impl GuestMemory {
     /// Maps the regions of a SET_MEM_TABLE message. `regions` are
@@ -128,6 +134,13 @@ impl GuestMemory {
                 why: "empty or wrapping around",
             });
         }
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(Error::BadRegion {
+                guest_phys,
+                size,
+                why: "the table already holds the most regions accepted",
+            });
+        }
         for r in &self.regions {
             if guest_phys < r.guest_phys + r.size && r.guest_phys < guest_phys + size {
                 return Err(Error::BadRegion {
@@ -142,7 +155,7 @@ impl GuestMemory {
                 what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
                 source,
             })?;
-        self.regions.push(Region {
+        self.regions.push(Arc::new(Region {
             guest_phys,
             size,
             frontend_addr,
@@ -150,11 +163,11 @@ impl GuestMemory {
             host: map.as_mut_ptr(),
             _map: map,
             _file: file,
-        });
+        }));
         Ok(())
     }
 
-    /// Removes the region starting at `guest_phys` (REM_MEM_REG).
+    /// Removes the region at `guest_phys` of `size` bytes (REM_MEM_REG).
     pub fn remove(&mut self, guest_phys: u64, size: u64) -> Result<()> {
         let pos = self
             .regions
@@ -166,8 +179,22 @@ impl GuestMemory {
     }
 
     /// The regions.
-    pub fn regions(&self) -> &[Region] {
+    pub fn regions(&self) -> &[Arc<Region>] {
         &self.regions
+    }
+
+    /// Host address of the start of `len` bytes at guest-physical `gpa`, and how many of
+    /// them lie in the region holding `gpa` (a buffer may continue in an adjacent region).
+    #[inline]
+    pub fn translate_prefix(&self, gpa: u64, len: u64) -> Option<(*mut u8, u64)> {
+        for r in &self.regions {
+            let off = gpa.wrapping_sub(r.guest_phys);
+            if gpa >= r.guest_phys && off < r.size {
+                // SAFETY: off < size: inside the mapping.
+                return Some((unsafe { r.host.add(off as usize) }, len.min(r.size - off)));
+            }
+        }
+        None
     }
 
     /// Host address of `len` bytes at guest-physical `gpa`, if they lie in one region.

@@ -21,7 +21,7 @@ use crate::device::{Device, QueueSetup};
 use crate::error_chain;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{region_size, InflightMap};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, MAX_MEM_SLOTS};
 use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
 use crate::worker::{QueueStart, Worker};
 
@@ -45,8 +45,12 @@ struct Vring {
     desc: u64,
     avail: u64,
     used: u64,
+    /// SET_VRING_ADDR arrived (address 0 is a valid frontend address).
+    addresses_set: bool,
     base: u16,
     kick: Option<File>,
+    /// SET_VRING_KICK arrived, with an fd or with NOFD (then the ring is polled).
+    kick_set: bool,
     call: Option<File>,
     started: bool,
 }
@@ -97,7 +101,8 @@ impl Connection {
     pub fn offered_protocol(config: &DeviceConfig) -> VhostUserProtocolFeatures {
         let mut p = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG;
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         if config.inflight {
             p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
@@ -123,7 +128,7 @@ impl Connection {
         };
         let inflight_map = self.inflight.clone();
         let v = &self.vrings[usize::from(index)];
-        if v.started || v.kick.is_none() || v.size == 0 || v.desc == 0 {
+        if v.started || !v.kick_set || v.size == 0 || !v.addresses_set {
             return Ok(());
         }
         let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
@@ -194,16 +199,51 @@ impl Connection {
         Ok(())
     }
 
+    /// Stops queue `index` on its worker. A worker that does not answer in time is stuck with
+    /// guest memory mapped and requests of unknown fate: nothing in this process can repair
+    /// that safely, so the process ends and its supervisor's restart recovers the requests
+    /// from the inflight region.
+    fn stop_on_worker(&self, index: u16, publish: bool) -> Vec<crate::worker::QueueStopped> {
+        match self.worker(index).stop(Some(index), publish) {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                tracing::error!("queue {index}: {e}; aborting so that a restart recovers it");
+                std::process::abort();
+            }
+        }
+    }
+
     fn stop_queue(&mut self, index: u16) -> u16 {
         let v = &self.vrings[usize::from(index)];
         if !v.started {
             return v.base;
         }
-        let stopped = self.worker(index).stop(Some(index), true);
+        let stopped = self.stop_on_worker(index, true);
         self.vrings[usize::from(index)].started = false;
         let next_avail = stopped.first().map(|s| s.next_avail).unwrap_or(0);
         self.vrings[usize::from(index)].base = next_avail;
         next_avail
+    }
+
+    /// Switches to a new memory table: running queues stop (publishing what completes), the
+    /// device sees the new table, and the queues start again on it.
+    fn replace_memory(&mut self, mem: GuestMemory) -> VuResult<()> {
+        let running: Vec<u16> = (0..self.vrings.len() as u16)
+            .filter(|&i| self.vrings[usize::from(i)].started)
+            .collect();
+        for &i in &running {
+            self.stop_queue(i);
+        }
+        let mem = Arc::new(mem);
+        self.config
+            .device
+            .guest_memory_changed(Some(&mem))
+            .map_err(bad_param)?;
+        self.mem = Some(mem);
+        for i in running {
+            self.try_start(i)?;
+        }
+        Ok(())
     }
 
     /// The connection is gone: stop every queue, letting the device finish, publishing
@@ -211,7 +251,7 @@ impl Connection {
     pub fn disconnect(&mut self) {
         for index in 0..self.vrings.len() as u16 {
             if self.vrings[usize::from(index)].started {
-                for s in self.worker(index).stop(Some(index), false) {
+                for s in self.stop_on_worker(index, false) {
                     if s.abandoned > 0 {
                         tracing::warn!(
                             "queue {}: {} request(s) still in the device at disconnect",
@@ -280,22 +320,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
             .iter()
             .map(|r| (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset))
             .collect();
-        let mem = Arc::new(GuestMemory::from_table(&regions, files).map_err(bad_param)?);
-        // Running queues keep their old mapping until restarted on the new one.
-        let running: Vec<u16> = (0..self.vrings.len() as u16)
-            .filter(|&i| self.vrings[usize::from(i)].started)
-            .collect();
-        for &i in &running {
-            self.stop_queue(i);
-        }
-        self.config
-            .device
-            .guest_memory_changed(Some(&mem))
-            .map_err(bad_param)?;
-        self.mem = Some(mem);
-        for i in running {
-            self.try_start(i)?;
-        }
+        let mem = GuestMemory::from_table(&regions, files).map_err(bad_param)?;
+        self.replace_memory(mem)?;
         Ok(None)
     }
 
@@ -320,6 +346,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         v.desc = descriptor;
         v.used = used;
         v.avail = available;
+        v.addresses_set = true;
         Ok(())
     }
 
@@ -333,13 +360,22 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let next_avail = self.stop_queue(index as u16);
         let v = self.vring(index)?;
         v.kick = None;
+        v.kick_set = false;
         v.call = None;
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let i = u32::from(index);
-        self.vring(i)?.kick = fd;
+        let v = self.vring(u32::from(index))?;
+        let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
+        v.kick = fd;
+        v.kick_set = true;
+        if v.started {
+            // A running queue takes the new fd (the old one may be gone with its frontend).
+            self.worker(u16::from(index))
+                .set_kick(u16::from(index), for_worker);
+            return Ok(());
+        }
         self.try_start(u16::from(index))
     }
 
@@ -485,20 +521,33 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
         &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<vhost::VhostUserMemoryRegionBase>> {
-        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+        let mut mem = self.mem.as_deref().cloned().unwrap_or_default();
+        mem.add(
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+            fd,
+        )
+        .map_err(bad_param)?;
+        self.replace_memory(mem)?;
+        Ok(None)
     }
 
-    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        Err(invalid("CONFIGURE_MEM_SLOTS not offered"))
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let mut mem = self.mem.as_deref().cloned().unwrap_or_default();
+        mem.remove(region.guest_phys_addr, region.memory_size)
+            .map_err(bad_param)?;
+        self.replace_memory(mem)
     }
 
     fn set_device_state_fd(

@@ -111,11 +111,24 @@ impl DeviceQueue {
             mem.translate_frontend(addr, len as u64)
                 .ok_or(Error::RingOutsideMemory { ring, addr, len })
         };
+        let (desc_host, avail_host, used_host) = (
+            t(desc, dl, "descriptor")?,
+            t(avail, al, "avail")?,
+            t(used, ul, "used")?,
+        );
+        // The frontend's addresses were aligned, but a region whose frontend address is odd
+        // maps them to misaligned host addresses: atomics there are undefined behaviour.
+        if desc_host as usize % 16 != 0
+            || avail_host as usize % 2 != 0
+            || used_host as usize % 4 != 0
+        {
+            return Err(Error::MisalignedRings { desc, avail, used });
+        }
         Ok(Self {
             size,
-            desc: t(desc, dl, "descriptor")?.cast(),
-            avail: t(avail, al, "avail")?,
-            used: t(used, ul, "used")?,
+            desc: desc_host.cast(),
+            avail: avail_host,
+            used: used_host,
             next_avail: 0,
             next_used: 0,
             signalled_used: None,
@@ -352,6 +365,14 @@ mod tests {
         assert!(DeviceQueue::new(&mem, 4, 8, 0x1000, 0x2000, false).is_err());
         assert!(DeviceQueue::new(&mem, 3, 0, 0x1000, 0x2000, false).is_err());
         assert!(DeviceQueue::new(&mem, 0, 0, 0x1000, 0x2000, false).is_err());
+        // A region whose frontend address is odd: aligned ring addresses land on misaligned
+        // host addresses.
+        let odd =
+            GuestMemory::from_table(&[(0, 1 << 20, 0x1001, 0)], vec![memfd(1 << 20)]).unwrap();
+        assert!(matches!(
+            DeviceQueue::new(&odd, 4, 0x2000, 0x3000, 0x4000, false),
+            Err(Error::MisalignedRings { .. })
+        ));
     }
 
     #[test]

@@ -65,6 +65,11 @@ enum Command {
         index: u16,
         call: Option<File>,
     },
+    /// Replace a running queue's kick eventfd.
+    SetKick {
+        index: u16,
+        kick: Option<File>,
+    },
     Exit,
 }
 
@@ -87,17 +92,77 @@ pub struct Worker {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn signal(fd: &File) {
-    let one: u64 = 1;
-    // SAFETY: 8-byte write from a local to an eventfd the frontend gave us.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+/// A call fd as the frontend gave it: an eventfd, usually non-blocking (QEMU) but maybe
+/// blocking (libblkio), or anything else a hostile peer sends. The poller must never block
+/// on it: a blocking fd is polled for room first, and a signal that finds no room is kept
+/// for the next round.
+struct CallFd {
+    file: File,
+    blocking: bool,
+    pending: bool,
 }
 
-fn drain_eventfd(fd: &File) {
-    let mut v: u64 = 0;
-    // SAFETY: 8-byte read into a local from a non-blocking eventfd (EAGAIN when empty).
-    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+impl CallFd {
+    fn new(file: File) -> Self {
+        // SAFETY: F_GETFL on an fd we own; no pointers.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        Self {
+            file,
+            blocking: flags < 0 || flags & libc::O_NONBLOCK == 0,
+            pending: false,
+        }
+    }
+
+    /// Interrupts the driver, without ever blocking.
+    fn signal(&mut self) {
+        let fd = self.file.as_raw_fd();
+        if self.blocking {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; zero timeout.
+            let ready = unsafe { libc::poll(&mut p, 1, 0) };
+            if ready != 1 || p.revents & libc::POLLOUT == 0 {
+                self.pending = true;
+                return;
+            }
+        }
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a local; the fd is non-blocking or has room (above).
+        let n = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        // EAGAIN: the counter is full, so the driver has an interrupt pending anyway; other
+        // errors (a closed pipe, a non-eventfd) are the frontend's problem, not a reason to
+        // stall the queue.
+        self.pending =
+            n != 8 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+    }
 }
+
+/// Reads what a kick fd holds, if `revents` says it is readable (so even a blocking fd does
+/// not block). Returns false when the fd is dead (hung up, error, invalid) and should be
+/// dropped: polling it again would return at once, forever.
+fn drain_kick(fd: &File, revents: libc::c_short) -> bool {
+    if revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        return false;
+    }
+    if revents & libc::POLLIN != 0 {
+        let mut v: u64 = 0;
+        // SAFETY: an 8-byte read into a local; poll said the fd is readable.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 0 {
+            return false; // end of file: a pipe whose writer is gone
+        }
+    } else if revents & libc::POLLHUP != 0 {
+        return false;
+    }
+    true
+}
+
+/// How long a protocol thread waits for a poller to answer a stop before it declares the
+/// poller stuck (the poller's own drain deadline plus a margin).
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
 impl Worker {
     /// Starts a poller thread, pinned to `cpu` when given.
@@ -122,7 +187,14 @@ impl Worker {
                         tracing::warn!("could not pin poller to cpu {cpu}");
                     }
                 }
-                run(&mb, mode)
+                // A poller that panics must take the process down (so supervision restarts it
+                // and inflight recovery runs), not leave its queues silently dead.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mb, mode)))
+                    .is_err()
+                {
+                    tracing::error!("a poller thread panicked; aborting the process");
+                    std::process::abort();
+                }
             })
             .map_err(|source| crate::Error::Io {
                 what: format!("spawning poller thread {name}"),
@@ -156,15 +228,34 @@ impl Worker {
         self.send(Command::SetCall { index, call });
     }
 
+    /// Gives a running queue a new kick eventfd.
+    pub fn set_kick(&self, index: u16, kick: Option<File>) {
+        self.send(Command::SetKick { index, kick });
+    }
+
     /// Stops one queue (or all), draining in-flight requests; returns their final states.
-    pub fn stop(&self, index: Option<u16>, publish: bool) -> Vec<QueueStopped> {
+    /// `Err` when the poller does not answer within [`STOP_DEADLINE`]: it is stuck, and its
+    /// queues' state is unknown.
+    pub fn stop(&self, index: Option<u16>, publish: bool) -> crate::Result<Vec<QueueStopped>> {
         let (reply, rx) = mpsc::channel();
         self.send(Command::Stop {
             index,
             publish,
             reply,
         });
-        rx.iter().collect()
+        let deadline = Instant::now() + STOP_DEADLINE;
+        let mut stopped = Vec::new();
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(s) => stopped.push(s),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(stopped),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(crate::Error::PollerStuck {
+                        waited: STOP_DEADLINE,
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -210,7 +301,15 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                     }
                     Command::SetCall { index, call } => {
                         if let Some(q) = queues.iter_mut().find(|q| q.index == index) {
-                            q.call = call;
+                            q.call = call.map(CallFd::new);
+                            // Completions published before the new fd arrived may have had
+                            // no one to tell: tell the driver once now.
+                            q.signal();
+                        }
+                    }
+                    Command::SetKick { index, kick } => {
+                        if let Some(q) = queues.iter_mut().find(|q| q.index == index) {
+                            q.kick = kick;
                         }
                     }
                     Command::Exit => {
@@ -266,11 +365,21 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
             revents: 0,
         });
         // SAFETY: a valid pollfd array of the given length.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        let _ = mailbox.wake.read();
-        for q in queues.iter() {
-            if let Some(k) = &q.kick {
-                drain_eventfd(k);
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if ready > 0 {
+            let _ = mailbox.wake.read();
+            // The kick fds come first in `fds`, in the order of the queues that have one.
+            let mut revents = fds.iter().map(|p| p.revents);
+            for q in queues.iter_mut() {
+                let Some(k) = &q.kick else { continue };
+                let alive = drain_kick(k, revents.next().unwrap_or(0));
+                if !alive {
+                    q.errors.report(
+                        q.index,
+                        format_args!("kick fd hung up or invalid; polling the ring instead"),
+                    );
+                    q.kick = None;
+                }
             }
         }
     }
@@ -286,7 +395,7 @@ struct QueueRuntime {
     vq: DeviceQueue,
     inflight: Option<(InflightQueue, Arc<InflightMap>)>,
     handler: Box<dyn QueueHandler>,
-    call: Option<File>,
+    call: Option<CallFd>,
     kick: Option<File>,
     errors: Arc<GuestErrors>,
     resubmit: Vec<u16>,
@@ -312,7 +421,7 @@ impl QueueRuntime {
             vq: q.vq,
             inflight: q.inflight,
             handler: q.handler,
-            call: q.call,
+            call: q.call.map(CallFd::new),
             kick: q.kick,
             errors: q.errors,
             resubmit,
@@ -323,6 +432,10 @@ impl QueueRuntime {
         };
         runtime.vq.set_kicks(false);
         // Whatever the guest queued while no one was serving the ring is picked up by polling.
+        // A predecessor may have died between publishing used entries and signalling, and
+        // under EVENT_IDX the driver then waits forever: signal once at every start (as
+        // libvhost-user and SPDK do). A spurious interrupt costs the driver one look.
+        runtime.signal();
         runtime
     }
 
@@ -351,6 +464,9 @@ impl QueueRuntime {
     fn process(&mut self, take_new: bool) -> usize {
         if self.broken {
             return 0;
+        }
+        if self.call.as_ref().is_some_and(|c| c.pending) {
+            self.signal();
         }
         let mut work = 0;
         while self.handler.can_take() {
@@ -408,9 +524,13 @@ impl QueueRuntime {
         self.completed.clear();
         self.written.clear();
         if self.vq.needs_notification() {
-            if let Some(call) = &self.call {
-                signal(call);
-            }
+            self.signal();
+        }
+    }
+
+    fn signal(&mut self) {
+        if let Some(call) = &mut self.call {
+            call.signal();
         }
     }
 
