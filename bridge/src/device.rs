@@ -226,14 +226,25 @@ impl QueueHandler for BlkQueue {
                 );
                 Taken::Done(written)
             }
-            Verdict::Drop => {
-                self.errors.report(
-                    self.index,
-                    format_args!("head {head}: no status byte; returned without status"),
-                );
-                Taken::Done(0)
-            }
+            Verdict::Drop => Taken::Unanswerable,
         }
+    }
+
+    fn refuse(
+        &mut self,
+        _head: u16,
+        last_byte: Option<vfblk_vhost::chain::Segment>,
+    ) -> Option<u32> {
+        // A virtio-blk status byte is the last byte of a device-writable last buffer.
+        let last = last_byte.filter(|s| s.write)?;
+        write_status(
+            &Slot {
+                status: last.host,
+                written: 1,
+            },
+            status::IOERR,
+        );
+        Some(1)
     }
 
     fn flush(&mut self) {
@@ -311,6 +322,7 @@ mod tests {
             let head = walked.head;
             let written = match self.queue.take(&walked) {
                 Taken::Done(n) => n,
+                Taken::Unanswerable => panic!("a well-formed chain has a status byte"),
                 Taken::Pending => {
                     let deadline = Instant::now() + Duration::from_secs(5);
                     let mut got = None;

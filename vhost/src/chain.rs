@@ -192,6 +192,63 @@ impl Chain {
     }
 }
 
+/// After a failed walk: the last byte of the chain's last buffer, if the chain can still be
+/// followed to its end (at most the queue size steps, one indirect table, every address
+/// checked). A device answers a malformed request there; `None` means the ring is too broken
+/// to answer anything.
+pub fn last_byte(queue: &DeviceQueue, mem: &GuestMemory, head: u16) -> Option<Segment> {
+    let size = queue.size();
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return None;
+        }
+        let d = queue.descriptor(index);
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return last_byte_in_table(mem, &d);
+        }
+        if d.flags & DESC_F_NEXT == 0 {
+            return last_byte_of(mem, &d);
+        }
+        index = d.next;
+    }
+    None
+}
+
+fn last_byte_in_table(mem: &GuestMemory, table: &Descriptor) -> Option<Segment> {
+    let entries = table.len / 16;
+    if entries == 0 || entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
+        return None;
+    }
+    let base = mem.translate(table.addr, u64::from(table.len))? as *const Descriptor;
+    let mut index = 0u32;
+    for _ in 0..entries {
+        if index >= entries {
+            return None;
+        }
+        // SAFETY: index < entries: inside the translated, aligned table; read once.
+        let d = unsafe { base.add(index as usize).read_volatile() };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return None;
+        }
+        if d.flags & DESC_F_NEXT == 0 {
+            return last_byte_of(mem, &d);
+        }
+        index = u32::from(d.next);
+    }
+    None
+}
+
+fn last_byte_of(mem: &GuestMemory, d: &Descriptor) -> Option<Segment> {
+    let gpa = d.addr.checked_add(u64::from(d.len.checked_sub(1)?))?;
+    Some(Segment {
+        gpa,
+        host: mem.translate(gpa, 1)?,
+        len: 1,
+        write: d.flags & DESC_F_WRITE != 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     //! Every hostile chain a guest can write, walked in-process.
@@ -377,6 +434,59 @@ mod tests {
         let beyond = g.write_table(&[d(b, 16, DESC_F_NEXT, 2), d(b, 16, 0, 0)]);
         let r = walk_raw(&mut g, &[d(beyond, 32, DESC_F_INDIRECT, 0)]);
         assert_eq!(r, Err(ChainError::BadIndex));
+    }
+
+    /// The last byte the device could answer at, for the newest chain.
+    fn answerable(guest: &MockGuest) -> Option<Segment> {
+        let mut vq = guest.device_queue(false);
+        vq.next_avail = vq.avail_idx().wrapping_sub(1);
+        let head = vq.pop().unwrap().unwrap();
+        last_byte(&vq, &guest.memory(), head)
+    }
+
+    #[test]
+    fn a_malformed_chain_is_answered_at_its_last_byte_when_it_has_one() {
+        let mut g = MockGuest::new(MEM, 16);
+        let (hdr, st) = (g.alloc(16), g.alloc(4));
+        // A data buffer outside memory, the status in place: found.
+        walk_raw(
+            &mut g,
+            &[
+                d(hdr, 16, DESC_F_NEXT, 5),
+                d(MEM - 100, 512, DESC_F_WRITE | DESC_F_NEXT, 6),
+                d(st, 4, DESC_F_WRITE, 0),
+            ],
+        )
+        .unwrap_err();
+        let last = answerable(&g).expect("the status byte is reachable");
+        assert_eq!((last.gpa, last.len, last.write), (st + 3, 1, true));
+        // Too long for the walker, status still at the end of an indirect table: found.
+        let list: Vec<(u64, u32, bool)> = (0..200)
+            .map(|i| {
+                if i == 199 {
+                    (st, 1, true)
+                } else {
+                    (hdr, 16, false)
+                }
+            })
+            .collect();
+        g.add_indirect(&list);
+        assert_eq!(answerable(&g).map(|s| s.gpa), Some(st));
+        // A loop, a next outside the table, a status outside memory: nothing to answer at.
+        walk_raw(
+            &mut g,
+            &[d(hdr, 16, DESC_F_NEXT, 5), d(hdr, 16, DESC_F_NEXT, 4)],
+        )
+        .unwrap_err();
+        assert_eq!(answerable(&g), None, "loop");
+        walk_raw(&mut g, &[d(hdr, 16, DESC_F_NEXT, 99)]).unwrap_err();
+        assert_eq!(answerable(&g), None, "next outside the table");
+        walk_raw(
+            &mut g,
+            &[d(hdr, 16, DESC_F_NEXT, 5), d(MEM, 1, DESC_F_WRITE, 0)],
+        )
+        .unwrap_err();
+        assert_eq!(answerable(&g), None, "status outside memory");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum Taken {
     Done(u32),
     /// Started: the head comes back through [`QueueHandler::poll`].
     Pending,
+    /// The chain cannot be answered (no place for a status): returning it would read as
+    /// success to some drivers, so the queue stops until the device is reset.
+    Unanswerable,
 }
 
 /// One virtqueue's request handling (no locks: one poller thread owns it).
@@ -53,6 +56,10 @@ pub trait QueueHandler: Send {
     fn can_take(&self) -> bool;
     /// Handles a walked chain; its buffers stay valid until the head is returned.
     fn take(&mut self, chain: &Chain) -> Taken;
+    /// Answers a chain that could not be walked, at the last byte of its last buffer if the
+    /// walk could find one ([`crate::chain::last_byte`]): `Some(bytes written)`, or `None`
+    /// when the device cannot answer there (the queue then stops).
+    fn refuse(&mut self, head: u16, last_byte: Option<crate::chain::Segment>) -> Option<u32>;
     /// Pushes out what was started since the last call (one system call per batch for
     /// handlers that need one).
     fn flush(&mut self) {}

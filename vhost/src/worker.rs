@@ -447,17 +447,37 @@ impl QueueRuntime {
     /// Walks the chain at `head` and hands it to the handler.
     fn start(&mut self, head: u16) {
         if let Err(e) = self.chain.walk(&self.vq, &self._mem, head) {
-            self.errors.report(
-                self.index,
-                format_args!("head {head}: {e}; returned without status"),
-            );
-            self.complete(head, 0);
+            let last = crate::chain::last_byte(&self.vq, &self._mem, head);
+            match self.handler.refuse(head, last) {
+                Some(written) => {
+                    self.errors
+                        .report(self.index, format_args!("head {head}: {e}; refused"));
+                    self.complete(head, written);
+                }
+                None => self.stop_broken(head, format_args!("{e}")),
+            }
             return;
         }
         match self.handler.take(&self.chain) {
             Taken::Done(written) => self.complete(head, written),
             Taken::Pending => {}
+            Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
         }
+    }
+
+    /// A chain that cannot be answered: the queue stops until the device is reset (the way
+    /// libvhost-user marks a device broken), and says so once.
+    fn stop_broken(&mut self, head: u16, why: std::fmt::Arguments) {
+        tracing::error!(
+            queue = self.index,
+            "queue {}: head {head}: {why}; cannot be answered, so the queue stops until the device is reset",
+            self.index
+        );
+        self.errors.report(
+            self.index,
+            format_args!("head {head}: {why}; queue stopped"),
+        );
+        self.broken = true;
     }
 
     /// One round: resubmissions, new chains, completions, publication. Returns work done.
@@ -469,14 +489,19 @@ impl QueueRuntime {
             self.signal();
         }
         let mut work = 0;
-        while self.handler.can_take() {
+        while self.handler.can_take() && !self.broken {
             let Some(head) = self.resubmit.pop() else {
                 break;
             };
             self.start(head);
             work += 1;
         }
-        while take_new && self.resubmit.is_empty() && work < BUDGET && self.handler.can_take() {
+        while take_new
+            && !self.broken
+            && self.resubmit.is_empty()
+            && work < BUDGET
+            && self.handler.can_take()
+        {
             match self.vq.pop() {
                 Ok(Some(head)) => {
                     if let Some((inflight, _)) = &mut self.inflight {
@@ -487,10 +512,13 @@ impl QueueRuntime {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.errors.report(
-                        self.index,
-                        format_args!("{e}; queue stopped until the device is reset"),
+                    tracing::error!(
+                        queue = self.index,
+                        "queue {}: {e}; the queue stops until the device is reset",
+                        self.index
                     );
+                    self.errors
+                        .report(self.index, format_args!("{e}; queue stopped"));
                     self.broken = true;
                     break;
                 }
@@ -592,6 +620,9 @@ mod tests {
             self.held.push(chain.head);
             Taken::Pending
         }
+        fn refuse(&mut self, _head: u16, last: Option<crate::chain::Segment>) -> Option<u32> {
+            last.filter(|s| s.write).map(|_| 1)
+        }
         fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize {
             let released: Vec<u16> = match &self.release {
                 Release::Burst(n) if self.held.len() >= *n => std::mem::take(&mut self.held),
@@ -647,30 +678,50 @@ mod tests {
     }
 
     #[test]
-    fn chains_that_cannot_be_walked_come_back_empty_and_the_queue_goes_on() {
+    fn a_malformed_chain_with_a_status_byte_is_refused_there_and_the_queue_goes_on() {
+        use crate::virtq::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
         let mut guest = MockGuest::new(1 << 20, 16);
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
         let errors = q.errors.clone();
-        // A descriptor whose next index is outside the table.
+        let (hdr, st) = (guest.alloc(16), guest.alloc(1));
+        // A data buffer outside guest memory; the status byte is in place.
         guest.add_raw(
-            &[(
-                0,
-                crate::virtq::Descriptor {
-                    addr: 0x8000,
-                    len: 16,
-                    flags: crate::virtq::DESC_F_NEXT,
-                    next: 99,
-                },
-            )],
+            &[
+                (0, Descriptor::new(hdr, 16, DESC_F_NEXT, 1)),
+                (
+                    1,
+                    Descriptor::new(1 << 30, 512, DESC_F_WRITE | DESC_F_NEXT, 2),
+                ),
+                (2, Descriptor::new(st, 1, DESC_F_WRITE, 0)),
+            ],
             0,
         );
         q.process(true);
-        assert_eq!(guest.pop_used_raw(), Some((0, 0)));
+        assert_eq!(
+            guest.pop_used_raw(),
+            Some((0, 1)),
+            "answered, not returned empty"
+        );
         assert_eq!(errors.total(), 1);
         let hdr = guest.alloc(16);
         let head = guest.add_chain(&[(hdr, 16, false)]);
         q.process(true);
-        assert_eq!(guest.pop_used(), Some((head, 1)));
+        assert_eq!(guest.pop_used(), Some((head, 1)), "the queue goes on");
+    }
+
+    #[test]
+    fn a_chain_that_cannot_be_answered_stops_the_queue_instead_of_returning_it_empty() {
+        use crate::virtq::{Descriptor, DESC_F_NEXT};
+        let mut guest = MockGuest::new(1 << 20, 16);
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
+        // A descriptor whose next index is outside the table: no end, no status.
+        guest.add_raw(&[(0, Descriptor::new(0x8000, 16, DESC_F_NEXT, 99))], 0);
+        q.process(true);
+        assert!(q.broken);
+        assert_eq!(guest.pop_used_raw(), None, "nothing returned as if done");
+        let hdr = guest.alloc(16);
+        guest.add_chain(&[(hdr, 16, false)]);
+        assert_eq!(q.process(true), 0, "a stopped queue takes nothing more");
     }
 
     #[test]
