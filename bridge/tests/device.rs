@@ -20,7 +20,9 @@ use vfblk_vhost::mock::{MockGuest, FRONTEND_BASE};
 use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::virtq::{Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vfblk_vhost::worker::{PollMode, Worker};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -78,6 +80,12 @@ struct Guest {
 
 impl Guest {
     fn connect(socket: &PathBuf) -> Guest {
+        Self::connect_with_inflight(socket, None)
+    }
+
+    /// Connects like QEMU; with `Some(n)`, asks for an inflight region laid out for queues of
+    /// `n` entries (QEMU sizes it from `queue-size`) before starting the ring.
+    fn connect_with_inflight(socket: &PathBuf, inflight_queue_size: Option<u16>) -> Guest {
         let g = MockGuest::new(MEM as u64, QSIZE);
         let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
         fe.set_owner().unwrap();
@@ -96,6 +104,16 @@ impl Guest {
             mmap_handle: g.file().as_raw_fd(),
         };
         fe.set_mem_table(&[region]).unwrap();
+        if let Some(queue_size) = inflight_queue_size {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: 2,
+                queue_size,
+            };
+            let (info, fd) = fe.get_inflight_fd(&ask).unwrap();
+            fe.set_inflight_fd(&info, fd.as_raw_fd()).unwrap();
+        }
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         fe.set_vring_num(0, QSIZE).unwrap();
@@ -503,6 +521,33 @@ fn unanswerable_chains_stop_their_queue_and_the_next_frontend_is_served() {
     // A fresh frontend gets a working device.
     let mut g = Guest::connect(&socket);
     assert_eq!(g.request(req::IN, 0, Some((512, true))).0, status::OK);
+}
+
+#[test]
+fn a_ring_smaller_than_the_inflight_region_is_served_and_a_larger_one_is_refused_without_closing() {
+    let socket = start_server("inflight-sizes");
+    // Firmware drives a 64-entry ring where the region was laid out for 1024 entries.
+    let mut g = Guest::connect_with_inflight(&socket, Some(1024));
+    assert_eq!(g.request(req::IN, 0, Some((512, true))), (status::OK, 513));
+    drop(g);
+    // A ring larger than the region cannot be tracked: the queue stays stopped, said once,
+    // and the connection stays open (closing it would start a reconnect loop).
+    let mut g = Guest::connect_with_inflight(&socket, Some(32));
+    let hdr = BUF;
+    g.header(hdr, req::IN, 0);
+    g.g.add_chain(&[
+        (hdr, 16, false),
+        (BUF + 4096, 512, true),
+        (BUF + 8192, 1, true),
+    ]);
+    let _ = g.kick.write(1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(g.g.pop_used_raw(), None, "the queue did not start");
+    assert_eq!(
+        g.fe.get_features().unwrap(),
+        g.features,
+        "the connection is still served"
+    );
 }
 
 #[test]

@@ -154,7 +154,7 @@ impl InflightQueue {
             return;
         }
         self.counter_of(head).store(self.counter, Ordering::Relaxed);
-        self.counter += 1;
+        self.counter = self.counter.saturating_add(1);
         self.inflight_flag(head).store(1, Ordering::Release);
     }
 
@@ -219,7 +219,11 @@ impl InflightQueue {
             .map(|h| (self.counter_of(h).load(Ordering::Relaxed), h))
             .collect();
         pending.sort_unstable();
-        self.counter = pending.last().map(|&(c, _)| c + 1).unwrap_or(0);
+        // The counters come from shared memory a frontend can write: never overflow on them.
+        self.counter = pending
+            .last()
+            .map(|&(c, _)| c.saturating_add(1))
+            .unwrap_or(0);
         out.resubmit = pending.into_iter().map(|(_, h)| h).collect();
         out
     }
@@ -308,5 +312,12 @@ mod tests {
         let r = q.recover(3);
         // Every flag byte reads 0xff, not 1: nothing to resubmit, nothing out of bounds.
         assert!(r.resubmit.is_empty());
+        // In-flight entries whose counters are at the top of the range: no overflow.
+        for h in 0..8u16 {
+            q.inflight_flag(h).store(1, Ordering::Relaxed);
+        }
+        let r = q.recover(3);
+        assert_eq!(r.resubmit.len(), 8);
+        q.begin(0);
     }
 }

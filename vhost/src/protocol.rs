@@ -136,7 +136,10 @@ impl Connection {
         let used_idx = vq.used_idx();
         vq.next_used = used_idx;
         let (inflight, resubmit) = match inflight_map {
-            Some(map) if map.queue_size() == v.size => {
+            // The region is laid out for the frontend's configured queue size; firmware may
+            // drive the same queue with a smaller ring (SeaBIOS uses 256 whatever
+            // `queue-size` says): its heads are a subset of the region's entries.
+            Some(map) if v.size <= map.queue_size() => {
                 // SAFETY: one InflightQueue per started queue (a queue is started once until
                 // stopped); the worker keeps `map` alive beside it.
                 let Some(mut q) = (unsafe { map.queue(index) }) else {
@@ -146,7 +149,16 @@ impl Connection {
                         mmap_size: 0,
                     }));
                 };
-                let rec = q.recover(used_idx);
+                let mut rec = q.recover(used_idx);
+                let before = rec.resubmit.len();
+                rec.resubmit.retain(|&h| h < v.size);
+                if rec.resubmit.len() != before {
+                    tracing::warn!(
+                        "queue {index}: {} in-flight head(s) of a larger ring than the current {}-entry one dropped",
+                        before - rec.resubmit.len(),
+                        v.size
+                    );
+                }
                 // Requests in flight were taken from the avail ring: continue after them.
                 vq.next_avail = used_idx.wrapping_add(rec.resubmit.len() as u16);
                 if !rec.fresh {
@@ -241,9 +253,21 @@ impl Connection {
             .map_err(bad_param)?;
         self.mem = Some(mem);
         for i in running {
-            self.try_start(i)?;
+            self.start_or_refuse(i);
         }
         Ok(())
+    }
+
+    /// Starts queue `index` if it can be; if it cannot, says so once and leaves it stopped
+    /// while the connection stays up. Failing the message instead would close the
+    /// connection, and a reconnecting frontend would meet the same failure again, forever.
+    fn start_or_refuse(&mut self, index: u16) {
+        if let Err(e) = self.try_start(index) {
+            tracing::error!(
+                queue = index,
+                "queue {index} cannot start ({e}); it stays stopped and the connection stays open"
+            );
+        }
     }
 
     /// The connection is gone: stop every queue, letting the device finish, publishing
@@ -376,7 +400,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 .set_kick(u16::from(index), for_worker);
             return Ok(());
         }
-        self.try_start(u16::from(index))
+        self.start_or_refuse(u16::from(index));
+        Ok(())
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
