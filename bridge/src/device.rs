@@ -432,6 +432,47 @@ mod tests {
     }
 
     #[test]
+    fn the_file_backend_writes_zeroes_where_fallocate_cannot() {
+        // tmpfs refuses FALLOC_FL_ZERO_RANGE: write zeroes falls back to writing zeros.
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/vfblk-device-test-tmpfs-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let backend = FileBackend::open(&path, Some(DISK)).unwrap();
+        assert!(backend.info().write_zeroes);
+        let mut rig = Rig::new(Arc::new(backend));
+        // 2 MiB of ones, then write zeroes over 1.5 MiB of it (more than one fallback write).
+        let ones = rig.buffer(&vec![1u8; 1 << 20]);
+        for mib in 0..2u64 {
+            assert_eq!(
+                rig.run(req::OUT, mib * 2048, Some((ones, 1 << 20, false)))
+                    .0,
+                status::OK
+            );
+        }
+        let wz = Range {
+            sector: 512,
+            num_sectors: 3072,
+            flags: 0,
+        };
+        let r = rig.buffer(&wz.to_bytes());
+        assert_eq!(
+            rig.run(req::WRITE_ZEROES, 0, Some((r, 16, false))),
+            (status::OK, 1)
+        );
+        let dst = rig.guest.alloc(4096);
+        for (sector, byte) in [(511, 1), (512, 0), (2000, 0), (3583, 0), (3584, 1)] {
+            assert_eq!(
+                rig.run(req::IN, sector, Some((dst, 512, true))).0,
+                status::OK
+            );
+            assert_eq!(rig.guest.read(dst, 512), vec![byte; 512], "sector {sector}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn config_space_follows_the_backend() {
         let path = temp_path("config");
         let _ = std::fs::remove_file(&path);

@@ -101,19 +101,26 @@ impl Chain {
         if d.len == 0 {
             return Ok(());
         }
-        let host = mem
-            .translate(d.addr, u64::from(d.len))
-            .ok_or(ChainError::OutOfMemory)?;
-        if self.count == MAX_SEGMENTS {
-            return Err(ChainError::TooLong);
+        // A buffer may continue from one region into an adjacent one (hotplugged memory,
+        // a table split by the frontend): one segment per region it touches.
+        let (mut gpa, mut left) = (d.addr, u64::from(d.len));
+        while left > 0 {
+            let (host, len) = mem
+                .translate_prefix(gpa, left)
+                .ok_or(ChainError::OutOfMemory)?;
+            if self.count == MAX_SEGMENTS {
+                return Err(ChainError::TooLong);
+            }
+            self.segments[self.count] = Segment {
+                gpa,
+                host,
+                len: len as u32,
+                write,
+            };
+            self.count += 1;
+            gpa = gpa.checked_add(len).ok_or(ChainError::OutOfMemory)?;
+            left -= len;
         }
-        self.segments[self.count] = Segment {
-            gpa: d.addr,
-            host,
-            len: d.len,
-            write,
-        };
-        self.count += 1;
         Ok(())
     }
 
@@ -487,6 +494,50 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(answerable(&g), None, "status outside memory");
+    }
+
+    #[test]
+    fn a_buffer_spanning_two_adjacent_regions_becomes_two_segments() {
+        use crate::driver::{DriverBuffer, DriverQueue};
+        use crate::memory::tests::memfd;
+        const R: u64 = 1 << 20;
+        // Two regions back to back in guest-physical space, from two different fds.
+        let mem = GuestMemory::from_table(
+            &[(0, R, 0x10_0000_0000, 0), (R, R, 0x20_0000_0000, 0)],
+            vec![memfd(R), memfd(R)],
+        )
+        .unwrap();
+        let host0 = mem.translate(0, R).unwrap();
+        // SAFETY: region 0 holds the rings of a 16-entry queue and outlives the queue.
+        let mut drv = unsafe { DriverQueue::new(host0, 0, 16) };
+        let f = |gpa: u64| 0x10_0000_0000 + gpa;
+        let vq =
+            DeviceQueue::new(&mem, 16, f(drv.gpas.0), f(drv.gpas.1), f(drv.gpas.2), false).unwrap();
+        let head = drv
+            .add(&[DriverBuffer {
+                gpa: R - 100,
+                len: 512,
+                write: true,
+            }])
+            .unwrap();
+        let mut chain = Chain::default();
+        chain.walk(&vq, &mem, head).unwrap();
+        let segs = chain.segments();
+        assert_eq!(segs.len(), 2);
+        assert_eq!((segs[0].gpa, segs[0].len), (R - 100, 100));
+        assert_eq!((segs[1].gpa, segs[1].len), (R, 412));
+        assert_eq!(segs[1].host, mem.translate(R, 1).unwrap());
+        // Past the end of the second region: refused.
+        let head = drv
+            .add(&[DriverBuffer {
+                gpa: 2 * R - 100,
+                len: 512,
+                write: true,
+            }])
+            .unwrap();
+        let mut vq = vq;
+        vq.next_avail = 1;
+        assert_eq!(chain.walk(&vq, &mem, head), Err(ChainError::OutOfMemory));
     }
 
     #[test]

@@ -570,6 +570,7 @@ impl QueueRuntime {
             } else {
                 // The connection is gone: let the handler finish, publish nothing; the
                 // inflight region still lists these, so the next connection runs them again.
+                self.handler.flush();
                 self.handler.poll(&mut |_, _| {});
             }
             std::thread::yield_now();

@@ -28,6 +28,27 @@ pub struct FileBackend {
     direct: Option<Arc<File>>,
     buffered: Arc<File>,
     info: BackendInfo,
+    /// FALLOC_FL_ZERO_RANGE works on this file; where it does not (tmpfs), write zeroes
+    /// without unmap writes zero buffers, as QEMU falls back to.
+    zero_range: bool,
+}
+
+/// Bytes of zeros one fallback write carries.
+const ZERO_CHUNK: usize = 256 << 10;
+
+/// Whether FALLOC_FL_ZERO_RANGE works on `file`, tried past its end with KEEP_SIZE so no data
+/// and not the size change.
+fn zero_range_works(file: &File, end: u64) -> bool {
+    // SAFETY: fallocate on our fd with plain integers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            end as libc::off_t,
+            SECTOR as libc::off_t,
+        )
+    };
+    rc == 0
 }
 
 impl FileBackend {
@@ -91,6 +112,8 @@ impl FileBackend {
                 discard: !meta.file_type().is_block_device(),
                 write_zeroes: !meta.file_type().is_block_device(),
             },
+            zero_range: !meta.file_type().is_block_device()
+                && zero_range_works(&buffered, capacity),
             direct,
             buffered: Arc::new(buffered),
         })
@@ -115,6 +138,13 @@ impl Backend for FileBackend {
             slots: (0..DEPTH).map(|_| Slot::default()).collect(),
             free: (0..DEPTH).rev().collect(),
             in_flight: 0,
+            zero_range: self.zero_range,
+            zeros: if self.zero_range {
+                Vec::new()
+            } else {
+                vec![0u8; ZERO_CHUNK]
+            },
+            zero_work: std::collections::VecDeque::with_capacity(DEPTH),
         }))
     }
 }
@@ -157,6 +187,51 @@ struct FileQueue {
     slots: Vec<Slot>,
     free: Vec<usize>,
     in_flight: usize,
+    zero_range: bool,
+    /// A zeroed buffer for write-zeroes fallback writes (empty when not needed).
+    zeros: Vec<u8>,
+    /// Ranges still to be zeroed by writes: (slot, byte offset, bytes). Each counts once in
+    /// its slot's `pending` until its last write is issued.
+    zero_work: std::collections::VecDeque<(usize, u64, u64)>,
+}
+
+impl FileQueue {
+    /// Issues fallback zero writes while the submission queue has room beyond what one new
+    /// request needs.
+    fn issue_zero_work(&mut self) {
+        while let Some(&(index, offset, left)) = self.zero_work.front() {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() <= MAX_DISCARD_SEGMENTS {
+                return;
+            }
+            let chunk = left.min(ZERO_CHUNK as u64);
+            let sqe = opcode::Write::new(
+                types::Fd(self.buffered.as_raw_fd()),
+                self.zeros.as_ptr(),
+                chunk as u32,
+            )
+            .offset(offset)
+            .build()
+            .user_data(index as u64);
+            // SAFETY: the zero buffer lives as long as the queue, which outlives its
+            // completions (stop drains them); room was checked above.
+            if unsafe { sq.push(&sqe) }.is_err() {
+                return;
+            }
+            drop(sq);
+            let slot = &mut self.slots[index];
+            slot.pending += 1;
+            slot.expected += chunk;
+            let front = self.zero_work.front_mut().expect("checked above");
+            front.1 += chunk;
+            front.2 -= chunk;
+            if front.2 == 0 {
+                self.zero_work.pop_front();
+                // The range is fully issued: its own count goes; its writes still hold the slot.
+                slot.pending -= 1;
+            }
+        }
+    }
 }
 
 impl BackendQueue for FileQueue {
@@ -208,6 +283,15 @@ impl BackendQueue for FileQueue {
                 sqes[0] = Some(opcode::Fsync::new(types::Fd(self.buffered.as_raw_fd())).build());
                 n = 1;
             }
+            Operation::WriteZeroes { unmap: false } if !self.zero_range => {
+                for &(sector, count) in &r.ranges[..r.range_count] {
+                    self.zero_work
+                        .push_back((index, sector * SECTOR, u64::from(count) * SECTOR));
+                }
+                slot.pending = r.range_count as u32;
+                self.in_flight += 1;
+                return Ok(());
+            }
             Operation::Discard | Operation::WriteZeroes { .. } => {
                 let mode = match r.op {
                     Operation::WriteZeroes { unmap: false } => {
@@ -245,6 +329,7 @@ impl BackendQueue for FileQueue {
     }
 
     fn flush_submissions(&mut self) {
+        self.issue_zero_work();
         // One system call per batch, none when there is nothing new; entries the kernel did
         // not take stay queued for the next call.
         if self.ring.submission().is_empty() {
