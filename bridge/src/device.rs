@@ -2,6 +2,7 @@
 //! virtqueue a [`BlkQueue`] that parses each walked chain into a request, hands it to the
 //! backend queue, and writes the status byte when the backend reports the result.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vfblk_vhost::chain::Chain;
@@ -9,8 +10,9 @@ use vfblk_vhost::device::{Device, QueueHandler, QueueSetup, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 
 use crate::backend::{Backend, BackendQueue};
@@ -21,12 +23,17 @@ use crate::virtio_blk::{status, Config, ID_BYTES};
 pub const SEG_MAX: u32 = 126;
 /// Most sectors in one discard or write-zeroes range.
 pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Bytes one data buffer may hold (config size_max).
+pub const SIZE_MAX: u32 = 4 << 20;
 
 /// A virtio-blk device over one backend.
 pub struct BlkDevice {
     backend: Arc<dyn Backend>,
     num_queues: u16,
     serial: [u8; ID_BYTES],
+    /// The config space's writeback field: the driver may switch a device with a volatile
+    /// cache to writethrough (CONFIG_WCE), and every queue follows at its next write.
+    writeback: Arc<AtomicBool>,
 }
 
 impl BlkDevice {
@@ -35,10 +42,12 @@ impl BlkDevice {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let writeback = Arc::new(AtomicBool::new(backend.info().flush));
         Self {
             backend,
             num_queues,
             serial: id,
+            writeback,
         }
     }
 
@@ -50,10 +59,16 @@ impl BlkDevice {
     /// The config space as a struct.
     pub fn config(&self) -> Config {
         let info = self.backend.info();
+        let per_physical = (info.physical_block_size / info.block_size.max(1)).max(1);
         let mut c = Config {
             capacity: info.capacity_sectors,
+            size_max: SIZE_MAX,
             seg_max: SEG_MAX,
             blk_size: info.block_size,
+            physical_block_exp: per_physical.trailing_zeros() as u8,
+            min_io_size: 1,
+            opt_io_size: info.optimal_io_size / info.block_size.max(1),
+            writeback: u8::from(self.writeback.load(Ordering::Relaxed)),
             num_queues: self.num_queues,
             ..Config::default()
         };
@@ -79,6 +94,7 @@ impl BlkDevice {
             write_zeroes: info.write_zeroes,
             max_range_sectors: MAX_RANGE_SECTORS,
             seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
         }
     }
 }
@@ -86,10 +102,15 @@ impl BlkDevice {
 impl Device for BlkDevice {
     fn features(&self) -> u64 {
         let info = self.backend.info();
-        let mut f =
-            (1u64 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_MQ);
+        let mut f = (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_MQ);
         if info.flush {
-            f |= 1 << VIRTIO_BLK_F_FLUSH;
+            // A volatile cache: flushes mean something, and the driver may choose
+            // writethrough instead.
+            f |= (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE);
         }
         if info.discard {
             f |= 1 << VIRTIO_BLK_F_DISCARD;
@@ -104,14 +125,33 @@ impl Device for BlkDevice {
         self.config().to_bytes().to_vec()
     }
 
+    fn set_config(&self, offset: u32, data: &[u8]) -> vfblk_vhost::Result<()> {
+        // Only the writeback field is writable, and only on a device with a volatile cache.
+        let writeback = std::mem::offset_of!(Config, writeback) as u32;
+        match data {
+            [mode @ (0 | 1)] if offset == writeback && self.backend.info().flush => {
+                self.writeback.store(*mode == 1, Ordering::Relaxed);
+                tracing::info!(
+                    "the driver chose {} mode",
+                    if *mode == 1 {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    }
+                );
+                Ok(())
+            }
+            _ => Err(vfblk_vhost::Error::ReadOnlyConfig { offset }),
+        }
+    }
+
     fn open_queue(&self, setup: &QueueSetup) -> vfblk_vhost::Result<Box<dyn QueueHandler>> {
         let backend = self.backend.open_queue()?;
-        Ok(Box::new(BlkQueue::new(
-            backend,
-            self.limits(),
-            self.serial,
-            setup,
-        )))
+        let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
+        if self.backend.info().flush {
+            queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
+        }
+        Ok(Box::new(queue))
     }
 
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> vfblk_vhost::Result<()> {
@@ -134,8 +174,43 @@ fn write_status(slot: &Slot, st: u8) {
     }
 }
 
+/// How a queue treats the backend's volatile cache.
+#[derive(Debug, Clone)]
+pub enum CacheMode {
+    /// No volatile cache, or writeback: a write completes when the backend has it.
+    Writeback,
+    /// Every write is on stable storage before it completes.
+    Writethrough,
+    /// The driver negotiated CONFIG_WCE and chooses through the config space.
+    DriverChoice(Arc<AtomicBool>),
+}
+
+impl CacheMode {
+    /// The mode a driver's negotiated features ask for (virtio 1.2 §5.2.5: without FLUSH the
+    /// device must be writethrough; with CONFIG_WCE the writeback field decides).
+    pub fn negotiated(features: u64, writeback: Arc<AtomicBool>) -> Self {
+        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
+            CacheMode::Writethrough
+        } else if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0 {
+            CacheMode::DriverChoice(writeback)
+        } else {
+            CacheMode::Writeback
+        }
+    }
+
+    fn durable_writes(&self) -> bool {
+        match self {
+            CacheMode::Writeback => false,
+            CacheMode::Writethrough => true,
+            CacheMode::DriverChoice(writeback) => !writeback.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// One virtqueue of the virtio-blk device.
 pub struct BlkQueue {
+    /// What the backend's volatile cache means for writes.
+    pub cache: CacheMode,
     index: u16,
     backend: Box<dyn BackendQueue>,
     limits: Limits,
@@ -159,6 +234,7 @@ impl BlkQueue {
         setup: &QueueSetup,
     ) -> Self {
         Self {
+            cache: CacheMode::Writeback,
             index: setup.index,
             backend,
             limits,
@@ -195,6 +271,8 @@ impl QueueHandler for BlkQueue {
                     written,
                 };
                 self.slots[usize::from(head)] = slot;
+                self.request.durable =
+                    self.request.op == request::Operation::Write && self.cache.durable_writes();
                 match self.backend.submit(&self.request, head) {
                     Ok(()) => Taken::Pending,
                     Err(e) => {
@@ -472,6 +550,109 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// Wraps a backend and remembers whether the last request asked for durability.
+    struct Recording {
+        inner: Arc<dyn Backend>,
+        last_durable: Arc<AtomicBool>,
+    }
+
+    struct RecordingQueue {
+        inner: Box<dyn crate::backend::BackendQueue>,
+        last_durable: Arc<AtomicBool>,
+    }
+
+    impl Backend for Recording {
+        fn info(&self) -> &crate::backend::BackendInfo {
+            self.inner.info()
+        }
+        fn open_queue(&self) -> crate::Result<Box<dyn crate::backend::BackendQueue>> {
+            Ok(Box::new(RecordingQueue {
+                inner: self.inner.open_queue()?,
+                last_durable: self.last_durable.clone(),
+            }))
+        }
+    }
+
+    impl crate::backend::BackendQueue for RecordingQueue {
+        fn can_submit(&self) -> bool {
+            self.inner.can_submit()
+        }
+        fn submit(&mut self, request: &Request, token: u16) -> crate::Result<()> {
+            self.last_durable.store(request.durable, Ordering::Relaxed);
+            self.inner.submit(request, token)
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+            self.inner.poll(done)
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+    }
+
+    #[test]
+    fn writethrough_writes_ask_for_durability_and_the_driver_chooses_with_config_wce() {
+        let path = temp_path("wce");
+        let _ = std::fs::remove_file(&path);
+        let last_durable = Arc::new(AtomicBool::new(false));
+        let backend = Arc::new(Recording {
+            inner: Arc::new(MemBackend::open(&path, DISK).unwrap()),
+            last_durable: last_durable.clone(),
+        });
+        let device = BlkDevice::new(backend, 1, "wce");
+        let writeback_offset = std::mem::offset_of!(Config, writeback) as u32;
+        assert_eq!(
+            device.config().writeback,
+            1,
+            "a volatile cache starts in writeback"
+        );
+        let write_once = |features: u64| {
+            let setup = QueueSetup {
+                index: 0,
+                size: 256,
+                features,
+                errors: Arc::new(GuestErrors::new("wce")),
+            };
+            let mut q = device.open_queue(&setup).unwrap();
+            let mut guest = MockGuest::new(1 << 20, 256);
+            let hdr = guest.alloc(16);
+            let h = RequestHeader {
+                kind: req::OUT,
+                ioprio: 0,
+                sector: 0,
+            };
+            guest.write(hdr, &h.to_bytes());
+            let (data, st) = (guest.alloc(512), guest.alloc(1));
+            guest.add_chain(&[(hdr, 16, false), (data, 512, false), (st, 1, true)]);
+            let chain = guest.walk_newest().unwrap();
+            assert_eq!(q.take(&chain), Taken::Pending);
+            last_durable.load(Ordering::Relaxed)
+        };
+        let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+        let wce = 1u64 << VIRTIO_BLK_F_CONFIG_WCE;
+        assert!(
+            write_once(0),
+            "without FLUSH the device must be writethrough"
+        );
+        assert!(!write_once(flush), "FLUSH alone: writeback");
+        assert!(
+            !write_once(flush | wce),
+            "CONFIG_WCE: the writeback field decides"
+        );
+        device.set_config(writeback_offset, &[0]).unwrap();
+        assert_eq!(device.config().writeback, 0);
+        assert!(
+            write_once(flush | wce),
+            "the driver switched to writethrough"
+        );
+        device.set_config(writeback_offset, &[1]).unwrap();
+        assert!(!write_once(flush | wce));
+        // Nothing else is writable, and only 0 or 1 there.
+        assert!(device.set_config(writeback_offset, &[2]).is_err());
+        assert!(device.set_config(0, &[0]).is_err());
+        assert!(device.set_config(writeback_offset, &[0, 0]).is_err());
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn config_space_follows_the_backend() {
         let path = temp_path("config");
@@ -483,8 +664,14 @@ mod tests {
         assert_eq!({ c.seg_max }, SEG_MAX);
         assert_eq!({ c.max_discard_seg }, MAX_DISCARD_SEGMENTS as u32);
         let f = device.features();
+        assert_eq!({ c.size_max }, SIZE_MAX);
+        assert_eq!({ c.writeback }, 1);
+        assert_eq!(({ c.physical_block_exp }, { c.min_io_size }), (0, 1));
         for bit in [
             VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_CONFIG_WCE,
             VIRTIO_BLK_F_BLK_SIZE,
             VIRTIO_BLK_F_MQ,
             VIRTIO_BLK_F_FLUSH,

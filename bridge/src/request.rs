@@ -47,6 +47,8 @@ pub struct Request {
     pub range_count: usize,
     /// Where the status byte goes.
     pub status: *mut u8,
+    /// A write that must be on stable storage before it completes (writethrough mode).
+    pub durable: bool,
 }
 
 impl Default for Request {
@@ -60,6 +62,7 @@ impl Default for Request {
             ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
             range_count: 0,
             status: std::ptr::null_mut(),
+            durable: false,
         }
     }
 }
@@ -79,6 +82,8 @@ pub struct Limits {
     pub max_range_sectors: u32,
     /// Data buffers per request (seg_max).
     pub seg_max: u32,
+    /// Bytes one data buffer may hold (size_max).
+    pub size_max: u32,
 }
 
 /// How a chain was judged.
@@ -190,7 +195,10 @@ pub fn parse(
             if mixed || data.iter().any(|s| s.write != writes_guest) {
                 return answer(status::IOERR);
             }
-            if request.data_count as u32 > limits.seg_max || request.data_len % SECTOR != 0 {
+            if request.data_count as u32 > limits.seg_max
+                || request.data_len % SECTOR != 0
+                || data.iter().any(|s| s.len > limits.size_max)
+            {
                 return answer(status::IOERR);
             }
             let end = sector.checked_add(request.data_len / SECTOR);
@@ -318,6 +326,7 @@ mod tests {
             write_zeroes: true,
             max_range_sectors: 256,
             seg_max: 4,
+            size_max: 64 << 10,
         }
     }
 
@@ -508,6 +517,19 @@ mod tests {
         assert_eq!(c.parse(&chain), ioerr(), "5 data buffers, seg_max 4");
         chain.remove(1);
         assert_eq!(c.parse(&chain), Verdict::Submit, "4 are fine");
+    }
+
+    #[test]
+    fn a_data_buffer_larger_than_size_max_is_an_io_error() {
+        let mut c = Case::new();
+        assert_eq!(
+            c.simple(req::IN, 0, Some((64 << 10, true))),
+            Verdict::Submit
+        );
+        assert_eq!(
+            c.simple(req::IN, 0, Some(((64 << 10) + 512, true))),
+            ioerr()
+        );
     }
 
     #[test]

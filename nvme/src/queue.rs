@@ -507,7 +507,16 @@ impl QueuePair {
         data: &[Segment],
         token: u64,
     ) -> Result<u16, SubmitError> {
-        self.rw(nvm::READ, nsid, lba, blocks, block_shift, data, token)
+        self.rw(
+            nvm::READ,
+            nsid,
+            lba,
+            blocks,
+            block_shift,
+            data,
+            token,
+            false,
+        )
     }
 
     /// Queues a Write of `blocks` blocks at `lba` from `data`.
@@ -520,7 +529,40 @@ impl QueuePair {
         data: &[Segment],
         token: u64,
     ) -> Result<u16, SubmitError> {
-        self.rw(nvm::WRITE, nsid, lba, blocks, block_shift, data, token)
+        self.rw(
+            nvm::WRITE,
+            nsid,
+            lba,
+            blocks,
+            block_shift,
+            data,
+            token,
+            false,
+        )
+    }
+
+    /// Queues a Write with Force Unit Access: complete only once the data is on
+    /// non-volatile media (what a writethrough device needs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_fua(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        block_shift: u8,
+        data: &[Segment],
+        token: u64,
+    ) -> Result<u16, SubmitError> {
+        self.rw(
+            nvm::WRITE,
+            nsid,
+            lba,
+            blocks,
+            block_shift,
+            data,
+            token,
+            true,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -533,12 +575,17 @@ impl QueuePair {
         block_shift: u8,
         data: &[Segment],
         token: u64,
+        fua: bool,
     ) -> Result<u16, SubmitError> {
         if !(1..=65536).contains(&blocks) {
             return Err(SubmitError::BadCount);
         }
         let len = u64::from(blocks) << block_shift;
-        self.submit_data(Command::rw(opcode, nsid, lba, blocks), data, len, token)
+        let mut command = Command::rw(opcode, nsid, lba, blocks);
+        if fua {
+            command = command.with_fua();
+        }
+        self.submit_data(command, data, len, token)
     }
 
     /// Queues a Flush of the namespace's volatile write cache.

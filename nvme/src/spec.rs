@@ -194,6 +194,13 @@ impl Command {
         }
     }
 
+    /// This command with Force Unit Access: the data reaches non-volatile media before the
+    /// command completes (CDW12 bit 30, reads and writes).
+    pub fn with_fua(mut self) -> Self {
+        self.cdw12 |= 1 << 30;
+        self
+    }
+
     /// Dataset Management with the deallocate attribute over `ranges` range entries in the
     /// buffer at `prp1`.
     pub fn deallocate(nsid: u32, ranges: u32, prp1: u64) -> Self {
@@ -466,6 +473,7 @@ mod tests {
     fn commands_pack_fields_where_the_spec_puts_them() {
         let c = Command::rw(nvm::READ, 1, 0x1_2345_6789, 8);
         assert_eq!((c.cdw10, c.cdw11, c.cdw12), (0x2345_6789, 1, 7));
+        assert_eq!(c.with_fua().cdw12, 7 | 1 << 30, "FUA is bit 30 of CDW12");
         let q = Command::create_sq(3, 256, 0x1000, 3);
         assert_eq!((q.cdw10, q.cdw11), ((255 << 16) | 3, (3 << 16) | 1));
         let n = Command::set_number_of_queues(4, 4);

@@ -16,6 +16,12 @@ pub trait Device: Send + Sync {
     fn features(&self) -> u64;
     /// The device's config space as the guest reads it.
     fn config_space(&self) -> Vec<u8>;
+    /// The driver writes `data` at `offset` of the config space; `Err` for anything not
+    /// writable.
+    fn set_config(&self, offset: u32, data: &[u8]) -> crate::Result<()> {
+        let _ = data;
+        Err(crate::Error::ReadOnlyConfig { offset })
+    }
     /// A handler for one virtqueue, run by one poller thread.
     fn open_queue(&self, setup: &QueueSetup) -> crate::Result<Box<dyn QueueHandler>>;
     /// The guest's memory table changed (`None`: the frontend went away). Called while no

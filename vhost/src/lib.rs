@@ -140,6 +140,12 @@ pub enum Error {
     /// The device type refused or failed (a backend's error, with its cause).
     #[error("device")]
     Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A config-space write where nothing is writable.
+    #[error("config space offset {offset} is not writable")]
+    ReadOnlyConfig {
+        /// Where the driver wrote.
+        offset: u32,
+    },
     /// A poller did not answer a stop within its deadline.
     #[error("a poller did not answer within {waited:?}")]
     PollerStuck {

@@ -102,7 +102,8 @@ impl Connection {
         let mut p = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE;
         if config.inflight {
             p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
@@ -458,12 +459,14 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_config(
         &mut self,
-        _offset: u32,
-        _buf: &[u8],
+        offset: u32,
+        buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VuResult<()> {
-        // Nothing in the config space is writable (no device offers CONFIG_WCE yet).
-        Err(invalid("config space is read-only"))
+        self.config
+            .device
+            .set_config(offset, buf)
+            .map_err(bad_param)
     }
 
     fn set_gpu_socket(&mut self, _gpu: vhost::vhost_user::GpuBackend) -> VuResult<()> {

@@ -108,6 +108,9 @@ impl FileBackend {
                 ),
                 capacity_sectors: capacity / SECTOR,
                 block_size: 512,
+                // Page-cache and O_DIRECT granularity: smaller writes read-modify-write.
+                physical_block_size: 4096,
+                optimal_io_size: 0,
                 flush: true,
                 discard: !meta.file_type().is_block_device(),
                 write_zeroes: !meta.file_type().is_block_device(),
@@ -273,8 +276,10 @@ impl BackendQueue for FileQueue {
                 sqes[0] = Some(if r.op == Operation::Read {
                     opcode::Readv::new(fd, iovecs, count).offset(offset).build()
                 } else {
+                    // Writethrough: RWF_DSYNC makes the write complete only once stable.
                     opcode::Writev::new(fd, iovecs, count)
                         .offset(offset)
+                        .rw_flags(if r.durable { libc::RWF_DSYNC } else { 0 })
                         .build()
                 });
                 n = 1;

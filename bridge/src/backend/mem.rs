@@ -53,6 +53,8 @@ impl MemBackend {
                 description: format!("mem:{} ({} MiB)", path.display(), size >> 20),
                 capacity_sectors: size / SECTOR,
                 block_size: 512,
+                physical_block_size: 512,
+                optimal_io_size: 0,
                 flush: true,
                 discard: true,
                 write_zeroes: true,

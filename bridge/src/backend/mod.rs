@@ -28,6 +28,10 @@ pub struct BackendInfo {
     pub capacity_sectors: u64,
     /// Logical block size in bytes.
     pub block_size: u32,
+    /// Physical block size in bytes (what a write should cover not to be read-modified).
+    pub physical_block_size: u32,
+    /// Optimal request size in bytes (0: no preference).
+    pub optimal_io_size: u32,
     /// Flush is meaningful (volatile cache).
     pub flush: bool,
     /// Discard supported.

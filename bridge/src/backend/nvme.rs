@@ -63,6 +63,9 @@ impl NvmeBackend {
             ),
             capacity_sectors: ns.info.size_bytes() / SECTOR,
             block_size: ns.info.block_size(),
+            physical_block_size: ns.info.block_size(),
+            // Requests up to MDTS go out as one command.
+            optimal_io_size: ctrl.max_transfer().min(u32::MAX as usize) as u32,
             flush: id.has_volatile_write_cache(),
             discard: id.supports_dsm(),
             write_zeroes: id.supports_write_zeroes(),
@@ -96,6 +99,7 @@ impl Backend for NvmeBackend {
             max_transfer: self.ctrl.max_transfer() as u64,
             parts: vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice(),
             in_flight: 0,
+            fua: false,
             reaped: Vec::with_capacity(usize::from(ENTRIES)),
         }))
     }
@@ -140,6 +144,8 @@ struct NvmeQueue {
     /// Per virtio token (head): NVMe commands outstanding and the worst status.
     parts: Box<[Part]>,
     in_flight: usize,
+    /// The request being split is a writethrough write (Force Unit Access).
+    fua: bool,
     reaped: Vec<(u16, u8)>,
 }
 
@@ -186,6 +192,7 @@ impl NvmeQueue {
     }
 
     fn read_write(&mut self, r: &Request, token: u16) {
+        self.fua = r.durable;
         let block = 1u64 << self.shift;
         let start = r.sector * SECTOR;
         if start % block != 0 || r.data_len % block != 0 {
@@ -239,8 +246,11 @@ impl NvmeQueue {
             return false;
         }
         let (nsid, shift, blocks) = (self.nsid, self.shift, (len >> self.shift) as u32);
+        let fua = self.fua;
         self.issue(token, |qp| match op {
             Operation::Read => qp.read(nsid, lba, blocks, shift, segs, u64::from(token)),
+            // Writethrough: Force Unit Access, so the write completes only once stable.
+            _ if fua => qp.write_fua(nsid, lba, blocks, shift, segs, u64::from(token)),
             _ => qp.write(nsid, lba, blocks, shift, segs, u64::from(token)),
         })
     }
