@@ -83,10 +83,21 @@ impl Guest {
         Self::connect_with_inflight(socket, None)
     }
 
+    fn connect_unsealable(socket: &PathBuf) -> Guest {
+        Self::connect_to(socket, MockGuest::new_unsealable(MEM as u64, QSIZE), None)
+    }
+
     /// Connects like QEMU; with `Some(n)`, asks for an inflight region laid out for queues of
     /// `n` entries (QEMU sizes it from `queue-size`) before starting the ring.
     fn connect_with_inflight(socket: &PathBuf, inflight_queue_size: Option<u16>) -> Guest {
-        let g = MockGuest::new(MEM as u64, QSIZE);
+        Self::connect_to(
+            socket,
+            MockGuest::new(MEM as u64, QSIZE),
+            inflight_queue_size,
+        )
+    }
+
+    fn connect_to(socket: &PathBuf, g: MockGuest, inflight_queue_size: Option<u16>) -> Guest {
         let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
@@ -548,6 +559,38 @@ fn a_ring_smaller_than_the_inflight_region_is_served_and_a_larger_one_is_refused
         g.features,
         "the connection is still served"
     );
+}
+
+#[test]
+fn a_frontend_that_shrinks_its_memory_loses_its_queue_not_the_process() {
+    let socket = start_server("shrink");
+    // A sealable memfd is sealed by the device: the frontend can no longer shrink it.
+    let g = Guest::connect(&socket);
+    assert!(
+        g.g.file().set_len(1 << 20).is_err(),
+        "the device sealed the guest's memfd against shrinking"
+    );
+    drop(g);
+    // An unsealable one can shrink: the device's touch of the lost pages is contained.
+    let mut g = Guest::connect_unsealable(&socket);
+    assert_eq!(g.request(req::IN, 0, Some((512, true))).0, status::OK);
+    g.g.file().set_len(2 << 20).unwrap();
+    let (hdr, st, lost) = (BUF, BUF + 64 * 4096, 3 << 20);
+    g.header(hdr, req::IN, 0);
+    g.put(st, &[0xff]);
+    g.g.add_chain(&[(hdr, 16, false), (lost, 4096, true), (st, 1, true)]);
+    let _ = g.kick.write(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        g.g.pop_used_raw(),
+        None,
+        "nothing done on lost memory is reported done"
+    );
+    assert_eq!(g.get(st, 1)[0], 0xff);
+    drop(g);
+    // The process is alive (this test runs in it) and the next frontend is served.
+    let mut g = Guest::connect(&socket);
+    assert_eq!(g.request(req::IN, 0, Some((512, true))).0, status::OK);
 }
 
 #[test]

@@ -22,6 +22,8 @@ pub struct InflightMap {
     ptr: *mut u8,
     len: usize,
     queue_size: u16,
+    /// Dropped before the mapping (fields drop in order).
+    contained: Option<crate::sigbus::Contained>,
     _map: memmap2::MmapRaw,
     _file: File,
 }
@@ -34,6 +36,7 @@ unsafe impl Sync for InflightMap {}
 impl InflightMap {
     /// Maps `len` bytes of `file` at `offset`, laid out for queues of `queue_size`.
     pub fn map(file: File, offset: u64, len: u64, queue_size: u16) -> crate::Result<Self> {
+        let sealed = crate::sigbus::seal_against_shrinking(&file);
         let map =
             crate::memory::map_shared(&file, len as usize, offset, false).map_err(|source| {
                 crate::Error::Io {
@@ -41,13 +44,24 @@ impl InflightMap {
                     source,
                 }
             })?;
+        let contained = if sealed {
+            None
+        } else {
+            crate::sigbus::register(map.as_mut_ptr(), len as usize)
+        };
         Ok(Self {
             ptr: map.as_mut_ptr(),
             len: len as usize,
             queue_size,
+            contained,
             _map: map,
             _file: file,
         })
+    }
+
+    /// Whether the frontend shrank the region's file under us.
+    pub fn poisoned(&self) -> bool {
+        self.contained.as_ref().is_some_and(|c| c.poisoned())
     }
 
     /// The queue size the region is laid out for.

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod mock;
 pub mod protocol;
 pub mod server;
+pub mod sigbus;
 pub mod virtq;
 pub mod worker;
 

@@ -36,12 +36,14 @@ pub fn map_shared(
     options.map_raw(file)
 }
 
-/// A new memfd of `size` bytes (close-on-exec), for memory this process shares with a peer.
+/// A new memfd of `size` bytes (close-on-exec, sealable), for memory this process shares
+/// with a peer.
 pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
     let name = std::ffi::CString::new(name)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -63,6 +65,8 @@ pub struct Region {
     /// Offset of the region in its fd.
     pub mmap_offset: u64,
     host: *mut u8,
+    /// Dropped before the mapping (fields drop in order).
+    contained: Option<crate::sigbus::Contained>,
     _map: memmap2::MmapRaw,
     _file: File,
 }
@@ -150,17 +154,25 @@ impl GuestMemory {
                 });
             }
         }
+        // A sealed memfd cannot shrink under us; anything else is contained instead.
+        let sealed = crate::sigbus::seal_against_shrinking(&file);
         let map =
             map_shared(&file, size as usize, mmap_offset, true).map_err(|source| Error::Io {
                 what: format!("mmap of guest region gpa {guest_phys:#x} ({size} bytes)"),
                 source,
             })?;
+        let contained = if sealed {
+            None
+        } else {
+            crate::sigbus::register(map.as_mut_ptr(), size as usize)
+        };
         self.regions.push(Arc::new(Region {
             guest_phys,
             size,
             frontend_addr,
             mmap_offset,
             host: map.as_mut_ptr(),
+            contained,
             _map: map,
             _file: file,
         }));
@@ -176,6 +188,14 @@ impl GuestMemory {
             .ok_or(Error::NoSuchRegion { guest_phys, size })?;
         self.regions.remove(pos);
         Ok(())
+    }
+
+    /// Whether the frontend shrank a region's file under us (see [`crate::sigbus`]): what
+    /// was done on that memory since cannot be trusted.
+    pub fn poisoned(&self) -> bool {
+        self.regions
+            .iter()
+            .any(|r| r.contained.as_ref().is_some_and(|c| c.poisoned()))
     }
 
     /// The regions.

@@ -525,6 +525,14 @@ impl QueueRuntime {
             }
         }
         self.handler.flush();
+        // Lost memory is noticed before completions write their status bytes.
+        if self.memory_lost() {
+            self.stop_broken(
+                self.completed.first().copied().unwrap_or(0),
+                format_args!("the frontend shrank a shared memory file under the device"),
+            );
+            return work;
+        }
         // Finish every completion the handler reports, however many.
         let (completed, written) = (&mut self.completed, &mut self.written);
         work += self.handler.poll(&mut |head, len| {
@@ -535,8 +543,28 @@ impl QueueRuntime {
         work
     }
 
+    /// Whether the frontend shrank guest memory or the inflight region under us.
+    fn memory_lost(&self) -> bool {
+        self._mem.poisoned()
+            || self
+                .inflight
+                .as_ref()
+                .is_some_and(|(_, map)| map.poisoned())
+    }
+
     fn publish(&mut self) {
         if self.completed.is_empty() {
+            return;
+        }
+        // What was done on lost memory must not be reported as done: stop instead.
+        if self.memory_lost() {
+            let head = self.completed[0];
+            self.completed.clear();
+            self.written.clear();
+            self.stop_broken(
+                head,
+                format_args!("the frontend shrank a shared memory file under the device"),
+            );
             return;
         }
         if let Some((inflight, _)) = &mut self.inflight {
