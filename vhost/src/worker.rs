@@ -616,6 +616,7 @@ impl QueueRuntime {
 mod tests {
     use super::*;
     use crate::mock::MockGuest;
+    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::Mutex;
 
     /// When a test handler lets its chains go.
@@ -804,5 +805,65 @@ mod tests {
         let recovery = successor.recover(used_idx);
         assert!(!recovery.fresh);
         assert_eq!(recovery.resubmit, vec![heads[0], heads[2]]);
+    }
+
+    /// An eventfd as the frontend's end (a File, as the protocol hands it over) and ours.
+    fn eventfd(flags: i32) -> (File, EventFd) {
+        let efd = EventFd::new(flags).unwrap();
+        // SAFETY: into_raw_fd hands over the only owner of a valid, fresh fd.
+        let file = unsafe { File::from_raw_fd(efd.try_clone().unwrap().into_raw_fd()) };
+        (file, efd)
+    }
+
+    #[test]
+    fn every_start_and_every_new_call_fd_signal_the_driver_once() {
+        let guest = MockGuest::new(1 << 20, 8);
+        let (call, observer) = eventfd(libc::EFD_NONBLOCK);
+        let mut q = QueueRuntime::new(QueueStart {
+            index: 0,
+            mem: guest.memory(),
+            vq: guest.device_queue(true),
+            inflight: None,
+            handler: HoldHandler::boxed(Release::Burst(1)),
+            call: Some(call),
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+        });
+        // A predecessor may have published without signalling: the start signals.
+        assert_eq!(observer.read().unwrap(), 1, "signalled at start");
+        // A new call fd (requests re-run before SET_VRING_CALL) is signalled too.
+        let (call2, observer2) = eventfd(libc::EFD_NONBLOCK);
+        q.call = Some(CallFd::new(call2));
+        q.signal();
+        assert_eq!(observer2.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_blocking_call_fd_with_no_room_is_never_waited_on() {
+        // A blocking eventfd whose counter is at its maximum: a write would block forever.
+        let (call, observer) = eventfd(0);
+        observer.write(u64::MAX - 1).unwrap();
+        let mut fd = CallFd::new(call);
+        assert!(fd.blocking);
+        fd.signal();
+        assert!(fd.pending, "kept for later, not blocked on");
+        assert_eq!(observer.read().unwrap(), u64::MAX - 1);
+        fd.signal();
+        assert!(!fd.pending, "delivered once there is room");
+        assert_eq!(observer.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn kick_fds_are_read_only_when_readable_and_dropped_when_dead() {
+        let (kick, observer) = eventfd(0); // blocking, like libblkio's
+        assert!(
+            drain_kick(&kick, 0),
+            "not readable: not read (a read would block)"
+        );
+        observer.write(3).unwrap();
+        assert!(drain_kick(&kick, libc::POLLIN));
+        assert!(!drain_kick(&kick, libc::POLLHUP), "hung up: dropped");
+        assert!(!drain_kick(&kick, libc::POLLNVAL), "invalid: dropped");
     }
 }
