@@ -190,6 +190,35 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Whether `other` describes the same memory: the same regions at the same guest and
+    /// frontend addresses, backed by the same files at the same offsets. A frontend that
+    /// sends the same table again (QEMU does, around device start) need not cost a drain and
+    /// a remap.
+    pub fn same_as(&self, other: &GuestMemory) -> bool {
+        fn identity(r: &Region) -> Option<(u64, u64, u64, u64, u64, u64)> {
+            use std::os::unix::fs::MetadataExt;
+            let meta = r._file.metadata().ok()?;
+            Some((
+                r.guest_phys,
+                r.size,
+                r.frontend_addr,
+                r.mmap_offset,
+                meta.dev(),
+                meta.ino(),
+            ))
+        }
+        self.regions.len() == other.regions.len()
+            && self.regions.iter().all(|r| {
+                let Some(mine) = identity(r) else {
+                    return false;
+                };
+                other
+                    .regions
+                    .iter()
+                    .any(|o| identity(o).is_some_and(|theirs| theirs == mine))
+            })
+    }
+
     /// Whether the frontend shrank a region's file under us (see [`crate::sigbus`]): what
     /// was done on that memory since cannot be trusted.
     pub fn poisoned(&self) -> bool {
@@ -288,6 +317,21 @@ pub(crate) mod tests {
         let p0 = mem.translate(0x100, 4).unwrap();
         let p1 = mem.translate_frontend(0x7000_0100, 4).unwrap();
         assert_eq!(p0, p1);
+    }
+
+    #[test]
+    fn the_same_table_again_is_recognised() {
+        let f = memfd(0x4000);
+        let dup = || f.try_clone().unwrap();
+        let a = GuestMemory::from_table(&[(0, 0x4000, 0x7000, 0)], vec![dup()]).unwrap();
+        let b = GuestMemory::from_table(&[(0, 0x4000, 0x7000, 0)], vec![dup()]).unwrap();
+        assert!(a.same_as(&b), "same file, same layout (fds differ)");
+        let moved =
+            GuestMemory::from_table(&[(0x1000, 0x3000, 0x7000, 0x1000)], vec![dup()]).unwrap();
+        assert!(!a.same_as(&moved));
+        let other =
+            GuestMemory::from_table(&[(0, 0x4000, 0x7000, 0)], vec![memfd(0x4000)]).unwrap();
+        assert!(!a.same_as(&other), "another file");
     }
 
     #[test]

@@ -115,10 +115,14 @@ pub fn serve(path: &Path, config: Arc<DeviceConfig>, on_ready: impl FnOnce()) ->
             .lock()
             .map_err(|_| Error::Poisoned("current connection"))?
             .take();
-        connection
-            .lock()
-            .map_err(|_| Error::Poisoned("connection"))?
-            .disconnect();
+        {
+            let mut connection = connection
+                .lock()
+                .map_err(|_| Error::Poisoned("connection"))?;
+            connection.disconnect();
+            // Guest RAM the device mapped for DMA (and pinned) goes with the frontend.
+            connection.release_memory();
+        }
         drop(handler);
         if shared.stopping.load(Ordering::Acquire) {
             return Ok(());
