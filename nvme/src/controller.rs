@@ -448,7 +448,20 @@ impl Shared {
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         let mut done = None;
         while done.is_none() {
-            admin.poll(1, |c| done = Some(c));
+            // Only our command's completion ends the wait: a late completion of an earlier
+            // command that timed out must not be taken for this one's.
+            admin.poll(1, |c| {
+                if c.cid == cid {
+                    done = Some(c);
+                } else {
+                    tracing::warn!(
+                        "{}: a late admin completion (cid {}, status {}) while waiting for {what} (cid {cid}); ignored",
+                        self.name,
+                        c.cid,
+                        c.status
+                    );
+                }
+            });
             if done.is_none() {
                 if Instant::now() > deadline {
                     return Err(Error::Timeout {
