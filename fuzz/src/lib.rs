@@ -27,8 +27,11 @@ const GUEST_BYTES: u64 = 64 << 10;
 /// Queue size of the chain target.
 const QUEUE: u16 = 16;
 
+/// A fuzz target: arbitrary bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name (the corpus directories are named after them).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("chain_and_request", chain_and_request),
     ("inflight_recovery", inflight_recovery),
     ("memory_table", memory_table),
