@@ -94,12 +94,11 @@ pub struct Worker {
 
 /// A call fd as the frontend gave it: an eventfd, usually non-blocking (QEMU) but maybe
 /// blocking (libblkio), or anything else a hostile peer sends. The poller must never block
-/// on it: a blocking fd is polled for room first, and a signal that finds no room is kept
-/// for the next round.
+/// on it: a blocking fd is polled for room first, and a signal that finds no room is
+/// dropped, which loses nothing: a full eventfd counter or pipe already wakes its reader.
 struct CallFd {
     file: File,
     blocking: bool,
-    pending: bool,
 }
 
 impl CallFd {
@@ -109,7 +108,6 @@ impl CallFd {
         Self {
             file,
             blocking: flags < 0 || flags & libc::O_NONBLOCK == 0,
-            pending: false,
         }
     }
 
@@ -125,18 +123,15 @@ impl CallFd {
             // SAFETY: one valid pollfd; zero timeout.
             let ready = unsafe { libc::poll(&mut p, 1, 0) };
             if ready != 1 || p.revents & libc::POLLOUT == 0 {
-                self.pending = true;
                 return;
             }
         }
         let one: u64 = 1;
         // SAFETY: an 8-byte write from a local; the fd is non-blocking or has room (above).
-        let n = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-        // EAGAIN: the counter is full, so the driver has an interrupt pending anyway; other
-        // errors (a closed pipe, a non-eventfd) are the frontend's problem, not a reason to
-        // stall the queue.
-        self.pending =
-            n != 8 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+        // EAGAIN means the counter is full (the driver has an interrupt pending anyway);
+        // other errors (a pipe's read end, a non-eventfd) are the frontend's problem, not a
+        // reason to stall the queue.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
     }
 }
 
@@ -484,9 +479,6 @@ impl QueueRuntime {
     fn process(&mut self, take_new: bool) -> usize {
         if self.broken {
             return 0;
-        }
-        if self.call.as_ref().is_some_and(|c| c.pending) {
-            self.signal();
         }
         let mut work = 0;
         while self.handler.can_take() && !self.broken {
@@ -846,12 +838,10 @@ mod tests {
         observer.write(u64::MAX - 1).unwrap();
         let mut fd = CallFd::new(call);
         assert!(fd.blocking);
-        fd.signal();
-        assert!(fd.pending, "kept for later, not blocked on");
+        fd.signal(); // returns: the reader already has a wakeup pending
         assert_eq!(observer.read().unwrap(), u64::MAX - 1);
         fd.signal();
-        assert!(!fd.pending, "delivered once there is room");
-        assert_eq!(observer.read().unwrap(), 1);
+        assert_eq!(observer.read().unwrap(), 1, "delivered once there is room");
     }
 
     #[test]
