@@ -154,6 +154,10 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// The demo's bridge holds each completion up to this long (a busy disk), so that every kill
+/// lands on requests it has taken: what inflight recovery exists for.
+const DEMO_HOLD_MS: u32 = 10;
+
 fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
     let started = Instant::now();
     tracing::info!("preparing guest kernel and project binaries");
@@ -164,6 +168,7 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
         kills,
         vfio_probe: true,
         fio_mib: 32,
+        hold_completions_ms: DEMO_HOLD_MS,
     };
     let outcome = recovery::run_demo(&lab, &opts)?;
     let run = &outcome.run.run;
@@ -193,7 +198,7 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
             },
         });
         println!("{out}");
-        return Ok(());
+        return demo_showed_recovery(&outcome);
     }
     let g = |k: &str| probe[k].clone();
     let cap = &probe["cap"];
@@ -267,6 +272,18 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
         run.log.display(),
         outcome.bridge_log.display()
     );
+    demo_showed_recovery(&outcome)
+}
+
+/// A demo whose kills all missed the requests in flight showed nothing about recovery.
+fn demo_showed_recovery(outcome: &recovery::DemoOutcome) -> Result<()> {
+    if outcome.kills > 0 && outcome.resubmitted == 0 {
+        return Err(LabError::Guest(format!(
+            "{} kill(s), but none landed on a request the bridge had taken: nothing was re-run \
+             from the inflight region, so the demo showed nothing",
+            outcome.kills
+        )));
+    }
     Ok(())
 }
 

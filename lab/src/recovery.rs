@@ -33,6 +33,10 @@ pub struct DemoOptions {
     pub vfio_probe: bool,
     /// MiB fio writes (then verifies).
     pub fio_mib: u32,
+    /// Hold each completion up to this many ms in the bridge (`--test-delay-ms`, as a busy
+    /// disk would), so that the kills land on requests the bridge has taken and the restart
+    /// must run them again; 0 for the backend's own speed.
+    pub hold_completions_ms: u32,
 }
 
 /// What happened.
@@ -92,12 +96,12 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         num_queues: 1,
     });
 
-    let bridge = Mutex::new(start_bridge(
-        &lab.bin_dir,
-        &socket,
-        &["--backend", &spec],
-        &log,
-    )?);
+    let hold = opts.hold_completions_ms.to_string();
+    let mut bridge_args = vec!["--backend", spec.as_str()];
+    if opts.hold_completions_ms > 0 {
+        bridge_args.extend(["--test-delay-ms", hold.as_str()]);
+    }
+    let bridge = Mutex::new(start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?);
     let fio_started = AtomicBool::new(false);
     let finished = AtomicBool::new(false);
     let kills = AtomicU32::new(0);
@@ -123,7 +127,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
                     kills.load(Ordering::Acquire)
                 );
                 std::thread::sleep(Duration::from_millis(500));
-                *child = start_bridge(&lab.bin_dir, &socket, &["--backend", &spec], &log)?;
+                *child = start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?;
             }
             Ok(())
         });

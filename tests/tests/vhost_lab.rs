@@ -15,6 +15,7 @@ fn demo(backend: DemoBackend) {
         kills: 2,
         vfio_probe: false,
         fio_mib: 32,
+        hold_completions_ms: 10,
     };
     let outcome = recovery::run_demo(&lab, &opts).expect("run the demonstration");
     let run = &outcome.run.run;
@@ -29,6 +30,10 @@ fn demo(backend: DemoBackend) {
         outcome.backend, outcome.kills, outcome.resubmitted
     );
     assert_eq!(errors, 0);
+    assert!(
+        outcome.resubmitted > 0,
+        "the kills landed on requests the bridge had taken, and they were run again"
+    );
     assert_eq!(writes, 32 * 256, "every 4 KiB block of 32 MiB written once");
     assert_eq!(reads, 32 * 256, "and read back for verification");
     // The guest saw the restarts as a pause (QEMU reconnects every second), not as errors.

@@ -275,7 +275,8 @@ impl GuestMemory {
     pub fn frontend_to_guest(&self, addr: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
             let off = addr.wrapping_sub(r.frontend_addr);
-            (addr >= r.frontend_addr && off < r.size).then_some(r.guest_phys + off)
+            // Lazily: for an address below the region, `off` wrapped and the sum would too.
+            (addr >= r.frontend_addr && off < r.size).then(|| r.guest_phys + off)
         })
     }
 }
@@ -313,6 +314,13 @@ pub(crate) mod tests {
         assert!(mem.translate(u64::MAX, 2).is_none(), "wrapping");
         assert!(mem.translate(0x10_0000, u64::MAX).is_none());
         assert_eq!(mem.frontend_to_guest(0x7100_0010), Some(0x10_0010));
+        // Below a region whose guest address is high: no overflow (found by fuzzing).
+        let high = GuestMemory::from_table(
+            &[(u64::MAX - 0x1_0000, 0x1000, 0x5000, 0)],
+            vec![memfd(0x1000)],
+        )
+        .unwrap();
+        assert_eq!(high.frontend_to_guest(0x10), None);
         assert!(mem.translate_frontend(0x7000_fff0, 0x20).is_none());
         let p0 = mem.translate(0x100, 4).unwrap();
         let p1 = mem.translate_frontend(0x7000_0100, 4).unwrap();
