@@ -35,6 +35,20 @@ if ! apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-i
     [ "$apt_updated" = yes ] || { apt-get update -qq; apt_updated=yes; }
 fi
 
+# The lab's second QEMU (10, with reconnect-ms) comes from bookworm-backports: downloaded and
+# unpacked into the lab cache by `vfblk-lab setup`, never installed over Debian 12's 7.2.
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup: adding the bookworm-backports source (for QEMU 10, downloaded only)"
+    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    apt-get update -qq
+fi
+
 # Hugepages on the host for the DMA-memory tests (the lab guest reserves its own).
 want_huge=64
 have_huge=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)

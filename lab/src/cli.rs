@@ -151,6 +151,12 @@ fn setup() -> Result<()> {
         kernel.release,
         kernel.vmlinux.display()
     );
+    let qemu = crate::qemu::Qemu::backports(20)?;
+    println!(
+        "second QEMU ready: {} ({})",
+        qemu.description,
+        qemu.binary.display()
+    );
     Ok(())
 }
 
@@ -169,6 +175,7 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
         vfio_probe: true,
         fio_mib: 32,
         hold_completions_ms: DEMO_HOLD_MS,
+        qemu: crate::qemu::Qemu::system(),
     };
     let outcome = recovery::run_demo(&lab, &opts)?;
     let run = &outcome.run.run;

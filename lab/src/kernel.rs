@@ -24,7 +24,7 @@ pub struct GuestKernel {
     pub modules_dir: PathBuf,
 }
 
-fn run_capture(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn run_capture(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stderr(Stdio::piped())
         .output()

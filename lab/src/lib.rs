@@ -12,6 +12,7 @@ pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
 pub mod process;
+pub mod qemu;
 pub mod recovery;
 pub mod scenario;
 pub mod vm;

@@ -37,6 +37,8 @@ pub struct DemoOptions {
     /// disk would), so that the kills land on requests the bridge has taken and the restart
     /// must run them again; 0 for the backend's own speed.
     pub hold_completions_ms: u32,
+    /// The QEMU that runs the guest (and reconnects to the bridge).
+    pub qemu: crate::qemu::Qemu,
 }
 
 /// What happened.
@@ -91,6 +93,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     let initrd = lab.l2_image(&guest_script(opts.vfio_probe, opts.fio_mib), contents)?;
     let disk = lab.disk("nvme.img", 256)?;
     let mut spec_vm = lab.l2_spec(&initrd, &disk);
+    spec_vm.qemu = opts.qemu.clone();
     spec_vm.vhost_user_blk.push(VhostUserBlk {
         socket: socket.clone(),
         num_queues: 1,

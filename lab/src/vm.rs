@@ -59,8 +59,8 @@ pub struct VhostUserBlk {
 pub struct VmSpec {
     /// Name used in logs and errors.
     pub name: String,
-    /// The QEMU binary.
-    pub qemu: PathBuf,
+    /// The QEMU that runs it.
+    pub qemu: crate::qemu::Qemu,
     /// CPU acceleration.
     pub accel: Accel,
     /// vCPUs.
@@ -88,7 +88,7 @@ impl VmSpec {
     pub fn new(name: &str, accel: Accel, kernel: &Path, initrd: &Path) -> Self {
         Self {
             name: name.to_string(),
-            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu: crate::qemu::Qemu::system(),
             accel,
             cpus: 2,
             memory_mib: 2048,
@@ -157,7 +157,11 @@ impl VmSpec {
             push(&["-drive", &drive, "-device", &dev]);
         }
         for (i, blk) in self.vhost_user_blk.iter().enumerate() {
-            let chardev = format!("socket,id=vub{i},path={},reconnect=1", blk.socket.display());
+            let reconnect = match self.qemu.reconnect_ms {
+                Some(ms) => format!("reconnect-ms={ms}"),
+                None => "reconnect=1".to_string(),
+            };
+            let chardev = format!("socket,id=vub{i},path={},{reconnect}", blk.socket.display());
             let dev = format!(
                 "vhost-user-blk-pci,chardev=vub{i},num-queues={}",
                 blk.num_queues
@@ -280,7 +284,9 @@ pub fn run_watching(
 ) -> Result<Run> {
     let started = Instant::now();
     let stderr_log = log.with_extension("qemu-stderr");
-    let mut child = Command::new(&spec.qemu)
+    let mut child = Command::new(&spec.qemu.binary)
+        .envs(spec.qemu.env.iter().map(|(k, v)| (k, v)))
+        .args(&spec.qemu.args)
         .args(spec.args(false))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -290,7 +296,7 @@ pub fn run_watching(
             LabError::Setup(format!(
                 "{}: cannot start {}: {e}",
                 spec.name,
-                spec.qemu.display()
+                spec.qemu.binary.display()
             ))
         })?;
     let stdout = child.stdout.take().expect("piped stdout");
@@ -447,14 +453,18 @@ pub fn run_retrying_stalls(
 
 /// Runs a guest with the console and QEMU monitor on this terminal (Ctrl-A X quits).
 pub fn run_interactive(spec: &VmSpec) -> Result<()> {
-    let status = Command::new(&spec.qemu)
+    let status = Command::new(&spec.qemu.binary)
+        .envs(spec.qemu.env.iter().map(|(k, v)| (k, v)))
+        .args(&spec.qemu.args)
         .args(spec.args(true))
         .status()
-        .map_err(|e| LabError::Setup(format!("cannot start {}: {e}", spec.qemu.display())))?;
+        .map_err(|e| {
+            LabError::Setup(format!("cannot start {}: {e}", spec.qemu.binary.display()))
+        })?;
     if !status.success() {
         return Err(LabError::Guest(format!(
             "{} exited with {status}",
-            spec.qemu.display()
+            spec.qemu.binary.display()
         )));
     }
     Ok(())
@@ -495,7 +505,7 @@ mod runner_tests {
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut spec = VmSpec::new(name, Accel::Tcg, Path::new("/k"), Path::new("/i"));
-        spec.qemu = path;
+        spec.qemu.binary = path;
         spec
     }
 
