@@ -387,6 +387,24 @@ fn a_frontend_that_shrinks_its_memory_loses_its_queue_not_the_process() {
 }
 
 #[test]
+fn a_disabled_ring_pauses_until_it_is_enabled_again() {
+    let socket = start_server("enable");
+    let mut g = Guest::connect(&socket);
+    assert_eq!(g.request(req::FLUSH, 0, None).0, status::OK);
+    g.fe.set_vring_enable(0, false).unwrap();
+    let (hdr, st) = (BUF, BUF + 64 * 4096);
+    g.header(hdr, req::FLUSH, 0);
+    g.put(st, &[0xff]);
+    g.g.add_chain(&[(hdr, 16, false), (st, 1, true)]);
+    let _ = g.kick.write(1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(g.g.pop_used_raw(), None, "a disabled ring is not processed");
+    g.fe.set_vring_enable(0, true).unwrap();
+    let (_, len) = g.wait_used();
+    assert_eq!((g.get(st, 1)[0], len), (status::OK, 1), "processed once enabled");
+}
+
+#[test]
 fn malformed_messages_close_the_connection_and_the_next_one_is_served() {
     let socket = start_server("messages");
     for garbage in [

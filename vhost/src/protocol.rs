@@ -53,6 +53,8 @@ struct Vring {
     kick_set: bool,
     call: Option<File>,
     started: bool,
+    /// SET_VRING_ENABLE(0): paused until enabled again.
+    disabled: bool,
 }
 
 /// One connection's state.
@@ -129,7 +131,7 @@ impl Connection {
         };
         let inflight_map = self.inflight.clone();
         let v = &self.vrings[usize::from(index)];
-        if v.started || !v.kick_set || v.size == 0 || !v.addresses_set {
+        if v.started || v.disabled || !v.kick_set || v.size == 0 || !v.addresses_set {
             return Ok(());
         }
         let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
@@ -442,9 +444,19 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Ok(u64::from(self.config.num_queues))
     }
 
-    fn set_vring_enable(&mut self, index: u32, _enable: bool) -> VuResult<()> {
-        // Rings start when their kick fd arrives (as libvhost-user does); enable is noted only.
-        self.vring(index).map(|_| ())
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        // Rings start when their kick fd arrives (as libvhost-user does, and as frontends that
+        // never send SET_VRING_ENABLE expect); a disable pauses a ring (what completes is
+        // published) until it is enabled again.
+        let v = self.vring(index)?;
+        v.disabled = !enable;
+        let index = index as u16;
+        if enable {
+            self.start_or_refuse(index);
+        } else {
+            self.stop_queue(index);
+        }
+        Ok(())
     }
 
     fn get_config(
