@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vfblk_nvme::pci::PciAddress;
 
-use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend};
+use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend, NvmeOptions};
 use crate::{Error, Result};
 
 /// A size in bytes: a number with an optional K, M or G suffix (powers of 1024).
@@ -98,8 +98,9 @@ impl FromStr for BackendSpec {
 }
 
 impl BackendSpec {
-    /// Opens the backend; an NVMe controller gets `queues` I/O queue pairs.
-    pub fn open(&self, queues: u16) -> Result<Arc<dyn Backend>> {
+    /// Opens the backend; an NVMe controller gets `queues` I/O queue pairs and `nvme`'s
+    /// command watch.
+    pub fn open(&self, queues: u16, nvme: &NvmeOptions) -> Result<Arc<dyn Backend>> {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
             BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
@@ -116,7 +117,7 @@ impl BackendSpec {
                     what: format!("opening {address}"),
                     source,
                 })?;
-                Arc::new(NvmeBackend::new(ctrl, *nsid)?)
+                Arc::new(NvmeBackend::new(ctrl, *nsid, nvme.clone())?)
             }
         })
     }

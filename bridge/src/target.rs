@@ -36,6 +36,8 @@ pub struct TargetOptions {
     /// Hold completions this long and release them shuffled (tests only; needs the
     /// `test-delay` feature).
     pub test_delay: Option<Duration>,
+    /// How the NVMe backend watches its commands.
+    pub nvme: crate::backend::NvmeOptions,
 }
 
 /// Serves until a signal ends the process.
@@ -44,7 +46,7 @@ pub fn run(o: TargetOptions) -> Result<()> {
         return Err(Error::BadArgument("at least one queue is needed".into()));
     }
     #[allow(unused_mut)]
-    let mut backend = o.backend.open(o.queues)?;
+    let mut backend = o.backend.open(o.queues, &o.nvme)?;
     if let Some(delay) = o.test_delay {
         #[cfg(feature = "test-delay")]
         {

@@ -401,7 +401,11 @@ fn a_disabled_ring_pauses_until_it_is_enabled_again() {
     assert_eq!(g.g.pop_used_raw(), None, "a disabled ring is not processed");
     g.fe.set_vring_enable(0, true).unwrap();
     let (_, len) = g.wait_used();
-    assert_eq!((g.get(st, 1)[0], len), (status::OK, 1), "processed once enabled");
+    assert_eq!(
+        (g.get(st, 1)[0], len),
+        (status::OK, 1),
+        "processed once enabled"
+    );
 }
 
 #[test]

@@ -335,7 +335,12 @@ impl Controller {
         self.shared.dbbuf.is_some()
     }
 
-    /// Resets done so far.
+    /// Whether the controller reports a fatal status (CSTS.CFS): only a reset helps then.
+    pub fn fatal(&self) -> bool {
+        Registers::new(self.shared.pci.bar0()).csts().fatal()
+    }
+
+    /// Controller resets done so far.
     pub fn resets(&self) -> u64 {
         self.shared
             .generation

@@ -180,6 +180,9 @@ pub struct QueuePair {
     layout: Layout,
     max_transfer: u64,
     spurious: u64,
+    /// Fault injection: completions to let through before one is lost (as if the device
+    /// never posted it), if armed.
+    drop_after: Option<u64>,
     /// Controller generation the queues were created in; a reset bumps the controller's.
     generation: u64,
     /// Commands in flight at a reset, reported as aborted by the next poll.
@@ -248,6 +251,7 @@ impl QueuePair {
             layout,
             max_transfer,
             spurious: 0,
+            drop_after: None,
             generation: 0,
             aborted: Vec::with_capacity(slots),
             lost: false,
@@ -691,6 +695,20 @@ impl QueuePair {
             }
             self.sq_head = cqe.sq_head % self.entries;
             reaped += 1;
+            if let Some(n) = self.drop_after {
+                if n == 0 {
+                    // The injected fault: this command never completes as far as the caller
+                    // can tell; only its timeout and a reset recover it.
+                    self.drop_after = None;
+                    tracing::warn!(
+                        "queue {}: fault injection dropped the completion of cid {}",
+                        self.qid,
+                        cqe.cid
+                    );
+                    continue;
+                }
+                self.drop_after = Some(n - 1);
+            }
             let cid = usize::from(cqe.cid);
             match self.slots.get_mut(cid) {
                 Some(slot) if slot.busy => {
@@ -725,6 +743,12 @@ impl QueuePair {
             opcode: slot.opcode,
             age,
         })
+    }
+
+    /// Fault injection for tests: after `after` more completions, one is dropped as if the
+    /// device had lost it (its command stays in flight until a timeout and a reset).
+    pub fn inject_lost_completion(&mut self, after: u64) {
+        self.drop_after = Some(after);
     }
 
     /// Opcode of the command in flight under `cid`, if any.

@@ -34,6 +34,16 @@ record "{\"kills\": $(cat /tmp/lg.json)}"
 grep -c "recovered from the inflight region" /tmp/bridge.log > /tmp/recovered
 record "{\"recovered\": $(cat /tmp/recovered), \"backend\": \"$(grep -m1 'serving' /tmp/bridge.log | tr -d '\"')\"}"
 [ $rc = 0 ] || { cat /tmp/bridge.log; fail "loadgen reported errors"; }
+step "a lost completion: timeout, controller reset, every command in flight sent again"
+kill -9 $(cat /tmp/bridge.pid)
+rm -f /tmp/b.sock
+vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf --nvme-timeout-ms 1000 --test-lose-nvme-completion 3000 >/dev/null 2>/tmp/lost.log &
+echo $! > /tmp/bridge.pid
+for i in $(seq 1 200); do [ -S /tmp/b.sock ] && break; sleep 0.05; done
+vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 8 --json > /tmp/lost.json
+rc=$?
+record "{\"lost_completion\": $(cat /tmp/lost.json), \"resets\": $(grep -c 'resetting the controller' /tmp/lost.log), \"resent\": $(grep -c 'commands in flight are sent again' /tmp/lost.log)}"
+[ $rc = 0 ] || { cat /tmp/lost.log; fail "loadgen reported errors across the reset"; }
 "#;
 
 #[test]
@@ -69,6 +79,20 @@ fn nvme_backend_verifies_across_sigkills() {
     clean(&kills);
     assert_eq!(kills["reconnects"], 3, "{kills}");
     assert_eq!(run.record("recovered"), Some(&serde_json::json!(3)));
+    // A completion the controller lost: found by the command timeout, answered with a reset,
+    // and the guest (the load generator) saw nothing but a pause.
+    let lost = run
+        .record("lost_completion")
+        .cloned()
+        .expect("lost-completion record");
+    clean(&lost);
+    assert!(lost["ios"].as_u64().unwrap() > 3000, "{lost}");
+    assert_eq!(
+        run.record("resets"),
+        Some(&serde_json::json!(1)),
+        "one reset"
+    );
+    assert_eq!(run.record("resent"), Some(&serde_json::json!(1)));
 }
 
 /// The whole stack: a second-level VM under the lab guest's KVM whose virtio-blk disk is a

@@ -13,7 +13,7 @@ mod nvme;
 pub use delay::DelayBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
-pub use nvme::NvmeBackend;
+pub use nvme::{NvmeBackend, NvmeOptions};
 
 use crate::request::Request;
 use crate::Result;

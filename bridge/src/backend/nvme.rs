@@ -5,15 +5,18 @@
 //! SGLs when the controller has them (QueuePair decides).
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use vfblk_hugepages::ExternalMapping;
 use vfblk_nvme::controller::{Controller, Namespace};
 use vfblk_nvme::prp::Segment;
-use vfblk_nvme::queue::QueuePair;
+use vfblk_nvme::queue::{QueuePair, SubmitError};
+use vfblk_nvme::spec::Status;
+use vfblk_vhost::chain::MAX_SEGMENTS;
 use vfblk_vhost::memory::GuestMemory;
 
 use super::{Backend, BackendInfo, BackendQueue};
-use crate::request::{Operation, Request};
+use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
 
@@ -27,10 +30,32 @@ fn sectors_to_blocks(sector: u64, count: u32, shift: u8) -> Option<(u64, u64)> {
     (start & mask == 0 && len & mask == 0).then_some((start >> shift, len >> shift))
 }
 
-/// Most NVMe commands one virtio-blk request may become (MDTS splits, ranges).
-const MAX_PARTS: usize = 8;
 /// Queue entries per NVMe queue pair.
 const ENTRIES: u16 = 256;
+/// Times a command aborted by a controller reset is sent again before the request fails.
+const MAX_TRIES: u8 = 4;
+/// How often the timeout clock ticks (and the controller's fatal status is read).
+const TICK: Duration = Duration::from_millis(100);
+
+/// How the NVMe backend watches its commands.
+#[derive(Debug, Clone)]
+pub struct NvmeOptions {
+    /// A command outstanding this long is lost: the controller is reset and every command
+    /// in flight is sent again.
+    pub command_timeout: Duration,
+    /// Fault injection (tests): each queue pair loses the completion that arrives after
+    /// this many others.
+    pub lose_completion_after: Option<u64>,
+}
+
+impl Default for NvmeOptions {
+    fn default() -> Self {
+        Self {
+            command_timeout: Duration::from_secs(30),
+            lose_completion_after: None,
+        }
+    }
+}
 
 /// The `nvme` backend.
 pub struct NvmeBackend {
@@ -38,11 +63,12 @@ pub struct NvmeBackend {
     ns: Namespace,
     info: BackendInfo,
     mappings: Mutex<Vec<ExternalMapping>>,
+    options: NvmeOptions,
 }
 
 impl NvmeBackend {
     /// Serves namespace `nsid` of an opened controller.
-    pub fn new(ctrl: Controller, nsid: u32) -> Result<Self> {
+    pub fn new(ctrl: Controller, nsid: u32, options: NvmeOptions) -> Result<Self> {
         let ns = ctrl
             .namespace(nsid)
             .map_err(|source| Error::Nvme {
@@ -75,6 +101,7 @@ impl NvmeBackend {
             ns,
             info,
             mappings: Mutex::new(Vec::new()),
+            options,
         })
     }
 }
@@ -92,15 +119,31 @@ impl Backend for NvmeBackend {
                 what: "creating an I/O queue pair".into(),
                 source,
             })?;
+        let mut qp = qp;
+        if let Some(n) = self.options.lose_completion_after {
+            qp.inject_lost_completion(n);
+        }
+        let tick_ms = TICK.as_millis().max(1) as u64;
         Ok(Box::new(NvmeQueue {
+            records: vec![Record::default(); qp.capacity() + 1].into_boxed_slice(),
             qp,
+            ctrl: self.ctrl.clone(),
             nsid: self.ns.nsid,
             shift: self.ns.info.lba_shift,
             max_transfer: self.ctrl.max_transfer() as u64,
             parts: vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice(),
             in_flight: 0,
-            fua: false,
             reaped: Vec::with_capacity(usize::from(ENTRIES)),
+            backlog: Backlog {
+                segs: Vec::with_capacity(MAX_SEGMENTS),
+                zeroes: Vec::with_capacity(MAX_DISCARD_SEGMENTS),
+                ..Backlog::default()
+            },
+            scratch: Box::default(),
+            timeout_ticks: (self.options.command_timeout.as_millis() as u64 / tick_ms).max(1)
+                as u32,
+            last_tick: Instant::now(),
+            loops: 0,
         }))
     }
 
@@ -130,135 +173,323 @@ impl Backend for NvmeBackend {
     }
 }
 
+/// One virtio request's NVMe commands: how many are out, the worst status.
 #[derive(Clone, Copy, Default)]
 struct Part {
-    pending: u8,
+    pending: u32,
     status: u8,
+}
+
+/// An NVMe command as sent, kept under its command id so that a reset that aborts it can be
+/// answered by sending it again (the guest sees nothing).
+#[derive(Clone, Copy)]
+struct Record {
+    kind: Kind,
+    token: u16,
+    lba: u64,
+    blocks: u32,
+    segs: [Segment; MAX_SEGMENTS],
+    nsegs: usize,
+    ranges: [(u64, u32); MAX_DISCARD_SEGMENTS],
+    nranges: usize,
+    tries: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    WriteFua,
+    Flush,
+    WriteZeroes,
+    Deallocate,
+}
+
+impl Record {
+    /// Copies what is used (not the whole fixed-size arrays: this runs per command).
+    fn store_into(&self, dst: &mut Record) {
+        dst.kind = self.kind;
+        dst.token = self.token;
+        dst.lba = self.lba;
+        dst.blocks = self.blocks;
+        dst.nsegs = self.nsegs;
+        dst.segs[..self.nsegs].copy_from_slice(&self.segs[..self.nsegs]);
+        dst.nranges = self.nranges;
+        dst.ranges[..self.nranges].copy_from_slice(&self.ranges[..self.nranges]);
+        dst.tries = self.tries;
+    }
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            kind: Kind::Flush,
+            token: 0,
+            lba: 0,
+            blocks: 0,
+            segs: [Segment { iova: 0, len: 0 }; MAX_SEGMENTS],
+            nsegs: 0,
+            ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
+            nranges: 0,
+            tries: 0,
+        }
+    }
+}
+
+/// The rest of one request that did not fit the queue pair when it came: sent as slots free
+/// up (back-pressure, not IOERR). While it exists the virtqueue takes nothing new.
+#[derive(Default)]
+struct Backlog {
+    active: bool,
+    token: u16,
+    kind: Kind2,
+    /// Read/write: the request's buffers and where sending stands in them.
+    segs: Vec<Segment>,
+    seg: usize,
+    offset: u64,
+    lba: u64,
+    /// Write zeroes: the ranges as (lba, blocks) left.
+    zeroes: Vec<(u64, u64)>,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Kind2 {
+    #[default]
+    Read,
+    Write,
+    WriteFua,
+    WriteZeroes,
 }
 
 struct NvmeQueue {
     qp: QueuePair,
+    ctrl: Controller,
     nsid: u32,
     shift: u8,
     max_transfer: u64,
-    /// Per virtio token (head): NVMe commands outstanding and the worst status.
+    /// Per virtio token (head).
     parts: Box<[Part]>,
+    /// Per NVMe command id.
+    records: Box<[Record]>,
     in_flight: usize,
-    /// The request being split is a writethrough write (Force Unit Access).
-    fua: bool,
     reaped: Vec<(u16, u8)>,
+    backlog: Backlog,
+    /// A record to build commands in (boxed: 2.7 KB, kept to avoid initialising one per chunk).
+    scratch: Box<Record>,
+    timeout_ticks: u32,
+    last_tick: Instant,
+    loops: u32,
 }
 
 impl NvmeQueue {
-    /// Accounts a submitted request; one that sent nothing to the device completes now.
-    fn accounted(&mut self, token: u16) -> Result<()> {
-        let p = self.parts[usize::from(token)];
-        if p.pending == 0 {
-            // Nothing reached the device (refused before submission): report now.
-            self.reaped.push((
-                token,
-                if p.status == status::OK {
-                    status::IOERR
-                } else {
-                    p.status
-                },
-            ));
-        }
-        self.in_flight += 1;
-        Ok(())
-    }
-
     fn fail(&mut self, token: u16) {
-        let p = &mut self.parts[usize::from(token)];
-        p.status = status::IOERR;
+        self.parts[usize::from(token)].status = status::IOERR;
     }
 
-    fn issue(
-        &mut self,
-        token: u16,
-        f: impl FnOnce(&mut QueuePair) -> std::result::Result<u16, vfblk_nvme::queue::SubmitError>,
-    ) -> bool {
-        match f(&mut self.qp) {
-            Ok(_) => {
-                self.parts[usize::from(token)].pending += 1;
-                true
+    /// Sends `rec` (its command id decides where it is kept). False when the queue pair has
+    /// no slot (try later) or refused it (the request is failed).
+    fn send(&mut self, rec: &Record) -> Send {
+        let (nsid, shift, token) = (self.nsid, self.shift, u64::from(rec.token));
+        let segs = &rec.segs[..rec.nsegs];
+        let r = match rec.kind {
+            Kind::Read => self.qp.read(nsid, rec.lba, rec.blocks, shift, segs, token),
+            Kind::Write => self.qp.write(nsid, rec.lba, rec.blocks, shift, segs, token),
+            // Writethrough: Force Unit Access, so the write completes only once stable.
+            Kind::WriteFua => self
+                .qp
+                .write_fua(nsid, rec.lba, rec.blocks, shift, segs, token),
+            Kind::Flush => self.qp.flush(nsid, token),
+            Kind::WriteZeroes => self.qp.write_zeroes(nsid, rec.lba, rec.blocks, token),
+            Kind::Deallocate => self.qp.deallocate(nsid, &rec.ranges[..rec.nranges], token),
+        };
+        match r {
+            Ok(cid) => {
+                if let Some(slot) = self.records.get_mut(usize::from(cid)) {
+                    rec.store_into(slot);
+                }
+                self.parts[usize::from(rec.token)].pending += 1;
+                Send::Sent
             }
+            Err(SubmitError::QueueFull) => Send::Full,
             Err(e) => {
-                tracing::warn!("nvme backend: head {token}: {e}");
-                self.fail(token);
-                false
+                tracing::warn!("nvme backend: head {}: {e}", rec.token);
+                self.fail(rec.token);
+                Send::Refused
             }
         }
     }
 
-    fn read_write(&mut self, r: &Request, token: u16) {
-        self.fua = r.durable;
-        let block = 1u64 << self.shift;
-        let start = r.sector * SECTOR;
-        if start % block != 0 || r.data_len % block != 0 {
-            self.fail(token);
+    /// Sends what the backlog still holds, as far as slots allow.
+    fn pump(&mut self) {
+        if !self.backlog.active {
             return;
         }
-        let mut lba = start >> self.shift;
-        let mut chunk = [Segment { iova: 0, len: 0 }; vfblk_vhost::chain::MAX_SEGMENTS];
-        let mut count = 0usize;
-        let mut chunk_len = 0u64;
-        for s in &r.data[..r.data_count] {
-            let (mut gpa, mut left) = (s.gpa, u64::from(s.len));
-            while left > 0 {
-                let room = self.max_transfer - chunk_len;
-                let take = left.min(room);
-                chunk[count] = Segment {
-                    iova: gpa,
-                    len: take as u32,
-                };
-                count += 1;
-                chunk_len += take;
-                gpa += take;
-                left -= take;
-                if chunk_len == self.max_transfer || count == chunk.len() {
-                    if !self.send_chunk(r.op, token, lba, &chunk[..count], chunk_len) {
-                        return;
+        let mut rec = std::mem::take(&mut self.scratch);
+        self.pump_with(&mut rec);
+        self.scratch = rec;
+    }
+
+    fn pump_with(&mut self, rec: &mut Record) {
+        while self.backlog.active {
+            let token = self.backlog.token;
+            rec.token = token;
+            rec.nsegs = 0;
+            rec.nranges = 0;
+            rec.tries = 0;
+            let b = &mut self.backlog;
+            match b.kind {
+                Kind2::WriteZeroes => {
+                    let Some(&(lba, left)) = b.zeroes.last() else {
+                        b.active = false;
+                        break;
+                    };
+                    let n = left.min(65536);
+                    rec.kind = Kind::WriteZeroes;
+                    rec.lba = lba;
+                    rec.blocks = n as u32;
+                    match self.send(rec) {
+                        Send::Sent => {
+                            let b = &mut self.backlog;
+                            let last = b.zeroes.last_mut().expect("checked");
+                            last.0 += n;
+                            last.1 -= n;
+                            if last.1 == 0 {
+                                b.zeroes.pop();
+                            }
+                        }
+                        Send::Full => return,
+                        Send::Refused => self.backlog.active = false,
                     }
-                    lba += chunk_len >> self.shift;
-                    count = 0;
-                    chunk_len = 0;
+                }
+                kind => {
+                    // The next chunk: up to MDTS bytes of the remaining buffers.
+                    let mut len = 0u64;
+                    let (mut seg, mut offset) = (b.seg, b.offset);
+                    while seg < b.segs.len() && len < self.max_transfer && rec.nsegs < MAX_SEGMENTS
+                    {
+                        let s = b.segs[seg];
+                        let take = (u64::from(s.len) - offset).min(self.max_transfer - len);
+                        rec.segs[rec.nsegs] = Segment {
+                            iova: s.iova + offset,
+                            len: take as u32,
+                        };
+                        rec.nsegs += 1;
+                        len += take;
+                        offset += take;
+                        if offset == u64::from(s.len) {
+                            seg += 1;
+                            offset = 0;
+                        }
+                    }
+                    if len == 0 {
+                        b.active = false;
+                        break;
+                    }
+                    // A chunk that ends inside a block (a segment split at the transfer
+                    // limit) cannot be sent: only odd guest buffers hit this.
+                    if len % (1 << self.shift) != 0 {
+                        b.active = false;
+                        self.fail(token);
+                        break;
+                    }
+                    rec.kind = match kind {
+                        Kind2::Read => Kind::Read,
+                        Kind2::WriteFua => Kind::WriteFua,
+                        _ => Kind::Write,
+                    };
+                    rec.lba = b.lba;
+                    rec.blocks = (len >> self.shift) as u32;
+                    match self.send(rec) {
+                        Send::Sent => {
+                            let b = &mut self.backlog;
+                            b.seg = seg;
+                            b.offset = offset;
+                            b.lba += len >> self.shift;
+                        }
+                        Send::Full => return,
+                        Send::Refused => self.backlog.active = false,
+                    }
                 }
             }
         }
-        if count > 0 {
-            self.send_chunk(r.op, token, lba, &chunk[..count], chunk_len);
+        // Everything sent (or given up): a request with nothing left out is done now.
+        let token = self.backlog.token;
+        if !self.backlog.active && self.parts[usize::from(token)].pending == 0 && self.owes(token) {
+            self.finish(token);
         }
     }
 
-    fn send_chunk(
-        &mut self,
-        op: Operation,
-        token: u16,
-        lba: u64,
-        segs: &[Segment],
-        len: u64,
-    ) -> bool {
-        // A chunk that ends inside a block (a segment split at the transfer limit) cannot be
-        // sent: the limit is a multiple of the block size, so only odd guest buffers hit this.
-        if len % (1 << self.shift) != 0 {
-            self.fail(token);
-            return false;
-        }
-        let (nsid, shift, blocks) = (self.nsid, self.shift, (len >> self.shift) as u32);
-        let fua = self.fua;
-        self.issue(token, |qp| match op {
-            Operation::Read => qp.read(nsid, lba, blocks, shift, segs, u64::from(token)),
-            // Writethrough: Force Unit Access, so the write completes only once stable.
-            _ if fua => qp.write_fua(nsid, lba, blocks, shift, segs, u64::from(token)),
-            _ => qp.write(nsid, lba, blocks, shift, segs, u64::from(token)),
-        })
+    /// Whether `token`'s completion has not been reported yet.
+    fn owes(&self, token: u16) -> bool {
+        self.parts[usize::from(token)].status != DONE
     }
+
+    fn finish(&mut self, token: u16) {
+        let p = &mut self.parts[usize::from(token)];
+        let st = if p.status == status::OK || p.status == status::IOERR {
+            p.status
+        } else {
+            status::IOERR
+        };
+        p.status = DONE;
+        self.reaped.push((token, st));
+    }
+
+    /// Every TICK: the timeout clock and the controller's fatal status. A lost command or a
+    /// fatal controller is answered with a reset; the commands it aborts are sent again.
+    fn watch(&mut self) {
+        self.loops = self.loops.wrapping_add(1);
+        if self.loops % 256 != 0 || self.last_tick.elapsed() < TICK {
+            return;
+        }
+        self.last_tick = Instant::now();
+        let stuck = self.qp.tick(self.timeout_ticks);
+        let fatal = self.ctrl.fatal();
+        if stuck.is_none() && !fatal {
+            return;
+        }
+        if let Some(s) = stuck {
+            tracing::warn!(
+                "{}: command {} (opcode {:#04x}, head {}) outstanding {} ms: resetting the controller",
+                self.ctrl.name(),
+                s.cid,
+                s.opcode,
+                s.token,
+                u64::from(s.age) * TICK.as_millis() as u64
+            );
+        } else {
+            tracing::warn!(
+                "{}: controller fatal status: resetting it",
+                self.ctrl.name()
+            );
+        }
+        match self.ctrl.reset() {
+            Ok(()) => tracing::info!(
+                "{}: controller reset; commands in flight are sent again",
+                self.ctrl.name()
+            ),
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "{}: controller reset failed: {e}",
+                self.ctrl.name()
+            ),
+        }
+    }
+}
+
+/// Status value marking a token whose completion was reported (not a virtio status).
+const DONE: u8 = 0xff;
+
+enum Send {
+    Sent,
+    Full,
+    Refused,
 }
 
 impl BackendQueue for NvmeQueue {
     fn can_submit(&self) -> bool {
-        self.qp.capacity() - self.qp.in_flight() >= MAX_PARTS
+        // A new request needs at least one slot; a backlog takes them all first.
+        !self.backlog.active && self.qp.capacity() > self.qp.in_flight()
     }
 
     fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
@@ -266,74 +497,153 @@ impl BackendQueue for NvmeQueue {
             pending: 0,
             status: status::OK,
         };
-        let nsid = self.nsid;
+        self.in_flight += 1;
+        let mut rec = Record {
+            token,
+            ..Record::default()
+        };
         match r.op {
-            Operation::Read | Operation::Write => self.read_write(r, token),
+            Operation::Read | Operation::Write => {
+                let block = 1u64 << self.shift;
+                let start = r.sector * SECTOR;
+                if start % block != 0 || r.data_len % block != 0 {
+                    self.fail(token);
+                } else {
+                    let b = &mut self.backlog;
+                    b.kind = match r.op {
+                        Operation::Read => Kind2::Read,
+                        _ if r.durable => Kind2::WriteFua,
+                        _ => Kind2::Write,
+                    };
+                    b.segs.clear();
+                    b.segs
+                        .extend(r.data[..r.data_count].iter().map(|s| Segment {
+                            iova: s.gpa,
+                            len: s.len,
+                        }));
+                    b.seg = 0;
+                    b.offset = 0;
+                    b.lba = start >> self.shift;
+                    b.token = token;
+                    b.active = true;
+                }
+            }
             Operation::Flush => {
-                self.issue(token, |qp| qp.flush(nsid, u64::from(token)));
+                rec.kind = Kind::Flush;
+                self.send(&rec);
             }
             Operation::Discard => {
-                let mut ranges = [(0u64, 0u32); crate::request::MAX_DISCARD_SEGMENTS];
+                rec.kind = Kind::Deallocate;
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
                     match sectors_to_blocks(sector, count, self.shift) {
-                        Some((lba, blocks)) => ranges[i] = (lba, blocks as u32),
+                        Some((lba, blocks)) => rec.ranges[i] = (lba, blocks as u32),
                         None => {
                             self.fail(token);
-                            return self.accounted(token);
-                        }
-                    }
-                }
-                let n = r.range_count;
-                self.issue(token, |qp| {
-                    qp.deallocate(nsid, &ranges[..n], u64::from(token))
-                });
-            }
-            Operation::WriteZeroes { .. } => {
-                for &(sector, count) in &r.ranges[..r.range_count] {
-                    let Some((mut lba, mut left)) = sectors_to_blocks(sector, count, self.shift)
-                    else {
-                        self.fail(token);
-                        break;
-                    };
-                    while left > 0 {
-                        let n = left.min(65536) as u32;
-                        if !self.issue(token, |qp| qp.write_zeroes(nsid, lba, n, u64::from(token)))
-                        {
+                            rec.nranges = 0;
                             break;
                         }
-                        lba += u64::from(n);
-                        left -= u64::from(n);
                     }
+                    rec.nranges = i + 1;
+                }
+                if rec.nranges > 0 {
+                    self.send(&rec);
+                }
+            }
+            Operation::WriteZeroes { .. } => {
+                let b = &mut self.backlog;
+                b.zeroes.clear();
+                let mut bad = false;
+                for &(sector, count) in r.ranges[..r.range_count].iter().rev() {
+                    match sectors_to_blocks(sector, count, self.shift) {
+                        Some(range) => b.zeroes.push(range),
+                        None => bad = true,
+                    }
+                }
+                if bad {
+                    self.fail(token);
+                } else {
+                    b.kind = Kind2::WriteZeroes;
+                    b.token = token;
+                    b.active = true;
                 }
             }
         }
-        self.accounted(token)
+        if self.backlog.active && self.backlog.token == token {
+            self.pump();
+        } else if self.parts[usize::from(token)].pending == 0 {
+            // Nothing reached the device (refused before submission): report now.
+            let p = &mut self.parts[usize::from(token)];
+            if p.status == status::OK {
+                p.status = status::IOERR;
+            }
+            self.finish(token);
+        }
+        Ok(())
     }
 
     fn flush_submissions(&mut self) {
+        self.pump();
         self.qp.ring();
+        self.watch();
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        let parts = &mut self.parts;
-        let reaped = &mut self.reaped;
-        self.qp.poll(usize::from(ENTRIES), |c| {
-            let token = c.token as u16;
-            let p = &mut parts[usize::from(token)];
-            if !c.status.is_success() {
-                p.status = status::IOERR;
-            }
-            p.pending = p.pending.saturating_sub(1);
-            if p.pending == 0 {
-                reaped.push((token, p.status));
-            }
-        });
-        let n = self.reaped.len();
-        for (token, st) in self.reaped.drain(..) {
-            done(token, st);
+        let mut again: Vec<Record> = Vec::new();
+        {
+            let (parts, records, reaped) = (&mut self.parts, &self.records, &mut self.reaped);
+            self.qp.poll(usize::from(ENTRIES), |c| {
+                let token = c.token as u16;
+                let rec = records.get(usize::from(c.cid)).copied();
+                let p = &mut parts[usize::from(token)];
+                p.pending = p.pending.saturating_sub(1);
+                match rec {
+                    // A reset aborted it: send it again (the guest never knows).
+                    Some(rec) if c.status == Status::ABORTED_BY_RESET && rec.tries < MAX_TRIES => {
+                        again.push(Record {
+                            tries: rec.tries + 1,
+                            ..rec
+                        });
+                        return;
+                    }
+                    _ => {}
+                }
+                if !c.status.is_success() {
+                    p.status = status::IOERR;
+                }
+                if p.pending == 0 && p.status != DONE {
+                    reaped.push((token, p.status));
+                    p.status = DONE;
+                }
+            });
         }
-        self.in_flight -= n;
-        n
+        for rec in again {
+            match self.send(&rec) {
+                Send::Sent => {}
+                _ => {
+                    // No slot right after a reset, or refused: the request fails rather than
+                    // hangs.
+                    let p = &mut self.parts[usize::from(rec.token)];
+                    p.status = status::IOERR;
+                    if p.pending == 0 {
+                        self.finish(rec.token);
+                    }
+                }
+            }
+        }
+        // A request whose backlog is still being sent is not done even at zero pending.
+        let backlog = self.backlog.active.then_some(self.backlog.token);
+        let mut reported = 0;
+        for (token, st) in self.reaped.drain(..) {
+            if Some(token) == backlog {
+                // Not yet: reported when the backlog finishes (pump).
+                self.parts[usize::from(token)].status = st;
+                continue;
+            }
+            done(token, st);
+            reported += 1;
+        }
+        self.in_flight -= reported.min(self.in_flight);
+        reported
     }
 
     fn in_flight(&self) -> usize {

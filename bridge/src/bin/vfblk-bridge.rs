@@ -48,6 +48,15 @@ struct Args {
     #[cfg(feature = "test-delay")]
     #[arg(long, value_name = "N")]
     test_delay_ms: Option<u64>,
+    /// NVMe backend: a command outstanding this long is lost; the controller is reset and
+    /// every command in flight is sent again.
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
+    nvme_timeout_ms: u64,
+    /// NVMe backend fault injection: each queue pair loses the completion that arrives after
+    /// N others (tests only).
+    #[cfg(feature = "test-delay")]
+    #[arg(long, value_name = "N")]
+    test_lose_nvme_completion: Option<u64>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -69,6 +78,10 @@ fn main() -> ExitCode {
     let test_delay = args.test_delay_ms.map(Duration::from_millis);
     #[cfg(not(feature = "test-delay"))]
     let test_delay: Option<Duration> = None;
+    #[cfg(feature = "test-delay")]
+    let lose_completion_after = args.test_lose_nvme_completion;
+    #[cfg(not(feature = "test-delay"))]
+    let lose_completion_after = None;
     let options = TargetOptions {
         socket: args.socket,
         backend: args.backend,
@@ -78,6 +91,10 @@ fn main() -> ExitCode {
         inflight: !args.no_inflight,
         serial: args.serial,
         test_delay,
+        nvme: vfblk_bridge::backend::NvmeOptions {
+            command_timeout: Duration::from_millis(args.nvme_timeout_ms),
+            lose_completion_after,
+        },
     };
     match target::run(options) {
         Ok(()) => ExitCode::SUCCESS,
