@@ -62,6 +62,13 @@ pub struct Options {
     pub seed: u32,
     /// Back guest memory with 2 MiB hugepages (as QEMU with a hugetlbfs memory backend).
     pub hugepages: bool,
+    /// Negotiate EVENT_IDX and sleep on the call eventfd like a guest driver does, counting
+    /// every time the device published completions without interrupting (a guest would hang
+    /// there until something else woke it).
+    pub interrupts: bool,
+    /// Wait this long between SET_VRING_KICK and SET_VRING_CALL when (re)connecting: the
+    /// window in which a backend re-runs requests with no call fd to signal.
+    pub call_after_kick: Duration,
 }
 
 /// What happened.
@@ -79,6 +86,9 @@ pub struct Report {
     pub lost: u64,
     /// Used elements for heads not in flight (a request completed twice, or garbage).
     pub not_a_head: u64,
+    /// Completions published without an interrupt (with `interrupts`): the load generator
+    /// found them only after sleeping a whole interrupt timeout.
+    pub missed_interrupts: u64,
     /// Times the backend went away and came back.
     pub reconnects: u64,
     /// Per reconnect: ms from the last completion before the backend vanished to the first
@@ -98,6 +108,7 @@ impl Report {
     /// Nothing went wrong: no verify error, failure, loss, stray head or error message.
     pub fn clean(&self) -> bool {
         self.verify_errors == 0
+            && self.missed_interrupts == 0
             && self.failed == 0
             && self.lost == 0
             && self.not_a_head == 0
@@ -125,6 +136,7 @@ impl Report {
             "failed": self.failed,
             "lost": self.lost,
             "not_a_head": self.not_a_head,
+            "missed_interrupts": self.missed_interrupts,
             "reconnects": self.reconnects,
             "inflight": self.inflight,
             "pauses_ms": self.pauses_ms,
@@ -234,6 +246,9 @@ fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
         _map: map,
     })
 }
+
+/// How long a load generator that waits on interrupts sleeps before looking anyway.
+const INTERRUPT_WAIT_MS: i32 = 2000;
 
 fn stamp(unit: u64, generation: u32, seed: u32, out: &mut [u8]) {
     for (w, word) in out.chunks_exact_mut(8).enumerate() {
@@ -360,7 +375,8 @@ impl LoadGen {
             | (1 << 2)
             | (1 << 6)
             | (1 << 9)
-            | (1 << 12);
+            | (1 << 12)
+            | if self.opts.interrupts { 1 << 29 } else { 0 };
         fe.set_features(offered & wanted)
             .map_err(e("SET_FEATURES"))?;
         let pf = fe
@@ -424,6 +440,9 @@ impl LoadGen {
             };
             fe.set_vring_addr(i, &cfg).map_err(e("SET_VRING_ADDR"))?;
             fe.set_vring_kick(i, &q.kick).map_err(e("SET_VRING_KICK"))?;
+            if !self.opts.call_after_kick.is_zero() {
+                std::thread::sleep(self.opts.call_after_kick);
+            }
             fe.set_vring_call(i, &q.call).map_err(e("SET_VRING_CALL"))?;
             fe.set_vring_enable(i, true)
                 .map_err(e("SET_VRING_ENABLE"))?;
@@ -590,6 +609,10 @@ impl LoadGen {
         let mut gone_since: Option<Instant> = None;
         let mut awaiting_first = false;
         let mut stopping = false;
+        // With `interrupts`, the guest's side sleeps until an interrupt (or its timeout): a
+        // reconnect is QEMU's business and does not wake it, so it does not look at the
+        // rings until then.
+        let mut asleep = false;
         loop {
             let now = Instant::now();
             if now >= end {
@@ -629,6 +652,10 @@ impl LoadGen {
                         let _ = self.queues[qi].kick.write(1);
                     }
                 }
+                // Asleep, the guest's side does not look at the rings at all.
+                if asleep {
+                    continue;
+                }
                 loop {
                     match self.queues[qi].ring.pop_used() {
                         Ok(Some((head, _len))) => {
@@ -643,7 +670,21 @@ impl LoadGen {
                             }
                             last_completion = now;
                         }
-                        Ok(None) => break,
+                        Ok(None) => {
+                            if self.opts.interrupts {
+                                // Ask for an interrupt at the next completion, then look
+                                // once more: one published before the request was visible
+                                // would otherwise go unsignalled (virtio's enable-callbacks
+                                // rule).
+                                let ring = &mut self.queues[qi].ring;
+                                let last = ring.last_used();
+                                ring.set_used_event(last);
+                                if ring.used_idx_in_memory() != last {
+                                    continue;
+                                }
+                            }
+                            break;
+                        }
                         Err(e) => {
                             self.report.not_a_head += 1;
                             self.error(format!("queue {qi}: {e}"));
@@ -684,10 +725,52 @@ impl LoadGen {
                         revents: 0,
                     })
                     .collect();
-                // SAFETY: valid pollfd array.
-                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+                // The backend's socket too: its hang-up must wake a sleeper at once, as it
+                // wakes QEMU.
+                if let Some((_, watch)) = &self.frontend {
+                    fds.push(libc::pollfd {
+                        fd: watch.as_raw_fd(),
+                        events: libc::POLLRDHUP,
+                        revents: 0,
+                    });
+                }
+                // A guest driver sleeps until interrupted; the plain load generator only
+                // naps, so it never depends on interrupts.
+                let timeout_ms = if self.opts.interrupts && gone_since.is_none() {
+                    INTERRUPT_WAIT_MS
+                } else {
+                    1
+                };
+                asleep = self.opts.interrupts;
+                // SAFETY: a valid pollfd array of the given length.
+                let woken =
+                    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+                let interrupted = fds[..self.queues.len()]
+                    .iter()
+                    .any(|p| p.revents & libc::POLLIN != 0);
                 for q in &self.queues {
                     let _ = q.call.read();
+                }
+                // Awake on an interrupt or the timeout; a hang-up of the backend's socket
+                // alone leaves the guest asleep.
+                if interrupted || woken == 0 {
+                    asleep = false;
+                }
+                if self.opts.interrupts
+                    && woken == 0
+                    && gone_since.is_none()
+                    && !self.backend_gone()
+                {
+                    let unseen = self
+                        .queues
+                        .iter()
+                        .any(|q| q.ring.used_idx_in_memory() != q.ring.last_used());
+                    if unseen {
+                        self.report.missed_interrupts += 1;
+                        self.error(format!(
+                            "completions published without an interrupt (found after {INTERRUPT_WAIT_MS} ms)"
+                        ));
+                    }
                 }
             }
         }

@@ -203,6 +203,14 @@ impl DriverQueue {
         Some(e)
     }
 
+    /// Under EVENT_IDX: asks the device to interrupt once the used index passes `idx`
+    /// (the avail ring's `used_event` word).
+    pub fn set_used_event(&mut self, idx: u16) {
+        // SAFETY: used_event sits after the avail ring's entries, inside the avail ring.
+        unsafe { (self.avail.add(4 + 2 * usize::from(self.size)) as *mut u16).write_volatile(idx) };
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
     /// The used index as the device last published it (what QEMU rewinds to on reconnect).
     pub fn used_idx_in_memory(&self) -> u16 {
         // SAFETY: used idx at offset 2.

@@ -856,4 +856,35 @@ mod tests {
         assert!(!drain_kick(&kick, libc::POLLHUP), "hung up: dropped");
         assert!(!drain_kick(&kick, libc::POLLNVAL), "invalid: dropped");
     }
+
+    #[test]
+    fn under_event_idx_the_driver_is_interrupted_when_it_asks() {
+        let mut guest = MockGuest::new(1 << 20, 8);
+        let (call, observer) = eventfd(libc::EFD_NONBLOCK);
+        let mut q = QueueRuntime::new(QueueStart {
+            index: 0,
+            mem: guest.memory(),
+            vq: guest.device_queue(true),
+            inflight: None,
+            handler: HoldHandler::boxed(Release::Burst(1)),
+            call: Some(call),
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+        });
+        let _ = observer.read(); // the start's signal
+        for round in 1..=3u16 {
+            let b = guest.alloc(16);
+            guest.add_chain(&[(b, 16, false)]);
+            guest.driver().set_used_event(round - 1);
+            q.process(true);
+            q.process(true);
+            assert_eq!(guest.pop_used().map(|(_, n)| n), Some(1), "round {round}");
+            assert_eq!(
+                observer.read().ok(),
+                Some(1),
+                "interrupted in round {round}"
+            );
+        }
+    }
 }

@@ -52,6 +52,13 @@ struct Args {
     /// Guest memory on 2 MiB hugepages (needs reserved hugepages).
     #[arg(long)]
     hugepages: bool,
+    /// Negotiate EVENT_IDX and sleep on interrupts like a guest driver, counting completions
+    /// the device published without interrupting.
+    #[arg(long)]
+    interrupts: bool,
+    /// Milliseconds between SET_VRING_KICK and SET_VRING_CALL when (re)connecting.
+    #[arg(long, default_value_t = 0)]
+    call_after_kick_ms: u64,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
         io_timeout: Duration::from_secs(a.io_timeout_s),
         seed: a.seed,
         hugepages: a.hugepages,
+        interrupts: a.interrupts,
+        call_after_kick: Duration::from_millis(a.call_after_kick_ms),
     };
     let report = match LoadGen::new(options) {
         Ok(lg) => lg.run(),
