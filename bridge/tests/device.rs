@@ -307,13 +307,7 @@ fn unanswerable_chains_stop_their_queue_and_the_next_frontend_is_served() {
             &d(table, 32, DESC_F_INDIRECT, 0).to_le_bytes(),
         );
         g.put(st, &[0xff]);
-        let list: Vec<(u16, Descriptor)> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (i as u16 + 40, *d))
-            .collect();
-        g.g.add_raw(&list, 40);
-        let _ = g.kick.write(1);
+        g.submit_raw(&descs);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             g.g.pop_used_raw(),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{d, start_server, Guest, BUF, QSIZE};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::mock::MockGuest;
-use vfblk_vhost::virtq::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+use vfblk_vhost::virtq::{DESC_F_NEXT, DESC_F_WRITE};
 use vhost::VhostBackend;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -91,17 +91,6 @@ fn good_client(socket: &std::path::PathBuf, round: usize) {
     );
 }
 
-/// Submits a chain at raw descriptors 40.. and kicks.
-fn submit_raw(g: &mut Guest, descs: &[Descriptor]) {
-    let list: Vec<(u16, Descriptor)> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (i as u16 + 40, *d))
-        .collect();
-    g.g.add_raw(&list, 40);
-    let _ = g.kick.write(1);
-}
-
 fn round(socket: &std::path::PathBuf, i: usize) {
     let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
     match i % 7 {
@@ -152,13 +141,10 @@ fn round(socket: &std::path::PathBuf, i: usize) {
         3 => {
             let mut g = Guest::connect(socket);
             g.put(st, &[0xff]);
-            submit_raw(
-                &mut g,
-                &[
-                    d(hdr, 16, DESC_F_NEXT, 41),
-                    d(dat, 512, DESC_F_WRITE | DESC_F_NEXT, 40),
-                ],
-            );
+            g.submit_raw(&[
+                d(hdr, 16, DESC_F_NEXT, 41),
+                d(dat, 512, DESC_F_WRITE | DESC_F_NEXT, 40),
+            ]);
             std::thread::sleep(Duration::from_millis(1));
             assert_eq!(
                 g.g.pop_used_raw(),

@@ -663,13 +663,22 @@ mod tests {
     }
 
     fn runtime(guest: &MockGuest, handler: Box<dyn QueueHandler>) -> QueueRuntime {
+        runtime_with(guest, handler, false, None)
+    }
+
+    fn runtime_with(
+        guest: &MockGuest,
+        handler: Box<dyn QueueHandler>,
+        event_idx: bool,
+        call: Option<File>,
+    ) -> QueueRuntime {
         QueueRuntime::new(QueueStart {
             index: 0,
             mem: guest.memory(),
-            vq: guest.device_queue(false),
+            vq: guest.device_queue(event_idx),
             inflight: None,
             handler,
-            call: None,
+            call,
             kick: None,
             errors: Arc::new(GuestErrors::new("test")),
             resubmit: Vec::new(),
@@ -811,17 +820,12 @@ mod tests {
     fn every_start_and_every_new_call_fd_signal_the_driver_once() {
         let guest = MockGuest::new(1 << 20, 8);
         let (call, observer) = eventfd(libc::EFD_NONBLOCK);
-        let mut q = QueueRuntime::new(QueueStart {
-            index: 0,
-            mem: guest.memory(),
-            vq: guest.device_queue(true),
-            inflight: None,
-            handler: HoldHandler::boxed(Release::Burst(1)),
-            call: Some(call),
-            kick: None,
-            errors: Arc::new(GuestErrors::new("test")),
-            resubmit: Vec::new(),
-        });
+        let mut q = runtime_with(
+            &guest,
+            HoldHandler::boxed(Release::Burst(1)),
+            true,
+            Some(call),
+        );
         // A predecessor may have published without signalling: the start signals.
         assert_eq!(observer.read().unwrap(), 1, "signalled at start");
         // A new call fd (requests re-run before SET_VRING_CALL) is signalled too.
@@ -861,17 +865,12 @@ mod tests {
     fn under_event_idx_the_driver_is_interrupted_when_it_asks() {
         let mut guest = MockGuest::new(1 << 20, 8);
         let (call, observer) = eventfd(libc::EFD_NONBLOCK);
-        let mut q = QueueRuntime::new(QueueStart {
-            index: 0,
-            mem: guest.memory(),
-            vq: guest.device_queue(true),
-            inflight: None,
-            handler: HoldHandler::boxed(Release::Burst(1)),
-            call: Some(call),
-            kick: None,
-            errors: Arc::new(GuestErrors::new("test")),
-            resubmit: Vec::new(),
-        });
+        let mut q = runtime_with(
+            &guest,
+            HoldHandler::boxed(Release::Burst(1)),
+            true,
+            Some(call),
+        );
         let _ = observer.read(); // the start's signal
         for round in 1..=3u16 {
             let b = guest.alloc(16);

@@ -195,8 +195,8 @@ impl Guest {
     }
 
     /// Raw descriptors at indexes 40.. (head 40); returns (status byte, used id, used len).
-    pub fn raw(&mut self, descs: &[Descriptor], status_gpa: u64) -> (u8, u32, u32) {
-        self.put(status_gpa, &[0xff]);
+    /// Writes raw descriptors at indexes 40.. (head 40), makes them available and kicks.
+    pub fn submit_raw(&mut self, descs: &[Descriptor]) {
         let list: Vec<(u16, Descriptor)> = descs
             .iter()
             .enumerate()
@@ -204,6 +204,11 @@ impl Guest {
             .collect();
         self.g.add_raw(&list, 40);
         let _ = self.kick.write(1);
+    }
+
+    pub fn raw(&mut self, descs: &[Descriptor], status_gpa: u64) -> (u8, u32, u32) {
+        self.put(status_gpa, &[0xff]);
+        self.submit_raw(descs);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some((id, len)) = self.g.pop_used_raw() {
