@@ -69,6 +69,9 @@ pub struct Options {
     /// Wait this long between SET_VRING_KICK and SET_VRING_CALL when (re)connecting: the
     /// window in which a backend re-runs requests with no call fd to signal.
     pub call_after_kick: Duration,
+    /// Give each data buffer as two descriptors that start inside a page and split it off a
+    /// page boundary: a scatter list NVMe PRPs cannot describe (SGLs or bounce buffers must).
+    pub unaligned: bool,
 }
 
 /// What happened.
@@ -247,6 +250,14 @@ fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
     })
 }
 
+/// Bytes between slots' data buffers (an extra page leaves room for unaligned starts).
+fn data_stride(opts: &Options) -> usize {
+    opts.block_size as usize + if opts.unaligned { 4096 } else { 0 }
+}
+
+/// Where an unaligned data buffer starts within its page.
+const UNALIGNED_START: u64 = 0x100;
+
 /// How long a load generator that waits on interrupts sleeps before looking anyway.
 const INTERRUPT_WAIT_MS: i32 = 2000;
 
@@ -279,7 +290,7 @@ impl LoadGen {
         }
         let ring_bytes = DriverQueue::bytes(opts.queue_size).div_ceil(4096) * 4096;
         let control_bytes = (usize::from(opts.depth) * 32).div_ceil(4096) * 4096;
-        let data_bytes = usize::from(opts.depth) * opts.block_size as usize;
+        let data_bytes = usize::from(opts.depth) * data_stride(&opts);
         let per_queue = ring_bytes + control_bytes + data_bytes.div_ceil(4096) * 4096;
         let total = per_queue * usize::from(opts.queues);
         let mem = memfd(total, opts.hugepages).map_err(|e| {
@@ -342,6 +353,16 @@ impl LoadGen {
         lg.expected = vec![0; lg.units as usize];
         lg.busy_units = vec![false; lg.units as usize];
         Ok(lg)
+    }
+
+    /// Guest-physical address of slot `si`'s data buffer on queue `qi`.
+    fn data_gpa(&self, qi: usize, si: usize) -> u64 {
+        let start = if self.opts.unaligned {
+            UNALIGNED_START
+        } else {
+            0
+        };
+        self.queues[qi].data_gpa + (si * data_stride(&self.opts)) as u64 + start
     }
 
     fn host(&self, gpa: u64) -> *mut u8 {
@@ -490,7 +511,7 @@ impl LoadGen {
         let bs = self.opts.block_size as usize;
         let q = &self.queues[qi];
         let control = q.control_gpa + 32 * si as u64;
-        let data = q.data_gpa + (si * bs) as u64;
+        let data = self.data_gpa(qi, si);
         let generation = if write {
             let g = self.next_generation;
             self.next_generation = self.next_generation.wrapping_add(1).max(1);
@@ -516,24 +537,33 @@ impl LoadGen {
             }
         }
         let q = &mut self.queues[qi];
-        let chain = [
-            DriverBuffer {
-                gpa: control,
-                len: 16,
-                write: false,
-            },
-            DriverBuffer {
-                gpa: data,
-                len: bs as u32,
-                write: !write,
-            },
-            DriverBuffer {
-                gpa: control + 16,
-                len: 1,
-                write: true,
-            },
-        ];
-        let Some(head) = q.ring.add(&chain) else {
+        let header = DriverBuffer {
+            gpa: control,
+            len: 16,
+            write: false,
+        };
+        let status = DriverBuffer {
+            gpa: control + 16,
+            len: 1,
+            write: true,
+        };
+        let data_buffer = |gpa: u64, len: usize| DriverBuffer {
+            gpa,
+            len: len as u32,
+            write: !write,
+        };
+        let added = if self.opts.unaligned {
+            let half = bs / 2;
+            q.ring.add(&[
+                header,
+                data_buffer(data, half),
+                data_buffer(data + half as u64, bs - half),
+                status,
+            ])
+        } else {
+            q.ring.add(&[header, data_buffer(data, bs), status])
+        };
+        let Some(head) = added else {
             return;
         };
         q.head_to_slot[usize::from(head)] = Some(si);
@@ -561,7 +591,7 @@ impl LoadGen {
             (slot.write, slot.unit, slot.generation, slot.issued);
         self.busy_units[unit as usize] = false;
         let control = self.queues[qi].control_gpa + 32 * si as u64;
-        let data = self.queues[qi].data_gpa + (si * self.opts.block_size as usize) as u64;
+        let data = self.data_gpa(qi, si);
         // SAFETY: the status byte lies in our mapping and the device has published it.
         let st = unsafe { self.host(control + 16).read_volatile() };
         self.report.ios += 1;

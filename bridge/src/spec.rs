@@ -110,6 +110,7 @@ impl BackendSpec {
                     *address,
                     &Options {
                         io_queues: queues,
+                        sgl: nvme.use_sgl,
                         ..Options::default()
                     },
                 )

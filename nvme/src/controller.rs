@@ -43,6 +43,9 @@ pub struct Options {
     pub io_queues: u16,
     /// Use shadow doorbells (Doorbell Buffer Config) if the controller offers them.
     pub shadow_doorbells: bool,
+    /// Use SGLs for scatter lists PRPs cannot describe, if the controller offers them; off,
+    /// the controller is driven as one without (tests of the PRP-only path).
+    pub sgl: bool,
 }
 
 impl Default for Options {
@@ -50,12 +53,15 @@ impl Default for Options {
         Self {
             io_queues: 8,
             shadow_doorbells: true,
+            sgl: true,
         }
     }
 }
 
 pub(crate) struct Shared {
     pub name: String,
+    /// SGLs allowed by the options (the controller must offer them too).
+    pub use_sgl: bool,
     pub pci: Arc<VfioPci>,
     pub cap: Cap,
     pub version: Version,
@@ -237,6 +243,7 @@ impl Controller {
             generation: std::sync::atomic::AtomicU64::new(0),
             cc,
             dbbuf: None,
+            use_sgl: options.sgl,
         };
         shared.identify =
             IdentifyController::parse(&shared.identify_page(Command::identify(1, 0, 0))?);
@@ -420,7 +427,7 @@ impl Controller {
                 s.cap.doorbell_stride(),
                 s.max_transfer as u64,
             );
-            qp.set_sgl(s.identify.supports_sgl());
+            qp.set_sgl(s.use_sgl && s.identify.supports_sgl());
             qp.set_shadow(s.shadow_doorbells(qid));
             let generation = s.create_io_queues(qid, entries, qp.cq_iova(), qp.sq_iova())?;
             qp.set_generation(generation);

@@ -56,6 +56,10 @@ struct Args {
     /// the device published without interrupting.
     #[arg(long)]
     interrupts: bool,
+    /// Give each data buffer as two descriptors off page boundaries (a scatter list NVMe
+    /// PRPs cannot describe).
+    #[arg(long)]
+    unaligned: bool,
     /// Milliseconds between SET_VRING_KICK and SET_VRING_CALL when (re)connecting.
     #[arg(long, default_value_t = 0)]
     call_after_kick_ms: u64,
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         hugepages: a.hugepages,
         interrupts: a.interrupts,
         call_after_kick: Duration::from_millis(a.call_after_kick_ms),
+        unaligned: a.unaligned,
     };
     let report = match LoadGen::new(options) {
         Ok(lg) => lg.run(),

@@ -374,6 +374,7 @@ fn open(c: &ControllerArgs, queues: u16) -> Result<Controller> {
         &Options {
             io_queues: queues,
             shadow_doorbells: !c.mmio_doorbells,
+            sgl: true,
         },
     )
 }

@@ -46,6 +46,9 @@ pub struct NvmeOptions {
     /// Fault injection (tests): each queue pair loses the completion that arrives after
     /// this many others.
     pub lose_completion_after: Option<u64>,
+    /// Use SGLs where the controller offers them; off, scatter lists PRPs cannot describe
+    /// go through bounce buffers as on a controller without SGLs.
+    pub use_sgl: bool,
 }
 
 impl Default for NvmeOptions {
@@ -53,6 +56,7 @@ impl Default for NvmeOptions {
         Self {
             command_timeout: Duration::from_secs(30),
             lose_completion_after: None,
+            use_sgl: true,
         }
     }
 }
@@ -136,10 +140,14 @@ impl Backend for NvmeBackend {
             reaped: Vec::with_capacity(usize::from(ENTRIES)),
             backlog: Backlog {
                 segs: Vec::with_capacity(MAX_SEGMENTS),
+                hosts: Vec::with_capacity(MAX_SEGMENTS),
                 zeroes: Vec::with_capacity(MAX_DISCARD_SEGMENTS),
                 ..Backlog::default()
             },
             scratch: Box::default(),
+            pieces: Vec::with_capacity(MAX_SEGMENTS),
+            bounces: Vec::new(),
+            ctrl_for_dma: self.ctrl.clone(),
             timeout_ticks: (self.options.command_timeout.as_millis() as u64 / tick_ms).max(1)
                 as u32,
             last_tick: Instant::now(),
@@ -193,6 +201,21 @@ struct Record {
     ranges: [(u64, u32); MAX_DISCARD_SEGMENTS],
     nranges: usize,
     tries: u8,
+    /// The bounce buffer carrying its data, if PRPs could not describe the guest's buffers.
+    bounce: u16,
+}
+
+/// No bounce buffer.
+const NO_BOUNCE: u16 = u16::MAX;
+
+/// A command's data in DMA memory of ours, for guest buffers PRPs cannot describe on a
+/// controller without SGLs: written from the guest's buffers before a write, copied to them
+/// after a read.
+struct Bounce {
+    chunk: vfblk_hugepages::DmaChunk,
+    /// The guest's pieces, in order: host address and length.
+    pieces: Vec<(*mut u8, u32)>,
+    read: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +240,7 @@ impl Record {
         dst.nranges = self.nranges;
         dst.ranges[..self.nranges].copy_from_slice(&self.ranges[..self.nranges]);
         dst.tries = self.tries;
+        dst.bounce = self.bounce;
     }
 }
 
@@ -232,6 +256,7 @@ impl Default for Record {
             ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
             nranges: 0,
             tries: 0,
+            bounce: NO_BOUNCE,
         }
     }
 }
@@ -243,8 +268,10 @@ struct Backlog {
     active: bool,
     token: u16,
     kind: Kind2,
-    /// Read/write: the request's buffers and where sending stands in them.
+    /// Read/write: the request's buffers (device and host addresses) and where sending
+    /// stands in them.
     segs: Vec<Segment>,
+    hosts: Vec<*mut u8>,
     seg: usize,
     offset: u64,
     lba: u64,
@@ -276,10 +303,19 @@ struct NvmeQueue {
     backlog: Backlog,
     /// A record to build commands in (boxed: 2.7 KB, kept to avoid initialising one per chunk).
     scratch: Box<Record>,
+    /// The host side of the chunk being built (for a bounce).
+    pieces: Vec<(*mut u8, u32)>,
+    /// Bounce buffers in use, by index.
+    bounces: Vec<Option<Bounce>>,
+    ctrl_for_dma: Controller,
     timeout_ticks: u32,
     last_tick: Instant,
     loops: u32,
 }
+
+// SAFETY: the host pointers it keeps (for bounce copies) point into guest memory that stays
+// mapped while requests are in flight; one poller thread owns the queue.
+unsafe impl std::marker::Send for NvmeQueue {}
 
 impl NvmeQueue {
     fn fail(&mut self, token: u16) {
@@ -311,10 +347,85 @@ impl NvmeQueue {
                 Send::Sent
             }
             Err(SubmitError::QueueFull) => Send::Full,
+            Err(SubmitError::Prp(_))
+                if matches!(rec.kind, Kind::Read | Kind::Write | Kind::WriteFua)
+                    && rec.bounce == NO_BOUNCE =>
+            {
+                Send::NeedsBounce
+            }
             Err(e) => {
                 tracing::warn!("nvme backend: head {}: {e}", rec.token);
                 self.fail(rec.token);
                 Send::Refused
+            }
+        }
+    }
+
+    /// Sends `rec` (whose buffers are `self.pieces`, `len` bytes) through a bounce buffer.
+    fn send_bounced(&mut self, rec: &mut Record, len: u64) -> Send {
+        let chunk = match self.ctrl_for_dma.dma_buffer(len as usize) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "nvme backend: head {}: no bounce buffer: {e}",
+                    rec.token
+                );
+                self.fail(rec.token);
+                return Send::Refused;
+            }
+        };
+        let read = rec.kind == Kind::Read;
+        if !read {
+            let mut at = 0usize;
+            for &(host, n) in &self.pieces {
+                // SAFETY: the piece lies in guest memory the chain walk translated; the
+                // chunk holds `len` bytes, the sum of the pieces.
+                unsafe { std::ptr::copy_nonoverlapping(host, chunk.as_ptr().add(at), n as usize) };
+                at += n as usize;
+            }
+        }
+        let index = match self.bounces.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.bounces.push(None);
+                self.bounces.len() - 1
+            }
+        };
+        rec.segs[0] = Segment {
+            iova: chunk.iova(),
+            len: len as u32,
+        };
+        rec.nsegs = 1;
+        rec.bounce = index as u16;
+        self.bounces[index] = Some(Bounce {
+            chunk,
+            pieces: self.pieces.clone(),
+            read,
+        });
+        match self.send(rec) {
+            Send::Sent => Send::Sent,
+            other => {
+                self.bounces[index] = None;
+                other
+            }
+        }
+    }
+
+    /// A bounced command is done: a read's data goes to the guest's buffers (if it
+    /// succeeded), and the bounce buffer is freed.
+    fn end_bounce(bounces: &mut [Option<Bounce>], index: u16, success: bool) {
+        let Some(b) = bounces.get_mut(usize::from(index)).and_then(Option::take) else {
+            return;
+        };
+        if b.read && success {
+            let mut at = 0usize;
+            for &(host, n) in &b.pieces {
+                // SAFETY: as in send_bounced; the guest owns the buffer until we complete.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.chunk.as_ptr().add(at), host, n as usize)
+                };
+                at += n as usize;
             }
         }
     }
@@ -358,13 +469,14 @@ impl NvmeQueue {
                             }
                         }
                         Send::Full => return,
-                        Send::Refused => self.backlog.active = false,
+                        Send::Refused | Send::NeedsBounce => self.backlog.active = false,
                     }
                 }
                 kind => {
                     // The next chunk: up to MDTS bytes of the remaining buffers.
                     let mut len = 0u64;
                     let (mut seg, mut offset) = (b.seg, b.offset);
+                    self.pieces.clear();
                     while seg < b.segs.len() && len < self.max_transfer && rec.nsegs < MAX_SEGMENTS
                     {
                         let s = b.segs[seg];
@@ -373,6 +485,10 @@ impl NvmeQueue {
                             iova: s.iova + offset,
                             len: take as u32,
                         };
+                        // SAFETY: offset < s.len: inside the guest buffer the chain walk
+                        // translated.
+                        self.pieces
+                            .push((unsafe { b.hosts[seg].add(offset as usize) }, take as u32));
                         rec.nsegs += 1;
                         len += take;
                         offset += take;
@@ -399,7 +515,12 @@ impl NvmeQueue {
                     };
                     rec.lba = b.lba;
                     rec.blocks = (len >> self.shift) as u32;
-                    match self.send(rec) {
+                    rec.bounce = NO_BOUNCE;
+                    let mut sent = self.send(rec);
+                    if let Send::NeedsBounce = sent {
+                        sent = self.send_bounced(rec, len);
+                    }
+                    match sent {
                         Send::Sent => {
                             let b = &mut self.backlog;
                             b.seg = seg;
@@ -407,7 +528,7 @@ impl NvmeQueue {
                             b.lba += len >> self.shift;
                         }
                         Send::Full => return,
-                        Send::Refused => self.backlog.active = false,
+                        Send::Refused | Send::NeedsBounce => self.backlog.active = false,
                     }
                 }
             }
@@ -484,6 +605,8 @@ enum Send {
     Sent,
     Full,
     Refused,
+    /// PRPs cannot describe the buffers and the controller takes no SGLs.
+    NeedsBounce,
 }
 
 impl BackendQueue for NvmeQueue {
@@ -521,6 +644,9 @@ impl BackendQueue for NvmeQueue {
                             iova: s.gpa,
                             len: s.len,
                         }));
+                    b.hosts.clear();
+                    b.hosts
+                        .extend(r.data[..r.data_count].iter().map(|s| s.host));
                     b.seg = 0;
                     b.offset = 0;
                     b.lba = start >> self.shift;
@@ -590,7 +716,12 @@ impl BackendQueue for NvmeQueue {
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
         let mut again: Vec<Record> = Vec::new();
         {
-            let (parts, records, reaped) = (&mut self.parts, &self.records, &mut self.reaped);
+            let (parts, records, reaped, bounces) = (
+                &mut self.parts,
+                &self.records,
+                &mut self.reaped,
+                &mut self.bounces,
+            );
             self.qp.poll(usize::from(ENTRIES), |c| {
                 let token = c.token as u16;
                 let rec = records.get(usize::from(c.cid)).copied();
@@ -607,6 +738,9 @@ impl BackendQueue for NvmeQueue {
                     }
                     _ => {}
                 }
+                if let Some(rec) = rec.filter(|r| r.bounce != NO_BOUNCE) {
+                    NvmeQueue::end_bounce(bounces, rec.bounce, c.status.is_success());
+                }
                 if !c.status.is_success() {
                     p.status = status::IOERR;
                 }
@@ -622,6 +756,7 @@ impl BackendQueue for NvmeQueue {
                 _ => {
                     // No slot right after a reset, or refused: the request fails rather than
                     // hangs.
+                    NvmeQueue::end_bounce(&mut self.bounces, rec.bounce, false);
                     let p = &mut self.parts[usize::from(rec.token)];
                     p.status = status::IOERR;
                     if p.pending == 0 {

@@ -52,6 +52,10 @@ struct Args {
     /// every command in flight is sent again.
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     nvme_timeout_ms: u64,
+    /// NVMe backend: never use SGLs, as on a controller without them (scatter lists PRPs
+    /// cannot describe go through bounce buffers).
+    #[arg(long)]
+    nvme_no_sgl: bool,
     /// NVMe backend fault injection: each queue pair loses the completion that arrives after
     /// N others (tests only).
     #[cfg(feature = "test-delay")]
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         nvme: vfblk_bridge::backend::NvmeOptions {
             command_timeout: Duration::from_millis(args.nvme_timeout_ms),
             lose_completion_after,
+            use_sgl: !args.nvme_no_sgl,
         },
     };
     match target::run(options) {
