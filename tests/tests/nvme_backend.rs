@@ -118,17 +118,20 @@ fn nvme_backend_verifies_across_sigkills() {
 /// The whole stack: a second-level VM under the lab guest's KVM whose virtio-blk disk is a
 /// vhost-user-blk device served by vfblk-bridge in the lab guest, through the NVMe backend
 /// and our VFIO driver, to the emulated NVMe controller behind the virtual IOMMU. fio in the
-/// second-level VM writes and verifies.
+/// second-level VM writes and verifies while the driver loses one completion: the command
+/// timeout resets the controller mid-run and the bridge re-sends what the reset aborted; the
+/// guest sees a pause, fio no error.
 const STACK_SCRIPT: &str = r#". /lab/lib.sh
 modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
 modprobe kvm_amd || fail "modprobe kvm_amd"
 bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
 vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf >/dev/null 2>/tmp/bridge.log &
+vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf --nvme-timeout-ms 1000 --test-lose-nvme-completion 1500 >/dev/null 2>/tmp/bridge.log &
 for i in $(seq 1 200); do [ -S /tmp/b.sock ] && break; sleep 0.05; done
 [ -S /tmp/b.sock ] || { cat /tmp/bridge.log; fail "bridge did not start"; }
-step "L3 VM under KVM, its disk on the bridge's NVMe backend, fio with verify"
+step "L3 VM under KVM, its disk on the bridge's NVMe backend, fio with verify, a completion lost mid-run"
 vfblk-lab nested --vhost-user /tmp/b.sock || { cat /tmp/bridge.log; fail "L3 on the NVMe backend"; }
+record "{\"stack_resets\": $(grep -c 'resetting the controller' /tmp/bridge.log), \"stack_resent\": $(grep -c 'commands in flight are sent again' /tmp/bridge.log)}"
 "#;
 
 #[test]
@@ -158,4 +161,8 @@ fn nested_vm_on_the_nvme_backend() {
     assert_eq!(l3["fio_error"], 0, "{l3}");
     assert_eq!(l3["writes"], 16 * 256, "{l3}");
     assert_eq!(l3["verified_reads"], 16 * 256, "{l3}");
+    // The lost completion was found by the timeout and answered with one controller reset,
+    // in the middle of the guest's fio.
+    assert_eq!(run.record("stack_resets"), Some(&serde_json::json!(1)));
+    assert_eq!(run.record("stack_resent"), Some(&serde_json::json!(1)));
 }
