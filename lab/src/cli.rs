@@ -98,6 +98,9 @@ pub enum LabCommand {
         /// A vhost-user-blk socket for the nested guest's disk.
         #[arg(long)]
         vhost_user: Option<PathBuf>,
+        /// Entries per virtqueue of that disk (QEMU's `queue-size`).
+        #[arg(long)]
+        queue_size: Option<u16>,
         /// Echo the nested console.
         #[arg(long)]
         verbose: bool,
@@ -139,8 +142,9 @@ pub fn run(cli: LabCli) -> Result<()> {
         LabCommand::Nested {
             boots,
             vhost_user,
+            queue_size,
             verbose,
-        } => nested(boots, vhost_user.as_deref(), verbose),
+        } => nested(boots, vhost_user.as_deref(), queue_size, verbose),
     }
 }
 
@@ -328,10 +332,10 @@ fn shell(contents: Contents) -> Result<()> {
     vm::run_interactive(&spec)
 }
 
-fn nested(boots: u32, vhost: Option<&Path>, verbose: bool) -> Result<()> {
+fn nested(boots: u32, vhost: Option<&Path>, queue_size: Option<u16>, verbose: bool) -> Result<()> {
     let echo = if verbose { Echo::All } else { Echo::Quiet };
     match vhost {
-        Some(socket) => scenario::run_nested_vhost(socket, echo),
+        Some(socket) => scenario::run_nested_vhost(socket, queue_size, echo),
         None => scenario::run_nested(boots, echo),
     }
 }

@@ -97,6 +97,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     spec_vm.vhost_user_blk.push(VhostUserBlk {
         socket: socket.clone(),
         num_queues: 1,
+        queue_size: None,
     });
 
     let hold = opts.hold_completions_ms.to_string();

@@ -215,7 +215,7 @@ record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
 /// vhost-user-blk device served on `socket`, runs fio with verify in it, and prints one
 /// record with fio's figures.
-pub fn run_nested_vhost(socket: &Path, echo: Echo) -> Result<()> {
+pub fn run_nested_vhost(socket: &Path, queue_size: Option<u16>, echo: Echo) -> Result<()> {
     let dir = Path::new("/tmp/l3");
     std::fs::create_dir_all(dir)?;
     let mut spec = VmSpec::new(
@@ -230,6 +230,7 @@ pub fn run_nested_vhost(socket: &Path, echo: Echo) -> Result<()> {
     spec.vhost_user_blk.push(vm::VhostUserBlk {
         socket: socket.to_path_buf(),
         num_queues: 1,
+        queue_size,
     });
     let log = dir.join("console-vhost.log");
     let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;

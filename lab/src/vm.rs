@@ -52,6 +52,9 @@ pub struct VhostUserBlk {
     pub socket: PathBuf,
     /// Number of virtqueues.
     pub num_queues: u16,
+    /// Entries per virtqueue the device offers (`queue-size`; QEMU's default when `None`).
+    /// Firmware may still use fewer (SeaBIOS: 256).
+    pub queue_size: Option<u16>,
 }
 
 /// What to boot.
@@ -162,10 +165,13 @@ impl VmSpec {
                 None => "reconnect=1".to_string(),
             };
             let chardev = format!("socket,id=vub{i},path={},{reconnect}", blk.socket.display());
-            let dev = format!(
+            let mut dev = format!(
                 "vhost-user-blk-pci,chardev=vub{i},num-queues={}",
                 blk.num_queues
             );
+            if let Some(n) = blk.queue_size {
+                dev.push_str(&format!(",queue-size={n}"));
+            }
             push(&["-chardev", &chardev, "-device", &dev]);
         }
         let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");

@@ -129,9 +129,9 @@ vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
 vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf --nvme-timeout-ms 1000 --test-lose-nvme-completion 1500 >/dev/null 2>/tmp/bridge.log &
 for i in $(seq 1 200); do [ -S /tmp/b.sock ] && break; sleep 0.05; done
 [ -S /tmp/b.sock ] || { cat /tmp/bridge.log; fail "bridge did not start"; }
-step "L3 VM under KVM, its disk on the bridge's NVMe backend, fio with verify, a completion lost mid-run"
-vfblk-lab nested --vhost-user /tmp/b.sock || { cat /tmp/bridge.log; fail "L3 on the NVMe backend"; }
-record "{\"stack_resets\": $(grep -c 'resetting the controller' /tmp/bridge.log), \"stack_resent\": $(grep -c 'commands in flight are sent again' /tmp/bridge.log)}"
+step "L3 VM under KVM (queue-size=1024), its disk on the bridge's NVMe backend, fio with verify, a completion lost mid-run"
+vfblk-lab nested --vhost-user /tmp/b.sock --queue-size 1024 || { cat /tmp/bridge.log; fail "L3 on the NVMe backend"; }
+record "{\"stack_resets\": $(grep -c 'resetting the controller' /tmp/bridge.log), \"stack_resent\": $(grep -c 'commands in flight are sent again' /tmp/bridge.log), \"rings_256\": $(grep -c 'started with 256 entries' /tmp/bridge.log), \"rings_1024\": $(grep -c 'started with 1024 entries' /tmp/bridge.log)}"
 "#;
 
 #[test]
@@ -165,4 +165,15 @@ fn nested_vm_on_the_nvme_backend() {
     // in the middle of the guest's fio.
     assert_eq!(run.record("stack_resets"), Some(&serde_json::json!(1)));
     assert_eq!(run.record("stack_resent"), Some(&serde_json::json!(1)));
+    // queue-size=1024: the firmware drove the ring with 256 entries first (inside the
+    // 1024-entry inflight region), then the guest kernel with 1024.
+    let rings = |key: &str| run.record(key).and_then(|v| v.as_u64()).unwrap_or(0);
+    assert!(
+        rings("rings_256") >= 1,
+        "firmware's 256-entry ring was served"
+    );
+    assert!(
+        rings("rings_1024") >= 1,
+        "the kernel's 1024-entry ring was served"
+    );
 }

@@ -210,7 +210,13 @@ impl Connection {
             resubmit,
         };
         self.worker(index).start(start);
+        let size = v.size;
         self.vrings[usize::from(index)].started = true;
+        tracing::info!(
+            queue = index,
+            size,
+            "queue {index} started with {size} entries"
+        );
         Ok(())
     }
 
