@@ -147,7 +147,6 @@ impl Backend for NvmeBackend {
             scratch: Box::default(),
             pieces: Vec::with_capacity(MAX_SEGMENTS),
             bounces: Vec::new(),
-            ctrl_for_dma: self.ctrl.clone(),
             timeout_ticks: (self.options.command_timeout.as_millis() as u64 / tick_ms).max(1)
                 as u32,
             last_tick: Instant::now(),
@@ -267,7 +266,7 @@ impl Default for Record {
 struct Backlog {
     active: bool,
     token: u16,
-    kind: Kind2,
+    kind: BacklogKind,
     /// Read/write: the request's buffers (device and host addresses) and where sending
     /// stands in them.
     segs: Vec<Segment>,
@@ -279,8 +278,9 @@ struct Backlog {
     zeroes: Vec<(u64, u64)>,
 }
 
+/// What a backlog sends.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
-enum Kind2 {
+enum BacklogKind {
     #[default]
     Read,
     Write,
@@ -307,7 +307,6 @@ struct NvmeQueue {
     pieces: Vec<(*mut u8, u32)>,
     /// Bounce buffers in use, by index.
     bounces: Vec<Option<Bounce>>,
-    ctrl_for_dma: Controller,
     timeout_ticks: u32,
     last_tick: Instant,
     loops: u32,
@@ -363,7 +362,7 @@ impl NvmeQueue {
 
     /// Sends `rec` (whose buffers are `self.pieces`, `len` bytes) through a bounce buffer.
     fn send_bounced(&mut self, rec: &mut Record, len: u64) -> Send {
-        let chunk = match self.ctrl_for_dma.dma_buffer(len as usize) {
+        let chunk = match self.ctrl.dma_buffer(len as usize) {
             Ok(chunk) => chunk,
             Err(e) => {
                 tracing::warn!(
@@ -449,7 +448,7 @@ impl NvmeQueue {
             rec.tries = 0;
             let b = &mut self.backlog;
             match b.kind {
-                Kind2::WriteZeroes => {
+                BacklogKind::WriteZeroes => {
                     let Some(&(lba, left)) = b.zeroes.last() else {
                         b.active = false;
                         break;
@@ -509,8 +508,8 @@ impl NvmeQueue {
                         break;
                     }
                     rec.kind = match kind {
-                        Kind2::Read => Kind::Read,
-                        Kind2::WriteFua => Kind::WriteFua,
+                        BacklogKind::Read => Kind::Read,
+                        BacklogKind::WriteFua => Kind::WriteFua,
                         _ => Kind::Write,
                     };
                     rec.lba = b.lba;
@@ -634,9 +633,9 @@ impl BackendQueue for NvmeQueue {
                 } else {
                     let b = &mut self.backlog;
                     b.kind = match r.op {
-                        Operation::Read => Kind2::Read,
-                        _ if r.durable => Kind2::WriteFua,
-                        _ => Kind2::Write,
+                        Operation::Read => BacklogKind::Read,
+                        _ if r.durable => BacklogKind::WriteFua,
+                        _ => BacklogKind::Write,
                     };
                     b.segs.clear();
                     b.segs
@@ -688,7 +687,7 @@ impl BackendQueue for NvmeQueue {
                 if bad {
                     self.fail(token);
                 } else {
-                    b.kind = Kind2::WriteZeroes;
+                    b.kind = BacklogKind::WriteZeroes;
                     b.token = token;
                     b.active = true;
                 }
