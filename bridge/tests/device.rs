@@ -381,6 +381,16 @@ fn a_frontend_that_shrinks_its_memory_loses_its_queue_not_the_process() {
 }
 
 #[test]
+fn a_ring_at_frontend_address_zero_is_served() {
+    let socket = start_server("address-zero");
+    // The frontend maps guest memory at address 0: the descriptor table sits at 0.
+    let guest = vfblk_vhost::mock::MockGuest::new_at(MEM as u64, common::QSIZE, 0);
+    assert_eq!(guest.ring_addresses().0, 0);
+    let mut g = Guest::connect_to(&socket, guest, None);
+    assert_eq!(g.request(req::IN, 0, Some((512, true))), (status::OK, 513));
+}
+
+#[test]
 fn a_disabled_ring_pauses_until_it_is_enabled_again() {
     let socket = start_server("enable");
     let mut g = Guest::connect(&socket);

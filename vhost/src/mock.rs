@@ -18,6 +18,7 @@ pub const FRONTEND_BASE: u64 = 0x7f00_0000_0000;
 /// start of it; buffers are handed out above the rings.
 pub struct MockGuest {
     file: std::fs::File,
+    frontend_base: u64,
     mem: Arc<GuestMemory>,
     host: *mut u8,
     len: u64,
@@ -49,10 +50,26 @@ impl MockGuest {
     }
 
     fn with_file(file: std::fs::File, mem_bytes: u64, queue_size: u16) -> Self {
+        Self::with_file_at(file, mem_bytes, queue_size, FRONTEND_BASE)
+    }
+
+    /// A guest whose memory the frontend "maps" at `frontend_base` (0 puts the descriptor
+    /// table at frontend address 0, which is valid).
+    pub fn new_at(mem_bytes: u64, queue_size: u16, frontend_base: u64) -> Self {
+        let file = memfd("vfblk-mock-guest", mem_bytes).expect("memfd for the mock guest");
+        Self::with_file_at(file, mem_bytes, queue_size, frontend_base)
+    }
+
+    fn with_file_at(
+        file: std::fs::File,
+        mem_bytes: u64,
+        queue_size: u16,
+        frontend_base: u64,
+    ) -> Self {
         let shared = file
             .try_clone()
             .expect("a second fd for the guest's memory");
-        let mem = GuestMemory::from_table(&[(0, mem_bytes, FRONTEND_BASE, 0)], vec![shared])
+        let mem = GuestMemory::from_table(&[(0, mem_bytes, frontend_base, 0)], vec![shared])
             .expect("mapping the mock guest's memory");
         let host = mem.translate(0, mem_bytes).expect("the whole region");
         let rings = DriverQueue::bytes(queue_size) as u64;
@@ -63,6 +80,7 @@ impl MockGuest {
         let first_free = rings.div_ceil(4096) * 4096;
         Self {
             file,
+            frontend_base,
             mem: Arc::new(mem),
             host,
             len: mem_bytes,
@@ -73,9 +91,14 @@ impl MockGuest {
     }
 
     /// The memfd holding guest memory (what a frontend sends in SET_MEM_TABLE, with
-    /// [`FRONTEND_BASE`] as its userspace address).
+    /// [`MockGuest::frontend_base`] as its userspace address).
     pub fn file(&self) -> &std::fs::File {
         &self.file
+    }
+
+    /// Where the frontend "maps" guest memory (the region's userspace address).
+    pub fn frontend_base(&self) -> u64 {
+        self.frontend_base
     }
 
     /// The guest's memory as the device sees it.
@@ -87,7 +110,8 @@ impl MockGuest {
     /// SET_VRING_ADDR carries).
     pub fn ring_addresses(&self) -> (u64, u64, u64) {
         let (d, a, u) = self.queue.gpas;
-        (FRONTEND_BASE + d, FRONTEND_BASE + a, FRONTEND_BASE + u)
+        let base = self.frontend_base;
+        (base + d, base + a, base + u)
     }
 
     /// The device side of the guest's queue.

@@ -13,7 +13,7 @@ use vfblk_bridge::backend::MemBackend;
 use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::virtio_blk::RequestHeader;
 use vfblk_vhost::guest_errors::GuestErrors;
-use vfblk_vhost::mock::{MockGuest, FRONTEND_BASE};
+use vfblk_vhost::mock::MockGuest;
 use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::virtq::Descriptor;
 use vfblk_vhost::worker::{PollMode, Worker};
@@ -107,7 +107,7 @@ impl Guest {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM as u64,
-            userspace_addr: FRONTEND_BASE,
+            userspace_addr: g.frontend_base(),
             mmap_offset: 0,
             mmap_handle: g.file().as_raw_fd(),
         };
