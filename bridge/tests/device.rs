@@ -396,6 +396,8 @@ fn a_disabled_ring_pauses_until_it_is_enabled_again() {
     let mut g = Guest::connect(&socket);
     assert_eq!(g.request(req::FLUSH, 0, None).0, status::OK);
     g.fe.set_vring_enable(0, false).unwrap();
+    // A request with a reply: messages are handled in order, so the disable is done.
+    g.fe.get_features().unwrap();
     let (hdr, st) = (BUF, BUF + 64 * 4096);
     g.header(hdr, req::FLUSH, 0);
     g.put(st, &[0xff]);
