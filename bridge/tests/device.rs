@@ -353,6 +353,7 @@ fn a_frontend_that_shrinks_its_memory_loses_its_queue_not_the_process() {
     let socket = start_server("shrink");
     // A sealable memfd is sealed by the device: the frontend can no longer shrink it.
     let g = Guest::connect(&socket);
+    g.fe.get_features().unwrap(); // every message before it has been handled
     assert!(
         g.g.file().set_len(1 << 20).is_err(),
         "the device sealed the guest's memfd against shrinking"
