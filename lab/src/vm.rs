@@ -290,21 +290,33 @@ pub fn run_watching(
 ) -> Result<Run> {
     let started = Instant::now();
     let stderr_log = log.with_extension("qemu-stderr");
-    let mut child = Command::new(&spec.qemu.binary)
-        .envs(spec.qemu.env.iter().map(|(k, v)| (k, v)))
-        .args(&spec.qemu.args)
-        .args(spec.args(false))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&stderr_log)?)
-        .spawn()
-        .map_err(|e| {
-            LabError::Setup(format!(
-                "{}: cannot start {}: {e}",
-                spec.name,
-                spec.qemu.binary.display()
-            ))
-        })?;
+    let mut tries = 0;
+    let mut child = loop {
+        let spawned = Command::new(&spec.qemu.binary)
+            .envs(spec.qemu.env.iter().map(|(k, v)| (k, v)))
+            .args(&spec.qemu.args)
+            .args(spec.args(false))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_log)?)
+            .spawn();
+        match spawned {
+            // A program written a moment ago may still be open for writing in a child that
+            // another thread forked meanwhile (ETXTBSY): it closes at that child's exec.
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(LabError::Setup(format!(
+                    "{}: cannot start {}: {e}",
+                    spec.name,
+                    spec.qemu.binary.display()
+                )))
+            }
+            Ok(child) => break child,
+        }
+    };
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     let mut log_file = File::create(log)?;
