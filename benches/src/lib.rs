@@ -21,15 +21,6 @@ pub enum Error {
     /// The lab failed.
     #[error("lab")]
     Lab(#[from] vfblk_lab::LabError),
-    /// The vhost-user frontend side failed.
-    #[error("{what}")]
-    Frontend {
-        /// What was being done.
-        what: String,
-        /// What the vhost crate said.
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
     /// An OS call failed.
     #[error("{what}")]
     Io {
@@ -42,9 +33,6 @@ pub enum Error {
     /// A benchmark's backend or client did not behave.
     #[error("{0}")]
     Run(String),
-    /// A malformed argument.
-    #[error("{0}")]
-    BadArgument(String),
 }
 
 /// Result of the tools.

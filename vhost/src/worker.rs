@@ -386,7 +386,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
 struct QueueRuntime {
     index: u16,
     /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
-    _mem: Arc<GuestMemory>,
+    mem: Arc<GuestMemory>,
     vq: DeviceQueue,
     inflight: Option<(InflightQueue, Arc<InflightMap>)>,
     handler: Box<dyn QueueHandler>,
@@ -402,7 +402,7 @@ struct QueueRuntime {
 }
 
 // SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
-// `_mem` keeps mapped; one thread runs the queue at a time.
+// `mem` keeps mapped; one thread runs the queue at a time.
 unsafe impl Send for QueueRuntime {}
 
 impl QueueRuntime {
@@ -412,7 +412,7 @@ impl QueueRuntime {
         resubmit.reverse(); // popped from the end: oldest first
         let mut runtime = Self {
             index: q.index,
-            _mem: q.mem,
+            mem: q.mem,
             vq: q.vq,
             inflight: q.inflight,
             handler: q.handler,
@@ -441,8 +441,8 @@ impl QueueRuntime {
 
     /// Walks the chain at `head` and hands it to the handler.
     fn start(&mut self, head: u16) {
-        if let Err(e) = self.chain.walk(&self.vq, &self._mem, head) {
-            let last = crate::chain::last_byte(&self.vq, &self._mem, head);
+        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
+            let last = crate::chain::last_byte(&self.vq, &self.mem, head);
             match self.handler.refuse(head, last) {
                 Some(written) => {
                     self.errors
@@ -537,7 +537,7 @@ impl QueueRuntime {
 
     /// Whether the frontend shrank guest memory or the inflight region under us.
     fn memory_lost(&self) -> bool {
-        self._mem.poisoned()
+        self.mem.poisoned()
             || self
                 .inflight
                 .as_ref()
