@@ -78,6 +78,17 @@ record "{{\"fio\": $(tr -d '\n' < /tmp/fio.json)}}"
     )
 }
 
+/// Requests the bridges of a log ran again from the inflight region (their recovery lines:
+/// "queue N: recovered from the inflight region: used idx U, R request(s) to run again, ...").
+pub fn requests_run_again(bridge_log: &str) -> u64 {
+    bridge_log
+        .lines()
+        .filter_map(|l| l.split(", ").nth(1))
+        .filter_map(|part| part.strip_suffix(" request(s) to run again"))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
+}
+
 /// Runs the demonstration.
 pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     let socket = lab.dir.join("blk.sock");
@@ -170,12 +181,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
     }
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let resubmitted = log_text
-        .lines()
-        .filter_map(|l| l.split(", ").nth(1))
-        .filter_map(|part| part.strip_suffix(" request(s) to run again"))
-        .filter_map(|n| n.parse::<u64>().ok())
-        .sum();
+    let resubmitted = requests_run_again(&log_text);
     let backend = log_text
         .lines()
         .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))

@@ -320,13 +320,8 @@ fn qd1_under_event_idx_is_interrupted_after_every_restart() {
     assert_clean(&r);
     assert_eq!(r["missed_interrupts"], 0, "{r}");
     assert_eq!(r["reconnects"], kills, "{r}");
-    let rerun: u64 = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(", ").nth(1))
-        .filter_map(|p| p.strip_suffix(" request(s) to run again"))
-        .filter_map(|n| n.parse::<u64>().ok())
-        .sum();
+    let rerun =
+        vfblk_lab::recovery::requests_run_again(&std::fs::read_to_string(&log).unwrap_or_default());
     assert!(
         rerun > 0,
         "some kills found the request taken: {rerun} re-run"
