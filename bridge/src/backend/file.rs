@@ -123,6 +123,13 @@ impl FileBackend {
     }
 }
 
+impl FileBackend {
+    /// Whether write zeroes uses FALLOC_FL_ZERO_RANGE (false: it writes zero buffers).
+    pub fn zero_range(&self) -> bool {
+        self.zero_range
+    }
+}
+
 impl Backend for FileBackend {
     fn info(&self) -> &BackendInfo {
         &self.info
