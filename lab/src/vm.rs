@@ -210,8 +210,28 @@ pub enum Ending {
     BootStalled,
     /// The guest booted but did not finish in time.
     TimedOut,
+    /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`] (the line is
+    /// kept): under nested virtualisation inside TCG this is the emulator wedging the guest,
+    /// not the code under test, so the run is stopped early and is safe to retry.
+    Wedged(String),
     /// QEMU exited before the test script finished.
     QemuExited(String),
+}
+
+/// How long a guest kernel may report a CPU stuck before the run counts as wedged. Loaded
+/// TCG guests report 20-45 s stalls that pass; wedged ones go on for many minutes.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
+
+/// The stall a kernel console line reports, if it is the guest's own soft-lockup watchdog
+/// (`[  598.26] watchdog: BUG: soft lockup - CPU#1 stuck for 540s! [...]`). Lines a nested
+/// guest's console passes through carry a prefix and do not count for this guest.
+fn soft_lockup(line: &str) -> Option<Duration> {
+    let rest = line.strip_prefix('[')?;
+    let (_, rest) = rest.split_once("] ")?;
+    let rest = rest.strip_prefix("watchdog: BUG: soft lockup - CPU#")?;
+    let (_, rest) = rest.split_once(" stuck for ")?;
+    let (secs, _) = rest.split_once("s!")?;
+    secs.parse().ok().map(Duration::from_secs)
 }
 
 /// What one run produced.
@@ -368,6 +388,13 @@ pub fn run_watching(
                     // Defang markers so a guest of a guest cannot speak for the guest.
                     tracing::info!("[{}] {}", spec.name, line.replace(MARK, "@@(nested)"));
                 }
+                if let Some(stuck) = soft_lockup(&line) {
+                    if stuck >= WEDGED_AFTER {
+                        tracing::warn!("{}: guest kernel wedged: {line}", spec.name);
+                        out.ending = Ending::Wedged(line);
+                        break;
+                    }
+                }
                 let Some(pos) = line.find(MARK) else { continue };
                 let tagged = &line[pos + MARK.len()..];
                 let (tag, rest) = tagged.split_once(' ').unwrap_or((tagged, ""));
@@ -433,12 +460,12 @@ pub struct RetriedRun {
     pub run: Run,
     /// How many boots were tried (1 = first time).
     pub tries: u32,
-    /// Time spent in boots that stalled.
+    /// Time spent in runs that stalled or wedged.
     pub stalled: Vec<Duration>,
 }
 
-/// Runs a guest, starting it again (up to `max_tries` in all) only when its boot stalled.
-/// A guest that booted and then failed or timed out is never retried.
+/// Runs a guest, starting it again (up to `max_tries` in all) only when its boot stalled or
+/// its kernel wedged ([`Ending::Wedged`]). A guest that failed or timed out is never retried.
 pub fn run_retrying_stalls(
     spec: &VmSpec,
     limits: Limits,
@@ -451,9 +478,14 @@ pub fn run_retrying_stalls(
     loop {
         tries += 1;
         let run = run(spec, limits, log, echo)?;
-        if run.ending == Ending::BootStalled && tries < max_tries {
+        let retry = match &run.ending {
+            Ending::BootStalled => Some("boot stalled"),
+            Ending::Wedged(_) => Some("guest kernel wedged"),
+            _ => None,
+        };
+        if let (Some(why), true) = (retry, tries < max_tries) {
             tracing::warn!(
-                "{}: boot stalled after {:.0}s (try {tries} of {max_tries}); starting it again",
+                "{}: {why} after {:.0}s (try {tries} of {max_tries}); starting it again",
                 spec.name,
                 run.elapsed.as_secs_f64()
             );
@@ -598,6 +630,40 @@ mod runner_tests {
         assert_eq!(run.record("a"), Some(&serde_json::json!(1)));
         let retried = run_retrying_stalls(&spec, limits, 3, &dir.join("log"), Echo::Quiet).unwrap();
         assert_eq!(retried.tries, 1, "a guest that booted must not be retried");
+    }
+
+    #[test]
+    fn soft_lockups_are_read_only_from_this_guests_kernel() {
+        let own = "[  598.261772] watchdog: BUG: soft lockup - CPU#1 stuck for 540s! [qemu:103]";
+        assert_eq!(soft_lockup(own), Some(Duration::from_secs(540)));
+        let nested = format!(" INFO [L3] {own}");
+        assert_eq!(soft_lockup(&nested), None);
+        assert_eq!(
+            soft_lockup("[    1.0] rcu: INFO: rcu_preempt self-detected stall"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_wedged_kernel_ends_the_run_early_and_is_retried() {
+        let dir = temp_dir("wedged");
+        let spec = fake_qemu(
+            &dir,
+            "wedged",
+            "echo '@@VFBLK-BOOTED 1.0'\n\
+             echo '[   30.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [q:1]'\n\
+             echo '[  130.1] watchdog: BUG: soft lockup - CPU#1 stuck for 122s! [q:1]'\n\
+             exec sleep 30",
+        );
+        let started = Instant::now();
+        let retried = run_retrying_stalls(&spec, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert!(started.elapsed() < SHORT.total, "not stopped early");
+        assert_eq!(retried.tries, 2);
+        match &retried.run.ending {
+            Ending::Wedged(line) => assert!(line.contains("122s"), "{line}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(retried.run.expect_success("t").is_err());
     }
 
     #[test]
