@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use vfblk_vhost::chain::Chain;
 use vfblk_vhost::device::{Device, QueueHandler, QueueSetup, Taken};
@@ -11,12 +12,13 @@ use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 
 use crate::backend::{Backend, BackendQueue};
-use crate::request::{self, Limits, Request, Verdict, MAX_DISCARD_SEGMENTS};
+use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
+use crate::stats::{DeviceStats, Kind, QueueStats};
 use crate::virtio_blk::{status, Config, ID_BYTES};
 
 /// Data buffers per request we accept (config seg_max).
@@ -34,6 +36,8 @@ pub struct BlkDevice {
     /// The config space's writeback field: the driver may switch a device with a volatile
     /// cache to writethrough (CONFIG_WCE), and every queue follows at its next write.
     writeback: Arc<AtomicBool>,
+    read_only: bool,
+    stats: Arc<DeviceStats>,
 }
 
 impl BlkDevice {
@@ -48,7 +52,21 @@ impl BlkDevice {
             num_queues,
             serial: id,
             writeback,
+            read_only: false,
+            stats: Arc::new(DeviceStats::new(num_queues)),
         }
+    }
+
+    /// The same device offered read-only (VIRTIO_BLK_F_RO; writes, discards and write
+    /// zeroes fail).
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// Its I/O counters.
+    pub fn stats(&self) -> &Arc<DeviceStats> {
+        &self.stats
     }
 
     /// The backend.
@@ -72,12 +90,12 @@ impl BlkDevice {
             num_queues: self.num_queues,
             ..Config::default()
         };
-        if info.discard {
+        if info.discard && !self.read_only {
             c.max_discard_sectors = MAX_RANGE_SECTORS;
             c.max_discard_seg = MAX_DISCARD_SEGMENTS as u32;
             c.discard_sector_alignment = 1;
         }
-        if info.write_zeroes {
+        if info.write_zeroes && !self.read_only {
             c.max_write_zeroes_sectors = MAX_RANGE_SECTORS;
             c.max_write_zeroes_seg = MAX_DISCARD_SEGMENTS as u32;
             c.write_zeroes_may_unmap = 1;
@@ -90,11 +108,12 @@ impl BlkDevice {
         Limits {
             capacity: info.capacity_sectors,
             flush: info.flush,
-            discard: info.discard,
-            write_zeroes: info.write_zeroes,
+            discard: info.discard && !self.read_only,
+            write_zeroes: info.write_zeroes && !self.read_only,
             max_range_sectors: MAX_RANGE_SECTORS,
             seg_max: SEG_MAX,
             size_max: SIZE_MAX,
+            read_only: self.read_only,
         }
     }
 }
@@ -112,11 +131,15 @@ impl Device for BlkDevice {
             // writethrough instead.
             f |= (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE);
         }
-        if info.discard {
-            f |= 1 << VIRTIO_BLK_F_DISCARD;
-        }
-        if info.write_zeroes {
-            f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if info.discard {
+                f |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            if info.write_zeroes {
+                f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
         }
         f
     }
@@ -148,6 +171,7 @@ impl Device for BlkDevice {
     fn open_queue(&self, setup: &QueueSetup) -> vfblk_vhost::Result<Box<dyn QueueHandler>> {
         let backend = self.backend.open_queue()?;
         let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
+        queue.stats = Some(self.stats.clone());
         if self.backend.info().flush {
             queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
         }
@@ -163,6 +187,21 @@ impl Device for BlkDevice {
 struct Slot {
     status: *mut u8,
     written: u32,
+    kind: Kind,
+    bytes: u32,
+    started: Option<Instant>,
+}
+
+impl Slot {
+    fn answer(status: *mut u8, written: u32) -> Self {
+        Self {
+            status,
+            written,
+            kind: Kind::Other,
+            bytes: 0,
+            started: None,
+        }
+    }
 }
 
 /// Writes a status byte the chain walk translated inside guest memory.
@@ -219,6 +258,8 @@ pub struct BlkQueue {
     /// Per head: where its status byte goes and how many bytes its completion writes.
     slots: Vec<Slot>,
     errors: Arc<GuestErrors>,
+    /// The device's counters (None in unit tests of the queue alone).
+    stats: Option<Arc<DeviceStats>>,
 }
 
 // SAFETY: the status pointers point into guest memory that the worker keeps mapped while
@@ -240,15 +281,22 @@ impl BlkQueue {
             limits,
             id,
             request: Box::default(),
-            slots: vec![
-                Slot {
-                    status: std::ptr::null_mut(),
-                    written: 0,
-                };
-                usize::from(setup.size)
-            ],
+            slots: vec![Slot::answer(std::ptr::null_mut(), 0); usize::from(setup.size)],
             errors: setup.errors.clone(),
+            stats: None,
         }
+    }
+
+    fn queue_stats(&self) -> Option<&QueueStats> {
+        self.stats.as_deref().and_then(|s| s.queue(self.index))
+    }
+}
+
+fn kind_of(op: Operation) -> Kind {
+    match op {
+        Operation::Read => Kind::Read,
+        Operation::Write => Kind::Write,
+        _ => Kind::Other,
     }
 }
 
@@ -269,6 +317,9 @@ impl QueueHandler for BlkQueue {
                 let slot = Slot {
                     status: self.request.status,
                     written,
+                    kind: kind_of(self.request.op),
+                    bytes: self.request.data_len as u32,
+                    started: self.stats.as_ref().map(|_| Instant::now()),
                 };
                 self.slots[usize::from(head)] = slot;
                 self.request.durable =
@@ -281,6 +332,9 @@ impl QueueHandler for BlkQueue {
                             format_args!("head {head}: {}", vfblk_vhost::error_chain(&e)),
                         );
                         write_status(&slot, status::IOERR);
+                        if let Some(stats) = self.queue_stats() {
+                            stats.record(slot.kind, 0, false, Default::default());
+                        }
                         Taken::Done(1)
                     }
                 }
@@ -295,13 +349,10 @@ impl QueueHandler for BlkQueue {
                         format_args!("head {head}: request refused with status {st}"),
                     );
                 }
-                write_status(
-                    &Slot {
-                        status: self.request.status,
-                        written,
-                    },
-                    st,
-                );
+                write_status(&Slot::answer(self.request.status, written), st);
+                if let Some(stats) = self.queue_stats() {
+                    stats.record(Kind::Other, 0, st == status::OK, Default::default());
+                }
                 Taken::Done(written)
             }
             Verdict::Drop => Taken::Unanswerable,
@@ -315,13 +366,10 @@ impl QueueHandler for BlkQueue {
     ) -> Option<u32> {
         // A virtio-blk status byte is the last byte of a device-writable last buffer.
         let last = last_byte.filter(|s| s.write)?;
-        write_status(
-            &Slot {
-                status: last.host,
-                written: 1,
-            },
-            status::IOERR,
-        );
+        write_status(&Slot::answer(last.host, 1), status::IOERR);
+        if let Some(stats) = self.queue_stats() {
+            stats.record(Kind::Other, 0, false, Default::default());
+        }
         Some(1)
     }
 
@@ -331,11 +379,20 @@ impl QueueHandler for BlkQueue {
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize {
         let slots = &self.slots;
+        let stats = self.stats.as_deref().and_then(|s| s.queue(self.index));
+        let mut now = None;
         self.backend.poll(&mut |head, st| {
             let Some(slot) = slots.get(usize::from(head)) else {
                 return;
             };
             write_status(slot, st);
+            if let (Some(stats), Some(started)) = (stats, slot.started) {
+                // One clock read per batch of completions.
+                let now = *now.get_or_insert_with(Instant::now);
+                let ok = st == status::OK;
+                let bytes = if ok { u64::from(slot.bytes) } else { 0 };
+                stats.record(slot.kind, bytes, ok, now.saturating_duration_since(started));
+            }
             done(head, slot.written);
         })
     }

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod device;
 pub mod request;
 pub mod spec;
+pub mod stats;
 pub mod target;
 pub mod virtio_blk;
 
@@ -52,6 +53,38 @@ pub enum Error {
     /// The vhost-user plumbing failed.
     #[error("vhost-user")]
     Vhost(#[from] vfblk_vhost::Error),
+    /// An object of that name exists already.
+    #[error("{what} {name} exists already")]
+    Exists {
+        /// Its kind.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// No object of that name.
+    #[error("no {what} named {name}")]
+    NotFound {
+        /// Its kind.
+        what: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// A backend still used by controllers.
+    #[error("backend {name} is used by controller(s) {}", users.join(", "))]
+    Busy {
+        /// The backend.
+        name: String,
+        /// Controllers using it.
+        users: Vec<String>,
+    },
+    /// The target answered an RPC with an error.
+    #[error("{message} (JSON-RPC error {code})")]
+    Rpc {
+        /// JSON-RPC error code.
+        code: i64,
+        /// The target's message.
+        message: String,
+    },
     /// A thread panicked while holding a lock.
     #[error("a lock ({0}) was poisoned by a panicking thread")]
     Poisoned(&'static str),

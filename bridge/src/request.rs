@@ -84,6 +84,8 @@ pub struct Limits {
     pub seg_max: u32,
     /// Bytes one data buffer may hold (size_max).
     pub size_max: u32,
+    /// Writes fail (VIRTIO_BLK_F_RO offered).
+    pub read_only: bool,
 }
 
 /// How a chain was judged.
@@ -203,6 +205,9 @@ pub fn parse(
             }
             let end = sector.checked_add(request.data_len / SECTOR);
             if end.is_none_or(|e| e > limits.capacity) {
+                return answer(status::IOERR);
+            }
+            if !writes_guest && limits.read_only {
                 return answer(status::IOERR);
             }
             if request.data_len == 0 {
@@ -327,6 +332,7 @@ mod tests {
             max_range_sectors: 256,
             seg_max: 4,
             size_max: 64 << 10,
+            read_only: false,
         }
     }
 
@@ -397,6 +403,32 @@ mod tests {
             status: status::UNSUPP,
             written: 1,
         }
+    }
+
+    #[test]
+    fn a_read_only_device_fails_writes_and_serves_reads() {
+        let mut c = Case::new();
+        let ro = Limits {
+            read_only: true,
+            ..limits()
+        };
+        let hdr = c.header(req::OUT, 0);
+        let data = c.guest.alloc(512);
+        let st = c.guest.alloc(1);
+        assert_eq!(
+            c.parse_with(&[(hdr, 16, false), (data, 512, false), (st, 1, true)], &ro),
+            ioerr()
+        );
+        let hdr = c.header(req::IN, 0);
+        assert_eq!(
+            c.parse_with(&[(hdr, 16, false), (data, 512, true), (st, 1, true)], &ro),
+            Verdict::Submit
+        );
+        let hdr = c.header(req::FLUSH, 0);
+        assert_eq!(
+            c.parse_with(&[(hdr, 16, false), (st, 1, true)], &ro),
+            Verdict::Submit
+        );
     }
 
     #[test]

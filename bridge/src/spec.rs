@@ -25,8 +25,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| Error::BadArgument(format!("{s:?} is not a size in bytes (K/M/G/T)")))
 }
 
-/// Which backend to serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which backend to serve. In JSON (config file, RPC) it is an object tagged by `kind`:
+/// `{"kind": "file", "path": "/var/lib/vm1.img", "size": 1073741824}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendSpec {
     /// A RAM disk in a shared-memory file.
     Mem {
@@ -40,15 +42,37 @@ pub enum BackendSpec {
         /// The file or device.
         path: PathBuf,
         /// Create or grow the file to this many bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
     },
     /// A namespace of an NVMe controller bound to vfio-pci.
     Nvme {
         /// The controller.
+        #[serde(with = "pci_string")]
         address: PciAddress,
         /// Namespace id.
+        #[serde(default = "first_namespace")]
         nsid: u32,
     },
+}
+
+fn first_namespace() -> u32 {
+    1
+}
+
+/// PCI addresses in JSON as their usual text, "0000:00:04.0".
+mod pci_string {
+    use super::PciAddress;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &PciAddress, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(a)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PciAddress, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl FromStr for BackendSpec {
@@ -176,6 +200,33 @@ mod tests {
         );
         let ns2 = "nvme:0000:00:04.0:2".parse::<BackendSpec>().unwrap();
         assert!(matches!(ns2, BackendSpec::Nvme { nsid: 2, .. }));
+        for spec in [
+            "mem:/dev/shm/d0:64M",
+            "file:/tmp/d:1G",
+            "file:/x",
+            "nvme:0000:00:04.0:2",
+        ] {
+            let spec: BackendSpec = spec.parse().unwrap();
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(
+                serde_json::from_str::<BackendSpec>(&json).unwrap(),
+                spec,
+                "{json}"
+            );
+        }
+        let file: BackendSpec = serde_json::from_str(r#"{"kind": "file", "path": "/x"}"#).unwrap();
+        assert_eq!(file, "file:/x".parse().unwrap());
+        let nvme: BackendSpec =
+            serde_json::from_str(r#"{"kind": "nvme", "address": "0000:00:04.0"}"#).unwrap();
+        assert!(matches!(nvme, BackendSpec::Nvme { nsid: 1, .. }));
+        for bad in [
+            r#"{"kind": "tape", "path": "/x"}"#,
+            r#"{"kind": "mem", "path": "/x"}"#,
+            r#"{"kind": "file", "path": "/x", "colour": "red"}"#,
+            r#"{"kind": "nvme", "address": "zz"}"#,
+        ] {
+            assert!(serde_json::from_str::<BackendSpec>(bad).is_err(), "{bad}");
+        }
         for bad in [
             "",
             "mem",

@@ -38,7 +38,7 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
         idle_loops_before_sleep: if poll { None } else { Some(1000) },
     };
     let workers = (0..2)
-        .map(|i| Worker::spawn(format!("test-poller{i}"), None, mode).unwrap())
+        .map(|i| Arc::new(Worker::spawn(format!("test-poller{i}"), None, mode).unwrap()))
         .collect();
     let config = Arc::new(DeviceConfig {
         num_queues: queues,
@@ -48,8 +48,8 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
         errors: Arc::new(GuestErrors::new(name)),
     });
     let socket = dir.join("blk.sock");
-    let s = socket.clone();
-    std::thread::spawn(move || vfblk_vhost::server::serve(&s, config, || {}));
+    // Serves until the test process ends.
+    std::mem::forget(vfblk_vhost::server::SocketServer::start(&socket, config).unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "the server did not listen");

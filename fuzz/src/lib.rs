@@ -68,6 +68,7 @@ pub fn chain_and_request(data: &[u8]) {
         max_range_sectors: 1 << 16,
         seg_max: 126,
         size_max: 4 << 20,
+        read_only: false,
     };
     // At most a queue's worth of heads: the avail index itself is input.
     for _ in 0..QUEUE {
@@ -200,12 +201,12 @@ pub fn message_sequence(data: &[u8]) {
             let path = std::env::temp_dir()
                 .join(format!("vfblk-fuzz-disk-{}", std::process::id()));
             let backend = Arc::new(MemBackend::open(&path, 1 << 20).expect("a 1 MiB disk"));
-            let workers = vec![Worker::spawn(
+            let workers = vec![Arc::new(Worker::spawn(
                 "fuzz-poller".into(),
                 None,
                 PollMode { idle_loops_before_sleep: Some(100) },
             )
-            .expect("a poller")];
+            .expect("a poller"))];
             Arc::new(DeviceConfig {
                 num_queues: 2,
                 inflight: true,

@@ -33,8 +33,9 @@ pub struct DeviceConfig {
     pub inflight: bool,
     /// The device type.
     pub device: Arc<dyn Device>,
-    /// Poller threads; queue i runs on worker i % len.
-    pub workers: Vec<Worker>,
+    /// Poller threads this device's queues may run on (shared with other devices); each
+    /// queue goes to the least loaded one when it starts.
+    pub workers: Vec<Arc<Worker>>,
     /// Where guest-triggered errors of this device are reported.
     pub errors: Arc<GuestErrors>,
 }
@@ -52,6 +53,8 @@ struct Vring {
     /// SET_VRING_KICK arrived, with an fd or with NOFD (then the ring is polled).
     kick_set: bool,
     call: Option<File>,
+    /// The poller running it, while started.
+    worker: Option<Arc<Worker>>,
     started: bool,
     /// SET_VRING_ENABLE(0): paused until enabled again.
     disabled: bool,
@@ -59,6 +62,8 @@ struct Vring {
 
 /// One connection's state.
 pub struct Connection {
+    /// Unique in the process: names this connection's queues on shared pollers.
+    id: u64,
     config: Arc<DeviceConfig>,
     features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -79,8 +84,10 @@ fn bad_param<E: std::error::Error>(e: E) -> VuError {
 impl Connection {
     /// A device for a new connection.
     pub fn new(config: Arc<DeviceConfig>) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let vrings = (0..config.num_queues).map(|_| Vring::default()).collect();
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             config,
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
@@ -118,8 +125,15 @@ impl Connection {
             .ok_or(VuError::InvalidParam)
     }
 
-    fn worker(&self, index: u16) -> &Worker {
-        &self.config.workers[usize::from(index) % self.config.workers.len()]
+    /// The least loaded of the device's pollers (the first of equals, so that a device's
+    /// queues spread over its pollers in order).
+    fn least_loaded_worker(&self) -> Arc<Worker> {
+        self.config
+            .workers
+            .iter()
+            .min_by_key(|w| w.load())
+            .expect("a device has at least one poller")
+            .clone()
     }
 
     /// Starts queue `index` if it has everything it needs (rings, memory, kick).
@@ -199,6 +213,7 @@ impl Connection {
         let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
         let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
         let start = QueueStart {
+            owner: self.id,
             index,
             mem,
             vq,
@@ -209,14 +224,18 @@ impl Connection {
             errors: self.config.errors.clone(),
             resubmit,
         };
-        self.worker(index).start(start);
         let size = v.size;
-        self.vrings[usize::from(index)].started = true;
+        let worker = self.least_loaded_worker();
+        worker.start(start);
         tracing::info!(
             queue = index,
             size,
-            "queue {index} started with {size} entries"
+            "queue {index} started with {size} entries on {}",
+            worker.name()
         );
+        let v = &mut self.vrings[usize::from(index)];
+        v.started = true;
+        v.worker = Some(worker);
         Ok(())
     }
 
@@ -224,8 +243,11 @@ impl Connection {
     /// guest memory mapped and requests of unknown fate: nothing in this process can repair
     /// that safely, so the process ends and its supervisor's restart recovers the requests
     /// from the inflight region.
-    fn stop_on_worker(&self, index: u16, publish: bool) -> Vec<crate::worker::QueueStopped> {
-        match self.worker(index).stop(Some(index), publish) {
+    fn stop_on_worker(&mut self, index: u16, publish: bool) -> Vec<crate::worker::QueueStopped> {
+        let Some(worker) = self.vrings[usize::from(index)].worker.take() else {
+            return Vec::new();
+        };
+        match worker.stop(self.id, Some(index), publish) {
             Ok(stopped) => stopped,
             Err(e) => {
                 tracing::error!("queue {index}: {e}; aborting so that a restart recovers it");
@@ -403,14 +425,14 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let id = self.id;
         let v = self.vring(u32::from(index))?;
         let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
         v.kick = fd;
         v.kick_set = true;
-        if v.started {
+        if let (true, Some(worker)) = (v.started, &v.worker) {
             // A running queue takes the new fd (the old one may be gone with its frontend).
-            self.worker(u16::from(index))
-                .set_kick(u16::from(index), for_worker);
+            worker.set_kick(id, u16::from(index), for_worker);
             return Ok(());
         }
         self.start_or_refuse(u16::from(index));
@@ -418,12 +440,12 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let id = self.id;
         let v = self.vring(u32::from(index))?;
         let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
         v.call = fd;
-        if v.started {
-            self.worker(u16::from(index))
-                .set_call(u16::from(index), for_worker);
+        if let (true, Some(worker)) = (v.started, &v.worker) {
+            worker.set_call(id, u16::from(index), for_worker);
         }
         Ok(())
     }

@@ -1,28 +1,275 @@
-//! Serving a device on a unix socket: accept a frontend, handle its messages until it goes
-//! away, stop its queues, and accept the next one with fresh state. SIGTERM drains what is in
-//! flight (bounded) and makes [`serve`] return, so the binary exits cleanly.
+//! Serving a device on a unix socket. Each [`SocketServer`] owns one listening socket and a
+//! thread that serves one frontend at a time: it handles the frontend's messages until it
+//! goes away, stops its queues, and accepts the next one with fresh state. Servers are
+//! independent: a slow or hostile frontend only ever holds its own server's thread, and then
+//! only within the message deadlines below.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Listener};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::protocol::{Connection, DeviceConfig};
 use crate::{Error, Result};
 
-/// What the signal thread shares with the serving loop.
+/// A frontend must send its first message this soon after connecting; one that connects and
+/// stays silent would otherwise lock the socket against the real frontend.
+pub const FIRST_MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Once a message has started, the rest of it must arrive, and a reply must find room in
+/// the socket, within this: a peer that sends half a message or never reads is closed.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long [`SocketServer::stop`] waits for the serving thread (a drain is bounded by the
+/// pollers' own deadlines, which end the process if they pass).
+const JOIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the serving thread shares with its owner.
 struct Shared {
-    /// The connection being served and its socket (taken out before the socket closes).
-    current: Mutex<Option<(Arc<Mutex<Connection>>, RawFd)>>,
-    /// A signal arrived: finish instead of accepting again.
+    /// Written to stop the serving thread; it polls this beside its sockets.
+    stop: EventFd,
     stopping: AtomicBool,
+    /// On stop, complete and publish what is in flight first (a planned stop); otherwise
+    /// leave it in the inflight region for the next process.
+    drain_on_stop: AtomicBool,
+    /// Frontends accepted so far.
+    accepted: AtomicU64,
+    connected: AtomicBool,
+}
+
+/// One listening socket and its serving thread.
+pub struct SocketServer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Counters of a [`SocketServer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Frontends accepted since the server started.
+    pub accepted: u64,
+    /// A frontend is connected now.
+    pub connected: bool,
+}
+
+impl SocketServer {
+    /// Binds `path` (replacing a stale socket file) and starts serving `config` on it.
+    pub fn start(path: &Path, config: Arc<DeviceConfig>) -> Result<Self> {
+        let listener = Listener::new(path, true).map_err(|source| Error::Transport {
+            what: format!("listening on {}", path.display()),
+            source,
+        })?;
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Io {
+                what: format!("eventfd to stop the server of {}", path.display()),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            stop,
+            stopping: AtomicBool::new(false),
+            drain_on_stop: AtomicBool::new(true),
+            accepted: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+        });
+        let name = path.display().to_string();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!(
+                "vhost-{}",
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ))
+            .spawn(move || serve_loop(&name, &listener, &config, &thread_shared))
+            .map_err(|source| Error::Io {
+                what: format!("spawning the server thread of {}", path.display()),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            accepted: self.shared.accepted.load(Ordering::Relaxed),
+            connected: self.shared.connected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops serving: with `drain`, completes and publishes what is in flight first
+    /// (bounded); without, leaves it in the inflight region for whoever serves the guest
+    /// next. The connection is closed and the socket file removed.
+    pub fn stop(mut self, drain: bool) {
+        self.halt(drain);
+    }
+
+    fn halt(&mut self, drain: bool) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.drain_on_stop.store(drain, Ordering::Release);
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.shared.stop.write(1);
+        let deadline = Instant::now() + JOIN_DEADLINE;
+        while !thread.is_finished() {
+            if Instant::now() > deadline {
+                tracing::error!(
+                    "the server of {} did not stop within {JOIN_DEADLINE:?}; leaving it",
+                    self.path.display()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = thread.join();
+    }
+
+    /// Waits until the serving thread ends (it only does on stop or a listener error).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SocketServer {
+    fn drop(&mut self) {
+        self.halt(true);
+    }
+}
+
+/// Waits on the socket `fd` and the stop eventfd; `timeout` None waits without end.
+/// Returns (fd readable or hung up, stop requested).
+fn wait(fd: RawFd, stop: &EventFd, timeout: Option<Duration>) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    // SAFETY: a valid array of two pollfds.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}
+
+/// Puts send and receive deadlines on a frontend's socket: every blocking call the protocol
+/// library makes on it then ends within [`MESSAGE_DEADLINE`].
+fn set_deadlines(stream: &UnixStream) {
+    let _ = stream.set_read_timeout(Some(MESSAGE_DEADLINE));
+    let _ = stream.set_write_timeout(Some(MESSAGE_DEADLINE));
+}
+
+fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, shared: &Shared) {
+    loop {
+        let (readable, stop) = wait(listener.as_raw_fd(), &shared.stop, None);
+        if stop || shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        if !readable {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("{name}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        shared.connected.store(true, Ordering::Relaxed);
+        serve_connection(name, stream, config, shared);
+        shared.connected.store(false, Ordering::Relaxed);
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Serves one frontend until it goes away, breaks a deadline, or the server stops.
+fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, shared: &Shared) {
+    set_deadlines(&stream);
+    let fd = stream.as_raw_fd();
+    let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
+    let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
+    let connected_at = Instant::now();
+    let mut spoke = false;
+    let mut stopped = false;
+    loop {
+        let timeout = if spoke {
+            None
+        } else {
+            match FIRST_MESSAGE_DEADLINE.checked_sub(connected_at.elapsed()) {
+                Some(left) => Some(left),
+                None => {
+                    tracing::warn!(
+                        "{name}: frontend sent nothing within {FIRST_MESSAGE_DEADLINE:?}; closing it"
+                    );
+                    break;
+                }
+            }
+        };
+        let (readable, stop) = wait(fd, &shared.stop, timeout);
+        if stop || shared.stopping.load(Ordering::Acquire) {
+            stopped = true;
+            break;
+        }
+        if !readable {
+            continue;
+        }
+        spoke = true;
+        if let Err(e) = handler.handle_request() {
+            match e {
+                vhost::vhost_user::Error::Disconnected => {
+                    tracing::info!("{name}: frontend disconnected")
+                }
+                other => tracing::warn!("{name}: closing the connection: {other}"),
+            }
+            break;
+        }
+    }
+    // A poisoned lock still holds the connection's state: stopping its queues is the best
+    // left to do with it.
+    let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+    if stopped && shared.drain_on_stop.load(Ordering::Acquire) {
+        connection.drain();
+    }
+    connection.disconnect();
+    // Guest RAM the device mapped for DMA (and pinned) goes with the frontend.
+    connection.release_memory();
+    drop(connection);
+    drop(handler);
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards.
-/// Call it first in `main`, before any thread exists, so that [`serve`]'s signal thread is the
-/// only one that receives them.
+/// Call it first in `main`, before any thread exists, so that [`wait_for_termination`] is the
+/// only place that receives them.
 pub fn block_signals() -> libc::sigset_t {
     // SAFETY: plain signal-set manipulation on a local sigset_t.
     unsafe {
@@ -35,97 +282,23 @@ pub fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Handles SIGTERM and SIGINT on a dedicated thread: drain the current connection (complete
-/// and publish what is in flight, bounded), then shut the sockets down so that [`serve`]
-/// returns.
-fn handle_signals(shared: Arc<Shared>, listener: RawFd) {
+/// Waits for SIGTERM or SIGINT (blocked first by [`block_signals`]); returns the signal.
+pub fn wait_for_termination() -> i32 {
     let set = block_signals();
-    std::thread::spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: waits for one of the blocked signals; both pointers are locals.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!("signal {sig}: completing requests in flight, then exiting");
-        shared.stopping.store(true, Ordering::Release);
-        // A poisoned lock still holds the connection: draining it is the best left to do.
-        let current = shared.current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((connection, stream)) = current.as_ref() {
-            connection.lock().unwrap_or_else(|e| e.into_inner()).drain();
-            // SAFETY: the stream is open while it is in `current` (the serving loop takes it
-            // out under this lock before closing it); shutdown only ends its traffic.
-            unsafe { libc::shutdown(*stream, libc::SHUT_RDWR) };
-        }
-        drop(current);
-        // SAFETY: the listener lives until `serve` returns, which needs this shutdown first.
-        unsafe { libc::shutdown(listener, libc::SHUT_RDWR) };
-    });
+    let mut sig: libc::c_int = 0;
+    // SAFETY: waits for one of the blocked signals; both pointers are locals.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
 }
 
-/// Listens on `path` and serves one frontend at a time until SIGTERM or SIGINT, which drain
-/// what is in flight and return `Ok`.
+/// Serves `config` on `path` until SIGTERM or SIGINT, which drain what is in flight and
+/// return `Ok`.
 pub fn serve(path: &Path, config: Arc<DeviceConfig>, on_ready: impl FnOnce()) -> Result<()> {
-    let listener = Listener::new(path, true).map_err(|source| Error::Transport {
-        what: format!("listening on {}", path.display()),
-        source,
-    })?;
-    let shared = Arc::new(Shared {
-        current: Mutex::new(None),
-        stopping: AtomicBool::new(false),
-    });
-    handle_signals(shared.clone(), listener.as_raw_fd());
+    block_signals();
+    let server = SocketServer::start(path, config)?;
     on_ready();
-    loop {
-        let accepted = listener.accept();
-        if shared.stopping.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let stream = match accepted {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(source) => {
-                return Err(Error::Transport {
-                    what: format!("accept on {}", path.display()),
-                    source,
-                })
-            }
-        };
-        let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
-        let stream_fd = stream.as_raw_fd();
-        *shared
-            .current
-            .lock()
-            .map_err(|_| Error::Poisoned("current connection"))? =
-            Some((connection.clone(), stream_fd));
-        let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
-        loop {
-            if let Err(e) = handler.handle_request() {
-                match e {
-                    _ if shared.stopping.load(Ordering::Acquire) => {}
-                    vhost::vhost_user::Error::Disconnected
-                    | vhost::vhost_user::Error::PartialMessage => {
-                        tracing::info!("frontend disconnected")
-                    }
-                    other => tracing::warn!("closing the connection: {other}"),
-                }
-                break;
-            }
-        }
-        // Out of `current` before the socket closes (the signal thread shuts it down).
-        shared
-            .current
-            .lock()
-            .map_err(|_| Error::Poisoned("current connection"))?
-            .take();
-        {
-            let mut connection = connection
-                .lock()
-                .map_err(|_| Error::Poisoned("connection"))?;
-            connection.disconnect();
-            // Guest RAM the device mapped for DMA (and pinned) goes with the frontend.
-            connection.release_memory();
-        }
-        drop(handler);
-        if shared.stopping.load(Ordering::Acquire) {
-            return Ok(());
-        }
-    }
+    let sig = wait_for_termination();
+    tracing::info!("signal {sig}: completing requests in flight, then exiting");
+    server.stop(true);
+    Ok(())
 }

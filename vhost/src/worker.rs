@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Everything a worker needs to run one virtqueue.
 pub struct QueueStart {
+    /// The connection the queue belongs to (workers are shared by many).
+    pub owner: u64,
     /// Device-wide queue index.
     pub index: u16,
     /// Guest memory (kept mapped while the queue runs).
@@ -56,17 +58,20 @@ enum Command {
     /// Stop queues (all when `index` is None), draining the backend first; publish what
     /// completes when `publish` is set.
     Stop {
+        owner: u64,
         index: Option<u16>,
         publish: bool,
         reply: mpsc::Sender<QueueStopped>,
     },
     /// Replace a running queue's call eventfd.
     SetCall {
+        owner: u64,
         index: u16,
         call: Option<File>,
     },
     /// Replace a running queue's kick eventfd.
     SetKick {
+        owner: u64,
         index: u16,
         kick: Option<File>,
     },
@@ -77,6 +82,8 @@ struct Mailbox {
     pending: AtomicBool,
     commands: Mutex<Vec<Command>>,
     wake: EventFd,
+    /// Nanoseconds spent in loops that found work (written by the poller only).
+    busy_ns: AtomicU64,
 }
 
 /// Tuning of the poll loop.
@@ -86,9 +93,12 @@ pub struct PollMode {
     pub idle_loops_before_sleep: Option<u32>,
 }
 
-/// A poller thread.
+/// A poller thread, shared by the queues of any number of connections.
 pub struct Worker {
+    name: String,
     mailbox: Arc<Mailbox>,
+    /// Queues handed to it and not yet stopped (for least-loaded placement).
+    load: AtomicUsize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -172,6 +182,7 @@ impl Worker {
             pending: AtomicBool::new(false),
             commands: Mutex::new(Vec::new()),
             wake,
+            busy_ns: AtomicU64::new(0),
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
@@ -196,9 +207,26 @@ impl Worker {
                 source,
             })?;
         Ok(Self {
+            name,
             mailbox,
+            load: AtomicUsize::new(0),
             thread: Some(thread),
         })
+    }
+
+    /// The thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Queues running on it.
+    pub fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
+    /// Time its loop spent on work since it started.
+    pub fn busy(&self) -> Duration {
+        Duration::from_nanos(self.mailbox.busy_ns.load(Ordering::Relaxed))
     }
 
     fn send(&self, command: Command) {
@@ -215,25 +243,32 @@ impl Worker {
 
     /// Hands a queue to this worker.
     pub fn start(&self, queue: QueueStart) {
+        self.load.fetch_add(1, Ordering::Relaxed);
         self.send(Command::Start(Box::new(queue)));
     }
 
-    /// Gives a running queue a new call eventfd.
-    pub fn set_call(&self, index: u16, call: Option<File>) {
-        self.send(Command::SetCall { index, call });
+    /// Gives a running queue of `owner` a new call eventfd.
+    pub fn set_call(&self, owner: u64, index: u16, call: Option<File>) {
+        self.send(Command::SetCall { owner, index, call });
     }
 
-    /// Gives a running queue a new kick eventfd.
-    pub fn set_kick(&self, index: u16, kick: Option<File>) {
-        self.send(Command::SetKick { index, kick });
+    /// Gives a running queue of `owner` a new kick eventfd.
+    pub fn set_kick(&self, owner: u64, index: u16, kick: Option<File>) {
+        self.send(Command::SetKick { owner, index, kick });
     }
 
-    /// Stops one queue (or all), draining in-flight requests; returns their final states.
-    /// `Err` when the poller does not answer within [`STOP_DEADLINE`]: it is stuck, and its
-    /// queues' state is unknown.
-    pub fn stop(&self, index: Option<u16>, publish: bool) -> crate::Result<Vec<QueueStopped>> {
+    /// Stops one queue of `owner` (or all of them), draining in-flight requests; returns
+    /// their final states. `Err` when the poller does not answer within [`STOP_DEADLINE`]: it
+    /// is stuck, and its queues' state is unknown.
+    pub fn stop(
+        &self,
+        owner: u64,
+        index: Option<u16>,
+        publish: bool,
+    ) -> crate::Result<Vec<QueueStopped>> {
         let (reply, rx) = mpsc::channel();
         self.send(Command::Stop {
+            owner,
             index,
             publish,
             reply,
@@ -242,7 +277,10 @@ impl Worker {
         let mut stopped = Vec::new();
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(s) => stopped.push(s),
+                Ok(s) => {
+                    self.load.fetch_sub(1, Ordering::Relaxed);
+                    stopped.push(s)
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(stopped),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(crate::Error::PollerStuck {
@@ -280,13 +318,14 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                 match c {
                     Command::Start(q) => queues.push(QueueRuntime::new(*q)),
                     Command::Stop {
+                        owner,
                         index,
                         publish,
                         reply,
                     } => {
                         let mut kept = Vec::new();
                         for mut q in queues.drain(..) {
-                            if index.is_none_or(|i| i == q.index) {
+                            if q.owner == owner && index.is_none_or(|i| i == q.index) {
                                 let _ = reply.send(q.stop(publish));
                             } else {
                                 kept.push(q);
@@ -294,16 +333,22 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                         }
                         queues = kept;
                     }
-                    Command::SetCall { index, call } => {
-                        if let Some(q) = queues.iter_mut().find(|q| q.index == index) {
+                    Command::SetCall { owner, index, call } => {
+                        if let Some(q) = queues
+                            .iter_mut()
+                            .find(|q| q.owner == owner && q.index == index)
+                        {
                             q.call = call.map(CallFd::new);
                             // Completions published before the new fd arrived may have had
                             // no one to tell: tell the driver once now.
                             q.signal();
                         }
                     }
-                    Command::SetKick { index, kick } => {
-                        if let Some(q) = queues.iter_mut().find(|q| q.index == index) {
+                    Command::SetKick { owner, index, kick } => {
+                        if let Some(q) = queues
+                            .iter_mut()
+                            .find(|q| q.owner == owner && q.index == index)
+                        {
                             q.kick = kick;
                         }
                     }
@@ -316,12 +361,17 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                 }
             }
         }
+        let loop_start = Instant::now();
         let mut work = 0;
         for q in queues.iter_mut() {
             work += q.process(true);
         }
         if work > 0 {
             idle = 0;
+            let spent = loop_start.elapsed().as_nanos() as u64;
+            // Only this thread writes it: a plain add through a relaxed load and store.
+            let busy = mailbox.busy_ns.load(Ordering::Relaxed);
+            mailbox.busy_ns.store(busy + spent, Ordering::Relaxed);
             continue;
         }
         idle += 1;
@@ -384,6 +434,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
 }
 
 struct QueueRuntime {
+    owner: u64,
     index: u16,
     /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
     mem: Arc<GuestMemory>,
@@ -411,6 +462,7 @@ impl QueueRuntime {
         let mut resubmit = q.resubmit;
         resubmit.reverse(); // popped from the end: oldest first
         let mut runtime = Self {
+            owner: q.owner,
             index: q.index,
             mem: q.mem,
             vq: q.vq,
@@ -673,6 +725,7 @@ mod tests {
         call: Option<File>,
     ) -> QueueRuntime {
         QueueRuntime::new(QueueStart {
+            owner: 0,
             index: 0,
             mem: guest.memory(),
             vq: guest.device_queue(event_idx),
@@ -777,6 +830,7 @@ mod tests {
         assert!(region.recover(0).fresh);
         let release = Arc::new(Mutex::new(Vec::new()));
         let mut q = QueueRuntime::new(QueueStart {
+            owner: 0,
             index: 0,
             mem: guest.memory(),
             vq: guest.device_queue(true),

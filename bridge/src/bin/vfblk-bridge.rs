@@ -1,15 +1,21 @@
-//! `vfblk-bridge`: serve a block backend to VMs as vhost-user-blk on a unix socket, with
-//! inflight tracking so a restarted bridge picks up where a killed one stopped.
+//! `vfblk-bridge`: the vhost-user-blk target. Serves block backends to VMs on unix sockets,
+//! with inflight tracking so a restarted target picks up where a killed one stopped. One
+//! controller from the command line (`--socket` + `--backend`), or any number from a config
+//! file and JSON-RPC (`--config`, `--rpc`; managed with `vfblk-rpc`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use vfblk_bridge::spec::BackendSpec;
-use vfblk_bridge::target::{self, LogFormat, TargetOptions};
+use vfblk_bridge::target::rpc::{RpcServer, DEFAULT_SOCKET};
+use vfblk_bridge::target::{
+    self, LogFormat, Target, TargetConfig, TargetOptions, TargetSettings, MAX_QUEUES,
+};
 
-/// Serve a block backend to VMs as vhost-user-blk.
+/// Serve block backends to VMs as vhost-user-blk.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -19,31 +25,46 @@ backends (SPEC):
                         or with K/M/G; its data outlive the process
   file:PATH[:SIZE]      a file (created/grown to SIZE) or a block device, through io_uring
   nvme:PCI_ADDR[:NSID]  an NVMe controller bound to vfio-pci, through our userspace driver;
-                        guest RAM is mapped for DMA at IOVA = guest-physical address"
+                        guest RAM is mapped for DMA at IOVA = guest-physical address
+
+Many controllers: --config FILE (JSON; created if missing, rewritten after every change)
+and --rpc [PATH] (default /run/vfblk/rpc.sock), then vfblk-rpc. See docs/operation.md."
 )]
 struct Args {
-    /// vhost-user socket to listen on.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The backend (see below).
-    #[arg(long, value_name = "SPEC")]
-    backend: BackendSpec,
-    /// Virtqueues offered.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// vhost-user socket of the one controller to serve.
+    #[arg(long, requires = "backend", conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// The one controller's backend (see below).
+    #[arg(long, value_name = "SPEC", requires = "socket")]
+    backend: Option<BackendSpec>,
+    /// The one controller's virtqueues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
     queues: u16,
-    /// Poller threads pinned to these CPUs, e.g. 0,1 (default: one, unpinned); queue i runs
-    /// on poller i % count.
+    /// The one controller's GET_ID answer (at most 20 bytes).
+    #[arg(long, default_value = "vfblk", value_parser = serial)]
+    serial: String,
+    /// Offer the one controller's disk read-only.
+    #[arg(long)]
+    readonly: bool,
+    /// Backends and controllers to serve, saved again after every RPC change.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve JSON-RPC on this unix socket (mode 0600).
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = DEFAULT_SOCKET)]
+    rpc: Option<PathBuf>,
+    /// Poller threads pinned to these CPUs, e.g. 0,1 (default: unpinned, see --pollers);
+    /// each queue runs on the least loaded poller.
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
+    /// Unpinned poller threads, when --cpus is not given.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pollers: u16,
     /// Never sleep when idle (default: sleep on kicks after ~1 ms idle).
     #[arg(long)]
     poll: bool,
     /// Do not offer INFLIGHT_SHMFD (to show what recovery loses without it).
     #[arg(long)]
     no_inflight: bool,
-    /// GET_ID answer (at most 20 bytes).
-    #[arg(long, default_value = "vfblk", value_parser = serial)]
-    serial: String,
     /// Hold every completion up to N ms and release them shuffled (tests only).
     #[cfg(feature = "test-delay")]
     #[arg(long, value_name = "N")]
@@ -74,7 +95,7 @@ fn serial(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    // Before any poller thread exists, so only the server's signal thread sees SIGTERM.
+    // Before any thread exists, so that only the main thread's wait sees SIGTERM.
     vfblk_vhost::server::block_signals();
     let args = Args::parse();
     target::init_logging(args.log_format);
@@ -86,26 +107,82 @@ fn main() -> ExitCode {
     let lose_completion_after = args.test_lose_nvme_completion;
     #[cfg(not(feature = "test-delay"))]
     let lose_completion_after = None;
-    let options = TargetOptions {
-        socket: args.socket,
-        backend: args.backend,
-        queues: args.queues,
+    let settings = TargetSettings {
         cpus: args.cpus,
+        pollers: usize::from(args.pollers),
         poll: args.poll,
         inflight: !args.no_inflight,
-        serial: args.serial,
-        test_delay,
         nvme: vfblk_bridge::backend::NvmeOptions {
             command_timeout: Duration::from_millis(args.nvme_timeout_ms),
             lose_completion_after,
             use_sgl: !args.nvme_no_sgl,
         },
+        test_delay,
+        config_file: args.config.clone(),
     };
-    match target::run(options) {
+    let one = match (args.socket, args.backend) {
+        (Some(socket), Some(backend)) => Some(TargetOptions {
+            socket,
+            backend,
+            queues: args.queues,
+            serial: args.serial,
+            readonly: args.readonly,
+        }),
+        _ => None,
+    };
+    if one.is_none() && args.config.is_none() && args.rpc.is_none() {
+        tracing::error!("nothing to serve: give --socket and --backend, --config, or --rpc");
+        return ExitCode::from(2);
+    }
+    match run(settings, one, args.config, args.rpc) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", vfblk_vhost::error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(
+    settings: TargetSettings,
+    one: Option<TargetOptions>,
+    config: Option<PathBuf>,
+    rpc: Option<PathBuf>,
+) -> vfblk_bridge::Result<()> {
+    let mut target = Target::new(settings)?;
+    if let Some(one) = &one {
+        // The one controller of the command line: failing to serve it is failing.
+        if let Some((what, e)) = target.apply(one.config()).into_iter().next() {
+            return Err(vfblk_bridge::Error::BadArgument(format!(
+                "{what}: {}",
+                vfblk_vhost::error_chain(&e)
+            )));
+        }
+    }
+    if let Some(path) = &config {
+        let loaded = TargetConfig::load(path)?;
+        tracing::info!(
+            "{}: {} backend(s), {} controller(s)",
+            path.display(),
+            loaded.backends.len(),
+            loaded.controllers.len()
+        );
+        // Everything that can be served is; what cannot is logged and stays in the file.
+        for (what, e) in target.apply(loaded) {
+            tracing::error!("{what}: not served: {}", vfblk_vhost::error_chain(&e));
+        }
+    }
+    let target = Arc::new(Mutex::new(target));
+    let rpc_server = rpc
+        .map(|path| RpcServer::start(&path, target.clone()))
+        .transpose()?;
+    target::notify_ready();
+    let sig = vfblk_vhost::server::wait_for_termination();
+    tracing::info!("signal {sig}: completing requests in flight, then exiting");
+    drop(rpc_server);
+    target
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shutdown(true);
+    Ok(())
 }

@@ -32,14 +32,16 @@ pub const BUF: u64 = 1 << 20; // buffers live above 1 MiB
 /// A mem-backed device with `queues` queues on one test poller; GET_ID answers "test-disk".
 pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
     let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
-    let workers = vec![Worker::spawn(
-        "test-poller".into(),
-        None,
-        PollMode {
-            idle_loops_before_sleep: Some(1000),
-        },
-    )
-    .unwrap()];
+    let workers = vec![Arc::new(
+        Worker::spawn(
+            "test-poller".into(),
+            None,
+            PollMode {
+                idle_loops_before_sleep: Some(1000),
+            },
+        )
+        .unwrap(),
+    )];
     Arc::new(DeviceConfig {
         num_queues: queues,
         inflight: true,
@@ -55,8 +57,8 @@ pub fn start_server(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("blk.sock");
     let config = device_config(&dir, 2);
-    let s = socket.clone();
-    std::thread::spawn(move || vfblk_vhost::server::serve(&s, config, || {}));
+    // Serves until the test process ends.
+    std::mem::forget(vfblk_vhost::server::SocketServer::start(&socket, config).unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
         assert!(Instant::now() < deadline);

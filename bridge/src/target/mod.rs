@@ -1,0 +1,648 @@
+//! The target: one process serving many vhost-user-blk controllers over shared poller
+//! threads. Backends are named objects created once; each controller has its own socket,
+//! serving thread and backend, and its queues run on the pollers (least loaded first, or
+//! those pinned to the CPUs it asks for). [`Target`] is the control plane the RPC server and
+//! the config file drive; the pollers never touch it.
+
+pub mod config;
+pub mod rpc;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use vfblk_vhost::guest_errors::GuestErrors;
+use vfblk_vhost::protocol::DeviceConfig;
+use vfblk_vhost::server::SocketServer;
+use vfblk_vhost::worker::{PollMode, Worker};
+
+use crate::backend::{Backend, NvmeOptions};
+use crate::device::BlkDevice;
+use crate::spec::BackendSpec;
+use crate::stats::StatsSnapshot;
+use crate::{Error, Result};
+pub use config::{check_name, BackendConfig, ControllerConfig, TargetConfig};
+
+/// Empty poll loops (about 1 ms) before an idle poller sleeps on kicks.
+pub const IDLE_LOOPS_BEFORE_SLEEP: u32 = 20_000;
+
+/// Most virtqueues a controller offers.
+pub const MAX_QUEUES: u16 = 64;
+
+/// Queue pairs an NVMe backend may create (one per virtqueue it serves at a time).
+pub const NVME_IO_QUEUES: u16 = 16;
+
+/// Process-wide settings: the pollers and how backends behave.
+#[derive(Debug, Clone, Default)]
+pub struct TargetSettings {
+    /// Pollers pinned to these CPUs, one each (empty: `pollers` unpinned ones).
+    pub cpus: Vec<usize>,
+    /// Unpinned pollers when `cpus` is empty (0 counts as 1).
+    pub pollers: usize,
+    /// Never sleep when idle.
+    pub poll: bool,
+    /// Offer INFLIGHT_SHMFD.
+    pub inflight: bool,
+    /// How NVMe backends watch their commands.
+    pub nvme: NvmeOptions,
+    /// Hold completions this long and release them shuffled (tests only; needs the
+    /// `test-delay` feature).
+    pub test_delay: Option<Duration>,
+    /// Where every change is saved (None: nothing is saved).
+    pub config_file: Option<PathBuf>,
+}
+
+struct Poller {
+    cpu: Option<usize>,
+    worker: Arc<Worker>,
+}
+
+struct BackendEntry {
+    spec: BackendSpec,
+    backend: Arc<dyn Backend>,
+}
+
+struct ControllerEntry {
+    config: ControllerConfig,
+    device: Arc<BlkDevice>,
+    server: SocketServer,
+}
+
+/// A backend as `backend_list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// Its name.
+    pub name: String,
+    /// What it was created from.
+    #[serde(flatten)]
+    pub spec: BackendSpec,
+    /// What it is.
+    pub description: String,
+    /// Capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Controllers using it.
+    pub used_by: Vec<String>,
+}
+
+/// A controller as `vhost_blk_list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerStatus {
+    /// Its configuration.
+    #[serde(flatten)]
+    pub config: ControllerConfig,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// Frontends accepted since the controller was created.
+    pub connections: u64,
+}
+
+/// One controller's counters, for `stats` and the metrics endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerStats {
+    /// Its name.
+    pub name: String,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// Frontends accepted since the controller was created.
+    pub connections: u64,
+    /// I/O counters.
+    #[serde(skip)]
+    pub io: StatsSnapshot,
+    /// Reads finished.
+    pub reads: u64,
+    /// Writes finished.
+    pub writes: u64,
+    /// Flushes, discards, write zeroes and other requests finished.
+    pub others: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub written_bytes: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+}
+
+/// One poller's load.
+#[derive(Debug, Clone, Serialize)]
+pub struct PollerStats {
+    /// Thread name.
+    pub name: String,
+    /// CPU it is pinned to.
+    pub cpu: Option<usize>,
+    /// Queues it runs.
+    pub queues: usize,
+    /// Seconds spent in loops that found work.
+    pub busy_seconds: f64,
+}
+
+/// Everything `stats` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStats {
+    /// Per controller.
+    pub controllers: Vec<ControllerStats>,
+    /// Per poller.
+    pub pollers: Vec<PollerStats>,
+}
+
+/// The control plane's state: pollers, backends, controllers.
+pub struct Target {
+    settings: TargetSettings,
+    pollers: Vec<Poller>,
+    backends: BTreeMap<String, BackendEntry>,
+    controllers: BTreeMap<String, ControllerEntry>,
+}
+
+impl Target {
+    /// Starts the pollers; no backend or controller yet.
+    pub fn new(settings: TargetSettings) -> Result<Self> {
+        let mode = PollMode {
+            idle_loops_before_sleep: if settings.poll {
+                None
+            } else {
+                Some(IDLE_LOOPS_BEFORE_SLEEP)
+            },
+        };
+        let cpus: Vec<Option<usize>> = if settings.cpus.is_empty() {
+            vec![None; settings.pollers.max(1)]
+        } else {
+            settings.cpus.iter().map(|&c| Some(c)).collect()
+        };
+        let pollers = cpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, cpu)| {
+                Ok(Poller {
+                    cpu,
+                    worker: Arc::new(Worker::spawn(format!("vfblk-poller{i}"), cpu, mode)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            settings,
+            pollers,
+            backends: BTreeMap::new(),
+            controllers: BTreeMap::new(),
+        })
+    }
+
+    /// Opens a backend under `name`.
+    pub fn create_backend(&mut self, name: &str, spec: BackendSpec) -> Result<()> {
+        check_name("backend", name)?;
+        if self.backends.contains_key(name) {
+            return Err(Error::Exists {
+                what: "backend",
+                name: name.to_string(),
+            });
+        }
+        if let Some(same) = self
+            .backends
+            .iter()
+            .find(|(_, b)| same_target(&b.spec, &spec))
+        {
+            return Err(Error::BadArgument(format!(
+                "backend {name}: backend {} already serves the same {}",
+                same.0,
+                describe(&spec)
+            )));
+        }
+        #[allow(unused_mut)]
+        let mut backend = spec.open(NVME_IO_QUEUES, &self.settings.nvme)?;
+        if let Some(delay) = self.settings.test_delay {
+            #[cfg(feature = "test-delay")]
+            {
+                backend = Arc::new(crate::backend::DelayBackend::new(backend, delay));
+            }
+            #[cfg(not(feature = "test-delay"))]
+            return Err(Error::BadArgument(format!(
+                "a test delay of {delay:?} needs a build with the test-delay feature"
+            )));
+        }
+        tracing::info!("backend {name}: {}", backend.info().description);
+        self.backends
+            .insert(name.to_string(), BackendEntry { spec, backend });
+        Ok(())
+    }
+
+    /// Closes backend `name`; refused while a controller uses it.
+    pub fn delete_backend(&mut self, name: &str) -> Result<()> {
+        if !self.backends.contains_key(name) {
+            return Err(Error::NotFound {
+                what: "backend",
+                name: name.to_string(),
+            });
+        }
+        let users = self.users_of(name);
+        if !users.is_empty() {
+            return Err(Error::Busy {
+                name: name.to_string(),
+                users,
+            });
+        }
+        self.backends.remove(name);
+        tracing::info!("backend {name} deleted");
+        Ok(())
+    }
+
+    fn users_of(&self, backend: &str) -> Vec<String> {
+        self.controllers
+            .values()
+            .filter(|c| c.config.backend == backend)
+            .map(|c| c.config.name.clone())
+            .collect()
+    }
+
+    /// Creates a controller and starts listening on its socket.
+    pub fn create_controller(&mut self, config: ControllerConfig) -> Result<()> {
+        let name = config.name.clone();
+        check_name("controller", &name)?;
+        if self.controllers.contains_key(&name) {
+            return Err(Error::Exists {
+                what: "controller",
+                name,
+            });
+        }
+        let bad = |why: String| Error::BadArgument(format!("controller {name}: {why}"));
+        if config.queues == 0 || config.queues > MAX_QUEUES {
+            return Err(bad(format!(
+                "{} queues: 1 to {} are possible",
+                config.queues, MAX_QUEUES
+            )));
+        }
+        let serial = config.serial.clone().unwrap_or_else(|| name.clone());
+        if serial.len() > crate::virtio_blk::ID_BYTES {
+            return Err(bad(format!("serial {serial:?} is longer than 20 bytes")));
+        }
+        if let Some(other) = self
+            .controllers
+            .values()
+            .find(|c| c.config.socket == config.socket)
+        {
+            return Err(bad(format!(
+                "{} is the socket of controller {}",
+                config.socket.display(),
+                other.config.name
+            )));
+        }
+        check_socket_path(&config.socket).map_err(bad)?;
+        let entry = self
+            .backends
+            .get(&config.backend)
+            .ok_or_else(|| Error::NotFound {
+                what: "backend",
+                name: config.backend.clone(),
+            })?;
+        let workers = self.workers_for(&config.cpus).map_err(bad)?;
+        let mut device = BlkDevice::new(entry.backend.clone(), config.queues, &serial);
+        if config.readonly {
+            device = device.read_only();
+        }
+        let device = Arc::new(device);
+        let description = entry.backend.info().description.clone();
+        let device_config = Arc::new(DeviceConfig {
+            num_queues: config.queues,
+            inflight: self.settings.inflight,
+            device: device.clone(),
+            workers,
+            errors: Arc::new(GuestErrors::new(name.clone())),
+        });
+        let server = SocketServer::start(&config.socket, device_config)?;
+        tracing::info!(
+            controller = %name,
+            "serving {description} on {} ({} queue(s), {} poller(s), inflight tracking {}{})",
+            config.socket.display(),
+            config.queues,
+            self.pollers.len(),
+            if self.settings.inflight { "on" } else { "OFF" },
+            if config.readonly { ", read-only" } else { "" }
+        );
+        self.controllers.insert(
+            name,
+            ControllerEntry {
+                config,
+                device,
+                server,
+            },
+        );
+        Ok(())
+    }
+
+    /// The pollers a controller asking for `cpus` may use.
+    fn workers_for(&self, cpus: &[usize]) -> std::result::Result<Vec<Arc<Worker>>, String> {
+        if cpus.is_empty() {
+            return Ok(self.pollers.iter().map(|p| p.worker.clone()).collect());
+        }
+        let chosen: Vec<Arc<Worker>> = self
+            .pollers
+            .iter()
+            .filter(|p| p.cpu.is_some_and(|c| cpus.contains(&c)))
+            .map(|p| p.worker.clone())
+            .collect();
+        if chosen.len() != cpus.len() {
+            let pinned: Vec<usize> = self.pollers.iter().filter_map(|p| p.cpu).collect();
+            return Err(format!(
+                "cpus {cpus:?}: the pollers run on cpus {pinned:?} (start the target with --cpus)"
+            ));
+        }
+        Ok(chosen)
+    }
+
+    /// Deletes a controller: what is in flight completes, the frontend is disconnected and
+    /// the socket removed.
+    pub fn delete_controller(&mut self, name: &str) -> Result<()> {
+        let entry = self
+            .controllers
+            .remove(name)
+            .ok_or_else(|| Error::NotFound {
+                what: "controller",
+                name: name.to_string(),
+            })?;
+        entry.server.stop(true);
+        tracing::info!("controller {name} deleted");
+        Ok(())
+    }
+
+    /// Creates what `config` lists, in order. Each failure is returned with the object's
+    /// name and does not stop the rest: one broken disk must not keep every other VM down.
+    pub fn apply(&mut self, config: TargetConfig) -> Vec<(String, Error)> {
+        let mut failures = Vec::new();
+        for b in config.backends {
+            if let Err(e) = self.create_backend(&b.name, b.spec) {
+                failures.push((format!("backend {}", b.name), e));
+            }
+        }
+        for c in config.controllers {
+            let name = c.name.clone();
+            if let Err(e) = self.create_controller(c) {
+                failures.push((format!("controller {name}"), e));
+            }
+        }
+        failures
+    }
+
+    /// What is being served, as a config file holds it.
+    pub fn config(&self) -> TargetConfig {
+        TargetConfig {
+            backends: self
+                .backends
+                .iter()
+                .map(|(name, b)| BackendConfig {
+                    name: name.clone(),
+                    spec: b.spec.clone(),
+                })
+                .collect(),
+            controllers: self
+                .controllers
+                .values()
+                .map(|c| c.config.clone())
+                .collect(),
+        }
+    }
+
+    /// The config file, if the target has one.
+    pub fn config_file(&self) -> Option<&Path> {
+        self.settings.config_file.as_deref()
+    }
+
+    /// Writes the configuration to the config file (a no-op without one).
+    pub fn save(&self) -> Result<()> {
+        match &self.settings.config_file {
+            Some(path) => self.config().save(path),
+            None => Ok(()),
+        }
+    }
+
+    /// The backends.
+    pub fn backend_list(&self) -> Vec<BackendStatus> {
+        self.backends
+            .iter()
+            .map(|(name, b)| {
+                let info = b.backend.info();
+                BackendStatus {
+                    name: name.clone(),
+                    spec: b.spec.clone(),
+                    description: info.description.clone(),
+                    capacity_bytes: info.capacity_sectors * 512,
+                    block_size: info.block_size,
+                    used_by: self.users_of(name),
+                }
+            })
+            .collect()
+    }
+
+    /// The controllers.
+    pub fn controller_list(&self) -> Vec<ControllerStatus> {
+        self.controllers
+            .values()
+            .map(|c| {
+                let s = c.server.stats();
+                ControllerStatus {
+                    config: c.config.clone(),
+                    connected: s.connected,
+                    connections: s.accepted,
+                }
+            })
+            .collect()
+    }
+
+    /// Counters of every controller and poller.
+    pub fn stats(&self) -> TargetStats {
+        TargetStats {
+            controllers: self
+                .controllers
+                .values()
+                .map(|c| {
+                    let s = c.server.stats();
+                    let io = c.device.stats().snapshot();
+                    ControllerStats {
+                        name: c.config.name.clone(),
+                        connected: s.connected,
+                        connections: s.accepted,
+                        reads: io.reads,
+                        writes: io.writes,
+                        others: io.others,
+                        read_bytes: io.read_bytes,
+                        written_bytes: io.written_bytes,
+                        errors: io.errors,
+                        io,
+                    }
+                })
+                .collect(),
+            pollers: self
+                .pollers
+                .iter()
+                .map(|p| PollerStats {
+                    name: p.worker.name().to_string(),
+                    cpu: p.cpu,
+                    queues: p.worker.load(),
+                    busy_seconds: p.worker.busy().as_secs_f64(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops every controller (draining what is in flight when `drain`).
+    pub fn shutdown(&mut self, drain: bool) {
+        for (_, c) in std::mem::take(&mut self.controllers) {
+            c.server.stop(drain);
+        }
+    }
+}
+
+/// Two specs that open the same storage (a second opener would corrupt it or fail late).
+fn same_target(a: &BackendSpec, b: &BackendSpec) -> bool {
+    match (a, b) {
+        (BackendSpec::Mem { path: x, .. }, BackendSpec::Mem { path: y, .. })
+        | (BackendSpec::File { path: x, .. }, BackendSpec::File { path: y, .. }) => x == y,
+        (
+            BackendSpec::Nvme {
+                address: x,
+                nsid: m,
+            },
+            BackendSpec::Nvme {
+                address: y,
+                nsid: n,
+            },
+        ) => x == y && m == n,
+        _ => false,
+    }
+}
+
+fn describe(spec: &BackendSpec) -> String {
+    match spec {
+        BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => {
+            path.display().to_string()
+        }
+        BackendSpec::Nvme { address, nsid } => format!("namespace {nsid} of {address}"),
+    }
+}
+
+/// A controller's socket path must be free or a stale socket: binding replaces what is
+/// there, and an RPC must never remove a file that is not a socket.
+fn check_socket_path(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().len() >= 108 {
+        return Err(format!(
+            "{}: longer than a unix socket path may be (107 bytes)",
+            path.display()
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a socket; it is left alone",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("directory {} does not exist", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What to serve and how, for the one-controller command line.
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// The vhost-user socket to listen on.
+    pub socket: PathBuf,
+    /// The backend.
+    pub backend: BackendSpec,
+    /// Virtqueues offered.
+    pub queues: u16,
+    /// GET_ID answer.
+    pub serial: String,
+    /// Offer the disk read-only.
+    pub readonly: bool,
+}
+
+impl TargetOptions {
+    /// The configuration of one backend ("disk") and one controller ("vhost0").
+    pub fn config(&self) -> TargetConfig {
+        TargetConfig {
+            backends: vec![BackendConfig {
+                name: "disk".into(),
+                spec: self.backend.clone(),
+            }],
+            controllers: vec![ControllerConfig {
+                name: "vhost0".into(),
+                socket: self.socket.clone(),
+                backend: "disk".into(),
+                queues: self.queues,
+                cpus: Vec::new(),
+                readonly: self.readonly,
+                serial: Some(self.serial.clone()),
+            }],
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) that the target serves: `READY=1` on `$NOTIFY_SOCKET`, if set.
+pub fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let bytes = path.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(Path::new(&path))?,
+        };
+        UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!("could not notify systemd: {e}");
+    }
+}
+
+/// Log output a binary chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(Error::BadArgument(format!(
+                "log format {s:?}: text or json"
+            ))),
+        }
+    }
+}
+
+/// Sends `tracing` events to stderr in `format`; `RUST_LOG` filters (default: info).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colour only for a person at a terminal: logs go to files and journals too.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
