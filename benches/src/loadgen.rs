@@ -97,6 +97,9 @@ pub struct Report {
     /// Per reconnect: ms from the last completion before the backend vanished to the first
     /// completion after it came back.
     pub pauses_ms: Vec<f64>,
+    /// The longest time between two completions while connected (reconnect pauses apart):
+    /// how long the backend ever left this frontend waiting.
+    pub max_gap_ms: f64,
     /// Latency histogram.
     pub latency: Histogram,
     /// Measured seconds.
@@ -144,6 +147,7 @@ impl Report {
             "inflight": self.inflight,
             "pauses_ms": self.pauses_ms,
             "max_pause_ms": max_pause,
+            "max_gap_ms": self.max_gap_ms,
             "errors": self.errors,
         })
     }
@@ -636,6 +640,8 @@ impl LoadGen {
         let started = Instant::now();
         let end = started + Duration::from_secs_f64(self.opts.seconds);
         let mut last_completion = Instant::now();
+        // Gaps count from the first completion on: start-up is not a stall.
+        let mut completed_any = false;
         let mut gone_since: Option<Instant> = None;
         let mut awaiting_first = false;
         let mut stopping = false;
@@ -692,12 +698,14 @@ impl LoadGen {
                             self.complete(qi, head);
                             progress += 1;
                             let now = Instant::now();
+                            let gap = now.duration_since(last_completion).as_secs_f64() * 1000.0;
                             if awaiting_first {
-                                self.report.pauses_ms.push(
-                                    now.duration_since(last_completion).as_secs_f64() * 1000.0,
-                                );
+                                self.report.pauses_ms.push(gap);
                                 awaiting_first = false;
+                            } else if completed_any && gap > self.report.max_gap_ms {
+                                self.report.max_gap_ms = gap;
                             }
+                            completed_any = true;
                             last_completion = now;
                         }
                         Ok(None) => {

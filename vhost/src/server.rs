@@ -21,8 +21,8 @@ use crate::{Error, Result};
 /// stays silent would otherwise lock the socket against the real frontend.
 pub const FIRST_MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Once a message has started, the rest of it must arrive, and a reply must find room in
-/// the socket, within this: a peer that sends half a message or never reads is closed.
+/// Once a message has started, the rest of it must arrive, and our replies must be read,
+/// within this: a peer that sends half a message or never reads is closed.
 pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long [`SocketServer::stop`] waits for the serving thread (a drain is bounded by the
@@ -177,11 +177,75 @@ fn wait(fd: RawFd, stop: &EventFd, timeout: Option<Duration>) -> (bool, bool) {
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
-/// Puts send and receive deadlines on a frontend's socket: every blocking call the protocol
-/// library makes on it then ends within [`MESSAGE_DEADLINE`].
-fn set_deadlines(stream: &UnixStream) {
-    let _ = stream.set_read_timeout(Some(MESSAGE_DEADLINE));
-    let _ = stream.set_write_timeout(Some(MESSAGE_DEADLINE));
+/// Header bytes of a vhost-user message, and the offset of its payload size.
+const HEADER_BYTES: usize = 12;
+/// Largest payload the protocol library accepts; a larger claim fails once read.
+const MAX_PAYLOAD: usize = 0x1000;
+
+/// Why a message cannot be handled without blocking.
+enum NotReady {
+    /// Part of a message, and the rest did not come within the deadline.
+    Partial(usize),
+    /// Our replies are piling up unread.
+    NotReading,
+}
+
+/// Waits (bounded by [`MESSAGE_DEADLINE`]) until a whole message is in the socket and a reply
+/// would not block, so that the protocol library, which retries reads and writes that would
+/// block forever, never waits on the peer. A hang-up returns at once: the library then reads
+/// what is there and reports the end.
+fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
+    let deadline = Instant::now() + MESSAGE_DEADLINE;
+    let mut available = 0usize;
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; zero timeout.
+        unsafe { libc::poll(&mut p, 1, 0) };
+        if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Ok(());
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int: the bytes waiting in the receive queue.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } == 0 {
+            available = queued.max(0) as usize;
+        }
+        let mut header = [0u8; HEADER_BYTES];
+        let peeked = if available >= HEADER_BYTES {
+            // SAFETY: reads at most 12 bytes into a local, leaving them in the socket.
+            unsafe {
+                libc::recv(
+                    fd,
+                    header.as_mut_ptr().cast(),
+                    HEADER_BYTES,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            }
+        } else {
+            0
+        };
+        let whole = peeked == HEADER_BYTES as isize && {
+            let size = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
+            available >= HEADER_BYTES + size.min(MAX_PAYLOAD)
+        };
+        let writable = p.revents & libc::POLLOUT != 0;
+        if whole && writable {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(if whole {
+                NotReady::NotReading
+            } else {
+                NotReady::Partial(available)
+            });
+        }
+        // Rare (a peer that splits its messages or lags in reading): a short nap, not a
+        // poll, since the socket stays readable while the message is incomplete.
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, shared: &Shared) {
@@ -214,7 +278,6 @@ fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, share
 
 /// Serves one frontend until it goes away, breaks a deadline, or the server stops.
 fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, shared: &Shared) {
-    set_deadlines(&stream);
     let fd = stream.as_raw_fd();
     let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
     let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
@@ -244,6 +307,21 @@ fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, 
             continue;
         }
         spoke = true;
+        match message_ready(fd) {
+            Ok(()) => {}
+            Err(NotReady::Partial(bytes)) => {
+                tracing::warn!(
+                    "{name}: {bytes} byte(s) of a message and no more within {MESSAGE_DEADLINE:?}; closing the connection"
+                );
+                break;
+            }
+            Err(NotReady::NotReading) => {
+                tracing::warn!(
+                    "{name}: the frontend has not read our replies within {MESSAGE_DEADLINE:?}; closing the connection"
+                );
+                break;
+            }
+        }
         if let Err(e) = handler.handle_request() {
             match e {
                 vhost::vhost_user::Error::Disconnected => {

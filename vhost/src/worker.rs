@@ -84,6 +84,9 @@ struct Mailbox {
     wake: EventFd,
     /// Nanoseconds spent in loops that found work (written by the poller only).
     busy_ns: AtomicU64,
+    /// The longest time one batch of mailbox commands held the loop (control-plane work
+    /// every other queue on the poller waits for).
+    longest_commands_ns: AtomicU64,
 }
 
 /// Tuning of the poll loop.
@@ -183,6 +186,7 @@ impl Worker {
             commands: Mutex::new(Vec::new()),
             wake,
             busy_ns: AtomicU64::new(0),
+            longest_commands_ns: AtomicU64::new(0),
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
@@ -227,6 +231,12 @@ impl Worker {
     /// Time its loop spent on work since it started.
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.mailbox.busy_ns.load(Ordering::Relaxed))
+    }
+
+    /// The longest its queues waited for control-plane commands (starting, stopping and
+    /// draining queues, new fds) since it started.
+    pub fn longest_commands(&self) -> Duration {
+        Duration::from_nanos(self.mailbox.longest_commands_ns.load(Ordering::Relaxed))
     }
 
     fn send(&self, command: Command) {
@@ -311,6 +321,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
     let mut idle = 0u32;
     loop {
         if mailbox.pending.load(Ordering::Acquire) {
+            let commands_start = Instant::now();
             mailbox.pending.store(false, Ordering::Release);
             let commands: Vec<Command> =
                 std::mem::take(&mut *mailbox.commands.lock().unwrap_or_else(|e| e.into_inner()));
@@ -359,6 +370,10 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                         return;
                     }
                 }
+            }
+            let spent = commands_start.elapsed().as_nanos() as u64;
+            if spent > mailbox.longest_commands_ns.load(Ordering::Relaxed) {
+                mailbox.longest_commands_ns.store(spent, Ordering::Relaxed);
             }
         }
         let loop_start = Instant::now();

@@ -137,6 +137,8 @@ pub struct PollerStats {
     pub queues: usize,
     /// Seconds spent in loops that found work.
     pub busy_seconds: f64,
+    /// The longest its queues waited for control-plane commands, in milliseconds.
+    pub longest_commands_ms: f64,
 }
 
 /// Everything `stats` reports.
@@ -360,8 +362,12 @@ impl Target {
                 what: "controller",
                 name: name.to_string(),
             })?;
+        let started = std::time::Instant::now();
         entry.server.stop(true);
-        tracing::info!("controller {name} deleted");
+        tracing::info!(
+            "controller {name} deleted in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(())
     }
 
@@ -479,6 +485,7 @@ impl Target {
                     cpu: p.cpu,
                     queues: p.worker.load(),
                     busy_seconds: p.worker.busy().as_secs_f64(),
+                    longest_commands_ms: p.worker.longest_commands().as_secs_f64() * 1e3,
                 })
                 .collect(),
         }

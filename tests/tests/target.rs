@@ -1,0 +1,495 @@
+//! The many-VM target: one `vfblk-bridge` process with many controllers on shared pollers,
+//! managed over JSON-RPC and restored from its config file after a SIGKILL. Each frontend is
+//! a load generator in verify mode.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vfblk_bridge::target::rpc::{code, Client};
+use vfblk_tests::{bin, lab_lock};
+
+/// One target process with its run directory, config file and RPC socket.
+struct TargetProc {
+    dir: PathBuf,
+    child: Child,
+    pollers: u32,
+}
+
+impl TargetProc {
+    fn start(name: &str, pollers: u32) -> Self {
+        let dir = std::env::temp_dir().join(format!("vfblk-target-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(&dir, pollers);
+        Self {
+            dir,
+            child,
+            pollers,
+        }
+    }
+
+    fn spawn(dir: &Path, pollers: u32) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("target.log"))
+            .unwrap();
+        let mut command = Command::new(bin("vfblk-bridge"));
+        command
+            .arg("--config")
+            .arg(dir.join("target.json"))
+            .arg("--rpc")
+            .arg(dir.join("rpc.sock"))
+            .args(["--pollers", &pollers.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log);
+        // The RPC socket appears after the config file's controllers listen.
+        vfblk_lab::process::spawn_listening(command, &dir.join("rpc.sock"), Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("starting the target: {e}"))
+    }
+
+    fn restart_after_sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.dir, self.pollers);
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.dir.join("rpc.sock")).expect("connecting to the RPC socket")
+    }
+
+    fn call(&self, method: &str, params: Value) -> Value {
+        self.client()
+            .call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e}; log {}", self.log().display()))
+    }
+
+    fn socket(&self, controller: &str) -> PathBuf {
+        self.dir.join(format!("{controller}.sock"))
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("target.log")
+    }
+
+    fn shm(&self, backend: &str) -> String {
+        format!(
+            "/dev/shm/vfblk-test-target-{}-{backend}",
+            self.dir.file_name().unwrap().to_string_lossy()
+        )
+    }
+
+    /// A 16 MiB RAM backend and a one-queue controller on it, both named `name`.
+    fn add_disk(&self, name: &str) {
+        self.call(
+            "backend_create",
+            json!({"name": name, "kind": "mem", "path": self.shm(name), "size": 16 << 20}),
+        );
+        self.call(
+            "vhost_blk_create",
+            json!({"name": name, "socket": self.socket(name), "backend": name}),
+        );
+    }
+
+    fn remove_disk(&self, name: &str) {
+        self.call("vhost_blk_delete", json!({ "name": name }));
+        self.call("backend_delete", json!({ "name": name }));
+        let _ = std::fs::remove_file(self.shm(name));
+    }
+}
+
+impl Drop for TargetProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(config) = std::fs::read_to_string(self.dir.join("target.json")) {
+            if let Ok(config) = serde_json::from_str::<Value>(&config) {
+                for b in config["backends"].as_array().into_iter().flatten() {
+                    if let Some(path) = b["path"].as_str() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The load generator in verify mode on `socket` (JSON report on stdout).
+fn loadgen(socket: &Path, seconds: f64, extra: &[&str]) -> Child {
+    Command::new(bin("vfblk-loadgen"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--rw", "mixed", "--verify", "--json", "--qd", "8"])
+        .args(["--seconds", &seconds.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting vfblk-loadgen")
+}
+
+fn report(child: Child, what: &str) -> Value {
+    let out = child.wait_with_output().expect("load generator");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{what}: printed {text:?}: {e}"))
+}
+
+fn assert_clean(r: &Value, what: &str) {
+    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
+        assert_eq!(r[key], 0, "{what}: {key}: {r}");
+    }
+    assert_eq!(r["errors"], json!([]), "{what}: {r}");
+    assert!(r["ios"].as_u64().unwrap() > 0, "{what}: no I/O: {r}");
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("vm{i:02}")).collect()
+}
+
+/// How long the 16 frontends run: the churn (8 RPCs, each saving the config file with
+/// fsync, which a loaded disk can make slow) must fit inside.
+const RUN_SECONDS: f64 = 15.0;
+
+#[test]
+fn sixteen_controllers_on_two_pollers_verify_while_others_come_and_go() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("sixteen", 2);
+    let vms = names(16);
+    for vm in &vms {
+        target.add_disk(vm);
+    }
+    let started = Instant::now();
+    let loads: Vec<Child> = vms
+        .iter()
+        .map(|vm| loadgen(&target.socket(vm), RUN_SECONDS, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = target.call("stats", json!({}));
+    let queues: Vec<u64> = stats["pollers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["queues"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        queues,
+        vec![8, 8],
+        "16 queues spread over 2 pollers: {stats}"
+    );
+
+    // Controllers created, used and deleted while the 16 run.
+    let mut churn_rpc = Vec::new();
+    for round in 0..4 {
+        let name = format!("churn{round}");
+        let t = Instant::now();
+        target.add_disk(&name);
+        churn_rpc.push(t.elapsed());
+        let mut load = loadgen(&target.socket(&name), 3.0, &[]);
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        // Deleted with its frontend connected and requests in flight.
+        target.remove_disk(&name);
+        churn_rpc.push(t.elapsed());
+        let _ = load.kill();
+        let _ = load.wait();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs_f64(RUN_SECONDS),
+        "the churn must happen while the 16 run (RPCs took {churn_rpc:?})"
+    );
+    let mut gaps = Vec::new();
+    for (vm, load) in vms.iter().zip(loads) {
+        let r = report(load, vm);
+        assert_clean(&r, vm);
+        assert_eq!(r["reconnects"], 0, "{vm}: {r}");
+        gaps.push(r["max_gap_ms"].as_f64().unwrap());
+    }
+    let stats = target.call("stats", json!({}));
+    eprintln!(
+        "16 controllers: longest completion gap per frontend (ms) {gaps:.1?}; churn RPCs {churn_rpc:?}; pollers {}",
+        stats["pollers"]
+    );
+    for p in stats["pollers"].as_array().unwrap() {
+        let held = p["longest_commands_ms"].as_f64().unwrap();
+        assert!(
+            held < 10.0,
+            "control-plane work held a poller's queues for {held:.1} ms: {p}"
+        );
+    }
+    for c in stats["controllers"].as_array().unwrap() {
+        assert_eq!(c["errors"], 0, "{c}");
+        assert!(c["writes"].as_u64().unwrap() > 0, "{c}");
+    }
+    // A frontend left waiting for most of a second would be a stall, not scheduling noise.
+    let worst = gaps.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        worst < 500.0,
+        "a frontend waited {worst:.0} ms for a completion"
+    );
+    // The config file holds what is being served: the 16, not the deleted ones.
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        saved["controllers"].as_array().unwrap().len(),
+        16,
+        "{saved}"
+    );
+    assert_eq!(saved["backends"].as_array().unwrap().len(), 16, "{saved}");
+}
+
+#[test]
+fn after_sigkill_the_target_comes_back_from_its_config_file_alone() {
+    let _lock = lab_lock();
+    let mut target = TargetProc::start("sigkill", 2);
+    let vms = names(16);
+    for vm in &vms {
+        target.add_disk(vm);
+    }
+    let loads: Vec<Child> = vms
+        .iter()
+        .map(|vm| loadgen(&target.socket(vm), 7.0, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = target.call("vhost_blk_list", json!({}));
+    assert!(
+        before
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["connected"] == true),
+        "{before}"
+    );
+    // No RPC after the restart: the config file alone brings the 16 back.
+    target.restart_after_sigkill();
+    for (vm, load) in vms.iter().zip(loads) {
+        let r = report(load, vm);
+        assert_clean(&r, vm);
+        assert_eq!(r["reconnects"], 1, "{vm}: {r}");
+    }
+    let log = std::fs::read_to_string(target.log()).unwrap();
+    let recovered = log.matches("recovered from the inflight region").count();
+    assert!(
+        recovered >= 1,
+        "no queue recovered in-flight requests:\n{log}"
+    );
+    let after = target.call("vhost_blk_list", json!({}));
+    assert_eq!(after.as_array().unwrap().len(), 16, "{after}");
+}
+
+/// A raw vhost-user message header: request, flags (version 1), payload size.
+fn header(request: u32, size: u32) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&request.to_le_bytes());
+    h[4..8].copy_from_slice(&1u32.to_le_bytes());
+    h[8..].copy_from_slice(&size.to_le_bytes());
+    h
+}
+
+/// Waits until the target closes its end of `stream`, without reading (a read would make a
+/// frontend that never reads into one that does); the time it took.
+fn closed_within(stream: &UnixStream, limit: Duration) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    let t = Instant::now();
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, limit.as_millis() as i32) };
+    (n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0).then(|| t.elapsed())
+}
+
+#[test]
+fn half_messages_and_frontends_that_never_read_delay_no_other_controller() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("hostile", 1);
+    for vm in ["half", "deaf", "good"] {
+        target.add_disk(vm);
+    }
+    // Half a header, then silence.
+    let mut half = UnixStream::connect(target.socket("half")).unwrap();
+    half.write_all(&header(1, 0)[..6]).unwrap();
+    // Requests for a second, replies never read: the target's replies pile up unread.
+    let mut deaf = UnixStream::connect(target.socket("deaf")).unwrap();
+    deaf.set_nonblocking(true).unwrap();
+    let get_features = header(1, 0);
+    let mut sent = 0;
+    let flood_end = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < flood_end {
+        match deaf.write(&get_features) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(_) => break,
+        }
+    }
+    eprintln!("deaf: {sent} requests sent, no reply read");
+    // Meanwhile: another controller is created and a third serves I/O at once.
+    let t = Instant::now();
+    target.add_disk("late");
+    let create = t.elapsed();
+    let t = Instant::now();
+    let good = report(loadgen(&target.socket("good"), 2.0, &[]), "good");
+    let good_run = t.elapsed();
+    assert_clean(&good, "good");
+    let late = report(loadgen(&target.socket("late"), 1.0, &[]), "late");
+    assert_clean(&late, "late");
+    eprintln!(
+        "while held: create took {create:?}, a 2 s run took {good_run:?} (longest gap {} ms)",
+        good["max_gap_ms"]
+    );
+    assert!(create < Duration::from_secs(1), "create took {create:?}");
+    assert!(
+        good_run < Duration::from_secs(4),
+        "the run took {good_run:?}"
+    );
+    // The target ends both within its message deadline (5 s) and serves those sockets again.
+    let half_closed = closed_within(&half, Duration::from_secs(15));
+    let deaf_closed = closed_within(&deaf, Duration::from_secs(15));
+    eprintln!("half message closed after {half_closed:?}, deaf frontend after {deaf_closed:?}");
+    assert!(half_closed.is_some(), "half message never closed");
+    assert!(deaf_closed.is_some(), "deaf frontend never closed");
+    for vm in ["half", "deaf"] {
+        let r = report(loadgen(&target.socket(vm), 1.0, &[]), vm);
+        assert_clean(&r, vm);
+    }
+}
+
+#[test]
+fn bad_rpc_input_gets_errors_and_leaves_nothing_half_made() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("rpc", 1);
+    target.add_disk("d0");
+    let expect_error = |method: &str, params: Value, want: i64| -> String {
+        match target.client().call(method, params.clone()) {
+            Err(vfblk_bridge::Error::Rpc { code, message }) => {
+                assert_eq!(code, want, "{method} {params}: {message}");
+                message
+            }
+            other => panic!("{method} {params}: expected error {want}, got {other:?}"),
+        }
+    };
+    // Bytes that are not JSON: a parse error, then the connection closes.
+    let mut c = target.client();
+    let answer = c.raw(b"{\"jsonrpc\": \"2.0\", \"method\": [}\n").unwrap();
+    assert_eq!(answer["error"]["code"], code::PARSE_ERROR, "{answer}");
+    // Not a request, or an empty batch.
+    for raw in [
+        &b"42\n"[..],
+        b"[]\n",
+        b"{\"method\": \"stats\", \"id\": 1}\n",
+    ] {
+        let answer = target.client().raw(raw).unwrap();
+        assert_eq!(answer["error"]["code"], code::INVALID_REQUEST, "{answer}");
+    }
+    // A batch is answered in one array.
+    let batch = target
+        .client()
+        .raw(b"[{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"backend_list\"}, {\"jsonrpc\": \"2.0\", \"id\": 2, \"method\": \"nope\"}]\n")
+        .unwrap();
+    assert_eq!(batch[1]["error"]["code"], code::METHOD_NOT_FOUND, "{batch}");
+    assert_eq!(batch[0]["result"][0]["name"], "d0", "{batch}");
+    expect_error(
+        "backend_destroy_everything",
+        json!({}),
+        code::METHOD_NOT_FOUND,
+    );
+    // Wrong types and unknown fields.
+    expect_error(
+        "vhost_blk_create",
+        json!({"name": "x", "socket": target.socket("x"), "backend": "d0", "queues": "two"}),
+        code::INVALID_PARAMS,
+    );
+    expect_error(
+        "backend_create",
+        json!({"name": "x", "kind": "mem", "path": target.shm("x"), "size": "big"}),
+        code::INVALID_PARAMS,
+    );
+    expect_error(
+        "backend_delete",
+        json!({"name": "d0", "force": true}),
+        code::INVALID_PARAMS,
+    );
+    // Duplicate names, a busy backend, names that are not names.
+    let m = expect_error(
+        "backend_create",
+        json!({"name": "d0", "kind": "mem", "path": target.shm("other"), "size": 1 << 20}),
+        code::FAILED,
+    );
+    assert!(m.contains("exists"), "{m}");
+    let m = expect_error(
+        "vhost_blk_create",
+        json!({"name": "d0", "socket": target.socket("d0-again"), "backend": "d0"}),
+        code::FAILED,
+    );
+    assert!(m.contains("exists"), "{m}");
+    let m = expect_error("backend_delete", json!({"name": "d0"}), code::FAILED);
+    assert!(m.contains("used by"), "{m}");
+    expect_error(
+        "backend_create",
+        json!({"name": "../x", "kind": "mem", "path": target.shm("y"), "size": 1 << 20}),
+        code::FAILED,
+    );
+    // Paths that do not exist, and a socket path that is a file (left alone).
+    expect_error(
+        "backend_create",
+        json!({"name": "f", "kind": "file", "path": "/nonexistent/dir/disk.img"}),
+        code::FAILED,
+    );
+    expect_error(
+        "vhost_blk_create",
+        json!({"name": "s", "socket": "/nonexistent/dir/s.sock", "backend": "d0"}),
+        code::FAILED,
+    );
+    let precious = target.dir.join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let m = expect_error(
+        "vhost_blk_create",
+        json!({"name": "s", "socket": precious, "backend": "d0"}),
+        code::FAILED,
+    );
+    assert!(m.contains("not a socket"), "{m}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    expect_error(
+        "vhost_blk_create",
+        json!({"name": "s", "socket": target.socket("s"), "backend": "missing"}),
+        code::FAILED,
+    );
+    expect_error("vhost_blk_delete", json!({"name": "ghost"}), code::FAILED);
+    // Nothing half-made: one backend, one controller, no stray socket; still serving.
+    let backends = target.call("backend_list", json!({}));
+    let controllers = target.call("vhost_blk_list", json!({}));
+    assert_eq!(backends.as_array().unwrap().len(), 1, "{backends}");
+    assert_eq!(controllers.as_array().unwrap().len(), 1, "{controllers}");
+    assert!(!target.socket("s").exists() && !target.socket("x").exists());
+    let r = report(loadgen(&target.socket("d0"), 1.0, &[]), "d0");
+    assert_clean(&r, "d0");
+    // The CLI reads the same state.
+    let out = Command::new(bin("vfblk-rpc"))
+        .arg("--socket")
+        .arg(target.dir.join("rpc.sock"))
+        .arg("vhost-blk-list")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().nth(1).is_some_and(|l| l.starts_with("d0 ")),
+        "{text}"
+    );
+    // The RPC socket is its owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(target.dir.join("rpc.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "rpc socket mode {mode:o}");
+}
