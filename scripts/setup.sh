@@ -10,7 +10,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 need_apt=()
 # busybox-static, not busybox: the guest image copies /bin/busybox without libraries.
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils; do
+# python3-prometheus-client: the metrics test parses our endpoint with Prometheus's parser.
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 

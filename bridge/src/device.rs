@@ -181,6 +181,10 @@ impl Device for BlkDevice {
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> vfblk_vhost::Result<()> {
         Ok(self.backend.guest_memory_changed(memory)?)
     }
+
+    fn requests_recovered(&self, _index: u16, count: usize) {
+        self.stats.recovered(count as u64);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -325,7 +329,12 @@ impl QueueHandler for BlkQueue {
                 self.request.durable =
                     self.request.op == request::Operation::Write && self.cache.durable_writes();
                 match self.backend.submit(&self.request, head) {
-                    Ok(()) => Taken::Pending,
+                    Ok(()) => {
+                        if let Some(stats) = self.queue_stats() {
+                            stats.submitted();
+                        }
+                        Taken::Pending
+                    }
                     Err(e) => {
                         self.errors.report(
                             self.index,
@@ -386,6 +395,9 @@ impl QueueHandler for BlkQueue {
                 return;
             };
             write_status(slot, st);
+            if let Some(stats) = stats {
+                stats.finished();
+            }
             if let (Some(stats), Some(started)) = (stats, slot.started) {
                 // One clock read per batch of completions.
                 let now = *now.get_or_insert_with(Instant::now);

@@ -26,6 +26,9 @@ pub struct QueueStats {
     errors: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
     latency_sum_ns: AtomicU64,
+    /// Requests handed to the backend, and those it finished: the difference is in flight.
+    submitted: AtomicU64,
+    finished: AtomicU64,
 }
 
 /// The kinds of request counted apart.
@@ -48,7 +51,17 @@ fn bump(counter: &AtomicU64, by: u64) {
 }
 
 impl QueueStats {
-    /// Counts one finished request (called by the queue's poller only).
+    /// Counts a request handed to the backend (called by the queue's poller only).
+    pub fn submitted(&self) {
+        bump(&self.submitted, 1);
+    }
+
+    /// Counts a request the backend finished, after [`QueueStats::submitted`].
+    pub fn finished(&self) {
+        bump(&self.finished, 1);
+    }
+
+    /// Counts one answered request (called by the queue's poller only).
     pub fn record(&self, kind: Kind, bytes: u64, ok: bool, latency: Duration) {
         match kind {
             Kind::Read => {
@@ -78,6 +91,9 @@ impl QueueStats {
 /// A device's counters: one block per virtqueue.
 pub struct DeviceStats {
     queues: Vec<QueueStats>,
+    /// Requests run again from the inflight region after a reconnect or restart (written by
+    /// the control plane).
+    recovered: AtomicU64,
 }
 
 /// Counters summed over a device's queues.
@@ -99,6 +115,10 @@ pub struct StatsSnapshot {
     pub latency: Vec<u64>,
     /// Sum of all latencies, in seconds.
     pub latency_sum_seconds: f64,
+    /// Requests in the backend now.
+    pub in_flight: u64,
+    /// Requests run again from the inflight region.
+    pub recovered: u64,
 }
 
 impl DeviceStats {
@@ -106,7 +126,13 @@ impl DeviceStats {
     pub fn new(queues: u16) -> Self {
         Self {
             queues: (0..queues).map(|_| QueueStats::default()).collect(),
+            recovered: AtomicU64::new(0),
         }
+    }
+
+    /// Counts requests run again from the inflight region.
+    pub fn recovered(&self, count: u64) {
+        self.recovered.fetch_add(count, Ordering::Relaxed);
     }
 
     /// Queue `index`'s block (None for an index the device does not have).
@@ -133,7 +159,12 @@ impl DeviceStats {
                 *total += get(b);
             }
             sum_ns = sum_ns.wrapping_add(get(&q.latency_sum_ns));
+            // Read finished first: a request finishing in between is then not counted
+            // below zero.
+            let finished = get(&q.finished);
+            s.in_flight += get(&q.submitted).saturating_sub(finished);
         }
+        s.recovered = self.recovered.load(Ordering::Relaxed);
         s.latency_sum_seconds = sum_ns as f64 / 1e9;
         s
     }

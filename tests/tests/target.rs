@@ -17,22 +17,29 @@ struct TargetProc {
     dir: PathBuf,
     child: Child,
     pollers: u32,
+    extra: Vec<String>,
 }
 
 impl TargetProc {
     fn start(name: &str, pollers: u32) -> Self {
+        Self::start_with(name, pollers, &[])
+    }
+
+    fn start_with(name: &str, pollers: u32, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-target-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::spawn(&dir, pollers);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&dir, pollers, &extra);
         Self {
             dir,
             child,
             pollers,
+            extra,
         }
     }
 
-    fn spawn(dir: &Path, pollers: u32) -> Child {
+    fn spawn(dir: &Path, pollers: u32, extra: &[String]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -45,6 +52,7 @@ impl TargetProc {
             .arg("--rpc")
             .arg(dir.join("rpc.sock"))
             .args(["--pollers", &pollers.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log);
         // The RPC socket appears after the config file's controllers listen.
@@ -55,7 +63,7 @@ impl TargetProc {
     fn restart_after_sigkill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Self::spawn(&self.dir, self.pollers);
+        self.child = Self::spawn(&self.dir, self.pollers, &self.extra);
     }
 
     fn client(&self) -> Client {
@@ -246,7 +254,9 @@ fn sixteen_controllers_on_two_pollers_verify_while_others_come_and_go() {
 #[test]
 fn after_sigkill_the_target_comes_back_from_its_config_file_alone() {
     let _lock = lab_lock();
-    let mut target = TargetProc::start("sigkill", 2);
+    // Completions held up to 2 ms and released shuffled: the kill lands on requests taken
+    // and not finished, which the restarted target must run again.
+    let mut target = TargetProc::start_with("sigkill", 2, &["--test-delay-ms", "2"]);
     let vms = names(16);
     for vm in &vms {
         target.add_disk(vm);
@@ -280,6 +290,15 @@ fn after_sigkill_the_target_comes_back_from_its_config_file_alone() {
     );
     let after = target.call("vhost_blk_list", json!({}));
     assert_eq!(after.as_array().unwrap().len(), 16, "{after}");
+    let stats = target.call("stats", json!({}));
+    let rerun: u64 = stats["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["recovered"].as_u64().unwrap())
+        .sum();
+    eprintln!("after the SIGKILL: {recovered} queue(s) recovered, {rerun} request(s) run again");
+    assert!(rerun > 0, "the counters show no request run again: {stats}");
 }
 
 /// A raw vhost-user message header: request, flags (version 1), payload size.
@@ -492,4 +511,154 @@ fn bad_rpc_input_gets_errors_and_leaves_nothing_half_made() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "rpc socket mode {mode:o}");
+}
+
+/// GET /metrics over HTTP/1.1 from `address`: (status line, body).
+fn scrape(address: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(address).expect("connecting to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// Every sample of a metrics text as Prometheus's own parser reads it: (name, labels, value).
+fn parse_with_prometheus(text: &str) -> Vec<(String, Value, f64)> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    // Debian's python3, which has python3-prometheus-client (scripts/setup.sh).
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "Prometheus's parser refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    samples
+}
+
+#[test]
+fn metrics_are_prometheus_text_with_counters_per_controller_and_poller() {
+    let _lock = lab_lock();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let target = TargetProc::start_with("metrics", 2, &["--metrics", &address]);
+    target.add_disk("busy");
+    target.add_disk("idle");
+    let r = report(loadgen(&target.socket("busy"), 1.0, &[]), "busy");
+    assert_clean(&r, "busy");
+    // The target notices the frontend's exit a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while target.call("vhost_blk_list", json!({}))[0]["connected"] == true {
+        assert!(
+            Instant::now() < deadline,
+            "the frontend's exit went unnoticed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, body) = scrape(&address);
+    assert!(status.contains("200"), "{status}");
+    let samples = parse_with_prometheus(&body);
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+            .map(|(_, _, v)| *v)
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{body}"))
+    };
+    let reads = value(
+        "vfblk_controller_requests_total",
+        &[("controller", "busy"), ("op", "read")],
+    );
+    let writes = value(
+        "vfblk_controller_requests_total",
+        &[("controller", "busy"), ("op", "write")],
+    );
+    let ios = r["ios"].as_f64().unwrap();
+    assert_eq!(
+        reads + writes,
+        ios,
+        "the target counted what the frontend saw completed"
+    );
+    assert_eq!(reads, r["reads"].as_f64().unwrap());
+    assert_eq!(
+        value(
+            "vfblk_controller_bytes_total",
+            &[("controller", "busy"), ("op", "write")]
+        ),
+        writes * 4096.0
+    );
+    assert_eq!(
+        value(
+            "vfblk_controller_request_duration_seconds_count",
+            &[("controller", "busy")]
+        ),
+        ios
+    );
+    assert_eq!(
+        value(
+            "vfblk_controller_requests_total",
+            &[("controller", "idle"), ("op", "read")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value("vfblk_controller_errors_total", &[("controller", "busy")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            "vfblk_controller_in_flight_requests",
+            &[("controller", "busy")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value("vfblk_controller_connected", &[("controller", "busy")]),
+        0.0
+    );
+    let busy: f64 = samples
+        .iter()
+        .filter(|(n, _, _)| n == "vfblk_poller_busy_seconds_total")
+        .map(|(_, _, v)| v)
+        .sum();
+    assert!(busy > 0.0, "{body}");
+    let (status, _) = {
+        let mut s = std::net::TcpStream::connect(&address).unwrap();
+        s.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        (text.lines().next().unwrap_or("").to_string(), ())
+    };
+    assert!(status.contains("404"), "{status}");
 }

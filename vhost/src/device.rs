@@ -29,6 +29,11 @@ pub trait Device: Send + Sync {
     fn guest_memory_changed(&self, _memory: Option<&GuestMemory>) -> crate::Result<()> {
         Ok(())
     }
+    /// Queue `index` starts by running `count` requests again that a previous connection or
+    /// process had taken and not finished (inflight recovery); for the device's counters.
+    fn requests_recovered(&self, index: u16, count: usize) {
+        let _ = (index, count);
+    }
 }
 
 /// What a queue handler is told when its queue starts.

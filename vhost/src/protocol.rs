@@ -211,6 +211,9 @@ impl Connection {
             errors: self.config.errors.clone(),
         };
         let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
+        if !resubmit.is_empty() {
+            self.config.device.requests_recovered(index, resubmit.len());
+        }
         let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
         let start = QueueStart {
             owner: self.id,

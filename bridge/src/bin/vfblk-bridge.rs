@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use vfblk_bridge::spec::BackendSpec;
+use vfblk_bridge::target::metrics::{MetricsAddress, MetricsServer};
 use vfblk_bridge::target::rpc::{RpcServer, DEFAULT_SOCKET};
 use vfblk_bridge::target::{
     self, LogFormat, Target, TargetConfig, TargetOptions, TargetSettings, MAX_QUEUES,
@@ -52,6 +53,10 @@ struct Args {
     /// Serve JSON-RPC on this unix socket (mode 0600).
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = DEFAULT_SOCKET)]
     rpc: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9560) or on a unix
+    /// socket (unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<MetricsAddress>,
     /// Poller threads pinned to these CPUs, e.g. 0,1 (default: unpinned, see --pollers);
     /// each queue runs on the least loaded poller.
     #[arg(long, value_delimiter = ',')]
@@ -134,7 +139,7 @@ fn main() -> ExitCode {
         tracing::error!("nothing to serve: give --socket and --backend, --config, or --rpc");
         return ExitCode::from(2);
     }
-    match run(settings, one, args.config, args.rpc) {
+    match run(settings, one, args.config, args.rpc, args.metrics) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", vfblk_vhost::error_chain(&e));
@@ -148,6 +153,7 @@ fn run(
     one: Option<TargetOptions>,
     config: Option<PathBuf>,
     rpc: Option<PathBuf>,
+    metrics: Option<MetricsAddress>,
 ) -> vfblk_bridge::Result<()> {
     let mut target = Target::new(settings)?;
     if let Some(one) = &one {
@@ -176,10 +182,14 @@ fn run(
     let rpc_server = rpc
         .map(|path| RpcServer::start(&path, target.clone()))
         .transpose()?;
+    let metrics_server = metrics
+        .map(|address| MetricsServer::start(&address, target.clone()))
+        .transpose()?;
     target::notify_ready();
     let sig = vfblk_vhost::server::wait_for_termination();
     tracing::info!("signal {sig}: completing requests in flight, then exiting");
     drop(rpc_server);
+    drop(metrics_server);
     target
         .lock()
         .unwrap_or_else(|e| e.into_inner())

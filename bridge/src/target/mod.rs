@@ -5,6 +5,7 @@
 //! the config file drive; the pollers never touch it.
 
 pub mod config;
+pub mod metrics;
 pub mod rpc;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,10 @@ pub struct ControllerStats {
     pub written_bytes: u64,
     /// Requests answered with an error status.
     pub errors: u64,
+    /// Requests in the backend now.
+    pub in_flight: u64,
+    /// Requests run again from the inflight region after reconnects and restarts.
+    pub recovered: u64,
 }
 
 /// One poller's load.
@@ -473,6 +478,8 @@ impl Target {
                         read_bytes: io.read_bytes,
                         written_bytes: io.written_bytes,
                         errors: io.errors,
+                        in_flight: io.in_flight,
+                        recovered: io.recovered,
                         io,
                     }
                 })
