@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod device;
 pub mod request;
+pub mod setup;
 pub mod spec;
 pub mod stats;
 pub mod target;

@@ -15,6 +15,7 @@ mod iova;
 mod mapper;
 mod memory;
 mod pool;
+pub mod reserve;
 
 pub use iova::IovaAllocator;
 pub use mapper::{DmaBuffer, DmaMapper, ExternalMapping, VfioDmaMapper};
@@ -51,6 +52,13 @@ pub enum DmaError {
         /// What the mapper said.
         reason: String,
     },
+    /// Reading or changing the kernel's hugepage pools failed.
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 impl fmt::Display for DmaError {
@@ -61,6 +69,7 @@ impl fmt::Display for DmaError {
             DmaError::Map { iova, len, reason } => {
                 write!(f, "IOMMU mapping of IOVA {iova:#x}+{len:#x}: {reason}")
             }
+            DmaError::Sys { what, .. } => write!(f, "hugepages: {what}"),
         }
     }
 }
@@ -68,7 +77,7 @@ impl fmt::Display for DmaError {
 impl std::error::Error for DmaError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            DmaError::Alloc { source, .. } => Some(source),
+            DmaError::Alloc { source, .. } | DmaError::Sys { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -67,7 +67,13 @@ impl Lab {
     /// Builds the first-level guest image with `script` as its test.
     pub fn l2_image(&self, script: &str, contents: Contents) -> Result<PathBuf> {
         let mut image = Initramfs::new(&self.kernel, L2_MODULES, L2_HUGEPAGES)?;
-        for bin in ["vfblk-nvme", "vfblk-lab", "vfblk-bridge", "vfblk-loadgen"] {
+        for bin in [
+            "vfblk-nvme",
+            "vfblk-lab",
+            "vfblk-bridge",
+            "vfblk-loadgen",
+            "vfblk-setup",
+        ] {
             image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
         }
         if contents.fio {
@@ -178,6 +184,37 @@ vfblk-nvme probe "$bdf" --json > /tmp/probe.json || fail "vfblk-nvme probe $bdf"
 record "{\"probe\": $(cat /tmp/probe.json)}"
 svm=false; grep -qw svm /proc/cpuinfo && svm=true
 record "{\"guest\": {\"kernel\": \"$(uname -r)\", \"cpus\": $(grep -c ^processor /proc/cpuinfo), \"svm\": $svm, \"hugepages\": $(cat /proc/sys/vm/nr_hugepages)}}"
+"#;
+
+/// Script of the host-setup test: `vfblk-setup` reserves hugepages and binds the emulated
+/// NVMe to vfio-pci (twice: the second run changes nothing), refuses a controller in use by
+/// the host (swap on it), and gives it back to the kernel's nvme driver.
+pub const SETUP_SCRIPT: &str = r#". /lab/lib.sh
+modprobe nvme || fail "modprobe nvme"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller (class 0x010802) in the guest"
+for i in $(seq 1 40); do [ -b /dev/nvme0n1 ] && break; sleep 0.25; done
+[ -b /dev/nvme0n1 ] || fail "no /dev/nvme0n1 from the kernel's nvme driver"
+step "vfblk-setup status: $bdf on the kernel's driver"
+vfblk-setup --json status > /tmp/s0.json || fail "status"
+record "{\"before\": $(tr -d '\n' < /tmp/s0.json)}"
+step "a controller the host uses is left alone (swap on /dev/nvme0n1)"
+mkswap /dev/nvme0n1 >/dev/null && swapon /dev/nvme0n1 || fail "swapon"
+vfblk-setup --json config --no-hugepages > /tmp/busy.json || fail "config with swap on it"
+swapoff /dev/nvme0n1 || fail "swapoff"
+record "{\"busy\": $(tr -d '\n' < /tmp/busy.json)}"
+want=$(( $(cat /proc/sys/vm/nr_hugepages) * 2 + 64 ))
+step "vfblk-setup config --hugemem $want (MiB), twice"
+vfblk-setup --json config --hugemem $want > /tmp/c1.json || fail "config"
+vfblk-setup --json config --hugemem $want > /tmp/c2.json || fail "config again"
+record "{\"config\": $(tr -d '\n' < /tmp/c1.json), \"again\": $(tr -d '\n' < /tmp/c2.json), \"want_mib\": $want}"
+step "the project's driver opens $bdf through VFIO"
+vfblk-nvme probe "$bdf" --json > /tmp/probe.json || fail "probe after vfblk-setup"
+step "vfblk-setup reset"
+vfblk-setup --json reset > /tmp/r.json || fail "reset"
+for i in $(seq 1 40); do [ -b /dev/nvme0n1 ] && break; sleep 0.25; done
+[ -b /dev/nvme0n1 ] || fail "no /dev/nvme0n1 after reset"
+vfblk-setup --json status > /tmp/s1.json || fail "status after reset"
+record "{\"reset\": $(tr -d '\n' < /tmp/r.json), \"after\": $(tr -d '\n' < /tmp/s1.json)}"
 "#;
 
 /// The second-level guest's test: reads a marker the first-level guest wrote to its virtio

@@ -148,6 +148,68 @@ impl SysfsPciDevice {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
     }
 
+    /// Block devices the kernel's nvme driver made of this controller's namespaces
+    /// (`nvme0n1`, ...); empty when another driver has it.
+    pub fn block_devices(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let Ok(controllers) = fs::read_dir(self.path().join("nvme")) else {
+            return found;
+        };
+        for ctrl in controllers.flatten() {
+            let Ok(entries) = fs::read_dir(ctrl.path()) else {
+                continue;
+            };
+            let prefix = ctrl.file_name().to_string_lossy().into_owned();
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) && name[prefix.len()..].starts_with('n') {
+                    found.push(name);
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Mounts and swap areas on this controller's block devices and their partitions, as
+    /// (device, where): a device in use must not be taken from the kernel.
+    pub fn in_use(&self) -> Vec<(String, String)> {
+        let disks = self.block_devices();
+        if disks.is_empty() {
+            return Vec::new();
+        }
+        let ours = |dev: &str| {
+            let name = dev.trim_start_matches("/dev/");
+            disks.iter().any(|d| {
+                name == d || (name.starts_with(d.as_str()) && name[d.len()..].starts_with('p'))
+            })
+        };
+        let mut used = Vec::new();
+        for line in fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+        {
+            let mut f = line.split_whitespace();
+            if let (Some(dev), Some(at)) = (f.next(), f.next()) {
+                if ours(dev) {
+                    used.push((dev.to_string(), at.to_string()));
+                }
+            }
+        }
+        for line in fs::read_to_string("/proc/swaps")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            if let Some(dev) = line.split_whitespace().next() {
+                if ours(dev) {
+                    used.push((dev.to_string(), "swap".to_string()));
+                }
+            }
+        }
+        used
+    }
+
     /// The IOMMU group number; a device without one cannot be used through VFIO (the
     /// platform has no IOMMU, or it is off: add `intel_iommu=on`).
     pub fn iommu_group(&self) -> Result<u32> {

@@ -11,6 +11,59 @@ use vfblk_lab::vm::Echo;
 use vfblk_tests::lab_lock;
 
 #[test]
+fn vfblk_setup_binds_the_emulated_nvme_to_vfio_and_back() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-setup").expect("lab setup");
+    let retried = lab
+        .run_l2(
+            scenario::SETUP_SCRIPT,
+            Contents::default(),
+            64,
+            Duration::from_secs(240),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    run.expect_success("vfblk-setup").unwrap();
+    let before = run.record("before").expect("status before");
+    let dev = &before["devices"][0];
+    assert_eq!(dev["driver"], "nvme", "{before}");
+    assert_eq!(dev["block_devices"][0], "nvme0n1", "{before}");
+    assert!(dev["iommu_group"].is_u64(), "{before}");
+    let busy = run.record("busy").expect("config with swap");
+    let outcome = busy["devices"][0]["outcome"].as_str().unwrap();
+    assert!(
+        outcome.starts_with("skipped: in use: /dev/nvme0n1 on swap"),
+        "{busy}"
+    );
+    assert_eq!(busy["devices"][0]["after"], "nvme", "{busy}");
+    let config = run.record("config").expect("config");
+    let want_pages = run.record("want_mib").unwrap().as_u64().unwrap() / 2;
+    assert_eq!(config["hugepages_2m"]["after"], want_pages, "{config}");
+    assert!(
+        config["hugepages_2m"]["before"].as_u64().unwrap() < want_pages,
+        "{config}"
+    );
+    assert_eq!(config["devices"][0]["outcome"], "bound", "{config}");
+    assert_eq!(config["devices"][0]["after"], "vfio-pci", "{config}");
+    let again = run.record("again").expect("config again");
+    assert_eq!(again["devices"][0]["outcome"], "already", "{again}");
+    assert_eq!(
+        again["hugepages_2m"]["before"], again["hugepages_2m"]["after"],
+        "{again}"
+    );
+    let reset = run.record("reset").expect("reset");
+    assert_eq!(reset["devices"][0]["outcome"], "bound", "{reset}");
+    assert_eq!(reset["devices"][0]["after"], "nvme", "{reset}");
+    let after = run.record("after").expect("status after");
+    assert_eq!(after["devices"][0]["driver"], "nvme", "{after}");
+    assert_eq!(
+        after["devices"][0]["block_devices"][0], "nvme0n1",
+        "{after}"
+    );
+}
+
+#[test]
 fn vfio_probe_of_emulated_nvme_in_guest() {
     let _lock = lab_lock();
     let lab = Lab::new("test-vfio-probe").expect("lab setup");
