@@ -1,0 +1,475 @@
+//! The Prometheus endpoint: `GET /metrics` over plain HTTP on a TCP address (keep it on
+//! 127.0.0.1) or a unix socket, answered in the text exposition format 0.0.4.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Target, TargetStats};
+use crate::stats::{bucket_bound_seconds, LATENCY_BUCKETS};
+use crate::{Error, Result};
+
+/// How long a scraper may take to send its request or read the answer.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+/// Largest request head read.
+const MAX_REQUEST: usize = 8192;
+
+/// Where the endpoint listens: `127.0.0.1:9560` or `unix:/run/vfblk/metrics.sock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddress {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl FromStr for MetricsAddress {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(MetricsAddress::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(MetricsAddress::Tcp).map_err(|_| {
+            Error::BadArgument(format!(
+                "metrics address {s:?}: HOST:PORT (e.g. 127.0.0.1:9560) or unix:PATH"
+            ))
+        })
+    }
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics text for `stats`.
+pub fn render(stats: &TargetStats) -> String {
+    let mut sections: Vec<String> = Vec::new();
+    let mut add = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+        let mut s = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for l in lines {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        sections.push(s);
+    };
+    let per_controller = |f: &dyn Fn(&super::ControllerStats, &str) -> Vec<String>| {
+        stats
+            .controllers
+            .iter()
+            .flat_map(|c| f(c, &label(&c.name)))
+            .collect::<Vec<_>>()
+    };
+    add(
+        "vfblk_controller_requests_total",
+        "counter",
+        "Requests answered, by kind (other: flush, discard, write zeroes, get id, refused).",
+        per_controller(&|c, n| {
+            vec![
+                format!(
+                    "vfblk_controller_requests_total{{controller=\"{n}\",op=\"read\"}} {}",
+                    c.reads
+                ),
+                format!(
+                    "vfblk_controller_requests_total{{controller=\"{n}\",op=\"write\"}} {}",
+                    c.writes
+                ),
+                format!(
+                    "vfblk_controller_requests_total{{controller=\"{n}\",op=\"other\"}} {}",
+                    c.others
+                ),
+            ]
+        }),
+    );
+    add(
+        "vfblk_controller_bytes_total",
+        "counter",
+        "Bytes read and written.",
+        per_controller(&|c, n| {
+            vec![
+                format!(
+                    "vfblk_controller_bytes_total{{controller=\"{n}\",op=\"read\"}} {}",
+                    c.read_bytes
+                ),
+                format!(
+                    "vfblk_controller_bytes_total{{controller=\"{n}\",op=\"write\"}} {}",
+                    c.written_bytes
+                ),
+            ]
+        }),
+    );
+    add(
+        "vfblk_controller_errors_total",
+        "counter",
+        "Requests answered with an error status.",
+        per_controller(&|c, n| {
+            vec![format!(
+                "vfblk_controller_errors_total{{controller=\"{n}\"}} {}",
+                c.errors
+            )]
+        }),
+    );
+    add(
+        "vfblk_controller_in_flight_requests",
+        "gauge",
+        "Requests in the backend now.",
+        per_controller(&|c, n| {
+            vec![format!(
+                "vfblk_controller_in_flight_requests{{controller=\"{n}\"}} {}",
+                c.in_flight
+            )]
+        }),
+    );
+    add(
+        "vfblk_controller_connected",
+        "gauge",
+        "1 while a frontend is connected.",
+        per_controller(&|c, n| {
+            vec![format!(
+                "vfblk_controller_connected{{controller=\"{n}\"}} {}",
+                u8::from(c.connected)
+            )]
+        }),
+    );
+    add(
+        "vfblk_controller_reconnects_total",
+        "counter",
+        "Frontend connections after the first.",
+        per_controller(&|c, n| {
+            vec![format!(
+                "vfblk_controller_reconnects_total{{controller=\"{n}\"}} {}",
+                c.connections.saturating_sub(1)
+            )]
+        }),
+    );
+    add(
+        "vfblk_controller_recovered_requests_total",
+        "counter",
+        "Requests run again from the inflight region after a reconnect or restart.",
+        per_controller(&|c, n| {
+            vec![format!(
+                "vfblk_controller_recovered_requests_total{{controller=\"{n}\"}} {}",
+                c.recovered
+            )]
+        }),
+    );
+    add(
+        "vfblk_controller_request_duration_seconds",
+        "histogram",
+        "Time from taking a request to its completion by the backend.",
+        per_controller(&|c, n| {
+            let mut lines = Vec::with_capacity(LATENCY_BUCKETS + 3);
+            let mut cumulative = 0u64;
+            for (i, count) in c.io.latency.iter().enumerate() {
+                cumulative += count;
+                if i + 1 < LATENCY_BUCKETS {
+                    lines.push(format!(
+                        "vfblk_controller_request_duration_seconds_bucket{{controller=\"{n}\",le=\"{}\"}} {cumulative}",
+                        bucket_bound_seconds(i)
+                    ));
+                }
+            }
+            lines.push(format!(
+                "vfblk_controller_request_duration_seconds_bucket{{controller=\"{n}\",le=\"+Inf\"}} {cumulative}"
+            ));
+            lines.push(format!(
+                "vfblk_controller_request_duration_seconds_sum{{controller=\"{n}\"}} {}",
+                c.io.latency_sum_seconds
+            ));
+            lines.push(format!(
+                "vfblk_controller_request_duration_seconds_count{{controller=\"{n}\"}} {cumulative}"
+            ));
+            lines
+        }),
+    );
+    let poller = |p: &super::PollerStats| {
+        let cpu = p.cpu.map(|c| c.to_string()).unwrap_or_default();
+        format!("poller=\"{}\",cpu=\"{cpu}\"", label(&p.name))
+    };
+    add(
+        "vfblk_poller_busy_seconds_total",
+        "counter",
+        "Time the poller spent in loops that found work.",
+        stats
+            .pollers
+            .iter()
+            .map(|p| {
+                format!(
+                    "vfblk_poller_busy_seconds_total{{{}}} {}",
+                    poller(p),
+                    p.busy_seconds
+                )
+            })
+            .collect(),
+    );
+    add(
+        "vfblk_poller_queues",
+        "gauge",
+        "Virtqueues the poller runs.",
+        stats
+            .pollers
+            .iter()
+            .map(|p| format!("vfblk_poller_queues{{{}}} {}", poller(p), p.queues))
+            .collect(),
+    );
+    add(
+        "vfblk_poller_longest_commands_seconds",
+        "gauge",
+        "The longest the poller's queues waited for control-plane commands.",
+        stats
+            .pollers
+            .iter()
+            .map(|p| {
+                format!(
+                    "vfblk_poller_longest_commands_seconds{{{}}} {}",
+                    poller(p),
+                    p.longest_commands_ms / 1e3
+                )
+            })
+            .collect(),
+    );
+    sections.concat()
+}
+
+/// Answers one scrape on `stream`.
+fn answer<S: Read + Write>(stream: &mut S, target: &Mutex<Target>) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_REQUEST {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut first = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let (status, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            let stats = target.lock().unwrap_or_else(|e| e.into_inner()).stats();
+            ("200 OK", render(&stats))
+        }
+        ("GET", _) => ("404 Not Found", "the metrics are at /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+enum Listening {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listening {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listening::Tcp(l) => l.as_raw_fd(),
+            Listening::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+
+    fn serve_one(&self, target: &Mutex<Target>) {
+        match self {
+            Listening::Tcp(l) => {
+                if let Ok((mut s, _)) = l.accept() {
+                    let _ = s.set_read_timeout(Some(CLIENT_DEADLINE));
+                    let _ = s.set_write_timeout(Some(CLIENT_DEADLINE));
+                    answer(&mut s, target);
+                }
+            }
+            Listening::Unix(l, _) => {
+                if let Ok((mut s, _)) = l.accept() {
+                    let _ = s.set_read_timeout(Some(CLIENT_DEADLINE));
+                    let _ = s.set_write_timeout(Some(CLIENT_DEADLINE));
+                    answer(&mut s, target);
+                }
+            }
+        }
+    }
+}
+
+/// The metrics listener and its thread.
+pub struct MetricsServer {
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+}
+
+impl MetricsServer {
+    /// Listens on `address` and answers scrapes from `target`'s counters.
+    pub fn start(address: &MetricsAddress, target: Arc<Mutex<Target>>) -> Result<Self> {
+        let io = |what: String| move |source| Error::Io { what, source };
+        let listening = match address {
+            MetricsAddress::Tcp(a) => Listening::Tcp(
+                TcpListener::bind(a).map_err(io(format!("metrics: listening on {a}")))?,
+            ),
+            MetricsAddress::Unix(p) => {
+                if std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                Listening::Unix(
+                    UnixListener::bind(p)
+                        .map_err(io(format!("metrics: listening on {}", p.display())))?,
+                    p.clone(),
+                )
+            }
+        };
+        let shown = match (&listening, address) {
+            (Listening::Tcp(l), _) => l
+                .local_addr()
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_default(),
+            (_, MetricsAddress::Unix(p)) => format!("unix:{} /metrics", p.display()),
+            (_, MetricsAddress::Tcp(a)) => a.to_string(),
+        };
+        let unix_path = match &listening {
+            Listening::Unix(_, p) => Some(p.clone()),
+            Listening::Tcp(_) => None,
+        };
+        let stop = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(io("eventfd for the metrics server".into()))?,
+        );
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (s, st) = (stop.clone(), stopping.clone());
+        let thread = std::thread::Builder::new()
+            .name("vfblk-metrics".into())
+            .spawn(move || loop {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: listening.fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: a valid array of two pollfds.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if st.load(Ordering::Acquire) {
+                    return;
+                }
+                if fds[0].revents != 0 {
+                    listening.serve_one(&target);
+                }
+            })
+            .map_err(io("spawning the metrics thread".into()))?;
+        tracing::info!("metrics on {shown}");
+        Ok(Self {
+            stop,
+            stopping,
+            thread: Some(thread),
+            unix_path,
+        })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::StatsSnapshot;
+
+    #[test]
+    fn the_text_has_one_help_and_type_per_family_and_cumulative_buckets() {
+        let mut io = StatsSnapshot {
+            latency: vec![0; LATENCY_BUCKETS],
+            ..Default::default()
+        };
+        io.latency[3] = 2;
+        io.latency[LATENCY_BUCKETS - 1] = 1;
+        io.latency_sum_seconds = 40.0;
+        let stats = TargetStats {
+            controllers: vec![super::super::ControllerStats {
+                name: "vm\"1".into(),
+                connected: true,
+                connections: 3,
+                reads: 2,
+                writes: 1,
+                others: 0,
+                read_bytes: 8192,
+                written_bytes: 4096,
+                errors: 0,
+                in_flight: 1,
+                recovered: 5,
+                io,
+            }],
+            pollers: vec![super::super::PollerStats {
+                name: "vfblk-poller0".into(),
+                cpu: Some(1),
+                queues: 1,
+                busy_seconds: 0.5,
+                longest_commands_ms: 0.25,
+            }],
+        };
+        let text = render(&stats);
+        assert!(
+            text.contains("vfblk_controller_requests_total{controller=\"vm\\\"1\",op=\"read\"} 2")
+        );
+        assert!(text.contains("vfblk_controller_reconnects_total{controller=\"vm\\\"1\"} 2"));
+        assert!(
+            text.contains("le=\"8e-6\"} 2") || text.contains("le=\"0.000008\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("le=\"+Inf\"} 3"));
+        assert!(text
+            .contains("vfblk_poller_busy_seconds_total{poller=\"vfblk-poller0\",cpu=\"1\"} 0.5"));
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split(' ').next().unwrap();
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            "127.0.0.1:9560".parse::<MetricsAddress>().unwrap(),
+            MetricsAddress::Tcp("127.0.0.1:9560".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:/run/m.sock".parse::<MetricsAddress>().unwrap(),
+            MetricsAddress::Unix("/run/m.sock".into())
+        );
+        assert!("localhost".parse::<MetricsAddress>().is_err());
+    }
+}
