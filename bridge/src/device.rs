@@ -17,6 +17,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use crate::backend::{Backend, BackendQueue};
+use crate::limits::{Limiter, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, Kind, QueueStats};
 use crate::virtio_blk::{status, Config, ID_BYTES};
@@ -37,6 +38,7 @@ pub struct BlkDevice {
     /// cache to writethrough (CONFIG_WCE), and every queue follows at its next write.
     writeback: Arc<AtomicBool>,
     read_only: bool,
+    rate_limits: RateLimits,
     stats: Arc<DeviceStats>,
 }
 
@@ -53,6 +55,7 @@ impl BlkDevice {
             serial: id,
             writeback,
             read_only: false,
+            rate_limits: RateLimits::default(),
             stats: Arc::new(DeviceStats::new(num_queues)),
         }
     }
@@ -61,6 +64,12 @@ impl BlkDevice {
     /// zeroes fail).
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
+        self
+    }
+
+    /// The same device held to `limits` (each queue to its equal share).
+    pub fn rate_limited(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = limits;
         self
     }
 
@@ -172,6 +181,7 @@ impl Device for BlkDevice {
         let backend = self.backend.open_queue()?;
         let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
         queue.stats = Some(self.stats.clone());
+        queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
         if self.backend.info().flush {
             queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
         }
@@ -264,6 +274,8 @@ pub struct BlkQueue {
     errors: Arc<GuestErrors>,
     /// The device's counters (None in unit tests of the queue alone).
     stats: Option<Arc<DeviceStats>>,
+    /// This queue's share of the device's rate limits.
+    limiter: Option<Limiter>,
 }
 
 // SAFETY: the status pointers point into guest memory that the worker keeps mapped while
@@ -288,6 +300,7 @@ impl BlkQueue {
             slots: vec![Slot::answer(std::ptr::null_mut(), 0); usize::from(setup.size)],
             errors: setup.errors.clone(),
             stats: None,
+            limiter: None,
         }
     }
 
@@ -306,12 +319,19 @@ fn kind_of(op: Operation) -> Kind {
 
 impl QueueHandler for BlkQueue {
     fn can_take(&self) -> bool {
-        self.backend.can_submit()
+        self.backend.can_submit() && self.limiter.as_ref().is_none_or(Limiter::ready)
     }
 
     fn take(&mut self, chain: &Chain) -> Taken {
         let head = chain.head;
         let verdict = request::parse(chain.segments(), &self.limits, &self.id, &mut self.request);
+        if let Some(limiter) = &self.limiter {
+            let bytes = match verdict {
+                Verdict::Submit => self.request.data_len,
+                _ => 0,
+            };
+            limiter.charge(bytes);
+        }
         match verdict {
             Verdict::Submit => {
                 let written = match self.request.op {

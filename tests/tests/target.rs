@@ -662,3 +662,58 @@ fn metrics_are_prometheus_text_with_counters_per_controller_and_poller() {
     };
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn rate_limited_controllers_get_their_share_and_a_neighbour_the_rest() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("limits", 1);
+    for (name, limits, queues) in [
+        ("iops", json!({"iops": 500}), 2),
+        ("bandwidth", json!({"bytes_per_second": 2 << 20}), 1),
+    ] {
+        target.call(
+            "backend_create",
+            json!({"name": name, "kind": "mem", "path": target.shm(name), "size": 16 << 20}),
+        );
+        target.call(
+            "vhost_blk_create",
+            json!({"name": name, "socket": target.socket(name), "backend": name,
+                   "queues": queues, "limits": limits}),
+        );
+    }
+    target.add_disk("free");
+    let seconds = 3.0;
+    let iops = loadgen(&target.socket("iops"), seconds, &["--queues", "2"]);
+    let bandwidth = loadgen(&target.socket("bandwidth"), seconds, &["--bs", "65536"]);
+    let free = loadgen(&target.socket("free"), seconds, &[]);
+    let (iops, bandwidth, free) = (
+        report(iops, "iops"),
+        report(bandwidth, "bandwidth"),
+        report(free, "free"),
+    );
+    for (r, what) in [(&iops, "iops"), (&bandwidth, "bandwidth"), (&free, "free")] {
+        assert_clean(r, what);
+    }
+    let rate = |r: &Value| r["iops"].as_f64().unwrap();
+    eprintln!(
+        "limited to 500 IOPS: {:.0} IOPS; limited to 2 MiB/s in 64 KiB requests: {:.1} IOPS; unlimited neighbour: {:.0} IOPS",
+        rate(&iops),
+        rate(&bandwidth),
+        rate(&free)
+    );
+    // The limit, plus one 100 ms burst at the start.
+    assert!((420.0..=540.0).contains(&rate(&iops)), "{iops}");
+    assert!((26.0..=36.0).contains(&rate(&bandwidth)), "{bandwidth}");
+    assert!(rate(&free) > 5.0 * rate(&iops), "{free}");
+    // The limits are part of the configuration a restart comes back with.
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+            .unwrap();
+    let limited = saved["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "iops")
+        .unwrap();
+    assert_eq!(limited["limits"], json!({"iops": 500}), "{saved}");
+}

@@ -78,6 +78,10 @@ struct Args {
     /// every command in flight is sent again.
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     nvme_timeout_ms: u64,
+    /// NVMe backends: I/O queue pairs asked of the controller (default: --queues with
+    /// --socket, else 16); each virtqueue it serves takes one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    nvme_io_queues: Option<u16>,
     /// NVMe backend: never use SGLs, as on a controller without them (scatter lists PRPs
     /// cannot describe go through bounce buffers).
     #[arg(long)]
@@ -124,6 +128,11 @@ fn main() -> ExitCode {
         },
         test_delay,
         config_file: args.config.clone(),
+        nvme_io_queues: args.nvme_io_queues.unwrap_or(if args.socket.is_some() {
+            args.queues
+        } else {
+            target::NVME_IO_QUEUES
+        }),
     };
     let one = match (args.socket, args.backend) {
         (Some(socket), Some(backend)) => Some(TargetOptions {

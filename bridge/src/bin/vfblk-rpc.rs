@@ -60,6 +60,12 @@ enum Command {
         /// GET_ID answer (default: the name).
         #[arg(long)]
         serial: Option<String>,
+        /// Requests per second (all queues together).
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes per second (all queues together).
+        #[arg(long, value_name = "BYTES")]
+        bps: Option<u64>,
     },
     /// Delete a controller (what is in flight completes; the frontend is disconnected).
     VhostBlkDelete {
@@ -180,6 +186,8 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             cpus,
             readonly,
             serial,
+            iops,
+            bps,
         } => {
             let mut p = json!({
                 "name": name, "socket": socket, "backend": backend, "queues": queues,
@@ -187,6 +195,15 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             });
             if let Some(s) = serial {
                 p["serial"] = json!(s);
+            }
+            if iops.is_some() || bps.is_some() {
+                p["limits"] = json!({});
+                if let Some(n) = iops {
+                    p["limits"]["iops"] = json!(n);
+                }
+                if let Some(n) = bps {
+                    p["limits"]["bytes_per_second"] = json!(n);
+                }
             }
             ("vhost_blk_create", p)
         }

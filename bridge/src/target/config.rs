@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RateLimits;
 use crate::spec::BackendSpec;
 use crate::{Error, Result};
 
@@ -56,6 +57,9 @@ pub struct ControllerConfig {
     /// GET_ID answer (at most 20 bytes; default: the controller's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// IOPS and bandwidth limits (default: none).
+    #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
+    pub limits: RateLimits,
 }
 
 fn one_queue() -> u16 {

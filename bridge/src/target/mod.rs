@@ -32,7 +32,8 @@ pub const IDLE_LOOPS_BEFORE_SLEEP: u32 = 20_000;
 /// Most virtqueues a controller offers.
 pub const MAX_QUEUES: u16 = 64;
 
-/// Queue pairs an NVMe backend may create (one per virtqueue it serves at a time).
+/// Queue pairs asked of an NVMe controller unless told otherwise (one per virtqueue it
+/// serves at a time).
 pub const NVME_IO_QUEUES: u16 = 16;
 
 /// Process-wide settings: the pollers and how backends behave.
@@ -48,6 +49,8 @@ pub struct TargetSettings {
     pub inflight: bool,
     /// How NVMe backends watch their commands.
     pub nvme: NvmeOptions,
+    /// I/O queue pairs asked of each NVMe controller (0: [`NVME_IO_QUEUES`]).
+    pub nvme_io_queues: u16,
     /// Hold completions this long and release them shuffled (tests only; needs the
     /// `test-delay` feature).
     pub test_delay: Option<Duration>,
@@ -216,8 +219,12 @@ impl Target {
                 describe(&spec)
             )));
         }
+        let io_queues = match self.settings.nvme_io_queues {
+            0 => NVME_IO_QUEUES,
+            n => n,
+        };
         #[allow(unused_mut)]
-        let mut backend = spec.open(NVME_IO_QUEUES, &self.settings.nvme)?;
+        let mut backend = spec.open(io_queues, &self.settings.nvme)?;
         if let Some(delay) = self.settings.test_delay {
             #[cfg(feature = "test-delay")]
             {
@@ -307,6 +314,12 @@ impl Target {
         if config.readonly {
             device = device.read_only();
         }
+        if config.limits.iops == Some(0) || config.limits.bytes_per_second == Some(0) {
+            return Err(bad(
+                "a limit of 0 would stop the disk; leave it out for none".into(),
+            ));
+        }
+        device = device.rate_limited(config.limits);
         let device = Arc::new(device);
         let description = entry.backend.info().description.clone();
         let device_config = Arc::new(DeviceConfig {
@@ -594,6 +607,7 @@ impl TargetOptions {
                 cpus: Vec::new(),
                 readonly: self.readonly,
                 serial: Some(self.serial.clone()),
+                limits: Default::default(),
             }],
         }
     }
