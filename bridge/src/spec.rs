@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vfblk_nvme::pci::PciAddress;
 
-use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend, NvmeOptions};
+use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend, NvmeControllers, NvmeOptions};
 use crate::{Error, Result};
 
 /// A size in bytes: a number with an optional K, M or G suffix (powers of 1024).
@@ -61,7 +61,7 @@ fn first_namespace() -> u32 {
 }
 
 /// PCI addresses in JSON as their usual text, "0000:00:04.0".
-mod pci_string {
+pub(crate) mod pci_string {
     use super::PciAddress;
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -122,27 +122,25 @@ impl FromStr for BackendSpec {
 }
 
 impl BackendSpec {
-    /// Opens the backend; an NVMe controller gets `queues` I/O queue pairs and `nvme`'s
-    /// command watch.
-    pub fn open(&self, queues: u16, nvme: &NvmeOptions) -> Result<Arc<dyn Backend>> {
+    /// Opens the backend. An NVMe namespace uses the controller in `controllers` if another
+    /// backend opened it, else opens it with `io_queues` queue pairs and `nvme`'s command
+    /// watch; either way it gets an IOVA window of its own.
+    pub fn open(
+        &self,
+        controllers: &mut NvmeControllers,
+        io_queues: u16,
+        nvme: &NvmeOptions,
+    ) -> Result<Arc<dyn Backend>> {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
             BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
             BackendSpec::Nvme { address, nsid } => {
-                use vfblk_nvme::controller::{Controller, Options};
-                let ctrl = Controller::open(
-                    *address,
-                    &Options {
-                        io_queues: queues,
-                        sgl: nvme.use_sgl,
-                        ..Options::default()
-                    },
-                )
-                .map_err(|source| Error::Nvme {
-                    what: format!("opening {address}"),
-                    source,
-                })?;
-                Arc::new(NvmeBackend::new(ctrl, *nsid, nvme.clone())?)
+                let shared = controllers.get_or_open(*address, io_queues, nvme)?;
+                let backend = NvmeBackend::new(shared, *nsid, nvme.clone());
+                if backend.is_err() {
+                    controllers.close_unused();
+                }
+                Arc::new(backend?)
             }
         })
     }

@@ -73,6 +73,7 @@ impl Lab {
             "vfblk-bridge",
             "vfblk-loadgen",
             "vfblk-setup",
+            "vfblk-rpc",
         ] {
             image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
         }
@@ -139,9 +140,29 @@ impl Lab {
         total: Duration,
         echo: Echo,
     ) -> Result<vm::RetriedRun> {
+        self.run_l2_namespaces(script, contents, &[nvme_mib], total, echo)
+    }
+
+    /// Like [`Lab::run_l2`], the emulated NVMe controller with one namespace per entry of
+    /// `namespaces_mib` (their sizes in MiB).
+    pub fn run_l2_namespaces(
+        &self,
+        script: &str,
+        contents: Contents,
+        namespaces_mib: &[u64],
+        total: Duration,
+        echo: Echo,
+    ) -> Result<vm::RetriedRun> {
         let initrd = self.l2_image(script, contents)?;
-        let disk = self.disk("nvme.img", nvme_mib)?;
-        let spec = self.l2_spec(&initrd, &disk);
+        let (first, more) = namespaces_mib
+            .split_first()
+            .ok_or_else(|| LabError::Setup("an NVMe controller needs a namespace".into()))?;
+        let disk = self.disk("nvme.img", *first)?;
+        let mut spec = self.l2_spec(&initrd, &disk);
+        for (i, mib) in more.iter().enumerate() {
+            let image = self.disk(&format!("nvme-ns{}.img", i + 2), *mib)?;
+            spec.nvme[0].more_namespaces.push(image);
+        }
         let limits = Limits {
             boot: Duration::from_secs(90),
             total,
@@ -165,6 +186,7 @@ impl Lab {
         spec.nvme.push(NvmeDisk {
             image: nvme_image.to_path_buf(),
             serial: NVME_SERIAL.to_string(),
+            more_namespaces: Vec::new(),
         });
         spec
     }
@@ -269,12 +291,18 @@ pub fn run_nested_vhost(socket: &Path, queue_size: Option<u16>, echo: Echo) -> R
         num_queues: 1,
         queue_size,
     });
-    let log = dir.join("console-vhost.log");
+    // Several may run at once (one per socket): each has its own console log.
+    let stem = socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let log = dir.join(format!("console-vhost-{stem}.log"));
     let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
     let run = &retried.run;
     let fio = run.record("fio").cloned().unwrap_or_default();
     let job = &fio["jobs"][0];
     let record = serde_json::json!({"l3_vhost": {
+        "socket": socket,
         "tries": retried.tries,
         "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
         "total_s": run.elapsed.as_secs_f64(),

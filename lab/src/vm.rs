@@ -39,10 +39,12 @@ impl Accel {
 /// An emulated NVMe controller backed by a raw image.
 #[derive(Debug, Clone)]
 pub struct NvmeDisk {
-    /// Raw image file.
+    /// Raw image file of namespace 1.
     pub image: PathBuf,
     /// The serial number the controller reports in Identify.
     pub serial: String,
+    /// Raw image files of namespaces 2, 3, ... of the same controller.
+    pub more_namespaces: Vec<PathBuf>,
 }
 
 /// A vhost-user-blk device whose backend listens on a unix socket.
@@ -148,8 +150,17 @@ impl VmSpec {
                 "file={},if=none,id=nvm{i},format=raw,cache=unsafe,discard=unmap",
                 disk.image.display()
             );
-            let dev = format!("nvme,serial={},drive=nvm{i}", disk.serial);
+            let dev = format!("nvme,id=nvmec{i},serial={},drive=nvm{i}", disk.serial);
             push(&["-drive", &drive, "-device", &dev]);
+            for (k, image) in disk.more_namespaces.iter().enumerate() {
+                let nsid = k + 2;
+                let drive = format!(
+                    "file={},if=none,id=nvm{i}n{nsid},format=raw,cache=unsafe,discard=unmap",
+                    image.display()
+                );
+                let dev = format!("nvme-ns,drive=nvm{i}n{nsid},bus=nvmec{i},nsid={nsid}");
+                push(&["-drive", &drive, "-device", &dev]);
+            }
         }
         for (i, disk) in self.virtio_disks.iter().enumerate() {
             let drive = format!(
@@ -531,11 +542,14 @@ mod tests {
         spec.nvme.push(NvmeDisk {
             image: "/d.img".into(),
             serial: "abc".into(),
+            more_namespaces: vec!["/n2.img".into()],
         });
         let args = spec.args(false).join(" ");
         let iommu = args.find("intel-iommu,intremap=on").unwrap();
-        let nvme = args.find("nvme,serial=abc").unwrap();
+        let nvme = args.find("nvme,id=nvmec0,serial=abc,drive=nvm0").unwrap();
         assert!(iommu < nvme);
+        let ns2 = args.find("nvme-ns,drive=nvm0n2,bus=nvmec0,nsid=2").unwrap();
+        assert!(nvme < ns2 && args.contains("file=/n2.img,if=none,id=nvm0n2"));
         assert!(args.contains("share=on"));
         assert!(args.contains("kernel-irqchip=split"));
         assert!(args.contains("intel_iommu=on"));

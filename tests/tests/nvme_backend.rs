@@ -177,3 +177,124 @@ fn nested_vm_on_the_nvme_backend() {
         "the kernel's 1024-entry ring was served"
     );
 }
+
+/// One target, one emulated NVMe controller with two namespaces attached by RPC, and two
+/// second-level VMs at once, each with its own vhost-user-blk controller on one namespace:
+/// both guests' RAM starts at guest-physical 0, so their mappings can only coexist in
+/// separate IOVA windows, and fio verifies in both.
+const SHARED_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+modprobe kvm_amd || fail "modprobe kvm_amd"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+vfblk-bridge --config /tmp/target.json --rpc /tmp/rpc.sock >/dev/null 2>/tmp/bridge.log &
+for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
+[ -S /tmp/rpc.sock ] || { cat /tmp/bridge.log; fail "target did not start"; }
+vfblk-rpc -s /tmp/rpc.sock --json nvme-attach nvme0 $bdf > /tmp/attach.json || { cat /tmp/bridge.log; fail "nvme_attach"; }
+record "{\"attach\": $(tr -d '\n' < /tmp/attach.json)}"
+vfblk-rpc -s /tmp/rpc.sock vhost-blk-create vm-a --socket /tmp/a.sock --backend nvme0n1 || fail "create vm-a"
+vfblk-rpc -s /tmp/rpc.sock vhost-blk-create vm-b --socket /tmp/b.sock --backend nvme0n2 || fail "create vm-b"
+step "two L3 VMs under KVM at once, one namespace each, fio with verify in both"
+vfblk-lab nested --vhost-user /tmp/a.sock > /tmp/l3a.out 2>&1 &
+a=$!
+vfblk-lab nested --vhost-user /tmp/b.sock > /tmp/l3b.out 2>&1 &
+b=$!
+wait $a; ra=$?
+wait $b; rb=$?
+cat /tmp/l3a.out /tmp/l3b.out
+grep "mapped at IOVA" /tmp/bridge.log | sed 's/.*namespace/namespace/' > /tmp/maps
+record "{\"maps\": \"$(tr '\n' ';' < /tmp/maps | tr -d '\"')\"}"
+vfblk-rpc -s /tmp/rpc.sock --json stats > /tmp/stats.json
+record "{\"stats\": $(tr -d '\n' < /tmp/stats.json)}"
+record "{\"saved\": $(tr -d '\n' < /tmp/target.json)}"
+[ $ra = 0 ] && [ $rb = 0 ] || { tail -20 /tmp/bridge.log; fail "an L3 VM failed ($ra, $rb)"; }
+"#;
+
+/// `namespace N: guest RAM 0xA..0xB mapped at IOVA 0xC..0xD` lines: (nsid, gpa start, iova
+/// start, iova end).
+fn mappings(text: &str) -> Vec<(u32, u64, u64, u64)> {
+    let hex = |s: &str| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).unwrap();
+    text.split(';')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let nsid = l
+                .trim()
+                .strip_prefix("namespace ")
+                .and_then(|r| r.split(':').next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            let (ram, iova) = l.split_once(" mapped at IOVA ").unwrap();
+            let gpa = hex(ram.rsplit(' ').next().unwrap().split("..").next().unwrap());
+            let (lo, hi) = iova.split_once("..").unwrap();
+            (nsid, gpa, hex(lo), hex(hi))
+        })
+        .collect()
+}
+
+#[test]
+fn two_vms_share_one_nvme_controller_each_in_its_own_iova_window() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-nvme-shared").expect("lab setup");
+    let nested = Contents {
+        fio: false,
+        nested: true,
+    };
+    let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
+    let retried = lab
+        .run_l2_namespaces(
+            SHARED_SCRIPT,
+            nested,
+            &[128, 128],
+            budget + Duration::from_secs(120),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let vms: Vec<serde_json::Value> = run
+        .records
+        .iter()
+        .filter_map(|r| r.get("l3_vhost").cloned())
+        .collect();
+    eprintln!("two L3 VMs on one NVMe controller: {vms:?}");
+    run.expect_success("two VMs on one NVMe controller")
+        .unwrap();
+    let attach = run.record("attach").expect("attach record");
+    assert_eq!(
+        attach["backends"],
+        serde_json::json!(["nvme0n1", "nvme0n2"])
+    );
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    for vm in &vms {
+        assert_eq!(vm["fio_exit"], 0, "{vm}");
+        assert_eq!(vm["fio_error"], 0, "{vm}");
+        assert_eq!(vm["verified_reads"], 16 * 256, "{vm}");
+    }
+    // Both guests' RAM starts at guest-physical 0; namespace 1's VM is DMA'd in the first
+    // 32 GiB window (IOVA = GPA), namespace 2's in the second, and nothing of either leaves
+    // its window.
+    let maps = mappings(run.record("maps").unwrap().as_str().unwrap());
+    const WINDOW: u64 = 32 << 30;
+    for nsid in [1u32, 2] {
+        let mine: Vec<_> = maps.iter().filter(|m| m.0 == nsid).collect();
+        assert!(
+            !mine.is_empty(),
+            "no mapping for namespace {nsid}: {maps:?}"
+        );
+        let base = u64::from(nsid - 1) * WINDOW;
+        assert!(mine.iter().any(|m| m.1 == 0), "{maps:?}");
+        for &&(_, gpa, lo, hi) in &mine {
+            assert_eq!(lo, base + gpa, "{maps:?}");
+            assert!(lo >= base && hi <= base + WINDOW, "{maps:?}");
+        }
+    }
+    let stats = run.record("stats").expect("stats");
+    for c in stats["controllers"].as_array().unwrap() {
+        assert_eq!(c["errors"], 0, "{c}");
+        assert!(c["writes"].as_u64().unwrap() >= 16 * 256, "{c}");
+    }
+    // The attachment is saved as such, its namespaces are not separate backends.
+    let saved = run.record("saved").expect("saved config");
+    assert_eq!(saved["nvme"][0]["name"], "nvme0", "{saved}");
+    assert_eq!(saved["backends"], serde_json::json!([]), "{saved}");
+}

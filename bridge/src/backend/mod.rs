@@ -13,7 +13,7 @@ mod nvme;
 pub use delay::DelayBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
-pub use nvme::{NvmeBackend, NvmeOptions};
+pub use nvme::{IovaWindow, NvmeBackend, NvmeControllers, NvmeOptions, SharedController};
 
 use crate::request::Request;
 use crate::Result;

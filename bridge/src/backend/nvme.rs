@@ -1,10 +1,14 @@
 //! The NVMe backend: virtio-blk requests become NVMe commands on a queue pair per virtqueue,
 //! with data pointers built from the guest's own buffers. Guest RAM is mapped into the
-//! controller's IOMMU domain at IOVA = guest-physical address, so the SSD DMAs straight into
-//! the guest: no copy. Requests above MDTS are split; buffers that break PRP rules go out as
-//! SGLs when the controller has them (QueuePair decides).
+//! controller's IOMMU domain at IOVA = window base + guest-physical address, so the SSD DMAs
+//! straight into the guest: no copy. Each backend on a controller (one VM each) has its own
+//! window, so VMs whose guest-physical addresses overlap share a controller, and one VM's
+//! descriptors can only produce IOVAs in its own window. Requests above MDTS are split;
+//! buffers that break PRP rules go out as SGLs when the controller has them (QueuePair
+//! decides).
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vfblk_hugepages::ExternalMapping;
@@ -61,18 +65,170 @@ impl Default for NvmeOptions {
     }
 }
 
+/// Bytes of IOVA space each backend's guest RAM may occupy: guest-physical addresses must be
+/// below this.
+pub const WINDOW_SIZE: u64 = 32 << 30;
+/// Windows per controller: they fill [0, 256 GiB), below the IOVAs the driver allocates for
+/// its own queues and buffers (from 256 GiB up).
+pub const WINDOWS: usize = 8;
+
+/// One backend's part of a controller's IOVA space: guest-physical address `gpa` is DMA'd at
+/// IOVA `base + gpa`. Returned to its controller when dropped.
+pub struct IovaWindow {
+    base: u64,
+    slot: usize,
+    slots: Arc<Mutex<[bool; WINDOWS]>>,
+}
+
+impl IovaWindow {
+    /// First IOVA of the window.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The IOVA of `len` bytes at guest-physical `gpa`, if they fit the window.
+    pub fn iova(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.checked_add(len)?;
+        (end <= WINDOW_SIZE).then_some(self.base + gpa)
+    }
+}
+
+impl Drop for IovaWindow {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots[self.slot] = false;
+        }
+    }
+}
+
+/// A controller's IOVA windows and which are taken.
+#[derive(Default)]
+pub struct Windows {
+    slots: Arc<Mutex<[bool; WINDOWS]>>,
+}
+
+impl Windows {
+    /// A free window (the lowest: the first backend gets IOVA = GPA), or None.
+    pub fn take(&self) -> Option<IovaWindow> {
+        let mut slots = self.slots.lock().ok()?;
+        let slot = slots.iter().position(|used| !used)?;
+        slots[slot] = true;
+        Some(IovaWindow {
+            base: slot as u64 * WINDOW_SIZE,
+            slot,
+            slots: self.slots.clone(),
+        })
+    }
+
+    /// Whether no window is taken.
+    pub fn unused(&self) -> bool {
+        self.slots
+            .lock()
+            .map(|s| s.iter().all(|used| !used))
+            .unwrap_or(false)
+    }
+}
+
+/// An opened controller and the IOVA windows its backends hold.
+pub struct SharedController {
+    ctrl: Controller,
+    windows: Windows,
+}
+
+impl SharedController {
+    /// A controller no backend uses yet.
+    pub fn new(ctrl: Controller) -> Self {
+        Self {
+            ctrl,
+            windows: Windows::default(),
+        }
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Controller {
+        &self.ctrl
+    }
+
+    /// A free window for a new backend.
+    pub fn window(&self) -> Result<IovaWindow> {
+        self.windows.take().ok_or_else(|| {
+            Error::BadArgument(format!(
+                "{}: all {WINDOWS} IOVA windows are in use (one per backend)",
+                self.ctrl.name()
+            ))
+        })
+    }
+
+    /// Whether no backend holds a window.
+    pub fn unused(&self) -> bool {
+        self.windows.unused()
+    }
+}
+
+/// The NVMe controllers a process has opened, by PCI address: backends on the same
+/// controller share it.
+#[derive(Default)]
+pub struct NvmeControllers {
+    open: BTreeMap<vfblk_nvme::pci::PciAddress, SharedController>,
+}
+
+impl NvmeControllers {
+    /// The controller at `address`, opened with `io_queues` queue pairs if it is not yet.
+    pub fn get_or_open(
+        &mut self,
+        address: vfblk_nvme::pci::PciAddress,
+        io_queues: u16,
+        options: &NvmeOptions,
+    ) -> Result<&SharedController> {
+        use std::collections::btree_map::Entry;
+        match self.open.entry(address) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(v) => {
+                use vfblk_nvme::controller::Options;
+                let ctrl = Controller::open(
+                    address,
+                    &Options {
+                        io_queues,
+                        sgl: options.use_sgl,
+                        ..Options::default()
+                    },
+                )
+                .map_err(|source| Error::Nvme {
+                    what: format!("opening {address}"),
+                    source,
+                })?;
+                Ok(v.insert(SharedController::new(ctrl)))
+            }
+        }
+    }
+
+    /// Closes the controllers no backend uses any more.
+    pub fn close_unused(&mut self) {
+        self.open.retain(|address, c| {
+            let keep = !c.unused();
+            if !keep {
+                tracing::info!("{address}: no backend uses it; closing it");
+            }
+            keep
+        });
+    }
+}
+
 /// The `nvme` backend.
 pub struct NvmeBackend {
     ctrl: Controller,
     ns: Namespace,
     info: BackendInfo,
+    window: IovaWindow,
     mappings: Mutex<Vec<ExternalMapping>>,
     options: NvmeOptions,
 }
 
 impl NvmeBackend {
-    /// Serves namespace `nsid` of an opened controller.
-    pub fn new(ctrl: Controller, nsid: u32, options: NvmeOptions) -> Result<Self> {
+    /// Serves namespace `nsid` of a controller, in a window of its IOVA space.
+    pub fn new(shared: &SharedController, nsid: u32, options: NvmeOptions) -> Result<Self> {
+        let ctrl = shared.controller().clone();
+        let window = shared.window()?;
         let ns = ctrl
             .namespace(nsid)
             .map_err(|source| Error::Nvme {
@@ -104,9 +260,15 @@ impl NvmeBackend {
             ctrl,
             ns,
             info,
+            window,
             mappings: Mutex::new(Vec::new()),
             options,
         })
+    }
+
+    /// Its IOVA window's first address.
+    pub fn window_base(&self) -> u64 {
+        self.window.base()
     }
 }
 
@@ -132,6 +294,7 @@ impl Backend for NvmeBackend {
             records: vec![Record::default(); qp.capacity() + 1].into_boxed_slice(),
             qp,
             ctrl: self.ctrl.clone(),
+            iova_base: self.window.base(),
             nsid: self.ns.nsid,
             shift: self.ns.info.lba_shift,
             max_transfer: self.ctrl.max_transfer() as u64,
@@ -163,17 +326,35 @@ impl Backend for NvmeBackend {
         mappings.clear();
         let Some(memory) = memory else { return Ok(()) };
         for r in memory.regions() {
+            let iova = self.window.iova(r.guest_phys, r.size).ok_or_else(|| {
+                Error::BadArgument(format!(
+                    "guest RAM at {:#x}+{:#x} does not fit the {} GiB IOVA window of a VM",
+                    r.guest_phys,
+                    r.size,
+                    WINDOW_SIZE >> 30
+                ))
+            })?;
             let host = memory
                 .translate(r.guest_phys, r.size)
                 .expect("a region translates to itself");
             // SAFETY: the region stays mapped while the connection's GuestMemory lives; the
             // device releases these mappings (guest_memory_changed(None)) before it drops it,
             // and guest memory is only touched through raw pointers.
-            let m = unsafe { self.ctrl.map_external(r.guest_phys, host, r.size as usize) }
-                .map_err(|source| Error::Nvme {
-                    what: format!("mapping guest RAM at IOVA {:#x}", r.guest_phys),
+            let m = unsafe { self.ctrl.map_external(iova, host, r.size as usize) }.map_err(
+                |source| Error::Nvme {
+                    what: format!("mapping guest RAM at IOVA {iova:#x}"),
                     source,
-                })?;
+                },
+            )?;
+            tracing::info!(
+                "{} namespace {}: guest RAM {:#x}..{:#x} mapped at IOVA {:#x}..{:#x}",
+                self.ctrl.name(),
+                self.ns.nsid,
+                r.guest_phys,
+                r.guest_phys + r.size,
+                iova,
+                iova + r.size
+            );
             mappings.push(m);
         }
         Ok(())
@@ -284,6 +465,8 @@ struct Backlog {
 struct NvmeQueue {
     qp: QueuePair,
     ctrl: Controller,
+    /// Added to every guest-physical address: the backend's IOVA window.
+    iova_base: u64,
     nsid: u32,
     shift: u8,
     max_transfer: u64,
@@ -629,7 +812,9 @@ impl BackendQueue for NvmeQueue {
                     b.segs.clear();
                     b.segs
                         .extend(r.data[..r.data_count].iter().map(|s| Segment {
-                            iova: s.gpa,
+                            // Inside the window: the segment was translated through the
+                            // memory table, whose regions all fit it (mapping refuses others).
+                            iova: self.iova_base + s.gpa,
                             len: s.len,
                         }));
                     b.hosts.clear();
@@ -777,6 +962,40 @@ impl BackendQueue for NvmeQueue {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn each_backend_gets_its_own_window_and_addresses_cannot_leave_it() {
+        let windows = Windows::default();
+        let a = windows.take().unwrap();
+        let b = windows.take().unwrap();
+        assert_eq!(
+            (a.base(), b.base()),
+            (0, WINDOW_SIZE),
+            "the first keeps IOVA = GPA"
+        );
+        // The same guest-physical address of two VMs: two IOVAs, each in its own window.
+        let (ia, ib) = (
+            a.iova(0x1000_0000, 4096).unwrap(),
+            b.iova(0x1000_0000, 4096).unwrap(),
+        );
+        assert_ne!(ia, ib);
+        assert!(ia < WINDOW_SIZE && (WINDOW_SIZE..2 * WINDOW_SIZE).contains(&ib));
+        // Nothing reaches past its window: not the last byte + 1, not an overflow.
+        assert_eq!(a.iova(WINDOW_SIZE - 4096, 4096), Some(WINDOW_SIZE - 4096));
+        assert_eq!(a.iova(WINDOW_SIZE - 4096, 4097), None);
+        assert_eq!(b.iova(WINDOW_SIZE, 1), None);
+        assert_eq!(b.iova(u64::MAX - 10, 100), None);
+        // Windows stay below the driver's own IOVAs (256 GiB up) and are reused when freed.
+        let rest: Vec<IovaWindow> = (2..WINDOWS).map(|_| windows.take().unwrap()).collect();
+        assert!(rest.iter().all(|w| w.base() + WINDOW_SIZE <= 256 << 30));
+        assert!(windows.take().is_none(), "{WINDOWS} windows at most");
+        drop(b);
+        assert_eq!(windows.take().unwrap().base(), WINDOW_SIZE);
+        drop(rest);
+        assert!(!windows.unused());
+        drop(a);
+    }
     use super::sectors_to_blocks;
 
     #[test]

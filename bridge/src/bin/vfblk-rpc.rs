@@ -38,6 +38,18 @@ enum Command {
     },
     /// List the backends.
     BackendList,
+    /// Attach an NVMe controller on vfio-pci: each namespace becomes a backend NAMEn<nsid>.
+    NvmeAttach {
+        /// Its name.
+        name: String,
+        /// Its PCI address.
+        address: vfblk_nvme::pci::PciAddress,
+    },
+    /// Detach an NVMe controller none of whose namespaces a controller uses.
+    NvmeDetach {
+        /// Its name.
+        name: String,
+    },
     /// Create a vhost-user-blk controller.
     VhostBlkCreate {
         /// Its name.
@@ -164,6 +176,7 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
             serde_json::to_string_pretty(&result).expect("JSON values print")
         ),
         Command::ConfigSave => println!("saved to {}", result["path"].as_str().unwrap_or("?")),
+        Command::NvmeAttach { .. } => println!("backends: {}", cell(&result["backends"])),
         _ => println!("done"),
     }
     Ok(())
@@ -178,6 +191,11 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
         }
         Command::BackendDelete { name } => ("backend_delete", json!({ "name": name })),
         Command::BackendList => ("backend_list", json!({})),
+        Command::NvmeAttach { name, address } => (
+            "nvme_attach",
+            json!({"name": name, "address": address.to_string()}),
+        ),
+        Command::NvmeDetach { name } => ("nvme_detach", json!({ "name": name })),
         Command::VhostBlkCreate {
             name,
             socket,

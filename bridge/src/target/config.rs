@@ -16,12 +16,26 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
+    /// NVMe controllers attached by name: each namespace becomes a backend `<name>n<nsid>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvme: Vec<NvmeAttachConfig>,
     /// Backends, by name.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
     /// Controllers, by name; each uses one backend.
     #[serde(default)]
     pub controllers: Vec<ControllerConfig>,
+}
+
+/// An NVMe controller attached under a name: `{"name": "nvme0", "address": "0000:5e:00.0"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmeAttachConfig {
+    /// Its name; its namespaces' backends are `<name>n<nsid>`.
+    pub name: String,
+    /// Its PCI address (bound to vfio-pci).
+    #[serde(with = "crate::spec::pci_string")]
+    pub address: vfblk_nvme::pci::PciAddress,
 }
 
 /// A named backend: `{"name": "d0", "kind": "file", "path": "/var/lib/d0.img"}`.

@@ -19,12 +19,13 @@ use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::server::SocketServer;
 use vfblk_vhost::worker::{PollMode, Worker};
 
-use crate::backend::{Backend, NvmeOptions};
+use crate::backend::{Backend, NvmeControllers, NvmeOptions};
 use crate::device::BlkDevice;
 use crate::spec::BackendSpec;
 use crate::stats::StatsSnapshot;
 use crate::{Error, Result};
-pub use config::{check_name, BackendConfig, ControllerConfig, TargetConfig};
+pub use config::{check_name, BackendConfig, ControllerConfig, NvmeAttachConfig, TargetConfig};
+use vfblk_nvme::pci::PciAddress;
 
 /// Empty poll loops (about 1 ms) before an idle poller sleeps on kicks.
 pub const IDLE_LOOPS_BEFORE_SLEEP: u32 = 20_000;
@@ -66,6 +67,8 @@ struct Poller {
 struct BackendEntry {
     spec: BackendSpec,
     backend: Arc<dyn Backend>,
+    /// The NVMe attachment it came from (then it is not a config entry of its own).
+    attachment: Option<String>,
 }
 
 struct ControllerEntry {
@@ -90,6 +93,9 @@ pub struct BackendStatus {
     pub block_size: u32,
     /// Controllers using it.
     pub used_by: Vec<String>,
+    /// The NVMe attachment it is a namespace of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<String>,
 }
 
 /// A controller as `vhost_blk_list` shows it.
@@ -164,6 +170,9 @@ pub struct Target {
     pollers: Vec<Poller>,
     backends: BTreeMap<String, BackendEntry>,
     controllers: BTreeMap<String, ControllerEntry>,
+    nvme: NvmeControllers,
+    /// NVMe attachments by name: the controller and the backends made of its namespaces.
+    attachments: BTreeMap<String, (PciAddress, Vec<String>)>,
 }
 
 impl Target {
@@ -196,7 +205,95 @@ impl Target {
             pollers,
             backends: BTreeMap::new(),
             controllers: BTreeMap::new(),
+            nvme: NvmeControllers::default(),
+            attachments: BTreeMap::new(),
         })
+    }
+
+    fn nvme_io_queues(&self) -> u16 {
+        match self.settings.nvme_io_queues {
+            0 => NVME_IO_QUEUES,
+            n => n,
+        }
+    }
+
+    /// Attaches the NVMe controller at `address` under `name`: each of its namespaces
+    /// becomes a backend `<name>n<nsid>`. Returns their names.
+    pub fn attach_nvme(&mut self, name: &str, address: PciAddress) -> Result<Vec<String>> {
+        check_name("NVMe controller", name)?;
+        if self.attachments.contains_key(name) {
+            return Err(Error::Exists {
+                what: "NVMe controller",
+                name: name.to_string(),
+            });
+        }
+        if let Some((other, _)) = self.attachments.iter().find(|(_, (a, _))| *a == address) {
+            return Err(Error::BadArgument(format!(
+                "{address} is attached already, as {other}"
+            )));
+        }
+        let io_queues = self.nvme_io_queues();
+        let nsids: Vec<u32> = self
+            .nvme
+            .get_or_open(address, io_queues, &self.settings.nvme)?
+            .controller()
+            .namespaces()
+            .iter()
+            .map(|ns| ns.nsid)
+            .collect();
+        let mut made = Vec::new();
+        for nsid in nsids {
+            let backend = format!("{name}n{nsid}");
+            match self.create_backend(&backend, BackendSpec::Nvme { address, nsid }) {
+                Ok(()) => {
+                    if let Some(b) = self.backends.get_mut(&backend) {
+                        b.attachment = Some(name.to_string());
+                    }
+                    made.push(backend);
+                }
+                Err(e) => {
+                    // All or nothing: no half-attached controller.
+                    for b in &made {
+                        self.backends.remove(b);
+                    }
+                    self.nvme.close_unused();
+                    return Err(e);
+                }
+            }
+        }
+        self.nvme.close_unused();
+        tracing::info!("{address} attached as {name}: backends {}", made.join(", "));
+        self.attachments
+            .insert(name.to_string(), (address, made.clone()));
+        Ok(made)
+    }
+
+    /// Detaches an NVMe controller; refused while a controller uses one of its namespaces.
+    pub fn detach_nvme(&mut self, name: &str) -> Result<()> {
+        let (address, backends) =
+            self.attachments
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::NotFound {
+                    what: "NVMe controller",
+                    name: name.to_string(),
+                })?;
+        for b in &backends {
+            let users = self.users_of(b);
+            if !users.is_empty() {
+                return Err(Error::Busy {
+                    name: b.clone(),
+                    users,
+                });
+            }
+        }
+        for b in &backends {
+            self.backends.remove(b);
+        }
+        self.attachments.remove(name);
+        self.nvme.close_unused();
+        tracing::info!("{name} ({address}) detached");
+        Ok(())
     }
 
     /// Opens a backend under `name`.
@@ -219,12 +316,9 @@ impl Target {
                 describe(&spec)
             )));
         }
-        let io_queues = match self.settings.nvme_io_queues {
-            0 => NVME_IO_QUEUES,
-            n => n,
-        };
+        let io_queues = self.nvme_io_queues();
         #[allow(unused_mut)]
-        let mut backend = spec.open(io_queues, &self.settings.nvme)?;
+        let mut backend = spec.open(&mut self.nvme, io_queues, &self.settings.nvme)?;
         if let Some(delay) = self.settings.test_delay {
             #[cfg(feature = "test-delay")]
             {
@@ -236,8 +330,14 @@ impl Target {
             )));
         }
         tracing::info!("backend {name}: {}", backend.info().description);
-        self.backends
-            .insert(name.to_string(), BackendEntry { spec, backend });
+        self.backends.insert(
+            name.to_string(),
+            BackendEntry {
+                spec,
+                backend,
+                attachment: None,
+            },
+        );
         Ok(())
     }
 
@@ -256,7 +356,13 @@ impl Target {
                 users,
             });
         }
+        if let Some(owner) = self.backends.get(name).and_then(|b| b.attachment.clone()) {
+            return Err(Error::BadArgument(format!(
+                "backend {name} is a namespace of NVMe controller {owner}: nvme_detach it"
+            )));
+        }
         self.backends.remove(name);
+        self.nvme.close_unused();
         tracing::info!("backend {name} deleted");
         Ok(())
     }
@@ -393,6 +499,11 @@ impl Target {
     /// name and does not stop the rest: one broken disk must not keep every other VM down.
     pub fn apply(&mut self, config: TargetConfig) -> Vec<(String, Error)> {
         let mut failures = Vec::new();
+        for n in config.nvme {
+            if let Err(e) = self.attach_nvme(&n.name, n.address) {
+                failures.push((format!("NVMe controller {}", n.name), e));
+            }
+        }
         for b in config.backends {
             if let Err(e) = self.create_backend(&b.name, b.spec) {
                 failures.push((format!("backend {}", b.name), e));
@@ -410,9 +521,18 @@ impl Target {
     /// What is being served, as a config file holds it.
     pub fn config(&self) -> TargetConfig {
         TargetConfig {
+            nvme: self
+                .attachments
+                .iter()
+                .map(|(name, (address, _))| NvmeAttachConfig {
+                    name: name.clone(),
+                    address: *address,
+                })
+                .collect(),
             backends: self
                 .backends
                 .iter()
+                .filter(|(_, b)| b.attachment.is_none())
                 .map(|(name, b)| BackendConfig {
                     name: name.clone(),
                     spec: b.spec.clone(),
@@ -452,6 +572,7 @@ impl Target {
                     capacity_bytes: info.capacity_sectors * 512,
                     block_size: info.block_size,
                     used_by: self.users_of(name),
+                    nvme: b.attachment.clone(),
                 }
             })
             .collect()
@@ -595,6 +716,7 @@ impl TargetOptions {
     /// The configuration of one backend ("disk") and one controller ("vhost0").
     pub fn config(&self) -> TargetConfig {
         TargetConfig {
+            nvme: Vec::new(),
             backends: vec![BackendConfig {
                 name: "disk".into(),
                 spec: self.backend.clone(),

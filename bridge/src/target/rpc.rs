@@ -58,6 +58,8 @@ pub const METHODS: &[(&str, &str)] = &[
         "{name, kind: mem|file|nvme, path, size | address, nsid}",
     ),
     ("backend_delete", "{name}"),
+    ("nvme_attach", "{name, address}"),
+    ("nvme_detach", "{name}"),
     ("backend_list", "{}"),
     (
         "vhost_blk_create",
@@ -139,6 +141,19 @@ fn dispatch(
             let ByName { name } = params(p)?;
             let mut t = lock();
             t.delete_backend(&name)?;
+            saved(&t)
+        }
+        "nvme_attach" => {
+            let a: super::NvmeAttachConfig = params(p)?;
+            let mut t = lock();
+            let backends = t.attach_nvme(&a.name, a.address)?;
+            saved(&t)?;
+            Ok(json!({ "backends": backends }))
+        }
+        "nvme_detach" => {
+            let ByName { name } = params(p)?;
+            let mut t = lock();
+            t.detach_nvme(&name)?;
             saved(&t)
         }
         "backend_list" => {
