@@ -72,6 +72,9 @@ pub struct Options {
     /// Give each data buffer as two descriptors that start inside a page and split it off a
     /// page boundary: a scatter list NVMe PRPs cannot describe (SGLs or bounce buffers must).
     pub unaligned: bool,
+    /// A polling driver: ask the device for no interrupts (VRING_AVAIL_F_NO_INTERRUPT), as
+    /// SPDK's and DPDK's virtio drivers do; not with `interrupts`.
+    pub polled: bool,
 }
 
 /// What happened.
@@ -311,7 +314,9 @@ impl LoadGen {
         for q in 0..usize::from(opts.queues) {
             let off = q * per_queue;
             // SAFETY: the ring area lies inside our zeroed mapping.
-            let ring = unsafe { DriverQueue::new(mem.base.add(off), off as u64, opts.queue_size) };
+            let mut ring =
+                unsafe { DriverQueue::new(mem.base.add(off), off as u64, opts.queue_size) };
+            ring.suppress_interrupts(opts.polled && !opts.interrupts);
             let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
             queues.push(Queue {
                 ring,
@@ -635,6 +640,17 @@ impl LoadGen {
         }
     }
 
+    /// Stays connected, rings set up, and does no I/O for the run's seconds: an idle guest.
+    pub fn idle(mut self) -> Report {
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(self.opts.seconds));
+        if self.backend_gone() {
+            self.error("the backend went away while the frontend was idle".into());
+        }
+        self.report.seconds = started.elapsed().as_secs_f64();
+        self.report
+    }
+
     /// Runs the workload; reconnects whenever the backend vanishes.
     pub fn run(mut self) -> Report {
         let started = Instant::now();
@@ -753,7 +769,11 @@ impl LoadGen {
             if stopping && !outstanding {
                 break;
             }
-            if progress == 0 {
+            if progress == 0 && self.opts.polled && gone_since.is_none() {
+                // A polling driver never sleeps: it looks again (letting other threads of
+                // its core run first).
+                std::thread::yield_now();
+            } else if progress == 0 {
                 let mut fds: Vec<libc::pollfd> = self
                     .queues
                     .iter()

@@ -35,7 +35,11 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
         Kind::File => Arc::new(FileBackend::open(&dir.join("disk"), Some(DISK)).unwrap()),
     };
     let mode = PollMode {
-        idle_loops_before_sleep: if poll { None } else { Some(1000) },
+        idle_before_sleep: if poll {
+            None
+        } else {
+            Some(Duration::from_micros(100))
+        },
     };
     let workers = (0..2)
         .map(|i| Arc::new(Worker::spawn(format!("test-poller{i}"), None, mode).unwrap()))

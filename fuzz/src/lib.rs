@@ -204,7 +204,7 @@ pub fn message_sequence(data: &[u8]) {
             let workers = vec![Arc::new(Worker::spawn(
                 "fuzz-poller".into(),
                 None,
-                PollMode { idle_loops_before_sleep: Some(100) },
+                PollMode { idle_before_sleep: Some(std::time::Duration::from_micros(10)) },
             )
             .expect("a poller"))];
             Arc::new(DeviceConfig {

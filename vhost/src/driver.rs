@@ -203,6 +203,14 @@ impl DriverQueue {
         Some(e)
     }
 
+    /// Asks the device for no interrupts at all (VRING_AVAIL_F_NO_INTERRUPT), as a polling
+    /// driver does; without EVENT_IDX the device honours it.
+    pub fn suppress_interrupts(&mut self, suppress: bool) {
+        let flags = u16::from(suppress) * crate::virtq::AVAIL_F_NO_INTERRUPT;
+        // SAFETY: the avail ring's flags word at offset 0.
+        unsafe { (self.avail as *mut u16).write_volatile(flags) };
+    }
+
     /// Under EVENT_IDX: asks the device to interrupt once the used index passes `idx`
     /// (the avail ring's `used_event` word).
     pub fn set_used_event(&mut self, idx: u16) {

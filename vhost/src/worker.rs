@@ -93,7 +93,7 @@ struct Mailbox {
 #[derive(Debug, Clone, Copy)]
 pub struct PollMode {
     /// Empty loops before the worker re-enables kicks and sleeps; `None`: never sleep.
-    pub idle_loops_before_sleep: Option<u32>,
+    pub idle_before_sleep: Option<Duration>,
 }
 
 /// A poller thread, shared by the queues of any number of connections.
@@ -316,9 +316,14 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// Chains taken from one ring per loop before the others get a turn.
 const BUDGET: usize = 64;
 
+/// Empty loops between looks at the clock while idle.
+const IDLE_CLOCK_EVERY: u32 = 64;
+
 fn run(mailbox: &Mailbox, mode: PollMode) {
     let mut queues: Vec<QueueRuntime> = Vec::new();
+    // Empty loops in a row, and when the first of them ran.
     let mut idle = 0u32;
+    let mut idle_since: Option<Instant> = None;
     loop {
         if mailbox.pending.load(Ordering::Acquire) {
             let commands_start = Instant::now();
@@ -383,6 +388,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
         }
         if work > 0 {
             idle = 0;
+            idle_since = None;
             let spent = loop_start.elapsed().as_nanos() as u64;
             // Only this thread writes it: a plain add through a relaxed load and store.
             let busy = mailbox.busy_ns.load(Ordering::Relaxed);
@@ -390,12 +396,21 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
             continue;
         }
         idle += 1;
-        match mode.idle_loops_before_sleep {
-            Some(limit) if idle >= limit => {
+        let Some(limit) = mode.idle_before_sleep else {
+            std::hint::spin_loop();
+            continue;
+        };
+        // Spinning is for the moment after work (the next request is likely close); a
+        // poller woken by its sleep's timeout with nothing to do sleeps again at once.
+        if idle % IDLE_CLOCK_EVERY == 0 {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= limit {
                 sleep_until_kicked(mailbox, &mut queues);
                 idle = 0;
+                idle_since = Instant::now().checked_sub(limit);
             }
-            _ => std::hint::spin_loop(),
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
@@ -545,6 +560,15 @@ impl QueueRuntime {
     /// One round: resubmissions, new chains, completions, publication. Returns work done.
     fn process(&mut self, take_new: bool) -> usize {
         if self.broken {
+            return 0;
+        }
+        // An idle queue costs one look at its avail index: with many queues on a poller,
+        // the empty ones must not tax the busy ones.
+        if self.resubmit.is_empty()
+            && self.handler.in_flight() == 0
+            && self.completed.is_empty()
+            && !(take_new && self.vq.has_avail())
+        {
             return 0;
         }
         let mut work = 0;

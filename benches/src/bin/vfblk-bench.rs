@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vfblk_benches::system::{nvme, vhost};
+use vfblk_benches::system::{nvme, target, vhost};
 
 /// System benchmarks of the stack.
 #[derive(Parser, Debug)]
@@ -24,6 +24,19 @@ enum Command {
         seconds: u32,
         /// Requests in flight.
         #[arg(long, default_value_t = 32)]
+        qd: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The many-VM target on one poller: IOPS and cost per I/O with 1, 4 and 16 controllers,
+    /// and CPU use with 16 idle ones.
+    Target {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Requests in flight per controller.
+        #[arg(long, default_value_t = 8)]
         qd: u32,
         /// Print JSON.
         #[arg(long)]
@@ -53,6 +66,9 @@ fn main() -> ExitCode {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
         }
         Command::Nvme { seconds, json } => nvme::bench(&nvme::NvmeBenchOptions { seconds, json }),
+        Command::Target { seconds, qd, json } => {
+            target::bench(&target::TargetBenchOptions { seconds, qd, json })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,6 +63,12 @@ struct Args {
     /// Milliseconds between SET_VRING_KICK and SET_VRING_CALL when (re)connecting.
     #[arg(long, default_value_t = 0)]
     call_after_kick_ms: u64,
+    /// A polling driver: ask the backend for no interrupts (VRING_AVAIL_F_NO_INTERRUPT).
+    #[arg(long, conflicts_with = "interrupts")]
+    polled: bool,
+    /// Connect and set up the rings, then do no I/O for --seconds (an idle guest).
+    #[arg(long)]
+    idle: bool,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -108,8 +114,10 @@ fn main() -> ExitCode {
         interrupts: a.interrupts,
         call_after_kick: Duration::from_millis(a.call_after_kick_ms),
         unaligned: a.unaligned,
+        polled: a.polled,
     };
     let report = match LoadGen::new(options) {
+        Ok(lg) if a.idle => lg.idle(),
         Ok(lg) => lg.run(),
         Err(e) => {
             eprintln!("vfblk-loadgen: {}", vfblk_benches::error_chain(&e));

@@ -2,4 +2,5 @@
 //! lab guest (our NVMe driver against the kernel's), each run recorded with its command.
 
 pub mod nvme;
+pub mod target;
 pub mod vhost;

@@ -27,8 +27,8 @@ use crate::{Error, Result};
 pub use config::{check_name, BackendConfig, ControllerConfig, NvmeAttachConfig, TargetConfig};
 use vfblk_nvme::pci::PciAddress;
 
-/// Empty poll loops (about 1 ms) before an idle poller sleeps on kicks.
-pub const IDLE_LOOPS_BEFORE_SLEEP: u32 = 20_000;
+/// How long a poller spins without work before it sleeps on kicks.
+pub const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(1);
 
 /// Most virtqueues a controller offers.
 pub const MAX_QUEUES: u16 = 64;
@@ -179,10 +179,10 @@ impl Target {
     /// Starts the pollers; no backend or controller yet.
     pub fn new(settings: TargetSettings) -> Result<Self> {
         let mode = PollMode {
-            idle_loops_before_sleep: if settings.poll {
+            idle_before_sleep: if settings.poll {
                 None
             } else {
-                Some(IDLE_LOOPS_BEFORE_SLEEP)
+                Some(IDLE_BEFORE_SLEEP)
             },
         };
         let cpus: Vec<Option<usize>> = if settings.cpus.is_empty() {

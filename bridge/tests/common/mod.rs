@@ -37,7 +37,7 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
             "test-poller".into(),
             None,
             PollMode {
-                idle_loops_before_sleep: Some(1000),
+                idle_before_sleep: Some(Duration::from_micros(100)),
             },
         )
         .unwrap(),
