@@ -717,3 +717,26 @@ fn rate_limited_controllers_get_their_share_and_a_neighbour_the_rest() {
         .unwrap();
     assert_eq!(limited["limits"], json!({"iops": 500}), "{saved}");
 }
+
+#[test]
+fn the_scale_benchmark_runs_and_idle_controllers_cost_almost_nothing() {
+    let _lock = lab_lock();
+    let out = Command::new(bin("vfblk-bench"))
+        .args(["target", "--seconds", "1", "--json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("vfblk-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let r: Value = serde_json::from_str(text.trim()).unwrap();
+    eprintln!("vfblk-bench target --seconds 1: {r}");
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{r}");
+    for row in rows {
+        assert!(row["iops"].as_f64().unwrap() > 1000.0, "{row}");
+        assert!(row["busy_ns_per_io"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // 16 controllers with connected, idle frontends: the pollers sleep on kicks.
+    let idle = r["idle_16_cpu_percent"].as_f64().unwrap();
+    assert!(idle < 3.0, "16 idle controllers cost {idle:.1}% of a core");
+}
