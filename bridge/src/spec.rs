@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use vfblk_nvme::pci::PciAddress;
 
-use crate::backend::{Backend, FileBackend, MemBackend, NvmeBackend, NvmeControllers, NvmeOptions};
+use crate::backend::{
+    Backend, FileBackend, MemBackend, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
+};
 use crate::{Error, Result};
 
 /// A size in bytes: a number with an optional K, M or G suffix (powers of 1024).
@@ -53,7 +55,17 @@ pub enum BackendSpec {
         /// Namespace id.
         #[serde(default = "first_namespace")]
         nsid: u32,
+        /// Serve only the bytes from here (a part of the namespace, for one VM of several).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        offset: u64,
+        /// ... this many of them (default: to the end).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn first_namespace() -> u32 {
@@ -81,10 +93,20 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], nvme:PCI_ADDR[:NSID])"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], nvme:PCI_ADDR[:NSID][@OFFSET+SIZE])"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
+            // A part of the namespace: "@OFFSET+SIZE" at the end.
+            let (rest, offset, size) = match rest.split_once('@') {
+                Some((r, range)) => {
+                    let (o, s) = range
+                        .split_once('+')
+                        .ok_or_else(|| bad("a part is @OFFSET+SIZE"))?;
+                    (r, parse_size(o)?, Some(parse_size(s)?))
+                }
+                None => (rest, 0, None),
+            };
             // PCI addresses contain colons: the namespace is an optional last ":N" after the
             // function ("dddd:bb:dd.f:N").
             let (addr, nsid) = match rest.rsplit_once(':') {
@@ -100,7 +122,12 @@ impl FromStr for BackendSpec {
             let address = addr
                 .parse()
                 .map_err(|e: vfblk_nvme::Error| bad(&e.to_string()))?;
-            return Ok(BackendSpec::Nvme { address, nsid });
+            return Ok(BackendSpec::Nvme {
+                address,
+                nsid,
+                offset,
+                size,
+            });
         }
         let parts: Vec<&str> = spec.splitn(3, ':').collect();
         match parts.as_slice() {
@@ -134,9 +161,18 @@ impl BackendSpec {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
             BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
-            BackendSpec::Nvme { address, nsid } => {
+            BackendSpec::Nvme {
+                address,
+                nsid,
+                offset,
+                size,
+            } => {
                 let shared = controllers.get_or_open(*address, io_queues, nvme)?;
-                let backend = NvmeBackend::new(shared, *nsid, nvme.clone());
+                let range = NamespaceRange {
+                    offset: *offset,
+                    size: *size,
+                };
+                let backend = NvmeBackend::new(shared, *nsid, range, nvme.clone());
                 if backend.is_err() {
                     controllers.close_unused();
                 }
@@ -193,11 +229,35 @@ mod tests {
             nvme,
             BackendSpec::Nvme {
                 address: "0000:00:04.0".parse().unwrap(),
-                nsid: 1
+                nsid: 1,
+                offset: 0,
+                size: None
             }
         );
         let ns2 = "nvme:0000:00:04.0:2".parse::<BackendSpec>().unwrap();
         assert!(matches!(ns2, BackendSpec::Nvme { nsid: 2, .. }));
+        let part = "nvme:0000:00:04.0:1@1G+512M"
+            .parse::<BackendSpec>()
+            .unwrap();
+        assert!(matches!(
+            part,
+            BackendSpec::Nvme {
+                nsid: 1,
+                offset: 0x4000_0000,
+                size: Some(0x2000_0000),
+                ..
+            }
+        ));
+        let part = "nvme:0000:00:04.0@64M+64M".parse::<BackendSpec>().unwrap();
+        assert!(matches!(
+            part,
+            BackendSpec::Nvme {
+                nsid: 1,
+                offset: 0x400_0000,
+                size: Some(0x400_0000),
+                ..
+            }
+        ));
         for spec in [
             "mem:/dev/shm/d0:64M",
             "file:/tmp/d:1G",
@@ -236,6 +296,8 @@ mod tests {
             "nvme:zz",
             "nvme:0000:00:04.0:0",
             "nvme:0000:00:04.0:x",
+            "nvme:0000:00:04.0@1G",
+            "nvme:0000:00:04.0:1@x+1G",
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad:?} refused");
         }

@@ -476,7 +476,8 @@ pub struct RetriedRun {
 }
 
 /// Runs a guest, starting it again (up to `max_tries` in all) only when its boot stalled or
-/// its kernel wedged ([`Ending::Wedged`]). A guest that failed or timed out is never retried.
+/// died before the test script began, or its kernel wedged ([`Ending::Wedged`]). A guest whose
+/// test ran and failed or timed out is never retried.
 pub fn run_retrying_stalls(
     spec: &VmSpec,
     limits: Limits,
@@ -492,6 +493,9 @@ pub fn run_retrying_stalls(
         let retry = match &run.ending {
             Ending::BootStalled => Some("boot stalled"),
             Ending::Wedged(_) => Some("guest kernel wedged"),
+            // The guest died before its test script began (a kernel panic at boot under
+            // nested virtualisation): nothing of the test ran, so a new boot is safe.
+            Ending::QemuExited(_) if run.boot_time.is_none() => Some("guest died while booting"),
             _ => None,
         };
         if let (Some(why), true) = (retry, tries < max_tries) {
@@ -689,5 +693,18 @@ mod runner_tests {
             Ending::QemuExited(msg) => assert!(msg.contains("could not open disk"), "{msg}"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_guest_dying_before_its_test_is_retried_and_one_dying_after_is_not() {
+        let dir = temp_dir("died");
+        let before = fake_qemu(&dir, "before", "echo 'Kernel panic - not syncing'\nexit 0");
+        let retried =
+            run_retrying_stalls(&before, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 2);
+        let after = fake_qemu(&dir, "after", "echo '@@VFBLK-BOOTED 1.0'\nexit 0");
+        let retried = run_retrying_stalls(&after, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 1, "the test had begun: its failure stands");
+        assert!(matches!(retried.run.ending, Ending::QemuExited(_)));
     }
 }

@@ -13,7 +13,9 @@ mod nvme;
 pub use delay::DelayBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
-pub use nvme::{IovaWindow, NvmeBackend, NvmeControllers, NvmeOptions, SharedController};
+pub use nvme::{
+    IovaWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions, SharedController,
+};
 
 use crate::request::Request;
 use crate::Result;

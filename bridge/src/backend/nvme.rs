@@ -220,15 +220,30 @@ pub struct NvmeBackend {
     ns: Namespace,
     info: BackendInfo,
     window: IovaWindow,
+    /// First block of the namespace this backend serves (a part of a namespace for one VM).
+    first_block: u64,
     mappings: Mutex<Vec<ExternalMapping>>,
     options: NvmeOptions,
 }
 
+/// A byte range of a namespace: `offset` and `size` (None: to the end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamespaceRange {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes; None: the rest of the namespace.
+    pub size: Option<u64>,
+}
+
 impl NvmeBackend {
-    /// Serves namespace `nsid` of a controller, in a window of its IOVA space.
-    pub fn new(shared: &SharedController, nsid: u32, options: NvmeOptions) -> Result<Self> {
+    /// Serves `range` of namespace `nsid` of a controller, in a window of its IOVA space.
+    pub fn new(
+        shared: &SharedController,
+        nsid: u32,
+        range: NamespaceRange,
+        options: NvmeOptions,
+    ) -> Result<Self> {
         let ctrl = shared.controller().clone();
-        let window = shared.window()?;
         let ns = ctrl
             .namespace(nsid)
             .map_err(|source| Error::Nvme {
@@ -236,18 +251,38 @@ impl NvmeBackend {
                 source,
             })?
             .clone();
+        let total = ns.info.size_bytes();
+        let block = u64::from(ns.info.block_size());
+        let size = range.size.unwrap_or(total.saturating_sub(range.offset));
+        let end = range.offset.checked_add(size);
+        if range.offset % block != 0
+            || size % block != 0
+            || size == 0
+            || end.is_none_or(|e| e > total)
+        {
+            return Err(Error::BadArgument(format!(
+                "namespace {nsid}: bytes {}+{size} are not a non-empty run of whole {block}-byte blocks inside its {total} bytes",
+                range.offset
+            )));
+        }
+        let window = shared.window()?;
         let id = ctrl.identify();
+        let part = if size == total {
+            String::new()
+        } else {
+            format!(" bytes {}..{} of", range.offset, range.offset + size)
+        };
         let info = BackendInfo {
             description: format!(
-                "nvme:{} namespace {} ({} MiB, {}-byte blocks, {}, max transfer {} KiB)",
+                "nvme:{}{part} namespace {} ({} MiB, {}-byte blocks, {}, max transfer {} KiB)",
                 ctrl.name(),
                 nsid,
-                ns.info.size_bytes() >> 20,
+                size >> 20,
                 ns.info.block_size(),
                 id.model,
                 ctrl.max_transfer() >> 10
             ),
-            capacity_sectors: ns.info.size_bytes() / SECTOR,
+            capacity_sectors: size / SECTOR,
             block_size: ns.info.block_size(),
             physical_block_size: ns.info.block_size(),
             // Requests up to MDTS go out as one command.
@@ -261,6 +296,7 @@ impl NvmeBackend {
             ns,
             info,
             window,
+            first_block: range.offset / block,
             mappings: Mutex::new(Vec::new()),
             options,
         })
@@ -295,6 +331,7 @@ impl Backend for NvmeBackend {
             qp,
             ctrl: self.ctrl.clone(),
             iova_base: self.window.base(),
+            first_block: self.first_block,
             nsid: self.ns.nsid,
             shift: self.ns.info.lba_shift,
             max_transfer: self.ctrl.max_transfer() as u64,
@@ -467,6 +504,9 @@ struct NvmeQueue {
     ctrl: Controller,
     /// Added to every guest-physical address: the backend's IOVA window.
     iova_base: u64,
+    /// Added to every block: where the backend's part of the namespace starts (the request
+    /// parser keeps sectors below the part's capacity).
+    first_block: u64,
     nsid: u32,
     shift: u8,
     max_transfer: u64,
@@ -822,7 +862,7 @@ impl BackendQueue for NvmeQueue {
                         .extend(r.data[..r.data_count].iter().map(|s| s.host));
                     b.seg = 0;
                     b.offset = 0;
-                    b.lba = start >> self.shift;
+                    b.lba = self.first_block + (start >> self.shift);
                     b.token = token;
                     b.active = true;
                 }
@@ -835,7 +875,9 @@ impl BackendQueue for NvmeQueue {
                 rec.kind = Kind::Deallocate;
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
                     match sectors_to_blocks(sector, count, self.shift) {
-                        Some((lba, blocks)) => rec.ranges[i] = (lba, blocks as u32),
+                        Some((lba, blocks)) => {
+                            rec.ranges[i] = (self.first_block + lba, blocks as u32)
+                        }
                         None => {
                             self.fail(token);
                             rec.nranges = 0;
@@ -854,7 +896,7 @@ impl BackendQueue for NvmeQueue {
                 let mut bad = false;
                 for &(sector, count) in r.ranges[..r.range_count].iter().rev() {
                     match sectors_to_blocks(sector, count, self.shift) {
-                        Some(range) => b.zeroes.push(range),
+                        Some((lba, blocks)) => b.zeroes.push((self.first_block + lba, blocks)),
                         None => bad = true,
                     }
                 }

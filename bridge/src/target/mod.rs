@@ -244,7 +244,13 @@ impl Target {
         let mut made = Vec::new();
         for nsid in nsids {
             let backend = format!("{name}n{nsid}");
-            match self.create_backend(&backend, BackendSpec::Nvme { address, nsid }) {
+            let whole = BackendSpec::Nvme {
+                address,
+                nsid,
+                offset: 0,
+                size: None,
+            };
+            match self.create_backend(&backend, whole) {
                 Ok(()) => {
                     if let Some(b) = self.backends.get_mut(&backend) {
                         b.attachment = Some(name.to_string());
@@ -649,12 +655,20 @@ fn same_target(a: &BackendSpec, b: &BackendSpec) -> bool {
             BackendSpec::Nvme {
                 address: x,
                 nsid: m,
+                offset: o1,
+                size: s1,
             },
             BackendSpec::Nvme {
                 address: y,
                 nsid: n,
+                offset: o2,
+                size: s2,
             },
-        ) => x == y && m == n,
+        ) => {
+            // Parts of one namespace may sit side by side, never overlap.
+            let end = |o: &u64, s: &Option<u64>| s.map_or(u64::MAX, |s| o.saturating_add(s));
+            x == y && m == n && o1 < &end(o2, s2) && o2 < &end(o1, s1)
+        }
         _ => false,
     }
 }
@@ -664,7 +678,16 @@ fn describe(spec: &BackendSpec) -> String {
         BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => {
             path.display().to_string()
         }
-        BackendSpec::Nvme { address, nsid } => format!("namespace {nsid} of {address}"),
+        BackendSpec::Nvme {
+            address,
+            nsid,
+            offset,
+            size,
+        } => match size {
+            Some(size) => format!("bytes {offset}+{size} of namespace {nsid} of {address}"),
+            None if *offset > 0 => format!("bytes {offset}.. of namespace {nsid} of {address}"),
+            None => format!("namespace {nsid} of {address}"),
+        },
     }
 }
 
@@ -795,4 +818,28 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_of_a_namespace_sit_side_by_side_and_never_overlap() {
+        let part = |nsid, offset, size| BackendSpec::Nvme {
+            address: "0000:00:04.0".parse().unwrap(),
+            nsid,
+            offset,
+            size,
+        };
+        const G: u64 = 1 << 30;
+        assert!(!same_target(&part(1, 0, Some(G)), &part(1, G, Some(G))));
+        assert!(same_target(
+            &part(1, 0, Some(G)),
+            &part(1, G - 512, Some(G))
+        ));
+        assert!(same_target(&part(1, G, None), &part(1, 5 * G, Some(512))));
+        assert!(same_target(&part(1, 0, None), &part(1, 0, None)));
+        assert!(!same_target(&part(1, 0, None), &part(2, 0, None)));
+    }
 }
