@@ -131,7 +131,7 @@ impl Lab {
     }
 
     /// Boots the first-level guest with `script` (an NVMe image of `nvme_mib` MiB attached),
-    /// retrying a stalled boot once, within `total`.
+    /// retrying a run the emulator broke ([`L2_TRIES`] in all), each within `total`.
     pub fn run_l2(
         &self,
         script: &str,
@@ -167,7 +167,7 @@ impl Lab {
             boot: Duration::from_secs(90),
             total,
         };
-        vm::run_retrying_stalls(&spec, limits, 2, &self.dir.join("console.log"), echo)
+        vm::run_retrying_stalls(&spec, limits, L2_TRIES, &self.dir.join("console.log"), echo)
     }
 
     /// A raw disk image of `size_mib` MiB in this run's directory.
@@ -344,6 +344,10 @@ pub const L3_LIMITS: Limits = Limits {
     boot: Duration::from_secs(120),
     total: Duration::from_secs(240),
 };
+
+/// Tries of a first-level run (each retry only after a stalled boot, a death before the test
+/// script began, or a wedged or panicked guest kernel).
+pub const L2_TRIES: u32 = 3;
 
 /// Tries per second-level boot.
 pub const L3_TRIES: u32 = 3;

@@ -221,9 +221,10 @@ pub enum Ending {
     BootStalled,
     /// The guest booted but did not finish in time.
     TimedOut,
-    /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`] (the line is
-    /// kept): under nested virtualisation inside TCG this is the emulator wedging the guest,
-    /// not the code under test, so the run is stopped early and is safe to retry.
+    /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`], or panicked
+    /// (the line is kept): under nested virtualisation inside TCG this is the emulator
+    /// breaking the guest's kernel (the code under test runs in user space), so the run is
+    /// stopped early and is safe to retry.
     Wedged(String),
     /// QEMU exited before the test script finished.
     QemuExited(String),
@@ -243,6 +244,14 @@ fn soft_lockup(line: &str) -> Option<Duration> {
     let (_, rest) = rest.split_once(" stuck for ")?;
     let (secs, _) = rest.split_once("s!")?;
     secs.parse().ok().map(Duration::from_secs)
+}
+
+/// Whether a console line is this guest's own kernel panicking (`[  29.82] Kernel panic -
+/// not syncing: ...`); a nested guest's lines come through with a prefix.
+fn own_kernel_panic(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .is_some_and(|(_, msg)| msg.starts_with("Kernel panic - not syncing"))
 }
 
 /// What one run produced.
@@ -398,6 +407,11 @@ pub fn run_watching(
                 if echo == Echo::All {
                     // Defang markers so a guest of a guest cannot speak for the guest.
                     tracing::info!("[{}] {}", spec.name, line.replace(MARK, "@@(nested)"));
+                }
+                if own_kernel_panic(&line) {
+                    tracing::warn!("{}: guest kernel panicked: {line}", spec.name);
+                    out.ending = Ending::Wedged(line);
+                    break;
                 }
                 if let Some(stuck) = soft_lockup(&line) {
                     if stuck >= WEDGED_AFTER {
@@ -660,6 +674,12 @@ mod runner_tests {
             soft_lockup("[    1.0] rcu: INFO: rcu_preempt self-detected stall"),
             None
         );
+        assert!(own_kernel_panic(
+            "[   29.821377] Kernel panic - not syncing: Fatal exception in interrupt"
+        ));
+        assert!(!own_kernel_panic(
+            " INFO [L3] [   16.3] Kernel panic - not syncing: Fatal exception"
+        ));
     }
 
     #[test]
