@@ -8,7 +8,8 @@ use std::sync::Arc;
 use vfblk_nvme::pci::PciAddress;
 
 use crate::backend::{
-    Backend, FileBackend, MemBackend, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
+    Backend, FileBackend, MemBackend, NamespaceRange, NullBackend, NvmeBackend, NvmeControllers,
+    NvmeOptions,
 };
 use crate::{Error, Result};
 
@@ -46,6 +47,11 @@ pub enum BackendSpec {
         /// Create or grow the file to this many bytes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
+    },
+    /// A disk that stores nothing (benchmarks of the path itself).
+    Null {
+        /// Bytes.
+        size: u64,
     },
     /// A namespace of an NVMe controller bound to vfio-pci.
     Nvme {
@@ -93,7 +99,7 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], nvme:PCI_ADDR[:NSID][@OFFSET+SIZE])"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE])"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
@@ -129,6 +135,11 @@ impl FromStr for BackendSpec {
                 size,
             });
         }
+        if let Some(size) = spec.strip_prefix("null:") {
+            return Ok(BackendSpec::Null {
+                size: parse_size(size)?,
+            });
+        }
         let parts: Vec<&str> = spec.splitn(3, ':').collect();
         match parts.as_slice() {
             ["mem", path, size] if !path.is_empty() => Ok(BackendSpec::Mem {
@@ -161,6 +172,7 @@ impl BackendSpec {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
             BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
+            BackendSpec::Null { size } => Arc::new(NullBackend::new(*size)?),
             BackendSpec::Nvme {
                 address,
                 nsid,
@@ -233,6 +245,10 @@ mod tests {
                 offset: 0,
                 size: None
             }
+        );
+        assert_eq!(
+            "null:1G".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Null { size: 1 << 30 }
         );
         let ns2 = "nvme:0000:00:04.0:2".parse::<BackendSpec>().unwrap();
         assert!(matches!(ns2, BackendSpec::Nvme { nsid: 2, .. }));

@@ -9,6 +9,11 @@ use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
 use crate::{Error, Result};
 
+const NULL_OURS: &str = "vfblk-bridge (null backend, polled)";
+const NULL_QSD: &str = "qemu-storage-daemon (null-co)";
+const FILE_OURS: &str = "vfblk-bridge (file backend, io_uring, polled)";
+const FILE_QSD: &str = "qemu-storage-daemon (file, aio=io_uring)";
+
 /// One measured backend.
 #[derive(Debug, Clone)]
 pub struct BenchRow {
@@ -101,11 +106,30 @@ pub fn run(
         s("--export"),
         format!("type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1", socket.display()),
     ];
+    let ours_null = vec![
+        bin_dir.join("vfblk-bridge").display().to_string(),
+        s("--socket"),
+        socket.display().to_string(),
+        s("--backend"),
+        format!("null:{size_mib}M"),
+        s("--poll"),
+    ];
+    let qsd_null = vec![
+        s("qemu-storage-daemon"),
+        s("--blockdev"),
+        format!("driver=null-co,node-name=d0,size={}", size_mib << 20),
+        s("--export"),
+        format!("type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1", socket.display()),
+    ];
     let mut rows = Vec::new();
+    // Like with like: the null backends (no data moved), then a file on /dev/shm through
+    // io_uring; the RAM disk last (qemu-storage-daemon has no RAM disk to set beside it).
     for (name, cmd) in [
+        (NULL_OURS, ours_null),
+        (NULL_QSD, qsd_null),
+        (FILE_OURS, ours_file),
+        (FILE_QSD, qsd),
         ("vfblk-bridge (mem backend, polled)", ours),
-        ("qemu-storage-daemon (file, aio=io_uring)", qsd),
-        ("vfblk-bridge (file backend, io_uring, polled)", ours_file),
     ] {
         tracing::info!("bench: {name}");
         let report = measure(bin_dir, &socket, &cmd, loadgen)?;
@@ -182,17 +206,20 @@ pub fn bench(o: &VhostBenchOptions) -> Result<()> {
             f("lat_p999_us")
         );
     }
-    if let [ours, qsd, ours_file] = rows.as_slice() {
-        let iops = |r: &BenchRow| r.report["iops"].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "  ratio mem backend / qemu-storage-daemon: {:.2}x",
-            iops(ours) / iops(qsd)
-        );
-        println!(
-            "  ratio file backend / qemu-storage-daemon: {:.2}x",
-            iops(ours_file) / iops(qsd)
-        );
-    }
+    let iops = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.report["iops"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "  null backend / qemu-storage-daemon null-co: {:.2}x",
+        iops(NULL_OURS) / iops(NULL_QSD)
+    );
+    println!(
+        "  file backend / qemu-storage-daemon file (both io_uring on /dev/shm): {:.2}x",
+        iops(FILE_OURS) / iops(FILE_QSD)
+    );
     println!("  load generator: {loadgen_cmd}");
     for r in &rows {
         println!("  backend: {}", r.backend_command);

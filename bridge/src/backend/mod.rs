@@ -7,12 +7,14 @@
 mod delay;
 mod file;
 mod mem;
+mod null;
 mod nvme;
 
 #[cfg(any(test, feature = "test-delay"))]
 pub use delay::DelayBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
+pub use null::NullBackend;
 pub use nvme::{
     IovaWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions, SharedController,
 };

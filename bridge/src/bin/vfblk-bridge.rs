@@ -25,6 +25,7 @@ backends (SPEC):
   mem:PATH:SIZE         RAM disk in a shared-memory file (e.g. /dev/shm/disk0), SIZE in bytes
                         or with K/M/G; its data outlive the process
   file:PATH[:SIZE]      a file (created/grown to SIZE) or a block device, through io_uring
+  null:SIZE             stores nothing: every request succeeds at once (benchmarks only)
   nvme:PCI_ADDR[:NSID]  an NVMe controller bound to vfio-pci, through our userspace driver;
                         guest RAM is mapped for DMA at IOVA = guest-physical address
 

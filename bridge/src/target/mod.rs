@@ -678,6 +678,7 @@ fn describe(spec: &BackendSpec) -> String {
         BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => {
             path.display().to_string()
         }
+        BackendSpec::Null { size } => format!("null disk of {size} bytes"),
         BackendSpec::Nvme {
             address,
             nsid,
