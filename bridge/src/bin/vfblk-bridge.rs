@@ -176,6 +176,13 @@ fn run(
         }
     }
     if let Some(path) = &config {
+        // Its directory must exist for the first change to be saved (e.g. /etc/vfblk).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| vfblk_bridge::Error::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
         let loaded = TargetConfig::load(path)?;
         tracing::info!(
             "{}: {} backend(s), {} controller(s)",
