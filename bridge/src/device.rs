@@ -178,7 +178,7 @@ impl Device for BlkDevice {
     }
 
     fn open_queue(&self, setup: &QueueSetup) -> vfblk_vhost::Result<Box<dyn QueueHandler>> {
-        let backend = self.backend.open_queue()?;
+        let backend = self.backend.open_queue(setup.poller)?;
         let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
         queue.stats = Some(self.stats.clone());
         queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
@@ -461,8 +461,9 @@ mod tests {
                 size: 256,
                 features: device.features(),
                 errors: errors.clone(),
+                poller: 0,
             };
-            let backend_queue = device.backend().open_queue().unwrap();
+            let backend_queue = device.backend().open_queue(0).unwrap();
             Self {
                 guest: MockGuest::new(4 << 20, 256),
                 queue: BlkQueue::new(backend_queue, device.limits(), device.serial, &setup),
@@ -658,9 +659,9 @@ mod tests {
         fn info(&self) -> &crate::backend::BackendInfo {
             self.inner.info()
         }
-        fn open_queue(&self) -> crate::Result<Box<dyn crate::backend::BackendQueue>> {
+        fn open_queue(&self, poller: u64) -> crate::Result<Box<dyn crate::backend::BackendQueue>> {
             Ok(Box::new(RecordingQueue {
-                inner: self.inner.open_queue()?,
+                inner: self.inner.open_queue(poller)?,
                 last_durable: self.last_durable.clone(),
             }))
         }
@@ -704,6 +705,7 @@ mod tests {
                 size: 256,
                 features,
                 errors: Arc::new(GuestErrors::new("wce")),
+                poller: 0,
             };
             let mut q = device.open_queue(&setup).unwrap();
             let mut guest = MockGuest::new(1 << 20, 256);

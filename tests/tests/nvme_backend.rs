@@ -239,6 +239,7 @@ a=$!
 wait $a; ra=$?
 cat /tmp/l3a.out /tmp/l3b.out 2>/dev/null
 [ -f /tmp/lga.json ] && record "{\"loadgen_first\": $(cat /tmp/lga.json)}"
+record "{\"queue_pairs\": $(grep -c 'I/O queue pair' /tmp/bridge.log)}"
 grep "mapped at IOVA" /tmp/bridge.log | sed 's/.*namespace/namespace/' > /tmp/maps
 record "{\"maps\": \"$(tr '\n' ';' < /tmp/maps | tr -d '\"')\"}"
 vfblk-rpc -s /tmp/rpc.sock --json stats > /tmp/stats.json
@@ -363,6 +364,10 @@ fn shared_controller(frontends: Frontends) {
             assert_eq!(lo, base + gpa, "{maps:?}");
             assert!(lo >= base && hi <= base + WINDOW, "{maps:?}");
         }
+    }
+    // Both namespaces' queues ran on the target's one poller, through one queue pair.
+    if frontends == Frontends::TwoLoadgens {
+        assert_eq!(run.record("queue_pairs"), Some(&serde_json::json!(1)));
     }
     let stats = run.record("stats").expect("stats");
     for c in stats["controllers"].as_array().unwrap() {

@@ -204,11 +204,13 @@ impl Connection {
                 (None, Vec::new())
             }
         };
+        let worker = self.least_loaded_worker();
         let setup = QueueSetup {
             index,
             size: v.size,
             features,
             errors: self.config.errors.clone(),
+            poller: worker.id(),
         };
         let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
         if !resubmit.is_empty() {
@@ -228,7 +230,6 @@ impl Connection {
             resubmit,
         };
         let size = v.size;
-        let worker = self.least_loaded_worker();
         worker.start(start);
         tracing::info!(
             queue = index,

@@ -98,6 +98,8 @@ pub struct PollMode {
 
 /// A poller thread, shared by the queues of any number of connections.
 pub struct Worker {
+    /// Unique in the process.
+    id: u64,
     name: String,
     mailbox: Arc<Mailbox>,
     /// Queues handed to it and not yet stopped (for least-loaded placement).
@@ -210,12 +212,19 @@ impl Worker {
                 what: format!("spawning poller thread {name}"),
                 source,
             })?;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
             mailbox,
             load: AtomicUsize::new(0),
             thread: Some(thread),
         })
+    }
+
+    /// Unique in the process: what devices key per-poller resources by.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The thread's name.

@@ -34,9 +34,9 @@ impl Backend for DelayBackend {
         &self.info
     }
 
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>> {
         Ok(Box::new(DelayQueue {
-            inner: self.inner.open_queue()?,
+            inner: self.inner.open_queue(poller)?,
             delay: self.delay,
             held: Vec::with_capacity(4096),
             // Different orders in different runs; never zero (xorshift would stay at zero).

@@ -135,7 +135,7 @@ impl Backend for FileBackend {
         &self.info
     }
 
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
         let entries = DEPTH as u32 * 2;
         let ring = IoUring::new(entries).map_err(|source| Error::Io {
             what: format!("io_uring_setup with {entries} entries"),

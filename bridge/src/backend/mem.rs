@@ -68,7 +68,7 @@ impl Backend for MemBackend {
         &self.info
     }
 
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
         Ok(Box::new(MemQueue {
             map: self.map.clone(),
             done: VecDeque::with_capacity(QUEUE_DEPTH),

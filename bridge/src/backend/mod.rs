@@ -48,8 +48,9 @@ pub struct BackendInfo {
 pub trait Backend: Send + Sync {
     /// What it offers.
     fn info(&self) -> &BackendInfo;
-    /// A queue for one virtqueue, used by one poller thread.
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>>;
+    /// A queue for one virtqueue, used by poller `poller` (a [`vfblk_vhost::worker::Worker`]
+    /// id) only: a backend may share resources between the queues of one poller.
+    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>>;
 
     /// The guest's memory table changed (`None`: the frontend went away). A backend that
     /// DMAs into guest memory maps it here; called while no queue is running.

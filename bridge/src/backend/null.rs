@@ -47,7 +47,7 @@ impl Backend for NullBackend {
         &self.info
     }
 
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
         Ok(Box::new(NullQueue {
             done: VecDeque::with_capacity(QUEUE_DEPTH),
         }))

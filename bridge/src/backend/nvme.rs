@@ -101,6 +101,48 @@ impl Drop for IovaWindow {
     }
 }
 
+/// The engines (queue pairs) of one controller, by poller.
+type Engines = Arc<Mutex<BTreeMap<u64, std::sync::Weak<Mutex<NvmeEngine>>>>>;
+
+impl NvmeEngine {
+    /// An engine with a new queue pair and no client yet.
+    fn new(ctrl: &Controller, options: &NvmeOptions) -> Result<Self> {
+        let mut qp = ctrl
+            .create_io_queue_pair(ENTRIES)
+            .map_err(|source| Error::Nvme {
+                what: "creating an I/O queue pair".into(),
+                source,
+            })?;
+        if let Some(n) = options.lose_completion_after {
+            qp.inject_lost_completion(n);
+        }
+        let tick_ms = TICK.as_millis().max(1) as u64;
+        Ok(Self {
+            records: vec![Record::default(); qp.capacity() + 1].into_boxed_slice(),
+            qp,
+            ctrl: ctrl.clone(),
+            max_transfer: ctrl.max_transfer() as u64,
+            clients: Vec::new(),
+            next_generation: 1,
+            parts: Vec::new(),
+            in_flight: Vec::new(),
+            reaped: Vec::new(),
+            backlog: Backlog {
+                segs: Vec::with_capacity(MAX_SEGMENTS),
+                hosts: Vec::with_capacity(MAX_SEGMENTS),
+                zeroes: Vec::with_capacity(MAX_DISCARD_SEGMENTS),
+                ..Backlog::default()
+            },
+            scratch: Box::default(),
+            pieces: Vec::with_capacity(MAX_SEGMENTS),
+            bounces: Vec::new(),
+            timeout_ticks: (options.command_timeout.as_millis() as u64 / tick_ms).max(1) as u32,
+            last_tick: Instant::now(),
+            loops: 0,
+        })
+    }
+}
+
 /// A controller's IOVA windows and which are taken.
 #[derive(Default)]
 pub struct Windows {
@@ -129,10 +171,12 @@ impl Windows {
     }
 }
 
-/// An opened controller and the IOVA windows its backends hold.
+/// An opened controller, the IOVA windows its backends hold, and its queue pairs: one per
+/// poller, shared by every virtqueue of its backends that the poller runs.
 pub struct SharedController {
     ctrl: Controller,
     windows: Windows,
+    engines: Engines,
 }
 
 impl SharedController {
@@ -141,6 +185,7 @@ impl SharedController {
         Self {
             ctrl,
             windows: Windows::default(),
+            engines: Engines::default(),
         }
     }
 
@@ -222,6 +267,8 @@ pub struct NvmeBackend {
     window: IovaWindow,
     /// First block of the namespace this backend serves (a part of a namespace for one VM).
     first_block: u64,
+    /// The controller's queue pairs by poller (shared with its other backends).
+    engines: Engines,
     mappings: Mutex<Vec<ExternalMapping>>,
     options: NvmeOptions,
 }
@@ -297,6 +344,7 @@ impl NvmeBackend {
             info,
             window,
             first_block: range.offset / block,
+            engines: shared.engines.clone(),
             mappings: Mutex::new(Vec::new()),
             options,
         })
@@ -313,45 +361,38 @@ impl Backend for NvmeBackend {
         &self.info
     }
 
-    fn open_queue(&self) -> Result<Box<dyn BackendQueue>> {
-        let qp = self
-            .ctrl
-            .create_io_queue_pair(ENTRIES)
-            .map_err(|source| Error::Nvme {
-                what: "creating an I/O queue pair".into(),
-                source,
-            })?;
-        let mut qp = qp;
-        if let Some(n) = self.options.lose_completion_after {
-            qp.inject_lost_completion(n);
-        }
-        let tick_ms = TICK.as_millis().max(1) as u64;
-        Ok(Box::new(NvmeQueue {
-            records: vec![Record::default(); qp.capacity() + 1].into_boxed_slice(),
-            qp,
-            ctrl: self.ctrl.clone(),
-            iova_base: self.window.base(),
-            first_block: self.first_block,
-            nsid: self.ns.nsid,
-            shift: self.ns.info.lba_shift,
-            max_transfer: self.ctrl.max_transfer() as u64,
-            parts: vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice(),
-            in_flight: 0,
-            reaped: Vec::with_capacity(usize::from(ENTRIES)),
-            backlog: Backlog {
-                segs: Vec::with_capacity(MAX_SEGMENTS),
-                hosts: Vec::with_capacity(MAX_SEGMENTS),
-                zeroes: Vec::with_capacity(MAX_DISCARD_SEGMENTS),
-                ..Backlog::default()
-            },
-            scratch: Box::default(),
-            pieces: Vec::with_capacity(MAX_SEGMENTS),
-            bounces: Vec::new(),
-            timeout_ticks: (self.options.command_timeout.as_millis() as u64 / tick_ms).max(1)
-                as u32,
-            last_tick: Instant::now(),
-            loops: 0,
-        }))
+    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>> {
+        let mut engines = self
+            .engines
+            .lock()
+            .map_err(|_| Error::Poisoned("NVMe engines"))?;
+        engines.retain(|_, e| e.strong_count() > 0);
+        let engine = match engines.get(&poller).and_then(std::sync::Weak::upgrade) {
+            Some(engine) => engine,
+            None => {
+                let engine = NvmeEngine::new(&self.ctrl, &self.options)?;
+                tracing::info!(
+                    "{}: I/O queue pair {} for poller {poller}, shared by its queues on this controller",
+                    self.ctrl.name(),
+                    engine.qp.qid()
+                );
+                let engine = Arc::new(Mutex::new(engine));
+                engines.insert(poller, Arc::downgrade(&engine));
+                engine
+            }
+        };
+        drop(engines);
+        let slot = engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_client(ClientCfg {
+                nsid: self.ns.nsid,
+                shift: self.ns.info.lba_shift,
+                first_block: self.first_block,
+                iova_base: self.window.base(),
+                generation: 0,
+            });
+        Ok(Box::new(NvmeClient { engine, slot }))
     }
 
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> Result<()> {
@@ -410,7 +451,8 @@ struct Part {
 #[derive(Clone, Copy)]
 struct Record {
     kind: Kind,
-    token: u16,
+    /// The request's key: its client (virtqueue) in the high half, its head in the low.
+    token: u32,
     lba: u64,
     blocks: u32,
     segs: [Segment; MAX_SEGMENTS],
@@ -485,7 +527,8 @@ impl Default for Record {
 #[derive(Default)]
 struct Backlog {
     active: bool,
-    token: u16,
+    /// Key of the request (client and head).
+    token: u32,
     /// Read, Write, WriteFua or WriteZeroes.
     kind: Kind,
     /// Read/write: the request's buffers (device and host addresses) and where sending
@@ -499,23 +542,38 @@ struct Backlog {
     zeroes: Vec<(u64, u64)>,
 }
 
-struct NvmeQueue {
-    qp: QueuePair,
-    ctrl: Controller,
-    /// Added to every guest-physical address: the backend's IOVA window.
-    iova_base: u64,
+/// What a client (one virtqueue of one backend) sends with: its namespace, its part of it,
+/// its IOVA window.
+#[derive(Clone, Copy)]
+struct ClientCfg {
+    nsid: u32,
+    shift: u8,
     /// Added to every block: where the backend's part of the namespace starts (the request
     /// parser keeps sectors below the part's capacity).
     first_block: u64,
-    nsid: u32,
-    shift: u8,
+    /// Added to every guest-physical address: the backend's IOVA window.
+    iova_base: u64,
+    /// Tells a client's completions from those of an earlier client in the same slot.
+    generation: u32,
+}
+
+/// The NVMe queue pair of one (controller, poller), shared by every virtqueue of every
+/// backend on that controller that the poller runs ("clients"): one poller thread uses it.
+struct NvmeEngine {
+    qp: QueuePair,
+    ctrl: Controller,
     max_transfer: u64,
-    /// Per virtio token (head).
-    parts: Box<[Part]>,
+    /// Per client slot.
+    clients: Vec<Option<ClientCfg>>,
+    next_generation: u32,
+    /// Per client, per virtio head.
+    parts: Vec<Box<[Part]>>,
     /// Per NVMe command id.
     records: Box<[Record]>,
-    in_flight: usize,
-    reaped: Vec<(u16, u8)>,
+    /// Per client: requests taken and not yet reported.
+    in_flight: Vec<usize>,
+    /// Per client: finished requests not yet reported.
+    reaped: Vec<Vec<(u16, u8)>>,
     backlog: Backlog,
     /// A record to build commands in (boxed: 2.7 KB, kept to avoid initialising one per chunk).
     scratch: Box<Record>,
@@ -529,18 +587,70 @@ struct NvmeQueue {
 }
 
 // SAFETY: the host pointers it keeps (for bounce copies) point into guest memory that stays
-// mapped while requests are in flight; one poller thread owns the queue.
-unsafe impl std::marker::Send for NvmeQueue {}
+// mapped while requests are in flight; one poller thread uses the engine (the mutex is only
+// ever contended at a queue's start and stop).
+unsafe impl std::marker::Send for NvmeEngine {}
 
-impl NvmeQueue {
-    fn fail(&mut self, token: u16) {
-        self.parts[usize::from(token)].status = status::IOERR;
+/// Client slot and head of a request key.
+fn split_key(key: u32) -> (usize, usize) {
+    ((key >> 16) as usize, (key & 0xffff) as usize)
+}
+
+impl NvmeEngine {
+    fn part(&mut self, key: u32) -> &mut Part {
+        let (client, head) = split_key(key);
+        &mut self.parts[client][head]
+    }
+
+    fn cfg(&self, key: u32) -> ClientCfg {
+        let (client, _) = split_key(key);
+        self.clients[client].expect("a request of a client that left")
+    }
+
+    fn fail(&mut self, token: u32) {
+        self.part(token).status = status::IOERR;
+    }
+
+    /// A new client: its slot.
+    fn add_client(&mut self, cfg: ClientCfg) -> u16 {
+        let cfg = ClientCfg {
+            generation: self.next_generation,
+            ..cfg
+        };
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let slot = match self.clients.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.clients.push(None);
+                self.parts
+                    .push(vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice());
+                self.in_flight.push(0);
+                self.reaped.push(Vec::with_capacity(usize::from(ENTRIES)));
+                self.clients.len() - 1
+            }
+        };
+        self.clients[slot] = Some(cfg);
+        self.in_flight[slot] = 0;
+        self.reaped[slot].clear();
+        slot as u16
+    }
+
+    /// A client leaves; completions of its commands still out are dropped when they come.
+    fn remove_client(&mut self, slot: u16) {
+        let slot = usize::from(slot);
+        self.clients[slot] = None;
+        self.reaped[slot].clear();
+        if self.backlog.active && split_key(self.backlog.token).0 == slot {
+            self.backlog.active = false;
+        }
     }
 
     /// Sends `rec` (its command id decides where it is kept). False when the queue pair has
     /// no slot (try later) or refused it (the request is failed).
     fn send(&mut self, rec: &Record) -> Send {
-        let (nsid, shift, token) = (self.nsid, self.shift, u64::from(rec.token));
+        let cfg = self.cfg(rec.token);
+        let (nsid, shift) = (cfg.nsid, cfg.shift);
+        let token = u64::from(cfg.generation) << 32 | u64::from(rec.token);
         let segs = &rec.segs[..rec.nsegs];
         let r = match rec.kind {
             Kind::Read => self.qp.read(nsid, rec.lba, rec.blocks, shift, segs, token),
@@ -558,7 +668,7 @@ impl NvmeQueue {
                 if let Some(slot) = self.records.get_mut(usize::from(cid)) {
                     rec.store_into(slot);
                 }
-                self.parts[usize::from(rec.token)].pending += 1;
+                self.part(rec.token).pending += 1;
                 Send::Sent
             }
             Err(SubmitError::QueueFull) => Send::Full,
@@ -656,6 +766,11 @@ impl NvmeQueue {
     }
 
     fn pump_with(&mut self, rec: &mut Record) {
+        let shift = if self.backlog.active {
+            self.cfg(self.backlog.token).shift
+        } else {
+            0
+        };
         while self.backlog.active {
             let token = self.backlog.token;
             rec.token = token;
@@ -718,14 +833,14 @@ impl NvmeQueue {
                     }
                     // A chunk that ends inside a block (a segment split at the transfer
                     // limit) cannot be sent: only odd guest buffers hit this.
-                    if len % (1 << self.shift) != 0 {
+                    if len % (1 << shift) != 0 {
                         b.active = false;
                         self.fail(token);
                         break;
                     }
                     rec.kind = kind;
                     rec.lba = b.lba;
-                    rec.blocks = (len >> self.shift) as u32;
+                    rec.blocks = (len >> shift) as u32;
                     rec.bounce = NO_BOUNCE;
                     let mut sent = self.send(rec);
                     if let Send::NeedsBounce = sent {
@@ -736,7 +851,7 @@ impl NvmeQueue {
                             let b = &mut self.backlog;
                             b.seg = seg;
                             b.offset = offset;
-                            b.lba += len >> self.shift;
+                            b.lba += len >> shift;
                         }
                         Send::Full => return,
                         Send::Refused | Send::NeedsBounce => self.backlog.active = false,
@@ -746,25 +861,28 @@ impl NvmeQueue {
         }
         // Everything sent (or given up): a request with nothing left out is done now.
         let token = self.backlog.token;
-        if !self.backlog.active && self.parts[usize::from(token)].pending == 0 && self.owes(token) {
+        let client_here = self.clients[split_key(token).0].is_some();
+        if client_here && !self.backlog.active && self.part(token).pending == 0 && self.owes(token)
+        {
             self.finish(token);
         }
     }
 
     /// Whether `token`'s completion has not been reported yet.
-    fn owes(&self, token: u16) -> bool {
-        self.parts[usize::from(token)].status != DONE
+    fn owes(&mut self, token: u32) -> bool {
+        self.part(token).status != DONE
     }
 
-    fn finish(&mut self, token: u16) {
-        let p = &mut self.parts[usize::from(token)];
+    fn finish(&mut self, token: u32) {
+        let p = self.part(token);
         let st = if p.status == status::OK || p.status == status::IOERR {
             p.status
         } else {
             status::IOERR
         };
         p.status = DONE;
-        self.reaped.push((token, st));
+        let (client, head) = split_key(token);
+        self.reaped[client].push((head as u16, st));
     }
 
     /// Every TICK: the timeout clock and the controller's fatal status. A lost command or a
@@ -820,25 +938,27 @@ enum Send {
     NeedsBounce,
 }
 
-impl BackendQueue for NvmeQueue {
+impl NvmeEngine {
     fn can_submit(&self) -> bool {
         // A new request needs at least one slot; a backlog takes them all first.
         !self.backlog.active && self.qp.capacity() > self.qp.in_flight()
     }
 
-    fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
-        self.parts[usize::from(token)] = Part {
+    fn submit(&mut self, client: u16, r: &Request, head: u16) -> Result<()> {
+        let token = u32::from(client) << 16 | u32::from(head);
+        let cfg = self.cfg(token);
+        *self.part(token) = Part {
             pending: 0,
             status: status::OK,
         };
-        self.in_flight += 1;
+        self.in_flight[usize::from(client)] += 1;
         let mut rec = Record {
             token,
             ..Record::default()
         };
         match r.op {
             Operation::Read | Operation::Write => {
-                let block = 1u64 << self.shift;
+                let block = 1u64 << cfg.shift;
                 let start = r.sector * SECTOR;
                 if start % block != 0 || r.data_len % block != 0 {
                     self.fail(token);
@@ -854,7 +974,7 @@ impl BackendQueue for NvmeQueue {
                         .extend(r.data[..r.data_count].iter().map(|s| Segment {
                             // Inside the window: the segment was translated through the
                             // memory table, whose regions all fit it (mapping refuses others).
-                            iova: self.iova_base + s.gpa,
+                            iova: cfg.iova_base + s.gpa,
                             len: s.len,
                         }));
                     b.hosts.clear();
@@ -862,7 +982,7 @@ impl BackendQueue for NvmeQueue {
                         .extend(r.data[..r.data_count].iter().map(|s| s.host));
                     b.seg = 0;
                     b.offset = 0;
-                    b.lba = self.first_block + (start >> self.shift);
+                    b.lba = cfg.first_block + (start >> cfg.shift);
                     b.token = token;
                     b.active = true;
                 }
@@ -874,9 +994,9 @@ impl BackendQueue for NvmeQueue {
             Operation::Discard => {
                 rec.kind = Kind::Deallocate;
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
-                    match sectors_to_blocks(sector, count, self.shift) {
+                    match sectors_to_blocks(sector, count, cfg.shift) {
                         Some((lba, blocks)) => {
-                            rec.ranges[i] = (self.first_block + lba, blocks as u32)
+                            rec.ranges[i] = (cfg.first_block + lba, blocks as u32)
                         }
                         None => {
                             self.fail(token);
@@ -895,8 +1015,8 @@ impl BackendQueue for NvmeQueue {
                 b.zeroes.clear();
                 let mut bad = false;
                 for &(sector, count) in r.ranges[..r.range_count].iter().rev() {
-                    match sectors_to_blocks(sector, count, self.shift) {
-                        Some((lba, blocks)) => b.zeroes.push((self.first_block + lba, blocks)),
+                    match sectors_to_blocks(sector, count, cfg.shift) {
+                        Some((lba, blocks)) => b.zeroes.push((cfg.first_block + lba, blocks)),
                         None => bad = true,
                     }
                 }
@@ -911,9 +1031,9 @@ impl BackendQueue for NvmeQueue {
         }
         if self.backlog.active && self.backlog.token == token {
             self.pump();
-        } else if self.parts[usize::from(token)].pending == 0 {
+        } else if self.part(token).pending == 0 {
             // Nothing reached the device (refused before submission): report now.
-            let p = &mut self.parts[usize::from(token)];
+            let p = self.part(token);
             if p.status == status::OK {
                 p.status = status::IOERR;
             }
@@ -928,20 +1048,36 @@ impl BackendQueue for NvmeQueue {
         self.watch();
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+    /// Reaps the queue pair's completions (of every client) and reports `client`'s
+    /// finished requests to `done`.
+    fn poll(&mut self, client: u16, done: &mut dyn FnMut(u16, u8)) -> usize {
         let mut again: Vec<Record> = Vec::new();
         {
-            let (parts, records, reaped, bounces) = (
+            let (parts, records, reaped, bounces, clients) = (
                 &mut self.parts,
                 &self.records,
                 &mut self.reaped,
                 &mut self.bounces,
+                &self.clients,
             );
             self.qp.poll(usize::from(ENTRIES), |c| {
-                let token = c.token as u16;
+                let key = c.token as u32;
+                let (slot, head) = split_key(key);
                 // By reference: a record is 2.7 KB, copied only to send it again.
                 let rec = records.get(usize::from(c.cid));
-                let p = &mut parts[usize::from(token)];
+                let current = clients
+                    .get(slot)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|cfg| u64::from(cfg.generation) == c.token >> 32);
+                if !current {
+                    // Its client left (its queue stopped with it still out): nothing waits.
+                    if let Some(rec) = rec.filter(|r| r.bounce != NO_BOUNCE) {
+                        NvmeEngine::end_bounce(bounces, rec.bounce, false);
+                    }
+                    return;
+                }
+                let p = &mut parts[slot][head];
                 p.pending = p.pending.saturating_sub(1);
                 match rec {
                     // A reset aborted it: send it again (the guest never knows).
@@ -955,13 +1091,13 @@ impl BackendQueue for NvmeQueue {
                     _ => {}
                 }
                 if let Some(rec) = rec.filter(|r| r.bounce != NO_BOUNCE) {
-                    NvmeQueue::end_bounce(bounces, rec.bounce, c.status.is_success());
+                    NvmeEngine::end_bounce(bounces, rec.bounce, c.status.is_success());
                 }
                 if !c.status.is_success() {
                     p.status = status::IOERR;
                 }
                 if p.pending == 0 && p.status != DONE {
-                    reaped.push((token, p.status));
+                    reaped[slot].push((head as u16, p.status));
                     p.status = DONE;
                 }
             });
@@ -972,8 +1108,8 @@ impl BackendQueue for NvmeQueue {
                 _ => {
                     // No slot right after a reset, or refused: the request fails rather than
                     // hangs.
-                    NvmeQueue::end_bounce(&mut self.bounces, rec.bounce, false);
-                    let p = &mut self.parts[usize::from(rec.token)];
+                    NvmeEngine::end_bounce(&mut self.bounces, rec.bounce, false);
+                    let p = self.part(rec.token);
                     p.status = status::IOERR;
                     if p.pending == 0 {
                         self.finish(rec.token);
@@ -983,22 +1119,66 @@ impl BackendQueue for NvmeQueue {
         }
         // A request whose backlog is still being sent is not done even at zero pending.
         let backlog = self.backlog.active.then_some(self.backlog.token);
+        let slot = usize::from(client);
         let mut reported = 0;
-        for (token, st) in self.reaped.drain(..) {
-            if Some(token) == backlog {
+        let mut reaped = std::mem::take(&mut self.reaped[slot]);
+        for (head, st) in reaped.drain(..) {
+            let key = u32::from(client) << 16 | u32::from(head);
+            if Some(key) == backlog {
                 // Not yet: reported when the backlog finishes (pump).
-                self.parts[usize::from(token)].status = st;
+                self.parts[slot][usize::from(head)].status = st;
                 continue;
             }
-            done(token, st);
+            done(head, st);
             reported += 1;
         }
-        self.in_flight -= reported.min(self.in_flight);
+        self.reaped[slot] = reaped;
+        self.in_flight[slot] -= reported.min(self.in_flight[slot]);
         reported
+    }
+}
+
+/// One virtqueue's handle on its poller's engine for the controller.
+struct NvmeClient {
+    engine: Arc<Mutex<NvmeEngine>>,
+    slot: u16,
+}
+
+impl NvmeClient {
+    fn engine(&self) -> std::sync::MutexGuard<'_, NvmeEngine> {
+        // A poisoned engine still holds the queue pair: what is in it is still to finish.
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for NvmeClient {
+    fn drop(&mut self) {
+        let slot = self.slot;
+        self.engine().remove_client(slot);
+    }
+}
+
+impl BackendQueue for NvmeClient {
+    fn can_submit(&self) -> bool {
+        self.engine().can_submit()
+    }
+
+    fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
+        let slot = self.slot;
+        self.engine().submit(slot, request, token)
+    }
+
+    fn flush_submissions(&mut self) {
+        self.engine().flush_submissions();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        let slot = self.slot;
+        self.engine().poll(slot, done)
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.engine().in_flight[usize::from(self.slot)]
     }
 }
 
