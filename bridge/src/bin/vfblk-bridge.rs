@@ -80,7 +80,7 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     nvme_timeout_ms: u64,
     /// NVMe backends: I/O queue pairs asked of the controller (default: --queues with
-    /// --socket, else 16); each virtqueue it serves takes one.
+    /// --socket, else 16); each poller serving it takes one.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     nvme_io_queues: Option<u16>,
     /// NVMe backend: never use SGLs, as on a controller without them (scatter lists PRPs

@@ -33,8 +33,8 @@ pub const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(1);
 /// Most virtqueues a controller offers.
 pub const MAX_QUEUES: u16 = 64;
 
-/// Queue pairs asked of an NVMe controller unless told otherwise (one per virtqueue it
-/// serves at a time).
+/// Queue pairs asked of an NVMe controller unless told otherwise (one per poller serving
+/// it).
 pub const NVME_IO_QUEUES: u16 = 16;
 
 /// Process-wide settings: the pollers and how backends behave.
