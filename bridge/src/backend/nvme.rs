@@ -125,7 +125,6 @@ impl NvmeEngine {
             clients: Vec::new(),
             next_generation: 1,
             parts: Vec::new(),
-            in_flight: Vec::new(),
             reaped: Vec::new(),
             backlog: Backlog {
                 segs: Vec::with_capacity(MAX_SEGMENTS),
@@ -392,7 +391,11 @@ impl Backend for NvmeBackend {
                 iova_base: self.window.base(),
                 generation: 0,
             });
-        Ok(Box::new(NvmeClient { engine, slot }))
+        Ok(Box::new(NvmeClient {
+            engine,
+            slot,
+            in_flight: 0,
+        }))
     }
 
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> Result<()> {
@@ -570,8 +573,6 @@ struct NvmeEngine {
     parts: Vec<Box<[Part]>>,
     /// Per NVMe command id.
     records: Box<[Record]>,
-    /// Per client: requests taken and not yet reported.
-    in_flight: Vec<usize>,
     /// Per client: finished requests not yet reported.
     reaped: Vec<Vec<(u16, u8)>>,
     backlog: Backlog,
@@ -624,13 +625,11 @@ impl NvmeEngine {
                 self.clients.push(None);
                 self.parts
                     .push(vec![Part::default(); usize::from(u16::MAX) + 1].into_boxed_slice());
-                self.in_flight.push(0);
                 self.reaped.push(Vec::with_capacity(usize::from(ENTRIES)));
                 self.clients.len() - 1
             }
         };
         self.clients[slot] = Some(cfg);
-        self.in_flight[slot] = 0;
         self.reaped[slot].clear();
         slot as u16
     }
@@ -951,7 +950,6 @@ impl NvmeEngine {
             pending: 0,
             status: status::OK,
         };
-        self.in_flight[usize::from(client)] += 1;
         let mut rec = Record {
             token,
             ..Record::default()
@@ -1133,7 +1131,6 @@ impl NvmeEngine {
             reported += 1;
         }
         self.reaped[slot] = reaped;
-        self.in_flight[slot] -= reported.min(self.in_flight[slot]);
         reported
     }
 }
@@ -1142,6 +1139,9 @@ impl NvmeEngine {
 struct NvmeClient {
     engine: Arc<Mutex<NvmeEngine>>,
     slot: u16,
+    /// Requests taken and not yet reported: kept here, so that the poller's look at an idle
+    /// queue takes no lock.
+    in_flight: usize,
 }
 
 impl NvmeClient {
@@ -1165,7 +1165,9 @@ impl BackendQueue for NvmeClient {
 
     fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
         let slot = self.slot;
-        self.engine().submit(slot, request, token)
+        self.engine().submit(slot, request, token)?;
+        self.in_flight += 1;
+        Ok(())
     }
 
     fn flush_submissions(&mut self) {
@@ -1174,11 +1176,13 @@ impl BackendQueue for NvmeClient {
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
         let slot = self.slot;
-        self.engine().poll(slot, done)
+        let reported = self.engine().poll(slot, done);
+        self.in_flight -= reported.min(self.in_flight);
+        reported
     }
 
     fn in_flight(&self) -> usize {
-        self.engine().in_flight[usize::from(self.slot)]
+        self.in_flight
     }
 }
 
