@@ -96,8 +96,9 @@ pub struct DeviceStats {
     recovered: AtomicU64,
 }
 
-/// Counters summed over a device's queues.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Counters summed over a device's queues (`stats` shows all but the latency buckets, which
+/// the metrics endpoint carries).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct StatsSnapshot {
     /// Reads finished.
     pub reads: u64,
@@ -112,8 +113,10 @@ pub struct StatsSnapshot {
     /// Requests that finished with an error status.
     pub errors: u64,
     /// Requests per latency bucket (not cumulative).
+    #[serde(skip)]
     pub latency: Vec<u64>,
     /// Sum of all latencies, in seconds.
+    #[serde(skip)]
     pub latency_sum_seconds: f64,
     /// Requests in the backend now.
     pub in_flight: u64,

@@ -79,15 +79,15 @@ pub fn render(stats: &TargetStats) -> String {
             vec![
                 format!(
                     "vfblk_controller_requests_total{{controller=\"{n}\",op=\"read\"}} {}",
-                    c.reads
+                    c.io.reads
                 ),
                 format!(
                     "vfblk_controller_requests_total{{controller=\"{n}\",op=\"write\"}} {}",
-                    c.writes
+                    c.io.writes
                 ),
                 format!(
                     "vfblk_controller_requests_total{{controller=\"{n}\",op=\"other\"}} {}",
-                    c.others
+                    c.io.others
                 ),
             ]
         }),
@@ -100,11 +100,11 @@ pub fn render(stats: &TargetStats) -> String {
             vec![
                 format!(
                     "vfblk_controller_bytes_total{{controller=\"{n}\",op=\"read\"}} {}",
-                    c.read_bytes
+                    c.io.read_bytes
                 ),
                 format!(
                     "vfblk_controller_bytes_total{{controller=\"{n}\",op=\"write\"}} {}",
-                    c.written_bytes
+                    c.io.written_bytes
                 ),
             ]
         }),
@@ -116,7 +116,7 @@ pub fn render(stats: &TargetStats) -> String {
         per_controller(&|c, n| {
             vec![format!(
                 "vfblk_controller_errors_total{{controller=\"{n}\"}} {}",
-                c.errors
+                c.io.errors
             )]
         }),
     );
@@ -127,7 +127,7 @@ pub fn render(stats: &TargetStats) -> String {
         per_controller(&|c, n| {
             vec![format!(
                 "vfblk_controller_in_flight_requests{{controller=\"{n}\"}} {}",
-                c.in_flight
+                c.io.in_flight
             )]
         }),
     );
@@ -160,7 +160,7 @@ pub fn render(stats: &TargetStats) -> String {
         per_controller(&|c, n| {
             vec![format!(
                 "vfblk_controller_recovered_requests_total{{controller=\"{n}\"}} {}",
-                c.recovered
+                c.io.recovered
             )]
         }),
     );
@@ -409,6 +409,12 @@ mod tests {
     #[test]
     fn the_text_has_one_help_and_type_per_family_and_cumulative_buckets() {
         let mut io = StatsSnapshot {
+            reads: 2,
+            writes: 1,
+            read_bytes: 8192,
+            written_bytes: 4096,
+            in_flight: 1,
+            recovered: 5,
             latency: vec![0; LATENCY_BUCKETS],
             ..Default::default()
         };
@@ -420,14 +426,6 @@ mod tests {
                 name: "vm\"1".into(),
                 connected: true,
                 connections: 3,
-                reads: 2,
-                writes: 1,
-                others: 0,
-                read_bytes: 8192,
-                written_bytes: 4096,
-                errors: 0,
-                in_flight: 1,
-                recovered: 5,
                 io,
             }],
             pollers: vec![super::super::PollerStats {

@@ -120,24 +120,8 @@ pub struct ControllerStats {
     /// Frontends accepted since the controller was created.
     pub connections: u64,
     /// I/O counters.
-    #[serde(skip)]
+    #[serde(flatten)]
     pub io: StatsSnapshot,
-    /// Reads finished.
-    pub reads: u64,
-    /// Writes finished.
-    pub writes: u64,
-    /// Flushes, discards, write zeroes and other requests finished.
-    pub others: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Bytes written.
-    pub written_bytes: u64,
-    /// Requests answered with an error status.
-    pub errors: u64,
-    /// Requests in the backend now.
-    pub in_flight: u64,
-    /// Requests run again from the inflight region after reconnects and restarts.
-    pub recovered: u64,
 }
 
 /// One poller's load.
@@ -612,14 +596,6 @@ impl Target {
                         name: c.config.name.clone(),
                         connected: s.connected,
                         connections: s.accepted,
-                        reads: io.reads,
-                        writes: io.writes,
-                        others: io.others,
-                        read_bytes: io.read_bytes,
-                        written_bytes: io.written_bytes,
-                        errors: io.errors,
-                        in_flight: io.in_flight,
-                        recovered: io.recovered,
                         io,
                     }
                 })
