@@ -153,9 +153,10 @@ impl Drop for SocketServer {
     }
 }
 
-/// Waits on the socket `fd` and the stop eventfd; `timeout` None waits without end.
-/// Returns (fd readable or hung up, stop requested).
-fn wait(fd: RawFd, stop: &EventFd, timeout: Option<Duration>) -> (bool, bool) {
+/// Waits on `fd` (a socket or listener) and a `stop` eventfd; `timeout` None waits without
+/// end. Returns (fd readable or hung up, stop requested). The wait of every accept loop
+/// that must also end on request.
+pub fn wait_or_stop(fd: RawFd, stop: &EventFd, timeout: Option<Duration>) -> (bool, bool) {
     let mut fds = [
         libc::pollfd {
             fd,
@@ -250,7 +251,7 @@ fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
 
 fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, shared: &Shared) {
     loop {
-        let (readable, stop) = wait(listener.as_raw_fd(), &shared.stop, None);
+        let (readable, stop) = wait_or_stop(listener.as_raw_fd(), &shared.stop, None);
         if stop || shared.stopping.load(Ordering::Acquire) {
             return;
         }
@@ -298,7 +299,7 @@ fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, 
                 }
             }
         };
-        let (readable, stop) = wait(fd, &shared.stop, timeout);
+        let (readable, stop) = wait_or_stop(fd, &shared.stop, timeout);
         if stop || shared.stopping.load(Ordering::Acquire) {
             stopped = true;
             break;

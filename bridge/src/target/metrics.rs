@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vfblk_vhost::server::wait_or_stop;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Target, TargetStats};
@@ -356,24 +357,11 @@ impl MetricsServer {
         let thread = std::thread::Builder::new()
             .name("vfblk-metrics".into())
             .spawn(move || loop {
-                let mut fds = [
-                    libc::pollfd {
-                        fd: listening.fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: s.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: a valid array of two pollfds.
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                let (readable, _) = wait_or_stop(listening.fd(), &s, None);
                 if st.load(Ordering::Acquire) {
                     return;
                 }
-                if fds[0].revents != 0 {
+                if readable {
                     listening.serve_one(&target);
                 }
             })

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use vfblk_vhost::server::wait_or_stop;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BackendConfig, ControllerConfig, Target};
@@ -397,24 +398,11 @@ fn accept_loop(
 ) {
     let clients = Arc::new(AtomicUsize::new(0));
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: a valid array of two pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let (readable, _) = wait_or_stop(listener.as_raw_fd(), stop, None);
         if stopping.load(Ordering::Acquire) {
             return;
         }
-        if fds[0].revents == 0 {
+        if !readable {
             continue;
         }
         let Ok((mut stream, _)) = listener.accept() else {
