@@ -1,12 +1,11 @@
 //! A RAM disk in a named shared-memory file (e.g. under /dev/shm), so its data outlive the
 //! process: what the kill-and-restart tests need.
 
-use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Backend, BackendInfo, BackendQueue};
+use super::{Backend, BackendInfo, BackendQueue, Finished};
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -16,9 +15,6 @@ pub struct MemBackend {
     map: Arc<memmap2::MmapRaw>,
     info: BackendInfo,
 }
-
-/// Completions a queue can hold before it refuses submissions.
-const QUEUE_DEPTH: usize = 1024;
 
 impl MemBackend {
     /// Opens (creating or growing to `size` bytes) the file at `path` and maps it shared.
@@ -49,16 +45,10 @@ impl MemBackend {
             .map_err(io("mmap of"))?;
         Ok(Self {
             map: Arc::new(map),
-            info: BackendInfo {
-                description: format!("mem:{} ({} MiB)", path.display(), size >> 20),
-                capacity_sectors: size / SECTOR,
-                block_size: 512,
-                physical_block_size: 512,
-                optimal_io_size: 0,
-                flush: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            info: BackendInfo::in_memory(
+                format!("mem:{} ({} MiB)", path.display(), size >> 20),
+                size,
+            ),
         })
     }
 }
@@ -71,14 +61,14 @@ impl Backend for MemBackend {
     fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
         Ok(Box::new(MemQueue {
             map: self.map.clone(),
-            done: VecDeque::with_capacity(QUEUE_DEPTH),
+            finished: Finished::new(),
         }))
     }
 }
 
 struct MemQueue {
     map: Arc<memmap2::MmapRaw>,
-    done: VecDeque<(u16, u8)>,
+    finished: Finished,
 }
 
 impl MemQueue {
@@ -123,27 +113,22 @@ impl MemQueue {
 
 impl BackendQueue for MemQueue {
     fn can_submit(&self) -> bool {
-        self.done.len() < QUEUE_DEPTH
+        self.finished.has_room()
     }
 
     fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
-        if !self.can_submit() {
+        if !self.finished.has_room() {
             return Err(Error::QueueFull("mem"));
         }
         let status = self.execute(request);
-        self.done.push_back((token, status));
-        Ok(())
+        self.finished.push("mem", token, status)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        let n = self.done.len();
-        while let Some((token, status)) = self.done.pop_front() {
-            done(token, status);
-        }
-        n
+        self.finished.poll(done)
     }
 
     fn in_flight(&self) -> usize {
-        self.done.len()
+        self.finished.len()
     }
 }

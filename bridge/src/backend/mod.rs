@@ -44,6 +44,62 @@ pub struct BackendInfo {
     pub write_zeroes: bool,
 }
 
+impl BackendInfo {
+    /// A disk kept in memory (or nowhere): 512-byte blocks, flush, discard and write zeroes.
+    pub fn in_memory(description: String, size: u64) -> Self {
+        Self {
+            description,
+            capacity_sectors: size / crate::virtio_blk::SECTOR,
+            block_size: 512,
+            physical_block_size: 512,
+            optimal_io_size: 0,
+            flush: true,
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+}
+
+/// Requests a backend finished when they were submitted, reported at the next poll.
+struct Finished {
+    done: std::collections::VecDeque<(u16, u8)>,
+}
+
+impl Finished {
+    /// Completions held before submissions are refused.
+    const DEPTH: usize = 1024;
+
+    fn new() -> Self {
+        Self {
+            done: std::collections::VecDeque::with_capacity(Self::DEPTH),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.done.len() < Self::DEPTH
+    }
+
+    fn push(&mut self, what: &'static str, token: u16, status: u8) -> Result<()> {
+        if !self.has_room() {
+            return Err(crate::Error::QueueFull(what));
+        }
+        self.done.push_back((token, status));
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        let n = self.done.len();
+        while let Some((token, status)) = self.done.pop_front() {
+            done(token, status);
+        }
+        n
+    }
+
+    fn len(&self) -> usize {
+        self.done.len()
+    }
+}
+
 /// A backend: a source of per-virtqueue queues.
 pub trait Backend: Send + Sync {
     /// What it offers.

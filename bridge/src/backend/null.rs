@@ -3,15 +3,10 @@
 //! itself (rings, parsing, inflight records, completions), which a RAM disk's copy hides;
 //! nothing a guest writes can be read back, so it is for benchmarks only.
 
-use std::collections::VecDeque;
-
-use super::{Backend, BackendInfo, BackendQueue};
+use super::{Backend, BackendInfo, BackendQueue, Finished};
 use crate::request::Request;
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
-
-/// Completions a queue can hold before it refuses submissions.
-const QUEUE_DEPTH: usize = 1024;
 
 /// The `null` backend.
 pub struct NullBackend {
@@ -28,16 +23,10 @@ impl NullBackend {
             });
         }
         Ok(Self {
-            info: BackendInfo {
-                description: format!("null ({} MiB, stores nothing)", size >> 20),
-                capacity_sectors: size / SECTOR,
-                block_size: 512,
-                physical_block_size: 512,
-                optimal_io_size: 0,
-                flush: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            info: BackendInfo::in_memory(
+                format!("null ({} MiB, stores nothing)", size >> 20),
+                size,
+            ),
         })
     }
 }
@@ -49,37 +38,29 @@ impl Backend for NullBackend {
 
     fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
         Ok(Box::new(NullQueue {
-            done: VecDeque::with_capacity(QUEUE_DEPTH),
+            finished: Finished::new(),
         }))
     }
 }
 
 struct NullQueue {
-    done: VecDeque<u16>,
+    finished: Finished,
 }
 
 impl BackendQueue for NullQueue {
     fn can_submit(&self) -> bool {
-        self.done.len() < QUEUE_DEPTH
+        self.finished.has_room()
     }
 
     fn submit(&mut self, _request: &Request, token: u16) -> Result<()> {
-        if !self.can_submit() {
-            return Err(Error::QueueFull("null"));
-        }
-        self.done.push_back(token);
-        Ok(())
+        self.finished.push("null", token, status::OK)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        let n = self.done.len();
-        while let Some(token) = self.done.pop_front() {
-            done(token, status::OK);
-        }
-        n
+        self.finished.poll(done)
     }
 
     fn in_flight(&self) -> usize {
-        self.done.len()
+        self.finished.len()
     }
 }
