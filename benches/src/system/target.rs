@@ -49,16 +49,16 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
     let ticks = |i: usize| {
         fields
             .get(i)
             .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .ok_or_else(|| Error::Run(format!("/proc/{pid}/stat: no CPU time in {stat:?}")))
     };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11) + ticks(12)) / hz)
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 /// RAM-disk data over all controllers of a row.
@@ -318,8 +318,18 @@ pub fn bench(o: &TargetBenchOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn cpu_time_of_this_process_is_read() {
-        let t = super::cpu_seconds(std::process::id()).unwrap();
-        assert!(t >= 0.0);
+    fn cpu_time_of_this_process_is_read_and_grows_with_work() {
+        let before = super::cpu_seconds(std::process::id()).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = super::cpu_seconds(std::process::id()).unwrap();
+        assert!(
+            after - before >= 0.1,
+            "{before} -> {after} after 200 ms of spinning"
+        );
+        assert!(super::cpu_seconds(u32::MAX).is_err(), "no such process");
     }
 }
