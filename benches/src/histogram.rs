@@ -7,6 +7,7 @@ pub struct Histogram {
     buckets: [u64; 64 * 16],
     count: u64,
     sum_ns: u128,
+    max_ns: u64,
 }
 
 impl Default for Histogram {
@@ -15,6 +16,7 @@ impl Default for Histogram {
             buckets: [0; 64 * 16],
             count: 0,
             sum_ns: 0,
+            max_ns: 0,
         }
     }
 }
@@ -44,6 +46,7 @@ impl Histogram {
         self.buckets[Self::index(ns)] += 1;
         self.count += 1;
         self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
     }
 
     /// Adds another histogram.
@@ -53,6 +56,12 @@ impl Histogram {
         }
         self.count += other.count;
         self.sum_ns += other.sum_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+
+    /// The longest latency recorded, exactly (not a bucket bound).
+    pub fn max_ns(&self) -> u64 {
+        self.max_ns
     }
 
     /// Samples recorded.
@@ -101,6 +110,11 @@ mod tests {
             );
         }
         assert!((h.mean_ns() - 50_000.5).abs() < 1.0);
+        assert_eq!(h.max_ns(), 100_000);
+        let mut other = Histogram::default();
+        other.record(123_457);
+        h.merge(&other);
+        assert_eq!(h.max_ns(), 123_457);
         // Every value falls in a bucket whose upper bound is at least the value.
         for ns in [0u64, 15, 16, 17, 31, 32, 1000, 1 << 40, u64::MAX] {
             let i = Histogram::index(ns);

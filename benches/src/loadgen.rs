@@ -75,6 +75,13 @@ pub struct Options {
     /// A polling driver: ask the device for no interrupts (VRING_AVAIL_F_NO_INTERRUPT), as
     /// SPDK's and DPDK's virtio drivers do; not with `interrupts`.
     pub polled: bool,
+    /// Requests per second over all queues (None: as fast as the queue depth allows). A
+    /// paced frontend leaves the machine mostly idle, so its longest request measures how
+    /// long the backend held it, not how long the scheduler did.
+    pub rate: Option<f64>,
+    /// Latencies and completion gaps count only after this long (fio's ramp_time): start-up
+    /// (page faults, other frontends connecting) is not what is measured.
+    pub ramp_time: Duration,
 }
 
 /// What happened.
@@ -141,6 +148,7 @@ impl Report {
             "lat_p50_us": us(0.5),
             "lat_p99_us": us(0.99),
             "lat_p999_us": us(0.999),
+            "lat_max_us": (self.latency.max_ns() as f64 / 100.0).round() / 10.0,
             "verify_errors": self.verify_errors,
             "failed": self.failed,
             "lost": self.lost,
@@ -160,13 +168,14 @@ impl Report {
         let us = |q: f64| self.latency.quantile_ns(q) as f64 / 1000.0;
         let max_pause = self.pauses_ms.iter().cloned().fold(0.0, f64::max);
         let mut out = format!(
-            "{} I/Os in {:.1} s: {:.0} IOPS; latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n",
+            "{} I/Os in {:.1} s: {:.0} IOPS; latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us\n",
             self.ios,
             self.seconds,
             self.iops(),
             us(0.5),
             us(0.99),
-            us(0.999)
+            us(0.999),
+            self.latency.max_ns() as f64 / 1000.0
         );
         out.push_str(&format!(
             "verify errors {}, failed {}, lost {}, not-a-head {}; {} reconnect(s), inflight tracking {}, longest pause {:.1} ms\n",
@@ -228,6 +237,8 @@ pub struct LoadGen {
     report: Report,
     /// The expected contents of a verified read (reused: no allocation per I/O).
     scratch: Vec<u8>,
+    /// Requests issued before this are not in the latency histogram.
+    measure_from: Instant,
 }
 
 fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
@@ -350,6 +361,7 @@ impl LoadGen {
             next_generation: 1,
             report: Report::default(),
             scratch: Vec::new(),
+            measure_from: Instant::now(),
         };
         lg.connect(Instant::now() + lg.opts.reconnect_timeout)?;
         lg.units = lg.capacity_sectors * 512 / u64::from(lg.opts.block_size);
@@ -604,9 +616,12 @@ impl LoadGen {
         // SAFETY: the status byte lies in our mapping and the device has published it.
         let st = unsafe { self.host(control + 16).read_volatile() };
         self.report.ios += 1;
-        self.report
-            .latency
-            .record(issued.elapsed().as_nanos() as u64);
+        if issued >= self.measure_from {
+            self.report
+                .latency
+                .record(issued.elapsed().as_nanos() as u64);
+        }
+
         if st != status::OK {
             self.report.failed += 1;
             self.error(format!(
@@ -654,6 +669,7 @@ impl LoadGen {
     /// Runs the workload; reconnects whenever the backend vanishes.
     pub fn run(mut self) -> Report {
         let started = Instant::now();
+        self.measure_from = started + self.opts.ramp_time;
         let end = started + Duration::from_secs_f64(self.opts.seconds);
         let mut last_completion = Instant::now();
         // Gaps count from the first completion on: start-up is not a stall.
@@ -665,6 +681,20 @@ impl LoadGen {
         // reconnect is QEMU's business and does not wake it, so it does not look at the
         // rings until then.
         let mut asleep = false;
+        let mut submitted: u64 = 0;
+        // Paced frontends started together would all submit at the same instants and queue
+        // behind each other; each starts its schedule at its own phase of the interval.
+        let phase = match self.opts.rate {
+            Some(rate) => {
+                let clock = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos();
+                let spread = mix(u64::from(std::process::id()) << 32 | u64::from(clock));
+                (spread % 1_000_000) as f64 / 1e6 / rate
+            }
+            None => 0.0,
+        };
         loop {
             let now = Instant::now();
             if now >= end {
@@ -692,15 +722,28 @@ impl LoadGen {
                 }
             }
             let mut progress = 0;
+            // With a rate, as many requests as the schedule allows by now.
+            let mut allowed = match self.opts.rate {
+                Some(rate) => {
+                    let due =
+                        ((now.duration_since(started).as_secs_f64() + phase) * rate) as u64 + 1;
+                    due.saturating_sub(submitted)
+                }
+                None => u64::MAX,
+            };
             for qi in 0..self.queues.len() {
                 if !stopping {
+                    let mut queued = 0;
                     for si in 0..self.queues[qi].slots.len() {
-                        if !self.queues[qi].slots[si].busy {
+                        if allowed > 0 && !self.queues[qi].slots[si].busy {
                             self.submit(qi, si);
-                            progress += 1;
+                            queued += 1;
+                            allowed -= 1;
+                            submitted += 1;
                         }
                     }
-                    if progress > 0 {
+                    progress += queued;
+                    if queued > 0 {
                         let _ = self.queues[qi].kick.write(1);
                     }
                 }
@@ -718,7 +761,10 @@ impl LoadGen {
                             if awaiting_first {
                                 self.report.pauses_ms.push(gap);
                                 awaiting_first = false;
-                            } else if completed_any && gap > self.report.max_gap_ms {
+                            } else if completed_any
+                                && now >= self.measure_from
+                                && gap > self.report.max_gap_ms
+                            {
                                 self.report.max_gap_ms = gap;
                             }
                             completed_any = true;
@@ -799,6 +845,16 @@ impl LoadGen {
                 } else {
                     1
                 };
+                // A paced frontend also wakes when its next request is due.
+                let timeout_ms = match self.opts.rate {
+                    Some(rate) if !stopping && gone_since.is_none() => {
+                        let next =
+                            Duration::from_secs_f64((submitted as f64 / rate - phase).max(0.0));
+                        let wait = next.saturating_sub(started.elapsed());
+                        timeout_ms.min(wait.as_micros().div_ceil(1000).min(1000) as i32)
+                    }
+                    _ => timeout_ms,
+                };
                 asleep = self.opts.interrupts;
                 // SAFETY: a valid pollfd array of the given length.
                 let woken =
@@ -814,8 +870,11 @@ impl LoadGen {
                 if interrupted || woken == 0 {
                     asleep = false;
                 }
+                // Only a full interrupt wait tells a missed interrupt; a paced wake-up may
+                // land between the device publishing and signalling.
                 if self.opts.interrupts
                     && woken == 0
+                    && timeout_ms == INTERRUPT_WAIT_MS
                     && gone_since.is_none()
                     && !self.backend_gone()
                 {

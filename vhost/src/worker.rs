@@ -417,6 +417,11 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                 sleep_until_kicked(mailbox, &mut queues);
                 idle = 0;
                 idle_since = Instant::now().checked_sub(limit);
+            } else {
+                // A poller that may sleep shares its core: while it only waits, a thread
+                // woken on the same core (a guest's vCPU, a frontend) runs first instead of
+                // waiting for the spin to end.
+                std::thread::yield_now();
             }
         } else {
             std::hint::spin_loop();

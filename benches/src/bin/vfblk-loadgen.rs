@@ -35,7 +35,7 @@ struct Args {
     #[arg(long)]
     verify: bool,
     /// Seconds of I/O.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     seconds: f64,
     /// Do not use INFLIGHT_SHMFD even if offered.
     #[arg(long)]
@@ -66,6 +66,12 @@ struct Args {
     /// A polling driver: ask the backend for no interrupts (VRING_AVAIL_F_NO_INTERRUPT).
     #[arg(long, conflicts_with = "interrupts")]
     polled: bool,
+    /// Requests per second over all queues, evenly paced (default: as fast as --qd allows).
+    #[arg(long, value_parser = rate)]
+    rate: Option<f64>,
+    /// Seconds of I/O before latencies and gaps count (fio's ramp_time).
+    #[arg(long, default_value_t = 0.0, value_parser = seconds)]
+    ramp_time: f64,
     /// Connect and set up the rings, then do no I/O for --seconds (an idle guest).
     #[arg(long)]
     idle: bool,
@@ -80,6 +86,20 @@ fn queue_size(s: &str) -> Result<u16, String> {
         return Err(format!("{n} is not a power of two of at least 4"));
     }
     Ok(n)
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds, zero or more")),
+    }
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
+        _ => Err(format!("{s:?}: requests per second, at least 1")),
+    }
 }
 
 fn workload(s: &str) -> Result<Workload, String> {
@@ -115,6 +135,8 @@ fn main() -> ExitCode {
         call_after_kick: Duration::from_millis(a.call_after_kick_ms),
         unaligned: a.unaligned,
         polled: a.polled,
+        rate: a.rate,
+        ramp_time: Duration::from_secs_f64(a.ramp_time),
     };
     let report = match LoadGen::new(options) {
         Ok(lg) if a.idle => lg.idle(),
