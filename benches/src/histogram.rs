@@ -78,6 +78,20 @@ impl Histogram {
         }
     }
 
+    /// The distribution: for each bucket that holds samples, its upper bound in nanoseconds
+    /// and the fraction of samples at or below it (ends at 1.0).
+    pub fn cdf(&self) -> Vec<(u64, f64)> {
+        let mut seen = 0;
+        let mut out = Vec::new();
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n > 0 {
+                seen += n;
+                out.push((Self::upper_bound(i), seen as f64 / self.count as f64));
+            }
+        }
+        out
+    }
+
     /// The latency at quantile `q` (0..1), as the upper bound of its bucket (within 1/16).
     pub fn quantile_ns(&self, q: f64) -> u64 {
         let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
@@ -115,6 +129,10 @@ mod tests {
         other.record(123_457);
         h.merge(&other);
         assert_eq!(h.max_ns(), 123_457);
+        let cdf = h.cdf();
+        assert_eq!(cdf.last().unwrap().1, 1.0);
+        assert!(cdf.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
+        assert!(cdf.last().unwrap().0 >= 123_457);
         // Every value falls in a bucket whose upper bound is at least the value.
         for ns in [0u64, 15, 16, 17, 31, 32, 1000, 1 << 40, u64::MAX] {
             let i = Histogram::index(ns);

@@ -1,11 +1,14 @@
 //! Everything that drives the stack from outside and measures or checks it: the vhost-user
 //! load generator ([`loadgen`], a frontend: the other end of the protocol from the bridge),
+//! a second client on libblkio ([`blkio_load`]),
 //! the NVMe driver's tools ([`nvme`]: perf, verify, probe), the system benchmarks that boot
 //! backends and the lab side by side ([`system`]), and what they share ([`histogram`],
 //! [`patterns`]). The criterion micro-benchmarks are in `benches/`.
 
 #![deny(missing_docs)]
 
+pub mod args;
+pub mod blkio_load;
 pub mod histogram;
 pub mod loadgen;
 pub mod nvme;

@@ -82,6 +82,8 @@ pub struct Options {
     /// Latencies and completion gaps count only after this long (fio's ramp_time): start-up
     /// (page faults, other frontends connecting) is not what is measured.
     pub ramp_time: Duration,
+    /// Blocks in order (wrapping at the end of the disk) instead of at random.
+    pub sequential: bool,
 }
 
 /// What happened.
@@ -149,6 +151,7 @@ impl Report {
             "lat_p99_us": us(0.99),
             "lat_p999_us": us(0.999),
             "lat_max_us": (self.latency.max_ns() as f64 / 100.0).round() / 10.0,
+            "lat_cdf_us": self.latency.cdf().iter().map(|&(ns, f)| [ns as f64 / 1000.0, f]).collect::<Vec<_>>(),
             "verify_errors": self.verify_errors,
             "failed": self.failed,
             "lost": self.lost,
@@ -233,6 +236,8 @@ pub struct LoadGen {
     expected: Vec<u32>,
     busy_units: Vec<bool>,
     next_generation: u32,
+    /// The last unit a sequential workload used.
+    next_unit: u64,
     rng: u64,
     report: Report,
     /// The expected contents of a verified read (reused: no allocation per I/O).
@@ -359,6 +364,7 @@ impl LoadGen {
             expected: Vec::new(),
             busy_units: Vec::new(),
             next_generation: 1,
+            next_unit: u64::MAX,
             report: Report::default(),
             scratch: Vec::new(),
             measure_from: Instant::now(),
@@ -517,8 +523,13 @@ impl LoadGen {
     fn submit(&mut self, qi: usize, si: usize) {
         // Pick a unit no request in flight touches.
         let unit = loop {
-            self.rng = mix(self.rng);
-            let u = self.rng % self.units;
+            let u = if self.opts.sequential {
+                self.next_unit = self.next_unit.wrapping_add(1) % self.units;
+                self.next_unit
+            } else {
+                self.rng = mix(self.rng);
+                self.rng % self.units
+            };
             if !self.busy_units[u as usize] {
                 break u;
             }

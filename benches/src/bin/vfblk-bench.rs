@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vfblk_benches::system::{nvme, target, vhost};
+use std::path::PathBuf;
+
+use vfblk_benches::system::{nvme, plot, suite, target, vhost};
 
 /// System benchmarks of the stack.
 #[derive(Parser, Debug)]
@@ -16,6 +18,38 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The suite: backends side by side (ours, qemu-storage-daemon, and SPDK and
+    /// cloud-hypervisor when given) under two clients over a set of workloads; writes
+    /// suite.json, suite.md and PNG plots into --out.
+    Suite {
+        /// Seconds of I/O per measurement.
+        #[arg(long, default_value_t = 5.0, value_parser = vfblk_benches::args::seconds)]
+        seconds: f64,
+        /// Directory for suite.json, suite.md and the plots.
+        #[arg(long, default_value = "docs/bench")]
+        out: PathBuf,
+        /// Only these backends (comma-separated ids; default: every one whose binary is there):
+        /// vfblk-null, spdk-null, qsd-null, vfblk-mem, spdk-malloc, vfblk-file, qsd-file, ch-file.
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<String>,
+        /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
+        /// randread-4k-qd32, randread-4k-qd128, randwrite-4k-qd1, randwrite-4k-qd32,
+        /// randwrite-4k-qd128, randread-4k-qd32-4queues, seqread-128k-qd32.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// Only these clients (comma-separated: loadgen, libblkio; default both).
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<String>,
+        /// SPDK's built source tree (build/bin/vhost; see ../shared/tools/peers).
+        #[arg(long)]
+        spdk: Option<PathBuf>,
+        /// cloud-hypervisor's vhost_user_block binary.
+        #[arg(long)]
+        cloud_hypervisor: Option<PathBuf>,
+        /// Print the JSON instead of the markdown.
+        #[arg(long)]
+        json: bool,
+    },
     /// vfblk-loadgen 4 KiB randread against vfblk-bridge (mem, file) and qemu-storage-daemon
     /// on the same data, one core each.
     Vhost {
@@ -54,6 +88,44 @@ enum Command {
     },
 }
 
+/// Runs the suite and writes its JSON, markdown and plots.
+fn run_suite(o: suite::SuiteOptions) -> vfblk_benches::Result<()> {
+    let io = |what: String| move |source| vfblk_benches::Error::Io { what, source };
+    std::fs::create_dir_all(&o.out).map_err(io(format!("creating {}", o.out.display())))?;
+    let result = suite::run(&o)?;
+    let command = std::env::args()
+        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let json = result.to_json();
+    let mut markdown = result.to_markdown(&command);
+    let plots = plot::plots(&result, &o.out)?;
+    if !plots.is_empty() {
+        markdown.push_str("\n## Plots\n\n");
+        for p in &plots {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            markdown.push_str(&format!("![{name}]({name})\n\n"));
+        }
+    }
+    let json_path = o.out.join("suite.json");
+    let md_path = o.out.join("suite.md");
+    std::fs::write(&json_path, format!("{json:#}\n"))
+        .map_err(io(format!("writing {}", json_path.display())))?;
+    std::fs::write(&md_path, &markdown).map_err(io(format!("writing {}", md_path.display())))?;
+    if o.json {
+        println!("{json}");
+    } else {
+        print!("{markdown}");
+        eprintln!(
+            "wrote {}, {} and {} plot(s)",
+            json_path.display(),
+            md_path.display(),
+            plots.len()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -62,6 +134,25 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match Args::parse().command {
+        Command::Suite {
+            seconds,
+            out,
+            backends,
+            workloads,
+            clients,
+            spdk,
+            cloud_hypervisor,
+            json,
+        } => run_suite(suite::SuiteOptions {
+            seconds,
+            out,
+            backends,
+            workloads,
+            clients,
+            spdk,
+            cloud_hypervisor,
+            json,
+        }),
         Command::Vhost { seconds, qd, json } => {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
         }

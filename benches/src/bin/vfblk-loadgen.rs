@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use vfblk_benches::args;
 use vfblk_benches::loadgen::{LoadGen, Options, Workload};
 
 /// Drive a vhost-user-blk backend like QEMU and a guest would.
@@ -20,7 +21,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     queues: u16,
     /// Entries per virtqueue (a power of two).
-    #[arg(long, default_value_t = 128, value_parser = queue_size)]
+    #[arg(long, default_value_t = 128, value_parser = args::queue_size)]
     queue_size: u16,
     /// Requests in flight per queue (below half the queue size).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
@@ -29,13 +30,13 @@ struct Args {
     #[arg(long, default_value_t = 4096)]
     bs: u32,
     /// read, write or mixed[:READ_PERCENT].
-    #[arg(long, default_value = "read", value_parser = workload)]
+    #[arg(long, default_value = "read", value_parser = args::workload)]
     rw: Workload,
     /// Stamp writes and check reads (use with write or mixed).
     #[arg(long)]
     verify: bool,
     /// Seconds of I/O.
-    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    #[arg(long, default_value_t = 10.0, value_parser = args::seconds)]
     seconds: f64,
     /// Do not use INFLIGHT_SHMFD even if offered.
     #[arg(long)]
@@ -67,52 +68,20 @@ struct Args {
     #[arg(long, conflicts_with = "interrupts")]
     polled: bool,
     /// Requests per second over all queues, evenly paced (default: as fast as --qd allows).
-    #[arg(long, value_parser = rate)]
+    #[arg(long, value_parser = args::rate)]
     rate: Option<f64>,
     /// Seconds of I/O before latencies and gaps count (fio's ramp_time).
-    #[arg(long, default_value_t = 0.0, value_parser = seconds)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::seconds)]
     ramp_time: f64,
+    /// Blocks in order instead of at random.
+    #[arg(long)]
+    sequential: bool,
     /// Connect and set up the rings, then do no I/O for --seconds (an idle guest).
     #[arg(long)]
     idle: bool,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
-}
-
-fn queue_size(s: &str) -> Result<u16, String> {
-    let n: u16 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if n < 4 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two of at least 4"));
-    }
-    Ok(n)
-}
-
-fn seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?}: seconds, zero or more")),
-    }
-}
-
-fn rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
-        _ => Err(format!("{s:?}: requests per second, at least 1")),
-    }
-}
-
-fn workload(s: &str) -> Result<Workload, String> {
-    match s.split_once(':') {
-        None if s == "read" => Ok(Workload::Read),
-        None if s == "write" => Ok(Workload::Write),
-        None if s == "mixed" => Ok(Workload::Mixed(50)),
-        Some(("mixed", p)) => match p.parse::<u8>() {
-            Ok(p) if p <= 100 => Ok(Workload::Mixed(p)),
-            _ => Err(format!("mixed:{p}: a read percentage from 0 to 100")),
-        },
-        _ => Err(format!("{s:?}: read, write or mixed[:N]")),
-    }
 }
 
 fn main() -> ExitCode {
@@ -137,6 +106,7 @@ fn main() -> ExitCode {
         polled: a.polled,
         rate: a.rate,
         ramp_time: Duration::from_secs_f64(a.ramp_time),
+        sequential: a.sequential,
     };
     let report = match LoadGen::new(options) {
         Ok(lg) if a.idle => lg.idle(),

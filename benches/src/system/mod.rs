@@ -1,6 +1,33 @@
-//! System benchmarks: whole processes side by side (our bridge, qemu-storage-daemon) or the
+//! System benchmarks: whole processes side by side (our bridge, qemu-storage-daemon, and in
+//! the [`suite`] SPDK and cloud-hypervisor) or the
 //! lab guest (our NVMe driver against the kernel's), each run recorded with its command.
 
 pub mod nvme;
+pub mod plot;
+pub mod suite;
 pub mod target;
 pub mod vhost;
+
+use crate::{Error, Result};
+
+/// CPU seconds (user + system) a process has used.
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| Error::Io {
+            what: format!("reading /proc/{pid}/stat"),
+            source,
+        })?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .ok_or_else(|| Error::Run(format!("/proc/{pid}/stat: no CPU time in {stat:?}")))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use vfblk_bridge::target::rpc::Client;
 use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
+use crate::system::cpu_seconds;
 use crate::{Error, Result};
 
 /// Options of the scale benchmark.
@@ -37,28 +38,6 @@ pub struct ScaleRow {
     pub busy_ns_per_io: f64,
     /// Target CPU time (user + system) per I/O, in nanoseconds.
     pub cpu_ns_per_io: f64,
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| Error::Io {
-            what: format!("reading /proc/{pid}/stat"),
-            source,
-        })?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .ok_or_else(|| Error::Run(format!("/proc/{pid}/stat: no CPU time in {stat:?}")))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 /// RAM-disk data over all controllers of a row.

@@ -1,0 +1,236 @@
+//! A second benchmark client built on libblkio (the `blkio` crate, driver
+//! `virtio-blk-vhost-user`): an independent vhost-user-blk frontend, so that no figure of the
+//! suite depends only on our own load generator. One thread per queue, each keeping `depth`
+//! requests in flight; the report has the load generator's shape.
+
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+use crate::histogram::Histogram;
+use crate::loadgen::{Report, Workload};
+use crate::patterns::mix;
+use crate::{Error, Result};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BlkioOptions {
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+    /// Queues, one client thread each.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// Bytes per request (a multiple of 512).
+    pub block_size: u32,
+    /// Access pattern.
+    pub workload: Workload,
+    /// Blocks in order instead of at random.
+    pub sequential: bool,
+    /// Seconds of I/O.
+    pub seconds: f64,
+    /// Busy-poll libblkio poll queues instead of sleeping on completion fds.
+    pub poll: bool,
+    /// Latencies count only after this long.
+    pub ramp_time: Duration,
+}
+
+fn blkio_error(what: &str) -> impl Fn(blkio::Error) -> Error + '_ {
+    move |e| Error::Run(format!("libblkio {what}: {}", e.message()))
+}
+
+/// What one queue's thread saw.
+#[derive(Default)]
+struct QueueReport {
+    ios: u64,
+    reads: u64,
+    failed: u64,
+    latency: Histogram,
+    error: Option<String>,
+}
+
+struct QueueJob {
+    queue: Blkioq,
+    /// Start of this queue's buffers (`depth` of `block_size` bytes) in libblkio's region.
+    buffers: usize,
+    first_block: u64,
+    blocks: u64,
+    seed: u64,
+}
+
+/// Connects, runs the workload and reports.
+pub fn run(o: &BlkioOptions) -> Result<Report> {
+    if o.block_size == 0 || o.block_size % 512 != 0 || o.depth == 0 || o.queues == 0 {
+        return Err(Error::Run(
+            "block size must be a multiple of 512; depth and queues at least 1".into(),
+        ));
+    }
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(blkio_error("new"))?;
+    let path = o
+        .socket
+        .to_str()
+        .ok_or_else(|| Error::Run(format!("{}: not UTF-8", o.socket.display())))?;
+    b.set_str("path", path).map_err(blkio_error("path"))?;
+    b.connect().map_err(blkio_error("connect"))?;
+    let capacity = b.get_u64("capacity").map_err(blkio_error("capacity"))?;
+    let (regular, polled) = if o.poll {
+        (0, i32::from(o.queues))
+    } else {
+        (i32::from(o.queues), 0)
+    };
+    b.set_i32("num-queues", regular)
+        .map_err(blkio_error("num-queues"))?;
+    b.set_i32("num-poll-queues", polled)
+        .map_err(blkio_error("num-poll-queues"))?;
+    let started = b.start().map_err(blkio_error("start"))?;
+    let queues = if o.poll {
+        started.poll_queues
+    } else {
+        started.queues
+    };
+    let bs = o.block_size as usize;
+    let per_queue = bs * usize::from(o.depth);
+    let region = b
+        .alloc_mem_region(per_queue * queues.len())
+        .map_err(blkio_error("alloc_mem_region"))?;
+    b.map_mem_region(&region)
+        .map_err(blkio_error("map_mem_region"))?;
+    let blocks = capacity / u64::from(o.block_size);
+    if blocks < u64::from(o.queues) * u64::from(o.depth) {
+        return Err(Error::Run(format!(
+            "a disk of {capacity} bytes is too small for {} requests of {bs} bytes",
+            u64::from(o.queues) * u64::from(o.depth)
+        )));
+    }
+    // Each queue works on its own slice of the disk (no two requests touch one block).
+    let slice = blocks / u64::from(o.queues);
+    let jobs: Vec<QueueJob> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, queue)| QueueJob {
+            queue,
+            buffers: region.addr + i * per_queue,
+            first_block: i as u64 * slice,
+            blocks: slice,
+            seed: mix(i as u64 + 1),
+        })
+        .collect();
+    // SAFETY: the region is `per_queue * queues` bytes, mapped until `b` is dropped below;
+    // filled once so writes carry data that is not all zeroes.
+    unsafe {
+        std::ptr::write_bytes(region.addr as *mut u8, 0x5a, per_queue * jobs.len());
+    }
+    let started = Instant::now();
+    let end = started + Duration::from_secs_f64(o.seconds);
+    let measure_from = started + o.ramp_time;
+    let reports: Vec<QueueReport> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| scope.spawn(move || drive(job, o, end, measure_from)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| QueueReport {
+                    error: Some("a client thread panicked".into()),
+                    ..QueueReport::default()
+                })
+            })
+            .collect()
+    });
+    let mut report = Report {
+        seconds: started.elapsed().as_secs_f64(),
+        ..Report::default()
+    };
+    for r in reports {
+        report.ios += r.ios;
+        report.reads += r.reads;
+        report.failed += r.failed;
+        report.latency.merge(&r.latency);
+        report.errors.extend(r.error);
+    }
+    drop(b);
+    Ok(report)
+}
+
+/// One queue's loop: keep `depth` requests in flight until `end`, then drain.
+fn drive(mut job: QueueJob, o: &BlkioOptions, end: Instant, measure_from: Instant) -> QueueReport {
+    let depth = usize::from(o.depth);
+    let bs = o.block_size as usize;
+    let mut out = QueueReport::default();
+    let mut issued = vec![Instant::now(); depth];
+    let mut is_read = vec![false; depth];
+    let mut free: Vec<usize> = (0..depth).collect();
+    let mut done: Vec<MaybeUninit<Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut rng = job.seed;
+    let mut next_block = 0u64;
+    loop {
+        let now = Instant::now();
+        let stopping = now >= end;
+        if !stopping {
+            while let Some(slot) = free.pop() {
+                let block = if o.sequential {
+                    next_block = (next_block + 1) % job.blocks;
+                    next_block
+                } else {
+                    rng = mix(rng);
+                    rng % job.blocks
+                };
+                rng = mix(rng);
+                let read = match o.workload {
+                    Workload::Read => true,
+                    Workload::Write => false,
+                    Workload::Mixed(p) => ((rng >> 8) % 100) < u64::from(p),
+                };
+                let offset = (job.first_block + block) * bs as u64;
+                let buf = (job.buffers + slot * bs) as *mut u8;
+                issued[slot] = Instant::now();
+                is_read[slot] = read;
+                if read {
+                    job.queue.read(offset, buf, bs, slot, ReqFlags::empty());
+                } else {
+                    job.queue.write(offset, buf, bs, slot, ReqFlags::empty());
+                }
+            }
+        } else if free.len() == depth {
+            return out;
+        }
+        let mut timeout = Duration::from_secs(10);
+        let n = match job.queue.do_io(&mut done, 1, Some(&mut timeout), None) {
+            Ok(n) => n,
+            Err(e) => {
+                out.error = Some(format!("do_io: {}", e.message()));
+                return out;
+            }
+        };
+        if n == 0 {
+            out.error = Some("no completion within 10 s".into());
+            return out;
+        }
+        let now = Instant::now();
+        for c in &done[..n] {
+            // SAFETY: do_io initialised the first `n` entries.
+            let c = unsafe { c.assume_init_ref() };
+            let slot = c.user_data;
+            if slot >= depth {
+                out.error = Some(format!("completion for unknown request {slot}"));
+                return out;
+            }
+            out.ios += 1;
+            if is_read[slot] {
+                out.reads += 1;
+            }
+            if c.ret != 0 {
+                out.failed += 1;
+            }
+            if issued[slot] >= measure_from {
+                out.latency
+                    .record(now.duration_since(issued[slot]).as_nanos() as u64);
+            }
+            free.push(slot);
+        }
+    }
+}

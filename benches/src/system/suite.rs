@@ -1,0 +1,999 @@
+//! The benchmark suite: vhost-user-blk backends side by side (ours, qemu-storage-daemon,
+//! and SPDK's vhost target and cloud-hypervisor's `vhost_user_block` when their binaries are
+//! given), each alone on CPU 1, driven from CPU 0 by two clients (our load generator and
+//! libblkio), over a set of workloads; written as JSON, a markdown table and plots.
+//!
+//! Like with like: every backend gets the same socket, queue count, ring size and a disk of
+//! the same size; `null` kinds move no data, `ram` kinds keep it in memory, `file` kinds go
+//! through the kernel to a file on /dev/shm.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
+
+use crate::system::cpu_seconds;
+use crate::{Error, Result};
+
+/// Disk size every backend serves.
+const DISK_MIB: u64 = 256;
+/// Ring entries per virtqueue (QD128 needs 3 descriptors per request).
+const QUEUE_SIZE: u16 = 512;
+/// The backend's core and the client's.
+const BACKEND_CPU: u32 = 1;
+const CLIENT_CPU: u32 = 0;
+/// A figure within this fraction of the client's ceiling may be the client's limit.
+const CLIENT_BOUND: f64 = 0.9;
+
+/// A backend of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// vfblk-bridge, `null` backend, polling.
+    OursNull,
+    /// vfblk-bridge, `mem` backend (RAM disk in /dev/shm), polling.
+    OursMem,
+    /// vfblk-bridge, `file` backend (io_uring) on /dev/shm, polling.
+    OursFile,
+    /// qemu-storage-daemon, `null-co`.
+    QsdNull,
+    /// qemu-storage-daemon, file on /dev/shm with io_uring.
+    QsdFile,
+    /// SPDK vhost, null bdev.
+    SpdkNull,
+    /// SPDK vhost, malloc bdev.
+    SpdkMalloc,
+    /// cloud-hypervisor's vhost_user_block, raw file on /dev/shm.
+    ChFile,
+}
+
+impl Backend {
+    /// Every backend, in table order.
+    pub const ALL: [Backend; 8] = [
+        Backend::OursNull,
+        Backend::SpdkNull,
+        Backend::QsdNull,
+        Backend::OursMem,
+        Backend::SpdkMalloc,
+        Backend::OursFile,
+        Backend::QsdFile,
+        Backend::ChFile,
+    ];
+
+    /// Short name (command line, JSON).
+    pub fn id(self) -> &'static str {
+        match self {
+            Backend::OursNull => "vfblk-null",
+            Backend::OursMem => "vfblk-mem",
+            Backend::OursFile => "vfblk-file",
+            Backend::QsdNull => "qsd-null",
+            Backend::QsdFile => "qsd-file",
+            Backend::SpdkNull => "spdk-null",
+            Backend::SpdkMalloc => "spdk-malloc",
+            Backend::ChFile => "ch-file",
+        }
+    }
+
+    /// What it is, for tables.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Backend::OursNull => "vfblk-bridge null",
+            Backend::OursMem => "vfblk-bridge mem (RAM)",
+            Backend::OursFile => "vfblk-bridge file (io_uring, /dev/shm)",
+            Backend::QsdNull => "qemu-storage-daemon null-co",
+            Backend::QsdFile => "qemu-storage-daemon file (io_uring, /dev/shm)",
+            Backend::SpdkNull => "SPDK vhost null bdev",
+            Backend::SpdkMalloc => "SPDK vhost malloc bdev (RAM)",
+            Backend::ChFile => "cloud-hypervisor vhost_user_block (/dev/shm)",
+        }
+    }
+
+    /// What it moves: `null`, `ram` or `file`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Backend::OursNull | Backend::QsdNull | Backend::SpdkNull => "null",
+            Backend::OursMem | Backend::SpdkMalloc => "ram",
+            Backend::OursFile | Backend::QsdFile | Backend::ChFile => "file",
+        }
+    }
+
+    fn from_id(id: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.id() == id)
+    }
+}
+
+/// A client of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// `vfblk-loadgen --polled` (a polling driver: no interrupts asked).
+    Loadgen,
+    /// `vfblk-blkio-load --poll` (libblkio poll queues).
+    Blkio,
+}
+
+impl Client {
+    /// Short name.
+    pub fn id(self) -> &'static str {
+        match self {
+            Client::Loadgen => "loadgen",
+            Client::Blkio => "libblkio",
+        }
+    }
+
+    fn from_id(id: &str) -> Option<Self> {
+        [Client::Loadgen, Client::Blkio]
+            .into_iter()
+            .find(|c| c.id() == id)
+    }
+}
+
+/// One workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    /// Short name.
+    pub id: &'static str,
+    /// Writes instead of reads.
+    pub write: bool,
+    /// Bytes per request.
+    pub block_size: u32,
+    /// Requests in flight per queue.
+    pub qd: u16,
+    /// Queues.
+    pub queues: u16,
+    /// In block order instead of at random.
+    pub sequential: bool,
+}
+
+const fn workload(
+    id: &'static str,
+    write: bool,
+    block_size: u32,
+    qd: u16,
+    queues: u16,
+    sequential: bool,
+) -> Workload {
+    Workload {
+        id,
+        write,
+        block_size,
+        qd,
+        queues,
+        sequential,
+    }
+}
+
+/// Every workload, in table order.
+pub const WORKLOADS: [Workload; 8] = [
+    workload("randread-4k-qd1", false, 4096, 1, 1, false),
+    workload("randread-4k-qd32", false, 4096, 32, 1, false),
+    workload("randread-4k-qd128", false, 4096, 128, 1, false),
+    workload("randwrite-4k-qd1", true, 4096, 1, 1, false),
+    workload("randwrite-4k-qd32", true, 4096, 32, 1, false),
+    workload("randwrite-4k-qd128", true, 4096, 128, 1, false),
+    workload("randread-4k-qd32-4queues", false, 4096, 32, 4, false),
+    workload("seqread-128k-qd32", false, 128 << 10, 32, 1, true),
+];
+
+impl Workload {
+    fn describe(&self) -> String {
+        let size = if self.block_size >= 1024 {
+            format!("{} KiB", self.block_size / 1024)
+        } else {
+            format!("{} B", self.block_size)
+        };
+        format!(
+            "{} {} {}, QD{}{}",
+            if self.sequential {
+                "sequential"
+            } else {
+                "random"
+            },
+            size,
+            if self.write { "write" } else { "read" },
+            self.qd,
+            if self.queues > 1 {
+                format!(" x {} queues", self.queues)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// Seconds of I/O per measurement.
+    pub seconds: f64,
+    /// Where the JSON, markdown and plots go.
+    pub out: PathBuf,
+    /// Backends by id (empty: all whose binaries are there).
+    pub backends: Vec<String>,
+    /// Workloads by id (empty: all).
+    pub workloads: Vec<String>,
+    /// Clients by id (empty: both).
+    pub clients: Vec<String>,
+    /// SPDK's built tree (with build/bin/vhost and scripts/), if any.
+    pub spdk: Option<PathBuf>,
+    /// cloud-hypervisor's `vhost_user_block` binary, if any.
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// Print the JSON instead of the table.
+    pub json: bool,
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// Backend id.
+    pub backend: Backend,
+    /// Client.
+    pub client: Client,
+    /// Workload.
+    pub workload: Workload,
+    /// The client's report (the load generator's JSON shape), or why there is none.
+    pub report: std::result::Result<Value, String>,
+    /// Backend CPU time per I/O, in nanoseconds.
+    pub backend_cpu_ns_per_io: Option<f64>,
+    /// The backend's command line.
+    pub backend_command: String,
+    /// The client's command line.
+    pub client_command: String,
+}
+
+impl Measurement {
+    fn iops(&self) -> Option<f64> {
+        self.report.as_ref().ok().and_then(|r| r["iops"].as_f64())
+    }
+}
+
+/// A started backend; killed (with its process group) when dropped.
+struct Running {
+    child: Child,
+    command: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group we created for the backend.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Suite {
+    bin_dir: PathBuf,
+    dir: PathBuf,
+    socket: PathBuf,
+    data: PathBuf,
+    options: SuiteOptions,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn shell_words(args: &[String]) -> String {
+    args.join(" ")
+}
+
+impl Suite {
+    fn available(&self, b: Backend) -> Option<String> {
+        match b {
+            Backend::SpdkNull | Backend::SpdkMalloc => match &self.options.spdk {
+                None => Some("no --spdk given".into()),
+                Some(dir) if !dir.join("build/bin/vhost").exists() => {
+                    Some(format!("{}/build/bin/vhost missing", dir.display()))
+                }
+                Some(_) => None,
+            },
+            Backend::ChFile => match &self.options.cloud_hypervisor {
+                None => Some("no --cloud-hypervisor given".into()),
+                Some(bin) if !bin.exists() => Some(format!("{} missing", bin.display())),
+                Some(_) => None,
+            },
+            Backend::QsdNull | Backend::QsdFile => {
+                let found = Command::new("qemu-storage-daemon")
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                (!found).then(|| "qemu-storage-daemon not on PATH".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// The data file of the `file` kinds: DISK_MIB, written once so every page exists.
+    fn prepare_data(&self) -> Result<()> {
+        let file = std::fs::File::create(&self.data)
+            .map_err(io(format!("creating {}", self.data.display())))?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut w = std::io::BufWriter::new(file);
+        for _ in 0..DISK_MIB {
+            std::io::Write::write_all(&mut w, &chunk)
+                .map_err(io(format!("writing {}", self.data.display())))?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, args: Vec<String>, env: &[(&str, String)]) -> Result<Running> {
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", &BACKEND_CPU.to_string()])
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join("backend.log"))
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            );
+        // Its own process group: helper threads and children go with it.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let command_line = format!("taskset -c {BACKEND_CPU} {}", shell_words(&args));
+        let child = spawn_listening(command, &self.socket, LISTEN_TIMEOUT)?;
+        Ok(Running {
+            child,
+            command: command_line,
+        })
+    }
+
+    fn start(&self, b: Backend, queues: u16) -> Result<Running> {
+        let s = |x: &str| x.to_string();
+        let socket = self.socket.display().to_string();
+        let q = queues.to_string();
+        let bridge = |backend: String| {
+            vec![
+                self.bin_dir.join("vfblk-bridge").display().to_string(),
+                s("--socket"),
+                socket.clone(),
+                s("--backend"),
+                backend,
+                s("--queues"),
+                q.clone(),
+                s("--poll"),
+            ]
+        };
+        let qsd = |blockdev: String| {
+            vec![
+                s("qemu-storage-daemon"),
+                s("--blockdev"),
+                blockdev,
+                s("--export"),
+                format!("type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={socket},writable=on,num-queues={q}"),
+            ]
+        };
+        match b {
+            Backend::OursNull => self.spawn(bridge(format!("null:{DISK_MIB}M")), &[]),
+            Backend::OursMem => {
+                let shm = format!("{}.ram", self.data.display());
+                let _ = std::fs::remove_file(&shm);
+                self.spawn(bridge(format!("mem:{shm}:{DISK_MIB}M")), &[])
+            }
+            Backend::OursFile => self.spawn(bridge(format!("file:{}", self.data.display())), &[]),
+            Backend::QsdNull => self.spawn(
+                qsd(format!(
+                    "driver=null-co,node-name=d0,size={}",
+                    DISK_MIB << 20
+                )),
+                &[],
+            ),
+            Backend::QsdFile => self.spawn(
+                qsd(format!(
+                    "driver=file,filename={},node-name=d0,aio=io_uring",
+                    self.data.display()
+                )),
+                &[],
+            ),
+            Backend::ChFile => {
+                let bin = self.options.cloud_hypervisor.clone().unwrap_or_default();
+                self.spawn(
+                    vec![
+                        bin.display().to_string(),
+                        s("--block-backend"),
+                        format!("path={},socket={socket},num_queues={q},queue_size={QUEUE_SIZE},direct=false,poll_queue=true", self.data.display()),
+                    ],
+                    &[],
+                )
+            }
+            Backend::SpdkNull | Backend::SpdkMalloc => self.start_spdk(b),
+        }
+    }
+
+    /// SPDK's vhost target: one reactor on the backend core, the bdev and controller created
+    /// over its JSON-RPC socket (the socket path's directory and name are SPDK's vhost
+    /// directory and controller name).
+    fn start_spdk(&self, b: Backend) -> Result<Running> {
+        let spdk = self.options.spdk.clone().unwrap_or_default();
+        spdk_hugepages()?;
+        let rpc = self.dir.join("spdk.rpc");
+        let _ = std::fs::remove_file(&rpc);
+        let mask = format!("{:#x}", 1u64 << BACKEND_CPU);
+        let vhost_dir = self.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let ctrlr = self
+            .socket
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let args = vec![
+            spdk.join("build/bin/vhost").display().to_string(),
+            "-m".into(),
+            mask.clone(),
+            "-u".into(),
+            "-S".into(),
+            vhost_dir.display().to_string(),
+            "-r".into(),
+            rpc.display().to_string(),
+        ];
+        let mut command = Command::new(&args[0]);
+        command
+            .args(&args[1..])
+            .env("LD_LIBRARY_PATH", spdk.join("build/lib"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = spawn_listening(command, &rpc, Duration::from_secs(30))?;
+        let mut running = Running {
+            child,
+            command: shell_words(&args),
+        };
+        let mut client = vfblk_bridge::target::rpc::Client::connect(&rpc)
+            .map_err(|e| Error::Run(format!("SPDK RPC: {}", crate::error_chain(&e))))?;
+        let mut call = |method: &str, params: Value| {
+            client
+                .call(method, params)
+                .map_err(|e| Error::Run(format!("SPDK {method}: {}", crate::error_chain(&e))))
+        };
+        call("framework_wait_init", json!({}))?;
+        let blocks = (DISK_MIB << 20) / 512;
+        let (create, bdev) = if b == Backend::SpdkNull {
+            ("bdev_null_create", "Null0")
+        } else {
+            ("bdev_malloc_create", "Malloc0")
+        };
+        call(
+            create,
+            json!({"name": bdev, "num_blocks": blocks, "block_size": 512}),
+        )?;
+        let _ = std::fs::remove_file(&self.socket);
+        call(
+            "vhost_create_blk_controller",
+            json!({"ctrlr": ctrlr, "dev_name": bdev, "cpumask": mask}),
+        )?;
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        while !self.socket.exists() {
+            if Instant::now() > deadline {
+                return Err(Error::Run(format!(
+                    "SPDK did not create {}",
+                    self.socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        running.command = format!(
+            "{} (then RPC {create} {bdev} {blocks}x512, vhost_create_blk_controller {ctrlr} {bdev} --cpumask {mask})",
+            running.command
+        );
+        Ok(running)
+    }
+
+    fn client_args(&self, client: Client, w: &Workload) -> Vec<String> {
+        let (bin, poll) = match client {
+            Client::Loadgen => ("vfblk-loadgen", "--polled"),
+            Client::Blkio => ("vfblk-blkio-load", "--poll"),
+        };
+        let mut args = vec![
+            self.bin_dir.join(bin).display().to_string(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--rw".into(),
+            if w.write { "write" } else { "read" }.into(),
+            "--bs".into(),
+            w.block_size.to_string(),
+            "--qd".into(),
+            w.qd.to_string(),
+            "--queues".into(),
+            w.queues.to_string(),
+            "--seconds".into(),
+            self.options.seconds.to_string(),
+            poll.into(),
+            "--json".into(),
+        ];
+        if client == Client::Loadgen {
+            args.extend(["--queue-size".into(), QUEUE_SIZE.to_string()]);
+        }
+        if w.sequential {
+            args.push("--sequential".into());
+        }
+        args
+    }
+
+    fn measure(&self, b: Backend, client: Client, w: &Workload) -> Measurement {
+        let args = self.client_args(client, w);
+        let client_command = format!("taskset -c {CLIENT_CPU} {}", shell_words(&args));
+        let mut m = Measurement {
+            backend: b,
+            client,
+            workload: *w,
+            report: Err(String::new()),
+            backend_cpu_ns_per_io: None,
+            backend_command: String::new(),
+            client_command,
+        };
+        let running = match self.start(b, w.queues) {
+            Ok(r) => r,
+            Err(e) => {
+                m.report = Err(format!("backend: {}", crate::error_chain(&e)));
+                return m;
+            }
+        };
+        m.backend_command = running.command.clone();
+        let pid = running.child.id();
+        let cpu_before = cpu_seconds(pid).ok();
+        let out = Command::new("taskset")
+            .args(["-c", &CLIENT_CPU.to_string()])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output();
+        let cpu_after = cpu_seconds(pid).ok();
+        drop(running);
+        m.report = match out {
+            Err(e) => Err(format!("starting {}: {e}", args[0])),
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                match serde_json::from_str::<Value>(text.trim()) {
+                    Ok(r) if r["ios"].as_u64().unwrap_or(0) > 0 && r["failed"] == 0 => Ok(r),
+                    Ok(r) => Err(format!("no clean I/O: {r}")),
+                    Err(_) => Err(format!(
+                        "the client printed no report ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )),
+                }
+            }
+        };
+        if let (Ok(r), Some(a), Some(b)) = (&m.report, cpu_before, cpu_after) {
+            let ios = r["ios"].as_f64().unwrap_or(0.0);
+            if ios > 0.0 {
+                m.backend_cpu_ns_per_io = Some((b - a) * 1e9 / ios);
+            }
+        }
+        m
+    }
+}
+
+/// Reserves the hugepages SPDK's DPDK needs and mounts hugetlbfs if nothing has.
+fn spdk_hugepages() -> Result<()> {
+    vfblk_hugepages::reserve::reserve_2m(512).map_err(|e| {
+        Error::Run(format!(
+            "reserving hugepages for SPDK: {}",
+            crate::error_chain(&e)
+        ))
+    })?;
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"))
+    {
+        std::fs::create_dir_all("/dev/hugepages").map_err(io("creating /dev/hugepages".into()))?;
+        let status = Command::new("mount")
+            .args(["-t", "hugetlbfs", "nodev", "/dev/hugepages"])
+            .status()
+            .map_err(io("running mount".into()))?;
+        if !status.success() {
+            return Err(Error::Run(format!("mount -t hugetlbfs: {status}")));
+        }
+    }
+    Ok(())
+}
+
+/// The whole result.
+pub struct SuiteResult {
+    /// Every measurement.
+    pub measurements: Vec<Measurement>,
+    /// Backends not run, and why.
+    pub skipped: Vec<(Backend, String)>,
+    /// The machine and versions.
+    pub environment: Value,
+}
+
+fn pick<T: Copy>(
+    names: &[String],
+    all: &[T],
+    id: impl Fn(T) -> &'static str,
+    from: impl Fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<Vec<T>> {
+    if names.is_empty() {
+        return Ok(all.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            from(n).ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|x| id(*x)).collect();
+                Error::Run(format!(
+                    "unknown {what} {n:?} (known: {})",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn environment(o: &SuiteOptions) -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let spdk_rev = o
+        .spdk
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join(".peers-rev")).ok())
+        .map(|s| s.trim().to_string());
+    json!({
+        "date": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "kernel": command_output("uname", &["-r"]),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "vfblk": env!("CARGO_PKG_VERSION"),
+        "qemu_storage_daemon": command_output("qemu-storage-daemon", &["--version"]),
+        "spdk": o.spdk.as_ref().map(|d| d.display().to_string()),
+        "spdk_commit": spdk_rev,
+        "cloud_hypervisor": o.cloud_hypervisor.as_ref().map(|d| d.display().to_string()),
+        "seconds_per_measurement": o.seconds,
+        "disk_mib": DISK_MIB,
+        "queue_size": QUEUE_SIZE,
+        "backend_cpu": BACKEND_CPU,
+        "client_cpu": CLIENT_CPU,
+    })
+}
+
+/// Runs the suite.
+pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
+    let backends = pick(
+        &o.backends,
+        &Backend::ALL,
+        Backend::id,
+        Backend::from_id,
+        "backend",
+    )?;
+    let workloads = pick(
+        &o.workloads,
+        &WORKLOADS,
+        |w| w.id,
+        |n| WORKLOADS.iter().copied().find(|w| w.id == n),
+        "workload",
+    )?;
+    let clients = pick(
+        &o.clients,
+        &[Client::Loadgen, Client::Blkio],
+        Client::id,
+        Client::from_id,
+        "client",
+    )?;
+    let bin_dir = vfblk_lab::project_bin_dir()?;
+    let dir = vfblk_lab::run_dir("bench-suite")?;
+    let suite = Suite {
+        socket: dir.join("suite.sock"),
+        data: PathBuf::from(format!("/dev/shm/vfblk-bench-suite-{}", std::process::id())),
+        bin_dir,
+        dir,
+        options: o.clone(),
+    };
+    let mut skipped = Vec::new();
+    let mut runnable = Vec::new();
+    for b in backends {
+        match suite.available(b) {
+            Some(why) => skipped.push((b, why)),
+            None => runnable.push(b),
+        }
+    }
+    for (b, why) in &skipped {
+        tracing::warn!("skipping {}: {why}", b.id());
+    }
+    suite.prepare_data()?;
+    let total = runnable.len() * workloads.len() * clients.len();
+    let mut measurements = Vec::new();
+    for w in &workloads {
+        for client in &clients {
+            for b in &runnable {
+                tracing::info!(
+                    "[{}/{total}] {} with {} on {}",
+                    measurements.len() + 1,
+                    w.id,
+                    client.id(),
+                    b.id()
+                );
+                let m = suite.measure(*b, *client, w);
+                match (&m.report, m.iops()) {
+                    (Ok(_), Some(iops)) => tracing::info!("  {iops:.0} IOPS"),
+                    (Err(e), _) => tracing::warn!("  failed: {e}"),
+                    _ => {}
+                }
+                measurements.push(m);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&suite.data);
+    let _ = std::fs::remove_file(format!("{}.ram", suite.data.display()));
+    Ok(SuiteResult {
+        measurements,
+        skipped,
+        environment: environment(o),
+    })
+}
+
+impl SuiteResult {
+    /// The client's ceiling for a workload: its best IOPS against any `null` backend.
+    pub fn ceiling(&self, client: Client, w: &Workload) -> Option<f64> {
+        self.measurements
+            .iter()
+            .filter(|m| m.client == client && m.workload == *w && m.backend.kind() == "null")
+            .filter_map(|m| m.iops())
+            .fold(None, |best, x| Some(best.map_or(x, |b: f64| b.max(x))))
+    }
+
+    /// The result as JSON.
+    pub fn to_json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .measurements
+            .iter()
+            .map(|m| {
+                let ceiling = self.ceiling(m.client, &m.workload);
+                json!({
+                    "backend": m.backend.id(),
+                    "backend_kind": m.backend.kind(),
+                    "client": m.client.id(),
+                    "workload": m.workload.id,
+                    "iops": m.iops(),
+                    "client_ceiling_iops": ceiling,
+                    "client_bound": match (m.iops(), ceiling) {
+                        (Some(x), Some(c)) => x >= CLIENT_BOUND * c,
+                        _ => false,
+                    },
+                    "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
+                    "report": m.report.as_ref().ok(),
+                    "error": m.report.as_ref().err(),
+                    "backend_command": m.backend_command,
+                    "client_command": m.client_command,
+                })
+            })
+            .collect();
+        json!({
+            "environment": self.environment,
+            "skipped": self.skipped.iter().map(|(b, why)| json!({"backend": b.id(), "why": why})).collect::<Vec<_>>(),
+            "measurements": rows,
+        })
+    }
+
+    /// The result as markdown: one table per client, a row per workload, a column per
+    /// backend; IOPS with p50/p99 latency; client-bound figures marked.
+    pub fn to_markdown(&self, command: &str) -> String {
+        let mut out = String::new();
+        let env = &self.environment;
+        let _ = writeln!(out, "# Benchmark suite results\n");
+        let _ = writeln!(out, "    {command}\n");
+        let _ = writeln!(
+            out,
+            "{} on {} ({} CPUs, kernel {}); each backend alone on CPU {BACKEND_CPU}, the client on CPU {CLIENT_CPU}; {} s per measurement, a {DISK_MIB} MiB disk, {QUEUE_SIZE}-entry rings. qemu-storage-daemon: {}.\n",
+            env["date"].as_str().unwrap_or(""),
+            env["cpu"].as_str().unwrap_or(""),
+            env["cpus"],
+            env["kernel"].as_str().unwrap_or(""),
+            env["seconds_per_measurement"],
+            env["qemu_storage_daemon"].as_str().unwrap_or(""),
+        );
+        for (b, why) in &self.skipped {
+            let _ = writeln!(out, "- skipped {}: {why}", b.describe());
+        }
+        if !self.skipped.is_empty() {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "Cells: IOPS (p50 / p99 latency in µs; backend CPU ns per I/O). **†**: within {:.0}% of the client's own ceiling (its best against a null backend), so possibly the client's limit rather than the backend's.\n", CLIENT_BOUND * 100.0);
+        let mut backends: Vec<Backend> = Vec::new();
+        for m in &self.measurements {
+            if !backends.contains(&m.backend) {
+                backends.push(m.backend);
+            }
+        }
+        for client in [Client::Loadgen, Client::Blkio] {
+            let mine: Vec<&Measurement> = self
+                .measurements
+                .iter()
+                .filter(|m| m.client == client)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "## Client: {}\n",
+                match client {
+                    Client::Loadgen => "vfblk-loadgen (polling driver, no interrupts)",
+                    Client::Blkio => "libblkio (poll queues)",
+                }
+            );
+            let _ = write!(out, "| workload |");
+            for b in &backends {
+                let _ = write!(out, " {} |", b.describe());
+            }
+            let _ = write!(out, "\n|---|");
+            for _ in &backends {
+                let _ = write!(out, "---|");
+            }
+            out.push('\n');
+            let mut seen: Vec<&str> = Vec::new();
+            for m in &mine {
+                if seen.contains(&m.workload.id) {
+                    continue;
+                }
+                seen.push(m.workload.id);
+                let w = m.workload;
+                let ceiling = self.ceiling(client, &w);
+                let _ = write!(out, "| {} |", w.describe());
+                for b in &backends {
+                    let cell = mine
+                        .iter()
+                        .find(|x| x.backend == *b && x.workload == w)
+                        .map(|x| match &x.report {
+                            Ok(r) => {
+                                let iops = r["iops"].as_f64().unwrap_or(0.0);
+                                let bound = ceiling.is_some_and(|c| iops >= CLIENT_BOUND * c);
+                                format!(
+                                    "{}{} ({:.1} / {:.1}; {})",
+                                    thousands(iops),
+                                    if bound { " †" } else { "" },
+                                    r["lat_p50_us"].as_f64().unwrap_or(0.0),
+                                    r["lat_p99_us"].as_f64().unwrap_or(0.0),
+                                    x.backend_cpu_ns_per_io
+                                        .map(|n| format!("{n:.0}"))
+                                        .unwrap_or_else(|| "?".into())
+                                )
+                            }
+                            Err(e) => format!("failed: {}", e.chars().take(60).collect::<String>()),
+                        })
+                        .unwrap_or_else(|| "—".into());
+                    let _ = write!(out, " {cell} |");
+                }
+                out.push('\n');
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(out, "## Commands\n");
+        let mut commands: Vec<&str> = Vec::new();
+        for m in &self.measurements {
+            for c in [m.backend_command.as_str(), m.client_command.as_str()] {
+                if !c.is_empty() && !commands.contains(&c) {
+                    commands.push(c);
+                }
+            }
+        }
+        for c in commands {
+            let _ = writeln!(out, "    {c}");
+        }
+        out
+    }
+}
+
+/// 1234567.8 as "1,234,568".
+pub fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_ones_are_refused() {
+        for b in Backend::ALL {
+            assert_eq!(Backend::from_id(b.id()), Some(b));
+        }
+        let got = pick(
+            &["vfblk-null".to_string(), "spdk-malloc".to_string()],
+            &Backend::ALL,
+            Backend::id,
+            Backend::from_id,
+            "backend",
+        )
+        .unwrap();
+        assert_eq!(got, vec![Backend::OursNull, Backend::SpdkMalloc]);
+        let err = pick(
+            &["spdk".to_string()],
+            &Backend::ALL,
+            Backend::id,
+            Backend::from_id,
+            "backend",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("known: vfblk-null"), "{err}");
+        assert_eq!(thousands(1_234_567.8), "1,234,568");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(
+            WORKLOADS[6].describe(),
+            "random 4 KiB read, QD32 x 4 queues"
+        );
+        // QD128 must fit the ring: 3 descriptors per request.
+        assert!(WORKLOADS
+            .iter()
+            .all(|w| 3 * u32::from(w.qd) < u32::from(QUEUE_SIZE)));
+    }
+
+    #[test]
+    fn ceiling_is_the_clients_best_on_a_null_backend_and_marks_bound_figures() {
+        let w = WORKLOADS[1];
+        let m = |backend, iops: f64| Measurement {
+            backend,
+            client: Client::Loadgen,
+            workload: w,
+            report: Ok(json!({"iops": iops, "lat_p50_us": 1.0, "lat_p99_us": 2.0})),
+            backend_cpu_ns_per_io: Some(500.0),
+            backend_command: "b".into(),
+            client_command: "c".into(),
+        };
+        let r = SuiteResult {
+            measurements: vec![
+                m(Backend::OursNull, 1_000_000.0),
+                m(Backend::QsdNull, 800_000.0),
+                m(Backend::OursMem, 950_000.0),
+                m(Backend::OursFile, 300_000.0),
+            ],
+            skipped: vec![(Backend::SpdkNull, "no --spdk given".into())],
+            environment: json!({}),
+        };
+        assert_eq!(r.ceiling(Client::Loadgen, &w), Some(1_000_000.0));
+        assert_eq!(r.ceiling(Client::Blkio, &w), None);
+        let j = r.to_json();
+        let bound: Vec<bool> = j["measurements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["client_bound"].as_bool().unwrap())
+            .collect();
+        assert_eq!(bound, vec![true, false, true, false]);
+        let md = r.to_markdown("vfblk-bench suite");
+        assert!(
+            md.contains("skipped SPDK vhost null bdev: no --spdk given"),
+            "{md}"
+        );
+        assert!(md.contains("| random 4 KiB read, QD32 | 1,000,000 † (1.0 / 2.0; 500) | 800,000 (1.0 / 2.0; 500) | 950,000 † (1.0 / 2.0; 500) | 300,000 (1.0 / 2.0; 500) |"), "{md}");
+    }
+}
