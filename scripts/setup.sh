@@ -11,7 +11,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 need_apt=()
 # busybox-static, not busybox: the guest image copies /bin/busybox without libraries.
 # python3-prometheus-client: the metrics test parses our endpoint with Prometheus's parser.
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client; do
+# fonts-dejavu-core: the benchmark suite's plots draw their text with DejaVu Sans.
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 

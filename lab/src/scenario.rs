@@ -181,6 +181,9 @@ impl Lab {
     /// The first-level guest: TCG, virtual IOMMU, one emulated NVMe controller on `nvme_image`.
     pub fn l2_spec(&self, initrd: &Path, nvme_image: &Path) -> VmSpec {
         let mut spec = VmSpec::new("L2", Accel::Tcg, &self.kernel.vmlinux, initrd);
+        if std::env::var_os("VFBLK_EXP_L2_QEMU10").is_some() {
+            spec.qemu = crate::qemu::Qemu::backports(20).expect("qemu 10");
+        }
         spec.memory_mib = 3072;
         spec.iommu = true;
         spec.nvme.push(NvmeDisk {
