@@ -329,6 +329,13 @@ impl LoadGen {
         let mut queues = Vec::new();
         for q in 0..usize::from(opts.queues) {
             let off = q * per_queue;
+            // Without verify, writes carry whatever their buffer holds: a pattern set once
+            // here (not zeroes, which a backend could detect), so no write pays for a stamp.
+            if !opts.verify {
+                let data_off = off + ring_bytes + control_bytes;
+                // SAFETY: the data area lies inside our mapping, before any ring uses it.
+                unsafe { std::ptr::write_bytes(mem.base.add(data_off), 0x5a, data_bytes) };
+            }
             // SAFETY: the ring area lies inside our zeroed mapping.
             let mut ring =
                 unsafe { DriverQueue::new(mem.base.add(off), off as u64, opts.queue_size) };
@@ -561,11 +568,14 @@ impl LoadGen {
             std::ptr::write_bytes(hdr.add(4), 0, 4);
             std::ptr::copy_nonoverlapping(sector.to_le_bytes().as_ptr(), hdr.add(8), 8);
             self.host(control + 16).write_volatile(0xff);
-            let buf = std::slice::from_raw_parts_mut(self.host(data), bs);
-            if write {
-                stamp(unit, generation, self.opts.seed, buf);
-            } else {
-                buf.fill(0xa5);
+            // Only verify needs each write stamped and each read buffer poisoned.
+            if self.opts.verify {
+                let buf = std::slice::from_raw_parts_mut(self.host(data), bs);
+                if write {
+                    stamp(unit, generation, self.opts.seed, buf);
+                } else {
+                    buf.fill(0xa5);
+                }
             }
         }
         let q = &mut self.queues[qi];

@@ -1,0 +1,88 @@
+//! The benchmark suite on a machine without the peers: it runs our backends and
+//! qemu-storage-daemon under both clients, says which peers it skipped and why, and writes
+//! the JSON, the markdown table and the plots.
+
+use std::process::Command;
+
+use serde_json::Value;
+use vfblk_tests::{bin, lab_lock};
+
+#[test]
+fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
+    // Backends and clients are pinned to the two cores: nothing else may run meanwhile.
+    let _lock = lab_lock();
+    let out = std::env::temp_dir().join(format!("vfblk-bench-suite-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(bin("vfblk-bench"))
+        .args(["suite", "--seconds", "0.5", "--out"])
+        .arg(&out)
+        .args([
+            "--backends",
+            "vfblk-null,qsd-null,vfblk-mem,spdk-null,ch-file",
+            "--workloads",
+            "randread-4k-qd1,randread-4k-qd32",
+        ])
+        .output()
+        .expect("running vfblk-bench");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "vfblk-bench suite failed: {stderr}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("suite.json")).unwrap()).unwrap();
+    let skipped: Vec<&str> = json["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, ["spdk-null", "ch-file"], "{}", json["skipped"]);
+    let rows = json["measurements"].as_array().unwrap();
+    // 3 backends x 2 clients x 2 workloads, each with a clean report and its commands.
+    assert_eq!(rows.len(), 12, "{json:#}");
+    for r in rows {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["backend_cpu_ns_per_io"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["backend_command"].as_str().unwrap().starts_with("taskset -c 1 "),
+            "{r}"
+        );
+        let cdf = r["report"]["lat_cdf_us"].as_array().unwrap();
+        assert_eq!(cdf.last().unwrap()[1], 1.0, "{r}");
+    }
+    // The client's ceiling is its best figure on a null backend, which is marked bound.
+    for client in ["loadgen", "libblkio"] {
+        let best = rows
+            .iter()
+            .filter(|r| r["client"] == client && r["workload"] == "randread-4k-qd32")
+            .filter(|r| r["backend_kind"] == "null")
+            .max_by(|a, b| a["iops"].as_f64().unwrap().total_cmp(&b["iops"].as_f64().unwrap()))
+            .unwrap();
+        assert_eq!(best["client_bound"], true, "{best}");
+        assert_eq!(best["client_ceiling_iops"], best["iops"], "{best}");
+    }
+    let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
+    for want in [
+        "skipped SPDK vhost null bdev: no --spdk given",
+        "skipped cloud-hypervisor vhost_user_block (/dev/shm): no --cloud-hypervisor given",
+        "## Client: vfblk-loadgen",
+        "## Client: libblkio",
+        "| random 4 KiB read, QD32 |",
+        "![iops-by-depth-randread-loadgen.png](iops-by-depth-randread-loadgen.png)",
+    ] {
+        assert!(md.contains(want), "suite.md lacks {want:?}:\n{md}");
+    }
+    for plot in [
+        "iops-by-depth-randread-loadgen.png",
+        "iops-by-depth-randread-libblkio.png",
+        "latency-randread-4k-qd1-loadgen.png",
+        "latency-randread-4k-qd32-libblkio.png",
+    ] {
+        let bytes = std::fs::read(out.join(plot)).unwrap_or_else(|e| panic!("{plot}: {e}"));
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
+            "{plot}: not a drawn PNG ({} bytes)",
+            bytes.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
