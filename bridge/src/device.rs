@@ -343,7 +343,7 @@ impl QueueHandler for BlkQueue {
                     written,
                     kind: kind_of(self.request.op),
                     bytes: self.request.data_len as u32,
-                    started: self.stats.as_ref().map(|_| Instant::now()),
+                    started: self.stats.as_ref().map(|_| vfblk_vhost::worker::loop_now()),
                 };
                 self.slots[usize::from(head)] = slot;
                 self.request.durable =

@@ -43,7 +43,10 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["backend_cpu_ns_per_io"].as_f64().unwrap() > 0.0, "{r}");
         assert!(
-            r["backend_command"].as_str().unwrap().starts_with("taskset -c 1 "),
+            r["backend_command"]
+                .as_str()
+                .unwrap()
+                .starts_with("taskset -c 1 "),
             "{r}"
         );
         let cdf = r["report"]["lat_cdf_us"].as_array().unwrap();
@@ -55,7 +58,12 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
             .iter()
             .filter(|r| r["client"] == client && r["workload"] == "randread-4k-qd32")
             .filter(|r| r["backend_kind"] == "null")
-            .max_by(|a, b| a["iops"].as_f64().unwrap().total_cmp(&b["iops"].as_f64().unwrap()))
+            .max_by(|a, b| {
+                a["iops"]
+                    .as_f64()
+                    .unwrap()
+                    .total_cmp(&b["iops"].as_f64().unwrap())
+            })
             .unwrap();
         assert_eq!(best["client_bound"], true, "{best}");
         assert_eq!(best["client_ceiling_iops"], best["iops"], "{best}");

@@ -219,6 +219,28 @@ impl DriverQueue {
         std::sync::atomic::fence(Ordering::SeqCst);
     }
 
+    /// Whether the device wants a kick for what was made available since the avail index was
+    /// `old_avail`: under EVENT_IDX when the new entries pass its `avail_event`, otherwise
+    /// unless it set VRING_USED_F_NO_NOTIFY (a polling device). A driver that kicks anyway
+    /// pays a system call per batch for nothing.
+    pub fn needs_kick(&self, old_avail: u16, event_idx: bool) -> bool {
+        // The avail index must be visible before the device's suppression is read (the
+        // device re-checks the ring after re-enabling kicks: one side sees the other).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if event_idx {
+            // SAFETY: avail_event sits after the used ring's entries, inside the used ring.
+            let event =
+                unsafe { &*(self.used.add(4 + 8 * usize::from(self.size)) as *const AtomicU16) }
+                    .load(Ordering::Acquire);
+            let new = self.avail_idx;
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old_avail)
+        } else {
+            // SAFETY: the used ring's flags word at offset 0.
+            let flags = unsafe { &*(self.used as *const AtomicU16) }.load(Ordering::Acquire);
+            flags & crate::virtq::USED_F_NO_NOTIFY == 0
+        }
+    }
+
     /// The used index as the device last published it (what QEMU rewinds to on reconnect).
     pub fn used_idx_in_memory(&self) -> u16 {
         // SAFETY: used idx at offset 2.
@@ -238,5 +260,56 @@ impl DriverQueue {
     /// Host pointers of the rings (for tests that corrupt them).
     pub fn raw(&self) -> (*mut Descriptor, *mut u8, *mut u8) {
         (self.desc, self.avail, self.used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(area: &mut Vec<u64>) -> DriverQueue {
+        area.resize(DriverQueue::bytes(8).div_ceil(8), 0);
+        // SAFETY: `area` is zeroed, large enough, and outlives the queue in each test.
+        unsafe { DriverQueue::new(area.as_mut_ptr().cast(), 0, 8) }
+    }
+
+    fn request(q: &mut DriverQueue) {
+        let b = DriverBuffer {
+            gpa: 0x1000,
+            len: 16,
+            write: false,
+        };
+        q.add(&[b]).expect("room");
+    }
+
+    #[test]
+    fn kicks_only_when_the_device_asks_for_them() {
+        let mut area = Vec::new();
+        let mut q = queue(&mut area);
+        let (_, _, used) = q.raw();
+        let old = q.avail_idx();
+        request(&mut q);
+        assert!(
+            q.needs_kick(old, false),
+            "a device that did not say otherwise"
+        );
+        // SAFETY: the used ring's flags word.
+        unsafe { (used as *mut u16).write_volatile(crate::virtq::USED_F_NO_NOTIFY) };
+        assert!(!q.needs_kick(old, false), "a polling device set NO_NOTIFY");
+
+        // EVENT_IDX: kick when the new entries pass the device's avail_event.
+        // SAFETY: avail_event, after the used ring's 8 entries.
+        let avail_event = unsafe { used.add(4 + 8 * 8) as *mut u16 };
+        let old = q.avail_idx(); // 1
+        request(&mut q); // avail index 2
+                         // SAFETY: as above.
+        unsafe { avail_event.write_volatile(1) };
+        assert!(q.needs_kick(old, true), "the device waits for entry 1");
+        // SAFETY: as above.
+        unsafe { avail_event.write_volatile(5) };
+        assert!(!q.needs_kick(old, true), "the device waits for entry 5");
+        // SAFETY: as above.
+        unsafe { avail_event.write_volatile(0) };
+        assert!(!q.needs_kick(old, true), "entry 0 was already past");
     }
 }

@@ -328,6 +328,30 @@ const BUDGET: usize = 64;
 /// Empty loops between looks at the clock while idle.
 const IDLE_CLOCK_EVERY: u32 = 64;
 
+thread_local! {
+    /// The time of the poller's current loop, read at most once per loop (on first use).
+    static LOOP_CLOCK: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The time for work done in this poller loop: read from the clock once per loop and shared
+/// by every request the loop takes (a clock read per request cost a third of the poller's
+/// time at 3 M requests a second). Off a poller thread, the current time.
+pub fn loop_now() -> Instant {
+    LOOP_CLOCK.with(|c| match c.get() {
+        Some(t) => t,
+        None => {
+            let t = Instant::now();
+            c.set(Some(t));
+            t
+        }
+    })
+}
+
+/// Starts a new loop: the next [`loop_now`] reads the clock again.
+fn new_loop() {
+    LOOP_CLOCK.with(|c| c.set(None));
+}
+
 fn run(mailbox: &Mailbox, mode: PollMode) {
     let mut queues: Vec<QueueRuntime> = Vec::new();
     // Empty loops in a row, and when the first of them ran.
@@ -390,7 +414,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                 mailbox.longest_commands_ns.store(spent, Ordering::Relaxed);
             }
         }
-        let loop_start = Instant::now();
+        new_loop();
         let mut work = 0;
         for q in queues.iter_mut() {
             work += q.process(true);
@@ -398,7 +422,9 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
         if work > 0 {
             idle = 0;
             idle_since = None;
-            let spent = loop_start.elapsed().as_nanos() as u64;
+            // From the first queue with work in this loop to now: two clock reads per busy
+            // loop, however many requests.
+            let spent = loop_now().elapsed().as_nanos() as u64;
             // Only this thread writes it: a plain add through a relaxed load and store.
             let busy = mailbox.busy_ns.load(Ordering::Relaxed);
             mailbox.busy_ns.store(busy + spent, Ordering::Relaxed);
@@ -585,6 +611,8 @@ impl QueueRuntime {
         {
             return 0;
         }
+        // This loop has work: its start time (for busy time and the requests it takes).
+        loop_now();
         let mut work = 0;
         while self.handler.can_take() && !self.broken {
             let Some(head) = self.resubmit.pop() else {

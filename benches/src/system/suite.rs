@@ -35,6 +35,8 @@ pub enum Backend {
     OursNull,
     /// vfblk-bridge, `mem` backend (RAM disk in /dev/shm), polling.
     OursMem,
+    /// vfblk-bridge, `mem` backend on hugetlbfs (2 MiB pages, as SPDK's malloc bdev has).
+    OursMemHuge,
     /// vfblk-bridge, `file` backend (io_uring) on /dev/shm, polling.
     OursFile,
     /// qemu-storage-daemon, `null-co`.
@@ -51,11 +53,12 @@ pub enum Backend {
 
 impl Backend {
     /// Every backend, in table order.
-    pub const ALL: [Backend; 8] = [
+    pub const ALL: [Backend; 9] = [
         Backend::OursNull,
         Backend::SpdkNull,
         Backend::QsdNull,
         Backend::OursMem,
+        Backend::OursMemHuge,
         Backend::SpdkMalloc,
         Backend::OursFile,
         Backend::QsdFile,
@@ -67,6 +70,7 @@ impl Backend {
         match self {
             Backend::OursNull => "vfblk-null",
             Backend::OursMem => "vfblk-mem",
+            Backend::OursMemHuge => "vfblk-mem-huge",
             Backend::OursFile => "vfblk-file",
             Backend::QsdNull => "qsd-null",
             Backend::QsdFile => "qsd-file",
@@ -80,7 +84,8 @@ impl Backend {
     pub fn describe(self) -> &'static str {
         match self {
             Backend::OursNull => "vfblk-bridge null",
-            Backend::OursMem => "vfblk-bridge mem (RAM)",
+            Backend::OursMem => "vfblk-bridge mem (RAM, 4 KiB pages)",
+            Backend::OursMemHuge => "vfblk-bridge mem (RAM, 2 MiB pages)",
             Backend::OursFile => "vfblk-bridge file (io_uring, /dev/shm)",
             Backend::QsdNull => "qemu-storage-daemon null-co",
             Backend::QsdFile => "qemu-storage-daemon file (io_uring, /dev/shm)",
@@ -94,7 +99,7 @@ impl Backend {
     pub fn kind(self) -> &'static str {
         match self {
             Backend::OursNull | Backend::QsdNull | Backend::SpdkNull => "null",
-            Backend::OursMem | Backend::SpdkMalloc => "ram",
+            Backend::OursMem | Backend::OursMemHuge | Backend::SpdkMalloc => "ram",
             Backend::OursFile | Backend::QsdFile | Backend::ChFile => "file",
         }
     }
@@ -377,6 +382,17 @@ impl Suite {
                 let _ = std::fs::remove_file(&shm);
                 self.spawn(bridge(format!("mem:{shm}:{DISK_MIB}M")), &[])
             }
+            Backend::OursMemHuge => {
+                let dir = hugetlbfs(DISK_MIB / 2)?;
+                let path = dir.join(format!("vfblk-bench-suite-{}", std::process::id()));
+                let _ = std::fs::remove_file(&path);
+                let running =
+                    self.spawn(bridge(format!("mem:{}:{DISK_MIB}M", path.display())), &[]);
+                // The pages stay reserved to the file until it goes; the open mapping keeps
+                // them for the backend meanwhile.
+                let _ = std::fs::remove_file(&path);
+                running
+            }
             Backend::OursFile => self.spawn(bridge(format!("file:{}", self.data.display())), &[]),
             Backend::QsdNull => self.spawn(
                 qsd(format!(
@@ -552,11 +568,17 @@ impl Suite {
                 match serde_json::from_str::<Value>(text.trim()) {
                     Ok(r) if r["ios"].as_u64().unwrap_or(0) > 0 && r["failed"] == 0 => Ok(r),
                     Ok(r) => Err(format!("no clean I/O: {r}")),
-                    Err(_) => Err(format!(
-                        "the client printed no report ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )),
+                    Err(_) => {
+                        // Its last line, without the program's name in front.
+                        let stderr = String::from_utf8_lossy(&out.stderr);
+                        let last = stderr.trim().lines().last().unwrap_or("").to_string();
+                        let reason = last
+                            .split_once(": ")
+                            .filter(|(program, _)| program.starts_with("vfblk-"))
+                            .map(|(_, rest)| rest.to_string())
+                            .unwrap_or(last);
+                        Err(format!("{reason} ({})", out.status))
+                    }
                 }
             }
         };
@@ -570,29 +592,47 @@ impl Suite {
     }
 }
 
-/// Reserves the hugepages SPDK's DPDK needs and mounts hugetlbfs if nothing has.
-fn spdk_hugepages() -> Result<()> {
-    vfblk_hugepages::reserve::reserve_2m(512).map_err(|e| {
-        Error::Run(format!(
-            "reserving hugepages for SPDK: {}",
-            crate::error_chain(&e)
-        ))
-    })?;
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"))
-    {
-        std::fs::create_dir_all("/dev/hugepages").map_err(io("creating /dev/hugepages".into()))?;
-        let status = Command::new("mount")
-            .args(["-t", "hugetlbfs", "nodev", "/dev/hugepages"])
-            .status()
-            .map_err(io("running mount".into()))?;
-        if !status.success() {
-            return Err(Error::Run(format!("mount -t hugetlbfs: {status}")));
-        }
+/// At least `pages` free 2 MiB hugepages and a hugetlbfs mount (made at /dev/hugepages if
+/// there is none); returns the mount's directory.
+fn hugetlbfs(pages: u64) -> Result<PathBuf> {
+    let number = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let free = number("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+    let total = number("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages");
+    if free < pages {
+        vfblk_hugepages::reserve::reserve_2m(total + pages - free).map_err(|e| {
+            Error::Run(format!(
+                "reserving {pages} hugepages: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
     }
-    Ok(())
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"hugetlbfs") && !l.contains("pagesize=1G")).then(|| PathBuf::from(f[1]))
+    });
+    if let Some(dir) = mounted {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all("/dev/hugepages").map_err(io("creating /dev/hugepages".into()))?;
+    let status = Command::new("mount")
+        .args(["-t", "hugetlbfs", "nodev", "/dev/hugepages"])
+        .status()
+        .map_err(io("running mount".into()))?;
+    if !status.success() {
+        return Err(Error::Run(format!("mount -t hugetlbfs: {status}")));
+    }
+    Ok(PathBuf::from("/dev/hugepages"))
+}
+
+/// The hugepages SPDK's DPDK takes (about 310 with a 256 MiB malloc bdev) and hugetlbfs.
+fn spdk_hugepages() -> Result<()> {
+    hugetlbfs(400).map(|_| ())
 }
 
 /// The whole result.
@@ -645,6 +685,29 @@ fn command_output(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// Share of all CPUs busy over `over` (from /proc/stat): a suite run beside other work
+/// measures the scheduler, not the backends.
+fn machine_busy(over: Duration) -> Option<f64> {
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
+        Some((cpu.iter().take(8).sum(), idle))
+    };
+    let (t0, i0) = sample()?;
+    std::thread::sleep(over);
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0)?.max(1);
+    Some(1.0 - (i1.saturating_sub(i0)) as f64 / total as f64)
+}
+
 fn environment(o: &SuiteOptions) -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -675,6 +738,7 @@ fn environment(o: &SuiteOptions) -> Value {
         "queue_size": QUEUE_SIZE,
         "backend_cpu": BACKEND_CPU,
         "client_cpu": CLIENT_CPU,
+        "busy_before_run": machine_busy(Duration::from_secs(1)),
     })
 }
 
@@ -721,6 +785,15 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     for (b, why) in &skipped {
         tracing::warn!("skipping {}: {why}", b.id());
     }
+    let environment = environment(o);
+    if let Some(busy) = environment["busy_before_run"].as_f64() {
+        if busy > 0.1 {
+            tracing::warn!(
+                "the machine was {:.0}% busy before the run: figures will show the contention",
+                busy * 100.0
+            );
+        }
+    }
     suite.prepare_data()?;
     let total = runnable.len() * workloads.len() * clients.len();
     let mut measurements = Vec::new();
@@ -749,7 +822,7 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     Ok(SuiteResult {
         measurements,
         skipped,
-        environment: environment(o),
+        environment,
     })
 }
 
@@ -813,6 +886,18 @@ impl SuiteResult {
             env["seconds_per_measurement"],
             env["qemu_storage_daemon"].as_str().unwrap_or(""),
         );
+        if let Some(busy) = env["busy_before_run"].as_f64() {
+            let _ = writeln!(
+                out,
+                "The machine was {:.0}% busy in the second before the run{}.\n",
+                busy * 100.0,
+                if busy > 0.1 {
+                    ": **the figures include that contention**"
+                } else {
+                    ""
+                }
+            );
+        }
         for (b, why) in &self.skipped {
             let _ = writeln!(out, "- skipped {}: {why}", b.describe());
         }
@@ -880,7 +965,9 @@ impl SuiteResult {
                                         .unwrap_or_else(|| "?".into())
                                 )
                             }
-                            Err(e) => format!("failed: {}", e.chars().take(60).collect::<String>()),
+                            Err(e) => {
+                                format!("failed: {}", e.chars().take(100).collect::<String>())
+                            }
                         })
                         .unwrap_or_else(|| "—".into());
                     let _ = write!(out, " {cell} |");
