@@ -228,6 +228,11 @@ pub enum Ending {
     Wedged(String),
     /// QEMU exited before the test script finished.
     QemuExited(String),
+    /// QEMU itself crashed (killed by this signal, which we did not send) before the test
+    /// script finished: the emulator broke, not the code under test in the guest (QEMU 7.2's
+    /// emulated NVMe segfaults now and then in `nvme_rw_complete_cb` after a controller
+    /// reset), so the run is safe to retry. The stderr tail is kept.
+    EmulatorCrashed(i32, String),
 }
 
 /// How long a guest kernel may report a CPU stuck before the run counts as wedged. Loaded
@@ -449,18 +454,49 @@ pub fn run_watching(
             Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 out.ending = match exit_status {
                     Some(code) => Ending::Finished(code),
-                    None => Ending::QemuExited(tail(&stderr_log, 5)),
+                    None => match crash_signal(&mut child) {
+                        Some(signal) => Ending::EmulatorCrashed(signal, tail(&stderr_log, 5)),
+                        None => Ending::QemuExited(tail(&stderr_log, 5)),
+                    },
                 };
                 break;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    let powered_off = matches!(out.ending, Ending::Finished(_) | Ending::QemuExited(_));
+    let powered_off = matches!(
+        out.ending,
+        Ending::Finished(_) | Ending::QemuExited(_) | Ending::EmulatorCrashed(..)
+    );
     stop(&mut child, powered_off);
     let _ = reader.join();
     out.elapsed = started.elapsed();
     Ok(out)
+}
+
+/// The signal that killed QEMU if it died of a crash (segfault, abort, bus error, illegal
+/// instruction, arithmetic fault); waits up to 2 s for it to exit after its console closed.
+fn crash_signal(child: &mut Child) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    for _ in 0..40 {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return status.signal().filter(|s| {
+                    [
+                        libc::SIGSEGV,
+                        libc::SIGABRT,
+                        libc::SIGBUS,
+                        libc::SIGILL,
+                        libc::SIGFPE,
+                    ]
+                    .contains(s)
+                })
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Kills the QEMU we started, if it is still running, and reaps it.
@@ -510,6 +546,7 @@ pub fn run_retrying_stalls(
             // The guest died before its test script began (a kernel panic at boot under
             // nested virtualisation): nothing of the test ran, so a new boot is safe.
             Ending::QemuExited(_) if run.boot_time.is_none() => Some("guest died while booting"),
+            Ending::EmulatorCrashed(..) => Some("QEMU crashed"),
             _ => None,
         };
         if let (Some(why), true) = (retry, tries < max_tries) {
@@ -726,5 +763,24 @@ mod runner_tests {
         let retried = run_retrying_stalls(&after, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
         assert_eq!(retried.tries, 1, "the test had begun: its failure stands");
         assert!(matches!(retried.run.ending, Ending::QemuExited(_)));
+    }
+
+    #[test]
+    fn qemu_crashing_mid_test_is_retried_and_reported_with_its_signal() {
+        let dir = temp_dir("crash");
+        let crash = fake_qemu(
+            &dir,
+            "crash",
+            "echo '@@VFBLK-BOOTED 1.0'\necho 'segfault in the emulator' >&2\nkill -SEGV $$",
+        );
+        let retried = run_retrying_stalls(&crash, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 2, "a crashed emulator is retried");
+        match retried.run.ending {
+            Ending::EmulatorCrashed(signal, stderr) => {
+                assert_eq!(signal, libc::SIGSEGV);
+                assert!(stderr.contains("segfault in the emulator"), "{stderr}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
