@@ -12,7 +12,8 @@ need_apt=()
 # busybox-static, not busybox: the guest image copies /bin/busybox without libraries.
 # python3-prometheus-client: the metrics test parses our endpoint with Prometheus's parser.
 # fonts-dejavu-core: the benchmark suite's plots draw their text with DejaVu Sans.
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core; do
+# valgrind, strace: the cost benchmark counts instructions, allocations and system calls.
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use vfblk_benches::system::{nvme, plot, suite, target, vhost};
+use vfblk_benches::system::{cost, nvme, plot, suite, target, vhost};
 
 /// System benchmarks of the stack.
 #[derive(Parser, Debug)]
@@ -59,6 +59,19 @@ enum Command {
         /// Requests in flight.
         #[arg(long, default_value_t = 32)]
         qd: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Software cost per I/O on the null path: instructions and allocations in the request
+    /// path (valgrind's callgrind), system calls of the poller thread (strace).
+    Cost {
+        /// Seconds of client I/O per measurement.
+        #[arg(long, default_value_t = 5.0, value_parser = vfblk_benches::args::seconds)]
+        seconds: f64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
+        qd: u16,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -155,6 +168,9 @@ fn main() -> ExitCode {
         }),
         Command::Vhost { seconds, qd, json } => {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
+        }
+        Command::Cost { seconds, qd, json } => {
+            cost::bench(&cost::CostOptions { seconds, qd, json })
         }
         Command::Nvme { seconds, json } => nvme::bench(&nvme::NvmeBenchOptions { seconds, json }),
         Command::Target { seconds, qd, json } => {

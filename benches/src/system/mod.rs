@@ -2,6 +2,7 @@
 //! the [`suite`] SPDK and cloud-hypervisor) or the
 //! lab guest (our NVMe driver against the kernel's), each run recorded with its command.
 
+pub mod cost;
 pub mod nvme;
 pub mod plot;
 pub mod suite;

@@ -42,7 +42,8 @@ fn draw_error<E: std::fmt::Debug>(what: &Path) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Run(format!("drawing {}: {e:?}", what.display()))
 }
 
-const COLOURS: [RGBColor; 8] = [
+/// One colour per backend (as many as [`Backend::ALL`]).
+const COLOURS: [RGBColor; 9] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -51,6 +52,7 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
 ];
 
 fn colour(b: Backend) -> RGBColor {

@@ -855,7 +855,15 @@ impl SuiteResult {
                         _ => false,
                     },
                     "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
-                    "report": m.report.as_ref().ok(),
+                    // The latency distributions are drawn in the plots; the file keeps
+                    // the quantiles (the CDFs would make it a megabyte).
+                    "report": m.report.as_ref().ok().map(|r| {
+                        let mut r = r.clone();
+                        if let Some(o) = r.as_object_mut() {
+                            o.remove("lat_cdf_us");
+                        }
+                        r
+                    }),
                     "error": m.report.as_ref().err(),
                     "backend_command": m.backend_command,
                     "client_command": m.client_command,
@@ -937,6 +945,8 @@ impl SuiteResult {
                 let _ = write!(out, "---|");
             }
             out.push('\n');
+            // Failures are numbered notes under the table, each distinct reason once.
+            let mut failures: Vec<&str> = Vec::new();
             let mut seen: Vec<&str> = Vec::new();
             for m in &mine {
                 if seen.contains(&m.workload.id) {
@@ -966,7 +976,14 @@ impl SuiteResult {
                                 )
                             }
                             Err(e) => {
-                                format!("failed: {}", e.chars().take(100).collect::<String>())
+                                let n = match failures.iter().position(|f| *f == e.as_str()) {
+                                    Some(i) => i + 1,
+                                    None => {
+                                        failures.push(e.as_str());
+                                        failures.len()
+                                    }
+                                };
+                                format!("failed ({n})")
                             }
                         })
                         .unwrap_or_else(|| "—".into());
@@ -975,6 +992,9 @@ impl SuiteResult {
                 out.push('\n');
             }
             out.push('\n');
+            for (i, f) in failures.iter().enumerate() {
+                let _ = writeln!(out, "({}) {f}\n", i + 1);
+            }
         }
         let _ = writeln!(out, "## Commands\n");
         let mut commands: Vec<&str> = Vec::new();
@@ -1062,6 +1082,10 @@ mod tests {
                 m(Backend::QsdNull, 800_000.0),
                 m(Backend::OursMem, 950_000.0),
                 m(Backend::OursFile, 300_000.0),
+                Measurement {
+                    report: Err("libblkio connect: refused".into()),
+                    ..m(Backend::SpdkMalloc, 0.0)
+                },
             ],
             skipped: vec![(Backend::SpdkNull, "no --spdk given".into())],
             environment: json!({}),
@@ -1075,12 +1099,13 @@ mod tests {
             .iter()
             .map(|m| m["client_bound"].as_bool().unwrap())
             .collect();
-        assert_eq!(bound, vec![true, false, true, false]);
+        assert_eq!(bound, vec![true, false, true, false, false]);
         let md = r.to_markdown("vfblk-bench suite");
         assert!(
             md.contains("skipped SPDK vhost null bdev: no --spdk given"),
             "{md}"
         );
-        assert!(md.contains("| random 4 KiB read, QD32 | 1,000,000 † (1.0 / 2.0; 500) | 800,000 (1.0 / 2.0; 500) | 950,000 † (1.0 / 2.0; 500) | 300,000 (1.0 / 2.0; 500) |"), "{md}");
+        assert!(md.contains("| random 4 KiB read, QD32 | 1,000,000 † (1.0 / 2.0; 500) | 800,000 (1.0 / 2.0; 500) | 950,000 † (1.0 / 2.0; 500) | 300,000 (1.0 / 2.0; 500) | failed (1) |"), "{md}");
+        assert!(md.contains("(1) libblkio connect: refused"), "{md}");
     }
 }
