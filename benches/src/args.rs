@@ -1,7 +1,41 @@
 //! Parsers of the load tools' command-line values (shared by `vfblk-loadgen` and
 //! `vfblk-blkio-load`): each refuses what it cannot represent instead of truncating it.
 
+use std::path::PathBuf;
+
 use crate::loadgen::Workload;
+
+/// What every load tool is told: where, how much, what pattern, how long, and how to report.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobArgs {
+    /// The backend's vhost-user socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Virtqueues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub qd: u16,
+    /// Bytes per request (a multiple of 512).
+    #[arg(long, default_value_t = 4096)]
+    pub bs: u32,
+    /// read, write or mixed[:READ_PERCENT].
+    #[arg(long, default_value = "read", value_parser = workload)]
+    pub rw: Workload,
+    /// Blocks in order instead of at random.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Seconds of I/O.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub seconds: f64,
+    /// Seconds of I/O before latencies and gaps count (fio's ramp_time).
+    #[arg(long, default_value_t = 0.0, value_parser = seconds)]
+    pub ramp_time: f64,
+    /// Machine-readable summary.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// A virtqueue size: a power of two of at least 4 that fits 16 bits.
 pub fn queue_size(s: &str) -> Result<u16, String> {

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 use vfblk_benches::system::{cost, nvme, plot, suite, target, vhost};
 
@@ -21,35 +20,7 @@ enum Command {
     /// The suite: backends side by side (ours, qemu-storage-daemon, and SPDK and
     /// cloud-hypervisor when given) under two clients over a set of workloads; writes
     /// suite.json, suite.md and PNG plots into --out.
-    Suite {
-        /// Seconds of I/O per measurement.
-        #[arg(long, default_value_t = 5.0, value_parser = vfblk_benches::args::seconds)]
-        seconds: f64,
-        /// Directory for suite.json, suite.md and the plots.
-        #[arg(long, default_value = "docs/bench")]
-        out: PathBuf,
-        /// Only these backends (comma-separated ids; default: every one whose binary is there):
-        /// vfblk-null, spdk-null, qsd-null, vfblk-mem, spdk-malloc, vfblk-file, qsd-file, ch-file.
-        #[arg(long, value_delimiter = ',')]
-        backends: Vec<String>,
-        /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
-        /// randread-4k-qd32, randread-4k-qd128, randwrite-4k-qd1, randwrite-4k-qd32,
-        /// randwrite-4k-qd128, randread-4k-qd32-4queues, seqread-128k-qd32.
-        #[arg(long, value_delimiter = ',')]
-        workloads: Vec<String>,
-        /// Only these clients (comma-separated: loadgen, libblkio; default both).
-        #[arg(long, value_delimiter = ',')]
-        clients: Vec<String>,
-        /// SPDK's built source tree (build/bin/vhost; see ../shared/tools/peers).
-        #[arg(long)]
-        spdk: Option<PathBuf>,
-        /// cloud-hypervisor's vhost_user_block binary.
-        #[arg(long)]
-        cloud_hypervisor: Option<PathBuf>,
-        /// Print the JSON instead of the markdown.
-        #[arg(long)]
-        json: bool,
-    },
+    Suite(suite::SuiteOptions),
     /// vfblk-loadgen 4 KiB randread against vfblk-bridge (mem, file) and qemu-storage-daemon
     /// on the same data, one core each.
     Vhost {
@@ -147,25 +118,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match Args::parse().command {
-        Command::Suite {
-            seconds,
-            out,
-            backends,
-            workloads,
-            clients,
-            spdk,
-            cloud_hypervisor,
-            json,
-        } => run_suite(suite::SuiteOptions {
-            seconds,
-            out,
-            backends,
-            workloads,
-            clients,
-            spdk,
-            cloud_hypervisor,
-            json,
-        }),
+        Command::Suite(options) => run_suite(options),
         Command::Vhost { seconds, qd, json } => {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
         }

@@ -2,42 +2,25 @@
 //! and (with --verify) check every read against the last completed write, across backend
 //! restarts.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use vfblk_benches::args;
-use vfblk_benches::loadgen::{LoadGen, Options, Workload};
+use vfblk_benches::loadgen::{LoadGen, Options};
 
 /// Drive a vhost-user-blk backend like QEMU and a guest would.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The backend's vhost-user socket.
-    #[arg(long)]
-    socket: PathBuf,
-    /// Virtqueues.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    queues: u16,
+    #[command(flatten)]
+    job: args::JobArgs,
     /// Entries per virtqueue (a power of two).
     #[arg(long, default_value_t = 128, value_parser = args::queue_size)]
     queue_size: u16,
-    /// Requests in flight per queue (below half the queue size).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
-    qd: u16,
-    /// Bytes per request (a multiple of 512).
-    #[arg(long, default_value_t = 4096)]
-    bs: u32,
-    /// read, write or mixed[:READ_PERCENT].
-    #[arg(long, default_value = "read", value_parser = args::workload)]
-    rw: Workload,
     /// Stamp writes and check reads (use with write or mixed).
     #[arg(long)]
     verify: bool,
-    /// Seconds of I/O.
-    #[arg(long, default_value_t = 10.0, value_parser = args::seconds)]
-    seconds: f64,
     /// Do not use INFLIGHT_SHMFD even if offered.
     #[arg(long)]
     no_inflight: bool,
@@ -70,31 +53,22 @@ struct Args {
     /// Requests per second over all queues, evenly paced (default: as fast as --qd allows).
     #[arg(long, value_parser = args::rate)]
     rate: Option<f64>,
-    /// Seconds of I/O before latencies and gaps count (fio's ramp_time).
-    #[arg(long, default_value_t = 0.0, value_parser = args::seconds)]
-    ramp_time: f64,
-    /// Blocks in order instead of at random.
-    #[arg(long)]
-    sequential: bool,
     /// Connect and set up the rings, then do no I/O for --seconds (an idle guest).
     #[arg(long)]
     idle: bool,
-    /// Machine-readable summary.
-    #[arg(long)]
-    json: bool,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
     let options = Options {
-        socket: a.socket,
-        queues: a.queues,
+        socket: a.job.socket,
+        queues: a.job.queues,
         queue_size: a.queue_size,
-        depth: a.qd,
-        block_size: a.bs,
-        workload: a.rw,
+        depth: a.job.qd,
+        block_size: a.job.bs,
+        workload: a.job.rw,
         verify: a.verify,
-        seconds: a.seconds,
+        seconds: a.job.seconds,
         inflight: !a.no_inflight,
         reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
         io_timeout: Duration::from_secs(a.io_timeout_s),
@@ -105,8 +79,8 @@ fn main() -> ExitCode {
         unaligned: a.unaligned,
         polled: a.polled,
         rate: a.rate,
-        ramp_time: Duration::from_secs_f64(a.ramp_time),
-        sequential: a.sequential,
+        ramp_time: Duration::from_secs_f64(a.job.ramp_time),
+        sequential: a.job.sequential,
     };
     let report = match LoadGen::new(options) {
         Ok(lg) if a.idle => lg.idle(),
@@ -116,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if a.json {
+    if a.job.json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_text());

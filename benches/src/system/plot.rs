@@ -43,6 +43,29 @@ fn draw_error<E: std::fmt::Debug>(what: &Path) -> impl Fn(E) -> Error + '_ {
 }
 
 /// One colour per backend (as many as [`Backend::ALL`]).
+/// Draws the legend at `position` and writes the image.
+fn legend_and_save<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    let err = draw_error(path);
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(&err)?;
+    root.present().map_err(&err)
+}
+
 const COLOURS: [RGBColor; 9] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -127,15 +150,7 @@ fn iops_by_depth(r: &SuiteResult, client: Client, write: bool, path: &Path) -> R
             .draw_series(scaled.iter().map(|&p| Circle::new(p, 4, c.filled())))
             .map_err(&err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperLeft, path)?;
     Ok(true)
 }
 
@@ -212,15 +227,7 @@ fn latency_cdf(r: &SuiteResult, client: Client, workload: &str, path: &Path) -> 
             .label(b.describe())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::LowerRight, path)?;
     Ok(true)
 }
 

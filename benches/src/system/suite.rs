@@ -207,24 +207,36 @@ impl Workload {
     }
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (also `vfblk-bench suite`'s arguments).
+#[derive(clap::Args, Debug, Clone)]
 pub struct SuiteOptions {
     /// Seconds of I/O per measurement.
+    #[arg(long, default_value_t = 5.0, value_parser = crate::args::seconds)]
     pub seconds: f64,
-    /// Where the JSON, markdown and plots go.
+    /// Directory for suite.json, suite.md and the plots.
+    #[arg(long, default_value = "docs/bench")]
     pub out: PathBuf,
-    /// Backends by id (empty: all whose binaries are there).
+    /// Only these backends (comma-separated ids; default: every one whose binary is there):
+    /// vfblk-null, spdk-null, qsd-null, vfblk-mem, vfblk-mem-huge, spdk-malloc, vfblk-file,
+    /// qsd-file, ch-file.
+    #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
-    /// Workloads by id (empty: all).
+    /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
+    /// randread-4k-qd32, randread-4k-qd128, randwrite-4k-qd1, randwrite-4k-qd32,
+    /// randwrite-4k-qd128, randread-4k-qd32-4queues, seqread-128k-qd32.
+    #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Clients by id (empty: both).
+    /// Only these clients (comma-separated: loadgen, libblkio; default both).
+    #[arg(long, value_delimiter = ',')]
     pub clients: Vec<String>,
-    /// SPDK's built tree (with build/bin/vhost and scripts/), if any.
+    /// SPDK's built source tree (build/bin/vhost; see ../shared/tools/peers).
+    #[arg(long)]
     pub spdk: Option<PathBuf>,
-    /// cloud-hypervisor's `vhost_user_block` binary, if any.
+    /// cloud-hypervisor's vhost_user_block binary.
+    #[arg(long)]
     pub cloud_hypervisor: Option<PathBuf>,
-    /// Print the JSON instead of the table.
+    /// Print the JSON instead of the markdown.
+    #[arg(long)]
     pub json: bool,
 }
 
