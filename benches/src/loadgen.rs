@@ -166,6 +166,32 @@ impl Report {
         })
     }
 
+    /// What a load tool's `main` ends with: the report (JSON or text) on stdout and a
+    /// failure exit status unless it is clean, or the error that stopped the run.
+    pub fn print_and_exit_code(
+        program: &str,
+        result: crate::Result<Report>,
+        json: bool,
+    ) -> std::process::ExitCode {
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{program}: {}", crate::error_chain(&e));
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        if json {
+            println!("{}", report.to_json());
+        } else {
+            print!("{}", report.to_text());
+        }
+        if report.clean() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    }
+
     /// The report for people.
     pub fn to_text(&self) -> String {
         let us = |q: f64| self.latency.quantile_ns(q) as f64 / 1000.0;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use vfblk_benches::args;
 use vfblk_benches::blkio_load::{run, BlkioOptions};
+use vfblk_benches::loadgen::Report;
 
 /// Drive a vhost-user-blk backend through libblkio (driver virtio-blk-vhost-user).
 #[derive(Parser, Debug)]
@@ -33,21 +34,5 @@ fn main() -> ExitCode {
         poll: a.poll,
         ramp_time: Duration::from_secs_f64(job.ramp_time),
     };
-    let report = match run(&options) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vfblk-blkio-load: {}", vfblk_benches::error_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    if job.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.to_text());
-    }
-    if report.clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    Report::print_and_exit_code("vfblk-blkio-load", run(&options), job.json)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use vfblk_benches::args;
-use vfblk_benches::loadgen::{LoadGen, Options};
+use vfblk_benches::loadgen::{LoadGen, Options, Report};
 
 /// Drive a vhost-user-blk backend like QEMU and a guest would.
 #[derive(Parser, Debug)]
@@ -82,22 +82,6 @@ fn main() -> ExitCode {
         ramp_time: Duration::from_secs_f64(a.job.ramp_time),
         sequential: a.job.sequential,
     };
-    let report = match LoadGen::new(options) {
-        Ok(lg) if a.idle => lg.idle(),
-        Ok(lg) => lg.run(),
-        Err(e) => {
-            eprintln!("vfblk-loadgen: {}", vfblk_benches::error_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    if a.job.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.to_text());
-    }
-    if report.clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    let result = LoadGen::new(options).map(|lg| if a.idle { lg.idle() } else { lg.run() });
+    Report::print_and_exit_code("vfblk-loadgen", result, a.job.json)
 }
