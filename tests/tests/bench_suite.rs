@@ -21,6 +21,8 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
             "vfblk-null,qsd-null,vfblk-mem,spdk-null,ch-file",
             "--workloads",
             "randread-4k-qd1,randread-4k-qd32",
+            "--restarts",
+            "2",
         ])
         .output()
         .expect("running vfblk-bench");
@@ -67,6 +69,17 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         assert_eq!(best["client_bound"], true, "{best}");
         assert_eq!(best["client_ceiling_iops"], best["iops"], "{best}");
     }
+    // Two SIGKILLs of the mem backend under a verifying client: two reconnects, each pause
+    // measured, nothing lost or wrong.
+    let restarts = json["restarts"].as_array().unwrap();
+    assert_eq!(restarts.len(), 1, "{}", json["restarts"]);
+    let r = &restarts[0]["report"];
+    assert_eq!(restarts[0]["backend"], "vfblk-mem", "{r}");
+    assert_eq!(r["reconnects"], 2, "{r}");
+    assert_eq!(r["pauses_ms"].as_array().unwrap().len(), 2, "{r}");
+    for key in ["verify_errors", "lost", "failed", "not_a_head"] {
+        assert_eq!(r[key], 0, "{key}: {r}");
+    }
     let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
     for want in [
         "skipped SPDK vhost null bdev: no --spdk given",
@@ -75,6 +88,7 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         "## Client: libblkio",
         "| random 4 KiB read, QD32 |",
         "![iops-by-depth-randread-loadgen.png](iops-by-depth-randread-loadgen.png)",
+        "## Restarts: SIGKILL",
     ] {
         assert!(md.contains(want), "suite.md lacks {want:?}:\n{md}");
     }
@@ -83,6 +97,7 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         "iops-by-depth-randread-libblkio.png",
         "latency-randread-4k-qd1-loadgen.png",
         "latency-randread-4k-qd32-libblkio.png",
+        "restart-pauses.png",
     ] {
         let bytes = std::fs::read(out.join(plot)).unwrap_or_else(|e| panic!("{plot}: {e}"));
         assert!(

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use crate::system::suite::{Backend, Client, SuiteResult, WORKLOADS};
+use crate::system::suite::{pauses_ms, Backend, Client, SuiteResult, WORKLOADS};
 use crate::{Error, Result};
 
 /// Where the font is looked for, in order.
@@ -231,6 +231,65 @@ fn latency_cdf(r: &SuiteResult, client: Client, workload: &str, path: &Path) -> 
     Ok(true)
 }
 
+/// The client's I/O pause at each restart, a line per backend.
+fn restart_pauses(r: &SuiteResult, path: &Path) -> Result<bool> {
+    let series: Vec<(Backend, Vec<(f64, f64)>)> = r
+        .restarts
+        .iter()
+        .filter_map(|run| {
+            let pauses = pauses_ms(run.report.as_ref().ok()?);
+            let points = pauses
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| ((i + 1) as f64, p))
+                .collect::<Vec<_>>();
+            (!points.is_empty()).then_some((run.backend, points))
+        })
+        .collect();
+    if series.is_empty() {
+        return Ok(false);
+    }
+    let count = series.iter().map(|(_, p)| p.len()).max().unwrap_or(1) as f64;
+    let top = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    let err = draw_error(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "I/O pause the client sees at each SIGKILL + restart",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.5f64..count + 0.5, 0f64..top)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("restart")
+        .y_desc("pause (ms)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(&err)?;
+    for (b, points) in series {
+        let c = colour(b);
+        chart
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+            .map_err(&err)?
+            .label(b.describe())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+            .map_err(&err)?;
+    }
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperRight, path)?;
+    Ok(true)
+}
+
 /// Draws every plot the result has data for into `dir`; returns the files written.
 pub fn plots(r: &SuiteResult, dir: &Path) -> Result<Vec<PathBuf>> {
     register_font()?;
@@ -252,6 +311,10 @@ pub fn plots(r: &SuiteResult, dir: &Path) -> Result<Vec<PathBuf>> {
                 written.push(path);
             }
         }
+    }
+    let path = dir.join("restart-pauses.png");
+    if restart_pauses(r, &path)? {
+        written.push(path);
     }
     Ok(written)
 }

@@ -235,10 +235,31 @@ pub struct SuiteOptions {
     /// cloud-hypervisor's vhost_user_block binary.
     #[arg(long)]
     pub cloud_hypervisor: Option<PathBuf>,
+    /// SIGKILLs of each of our persistent backends (vfblk-mem, vfblk-file) under a verifying
+    /// client, each started again 50 ms later: the pause the client sees per restart.
+    #[arg(long, default_value_t = 10)]
+    pub restarts: u32,
     /// Print the JSON instead of the markdown.
     #[arg(long)]
     pub json: bool,
 }
+
+/// One backend killed and started again under a verifying client.
+#[derive(Debug, Clone)]
+pub struct RestartRun {
+    /// The backend.
+    pub backend: Backend,
+    /// SIGKILLs done.
+    pub restarts: u32,
+    /// The client's report, or why there is none.
+    pub report: std::result::Result<Value, String>,
+    /// The client's command line.
+    pub client_command: String,
+}
+
+/// Time between restarts, and from a kill to the next start.
+const RESTART_EVERY: Duration = Duration::from_secs(1);
+const RESTART_AFTER: Duration = Duration::from_millis(50);
 
 /// One measurement.
 #[derive(Debug, Clone)]
@@ -390,8 +411,8 @@ impl Suite {
         match b {
             Backend::OursNull => self.spawn(bridge(format!("null:{DISK_MIB}M")), &[]),
             Backend::OursMem => {
+                // Kept between starts: a restarted backend serves the same data.
                 let shm = format!("{}.ram", self.data.display());
-                let _ = std::fs::remove_file(&shm);
                 self.spawn(bridge(format!("mem:{shm}:{DISK_MIB}M")), &[])
             }
             Backend::OursMemHuge => {
@@ -604,6 +625,82 @@ impl Suite {
     }
 }
 
+impl Suite {
+    /// Kills `b` with SIGKILL `n` times under a verifying `vfblk-loadgen`, starting it again
+    /// [`RESTART_AFTER`] later each time.
+    fn restarts(&self, b: Backend, n: u32) -> RestartRun {
+        let seconds = n as f64 * RESTART_EVERY.as_secs_f64() + 1.5;
+        let args = vec![
+            self.bin_dir.join("vfblk-loadgen").display().to_string(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--rw".into(),
+            "mixed".into(),
+            "--verify".into(),
+            "--qd".into(),
+            "32".into(),
+            "--seconds".into(),
+            seconds.to_string(),
+            "--reconnect-timeout-s".into(),
+            "20".into(),
+            "--json".into(),
+        ];
+        let mut run = RestartRun {
+            backend: b,
+            restarts: 0,
+            report: Err(String::new()),
+            client_command: format!("taskset -c {CLIENT_CPU} {}", shell_words(&args)),
+        };
+        let mut backend = match self.start(b, 1) {
+            Ok(r) => r,
+            Err(e) => {
+                run.report = Err(format!("backend: {}", crate::error_chain(&e)));
+                return run;
+            }
+        };
+        let client = Command::new("taskset")
+            .args(["-c", &CLIENT_CPU.to_string()])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                run.report = Err(format!("starting vfblk-loadgen: {e}"));
+                return run;
+            }
+        };
+        for _ in 0..n {
+            std::thread::sleep(RESTART_EVERY);
+            // SIGKILL of its process group (Running's drop), then a new one.
+            drop(backend);
+            std::thread::sleep(RESTART_AFTER);
+            backend = match self.start(b, 1) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = client.kill();
+                    let _ = client.wait();
+                    run.report = Err(format!("restarting: {}", crate::error_chain(&e)));
+                    return run;
+                }
+            };
+            run.restarts += 1;
+        }
+        run.report = match client.wait_with_output() {
+            Err(e) => Err(format!("vfblk-loadgen: {e}")),
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                serde_json::from_str::<Value>(text.trim())
+                    .map_err(|_| format!("the client printed no report ({})", out.status))
+            }
+        };
+        drop(backend);
+        run
+    }
+}
+
 /// At least `pages` free 2 MiB hugepages and a hugetlbfs mount (made at /dev/hugepages if
 /// there is none); returns the mount's directory.
 fn hugetlbfs(pages: u64) -> Result<PathBuf> {
@@ -651,6 +748,8 @@ fn spdk_hugepages() -> Result<()> {
 pub struct SuiteResult {
     /// Every measurement.
     pub measurements: Vec<Measurement>,
+    /// The restart runs.
+    pub restarts: Vec<RestartRun>,
     /// Backends not run, and why.
     pub skipped: Vec<(Backend, String)>,
     /// The machine and versions.
@@ -829,10 +928,35 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
             }
         }
     }
+    let mut restarts = Vec::new();
+    if o.restarts > 0 {
+        for b in [Backend::OursMem, Backend::OursFile] {
+            if !runnable.contains(&b) {
+                continue;
+            }
+            tracing::info!(
+                "{} SIGKILLs of {} under a verifying client",
+                o.restarts,
+                b.id()
+            );
+            let r = suite.restarts(b, o.restarts);
+            match &r.report {
+                Ok(report) => tracing::info!(
+                    "  {} reconnects, {} verify errors, pauses {} ms",
+                    report["reconnects"],
+                    report["verify_errors"],
+                    report["pauses_ms"]
+                ),
+                Err(e) => tracing::warn!("  failed: {e}"),
+            }
+            restarts.push(r);
+        }
+    }
     let _ = std::fs::remove_file(&suite.data);
     let _ = std::fs::remove_file(format!("{}.ram", suite.data.display()));
     Ok(SuiteResult {
         measurements,
+        restarts,
         skipped,
         environment,
     })
@@ -869,13 +993,7 @@ impl SuiteResult {
                     "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
                     // The latency distributions are drawn in the plots; the file keeps
                     // the quantiles (the CDFs would make it a megabyte).
-                    "report": m.report.as_ref().ok().map(|r| {
-                        let mut r = r.clone();
-                        if let Some(o) = r.as_object_mut() {
-                            o.remove("lat_cdf_us");
-                        }
-                        r
-                    }),
+                    "report": m.report.as_ref().ok().map(without_cdf),
                     "error": m.report.as_ref().err(),
                     "backend_command": m.backend_command,
                     "client_command": m.client_command,
@@ -886,6 +1004,13 @@ impl SuiteResult {
             "environment": self.environment,
             "skipped": self.skipped.iter().map(|(b, why)| json!({"backend": b.id(), "why": why})).collect::<Vec<_>>(),
             "measurements": rows,
+            "restarts": self.restarts.iter().map(|r| json!({
+                "backend": r.backend.id(),
+                "restarts": r.restarts,
+                "report": r.report.as_ref().ok().map(without_cdf),
+                "error": r.report.as_ref().err(),
+                "client_command": r.client_command,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -1008,6 +1133,46 @@ impl SuiteResult {
                 let _ = writeln!(out, "({}) {f}\n", i + 1);
             }
         }
+        if !self.restarts.is_empty() {
+            let _ = writeln!(
+                out,
+                "## Restarts: SIGKILL, started again {} ms later, under a verifying client (`vfblk-loadgen --rw mixed --verify`, QD32) that reconnects like QEMU\n",
+                RESTART_AFTER.as_millis()
+            );
+            let _ = writeln!(
+                out,
+                "| backend | kills | reconnects | I/Os | verify errors | lost | pause p50 / max (ms) |\n|---|---|---|---|---|---|---|"
+            );
+            for r in &self.restarts {
+                match &r.report {
+                    Ok(v) => {
+                        let mut pauses = pauses_ms(v);
+                        pauses.sort_by(f64::total_cmp);
+                        let p50 = pauses.get(pauses.len() / 2).copied().unwrap_or(0.0);
+                        let max = pauses.last().copied().unwrap_or(0.0);
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | {} | {} | {} | {} | {p50:.1} / {max:.1} |",
+                            r.backend.describe(),
+                            r.restarts,
+                            v["reconnects"],
+                            thousands(v["ios"].as_f64().unwrap_or(0.0)),
+                            v["verify_errors"],
+                            v["lost"]
+                        );
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | failed: {e} | | | | |",
+                            r.backend.describe(),
+                            r.restarts
+                        );
+                    }
+                }
+            }
+            out.push('\n');
+        }
         let _ = writeln!(out, "## Commands\n");
         let mut commands: Vec<&str> = Vec::new();
         for m in &self.measurements {
@@ -1017,11 +1182,32 @@ impl SuiteResult {
                 }
             }
         }
+        for r in &self.restarts {
+            commands.push(r.client_command.as_str());
+        }
         for c in commands {
             let _ = writeln!(out, "    {c}");
         }
         out
     }
+}
+
+/// A client report's pauses around reconnects, in milliseconds.
+pub fn pauses_ms(report: &Value) -> Vec<f64> {
+    report["pauses_ms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_f64()).collect())
+        .unwrap_or_default()
+}
+
+/// A client report without its latency distribution (drawn in the plots; the JSON keeps
+/// the quantiles, the CDFs would make it a megabyte).
+fn without_cdf(report: &Value) -> Value {
+    let mut r = report.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.remove("lat_cdf_us");
+    }
+    r
 }
 
 /// 1234567.8 as "1,234,568".
@@ -1099,6 +1285,14 @@ mod tests {
                     ..m(Backend::SpdkMalloc, 0.0)
                 },
             ],
+            restarts: vec![RestartRun {
+                backend: Backend::OursMem,
+                restarts: 3,
+                report: Ok(
+                    json!({"reconnects": 3, "ios": 12345, "verify_errors": 0, "lost": 0, "pauses_ms": [60.0, 52.5, 71.0]}),
+                ),
+                client_command: "loadgen".into(),
+            }],
             skipped: vec![(Backend::SpdkNull, "no --spdk given".into())],
             environment: json!({}),
         };
@@ -1119,5 +1313,11 @@ mod tests {
         );
         assert!(md.contains("| random 4 KiB read, QD32 | 1,000,000 † (1.0 / 2.0; 500) | 800,000 (1.0 / 2.0; 500) | 950,000 † (1.0 / 2.0; 500) | 300,000 (1.0 / 2.0; 500) | failed (1) |"), "{md}");
         assert!(md.contains("(1) libblkio connect: refused"), "{md}");
+        assert!(
+            md.contains(
+                "| vfblk-bridge mem (RAM, 4 KiB pages) | 3 | 3 | 12,345 | 0 | 0 | 60.0 / 71.0 |"
+            ),
+            "{md}"
+        );
     }
 }
