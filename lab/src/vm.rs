@@ -221,7 +221,8 @@ pub enum Ending {
     BootStalled,
     /// The guest booted but did not finish in time.
     TimedOut,
-    /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`], or panicked
+    /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`], a task blocked
+    /// for at least [`HUNG_AFTER`], or panicked
     /// (the line is kept): under nested virtualisation inside TCG this is the emulator
     /// breaking the guest's kernel (the code under test runs in user space), so the run is
     /// stopped early and is safe to retry.
@@ -239,6 +240,12 @@ pub enum Ending {
 /// TCG guests report 20-45 s stalls that pass; wedged ones go on for many minutes.
 pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
 
+/// How long the guest's kernel may report a task blocked before the run counts as wedged: its
+/// hung-task watchdog reports at 120 s and again every 120 s; a first-level kernel hung by a
+/// nested VM (seen: QEMU's vCPU threads and KVM's workers blocked, RCU stalled, for good)
+/// reports again, a merely slow one does not.
+pub const HUNG_AFTER: Duration = Duration::from_secs(240);
+
 /// The stall a kernel console line reports, if it is the guest's own soft-lockup watchdog
 /// (`[  598.26] watchdog: BUG: soft lockup - CPU#1 stuck for 540s! [...]`). Lines a nested
 /// guest's console passes through carry a prefix and do not count for this guest.
@@ -248,6 +255,17 @@ fn soft_lockup(line: &str) -> Option<Duration> {
     let rest = rest.strip_prefix("watchdog: BUG: soft lockup - CPU#")?;
     let (_, rest) = rest.split_once(" stuck for ")?;
     let (secs, _) = rest.split_once("s!")?;
+    secs.parse().ok().map(Duration::from_secs)
+}
+
+/// How long this guest's own kernel says a task has been blocked (`[ 485.0] INFO: task
+/// qemu-system-x86:140 blocked for more than 241 seconds.`).
+fn hung_task(line: &str) -> Option<Duration> {
+    let rest = line.strip_prefix('[')?;
+    let (_, rest) = rest.split_once("] ")?;
+    let rest = rest.strip_prefix("INFO: task ")?;
+    let (_, rest) = rest.split_once(" blocked for more than ")?;
+    let (secs, _) = rest.split_once(" seconds")?;
     secs.parse().ok().map(Duration::from_secs)
 }
 
@@ -418,12 +436,12 @@ pub fn run_watching(
                     out.ending = Ending::Wedged(line);
                     break;
                 }
-                if let Some(stuck) = soft_lockup(&line) {
-                    if stuck >= WEDGED_AFTER {
-                        tracing::warn!("{}: guest kernel wedged: {line}", spec.name);
-                        out.ending = Ending::Wedged(line);
-                        break;
-                    }
+                let stuck = soft_lockup(&line).filter(|&t| t >= WEDGED_AFTER);
+                let hung = hung_task(&line).filter(|&t| t >= HUNG_AFTER);
+                if stuck.or(hung).is_some() {
+                    tracing::warn!("{}: guest kernel wedged: {line}", spec.name);
+                    out.ending = Ending::Wedged(line);
+                    break;
                 }
                 let Some(pos) = line.find(MARK) else { continue };
                 let tagged = &line[pos + MARK.len()..];
@@ -717,6 +735,14 @@ mod runner_tests {
         assert!(!own_kernel_panic(
             " INFO [L3] [   16.3] Kernel panic - not syncing: Fatal exception"
         ));
+        let hung =
+            "[  485.009067] INFO: task qemu-system-x86:140 blocked for more than 241 seconds.";
+        assert_eq!(hung_task(hung), Some(Duration::from_secs(241)));
+        assert_eq!(hung_task(&format!(" INFO [L3] {hung}")), None);
+        assert_eq!(
+            hung_task("[  364.1]       Tainted: G        W          6.1.0-56-amd64 #1"),
+            None
+        );
     }
 
     #[test]
