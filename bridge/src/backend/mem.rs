@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Backend, BackendInfo, BackendQueue, Finished};
+use super::{Backend, BackendInfo, BackendQueue, ExecuteNow, FinishedAtSubmit};
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -59,19 +59,20 @@ impl Backend for MemBackend {
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
-        Ok(Box::new(MemQueue {
+        Ok(Box::new(FinishedAtSubmit::new(MemExecutor {
             map: self.map.clone(),
-            finished: Finished::new(),
-        }))
+        })))
     }
 }
 
-struct MemQueue {
+/// A queue's view of the RAM disk.
+struct MemExecutor {
     map: Arc<memmap2::MmapRaw>,
-    finished: Finished,
 }
 
-impl MemQueue {
+impl ExecuteNow for MemExecutor {
+    const NAME: &'static str = "mem";
+
     fn execute(&self, r: &Request) -> u8 {
         let disk = self.map.as_mut_ptr();
         match r.op {
@@ -108,27 +109,5 @@ impl MemQueue {
                 status::OK
             }
         }
-    }
-}
-
-impl BackendQueue for MemQueue {
-    fn can_submit(&self) -> bool {
-        self.finished.has_room()
-    }
-
-    fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
-        if !self.finished.has_room() {
-            return Err(Error::QueueFull("mem"));
-        }
-        let status = self.execute(request);
-        self.finished.push("mem", token, status)
-    }
-
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        self.finished.poll(done)
-    }
-
-    fn in_flight(&self) -> usize {
-        self.finished.len()
     }
 }

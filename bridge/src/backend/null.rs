@@ -3,7 +3,7 @@
 //! itself (rings, parsing, inflight records, completions), which a RAM disk's copy hides;
 //! nothing a guest writes can be read back, so it is for benchmarks only.
 
-use super::{Backend, BackendInfo, BackendQueue, Finished};
+use super::{Backend, BackendInfo, BackendQueue, ExecuteNow, FinishedAtSubmit};
 use crate::request::Request;
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -37,30 +37,17 @@ impl Backend for NullBackend {
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
-        Ok(Box::new(NullQueue {
-            finished: Finished::new(),
-        }))
+        Ok(Box::new(FinishedAtSubmit::new(Nothing)))
     }
 }
 
-struct NullQueue {
-    finished: Finished,
-}
+/// What a null queue does with a request: nothing, successfully.
+struct Nothing;
 
-impl BackendQueue for NullQueue {
-    fn can_submit(&self) -> bool {
-        self.finished.has_room()
-    }
+impl ExecuteNow for Nothing {
+    const NAME: &'static str = "null";
 
-    fn submit(&mut self, _request: &Request, token: u16) -> Result<()> {
-        self.finished.push("null", token, status::OK)
-    }
-
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
-        self.finished.poll(done)
-    }
-
-    fn in_flight(&self) -> usize {
-        self.finished.len()
+    fn execute(&self, _request: &Request) -> u8 {
+        status::OK
     }
 }
