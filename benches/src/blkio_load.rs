@@ -104,7 +104,8 @@ pub fn run(o: &BlkioOptions) -> Result<Report> {
             u64::from(o.queues) * u64::from(o.depth)
         )));
     }
-    // Each queue works on its own slice of the disk (no two requests touch one block).
+    // Each queue works on its own slice of the disk (a queue's requests may meet in a block:
+    // nothing is verified).
     let slice = blocks / u64::from(o.queues);
     let jobs: Vec<QueueJob> = queues
         .into_iter()

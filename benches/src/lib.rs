@@ -41,6 +41,12 @@ pub enum Error {
 /// Result of the tools.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Turns an OS error into [`Error::Io`] saying what was being done (for `map_err`).
+pub fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
 /// An error with every cause in its chain, `: `-separated (for one line of output).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     vfblk_vhost::error_chain(e)

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use vfblk_benches::system::{cost, nvme, plot, suite, target, vhost};
+use vfblk_benches::system::{cost, nvme, suite, target, vhost};
 
 /// System benchmarks of the stack.
 #[derive(Parser, Debug)]
@@ -72,44 +72,6 @@ enum Command {
     },
 }
 
-/// Runs the suite and writes its JSON, markdown and plots.
-fn run_suite(o: suite::SuiteOptions) -> vfblk_benches::Result<()> {
-    let io = |what: String| move |source| vfblk_benches::Error::Io { what, source };
-    std::fs::create_dir_all(&o.out).map_err(io(format!("creating {}", o.out.display())))?;
-    let result = suite::run(&o)?;
-    let command = std::env::args()
-        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let json = result.to_json();
-    let mut markdown = result.to_markdown(&command);
-    let plots = plot::plots(&result, &o.out)?;
-    if !plots.is_empty() {
-        markdown.push_str("\n## Plots\n\n");
-        for p in &plots {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            markdown.push_str(&format!("![{name}]({name})\n\n"));
-        }
-    }
-    let json_path = o.out.join("suite.json");
-    let md_path = o.out.join("suite.md");
-    std::fs::write(&json_path, format!("{json:#}\n"))
-        .map_err(io(format!("writing {}", json_path.display())))?;
-    std::fs::write(&md_path, &markdown).map_err(io(format!("writing {}", md_path.display())))?;
-    if o.json {
-        println!("{json}");
-    } else {
-        print!("{markdown}");
-        eprintln!(
-            "wrote {}, {} and {} plot(s)",
-            json_path.display(),
-            md_path.display(),
-            plots.len()
-        );
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -118,7 +80,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match Args::parse().command {
-        Command::Suite(options) => run_suite(options),
+        Command::Suite(options) => suite::bench(&options),
         Command::Vhost { seconds, qd, json } => {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
         }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vfblk_lab::process::spawn_listening;
 
-use crate::{Error, Result};
+use crate::system::tool_runs;
+use crate::{io_error, Error, Result};
 
 /// Options of the cost measurement.
 #[derive(Debug, Clone)]
@@ -86,10 +87,6 @@ const ALLOCATORS: &[&str] = &[
     "aligned_alloc",
     "memalign",
 ];
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io { what, source }
-}
 
 /// Callgrind's total of the collected events (`summary:` or `totals:`), and the calls to the
 /// allocator in a profile written with uncompressed names.
@@ -169,7 +166,7 @@ fn client(bin_dir: &Path, socket: &Path, o: &CostOptions) -> Result<u64> {
             &o.seconds.to_string(),
         ])
         .output()
-        .map_err(io("running vfblk-loadgen".into()))?;
+        .map_err(io_error("running vfblk-loadgen"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let report: Value = serde_json::from_str(text.trim())
         .map_err(|e| Error::Run(format!("load generator printed {text:?}: {e}")))?;
@@ -198,7 +195,7 @@ fn terminate(child: &mut Child, within: Duration) -> Result<()> {
     loop {
         if child
             .try_wait()
-            .map_err(io("waiting for the bridge".into()))?
+            .map_err(io_error("waiting for the bridge"))?
             .is_some()
         {
             return Ok(());
@@ -237,7 +234,8 @@ fn callgrind(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Re
     cost.callgrind_ios = client(bin_dir, &socket, o)?;
     // Callgrind writes its profile when the program exits.
     terminate(&mut bridge.0, Duration::from_secs(120))?;
-    let text = std::fs::read_to_string(&out).map_err(io(format!("reading {}", out.display())))?;
+    let text =
+        std::fs::read_to_string(&out).map_err(io_error(format!("reading {}", out.display())))?;
     let (instructions, allocations) = parse_callgrind(&text);
     if instructions == 0 {
         return Err(Error::Run(format!(
@@ -286,7 +284,7 @@ fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Resul
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(io("starting strace".into()))?;
+        .map_err(io_error("starting strace"))?;
     // strace attaches within a moment; give it one before the client starts.
     std::thread::sleep(Duration::from_millis(300));
     let ios = client(bin_dir, &socket, o);
@@ -299,8 +297,8 @@ fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Resul
     let _ = tracer.kill();
     let _ = tracer.wait();
     cost.strace_ios = ios?;
-    let text =
-        std::fs::read_to_string(&summary).map_err(io(format!("reading {}", summary.display())))?;
+    let text = std::fs::read_to_string(&summary)
+        .map_err(io_error(format!("reading {}", summary.display())))?;
     let (total, by_name) = parse_strace_summary(&text);
     cost.syscalls = total;
     cost.syscalls_by_name = by_name;
@@ -311,13 +309,7 @@ fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Resul
 /// Runs both measurements.
 pub fn measure(o: &CostOptions) -> Result<Cost> {
     for tool in ["valgrind", "strace"] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !tool_runs(tool) {
             return Err(Error::Run(format!(
                 "{tool} not found (scripts/setup.sh installs it)"
             )));

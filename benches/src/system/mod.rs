@@ -11,6 +11,16 @@ pub mod vhost;
 
 use crate::{Error, Result};
 
+/// Whether `program --version` runs and succeeds (the tool is installed).
+pub(crate) fn tool_runs(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// CPU seconds (user + system) a process has used.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat =

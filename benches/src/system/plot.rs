@@ -43,6 +43,35 @@ fn draw_error<E: std::fmt::Debug>(what: &Path) -> impl Fn(E) -> Error + '_ {
 }
 
 /// One colour per backend (as many as [`Backend::ALL`]).
+/// One backend's line in its colour, in the legend under its name; with `markers`, a dot at
+/// each measured point.
+fn draw_backend<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    b: Backend,
+    points: Vec<(f64, f64)>,
+    markers: bool,
+    path: &Path,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let err = draw_error(path);
+    let c = colour(b);
+    if markers {
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+            .map_err(&err)?;
+    }
+    chart
+        .draw_series(LineSeries::new(points, c.stroke_width(2)))
+        .map_err(&err)?
+        .label(b.describe())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    Ok(())
+}
+
 /// Draws the legend at `position` and writes the image.
 fn legend_and_save<'a, DB, CT>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -139,16 +168,8 @@ fn iops_by_depth(r: &SuiteResult, client: Client, write: bool, path: &Path) -> R
         .map_err(&err)?;
     for (b, mut points) in series {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let c = colour(b);
         let scaled: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x, y / 1e6)).collect();
-        chart
-            .draw_series(LineSeries::new(scaled.clone(), c.stroke_width(2)))
-            .map_err(&err)?
-            .label(b.describe())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(scaled.iter().map(|&p| Circle::new(p, 4, c.filled())))
-            .map_err(&err)?;
+        draw_backend(&mut chart, b, scaled, true, path)?;
     }
     legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperLeft, path)?;
     Ok(true)
@@ -216,16 +237,11 @@ fn latency_cdf(r: &SuiteResult, client: Client, workload: &str, path: &Path) -> 
         .draw()
         .map_err(&err)?;
     for (b, points) in series {
-        let c = colour(b);
         let clipped: Vec<(f64, f64)> = points
             .into_iter()
             .filter(|&(x, _)| x <= high * 1.2)
             .collect();
-        chart
-            .draw_series(LineSeries::new(clipped, c.stroke_width(2)))
-            .map_err(&err)?
-            .label(b.describe())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        draw_backend(&mut chart, b, clipped, false, path)?;
     }
     legend_and_save(&mut chart, &root, SeriesLabelPosition::LowerRight, path)?;
     Ok(true)
@@ -276,15 +292,7 @@ fn restart_pauses(r: &SuiteResult, path: &Path) -> Result<bool> {
         .draw()
         .map_err(&err)?;
     for (b, points) in series {
-        let c = colour(b);
-        chart
-            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
-            .map_err(&err)?
-            .label(b.describe())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))
-            .map_err(&err)?;
+        draw_backend(&mut chart, b, points, true, path)?;
     }
     legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperRight, path)?;
     Ok(true)

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
-use crate::system::cpu_seconds;
-use crate::{Error, Result};
+use crate::system::{cpu_seconds, plot, tool_runs};
+use crate::{io_error, Error, Result};
 
 /// Disk size every backend serves.
 const DISK_MIB: u64 = 256;
@@ -311,10 +311,6 @@ struct Suite {
     options: SuiteOptions,
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io { what, source }
-}
-
 fn shell_words(args: &[String]) -> String {
     args.join(" ")
 }
@@ -334,15 +330,8 @@ impl Suite {
                 Some(bin) if !bin.exists() => Some(format!("{} missing", bin.display())),
                 Some(_) => None,
             },
-            Backend::QsdNull | Backend::QsdFile => {
-                let found = Command::new("qemu-storage-daemon")
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                (!found).then(|| "qemu-storage-daemon not on PATH".into())
-            }
+            Backend::QsdNull | Backend::QsdFile => (!tool_runs("qemu-storage-daemon"))
+                .then(|| "qemu-storage-daemon not on PATH".into()),
             _ => None,
         }
     }
@@ -350,12 +339,12 @@ impl Suite {
     /// The data file of the `file` kinds: DISK_MIB, written once so every page exists.
     fn prepare_data(&self) -> Result<()> {
         let file = std::fs::File::create(&self.data)
-            .map_err(io(format!("creating {}", self.data.display())))?;
+            .map_err(io_error(format!("creating {}", self.data.display())))?;
         let chunk = vec![0x5au8; 1 << 20];
         let mut w = std::io::BufWriter::new(file);
         for _ in 0..DISK_MIB {
             std::io::Write::write_all(&mut w, &chunk)
-                .map_err(io(format!("writing {}", self.data.display())))?;
+                .map_err(io_error(format!("writing {}", self.data.display())))?;
         }
         Ok(())
     }
@@ -728,11 +717,11 @@ fn hugetlbfs(pages: u64) -> Result<PathBuf> {
     if let Some(dir) = mounted {
         return Ok(dir);
     }
-    std::fs::create_dir_all("/dev/hugepages").map_err(io("creating /dev/hugepages".into()))?;
+    std::fs::create_dir_all("/dev/hugepages").map_err(io_error("creating /dev/hugepages"))?;
     let status = Command::new("mount")
         .args(["-t", "hugetlbfs", "nodev", "/dev/hugepages"])
         .status()
-        .map_err(io("running mount".into()))?;
+        .map_err(io_error("running mount"))?;
     if !status.success() {
         return Err(Error::Run(format!("mount -t hugetlbfs: {status}")));
     }
@@ -960,6 +949,45 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         skipped,
         environment,
     })
+}
+
+/// Runs the suite and writes its JSON, markdown and plots into `o.out`; prints the
+/// markdown (or the JSON).
+pub fn bench(o: &SuiteOptions) -> Result<()> {
+    std::fs::create_dir_all(&o.out).map_err(io_error(format!("creating {}", o.out.display())))?;
+    let result = run(o)?;
+    let command = std::env::args()
+        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let json = result.to_json();
+    let mut markdown = result.to_markdown(&command);
+    let plots = plot::plots(&result, &o.out)?;
+    if !plots.is_empty() {
+        markdown.push_str("\n## Plots\n\n");
+        for p in &plots {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            markdown.push_str(&format!("![{name}]({name})\n\n"));
+        }
+    }
+    let json_path = o.out.join("suite.json");
+    let md_path = o.out.join("suite.md");
+    std::fs::write(&json_path, format!("{json:#}\n"))
+        .map_err(io_error(format!("writing {}", json_path.display())))?;
+    std::fs::write(&md_path, &markdown)
+        .map_err(io_error(format!("writing {}", md_path.display())))?;
+    if o.json {
+        println!("{json}");
+    } else {
+        print!("{markdown}");
+        eprintln!(
+            "wrote {}, {} and {} plot(s)",
+            json_path.display(),
+            md_path.display(),
+            plots.len()
+        );
+    }
+    Ok(())
 }
 
 impl SuiteResult {
