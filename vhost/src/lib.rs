@@ -15,6 +15,7 @@ pub mod chain;
 pub mod device;
 pub mod driver;
 pub mod guest_errors;
+pub mod handover;
 pub mod inflight;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
@@ -152,6 +153,21 @@ pub enum Error {
     PollerStuck {
         /// How long we waited.
         waited: std::time::Duration,
+    },
+    /// The other process of a hand-over sent something malformed or inconsistent.
+    #[error("hand-over: {0}")]
+    HandoverMessage(String),
+    /// The other process of a hand-over did not answer in time.
+    #[error("hand-over: no {waiting_for} in time")]
+    HandoverTimeout {
+        /// The message or event awaited.
+        waiting_for: &'static str,
+    },
+    /// The other process of a hand-over went away.
+    #[error("hand-over: the other process closed the channel before {waiting_for}")]
+    HandoverClosed {
+        /// The message awaited.
+        waiting_for: &'static str,
     },
     /// A thread panicked while holding a lock; the state it guarded may be half-changed.
     #[error("a lock ({0}) was poisoned by a panicking thread")]
