@@ -60,6 +60,16 @@ impl BlkDevice {
         }
     }
 
+    /// The config space's writeback field as the driver left it.
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Restores the writeback field as a predecessor process left it (a hand-over).
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
     /// The same device offered read-only (VIRTIO_BLK_F_RO; writes, discards and write
     /// zeroes fail).
     pub fn read_only(mut self) -> Self {

@@ -52,6 +52,9 @@ pub enum Error {
     /// A backend spec or command-line value that does not parse.
     #[error("{0}")]
     BadArgument(String),
+    /// An upgrade by hand-over that did not happen; the old process serves on.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     /// The vhost-user plumbing failed.
     #[error("vhost-user")]
     Vhost(#[from] vfblk_vhost::Error),

@@ -111,6 +111,26 @@ pub struct ServerState {
     pub connection: Option<ConnectionState>,
 }
 
+impl ServerState {
+    /// Renumbers every fd index by `by` (when its fds are appended to a larger set).
+    pub fn offset_fds(&mut self, by: u32) {
+        self.listener += by;
+        if let Some(c) = &mut self.connection {
+            c.socket += by;
+            for r in &mut c.memory {
+                r.fd += by;
+            }
+            for v in &mut c.vrings {
+                v.kick = v.kick.map(|i| i + by);
+                v.call = v.call.map(|i| i + by);
+            }
+            if let Some(i) = &mut c.inflight {
+                i.fd += by;
+            }
+        }
+    }
+}
+
 /// File descriptors travelling with a message, referred to by index.
 #[derive(Debug, Default)]
 pub struct Fds {
@@ -129,6 +149,13 @@ impl Fds {
             })?;
         self.fds.push(Some(dup));
         Ok((self.fds.len() - 1) as u32)
+    }
+
+    /// Moves `other`'s fds to the end of these; returns the index the first one got.
+    pub fn append(&mut self, other: Fds) -> u32 {
+        let first = self.fds.len() as u32;
+        self.fds.extend(other.fds);
+        first
     }
 
     /// Takes fd `index` out (each once).

@@ -24,8 +24,9 @@ pub struct InflightMap {
     queue_size: u16,
     /// Dropped before the mapping (fields drop in order).
     contained: Option<crate::sigbus::Contained>,
+    offset: u64,
     _map: memmap2::MmapRaw,
-    _file: File,
+    file: File,
 }
 
 // SAFETY: shared memory used through raw pointers; each queue touches only its own region.
@@ -54,9 +55,15 @@ impl InflightMap {
             len: len as usize,
             queue_size,
             contained,
+            offset,
             _map: map,
-            _file: file,
+            file,
         })
+    }
+
+    /// The fd, offset and length of the mapping (handed to a successor process).
+    pub fn source(&self) -> (&File, u64, u64) {
+        (&self.file, self.offset, self.len as u64)
     }
 
     /// Whether the frontend shrank the region's file under us.

@@ -157,6 +157,17 @@ pub enum Error {
     /// The other process of a hand-over sent something malformed or inconsistent.
     #[error("hand-over: {0}")]
     HandoverMessage(String),
+    /// A hand-over this binary cannot continue (the state does not fit its device).
+    #[error("hand-over refused: {0}")]
+    HandoverIncompatible(String),
+    /// A queue stopped for a hand-over with requests the backend did not finish in time.
+    #[error("queue {queue}: {count} request(s) still in the backend")]
+    RequestsStillInFlight {
+        /// Queue index.
+        queue: u16,
+        /// Requests not finished.
+        count: usize,
+    },
     /// The other process of a hand-over did not answer in time.
     #[error("hand-over: no {waiting_for} in time")]
     HandoverTimeout {

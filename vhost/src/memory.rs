@@ -68,7 +68,14 @@ pub struct Region {
     /// Dropped before the mapping (fields drop in order).
     contained: Option<crate::sigbus::Contained>,
     _map: memmap2::MmapRaw,
-    _file: File,
+    file: File,
+}
+
+impl Region {
+    /// The fd the region is mapped from (handed to a successor process).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 // SAFETY: the mapping is process-wide shared memory accessed through raw pointers only.
@@ -174,7 +181,7 @@ impl GuestMemory {
             host: map.as_mut_ptr(),
             contained,
             _map: map,
-            _file: file,
+            file,
         }));
         Ok(())
     }
@@ -197,7 +204,7 @@ impl GuestMemory {
     pub fn same_as(&self, other: &GuestMemory) -> bool {
         fn identity(r: &Region) -> Option<(u64, u64, u64, u64, u64, u64)> {
             use std::os::unix::fs::MetadataExt;
-            let meta = r._file.metadata().ok()?;
+            let meta = r.file.metadata().ok()?;
             Some((
                 r.guest_phys,
                 r.size,

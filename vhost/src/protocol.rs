@@ -5,6 +5,7 @@
 //! the [`Device`]'s business.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -20,6 +21,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::device::{Device, QueueSetup};
 use crate::error_chain;
 use crate::guest_errors::GuestErrors;
+use crate::handover::{ConnectionState, Fds, InflightState, RegionState, VringState};
 use crate::inflight::{region_size, InflightMap};
 use crate::memory::{GuestMemory, MAX_MEM_SLOTS};
 use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
@@ -342,6 +344,176 @@ impl Connection {
         for index in 0..self.vrings.len() as u16 {
             self.stop_queue(index);
         }
+    }
+
+    /// Quiesces the connection for a hand-over: every running queue stops once its requests
+    /// are complete and published, and the state a successor needs is returned with its fds
+    /// duplicated into `fds`. On error, and when the hand-over is called off,
+    /// [`Connection::start_queues`] puts it back to work.
+    pub fn suspend(&mut self, socket: &impl AsFd, fds: &mut Fds) -> crate::Result<ConnectionState> {
+        for index in 0..self.vrings.len() as u16 {
+            if !self.vrings[usize::from(index)].started {
+                continue;
+            }
+            let stopped = self.stop_on_worker(index, true);
+            let v = &mut self.vrings[usize::from(index)];
+            v.started = false;
+            v.base = stopped.first().map_or(v.base, |s| s.next_avail);
+            if let Some(s) = stopped.iter().find(|s| s.abandoned > 0) {
+                // Those requests may still finish into guest memory here: a successor
+                // must not run them again meanwhile.
+                return Err(crate::Error::RequestsStillInFlight {
+                    queue: s.index,
+                    count: s.abandoned,
+                });
+            }
+        }
+        let memory = match &self.mem {
+            Some(mem) => mem
+                .regions()
+                .iter()
+                .map(|r| {
+                    Ok(RegionState {
+                        guest_phys: r.guest_phys,
+                        size: r.size,
+                        frontend_addr: r.frontend_addr,
+                        mmap_offset: r.mmap_offset,
+                        fd: fds.add(r.file())?,
+                    })
+                })
+                .collect::<crate::Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let inflight = match &self.inflight {
+            Some(map) => {
+                let (file, offset, size) = map.source();
+                Some(InflightState {
+                    fd: fds.add(file)?,
+                    offset,
+                    size,
+                    queue_size: map.queue_size(),
+                })
+            }
+            None => None,
+        };
+        let mut vrings = Vec::with_capacity(self.vrings.len());
+        for v in &self.vrings {
+            vrings.push(VringState {
+                size: v.size,
+                desc: v.desc,
+                avail: v.avail,
+                used: v.used,
+                addresses_set: v.addresses_set,
+                base: v.base,
+                kick: v.kick.as_ref().map(|f| fds.add(f)).transpose()?,
+                kick_set: v.kick_set,
+                call: v.call.as_ref().map(|f| fds.add(f)).transpose()?,
+                disabled: v.disabled,
+            });
+        }
+        Ok(ConnectionState {
+            socket: fds.add(socket)?,
+            features: self.features,
+            protocol: self.protocol.bits(),
+            memory,
+            vrings,
+            inflight,
+        })
+    }
+
+    /// The negotiated virtio and protocol features.
+    pub fn negotiated(&self) -> (u64, u64) {
+        (self.features, self.protocol.bits())
+    }
+
+    /// Starts every queue that has what it needs (after [`Connection::resume`], or when a
+    /// hand-over is called off after [`Connection::suspend`]).
+    pub fn start_queues(&mut self) {
+        for index in 0..self.vrings.len() as u16 {
+            self.start_or_refuse(index);
+        }
+    }
+
+    /// A connection taken over from a predecessor process, with no queue started yet
+    /// ([`Connection::start_queues`] does that once the predecessor has let go). Fails when
+    /// the state does not fit this device (features it does not offer, another queue count)
+    /// or its memory cannot be mapped.
+    pub fn resume(
+        config: Arc<DeviceConfig>,
+        state: &ConnectionState,
+        fds: &mut Fds,
+    ) -> crate::Result<Self> {
+        let mut c = Connection::new(config);
+        let offered = Self::offered_features(&c.config);
+        if state.features & !offered != 0 {
+            return Err(crate::Error::HandoverIncompatible(format!(
+                "the frontend negotiated features {:#x}, of which {:#x} are not offered here",
+                state.features,
+                state.features & !offered
+            )));
+        }
+        let protocol = VhostUserProtocolFeatures::from_bits(state.protocol)
+            .filter(|p| Self::offered_protocol(&c.config).contains(*p))
+            .ok_or_else(|| {
+                crate::Error::HandoverIncompatible(format!(
+                    "the frontend negotiated protocol features {:#x}, not all offered here",
+                    state.protocol
+                ))
+            })?;
+        if state.vrings.len() != c.vrings.len() {
+            return Err(crate::Error::HandoverIncompatible(format!(
+                "{} vrings handed over to a device with {}",
+                state.vrings.len(),
+                c.vrings.len()
+            )));
+        }
+        c.features = state.features;
+        c.protocol = protocol;
+        if !state.memory.is_empty() {
+            let mut mem = GuestMemory::default();
+            for r in &state.memory {
+                let file = fds.take_file(r.fd)?;
+                mem.add(r.guest_phys, r.size, r.frontend_addr, r.mmap_offset, file)?;
+            }
+            let mem = Arc::new(mem);
+            c.config.device.guest_memory_changed(Some(&mem))?;
+            c.mem = Some(mem);
+        }
+        if let Some(i) = &state.inflight {
+            if i.queue_size == 0 || !i.queue_size.is_power_of_two() || i.queue_size > MAX_QUEUE_SIZE
+            {
+                return Err(crate::Error::HandoverMessage(format!(
+                    "inflight queue size {}",
+                    i.queue_size
+                )));
+            }
+            let file = fds.take_file(i.fd)?;
+            c.inflight = Some(Arc::new(InflightMap::map(
+                file,
+                i.offset,
+                i.size,
+                i.queue_size,
+            )?));
+        }
+        for (v, s) in c.vrings.iter_mut().zip(&state.vrings) {
+            if s.size > MAX_QUEUE_SIZE || (s.size != 0 && !s.size.is_power_of_two()) {
+                return Err(crate::Error::HandoverMessage(format!(
+                    "vring size {}",
+                    s.size
+                )));
+            }
+            v.size = s.size;
+            v.desc = s.desc;
+            v.avail = s.avail;
+            v.used = s.used;
+            v.addresses_set = s.addresses_set;
+            v.base = s.base;
+            v.kick = s.kick.map(|i| fds.take_file(i)).transpose()?;
+            v.kick_set = s.kick_set;
+            v.call = s.call.map(|i| fds.take_file(i)).transpose()?;
+            v.disabled = s.disabled;
+        }
+        Ok(c)
     }
 }
 

@@ -8,14 +8,17 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Listener};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::handover::{Fds, ServerState};
 use crate::protocol::{Connection, DeviceConfig};
 use crate::{Error, Result};
+
+type Handler = BackendReqHandler<Mutex<Connection>>;
 
 /// A frontend must send its first message this soon after connecting; one that connects and
 /// stays silent would otherwise lock the socket against the real frontend.
@@ -29,8 +32,29 @@ pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 /// pollers' own deadlines, which end the process if they pass).
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long a suspended server waits for its owner's verdict before it resumes serving
+/// (the owner's own steps are bounded well below this).
+const VERDICT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What a suspended server is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The hand-over is off: serve again.
+    Resume,
+    /// A successor serves now: touch nothing, close nothing, end the thread.
+    LetGo,
+}
+
+/// A suspend asked of the serving thread.
+struct SuspendRequest {
+    reply: mpsc::Sender<Result<(ServerState, Fds)>>,
+    verdict: mpsc::Receiver<Verdict>,
+}
+
 /// What the serving thread shares with its owner.
 struct Shared {
+    /// A pending suspend (the stop eventfd wakes the thread for it).
+    suspend: Mutex<Option<SuspendRequest>>,
     /// Written to stop the serving thread; it polls this beside its sockets.
     stop: EventFd,
     stopping: AtomicBool,
@@ -71,6 +95,7 @@ impl SocketServer {
                 source,
             })?;
         let shared = Arc::new(Shared {
+            suspend: Mutex::new(None),
             stop,
             stopping: AtomicBool::new(false),
             drain_on_stop: AtomicBool::new(true),
@@ -86,7 +111,9 @@ impl SocketServer {
                     .map(|n| n.to_string_lossy())
                     .unwrap_or_default()
             ))
-            .spawn(move || serve_loop(&name, &listener, &config, &thread_shared))
+            .spawn(move || {
+                serve_loop(&name, listener, None, &config, &thread_shared);
+            })
             .map_err(|source| Error::Io {
                 what: format!("spawning the server thread of {}", path.display()),
                 source,
@@ -139,12 +166,245 @@ impl SocketServer {
         let _ = thread.join();
     }
 
+    /// Quiesces the server for a hand-over: between two messages, the connected frontend's
+    /// queues stop once their requests are complete and published, and the state a
+    /// successor needs comes back with duplicates of its fds. Nothing is served until the
+    /// returned [`Suspended`] is resumed or let go.
+    pub fn suspend(&self) -> Result<Suspended> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let (verdict_tx, verdict_rx) = mpsc::channel();
+        *self
+            .shared
+            .suspend
+            .lock()
+            .map_err(|_| Error::Poisoned("server control"))? = Some(SuspendRequest {
+            reply: reply_tx,
+            verdict: verdict_rx,
+        });
+        let _ = self.shared.stop.write(1);
+        // A message half-read waits out its own deadline first; a drain is bounded by the
+        // pollers'.
+        let waited = MESSAGE_DEADLINE + JOIN_DEADLINE;
+        match reply_rx.recv_timeout(waited) {
+            Ok(Ok((state, fds))) => Ok(Suspended {
+                state,
+                fds,
+                verdict: verdict_tx,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                // Too late: the thread must not suspend after we gave up.
+                self.shared.suspend.lock().ok().and_then(|mut s| s.take());
+                Err(Error::HandoverTimeout {
+                    waiting_for: "the server to suspend",
+                })
+            }
+        }
+    }
+
+    /// After [`Suspended::let_go`]: forgets the serving thread, which ends without closing
+    /// anything or removing the socket file (they are the successor's now).
+    pub fn forget(mut self) {
+        self.thread = None;
+    }
+
+    /// A server taken over from a predecessor process: its listening socket and connected
+    /// frontend from `state`, the connection's memory mapped and its negotiation restored,
+    /// no queue started and no message read until [`TakenOver::serve`].
+    pub fn take_over(
+        path: &Path,
+        config: Arc<DeviceConfig>,
+        state: &ServerState,
+        fds: &mut Fds,
+    ) -> Result<TakenOver> {
+        let listener = std::os::unix::net::UnixListener::from(fds.take(state.listener)?);
+        let connection = match &state.connection {
+            Some(c) => {
+                let stream = UnixStream::from(fds.take(c.socket)?);
+                let connection = Arc::new(Mutex::new(Connection::resume(config.clone(), c, fds)?));
+                let handler = resumed_handler(stream, connection.clone(), c.features, c.protocol)?;
+                Some((connection, handler))
+            }
+            None => None,
+        };
+        Ok(TakenOver {
+            path: path.to_path_buf(),
+            config,
+            listener: Listener::from(listener),
+            connection,
+        })
+    }
+
     /// Waits until the serving thread ends (it only does on stop or a listener error).
     pub fn join(mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
+}
+
+/// A suspended server ([`SocketServer::suspend`]).
+pub struct Suspended {
+    /// What a successor needs.
+    pub state: ServerState,
+    /// The fds `state` refers to.
+    pub fds: Fds,
+    verdict: mpsc::Sender<Verdict>,
+}
+
+impl Suspended {
+    /// The hand-over is off: the server serves again, its queues restart.
+    pub fn resume(self) {
+        let _ = self.verdict.send(Verdict::Resume);
+    }
+
+    /// A successor serves now: the thread ends touching nothing (then
+    /// [`SocketServer::forget`] the server).
+    pub fn let_go(self) {
+        let _ = self.verdict.send(Verdict::LetGo);
+    }
+}
+
+/// A server taken over from a predecessor, ready to serve ([`SocketServer::take_over`]).
+pub struct TakenOver {
+    path: PathBuf,
+    config: Arc<DeviceConfig>,
+    listener: Listener,
+    connection: Option<(Arc<Mutex<Connection>>, Handler)>,
+}
+
+impl TakenOver {
+    /// Starts the connection's queues and serves. The socket file stays where the
+    /// predecessor bound it and is removed when this server stops.
+    pub fn serve(self) -> Result<SocketServer> {
+        let TakenOver {
+            path,
+            config,
+            listener,
+            connection,
+        } = self;
+        if let Some((c, _)) = &connection {
+            c.lock()
+                .map_err(|_| Error::Poisoned("connection"))?
+                .start_queues();
+        }
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Io {
+                what: format!("eventfd to stop the server of {}", path.display()),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            suspend: Mutex::new(None),
+            stop,
+            stopping: AtomicBool::new(false),
+            drain_on_stop: AtomicBool::new(true),
+            accepted: AtomicU64::new(u64::from(connection.is_some())),
+            connected: AtomicBool::new(connection.is_some()),
+        });
+        let name = path.display().to_string();
+        let thread_shared = shared.clone();
+        let socket_file = path.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!(
+                "vhost-{}",
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ))
+            .spawn(move || {
+                if serve_loop(&name, listener, connection, &config, &thread_shared)
+                    == Ended::Stopped
+                {
+                    // The predecessor bound it; removing it on stop is ours now.
+                    let _ = std::fs::remove_file(&socket_file);
+                }
+            })
+            .map_err(|source| Error::Io {
+                what: format!("spawning the server thread of {}", path.display()),
+                source,
+            })?;
+        Ok(SocketServer {
+            path,
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A handler for a connection negotiated by a predecessor process. The vhost crate keeps the
+/// negotiated features inside its handler, out of reach, and takes them only from messages:
+/// the negotiation is replayed over a socket pair, and the handler's end of the pair is then
+/// replaced, under the same fd number, by the frontend's connection.
+fn resumed_handler(
+    stream: UnixStream,
+    connection: Arc<Mutex<Connection>>,
+    features: u64,
+    protocol: u64,
+) -> Result<Handler> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| Error::Io { what, source }
+    };
+    let (ours, mut theirs) = UnixStream::pair().map_err(io("socket pair for the replay"))?;
+    let ours_fd = ours.as_raw_fd();
+    let mut handler = BackendReqHandler::from_stream(ours, connection.clone());
+    let message = |code: u32, payload: Option<u64>| {
+        let mut m = Vec::with_capacity(20);
+        m.extend_from_slice(&code.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes()); // version 1, no reply asked
+        m.extend_from_slice(&(if payload.is_some() { 8u32 } else { 0 }).to_le_bytes());
+        if let Some(p) = payload {
+            m.extend_from_slice(&p.to_le_bytes());
+        }
+        m
+    };
+    const GET_FEATURES: u32 = 1;
+    const SET_FEATURES: u32 = 2;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    let mut replay = vec![
+        message(GET_FEATURES, None),
+        message(SET_FEATURES, Some(features)),
+    ];
+    let protocol_features = vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES;
+    if features & protocol_features.bits() != 0 {
+        replay.push(message(GET_PROTOCOL_FEATURES, None));
+        replay.push(message(SET_PROTOCOL_FEATURES, Some(protocol)));
+    }
+    for m in replay {
+        use std::io::Write;
+        theirs
+            .write_all(&m)
+            .map_err(io("writing the negotiation replay"))?;
+        handler
+            .handle_request()
+            .map_err(|source| Error::Transport {
+                what: "replaying the negotiation".into(),
+                source,
+            })?;
+    }
+    {
+        let c = connection
+            .lock()
+            .map_err(|_| Error::Poisoned("connection"))?;
+        if c.negotiated() != (features, protocol) {
+            return Err(Error::HandoverIncompatible(format!(
+                "negotiation replay gave features {:#x}/{:#x}, not {features:#x}/{protocol:#x}",
+                c.negotiated().0,
+                c.negotiated().1
+            )));
+        }
+    }
+    // SAFETY: both fds are open; dup3 atomically makes `ours_fd` (owned by the handler)
+    // refer to the frontend's connection, closing the replay end.
+    if unsafe { libc::dup3(stream.as_raw_fd(), ours_fd, libc::O_CLOEXEC) } < 0 {
+        return Err(Error::Io {
+            what: "moving the connection under the handler".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    drop(stream);
+    Ok(handler)
 }
 
 impl Drop for SocketServer {
@@ -249,11 +509,86 @@ fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
     }
 }
 
-fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, shared: &Shared) {
+/// How a serving thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Stopped or failed: everything closed.
+    Stopped,
+    /// Let go to a successor: nothing closed.
+    LetGo,
+}
+
+/// The vhost crate's listener as a borrowed fd.
+fn listener_fd(listener: &Listener) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the listener owns the fd and outlives the borrow.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+}
+
+/// Takes a pending suspend request, if any.
+fn suspend_request(shared: &Shared) -> Option<SuspendRequest> {
+    shared.suspend.lock().ok().and_then(|mut s| s.take())
+}
+
+/// Waits for the owner's verdict on a suspend (resume when it never comes).
+fn await_verdict(name: &str, request: &SuspendRequest) -> Verdict {
+    match request.verdict.recv_timeout(VERDICT_DEADLINE) {
+        Ok(v) => v,
+        Err(_) => {
+            tracing::warn!(
+                "{name}: no word on the hand-over within {VERDICT_DEADLINE:?}; serving again"
+            );
+            Verdict::Resume
+        }
+    }
+}
+
+fn serve_loop(
+    name: &str,
+    listener: Listener,
+    mut resumed: Option<(Arc<Mutex<Connection>>, Handler)>,
+    config: &Arc<DeviceConfig>,
+    shared: &Shared,
+) -> Ended {
     loop {
+        if let Some((connection, handler)) = resumed.take() {
+            shared.connected.store(true, Ordering::Relaxed);
+            let ended = serve_connection(name, connection, handler, true, &listener, shared);
+            shared.connected.store(false, Ordering::Relaxed);
+            if ended == Ended::LetGo {
+                // The socket file and the listening socket are the successor's.
+                std::mem::forget(listener);
+                return Ended::LetGo;
+            }
+            if shared.stopping.load(Ordering::Acquire) {
+                return Ended::Stopped;
+            }
+        }
         let (readable, stop) = wait_or_stop(listener.as_raw_fd(), &shared.stop, None);
-        if stop || shared.stopping.load(Ordering::Acquire) {
-            return;
+        if shared.stopping.load(Ordering::Acquire) {
+            return Ended::Stopped;
+        }
+        if stop {
+            let _ = shared.stop.read();
+            if let Some(request) = suspend_request(shared) {
+                let reply = {
+                    let mut fds = Fds::default();
+                    fds.add(&listener_fd(&listener)).map(|index| {
+                        (
+                            ServerState {
+                                listener: index,
+                                connection: None,
+                            },
+                            fds,
+                        )
+                    })
+                };
+                let _ = request.reply.send(reply);
+                if await_verdict(name, &request) == Verdict::LetGo {
+                    std::mem::forget(listener);
+                    return Ended::LetGo;
+                }
+            }
+            continue;
         }
         if !readable {
             continue;
@@ -268,22 +603,41 @@ fn serve_loop(name: &str, listener: &Listener, config: &Arc<DeviceConfig>, share
             }
         };
         shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
+        let handler = BackendReqHandler::from_stream(stream, connection.clone());
         shared.connected.store(true, Ordering::Relaxed);
-        serve_connection(name, stream, config, shared);
+        let ended = serve_connection(name, connection, handler, false, &listener, shared);
         shared.connected.store(false, Ordering::Relaxed);
+        if ended == Ended::LetGo {
+            std::mem::forget(listener);
+            return Ended::LetGo;
+        }
         if shared.stopping.load(Ordering::Acquire) {
-            return;
+            return Ended::Stopped;
         }
     }
 }
 
-/// Serves one frontend until it goes away, breaks a deadline, or the server stops.
-fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, shared: &Shared) {
+/// Serves one frontend until it goes away, breaks a deadline, or the server stops or lets
+/// it go to a successor. `spoke`: the frontend has sent messages already (a connection taken
+/// over), so the first-message deadline does not apply.
+fn serve_connection(
+    name: &str,
+    connection: Arc<Mutex<Connection>>,
+    mut handler: Handler,
+    mut spoke: bool,
+    listener: &Listener,
+    shared: &Shared,
+) -> Ended {
+    let stream = match handler.try_clone_connection() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{name}: the connection's socket: {e}; closing it");
+            return Ended::Stopped;
+        }
+    };
     let fd = stream.as_raw_fd();
-    let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
-    let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
     let connected_at = Instant::now();
-    let mut spoke = false;
     let mut stopped = false;
     loop {
         let timeout = if spoke {
@@ -300,9 +654,23 @@ fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, 
             }
         };
         let (readable, stop) = wait_or_stop(fd, &shared.stop, timeout);
-        if stop || shared.stopping.load(Ordering::Acquire) {
+        if shared.stopping.load(Ordering::Acquire) {
             stopped = true;
             break;
+        }
+        if stop {
+            let _ = shared.stop.read();
+            if let Some(request) = suspend_request(shared) {
+                if suspend_connection(name, &connection, &stream, listener, &request)
+                    == Verdict::LetGo
+                {
+                    // The successor holds the connection, its memory and its queues now.
+                    std::mem::forget(handler);
+                    std::mem::forget(connection);
+                    return Ended::LetGo;
+                }
+            }
+            continue;
         }
         if !readable {
             continue;
@@ -344,6 +712,37 @@ fn serve_connection(name: &str, stream: UnixStream, config: &Arc<DeviceConfig>, 
     connection.release_memory();
     drop(connection);
     drop(handler);
+    Ended::Stopped
+}
+
+/// Suspends a connection for its owner's hand-over and waits for the verdict; a suspend that
+/// fails, or a hand-over called off, restarts the queues.
+fn suspend_connection(
+    name: &str,
+    connection: &Mutex<Connection>,
+    stream: &UnixStream,
+    listener: &Listener,
+    request: &SuspendRequest,
+) -> Verdict {
+    let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fds = Fds::default();
+    let state = c.suspend(stream, &mut fds).and_then(|connection| {
+        Ok(ServerState {
+            listener: fds.add(&listener_fd(listener))?,
+            connection: Some(connection),
+        })
+    });
+    let failed = state.is_err();
+    let _ = request.reply.send(state.map(|s| (s, fds)));
+    let verdict = if failed {
+        Verdict::Resume
+    } else {
+        await_verdict(name, request)
+    };
+    if verdict == Verdict::Resume {
+        c.start_queues();
+    }
+    verdict
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards.

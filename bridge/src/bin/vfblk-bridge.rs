@@ -95,6 +95,10 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Take over from the process at the other end of this fd (set by an upgrade, not by
+    /// hand): its controllers, connections and listeners, without any frontend noticing.
+    #[arg(long, value_name = "FD", hide = true)]
+    takeover_fd: Option<i32>,
 }
 
 fn serial(s: &str) -> Result<String, String> {
@@ -145,11 +149,18 @@ fn main() -> ExitCode {
         }),
         _ => None,
     };
-    if one.is_none() && args.config.is_none() && args.rpc.is_none() {
+    if one.is_none() && args.config.is_none() && args.rpc.is_none() && args.takeover_fd.is_none() {
         tracing::error!("nothing to serve: give --socket and --backend, --config, or --rpc");
         return ExitCode::from(2);
     }
-    match run(settings, one, args.config, args.rpc, args.metrics) {
+    match run(
+        settings,
+        one,
+        args.config,
+        args.rpc,
+        args.metrics,
+        args.takeover_fd,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", vfblk_vhost::error_chain(&e));
@@ -164,9 +175,15 @@ fn run(
     config: Option<PathBuf>,
     rpc: Option<PathBuf>,
     metrics: Option<MetricsAddress>,
+    takeover_fd: Option<i32>,
 ) -> vfblk_bridge::Result<()> {
     let mut target = Target::new(settings)?;
-    if let Some(one) = &one {
+    let inherited = match takeover_fd {
+        // Everything comes from the predecessor, whatever the command line says.
+        Some(fd) => Some(target::handover::take_over(&mut target, fd)?),
+        None => None,
+    };
+    if let (None, Some(one)) = (&inherited, &one) {
         // The one controller of the command line: failing to serve it is failing.
         if let Some((what, e)) = target.apply(one.config()).into_iter().next() {
             return Err(vfblk_bridge::Error::BadArgument(format!(
@@ -175,7 +192,7 @@ fn run(
             )));
         }
     }
-    if let Some(path) = &config {
+    if let (None, Some(path)) = (&inherited, &config) {
         // Its directory must exist for the first change to be saved (e.g. /etc/vfblk).
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| vfblk_bridge::Error::Io {
@@ -196,14 +213,30 @@ fn run(
         }
     }
     let target = Arc::new(Mutex::new(target));
+    let mut inherited = inherited.unwrap_or_default();
     let rpc_server = rpc
-        .map(|path| RpcServer::start(&path, target.clone()))
+        .map(|path| match inherited.rpc.take() {
+            Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),
+            None => RpcServer::start(&path, target.clone()),
+        })
         .transpose()?;
     let metrics_server = metrics
-        .map(|address| MetricsServer::start(&address, target.clone()))
+        .map(|address| match inherited.metrics.take() {
+            Some(fd) => MetricsServer::start_inherited(&address, target.clone(), fd),
+            None => MetricsServer::start(&address, target.clone()),
+        })
         .transpose()?;
     target::notify_ready();
     let sig = vfblk_vhost::server::wait_for_termination();
+    if target
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .handed_over()
+    {
+        // Sockets, socket files and memory belong to the successor: leave without
+        // closing or removing anything.
+        std::process::exit(0);
+    }
     tracing::info!("signal {sig}: completing requests in flight, then exiting");
     drop(rpc_server);
     drop(metrics_server);

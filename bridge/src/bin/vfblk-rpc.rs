@@ -90,6 +90,13 @@ enum Command {
     Stats,
     /// Write the configuration to the target's config file now.
     ConfigSave,
+    /// Hand the target over to a new process (default: the same binary path, e.g. after a
+    /// package upgrade) without disconnecting any frontend; the old process exits.
+    Upgrade {
+        /// The binary to run instead.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Call any method with JSON params.
     Call {
         /// The method.
@@ -176,6 +183,15 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
             serde_json::to_string_pretty(&result).expect("JSON values print")
         ),
         Command::ConfigSave => println!("saved to {}", result["path"].as_str().unwrap_or("?")),
+        Command::Upgrade { .. } => println!(
+            "handed over from pid {} to pid {} ({}): {} controller(s), {} connected, I/O paused {:.2} ms",
+            result["old_pid"],
+            result["new_pid"],
+            result["binary"].as_str().unwrap_or("?"),
+            result["controllers"],
+            result["connections"],
+            result["pause_ms"].as_f64().unwrap_or(f64::NAN)
+        ),
         Command::NvmeAttach { .. } => println!("backends: {}", cell(&result["backends"])),
         _ => println!("done"),
     }
@@ -229,6 +245,10 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
         Command::VhostBlkList => ("vhost_blk_list", json!({})),
         Command::Stats => ("stats", json!({})),
         Command::ConfigSave => ("config_save", json!({})),
+        Command::Upgrade { binary } => match binary {
+            Some(b) => ("upgrade", json!({ "binary": b })),
+            None => ("upgrade", json!({})),
+        },
         Command::Call { method, params } => (
             method.as_str(),
             serde_json::from_str(params).map_err(|e| {

@@ -318,8 +318,46 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Listens on `address` and answers scrapes from `target`'s counters.
     pub fn start(address: &MetricsAddress, target: Arc<Mutex<Target>>) -> Result<Self> {
+        Self::start_with(address, target, None)
+    }
+
+    /// Answers scrapes on a listener inherited from a predecessor process (an upgrade).
+    pub fn start_inherited(
+        address: &MetricsAddress,
+        target: Arc<Mutex<Target>>,
+        listener: std::os::fd::OwnedFd,
+    ) -> Result<Self> {
+        Self::start_with(address, target, Some(listener))
+    }
+
+    fn start_with(
+        address: &MetricsAddress,
+        target: Arc<Mutex<Target>>,
+        inherited: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Self> {
         let io = |what: String| move |source| Error::Io { what, source };
-        let listening = match address {
+        let listening = match (address, inherited) {
+            (MetricsAddress::Tcp(_), Some(fd)) => Listening::Tcp(TcpListener::from(fd)),
+            (MetricsAddress::Unix(p), Some(fd)) => {
+                Listening::Unix(UnixListener::from(fd), p.clone())
+            }
+            (address, None) => Self::bind(address)?,
+        };
+        let handed = match &listening {
+            Listening::Tcp(l) => l.try_clone().map(std::os::fd::OwnedFd::from),
+            Listening::Unix(l, _) => l.try_clone().map(std::os::fd::OwnedFd::from),
+        }
+        .map_err(io("duplicating the metrics listener".into()))?;
+        target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_listener(super::handover::ListenerKind::Metrics, handed);
+        Self::serve(address, listening, target)
+    }
+
+    fn bind(address: &MetricsAddress) -> Result<Listening> {
+        let io = |what: String| move |source| Error::Io { what, source };
+        Ok(match address {
             MetricsAddress::Tcp(a) => Listening::Tcp(
                 TcpListener::bind(a).map_err(io(format!("metrics: listening on {a}")))?,
             ),
@@ -335,7 +373,15 @@ impl MetricsServer {
                     p.clone(),
                 )
             }
-        };
+        })
+    }
+
+    fn serve(
+        address: &MetricsAddress,
+        listening: Listening,
+        target: Arc<Mutex<Target>>,
+    ) -> Result<Self> {
+        let io = |what: String| move |source| Error::Io { what, source };
         let shown = match (&listening, address) {
             (Listening::Tcp(l), _) => l
                 .local_addr()
@@ -362,6 +408,15 @@ impl MetricsServer {
                     return;
                 }
                 if readable {
+                    // Blocks while an upgrade runs; afterwards the listener is the
+                    // successor's.
+                    if target
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .handed_over()
+                    {
+                        return;
+                    }
                     listening.serve_one(&target);
                 }
             })

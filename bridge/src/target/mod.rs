@@ -5,6 +5,7 @@
 //! the config file drive; the pollers never touch it.
 
 pub mod config;
+pub mod handover;
 pub mod metrics;
 pub mod rpc;
 
@@ -157,6 +158,11 @@ pub struct Target {
     nvme: NvmeControllers,
     /// NVMe attachments by name: the controller and the backends made of its namespaces.
     attachments: BTreeMap<String, (PciAddress, Vec<String>)>,
+    /// Listeners an upgrade hands over besides the controllers'.
+    rpc_listener: Option<std::os::fd::OwnedFd>,
+    metrics_listener: Option<std::os::fd::OwnedFd>,
+    /// Everything went to a successor process; this one only waits to exit.
+    handed_over: bool,
 }
 
 impl Target {
@@ -191,6 +197,9 @@ impl Target {
             controllers: BTreeMap::new(),
             nvme: NvmeControllers::default(),
             attachments: BTreeMap::new(),
+            rpc_listener: None,
+            metrics_listener: None,
+            handed_over: false,
         })
     }
 
@@ -367,6 +376,17 @@ impl Target {
 
     /// Creates a controller and starts listening on its socket.
     pub fn create_controller(&mut self, config: ControllerConfig) -> Result<()> {
+        let (device, device_config) = self.controller_device(&config)?;
+        let server = SocketServer::start(&config.socket, device_config)?;
+        self.add_controller(config, device, server);
+        Ok(())
+    }
+
+    /// Checks a controller's configuration against what exists and builds its device.
+    fn controller_device(
+        &self,
+        config: &ControllerConfig,
+    ) -> Result<(Arc<BlkDevice>, Arc<DeviceConfig>)> {
         let name = config.name.clone();
         check_name("controller", &name)?;
         if self.controllers.contains_key(&name) {
@@ -417,7 +437,6 @@ impl Target {
         }
         device = device.rate_limited(config.limits);
         let device = Arc::new(device);
-        let description = entry.backend.info().description.clone();
         let device_config = Arc::new(DeviceConfig {
             num_queues: config.queues,
             inflight: self.settings.inflight,
@@ -425,7 +444,22 @@ impl Target {
             workers,
             errors: Arc::new(GuestErrors::new(name.clone())),
         });
-        let server = SocketServer::start(&config.socket, device_config)?;
+        Ok((device, device_config))
+    }
+
+    /// Records a controller whose server runs.
+    fn add_controller(
+        &mut self,
+        config: ControllerConfig,
+        device: Arc<BlkDevice>,
+        server: SocketServer,
+    ) {
+        let name = config.name.clone();
+        let description = self
+            .backends
+            .get(&config.backend)
+            .map(|b| b.backend.info().description.clone())
+            .unwrap_or_default();
         tracing::info!(
             controller = %name,
             "serving {description} on {} ({} queue(s), {} poller(s), inflight tracking {}{})",
@@ -443,7 +477,6 @@ impl Target {
                 server,
             },
         );
-        Ok(())
     }
 
     /// The pollers a controller asking for `cpus` may use.
@@ -749,7 +782,9 @@ pub fn notify_ready() {
             Some(name) => SocketAddr::from_abstract_name(name)?,
             None => SocketAddr::from_pathname(Path::new(&path))?,
         };
-        UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr)?;
+        // MAINPID: after an upgrade by hand-over the serving process is the old one's child.
+        let message = format!("MAINPID={}\nREADY=1", std::process::id());
+        UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &addr)?;
         Ok(())
     })();
     if let Err(e) = sent {

@@ -70,6 +70,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("vhost_blk_list", "{}"),
     ("stats", "{}"),
     ("config_save", "{}"),
+    ("upgrade", "{binary?}"),
     ("rpc_get_methods", "{}"),
 ];
 
@@ -193,6 +194,16 @@ fn dispatch(
             t.save()?;
             Ok(json!({"path": path}))
         }
+        "upgrade" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Upgrade {
+                binary: Option<std::path::PathBuf>,
+            }
+            let Upgrade { binary } = params(p)?;
+            let report = lock().upgrade(binary.as_deref())?;
+            Ok(to_value(report))
+        }
         "rpc_get_methods" => {
             let Nothing {} = params(p)?;
             Ok(to_value(
@@ -306,6 +317,19 @@ fn serve_client(target: &Mutex<Target>, mut stream: UnixStream) {
                         return;
                     }
                 }
+                if target
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .handed_over()
+                {
+                    // A successor serves everything now. Its answer given, this process is
+                    // asked to end as an operator would; the binary sees the hand-over and
+                    // exits without closing what the successor holds.
+                    // SAFETY: sends SIGTERM to this process (blocked in every thread but the
+                    // one that waits for it).
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    return;
+                }
             }
             Err(e) if e.is_eof() || e.is_io() => return,
             Err(e) => {
@@ -359,6 +383,27 @@ impl RpcServer {
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         let listener = bound.map_err(io(format!("listening on {}", path.display())))?;
+        Self::serve(path, listener, target)
+    }
+
+    /// Serves RPCs on a listener inherited from a predecessor process (an upgrade).
+    pub fn start_inherited(
+        path: &Path,
+        listener: std::os::fd::OwnedFd,
+        target: Arc<Mutex<Target>>,
+    ) -> Result<Self> {
+        Self::serve(path, UnixListener::from(listener), target)
+    }
+
+    fn serve(path: &Path, listener: UnixListener, target: Arc<Mutex<Target>>) -> Result<Self> {
+        let io = |what: String| move |source| Error::Io { what, source };
+        let handed = listener
+            .try_clone()
+            .map_err(io("duplicating the RPC listener".into()))?;
+        target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_listener(super::handover::ListenerKind::Rpc, handed.into());
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(io("eventfd for the RPC server".into()))?,
@@ -404,6 +449,14 @@ fn accept_loop(
         }
         if !readable {
             continue;
+        }
+        // Blocks while an upgrade runs; afterwards the listener is the successor's.
+        if target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handed_over()
+        {
+            return;
         }
         let Ok((mut stream, _)) = listener.accept() else {
             continue;

@@ -1,0 +1,473 @@
+//! Upgrades by hand-over: a new target process takes over from this one without any
+//! vhost-user connection closing. The old process starts the new binary with the same
+//! command line and one end of a hand-over channel (`--takeover-fd`); the new one builds its
+//! pollers, says which state formats it reads, and waits. Only then does the old one
+//! quiesce (each controller's queues stop once their requests are complete and published)
+//! and send its state: the configuration, every listening and connected socket, guest
+//! memory, vrings, kick/call and inflight fds. The new process maps it all and answers
+//! `ready`; the old one lets go of everything and answers `go`, after which only the new
+//! process touches the rings. Until `go`, any failure (the new binary does not start, reads
+//! another format, cannot map the memory, dies, or is late) resumes the old process as if
+//! nothing happened. See docs/recovery.md.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vfblk_vhost::handover::{Channel, Fds, ServerState, STEP_DEADLINE};
+use vfblk_vhost::server::SocketServer;
+
+use super::{Target, TargetConfig};
+use crate::{Error, Result};
+
+/// The state format this binary writes and reads. Raise it whenever [`TargetState`] or the
+/// vhost plumbing's state changes meaning.
+pub const FORMAT: u32 = 1;
+
+/// The option that hands the channel to the new process.
+pub const TAKEOVER_OPTION: &str = "--takeover-fd";
+
+/// How long the new binary may take to start and say hello.
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// One step of the exchange.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+enum Step {
+    /// New to old, once its pollers run: the formats it reads.
+    Hello { formats: Vec<u32>, pid: u32 },
+    /// Old to new: everything, after quiescing.
+    State(Box<TargetState>),
+    /// New to old: mapped and checked, nothing started.
+    Ready,
+    /// Old to new: let go; the rings are yours.
+    Go,
+    /// New to old: serving.
+    Started,
+    /// Either way: the hand-over is off, and why.
+    Failed { why: String },
+}
+
+/// The whole target's state.
+#[derive(Debug, Serialize, Deserialize)]
+struct TargetState {
+    format: u32,
+    config: TargetConfig,
+    controllers: Vec<ControllerState>,
+    /// The RPC and metrics listeners (fd indexes).
+    rpc: Option<u32>,
+    metrics: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ControllerState {
+    name: String,
+    /// The config space's writeback field as the driver left it.
+    writeback: bool,
+    server: ServerState,
+}
+
+/// What an upgrade did, for the RPC's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeReport {
+    /// This (old) process.
+    pub old_pid: u32,
+    /// The process serving now.
+    pub new_pid: u32,
+    /// The binary it runs.
+    pub binary: PathBuf,
+    /// Controllers handed over.
+    pub controllers: usize,
+    /// Of them, with a frontend connected.
+    pub connections: usize,
+    /// From the first queue stopping here to the new process serving, in milliseconds.
+    pub pause_ms: f64,
+    /// From starting the new binary to its hello, in milliseconds.
+    pub start_ms: f64,
+}
+
+/// Listeners the new process got from the old.
+#[derive(Debug, Default)]
+pub struct InheritedListeners {
+    /// The RPC socket.
+    pub rpc: Option<OwnedFd>,
+    /// The metrics socket.
+    pub metrics: Option<OwnedFd>,
+}
+
+fn failed(why: impl Into<String>) -> Error {
+    Error::Upgrade(why.into())
+}
+
+/// The formats a new process claims to read: [`FORMAT`], or for tests of the refusal path
+/// the list in `VFBLK_TEST_HANDOVER_FORMATS` (comma-separated).
+fn formats_read() -> Vec<u32> {
+    match std::env::var("VFBLK_TEST_HANDOVER_FORMATS") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|f| f.trim().parse().ok())
+            .collect(),
+        Err(_) => vec![FORMAT],
+    }
+}
+
+/// The binary to start when none is named: the one this process runs, by the path it was
+/// started from (after a package upgrade the link names the replaced file, "(deleted)").
+fn this_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "finding this process's binary".into(),
+        source,
+    })?;
+    let s = exe.to_string_lossy();
+    Ok(match s.strip_suffix(" (deleted)") {
+        Some(p) => PathBuf::from(p),
+        None => exe,
+    })
+}
+
+/// This process's arguments without a previous take-over fd.
+fn arguments() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    while let Some(i) = args.iter().position(|a| a == TAKEOVER_OPTION) {
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    args
+}
+
+impl Target {
+    /// Registers a listener the process serves besides the controllers (RPC, metrics), so
+    /// that an upgrade hands it over.
+    pub fn register_listener(&mut self, kind: ListenerKind, fd: OwnedFd) {
+        match kind {
+            ListenerKind::Rpc => self.rpc_listener = Some(fd),
+            ListenerKind::Metrics => self.metrics_listener = Some(fd),
+        }
+    }
+
+    /// Whether this process has handed everything over and only waits to exit.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Hands this target over to a new process running `binary` (default: this binary)
+    /// with this process's command line. On success this process serves nothing any more
+    /// and should exit; on failure it serves on as before.
+    pub fn upgrade(&mut self, binary: Option<&Path>) -> Result<UpgradeReport> {
+        if self.handed_over {
+            return Err(failed("this process has handed over already"));
+        }
+        if !self.attachments.is_empty()
+            || self
+                .backends
+                .values()
+                .any(|b| matches!(b.spec, crate::spec::BackendSpec::Nvme { .. }))
+        {
+            return Err(failed(
+                "NVMe backends cannot be handed over yet (their VFIO fds and queue pairs would \
+                 have to go along); restart the target instead",
+            ));
+        }
+        let binary = match binary {
+            Some(b) => b.to_path_buf(),
+            None => this_binary()?,
+        };
+        let (ours, theirs) = Channel::pair()?;
+        let started = Instant::now();
+        let mut child = spawn(&binary, &theirs)?;
+        drop(theirs);
+        let kill = |child: &mut std::process::Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        let hello = ours.recv::<Step>(started + START_DEADLINE, "hello from the new process");
+        let (formats, new_pid) = match hello {
+            Ok((Step::Hello { formats, pid }, _)) => (formats, pid),
+            Ok((other, _)) => {
+                kill(&mut child);
+                return Err(failed(format!("the new process began with {other:?}")));
+            }
+            Err(e) => {
+                let status = match child.try_wait() {
+                    Ok(Some(s)) => format!(" (it exited: {s})"),
+                    _ => String::new(),
+                };
+                kill(&mut child);
+                return Err(failed(format!(
+                    "{} did not start{status}: {}",
+                    binary.display(),
+                    vfblk_vhost::error_chain(&e)
+                )));
+            }
+        };
+        let start_ms = started.elapsed().as_secs_f64() * 1e3;
+        if !formats.contains(&FORMAT) {
+            let why = format!(
+                "{} reads hand-over formats {formats:?}, this process writes {FORMAT}",
+                binary.display()
+            );
+            let _ = ours.send(
+                &Step::Failed { why: why.clone() },
+                &Fds::default(),
+                Instant::now() + STEP_DEADLINE,
+            );
+            kill(&mut child);
+            return Err(failed(why));
+        }
+        // Quiesce, and collect what the new process needs.
+        let quiesced = Instant::now();
+        let mut message_fds = Fds::default();
+        let mut suspended = Vec::new();
+        let mut controllers = Vec::new();
+        let mut trouble = None;
+        for (name, c) in &self.controllers {
+            match c.server.suspend() {
+                Ok(mut s) => {
+                    let mut server = s.state.clone();
+                    server.offset_fds(message_fds.append(std::mem::take(&mut s.fds)));
+                    controllers.push(ControllerState {
+                        name: name.clone(),
+                        writeback: c.device.writeback(),
+                        server,
+                    });
+                    suspended.push(s);
+                }
+                Err(e) => {
+                    trouble = Some(format!(
+                        "controller {name} could not be quiesced: {}",
+                        vfblk_vhost::error_chain(&e)
+                    ));
+                    break;
+                }
+            }
+        }
+        let rpc = self
+            .rpc_listener
+            .as_ref()
+            .map(|f| message_fds.add(f))
+            .transpose()?;
+        let metrics = self
+            .metrics_listener
+            .as_ref()
+            .map(|f| message_fds.add(f))
+            .transpose()?;
+        let handed = controllers.len();
+        let connections = controllers
+            .iter()
+            .filter(|c| c.server.connection.is_some())
+            .count();
+        let outcome = match trouble {
+            Some(why) => Err(why),
+            None => {
+                let state = TargetState {
+                    format: FORMAT,
+                    config: self.config(),
+                    controllers,
+                    rpc,
+                    metrics,
+                };
+                exchange(&ours, state, &message_fds)
+            }
+        };
+        drop(message_fds);
+        if let Err(why) = outcome {
+            for s in suspended {
+                s.resume();
+            }
+            kill(&mut child);
+            tracing::warn!("upgrade to {} called off: {why}", binary.display());
+            return Err(failed(why));
+        }
+        // The point of no return: the servers end without touching anything, then the new
+        // process may start the rings.
+        for s in suspended {
+            s.let_go();
+        }
+        for (_, c) in std::mem::take(&mut self.controllers) {
+            c.server.forget();
+        }
+        self.handed_over = true;
+        let go = ours.send(&Step::Go, &Fds::default(), Instant::now() + STEP_DEADLINE);
+        let serving = go.and_then(|_| {
+            ours.recv::<Step>(Instant::now() + STEP_DEADLINE, "the new process serving")
+        });
+        let pause_ms = quiesced.elapsed().as_secs_f64() * 1e3;
+        match serving {
+            Ok((Step::Started, _)) => {}
+            Ok((other, _)) => tracing::warn!("the new process answered go with {other:?}"),
+            Err(e) => tracing::error!(
+                "the new process did not confirm it serves: {}; its connections are its own now",
+                vfblk_vhost::error_chain(&e)
+            ),
+        }
+        // The new process outlives this one; nobody here waits for it.
+        std::mem::forget(child);
+        tracing::info!(
+            "handed over to {} (pid {new_pid}): {handed} controller(s), {connections} connected, paused {pause_ms:.2} ms",
+            binary.display(),
+        );
+        Ok(UpgradeReport {
+            old_pid: std::process::id(),
+            new_pid,
+            binary,
+            controllers: handed,
+            connections,
+            pause_ms,
+            start_ms,
+        })
+    }
+}
+
+/// Sends the state and waits for the new process to be ready.
+fn exchange(channel: &Channel, state: TargetState, fds: &Fds) -> std::result::Result<(), String> {
+    let e = |e: vfblk_vhost::Error| vfblk_vhost::error_chain(&e);
+    channel
+        .send(
+            &Step::State(Box::new(state)),
+            fds,
+            Instant::now() + STEP_DEADLINE,
+        )
+        .map_err(e)?;
+    match channel.recv::<Step>(Instant::now() + STEP_DEADLINE, "ready from the new process") {
+        Ok((Step::Ready, _)) => Ok(()),
+        Ok((Step::Failed { why }, _)) => Err(format!("the new process refused: {why}")),
+        Ok((other, _)) => Err(format!("the new process answered {other:?}")),
+        Err(err) => Err(e(err)),
+    }
+}
+
+/// Starts `binary` with this process's arguments and the channel's other end.
+fn spawn(binary: &Path, theirs: &Channel) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let fd = theirs.as_raw_fd();
+    let mut command = std::process::Command::new(binary);
+    command
+        .args(arguments())
+        .arg(TAKEOVER_OPTION)
+        .arg(fd.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only fcntl runs (async-signal-safe): the channel's end
+    // must survive the exec in the child.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|source| Error::Io {
+        what: format!("starting {}", binary.display()),
+        source,
+    })
+}
+
+/// Which extra listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// The JSON-RPC socket.
+    Rpc,
+    /// The metrics endpoint.
+    Metrics,
+}
+
+/// The new process's side: takes over from the process at the other end of `fd`. `target`
+/// has its pollers and nothing else. Returns the listeners to serve RPC and metrics on.
+pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
+    let channel = Channel::inherited(fd)?;
+    channel.send(
+        &Step::Hello {
+            formats: formats_read(),
+            pid: std::process::id(),
+        },
+        &Fds::default(),
+        Instant::now() + STEP_DEADLINE,
+    )?;
+    let (step, mut fds) = channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 3, "the state")?;
+    let state = match step {
+        Step::State(s) => s,
+        Step::Failed { why } => {
+            return Err(failed(format!("the old process called it off: {why}")))
+        }
+        other => return Err(failed(format!("expected the state, got {other:?}"))),
+    };
+    let prepared = prepare(target, &state, &mut fds);
+    let (servers, listeners) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let why = vfblk_vhost::error_chain(&e);
+            let _ = channel.send(
+                &Step::Failed { why: why.clone() },
+                &Fds::default(),
+                Instant::now() + STEP_DEADLINE,
+            );
+            return Err(failed(why));
+        }
+    };
+    channel.send(
+        &Step::Ready,
+        &Fds::default(),
+        Instant::now() + STEP_DEADLINE,
+    )?;
+    match channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 2, "go")? {
+        (Step::Go, _) => {}
+        (other, _) => return Err(failed(format!("expected go, got {other:?}"))),
+    }
+    for (config, device, taken) in servers {
+        let server = taken.serve()?;
+        target.add_controller(config, device, server);
+    }
+    channel.send(
+        &Step::Started,
+        &Fds::default(),
+        Instant::now() + STEP_DEADLINE,
+    )?;
+    tracing::info!(
+        "took over {} controller(s) from the previous process",
+        target.controllers.len()
+    );
+    Ok(listeners)
+}
+
+type Prepared = (
+    Vec<(
+        super::ControllerConfig,
+        std::sync::Arc<crate::device::BlkDevice>,
+        vfblk_vhost::server::TakenOver,
+    )>,
+    InheritedListeners,
+);
+
+/// Everything of the state opened and mapped, nothing started.
+fn prepare(target: &mut Target, state: &TargetState, fds: &mut Fds) -> Result<Prepared> {
+    if state.format != FORMAT {
+        return Err(failed(format!(
+            "state format {}, this binary reads {FORMAT}",
+            state.format
+        )));
+    }
+    if !state.config.nvme.is_empty() {
+        return Err(failed("NVMe attachments cannot be taken over yet"));
+    }
+    for b in &state.config.backends {
+        target.create_backend(&b.name, b.spec.clone())?;
+    }
+    let mut servers = Vec::new();
+    for c in &state.config.controllers {
+        let handed = state
+            .controllers
+            .iter()
+            .find(|h| h.name == c.name)
+            .ok_or_else(|| failed(format!("controller {} came without its state", c.name)))?;
+        let (device, device_config) = target.controller_device(c)?;
+        device.set_writeback(handed.writeback);
+        let taken = SocketServer::take_over(&c.socket, device_config, &handed.server, fds)?;
+        servers.push((c.clone(), device, taken));
+    }
+    let listeners = InheritedListeners {
+        rpc: state.rpc.map(|i| fds.take(i)).transpose()?,
+        metrics: state.metrics.map(|i| fds.take(i)).transpose()?,
+    };
+    Ok((servers, listeners))
+}
