@@ -26,7 +26,7 @@ pub struct JobArgs {
     /// Blocks in order instead of at random.
     #[arg(long)]
     pub sequential: bool,
-    /// Seconds of I/O.
+    /// Seconds of I/O (SIGINT or SIGTERM ends it early, with the report).
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub seconds: f64,
     /// Seconds of I/O before latencies and gaps count (fio's ramp_time).

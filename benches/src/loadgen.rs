@@ -84,6 +84,46 @@ pub struct Options {
     pub ramp_time: Duration,
     /// Blocks in order (wrapping at the end of the disk) instead of at random.
     pub sequential: bool,
+    /// Report every gap between completions longer than this, with the time it ended
+    /// (CLOCK_MONOTONIC, comparable with other processes' clocks): whoever disturbs the
+    /// backend at known times can find the pause each disturbance caused.
+    pub log_gaps_over: Option<Duration>,
+}
+
+/// Set by SIGINT or SIGTERM once [`stop_on_signals`] is in place.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM end a run early with its report (what is in flight completes
+/// first), as fio does: a caller that does not know beforehand how long it needs the load
+/// stops it when done.
+pub fn stop_on_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = request_stop as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Most gaps a report lists.
+const MAX_GAPS_LOGGED: usize = 100_000;
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// What happened.
@@ -112,6 +152,8 @@ pub struct Report {
     /// The longest time between two completions while connected (reconnect pauses apart):
     /// how long the backend ever left this frontend waiting.
     pub max_gap_ms: f64,
+    /// With [`Options::log_gaps_over`]: (CLOCK_MONOTONIC ns at the gap's end, gap in ms).
+    pub gaps: Vec<(u64, f64)>,
     /// Latency histogram.
     pub latency: Histogram,
     /// Measured seconds.
@@ -162,6 +204,7 @@ impl Report {
             "pauses_ms": self.pauses_ms,
             "max_pause_ms": max_pause,
             "max_gap_ms": self.max_gap_ms,
+            "gaps": self.gaps,
             "errors": self.errors,
         })
     }
@@ -760,7 +803,7 @@ impl LoadGen {
         };
         loop {
             let now = Instant::now();
-            if now >= end {
+            if now >= end || STOP_REQUESTED.load(std::sync::atomic::Ordering::Relaxed) {
                 stopping = true;
             }
             if gone_since.is_none() && now >= next_liveness_check {
@@ -831,11 +874,16 @@ impl LoadGen {
                             if awaiting_first {
                                 self.report.pauses_ms.push(gap);
                                 awaiting_first = false;
-                            } else if completed_any
-                                && now >= self.measure_from
-                                && gap > self.report.max_gap_ms
-                            {
-                                self.report.max_gap_ms = gap;
+                            } else if completed_any && now >= self.measure_from {
+                                if gap > self.report.max_gap_ms {
+                                    self.report.max_gap_ms = gap;
+                                }
+                                if self.opts.log_gaps_over.is_some_and(|t| {
+                                    gap > t.as_secs_f64() * 1e3
+                                        && self.report.gaps.len() < MAX_GAPS_LOGGED
+                                }) {
+                                    self.report.gaps.push((monotonic_ns(), gap));
+                                }
                             }
                             completed_any = true;
                             last_completion = now;

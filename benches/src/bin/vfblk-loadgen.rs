@@ -56,10 +56,15 @@ struct Args {
     /// Connect and set up the rings, then do no I/O for --seconds (an idle guest).
     #[arg(long)]
     idle: bool,
+    /// List every gap between completions longer than MS, with the CLOCK_MONOTONIC time
+    /// it ended (JSON `gaps`), to find the pause each upgrade or restart caused.
+    #[arg(long, value_name = "MS")]
+    log_gaps_over_ms: Option<f64>,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    vfblk_benches::loadgen::stop_on_signals();
     let options = Options {
         socket: a.job.socket,
         queues: a.job.queues,
@@ -81,6 +86,9 @@ fn main() -> ExitCode {
         rate: a.rate,
         ramp_time: Duration::from_secs_f64(a.job.ramp_time),
         sequential: a.job.sequential,
+        log_gaps_over: a
+            .log_gaps_over_ms
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3)),
     };
     let result = LoadGen::new(options).map(|lg| if a.idle { lg.idle() } else { lg.run() });
     Report::print_and_exit_code("vfblk-loadgen", result, a.job.json)
