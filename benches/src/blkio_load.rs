@@ -170,7 +170,7 @@ fn drive(mut job: QueueJob, o: &BlkioOptions, end: Instant, measure_from: Instan
     let mut next_block = 0u64;
     loop {
         let now = Instant::now();
-        let stopping = now >= end;
+        let stopping = now >= end || crate::loadgen::stop_requested();
         if !stopping {
             while let Some(slot) = free.pop() {
                 let block = if o.sequential {

@@ -112,6 +112,11 @@ pub fn stop_on_signals() {
     }
 }
 
+/// SIGINT or SIGTERM arrived (after [`stop_on_signals`]).
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Most gaps a report lists.
 const MAX_GAPS_LOGGED: usize = 100_000;
 
@@ -803,7 +808,7 @@ impl LoadGen {
         };
         loop {
             let now = Instant::now();
-            if now >= end || STOP_REQUESTED.load(std::sync::atomic::Ordering::Relaxed) {
+            if now >= end || stop_requested() {
                 stopping = true;
             }
             if gone_since.is_none() && now >= next_liveness_check {

@@ -22,6 +22,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    vfblk_benches::loadgen::stop_on_signals();
     let job = a.job;
     let options = BlkioOptions {
         socket: job.socket,
