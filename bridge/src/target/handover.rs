@@ -101,16 +101,30 @@ fn failed(why: impl Into<String>) -> Error {
     Error::Upgrade(why.into())
 }
 
-/// The formats a new process claims to read: [`FORMAT`], or for tests of the refusal path
-/// the list in `VFBLK_TEST_HANDOVER_FORMATS` (comma-separated).
+/// The formats a new process reads: [`FORMAT`], or in a test build (feature `test-delay`)
+/// the list in `VFBLK_TEST_HANDOVER_FORMATS` (comma-separated), to test the refusal.
 fn formats_read() -> Vec<u32> {
-    match std::env::var("VFBLK_TEST_HANDOVER_FORMATS") {
-        Ok(list) => list
+    #[cfg(feature = "test-delay")]
+    if let Ok(list) = std::env::var("VFBLK_TEST_HANDOVER_FORMATS") {
+        return list
             .split(',')
             .filter_map(|f| f.trim().parse().ok())
-            .collect(),
-        Err(_) => vec![FORMAT],
+            .collect();
     }
+    vec![FORMAT]
+}
+
+/// In a test build (feature `test-delay`), `VFBLK_TEST_HANDOVER_FAULT` makes the new
+/// process fail once the state arrived, after the old one quiesced: `refuse` answers with
+/// a failure, `die` aborts without a word. Either must leave the old process serving.
+fn injected_fault() -> Result<()> {
+    #[cfg(feature = "test-delay")]
+    match std::env::var("VFBLK_TEST_HANDOVER_FAULT").as_deref() {
+        Ok("refuse") => return Err(failed("refused by VFBLK_TEST_HANDOVER_FAULT")),
+        Ok("die") => std::process::abort(),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The binary to start when none is named: the one this process runs, by the path it was
@@ -155,6 +169,17 @@ impl Target {
     /// with this process's command line. On success this process serves nothing any more
     /// and should exit; on failure it serves on as before.
     pub fn upgrade(&mut self, binary: Option<&Path>) -> Result<UpgradeReport> {
+        let result = self.hand_over(binary);
+        if let Err(e) = &result {
+            tracing::warn!(
+                "upgrade called off, serving on: {}",
+                vfblk_vhost::error_chain(e)
+            );
+        }
+        result
+    }
+
+    fn hand_over(&mut self, binary: Option<&Path>) -> Result<UpgradeReport> {
         if self.handed_over {
             return Err(failed("this process has handed over already"));
         }
@@ -276,7 +301,6 @@ impl Target {
                 s.resume();
             }
             kill(&mut child);
-            tracing::warn!("upgrade to {} called off: {why}", binary.display());
             return Err(failed(why));
         }
         // The point of no return: the servers end without touching anything, then the new
@@ -392,7 +416,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         }
         other => return Err(failed(format!("expected the state, got {other:?}"))),
     };
-    let prepared = prepare(target, &state, &mut fds);
+    let prepared = prepare(target, &state, &mut fds).and_then(|p| injected_fault().map(|()| p));
     let (servers, listeners) = match prepared {
         Ok(p) => p,
         Err(e) => {
