@@ -11,6 +11,7 @@
 //! deadline, and received fds are close-on-exec.
 
 use std::fs::File;
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -276,58 +277,24 @@ impl Channel {
     }
 
     fn send_packet(&self, data: &[u8], fds: &[RawFd]) -> Result<()> {
-        let mut packet = Vec::with_capacity(PREFIX + data.len());
-        packet.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        packet.extend_from_slice(&(fds.len() as u32).to_le_bytes());
-        packet.extend_from_slice(data);
-        let mut iov = libc::iovec {
-            iov_base: packet.as_mut_ptr().cast(),
-            iov_len: packet.len(),
-        };
-        let fd_bytes = std::mem::size_of_val(fds) as u32;
-        let space = if fds.is_empty() {
-            0
-        } else {
-            // SAFETY: CMSG_SPACE only computes a size.
-            unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
-        };
-        let mut control = vec![0u8; space];
-        // SAFETY: an all-zero msghdr is valid; its pointers are set below to locals that
-        // outlive the sendmsg call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space as _;
-            // SAFETY: the control buffer has room for one header and `fds` (CMSG_SPACE).
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr(),
-                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
-                    fds.len(),
-                );
-            }
-        }
-        // SAFETY: msg points at valid buffers for the duration of the call.
-        let n = unsafe {
-            libc::sendmsg(
-                self.sock.as_raw_fd(),
-                &msg,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n != packet.len() as isize {
-            return Err(Error::Io {
+        let prefix = [
+            (data.len() as u32).to_le_bytes(),
+            (fds.len() as u32).to_le_bytes(),
+        ]
+        .concat();
+        let iov = [IoSlice::new(&prefix), IoSlice::new(data)];
+        let sent = send_with_fds(self.sock.as_raw_fd(), &iov, fds, libc::MSG_DONTWAIT);
+        match sent {
+            Ok(n) if n == PREFIX + data.len() => Ok(()),
+            Ok(n) => Err(Error::HandoverMessage(format!(
+                "sent {n} of {} bytes of a packet",
+                PREFIX + data.len()
+            ))),
+            Err(source) => Err(Error::Io {
                 what: "sending on the hand-over channel".into(),
-                source: std::io::Error::last_os_error(),
-            });
+                source,
+            }),
         }
-        Ok(())
     }
 
     /// Waits for `events` until `deadline`.
@@ -415,56 +382,111 @@ impl Channel {
 
     /// One packet into `buf`; its fds, close-on-exec.
     fn recv_packet(&self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE((PACKET_FDS * std::mem::size_of::<RawFd>()) as u32) };
-        let mut control = vec![0u8; space as usize];
-        // SAFETY: an all-zero msghdr is valid; its pointers are set to locals below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() as _;
-        // SAFETY: msg points at valid buffers for the duration of the call.
-        let n = unsafe {
-            libc::recvmsg(
-                self.sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-            )
-        };
-        if n < 0 {
-            return Err(Error::Io {
-                what: "receiving on the hand-over channel".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let mut fds = Vec::new();
-        // SAFETY: walks the control messages the kernel wrote into `control`.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                    for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                        // Each fd the kernel installed is ours to own (and close).
-                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-        }
-        if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
-            return Err(Error::HandoverMessage(
-                "a packet larger than the channel's limits".into(),
-            ));
-        }
-        Ok((n as usize, fds))
+        recv_with_fds(self.sock.as_raw_fd(), buf, PACKET_FDS).map_err(|source| Error::Io {
+            what: "receiving on the hand-over channel".into(),
+            source,
+        })
     }
+}
+
+/// `sendmsg` of `iov` with `fds` as SCM_RIGHTS; `flags` as for sendmsg (MSG_NOSIGNAL is
+/// always added).
+pub(crate) fn send_with_fds(
+    sock: RawFd,
+    iov: &[IoSlice<'_>],
+    fds: &[RawFd],
+    flags: libc::c_int,
+) -> std::io::Result<usize> {
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    let space = if fds.is_empty() {
+        0
+    } else {
+        // SAFETY: CMSG_SPACE only computes a size.
+        unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
+    };
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; its pointers are set below to buffers that
+    // outlive the sendmsg call (IoSlice is ABI-compatible with iovec).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer has room for one header and `fds` (CMSG_SPACE).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+    }
+    loop {
+        // SAFETY: msg points at valid buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(sock, &msg, flags | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `recvmsg` into `buf` (without waiting) taking up to `max_fds` fds, close-on-exec; a
+/// truncated message or control part is an error (its fds are closed).
+pub(crate) fn recv_with_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((max_fds.max(1) * std::mem::size_of::<RawFd>()) as u32) };
+    let mut control = vec![0u8; space as usize];
+    // SAFETY: an all-zero msghdr is valid; its pointers are set to locals below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    // SAFETY: msg points at valid buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walks the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    // Each fd the kernel installed is ours to own (and close).
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a message larger than the buffer, or with too many fds",
+        ));
+    }
+    Ok((n as usize, fds))
 }
 
 /// How long a step of a hand-over may take before the side waiting gives up.

@@ -17,6 +17,7 @@ pub mod driver;
 pub mod guest_errors;
 pub mod handover;
 pub mod inflight;
+pub mod keep;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
