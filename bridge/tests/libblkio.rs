@@ -50,6 +50,7 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
         device: Arc::new(BlkDevice::new(backend, queues, "libblkio-test")),
         workers,
         errors: Arc::new(GuestErrors::new(name)),
+        keep: None,
     });
     let socket = dir.join("blk.sock");
     // Serves until the test process ends.

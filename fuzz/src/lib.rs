@@ -213,6 +213,7 @@ pub fn message_sequence(data: &[u8]) {
                 device: Arc::new(BlkDevice::new(backend, 2, "fuzz")),
                 workers,
                 errors: Arc::new(GuestErrors::new("fuzz")),
+                keep: None,
             })
         };
     }

@@ -110,25 +110,59 @@ pub struct ServerState {
     pub listener: u32,
     /// The connected frontend.
     pub connection: Option<ConnectionState>,
+    /// How the connection is kept in an fd store (see [`crate::keep`]), if it is.
+    #[serde(default)]
+    pub kept: Option<KeptState>,
+}
+
+/// A connection's place in an fd store: its record and the names its fds are stored under.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeptState {
+    /// The record's memfd (index).
+    pub record: u32,
+    /// Version of the stored names.
+    pub version: u64,
+    /// The stored names, by the connection state's fd index.
+    pub names: Vec<String>,
 }
 
 impl ServerState {
     /// Renumbers every fd index by `by` (when its fds are appended to a larger set).
     pub fn offset_fds(&mut self, by: u32) {
         self.listener += by;
-        if let Some(c) = &mut self.connection {
-            c.socket += by;
-            for r in &mut c.memory {
-                r.fd += by;
-            }
-            for v in &mut c.vrings {
-                v.kick = v.kick.map(|i| i + by);
-                v.call = v.call.map(|i| i + by);
-            }
-            if let Some(i) = &mut c.inflight {
-                i.fd += by;
-            }
+        if let Some(k) = &mut self.kept {
+            k.record += by;
         }
+        if let Some(c) = &mut self.connection {
+            c.offset_fds(by);
+        }
+    }
+}
+
+impl ConnectionState {
+    /// Renumbers every fd index by `by`.
+    pub fn offset_fds(&mut self, by: u32) {
+        self.socket += by;
+        for r in &mut self.memory {
+            r.fd += by;
+        }
+        for v in &mut self.vrings {
+            v.kick = v.kick.map(|i| i + by);
+            v.call = v.call.map(|i| i + by);
+        }
+        if let Some(i) = &mut self.inflight {
+            i.fd += by;
+        }
+    }
+
+    /// Whether resuming it after a crash would start a ring with no inflight region to say
+    /// which of its requests the dead process had taken: then it must not be resumed.
+    pub fn runs_without_inflight(&self) -> bool {
+        self.inflight.is_none()
+            && self
+                .vrings
+                .iter()
+                .any(|v| v.kick_set && v.addresses_set && v.size > 0 && !v.disabled)
     }
 }
 
@@ -150,6 +184,12 @@ impl Fds {
             })?;
         self.fds.push(Some(dup));
         Ok((self.fds.len() - 1) as u32)
+    }
+
+    /// Adds `fd` itself; returns its index.
+    pub fn push(&mut self, fd: OwnedFd) -> u32 {
+        self.fds.push(Some(fd));
+        (self.fds.len() - 1) as u32
     }
 
     /// Moves `other`'s fds to the end of these; returns the index the first one got.

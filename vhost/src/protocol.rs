@@ -40,6 +40,9 @@ pub struct DeviceConfig {
     pub workers: Vec<Arc<Worker>>,
     /// Where guest-triggered errors of this device are reported.
     pub errors: Arc<GuestErrors>,
+    /// Keep each connection's fds and state in an fd store, so that a successor of a
+    /// crashed process resumes it without a reconnect.
+    pub keep: Option<crate::keep::Keeping>,
 }
 
 #[derive(Default)]
@@ -368,6 +371,13 @@ impl Connection {
                 });
             }
         }
+        self.snapshot(socket, fds)
+    }
+
+    /// The connection's state as a successor would need it, its fds duplicated into `fds`,
+    /// without stopping anything (`base` is then stale for running queues: a successor
+    /// takes their position from the inflight region).
+    pub fn snapshot(&self, socket: &impl AsFd, fds: &mut Fds) -> crate::Result<ConnectionState> {
         let memory = match &self.mem {
             Some(mem) => mem
                 .regions()
@@ -419,6 +429,26 @@ impl Connection {
             vrings,
             inflight,
         })
+    }
+
+    /// The fds the connection holds now, by slot (memory regions, inflight, kick and call
+    /// per vring): a new fd anywhere changes it, since a new fd arrives while the one it
+    /// replaces is still open.
+    pub fn fd_signature(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let mut sig = Vec::new();
+        if let Some(mem) = &self.mem {
+            sig.extend(mem.regions().iter().map(|r| r.file().as_raw_fd()));
+        }
+        sig.push(-2);
+        if let Some(map) = &self.inflight {
+            sig.push(map.source().0.as_raw_fd());
+        }
+        for v in &self.vrings {
+            sig.push(v.kick.as_ref().map_or(-1, |f| f.as_raw_fd()));
+            sig.push(v.call.as_ref().map_or(-1, |f| f.as_raw_fd()));
+        }
+        sig
     }
 
     /// The negotiated virtio and protocol features.

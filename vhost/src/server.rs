@@ -15,10 +15,19 @@ use vhost::vhost_user::{BackendReqHandler, Listener};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handover::{Fds, ServerState};
+use crate::keep::{Keeping, KeptConnection, Record};
 use crate::protocol::{Connection, DeviceConfig};
 use crate::{Error, Result};
 
 type Handler = BackendReqHandler<Mutex<Connection>>;
+
+/// A connection being served: its state, its protocol handler and, when the device is kept
+/// in an fd store, its record there.
+struct Served {
+    connection: Arc<Mutex<Connection>>,
+    handler: Handler,
+    kept: Option<KeptConnection>,
+}
 
 /// A frontend must send its first message this soon after connecting; one that connects and
 /// stays silent would otherwise lock the socket against the real frontend.
@@ -69,6 +78,8 @@ struct Shared {
 /// One listening socket and its serving thread.
 pub struct SocketServer {
     path: PathBuf,
+    /// Where the device's fds are kept, if anywhere.
+    keeping: Option<Keeping>,
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -102,6 +113,12 @@ impl SocketServer {
             accepted: AtomicU64::new(0),
             connected: AtomicBool::new(false),
         });
+        if let Some(k) = &config.keep {
+            if let Err(e) = k.store.store(&k.listener_name(), &listener_fd(&listener)) {
+                tracing::error!("{}: {}", path.display(), crate::error_chain(&e));
+            }
+        }
+        let keeping = config.keep.clone();
         let name = path.display().to_string();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -120,6 +137,7 @@ impl SocketServer {
             })?;
         Ok(Self {
             path: path.to_path_buf(),
+            keeping,
             shared,
             thread: Some(thread),
         })
@@ -149,6 +167,12 @@ impl SocketServer {
         let Some(thread) = self.thread.take() else {
             return;
         };
+        if let Some(k) = &self.keeping {
+            // Stopped on purpose: nothing of it is to outlive this process.
+            if let Err(e) = k.store.remove(&k.listener_name()) {
+                tracing::warn!("{}: {}", self.path.display(), crate::error_chain(&e));
+            }
+        }
         self.shared.drain_on_stop.store(drain, Ordering::Release);
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.shared.stop.write(1);
@@ -221,9 +245,25 @@ impl SocketServer {
         let connection = match &state.connection {
             Some(c) => {
                 let stream = UnixStream::from(fds.take(c.socket)?);
-                let connection = Arc::new(Mutex::new(Connection::resume(config.clone(), c, fds)?));
+                let resumed = Connection::resume(config.clone(), c, fds)?;
+                let kept = match (&config.keep, &state.kept) {
+                    (Some(keeping), Some(k)) => Some(KeptConnection::resume(
+                        keeping,
+                        Record::open(fds.take(k.record)?)?,
+                        k.version,
+                        k.names.clone(),
+                        &resumed,
+                    )),
+                    (Some(keeping), None) => Some(KeptConnection::start(keeping, &stream)?),
+                    (None, _) => None,
+                };
+                let connection = Arc::new(Mutex::new(resumed));
                 let handler = resumed_handler(stream, connection.clone(), c.features, c.protocol)?;
-                Some((connection, handler))
+                Some(Served {
+                    connection,
+                    handler,
+                    kept,
+                })
             }
             None => None,
         };
@@ -270,7 +310,7 @@ pub struct TakenOver {
     path: PathBuf,
     config: Arc<DeviceConfig>,
     listener: Listener,
-    connection: Option<(Arc<Mutex<Connection>>, Handler)>,
+    connection: Option<Served>,
 }
 
 impl TakenOver {
@@ -283,8 +323,10 @@ impl TakenOver {
             listener,
             connection,
         } = self;
-        if let Some((c, _)) = &connection {
-            c.lock()
+        if let Some(served) = &connection {
+            served
+                .connection
+                .lock()
                 .map_err(|_| Error::Poisoned("connection"))?
                 .start_queues();
         }
@@ -301,6 +343,7 @@ impl TakenOver {
             accepted: AtomicU64::new(u64::from(connection.is_some())),
             connected: AtomicBool::new(connection.is_some()),
         });
+        let keeping = config.keep.clone();
         let name = path.display().to_string();
         let thread_shared = shared.clone();
         let socket_file = path.clone();
@@ -325,6 +368,7 @@ impl TakenOver {
             })?;
         Ok(SocketServer {
             path,
+            keeping,
             shared,
             thread: Some(thread),
         })
@@ -545,14 +589,14 @@ fn await_verdict(name: &str, request: &SuspendRequest) -> Verdict {
 fn serve_loop(
     name: &str,
     listener: Listener,
-    mut resumed: Option<(Arc<Mutex<Connection>>, Handler)>,
+    mut resumed: Option<Served>,
     config: &Arc<DeviceConfig>,
     shared: &Shared,
 ) -> Ended {
     loop {
-        if let Some((connection, handler)) = resumed.take() {
+        if let Some(served) = resumed.take() {
             shared.connected.store(true, Ordering::Relaxed);
-            let ended = serve_connection(name, connection, handler, true, &listener, shared);
+            let ended = serve_connection(name, served, true, &listener, shared);
             shared.connected.store(false, Ordering::Relaxed);
             if ended == Ended::LetGo {
                 // The socket file and the listening socket are the successor's.
@@ -577,6 +621,7 @@ fn serve_loop(
                             ServerState {
                                 listener: index,
                                 connection: None,
+                                kept: None,
                             },
                             fds,
                         )
@@ -603,10 +648,28 @@ fn serve_loop(
             }
         };
         shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let kept = match &config.keep {
+            Some(keeping) => match KeptConnection::start(keeping, &stream) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::error!(
+                        "{name}: this connection will not outlive a crash: {}",
+                        crate::error_chain(&e)
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
         let handler = BackendReqHandler::from_stream(stream, connection.clone());
         shared.connected.store(true, Ordering::Relaxed);
-        let ended = serve_connection(name, connection, handler, false, &listener, shared);
+        let served = Served {
+            connection,
+            handler,
+            kept,
+        };
+        let ended = serve_connection(name, served, false, &listener, shared);
         shared.connected.store(false, Ordering::Relaxed);
         if ended == Ended::LetGo {
             std::mem::forget(listener);
@@ -623,12 +686,16 @@ fn serve_loop(
 /// over), so the first-message deadline does not apply.
 fn serve_connection(
     name: &str,
-    connection: Arc<Mutex<Connection>>,
-    mut handler: Handler,
+    served: Served,
     mut spoke: bool,
     listener: &Listener,
     shared: &Shared,
 ) -> Ended {
+    let Served {
+        connection,
+        mut handler,
+        mut kept,
+    } = served;
     let stream = match handler.try_clone_connection() {
         Ok(s) => s,
         Err(e) => {
@@ -637,6 +704,12 @@ fn serve_connection(
         }
     };
     let fd = stream.as_raw_fd();
+    if let Some(k) = &mut kept {
+        k.commit(
+            &connection.lock().unwrap_or_else(|e| e.into_inner()),
+            &stream,
+        );
+    }
     let connected_at = Instant::now();
     let mut stopped = false;
     loop {
@@ -661,12 +734,20 @@ fn serve_connection(
         if stop {
             let _ = shared.stop.read();
             if let Some(request) = suspend_request(shared) {
-                if suspend_connection(name, &connection, &stream, listener, &request)
-                    == Verdict::LetGo
+                if suspend_connection(
+                    name,
+                    &connection,
+                    &stream,
+                    listener,
+                    kept.as_ref(),
+                    &request,
+                ) == Verdict::LetGo
                 {
-                    // The successor holds the connection, its memory and its queues now.
+                    // The successor holds the connection, its memory, its queues and its
+                    // place in the fd store now.
                     std::mem::forget(handler);
                     std::mem::forget(connection);
+                    std::mem::forget(kept);
                     return Ended::LetGo;
                 }
             }
@@ -691,6 +772,9 @@ fn serve_connection(
                 break;
             }
         }
+        if let Some(k) = &kept {
+            k.begin();
+        }
         if let Err(e) = handler.handle_request() {
             match e {
                 vhost::vhost_user::Error::Disconnected => {
@@ -700,6 +784,16 @@ fn serve_connection(
             }
             break;
         }
+        if let Some(k) = &mut kept {
+            k.commit(
+                &connection.lock().unwrap_or_else(|e| e.into_inner()),
+                &stream,
+            );
+        }
+    }
+    if let Some(k) = kept {
+        // Closed on purpose or by the frontend: nothing of it is to be resumed.
+        k.end();
     }
     // A poisoned lock still holds the connection's state: stopping its queues is the best
     // left to do with it.
@@ -722,6 +816,7 @@ fn suspend_connection(
     connection: &Mutex<Connection>,
     stream: &UnixStream,
     listener: &Listener,
+    kept: Option<&KeptConnection>,
     request: &SuspendRequest,
 ) -> Verdict {
     let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
@@ -730,6 +825,7 @@ fn suspend_connection(
         Ok(ServerState {
             listener: fds.add(&listener_fd(listener))?,
             connection: Some(connection),
+            kept: kept.map(|k| k.state(&mut fds)).transpose()?,
         })
     });
     let failed = state.is_err();

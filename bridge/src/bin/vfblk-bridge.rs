@@ -95,6 +95,11 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Keep every connection's fds and state in the fd store at $NOTIFY_SOCKET (systemd with
+    /// FileDescriptorStoreMax=, or vfblk-keeper), so that after a crash the next process
+    /// resumes them without the frontends reconnecting.
+    #[arg(long, env = "VFBLK_FD_STORE")]
+    fd_store: bool,
     /// Take over from the process at the other end of this fd (set by an upgrade, not by
     /// hand): its controllers, connections and listeners, without any frontend noticing.
     #[arg(long, value_name = "FD", hide = true)]
@@ -112,6 +117,12 @@ fn main() -> ExitCode {
     // Before any thread exists, so that only the main thread's wait sees SIGTERM.
     vfblk_vhost::server::block_signals();
     let args = Args::parse();
+    // Before any thread exists: taking them clears LISTEN_FDS from the environment.
+    let stored = if args.fd_store {
+        vfblk_vhost::keep::StoredFds::from_env()
+    } else {
+        Default::default()
+    };
     target::init_logging(args.log_format);
     #[cfg(feature = "test-delay")]
     let test_delay = args.test_delay_ms.map(Duration::from_millis);
@@ -133,6 +144,7 @@ fn main() -> ExitCode {
         },
         test_delay,
         config_file: args.config.clone(),
+        fd_store: args.fd_store,
         nvme_io_queues: args.nvme_io_queues.unwrap_or(if args.socket.is_some() {
             args.queues
         } else {
@@ -160,6 +172,7 @@ fn main() -> ExitCode {
         args.rpc,
         args.metrics,
         args.takeover_fd,
+        stored,
     ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -176,6 +189,7 @@ fn run(
     rpc: Option<PathBuf>,
     metrics: Option<MetricsAddress>,
     takeover_fd: Option<i32>,
+    stored: vfblk_vhost::keep::StoredFds,
 ) -> vfblk_bridge::Result<()> {
     let mut target = Target::new(settings)?;
     let inherited = match takeover_fd {
@@ -183,33 +197,46 @@ fn run(
         Some(fd) => Some(target::handover::take_over(&mut target, fd)?),
         None => None,
     };
-    if let (None, Some(one)) = (&inherited, &one) {
-        // The one controller of the command line: failing to serve it is failing.
-        if let Some((what, e)) = target.apply(one.config()).into_iter().next() {
-            return Err(vfblk_bridge::Error::BadArgument(format!(
-                "{what}: {}",
-                vfblk_vhost::error_chain(&e)
-            )));
-        }
-    }
-    if let (None, Some(path)) = (&inherited, &config) {
-        // Its directory must exist for the first change to be saved (e.g. /etc/vfblk).
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| vfblk_bridge::Error::Io {
-                what: format!("creating {}", dir.display()),
-                source,
-            })?;
-        }
-        let loaded = TargetConfig::load(path)?;
-        tracing::info!(
-            "{}: {} backend(s), {} controller(s)",
-            path.display(),
-            loaded.backends.len(),
-            loaded.controllers.len()
-        );
-        // Everything that can be served is; what cannot is logged and stays in the file.
-        for (what, e) in target.apply(loaded) {
-            tracing::error!("{what}: not served: {}", vfblk_vhost::error_chain(&e));
+    if inherited.is_none() {
+        if let Some(one) = &one {
+            // The one controller of the command line: failing to serve it is failing.
+            if let Some((what, e)) = target
+                .apply_after_crash(one.config(), stored)
+                .into_iter()
+                .next()
+            {
+                return Err(vfblk_bridge::Error::BadArgument(format!(
+                    "{what}: {}",
+                    vfblk_vhost::error_chain(&e)
+                )));
+            }
+        } else {
+            let loaded = match &config {
+                Some(path) => {
+                    // Its directory must exist for the first change to be saved (e.g.
+                    // /etc/vfblk).
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|source| vfblk_bridge::Error::Io {
+                            what: format!("creating {}", dir.display()),
+                            source,
+                        })?;
+                    }
+                    let loaded = TargetConfig::load(path)?;
+                    tracing::info!(
+                        "{}: {} backend(s), {} controller(s)",
+                        path.display(),
+                        loaded.backends.len(),
+                        loaded.controllers.len()
+                    );
+                    loaded
+                }
+                None => TargetConfig::default(),
+            };
+            // Everything that can be served is; what cannot is logged and stays in the file.
+            // Stored connections of controllers no longer configured are closed.
+            for (what, e) in target.apply_after_crash(loaded, stored) {
+                tracing::error!("{what}: not served: {}", vfblk_vhost::error_chain(&e));
+            }
         }
     }
     let target = Arc::new(Mutex::new(target));

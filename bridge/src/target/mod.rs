@@ -7,6 +7,7 @@
 pub mod config;
 pub mod handover;
 pub mod metrics;
+pub mod restart;
 pub mod rpc;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,10 @@ pub struct TargetSettings {
     pub test_delay: Option<Duration>,
     /// Where every change is saved (None: nothing is saved).
     pub config_file: Option<PathBuf>,
+    /// Keep every connection's fds and state in the fd store at `$NOTIFY_SOCKET` (systemd
+    /// with FileDescriptorStoreMax=, or vfblk-keeper), so that a successor of a crashed
+    /// process resumes them without a reconnect.
+    pub fd_store: bool,
 }
 
 struct Poller {
@@ -163,6 +168,8 @@ pub struct Target {
     metrics_listener: Option<std::os::fd::OwnedFd>,
     /// Everything went to a successor process; this one only waits to exit.
     handed_over: bool,
+    /// The fd store connections are kept in.
+    store: Option<Arc<vfblk_vhost::keep::FdStore>>,
 }
 
 impl Target {
@@ -190,7 +197,17 @@ impl Target {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let store = if settings.fd_store {
+            Some(Arc::new(vfblk_vhost::keep::FdStore::from_env()?.ok_or_else(|| {
+                Error::BadArgument(
+                    "--fd-store: no NOTIFY_SOCKET (run under systemd with FileDescriptorStoreMax=, or under vfblk-keeper)".into(),
+                )
+            })?))
+        } else {
+            None
+        };
         Ok(Self {
+            store,
             settings,
             pollers,
             backends: BTreeMap::new(),
@@ -443,6 +460,10 @@ impl Target {
             device: device.clone(),
             workers,
             errors: Arc::new(GuestErrors::new(name.clone())),
+            keep: self.store.as_ref().map(|store| vfblk_vhost::keep::Keeping {
+                store: store.clone(),
+                name: name.clone(),
+            }),
         });
         Ok((device, device_config))
     }

@@ -48,6 +48,7 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
         device: Arc::new(BlkDevice::new(backend, queues, "test-disk")),
         workers,
         errors: Arc::new(GuestErrors::new("test-device")),
+        keep: None,
     })
 }
 

@@ -1,0 +1,159 @@
+//! Starting again after a crash from what the fd store kept (`LISTEN_FDS`): each controller
+//! gets its listening socket back, and a connection whose record is whole is resumed as it
+//! was, its queues recovered from the inflight region; the frontend sees no disconnect. A
+//! connection whose record was left in the middle of a message, or that ran without an
+//! inflight region, is closed instead, so the frontend reconnects as it would have without
+//! the store. Whatever the store held that no controller claims is dropped from it.
+
+use vfblk_vhost::handover::{Fds, KeptState, ServerState};
+use vfblk_vhost::keep::{Found, Keeping, Record, StoredFds};
+use vfblk_vhost::server::SocketServer;
+
+use super::{Target, TargetConfig};
+use crate::{Error, Result};
+
+impl Target {
+    /// Serves `config`, taking back what `stored` holds. Like [`Target::apply`], returns
+    /// what could not be served.
+    pub fn apply_after_crash(
+        &mut self,
+        config: TargetConfig,
+        mut stored: StoredFds,
+    ) -> Vec<(String, Error)> {
+        let mut failures = Vec::new();
+        let TargetConfig {
+            nvme,
+            backends,
+            controllers,
+        } = config;
+        let rest = TargetConfig {
+            nvme,
+            backends,
+            controllers: Vec::new(),
+        };
+        failures.extend(self.apply(rest));
+        let mut resumed = 0;
+        for c in controllers {
+            let name = c.name.clone();
+            match self.restart_controller(c, &mut stored) {
+                Ok(true) => resumed += 1,
+                Ok(false) => {}
+                Err(e) => failures.push((format!("controller {name}"), e)),
+            }
+        }
+        // Left over: fds of connections that ended while their successor's names were
+        // being stored, or of controllers gone from the configuration.
+        let leftover = stored.names();
+        if let Some(store) = &self.store {
+            for name in &leftover {
+                if let Err(e) = store.remove(name) {
+                    tracing::warn!("fd store: {}", vfblk_vhost::error_chain(&e));
+                }
+            }
+        }
+        tracing::info!(
+            "started again from the fd store: {resumed} connection(s) resumed without reconnect, {} stale fd(s) dropped",
+            leftover.len()
+        );
+        failures
+    }
+
+    /// One controller: its stored listener and connection if there are any, else a fresh
+    /// socket. Returns whether a connection was resumed.
+    fn restart_controller(
+        &mut self,
+        config: super::ControllerConfig,
+        stored: &mut StoredFds,
+    ) -> Result<bool> {
+        let (device, device_config) = self.controller_device(&config)?;
+        let Some(keeping) = device_config.keep.clone() else {
+            let server = SocketServer::start(&config.socket, device_config)?;
+            self.add_controller(config, device, server);
+            return Ok(false);
+        };
+        let Some(listener) = stored.take(&keeping.listener_name()) else {
+            let server = SocketServer::start(&config.socket, device_config)?;
+            self.add_controller(config, device, server);
+            return Ok(false);
+        };
+        let mut fds = Fds::default();
+        let listener = fds.push(listener);
+        let (connection, kept) = match resumable(&keeping, stored, &mut fds) {
+            Ok(Some((connection, kept))) => (Some(connection), Some(kept)),
+            Ok(None) => (None, None),
+            Err(why) => {
+                tracing::warn!(
+                    controller = %config.name,
+                    "the connection of {} cannot be resumed ({why}); closing it, the frontend will reconnect",
+                    config.name
+                );
+                close_stored(&keeping, stored);
+                (None, None)
+            }
+        };
+        let resumed = connection.is_some();
+        let state = ServerState {
+            listener,
+            connection,
+            kept,
+        };
+        let server =
+            SocketServer::take_over(&config.socket, device_config, &state, &mut fds)?.serve()?;
+        self.add_controller(config, device, server);
+        Ok(resumed)
+    }
+}
+
+/// The stored connection of `keeping`'s device, if there is one that can be resumed; its
+/// fds are moved into `fds`. `Err` says why one that exists cannot be.
+fn resumable(
+    keeping: &Keeping,
+    stored: &mut StoredFds,
+    fds: &mut Fds,
+) -> std::result::Result<Option<(vfblk_vhost::handover::ConnectionState, KeptState)>, String> {
+    let Some(record_fd) = stored.take(&keeping.record_name()) else {
+        return Ok(None);
+    };
+    let record = Record::open(record_fd.try_clone().map_err(|e| e.to_string())?)
+        .map_err(|e| vfblk_vhost::error_chain(&e))?;
+    let kept = match record.read() {
+        Found::Whole(k) => k,
+        Found::MidMessage => return Err("the process died while handling a message".into()),
+        Found::Empty => return Err("its record was never written".into()),
+    };
+    if kept.state.runs_without_inflight() {
+        return Err("its rings ran without an inflight region".into());
+    }
+    let present = stored.names();
+    if let Some(missing) = kept.names.iter().find(|n| !present.contains(n)) {
+        return Err(format!("fd {missing} is not in the store"));
+    }
+    let base = fds.len() as u32;
+    for name in &kept.names {
+        let fd = stored
+            .take(name)
+            .ok_or_else(|| format!("fd {name} is not in the store"))?;
+        fds.push(fd);
+    }
+    let record_index = fds.push(record_fd);
+    let mut state = kept.state.clone();
+    state.offset_fds(base);
+    Ok(Some((
+        state,
+        KeptState {
+            record: record_index,
+            version: kept.version,
+            names: kept.names.clone(),
+        },
+    )))
+}
+
+/// Closes a stored connection for good: our copies go with `stored`, the store's here.
+fn close_stored(keeping: &Keeping, stored: &mut StoredFds) {
+    for name in [keeping.socket_name(), keeping.record_name()] {
+        drop(stored.take(&name));
+        if let Err(e) = keeping.store.remove(&name) {
+            tracing::warn!("fd store: {}", vfblk_vhost::error_chain(&e));
+        }
+    }
+}
