@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod keeper;
 pub mod limits;
 pub mod request;
 pub mod setup;

@@ -431,7 +431,7 @@ impl Channel {
 
 /// `sendmsg` of `iov` with `fds` as SCM_RIGHTS; `flags` as for sendmsg (MSG_NOSIGNAL is
 /// always added).
-pub(crate) fn send_with_fds(
+pub fn send_with_fds(
     sock: RawFd,
     iov: &[IoSlice<'_>],
     fds: &[RawFd],
@@ -481,7 +481,7 @@ pub(crate) fn send_with_fds(
 
 /// `recvmsg` into `buf` (without waiting) taking up to `max_fds` fds, close-on-exec; a
 /// truncated message or control part is an error (its fds are closed).
-pub(crate) fn recv_with_fds(
+pub fn recv_with_fds(
     sock: RawFd,
     buf: &mut [u8],
     max_fds: usize,

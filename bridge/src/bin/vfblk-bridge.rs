@@ -98,7 +98,7 @@ struct Args {
     /// Keep every connection's fds and state in the fd store at $NOTIFY_SOCKET (systemd with
     /// FileDescriptorStoreMax=, or vfblk-keeper), so that after a crash the next process
     /// resumes them without the frontends reconnecting.
-    #[arg(long, env = "VFBLK_FD_STORE")]
+    #[arg(long, env = "VFBLK_FD_STORE", value_parser = clap::builder::FalseyValueParser::new())]
     fd_store: bool,
     /// Take over from the process at the other end of this fd (set by an upgrade, not by
     /// hand): its controllers, connections and listeners, without any frontend noticing.

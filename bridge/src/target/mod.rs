@@ -789,8 +789,15 @@ impl TargetOptions {
     }
 }
 
-/// Tells systemd (Type=notify) that the target serves: `READY=1` on `$NOTIFY_SOCKET`, if set.
+/// Tells systemd (Type=notify) that the target serves: `MAINPID=` and `READY=1` on
+/// `$NOTIFY_SOCKET`, if set. MAINPID: after an upgrade by hand-over the serving process is
+/// the old one's child.
 pub fn notify_ready() {
+    notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+}
+
+/// Sends `message` to systemd (or vfblk-keeper) at `$NOTIFY_SOCKET`, if set.
+pub fn notify(message: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -803,13 +810,11 @@ pub fn notify_ready() {
             Some(name) => SocketAddr::from_abstract_name(name)?,
             None => SocketAddr::from_pathname(Path::new(&path))?,
         };
-        // MAINPID: after an upgrade by hand-over the serving process is the old one's child.
-        let message = format!("MAINPID={}\nREADY=1", std::process::id());
         UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &addr)?;
         Ok(())
     })();
     if let Err(e) = sent {
-        tracing::warn!("could not notify systemd: {e}");
+        tracing::warn!("could not notify the service manager: {e}");
     }
 }
 

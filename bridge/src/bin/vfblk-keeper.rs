@@ -1,0 +1,61 @@
+//! `vfblk-keeper`: keeps a target's connections across its crashes where systemd's
+//! file-descriptor store is not used: `vfblk-keeper -- vfblk-bridge --config ...`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vfblk_bridge::keeper::{self, KeeperOptions};
+
+/// Run a target and hold its fds, so that a crashed target is started again without any
+/// frontend noticing (see docs/recovery.md).
+#[derive(Parser, Debug)]
+#[command(version, trailing_var_arg = true)]
+struct Args {
+    /// Private directory for the notify socket (default: $RUNTIME_DIRECTORY,
+    /// $XDG_RUNTIME_DIR or the temporary directory, plus vfblk-keeper-PID).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The target's command line, after `--`.
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    vfblk_bridge::target::init_logging(vfblk_bridge::target::LogFormat::Text);
+    let options = KeeperOptions {
+        command: args.command,
+        dir: args.dir.unwrap_or_else(keeper::default_dir),
+    };
+    match keeper::run(&options) {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("a report serializes")
+                );
+            } else {
+                eprintln!(
+                    "vfblk-keeper: {} restart(s); the target ended with {}",
+                    report.restarts,
+                    report
+                        .exit_code
+                        .map_or("a signal".to_string(), |c| format!("exit code {c}"))
+                );
+            }
+            match report.exit_code {
+                Some(0) => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => {
+            eprintln!("vfblk-keeper: {}", vfblk_vhost::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! `vfblk-keeper`: what systemd's file-descriptor store does, for hosts without systemd (or
+//! with a unit that cannot use it). It starts the target with `$NOTIFY_SOCKET` pointing at
+//! itself, holds every fd the target stores there (`FDSTORE=1`, `FDNAME=`), and when the
+//! target dies without being asked to, starts it again at once with those fds
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`), so that no vhost-user connection ever closes.
+//!
+//! Its contract, so that it cannot become the weak point: it never reads or writes a
+//! vhost-user socket, never maps guest memory or a record, never interprets a stored fd; it
+//! only holds fds, names them, hands them back, follows `MAINPID=` (an upgraded target is
+//! its grandchild, adopted as a subreaper), forwards SIGTERM/SIGINT, and ends when the
+//! target ends cleanly. It allocates only when a message arrives, and it has no state a
+//! restart of its own would need: if the keeper dies, the target lives on and the frontends
+//! keep their connections; only the next crash then costs a reconnect.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// How long a target asked to stop may take before it is killed.
+const STOP_DEADLINE: Duration = Duration::from_secs(60);
+/// Crashes within this window count as a crash loop.
+const LOOP_WINDOW: Duration = Duration::from_secs(10);
+/// Crashes in the window after which restarts wait [`LOOP_BACKOFF`].
+const LOOP_CRASHES: usize = 5;
+/// Delay between restarts of a target that keeps crashing.
+const LOOP_BACKOFF: Duration = Duration::from_millis(500);
+/// First fd number of `LISTEN_FDS`.
+const LISTEN_FDS_START: RawFd = 3;
+/// Most fds held (systemd's FileDescriptorStoreMax= has the same role).
+const MAX_STORED: usize = 8192;
+
+/// What to keep.
+#[derive(Debug, Clone)]
+pub struct KeeperOptions {
+    /// The target's command line.
+    pub command: Vec<OsString>,
+    /// A private directory for the notify socket (created, mode 0700).
+    pub dir: PathBuf,
+}
+
+/// The keeper's summary when it ends.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KeeperReport {
+    /// Times the target was started again after dying.
+    pub restarts: u64,
+    /// Exit code the target last ended with (None: killed by a signal).
+    pub exit_code: Option<i32>,
+}
+
+struct Keeper {
+    notify: UnixDatagram,
+    path: PathBuf,
+    command: Vec<OsString>,
+    /// Stored fds in the order they came, by name.
+    stored: Vec<(String, OwnedFd)>,
+    main_pid: Option<i32>,
+    crashes: Vec<Instant>,
+    report: KeeperReport,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Runs `options.command` under the keeper until it ends cleanly (or the keeper is told
+/// to stop). Call before any other thread exists: SIGCHLD, SIGTERM and SIGINT are taken.
+pub fn run(options: &KeeperOptions) -> Result<KeeperReport> {
+    if options.command.is_empty() {
+        return Err(Error::BadArgument("no command to keep".into()));
+    }
+    // SAFETY: PR_SET_CHILD_SUBREAPER only changes who adopts orphaned descendants: an
+    // upgraded target is the old target's child and becomes ours when the old one exits.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io("becoming a subreaper")(std::io::Error::last_os_error()));
+    }
+    std::fs::create_dir_all(&options.dir)
+        .map_err(io(format!("creating {}", options.dir.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&options.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("making {} private", options.dir.display())))?;
+    let path = options.dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let notify = UnixDatagram::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+    notify
+        .set_nonblocking(true)
+        .map_err(io("a non-blocking notify socket"))?;
+    let signals = SignalFd::new()?;
+    let mut keeper = Keeper {
+        notify,
+        path,
+        command: options.command.clone(),
+        stored: Vec::new(),
+        main_pid: None,
+        crashes: Vec::new(),
+        report: KeeperReport::default(),
+    };
+    keeper.start()?;
+    let result = keeper.serve(&signals);
+    let _ = std::fs::remove_file(&keeper.path);
+    result
+}
+
+impl Keeper {
+    /// Starts the target with the stored fds.
+    fn start(&mut self) -> Result<()> {
+        let count = self.stored.len();
+        // Duplicates above the range they will be moved to in the child, so that moving
+        // one never overwrites another.
+        let floor = LISTEN_FDS_START + count as RawFd;
+        let mut high = Vec::with_capacity(count);
+        for (_, fd) in &self.stored {
+            // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we own to the lowest free number
+            // at or above `floor`; the result is owned below.
+            let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+            if dup < 0 {
+                return Err(io("duplicating a stored fd")(
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: a fresh fd nobody else owns.
+            high.push(unsafe { OwnedFd::from_raw_fd(dup) });
+        }
+        let names: Vec<&str> = self.stored.iter().map(|(n, _)| n.as_str()).collect();
+        let mut command = Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("VFBLK_FD_STORE", "1")
+            .env_remove("LISTEN_PID");
+        if count > 0 {
+            command
+                .env("LISTEN_FDS", count.to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+        } else {
+            command
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_FDNAMES");
+        }
+        let raw: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only dup2 runs (async-signal-safe); dup2 clears
+        // close-on-exec on the copies at 3, 4, ...
+        unsafe {
+            command.pre_exec(move || {
+                for (i, &fd) in raw.iter().enumerate() {
+                    if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {:?}", self.command[0])))?;
+        tracing::info!(
+            "started {:?} (pid {}) with {count} stored fd(s)",
+            self.command[0],
+            child.id()
+        );
+        // Reaped through waitpid like any adopted descendant; dropping the handle neither
+        // waits nor kills.
+        self.main_pid = Some(child.id() as i32);
+        drop(child);
+        Ok(())
+    }
+
+    fn serve(&mut self, signals: &SignalFd) -> Result<KeeperReport> {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.notify.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: signals.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds. No timeout: every event the keeper acts on is a
+            // message or a signal.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                continue;
+            }
+            // Messages first: a new MAINPID must be known before the old main process's
+            // exit is looked at.
+            self.read_messages();
+            if fds[1].revents != 0 {
+                for signal in signals.read() {
+                    match signal {
+                        libc::SIGCHLD => {
+                            self.read_messages();
+                            if let Some(report) = self.reap()? {
+                                return Ok(report);
+                            }
+                        }
+                        libc::SIGTERM | libc::SIGINT => return Ok(self.stop(signal)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_messages(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let received =
+                vfblk_vhost::handover::recv_with_fds(self.notify.as_raw_fd(), &mut buf, 253);
+            let (n, fds) = match received {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("notify socket: {e}");
+                    return;
+                }
+            };
+            self.message(&String::from_utf8_lossy(&buf[..n]), fds);
+        }
+    }
+
+    /// One notify message (systemd's format: `KEY=VALUE` lines).
+    fn message(&mut self, text: &str, fds: Vec<OwnedFd>) {
+        let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let name = fields.get("FDNAME").copied().unwrap_or("stored");
+        if fields.get("FDSTOREREMOVE") == Some(&"1") {
+            self.stored.retain(|(n, _)| n != name);
+        }
+        if fields.get("FDSTORE") == Some(&"1") {
+            for fd in fds {
+                if self.stored.len() >= MAX_STORED {
+                    tracing::warn!("{MAX_STORED} fds stored already; {name} dropped");
+                    break;
+                }
+                self.stored.push((name.to_string(), fd));
+            }
+        }
+        if let Some(pid) = fields.get("MAINPID").and_then(|p| p.parse::<i32>().ok()) {
+            if Some(pid) != self.main_pid {
+                tracing::info!("main process is now pid {pid}");
+                self.main_pid = Some(pid);
+            }
+        }
+    }
+
+    /// Reaps every ended descendant; restarts the target if the main one died uncleanly.
+    /// Some(report) when the keeper is done.
+    fn reap(&mut self) -> Result<Option<KeeperReport>> {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on any child, not blocking.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return Ok(None);
+            }
+            if Some(pid) != self.main_pid {
+                continue;
+            }
+            let exited = libc::WIFEXITED(status);
+            let code = exited.then(|| libc::WEXITSTATUS(status));
+            self.report.exit_code = code;
+            if code == Some(0) {
+                tracing::info!("the target (pid {pid}) ended cleanly; so does the keeper");
+                return Ok(Some(self.report.clone()));
+            }
+            let how = match code {
+                Some(c) => format!("exited with {c}"),
+                None => format!("was killed by signal {}", libc::WTERMSIG(status)),
+            };
+            let now = Instant::now();
+            self.crashes
+                .retain(|t| now.duration_since(*t) < LOOP_WINDOW);
+            self.crashes.push(now);
+            if self.crashes.len() > LOOP_CRASHES {
+                tracing::warn!(
+                    "the target (pid {pid}) {how}: {} crashes within {LOOP_WINDOW:?}, waiting {LOOP_BACKOFF:?}",
+                    self.crashes.len()
+                );
+                std::thread::sleep(LOOP_BACKOFF);
+            } else {
+                tracing::warn!(
+                    "the target (pid {pid}) {how}; starting it again with {} stored fd(s)",
+                    self.stored.len()
+                );
+            }
+            self.report.restarts += 1;
+            self.start()?;
+        }
+    }
+
+    /// Forwards `signal` to the target and waits (bounded) for it to end.
+    fn stop(&mut self, signal: i32) -> KeeperReport {
+        if let Some(pid) = self.main_pid {
+            // SAFETY: forwards a signal to the process we run.
+            unsafe { libc::kill(pid, signal) };
+            let deadline = Instant::now() + STOP_DEADLINE;
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid on any child, not blocking.
+                let reaped = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if reaped == pid {
+                    self.report.exit_code =
+                        libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+                    break;
+                }
+                if reaped < 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    tracing::error!("the target did not stop within {STOP_DEADLINE:?}; killing it");
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.report.clone()
+    }
+}
+
+/// SIGCHLD, SIGTERM and SIGINT as readable events.
+struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    fn new() -> Result<SignalFd> {
+        // SAFETY: signal-set manipulation on a local set; the signals are blocked in this
+        // (only) thread first so that they queue for the signalfd.
+        let fd = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(io("signalfd")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalFd { fd })
+    }
+
+    /// The signals that arrived.
+    fn read(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: an all-zero siginfo is valid to read into.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads one siginfo into a local of that size.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if n != size as isize {
+                return out;
+            }
+            out.push(info.ssi_signo as i32);
+        }
+    }
+}
+
+/// The default private directory for the notify socket.
+pub fn default_dir() -> PathBuf {
+    let base = std::env::var_os("RUNTIME_DIRECTORY")
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR"))
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    base.join(format!("vfblk-keeper-{}", std::process::id()))
+}
