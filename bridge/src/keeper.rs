@@ -24,9 +24,10 @@ use crate::{Error, Result};
 
 /// How long a target asked to stop may take before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(60);
-/// Crashes within this window count as a crash loop.
+/// Deaths before READY=1 within this window count as a crash loop (a target killed after it
+/// served is started again at once, however often: that is what the keeper is for).
 const LOOP_WINDOW: Duration = Duration::from_secs(10);
-/// Crashes in the window after which restarts wait [`LOOP_BACKOFF`].
+/// Deaths before READY=1 in the window after which restarts wait [`LOOP_BACKOFF`].
 const LOOP_CRASHES: usize = 5;
 /// Delay between restarts of a target that keeps crashing.
 const LOOP_BACKOFF: Duration = Duration::from_millis(500);
@@ -60,6 +61,9 @@ struct Keeper {
     /// Stored fds in the order they came, by name.
     stored: Vec<(String, OwnedFd)>,
     main_pid: Option<i32>,
+    /// The main process said READY=1 since it was started.
+    ready: bool,
+    /// Deaths before READY=1, for the crash-loop backoff.
     crashes: Vec<Instant>,
     report: KeeperReport,
 }
@@ -98,6 +102,7 @@ pub fn run(options: &KeeperOptions) -> Result<KeeperReport> {
         command: options.command.clone(),
         stored: Vec::new(),
         main_pid: None,
+        ready: false,
         crashes: Vec::new(),
         report: KeeperReport::default(),
     };
@@ -168,6 +173,7 @@ impl Keeper {
         // Reaped through waitpid like any adopted descendant; dropping the handle neither
         // waits nor kills.
         self.main_pid = Some(child.id() as i32);
+        self.ready = false;
         drop(child);
         Ok(())
     }
@@ -231,6 +237,7 @@ impl Keeper {
 
     /// One notify message (systemd's format: `KEY=VALUE` lines).
     fn message(&mut self, text: &str, fds: Vec<OwnedFd>) {
+        tracing::debug!("notify: {text:?} with {} fd(s)", fds.len());
         let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
         let name = fields.get("FDNAME").copied().unwrap_or("stored");
         if fields.get("FDSTOREREMOVE") == Some(&"1") {
@@ -244,6 +251,9 @@ impl Keeper {
                 }
                 self.stored.push((name.to_string(), fd));
             }
+        }
+        if fields.get("READY") == Some(&"1") {
+            self.ready = true;
         }
         if let Some(pid) = fields.get("MAINPID").and_then(|p| p.parse::<i32>().ok()) {
             if Some(pid) != self.main_pid {
@@ -280,10 +290,12 @@ impl Keeper {
             let now = Instant::now();
             self.crashes
                 .retain(|t| now.duration_since(*t) < LOOP_WINDOW);
-            self.crashes.push(now);
+            if !self.ready {
+                self.crashes.push(now);
+            }
             if self.crashes.len() > LOOP_CRASHES {
                 tracing::warn!(
-                    "the target (pid {pid}) {how}: {} crashes within {LOOP_WINDOW:?}, waiting {LOOP_BACKOFF:?}",
+                    "the target (pid {pid}) {how}: {} failed starts within {LOOP_WINDOW:?}, waiting {LOOP_BACKOFF:?}",
                     self.crashes.len()
                 );
                 std::thread::sleep(LOOP_BACKOFF);

@@ -151,34 +151,49 @@ fn wait_gone(pid: u32) {
 }
 
 /// A load generator in verify mode on `socket` (2 queues), until SIGTERM.
-fn loadgen(socket: &Path) -> Child {
-    Command::new(bin("vfblk-loadgen"))
-        .arg("--socket")
-        .arg(socket)
-        .args([
-            "--queues",
-            "2",
-            "--qd",
-            "16",
-            "--rw",
-            "mixed",
-            "--verify",
-            "--json",
-            "--seconds",
-            "600",
-            "--log-gaps-over-ms",
-            "0.2",
-            "--reconnect-timeout-s",
-            "20",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting vfblk-loadgen")
+/// A load generator, killed if the test ends without [`finish`].
+struct Load(Option<Child>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn loadgen(socket: &Path) -> Load {
+    Load(Some(
+        Command::new(bin("vfblk-loadgen"))
+            .arg("--socket")
+            .arg(socket)
+            .args([
+                "--queues",
+                "2",
+                "--qd",
+                "16",
+                "--rw",
+                "mixed",
+                "--verify",
+                "--json",
+                "--seconds",
+                "600",
+                "--log-gaps-over-ms",
+                "0.2",
+                "--reconnect-timeout-s",
+                "20",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting vfblk-loadgen"),
+    ))
 }
 
 /// Ends a load generator and returns its report.
-fn finish(lg: Child) -> Value {
+fn finish(mut lg: Load) -> Value {
+    let lg = lg.0.take().expect("a running load generator");
     // SAFETY: SIGTERM to the load generator this test started.
     unsafe { libc::kill(lg.id() as i32, libc::SIGTERM) };
     let out = lg.wait_with_output().expect("load generator");
@@ -261,7 +276,7 @@ fn a_thousand_upgrades_under_verifying_load_lose_nothing_and_reconnect_nothing()
     let _lock = vfblk_tests::lab_lock();
     let mut target = Target::start("thousand");
     let sockets = [target.add_disk("m", "mem"), target.add_disk("f", "file")];
-    let loads: Vec<Child> = sockets.iter().map(|s| loadgen(s)).collect();
+    let loads: Vec<Load> = sockets.iter().map(|s| loadgen(s)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let mut windows = Vec::with_capacity(UPGRADES);
     let mut target_pauses = Vec::with_capacity(UPGRADES);

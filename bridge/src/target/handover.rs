@@ -442,6 +442,9 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         let server = taken.serve()?;
         target.add_controller(config, device, server);
     }
+    // The service manager (systemd, vfblk-keeper) must know the new main process before the
+    // old one exits, which it does once it reads `started`.
+    super::notify(&format!("MAINPID={}", std::process::id()));
     channel.send(
         &Step::Started,
         &Fds::default(),

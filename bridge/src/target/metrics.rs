@@ -465,6 +465,7 @@ mod tests {
         io.latency[LATENCY_BUCKETS - 1] = 1;
         io.latency_sum_seconds = 40.0;
         let stats = TargetStats {
+            pid: 1,
             controllers: vec![super::super::ControllerStats {
                 name: "vm\"1".into(),
                 connected: true,

@@ -148,6 +148,8 @@ pub struct PollerStats {
 /// Everything `stats` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetStats {
+    /// The serving process (it changes with an upgrade or a restart).
+    pub pid: u32,
     /// Per controller.
     pub controllers: Vec<ControllerStats>,
     /// Per poller.
@@ -640,6 +642,7 @@ impl Target {
     /// Counters of every controller and poller.
     pub fn stats(&self) -> TargetStats {
         TargetStats {
+            pid: std::process::id(),
             controllers: self
                 .controllers
                 .values()

@@ -1,0 +1,384 @@
+//! Crashes without reconnect: the target runs under `vfblk-keeper`, which holds every fd it
+//! stores; SIGKILLs at random moments under verifying load generators must cost no error,
+//! no lost request and no reconnect, and upgrades by hand-over mixed in must leave the
+//! keeper following the new process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vfblk_bridge::target::rpc::Client;
+use vfblk_tests::bin;
+
+struct Kept {
+    dir: PathBuf,
+    keeper: Child,
+    /// The target process last seen serving (killed with the keeper if a test fails).
+    last_pid: std::cell::Cell<u32>,
+}
+
+impl Kept {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("target.log")).unwrap();
+        let mut command = Command::new(bin("vfblk-keeper"));
+        command
+            .arg("--dir")
+            .arg(dir.join("keep"))
+            .arg("--json")
+            .arg("--")
+            .arg(bin("vfblk-bridge"))
+            .arg("--config")
+            .arg(dir.join("target.json"))
+            .arg("--rpc")
+            .arg(dir.join("rpc.sock"))
+            .args(["--pollers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let keeper = vfblk_lab::process::spawn_listening(
+            command,
+            &dir.join("rpc.sock"),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("starting the keeper: {e}"));
+        Self {
+            dir,
+            keeper,
+            last_pid: std::cell::Cell::new(0),
+        }
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, String> {
+        Client::connect(&self.dir.join("rpc.sock"))
+            .and_then(|mut c| c.call(method, params))
+            .map_err(|e| vfblk_vhost::error_chain(&e))
+    }
+
+    fn add_disk(&self, name: &str, kind: &str) -> PathBuf {
+        let path = match kind {
+            "mem" => PathBuf::from(format!(
+                "/dev/shm/vfblk-keeper-{name}-{}",
+                std::process::id()
+            )),
+            _ => self.dir.join(format!("{name}.img")),
+        };
+        self.call(
+            "backend_create",
+            json!({"name": name, "kind": kind, "path": path, "size": 32 << 20}),
+        )
+        .unwrap();
+        let socket = self.dir.join(format!("{name}.sock"));
+        self.call(
+            "vhost_blk_create",
+            json!({"name": name, "socket": socket, "backend": name, "queues": 2}),
+        )
+        .unwrap();
+        socket
+    }
+
+    /// The target process serving now.
+    fn target_pid(&self) -> u32 {
+        let stats = self.call("stats", json!({})).unwrap();
+        let pid = stats["pid"].as_u64().expect("stats: pid") as u32;
+        self.last_pid.set(pid);
+        pid
+    }
+
+    /// Waits until the target answers RPCs with every controller connected again.
+    fn wait_serving(&self, controllers: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(stats) = self.call("stats", json!({})) {
+                let connected = stats["controllers"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|c| c["connected"] == true).count());
+                if connected == controllers {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the target did not serve again: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.keeper.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Stops the keeper (SIGTERM, forwarded): its summary.
+    fn stop(mut self) -> Value {
+        // SAFETY: SIGTERM to the keeper this test started.
+        unsafe { libc::kill(self.keeper.id() as i32, libc::SIGTERM) };
+        let keeper = std::mem::replace(
+            &mut self.keeper,
+            Command::new("true").spawn().expect("a placeholder child"),
+        );
+        let out = keeper.wait_with_output().expect("keeper");
+        assert!(
+            out.status.success(),
+            "keeper: {:?}\n{}",
+            out.status,
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("the keeper's JSON summary")
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let _ = self.keeper.kill();
+        let _ = self.keeper.wait();
+        // A keeper that dies leaves its target serving, by design; a test does not.
+        if self.last_pid.get() != 0 {
+            // SAFETY: SIGKILL to the target process this test ran.
+            unsafe { libc::kill(self.last_pid.get() as i32, libc::SIGKILL) };
+        }
+        for entry in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("vfblk-keeper-")
+                && name.ends_with(&format!("-{}", std::process::id()))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (up to 10 s) until process `pid` is gone or a zombie.
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    panic!("process {pid} did not end within 10 s");
+}
+
+/// A load generator, killed if the test ends without [`finish`].
+struct Load(Option<Child>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn loadgen(socket: &Path) -> Load {
+    Load(Some(
+        Command::new(bin("vfblk-loadgen"))
+            .arg("--socket")
+            .arg(socket)
+            .args([
+                "--queues",
+                "2",
+                "--qd",
+                "16",
+                "--rw",
+                "mixed",
+                "--verify",
+                "--json",
+                "--seconds",
+                "600",
+                "--log-gaps-over-ms",
+                "0.2",
+                "--reconnect-timeout-s",
+                "20",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting vfblk-loadgen"),
+    ))
+}
+
+fn finish(mut lg: Load) -> Value {
+    let lg = lg.0.take().expect("a running load generator");
+    // SAFETY: SIGTERM to the load generator this test started.
+    unsafe { libc::kill(lg.id() as i32, libc::SIGTERM) };
+    let out = lg.wait_with_output().expect("load generator");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("load generator printed {text:?}: {e}"))
+}
+
+fn without_bulk(r: &Value) -> Value {
+    let mut r = r.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.remove("lat_cdf_us");
+        o.remove("gaps");
+    }
+    r
+}
+
+fn assert_clean(r: &Value) {
+    for key in [
+        "verify_errors",
+        "failed",
+        "lost",
+        "not_a_head",
+        "reconnects",
+    ] {
+        assert_eq!(r[key], 0, "{key}: {}", without_bulk(r));
+    }
+    assert!(r["ios"].as_u64().unwrap_or(0) > 0, "{}", without_bulk(r));
+}
+
+fn now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Per window, the longest gap either frontend saw that overlaps it.
+fn pauses_seen(reports: &[Value], windows: &[(u64, u64)]) -> Vec<f64> {
+    let gaps: Vec<(u64, f64)> = reports
+        .iter()
+        .flat_map(|r| r["gaps"].as_array().cloned().unwrap_or_default())
+        .filter_map(|g| Some((g[0].as_u64()?, g[1].as_f64()?)))
+        .collect();
+    windows
+        .iter()
+        .map(|&(start, end)| {
+            gaps.iter()
+                .filter(|&&(gap_end, ms)| {
+                    gap_end >= start && gap_end.saturating_sub((ms * 1e6) as u64) <= end
+                })
+                .map(|&(_, ms)| ms)
+                .fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+fn percentiles(mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    format!(
+        "p50 {:.2} / p99 {:.2} / max {:.2} ms",
+        at(0.5),
+        at(0.99),
+        v[v.len() - 1]
+    )
+}
+
+const KILLS: usize = 1000;
+
+#[test]
+fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = Kept::start("kills");
+    let sockets = [kept.add_disk("m", "mem"), kept.add_disk("f", "file")];
+    let loads: Vec<Load> = sockets.iter().map(|s| loadgen(s)).collect();
+    kept.wait_serving(2);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
+    let mut windows = Vec::with_capacity(KILLS);
+    let mut fds_early = 0;
+    let started = Instant::now();
+    for i in 0..KILLS {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // At random moments, 0-5 ms after the last restart served again.
+        std::thread::sleep(Duration::from_micros(rng % 5000));
+        let pid = kept.target_pid();
+        let t0 = now_ns();
+        // SAFETY: SIGKILL to the target process this test runs.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        wait_gone(pid);
+        kept.wait_serving(2);
+        windows.push((t0, now_ns()));
+        if i == 19 {
+            fds_early = kept.fds();
+        }
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = kept.fds();
+    let reports: Vec<Value> = loads.into_iter().map(finish).collect();
+    for r in &reports {
+        assert_clean(r);
+    }
+    let seen = pauses_seen(&reports, &windows);
+    eprintln!(
+        "{KILLS} SIGKILLs in {:.1} s: longest gap a frontend saw per kill {}; keeper fds {fds_early} -> {fds}; frontends {} / {} I/Os",
+        took.as_secs_f64(),
+        percentiles(seen.clone()),
+        reports[0]["ios"],
+        reports[1]["ios"]
+    );
+    let summary = kept.stop();
+    assert_eq!(summary["restarts"], KILLS, "{summary}");
+    assert_eq!(
+        fds, fds_early,
+        "fds the keeper holds after 20 and {KILLS} kills"
+    );
+    let worst = seen.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        worst < 500.0,
+        "a frontend waited {worst:.1} ms after a kill"
+    );
+}
+
+#[test]
+fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = Kept::start("mixed");
+    let socket = kept.add_disk("m", "mem");
+    let load = loadgen(&socket);
+    kept.wait_serving(1);
+    for round in 0..20 {
+        let before = kept.target_pid();
+        if round % 2 == 0 {
+            let report = kept.call("upgrade", json!({})).unwrap();
+            assert_eq!(report["old_pid"], before, "{report}");
+            wait_gone(before);
+            // The keeper adopted the new process and follows it.
+            assert_eq!(kept.target_pid(), report["new_pid"], "{report}");
+        } else {
+            // SAFETY: SIGKILL to the target process this test runs.
+            unsafe { libc::kill(before as i32, libc::SIGKILL) };
+            wait_gone(before);
+        }
+        kept.wait_serving(1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = finish(load);
+    assert_clean(&r);
+    let summary = kept.stop();
+    assert_eq!(summary["restarts"], 10, "{summary}");
+}
