@@ -458,7 +458,19 @@ impl LoadGen {
             scratch: Vec::new(),
             measure_from: Instant::now(),
         };
-        lg.connect(Instant::now() + lg.opts.reconnect_timeout)?;
+        // Like a frontend configured to reconnect, a handshake cut short (the backend died
+        // while answering) is tried again until the reconnect deadline.
+        let deadline = Instant::now() + lg.opts.reconnect_timeout;
+        loop {
+            match lg.connect(deadline) {
+                Ok(()) => break,
+                Err((true, e)) if Instant::now() < deadline => {
+                    tracing::debug!("first connection lost ({e}); trying again");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
         lg.units = lg.capacity_sectors * 512 / u64::from(lg.opts.block_size);
         if lg.units < u64::from(lg.opts.depth) * u64::from(lg.opts.queues) * 2 {
             return Err(format!(
@@ -487,8 +499,15 @@ impl LoadGen {
         unsafe { self.mem.base.add(gpa as usize) }
     }
 
-    /// Connects (retrying until `deadline`) and negotiates like QEMU's vhost-user-blk.
-    fn connect(&mut self, deadline: Instant) -> Result<(), String> {
+    /// Connects (retrying until `deadline`) and negotiates like QEMU's vhost-user-blk. The
+    /// error says whether the connection was lost during the handshake (the backend died)
+    /// rather than refused.
+    fn connect(&mut self, deadline: Instant) -> Result<(), (bool, String)> {
+        let lost = std::cell::Cell::new(false);
+        self.negotiate(deadline, &lost).map_err(|m| (lost.get(), m))
+    }
+
+    fn negotiate(&mut self, deadline: Instant, lost: &std::cell::Cell<bool>) -> Result<(), String> {
         let stream = loop {
             match UnixStream::connect(&self.opts.socket) {
                 Ok(s) => break s,
@@ -503,7 +522,14 @@ impl LoadGen {
         let mut fe = Frontend::from_stream(stream, u64::from(self.opts.queues));
         let e = |what: &str| {
             let what = what.to_string();
-            move |err: vhost::Error| format!("{what}: {err}")
+            move |err: vhost::Error| {
+                if let vhost::Error::VhostUserProtocol(p) = &err {
+                    if p.should_reconnect() || matches!(p, vhost::vhost_user::Error::Disconnected) {
+                        lost.set(true);
+                    }
+                }
+                format!("{what}: {err}")
+            }
         };
         fe.set_owner().map_err(e("SET_OWNER"))?;
         let offered = fe.get_features().map_err(e("GET_FEATURES"))?;

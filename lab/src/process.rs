@@ -10,7 +10,7 @@ use crate::{LabError, Result};
 /// How long a backend may take to create its socket.
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Spawns `command` (after removing a stale `socket`) and waits until `socket` exists. A
+/// Spawns `command` (after removing a stale `socket`) and waits until `socket` listens. A
 /// process that exits first, or does not listen within `timeout`, is an error (and is
 /// killed).
 pub fn spawn_listening(mut command: Command, socket: &Path, timeout: Duration) -> Result<Child> {
@@ -20,7 +20,7 @@ pub fn spawn_listening(mut command: Command, socket: &Path, timeout: Duration) -
         .spawn()
         .map_err(|e| LabError::Setup(format!("starting {program}: {e}")))?;
     let deadline = Instant::now() + timeout;
-    while !socket.exists() {
+    while !listening(socket) {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(LabError::Setup(format!(
                 "{program} exited with {status} before listening on {}",
@@ -38,6 +38,25 @@ pub fn spawn_listening(mut command: Command, socket: &Path, timeout: Duration) -
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(child)
+}
+
+/// Whether a unix socket at `path` listens. The file appears at bind(), a moment before
+/// listen(): a client connecting in between is refused, so the file alone does not say.
+/// Listening sockets carry __SO_ACCEPTCON (0x10000) in /proc/net/unix's flags.
+pub fn listening(path: &Path) -> bool {
+    if !path.exists() {
+        return false;
+    }
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return true;
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == wanted
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
 }
 
 /// Starts `vfblk-bridge` from `bin_dir` on `socket` with `args`, its log appended to `log`,

@@ -20,6 +20,11 @@ struct Kept {
 
 impl Kept {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// With environment variables for the keeper and the target.
+    fn start_with(name: &str, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,6 +41,7 @@ impl Kept {
             .arg("--rpc")
             .arg(dir.join("rpc.sock"))
             .args(["--pollers", "2"])
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdout(Stdio::piped())
             .stderr(log);
         let keeper = vfblk_lab::process::spawn_listening(
@@ -381,4 +387,34 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
     assert_clean(&r);
     let summary = kept.stop();
     assert_eq!(summary["restarts"], 10, "{summary}");
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
+    let _lock = vfblk_tests::lab_lock();
+    let marker = std::env::temp_dir().join(format!("vfblk-keeper-died-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    // The 6th message the first process reads is in the load generator's handshake.
+    let spec = format!("6:{}", marker.display());
+    let kept = Kept::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
+    let socket = kept.add_disk("m", "mem");
+    let load = loadgen(&socket);
+    kept.wait_serving(1);
+    assert!(
+        marker.exists(),
+        "the target died in the middle of a message"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = finish(load);
+    for key in ["verify_errors", "failed", "lost", "not_a_head"] {
+        assert_eq!(r[key], 0, "{key}: {}", without_bulk(&r));
+    }
+    let log = kept.log();
+    assert!(
+        log.contains("cannot be resumed (the process died while handling a message)"),
+        "the successor refused the half-handled connection: {log}"
+    );
+    let summary = kept.stop();
+    assert_eq!(summary["restarts"], 1, "{summary}");
+    let _ = std::fs::remove_file(&marker);
 }

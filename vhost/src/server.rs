@@ -775,6 +775,8 @@ fn serve_connection(
         if let Some(k) = &kept {
             k.begin();
         }
+        #[cfg(feature = "test-faults")]
+        die_in_message_for_tests();
         if let Err(e) = handler.handle_request() {
             match e {
                 vhost::vhost_user::Error::Disconnected => {
@@ -807,6 +809,26 @@ fn serve_connection(
     drop(connection);
     drop(handler);
     Ended::Stopped
+}
+
+/// Fault injection (feature `test-faults`): `VFBLK_TEST_DIE_IN_MESSAGE=N:MARKER` aborts the
+/// process before handling the Nth message it reads, once (the marker file says it
+/// happened), as a crash in the middle of a message would.
+#[cfg(feature = "test-faults")]
+fn die_in_message_for_tests() {
+    static MESSAGES: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("VFBLK_TEST_DIE_IN_MESSAGE") else {
+        return;
+    };
+    let Some((n, marker)) = spec.split_once(':') else {
+        return;
+    };
+    let seen = MESSAGES.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.parse::<u64>().ok() == Some(seen) && !Path::new(marker).exists() {
+        let _ = std::fs::write(marker, b"died");
+        tracing::warn!("VFBLK_TEST_DIE_IN_MESSAGE: aborting in message {seen}");
+        std::process::abort();
+    }
 }
 
 /// Suspends a connection for its owner's hand-over and waits for the verdict; a suspend that

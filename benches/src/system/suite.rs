@@ -507,7 +507,7 @@ impl Suite {
             json!({"ctrlr": ctrlr, "dev_name": bdev, "cpumask": mask}),
         )?;
         let deadline = Instant::now() + LISTEN_TIMEOUT;
-        while !self.socket.exists() {
+        while !vfblk_lab::process::listening(&self.socket) {
             if Instant::now() > deadline {
                 return Err(Error::Run(format!(
                     "SPDK did not create {}",
