@@ -53,8 +53,15 @@ pub enum LabCommand {
         #[arg(long, value_enum, default_value_t = DemoBackendArg::Mem)]
         backend: DemoBackendArg,
         /// SIGKILLs of the bridge.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 1)]
         kills: u32,
+        /// Upgrades by hand-over of the bridge (not with --reconnect).
+        #[arg(long, default_value_t = 1)]
+        upgrades: u32,
+        /// Recover the kills through QEMU's reconnect (the bridge alone, no keeper, no
+        /// upgrades), as before the keeper existed.
+        #[arg(long)]
+        reconnect: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -123,13 +130,16 @@ pub fn run(cli: LabCli) -> Result<()> {
         LabCommand::Demo {
             backend,
             kills,
+            upgrades,
+            reconnect,
             json,
         } => {
             let backend = match backend {
                 DemoBackendArg::Mem => DemoBackend::Mem,
                 DemoBackendArg::File => DemoBackend::File,
             };
-            demo(backend, kills, json)
+            let upgrades = if reconnect { 0 } else { upgrades };
+            demo(backend, kills, upgrades, !reconnect, json)
         }
         LabCommand::Run {
             script,
@@ -168,7 +178,7 @@ fn setup() -> Result<()> {
 /// lands on requests it has taken: what inflight recovery exists for.
 const DEMO_HOLD_MS: u32 = 10;
 
-fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
+fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: bool) -> Result<()> {
     let started = Instant::now();
     tracing::info!("preparing guest kernel and project binaries");
     let lab = Lab::new("demo")?;
@@ -180,6 +190,8 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
         fio_mib: 32,
         hold_completions_ms: DEMO_HOLD_MS,
         qemu: crate::qemu::Qemu::system(),
+        keeper,
+        upgrades,
     };
     let outcome = recovery::run_demo(&lab, &opts)?;
     let run = &outcome.run.run;
@@ -200,6 +212,11 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
             "recovery": {
                 "backend": outcome.backend,
                 "kills": outcome.kills,
+                "upgrades": outcome.upgrade_pauses_ms.len(),
+                "upgrade_pauses_ms": outcome.upgrade_pauses_ms,
+                "frontend_connections": outcome.connections,
+                "qemu_reconnects": outcome.connections.map(|c| c.saturating_sub(1)),
+                "qemu_vhost_log": outcome.qemu_vhost_lines,
                 "resubmitted": outcome.resubmitted,
                 "fio_exit": run.record("fio_exit"),
                 "fio_writes": writes,
@@ -265,7 +282,37 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
     );
     println!("vhost-user-blk with live recovery (host bridge, guest fio)");
     println!("  backend          {}", outcome.backend);
-    println!("  bridge restarts  {} x SIGKILL mid-run, restarted 0.5 s later; {} request(s) run again from the inflight region", outcome.kills, outcome.resubmitted);
+    match outcome.connections {
+        Some(connections) => {
+            println!(
+                "  upgrades         {} by hand-over while fio ran; the target paused {}",
+                outcome.upgrade_pauses_ms.len(),
+                outcome
+                    .upgrade_pauses_ms
+                    .iter()
+                    .map(|p| format!("{p:.2} ms"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "  crashes          {} x SIGKILL mid-run, started again at once by vfblk-keeper with the connection it held; {} request(s) run again from the inflight region",
+                outcome.kills, outcome.resubmitted
+            );
+            println!(
+                "  QEMU reconnects  {} ({connections} vhost-user connection(s) over the whole run); QEMU's log: {}",
+                connections.saturating_sub(1),
+                if outcome.qemu_vhost_lines.is_empty() {
+                    "nothing about the vhost-user connection".to_string()
+                } else {
+                    outcome.qemu_vhost_lines.join(" | ")
+                }
+            );
+        }
+        None => println!(
+            "  bridge restarts  {} x SIGKILL mid-run, restarted 0.5 s later, QEMU reconnected; {} request(s) run again from the inflight region",
+            outcome.kills, outcome.resubmitted
+        ),
+    }
     println!(
         "  fio in the guest exit status {}, {} writes then {} verified reads (crc32c), {} errors",
         run.record("fio_exit").cloned().unwrap_or_default(),
@@ -288,6 +335,17 @@ fn demo(backend: DemoBackend, kills: u32, json: bool) -> Result<()> {
 
 /// A demo whose kills all missed the requests in flight showed nothing about recovery.
 fn demo_showed_recovery(outcome: &recovery::DemoOutcome) -> Result<()> {
+    if let Some(c) = outcome.connections.filter(|&c| c != 1) {
+        return Err(LabError::Guest(format!(
+            "QEMU connected {c} times: the upgrades and kills were to go unnoticed"
+        )));
+    }
+    if outcome.connections.is_some() && !outcome.qemu_vhost_lines.is_empty() {
+        return Err(LabError::Guest(format!(
+            "QEMU noticed the vhost-user backend change: {}",
+            outcome.qemu_vhost_lines.join(" | ")
+        )));
+    }
     if outcome.kills > 0 && outcome.resubmitted == 0 {
         return Err(LabError::Guest(format!(
             "{} kill(s), but none landed on a request the bridge had taken: nothing was re-run \

@@ -3,7 +3,7 @@
 //! the host kills the bridge with SIGKILL mid-run and starts it again. fio must finish with
 //! exit status 0 and no verify error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -39,6 +39,12 @@ pub struct DemoOptions {
     pub hold_completions_ms: u32,
     /// The QEMU that runs the guest (and reconnects to the bridge).
     pub qemu: crate::qemu::Qemu,
+    /// Run the bridge under `vfblk-keeper` with the fd store: kills are recovered without
+    /// QEMU reconnecting, and `upgrades` hand-overs happen too (before the kills, one
+    /// event every 1.5 s alternating). Without it, kills go through QEMU's reconnect.
+    pub keeper: bool,
+    /// Upgrades by hand-over (`vfblk-rpc upgrade`) while fio runs (with `keeper`).
+    pub upgrades: u32,
 }
 
 /// What happened.
@@ -53,6 +59,27 @@ pub struct DemoOutcome {
     pub bridge_log: PathBuf,
     /// How many requests the restarted bridges ran again from the inflight region.
     pub resubmitted: u64,
+    /// Upgrades done, with the pause each reported (ms).
+    pub upgrade_pauses_ms: Vec<f64>,
+    /// Frontend connections the bridge accepted over the whole run, when it knows (with
+    /// `keeper`): 1 means QEMU never reconnected.
+    pub connections: Option<u64>,
+    /// Lines QEMU wrote to its stderr about the vhost-user connection (lost connections,
+    /// failed messages, reconnect attempts).
+    pub qemu_vhost_lines: Vec<String>,
+}
+
+/// QEMU's complaints about the vhost-user connection in the run's stderr log.
+fn qemu_vhost_lines(run: &RetriedRun) -> Vec<String> {
+    std::fs::read_to_string(run.run.log.with_extension("qemu-stderr"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("vhost") || l.contains("msg") || l.contains("connect")
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// The guest's part: optionally the VFIO probe, then fio on the vhost-user-blk disk.
@@ -115,6 +142,17 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     let mut bridge_args = vec!["--backend", spec.as_str()];
     if opts.hold_completions_ms > 0 {
         bridge_args.extend(["--test-delay-ms", hold.as_str()]);
+    }
+    if opts.keeper {
+        return kept_demo(
+            lab,
+            opts,
+            &spec_vm,
+            &socket,
+            &log,
+            &bridge_args,
+            spec.clone(),
+        );
     }
     let bridge = Mutex::new(start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?);
     let fio_started = AtomicBool::new(false);
@@ -188,11 +226,182 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
         .unwrap_or(spec);
     Ok(DemoOutcome {
-        run,
         kills: kills.load(Ordering::Acquire),
         backend,
         bridge_log: log,
         resubmitted,
+        upgrade_pauses_ms: Vec::new(),
+        connections: None,
+        qemu_vhost_lines: qemu_vhost_lines(&run),
+        run,
+    })
+}
+
+/// `vfblk-rpc` against the demo's target: its JSON result.
+fn rpc(lab: &Lab, rpc_socket: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(lab.bin_dir.join("vfblk-rpc"))
+        .arg("--socket")
+        .arg(rpc_socket)
+        .arg("--json")
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        return Err(LabError::Setup(format!(
+            "vfblk-rpc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| LabError::Setup(format!("vfblk-rpc {}: not JSON: {e}", args.join(" "))))
+}
+
+/// The target's pid and its controller's accepted connections, once it answers again.
+fn serving(lab: &Lab, rpc_socket: &Path) -> Result<(i32, u64)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(stats) = rpc(lab, rpc_socket, &["stats"]) {
+            let pid = stats["pid"].as_i64().unwrap_or(0) as i32;
+            let c = &stats["controllers"][0];
+            if pid > 0 && c["connected"] == true {
+                return Ok((pid, c["connections"].as_u64().unwrap_or(0)));
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(LabError::Setup(
+                "the target did not serve its frontend again within 20 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The demo with the bridge under `vfblk-keeper`: upgrades and SIGKILLs, no reconnect.
+fn kept_demo(
+    lab: &Lab,
+    opts: &DemoOptions,
+    spec_vm: &vm::VmSpec,
+    socket: &Path,
+    log: &Path,
+    bridge_args: &[&str],
+    spec: String,
+) -> Result<DemoOutcome> {
+    let rpc_socket = lab.dir.join("rpc.sock");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut command = std::process::Command::new(lab.bin_dir.join("vfblk-keeper"));
+    command
+        .arg("--dir")
+        .arg(lab.dir.join("keep"))
+        .arg("--json")
+        .arg("--")
+        .arg(lab.bin_dir.join("vfblk-bridge"))
+        .arg("--socket")
+        .arg(socket)
+        .args(bridge_args)
+        .arg("--rpc")
+        .arg(&rpc_socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log_file);
+    let mut keeper =
+        crate::process::spawn_listening(command, socket, crate::process::LISTEN_TIMEOUT)?;
+    let fio_started = AtomicBool::new(false);
+    let finished = AtomicBool::new(false);
+    let kills = AtomicU32::new(0);
+    let pauses = Mutex::new(Vec::new());
+    let run = std::thread::scope(|scope| -> Result<RetriedRun> {
+        let events = scope.spawn(|| -> Result<()> {
+            while !fio_started.load(Ordering::Acquire) {
+                if finished.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let (mut upgrades, mut killed) = (0, 0);
+            while upgrades < opts.upgrades || killed < opts.kills {
+                std::thread::sleep(Duration::from_millis(1500));
+                if finished.load(Ordering::Acquire) {
+                    break;
+                }
+                let upgrade_next = upgrades < opts.upgrades && (upgrades <= killed || killed >= opts.kills);
+                if upgrade_next {
+                    let report = rpc(lab, &rpc_socket, &["upgrade"])?;
+                    let pause = report["pause_ms"].as_f64().unwrap_or(f64::NAN);
+                    tracing::info!(
+                        "[host] upgraded by hand-over: pid {} -> {}, the target paused {pause:.2} ms; QEMU's connection stays open",
+                        report["old_pid"],
+                        report["new_pid"]
+                    );
+                    pauses.lock().unwrap_or_else(|e| e.into_inner()).push(pause);
+                    upgrades += 1;
+                } else {
+                    let (pid, _) = serving(lab, &rpc_socket)?;
+                    // SAFETY: SIGKILL to the target process this demo runs.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    killed += 1;
+                    kills.store(killed, Ordering::Release);
+                    tracing::info!(
+                        "[host] target pid {pid} killed with SIGKILL; vfblk-keeper starts it again with the connection it held"
+                    );
+                }
+                serving(lab, &rpc_socket)?;
+            }
+            Ok(())
+        });
+        let limits = Limits {
+            boot: Duration::from_secs(90),
+            total: Duration::from_secs(600),
+        };
+        let mut on_step = |step: &str| {
+            if step.starts_with("fio running") {
+                fio_started.store(true, Ordering::Release);
+            }
+        };
+        let result = vm::run_watching(
+            spec_vm,
+            limits,
+            &lab.dir.join("console.log"),
+            Echo::Steps,
+            &mut on_step,
+        );
+        finished.store(true, Ordering::Release);
+        events
+            .join()
+            .map_err(|_| LabError::Setup("event thread panicked".into()))??;
+        result.map(|run| RetriedRun {
+            run,
+            tries: 1,
+            stalled: Vec::new(),
+        })
+    })?;
+    // Accepted connections as the last process counts them: it resumed the first one (1),
+    // and each reconnect would have added one.
+    let connections = rpc(lab, &rpc_socket, &["stats"])
+        .ok()
+        .and_then(|s| s["controllers"][0]["connections"].as_u64());
+    // SAFETY: SIGTERM to the keeper this demo started; it stops the target cleanly.
+    unsafe { libc::kill(keeper.id() as i32, libc::SIGTERM) };
+    let _ = keeper.wait();
+    if let DemoBackend::Mem = opts.backend {
+        let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
+    }
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let backend = log_text
+        .lines()
+        .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))
+        .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
+        .unwrap_or(spec);
+    Ok(DemoOutcome {
+        kills: kills.load(Ordering::Acquire),
+        backend,
+        bridge_log: log.to_path_buf(),
+        resubmitted: requests_run_again(&log_text),
+        upgrade_pauses_ms: pauses.into_inner().unwrap_or_else(|e| e.into_inner()),
+        connections,
+        qemu_vhost_lines: qemu_vhost_lines(&run),
+        run,
     })
 }
 
