@@ -254,7 +254,9 @@ impl SocketServer {
                         k.names.clone(),
                         &resumed,
                     )),
-                    (Some(keeping), None) => Some(KeptConnection::start(keeping, &stream)?),
+                    // Stored only once this process serves (in `serve`): until then a
+                    // called-off hand-over must find the store as its owner left it.
+                    (Some(_), None) => None,
                     (None, _) => None,
                 };
                 let connection = Arc::new(Mutex::new(resumed));
@@ -323,7 +325,26 @@ impl TakenOver {
             listener,
             connection,
         } = self;
-        if let Some(served) = &connection {
+        let mut connection = connection;
+        if let Some(served) = &mut connection {
+            if let (Some(keeping), None) = (&config.keep, &served.kept) {
+                match served
+                    .handler
+                    .try_clone_connection()
+                    .map_err(|source| Error::Io {
+                        what: "the connection's socket".into(),
+                        source,
+                    })
+                    .and_then(|s| KeptConnection::start(keeping, &s))
+                {
+                    Ok(k) => served.kept = Some(k),
+                    Err(e) => tracing::error!(
+                        "{}: this connection will not outlive a crash: {}",
+                        path.display(),
+                        crate::error_chain(&e)
+                    ),
+                }
+            }
             served
                 .connection
                 .lock()
