@@ -86,6 +86,11 @@ pub struct UpgradeReport {
     pub pause_ms: f64,
     /// From starting the new binary to its hello, in milliseconds.
     pub start_ms: f64,
+    /// Of the pause: quiescing the controllers here, in milliseconds.
+    pub quiesce_ms: f64,
+    /// Of the pause: sending the state until the new process was ready (it opened the
+    /// backends and mapped the memory), in milliseconds.
+    pub prepare_ms: f64,
 }
 
 /// Listeners the new process got from the old.
@@ -277,6 +282,7 @@ impl Target {
             .as_ref()
             .map(|f| message_fds.add(f))
             .transpose()?;
+        let quiesce_ms = quiesced.elapsed().as_secs_f64() * 1e3;
         let handed = controllers.len();
         let connections = controllers
             .iter()
@@ -296,6 +302,7 @@ impl Target {
             }
         };
         drop(message_fds);
+        let prepare_ms = quiesced.elapsed().as_secs_f64() * 1e3 - quiesce_ms;
         if let Err(why) = outcome {
             for s in suspended {
                 s.resume();
@@ -339,6 +346,8 @@ impl Target {
             connections,
             pause_ms,
             start_ms,
+            quiesce_ms,
+            prepare_ms,
         })
     }
 }
