@@ -399,11 +399,16 @@ fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
     let kept = Kept::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
     let socket = kept.add_disk("m", "mem");
     let load = loadgen(&socket);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the target did not die in the middle of a message: {}",
+            kept.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     kept.wait_serving(1);
-    assert!(
-        marker.exists(),
-        "the target died in the middle of a message"
-    );
     std::thread::sleep(Duration::from_millis(300));
     let r = finish(load);
     for key in ["verify_errors", "failed", "lost", "not_a_head"] {

@@ -305,7 +305,8 @@ impl Record {
 }
 
 /// Where a device's connections are kept: the store, and the name that prefixes every fd
-/// of the device stored there (the controller's name).
+/// of the device stored there (the controller's name; `/` separates it from the rest, so
+/// names of different devices cannot collide).
 #[derive(Debug, Clone)]
 pub struct Keeping {
     /// The store.
@@ -317,15 +318,15 @@ pub struct Keeping {
 impl Keeping {
     /// Store name of the device's listening socket.
     pub fn listener_name(&self) -> String {
-        format!("{}.listen", self.name)
+        format!("{}/listen", self.name)
     }
     /// Store name of the connected socket.
     pub fn socket_name(&self) -> String {
-        format!("{}.sock", self.name)
+        format!("{}/sock", self.name)
     }
     /// Store name of the connection's record.
     pub fn record_name(&self) -> String {
-        format!("{}.record", self.name)
+        format!("{}/record", self.name)
     }
 }
 
@@ -417,7 +418,7 @@ impl KeptConnection {
                     if i == state.socket {
                         self.keeping.socket_name()
                     } else {
-                        format!("{}.{version}.{i}", self.keeping.name)
+                        format!("{}/{version}/{i}", self.keeping.name)
                     }
                 })
                 .collect();
@@ -513,7 +514,7 @@ mod tests {
 
     #[test]
     fn names_the_store_would_refuse_are_refused_here() {
-        assert!(check_name("vm1.3.m0").is_ok());
+        assert!(check_name("vm1/3/0").is_ok());
         for bad in ["", "a:b", "a b", &"x".repeat(256)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }

@@ -189,13 +189,19 @@ fn run(
     rpc: Option<PathBuf>,
     metrics: Option<MetricsAddress>,
     takeover_fd: Option<i32>,
-    stored: vfblk_vhost::keep::StoredFds,
+    mut stored: vfblk_vhost::keep::StoredFds,
 ) -> vfblk_bridge::Result<()> {
+    use vfblk_bridge::target::handover::{InheritedListeners, ListenerKind};
     let mut target = Target::new(settings)?;
     let inherited = match takeover_fd {
         // Everything comes from the predecessor, whatever the command line says.
         Some(fd) => Some(target::handover::take_over(&mut target, fd)?),
         None => None,
+    };
+    // Listeners a crashed predecessor left in the fd store.
+    let from_store = InheritedListeners {
+        rpc: stored.take(ListenerKind::Rpc.stored_name()),
+        metrics: stored.take(ListenerKind::Metrics.stored_name()),
     };
     if inherited.is_none() {
         if let Some(one) = &one {
@@ -240,7 +246,7 @@ fn run(
         }
     }
     let target = Arc::new(Mutex::new(target));
-    let mut inherited = inherited.unwrap_or_default();
+    let mut inherited = inherited.unwrap_or(from_store);
     let rpc_server = rpc
         .map(|path| match inherited.rpc.take() {
             Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),

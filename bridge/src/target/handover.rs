@@ -159,6 +159,14 @@ impl Target {
     /// Registers a listener the process serves besides the controllers (RPC, metrics), so
     /// that an upgrade hands it over.
     pub fn register_listener(&mut self, kind: ListenerKind, fd: OwnedFd) {
+        if let Some(store) = &self.store {
+            // Kept across a crash too: clients queue while the successor starts. Removed
+            // first: a successor that got it from the store registers it again.
+            let name = kind.stored_name();
+            if let Err(e) = store.remove(name).and_then(|()| store.store(name, &fd)) {
+                tracing::warn!("fd store: {}", vfblk_vhost::error_chain(&e));
+            }
+        }
         match kind {
             ListenerKind::Rpc => self.rpc_listener = Some(fd),
             ListenerKind::Metrics => self.metrics_listener = Some(fd),
@@ -403,6 +411,16 @@ pub enum ListenerKind {
     Rpc,
     /// The metrics endpoint.
     Metrics,
+}
+
+impl ListenerKind {
+    /// Its name in an fd store (no controller name can start with `@`).
+    pub fn stored_name(self) -> &'static str {
+        match self {
+            ListenerKind::Rpc => "@rpc",
+            ListenerKind::Metrics => "@metrics",
+        }
+    }
 }
 
 /// The new process's side: takes over from the process at the other end of `fd`. `target`
