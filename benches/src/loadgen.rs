@@ -120,17 +120,6 @@ pub fn stop_requested() -> bool {
 /// Most gaps a report lists.
 const MAX_GAPS_LOGGED: usize = 100_000;
 
-/// CLOCK_MONOTONIC in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
 /// What happened.
 #[derive(Default)]
 pub struct Report {
@@ -913,7 +902,9 @@ impl LoadGen {
                                     gap > t.as_secs_f64() * 1e3
                                         && self.report.gaps.len() < MAX_GAPS_LOGGED
                                 }) {
-                                    self.report.gaps.push((monotonic_ns(), gap));
+                                    self.report
+                                        .gaps
+                                        .push((vfblk_lab::process::monotonic_ns(), gap));
                                 }
                             }
                             completed_any = true;

@@ -116,6 +116,69 @@ pub fn requests_run_again(bridge_log: &str) -> u64 {
         .sum()
 }
 
+/// The guest's progress as the host's event thread sees it.
+pub struct GuestProgress {
+    fio_started: AtomicBool,
+    finished: AtomicBool,
+}
+
+impl GuestProgress {
+    /// Waits until fio runs in the guest; false if the guest finished first.
+    pub fn wait_for_fio(&self) -> bool {
+        while !self.fio_started.load(Ordering::Acquire) {
+            if self.finished() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// The guest run has ended.
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+}
+
+/// Runs the demo's guest while `events` acts on the host from a thread of its own (it
+/// learns from [`GuestProgress`] when fio started and when the guest is done).
+fn run_guest_with<F>(lab: &Lab, spec_vm: &vm::VmSpec, events: F) -> Result<RetriedRun>
+where
+    F: FnOnce(&GuestProgress) -> Result<()> + Send,
+{
+    let progress = GuestProgress {
+        fio_started: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+    };
+    std::thread::scope(|scope| -> Result<RetriedRun> {
+        let host = scope.spawn(|| events(&progress));
+        let limits = Limits {
+            boot: Duration::from_secs(90),
+            total: Duration::from_secs(600),
+        };
+        let mut on_step = |step: &str| {
+            if step.starts_with("fio running") {
+                progress.fio_started.store(true, Ordering::Release);
+            }
+        };
+        let result = vm::run_watching(
+            spec_vm,
+            limits,
+            &lab.dir.join("console.log"),
+            Echo::Steps,
+            &mut on_step,
+        );
+        progress.finished.store(true, Ordering::Release);
+        host.join()
+            .map_err(|_| LabError::Setup("the host's event thread panicked".into()))??;
+        result.map(|run| RetriedRun {
+            run,
+            tries: 1,
+            stalled: Vec::new(),
+        })
+    })
+}
+
 /// Runs the demonstration.
 pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     let socket = lab.dir.join("blk.sock");
@@ -155,76 +218,36 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         );
     }
     let bridge = Mutex::new(start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?);
-    let fio_started = AtomicBool::new(false);
-    let finished = AtomicBool::new(false);
     let kills = AtomicU32::new(0);
-    let run = std::thread::scope(|scope| -> Result<RetriedRun> {
-        let killer = scope.spawn(|| -> Result<()> {
-            while !fio_started.load(Ordering::Acquire) {
-                if finished.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    let run = run_guest_with(lab, &spec_vm, |progress| -> Result<()> {
+        if !progress.wait_for_fio() {
+            return Ok(());
+        }
+        for _ in 0..opts.kills {
+            std::thread::sleep(Duration::from_millis(1500));
+            if progress.finished() {
+                break;
             }
-            for _ in 0..opts.kills {
-                std::thread::sleep(Duration::from_millis(1500));
-                if finished.load(Ordering::Acquire) {
-                    break;
-                }
-                let mut child = bridge.lock().unwrap_or_else(|e| e.into_inner());
-                child.kill()?;
-                child.wait()?;
-                kills.fetch_add(1, Ordering::AcqRel);
-                tracing::info!(
-                    "[host] bridge killed with SIGKILL ({} so far); starting it again in 0.5 s",
-                    kills.load(Ordering::Acquire)
-                );
-                std::thread::sleep(Duration::from_millis(500));
-                *child = start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?;
-            }
-            Ok(())
-        });
-        let limits = Limits {
-            boot: Duration::from_secs(90),
-            total: Duration::from_secs(600),
-        };
-        let mut on_step = |step: &str| {
-            if step.starts_with("fio running") {
-                fio_started.store(true, Ordering::Release);
-            }
-        };
-        let result = vm::run_watching(
-            &spec_vm,
-            limits,
-            &lab.dir.join("console.log"),
-            Echo::Steps,
-            &mut on_step,
-        );
-        finished.store(true, Ordering::Release);
-        killer
-            .join()
-            .map_err(|_| LabError::Setup("killer thread panicked".into()))??;
-        result.map(|run| RetriedRun {
-            run,
-            tries: 1,
-            stalled: Vec::new(),
-        })
+            let mut child = bridge.lock().unwrap_or_else(|e| e.into_inner());
+            child.kill()?;
+            child.wait()?;
+            kills.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(
+                "[host] bridge killed with SIGKILL ({} so far); starting it again in 0.5 s",
+                kills.load(Ordering::Acquire)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            *child = start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?;
+        }
+        Ok(())
     })?;
     {
         let mut child = bridge.lock().unwrap_or_else(|e| e.into_inner());
         let _ = child.kill();
         let _ = child.wait();
     }
-    if let DemoBackend::Mem = opts.backend {
-        let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
-    }
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let (backend, log_text) = demo_leftovers(opts, spec, &log);
     let resubmitted = requests_run_again(&log_text);
-    let backend = log_text
-        .lines()
-        .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))
-        .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
-        .unwrap_or(spec);
     Ok(DemoOutcome {
         kills: kills.load(Ordering::Acquire),
         backend,
@@ -235,6 +258,21 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         qemu_vhost_lines: qemu_vhost_lines(&run),
         run,
     })
+}
+
+/// After a demo: the RAM disk removed; the bridge's log, and its backend's description
+/// from it (`spec` when it logged none).
+fn demo_leftovers(opts: &DemoOptions, spec: String, log: &Path) -> (String, String) {
+    if let DemoBackend::Mem = opts.backend {
+        let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
+    }
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let backend = log_text
+        .lines()
+        .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))
+        .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
+        .unwrap_or(spec);
+    (backend, log_text)
 }
 
 /// `vfblk-rpc` against the demo's target: its JSON result.
@@ -307,74 +345,43 @@ fn kept_demo(
         .stderr(log_file);
     let mut keeper =
         crate::process::spawn_listening(command, socket, crate::process::LISTEN_TIMEOUT)?;
-    let fio_started = AtomicBool::new(false);
-    let finished = AtomicBool::new(false);
     let kills = AtomicU32::new(0);
     let pauses = Mutex::new(Vec::new());
-    let run = std::thread::scope(|scope| -> Result<RetriedRun> {
-        let events = scope.spawn(|| -> Result<()> {
-            while !fio_started.load(Ordering::Acquire) {
-                if finished.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    let run = run_guest_with(lab, spec_vm, |progress| -> Result<()> {
+        if !progress.wait_for_fio() {
+            return Ok(());
+        }
+        let (mut upgrades, mut killed) = (0, 0);
+        while upgrades < opts.upgrades || killed < opts.kills {
+            std::thread::sleep(Duration::from_millis(1500));
+            if progress.finished() {
+                break;
             }
-            let (mut upgrades, mut killed) = (0, 0);
-            while upgrades < opts.upgrades || killed < opts.kills {
-                std::thread::sleep(Duration::from_millis(1500));
-                if finished.load(Ordering::Acquire) {
-                    break;
-                }
-                let upgrade_next = upgrades < opts.upgrades && (upgrades <= killed || killed >= opts.kills);
-                if upgrade_next {
-                    let report = rpc(lab, &rpc_socket, &["upgrade"])?;
-                    let pause = report["pause_ms"].as_f64().unwrap_or(f64::NAN);
-                    tracing::info!(
-                        "[host] upgraded by hand-over: pid {} -> {}, the target paused {pause:.2} ms; QEMU's connection stays open",
-                        report["old_pid"],
-                        report["new_pid"]
-                    );
-                    pauses.lock().unwrap_or_else(|e| e.into_inner()).push(pause);
-                    upgrades += 1;
-                } else {
-                    let (pid, _) = serving(lab, &rpc_socket)?;
-                    // SAFETY: SIGKILL to the target process this demo runs.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    killed += 1;
-                    kills.store(killed, Ordering::Release);
-                    tracing::info!(
-                        "[host] target pid {pid} killed with SIGKILL; vfblk-keeper starts it again with the connection it held"
-                    );
-                }
-                serving(lab, &rpc_socket)?;
+            let upgrade_next =
+                upgrades < opts.upgrades && (upgrades <= killed || killed >= opts.kills);
+            if upgrade_next {
+                let report = rpc(lab, &rpc_socket, &["upgrade"])?;
+                let pause = report["pause_ms"].as_f64().unwrap_or(f64::NAN);
+                tracing::info!(
+                    "[host] upgraded by hand-over: pid {} -> {}, the target paused {pause:.2} ms; QEMU's connection stays open",
+                    report["old_pid"],
+                    report["new_pid"]
+                );
+                pauses.lock().unwrap_or_else(|e| e.into_inner()).push(pause);
+                upgrades += 1;
+            } else {
+                let (pid, _) = serving(lab, &rpc_socket)?;
+                // SAFETY: SIGKILL to the target process this demo runs.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+                kills.store(killed, Ordering::Release);
+                tracing::info!(
+                    "[host] target pid {pid} killed with SIGKILL; vfblk-keeper starts it again with the connection it held"
+                );
             }
-            Ok(())
-        });
-        let limits = Limits {
-            boot: Duration::from_secs(90),
-            total: Duration::from_secs(600),
-        };
-        let mut on_step = |step: &str| {
-            if step.starts_with("fio running") {
-                fio_started.store(true, Ordering::Release);
-            }
-        };
-        let result = vm::run_watching(
-            spec_vm,
-            limits,
-            &lab.dir.join("console.log"),
-            Echo::Steps,
-            &mut on_step,
-        );
-        finished.store(true, Ordering::Release);
-        events
-            .join()
-            .map_err(|_| LabError::Setup("event thread panicked".into()))??;
-        result.map(|run| RetriedRun {
-            run,
-            tries: 1,
-            stalled: Vec::new(),
-        })
+            serving(lab, &rpc_socket)?;
+        }
+        Ok(())
     })?;
     // Accepted connections as the last process counts them: it resumed the first one (1),
     // and each reconnect would have added one.
@@ -384,15 +391,7 @@ fn kept_demo(
     // SAFETY: SIGTERM to the keeper this demo started; it stops the target cleanly.
     unsafe { libc::kill(keeper.id() as i32, libc::SIGTERM) };
     let _ = keeper.wait();
-    if let DemoBackend::Mem = opts.backend {
-        let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
-    }
-    let log_text = std::fs::read_to_string(log).unwrap_or_default();
-    let backend = log_text
-        .lines()
-        .find_map(|l| l.split_once("serving ").map(|(_, rest)| rest))
-        .map(|l| l.split(" on ").next().unwrap_or(l).to_string())
-        .unwrap_or(spec);
+    let (backend, log_text) = demo_leftovers(opts, spec, log);
     Ok(DemoOutcome {
         kills: kills.load(Ordering::Acquire),
         backend,

@@ -3,13 +3,15 @@
 //! no lost request and no reconnect, and upgrades by hand-over mixed in must leave the
 //! keeper following the new process.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vfblk_bridge::target::rpc::Client;
-use vfblk_tests::bin;
+use vfblk_tests::{
+    add_disk, assert_no_error_nor_reconnect, bin, finish, monotonic_ns, pauses_seen, percentiles,
+    remove_test_dir, rpc_call, verifying_load, wait_gone, without_bulk, Load,
+};
 
 struct Kept {
     dir: PathBuf,
@@ -58,31 +60,11 @@ impl Kept {
     }
 
     fn call(&self, method: &str, params: Value) -> Result<Value, String> {
-        Client::connect(&self.dir.join("rpc.sock"))
-            .and_then(|mut c| c.call(method, params))
-            .map_err(|e| vfblk_vhost::error_chain(&e))
+        rpc_call(&self.dir.join("rpc.sock"), method, params)
     }
 
     fn add_disk(&self, name: &str, kind: &str) -> PathBuf {
-        let path = match kind {
-            "mem" => PathBuf::from(format!(
-                "/dev/shm/vfblk-keeper-{name}-{}",
-                std::process::id()
-            )),
-            _ => self.dir.join(format!("{name}.img")),
-        };
-        self.call(
-            "backend_create",
-            json!({"name": name, "kind": kind, "path": path, "size": 32 << 20}),
-        )
-        .unwrap();
-        let socket = self.dir.join(format!("{name}.sock"));
-        self.call(
-            "vhost_blk_create",
-            json!({"name": name, "socket": socket, "backend": name, "queues": 2}),
-        )
-        .unwrap();
-        socket
+        add_disk(&self.dir.join("rpc.sock"), &self.dir, name, kind)
     }
 
     /// The target process serving now.
@@ -152,153 +134,8 @@ impl Drop for Kept {
             // SAFETY: SIGKILL to the target process this test ran.
             unsafe { libc::kill(self.last_pid.get() as i32, libc::SIGKILL) };
         }
-        for entry in std::fs::read_dir("/dev/shm")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("vfblk-keeper-")
-                && name.ends_with(&format!("-{}", std::process::id()))
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_test_dir(&self.dir);
     }
-}
-
-/// Waits (up to 10 s) until process `pid` is gone or a zombie.
-fn wait_gone(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(stat)
-                if stat
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|s| s.trim_start().starts_with('Z')) =>
-            {
-                return
-            }
-            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
-        }
-    }
-    panic!("process {pid} did not end within 10 s");
-}
-
-/// A load generator, killed if the test ends without [`finish`].
-struct Load(Option<Child>);
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn loadgen(socket: &Path) -> Load {
-    Load(Some(
-        Command::new(bin("vfblk-loadgen"))
-            .arg("--socket")
-            .arg(socket)
-            .args([
-                "--queues",
-                "2",
-                "--qd",
-                "16",
-                "--rw",
-                "mixed",
-                "--verify",
-                "--json",
-                "--seconds",
-                "600",
-                "--log-gaps-over-ms",
-                "0.2",
-                "--reconnect-timeout-s",
-                "20",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting vfblk-loadgen"),
-    ))
-}
-
-fn finish(mut lg: Load) -> Value {
-    let lg = lg.0.take().expect("a running load generator");
-    // SAFETY: SIGTERM to the load generator this test started.
-    unsafe { libc::kill(lg.id() as i32, libc::SIGTERM) };
-    let out = lg.wait_with_output().expect("load generator");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("load generator printed {text:?}: {e}"))
-}
-
-fn without_bulk(r: &Value) -> Value {
-    let mut r = r.clone();
-    if let Some(o) = r.as_object_mut() {
-        o.remove("lat_cdf_us");
-        o.remove("gaps");
-    }
-    r
-}
-
-fn assert_clean(r: &Value) {
-    for key in [
-        "verify_errors",
-        "failed",
-        "lost",
-        "not_a_head",
-        "reconnects",
-    ] {
-        assert_eq!(r[key], 0, "{key}: {}", without_bulk(r));
-    }
-    assert!(r["ios"].as_u64().unwrap_or(0) > 0, "{}", without_bulk(r));
-}
-
-fn now_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-/// Per window, the longest gap either frontend saw that overlaps it.
-fn pauses_seen(reports: &[Value], windows: &[(u64, u64)]) -> Vec<f64> {
-    let gaps: Vec<(u64, f64)> = reports
-        .iter()
-        .flat_map(|r| r["gaps"].as_array().cloned().unwrap_or_default())
-        .filter_map(|g| Some((g[0].as_u64()?, g[1].as_f64()?)))
-        .collect();
-    windows
-        .iter()
-        .map(|&(start, end)| {
-            gaps.iter()
-                .filter(|&&(gap_end, ms)| {
-                    gap_end >= start && gap_end.saturating_sub((ms * 1e6) as u64) <= end
-                })
-                .map(|&(_, ms)| ms)
-                .fold(0.0, f64::max)
-        })
-        .collect()
-}
-
-fn percentiles(mut v: Vec<f64>) -> String {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-    format!(
-        "p50 {:.2} / p99 {:.2} / max {:.2} ms",
-        at(0.5),
-        at(0.99),
-        v[v.len() - 1]
-    )
 }
 
 const KILLS: usize = 1000;
@@ -308,7 +145,7 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
     let _lock = vfblk_tests::lab_lock();
     let kept = Kept::start("kills");
     let sockets = [kept.add_disk("m", "mem"), kept.add_disk("f", "file")];
-    let loads: Vec<Load> = sockets.iter().map(|s| loadgen(s)).collect();
+    let loads: Vec<Load> = sockets.iter().map(|s| verifying_load(s)).collect();
     kept.wait_serving(2);
     std::thread::sleep(Duration::from_millis(300));
     let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
@@ -322,12 +159,12 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
         // At random moments, 0-5 ms after the last restart served again.
         std::thread::sleep(Duration::from_micros(rng % 5000));
         let pid = kept.target_pid();
-        let t0 = now_ns();
+        let t0 = monotonic_ns();
         // SAFETY: SIGKILL to the target process this test runs.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         wait_gone(pid);
         kept.wait_serving(2);
-        windows.push((t0, now_ns()));
+        windows.push((t0, monotonic_ns()));
         if i == 19 {
             fds_early = kept.fds();
         }
@@ -337,7 +174,7 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
     let fds = kept.fds();
     let reports: Vec<Value> = loads.into_iter().map(finish).collect();
     for r in &reports {
-        assert_clean(r);
+        assert_no_error_nor_reconnect(r);
     }
     let seen = pauses_seen(&reports, &windows);
     eprintln!(
@@ -365,7 +202,7 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
     let _lock = vfblk_tests::lab_lock();
     let kept = Kept::start("mixed");
     let socket = kept.add_disk("m", "mem");
-    let load = loadgen(&socket);
+    let load = verifying_load(&socket);
     kept.wait_serving(1);
     for round in 0..20 {
         let before = kept.target_pid();
@@ -384,7 +221,7 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let r = finish(load);
-    assert_clean(&r);
+    assert_no_error_nor_reconnect(&r);
     let summary = kept.stop();
     assert_eq!(summary["restarts"], 10, "{summary}");
 }
@@ -398,7 +235,7 @@ fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
     let spec = format!("6:{}", marker.display());
     let kept = Kept::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
     let socket = kept.add_disk("m", "mem");
-    let load = loadgen(&socket);
+    let load = verifying_load(&socket);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !marker.exists() {
         assert!(

@@ -8,8 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vfblk_bridge::target::rpc::Client;
-use vfblk_tests::bin;
+use vfblk_tests::{
+    add_disk, assert_no_error_nor_reconnect, bin, finish, monotonic_ns, pauses_seen, percentiles,
+    remove_test_dir, rpc_call, verifying_load, wait_gone, Load,
+};
 
 /// A target with an RPC socket, and the pid serving it now (it changes with each upgrade).
 struct Target {
@@ -43,32 +45,11 @@ impl Target {
     }
 
     fn call(&self, method: &str, params: Value) -> Result<Value, String> {
-        Client::connect(&self.dir.join("rpc.sock"))
-            .and_then(|mut c| c.call(method, params))
-            .map_err(|e| vfblk_vhost::error_chain(&e))
+        rpc_call(&self.dir.join("rpc.sock"), method, params)
     }
 
-    /// A controller with two queues on backend `kind` ("mem" or "file").
     fn add_disk(&self, name: &str, kind: &str) -> PathBuf {
-        let path = match kind {
-            "mem" => PathBuf::from(format!(
-                "/dev/shm/vfblk-upgrade-{name}-{}",
-                std::process::id()
-            )),
-            _ => self.dir.join(format!("{name}.img")),
-        };
-        self.call(
-            "backend_create",
-            json!({"name": name, "kind": kind, "path": path, "size": 32 << 20}),
-        )
-        .unwrap();
-        let socket = self.dir.join(format!("{name}.sock"));
-        self.call(
-            "vhost_blk_create",
-            json!({"name": name, "socket": socket, "backend": name, "queues": 2}),
-        )
-        .unwrap();
-        socket
+        add_disk(&self.dir.join("rpc.sock"), &self.dir, name, kind)
     }
 
     /// Upgrades to `binary` (default: the same); the report, or the refusal.
@@ -114,159 +95,8 @@ impl Drop for Target {
         wait_gone(self.pid);
         let _ = self.first.kill();
         let _ = self.first.wait();
-        for entry in std::fs::read_dir("/dev/shm")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("vfblk-upgrade-")
-                && name.ends_with(&format!("-{}", std::process::id()))
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_test_dir(&self.dir);
     }
-}
-
-/// Waits (up to 10 s) until process `pid` is gone or a zombie.
-fn wait_gone(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(stat)
-                if stat
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|s| s.trim_start().starts_with('Z')) =>
-            {
-                return
-            }
-            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
-        }
-    }
-    panic!("process {pid} did not end within 10 s");
-}
-
-/// A load generator in verify mode on `socket` (2 queues), until SIGTERM.
-/// A load generator, killed if the test ends without [`finish`].
-struct Load(Option<Child>);
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn loadgen(socket: &Path) -> Load {
-    Load(Some(
-        Command::new(bin("vfblk-loadgen"))
-            .arg("--socket")
-            .arg(socket)
-            .args([
-                "--queues",
-                "2",
-                "--qd",
-                "16",
-                "--rw",
-                "mixed",
-                "--verify",
-                "--json",
-                "--seconds",
-                "600",
-                "--log-gaps-over-ms",
-                "0.2",
-                "--reconnect-timeout-s",
-                "20",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting vfblk-loadgen"),
-    ))
-}
-
-/// Ends a load generator and returns its report.
-fn finish(mut lg: Load) -> Value {
-    let lg = lg.0.take().expect("a running load generator");
-    // SAFETY: SIGTERM to the load generator this test started.
-    unsafe { libc::kill(lg.id() as i32, libc::SIGTERM) };
-    let out = lg.wait_with_output().expect("load generator");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("load generator printed {text:?}: {e}"))
-}
-
-fn assert_clean(r: &Value) {
-    for key in [
-        "verify_errors",
-        "failed",
-        "lost",
-        "not_a_head",
-        "reconnects",
-    ] {
-        assert_eq!(r[key], 0, "{key}: {}", without_bulk(r));
-    }
-    assert!(r["ios"].as_u64().unwrap_or(0) > 0, "{}", without_bulk(r));
-}
-
-fn without_bulk(r: &Value) -> Value {
-    let mut r = r.clone();
-    if let Some(o) = r.as_object_mut() {
-        o.remove("lat_cdf_us");
-        o.remove("gaps");
-    }
-    r
-}
-
-/// CLOCK_MONOTONIC in ns, as the load generator stamps its gaps.
-fn now_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-/// Per upgrade window, the longest gap a frontend saw that overlaps it.
-fn pauses_seen(report: &Value, windows: &[(u64, u64)]) -> Vec<f64> {
-    let gaps: Vec<(u64, f64)> = report["gaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|g| Some((g[0].as_u64()?, g[1].as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    windows
-        .iter()
-        .map(|&(start, end)| {
-            gaps.iter()
-                .filter(|&&(gap_end, ms)| {
-                    gap_end >= start && gap_end.saturating_sub((ms * 1e6) as u64) <= end
-                })
-                .map(|&(_, ms)| ms)
-                .fold(0.0, f64::max)
-        })
-        .collect()
-}
-
-fn percentiles(mut v: Vec<f64>) -> String {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-    format!(
-        "p50 {:.2} / p99 {:.2} / max {:.2} ms",
-        at(0.5),
-        at(0.99),
-        v[v.len() - 1]
-    )
 }
 
 const UPGRADES: usize = 1000;
@@ -276,18 +106,18 @@ fn a_thousand_upgrades_under_verifying_load_lose_nothing_and_reconnect_nothing()
     let _lock = vfblk_tests::lab_lock();
     let mut target = Target::start("thousand");
     let sockets = [target.add_disk("m", "mem"), target.add_disk("f", "file")];
-    let loads: Vec<Load> = sockets.iter().map(|s| loadgen(s)).collect();
+    let loads: Vec<Load> = sockets.iter().map(|s| verifying_load(s)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let mut windows = Vec::with_capacity(UPGRADES);
     let mut target_pauses = Vec::with_capacity(UPGRADES);
     let mut early = None;
     let started = Instant::now();
     for i in 0..UPGRADES {
-        let t0 = now_ns();
+        let t0 = monotonic_ns();
         let report = target
             .upgrade(None)
             .unwrap_or_else(|e| panic!("upgrade {}: {e}\n{}", i + 1, target.log()));
-        windows.push((t0, now_ns()));
+        windows.push((t0, monotonic_ns()));
         assert_eq!(report["controllers"], 2, "{report}");
         assert_eq!(report["connections"], 2, "{report}");
         target_pauses.push(report["pause_ms"].as_f64().unwrap());
@@ -302,14 +132,9 @@ fn a_thousand_upgrades_under_verifying_load_lose_nothing_and_reconnect_nothing()
     let (fds, rss) = target.footprint();
     let reports: Vec<Value> = loads.into_iter().map(finish).collect();
     for r in &reports {
-        assert_clean(r);
+        assert_no_error_nor_reconnect(r);
     }
-    let seen: Vec<f64> = reports
-        .iter()
-        .map(|r| pauses_seen(r, &windows))
-        .fold(vec![0.0; windows.len()], |acc, p| {
-            acc.iter().zip(p).map(|(a, b)| a.max(b)).collect()
-        });
+    let seen = pauses_seen(&reports, &windows);
     eprintln!(
         "{UPGRADES} upgrades in {:.1} s: pause in the target {}; longest gap a frontend saw per upgrade {}; \
          fds {fds_early} -> {fds}, private RSS {rss_early} -> {rss} KiB; frontends: {} / {} I/Os",
@@ -356,7 +181,7 @@ fn refused_upgrades_leave_the_old_process_serving() {
     let _lock = vfblk_tests::lab_lock();
     let mut target = Target::start("refused");
     let socket = target.add_disk("m", "mem");
-    let load = loadgen(&socket);
+    let load = verifying_load(&socket);
     std::thread::sleep(Duration::from_millis(300));
     let first_pid = target.pid;
     let cases = [
@@ -393,7 +218,7 @@ fn refused_upgrades_leave_the_old_process_serving() {
     target.upgrade(None).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let r = finish(load);
-    assert_clean(&r);
+    assert_no_error_nor_reconnect(&r);
     let log = target.log();
     assert_eq!(
         log.matches("upgrade called off, serving on").count(),

@@ -100,47 +100,12 @@ impl SocketServer {
             what: format!("listening on {}", path.display()),
             source,
         })?;
-        let stop =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Io {
-                what: format!("eventfd to stop the server of {}", path.display()),
-                source,
-            })?;
-        let shared = Arc::new(Shared {
-            suspend: Mutex::new(None),
-            stop,
-            stopping: AtomicBool::new(false),
-            drain_on_stop: AtomicBool::new(true),
-            accepted: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-        });
         if let Some(k) = &config.keep {
             if let Err(e) = k.store.store(&k.listener_name(), &listener_fd(&listener)) {
                 tracing::error!("{}: {}", path.display(), crate::error_chain(&e));
             }
         }
-        let keeping = config.keep.clone();
-        let name = path.display().to_string();
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!(
-                "vhost-{}",
-                path.file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default()
-            ))
-            .spawn(move || {
-                serve_loop(&name, listener, None, &config, &thread_shared);
-            })
-            .map_err(|source| Error::Io {
-                what: format!("spawning the server thread of {}", path.display()),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            keeping,
-            shared,
-            thread: Some(thread),
-        })
+        spawn(path, listener, None, config)
     }
 
     /// The socket's path.
@@ -351,49 +316,57 @@ impl TakenOver {
                 .map_err(|_| Error::Poisoned("connection"))?
                 .start_queues();
         }
-        let stop =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Io {
-                what: format!("eventfd to stop the server of {}", path.display()),
-                source,
-            })?;
-        let shared = Arc::new(Shared {
-            suspend: Mutex::new(None),
-            stop,
-            stopping: AtomicBool::new(false),
-            drain_on_stop: AtomicBool::new(true),
-            accepted: AtomicU64::new(u64::from(connection.is_some())),
-            connected: AtomicBool::new(connection.is_some()),
-        });
-        let keeping = config.keep.clone();
-        let name = path.display().to_string();
-        let thread_shared = shared.clone();
-        let socket_file = path.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!(
-                "vhost-{}",
-                path.file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default()
-            ))
-            .spawn(move || {
-                if serve_loop(&name, listener, connection, &config, &thread_shared)
-                    == Ended::Stopped
-                {
-                    // The predecessor bound it; removing it on stop is ours now.
-                    let _ = std::fs::remove_file(&socket_file);
-                }
-            })
-            .map_err(|source| Error::Io {
-                what: format!("spawning the server thread of {}", path.display()),
-                source,
-            })?;
-        Ok(SocketServer {
-            path,
-            keeping,
-            shared,
-            thread: Some(thread),
-        })
+        spawn(&path, listener, connection, config)
     }
+}
+
+/// Starts the serving thread of `listener`, first serving `resumed` if given.
+fn spawn(
+    path: &Path,
+    listener: Listener,
+    resumed: Option<Served>,
+    config: Arc<DeviceConfig>,
+) -> Result<SocketServer> {
+    let stop =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Io {
+            what: format!("eventfd to stop the server of {}", path.display()),
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        suspend: Mutex::new(None),
+        stop,
+        stopping: AtomicBool::new(false),
+        drain_on_stop: AtomicBool::new(true),
+        accepted: AtomicU64::new(u64::from(resumed.is_some())),
+        connected: AtomicBool::new(resumed.is_some()),
+    });
+    let keeping = config.keep.clone();
+    let name = path.display().to_string();
+    let thread_shared = shared.clone();
+    let socket_file = path.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name(format!(
+            "vhost-{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ))
+        .spawn(move || {
+            if serve_loop(&name, listener, resumed, &config, &thread_shared) == Ended::Stopped {
+                // A listener taken over from a predecessor does not remove its file itself.
+                let _ = std::fs::remove_file(&socket_file);
+            }
+        })
+        .map_err(|source| Error::Io {
+            what: format!("spawning the server thread of {}", path.display()),
+            source,
+        })?;
+    Ok(SocketServer {
+        path: path.to_path_buf(),
+        keeping,
+        shared,
+        thread: Some(thread),
+    })
 }
 
 /// A handler for a connection negotiated by a predecessor process. The vhost crate keeps the
@@ -610,14 +583,17 @@ fn await_verdict(name: &str, request: &SuspendRequest) -> Verdict {
 fn serve_loop(
     name: &str,
     listener: Listener,
-    mut resumed: Option<Served>,
+    resumed: Option<Served>,
     config: &Arc<DeviceConfig>,
     shared: &Shared,
 ) -> Ended {
+    // The connection to serve next, and whether it has spoken already (taken over: no
+    // first-message deadline).
+    let mut next: Option<(Served, bool)> = resumed.map(|s| (s, true));
     loop {
-        if let Some(served) = resumed.take() {
+        if let Some((served, spoke)) = next.take() {
             shared.connected.store(true, Ordering::Relaxed);
-            let ended = serve_connection(name, served, true, &listener, shared);
+            let ended = serve_connection(name, served, spoke, &listener, shared);
             shared.connected.store(false, Ordering::Relaxed);
             if ended == Ended::LetGo {
                 // The socket file and the listening socket are the successor's.
@@ -684,21 +660,14 @@ fn serve_loop(
         };
         let connection = Arc::new(Mutex::new(Connection::new(config.clone())));
         let handler = BackendReqHandler::from_stream(stream, connection.clone());
-        shared.connected.store(true, Ordering::Relaxed);
-        let served = Served {
-            connection,
-            handler,
-            kept,
-        };
-        let ended = serve_connection(name, served, false, &listener, shared);
-        shared.connected.store(false, Ordering::Relaxed);
-        if ended == Ended::LetGo {
-            std::mem::forget(listener);
-            return Ended::LetGo;
-        }
-        if shared.stopping.load(Ordering::Acquire) {
-            return Ended::Stopped;
-        }
+        next = Some((
+            Served {
+                connection,
+                handler,
+                kept,
+            },
+            false,
+        ));
     }
 }
 
