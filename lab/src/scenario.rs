@@ -74,6 +74,7 @@ impl Lab {
             "vfblk-loadgen",
             "vfblk-setup",
             "vfblk-rpc",
+            "vfblk-keeper",
         ] {
             image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
         }

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use vfblk_lab::scenario::{Contents, Lab};
 use vfblk_lab::vm::Echo;
 use vfblk_tests::lab_lock;
@@ -113,6 +115,74 @@ fn nvme_backend_verifies_across_sigkills() {
         clean(&r);
         assert!(r["reads"].as_u64().unwrap() > 0, "{key}: {r}");
     }
+}
+
+/// The NVMe backend under `vfblk-keeper` in the lab guest: SIGKILLs of the target under a
+/// verifying load generator cost no reconnect; each restarted target brings the controller
+/// up again, maps the resumed connection's memory and re-runs what was in flight.
+const KEPT_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &
+kp=$!
+for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
+[ -S /tmp/rpc.sock ] || { cat /tmp/kept.log; fail "the kept target did not start"; }
+target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
+vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
+lg=$!
+for k in 1 2 3; do
+    sleep 2.5
+    p=$(target_pid)
+    [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
+    kill -9 $p
+done
+wait $lg; rc=$?
+record "{\"kept_kills\": $(cat /tmp/lg.json)}"
+grep -c "1 connection(s) resumed without reconnect" /tmp/kept.log > /tmp/resumed
+kill $kp; wait $kp
+record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json)}"
+[ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
+"#;
+
+#[test]
+fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-nvme-kept").expect("lab setup");
+    let retried = lab
+        .run_l2(
+            KEPT_SCRIPT,
+            Contents::default(),
+            256,
+            Duration::from_secs(300),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let kills = run.record("kept_kills").cloned();
+    eprintln!(
+        "NVMe backend under the keeper, 3 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; connections resumed {:?}; keeper {:?}",
+        kills.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
+        kills.as_ref().map_or(Value::Null, |k| k["verify_errors"].clone()),
+        kills.as_ref().map_or(Value::Null, |k| k["reconnects"].clone()),
+        kills.as_ref().map_or(Value::Null, |k| k["max_gap_ms"].clone()),
+        run.record("resumed"),
+        run.record("keeper")
+    );
+    run.expect_success("NVMe backend under the keeper").unwrap();
+    let kills = kills.expect("kept_kills record");
+    for key in [
+        "verify_errors",
+        "failed",
+        "lost",
+        "not_a_head",
+        "reconnects",
+    ] {
+        assert_eq!(kills[key], 0, "{key}: {kills}");
+    }
+    assert!(kills["ios"].as_u64().unwrap() > 0, "{kills}");
+    assert_eq!(run.record("resumed"), Some(&serde_json::json!(3)));
 }
 
 /// The whole stack: a second-level VM under the lab guest's KVM whose virtio-blk disk is a
