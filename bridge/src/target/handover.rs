@@ -22,9 +22,10 @@ use vfblk_vhost::server::SocketServer;
 use super::{Target, TargetConfig};
 use crate::{Error, Result};
 
-/// The state format this binary writes and reads. Raise it whenever [`TargetState`] or the
-/// vhost plumbing's state changes meaning.
-pub const FORMAT: u32 = 1;
+/// The state format this binary writes and reads. Raise it whenever the steps,
+/// [`TargetState`] or the vhost plumbing's state change meaning. 2: the configuration goes
+/// first and the new process opens the backends before the old one quiesces.
+pub const FORMAT: u32 = 2;
 
 /// The option that hands the channel to the new process.
 pub const TAKEOVER_OPTION: &str = "--takeover-fd";
@@ -38,7 +39,12 @@ const START_DEADLINE: Duration = Duration::from_secs(20);
 enum Step {
     /// New to old, once its pollers run: the formats it reads.
     Hello { formats: Vec<u32>, pid: u32 },
-    /// Old to new: everything, after quiescing.
+    /// Old to new, still serving: the configuration, so that the backends are opened (files
+    /// probed, controllers brought up) before anything pauses.
+    Config(Box<TargetConfig>),
+    /// New to old: the backends are open.
+    Prepared,
+    /// Old to new: the connections, after quiescing.
     State(Box<TargetState>),
     /// New to old: mapped and checked, nothing started.
     Ready,
@@ -50,11 +56,10 @@ enum Step {
     Failed { why: String },
 }
 
-/// The whole target's state.
+/// The whole target's state (its configuration went ahead in [`Step::Config`]).
 #[derive(Debug, Serialize, Deserialize)]
 struct TargetState {
     format: u32,
-    config: TargetConfig,
     controllers: Vec<ControllerState>,
     /// The RPC and metrics listeners (fd indexes).
     rpc: Option<u32>,
@@ -253,6 +258,27 @@ impl Target {
             kill(&mut child);
             return Err(failed(why));
         }
+        // The new process opens the backends while this one still serves.
+        let config = self.config();
+        let prepared = ours
+            .send(
+                &Step::Config(Box::new(config)),
+                &Fds::default(),
+                Instant::now() + STEP_DEADLINE,
+            )
+            .map_err(|e| vfblk_vhost::error_chain(&e))
+            .and_then(|()| {
+                match ours.recv::<Step>(Instant::now() + START_DEADLINE, "the backends opened") {
+                    Ok((Step::Prepared, _)) => Ok(()),
+                    Ok((Step::Failed { why }, _)) => Err(format!("the new process refused: {why}")),
+                    Ok((other, _)) => Err(format!("the new process answered {other:?}")),
+                    Err(e) => Err(vfblk_vhost::error_chain(&e)),
+                }
+            });
+        if let Err(why) = prepared {
+            kill(&mut child);
+            return Err(failed(why));
+        }
         // Quiesce, and collect what the new process needs.
         let quiesced = Instant::now();
         let mut message_fds = Fds::default();
@@ -301,7 +327,6 @@ impl Target {
             None => {
                 let state = TargetState {
                     format: FORMAT,
-                    config: self.config(),
                     controllers,
                     rpc,
                     metrics,
@@ -435,6 +460,29 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
     )?;
+    let config =
+        match channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 3, "the configuration")? {
+            (Step::Config(c), _) => c,
+            (Step::Failed { why }, _) => {
+                return Err(failed(format!("the old process called it off: {why}")))
+            }
+            (other, _) => return Err(failed(format!("expected the configuration, got {other:?}"))),
+        };
+    let refuse = |e: Error| {
+        let why = vfblk_vhost::error_chain(&e);
+        let _ = channel.send(
+            &Step::Failed { why: why.clone() },
+            &Fds::default(),
+            Instant::now() + STEP_DEADLINE,
+        );
+        failed(why)
+    };
+    open_backends(target, &config).map_err(refuse)?;
+    channel.send(
+        &Step::Prepared,
+        &Fds::default(),
+        Instant::now() + STEP_DEADLINE,
+    )?;
     let (step, mut fds) = channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 3, "the state")?;
     let state = match step {
         Step::State(s) => s,
@@ -443,19 +491,9 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         }
         other => return Err(failed(format!("expected the state, got {other:?}"))),
     };
-    let prepared = prepare(target, &state, &mut fds).and_then(|p| injected_fault().map(|()| p));
-    let (servers, listeners) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            let why = vfblk_vhost::error_chain(&e);
-            let _ = channel.send(
-                &Step::Failed { why: why.clone() },
-                &Fds::default(),
-                Instant::now() + STEP_DEADLINE,
-            );
-            return Err(failed(why));
-        }
-    };
+    let (servers, listeners) = prepare(target, &config, &state, &mut fds)
+        .and_then(|p| injected_fault().map(|()| p))
+        .map_err(refuse)?;
     channel.send(
         &Step::Ready,
         &Fds::default(),
@@ -493,22 +531,37 @@ type Prepared = (
     InheritedListeners,
 );
 
-/// Everything of the state opened and mapped, nothing started.
-fn prepare(target: &mut Target, state: &TargetState, fds: &mut Fds) -> Result<Prepared> {
+/// The configuration's backends opened (before the old process quiesces).
+fn open_backends(target: &mut Target, config: &TargetConfig) -> Result<()> {
+    if !config.nvme.is_empty()
+        || config
+            .backends
+            .iter()
+            .any(|b| matches!(b.spec, crate::spec::BackendSpec::Nvme { .. }))
+    {
+        return Err(failed("NVMe backends cannot be taken over yet"));
+    }
+    for b in &config.backends {
+        target.create_backend(&b.name, b.spec.clone())?;
+    }
+    Ok(())
+}
+
+/// Everything of the state mapped, nothing started.
+fn prepare(
+    target: &mut Target,
+    config: &TargetConfig,
+    state: &TargetState,
+    fds: &mut Fds,
+) -> Result<Prepared> {
     if state.format != FORMAT {
         return Err(failed(format!(
             "state format {}, this binary reads {FORMAT}",
             state.format
         )));
     }
-    if !state.config.nvme.is_empty() {
-        return Err(failed("NVMe attachments cannot be taken over yet"));
-    }
-    for b in &state.config.backends {
-        target.create_backend(&b.name, b.spec.clone())?;
-    }
     let mut servers = Vec::new();
-    for c in &state.config.controllers {
+    for c in &config.controllers {
         let handed = state
             .controllers
             .iter()
