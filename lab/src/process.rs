@@ -87,3 +87,53 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    #[test]
+    fn a_socket_listens_only_after_listen_not_when_its_file_appears() {
+        let dir = std::env::temp_dir().join(format!("vfblk-listening-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        assert!(!listening(&path), "no file yet");
+        // Bound, not listening: the file exists and a client would be refused.
+        // SAFETY: a plain socket call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_un is valid; the path fits in sun_path.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: binds our socket to a local address structure of the right size.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(path.exists());
+        assert!(!listening(&path), "bound but not listening");
+        // SAFETY: listen on our bound socket.
+        assert_eq!(unsafe { libc::listen(sock.as_raw_fd(), 1) }, 0);
+        assert!(listening(&path), "listening");
+        drop(sock);
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(!listening(&path), "a regular file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
