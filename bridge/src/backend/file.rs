@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -28,28 +29,17 @@ pub struct FileBackend {
     direct: Option<Arc<File>>,
     buffered: Arc<File>,
     info: BackendInfo,
-    /// FALLOC_FL_ZERO_RANGE works on this file; where it does not (tmpfs), write zeroes
-    /// without unmap writes zero buffers, as QEMU falls back to.
-    zero_range: bool,
+    /// FALLOC_FL_ZERO_RANGE is believed to work on this file. It is tried first; where the
+    /// filesystem refuses it (tmpfs) the refused request is redone with zero buffers, as
+    /// QEMU falls back to, and every queue writes zeros from then on. (Tried at the first
+    /// request, not probed at open: an open sits inside a restart's pause, and an fallocate
+    /// can wait on the filesystem.)
+    zero_range: Arc<AtomicBool>,
 }
 
 /// Bytes of zeros one fallback write carries.
 const ZERO_CHUNK: usize = 256 << 10;
 
-/// Whether FALLOC_FL_ZERO_RANGE works on `file`, tried past its end with KEEP_SIZE so no data
-/// and not the size change.
-fn zero_range_works(file: &File, end: u64) -> bool {
-    // SAFETY: fallocate on our fd with plain integers.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-            end as libc::off_t,
-            SECTOR as libc::off_t,
-        )
-    };
-    rc == 0
-}
 
 impl FileBackend {
     /// Opens `path` (a regular file, created with `size` bytes if missing or shorter, or a
@@ -115,8 +105,7 @@ impl FileBackend {
                 discard: !meta.file_type().is_block_device(),
                 write_zeroes: !meta.file_type().is_block_device(),
             },
-            zero_range: !meta.file_type().is_block_device()
-                && zero_range_works(&buffered, capacity),
+            zero_range: Arc::new(AtomicBool::new(!meta.file_type().is_block_device())),
             direct,
             buffered: Arc::new(buffered),
         })
@@ -126,7 +115,7 @@ impl FileBackend {
 impl FileBackend {
     /// Whether write zeroes uses FALLOC_FL_ZERO_RANGE (false: it writes zero buffers).
     pub fn zero_range(&self) -> bool {
-        self.zero_range
+        self.zero_range.load(Ordering::Relaxed)
     }
 }
 
@@ -148,12 +137,9 @@ impl Backend for FileBackend {
             slots: (0..DEPTH).map(|_| Slot::default()).collect(),
             free: (0..DEPTH).rev().collect(),
             in_flight: 0,
-            zero_range: self.zero_range,
-            zeros: if self.zero_range {
-                Vec::new()
-            } else {
-                vec![0u8; ZERO_CHUNK]
-            },
+            zero_range: self.zero_range.clone(),
+            // Allocated now: the fallback may be needed at any request.
+            zeros: vec![0u8; ZERO_CHUNK],
             zero_work: std::collections::VecDeque::with_capacity(DEPTH),
         }))
     }
@@ -166,6 +152,12 @@ struct Slot {
     expected: u64,
     done_bytes: u64,
     iovecs: Box<[libc::iovec; MAX_SEGMENTS]>,
+    /// A write zeroes sent as FALLOC_FL_ZERO_RANGE: its ranges (byte offset, bytes), to be
+    /// redone with zero writes if the filesystem refuses.
+    zero_ranges: [(u64, u64); MAX_DISCARD_SEGMENTS],
+    zero_count: usize,
+    /// The filesystem refused one of them (EOPNOTSUPP).
+    zero_refused: bool,
 }
 
 impl Default for Slot {
@@ -182,6 +174,9 @@ impl Default for Slot {
                     iov_len: 0,
                 }; MAX_SEGMENTS],
             ),
+            zero_ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
+            zero_count: 0,
+            zero_refused: false,
         }
     }
 }
@@ -197,8 +192,8 @@ struct FileQueue {
     slots: Vec<Slot>,
     free: Vec<usize>,
     in_flight: usize,
-    zero_range: bool,
-    /// A zeroed buffer for write-zeroes fallback writes (empty when not needed).
+    zero_range: Arc<AtomicBool>,
+    /// A zeroed buffer for write-zeroes fallback writes.
     zeros: Vec<u8>,
     /// Ranges still to be zeroed by writes: (slot, byte offset, bytes). Each counts once in
     /// its slot's `pending` until its last write is issued.
@@ -259,6 +254,8 @@ impl BackendQueue for FileQueue {
         slot.status = status::OK;
         slot.done_bytes = 0;
         slot.expected = 0;
+        slot.zero_count = 0;
+        slot.zero_refused = false;
         let index_tag = index as u64;
         let mut sqes: [Option<squeue::Entry>; MAX_DISCARD_SEGMENTS] =
             [const { None }; MAX_DISCARD_SEGMENTS];
@@ -295,7 +292,9 @@ impl BackendQueue for FileQueue {
                 sqes[0] = Some(opcode::Fsync::new(types::Fd(self.buffered.as_raw_fd())).build());
                 n = 1;
             }
-            Operation::WriteZeroes { unmap: false } if !self.zero_range => {
+            Operation::WriteZeroes { unmap: false }
+                if !self.zero_range.load(Ordering::Relaxed) =>
+            {
                 for &(sector, count) in &r.ranges[..r.range_count] {
                     self.zero_work
                         .push_back((index, sector * SECTOR, u64::from(count) * SECTOR));
@@ -311,7 +310,13 @@ impl BackendQueue for FileQueue {
                     }
                     _ => FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 };
+                let zeroing = matches!(r.op, Operation::WriteZeroes { unmap: false });
                 for &(sector, count) in &r.ranges[..r.range_count] {
+                    if zeroing {
+                        slot.zero_ranges[slot.zero_count] =
+                            (sector * SECTOR, u64::from(count) * SECTOR);
+                        slot.zero_count += 1;
+                    }
                     sqes[n] = Some(
                         opcode::Fallocate::new(
                             types::Fd(self.buffered.as_raw_fd()),
@@ -355,13 +360,18 @@ impl BackendQueue for FileQueue {
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
         let slots = &mut self.slots;
         let free = &mut self.free;
+        let zero_work = &mut self.zero_work;
         let mut finished = 0;
+        let mut redo = false;
         for cqe in self.ring.completion() {
             let (index, res) = (cqe.user_data() as usize, cqe.result());
             let Some(slot) = slots.get_mut(index) else {
                 continue;
             };
-            if res < 0 {
+            if res == -libc::EOPNOTSUPP && slot.zero_count > 0 {
+                // The filesystem has no ZERO_RANGE: redo this request with zero writes.
+                slot.zero_refused = true;
+            } else if res < 0 {
                 slot.status = if res == -libc::EOPNOTSUPP {
                     status::UNSUPP
                 } else {
@@ -371,6 +381,23 @@ impl BackendQueue for FileQueue {
                 slot.done_bytes += res as u64;
             }
             slot.pending -= 1;
+            if slot.pending == 0 && slot.zero_refused {
+                if self.zero_range.swap(false, Ordering::Relaxed) {
+                    tracing::info!(
+                        "the file's filesystem refuses FALLOC_FL_ZERO_RANGE: write zeroes writes zero buffers from now on"
+                    );
+                }
+                slot.zero_refused = false;
+                slot.done_bytes = 0;
+                slot.expected = 0;
+                slot.pending = slot.zero_count as u32;
+                for &(offset, bytes) in &slot.zero_ranges[..slot.zero_count] {
+                    zero_work.push_back((index, offset, bytes));
+                }
+                slot.zero_count = 0;
+                redo = true;
+                continue;
+            }
             if slot.pending == 0 {
                 // A short read or write is an error: we do not resubmit the rest.
                 if slot.status == status::OK && slot.done_bytes < slot.expected {
@@ -382,6 +409,10 @@ impl BackendQueue for FileQueue {
             }
         }
         self.in_flight -= finished;
+        if redo {
+            // Rare (once per file): issued at once rather than at the next batch.
+            self.flush_submissions();
+        }
         finished
     }
 
