@@ -40,7 +40,6 @@ pub struct FileBackend {
 /// Bytes of zeros one fallback write carries.
 const ZERO_CHUNK: usize = 256 << 10;
 
-
 impl FileBackend {
     /// Opens `path` (a regular file, created with `size` bytes if missing or shorter, or a
     /// block device whose size is used).
@@ -292,9 +291,7 @@ impl BackendQueue for FileQueue {
                 sqes[0] = Some(opcode::Fsync::new(types::Fd(self.buffered.as_raw_fd())).build());
                 n = 1;
             }
-            Operation::WriteZeroes { unmap: false }
-                if !self.zero_range.load(Ordering::Relaxed) =>
-            {
+            Operation::WriteZeroes { unmap: false } if !self.zero_range.load(Ordering::Relaxed) => {
                 for &(sector, count) in &r.ranges[..r.range_count] {
                     self.zero_work
                         .push_back((index, sector * SECTOR, u64::from(count) * SECTOR));
