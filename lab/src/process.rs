@@ -100,9 +100,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
         assert!(!listening(&path), "no file yet");
-        // Bound, not listening: the file exists and a client would be refused.
+        // Bound, not listening: the file exists and a client would be refused. Close-on-exec:
+        // other tests start processes meanwhile, which must not keep it alive.
         // SAFETY: a plain socket call; the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0);
         // SAFETY: a fresh fd nothing else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
