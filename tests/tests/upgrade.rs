@@ -75,6 +75,14 @@ impl Target {
     /// Open fds and resident private KiB of the serving process (the mem backend's disk is
     /// shared memory and grows the full RSS as the frontends touch it).
     fn footprint(&self) -> (usize, u64) {
+        // The old process answered the upgrade; the new one may still be starting its RPC
+        // server. Counted once it answers itself, as it is then for good.
+        let stats = self
+            .call("stats", json!({}))
+            .expect("the new process answers RPCs");
+        assert_eq!(stats["pid"], self.pid, "{stats}");
+        // And once the thread that answered has seen this client go.
+        std::thread::sleep(Duration::from_millis(100));
         let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
             .map(|d| d.count())
             .unwrap_or(0);
