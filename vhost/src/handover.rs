@@ -224,12 +224,16 @@ impl Fds {
         self.fds.is_empty()
     }
 
-    fn raw(&self) -> Vec<RawFd> {
+    /// The fds to send; indexes are positions, so a set with one taken out cannot be sent.
+    fn raw(&self) -> Result<Vec<RawFd>> {
         self.fds
             .iter()
-            .flatten()
-            .map(|f| f.as_raw_fd())
-            .collect::<Vec<_>>()
+            .map(|f| {
+                f.as_ref().map(|f| f.as_raw_fd()).ok_or_else(|| {
+                    Error::HandoverMessage("an fd was taken from a set being sent".into())
+                })
+            })
+            .collect()
     }
 }
 
@@ -299,7 +303,7 @@ impl Channel {
     pub fn send<T: Serialize>(&self, message: &T, fds: &Fds, deadline: Instant) -> Result<()> {
         let json = serde_json::to_vec(message)
             .map_err(|e| Error::HandoverMessage(format!("encoding a message: {e}")))?;
-        let raw = fds.raw();
+        let raw = fds.raw()?;
         let mut data = Vec::with_capacity(TOTALS + json.len());
         data.extend_from_slice(&(json.len() as u32).to_le_bytes());
         data.extend_from_slice(&(raw.len() as u32).to_le_bytes());
@@ -352,11 +356,15 @@ impl Channel {
             if n > 0 {
                 return Ok(());
             }
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            if left.is_zero() || n == 0 {
+            if n == 0 {
                 return Err(Error::HandoverTimeout { waiting_for: what });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Io {
+                    what: format!("waiting for {what}"),
+                    source: e,
+                });
             }
         }
     }
@@ -430,7 +438,8 @@ impl Channel {
 }
 
 /// `sendmsg` of `iov` with `fds` as SCM_RIGHTS; `flags` as for sendmsg (MSG_NOSIGNAL is
-/// always added).
+/// always added). Ours rather than vmm-sys-util's `ScmSocket`: the receiving side needs
+/// MSG_CMSG_CLOEXEC and must refuse truncated messages, which that one does not do.
 pub fn send_with_fds(
     sock: RawFd,
     iov: &[IoSlice<'_>],

@@ -23,6 +23,8 @@ use crate::{Error, Result};
 
 /// The first fd of `LISTEN_FDS` (sd_listen_fds' SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
+/// Most fds taken from `LISTEN_FDS`.
+const MAX_LISTEN_FDS: usize = 65536;
 /// How long a store message may wait for room in the store's socket.
 const SEND_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -108,9 +110,11 @@ impl StoredFds {
     /// Takes the fds of `LISTEN_FDS`/`LISTEN_FDNAMES` (when `LISTEN_PID` is set it must be
     /// this process). They become close-on-exec.
     pub fn from_env() -> StoredFds {
+        // Bounded: fds are numbered from 3, and no store holds more than this.
         let count: Option<usize> = std::env::var("LISTEN_FDS")
             .ok()
-            .and_then(|n| n.parse().ok());
+            .and_then(|n| n.parse().ok())
+            .map(|n: usize| n.min(MAX_LISTEN_FDS));
         let for_us = std::env::var("LISTEN_PID")
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
@@ -153,11 +157,6 @@ impl StoredFds {
     /// Names not taken yet.
     pub fn names(&self) -> Vec<String> {
         self.fds.keys().cloned().collect()
-    }
-
-    /// No fd left.
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
     }
 }
 

@@ -77,6 +77,11 @@ pub struct Connection {
     inflight: Option<Arc<InflightMap>>,
 }
 
+/// A queue size virtio allows: a power of two, 1 to [`MAX_QUEUE_SIZE`].
+fn valid_queue_size(size: u32) -> bool {
+    size != 0 && size <= u32::from(MAX_QUEUE_SIZE) && size.is_power_of_two()
+}
+
 fn invalid(what: &'static str) -> VuError {
     VuError::InvalidOperation(what)
 }
@@ -266,15 +271,21 @@ impl Connection {
     }
 
     fn stop_queue(&mut self, index: u16) -> u16 {
+        self.stop_queue_counting(index).0
+    }
+
+    /// Stops queue `index` after completing and publishing what is in flight; returns the
+    /// next avail index and how many requests the backend did not finish in time.
+    fn stop_queue_counting(&mut self, index: u16) -> (u16, usize) {
         let v = &self.vrings[usize::from(index)];
         if !v.started {
-            return v.base;
+            return (v.base, 0);
         }
         let stopped = self.stop_on_worker(index, true);
         self.vrings[usize::from(index)].started = false;
         let next_avail = stopped.first().map(|s| s.next_avail).unwrap_or(0);
         self.vrings[usize::from(index)].base = next_avail;
-        next_avail
+        (next_avail, stopped.iter().map(|s| s.abandoned).sum())
     }
 
     /// Switches to a new memory table: running queues stop (publishing what completes), the
@@ -355,19 +366,13 @@ impl Connection {
     /// [`Connection::start_queues`] puts it back to work.
     pub fn suspend(&mut self, socket: &impl AsFd, fds: &mut Fds) -> crate::Result<ConnectionState> {
         for index in 0..self.vrings.len() as u16 {
-            if !self.vrings[usize::from(index)].started {
-                continue;
-            }
-            let stopped = self.stop_on_worker(index, true);
-            let v = &mut self.vrings[usize::from(index)];
-            v.started = false;
-            v.base = stopped.first().map_or(v.base, |s| s.next_avail);
-            if let Some(s) = stopped.iter().find(|s| s.abandoned > 0) {
+            let (_, abandoned) = self.stop_queue_counting(index);
+            if abandoned > 0 {
                 // Those requests may still finish into guest memory here: a successor
                 // must not run them again meanwhile.
                 return Err(crate::Error::RequestsStillInFlight {
-                    queue: s.index,
-                    count: s.abandoned,
+                    queue: index,
+                    count: abandoned,
                 });
             }
         }
@@ -510,8 +515,7 @@ impl Connection {
             c.mem = Some(mem);
         }
         if let Some(i) = &state.inflight {
-            if i.queue_size == 0 || !i.queue_size.is_power_of_two() || i.queue_size > MAX_QUEUE_SIZE
-            {
+            if !valid_queue_size(u32::from(i.queue_size)) {
                 return Err(crate::Error::HandoverMessage(format!(
                     "inflight queue size {}",
                     i.queue_size
@@ -526,7 +530,8 @@ impl Connection {
             )?));
         }
         for (v, s) in c.vrings.iter_mut().zip(&state.vrings) {
-            if s.size > MAX_QUEUE_SIZE || (s.size != 0 && !s.size.is_power_of_two()) {
+            // 0: never set.
+            if s.size != 0 && !valid_queue_size(u32::from(s.size)) {
                 return Err(crate::Error::HandoverMessage(format!(
                     "vring size {}",
                     s.size
@@ -591,7 +596,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
-        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+        if !valid_queue_size(num) {
             return Err(VuError::InvalidParam);
         }
         self.vring(index)?.size = num as u16;
@@ -735,12 +740,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(invalid("inflight tracking is off"));
         }
         let (n, qs) = (inflight.num_queues, inflight.queue_size);
-        if n == 0
-            || n > self.config.num_queues
-            || qs == 0
-            || !qs.is_power_of_two()
-            || qs > MAX_QUEUE_SIZE
-        {
+        if n == 0 || n > self.config.num_queues || !valid_queue_size(u32::from(qs)) {
             return Err(bad_param(crate::Error::BadInflight {
                 num_queues: n,
                 queue_size: qs,
@@ -780,9 +780,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let needed = u64::from(n) * region_size(qs) as u64;
         if n == 0
             || n > self.config.num_queues
-            || qs == 0
-            || !qs.is_power_of_two()
-            || qs > MAX_QUEUE_SIZE
+            || !valid_queue_size(u32::from(qs))
             || inflight.mmap_size < needed
         {
             return Err(bad_param(crate::Error::BadInflight {

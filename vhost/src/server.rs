@@ -219,10 +219,9 @@ impl SocketServer {
                         k.names.clone(),
                         &resumed,
                     )),
-                    // Stored only once this process serves (in `serve`): until then a
-                    // called-off hand-over must find the store as its owner left it.
-                    (Some(_), None) => None,
-                    (None, _) => None,
+                    // Not kept by the predecessor: stored only once this process serves (in
+                    // `serve`), so a called-off hand-over finds the store as its owner left it.
+                    _ => None,
                 };
                 let connection = Arc::new(Mutex::new(resumed));
                 let handler = resumed_handler(stream, connection.clone(), c.features, c.protocol)?;
@@ -288,9 +287,8 @@ impl TakenOver {
             path,
             config,
             listener,
-            connection,
+            mut connection,
         } = self;
-        let mut connection = connection;
         if let Some(served) = &mut connection {
             if let (Some(keeping), None) = (&config.keep, &served.kept) {
                 match served
@@ -396,18 +394,17 @@ fn resumed_handler(
         }
         m
     };
-    const GET_FEATURES: u32 = 1;
-    const SET_FEATURES: u32 = 2;
-    const GET_PROTOCOL_FEATURES: u32 = 15;
-    const SET_PROTOCOL_FEATURES: u32 = 16;
+    use vhost::vhost_user::message::{FrontendReq, VhostUserVirtioFeatures};
     let mut replay = vec![
-        message(GET_FEATURES, None),
-        message(SET_FEATURES, Some(features)),
+        message(FrontendReq::GET_FEATURES.into(), None),
+        message(FrontendReq::SET_FEATURES.into(), Some(features)),
     ];
-    let protocol_features = vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES;
-    if features & protocol_features.bits() != 0 {
-        replay.push(message(GET_PROTOCOL_FEATURES, None));
-        replay.push(message(SET_PROTOCOL_FEATURES, Some(protocol)));
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        replay.push(message(FrontendReq::GET_PROTOCOL_FEATURES.into(), None));
+        replay.push(message(
+            FrontendReq::SET_PROTOCOL_FEATURES.into(),
+            Some(protocol),
+        ));
     }
     for m in replay {
         use std::io::Write;
