@@ -8,8 +8,7 @@
 //! vhost-user socket, never maps guest memory or a record, never interprets a stored fd; it
 //! only holds fds, names them, hands them back, follows `MAINPID=` (an upgraded target is
 //! its grandchild, adopted as a subreaper), forwards SIGTERM/SIGINT, and ends when the
-//! target ends cleanly. It allocates only when a message arrives, and it has no state a
-//! restart of its own would need: if the keeper dies, the target lives on and the frontends
+//! target ends cleanly. It has no state a restart of its own would need: if the keeper dies, the target lives on and the frontends
 //! keep their connections; only the next crash then costs a reconnect.
 
 use std::collections::BTreeMap;

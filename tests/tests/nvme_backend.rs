@@ -58,19 +58,23 @@ vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 1048576 --qd 2 --sec
 record "{\"unaligned_sgl\": $(cat /tmp/sgl.json), \"unaligned_bounce\": $(cat /tmp/bounce.json), \"aligned_no_sgl\": $(cat /tmp/aligned.json)}"
 "#;
 
+/// Runs `script` in a lab guest with the emulated controller (one 256 MiB namespace).
+fn run_script(lab_name: &str, script: &str) -> vfblk_lab::vm::RetriedRun {
+    let lab = Lab::new(lab_name).expect("lab setup");
+    lab.run_l2(
+        script,
+        Contents::default(),
+        256,
+        Duration::from_secs(300),
+        Echo::Steps,
+    )
+    .expect("run the lab guest")
+}
+
 #[test]
 fn nvme_backend_verifies_across_sigkills() {
     let _lock = lab_lock();
-    let lab = Lab::new("test-nvme-backend").expect("lab setup");
-    let retried = lab
-        .run_l2(
-            SCRIPT,
-            Contents::default(),
-            256,
-            Duration::from_secs(300),
-            Echo::Steps,
-        )
-        .expect("run the lab guest");
+    let retried = run_script("test-nvme-backend", SCRIPT);
     let run = &retried.run;
     let split = run.record("split").cloned();
     let kills = run.record("kills").cloned();
@@ -149,16 +153,7 @@ record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json)}"
 #[test]
 fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting() {
     let _lock = lab_lock();
-    let lab = Lab::new("test-nvme-kept").expect("lab setup");
-    let retried = lab
-        .run_l2(
-            KEPT_SCRIPT,
-            Contents::default(),
-            256,
-            Duration::from_secs(300),
-            Echo::Steps,
-        )
-        .expect("run the lab guest");
+    let retried = run_script("test-nvme-kept", KEPT_SCRIPT);
     let run = &retried.run;
     let kills = run.record("kept_kills").cloned();
     eprintln!(

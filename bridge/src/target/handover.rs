@@ -201,12 +201,8 @@ impl Target {
         if self.handed_over {
             return Err(failed("this process has handed over already"));
         }
-        if !self.attachments.is_empty()
-            || self
-                .backends
-                .values()
-                .any(|b| matches!(b.spec, crate::spec::BackendSpec::Nvme { .. }))
-        {
+        let config = self.config();
+        if config.has_nvme() {
             return Err(failed(
                 "NVMe backends cannot be handed over yet (their VFIO fds and queue pairs would \
                  have to go along); restart the target instead",
@@ -259,22 +255,14 @@ impl Target {
             return Err(failed(why));
         }
         // The new process opens the backends while this one still serves.
-        let config = self.config();
-        let prepared = ours
-            .send(
-                &Step::Config(Box::new(config)),
-                &Fds::default(),
-                Instant::now() + STEP_DEADLINE,
-            )
-            .map_err(|e| vfblk_vhost::error_chain(&e))
-            .and_then(|()| {
-                match ours.recv::<Step>(Instant::now() + START_DEADLINE, "the backends opened") {
-                    Ok((Step::Prepared, _)) => Ok(()),
-                    Ok((Step::Failed { why }, _)) => Err(format!("the new process refused: {why}")),
-                    Ok((other, _)) => Err(format!("the new process answered {other:?}")),
-                    Err(e) => Err(vfblk_vhost::error_chain(&e)),
-                }
-            });
+        let prepared = exchange(
+            &ours,
+            Step::Config(Box::new(config)),
+            &Fds::default(),
+            START_DEADLINE,
+            "the backends opened",
+            |s| matches!(s, Step::Prepared),
+        );
         if let Err(why) = prepared {
             kill(&mut child);
             return Err(failed(why));
@@ -306,33 +294,36 @@ impl Target {
                 }
             }
         }
-        let rpc = self
-            .rpc_listener
-            .as_ref()
-            .map(|f| message_fds.add(f))
-            .transpose()?;
-        let metrics = self
-            .metrics_listener
-            .as_ref()
-            .map(|f| message_fds.add(f))
-            .transpose()?;
+        // Failing here must still resume the servers suspended above: no early return.
+        let listener = |f: &Option<OwnedFd>, fds: &mut Fds| {
+            f.as_ref()
+                .map(|f| fds.add(f))
+                .transpose()
+                .map_err(|e| vfblk_vhost::error_chain(&e))
+        };
+        let rpc = listener(&self.rpc_listener, &mut message_fds);
+        let metrics = listener(&self.metrics_listener, &mut message_fds);
         let quiesce_ms = quiesced.elapsed().as_secs_f64() * 1e3;
         let handed = controllers.len();
         let connections = controllers
             .iter()
             .filter(|c| c.server.connection.is_some())
             .count();
-        let outcome = match trouble {
-            Some(why) => Err(why),
-            None => {
-                let state = TargetState {
+        let outcome = match (trouble, rpc, metrics) {
+            (Some(why), _, _) | (None, Err(why), _) | (None, _, Err(why)) => Err(why),
+            (None, Ok(rpc), Ok(metrics)) => exchange(
+                &ours,
+                Step::State(Box::new(TargetState {
                     format: FORMAT,
                     controllers,
                     rpc,
                     metrics,
-                };
-                exchange(&ours, state, &message_fds)
-            }
+                })),
+                &message_fds,
+                STEP_DEADLINE,
+                "ready from the new process",
+                |s| matches!(s, Step::Ready),
+            ),
         };
         drop(message_fds);
         let prepare_ms = quiesced.elapsed().as_secs_f64() * 1e3 - quiesce_ms;
@@ -385,21 +376,33 @@ impl Target {
     }
 }
 
-/// Sends the state and waits for the new process to be ready.
-fn exchange(channel: &Channel, state: TargetState, fds: &Fds) -> std::result::Result<(), String> {
-    let e = |e: vfblk_vhost::Error| vfblk_vhost::error_chain(&e);
+/// Sends `step` and waits (up to `within`) for the answer `wanted` accepts; a refusal, any
+/// other answer or silence is the reason the hand-over is off.
+fn exchange(
+    channel: &Channel,
+    step: Step,
+    fds: &Fds,
+    within: Duration,
+    what: &'static str,
+    wanted: fn(&Step) -> bool,
+) -> std::result::Result<(), String> {
+    let chain = |e: vfblk_vhost::Error| vfblk_vhost::error_chain(&e);
     channel
-        .send(
-            &Step::State(Box::new(state)),
-            fds,
-            Instant::now() + STEP_DEADLINE,
-        )
-        .map_err(e)?;
-    match channel.recv::<Step>(Instant::now() + STEP_DEADLINE, "ready from the new process") {
-        Ok((Step::Ready, _)) => Ok(()),
+        .send(&step, fds, Instant::now() + STEP_DEADLINE)
+        .map_err(chain)?;
+    match channel.recv::<Step>(Instant::now() + within, what) {
+        Ok((answer, _)) if wanted(&answer) => Ok(()),
         Ok((Step::Failed { why }, _)) => Err(format!("the new process refused: {why}")),
         Ok((other, _)) => Err(format!("the new process answered {other:?}")),
-        Err(err) => Err(e(err)),
+        Err(e) => Err(chain(e)),
+    }
+}
+
+/// The new process's next step from the old one (a refusal is an error).
+fn receive(channel: &Channel, within: Duration, what: &'static str) -> Result<(Step, Fds)> {
+    match channel.recv::<Step>(Instant::now() + within, what)? {
+        (Step::Failed { why }, _) => Err(failed(format!("the old process called it off: {why}"))),
+        other => Ok(other),
     }
 }
 
@@ -460,14 +463,10 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
     )?;
-    let config =
-        match channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 3, "the configuration")? {
-            (Step::Config(c), _) => c,
-            (Step::Failed { why }, _) => {
-                return Err(failed(format!("the old process called it off: {why}")))
-            }
-            (other, _) => return Err(failed(format!("expected the configuration, got {other:?}"))),
-        };
+    let config = match receive(&channel, STEP_DEADLINE * 3, "the configuration")? {
+        (Step::Config(c), _) => c,
+        (other, _) => return Err(failed(format!("expected the configuration, got {other:?}"))),
+    };
     let refuse = |e: Error| {
         let why = vfblk_vhost::error_chain(&e);
         let _ = channel.send(
@@ -483,13 +482,9 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
     )?;
-    let (step, mut fds) = channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 3, "the state")?;
-    let state = match step {
-        Step::State(s) => s,
-        Step::Failed { why } => {
-            return Err(failed(format!("the old process called it off: {why}")))
-        }
-        other => return Err(failed(format!("expected the state, got {other:?}"))),
+    let (state, mut fds) = match receive(&channel, STEP_DEADLINE * 3, "the state")? {
+        (Step::State(s), fds) => (s, fds),
+        (other, _) => return Err(failed(format!("expected the state, got {other:?}"))),
     };
     let (servers, listeners) = prepare(target, &config, &state, &mut fds)
         .and_then(|p| injected_fault().map(|()| p))
@@ -499,7 +494,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
     )?;
-    match channel.recv::<Step>(Instant::now() + STEP_DEADLINE * 2, "go")? {
+    match receive(&channel, STEP_DEADLINE * 2, "go")? {
         (Step::Go, _) => {}
         (other, _) => return Err(failed(format!("expected go, got {other:?}"))),
     }
@@ -533,12 +528,7 @@ type Prepared = (
 
 /// The configuration's backends opened (before the old process quiesces).
 fn open_backends(target: &mut Target, config: &TargetConfig) -> Result<()> {
-    if !config.nvme.is_empty()
-        || config
-            .backends
-            .iter()
-            .any(|b| matches!(b.spec, crate::spec::BackendSpec::Nvme { .. }))
-    {
+    if config.has_nvme() {
         return Err(failed("NVMe backends cannot be taken over yet"));
     }
     for b in &config.backends {

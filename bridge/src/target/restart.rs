@@ -66,12 +66,12 @@ impl Target {
         stored: &mut StoredFds,
     ) -> Result<bool> {
         let (device, device_config) = self.controller_device(&config)?;
-        let Some(keeping) = device_config.keep.clone() else {
-            let server = SocketServer::start(&config.socket, device_config)?;
-            self.add_controller(config, device, server);
-            return Ok(false);
-        };
-        let Some(listener) = stored.take(&keeping.listener_name()) else {
+        let kept = device_config
+            .keep
+            .clone()
+            .and_then(|k| stored.take(&k.listener_name()).map(|l| (k, l)));
+        let Some((keeping, listener)) = kept else {
+            // Nothing stored for it: a fresh socket.
             let server = SocketServer::start(&config.socket, device_config)?;
             self.add_controller(config, device, server);
             return Ok(false);
