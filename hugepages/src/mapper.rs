@@ -3,7 +3,7 @@
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
-use vfio_ioctls::{VfioContainer, VfioOps};
+use std::os::fd::RawFd;
 
 use crate::{DmaError, DmaMemory, IovaAllocator, Result};
 
@@ -21,46 +21,106 @@ pub trait DmaMapper: Send + Sync {
     fn unmap(&self, iova: u64, len: usize) -> Result<()>;
 }
 
-/// A [`DmaMapper`] over a VFIO type1 container.
+/// A [`DmaMapper`] over a VFIO type1 container, by its fd: the container may have been
+/// opened by this process or handed over by the process it replaces.
 pub struct VfioDmaMapper {
-    container: Arc<VfioContainer>,
-    // The container's mappings vanish when its last group detaches (the device is closed),
-    // so every mapper, and every buffer through it, keeps the device open.
-    _device: Arc<dyn std::any::Any + Send + Sync>,
+    container: RawFd,
+    // The container's fd, and its mappings (they vanish when its last group detaches, when
+    // the device closes), live as long as this: every mapper, and every buffer through it,
+    // keeps the device open.
+    _owner: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// `_IO(VFIO_TYPE, VFIO_BASE + 13)` and `+ 14` (linux/vfio.h).
+const VFIO_IOMMU_MAP_DMA: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 13);
+const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 14);
+const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
+const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
+
+/// `struct vfio_iommu_type1_dma_map`.
+#[repr(C)]
+struct DmaMap {
+    argsz: u32,
+    flags: u32,
+    vaddr: u64,
+    iova: u64,
+    size: u64,
+}
+
+/// `struct vfio_iommu_type1_dma_unmap` (without the flexible array we never use).
+#[repr(C)]
+struct DmaUnmap {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
 }
 
 impl VfioDmaMapper {
-    /// Wraps a container that has a group attached (so the IOMMU type is set), and keeps
-    /// `device` (whatever holds that group attached) alive as long as any mapping may exist.
-    pub fn new(
-        container: Arc<VfioContainer>,
-        device: Arc<dyn std::any::Any + Send + Sync>,
-    ) -> Self {
+    /// Wraps the fd of a container that has a group attached (so the IOMMU type is set);
+    /// `owner` holds the fd open and that group attached as long as any mapping may exist.
+    pub fn new(container: RawFd, owner: Arc<dyn std::any::Any + Send + Sync>) -> Self {
         Self {
             container,
-            _device: device,
+            _owner: owner,
         }
+    }
+
+    /// Removes every mapping inside `iova..iova+len` (none may straddle its ends); returns
+    /// the bytes unmapped. Used to drop what another process mapped in a shared container.
+    pub fn unmap_within(&self, iova: u64, len: u64) -> Result<u64> {
+        let mut unmap = DmaUnmap {
+            argsz: std::mem::size_of::<DmaUnmap>() as u32,
+            flags: 0,
+            iova,
+            size: len,
+        };
+        // SAFETY: VFIO_IOMMU_UNMAP_DMA reads and writes exactly this struct; the fd is a
+        // VFIO container kept open by `_owner`.
+        let rc = unsafe { libc::ioctl(self.container, VFIO_IOMMU_UNMAP_DMA, &mut unmap) };
+        if rc != 0 {
+            return Err(DmaError::Map {
+                iova,
+                len: len as usize,
+                reason: format!("VFIO_IOMMU_UNMAP_DMA: {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(unmap.size)
     }
 }
 
 impl DmaMapper for VfioDmaMapper {
     unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
-        // SAFETY: the caller keeps the range mapped and reference-free until unmap.
-        unsafe { VfioOps::vfio_dma_map(&*self.container, iova, len, vaddr) }.map_err(|e| {
-            DmaError::Map {
+        let map = DmaMap {
+            argsz: std::mem::size_of::<DmaMap>() as u32,
+            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr: vaddr as u64,
+            iova,
+            size: len as u64,
+        };
+        // SAFETY: VFIO_IOMMU_MAP_DMA only reads this struct; the caller keeps the range
+        // mapped and reference-free until unmap.
+        let rc = unsafe { libc::ioctl(self.container, VFIO_IOMMU_MAP_DMA, &map) };
+        if rc != 0 {
+            return Err(DmaError::Map {
                 iova,
                 len,
-                reason: format!("VFIO_IOMMU_MAP_DMA: {e}"),
-            }
-        })
+                reason: format!("VFIO_IOMMU_MAP_DMA: {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(())
     }
 
     fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        VfioOps::vfio_dma_unmap(&*self.container, iova, len).map_err(|e| DmaError::Map {
-            iova,
-            len,
-            reason: format!("VFIO_IOMMU_UNMAP_DMA: {e}"),
-        })
+        let unmapped = self.unmap_within(iova, len as u64)?;
+        if unmapped != len as u64 {
+            return Err(DmaError::Map {
+                iova,
+                len,
+                reason: format!("VFIO_IOMMU_UNMAP_DMA removed {unmapped} bytes"),
+            });
+        }
+        Ok(())
     }
 }
 

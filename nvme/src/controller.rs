@@ -1,6 +1,7 @@
 //! Controller bring-up and administration: reset, admin queue, Identify, queue creation and
 //! deletion, shutdown.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,9 @@ pub struct Options {
     /// Use SGLs for scatter lists PRPs cannot describe, if the controller offers them; off,
     /// the controller is driven as one without (tests of the PRP-only path).
     pub sgl: bool,
+    /// Which half of the driver's IOVA range ([`DRIVER_IOVAS`]) the queues and buffers take:
+    /// a process taking a controller over uses the half the lender does not.
+    pub upper_iova_half: bool,
 }
 
 impl Default for Options {
@@ -54,8 +58,32 @@ impl Default for Options {
             io_queues: 8,
             shadow_doorbells: true,
             sgl: true,
+            upper_iova_half: false,
         }
     }
+}
+
+/// The IOVAs the driver allocates its queues and buffers from: [256 GiB, 512 GiB), below the
+/// 39-bit limit of an emulated Intel IOMMU, far above the MSI range, above guest RAM mapped
+/// at IOVA = window base + guest-physical address. Split in two halves so that a process
+/// taking a controller over maps its own memory beside the lender's.
+pub const DRIVER_IOVAS: (u64, u64) = (256 << 30, 512 << 30);
+
+fn driver_iova_half(upper: bool) -> (u64, u64) {
+    let mid = (DRIVER_IOVAS.0 + DRIVER_IOVAS.1) / 2;
+    if upper {
+        (mid, DRIVER_IOVAS.1)
+    } else {
+        (DRIVER_IOVAS.0, mid)
+    }
+}
+
+/// A controller lent to another process ([`Controller::lend`]): disabled, its fds duplicated.
+pub struct Lending {
+    /// The fds and region layout the borrower adopts.
+    pub vfio: crate::vfio::SharedVfio,
+    /// Whether the lender's driver IOVAs are the upper half (the borrower takes the other).
+    pub upper_iova_half: bool,
 }
 
 pub(crate) struct Shared {
@@ -66,6 +94,11 @@ pub(crate) struct Shared {
     pub cap: Cap,
     pub version: Version,
     pub mapper: Arc<dyn DmaMapper>,
+    vfio_mapper: Arc<VfioDmaMapper>,
+    /// The driver's IOVA half (see [`DRIVER_IOVAS`]).
+    upper_iova_half: bool,
+    /// Lent to another process: the registers and queues are not ours to touch.
+    lent: std::sync::atomic::AtomicBool,
     pub iovas: Arc<Mutex<IovaAllocator>>,
     pub admin: Mutex<QueuePair>,
     pub identify: IdentifyController,
@@ -167,8 +200,25 @@ impl Controller {
     /// Brings up the controller at `address` (bound to vfio-pci): disable, admin queue,
     /// enable, Identify controller and namespaces, Set Features Number of Queues.
     pub fn open(address: PciAddress, options: &Options) -> Result<Self> {
-        let name = address.to_string();
         let pci = Arc::new(VfioPci::open(address, crate::regs::BAR0_MIN)?);
+        Self::bring_up(pci, options)
+    }
+
+    /// Takes over a controller another process lent ([`Controller::lend`]) and brings it
+    /// up as [`Controller::open`] does, with its own admin queue and memory in the other
+    /// half of the driver's IOVAs (`options.upper_iova_half` must differ from the
+    /// lender's). The lender's mappings stay in the shared container until it releases them.
+    pub fn adopt(
+        address: PciAddress,
+        vfio: crate::vfio::SharedVfio,
+        options: &Options,
+    ) -> Result<Self> {
+        let pci = Arc::new(VfioPci::adopt(address, vfio)?);
+        Self::bring_up(pci, options)
+    }
+
+    fn bring_up(pci: Arc<VfioPci>, options: &Options) -> Result<Self> {
+        let name = pci.address().to_string();
         let regs = Registers::new(pci.bar0());
         let cap = regs.cap();
         let version = regs.version();
@@ -193,9 +243,18 @@ impl Controller {
         let bar = pci.bar0();
         disable(&regs, &name, timeout)?;
 
-        let mapper: Arc<dyn DmaMapper> =
-            Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
-        let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
+        let vfio_mapper = Arc::new(VfioDmaMapper::new(
+            pci.container_fd().as_raw_fd(),
+            pci.clone(),
+        ));
+        let mapper: Arc<dyn DmaMapper> = vfio_mapper.clone();
+        let (first, end) = driver_iova_half(options.upper_iova_half);
+        let iovas = Arc::new(Mutex::new(IovaAllocator::with_window(first, end).map_err(
+            |source| Error::Dma {
+                device: name.clone(),
+                source,
+            },
+        )?));
         let pool = DmaPool::new(&format!("vfblk-{name}"), mapper.clone(), iovas.clone());
         let dma = |len: usize| -> Result<DmaChunk> {
             pool.alloc(len, PAGE_SIZE).map_err(|source| Error::Dma {
@@ -231,6 +290,9 @@ impl Controller {
             cap,
             version,
             mapper: mapper.clone(),
+            vfio_mapper,
+            upper_iova_half: options.upper_iova_half,
+            lent: std::sync::atomic::AtomicBool::new(false),
             iovas: iovas.clone(),
             admin: Mutex::new(admin),
             identify: IdentifyController::parse(&[0; 4096]),
@@ -335,6 +397,86 @@ impl Controller {
     /// on their next submit, ring or poll; callers resubmit what was aborted.
     pub fn reset(&self) -> Result<()> {
         self.shared.reset()
+    }
+
+    /// Lends the controller to another process taking this one's place: with nothing in
+    /// flight on its queues (the caller made sure), disables it, so that the borrower can
+    /// bring it up with its own admin queue, and duplicates the fds the borrower adopts
+    /// ([`Controller::adopt`]). From here on nothing in this process touches the registers
+    /// or the queues until [`Controller::reclaim`]; memory stays mapped.
+    pub fn lend(&self) -> Result<Lending> {
+        let s = &self.shared;
+        let _admin = s.admin.lock().map_err(|_| Error::Poisoned {
+            device: s.name.clone(),
+            lock: "admin",
+        })?;
+        let vfio = s.pci.share()?;
+        let regs = Registers::new(s.pci.bar0());
+        let timeout = Duration::from_millis(s.cap.timeout_ms().max(500));
+        disable(&regs, &s.name, timeout)?;
+        s.lent.store(true, std::sync::atomic::Ordering::Release);
+        Ok(Lending {
+            vfio,
+            upper_iova_half: s.upper_iova_half,
+        })
+    }
+
+    /// Whether the controller is lent ([`Controller::lend`]): its registers are not ours.
+    pub fn lent(&self) -> bool {
+        self.shared.is_lent()
+    }
+
+    /// Takes a lent controller back when the borrower failed (it is gone: dead or killed):
+    /// disables it, removes whatever the borrower mapped — the other half of the driver's
+    /// IOVAs and the `foreign` ranges — and resets it with this process's admin queue. I/O
+    /// queue pairs create their queues again when next used.
+    pub fn reclaim(&self, foreign: &[(u64, u64)]) -> Result<()> {
+        let s = &self.shared;
+        let regs = Registers::new(s.pci.bar0());
+        let timeout = Duration::from_millis(s.cap.timeout_ms().max(500));
+        disable(&regs, &s.name, timeout)?;
+        let (first, end) = driver_iova_half(!s.upper_iova_half);
+        for &(iova, len) in std::iter::once(&(first, end - first)).chain(foreign) {
+            let removed = s
+                .vfio_mapper
+                .unmap_within(iova, len)
+                .map_err(|source| Error::Dma {
+                    device: s.name.clone(),
+                    source,
+                })?;
+            if removed > 0 {
+                tracing::info!(
+                    "{}: removed {removed} bytes the borrower had mapped at {iova:#x}..{:#x}",
+                    s.name,
+                    iova + len
+                );
+            }
+        }
+        s.lent.store(false, std::sync::atomic::Ordering::Release);
+        s.reset()
+    }
+
+    /// After the borrower took over for good: removes this process's mappings from the
+    /// shared container — its half of the driver's IOVAs and the `own` ranges (guest RAM) —
+    /// without touching the device, which is the borrower's now. Returns the bytes removed.
+    /// Nothing of this controller may be used afterwards (the process is about to exit).
+    pub fn release_lent(&self, own: &[(u64, u64)]) -> Result<u64> {
+        let s = &self.shared;
+        if !self.lent() {
+            return Err(Error::BadArgument(format!("{}: not lent", s.name)));
+        }
+        let (first, end) = driver_iova_half(s.upper_iova_half);
+        let mut removed = 0;
+        for &(iova, len) in std::iter::once(&(first, end - first)).chain(own) {
+            removed += s
+                .vfio_mapper
+                .unmap_within(iova, len)
+                .map_err(|source| Error::Dma {
+                    device: s.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(removed)
     }
 
     /// Whether I/O queue pairs use shadow doorbells (Doorbell Buffer Config).
@@ -442,6 +584,10 @@ impl Controller {
 }
 
 impl Shared {
+    pub(crate) fn is_lent(&self) -> bool {
+        self.lent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Runs one admin command to completion; returns its dword 0.
     pub fn admin_command(&self, cmd: Command, what: &str) -> Result<u32> {
         let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
@@ -644,6 +790,10 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if self.is_lent() {
+            // The device is another process's now (or will be reclaimed): hands off.
+            return;
+        }
         // Normal shutdown, then disable, so the device stops all DMA before the admin
         // rings are unmapped.
         let regs = Registers::new(self.pci.bar0());

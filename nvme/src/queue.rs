@@ -763,8 +763,9 @@ impl QueuePair {
 impl Drop for QueuePair {
     fn drop(&mut self) {
         if let Some(owner) = self.owner.take() {
-            if owner.generation.load(Ordering::Acquire) != self.generation {
-                // A reset already removed the controller's queues (and their DMA).
+            if owner.generation.load(Ordering::Acquire) != self.generation || owner.is_lent() {
+                // A reset already removed the controller's queues (and their DMA), or a
+                // lend disabled the controller, which is not ours to command now.
                 owner.release_qid(self.qid);
             } else if let Err(e) = owner.delete_io_queues(self.qid) {
                 tracing::warn!(

@@ -1,6 +1,6 @@
 //! A PCI function owned through VFIO: container, group, device fd, config space and BAR0.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -17,15 +17,48 @@ const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
-/// A PCI function bound to vfio-pci and opened by this process.
+/// A PCI function bound to vfio-pci, opened by this process or handed over by the process
+/// it replaces.
 pub struct VfioPci {
     address: PciAddress,
     iommu_group: u32,
+    layout: RegionLayout,
     // Field order matters: BAR0 is unmapped before the device fd closes, and the device
     // (which releases its group from the container on drop) before the container.
     bar0: Mmio,
-    device: VfioDevice,
-    container: Arc<VfioContainer>,
+    handle: Handle,
+}
+
+/// Where the regions we use sit in the device fd, as VFIO reported them to the process that
+/// opened the device (a process it is handed to maps the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionLayout {
+    /// Offset of the config space region.
+    pub config_offset: u64,
+    /// Offset of BAR0.
+    pub bar0_offset: u64,
+    /// Bytes of BAR0 mapped (from offset 0 of the BAR).
+    pub bar0_len: usize,
+}
+
+enum Handle {
+    Opened {
+        device: VfioDevice,
+        container: Arc<VfioContainer>,
+    },
+    /// Duplicates of another process's fds. The device fd keeps the group (and through it
+    /// the container's IOMMU domain) attached; the container fd is for DMA mappings.
+    Adopted { device: OwnedFd, container: OwnedFd },
+}
+
+/// A device's fds and layout, duplicated for another process (see [`VfioPci::adopt`]).
+pub struct SharedVfio {
+    /// The VFIO container.
+    pub container: OwnedFd,
+    /// The device.
+    pub device: OwnedFd,
+    /// Its regions.
+    pub layout: RegionLayout,
 }
 
 impl VfioPci {
@@ -72,23 +105,79 @@ impl VfioPci {
             }
         };
 
-        let bar0 = map_bar0(&device, &dev, bar0_min)?;
+        let layout = bar0_layout(&device, &dev, bar0_min)?;
+        let bar0 = map_bar0(device.as_raw_fd(), &dev, &layout)?;
         let pci = Self {
             address,
             iommu_group,
+            layout,
             bar0,
-            device,
-            container,
+            handle: Handle::Opened { device, container },
         };
         pci.enable_bus_master()?;
         Ok(pci)
+    }
+
+    /// Takes the device over from the process that opened it (or adopted it before), by
+    /// duplicates of its fds: nothing is reset or re-attached, the IOMMU domain and every
+    /// mapping in it stay as they are.
+    pub fn adopt(address: PciAddress, shared: SharedVfio) -> Result<Self> {
+        let dev = address.to_string();
+        let iommu_group = SysfsPciDevice::new(address)?.iommu_group()?;
+        let bar0 = map_bar0(shared.device.as_raw_fd(), &dev, &shared.layout)?;
+        let pci = Self {
+            address,
+            iommu_group,
+            layout: shared.layout,
+            bar0,
+            handle: Handle::Adopted {
+                device: shared.device,
+                container: shared.container,
+            },
+        };
+        pci.enable_bus_master()?;
+        Ok(pci)
+    }
+
+    /// Duplicates of the fds another process needs to adopt the device.
+    pub fn share(&self) -> Result<SharedVfio> {
+        let dup = |fd: BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map_err(|source| Error::Io {
+                what: format!("{}: duplicating the VFIO {what} fd", self.address),
+                source,
+            })
+        };
+        Ok(SharedVfio {
+            container: dup(self.container_fd(), "container")?,
+            device: dup(self.device_fd(), "device")?,
+            layout: self.layout,
+        })
+    }
+
+    fn device_fd(&self) -> BorrowedFd<'_> {
+        let raw = match &self.handle {
+            Handle::Opened { device, .. } => device.as_raw_fd(),
+            Handle::Adopted { device, .. } => return device.as_fd(),
+        };
+        // SAFETY: the VfioDevice owns the fd and outlives the borrow (it lives in self).
+        unsafe { BorrowedFd::borrow_raw(raw) }
+    }
+
+    /// The container's fd, for DMA mappings (valid as long as this lives).
+    pub fn container_fd(&self) -> BorrowedFd<'_> {
+        let raw = match &self.handle {
+            Handle::Opened { container, .. } => container.as_raw_fd(),
+            Handle::Adopted { container, .. } => return container.as_fd(),
+        };
+        // SAFETY: the VfioContainer owns the fd and outlives the borrow (it lives in self).
+        unsafe { BorrowedFd::borrow_raw(raw) }
     }
 
     fn enable_bus_master(&self) -> Result<()> {
         let command = self.config_read16(PCI_COMMAND);
         let wanted = command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         self.config_write16(PCI_COMMAND, wanted);
-        // vfio-ioctls only logs failed config writes: read back what we wrote.
+        // A failed config write is only seen by reading back what we wrote.
         let now = self.config_read16(PCI_COMMAND);
         if now & wanted != wanted {
             return Err(Error::Device {
@@ -99,18 +188,49 @@ impl VfioPci {
         Ok(())
     }
 
-    /// Reads a 16-bit config space register.
+    /// Reads a 16-bit config space register (all ones if the read fails, as a missing
+    /// device reads).
     pub fn config_read16(&self, offset: u64) -> u16 {
-        let mut buf = [0u8; 2];
-        self.device
-            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut buf, offset);
+        let mut buf = [0xffu8; 2];
+        // SAFETY: pread into a 2-byte buffer we own from the device fd we hold.
+        let n = unsafe {
+            libc::pread(
+                self.device_fd().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                2,
+                (self.layout.config_offset + offset) as libc::off_t,
+            )
+        };
+        if n != 2 {
+            tracing::warn!(
+                "{}: config space read at {offset:#x} failed: {}",
+                self.address,
+                std::io::Error::last_os_error()
+            );
+            return u16::MAX;
+        }
         u16::from_le_bytes(buf)
     }
 
-    /// Writes a 16-bit config space register.
+    /// Writes a 16-bit config space register (a failure is logged; read back to check).
     pub fn config_write16(&self, offset: u64, value: u16) {
-        self.device
-            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &value.to_le_bytes(), offset);
+        let buf = value.to_le_bytes();
+        // SAFETY: pwrite of a 2-byte buffer we own to the device fd we hold.
+        let n = unsafe {
+            libc::pwrite(
+                self.device_fd().as_raw_fd(),
+                buf.as_ptr().cast(),
+                2,
+                (self.layout.config_offset + offset) as libc::off_t,
+            )
+        };
+        if n != 2 {
+            tracing::warn!(
+                "{}: config space write at {offset:#x} failed: {}",
+                self.address,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     /// The PCI address.
@@ -127,17 +247,13 @@ impl VfioPci {
     pub fn bar0(&self) -> &Mmio {
         &self.bar0
     }
-
-    /// The container, for DMA mappings.
-    pub fn container(&self) -> &Arc<VfioContainer> {
-        &self.container
-    }
 }
 
-/// Maps BAR0, honouring a sparse-mmap capability (regions the kernel will not let us map,
-/// such as an MSI-X table on older kernels): the mappable area at offset 0 must cover
-/// `min_len` bytes, enough for the registers and the doorbells we use.
-fn map_bar0(device: &VfioDevice, dev: &str, min_len: usize) -> Result<Mmio> {
+/// Where BAR0 and the config space are, honouring a sparse-mmap capability on BAR0 (regions
+/// the kernel will not let us map, such as an MSI-X table on older kernels): the mappable
+/// area at offset 0 must cover `min_len` bytes, enough for the registers and the doorbells
+/// we use.
+fn bar0_layout(device: &VfioDevice, dev: &str, min_len: usize) -> Result<RegionLayout> {
     let index = VFIO_PCI_BAR0_REGION_INDEX;
     let flags = device.get_region_flags(index);
     let size = device.get_region_size(index);
@@ -165,7 +281,16 @@ fn map_bar0(device: &VfioDevice, dev: &str, min_len: usize) -> Result<Mmio> {
             what: format!("only {len} bytes of BAR0 ({size}) are mappable, need {min_len}"),
         });
     }
-    Mmio::map(device.as_raw_fd(), offset, len as usize).map_err(|e| Error::Io {
+    Ok(RegionLayout {
+        config_offset: device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX),
+        bar0_offset: offset,
+        bar0_len: len as usize,
+    })
+}
+
+fn map_bar0(device: RawFd, dev: &str, layout: &RegionLayout) -> Result<Mmio> {
+    let (offset, len) = (layout.bar0_offset, layout.bar0_len);
+    Mmio::map(device, offset, len).map_err(|e| Error::Io {
         what: format!("{dev}: mmap of BAR0 ({len} bytes at region offset {offset:#x})"),
         source: e,
     })

@@ -170,6 +170,89 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
     assert_eq!(run.record("resumed"), Some(&serde_json::json!(3)));
 }
 
+/// Upgrades by hand-over of a target on the NVMe backend, under `vfblk-keeper`, mixed with
+/// SIGKILLs: the old process quiesces and lends the controller (disabled, its VFIO container
+/// and device fds passed on); the new one brings it up with its own queues in the other half
+/// of the driver's IOVAs and maps guest RAM in another IOVA window, then the old one unmaps
+/// what it had mapped and exits. Five upgrades in a row first: each maps where the process
+/// two before it had, which fails (EEXIST) if a process left a mapping behind.
+const UPGRADE_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &
+kp=$!
+for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
+[ -S /tmp/rpc.sock ] || { cat /tmp/kept.log; fail "the kept target did not start"; }
+target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
+upgrade() {
+    vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $1 refused"; }
+    echo >> /tmp/upgrades.json
+}
+step "4 KiB mixed verify through 15 upgrades by hand-over and 10 SIGKILLs of the target under vfblk-keeper"
+vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 600 --json > /tmp/lg.json &
+lg=$!
+sleep 2
+free_before=$(hugepages)
+for u in 1 2 3 4 5; do upgrade $u; sleep 1; done
+for k in 1 2 3 4 5 6 7 8 9 10; do
+    p=$(target_pid)
+    [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
+    kill -9 $p
+    sleep 1.5
+    upgrade $((k + 5))
+    sleep 1
+done
+free_after=$(hugepages)
+kill -INT $lg; wait $lg; rc=$?
+record "{\"nvme_upgrades\": $(cat /tmp/lg.json)}"
+record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log)}"
+kill $kp; wait $kp
+[ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
+"#;
+
+#[test]
+fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_reconnecting() {
+    let _lock = lab_lock();
+    let retried = run_script("test-nvme-upgrade", UPGRADE_SCRIPT);
+    let run = &retried.run;
+    let load = run.record("nvme_upgrades").cloned();
+    let reports: Vec<Value> = run
+        .record("reports")
+        .and_then(|r| r.as_array().cloned())
+        .unwrap_or_default();
+    let pauses: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r["pause_ms"].as_f64())
+        .collect();
+    eprintln!(
+        "NVMe backend under the keeper, 15 upgrades + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
+        load.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
+        load.as_ref().map_or(Value::Null, |k| k["verify_errors"].clone()),
+        load.as_ref().map_or(Value::Null, |k| k["reconnects"].clone()),
+        load.as_ref().map_or(Value::Null, |k| k["max_gap_ms"].clone()),
+        run.record("hugepages_free"),
+        run.record("resumed"),
+        run.record("released"),
+    );
+    run.expect_success("NVMe backend: upgrades and SIGKILLs under the keeper")
+        .unwrap();
+    vfblk_tests::assert_no_error_nor_reconnect(&load.expect("nvme_upgrades record"));
+    assert_eq!(pauses.len(), 15, "every upgrade reported: {reports:?}");
+    assert!(
+        reports.iter().all(|r| r["connections"] == 1),
+        "the connection went along every time: {reports:?}"
+    );
+    assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
+    assert_eq!(run.record("released"), Some(&serde_json::json!(15)));
+    let free = run
+        .record("hugepages_free")
+        .cloned()
+        .expect("hugepages record");
+    assert_eq!(free[0], free[1], "hugepages leaked: {free}");
+}
+
 /// The whole stack: a second-level VM under the lab guest's KVM whose virtio-blk disk is a
 /// vhost-user-blk device served by vfblk-bridge in the lab guest, through the NVMe backend
 /// and our VFIO driver, to the emulated NVMe controller behind the virtual IOMMU. fio in the

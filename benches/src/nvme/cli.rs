@@ -375,6 +375,7 @@ fn open(c: &ControllerArgs, queues: u16) -> Result<Controller> {
             io_queues: queues,
             shadow_doorbells: !c.mmio_doorbells,
             sgl: true,
+            ..Options::default()
         },
     )
 }

@@ -1,6 +1,7 @@
 //! A read-only look at a controller through VFIO: identity, IOMMU group, registers, and a
 //! hugepage DMA buffer mapped into its IOMMU domain.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use vfblk_hugepages::{DmaBuffer, DmaMemory, IovaAllocator, VfioDmaMapper};
@@ -63,7 +64,10 @@ pub fn probe(address: PciAddress) -> Result<ProbeReport> {
     };
     let memory =
         DmaMemory::allocate_huge(&format!("vfblk-probe-{address}"), 2 << 20).map_err(dma_err)?;
-    let mapper = Arc::new(VfioDmaMapper::new(pci.container().clone(), pci.clone()));
+    let mapper = Arc::new(VfioDmaMapper::new(
+        pci.container_fd().as_raw_fd(),
+        pci.clone(),
+    ));
     let iovas = Arc::new(Mutex::new(IovaAllocator::default()));
     let buffer = DmaBuffer::map(memory, mapper, iovas).map_err(dma_err)?;
     let (dma_iova, dma_size, dma_page_kind) = (

@@ -77,7 +77,7 @@ pub const WINDOWS: usize = 8;
 pub struct IovaWindow {
     base: u64,
     slot: usize,
-    slots: Arc<Mutex<[bool; WINDOWS]>>,
+    slots: Arc<Mutex<[Slot; WINDOWS]>>,
 }
 
 impl IovaWindow {
@@ -96,7 +96,7 @@ impl IovaWindow {
 impl Drop for IovaWindow {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.slots.lock() {
-            slots[self.slot] = false;
+            slots[self.slot] = Slot::Free;
         }
     }
 }
@@ -142,18 +142,35 @@ impl NvmeEngine {
     }
 }
 
+/// Who holds an IOVA window.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    /// A backend of this process.
+    Used,
+    /// The process this one took the controller over from, until it has let go.
+    Lender,
+}
+
 /// A controller's IOVA windows and which are taken.
-#[derive(Default)]
 pub struct Windows {
-    slots: Arc<Mutex<[bool; WINDOWS]>>,
+    slots: Arc<Mutex<[Slot; WINDOWS]>>,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            slots: Arc::new(Mutex::new([Slot::Free; WINDOWS])),
+        }
+    }
 }
 
 impl Windows {
     /// A free window (the lowest: the first backend gets IOVA = GPA), or None.
     pub fn take(&self) -> Option<IovaWindow> {
         let mut slots = self.slots.lock().ok()?;
-        let slot = slots.iter().position(|used| !used)?;
-        slots[slot] = true;
+        let slot = slots.iter().position(|s| *s == Slot::Free)?;
+        slots[slot] = Slot::Used;
         Some(IovaWindow {
             base: slot as u64 * WINDOW_SIZE,
             slot,
@@ -161,12 +178,40 @@ impl Windows {
         })
     }
 
-    /// Whether no window is taken.
+    /// Whether no backend of this process holds a window.
     pub fn unused(&self) -> bool {
         self.slots
             .lock()
-            .map(|s| s.iter().all(|used| !used))
+            .map(|s| s.iter().all(|s| *s != Slot::Used))
             .unwrap_or(false)
+    }
+
+    /// The IOVA ranges of the windows held by `whom` (or, with `not`, by anyone else).
+    fn ranges(&self, whom: Slot, not: bool) -> Vec<(u64, u64)> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        (0..WINDOWS)
+            .filter(|&i| (slots[i] == whom) != not)
+            .map(|i| (i as u64 * WINDOW_SIZE, WINDOW_SIZE))
+            .collect()
+    }
+
+    /// Marks the windows at `bases` as the lender's (or, with `None`, frees the lender's).
+    fn set_lender(&self, bases: Option<&[u64]>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match bases {
+            Some(bases) => {
+                for &b in bases {
+                    if let Some(s) = slots.get_mut((b / WINDOW_SIZE) as usize) {
+                        *s = Slot::Lender;
+                    }
+                }
+            }
+            None => {
+                for s in slots.iter_mut().filter(|s| **s == Slot::Lender) {
+                    *s = Slot::Free;
+                }
+            }
+        }
     }
 }
 
@@ -176,6 +221,18 @@ pub struct SharedController {
     ctrl: Controller,
     windows: Windows,
     engines: Engines,
+}
+
+/// What a process taking over needs of a controller this one lends
+/// ([`NvmeControllers::lend_all`]).
+pub struct LentController {
+    /// Its PCI address.
+    pub address: vfblk_nvme::pci::PciAddress,
+    /// The fds and the lender's IOVA half.
+    pub lending: vfblk_nvme::controller::Lending,
+    /// The bases of the IOVA windows the lender's backends hold (guest RAM stays mapped
+    /// there until the lender lets go).
+    pub windows: Vec<u64>,
 }
 
 impl SharedController {
@@ -188,6 +245,14 @@ impl SharedController {
         }
     }
 
+    /// A controller taken over from another process whose backends hold the windows at
+    /// `lender_windows` until it lets go ([`NvmeControllers::lender_gone`]).
+    pub fn adopted(ctrl: Controller, lender_windows: &[u64]) -> Self {
+        let shared = Self::new(ctrl);
+        shared.windows.set_lender(Some(lender_windows));
+        shared
+    }
+
     /// The controller.
     pub fn controller(&self) -> &Controller {
         &self.ctrl
@@ -197,7 +262,8 @@ impl SharedController {
     pub fn window(&self) -> Result<IovaWindow> {
         self.windows.take().ok_or_else(|| {
             Error::BadArgument(format!(
-                "{}: all {WINDOWS} IOVA windows are in use (one per backend)",
+                "{}: all {WINDOWS} IOVA windows are in use (one per backend, and during an \
+                 upgrade the previous process's too)",
                 self.ctrl.name()
             ))
         })
@@ -243,6 +309,104 @@ impl NvmeControllers {
                 })?;
                 Ok(v.insert(SharedController::new(ctrl)))
             }
+        }
+    }
+
+    /// Lends every controller to a process taking this one's place (nothing may be in
+    /// flight): each is disabled and its fds duplicated. On failure the ones already lent
+    /// are taken back.
+    pub fn lend_all(&self) -> Result<Vec<LentController>> {
+        let mut lent = Vec::new();
+        for (address, c) in &self.open {
+            match c.ctrl.lend() {
+                Ok(lending) => lent.push(LentController {
+                    address: *address,
+                    lending,
+                    windows: c
+                        .windows
+                        .ranges(Slot::Used, false)
+                        .iter()
+                        .map(|r| r.0)
+                        .collect(),
+                }),
+                Err(source) => {
+                    self.reclaim_all();
+                    return Err(Error::Nvme {
+                        what: format!("lending {address}"),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(lent)
+    }
+
+    /// Takes back the lent controllers after the borrower failed and is gone: whatever it
+    /// mapped is removed and each controller reset with this process's queues.
+    pub fn reclaim_all(&self) {
+        for (address, c) in self.open.iter().filter(|(_, c)| c.ctrl.lent()) {
+            match c.ctrl.reclaim(&c.windows.ranges(Slot::Used, true)) {
+                Ok(()) => tracing::info!("{address}: taken back after the hand-over failed"),
+                Err(e) => tracing::error!(
+                    "{address}: could not be taken back after the hand-over failed: {}",
+                    vfblk_vhost::error_chain(&e)
+                ),
+            }
+        }
+    }
+
+    /// After the borrower took over for good: removes this process's mappings from the
+    /// shared containers, touching no device. Returns the bytes unmapped.
+    pub fn release_all(&self) -> u64 {
+        let mut removed = 0;
+        for (address, c) in &self.open {
+            match c.ctrl.release_lent(&c.windows.ranges(Slot::Used, false)) {
+                Ok(n) => removed += n,
+                Err(e) => tracing::error!(
+                    "{address}: mappings not released after the hand-over: {}",
+                    vfblk_vhost::error_chain(&e)
+                ),
+            }
+        }
+        removed
+    }
+
+    /// Takes over the controller at `address` another process lent (its fds in `vfio`, its
+    /// driver IOVAs in the `lender_upper` half, its backends' windows at `lender_windows`)
+    /// and brings it up with `io_queues` queue pairs.
+    pub fn adopt(
+        &mut self,
+        address: vfblk_nvme::pci::PciAddress,
+        vfio: vfblk_nvme::vfio::SharedVfio,
+        lender_upper: bool,
+        lender_windows: &[u64],
+        io_queues: u16,
+        options: &NvmeOptions,
+    ) -> Result<()> {
+        use vfblk_nvme::controller::Options;
+        let ctrl = Controller::adopt(
+            address,
+            vfio,
+            &Options {
+                io_queues,
+                sgl: options.use_sgl,
+                upper_iova_half: !lender_upper,
+                ..Options::default()
+            },
+        )
+        .map_err(|source| Error::Nvme {
+            what: format!("taking over {address}"),
+            source,
+        })?;
+        self.open
+            .insert(address, SharedController::adopted(ctrl, lender_windows));
+        Ok(())
+    }
+
+    /// The lender let go: its windows are free again.
+    pub fn lender_gone(&self) {
+        for c in self.open.values() {
+            c.windows.set_lender(None);
         }
     }
 
@@ -888,7 +1052,7 @@ impl NvmeEngine {
     /// fatal controller is answered with a reset; the commands it aborts are sent again.
     fn watch(&mut self) {
         self.loops = self.loops.wrapping_add(1);
-        if self.loops % 256 != 0 || self.last_tick.elapsed() < TICK {
+        if self.loops % 256 != 0 || self.last_tick.elapsed() < TICK || self.ctrl.lent() {
             return;
         }
         self.last_tick = Instant::now();
@@ -1189,6 +1353,35 @@ impl BackendQueue for NvmeClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_taking_over_maps_beside_the_lender_until_it_lets_go() {
+        // The lender's backends hold windows 0 and 2.
+        let windows = Windows::default();
+        windows.set_lender(Some(&[0, 2 * WINDOW_SIZE, 99 * WINDOW_SIZE]));
+        assert!(
+            windows.unused(),
+            "the lender's windows are not this process's"
+        );
+        let a = windows.take().unwrap();
+        let b = windows.take().unwrap();
+        assert_eq!((a.base(), b.base()), (WINDOW_SIZE, 3 * WINDOW_SIZE));
+        // What a reclaim after a failed take-over removes: everything but the holder's own.
+        assert_eq!(
+            windows.ranges(Slot::Used, false),
+            vec![(WINDOW_SIZE, WINDOW_SIZE), (3 * WINDOW_SIZE, WINDOW_SIZE)]
+        );
+        let foreign = windows.ranges(Slot::Used, true);
+        assert_eq!(foreign.len(), WINDOWS - 2);
+        assert!(
+            foreign.contains(&(0, WINDOW_SIZE))
+                && foreign.contains(&(2 * WINDOW_SIZE, WINDOW_SIZE))
+        );
+        // The lender let go: its windows serve new backends again.
+        windows.set_lender(None);
+        assert_eq!(windows.take().unwrap().base(), 0);
+        drop((a, b));
+    }
 
     #[test]
     fn each_backend_gets_its_own_window_and_addresses_cannot_leave_it() {

@@ -64,6 +64,25 @@ struct TargetState {
     /// The RPC and metrics listeners (fd indexes).
     rpc: Option<u32>,
     metrics: Option<u32>,
+    /// NVMe controllers lent to the new process (disabled, nothing in flight).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    nvme: Vec<LentNvme>,
+}
+
+/// An NVMe controller lent to the new process: the VFIO fds it adopts, and what of the
+/// shared IOMMU domain the old process still has mapped (the new one maps beside it).
+#[derive(Debug, Serialize, Deserialize)]
+struct LentNvme {
+    #[serde(with = "crate::spec::pci_string")]
+    address: vfblk_nvme::pci::PciAddress,
+    /// Fd indexes: the VFIO container and device.
+    container: u32,
+    device: u32,
+    layout: vfblk_nvme::vfio::RegionLayout,
+    /// The old process's driver IOVAs are the upper half.
+    upper_iova_half: bool,
+    /// The IOVA windows holding the old process's guest RAM mappings.
+    windows: Vec<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -202,12 +221,6 @@ impl Target {
             return Err(failed("this process has handed over already"));
         }
         let config = self.config();
-        if config.has_nvme() {
-            return Err(failed(
-                "NVMe backends cannot be handed over yet (their VFIO fds and queue pairs would \
-                 have to go along); restart the target instead",
-            ));
-        }
         let binary = match binary {
             Some(b) => b.to_path_buf(),
             None => this_binary()?,
@@ -303,21 +316,43 @@ impl Target {
         };
         let rpc = listener(&self.rpc_listener, &mut message_fds);
         let metrics = listener(&self.metrics_listener, &mut message_fds);
+        // NVMe controllers last: with every queue quiesced nothing is in flight on them.
+        let nvme = match &trouble {
+            Some(_) => Ok(Vec::new()),
+            None => self
+                .nvme
+                .lend_all()
+                .map(|lent| {
+                    lent.into_iter()
+                        .map(|l| LentNvme {
+                            address: l.address,
+                            container: message_fds.push(l.lending.vfio.container),
+                            device: message_fds.push(l.lending.vfio.device),
+                            layout: l.lending.vfio.layout,
+                            upper_iova_half: l.lending.upper_iova_half,
+                            windows: l.windows,
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| vfblk_vhost::error_chain(&e)),
+        };
         let quiesce_ms = quiesced.elapsed().as_secs_f64() * 1e3;
         let handed = controllers.len();
         let connections = controllers
             .iter()
             .filter(|c| c.server.connection.is_some())
             .count();
-        let outcome = match (trouble, rpc, metrics) {
-            (Some(why), _, _) | (None, Err(why), _) | (None, _, Err(why)) => Err(why),
-            (None, Ok(rpc), Ok(metrics)) => exchange(
+        let outcome = match (trouble, rpc, metrics, nvme) {
+            (Some(why), ..) | (None, Err(why), ..) | (None, _, Err(why), _) => Err(why),
+            (None, _, _, Err(why)) => Err(why),
+            (None, Ok(rpc), Ok(metrics), Ok(nvme)) => exchange(
                 &ours,
                 Step::State(Box::new(TargetState {
                     format: FORMAT,
                     controllers,
                     rpc,
                     metrics,
+                    nvme,
                 })),
                 &message_fds,
                 STEP_DEADLINE,
@@ -328,10 +363,13 @@ impl Target {
         drop(message_fds);
         let prepare_ms = quiesced.elapsed().as_secs_f64() * 1e3 - quiesce_ms;
         if let Err(why) = outcome {
+            // The new process is gone before the controllers it may have touched are taken
+            // back, and those before the queues run again.
+            kill(&mut child);
+            self.nvme.reclaim_all();
             for s in suspended {
                 s.resume();
             }
-            kill(&mut child);
             return Err(failed(why));
         }
         // The point of no return: the servers end without touching anything, then the new
@@ -358,6 +396,13 @@ impl Target {
         }
         // The new process outlives this one; nobody here waits for it.
         std::mem::forget(child);
+        let released = self.nvme.release_all();
+        if released > 0 {
+            tracing::info!(
+                "{} MiB of NVMe DMA mappings released to the new process's container",
+                released >> 20
+            );
+        }
         tracing::info!(
             "handed over to {} (pid {new_pid}): {handed} controller(s), {connections} connected, paused {pause_ms:.2} ms",
             binary.display(),
@@ -498,6 +543,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         (Step::Go, _) => {}
         (other, _) => return Err(failed(format!("expected go, got {other:?}"))),
     }
+    target.nvme.lender_gone();
     for (config, device, taken) in servers {
         let server = taken.serve()?;
         target.add_controller(config, device, server);
@@ -526,12 +572,48 @@ type Prepared = (
     InheritedListeners,
 );
 
-/// The configuration's backends opened (before the old process quiesces).
+fn is_nvme(b: &super::BackendConfig) -> bool {
+    matches!(b.spec, crate::spec::BackendSpec::Nvme { .. })
+}
+
+/// The configuration's backends opened (before the old process quiesces), except those on
+/// NVMe controllers: the old process still drives them, they come with the state.
 fn open_backends(target: &mut Target, config: &TargetConfig) -> Result<()> {
-    if config.has_nvme() {
-        return Err(failed("NVMe backends cannot be taken over yet"));
+    for b in config.backends.iter().filter(|b| !is_nvme(b)) {
+        target.create_backend(&b.name, b.spec.clone())?;
     }
-    for b in &config.backends {
+    Ok(())
+}
+
+/// The NVMe controllers the old process lent taken over and brought up, and the backends
+/// on them opened.
+fn adopt_nvme(
+    target: &mut Target,
+    config: &TargetConfig,
+    state: &TargetState,
+    fds: &mut Fds,
+) -> Result<()> {
+    let io_queues = target.nvme_io_queues();
+    for lent in &state.nvme {
+        let vfio = vfblk_nvme::vfio::SharedVfio {
+            container: fds.take(lent.container)?,
+            device: fds.take(lent.device)?,
+            layout: lent.layout,
+        };
+        let options = target.settings.nvme.clone();
+        target.nvme.adopt(
+            lent.address,
+            vfio,
+            lent.upper_iova_half,
+            &lent.windows,
+            io_queues,
+            &options,
+        )?;
+    }
+    for n in &config.nvme {
+        target.attach_nvme(&n.name, n.address)?;
+    }
+    for b in config.backends.iter().filter(|b| is_nvme(b)) {
         target.create_backend(&b.name, b.spec.clone())?;
     }
     Ok(())
@@ -550,6 +632,7 @@ fn prepare(
             state.format
         )));
     }
+    adopt_nvme(target, config, state, fds)?;
     let mut servers = Vec::new();
     for c in &config.controllers {
         let handed = state
