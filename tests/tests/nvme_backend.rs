@@ -175,7 +175,10 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
 /// and device fds passed on); the new one brings it up with its own queues in the other half
 /// of the driver's IOVAs and maps guest RAM in another IOVA window, then the old one unmaps
 /// what it had mapped and exits. Five upgrades in a row first: each maps where the process
-/// two before it had, which fails (EEXIST) if a process left a mapping behind.
+/// two before it had, which fails (EEXIST) if a process left a mapping behind. Then two
+/// upgrades whose new process fails after it brought the controller up (refuses, or dies):
+/// the old one takes the controller back and serves on, and one more upgrade maps where the
+/// failed ones had.
 const UPGRADE_SCRIPT: &str = r#". /lab/lib.sh
 modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
 bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
@@ -190,24 +193,34 @@ upgrade() {
     vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $1 refused"; }
     echo >> /tmp/upgrades.json
 }
-step "4 KiB mixed verify through 15 upgrades by hand-over and 10 SIGKILLs of the target under vfblk-keeper"
+step "4 KiB mixed verify through 16 upgrades by hand-over, 2 failed ones and 10 SIGKILLs of the target under vfblk-keeper"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 600 --json > /tmp/lg.json &
 lg=$!
 sleep 2
 free_before=$(hugepages)
 for u in 1 2 3 4 5; do upgrade $u; sleep 1; done
+for fault in refuse die; do
+    printf '#!/bin/sh\nVFBLK_TEST_HANDOVER_FAULT=%s exec vfblk-bridge "$@"\n' $fault > /tmp/$fault
+    chmod +x /tmp/$fault
+    if vfblk-rpc --socket /tmp/rpc.sock upgrade --binary /tmp/$fault > /tmp/$fault.out 2>&1; then
+        cat /tmp/$fault.out; fail "an upgrade to a binary that fails ($fault) went through"
+    fi
+    sleep 1
+done
+upgrade 6
+sleep 1
 for k in 1 2 3 4 5 6 7 8 9 10; do
     p=$(target_pid)
     [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
     kill -9 $p
     sleep 1.5
-    upgrade $((k + 5))
+    upgrade $((k + 6))
     sleep 1
 done
 free_after=$(hugepages)
 kill -INT $lg; wait $lg; rc=$?
 record "{\"nvme_upgrades\": $(cat /tmp/lg.json)}"
-record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log)}"
+record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log)}"
 kill $kp; wait $kp
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
 "#;
@@ -227,7 +240,7 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
         .filter_map(|r| r["pause_ms"].as_f64())
         .collect();
     eprintln!(
-        "NVMe backend under the keeper, 15 upgrades + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
+        "NVMe backend under the keeper, 16 upgrades (+2 failed) + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
         load.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
         load.as_ref().map_or(Value::Null, |k| k["verify_errors"].clone()),
         load.as_ref().map_or(Value::Null, |k| k["reconnects"].clone()),
@@ -239,13 +252,25 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
     run.expect_success("NVMe backend: upgrades and SIGKILLs under the keeper")
         .unwrap();
     vfblk_tests::assert_no_error_nor_reconnect(&load.expect("nvme_upgrades record"));
-    assert_eq!(pauses.len(), 15, "every upgrade reported: {reports:?}");
+    assert_eq!(pauses.len(), 16, "every upgrade reported: {reports:?}");
     assert!(
         reports.iter().all(|r| r["connections"] == 1),
         "the connection went along every time: {reports:?}"
     );
     assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
-    assert_eq!(run.record("released"), Some(&serde_json::json!(15)));
+    assert_eq!(run.record("released"), Some(&serde_json::json!(16)));
+    assert_eq!(
+        run.record("taken_back"),
+        Some(&serde_json::json!(2)),
+        "the refused and the died upgrade"
+    );
+    // The one that died left its mappings in the shared container; the take-back removed
+    // them (the next upgrade maps there).
+    assert!(
+        run.record("borrower_unmapped").and_then(Value::as_u64) >= Some(1),
+        "{:?}",
+        run.record("borrower_unmapped")
+    );
     let free = run
         .record("hugepages_free")
         .cloned()
