@@ -30,6 +30,9 @@ pub struct ContentsArgs {
     /// What nested (L3) guests need.
     #[arg(long)]
     pub nested: bool,
+    /// With --nested: QEMU 10 from bookworm-backports too (`nested --qemu-10`).
+    #[arg(long, requires = "nested")]
+    pub qemu10: bool,
 }
 
 /// The demo's backend.
@@ -108,6 +111,13 @@ pub enum LabCommand {
         /// Entries per virtqueue of that disk (QEMU's `queue-size`).
         #[arg(long)]
         queue_size: Option<u16>,
+        /// MiB fio writes and verifies on that disk.
+        #[arg(long, default_value_t = 16)]
+        fio_mib: u32,
+        /// Run the nested guest with QEMU 10 (the lab guest must carry it: `--qemu10`),
+        /// reconnecting every 20 ms, instead of QEMU 7.2.
+        #[arg(long)]
+        qemu_10: bool,
         /// Echo the nested console.
         #[arg(long)]
         verbose: bool,
@@ -119,6 +129,7 @@ impl From<ContentsArgs> for Contents {
         Contents {
             fio: c.fio,
             nested: c.nested,
+            qemu10: c.qemu10,
         }
     }
 }
@@ -153,8 +164,23 @@ pub fn run(cli: LabCli) -> Result<()> {
             boots,
             vhost_user,
             queue_size,
+            fio_mib,
+            qemu_10,
             verbose,
-        } => nested(boots, vhost_user.as_deref(), queue_size, verbose),
+        } => {
+            let qemu = if qemu_10 {
+                crate::qemu::Qemu::backports_in_guest(20)
+            } else {
+                crate::qemu::Qemu::system()
+            };
+            let echo = if verbose { Echo::All } else { Echo::Quiet };
+            match vhost_user {
+                Some(socket) => {
+                    scenario::run_nested_vhost(&socket, queue_size, fio_mib, qemu, echo)
+                }
+                None => scenario::run_nested(boots, echo),
+            }
+        }
     }
 }
 
@@ -390,20 +416,13 @@ fn shell(contents: Contents) -> Result<()> {
     vm::run_interactive(&spec)
 }
 
-fn nested(boots: u32, vhost: Option<&Path>, queue_size: Option<u16>, verbose: bool) -> Result<()> {
-    let echo = if verbose { Echo::All } else { Echo::Quiet };
-    match vhost {
-        Some(socket) => scenario::run_nested_vhost(socket, queue_size, echo),
-        None => scenario::run_nested(boots, echo),
-    }
-}
-
 fn nested_stats(boots: u32, json: bool) -> Result<()> {
     let lab = Lab::new("nested-stats")?;
     let per_boot = scenario::L3_LIMITS.total * scenario::L3_TRIES;
     let contents = Contents {
         fio: false,
         nested: true,
+        qemu10: false,
     };
     let total = per_boot * boots + Duration::from_secs(120);
     let retried = lab.run_l2(

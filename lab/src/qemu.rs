@@ -5,7 +5,7 @@
 //! kill interrupts; 10 takes `reconnect-ms`.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::kernel::run_capture;
@@ -45,6 +45,52 @@ impl Qemu {
             reconnect_ms: None,
             description: "QEMU 7.2 (Debian 12), reconnect=1".into(),
         }
+    }
+
+    /// Where [`Qemu::backports`] sits inside a lab guest that carries it
+    /// ([`crate::scenario::Contents::qemu10`]).
+    pub const IN_GUEST_DIR: &'static str = "/opt/qemu10";
+
+    /// QEMU 10 from bookworm-backports as a lab guest carries it (inside that guest), for
+    /// second-level VMs; it reconnects every `reconnect_ms`.
+    pub fn backports_in_guest(reconnect_ms: u32) -> Self {
+        let dir = Path::new(Self::IN_GUEST_DIR);
+        Self {
+            binary: dir.join("qemu-system-x86_64"),
+            env: Vec::new(),
+            args: vec!["-L".into(), dir.join("share").display().to_string()],
+            reconnect_ms: Some(reconnect_ms),
+            description: format!("QEMU 10 (bookworm-backports), reconnect-ms={reconnect_ms}"),
+        }
+    }
+
+    /// The files [`Qemu::backports_in_guest`] needs: (host path, path in the guest). The
+    /// firmware a q35 guest booted with -kernel uses goes into one `-L` directory.
+    pub fn backports_guest_files() -> Result<Vec<(PathBuf, String)>> {
+        let q = Self::backports(20)?;
+        let root = q
+            .binary
+            .ancestors()
+            .nth(3)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut files = vec![(
+            q.binary.clone(),
+            format!("{}/qemu-system-x86_64", Self::IN_GUEST_DIR),
+        )];
+        for (dir, rom) in [
+            ("usr/share/seabios", "bios-256k.bin"),
+            ("usr/share/qemu", "linuxboot.bin"),
+            ("usr/share/qemu", "linuxboot_dma.bin"),
+            ("usr/share/qemu", "pvh.bin"),
+            ("usr/share/qemu", "kvmvapic.bin"),
+        ] {
+            files.push((
+                root.join(dir).join(rom),
+                format!("{}/share/{rom}", Self::IN_GUEST_DIR),
+            ));
+        }
+        Ok(files)
     }
 
     /// QEMU 10 from bookworm-backports, fetched with apt and unpacked into the cache on first

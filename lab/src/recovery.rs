@@ -69,9 +69,10 @@ pub struct DemoOutcome {
     pub qemu_vhost_lines: Vec<String>,
 }
 
-/// QEMU's complaints about the vhost-user connection in the run's stderr log.
-fn qemu_vhost_lines(run: &RetriedRun) -> Vec<String> {
-    std::fs::read_to_string(run.run.log.with_extension("qemu-stderr"))
+/// QEMU's complaints about the vhost-user connection in the stderr log beside the console
+/// log `console`.
+pub fn qemu_vhost_lines(console: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(console.with_extension("qemu-stderr"))
         .unwrap_or_default()
         .lines()
         .filter(|l| {
@@ -190,6 +191,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     let contents = Contents {
         fio: true,
         nested: false,
+        qemu10: false,
     };
     let initrd = lab.l2_image(&guest_script(opts.vfio_probe, opts.fio_mib), contents)?;
     let disk = lab.disk("nvme.img", 256)?;
@@ -255,7 +257,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         resubmitted,
         upgrade_pauses_ms: Vec::new(),
         connections: None,
-        qemu_vhost_lines: qemu_vhost_lines(&run),
+        qemu_vhost_lines: qemu_vhost_lines(&run.run.log),
         run,
     })
 }
@@ -399,7 +401,7 @@ fn kept_demo(
         resubmitted: requests_run_again(&log_text),
         upgrade_pauses_ms: pauses.into_inner().unwrap_or_else(|e| e.into_inner()),
         connections,
-        qemu_vhost_lines: qemu_vhost_lines(&run),
+        qemu_vhost_lines: qemu_vhost_lines(&run.run.log),
         run,
     })
 }

@@ -39,6 +39,9 @@ pub struct Contents {
     pub fio: bool,
     /// QEMU, its firmware and a second-level guest (kernel + initramfs), for nested VMs.
     pub nested: bool,
+    /// With `nested`: QEMU 10 from bookworm-backports too, for second-level VMs
+    /// ([`crate::qemu::Qemu::backports_in_guest`]).
+    pub qemu10: bool,
 }
 
 /// A prepared lab: the guest kernel and the project's binaries.
@@ -83,6 +86,15 @@ impl Lab {
         }
         if contents.nested {
             self.add_nested(&mut image)?;
+            if contents.qemu10 {
+                for (host, dest) in crate::qemu::Qemu::backports_guest_files()? {
+                    if dest.ends_with("qemu-system-x86_64") {
+                        image.add_program(&host, dest.trim_start_matches('/'))?;
+                    } else {
+                        image.add_file(dest.trim_start_matches('/'), &host, 0o644);
+                    }
+                }
+            }
         }
         image.set_test_script(script);
         let path = self.dir.join("l2.cpio");
@@ -267,8 +279,9 @@ modprobe virtio_pci || fail "modprobe virtio_pci"
 modprobe virtio_blk || fail "modprobe virtio_blk"
 for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || fail "no /dev/vda"
-step "fio in L3: 16 MiB random writes with crc32c verify"
-fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=16M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
+mib=$(sed -n 's/.*vfblk.fio_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
+step "fio in L3: ${mib:=16} MiB random writes with crc32c verify"
+fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=${mib}M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
 rc=$?
 record "{\"fio_exit\": $rc}"
 record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
@@ -278,7 +291,13 @@ record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
 /// vhost-user-blk device served on `socket`, runs fio with verify in it, and prints one
 /// record with fio's figures.
-pub fn run_nested_vhost(socket: &Path, queue_size: Option<u16>, echo: Echo) -> Result<()> {
+pub fn run_nested_vhost(
+    socket: &Path,
+    queue_size: Option<u16>,
+    fio_mib: u32,
+    qemu: crate::qemu::Qemu,
+    echo: Echo,
+) -> Result<()> {
     let dir = Path::new("/tmp/l3");
     std::fs::create_dir_all(dir)?;
     let mut spec = VmSpec::new(
@@ -288,6 +307,8 @@ pub fn run_nested_vhost(socket: &Path, queue_size: Option<u16>, echo: Echo) -> R
         &Path::new(L3_DIR).join("initrd-fio.cpio"),
     );
     spec.cpus = 1;
+    spec.qemu = qemu;
+    spec.cmdline.push_str(&format!(" vfblk.fio_mib={fio_mib}"));
     // Debian's fio brings ~85 MB of libraries (rbd, gluster...) into the initramfs.
     spec.memory_mib = 768;
     spec.vhost_user_blk.push(vm::VhostUserBlk {
@@ -305,7 +326,11 @@ pub fn run_nested_vhost(socket: &Path, queue_size: Option<u16>, echo: Echo) -> R
     let run = &retried.run;
     let fio = run.record("fio").cloned().unwrap_or_default();
     let job = &fio["jobs"][0];
+    let (_, _, max_latency_ms, _) = crate::recovery::fio_summary(&fio);
     let record = serde_json::json!({"l3_vhost": {
+        "qemu": spec.qemu.description,
+        "max_latency_ms": max_latency_ms,
+        "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
         "socket": socket,
         "tries": retried.tries,
         "boot_s": run.boot_time.map(|d| d.as_secs_f64()),

@@ -124,6 +124,7 @@ fn nested_guest_reads_and_writes_virtio_disk() {
     let nested = Contents {
         fio: false,
         nested: true,
+        qemu10: false,
     };
     let retried = lab
         .run_l2(

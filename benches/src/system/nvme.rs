@@ -29,6 +29,7 @@ pub fn bench(o: &NvmeBenchOptions) -> Result<()> {
     let contents = Contents {
         fio: true,
         nested: false,
+        qemu10: false,
     };
     let total = Duration::from_secs(u64::from(seconds) * 6 + 180);
     let retried = lab.run_l2(
