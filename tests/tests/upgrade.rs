@@ -23,11 +23,15 @@ struct Target {
 
 impl Target {
     fn start(name: &str) -> Self {
+        Self::start_binary(name, &bin("vfblk-bridge"))
+    }
+
+    fn start_binary(name: &str, binary: &Path) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-upgrade-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(dir.join("target.log")).unwrap();
-        let mut command = Command::new(bin("vfblk-bridge"));
+        let mut command = Command::new(binary);
         command
             .arg("--rpc")
             .arg(dir.join("rpc.sock"))
@@ -232,5 +236,125 @@ fn refused_upgrades_leave_the_old_process_serving() {
         log.matches("upgrade called off, serving on").count(),
         cases.len(),
         "each refusal is logged: {log}"
+    );
+}
+
+/// The previous commit's `vfblk-bridge`, built (debug) from `git archive` of `HEAD~1` in a
+/// target directory of its own (sharing ours would replace our binaries), and cached by
+/// commit. None, with the reason, when this checkout has no history (an archive, a shallow
+/// clone).
+fn previous_commit_binary() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| -> Result<String, String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .map_err(|e| format!("git: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "git {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--verify", "-q", "HEAD~1^{commit}"])
+        .map_err(|e| format!("no previous commit in this checkout ({e})"))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("previous-commit");
+    let binary = target.join(&commit).join("debug/vfblk-bridge");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    // Builds of older commits are of no more use.
+    if let Ok(entries) = std::fs::read_dir(&target) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let src = target.join(format!("{commit}-src"));
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "git -C '{}' archive {commit} | tar -x -C '{}'",
+            root.display(),
+            src.display()
+        ))
+        .status()
+        .map_err(|e| format!("git archive: {e}"))?;
+    if !archive.success() {
+        return Err(format!("git archive {commit}: {archive}"));
+    }
+    eprintln!("building vfblk-bridge of the previous commit {commit} (debug)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "vfblk-bridge",
+            "--bin",
+            "vfblk-bridge",
+        ])
+        .arg("--target-dir")
+        .arg(target.join(&commit))
+        .current_dir(&src)
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    let _ = std::fs::remove_dir_all(&src);
+    if !built.success() || !binary.exists() {
+        return Err(format!("building the previous commit {commit}: {built}"));
+    }
+    Ok(binary)
+}
+
+#[test]
+fn an_upgrade_from_the_previous_commits_binary_to_this_one() {
+    let _lock = vfblk_tests::lab_lock();
+    let previous = match previous_commit_binary() {
+        Ok(b) => b,
+        Err(why) if why.starts_with("no previous commit") => {
+            // Only a checkout without history gets here; CI's clone has it.
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        Err(why) => panic!("{why}"),
+    };
+    let mut target = Target::start_binary("previous", &previous);
+    let sockets = [target.add_disk("m", "mem"), target.add_disk("f", "file")];
+    let loads: Vec<Load> = sockets.iter().map(|s| verifying_load(s)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let current = bin("vfblk-bridge");
+    let report = target
+        .upgrade(Some(&current))
+        .unwrap_or_else(|e| panic!("upgrade from {}: {e}\n{}", previous.display(), target.log()));
+    assert_eq!(report["connections"], 2, "{report}");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", target.pid)).unwrap();
+    assert_eq!(
+        exe.canonicalize().unwrap(),
+        current.canonicalize().unwrap(),
+        "the serving process runs this commit's binary"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // And this one hands over to itself as usual.
+    target.upgrade(None).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let reports: Vec<Value> = loads.into_iter().map(finish).collect();
+    for r in &reports {
+        assert_no_error_nor_reconnect(r);
+    }
+    eprintln!(
+        "upgrade from {} to this commit: pause {} ms; frontends {} / {} I/Os, no error, no reconnect",
+        previous.display(),
+        report["pause_ms"],
+        reports[0]["ios"],
+        reports[1]["ios"]
     );
 }
