@@ -217,6 +217,9 @@ pub struct ExternalMapping {
     iova: u64,
     len: usize,
     reserved: bool,
+    /// For a mapping another process made ([`ExternalMapping::adopted`]): unmapped on drop
+    /// only once this is set (until then it is still that process's).
+    owned: Option<Arc<std::sync::atomic::AtomicBool>>,
     mapper: Arc<dyn DmaMapper>,
     iovas: Arc<Mutex<IovaAllocator>>,
 }
@@ -252,9 +255,35 @@ impl ExternalMapping {
             iova,
             len,
             reserved,
+            owned: None,
             mapper,
             iovas,
         })
+    }
+
+    /// Takes over a mapping of `len` bytes at `iova` that another process made in a
+    /// container this process shares, of memory this process maps too. Dropping it removes
+    /// the mapping once `owned` is set; before that (the other process may still need it)
+    /// dropping leaves it in place.
+    ///
+    /// # Safety
+    /// The range must be mapped to memory this process keeps mapped until the mapping is
+    /// dropped, and accesses only through raw pointers (the device writes it by DMA).
+    pub unsafe fn adopted(
+        mapper: Arc<dyn DmaMapper>,
+        iovas: Arc<Mutex<IovaAllocator>>,
+        iova: u64,
+        len: usize,
+        owned: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            iova,
+            len,
+            reserved: false,
+            owned: Some(owned),
+            mapper,
+            iovas,
+        }
     }
 
     /// The IOVA.
@@ -275,6 +304,11 @@ impl ExternalMapping {
 
 impl Drop for ExternalMapping {
     fn drop(&mut self) {
+        if let Some(owned) = &self.owned {
+            if !owned.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+        }
         match self.mapper.unmap(self.iova, self.len) {
             Ok(()) if self.reserved => {
                 if let Ok(mut a) = self.iovas.lock() {

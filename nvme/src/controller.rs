@@ -534,6 +534,36 @@ impl Controller {
             })
     }
 
+    /// Takes over a mapping the lender of this controller made of memory this process maps
+    /// too (guest RAM), so that it is not pinned and mapped again; see
+    /// [`ExternalMapping::adopted`] for `owned`.
+    ///
+    /// # Safety
+    /// As for [`ExternalMapping::adopted`].
+    pub unsafe fn adopt_external(
+        &self,
+        iova: u64,
+        len: usize,
+        owned: Arc<std::sync::atomic::AtomicBool>,
+    ) -> ExternalMapping {
+        let s = &self.shared;
+        // SAFETY: forwarded from the caller.
+        unsafe { ExternalMapping::adopted(s.mapper.clone(), s.iovas.clone(), iova, len, owned) }
+    }
+
+    /// Removes whatever is mapped inside `iova..iova+len` (none may straddle its ends):
+    /// what a lender left in a shared container and nobody took over. Returns the bytes
+    /// removed. Never to be used on this process's own ranges.
+    pub fn unmap_foreign(&self, iova: u64, len: u64) -> Result<u64> {
+        let s = &self.shared;
+        s.vfio_mapper
+            .unmap_within(iova, len)
+            .map_err(|source| Error::Dma {
+                device: s.name.clone(),
+                source,
+            })
+    }
+
     /// Creates an I/O queue pair of `entries` entries (2..=MQES).
     pub fn create_io_queue_pair(&self, entries: u16) -> Result<QueuePair> {
         let s = &self.shared;

@@ -173,9 +173,10 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
 /// Upgrades by hand-over of a target on the NVMe backend, under `vfblk-keeper`, mixed with
 /// SIGKILLs: the old process quiesces and lends the controller (disabled, its VFIO container
 /// and device fds passed on); the new one brings it up with its own queues in the other half
-/// of the driver's IOVAs and maps guest RAM in another IOVA window, then the old one unmaps
-/// what it had mapped and exits. Five upgrades in a row first: each maps where the process
-/// two before it had, which fails (EEXIST) if a process left a mapping behind. Then two
+/// of the driver's IOVAs and takes the guest RAM mappings over as they are, then the old one
+/// unmaps its own DMA memory and exits. Five upgrades in a row first: each maps its queues
+/// where the process two before it had, which fails (EEXIST) if a process left a mapping
+/// behind. Then two
 /// upgrades whose new process fails after it brought the controller up (refuses, or dies):
 /// the old one takes the controller back and serves on, and one more upgrade maps where the
 /// failed ones had.
@@ -220,7 +221,7 @@ done
 free_after=$(hugepages)
 kill -INT $lg; wait $lg; rc=$?
 record "{\"nvme_upgrades\": $(cat /tmp/lg.json)}"
-record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log)}"
+record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log)}"
 kill $kp; wait $kp
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
 "#;
@@ -259,6 +260,12 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
     );
     assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
     assert_eq!(run.record("released"), Some(&serde_json::json!(16)));
+    // The two failed ones took it over too before they failed.
+    assert_eq!(
+        run.record("guest_ram_taken_over"),
+        Some(&serde_json::json!(18)),
+        "no upgrade mapped the guest RAM again"
+    );
     assert_eq!(
         run.record("taken_back"),
         Some(&serde_json::json!(2)),
@@ -331,7 +338,7 @@ sleep 2
 kill -0 $np 2>/dev/null && during=true || during=false
 wait $np; nrc=$?
 cat /tmp/nested.out
-record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log)}}"
+record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log)}}"
 [ $nrc = 0 ] || {{ tail -50 /tmp/kept.log; fail "L3 fio on the NVMe backend"; }}
 "#
     );
@@ -381,6 +388,11 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
         assert_eq!(pauses.len(), 10, "{reports:?}");
         assert!(reports.iter().all(|r| r["connections"] == 1), "{reports:?}");
         assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
+        assert_eq!(
+            run.record("guest_ram_taken_over"),
+            Some(&serde_json::json!(10)),
+            "no upgrade mapped the guest RAM again"
+        );
         assert_eq!(
             l3["qemu_vhost_lines"],
             serde_json::json!([]),

@@ -16,7 +16,8 @@ pub use file::FileBackend;
 pub use mem::MemBackend;
 pub use null::NullBackend;
 pub use nvme::{
-    IovaWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions, SharedController,
+    IovaWindow, LentWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
+    SharedController,
 };
 
 use crate::request::Request;

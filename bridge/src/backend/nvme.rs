@@ -153,6 +153,7 @@ enum Slot {
 }
 
 /// A controller's IOVA windows and which are taken.
+#[derive(Clone)]
 pub struct Windows {
     slots: Arc<Mutex<[Slot; WINDOWS]>>,
 }
@@ -175,6 +176,20 @@ impl Windows {
             base: slot as u64 * WINDOW_SIZE,
             slot,
             slots: self.slots.clone(),
+        })
+    }
+
+    /// The lender's window at `base`, now this process's, if it is the lender's.
+    fn claim_lender(&self, base: u64) -> Option<IovaWindow> {
+        let mut slots = self.slots.lock().ok()?;
+        let slot = (base / WINDOW_SIZE) as usize;
+        (base % WINDOW_SIZE == 0 && slots.get(slot) == Some(&Slot::Lender)).then(|| {
+            slots[slot] = Slot::Used;
+            IovaWindow {
+                base,
+                slot,
+                slots: self.slots.clone(),
+            }
         })
     }
 
@@ -215,12 +230,64 @@ impl Windows {
     }
 }
 
+/// Guest RAM as mapped in an IOVA window: which memory (the file's device and inode, and
+/// the offset into it) at which guest-physical range. The file identifies the memory across
+/// processes: two VMs with the same layout differ by it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct MappedRegion {
+    /// `st_dev` of the region's file.
+    pub dev: u64,
+    /// `st_ino` of the region's file.
+    pub ino: u64,
+    /// Offset of the region in the file.
+    pub offset: u64,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl MappedRegion {
+    fn of(r: &vfblk_vhost::memory::Region) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = r.file().metadata().map_err(|source| Error::Io {
+            what: format!("fstat of the guest RAM region at {:#x}", r.guest_phys),
+            source,
+        })?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            offset: r.mmap_offset,
+            gpa: r.guest_phys,
+            size: r.size,
+        })
+    }
+}
+
+/// A window of a lender's with the guest RAM mapped in it (regions sorted).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LentWindow {
+    /// First IOVA of the window.
+    pub base: u64,
+    /// What is mapped there.
+    pub regions: Vec<MappedRegion>,
+}
+
+/// What each window of this process holds, by window base.
+type MappedWindows = Arc<Mutex<BTreeMap<u64, Vec<MappedRegion>>>>;
+
 /// An opened controller, the IOVA windows its backends hold, and its queue pairs: one per
 /// poller, shared by every virtqueue of its backends that the poller runs.
 pub struct SharedController {
     ctrl: Controller,
     windows: Windows,
     engines: Engines,
+    /// What the backends have mapped where (lent along with the controller).
+    mapped: MappedWindows,
+    /// The lender's windows with guest RAM a backend here may take over as it is.
+    adoptable: Arc<Mutex<Vec<LentWindow>>>,
+    /// Set once the lender let go: mappings taken over from it are this process's to remove.
+    lender_gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a process taking over needs of a controller this one lends
@@ -230,9 +297,9 @@ pub struct LentController {
     pub address: vfblk_nvme::pci::PciAddress,
     /// The fds and the lender's IOVA half.
     pub lending: vfblk_nvme::controller::Lending,
-    /// The bases of the IOVA windows the lender's backends hold (guest RAM stays mapped
-    /// there until the lender lets go).
-    pub windows: Vec<u64>,
+    /// The IOVA windows the lender's backends hold and the guest RAM mapped in each: the
+    /// borrower's backends take those mappings over as they are.
+    pub windows: Vec<LentWindow>,
 }
 
 impl SharedController {
@@ -242,14 +309,23 @@ impl SharedController {
             ctrl,
             windows: Windows::default(),
             engines: Engines::default(),
+            mapped: MappedWindows::default(),
+            adoptable: Arc::default(),
+            lender_gone: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
-    /// A controller taken over from another process whose backends hold the windows at
-    /// `lender_windows` until it lets go ([`NvmeControllers::lender_gone`]).
-    pub fn adopted(ctrl: Controller, lender_windows: &[u64]) -> Self {
+    /// A controller taken over from another process whose backends hold `lender_windows`
+    /// until it lets go ([`NvmeControllers::lender_gone`]); a backend here serving the same
+    /// guest RAM takes its window over ([`NvmeBackend`]'s guest memory change).
+    pub fn adopted(ctrl: Controller, lender_windows: &[LentWindow]) -> Self {
         let shared = Self::new(ctrl);
-        shared.windows.set_lender(Some(lender_windows));
+        let bases: Vec<u64> = lender_windows.iter().map(|w| w.base).collect();
+        shared.windows.set_lender(Some(&bases));
+        *shared.adoptable.lock().expect("fresh") = lender_windows.to_vec();
+        shared
+            .lender_gone
+            .store(false, std::sync::atomic::Ordering::Release);
         shared
     }
 
@@ -323,10 +399,14 @@ impl NvmeControllers {
                     address: *address,
                     lending,
                     windows: c
-                        .windows
-                        .ranges(Slot::Used, false)
+                        .mapped
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
                         .iter()
-                        .map(|r| r.0)
+                        .map(|(base, regions)| LentWindow {
+                            base: *base,
+                            regions: regions.clone(),
+                        })
                         .collect(),
                 }),
                 Err(source) => {
@@ -355,12 +435,13 @@ impl NvmeControllers {
         }
     }
 
-    /// After the borrower took over for good: removes this process's mappings from the
-    /// shared containers, touching no device. Returns the bytes unmapped.
+    /// After the borrower took over for good: removes this process's own DMA mappings
+    /// from the shared containers, touching no device. Guest RAM mappings stay: the
+    /// borrower took them over (and removes any it did not). Returns the bytes unmapped.
     pub fn release_all(&self) -> u64 {
         let mut removed = 0;
         for (address, c) in &self.open {
-            match c.ctrl.release_lent(&c.windows.ranges(Slot::Used, false)) {
+            match c.ctrl.release_lent(&[]) {
                 Ok(n) => removed += n,
                 Err(e) => tracing::error!(
                     "{address}: mappings not released after the hand-over: {}",
@@ -379,7 +460,7 @@ impl NvmeControllers {
         address: vfblk_nvme::pci::PciAddress,
         vfio: vfblk_nvme::vfio::SharedVfio,
         lender_upper: bool,
-        lender_windows: &[u64],
+        lender_windows: &[LentWindow],
         io_queues: u16,
         options: &NvmeOptions,
     ) -> Result<()> {
@@ -403,9 +484,28 @@ impl NvmeControllers {
         Ok(())
     }
 
-    /// The lender let go: its windows are free again.
+    /// The lender let go: the mappings taken over from it are this process's now, and
+    /// what it left in windows nobody took over is removed.
     pub fn lender_gone(&self) {
-        for c in self.open.values() {
+        for (address, c) in &self.open {
+            c.lender_gone
+                .store(true, std::sync::atomic::Ordering::Release);
+            c.adoptable
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            for (base, len) in c.windows.ranges(Slot::Lender, false) {
+                match c.ctrl.unmap_foreign(base, len) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        "{address}: removed {n} bytes of guest RAM the previous process had mapped at IOVA {base:#x} and no backend took over"
+                    ),
+                    Err(e) => tracing::error!(
+                        "{address}: the previous process's mappings at IOVA {base:#x}: {}",
+                        vfblk_vhost::error_chain(&e)
+                    ),
+                }
+            }
             c.windows.set_lender(None);
         }
     }
@@ -427,7 +527,12 @@ pub struct NvmeBackend {
     ctrl: Controller,
     ns: Namespace,
     info: BackendInfo,
-    window: IovaWindow,
+    /// Changes once at most: to a window the lender mapped this backend's guest RAM in.
+    window: Mutex<IovaWindow>,
+    windows: Windows,
+    mapped: MappedWindows,
+    adoptable: Arc<Mutex<Vec<LentWindow>>>,
+    lender_gone: Arc<std::sync::atomic::AtomicBool>,
     /// First block of the namespace this backend serves (a part of a namespace for one VM).
     first_block: u64,
     /// The controller's queue pairs by poller (shared with its other backends).
@@ -505,7 +610,11 @@ impl NvmeBackend {
             ctrl,
             ns,
             info,
-            window,
+            window: Mutex::new(window),
+            windows: shared.windows.clone(),
+            mapped: shared.mapped.clone(),
+            adoptable: shared.adoptable.clone(),
+            lender_gone: shared.lender_gone.clone(),
             first_block: range.offset / block,
             engines: shared.engines.clone(),
             mappings: Mutex::new(Vec::new()),
@@ -515,7 +624,40 @@ impl NvmeBackend {
 
     /// Its IOVA window's first address.
     pub fn window_base(&self) -> u64 {
-        self.window.base()
+        self.window.lock().unwrap_or_else(|e| e.into_inner()).base()
+    }
+
+    /// Takes over the lender's window holding exactly `regions` of this guest's RAM, if
+    /// there is one: the mappings stay as they are (nothing pinned or mapped again).
+    fn adopt_lent_window(
+        &self,
+        window: &mut IovaWindow,
+        regions: &[MappedRegion],
+    ) -> Option<Vec<ExternalMapping>> {
+        let mut adoptable = self.adoptable.lock().unwrap_or_else(|e| e.into_inner());
+        let i = adoptable.iter().position(|w| w.regions == regions)?;
+        let lent = adoptable.remove(i);
+        let claimed = self.windows.claim_lender(lent.base)?;
+        // The window this backend had goes back (it held nothing yet).
+        *window = claimed;
+        Some(
+            lent.regions
+                .iter()
+                .map(|r| {
+                    // SAFETY: the lender mapped exactly this guest RAM (same file, offset,
+                    // size) there, and this process maps it too for as long as the
+                    // connection's GuestMemory lives; the device releases these mappings
+                    // (guest_memory_changed(None)) before it drops it.
+                    unsafe {
+                        self.ctrl.adopt_external(
+                            lent.base + r.gpa,
+                            r.size as usize,
+                            self.lender_gone.clone(),
+                        )
+                    }
+                })
+                .collect(),
+        )
     }
 }
 
@@ -552,7 +694,7 @@ impl Backend for NvmeBackend {
                 nsid: self.ns.nsid,
                 shift: self.ns.info.lba_shift,
                 first_block: self.first_block,
-                iova_base: self.window.base(),
+                iova_base: self.window_base(),
                 generation: 0,
             });
         Ok(Box::new(NvmeClient {
@@ -567,11 +709,32 @@ impl Backend for NvmeBackend {
             .mappings
             .lock()
             .map_err(|_| Error::Poisoned("guest RAM mappings"))?;
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         // Old mappings go first: the same guest-physical ranges come back at the same IOVAs.
         mappings.clear();
+        mapped.remove(&window.base());
         let Some(memory) = memory else { return Ok(()) };
+        let mut regions = memory
+            .regions()
+            .iter()
+            .map(|r| MappedRegion::of(r))
+            .collect::<Result<Vec<_>>>()?;
+        regions.sort();
+        if let Some(adopted) = self.adopt_lent_window(&mut window, &regions) {
+            tracing::info!(
+                "{} namespace {}: guest RAM ({} region(s)) taken over as the previous process mapped it, at IOVA {:#x}",
+                self.ctrl.name(),
+                self.ns.nsid,
+                adopted.len(),
+                window.base()
+            );
+            *mappings = adopted;
+            mapped.insert(window.base(), regions);
+            return Ok(());
+        }
         for r in memory.regions() {
-            let iova = self.window.iova(r.guest_phys, r.size).ok_or_else(|| {
+            let iova = window.iova(r.guest_phys, r.size).ok_or_else(|| {
                 Error::BadArgument(format!(
                     "guest RAM at {:#x}+{:#x} does not fit the {} GiB IOVA window of a VM",
                     r.guest_phys,
@@ -602,6 +765,7 @@ impl Backend for NvmeBackend {
             );
             mappings.push(m);
         }
+        mapped.insert(window.base(), regions);
         Ok(())
     }
 }

@@ -81,8 +81,9 @@ struct LentNvme {
     layout: vfblk_nvme::vfio::RegionLayout,
     /// The old process's driver IOVAs are the upper half.
     upper_iova_half: bool,
-    /// The IOVA windows holding the old process's guest RAM mappings.
-    windows: Vec<u64>,
+    /// The IOVA windows holding the old process's guest RAM mappings, and what is mapped:
+    /// the new process takes them over as they are.
+    windows: Vec<crate::backend::LentWindow>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
