@@ -99,6 +99,19 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// (Inside a guest) O_DIRECT writes and reads of a block device through 512-byte iovecs
+    /// at sub-page offsets, every byte verified: scatter lists NVMe PRPs cannot describe.
+    IovecVerify {
+        /// The block device (its first --mib MiB are overwritten).
+        #[arg(long)]
+        device: PathBuf,
+        /// MiB to write and verify, twice.
+        #[arg(long, default_value_t = 4)]
+        mib: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// (Inside the lab guest) boot second-level guests under KVM; with --vhost-user, one
     /// whose disk is that vhost-user-blk socket, with fio.
     Nested {
@@ -114,6 +127,9 @@ pub enum LabCommand {
         /// MiB fio writes and verifies on that disk.
         #[arg(long, default_value_t = 16)]
         fio_mib: u32,
+        /// Before fio, `iovec-verify` on that disk in the nested guest.
+        #[arg(long)]
+        iovec_check: bool,
         /// Run the nested guest with QEMU 10 (the lab guest must carry it: `--qemu10`),
         /// reconnecting every 20 ms, instead of QEMU 7.2.
         #[arg(long)]
@@ -160,11 +176,33 @@ pub fn run(cli: LabCli) -> Result<()> {
         } => run_script(&script, contents.into(), verbose, json),
         LabCommand::Shell { contents } => shell(contents.into()),
         LabCommand::NestedStats { boots, json } => nested_stats(boots, json),
+        LabCommand::IovecVerify { device, mib, json } => {
+            let report = crate::iovec::run(&device, mib)?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                println!(
+                    "{}: {} requests, {} MiB through 512-byte iovecs at sub-page offsets, {} mismatching piece(s)",
+                    device.display(),
+                    report.requests,
+                    report.bytes >> 20,
+                    report.mismatches
+                );
+            }
+            if report.mismatches > 0 {
+                return Err(crate::LabError::Guest(format!(
+                    "{} piece(s) read back differ from what was written",
+                    report.mismatches
+                )));
+            }
+            Ok(())
+        }
         LabCommand::Nested {
             boots,
             vhost_user,
             queue_size,
             fio_mib,
+            iovec_check,
             qemu_10,
             verbose,
         } => {
@@ -176,7 +214,11 @@ pub fn run(cli: LabCli) -> Result<()> {
             let echo = if verbose { Echo::All } else { Echo::Quiet };
             match vhost_user {
                 Some(socket) => {
-                    scenario::run_nested_vhost(&socket, queue_size, fio_mib, qemu, echo)
+                    let fio = scenario::NestedFio {
+                        mib: fio_mib,
+                        iovec_check,
+                    };
+                    scenario::run_nested_vhost(&socket, queue_size, fio, qemu, echo)
                 }
                 None => scenario::run_nested(boots, echo),
             }

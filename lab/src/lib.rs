@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod cpio;
 pub mod initramfs;
+pub mod iovec;
 pub mod kernel;
 pub mod process;
 pub mod qemu;

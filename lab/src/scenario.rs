@@ -135,6 +135,7 @@ impl Lab {
         // A second image for guests whose disk is vhost-user-blk: fio with verify.
         let mut l3_fio = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
         l3_fio.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
+        l3_fio.add_program(&self.bin_dir.join("vfblk-lab"), "usr/bin/vfblk-lab")?;
         l3_fio.set_test_script(L3_FIO_SCRIPT);
         let l3_fio_path = self.dir.join("l3-fio.cpio");
         l3_fio.write(&l3_fio_path)?;
@@ -279,6 +280,13 @@ modprobe virtio_pci || fail "modprobe virtio_pci"
 modprobe virtio_blk || fail "modprobe virtio_blk"
 for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || fail "no /dev/vda"
+if grep -q vfblk.iovec /proc/cmdline; then
+    step "O_DIRECT through 512-byte iovecs at sub-page offsets, every byte verified"
+    vfblk-lab iovec-verify --device /dev/vda --mib 4 --json > /tmp/iovec.json 2>/tmp/iovec.err
+    rc=$?
+    record "{\"iovec\": $(cat /tmp/iovec.json)}"
+    [ $rc = 0 ] || { cat /tmp/iovec.err; fail "iovec-verify exited with $rc"; }
+fi
 mib=$(sed -n 's/.*vfblk.fio_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
 step "fio in L3: ${mib:=16} MiB random writes with crc32c verify"
 fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=${mib}M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
@@ -288,13 +296,22 @@ record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
 [ $rc = 0 ] || { cat /tmp/fio.err; fail "fio exited with $rc"; }
 "#;
 
+/// What the nested guest of [`run_nested_vhost`] runs on its disk.
+#[derive(Debug, Clone, Copy)]
+pub struct NestedFio {
+    /// MiB fio writes and verifies.
+    pub mib: u32,
+    /// `vfblk-lab iovec-verify` first.
+    pub iovec_check: bool,
+}
+
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
 /// vhost-user-blk device served on `socket`, runs fio with verify in it, and prints one
 /// record with fio's figures.
 pub fn run_nested_vhost(
     socket: &Path,
     queue_size: Option<u16>,
-    fio_mib: u32,
+    fio: NestedFio,
     qemu: crate::qemu::Qemu,
     echo: Echo,
 ) -> Result<()> {
@@ -308,7 +325,11 @@ pub fn run_nested_vhost(
     );
     spec.cpus = 1;
     spec.qemu = qemu;
-    spec.cmdline.push_str(&format!(" vfblk.fio_mib={fio_mib}"));
+    spec.cmdline
+        .push_str(&format!(" vfblk.fio_mib={}", fio.mib));
+    if fio.iovec_check {
+        spec.cmdline.push_str(" vfblk.iovec");
+    }
     // Debian's fio brings ~85 MB of libraries (rbd, gluster...) into the initramfs.
     spec.memory_mib = 768;
     spec.vhost_user_blk.push(vm::VhostUserBlk {
@@ -331,6 +352,7 @@ pub fn run_nested_vhost(
         "qemu": spec.qemu.description,
         "max_latency_ms": max_latency_ms,
         "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
+        "iovec": run.record("iovec"),
         "socket": socket,
         "tries": retried.tries,
         "boot_s": run.boot_time.map(|d| d.as_secs_f64()),

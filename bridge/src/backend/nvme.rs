@@ -135,6 +135,7 @@ impl NvmeEngine {
             scratch: Box::default(),
             pieces: Vec::with_capacity(MAX_SEGMENTS),
             bounces: Vec::new(),
+            bounced: false,
             timeout_ticks: (options.command_timeout.as_millis() as u64 / tick_ms).max(1) as u32,
             last_tick: Instant::now(),
             loops: 0,
@@ -910,6 +911,8 @@ struct NvmeEngine {
     pieces: Vec<(*mut u8, u32)>,
     /// Bounce buffers in use, by index.
     bounces: Vec<Option<Bounce>>,
+    /// Whether a request went through a bounce buffer yet (logged once).
+    bounced: bool,
     timeout_ticks: u32,
     last_tick: Instant,
     loops: u32,
@@ -1015,6 +1018,17 @@ impl NvmeEngine {
 
     /// Sends `rec` (whose buffers are `self.pieces`, `len` bytes) through a bounce buffer.
     fn send_bounced(&mut self, rec: &mut Record, len: u64) -> Send {
+        if !self.bounced {
+            // Once per queue pair: the slow path is in use (no SGLs, PRP-unfriendly lists).
+            tracing::info!(
+                "{}: queue {}: scatter lists PRPs cannot describe go through bounce buffers (first: head {}, {} pieces)",
+                self.ctrl.name(),
+                self.qp.qid(),
+                rec.token,
+                self.pieces.len()
+            );
+            self.bounced = true;
+        }
         let chunk = match self.ctrl.dma_buffer(len as usize) {
             Ok(chunk) => chunk,
             Err(e) => {
