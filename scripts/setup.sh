@@ -13,7 +13,8 @@ need_apt=()
 # python3-prometheus-client: the metrics test parses our endpoint with Prometheus's parser.
 # fonts-dejavu-core: the benchmark suite's plots draw their text with DejaVu Sans.
 # valgrind, strace: the cost benchmark counts instructions, allocations and system calls.
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace; do
+# syslinux, mtools, dosfstools: the boot disk a nested guest boots from (FAT + syslinux).
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace syslinux syslinux-common mtools dosfstools; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 

@@ -33,6 +33,10 @@ pub struct ContentsArgs {
     /// With --nested: QEMU 10 from bookworm-backports too (`nested --qemu-10`).
     #[arg(long, requires = "nested")]
     pub qemu10: bool,
+    /// With --nested: a disk image a nested guest boots from, at /lab/l3/boot.img
+    /// (`nested --boot-from-disk`).
+    #[arg(long, requires = "nested")]
+    pub boot_disk: bool,
 }
 
 /// The demo's backend.
@@ -130,6 +134,10 @@ pub enum LabCommand {
         /// Before fio, `iovec-verify` on that disk in the nested guest.
         #[arg(long)]
         iovec_check: bool,
+        /// Boot the nested guest from that disk (the boot disk image, served by the
+        /// caller) through its firmware instead of running fio.
+        #[arg(long)]
+        boot_from_disk: bool,
         /// Run the nested guest with QEMU 10 (the lab guest must carry it: `--qemu10`),
         /// reconnecting every 20 ms, instead of QEMU 7.2.
         #[arg(long)]
@@ -146,6 +154,7 @@ impl From<ContentsArgs> for Contents {
             fio: c.fio,
             nested: c.nested,
             qemu10: c.qemu10,
+            boot_disk: c.boot_disk,
         }
     }
 }
@@ -203,6 +212,7 @@ pub fn run(cli: LabCli) -> Result<()> {
             queue_size,
             fio_mib,
             iovec_check,
+            boot_from_disk,
             qemu_10,
             verbose,
         } => {
@@ -213,6 +223,9 @@ pub fn run(cli: LabCli) -> Result<()> {
             };
             let echo = if verbose { Echo::All } else { Echo::Quiet };
             match vhost_user {
+                Some(socket) if boot_from_disk => {
+                    scenario::run_nested_boot(&socket, queue_size, echo)
+                }
                 Some(socket) => {
                     let fio = scenario::NestedFio {
                         mib: fio_mib,
@@ -465,6 +478,7 @@ fn nested_stats(boots: u32, json: bool) -> Result<()> {
         fio: false,
         nested: true,
         qemu10: false,
+        boot_disk: false,
     };
     let total = per_boot * boots + Duration::from_secs(120);
     let retried = lab.run_l2(

@@ -2,6 +2,7 @@
 //! virtual IOMMU, and the second-level guest started inside it.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::initramfs::Initramfs;
@@ -42,7 +43,27 @@ pub struct Contents {
     /// With `nested`: QEMU 10 from bookworm-backports too, for second-level VMs
     /// ([`crate::qemu::Qemu::backports_in_guest`]).
     pub qemu10: bool,
+    /// With `nested`: a disk image a second-level guest boots from ([`Lab::boot_disk`]), at
+    /// [`L3_BOOT_DISK`].
+    pub boot_disk: bool,
 }
+
+/// Where a lab guest made with [`Contents::boot_disk`] has the boot disk image.
+pub const L3_BOOT_DISK: &str = "/lab/l3/boot.img";
+
+/// The test script of the boot disk's initramfs: it runs, so the guest booted from the disk
+/// (firmware and boot loader reading through the virtio ring); then the kernel's driver
+/// reads the disk too.
+pub const L3_BOOTED_SCRIPT: &str = r#". /lab/lib.sh
+modprobe virtio_pci || fail "modprobe virtio_pci"
+modprobe virtio_blk || fail "modprobe virtio_blk"
+for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || fail "no /dev/vda"
+step "booted from the vhost-user-blk disk; the kernel reads it whole"
+bytes=$(dd if=/dev/vda bs=1M 2>/dev/null | wc -c)
+label=$(dd if=/dev/vda bs=1 skip=43 count=11 2>/dev/null)
+record "{\"booted_from_disk\": true, \"disk_bytes\": $bytes, \"label\": \"$label\"}"
+"#;
 
 /// A prepared lab: the guest kernel and the project's binaries.
 pub struct Lab {
@@ -86,6 +107,10 @@ impl Lab {
         }
         if contents.nested {
             self.add_nested(&mut image)?;
+            if contents.boot_disk {
+                let disk = self.boot_disk()?;
+                image.add_file(L3_BOOT_DISK.trim_start_matches('/'), &disk, 0o644);
+            }
             if contents.qemu10 {
                 for (host, dest) in crate::qemu::Qemu::backports_guest_files()? {
                     if dest.ends_with("qemu-system-x86_64") {
@@ -142,6 +167,55 @@ impl Lab {
         image.add_file(&format!("{L3_DIR}/initrd-fio.cpio"), &l3_fio_path, 0o644);
         image.add_file(&format!("{L3_DIR}/vmlinux"), &self.kernel.vmlinux, 0o644);
         Ok(())
+    }
+
+    /// A disk image a second-level guest boots from through its firmware: a FAT file system
+    /// with syslinux in its boot sector, the guest kernel (bzImage) and an initramfs running
+    /// [`L3_BOOTED_SCRIPT`]. Made with mkfs.fat, mtools and syslinux, no root needed.
+    pub fn boot_disk(&self) -> Result<PathBuf> {
+        use crate::kernel::run_capture;
+        let mut initrd = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
+        initrd.set_test_script(L3_BOOTED_SCRIPT);
+        let initrd_path = self.dir.join("l3-boot.cpio");
+        initrd.write(&initrd_path)?;
+        let img = self.dir.join("l3-boot.img");
+        let _ = std::fs::remove_file(&img);
+        let kib = (std::fs::metadata(&self.kernel.bzimage)?.len()
+            + std::fs::metadata(&initrd_path)?.len())
+            / 1024
+            + 4096;
+        run_capture(
+            Command::new("mkfs.fat")
+                .args(["-C", "-n", "VFBLKBOOT"])
+                .arg(&img)
+                .arg(kib.to_string()),
+            "mkfs.fat (package dosfstools)",
+        )?;
+        let cfg = self.dir.join("syslinux.cfg");
+        // edd=off: no BIOS disk probing in the kernel's real-mode setup.
+        std::fs::write(
+            &cfg,
+            "DEFAULT l3\nPROMPT 0\nTIMEOUT 0\nLABEL l3\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND console=ttyS0 panic=-1 loglevel=4 edd=off\n",
+        )?;
+        for (host, name) in [
+            (self.kernel.bzimage.as_path(), "vmlinuz"),
+            (initrd_path.as_path(), "initrd.img"),
+            (cfg.as_path(), "syslinux.cfg"),
+        ] {
+            run_capture(
+                Command::new("mcopy")
+                    .arg("-i")
+                    .arg(&img)
+                    .arg(host)
+                    .arg(format!("::{name}")),
+                "mcopy (package mtools)",
+            )?;
+        }
+        run_capture(
+            Command::new("syslinux").arg("--install").arg(&img),
+            "syslinux --install (package syslinux)",
+        )?;
+        Ok(img)
     }
 
     /// Boots the first-level guest with `script` (an NVMe image of `nvme_mib` MiB attached),
@@ -370,6 +444,50 @@ pub fn run_nested_vhost(
         tracing::warn!("{}", vm::tail(&log, 30));
         return Err(LabError::Guest(format!(
             "L3 on vhost-user-blk: {:?}, {:?}",
+            run.ending, run.failures
+        )));
+    }
+    Ok(())
+}
+
+/// Runs inside a first-level guest made with [`Contents::boot_disk`]: boots a second-level
+/// guest under KVM from its vhost-user-blk disk served on `socket` (the boot disk image,
+/// [`L3_BOOT_DISK`]) through its firmware, and prints one record (`l3_boot`).
+pub fn run_nested_boot(socket: &Path, queue_size: Option<u16>, echo: Echo) -> Result<()> {
+    let dir = Path::new("/tmp/l3");
+    std::fs::create_dir_all(dir)?;
+    let mut spec = VmSpec::new(
+        "L3",
+        Accel::Kvm,
+        &Path::new(L3_DIR).join("vmlinux"),
+        &Path::new(L3_DIR).join("initrd.cpio"),
+    );
+    spec.cpus = 1;
+    spec.memory_mib = 256;
+    spec.boot_from_disk = true;
+    spec.vhost_user_blk.push(vm::VhostUserBlk {
+        socket: socket.to_path_buf(),
+        num_queues: 1,
+        queue_size,
+    });
+    let log = dir.join("console-boot.log");
+    let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
+    let run = &retried.run;
+    let record = serde_json::json!({"l3_boot": {
+        "tries": retried.tries,
+        "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
+        "total_s": run.elapsed.as_secs_f64(),
+        "booted_from_disk": run.record("booted_from_disk"),
+        "disk_bytes": run.record("disk_bytes"),
+        "label": run.record("label"),
+        "failures": run.failures,
+        "ending": format!("{:?}", run.ending),
+    }});
+    println!("{}-RECORD {record}", crate::initramfs::MARK);
+    if run.ending != vm::Ending::Finished(0) {
+        tracing::warn!("{}", vm::tail(&log, 30));
+        return Err(LabError::Guest(format!(
+            "L3 booting from vhost-user-blk: {:?}, {:?}",
             run.ending, run.failures
         )));
     }

@@ -86,6 +86,9 @@ pub struct VmSpec {
     pub virtio_disks: Vec<PathBuf>,
     /// vhost-user-blk devices.
     pub vhost_user_blk: Vec<VhostUserBlk>,
+    /// Boot from the first vhost-user-blk disk through the firmware (`bootindex`), not from
+    /// `kernel` and `initrd` (unused then; the disk's boot loader has the command line).
+    pub boot_from_disk: bool,
 }
 
 impl VmSpec {
@@ -104,6 +107,7 @@ impl VmSpec {
             nvme: Vec::new(),
             virtio_disks: Vec::new(),
             vhost_user_blk: Vec::new(),
+            boot_from_disk: false,
         }
     }
 
@@ -183,6 +187,9 @@ impl VmSpec {
             if let Some(n) = blk.queue_size {
                 dev.push_str(&format!(",queue-size={n}"));
             }
+            if self.boot_from_disk && i == 0 {
+                dev.push_str(",bootindex=0");
+            }
             push(&["-chardev", &chardev, "-device", &dev]);
         }
         let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");
@@ -196,9 +203,11 @@ impl VmSpec {
             cmdline.push(' ');
             cmdline.push_str(&self.cmdline);
         }
-        let kernel = self.kernel.display().to_string();
-        let initrd = self.initrd.display().to_string();
-        push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+        if !self.boot_from_disk {
+            let kernel = self.kernel.display().to_string();
+            let initrd = self.initrd.display().to_string();
+            push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+        }
         a
     }
 }

@@ -125,6 +125,7 @@ fn nested_guest_reads_and_writes_virtio_disk() {
         fio: false,
         nested: true,
         qemu10: false,
+        boot_disk: false,
     };
     let retried = lab
         .run_l2(
@@ -150,5 +151,68 @@ fn nested_guest_reads_and_writes_virtio_disk() {
     assert!(
         n["tries"].as_u64().unwrap() <= u64::from(scenario::L3_TRIES),
         "{n}"
+    );
+}
+
+/// A second-level guest boots FROM a vhost-user-blk disk served by the bridge, with
+/// `queue-size=1024`: SeaBIOS and syslinux read the kernel and initramfs through the ring
+/// at 256 entries (SeaBIOS's size whatever the device offers), inside an inflight region laid
+/// out for 1024; then the guest's kernel drives the same disk at 1024 entries and reads it
+/// whole. One frontend connection throughout: the ring size change is no reconnect.
+const BOOT_SCRIPT: &str = r#". /lab/lib.sh
+modprobe kvm_amd || fail "modprobe kvm_amd"
+cp /lab/l3/boot.img /tmp/boot.img || fail "no boot disk image"
+vfblk-bridge --socket /tmp/boot.sock --backend file:/tmp/boot.img --rpc /tmp/rpc.sock >/dev/null 2>/tmp/bridge.log &
+for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
+[ -S /tmp/boot.sock ] || { cat /tmp/bridge.log; fail "bridge did not start"; }
+step "L3 boots from its vhost-user-blk disk (queue-size=1024): firmware and boot loader first, then the kernel"
+vfblk-lab nested --vhost-user /tmp/boot.sock --queue-size 1024 --boot-from-disk || { tail -30 /tmp/bridge.log; fail "L3 did not boot from the vhost-user disk"; }
+connections=$(vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"connections":\([0-9]*\).*/\1/p')
+record "{\"rings_256\": $(grep -c 'started with 256 entries' /tmp/bridge.log), \"rings_1024\": $(grep -c 'started with 1024 entries' /tmp/bridge.log), \"connections\": ${connections:-null}, \"disk_bytes\": $(stat -c %s /tmp/boot.img)}"
+"#;
+
+#[test]
+fn nested_guest_boots_from_a_vhost_user_disk_with_1024_entry_queues() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-boot-disk").expect("lab setup");
+    let l3_budget = scenario::L3_LIMITS.total.as_secs() * u64::from(scenario::L3_TRIES);
+    let contents = Contents {
+        fio: false,
+        nested: true,
+        qemu10: false,
+        boot_disk: true,
+    };
+    let retried = lab
+        .run_l2(
+            BOOT_SCRIPT,
+            contents,
+            64,
+            Duration::from_secs(l3_budget + 120),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let boot = run.record("l3_boot").cloned().unwrap_or_default();
+    eprintln!(
+        "L3 booted from vhost-user-blk: {boot}; rings at 256 entries {:?}, at 1024 {:?}; connections accepted {:?}",
+        run.record("rings_256"),
+        run.record("rings_1024"),
+        run.record("connections")
+    );
+    run.expect_success("L3 boots from a vhost-user disk")
+        .unwrap();
+    assert_eq!(boot["booted_from_disk"], true, "{boot}");
+    assert_eq!(
+        boot["disk_bytes"],
+        run.record("disk_bytes").cloned().unwrap_or_default(),
+        "the kernel read the whole disk: {boot}"
+    );
+    let rings = |key: &str| run.record(key).and_then(|v| v.as_u64()).unwrap_or(0);
+    assert!(rings("rings_256") >= 1, "the firmware's 256-entry ring");
+    assert!(rings("rings_1024") >= 1, "the kernel's 1024-entry ring");
+    assert_eq!(
+        run.record("connections"),
+        Some(&serde_json::json!(1)),
+        "one connection: the ring size change cost no reconnect"
     );
 }

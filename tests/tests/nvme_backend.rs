@@ -347,6 +347,7 @@ record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrad
         fio: false,
         nested: true,
         qemu10,
+        boot_disk: false,
     };
     let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
     lab.run_l2(&script, contents, 256, budget, Echo::Steps)
@@ -465,6 +466,7 @@ fn nested_vm_on_the_nvme_backend() {
         fio: false,
         nested: true,
         qemu10: false,
+        boot_disk: false,
     };
     let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
     let retried = lab
@@ -628,6 +630,7 @@ fn shared_controller(frontends: Frontends) {
         fio: false,
         nested: frontends != Frontends::TwoLoadgens,
         qemu10: false,
+        boot_disk: false,
     };
     let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
     let retried = lab

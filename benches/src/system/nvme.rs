@@ -30,6 +30,7 @@ pub fn bench(o: &NvmeBenchOptions) -> Result<()> {
         fio: true,
         nested: false,
         qemu10: false,
+        boot_disk: false,
     };
     let total = Duration::from_secs(u64::from(seconds) * 6 + 180);
     let retried = lab.run_l2(
