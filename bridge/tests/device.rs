@@ -438,3 +438,76 @@ fn malformed_messages_close_the_connection_and_the_next_one_is_served() {
     assert_eq!(g.request(req::FLUSH, 0, None).0, status::OK);
     let _ = g.fe.as_raw_fd();
 }
+
+/// One raw vhost-user message: header (request, flags, size) and payload.
+fn raw_message(s: &mut UnixStream, request: u32, flags: u32, payload: &[u8]) {
+    let mut m = Vec::new();
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    s.write_all(&m).unwrap();
+}
+
+/// A reply's request, flags and u64 payload.
+fn raw_reply(s: &mut UnixStream) -> (u32, u32, u64) {
+    let mut r = [0u8; 20];
+    std::io::Read::read_exact(s, &mut r).unwrap();
+    let word = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().unwrap());
+    assert_eq!(word(8), 8, "a u64 payload");
+    (
+        word(0),
+        word(4),
+        u64::from_le_bytes(r[12..20].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn the_device_status_is_set_and_read_back_and_a_malformed_status_closes_the_connection() {
+    const SET_STATUS: u32 = 39;
+    const GET_STATUS: u32 = 40;
+    let socket = start_server("status");
+    // Offered.
+    let mut fe = vhost::vhost_user::Frontend::from_stream(UnixStream::connect(&socket).unwrap(), 2);
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let protocol = fe.get_protocol_features().unwrap();
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::STATUS),
+        "{protocol:?}"
+    );
+    drop(fe);
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw_message(&mut raw, GET_STATUS, 1, &[]);
+    assert_eq!(raw_reply(&mut raw), (GET_STATUS, 5, 0), "a fresh device");
+    // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK, with a reply asked for (REPLY_ACK).
+    raw_message(&mut raw, SET_STATUS, 1 | 8, &0x0fu64.to_le_bytes());
+    assert_eq!(raw_reply(&mut raw), (SET_STATUS, 5, 0), "acknowledged");
+    raw_message(&mut raw, GET_STATUS, 1, &[]);
+    assert_eq!(raw_reply(&mut raw), (GET_STATUS, 5, 0x0f));
+    // Without a reply asked for: none comes, the next answer shows it was taken.
+    raw_message(&mut raw, SET_STATUS, 1, &0x07u64.to_le_bytes());
+    raw_message(&mut raw, GET_STATUS, 1, &[]);
+    assert_eq!(raw_reply(&mut raw), (GET_STATUS, 5, 0x07));
+    // Not a status byte: the connection is closed, nothing answered.
+    raw_message(&mut raw, SET_STATUS, 1 | 8, &0x100u64.to_le_bytes());
+    let closed = |raw: &mut UnixStream| {
+        let mut buf = [0u8; 20];
+        match std::io::Read::read(raw, &mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    assert!(closed(&mut raw), "closed");
+    // A payload of the wrong size, on another connection: closed too.
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw_message(&mut raw, GET_STATUS, 1, &[0; 4]);
+    assert!(closed(&mut raw), "closed");
+    // And a good client is served after them.
+    let mut g = Guest::connect(&socket);
+    assert_eq!(g.request(req::IN, 0, Some((512, true))).0, status::OK);
+}

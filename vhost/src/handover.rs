@@ -101,6 +101,9 @@ pub struct ConnectionState {
     pub vrings: Vec<VringState>,
     /// The inflight region, when the frontend set one up.
     pub inflight: Option<InflightState>,
+    /// The virtio device status the frontend last set (SET_STATUS).
+    #[serde(default)]
+    pub status: u8,
 }
 
 /// One socket server: its listening socket and the frontend connected to it, if any.

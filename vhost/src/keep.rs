@@ -484,6 +484,7 @@ mod tests {
             memory: Vec::new(),
             vrings: vec![VringState::default(); 2],
             inflight: None,
+            status: 0x0f,
         }
     }
 

@@ -75,6 +75,8 @@ pub struct Connection {
     mem: Option<Arc<GuestMemory>>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightMap>>,
+    /// The virtio device status (SET_STATUS / GET_STATUS).
+    status: u8,
 }
 
 /// A queue size virtio allows: a power of two, 1 to [`MAX_QUEUE_SIZE`].
@@ -104,6 +106,7 @@ impl Connection {
             mem: None,
             vrings,
             inflight: None,
+            status: 0,
         }
     }
 
@@ -122,7 +125,8 @@ impl Connection {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::STATUS;
         if config.inflight {
             p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
@@ -433,7 +437,31 @@ impl Connection {
             memory,
             vrings,
             inflight,
+            status: self.status,
         })
+    }
+
+    /// SET_STATUS: the virtio device status the driver reached (the vhost crate does not
+    /// dispatch STATUS messages; the server answers them with this). Only the low byte is
+    /// a status; a driver resetting the device writes 0.
+    pub fn set_status(&mut self, status: u64) -> crate::Result<()> {
+        let status = u8::try_from(status).map_err(|_| {
+            crate::Error::HandoverMessage(format!("SET_STATUS {status:#x}: not a status byte"))
+        })?;
+        if status != self.status {
+            // Rare (a driver's start, stop or reset): worth a line.
+            tracing::info!(
+                "vhost-user: device status {:#04x} -> {status:#04x}",
+                self.status
+            );
+        }
+        self.status = status;
+        Ok(())
+    }
+
+    /// GET_STATUS.
+    pub fn status(&self) -> u8 {
+        self.status
     }
 
     /// The fds the connection holds now, by slot (memory regions, inflight, kick and call
@@ -504,6 +532,7 @@ impl Connection {
         }
         c.features = state.features;
         c.protocol = protocol;
+        c.status = state.status;
         if !state.memory.is_empty() {
             let mut mem = GuestMemory::default();
             for r in &state.memory {
@@ -565,6 +594,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn reset_device(&mut self) -> VuResult<()> {
         self.drain();
         self.features = 0;
+        self.status = 0;
         Ok(())
     }
 

@@ -490,7 +490,7 @@ enum NotReady {
 /// would not block, so that the protocol library, which retries reads and writes that would
 /// block forever, never waits on the peer. A hang-up returns at once: the library then reads
 /// what is there and reports the end.
-fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
+fn message_ready(fd: RawFd) -> std::result::Result<Option<[u8; HEADER_BYTES]>, NotReady> {
     let deadline = Instant::now() + MESSAGE_DEADLINE;
     let mut available = 0usize;
     loop {
@@ -502,7 +502,7 @@ fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
         // SAFETY: one valid pollfd; zero timeout.
         unsafe { libc::poll(&mut p, 1, 0) };
         if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut queued: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int: the bytes waiting in the receive queue.
@@ -529,7 +529,7 @@ fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
         };
         let writable = p.revents & libc::POLLOUT != 0;
         if whole && writable {
-            return Ok(());
+            return Ok(Some(header));
         }
         if Instant::now() > deadline {
             return Err(if whole {
@@ -542,6 +542,90 @@ fn message_ready(fd: RawFd) -> std::result::Result<(), NotReady> {
         // poll, since the socket stays readable while the message is incomplete.
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// vhost-user STATUS requests, which the vhost crate does not dispatch: the server answers
+/// them itself ([`answer_status`]).
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
+/// Header flags: the protocol version (1), a reply, a reply wanted.
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Reads a whole SET_STATUS or GET_STATUS message (its header peeked as `header`, the rest
+/// known to be there) and answers it: the status goes to or comes from the connection. Any
+/// fds sent along are dropped (plain `recv` takes no ancillary data). An error closes the
+/// connection.
+fn answer_status(
+    fd: RawFd,
+    header: &[u8; HEADER_BYTES],
+    connection: &Mutex<Connection>,
+) -> std::result::Result<(), String> {
+    let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let (request, flags, size) = (word(0), word(4), word(8) as usize);
+    let wanted = if request == SET_STATUS { 8 } else { 0 };
+    if flags & 0x3 != FLAG_VERSION || size != wanted {
+        return Err(format!(
+            "request {request} with flags {flags:#x} and {size} payload bytes (want version 1, {wanted} bytes)"
+        ));
+    }
+    let mut message = [0u8; HEADER_BYTES + 8];
+    let len = HEADER_BYTES + size;
+    let mut got = 0;
+    while got < len {
+        // SAFETY: reads at most len - got bytes into our buffer.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                message[got..].as_mut_ptr().cast(),
+                len - got,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return Err(format!(
+                "request {request}: read {got} of {len} bytes: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        got += n as usize;
+    }
+    let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+    let value = if request == SET_STATUS {
+        let status = u64::from_le_bytes(message[12..20].try_into().expect("8 bytes"));
+        connection
+            .set_status(status)
+            .map_err(|e| crate::error_chain(&e))?;
+        if flags & FLAG_NEED_REPLY == 0 {
+            return Ok(());
+        }
+        0
+    } else {
+        u64::from(connection.status())
+    };
+    drop(connection);
+    let mut reply = [0u8; HEADER_BYTES + 8];
+    reply[0..4].copy_from_slice(&request.to_le_bytes());
+    reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+    reply[12..20].copy_from_slice(&value.to_le_bytes());
+    // SAFETY: sends our 20-byte buffer; the socket was writable (message_ready).
+    let sent = unsafe {
+        libc::send(
+            fd,
+            reply.as_ptr().cast(),
+            reply.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent != reply.len() as isize {
+        return Err(format!(
+            "request {request}: reply not sent ({sent}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// How a serving thread ended.
@@ -744,8 +828,8 @@ fn serve_connection(
             continue;
         }
         spoke = true;
-        match message_ready(fd) {
-            Ok(()) => {}
+        let header = match message_ready(fd) {
+            Ok(header) => header,
             Err(NotReady::Partial(bytes)) => {
                 tracing::warn!(
                     "{name}: {bytes} byte(s) of a message and no more within {MESSAGE_DEADLINE:?}; closing the connection"
@@ -758,13 +842,22 @@ fn serve_connection(
                 );
                 break;
             }
-        }
+        };
         if let Some(k) = &kept {
             k.begin();
         }
         #[cfg(feature = "test-faults")]
         die_in_message_for_tests();
-        if let Err(e) = handler.handle_request() {
+        let status_request = header.filter(|h| {
+            let request = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+            request == SET_STATUS || request == GET_STATUS
+        });
+        if let Some(header) = status_request {
+            if let Err(why) = answer_status(fd, &header, &connection) {
+                tracing::warn!("{name}: closing the connection: {why}");
+                break;
+            }
+        } else if let Err(e) = handler.handle_request() {
             match e {
                 vhost::vhost_user::Error::Disconnected => {
                     tracing::info!("{name}: frontend disconnected")
