@@ -389,15 +389,7 @@ pub fn run_nested_vhost(
     qemu: crate::qemu::Qemu,
     echo: Echo,
 ) -> Result<()> {
-    let dir = Path::new("/tmp/l3");
-    std::fs::create_dir_all(dir)?;
-    let mut spec = VmSpec::new(
-        "L3",
-        Accel::Kvm,
-        &Path::new(L3_DIR).join("vmlinux"),
-        &Path::new(L3_DIR).join("initrd-fio.cpio"),
-    );
-    spec.cpus = 1;
+    let mut spec = l3_on_vhost_user(socket, queue_size, "initrd-fio.cpio");
     spec.qemu = qemu;
     spec.cmdline
         .push_str(&format!(" vfblk.fio_mib={}", fio.mib));
@@ -406,88 +398,98 @@ pub fn run_nested_vhost(
     }
     // Debian's fio brings ~85 MB of libraries (rbd, gluster...) into the initramfs.
     spec.memory_mib = 768;
-    spec.vhost_user_blk.push(vm::VhostUserBlk {
-        socket: socket.to_path_buf(),
-        num_queues: 1,
-        queue_size,
-    });
     // Several may run at once (one per socket): each has its own console log.
     let stem = socket
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let log = dir.join(format!("console-vhost-{stem}.log"));
-    let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
-    let run = &retried.run;
-    let fio = run.record("fio").cloned().unwrap_or_default();
-    let job = &fio["jobs"][0];
-    let (_, _, max_latency_ms, _) = crate::recovery::fio_summary(&fio);
-    let record = serde_json::json!({"l3_vhost": {
-        "qemu": spec.qemu.description,
-        "max_latency_ms": max_latency_ms,
-        "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
-        "iovec": run.record("iovec"),
-        "socket": socket,
-        "tries": retried.tries,
-        "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
-        "total_s": run.elapsed.as_secs_f64(),
-        "fio_exit": run.record("fio_exit"),
-        "writes": job["write"]["total_ios"],
-        "verified_reads": job["read"]["total_ios"],
-        "write_iops": job["write"]["iops"],
-        "fio_error": job["error"],
-        "failures": run.failures,
-        "ending": format!("{:?}", run.ending),
-    }});
-    println!("{}-RECORD {record}", crate::initramfs::MARK);
-    if run.ending != vm::Ending::Finished(0) {
-        tracing::warn!("{}", vm::tail(&log, 30));
-        return Err(LabError::Guest(format!(
-            "L3 on vhost-user-blk: {:?}, {:?}",
-            run.ending, run.failures
-        )));
-    }
-    Ok(())
+    run_l3(
+        &spec,
+        &format!("console-vhost-{stem}.log"),
+        "l3_vhost",
+        echo,
+        |run| {
+            let fio = run.record("fio").cloned().unwrap_or_default();
+            let job = &fio["jobs"][0];
+            let (_, _, max_latency_ms, _) = crate::recovery::fio_summary(&fio);
+            serde_json::json!({
+                "socket": socket,
+                "qemu": spec.qemu.description,
+                "max_latency_ms": max_latency_ms,
+                "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
+                "iovec": run.record("iovec"),
+                "fio_exit": run.record("fio_exit"),
+                "writes": job["write"]["total_ios"],
+                "verified_reads": job["read"]["total_ios"],
+                "write_iops": job["write"]["iops"],
+                "fio_error": job["error"],
+            })
+        },
+    )
 }
 
 /// Runs inside a first-level guest made with [`Contents::boot_disk`]: boots a second-level
 /// guest under KVM from its vhost-user-blk disk served on `socket` (the boot disk image,
 /// [`L3_BOOT_DISK`]) through its firmware, and prints one record (`l3_boot`).
 pub fn run_nested_boot(socket: &Path, queue_size: Option<u16>, echo: Echo) -> Result<()> {
-    let dir = Path::new("/tmp/l3");
-    std::fs::create_dir_all(dir)?;
+    let mut spec = l3_on_vhost_user(socket, queue_size, "initrd.cpio");
+    spec.memory_mib = 256;
+    spec.boot_from_disk = true;
+    run_l3(&spec, "console-boot.log", "l3_boot", echo, |run| {
+        serde_json::json!({
+            "booted_from_disk": run.record("booted_from_disk"),
+            "disk_bytes": run.record("disk_bytes"),
+            "label": run.record("label"),
+        })
+    })
+}
+
+/// A one-vCPU second-level guest under KVM whose disk is the vhost-user-blk socket.
+fn l3_on_vhost_user(socket: &Path, queue_size: Option<u16>, initrd: &str) -> VmSpec {
     let mut spec = VmSpec::new(
         "L3",
         Accel::Kvm,
         &Path::new(L3_DIR).join("vmlinux"),
-        &Path::new(L3_DIR).join("initrd.cpio"),
+        &Path::new(L3_DIR).join(initrd),
     );
     spec.cpus = 1;
-    spec.memory_mib = 256;
-    spec.boot_from_disk = true;
     spec.vhost_user_blk.push(vm::VhostUserBlk {
         socket: socket.to_path_buf(),
         num_queues: 1,
         queue_size,
     });
-    let log = dir.join("console-boot.log");
-    let retried = vm::run_retrying_stalls(&spec, L3_LIMITS, L3_TRIES, &log, echo)?;
+    spec
+}
+
+/// Runs `spec` (console log `log_name` in /tmp/l3, stalled boots retried) and prints one
+/// record under `key`: the run's tries, times and ending, and what `fields` takes from it.
+fn run_l3(
+    spec: &VmSpec,
+    log_name: &str,
+    key: &str,
+    echo: Echo,
+    fields: impl FnOnce(&vm::Run) -> serde_json::Value,
+) -> Result<()> {
+    let dir = Path::new("/tmp/l3");
+    std::fs::create_dir_all(dir)?;
+    let log = dir.join(log_name);
+    let retried = vm::run_retrying_stalls(spec, L3_LIMITS, L3_TRIES, &log, echo)?;
     let run = &retried.run;
-    let record = serde_json::json!({"l3_boot": {
-        "tries": retried.tries,
-        "boot_s": run.boot_time.map(|d| d.as_secs_f64()),
-        "total_s": run.elapsed.as_secs_f64(),
-        "booted_from_disk": run.record("booted_from_disk"),
-        "disk_bytes": run.record("disk_bytes"),
-        "label": run.record("label"),
-        "failures": run.failures,
-        "ending": format!("{:?}", run.ending),
-    }});
-    println!("{}-RECORD {record}", crate::initramfs::MARK);
+    let mut record = fields(run);
+    record["tries"] = retried.tries.into();
+    record["boot_s"] = run.boot_time.map(|d| d.as_secs_f64()).into();
+    record["total_s"] = run.elapsed.as_secs_f64().into();
+    record["failures"] = serde_json::json!(run.failures);
+    record["ending"] = format!("{:?}", run.ending).into();
+    println!(
+        "{}-RECORD {}",
+        crate::initramfs::MARK,
+        serde_json::json!({ key: record })
+    );
     if run.ending != vm::Ending::Finished(0) {
         tracing::warn!("{}", vm::tail(&log, 30));
         return Err(LabError::Guest(format!(
-            "L3 booting from vhost-user-blk: {:?}, {:?}",
+            "L3 ({key}): {:?}, {:?}",
             run.ending, run.failures
         )));
     }

@@ -437,13 +437,7 @@ impl Controller {
         disable(&regs, &s.name, timeout)?;
         let (first, end) = driver_iova_half(!s.upper_iova_half);
         for &(iova, len) in std::iter::once(&(first, end - first)).chain(foreign) {
-            let removed = s
-                .vfio_mapper
-                .unmap_within(iova, len)
-                .map_err(|source| Error::Dma {
-                    device: s.name.clone(),
-                    source,
-                })?;
+            let removed = self.unmap_within(iova, len)?;
             if removed > 0 {
                 tracing::info!(
                     "{}: removed {removed} bytes the borrower had mapped at {iova:#x}..{:#x}",
@@ -456,27 +450,18 @@ impl Controller {
         s.reset()
     }
 
-    /// After the borrower took over for good: removes this process's mappings from the
-    /// shared container — its half of the driver's IOVAs and the `own` ranges (guest RAM) —
-    /// without touching the device, which is the borrower's now. Returns the bytes removed.
-    /// Nothing of this controller may be used afterwards (the process is about to exit).
-    pub fn release_lent(&self, own: &[(u64, u64)]) -> Result<u64> {
+    /// After the borrower took over for good: removes this process's own DMA memory (its
+    /// half of the driver's IOVAs) from the shared container without touching the device,
+    /// which is the borrower's now; guest RAM mappings stay for the borrower. Returns the
+    /// bytes removed. Nothing of this controller may be used afterwards (the process is
+    /// about to exit).
+    pub fn release_lent(&self) -> Result<u64> {
         let s = &self.shared;
         if !self.lent() {
             return Err(Error::BadArgument(format!("{}: not lent", s.name)));
         }
         let (first, end) = driver_iova_half(s.upper_iova_half);
-        let mut removed = 0;
-        for &(iova, len) in std::iter::once(&(first, end - first)).chain(own) {
-            removed += s
-                .vfio_mapper
-                .unmap_within(iova, len)
-                .map_err(|source| Error::Dma {
-                    device: s.name.clone(),
-                    source,
-                })?;
-        }
-        Ok(removed)
+        self.unmap_within(first, end - first)
     }
 
     /// Whether I/O queue pairs use shadow doorbells (Doorbell Buffer Config).
@@ -551,10 +536,11 @@ impl Controller {
         unsafe { ExternalMapping::adopted(s.mapper.clone(), s.iovas.clone(), iova, len, owned) }
     }
 
-    /// Removes whatever is mapped inside `iova..iova+len` (none may straddle its ends):
-    /// what a lender left in a shared container and nobody took over. Returns the bytes
-    /// removed. Never to be used on this process's own ranges.
-    pub fn unmap_foreign(&self, iova: u64, len: u64) -> Result<u64> {
+    /// Removes whatever is mapped inside `iova..iova+len` (none may straddle its ends), as
+    /// the container holds it, whoever mapped it: what a lender or borrower left in a shared
+    /// container. Returns the bytes removed. Never for ranges this process's live buffers or
+    /// mappings use.
+    pub fn unmap_within(&self, iova: u64, len: u64) -> Result<u64> {
         let s = &self.shared;
         s.vfio_mapper
             .unmap_within(iova, len)

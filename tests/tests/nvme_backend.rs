@@ -121,10 +121,9 @@ fn nvme_backend_verifies_across_sigkills() {
     }
 }
 
-/// The NVMe backend under `vfblk-keeper` in the lab guest: SIGKILLs of the target under a
-/// verifying load generator cost no reconnect; each restarted target brings the controller
-/// up again, maps the resumed connection's memory and re-runs what was in flight.
-const KEPT_SCRIPT: &str = r#". /lab/lib.sh
+/// The start of a script with the target on the NVMe backend under `vfblk-keeper`, its RPC
+/// socket at /tmp/rpc.sock, its vhost-user socket /tmp/k.sock, `target_pid` to ask it its pid.
+const KEPT_NVME_TARGET: &str = r#". /lab/lib.sh
 modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
 bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
 vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
@@ -133,7 +132,12 @@ kp=$!
 for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
 [ -S /tmp/rpc.sock ] || { cat /tmp/kept.log; fail "the kept target did not start"; }
 target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
-step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
+"#;
+
+/// The NVMe backend under `vfblk-keeper` in the lab guest: SIGKILLs of the target under a
+/// verifying load generator cost no reconnect; each restarted target brings the controller
+/// up again, maps the resumed connection's memory and re-runs what was in flight.
+const KEPT_SCRIPT: &str = r#"step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
 lg=$!
 for k in 1 2 3; do
@@ -153,7 +157,10 @@ record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json)}"
 #[test]
 fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting() {
     let _lock = lab_lock();
-    let retried = run_script("test-nvme-kept", KEPT_SCRIPT);
+    let retried = run_script(
+        "test-nvme-kept",
+        &format!("{KEPT_NVME_TARGET}{KEPT_SCRIPT}"),
+    );
     let run = &retried.run;
     let kills = run.record("kept_kills").cloned();
     eprintln!(
@@ -176,20 +183,10 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
 /// of the driver's IOVAs and takes the guest RAM mappings over as they are, then the old one
 /// unmaps its own DMA memory and exits. Five upgrades in a row first: each maps its queues
 /// where the process two before it had, which fails (EEXIST) if a process left a mapping
-/// behind. Then two
-/// upgrades whose new process fails after it brought the controller up (refuses, or dies):
-/// the old one takes the controller back and serves on, and one more upgrade maps where the
-/// failed ones had.
-const UPGRADE_SCRIPT: &str = r#". /lab/lib.sh
-modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
-bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
-vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &
-kp=$!
-for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
-[ -S /tmp/rpc.sock ] || { cat /tmp/kept.log; fail "the kept target did not start"; }
-target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
-hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
+/// behind. Then two upgrades whose new process fails after it brought the controller up
+/// (refuses, or dies): the old one takes the controller back and serves on, and one more
+/// upgrade maps where the failed ones had.
+const UPGRADE_SCRIPT: &str = r#"hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
 upgrade() {
     vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $1 refused"; }
     echo >> /tmp/upgrades.json
@@ -229,7 +226,10 @@ kill $kp; wait $kp
 #[test]
 fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_reconnecting() {
     let _lock = lab_lock();
-    let retried = run_script("test-nvme-upgrade", UPGRADE_SCRIPT);
+    let retried = run_script(
+        "test-nvme-upgrade",
+        &format!("{KEPT_NVME_TARGET}{UPGRADE_SCRIPT}"),
+    );
     let run = &retried.run;
     let load = run.record("nvme_upgrades").cloned();
     let reports: Vec<Value> = run

@@ -442,7 +442,7 @@ impl NvmeControllers {
     pub fn release_all(&self) -> u64 {
         let mut removed = 0;
         for (address, c) in &self.open {
-            match c.ctrl.release_lent(&[]) {
+            match c.ctrl.release_lent() {
                 Ok(n) => removed += n,
                 Err(e) => tracing::error!(
                     "{address}: mappings not released after the hand-over: {}",
@@ -496,7 +496,7 @@ impl NvmeControllers {
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
             for (base, len) in c.windows.ranges(Slot::Lender, false) {
-                match c.ctrl.unmap_foreign(base, len) {
+                match c.ctrl.unmap_within(base, len) {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(
                         "{address}: removed {n} bytes of guest RAM the previous process had mapped at IOVA {base:#x} and no backend took over"
