@@ -101,15 +101,6 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 impl TargetConfig {
-    /// Whether any NVMe controller or namespace is in it (those cannot be handed over yet).
-    pub fn has_nvme(&self) -> bool {
-        !self.nvme.is_empty()
-            || self
-                .backends
-                .iter()
-                .any(|b| matches!(b.spec, crate::spec::BackendSpec::Nvme { .. }))
-    }
-
     /// Reads a config file; a missing file is an empty configuration.
     pub fn load(path: &Path) -> Result<Self> {
         let text = match std::fs::read_to_string(path) {
