@@ -636,7 +636,12 @@ impl NvmeBackend {
         regions: &[MappedRegion],
     ) -> Option<Vec<ExternalMapping>> {
         let mut adoptable = self.adoptable.lock().unwrap_or_else(|e| e.into_inner());
-        let i = adoptable.iter().position(|w| w.regions == regions)?;
+        // Only a window whose regions fit it, as a mapping made here would have to: the
+        // handed-over list is checked like any other input.
+        let fits = |r: &MappedRegion| r.gpa.checked_add(r.size).is_some_and(|e| e <= WINDOW_SIZE);
+        let i = adoptable
+            .iter()
+            .position(|w| w.regions == regions && w.regions.iter().all(fits))?;
         let lent = adoptable.remove(i);
         let claimed = self.windows.claim_lender(lent.base)?;
         // The window this backend had goes back (it held nothing yet).
