@@ -37,6 +37,9 @@ pub struct ContentsArgs {
     /// (`nested --boot-from-disk`).
     #[arg(long, requires = "nested")]
     pub boot_disk: bool,
+    /// qemu-storage-daemon (a peer for benchmarks in the guest).
+    #[arg(long)]
+    pub qsd: bool,
 }
 
 /// The demo's backend.
@@ -134,6 +137,20 @@ pub enum LabCommand {
         /// Before fio, `iovec-verify` on that disk in the nested guest.
         #[arg(long)]
         iovec_check: bool,
+        /// Seconds the nested guest may take to boot before the try counts as stalled
+        /// (nested guests sharing one vCPU boot at half speed).
+        #[arg(long, default_value_t = 120)]
+        boot_deadline: u64,
+        /// A directory shared with other nested runs: fio starts once `--gate-parties` of
+        /// them have booted (a barrier, so that their fio runs overlap).
+        #[arg(long)]
+        start_gate: Option<PathBuf>,
+        /// Runs the start gate waits for.
+        #[arg(long, default_value_t = 2, requires = "start_gate")]
+        gate_parties: usize,
+        /// Seconds the start gate waits for the others at most (then fio starts alone).
+        #[arg(long, default_value_t = 420, requires = "start_gate")]
+        gate_wait: u64,
         /// Boot the nested guest from that disk (the boot disk image, served by the
         /// caller) through its firmware instead of running fio.
         #[arg(long)]
@@ -155,6 +172,7 @@ impl From<ContentsArgs> for Contents {
             nested: c.nested,
             qemu10: c.qemu10,
             boot_disk: c.boot_disk,
+            qsd: c.qsd,
         }
     }
 }
@@ -212,6 +230,10 @@ pub fn run(cli: LabCli) -> Result<()> {
             queue_size,
             fio_mib,
             iovec_check,
+            boot_deadline,
+            start_gate,
+            gate_parties,
+            gate_wait,
             boot_from_disk,
             qemu_10,
             verbose,
@@ -230,6 +252,16 @@ pub fn run(cli: LabCli) -> Result<()> {
                     let fio = scenario::NestedFio {
                         mib: fio_mib,
                         iovec_check,
+                        limits: scenario::l3_limits_with_boot(boot_deadline),
+                        gate: start_gate.map(|dir| crate::vm::StartGate {
+                            party: socket
+                                .file_stem()
+                                .map(|s| s.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| std::process::id().to_string()),
+                            dir,
+                            parties: gate_parties,
+                            wait: std::time::Duration::from_secs(gate_wait),
+                        }),
                     };
                     scenario::run_nested_vhost(&socket, queue_size, fio, qemu, echo)
                 }
@@ -479,6 +511,7 @@ fn nested_stats(boots: u32, json: bool) -> Result<()> {
         nested: true,
         qemu10: false,
         boot_disk: false,
+        qsd: false,
     };
     let total = per_boot * boots + Duration::from_secs(120);
     let retried = lab.run_l2(

@@ -193,6 +193,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         nested: false,
         qemu10: false,
         boot_disk: false,
+        qsd: false,
     };
     let initrd = lab.l2_image(&guest_script(opts.vfio_probe, opts.fio_mib), contents)?;
     let disk = lab.disk("nvme.img", 256)?;

@@ -46,6 +46,8 @@ pub struct Contents {
     /// With `nested`: a disk image a second-level guest boots from ([`Lab::boot_disk`]), at
     /// [`L3_BOOT_DISK`].
     pub boot_disk: bool,
+    /// qemu-storage-daemon (its `nvme` and `host_device` drivers), a peer for benchmarks.
+    pub qsd: bool,
 }
 
 /// Where a lab guest made with [`Contents::boot_disk`] has the boot disk image.
@@ -104,6 +106,12 @@ impl Lab {
         }
         if contents.fio {
             image.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
+        }
+        if contents.qsd {
+            image.add_program(
+                Path::new("/usr/bin/qemu-storage-daemon"),
+                "usr/bin/qemu-storage-daemon",
+            )?;
         }
         if contents.nested {
             self.add_nested(&mut image)?;
@@ -361,6 +369,11 @@ if grep -q vfblk.iovec /proc/cmdline; then
     record "{\"iovec\": $(cat /tmp/iovec.json)}"
     [ $rc = 0 ] || { cat /tmp/iovec.err; fail "iovec-verify exited with $rc"; }
 fi
+if grep -q vfblk.gate /proc/cmdline; then
+    step "waiting at the start gate"
+    read -t 900 gate < /dev/ttyS0
+    record "{\"gate\": \"$gate\"}"
+fi
 mib=$(sed -n 's/.*vfblk.fio_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
 step "fio in L3: ${mib:=16} MiB random writes with crc32c verify"
 fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=${mib}M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
@@ -371,12 +384,16 @@ record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
 "#;
 
 /// What the nested guest of [`run_nested_vhost`] runs on its disk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct NestedFio {
     /// MiB fio writes and verifies.
     pub mib: u32,
     /// `vfblk-lab iovec-verify` first.
     pub iovec_check: bool,
+    /// Boot deadline and overall limit of each try (the wait at the gate comes on top).
+    pub limits: Limits,
+    /// Start fio together with other nested guests.
+    pub gate: Option<vm::StartGate>,
 }
 
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
@@ -396,6 +413,12 @@ pub fn run_nested_vhost(
     if fio.iovec_check {
         spec.cmdline.push_str(" vfblk.iovec");
     }
+    let mut limits = fio.limits;
+    if let Some(gate) = fio.gate {
+        spec.cmdline.push_str(" vfblk.gate");
+        limits.total += gate.wait;
+        spec.start_gate = Some(gate);
+    }
     // Debian's fio brings ~85 MB of libraries (rbd, gluster...) into the initramfs.
     spec.memory_mib = 768;
     // Several may run at once (one per socket): each has its own console log.
@@ -405,6 +428,7 @@ pub fn run_nested_vhost(
         .unwrap_or_default();
     run_l3(
         &spec,
+        limits,
         &format!("console-vhost-{stem}.log"),
         "l3_vhost",
         echo,
@@ -418,7 +442,9 @@ pub fn run_nested_vhost(
                 "max_latency_ms": max_latency_ms,
                 "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
                 "iovec": run.record("iovec"),
+                "gate": run.record("gate"),
                 "fio_exit": run.record("fio_exit"),
+                "fio_runtime_ms": job["job_runtime"],
                 "writes": job["write"]["total_ios"],
                 "verified_reads": job["read"]["total_ios"],
                 "write_iops": job["write"]["iops"],
@@ -435,13 +461,20 @@ pub fn run_nested_boot(socket: &Path, queue_size: Option<u16>, echo: Echo) -> Re
     let mut spec = l3_on_vhost_user(socket, queue_size, "initrd.cpio");
     spec.memory_mib = 256;
     spec.boot_from_disk = true;
-    run_l3(&spec, "console-boot.log", "l3_boot", echo, |run| {
-        serde_json::json!({
-            "booted_from_disk": run.record("booted_from_disk"),
-            "disk_bytes": run.record("disk_bytes"),
-            "label": run.record("label"),
-        })
-    })
+    run_l3(
+        &spec,
+        L3_LIMITS,
+        "console-boot.log",
+        "l3_boot",
+        echo,
+        |run| {
+            serde_json::json!({
+                "booted_from_disk": run.record("booted_from_disk"),
+                "disk_bytes": run.record("disk_bytes"),
+                "label": run.record("label"),
+            })
+        },
+    )
 }
 
 /// A one-vCPU second-level guest under KVM whose disk is the vhost-user-blk socket.
@@ -465,6 +498,7 @@ fn l3_on_vhost_user(socket: &Path, queue_size: Option<u16>, initrd: &str) -> VmS
 /// record under `key`: the run's tries, times and ending, and what `fields` takes from it.
 fn run_l3(
     spec: &VmSpec,
+    limits: Limits,
     log_name: &str,
     key: &str,
     echo: Echo,
@@ -473,7 +507,7 @@ fn run_l3(
     let dir = Path::new("/tmp/l3");
     std::fs::create_dir_all(dir)?;
     let log = dir.join(log_name);
-    let retried = vm::run_retrying_stalls(spec, L3_LIMITS, L3_TRIES, &log, echo)?;
+    let retried = vm::run_retrying_stalls(spec, limits, L3_TRIES, &log, echo)?;
     let run = &retried.run;
     let mut record = fields(run);
     record["tries"] = retried.tries.into();
@@ -515,6 +549,16 @@ pub const L3_LIMITS: Limits = Limits {
     boot: Duration::from_secs(120),
     total: Duration::from_secs(240),
 };
+
+/// [`L3_LIMITS`] with a boot deadline of `boot_s` seconds (for second-level guests that
+/// share a vCPU and boot at half speed), the overall limit moved by as much.
+pub fn l3_limits_with_boot(boot_s: u64) -> Limits {
+    let boot = Duration::from_secs(boot_s);
+    Limits {
+        boot,
+        total: L3_LIMITS.total.saturating_sub(L3_LIMITS.boot) + boot,
+    }
+}
 
 /// Tries of a first-level run (each retry only after a stalled boot, a death before the test
 /// script began, or a wedged or panicked guest kernel).

@@ -89,6 +89,52 @@ pub struct VmSpec {
     /// Boot from the first vhost-user-blk disk through the firmware (`bootindex`), not from
     /// `kernel` and `initrd` (unused then; the disk's boot loader has the command line).
     pub boot_from_disk: bool,
+    /// Guests that must start a step together: see [`StartGate`].
+    pub start_gate: Option<StartGate>,
+}
+
+/// What a guest prints (as a `@@VFBLK-STEP`) when it waits at its start gate; it then reads
+/// one line from its serial console: `go` when every party arrived, `alone` when the wait
+/// ran out.
+pub const GATE_STEP: &str = "waiting at the start gate";
+
+/// A barrier between guests run by separate runners (separate processes even): each guest
+/// that reaches [`GATE_STEP`] registers as `party` in `dir`, and all of them are let go once
+/// `parties` have registered (or `wait` has passed), through their serial consoles. Two
+/// nested VMs booting at different speeds then start their fio at the same moment.
+#[derive(Debug, Clone)]
+pub struct StartGate {
+    /// Shared by the parties.
+    pub dir: PathBuf,
+    /// This guest's name in `dir` (a retried boot registers under the same name).
+    pub party: String,
+    /// How many must arrive.
+    pub parties: usize,
+    /// Longest wait for the others.
+    pub wait: Duration,
+}
+
+impl StartGate {
+    /// Registers, waits for the others (up to `wait`), then answers the guest: `go` or
+    /// `alone`.
+    fn open(&self, mut console: impl Write) -> std::io::Result<&'static str> {
+        std::fs::create_dir_all(&self.dir)?;
+        File::create(self.dir.join(&self.party))?;
+        let deadline = Instant::now() + self.wait;
+        let answer = loop {
+            let arrived = std::fs::read_dir(&self.dir)?.count();
+            if arrived >= self.parties {
+                break "go";
+            }
+            if Instant::now() >= deadline {
+                break "alone";
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        console.write_all(format!("{answer}\n").as_bytes())?;
+        console.flush()?;
+        Ok(answer)
+    }
 }
 
 impl VmSpec {
@@ -108,6 +154,7 @@ impl VmSpec {
             virtio_disks: Vec::new(),
             vhost_user_blk: Vec::new(),
             boot_from_disk: false,
+            start_gate: None,
         }
     }
 
@@ -368,7 +415,11 @@ pub fn run_watching(
             .envs(spec.qemu.env.iter().map(|(k, v)| (k, v)))
             .args(&spec.qemu.args)
             .args(spec.args(false))
-            .stdin(Stdio::null())
+            .stdin(if spec.start_gate.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(File::create(&stderr_log)?)
             .spawn();
@@ -390,6 +441,8 @@ pub fn run_watching(
         }
     };
     let stdout = child.stdout.take().expect("piped stdout");
+    // The console's input, kept for the start gate.
+    let mut console_input = child.stdin.take();
     let (tx, rx) = mpsc::channel();
     let mut log_file = File::create(log)?;
     let reader = std::thread::spawn(move || {
@@ -464,6 +517,23 @@ pub fn run_watching(
                                 spec.name,
                                 started.elapsed().as_secs_f64()
                             );
+                        }
+                        if rest.trim() == GATE_STEP {
+                            if let (Some(gate), Some(input)) =
+                                (spec.start_gate.clone(), console_input.take())
+                            {
+                                let name = spec.name.clone();
+                                std::thread::spawn(move || match gate.open(input) {
+                                    Ok(answer) => tracing::info!(
+                                        "{name}: start gate {}: {answer}",
+                                        gate.dir.display()
+                                    ),
+                                    Err(e) => tracing::warn!(
+                                        "{name}: start gate {}: {e}",
+                                        gate.dir.display()
+                                    ),
+                                });
+                            }
                         }
                         on_step(rest);
                     }
@@ -616,6 +686,41 @@ pub fn run_interactive(spec: &VmSpec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_gate_lets_its_parties_go_together_or_each_alone_after_the_wait() {
+        let dir = std::env::temp_dir().join(format!("vfblk-gate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let gate = |party: &str, wait_ms: u64| StartGate {
+            dir: dir.clone(),
+            party: party.into(),
+            parties: 2,
+            wait: Duration::from_millis(wait_ms),
+        };
+        // The first waits for the second, which comes 300 ms later.
+        let first = gate("a", 10_000);
+        let waiting = std::thread::spawn(move || {
+            let mut console = Vec::new();
+            let started = Instant::now();
+            let answer = first.open(&mut console).unwrap();
+            (answer, console, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut console = Vec::new();
+        assert_eq!(gate("b", 10_000).open(&mut console).unwrap(), "go");
+        assert_eq!(console, b"go\n");
+        let (answer, console, waited) = waiting.join().unwrap();
+        assert_eq!((answer, console.as_slice()), ("go", b"go\n".as_slice()));
+        assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        // A party alone is let go when its wait runs out.
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut console = Vec::new();
+        let started = Instant::now();
+        assert_eq!(gate("c", 200).open(&mut console).unwrap(), "alone");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(console, b"alone\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn args_put_iommu_before_devices_and_share_ram() {

@@ -126,6 +126,7 @@ fn nested_guest_reads_and_writes_virtio_disk() {
         nested: true,
         qemu10: false,
         boot_disk: false,
+        qsd: false,
     };
     let retried = lab
         .run_l2(
@@ -181,6 +182,7 @@ fn nested_guest_boots_from_a_vhost_user_disk_with_1024_entry_queues() {
         nested: true,
         qemu10: false,
         boot_disk: true,
+        qsd: false,
     };
     let retried = lab
         .run_l2(

@@ -31,6 +31,7 @@ pub fn bench(o: &NvmeBenchOptions) -> Result<()> {
         nested: false,
         qemu10: false,
         boot_disk: false,
+        qsd: false,
     };
     let total = Duration::from_secs(u64::from(seconds) * 6 + 180);
     let retried = lab.run_l2(
