@@ -80,6 +80,23 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
     for key in ["verify_errors", "lost", "failed", "not_a_head"] {
         assert_eq!(r[key], 0, "{key}: {r}");
     }
+    // 1, 4 and 16 controllers of one target on one poller, polling and interrupt-driven,
+    // then 16 idle frontends: the target must not spin for them.
+    let scale = &json["scale"];
+    let scale_rows = scale["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{scale}"));
+    let counts: Vec<u64> = scale_rows
+        .iter()
+        .map(|r| r["controllers"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 4, 16, 1, 4, 16], "{scale}");
+    for r in scale_rows {
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["busy_ns_per_io"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let idle = scale["idle_16_cpu_percent"].as_f64().unwrap();
+    assert!(idle < 10.0, "16 idle controllers cost {idle}% of a core");
     let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
     for want in [
         "skipped SPDK vhost null bdev: no --spdk given",
@@ -89,6 +106,7 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         "| random 4 KiB read, QD32 |",
         "![iops-by-depth-randread-loadgen.png](iops-by-depth-randread-loadgen.png)",
         "## Restarts: SIGKILL",
+        "## Many controllers on one poller",
     ] {
         assert!(md.contains(want), "suite.md lacks {want:?}:\n{md}");
     }
@@ -133,4 +151,64 @@ fn the_null_path_makes_no_allocation_or_system_call_per_io() {
         (50.0..20_000.0).contains(&instructions),
         "callgrind measured {instructions} instructions per I/O: {cost}"
     );
+}
+
+/// The lab's NVMe path in the suite: one lab guest, its emulated controller served over
+/// vhost-user by our NVMe backend, by qemu-storage-daemon's own VFIO driver and through the
+/// guest kernel's driver (qemu-storage-daemon and our file backend), every workload clean.
+#[test]
+fn the_suite_measures_the_lab_nvme_path_four_ways() {
+    let _lock = lab_lock();
+    let out = std::env::temp_dir().join(format!("vfblk-bench-nvme-lab-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(bin("vfblk-bench"))
+        .args(["suite", "--seconds", "1", "--out"])
+        .arg(&out)
+        .args([
+            "--backends",
+            "vfblk-null",
+            "--workloads",
+            "randread-4k-qd1",
+            "--clients",
+            "loadgen",
+            "--restarts",
+            "0",
+            "--no-scale",
+            "--nvme-lab",
+        ])
+        .output()
+        .expect("running vfblk-bench");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "vfblk-bench suite failed: {stderr}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("suite.json")).unwrap()).unwrap();
+    assert!(json["scale"].is_null(), "--no-scale: {}", json["scale"]);
+    let lab = &json["nvme_lab"];
+    eprintln!("{lab:#}");
+    let rows = lab["rows"].as_array().unwrap_or_else(|| panic!("{lab}"));
+    assert_eq!(rows.len(), 12, "4 backends x 3 workloads: {lab}");
+    for backend in [
+        "vfblk-nvme",
+        "qsd-nvme",
+        "qsd-kernel-nvme",
+        "vfblk-file-kernel-nvme",
+    ] {
+        let mine: Vec<&Value> = rows.iter().filter(|r| r["backend"] == backend).collect();
+        assert_eq!(mine.len(), 3, "{backend}: {lab}");
+        for r in mine {
+            assert!(r["error"].is_null(), "{r}");
+            assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(r["report"]["failed"], 0, "{r}");
+            assert!(r["backend_cpu_ns_per_io"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
+    for want in [
+        "## The lab's NVMe path (TCG-bound)",
+        "| randwrite-4k-qd32 |",
+        "driver=nvme,node-name=d0,device=$bdf",
+    ] {
+        assert!(md.contains(want), "suite.md lacks {want:?}:\n{md}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
 }

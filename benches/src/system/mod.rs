@@ -4,6 +4,7 @@
 
 pub mod cost;
 pub mod nvme;
+pub mod nvme_vhost;
 pub mod plot;
 pub mod suite;
 pub mod target;

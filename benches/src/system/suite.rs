@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
+use crate::system::nvme_vhost::NvmeLabResult;
+use crate::system::target::ScaleResult;
 use crate::system::{cpu_seconds, plot, tool_runs};
 use crate::{io_error, Error, Result};
 
@@ -27,6 +29,8 @@ const BACKEND_CPU: u32 = 1;
 const CLIENT_CPU: u32 = 0;
 /// A figure within this fraction of the client's ceiling may be the client's limit.
 const CLIENT_BOUND: f64 = 0.9;
+/// Requests in flight per controller in the many-controller rows.
+const SCALE_QD: u32 = 8;
 
 /// A backend of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +243,15 @@ pub struct SuiteOptions {
     /// client, each started again 50 ms later: the pause the client sees per restart.
     #[arg(long, default_value_t = 10)]
     pub restarts: u32,
+    /// Leave out the many-controller rows (1, 4 and 16 controllers of one target on one
+    /// poller, and 16 idle ones).
+    #[arg(long)]
+    pub no_scale: bool,
+    /// Also measure the lab's NVMe path: one lab guest, its emulated NVMe controller served
+    /// over vhost-user by our NVMe backend, qemu-storage-daemon's nvme driver and the guest
+    /// kernel's driver (TCG-bound figures; a few minutes).
+    #[arg(long)]
+    pub nvme_lab: bool,
     /// Print the JSON instead of the markdown.
     #[arg(long)]
     pub json: bool,
@@ -743,6 +756,10 @@ pub struct SuiteResult {
     pub skipped: Vec<(Backend, String)>,
     /// The machine and versions.
     pub environment: Value,
+    /// 1, 4 and 16 controllers on one poller (unless `--no-scale`), or why not.
+    pub scale: Option<std::result::Result<ScaleResult, String>>,
+    /// The lab's NVMe path (with `--nvme-lab`), or why not.
+    pub nvme_lab: Option<std::result::Result<NvmeLabResult, String>>,
 }
 
 fn pick<T: Copy>(
@@ -943,11 +960,35 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     }
     let _ = std::fs::remove_file(&suite.data);
     let _ = std::fs::remove_file(format!("{}.ram", suite.data.display()));
+    let scale = (!o.no_scale).then(|| {
+        // Whole seconds per row; at least one, so short suite runs still measure something.
+        let seconds = o.seconds.ceil().max(1.0) as u32;
+        tracing::info!("many controllers on one poller: 1, 4, 16, then 16 idle; {seconds} s each");
+        crate::system::target::run(&crate::system::target::TargetBenchOptions {
+            seconds,
+            qd: SCALE_QD,
+            json: false,
+        })
+        .map_err(|e| crate::error_chain(&e))
+    });
+    if let Some(Err(e)) = &scale {
+        tracing::warn!("  failed: {e}");
+    }
+    let nvme_lab = o.nvme_lab.then(|| {
+        let seconds = o.seconds.ceil().max(1.0) as u32;
+        tracing::info!("the lab's NVMe path over vhost-user, {seconds} s per measurement");
+        crate::system::nvme_vhost::run(seconds).map_err(|e| crate::error_chain(&e))
+    });
+    if let Some(Err(e)) = &nvme_lab {
+        tracing::warn!("  failed: {e}");
+    }
     Ok(SuiteResult {
         measurements,
         restarts,
         skipped,
         environment,
+        scale,
+        nvme_lab,
     })
 }
 
@@ -1039,6 +1080,14 @@ impl SuiteResult {
                 "error": r.report.as_ref().err(),
                 "client_command": r.client_command,
             })).collect::<Vec<_>>(),
+            "scale": self.scale.as_ref().map(|r| match r {
+                Ok(scale) => scale.to_json(),
+                Err(e) => json!({"error": e}),
+            }),
+            "nvme_lab": self.nvme_lab.as_ref().map(|r| match r {
+                Ok(lab) => lab.to_json(),
+                Err(e) => json!({"error": e}),
+            }),
         })
     }
 
@@ -1201,6 +1250,20 @@ impl SuiteResult {
             }
             out.push('\n');
         }
+        match &self.scale {
+            Some(Ok(scale)) => out.push_str(&scale.to_markdown()),
+            Some(Err(e)) => {
+                let _ = writeln!(out, "## Many controllers on one poller\n\nfailed: {e}\n");
+            }
+            None => {}
+        }
+        match &self.nvme_lab {
+            Some(Ok(lab)) => out.push_str(&lab.to_markdown()),
+            Some(Err(e)) => {
+                let _ = writeln!(out, "## The lab's NVMe path (TCG-bound)\n\nfailed: {e}\n");
+            }
+            None => {}
+        }
         let _ = writeln!(out, "## Commands\n");
         let mut commands: Vec<&str> = Vec::new();
         for m in &self.measurements {
@@ -1230,7 +1293,7 @@ pub fn pauses_ms(report: &Value) -> Vec<f64> {
 
 /// A client report without its latency distribution (drawn in the plots; the JSON keeps
 /// the quantiles, the CDFs would make it a megabyte).
-fn without_cdf(report: &Value) -> Value {
+pub(crate) fn without_cdf(report: &Value) -> Value {
     let mut r = report.clone();
     if let Some(o) = r.as_object_mut() {
         o.remove("lat_cdf_us");
@@ -1323,6 +1386,23 @@ mod tests {
             }],
             skipped: vec![(Backend::SpdkNull, "no --spdk given".into())],
             environment: json!({}),
+            scale: Some(Ok(ScaleResult {
+                rows: [(1, 600.0), (4, 630.0), (16, 690.0)]
+                    .into_iter()
+                    .map(|(controllers, busy)| crate::system::target::ScaleRow {
+                        polled: true,
+                        controllers,
+                        iops: 1e6,
+                        busy_ns_per_io: busy,
+                        cpu_ns_per_io: 800.0,
+                    })
+                    .collect(),
+                idle_16_cpu_percent: 0.25,
+                command: "target".into(),
+                qd: 8,
+                seconds: 5,
+            })),
+            nvme_lab: Some(Err("the lab guest did not boot".into())),
         };
         assert_eq!(r.ceiling(Client::Loadgen, &w), Some(1_000_000.0));
         assert_eq!(r.ceiling(Client::Blkio, &w), None);
@@ -1347,5 +1427,23 @@ mod tests {
             ),
             "{md}"
         );
+        // Busy time per I/O against the one-controller row.
+        assert!(
+            md.contains("|  | 16 | 1,000,000 | 690 | 800 | +15.0% |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("the target used **0.25 %** of one core"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## The lab's NVMe path (TCG-bound)\n\nfailed: the lab guest did not boot"),
+            "{md}"
+        );
+        let growth = j["scale"]["rows"][2]["busy_vs_one_percent"]
+            .as_f64()
+            .unwrap();
+        assert!((growth - 15.0).abs() < 1e-9, "{j}");
+        assert_eq!(j["nvme_lab"]["error"], "the lab guest did not boot", "{j}");
     }
 }

@@ -194,8 +194,24 @@ impl Drop for Bench {
     }
 }
 
-/// Runs the benchmark and prints its table (or JSON).
-pub fn bench(o: &TargetBenchOptions) -> Result<()> {
+/// The scale benchmark's result.
+#[derive(Debug, Clone)]
+pub struct ScaleResult {
+    /// Polling rows (1, 4, 16 controllers), then interrupt-driven ones.
+    pub rows: Vec<ScaleRow>,
+    /// Target CPU use (percent of one core) with 16 idle frontends connected.
+    pub idle_16_cpu_percent: f64,
+    /// The target's and the clients' commands.
+    pub command: String,
+    /// Requests in flight per controller.
+    pub qd: u32,
+    /// Seconds per row.
+    pub seconds: u32,
+}
+
+/// Runs the benchmark: 1, 4 and 16 controllers, polling and interrupt-driven frontends,
+/// then 16 idle ones.
+pub fn run(o: &TargetBenchOptions) -> Result<ScaleResult> {
     let bin_dir = vfblk_lab::project_bin_dir()?;
     let dir = vfblk_lab::run_dir("bench-target")?;
     let rpc = dir.join("rpc.sock");
@@ -245,52 +261,100 @@ pub fn bench(o: &TargetBenchOptions) -> Result<()> {
         o.qd,
         o.seconds
     );
-    if o.json {
-        let out: Vec<Value> = rows
+    Ok(ScaleResult {
+        rows,
+        idle_16_cpu_percent: idle,
+        command,
+        qd: o.qd,
+        seconds: o.seconds,
+    })
+}
+
+impl ScaleResult {
+    fn polled_label(polled: bool) -> &'static str {
+        if polled {
+            "polling (no interrupts asked, `--polled`)"
+        } else {
+            "asking for an interrupt per completion batch"
+        }
+    }
+
+    /// Busy time per I/O of a row against the one-controller row of its kind, in percent.
+    pub fn growth_percent(&self, row: &ScaleRow) -> f64 {
+        let base = self
+            .rows
+            .iter()
+            .find(|r| r.polled == row.polled && r.controllers == 1)
+            .map(|r| r.busy_ns_per_io)
+            .unwrap_or(f64::NAN);
+        100.0 * (row.busy_ns_per_io / base - 1.0)
+    }
+
+    /// The result as JSON.
+    pub fn to_json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .rows
             .iter()
             .map(|r| {
                 json!({"polled": r.polled, "controllers": r.controllers, "iops": r.iops,
-                       "busy_ns_per_io": r.busy_ns_per_io, "cpu_ns_per_io": r.cpu_ns_per_io})
+                       "busy_ns_per_io": r.busy_ns_per_io, "cpu_ns_per_io": r.cpu_ns_per_io,
+                       "busy_vs_one_percent": self.growth_percent(r)})
             })
             .collect();
-        println!(
-            "{}",
-            json!({"rows": out, "idle_16_cpu_percent": idle, "command": command})
-        );
-        return Ok(());
+        json!({"rows": rows, "idle_16_cpu_percent": self.idle_16_cpu_percent,
+               "command": self.command, "qd": self.qd, "seconds": self.seconds})
     }
-    println!(
-        "One poller (CPU 1), mem backends, 4 KiB random reads, QD {} per controller, {} s per row; load generators on CPU 0:",
-        o.qd, o.seconds
-    );
-    for polled in [true, false] {
-        println!(
-            "  {}",
-            if polled {
-                "polling frontends (no interrupts asked, --polled):"
-            } else {
-                "frontends asking for an interrupt per completion batch:"
-            }
+
+    /// The result as a markdown section.
+    pub fn to_markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "## Many controllers on one poller\n\nOne target process, one poller on CPU 1, mem backends (64 MiB of data over all controllers of a row), one `vfblk-loadgen` per controller on CPU 0, 4 KiB random reads at QD {} each, {} s per row. *Busy ns per I/O*: the poller's time in loops that found work over the I/Os; *CPU ns per I/O*: the process's user + system time over the same I/Os.\n",
+            self.qd, self.seconds
         );
-        println!(
-            "  {:>11} {:>10} {:>16} {:>15} {:>12}",
-            "controllers", "IOPS", "busy ns per I/O", "CPU ns per I/O", "vs 1"
+        let _ = writeln!(
+            out,
+            "| frontends | controllers | IOPS | busy ns per I/O | CPU ns per I/O | busy vs 1 |\n|---|---|---|---|---|---|"
         );
-        let mine: Vec<&ScaleRow> = rows.iter().filter(|r| r.polled == polled).collect();
-        let base = mine.first().map(|r| r.busy_ns_per_io).unwrap_or(f64::NAN);
-        for r in mine {
-            println!(
-                "  {:>11} {:>10.0} {:>16.0} {:>15.0} {:>+11.1}%",
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.0} | {} |",
+                if r.controllers == 1 {
+                    Self::polled_label(r.polled)
+                } else {
+                    ""
+                },
                 r.controllers,
-                r.iops,
+                crate::system::suite::thousands(r.iops),
                 r.busy_ns_per_io,
                 r.cpu_ns_per_io,
-                100.0 * (r.busy_ns_per_io / base - 1.0)
+                if r.controllers == 1 {
+                    "—".to_string()
+                } else {
+                    format!("{:+.1}%", self.growth_percent(r))
+                }
             );
         }
+        let _ = writeln!(
+            out,
+            "\n16 controllers with connected, idle frontends: the target used **{:.2} %** of one core.\n\n    {}\n",
+            self.idle_16_cpu_percent, self.command
+        );
+        out
     }
-    println!("  16 controllers, frontends connected and idle: target CPU {idle:.2}% of one core");
-    println!("  command: {command}");
+}
+
+/// Runs the benchmark and prints its table (or JSON).
+pub fn bench(o: &TargetBenchOptions) -> Result<()> {
+    let result = run(o)?;
+    if o.json {
+        println!("{}", result.to_json());
+    } else {
+        print!("{}", result.to_markdown());
+    }
     Ok(())
 }
 
