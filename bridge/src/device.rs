@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use vfblk_vhost::chain::Chain;
 use vfblk_vhost::device::{Device, QueueHandler, QueueSetup, Taken};
@@ -213,7 +212,7 @@ struct Slot {
     written: u32,
     kind: Kind,
     bytes: u32,
-    started: Option<Instant>,
+    started: Option<u64>,
 }
 
 impl Slot {
@@ -372,7 +371,7 @@ impl QueueHandler for BlkQueue {
                         );
                         write_status(&slot, status::IOERR);
                         if let Some(stats) = self.queue_stats() {
-                            stats.record(slot.kind, 0, false, Default::default());
+                            stats.record(slot.kind, 0, false, 0);
                         }
                         Taken::Done(1)
                     }
@@ -390,7 +389,7 @@ impl QueueHandler for BlkQueue {
                 }
                 write_status(&Slot::answer(self.request.status, written), st);
                 if let Some(stats) = self.queue_stats() {
-                    stats.record(Kind::Other, 0, st == status::OK, Default::default());
+                    stats.record(Kind::Other, 0, st == status::OK, 0);
                 }
                 Taken::Done(written)
             }
@@ -407,7 +406,7 @@ impl QueueHandler for BlkQueue {
         let last = last_byte.filter(|s| s.write)?;
         write_status(&Slot::answer(last.host, 1), status::IOERR);
         if let Some(stats) = self.queue_stats() {
-            stats.record(Kind::Other, 0, false, Default::default());
+            stats.record(Kind::Other, 0, false, 0);
         }
         Some(1)
     }
@@ -430,10 +429,10 @@ impl QueueHandler for BlkQueue {
             }
             if let (Some(stats), Some(started)) = (stats, slot.started) {
                 // One clock read per batch of completions.
-                let now = *now.get_or_insert_with(Instant::now);
+                let now = *now.get_or_insert_with(vfblk_vhost::worker::monotonic_ns);
                 let ok = st == status::OK;
                 let bytes = if ok { u64::from(slot.bytes) } else { 0 };
-                stats.record(slot.kind, bytes, ok, now.saturating_duration_since(started));
+                stats.record(slot.kind, bytes, ok, now.saturating_sub(started));
             }
             done(head, slot.written);
         })
