@@ -83,6 +83,7 @@ impl Default for Chain {
 
 impl Chain {
     /// The buffers.
+    #[inline]
     pub fn segments(&self) -> &[Segment] {
         &self.segments[..self.count]
     }

@@ -336,6 +336,7 @@ thread_local! {
 
 /// The monotonic clock (the one `Instant` reads) in nanoseconds: plain integers, so a
 /// request's latency is one subtraction.
+#[inline]
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -350,6 +351,7 @@ pub fn monotonic_ns() -> u64 {
 /// by every request the loop takes (a clock read per request cost a third of the poller's
 /// time at 3 M requests a second), in [`monotonic_ns`]. Off a poller thread, the current
 /// time.
+#[inline]
 pub fn loop_now() -> u64 {
     LOOP_CLOCK.with(|c| match c.get() {
         Some(t) => t,

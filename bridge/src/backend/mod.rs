@@ -73,7 +73,8 @@ trait ExecuteNow: Send {
 /// for the next poll.
 struct FinishedAtSubmit<X> {
     executor: X,
-    done: std::collections::VecDeque<(u16, u8)>,
+    /// In submission order; a poll reports them all.
+    done: Vec<(u16, u8)>,
 }
 
 impl<X: ExecuteNow> FinishedAtSubmit<X> {
@@ -83,7 +84,7 @@ impl<X: ExecuteNow> FinishedAtSubmit<X> {
     fn new(executor: X) -> Self {
         Self {
             executor,
-            done: std::collections::VecDeque::with_capacity(Self::DEPTH),
+            done: Vec::with_capacity(Self::DEPTH),
         }
     }
 }
@@ -99,13 +100,13 @@ impl<X: ExecuteNow> BackendQueue for FinishedAtSubmit<X> {
             return Err(crate::Error::QueueFull(X::NAME));
         }
         let status = self.executor.execute(request);
-        self.done.push_back((token, status));
+        self.done.push((token, status));
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
         let n = self.done.len();
-        while let Some((token, status)) = self.done.pop_front() {
+        for (token, status) in self.done.drain(..) {
             done(token, status);
         }
         n
