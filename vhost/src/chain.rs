@@ -109,10 +109,10 @@ impl Chain {
             let (host, len) = mem
                 .translate_prefix(gpa, left)
                 .ok_or(ChainError::OutOfMemory)?;
-            if self.count == MAX_SEGMENTS {
+            let Some(slot) = self.segments.get_mut(self.count) else {
                 return Err(ChainError::TooLong);
-            }
-            self.segments[self.count] = Segment {
+            };
+            *slot = Segment {
                 gpa,
                 host,
                 len: len as u32,

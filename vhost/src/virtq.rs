@@ -201,9 +201,10 @@ impl DeviceQueue {
     pub fn descriptor(&self, index: u16) -> Descriptor {
         debug_assert!(index < self.size);
         // SAFETY: index < size: inside the descriptor table.
+        // (The mask keeps even a wrong index inside the table: the size is a power of two.)
         unsafe {
             self.desc
-                .add(usize::from(index % self.size))
+                .add(usize::from(index & (self.size - 1)))
                 .read_volatile()
         }
     }
