@@ -904,7 +904,7 @@ impl LoadGen {
                                 }) {
                                     self.report
                                         .gaps
-                                        .push((vfblk_lab::process::monotonic_ns(), gap));
+                                        .push((vfblk_vhost::worker::monotonic_ns(), gap));
                                 }
                             }
                             completed_any = true;

@@ -76,18 +76,6 @@ pub fn start_bridge(bin_dir: &Path, socket: &Path, args: &[&str], log: &Path) ->
     spawn_listening(command, socket, LISTEN_TIMEOUT)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: one clock for several processes (a load generator's
-/// gaps, the times a test disturbed the backend).
-pub fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -665,6 +665,16 @@ fn md5_hex(data: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// The start of the lab's NVMe benchmark scripts: modules loaded, the controller (`$bdf`)
+/// bound to vfio-pci, 2 s of large random writes so that reads hit written blocks.
+pub const NVME_BENCH_START: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci && modprobe nvme || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+step "warm-up: 2 s of 512 KiB random writes"
+vfblk-nvme perf $bdf --rw randwrite --bs 524288 --qd 4 --seconds 2 --warmup-ms 0 >/dev/null || fail "fill"
+"#;
+
 /// Script of the NVMe benchmark: our driver's `perf` at QD1 and QD32, then fio with io_uring
 /// on the guest kernel's nvme driver at the same depths, on the same controller and vCPUs.
 pub fn nvme_bench_script(seconds: u32) -> String {
@@ -674,13 +684,7 @@ pub fn nvme_bench_script(seconds: u32) -> String {
         )
     };
     format!(
-        r#". /lab/lib.sh
-modprobe vfio_iommu_type1 && modprobe vfio_pci && modprobe nvme || fail "modprobe"
-bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
-vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-step "warm-up: 2 s of 512 KiB random writes"
-vfblk-nvme perf $bdf --rw randwrite --bs 524288 --qd 4 --seconds 2 --warmup-ms 0 >/dev/null || fail "fill"
-for qd in 1 32; do
+        r#"{NVME_BENCH_START}for qd in 1 32; do
     step "vfblk-nvme perf randread 4 KiB QD$qd, {seconds} s"
     vfblk-nvme perf $bdf --rw randread --bs 4096 --qd $qd --seconds {seconds} --json > /tmp/perf.json || fail "perf QD$qd"
     record "{{\"ours_qd$qd\": $(cat /tmp/perf.json)}}"

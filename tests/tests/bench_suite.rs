@@ -7,29 +7,43 @@ use std::process::Command;
 use serde_json::Value;
 use vfblk_tests::{bin, lab_lock};
 
-#[test]
-fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
-    // Backends and clients are pinned to the two cores: nothing else may run meanwhile.
-    let _lock = lab_lock();
-    let out = std::env::temp_dir().join(format!("vfblk-bench-suite-{}", std::process::id()));
+/// Runs `vfblk-bench suite` with `args` (the machine held: backends and clients are pinned
+/// to the two cores) into a fresh directory named after `name`; its JSON, its markdown and
+/// the directory (removed by the caller).
+fn suite(name: &str, args: &[&str]) -> (Value, String, std::path::PathBuf) {
+    let out = std::env::temp_dir().join(format!("vfblk-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(bin("vfblk-bench"))
-        .args(["suite", "--seconds", "0.5", "--out"])
+        .arg("suite")
+        .arg("--out")
         .arg(&out)
-        .args([
-            "--backends",
-            "vfblk-null,qsd-null,vfblk-mem,spdk-null,ch-file",
-            "--workloads",
-            "randread-4k-qd1,randread-4k-qd32",
-            "--restarts",
-            "2",
-        ])
+        .args(args)
         .output()
         .expect("running vfblk-bench");
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "vfblk-bench suite failed: {stderr}");
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("suite.json")).unwrap()).unwrap();
+    let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
+    (json, md, out)
+}
+
+#[test]
+fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
+    let _lock = lab_lock();
+    let (json, md, out) = suite(
+        "bench-suite",
+        &[
+            "--seconds",
+            "0.5",
+            "--backends",
+            "vfblk-null,qsd-null,vfblk-mem,spdk-null,ch-file",
+            "--workloads",
+            "randread-4k-qd1,randread-4k-qd32",
+            "--restarts",
+            "2",
+        ],
+    );
     let skipped: Vec<&str> = json["skipped"]
         .as_array()
         .unwrap()
@@ -97,7 +111,6 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
     }
     let idle = scale["idle_16_cpu_percent"].as_f64().unwrap();
     assert!(idle < 10.0, "16 idle controllers cost {idle}% of a core");
-    let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
     for want in [
         "skipped SPDK vhost null bdev: no --spdk given",
         "skipped cloud-hypervisor vhost_user_block (/dev/shm): no --cloud-hypervisor given",
@@ -159,12 +172,11 @@ fn the_null_path_makes_no_allocation_or_system_call_per_io() {
 #[test]
 fn the_suite_measures_the_lab_nvme_path_four_ways() {
     let _lock = lab_lock();
-    let out = std::env::temp_dir().join(format!("vfblk-bench-nvme-lab-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(bin("vfblk-bench"))
-        .args(["suite", "--seconds", "1", "--out"])
-        .arg(&out)
-        .args([
+    let (json, md, out) = suite(
+        "bench-nvme-lab",
+        &[
+            "--seconds",
+            "1",
             "--backends",
             "vfblk-null",
             "--workloads",
@@ -175,13 +187,8 @@ fn the_suite_measures_the_lab_nvme_path_four_ways() {
             "0",
             "--no-scale",
             "--nvme-lab",
-        ])
-        .output()
-        .expect("running vfblk-bench");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "vfblk-bench suite failed: {stderr}");
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("suite.json")).unwrap()).unwrap();
+        ],
+    );
     assert!(json["scale"].is_null(), "--no-scale: {}", json["scale"]);
     let lab = &json["nvme_lab"];
     eprintln!("{lab:#}");
@@ -202,7 +209,6 @@ fn the_suite_measures_the_lab_nvme_path_four_ways() {
             assert!(r["backend_cpu_ns_per_io"].as_f64().unwrap() > 0.0, "{r}");
         }
     }
-    let md = std::fs::read_to_string(out.join("suite.md")).unwrap();
     for want in [
         "## The lab's NVMe path (TCG-bound)",
         "| randwrite-4k-qd32 |",

@@ -335,7 +335,8 @@ thread_local! {
 }
 
 /// The monotonic clock (the one `Instant` reads) in nanoseconds: plain integers, so a
-/// request's latency is one subtraction.
+/// request's latency is one subtraction; one clock for several processes too (a load
+/// generator's gaps, the times a test disturbed the backend).
 #[inline]
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -132,14 +132,9 @@ fn client_command(seconds: u32) -> String {
 /// The guest's script: every backend in turn (vfio-pci first, then the kernel's driver), the
 /// workloads against each, one record per measurement.
 fn script(seconds: u32) -> String {
-    let mut s = String::from(
-        r#". /lab/lib.sh
-modprobe vfio_iommu_type1 && modprobe vfio_pci && modprobe nvme || fail "modprobe"
-bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
-vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-step "filling the namespace's first 256 MiB (reads then hit written blocks)"
-vfblk-nvme perf $bdf --rw randwrite --bs 524288 --qd 4 --seconds 2 --warmup-ms 0 >/dev/null || fail "fill"
-ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
+    let mut s = String::from(vfblk_lab::scenario::NVME_BENCH_START);
+    s.push_str(
+        r#"ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 measure() {
     id=$1; shift
     rm -f /tmp/nv.sock
