@@ -22,11 +22,34 @@ pub(crate) fn tool_runs(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// CPU seconds a process's threads have run, to the nanosecond: the sum of their
-/// `/proc/PID/task/TID/schedstat` run times (the tick-based utime and stime of
-/// `/proc/PID/stat` cannot tell 0 from 0.2% of a core over a few seconds). Threads that
-/// exited are not counted; the processes measured here keep theirs.
+/// CPU seconds (user + system) a process has used, threads that exited included (io_uring's
+/// workers come and go), in 10 ms clock ticks: for CPU per I/O over seconds of work.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| Error::Io {
+            what: format!("reading /proc/{pid}/stat"),
+            source,
+        })?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .ok_or_else(|| Error::Run(format!("/proc/{pid}/stat: no CPU time in {stat:?}")))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// CPU seconds the live threads of a process have run, to the nanosecond: the sum of their
+/// `/proc/PID/task/TID/schedstat` run times ([`cpu_seconds`]' ticks cannot tell an idle
+/// process from 0.2% of a core over a few seconds). Threads that exited are not counted:
+/// for processes that keep theirs.
+pub(crate) fn thread_run_seconds(pid: u32) -> Result<f64> {
     let tasks = format!("/proc/{pid}/task");
     let entries = std::fs::read_dir(&tasks).map_err(|source| Error::Io {
         what: format!("reading {tasks}"),

@@ -960,12 +960,15 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     }
     let _ = std::fs::remove_file(&suite.data);
     let _ = std::fs::remove_file(format!("{}.ram", suite.data.display()));
+    // The scale rows and the lab take whole seconds; at least one, so short suite runs
+    // still measure something.
+    let whole_seconds = o.seconds.ceil().max(1.0) as u32;
     let scale = (!o.no_scale).then(|| {
-        // Whole seconds per row; at least one, so short suite runs still measure something.
-        let seconds = o.seconds.ceil().max(1.0) as u32;
-        tracing::info!("many controllers on one poller: 1, 4, 16, then 16 idle; {seconds} s each");
+        tracing::info!(
+            "many controllers on one poller: 1, 4, 16, then 16 idle; {whole_seconds} s each"
+        );
         crate::system::target::run(&crate::system::target::TargetBenchOptions {
-            seconds,
+            seconds: whole_seconds,
             qd: SCALE_QD,
             json: false,
         })
@@ -975,9 +978,8 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         tracing::warn!("  failed: {e}");
     }
     let nvme_lab = o.nvme_lab.then(|| {
-        let seconds = o.seconds.ceil().max(1.0) as u32;
-        tracing::info!("the lab's NVMe path over vhost-user, {seconds} s per measurement");
-        crate::system::nvme_vhost::run(seconds).map_err(|e| crate::error_chain(&e))
+        tracing::info!("the lab's NVMe path over vhost-user, {whole_seconds} s per measurement");
+        crate::system::nvme_vhost::run(whole_seconds).map_err(|e| crate::error_chain(&e))
     });
     if let Some(Err(e)) = &nvme_lab {
         tracing::warn!("  failed: {e}");

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vfblk_bridge::target::rpc::Client;
 use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
-use crate::system::cpu_seconds;
+use crate::system::{cpu_seconds, thread_run_seconds};
 use crate::{Error, Result};
 
 /// Options of the scale benchmark.
@@ -175,9 +175,10 @@ impl Bench {
                 "{all} of {controllers} idle frontends connected"
             )));
         }
-        let (cpu0, t0) = (cpu_seconds(self.target.id())?, Instant::now());
+        // An idle target's threads (pollers, the RPC thread) live throughout.
+        let (cpu0, t0) = (thread_run_seconds(self.target.id())?, Instant::now());
         std::thread::sleep(Duration::from_secs(u64::from(seconds)));
-        let cpu = cpu_seconds(self.target.id())? - cpu0;
+        let cpu = thread_run_seconds(self.target.id())? - cpu0;
         let percent = 100.0 * cpu / t0.elapsed().as_secs_f64();
         for l in &mut loads {
             let _ = l.wait();
@@ -311,7 +312,7 @@ impl ScaleResult {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "## Many controllers on one poller\n\nOne target process, one poller on CPU 1, mem backends (64 MiB of data over all controllers of a row), one `vfblk-loadgen` per controller on CPU 0, 4 KiB random reads at QD {} each, {} s per row. *Busy ns per I/O*: the poller's time in loops that found work over the I/Os; *CPU ns per I/O*: the process's user + system time over the same I/Os.\n",
+            "## Many controllers on one poller\n\nOne target process, one poller on CPU 1, mem backends (64 MiB of data over all controllers of a row), one `vfblk-loadgen` per controller on CPU 0, 4 KiB random reads at QD {} each, {} s per row. *Busy ns per I/O*: the poller's time in loops that found work over the I/Os; *CPU ns per I/O*: the process's user + system time over the same I/Os; the idle figure adds up its threads' run times (nanoseconds).\n",
             self.qd, self.seconds
         );
         let _ = writeln!(
@@ -362,17 +363,32 @@ pub fn bench(o: &TargetBenchOptions) -> Result<()> {
 mod tests {
     #[test]
     fn cpu_time_of_this_process_is_read_and_grows_with_work() {
-        let before = super::cpu_seconds(std::process::id()).unwrap();
+        let me = std::process::id();
+        let (before, run_before) = (
+            super::cpu_seconds(me).unwrap(),
+            super::thread_run_seconds(me).unwrap(),
+        );
         let start = std::time::Instant::now();
         let mut x = 0u64;
         while start.elapsed() < std::time::Duration::from_millis(200) {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
-        let after = super::cpu_seconds(std::process::id()).unwrap();
+        let (after, run_after) = (
+            super::cpu_seconds(me).unwrap(),
+            super::thread_run_seconds(me).unwrap(),
+        );
         assert!(
             after - before >= 0.1,
             "{before} -> {after} after 200 ms of spinning"
         );
+        assert!(
+            run_after - run_before >= 0.1,
+            "{run_before} -> {run_after} after 200 ms of spinning"
+        );
         assert!(super::cpu_seconds(u32::MAX).is_err(), "no such process");
+        assert!(
+            super::thread_run_seconds(u32::MAX).is_err(),
+            "no such process"
+        );
     }
 }
