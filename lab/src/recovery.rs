@@ -107,12 +107,16 @@ record "{{\"fio\": $(tr -d '\n' < /tmp/fio.json)}}"
 }
 
 /// Requests the bridges of a log ran again from the inflight region (their recovery lines:
-/// "queue N: recovered from the inflight region: used idx U, R request(s) to run again, ...").
+/// "queue N: recovered from the inflight region: used idx U, avail idx A, R request(s) to
+/// run again, ...").
 pub fn requests_run_again(bridge_log: &str) -> u64 {
     bridge_log
         .lines()
-        .filter_map(|l| l.split(", ").nth(1))
-        .filter_map(|part| part.strip_suffix(" request(s) to run again"))
+        .filter(|l| l.contains("recovered from the inflight region"))
+        .filter_map(|l| {
+            l.split(", ")
+                .find_map(|part| part.strip_suffix(" request(s) to run again"))
+        })
         .filter_map(|n| n.parse::<u64>().ok())
         .sum()
 }
@@ -419,4 +423,20 @@ pub fn fio_summary(fio: &serde_json::Value) -> (u64, u64, f64, u64) {
         max_ms("write").max(max_ms("read")),
         job["error"].as_u64().unwrap_or(0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_run_again_are_summed_from_the_recovery_lines_only() {
+        let log = "\
+2026-11-24T22:17:03Z  INFO queue 0: recovered from the inflight region: used idx 5335, avail idx 5337, 2 request(s) to run again, 0 published but not cleared queue=0
+2026-11-24T22:17:03Z  INFO queue 1 started with 128 entries, 7 request(s) to run again
+2026-11-24T22:17:06Z  INFO queue 1: recovered from the inflight region: used idx 9, avail idx 12, 3 request(s) to run again, 1 published but not cleared queue=1
+";
+        assert_eq!(requests_run_again(log), 5);
+        assert_eq!(requests_run_again(""), 0);
+    }
 }

@@ -376,8 +376,13 @@ if grep -q vfblk.gate /proc/cmdline; then
 fi
 mib=$(sed -n 's/.*vfblk.fio_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
 step "fio in L3: ${mib:=16} MiB random writes with crc32c verify"
+# The disk's counters on the console every 10 s: a run that stops shows whether this kernel
+# still runs and what it waits for.
+( while sleep 10; do set -- $(cat /sys/block/vda/stat); echo "vda: $1 reads, $5 writes done, $9 in flight"; done ) &
+heartbeat=$!
 fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=${mib}M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
 rc=$?
+kill $heartbeat
 record "{\"fio_exit\": $rc}"
 record "{\"fio\": $(tr -d '\n' < /tmp/fio.json)}"
 [ $rc = 0 ] || { cat /tmp/fio.err; fail "fio exited with $rc"; }

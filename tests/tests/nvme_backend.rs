@@ -294,7 +294,7 @@ fn l3_fio_across_restarts(lab_name: &str, qemu10: bool, kept: bool) -> vfblk_lab
     let qemu_flag = if qemu10 { "--qemu-10" } else { "" };
     let (start, events) = if kept {
         (
-            "vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &\n\
+            "RUST_LOG=info,vfblk_vhost=debug vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &\n\
              for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done",
             r#"for k in 1 2 3 4 5 6 7 8 9 10; do
     vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $k refused"; }
@@ -338,8 +338,10 @@ sleep 2
 kill -0 $np 2>/dev/null && during=true || during=false
 wait $np; nrc=$?
 cat /tmp/nested.out
-record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log)}}"
-[ $nrc = 0 ] || {{ tail -50 /tmp/kept.log; fail "L3 fio on the NVMe backend"; }}
+record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"call_fds_while_running\": $(grep -c 'new call fd while running' /tmp/kept.log)}}"
+# On failure, what the console shows last: the target's restarts (ring indices at each),
+# then the guest's last lines (its disk counters every 10 s).
+[ $nrc = 0 ] || {{ grep -E "recovered from|killed by|handed over|while running|disconnected|ERROR|WARN" /tmp/kept.log | tail -22; tail -15 /tmp/l3/console-vhost-k.log; fail "L3 fio on the NVMe backend"; }}
 "#
     );
     let lab = Lab::new(lab_name).expect("lab setup");
@@ -369,13 +371,14 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
         .collect();
     let max_ms = l3["max_latency_ms"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
-        "{what}: {}; fio exit {}, {} writes + {} verified reads, longest completion {max_ms:.0} ms; upgrade pauses (target side) {pauses:.1?} ms; connections resumed {:?}, requests recovered {:?}; QEMU about the connection: {}; L3 tries {}",
+        "{what}: {}; fio exit {}, {} writes + {} verified reads, longest completion {max_ms:.0} ms; upgrade pauses (target side) {pauses:.1?} ms; connections resumed {:?}, requests recovered {:?}, call fds replaced while running {:?}; QEMU about the connection: {}; L3 tries {}",
         l3["qemu"],
         l3["fio_exit"],
         l3["writes"],
         l3["verified_reads"],
         run.record("resumed"),
         run.record("recovered"),
+        run.record("call_fds_while_running"),
         l3["qemu_vhost_lines"],
         l3["tries"],
     );

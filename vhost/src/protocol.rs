@@ -193,11 +193,15 @@ impl Connection {
                 // Requests in flight were taken from the avail ring: continue after them.
                 vq.next_avail = used_idx.wrapping_add(rec.resubmit.len() as u16);
                 if !rec.fresh {
+                    // The driver's avail index beside ours tells a waiting driver (equal) from
+                    // a ring with requests not yet taken.
+                    let avail_idx = vq.avail_idx();
                     tracing::info!(
                         queue = index,
                         used_idx,
+                        avail_idx,
                         resubmit = rec.resubmit.len(),
-                        "queue {index}: recovered from the inflight region: used idx {used_idx}, {} request(s) to run again, {} published but not cleared",
+                        "queue {index}: recovered from the inflight region: used idx {used_idx}, avail idx {avail_idx}, {} request(s) to run again, {} published but not cleared",
                         rec.resubmit.len(),
                         rec.cleared_batch
                     );
@@ -673,6 +677,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         v.kick_set = true;
         if let (true, Some(worker)) = (v.started, &v.worker) {
             // A running queue takes the new fd (the old one may be gone with its frontend).
+            tracing::debug!(queue = index, "queue {index}: new kick fd while running");
             worker.set_kick(id, u16::from(index), for_worker);
             return Ok(());
         }
@@ -686,6 +691,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
         v.call = fd;
         if let (true, Some(worker)) = (v.started, &v.worker) {
+            // Frontends swap call fds on a running ring when the guest masks or unmasks its
+            // interrupt vector.
+            tracing::debug!(queue = index, "queue {index}: new call fd while running");
             worker.set_call(id, u16::from(index), for_worker);
         }
         Ok(())
