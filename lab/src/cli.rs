@@ -151,6 +151,10 @@ pub enum LabCommand {
         /// Seconds the start gate waits for the others at most (then fio starts alone).
         #[arg(long, default_value_t = 420, requires = "start_gate")]
         gate_wait: u64,
+        /// A nested guest that wedges (or whose QEMU crashes) after fio began is reported, not run again
+        /// (for runs that must overlap events outside them, such as target restarts).
+        #[arg(long)]
+        no_retry_once_started: bool,
         /// Boot the nested guest from that disk (the boot disk image, served by the
         /// caller) through its firmware instead of running fio.
         #[arg(long)]
@@ -234,6 +238,7 @@ pub fn run(cli: LabCli) -> Result<()> {
             start_gate,
             gate_parties,
             gate_wait,
+            no_retry_once_started,
             boot_from_disk,
             qemu_10,
             verbose,
@@ -262,6 +267,7 @@ pub fn run(cli: LabCli) -> Result<()> {
                             parties: gate_parties,
                             wait: std::time::Duration::from_secs(gate_wait),
                         }),
+                        retry_started: !no_retry_once_started,
                     };
                     scenario::run_nested_vhost(&socket, queue_size, fio, qemu, echo)
                 }

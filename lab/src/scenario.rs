@@ -399,6 +399,9 @@ pub struct NestedFio {
     pub limits: Limits,
     /// Start fio together with other nested guests.
     pub gate: Option<vm::StartGate>,
+    /// Run the guest again if it wedges after fio began (not while a target is restarted
+    /// under it: the second fio would miss the restarts).
+    pub retry_started: bool,
 }
 
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
@@ -413,6 +416,7 @@ pub fn run_nested_vhost(
 ) -> Result<()> {
     let mut spec = l3_on_vhost_user(socket, queue_size, "initrd-fio.cpio");
     spec.qemu = qemu;
+    spec.retry_started = fio.retry_started;
     spec.cmdline
         .push_str(&format!(" vfblk.fio_mib={}", fio.mib));
     if fio.iovec_check {

@@ -91,6 +91,10 @@ pub struct VmSpec {
     pub boot_from_disk: bool,
     /// Guests that must start a step together: see [`StartGate`].
     pub start_gate: Option<StartGate>,
+    /// Whether [`run_retrying_stalls`] may run the guest again after its test script began
+    /// (when it wedged or its emulator crashed). Not for a guest whose run must overlap
+    /// events outside it (a target restarted under it): a second run would miss them.
+    pub retry_started: bool,
 }
 
 /// What a guest prints (as a `@@VFBLK-STEP`) when it waits at its start gate; it then reads
@@ -155,6 +159,7 @@ impl VmSpec {
             vhost_user_blk: Vec::new(),
             boot_from_disk: false,
             start_gate: None,
+            retry_started: true,
         }
     }
 
@@ -178,6 +183,8 @@ impl VmSpec {
             Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         }
+        // Named vCPU threads ("CPU <n>/TCG", "CPU <n>/KVM"), for the runner's watch on them.
+        push(&["-name", "lab,debug-threads=on"]);
         let mem = format!(
             "memory-backend-memfd,id=ram,size={}M,share=on",
             self.memory_mib
@@ -278,10 +285,11 @@ pub enum Ending {
     /// The guest booted but did not finish in time.
     TimedOut,
     /// The guest's kernel reported a CPU stuck for at least [`WEDGED_AFTER`], a task blocked
-    /// for at least [`HUNG_AFTER`], or panicked
-    /// (the line is kept): under nested virtualisation inside TCG this is the emulator
-    /// breaking the guest's kernel (the code under test runs in user space), so the run is
-    /// stopped early and is safe to retry.
+    /// for at least [`HUNG_AFTER`], or panicked (the line is kept), or one of the guest's
+    /// vCPUs was not scheduled for [`VCPU_ASLEEP_AFTER`] (what is kept says which): under
+    /// nested virtualisation inside TCG this is the emulator breaking the guest's kernel
+    /// (the code under test runs in user space), so the run is stopped early and is safe to
+    /// retry.
     Wedged(String),
     /// QEMU exited before the test script finished.
     QemuExited(String),
@@ -295,6 +303,88 @@ pub enum Ending {
 /// How long a guest kernel may report a CPU stuck before the run counts as wedged. Loaded
 /// TCG guests report 20-45 s stalls that pass; wedged ones go on for many minutes.
 pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
+
+/// How long a guest's vCPU may go without being scheduled before the run counts as wedged.
+/// A running Linux wakes each of its CPUs every few seconds (the soft-lockup watchdog's timer
+/// fires every 4 s; the lab guest's vCPU threads were seen idle 5 s at most), so a vCPU
+/// thread that slept for a minute waits for an interrupt that will not come: seen in the TCG
+/// lab guest under nested SVM, a halted vCPU that lost its timer, everything queued on that
+/// CPU (a second-level guest's vCPU, a target's thread) stopped for good while the other
+/// CPU goes on.
+pub const VCPU_ASLEEP_AFTER: Duration = Duration::from_secs(60);
+
+/// How often the runner looks at a guest's vCPU threads.
+const VCPU_LOOK_EVERY: Duration = Duration::from_secs(5);
+
+/// Watches the vCPU threads of a QEMU process (named `CPU <n>/TCG` or `CPU <n>/KVM` under
+/// `-name ...,debug-threads=on`) through their context-switch counts.
+#[derive(Debug)]
+struct VcpuWatch {
+    pid: u32,
+    asleep_after: Duration,
+    /// Per thread id: its name, its switch count, and when that count last changed.
+    seen: std::collections::BTreeMap<u32, (String, u64, Instant)>,
+}
+
+impl VcpuWatch {
+    fn new(pid: u32, asleep_after: Duration) -> Self {
+        Self {
+            pid,
+            asleep_after,
+            seen: Default::default(),
+        }
+    }
+
+    /// Takes a sample; names a vCPU thread not scheduled for `asleep_after`, if any.
+    fn look(&mut self, now: Instant) -> Option<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let name = name.trim();
+            if !(name.starts_with("CPU ") && (name.ends_with("/TCG") || name.ends_with("/KVM"))) {
+                continue;
+            }
+            let Some(switches) = context_switches(&task.path().join("status")) else {
+                continue;
+            };
+            let entry = self
+                .seen
+                .entry(tid)
+                .or_insert_with(|| (name.to_string(), switches, now));
+            if entry.1 != switches {
+                entry.1 = switches;
+                entry.2 = now;
+            }
+        }
+        self.seen.values().find_map(|(name, _, since)| {
+            let asleep = now.saturating_duration_since(*since);
+            (asleep >= self.asleep_after).then(|| {
+                format!(
+                    "vCPU thread {name:?} not scheduled for {:.0} s: the emulator lost the guest CPU's wake-up",
+                    asleep.as_secs_f64()
+                )
+            })
+        })
+    }
+}
+
+/// Voluntary plus involuntary context switches of a thread (its `/proc/.../status`).
+fn context_switches(status: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(status).ok()?;
+    let count = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(count("voluntary_ctxt_switches:")? + count("nonvoluntary_ctxt_switches:")?)
+}
 
 /// How long the guest's kernel may report a task blocked before the run counts as wedged: its
 /// hung-task watchdog reports at 120 s and again every 120 s; a first-level kernel hung by a
@@ -473,6 +563,8 @@ pub fn run_watching(
         log: log.to_path_buf(),
     };
     let mut exit_status = None;
+    let mut vcpus = VcpuWatch::new(child.id(), VCPU_ASLEEP_AFTER);
+    let mut next_look = Instant::now();
     loop {
         let deadline = if out.boot_time.is_none() {
             limits.boot
@@ -487,7 +579,16 @@ pub fn run_watching(
             };
             break;
         };
-        match rx.recv_timeout(left) {
+        // From boot on (a CPU the kernel has not brought up yet sleeps by right).
+        if out.boot_time.is_some() && Instant::now() >= next_look {
+            next_look = Instant::now() + VCPU_LOOK_EVERY;
+            if let Some(what) = vcpus.look(Instant::now()) {
+                tracing::warn!("{}: guest wedged: {what}", spec.name);
+                out.ending = Ending::Wedged(what);
+                break;
+            }
+        }
+        match rx.recv_timeout(left.min(VCPU_LOOK_EVERY)) {
             Ok(Line::Text(line)) => {
                 if echo == Echo::All {
                     // Defang markers so a guest of a guest cannot speak for the guest.
@@ -551,8 +652,15 @@ pub fn run_watching(
             Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 out.ending = match exit_status {
                     Some(code) => Ending::Finished(code),
-                    None => match crash_signal(&mut child) {
-                        Some(signal) => Ending::EmulatorCrashed(signal, tail(&stderr_log, 5)),
+                    None => match exit_of(&mut child) {
+                        Some(Exit::Crashed(signal)) => {
+                            Ending::EmulatorCrashed(signal, tail(&stderr_log, 5))
+                        }
+                        // How it ended tells a guest that reset itself (a triple fault under
+                        // -no-reboot: status 0, nothing on stderr) from a QEMU that was killed.
+                        Some(Exit::Other(how)) => {
+                            Ending::QemuExited(format!("{how}; {}", tail(&stderr_log, 5)))
+                        }
                         None => Ending::QemuExited(tail(&stderr_log, 5)),
                     },
                 };
@@ -571,22 +679,31 @@ pub fn run_watching(
     Ok(out)
 }
 
-/// The signal that killed QEMU if it died of a crash (segfault, abort, bus error, illegal
-/// instruction, arithmetic fault); waits up to 2 s for it to exit after its console closed.
-fn crash_signal(child: &mut Child) -> Option<i32> {
+/// How QEMU ended.
+enum Exit {
+    /// Killed by a crash signal (segfault, abort, bus error, illegal instruction,
+    /// arithmetic fault).
+    Crashed(i32),
+    /// Any other exit status or signal, as text.
+    Other(String),
+}
+
+/// How QEMU ended, waiting up to 2 s for it to exit after its console closed.
+fn exit_of(child: &mut Child) -> Option<Exit> {
     use std::os::unix::process::ExitStatusExt;
+    const CRASH_SIGNALS: [i32; 5] = [
+        libc::SIGSEGV,
+        libc::SIGABRT,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+    ];
     for _ in 0..40 {
         match child.try_wait() {
             Ok(Some(status)) => {
-                return status.signal().filter(|s| {
-                    [
-                        libc::SIGSEGV,
-                        libc::SIGABRT,
-                        libc::SIGBUS,
-                        libc::SIGILL,
-                        libc::SIGFPE,
-                    ]
-                    .contains(s)
+                return Some(match status.signal() {
+                    Some(s) if CRASH_SIGNALS.contains(&s) => Exit::Crashed(s),
+                    _ => Exit::Other(format!("QEMU {status}")),
                 })
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
@@ -637,8 +754,12 @@ pub fn run_retrying_stalls(
     loop {
         tries += 1;
         let run = run(spec, limits, log, echo)?;
+        let started = run.boot_time.is_some();
         let retry = match &run.ending {
             Ending::BootStalled => Some("boot stalled"),
+            Ending::Wedged(_) | Ending::EmulatorCrashed(..) if started && !spec.retry_started => {
+                None
+            }
             Ending::Wedged(_) => Some("guest kernel wedged"),
             // The guest died before its test script began (a kernel panic at boot under
             // nested virtualisation): nothing of the test ran, so a new boot is safe.
@@ -686,6 +807,41 @@ pub fn run_interactive(spec: &VmSpec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vcpu_thread_that_is_never_scheduled_is_named_and_a_waking_one_is_not() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asleep = std::thread::Builder::new()
+            .name("CPU 7/TCG".into())
+            .spawn(std::thread::park)
+            .unwrap();
+        let stop2 = stop.clone();
+        let waking = std::thread::Builder::new()
+            .name("CPU 8/TCG".into())
+            .spawn(move || {
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+            .unwrap();
+        let mut watch = VcpuWatch::new(std::process::id(), Duration::from_millis(300));
+        let start = Instant::now();
+        let mut found = None;
+        while start.elapsed() < Duration::from_secs(3) && found.is_none() {
+            found = watch.look(Instant::now());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        asleep.thread().unpark();
+        asleep.join().unwrap();
+        waking.join().unwrap();
+        let found = found.expect("the parked vCPU thread was named");
+        assert!(found.contains("\"CPU 7/TCG\""), "{found}");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        // Threads of other names are not watched.
+        assert!(watch.seen.values().all(|(n, ..)| n.starts_with("CPU ")));
+        assert_eq!(watch.seen.len(), 2, "{:?}", watch.seen);
+    }
 
     #[test]
     fn a_start_gate_lets_its_parties_go_together_or_each_alone_after_the_wait() {
@@ -879,6 +1035,13 @@ mod runner_tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(retried.run.expect_success("t").is_err());
+
+        // A guest whose run must overlap outside events is not run again once started.
+        let mut once = spec.clone();
+        once.retry_started = false;
+        let retried = run_retrying_stalls(&once, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 1);
+        assert!(matches!(retried.run.ending, Ending::Wedged(_)));
     }
 
     #[test]
@@ -887,7 +1050,10 @@ mod runner_tests {
         let spec = fake_qemu(&dir, "exit", "echo 'qemu: could not open disk' >&2\nexit 1");
         let run = run(&spec, SHORT, &dir.join("log"), Echo::Quiet).unwrap();
         match run.ending {
-            Ending::QemuExited(msg) => assert!(msg.contains("could not open disk"), "{msg}"),
+            Ending::QemuExited(msg) => {
+                assert!(msg.contains("could not open disk"), "{msg}");
+                assert!(msg.contains("exit status: 1"), "{msg}");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
