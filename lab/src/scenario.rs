@@ -524,6 +524,7 @@ fn run_l3(
     record["total_s"] = run.elapsed.as_secs_f64().into();
     record["failures"] = serde_json::json!(run.failures);
     record["ending"] = format!("{:?}", run.ending).into();
+    record["emulator_fault"] = run.ending.emulator_fault().into();
     println!(
         "{}-RECORD {}",
         crate::initramfs::MARK,

@@ -304,6 +304,20 @@ pub enum Ending {
 /// TCG guests report 20-45 s stalls that pass; wedged ones go on for many minutes.
 pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
 
+impl Ending {
+    /// Whether the emulators ended the run rather than the code under test: the guest's
+    /// kernel wedged or a vCPU stopped ([`Ending::Wedged`]), QEMU crashed, or the booted
+    /// guest reset itself (QEMU exits with status 0 under `-no-reboot`, nothing on stderr,
+    /// before the script ended: a triple fault, which prints nothing).
+    pub fn emulator_fault(&self) -> bool {
+        match self {
+            Ending::Wedged(_) | Ending::EmulatorCrashed(..) => true,
+            Ending::QemuExited(how) => how == "QEMU exit status: 0; ",
+            _ => false,
+        }
+    }
+}
+
 /// How long a guest's vCPU may go without being scheduled before the run counts as wedged.
 /// A running Linux wakes each of its CPUs every few seconds (the soft-lockup watchdog's timer
 /// fires every 4 s; the lab guest's vCPU threads were seen idle 5 s at most), so a vCPU
@@ -1042,6 +1056,35 @@ mod runner_tests {
         let retried = run_retrying_stalls(&once, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
         assert_eq!(retried.tries, 1);
         assert!(matches!(retried.run.ending, Ending::Wedged(_)));
+    }
+
+    #[test]
+    fn a_guest_that_resets_itself_silently_is_an_emulator_fault_and_other_exits_are_not() {
+        let dir = temp_dir("reset");
+        for (script, fault) in [
+            ("echo '@@VFBLK-BOOTED 1.0'\nexit 0", true),
+            (
+                "echo '@@VFBLK-BOOTED 1.0'\necho 'qemu: oops' >&2\nexit 0",
+                false,
+            ),
+            ("echo '@@VFBLK-BOOTED 1.0'\nexit 1", false),
+            (
+                "echo '@@VFBLK-BOOTED 1.0'\necho '@@VFBLK-EXIT 1'\nexit 0",
+                false,
+            ),
+        ] {
+            let spec = fake_qemu(&dir, "reset", script);
+            let run = run(&spec, SHORT, &dir.join("log"), Echo::Quiet).unwrap();
+            assert_eq!(
+                run.ending.emulator_fault(),
+                fault,
+                "{script}: {:?}",
+                run.ending
+            );
+        }
+        assert!(Ending::Wedged("x".into()).emulator_fault());
+        assert!(Ending::EmulatorCrashed(libc::SIGSEGV, String::new()).emulator_fault());
+        assert!(!Ending::TimedOut.emulator_fault());
     }
 
     #[test]

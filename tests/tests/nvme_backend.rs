@@ -357,16 +357,11 @@ record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrad
         .expect("run the lab guest")
 }
 
-/// Why a nested guest's run ended by a fault of the emulators (TCG's nested SVM, KVM inside
-/// it) rather than of the code under test, if it did: its kernel wedged or a vCPU stopped
-/// being scheduled (`Wedged`), its QEMU crashed, or it reset itself (QEMU exits with status 0
-/// under `-no-reboot`, nothing on stderr, before the guest's script ended: a triple fault).
+/// How the nested guest's run ended, when the emulators ended it (TCG's nested SVM, KVM
+/// inside it) rather than the code under test: `Ending::emulator_fault`.
 fn l3_emulator_fault(run: &vfblk_lab::vm::RetriedRun) -> Option<String> {
-    let ending = run.run.record("l3_vhost")?["ending"].as_str()?.to_string();
-    let fault = ending.starts_with("Wedged")
-        || ending.starts_with("EmulatorCrashed")
-        || ending.starts_with("QemuExited(\"QEMU exit status: 0; \")");
-    fault.then_some(ending)
+    let l3 = run.run.record("l3_vhost")?;
+    (l3["emulator_fault"] == true).then(|| l3["ending"].to_string())
 }
 
 /// [`l3_fio_across_restarts`], run once more (from a new lab guest) when the nested guest
