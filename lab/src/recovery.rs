@@ -322,6 +322,21 @@ fn serving(lab: &Lab, rpc_socket: &Path) -> Result<(i32, u64)> {
     }
 }
 
+/// The serving target's pid, once it reports requests in flight (tried for up to 2 s, then
+/// as it is): a kill right after lands on requests the target has taken, which the demo
+/// exists to show. (Between two batches of the guest's, TCG-slow, none may be in flight.)
+fn serving_with_requests_in_flight(lab: &Lab, rpc_socket: &Path) -> Result<i32> {
+    let (pid, _) = serving(lab, rpc_socket)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let stats = rpc(lab, rpc_socket, &["stats"])?;
+        if stats["controllers"][0]["io"]["in_flight"].as_u64() > Some(0) {
+            break;
+        }
+    }
+    Ok(pid)
+}
+
 /// The demo with the bridge under `vfblk-keeper`: upgrades and SIGKILLs, no reconnect.
 fn kept_demo(
     lab: &Lab,
@@ -378,7 +393,7 @@ fn kept_demo(
                 pauses.lock().unwrap_or_else(|e| e.into_inner()).push(pause);
                 upgrades += 1;
             } else {
-                let (pid, _) = serving(lab, &rpc_socket)?;
+                let pid = serving_with_requests_in_flight(lab, &rpc_socket)?;
                 // SAFETY: SIGKILL to the target process this demo runs.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 killed += 1;
