@@ -151,8 +151,9 @@ pub enum LabCommand {
         /// Seconds the start gate waits for the others at most (then fio starts alone).
         #[arg(long, default_value_t = 420, requires = "start_gate")]
         gate_wait: u64,
-        /// A nested guest that wedges (or whose QEMU crashes) after fio began is reported, not run again
-        /// (for runs that must overlap events outside them, such as target restarts).
+        /// A nested guest that wedges (or whose QEMU crashes) after fio began is reported,
+        /// not run again (for runs that must overlap events outside them, such as target
+        /// restarts).
         #[arg(long)]
         no_retry_once_started: bool,
         /// Boot the nested guest from that disk (the boot disk image, served by the

@@ -126,3 +126,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A thread of a running process, as `/proc` shows it.
+#[derive(Debug, Clone)]
+pub struct ProcThread {
+    /// Its thread id.
+    pub tid: u32,
+    /// Its name (`comm`, at most 15 bytes).
+    pub name: String,
+    /// Its `/proc/PID/task/TID` directory.
+    pub dir: std::path::PathBuf,
+}
+
+/// The threads of process `pid` now (none if it is gone). A thread that exits while they
+/// are listed is left out.
+pub fn threads(pid: u32) -> Vec<ProcThread> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            Some(ProcThread {
+                tid,
+                name: name.trim().to_string(),
+                dir: task.path(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod thread_tests {
+    #[test]
+    fn this_process_lists_a_named_thread_of_its_own() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("vfblk-listed".into())
+            .spawn(move || {
+                // Named by now (the name is set as the thread starts).
+                let _ = ready_tx.send(());
+                let _ = rx.recv();
+            })
+            .unwrap();
+        ready.recv().unwrap();
+        let found = super::threads(std::process::id());
+        let _ = tx.send(());
+        t.join().unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|t| t.name == "vfblk-listed" && t.dir.ends_with(t.tid.to_string())),
+            "{found:?}"
+        );
+        assert!(super::threads(u32::MAX).is_empty());
+    }
+}

@@ -291,8 +291,12 @@ pub enum Ending {
     /// (the code under test runs in user space), so the run is stopped early and is safe to
     /// retry.
     Wedged(String),
-    /// QEMU exited before the test script finished.
+    /// QEMU exited before the test script finished (how, and its stderr tail).
     QemuExited(String),
+    /// The booted guest reset itself before its test script finished: QEMU exited with
+    /// status 0 and nothing on stderr, which under `-no-reboot` is a guest reset (a triple
+    /// fault prints nothing): the emulator broke the guest's kernel.
+    GuestReset,
     /// QEMU itself crashed (killed by this signal, which we did not send) before the test
     /// script finished: the emulator broke, not the code under test in the guest (QEMU 7.2's
     /// emulated NVMe segfaults now and then in `nvme_rw_complete_cb` after a controller
@@ -306,15 +310,12 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
 
 impl Ending {
     /// Whether the emulators ended the run rather than the code under test: the guest's
-    /// kernel wedged or a vCPU stopped ([`Ending::Wedged`]), QEMU crashed, or the booted
-    /// guest reset itself (QEMU exits with status 0 under `-no-reboot`, nothing on stderr,
-    /// before the script ended: a triple fault, which prints nothing).
+    /// kernel wedged or a vCPU stopped, QEMU crashed, or the booted guest reset itself.
     pub fn emulator_fault(&self) -> bool {
-        match self {
-            Ending::Wedged(_) | Ending::EmulatorCrashed(..) => true,
-            Ending::QemuExited(how) => how == "QEMU exit status: 0; ",
-            _ => false,
-        }
+        matches!(
+            self,
+            Ending::Wedged(_) | Ending::EmulatorCrashed(..) | Ending::GuestReset
+        )
     }
 }
 
@@ -351,27 +352,23 @@ impl VcpuWatch {
 
     /// Takes a sample; names a vCPU thread not scheduled for `asleep_after`, if any.
     fn look(&mut self, now: Instant) -> Option<String> {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            let name = name.trim();
-            if !(name.starts_with("CPU ") && (name.ends_with("/TCG") || name.ends_with("/KVM"))) {
-                continue;
-            }
-            let Some(switches) = context_switches(&task.path().join("status")) else {
+        let vcpus: Vec<_> = crate::process::threads(self.pid)
+            .into_iter()
+            .filter(|t| {
+                t.name.starts_with("CPU ") && (t.name.ends_with("/TCG") || t.name.ends_with("/KVM"))
+            })
+            .collect();
+        // A thread that is gone no longer counts.
+        self.seen
+            .retain(|tid, _| vcpus.iter().any(|t| t.tid == *tid));
+        for t in vcpus {
+            let Some(switches) = context_switches(&t.dir.join("status")) else {
                 continue;
             };
             let entry = self
                 .seen
-                .entry(tid)
-                .or_insert_with(|| (name.to_string(), switches, now));
+                .entry(t.tid)
+                .or_insert_with(|| (t.name.clone(), switches, now));
             if entry.1 != switches {
                 entry.1 = switches;
                 entry.2 = now;
@@ -666,17 +663,22 @@ pub fn run_watching(
             Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 out.ending = match exit_status {
                     Some(code) => Ending::Finished(code),
-                    None => match exit_of(&mut child) {
-                        Some(Exit::Crashed(signal)) => {
-                            Ending::EmulatorCrashed(signal, tail(&stderr_log, 5))
+                    None => {
+                        let stderr = tail(&stderr_log, 5);
+                        match exit_of(&mut child) {
+                            Some(status) => match crash_signal(status) {
+                                Some(signal) => Ending::EmulatorCrashed(signal, stderr),
+                                None if status.success()
+                                    && stderr.is_empty()
+                                    && out.boot_time.is_some() =>
+                                {
+                                    Ending::GuestReset
+                                }
+                                None => Ending::QemuExited(format!("QEMU {status}; {stderr}")),
+                            },
+                            None => Ending::QemuExited(stderr),
                         }
-                        // How it ended tells a guest that reset itself (a triple fault under
-                        // -no-reboot: status 0, nothing on stderr) from a QEMU that was killed.
-                        Some(Exit::Other(how)) => {
-                            Ending::QemuExited(format!("{how}; {}", tail(&stderr_log, 5)))
-                        }
-                        None => Ending::QemuExited(tail(&stderr_log, 5)),
-                    },
+                    }
                 };
                 break;
             }
@@ -685,7 +687,10 @@ pub fn run_watching(
     }
     let powered_off = matches!(
         out.ending,
-        Ending::Finished(_) | Ending::QemuExited(_) | Ending::EmulatorCrashed(..)
+        Ending::Finished(_)
+            | Ending::QemuExited(_)
+            | Ending::GuestReset
+            | Ending::EmulatorCrashed(..)
     );
     stop(&mut child, powered_off);
     let _ = reader.join();
@@ -693,17 +698,9 @@ pub fn run_watching(
     Ok(out)
 }
 
-/// How QEMU ended.
-enum Exit {
-    /// Killed by a crash signal (segfault, abort, bus error, illegal instruction,
-    /// arithmetic fault).
-    Crashed(i32),
-    /// Any other exit status or signal, as text.
-    Other(String),
-}
-
-/// How QEMU ended, waiting up to 2 s for it to exit after its console closed.
-fn exit_of(child: &mut Child) -> Option<Exit> {
+/// The signal that killed QEMU if it died of a crash (segfault, abort, bus error, illegal
+/// instruction, arithmetic fault).
+fn crash_signal(status: std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;
     const CRASH_SIGNALS: [i32; 5] = [
         libc::SIGSEGV,
@@ -712,14 +709,14 @@ fn exit_of(child: &mut Child) -> Option<Exit> {
         libc::SIGILL,
         libc::SIGFPE,
     ];
+    status.signal().filter(|s| CRASH_SIGNALS.contains(s))
+}
+
+/// How QEMU ended, waiting up to 2 s for it to exit after its console closed.
+fn exit_of(child: &mut Child) -> Option<std::process::ExitStatus> {
     for _ in 0..40 {
         match child.try_wait() {
-            Ok(Some(status)) => {
-                return Some(match status.signal() {
-                    Some(s) if CRASH_SIGNALS.contains(&s) => Exit::Crashed(s),
-                    _ => Exit::Other(format!("QEMU {status}")),
-                })
-            }
+            Ok(Some(status)) => return Some(status),
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(_) => return None,
         }
@@ -1108,7 +1105,7 @@ mod runner_tests {
         let retried =
             run_retrying_stalls(&before, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
         assert_eq!(retried.tries, 2);
-        let after = fake_qemu(&dir, "after", "echo '@@VFBLK-BOOTED 1.0'\nexit 0");
+        let after = fake_qemu(&dir, "after", "echo '@@VFBLK-BOOTED 1.0'\nexit 1");
         let retried = run_retrying_stalls(&after, SHORT, 2, &dir.join("log"), Echo::Quiet).unwrap();
         assert_eq!(retried.tries, 1, "the test had begun: its failure stands");
         assert!(matches!(retried.run.ending, Ending::QemuExited(_)));

@@ -249,14 +249,10 @@ fn callgrind(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Re
 }
 
 fn poller_thread(pid: u32) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks.flatten().find_map(|t| {
-        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-        comm.trim()
-            .starts_with("vfblk-poller")
-            .then(|| t.file_name().to_string_lossy().parse().ok())
-            .flatten()
-    })
+    vfblk_lab::process::threads(pid)
+        .into_iter()
+        .find(|t| t.name.starts_with("vfblk-poller"))
+        .map(|t| t.tid)
 }
 
 fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Result<()> {
