@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::created::Creating;
 use super::{Backend, BackendInfo, BackendQueue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
@@ -42,32 +43,34 @@ const ZERO_CHUNK: usize = 256 << 10;
 
 impl FileBackend {
     /// Opens `path` (a regular file, created with `size` bytes if missing or shorter, or a
-    /// block device whose size is used).
+    /// block device whose size is used). On failure a file it created is removed and a file
+    /// it grew is cut back.
     pub fn open(path: &Path, size: Option<u64>) -> Result<Self> {
+        // Checked before the filesystem is touched: a size below one sector is no disk.
+        if let Some(bytes) = size.filter(|&s| s < SECTOR) {
+            return Err(Error::BadSize {
+                what: format!("file backend {}", path.display()),
+                bytes,
+            });
+        }
         let io = |what: &str| {
             let what = format!("{what} {}", path.display());
             move |source| Error::Io { what, source }
         };
-        let buffered = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(size.is_some())
-            .truncate(false)
-            .open(path)
-            .map_err(io("opening"))?;
-        let meta = buffered.metadata().map_err(io("stat of"))?;
+        let mut file = Creating::open(path, size.is_some()).map_err(io("opening"))?;
+        let meta = file.file().metadata().map_err(io("stat of"))?;
         let capacity = if meta.file_type().is_block_device() {
             let mut bytes: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes a u64.
-            if unsafe { libc::ioctl(buffered.as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
+            if unsafe { libc::ioctl(file.file().as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
                 return Err(io("BLKGETSIZE64 on")(std::io::Error::last_os_error()));
             }
             bytes
         } else {
-            if let Some(size) = size.filter(|&s| s > meta.len()) {
-                buffered.set_len(size).map_err(io("sizing"))?;
+            if let Some(size) = size {
+                file.grow_to(size).map_err(io("sizing"))?;
             }
-            buffered.metadata().map_err(io("stat of"))?.len()
+            file.file().metadata().map_err(io("stat of"))?.len()
         };
         if capacity < SECTOR {
             return Err(Error::BadSize {
@@ -83,6 +86,7 @@ impl FileBackend {
             .open(path)
             .ok()
             .map(Arc::new);
+        let buffered = file.commit();
         Ok(Self {
             info: BackendInfo {
                 description: format!(
@@ -415,5 +419,49 @@ impl BackendQueue for FileQueue {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::created::Scratch;
+
+    /// A length `set_len` refuses (above i64::MAX), after the file was opened.
+    const UNSETTABLE: u64 = !(SECTOR - 1);
+
+    #[test]
+    fn a_size_of_zero_leaves_no_file() {
+        let disk = Scratch::new("file-zero");
+        let err = FileBackend::open(&disk.0, Some(0))
+            .err()
+            .expect("no 0-byte disk");
+        assert!(matches!(err, Error::BadSize { bytes: 0, .. }), "{err}");
+        assert!(!disk.0.exists());
+    }
+
+    #[test]
+    fn a_failed_open_removes_the_file_it_created() {
+        let disk = Scratch::new("file-unsettable");
+        let err = FileBackend::open(&disk.0, Some(UNSETTABLE))
+            .err()
+            .expect("no 16 EiB file");
+        assert!(matches!(&err, Error::Io { what, .. } if what.starts_with("sizing")));
+        assert!(std::error::Error::source(&err).is_some());
+        assert!(!disk.0.exists(), "{err}: the file it created is gone");
+    }
+
+    #[test]
+    fn a_failed_open_leaves_an_existing_file_as_it_was() {
+        let disk = Scratch::new("file-existing");
+        let content: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        for size in [Some(400), Some(0), Some(UNSETTABLE), None] {
+            std::fs::write(&disk.0, &content).unwrap();
+            assert!(FileBackend::open(&disk.0, size).is_err(), "{size:?}");
+            disk.assert_holds(
+                &content,
+                &format!("{size:?}: neither removed nor left grown"),
+            );
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! A RAM disk in a named shared-memory file (e.g. under /dev/shm), so its data outlive the
 //! process: what the kill-and-restart tests need.
 
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::created::Creating;
 use super::{Backend, BackendInfo, BackendQueue, ExecuteNow, FinishedAtSubmit};
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
@@ -17,7 +17,8 @@ pub struct MemBackend {
 }
 
 impl MemBackend {
-    /// Opens (creating or growing to `size` bytes) the file at `path` and maps it shared.
+    /// Opens (creating or growing to `size` bytes) the file at `path` and maps it shared. On
+    /// failure a file it created is removed and a file it grew is cut back.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::BadSize {
@@ -29,20 +30,14 @@ impl MemBackend {
             let what = format!("{what} {}", path.display());
             move |source| Error::Io { what, source }
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io("opening"))?;
-        if file.metadata().map_err(io("stat of"))?.len() < size {
-            file.set_len(size).map_err(io("sizing"))?;
-        }
+        let mut file = Creating::open(path, true).map_err(io("opening"))?;
+        file.grow_to(size).map_err(io("sizing"))?;
         let map = memmap2::MmapOptions::new()
             .len(size as usize)
-            .map_raw(&file)
+            .map_raw(file.file())
             .map_err(io("mmap of"))?;
+        // The mapping keeps the memory; the file descriptor is not needed.
+        file.commit();
         Ok(Self {
             map: Arc::new(map),
             info: BackendInfo::in_memory(
@@ -109,5 +104,51 @@ impl ExecuteNow for MemExecutor {
                 status::OK
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::created::Scratch;
+
+    /// 256 TiB: a length tmpfs takes (sparse) but no mmap can place, as it is the whole of a
+    /// 48-bit user address space (x86-64's is 128 TiB); 64 TiB mapped fine on a 24 GiB host.
+    const UNMAPPABLE: u64 = 1 << 48;
+
+    #[test]
+    fn a_failed_open_removes_the_file_it_created() {
+        let disk = Scratch::new("mem-unmappable");
+        let err = MemBackend::open(&disk.0, UNMAPPABLE)
+            .err()
+            .expect("no 256 TiB mapping");
+        // The error keeps what was done to which file, and the OS cause.
+        assert!(
+            matches!(&err, Error::Io { what, .. } if what.contains(&*disk.0.to_string_lossy()))
+        );
+        assert!(std::error::Error::source(&err).is_some());
+        assert!(!disk.0.exists(), "{err}: the file it created is gone");
+    }
+
+    #[test]
+    fn a_failed_open_leaves_a_shorter_existing_file_as_it_was() {
+        let disk = Scratch::new("mem-existing");
+        let content: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        std::fs::write(&disk.0, &content).unwrap();
+        assert!(MemBackend::open(&disk.0, UNMAPPABLE).is_err());
+        disk.assert_holds(&content, "neither removed nor left grown");
+    }
+
+    #[test]
+    fn an_open_keeps_what_it_created_or_grew() {
+        let new = Scratch::new("mem-new");
+        drop(MemBackend::open(&new.0, 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&new.0).unwrap().len(), 1 << 20);
+        let short = Scratch::new("mem-short");
+        std::fs::write(&short.0, [7u8; 512]).unwrap();
+        drop(MemBackend::open(&short.0, 1 << 20).unwrap());
+        let mut grown = vec![0u8; 1 << 20];
+        grown[..512].fill(7);
+        short.assert_holds(&grown, "grown, with its data");
     }
 }

@@ -3,6 +3,7 @@
 //! completion is polled. Requests hand the backend the guest's own buffers (host addresses of
 //! guest memory), never a copy, so an NVMe backend can DMA straight into guest RAM.
 
+mod created;
 #[cfg(any(test, feature = "test-delay"))]
 mod delay;
 mod file;
