@@ -26,9 +26,16 @@ impl TargetProc {
     }
 
     fn start_with(name: &str, pollers: u32, extra: &[&str]) -> Self {
+        Self::start_from(name, pollers, extra, |_| {})
+    }
+
+    /// Starts a target after `prepare` has put what it wants into the run directory (a
+    /// config file written by hand).
+    fn start_from(name: &str, pollers: u32, extra: &[&str], prepare: impl FnOnce(&Path)) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-target-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        prepare(&dir);
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = Self::spawn(&dir, pollers, &extra);
         Self {
@@ -339,6 +346,165 @@ fn after_sigkill_the_target_comes_back_from_its_config_file_alone() {
         .sum();
     eprintln!("after the SIGKILL: {recovered} queue(s) recovered, {rerun} request(s) run again");
     assert!(rerun > 0, "the counters show no request run again: {stats}");
+}
+
+#[test]
+fn a_config_entry_that_fails_to_load_is_kept_listed_retried_and_never_dropped() {
+    let _lock = lab_lock();
+    // The operator's file: a disk on a mount that comes late (its image is not there at
+    // start), its controller, a disk that works, and one more broken entry they will delete.
+    let late = |dir: &Path| dir.join("late-mount/late.img");
+    let operators_file = |dir: &Path| {
+        json!({
+            "backends": [
+                {"path": late(dir), "kind": "file", "name": "late"},
+                {"name": "ok", "kind": "mem", "path": format!("/dev/shm/vfblk-test-late-ok-{}", std::process::id()), "size": 16 << 20},
+                {"name": "gone", "kind": "file", "path": dir.join("nowhere/gone.img")}
+            ],
+            "controllers": [
+                {"socket": dir.join("vm-late.sock"), "name": "vm-late", "backend": "late"},
+                {"name": "vm-ok", "socket": dir.join("vm-ok.sock"), "backend": "ok"}
+            ]
+        })
+    };
+    let mut target = TargetProc::start_from("late", 1, &[], |dir| {
+        let text = serde_json::to_string_pretty(&operators_file(dir)).unwrap();
+        std::fs::write(dir.join("target.json"), text).unwrap();
+    });
+    let file = target.dir.join("target.json");
+    let read_file =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap() };
+    let entry_names = |v: &Value, section: &str| -> Vec<String> {
+        v[section]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let state_of = |list: &Value, name: &str| -> (String, String) {
+        let e = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not listed: {list}"));
+        (
+            e["state"].as_str().unwrap().to_string(),
+            e["error"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    // Listed, failed, with the cause.
+    let backends = target.call("backend_list", json!({}));
+    let (state, error) = state_of(&backends, "late");
+    assert_eq!(state, "failed", "{backends}");
+    assert!(error.contains("late.img"), "{error}");
+    assert_eq!(state_of(&backends, "ok").0, "serving", "{backends}");
+    let controllers = target.call("vhost_blk_list", json!({}));
+    assert_eq!(
+        state_of(&controllers, "vm-late").0,
+        "failed",
+        "{controllers}"
+    );
+    assert_eq!(
+        state_of(&controllers, "vm-ok").0,
+        "serving",
+        "{controllers}"
+    );
+    // Its name is not free for another definition.
+    let taken = target.client().call(
+        "backend_create",
+        json!({"name": "late", "kind": "null", "size": 1 << 20}),
+    );
+    assert!(
+        matches!(&taken, Err(vfblk_bridge::Error::Rpc { message, .. }) if message.contains("not served")),
+        "{taken:?}"
+    );
+    // Routine changes and a save keep every entry of the file, in the operator's order;
+    // the one deleted on purpose leaves it.
+    target.add_disk("more");
+    target.call("backend_delete", json!({"name": "gone"}));
+    target.call("config_save", json!({}));
+    let saved = read_file();
+    assert_eq!(
+        entry_names(&saved, "backends"),
+        ["late", "ok", "more"],
+        "{saved}"
+    );
+    assert_eq!(
+        entry_names(&saved, "controllers"),
+        ["vm-late", "vm-ok", "more"],
+        "{saved}"
+    );
+    let late_keys: Vec<&str> = saved["backends"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(late_keys, ["path", "kind", "name"], "{saved}");
+    // A crash and a restart from the file: still there, still failed, still kept.
+    target.restart_after_sigkill();
+    let controllers = target.call("vhost_blk_list", json!({}));
+    assert_eq!(
+        state_of(&controllers, "vm-late").0,
+        "failed",
+        "{controllers}"
+    );
+    target.call("config_save", json!({}));
+    assert_eq!(
+        entry_names(&read_file(), "controllers"),
+        ["vm-late", "vm-ok", "more"]
+    );
+    // An upgrade hands the kept entries over with the rest.
+    let upgraded = target.call("upgrade", json!({}));
+    let _successor = Successor(upgraded["new_pid"].as_u64().unwrap() as i32);
+    target.child.wait().unwrap();
+    let controllers = target.call("vhost_blk_list", json!({}));
+    let (state, error) = state_of(&controllers, "vm-late");
+    assert_eq!(state, "failed", "{controllers}");
+    assert!(error.contains("no backend"), "{error}");
+    target.call("config_save", json!({}));
+    assert_eq!(
+        entry_names(&read_file(), "backends"),
+        ["late", "ok", "more"]
+    );
+    // The mount comes: a retry serves the disk and its controller, and a frontend uses it.
+    std::fs::create_dir_all(late(&target.dir).parent().unwrap()).unwrap();
+    std::fs::write(late(&target.dir), vec![0u8; 16 << 20]).unwrap();
+    let retried = target.call("backend_retry", json!({}));
+    assert_eq!(
+        retried["served"],
+        json!(["backend late", "controller vm-late"]),
+        "{retried}"
+    );
+    assert_eq!(retried["failed"], json!([]), "{retried}");
+    let controllers = target.call("vhost_blk_list", json!({}));
+    assert_eq!(
+        state_of(&controllers, "vm-late").0,
+        "serving",
+        "{controllers}"
+    );
+    let r = report(loadgen(&target.socket("vm-late"), 1.0, &[]), "vm-late");
+    assert_clean(&r, "vm-late");
+    assert_eq!(
+        entry_names(&read_file(), "backends"),
+        ["late", "ok", "more"]
+    );
+}
+
+/// A target process started by an upgrade (not this test's child): ended with the test.
+struct Successor(i32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        // SAFETY: SIGTERM to the target process this test's upgrade started.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let gone = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", self.0)).exists() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A raw vhost-user message header: request, flags (version 1), payload size.

@@ -240,8 +240,19 @@ fn run(
             };
             // Everything that can be served is; what cannot is logged and stays in the file.
             // Stored connections of controllers no longer configured are closed.
-            for (what, e) in target.apply_after_crash(loaded, stored) {
-                tracing::error!("{what}: not served: {}", vfblk_vhost::error_chain(&e));
+            // Each failure was logged with its cause where it happened.
+            let failures = target.apply_after_crash(loaded, stored);
+            if !failures.is_empty() {
+                let what: Vec<String> = failures.into_iter().map(|(what, _)| what).collect();
+                tracing::error!(
+                    "not served: {} (kept in the configuration and listed as failed; backend_retry tries again)",
+                    what.join(", ")
+                );
+            }
+            // A missing file is created now, as the operator's starting point; one that
+            // says what is configured already is left as it is.
+            if let Err(e) = target.save() {
+                tracing::warn!("{}", vfblk_vhost::error_chain(&e));
             }
         }
     }

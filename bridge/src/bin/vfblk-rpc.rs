@@ -90,6 +90,9 @@ enum Command {
     Stats,
     /// Write the configuration to the target's config file now.
     ConfigSave,
+    /// Try again to serve the configured entries that failed (e.g. a backing file on a
+    /// mount that came late).
+    BackendRetry,
     /// Hand the target over to a new process (default: the same binary path, e.g. after a
     /// package upgrade) without disconnecting any frontend; the old process exits.
     Upgrade {
@@ -134,23 +137,27 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
             &result,
             &[
                 ("NAME", "name"),
+                ("STATE", "state"),
                 ("KIND", "kind"),
                 ("CAPACITY", "capacity_bytes"),
                 ("BLOCK", "block_size"),
                 ("USED BY", "used_by"),
                 ("DESCRIPTION", "description"),
+                ("ERROR", "error"),
             ],
         ),
         Command::VhostBlkList => print_table(
             &result,
             &[
                 ("NAME", "name"),
+                ("STATE", "state"),
                 ("SOCKET", "socket"),
                 ("BACKEND", "backend"),
                 ("QUEUES", "queues"),
                 ("RO", "readonly"),
                 ("CONNECTED", "connected"),
                 ("CONNECTIONS", "connections"),
+                ("ERROR", "error"),
             ],
         ),
         Command::Stats => {
@@ -193,6 +200,10 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
             result["pause_ms"].as_f64().unwrap_or(f64::NAN)
         ),
         Command::NvmeAttach { .. } => println!("backends: {}", cell(&result["backends"])),
+        Command::BackendRetry => {
+            println!("served now: {}", cell(&result["served"]));
+            print_table(&result["failed"], &[("STILL FAILED", "what"), ("ERROR", "error")]);
+        }
         _ => println!("done"),
     }
     Ok(())
@@ -245,6 +256,7 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
         Command::VhostBlkList => ("vhost_blk_list", json!({})),
         Command::Stats => ("stats", json!({})),
         Command::ConfigSave => ("config_save", json!({})),
+        Command::BackendRetry => ("backend_retry", json!({})),
         Command::Upgrade { binary } => match binary {
             Some(b) => ("upgrade", json!({ "binary": b })),
             None => ("upgrade", json!({})),

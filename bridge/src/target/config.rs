@@ -3,10 +3,14 @@
 //! is rewritten atomically after every change so that a restarted process comes back with
 //! everything it served.
 
+use std::collections::BTreeSet;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::limits::RateLimits;
 use crate::spec::BackendSpec;
@@ -121,36 +125,208 @@ impl TargetConfig {
         })
     }
 
-    /// Writes the file so that a crash at any moment leaves either the old or the new
-    /// content: a temporary file beside it, fsync, rename over, fsync of the directory.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let io = |what: String| move |source| Error::Io { what, source };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .ok_or_else(|| Error::BadArgument(format!("{}: not a file name", path.display())))?;
-        let temp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        let mut text = serde_json::to_string_pretty(self).expect("a config always serializes");
+    /// Writes this configuration into the file at `path`, changing only what differs from
+    /// what the file says: the file is the operator's. Entries keep their place and, when
+    /// unchanged, their fields as written; an entry whose name is in `removed` (deleted
+    /// since the last save) leaves the file; entries the file has and this process never
+    /// knew (added by hand since it loaded the file) stay; new entries go at the end of
+    /// their section. A file that says the same already is not written at all. A file that
+    /// is no longer a configuration (an edit in progress) is not overwritten: the error says
+    /// so. Returns whether the file was written.
+    pub fn save_into(&self, path: &Path, removed: &BTreeSet<(Section, String)>) -> Result<bool> {
+        let before = match std::fs::read_to_string(path) {
+            Ok(text) => Some(serde_json::from_str::<Value>(&text).map_err(|e| {
+                Error::BadArgument(format!(
+                    "{}: not valid JSON ({e}); the file is left as it is",
+                    path.display()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(Error::Io {
+                    what: format!("reading {}", path.display()),
+                    source,
+                })
+            }
+        };
+        let mut document = match &before {
+            Some(Value::Object(o)) => o.clone(),
+            Some(_) => {
+                return Err(Error::BadArgument(format!(
+                    "{}: not a JSON object; the file is left as it is",
+                    path.display()
+                )))
+            }
+            None => Map::new(),
+        };
+        for section in Section::ALL {
+            let entries = match section {
+                Section::Nvme => merge(&document, section, &self.nvme, removed),
+                Section::Backends => merge(&document, section, &self.backends, removed),
+                Section::Controllers => merge(&document, section, &self.controllers, removed),
+            }
+            .map_err(|why| Error::BadArgument(format!("{}: {why}", path.display())))?;
+            // A new file spells out its (empty) sections, as an example for the operator;
+            // an existing one gets a section only when it has something to hold.
+            if document.contains_key(section.key())
+                || !entries.is_empty()
+                || (before.is_none() && section != Section::Nvme)
+            {
+                document.insert(section.key().to_string(), Value::Array(entries));
+            }
+        }
+        let document = Value::Object(document);
+        if before.as_ref() == Some(&document) {
+            return Ok(false);
+        }
+        let mut text = serde_json::to_string_pretty(&document).expect("JSON values print");
         text.push('\n');
-        let mut file =
-            std::fs::File::create(&temp).map_err(io(format!("creating {}", temp.display())))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(format!("writing {}", temp.display())))?;
-        drop(file);
-        std::fs::rename(&temp, path).map_err(io(format!(
-            "renaming {} to {}",
-            temp.display(),
-            path.display()
-        )))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(format!("syncing directory {}", dir.display())))?;
-        Ok(())
+        write_atomically(path, text.as_bytes())?;
+        Ok(true)
     }
+}
+
+/// The three lists of a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Section {
+    /// `nvme`: NVMe attachments.
+    Nvme,
+    /// `backends`.
+    Backends,
+    /// `controllers`.
+    Controllers,
+}
+
+impl Section {
+    /// In the order the file lists them and the target creates them.
+    pub const ALL: [Section; 3] = [Section::Nvme, Section::Backends, Section::Controllers];
+
+    /// What one of its entries is, for messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            Section::Nvme => "NVMe controller",
+            Section::Backends => "backend",
+            Section::Controllers => "controller",
+        }
+    }
+
+    /// Its key in the file.
+    pub fn key(self) -> &'static str {
+        match self {
+            Section::Nvme => "nvme",
+            Section::Backends => "backends",
+            Section::Controllers => "controllers",
+        }
+    }
+}
+
+/// A config entry: something named.
+pub trait Entry: Serialize + DeserializeOwned + PartialEq {
+    /// Its name, unique in its section.
+    fn name(&self) -> &str;
+}
+
+impl Entry for NvmeAttachConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Entry for BackendConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Entry for ControllerConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One section of the file with `wanted` written into it (see [`TargetConfig::save_into`]).
+fn merge<T: Entry>(
+    document: &Map<String, Value>,
+    section: Section,
+    wanted: &[T],
+    removed: &BTreeSet<(Section, String)>,
+) -> std::result::Result<Vec<Value>, String> {
+    let existing: &[Value] = match document.get(section.key()) {
+        None => &[],
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            return Err(format!(
+                "\"{}\" is not a list; the file is left as it is",
+                section.key()
+            ))
+        }
+    };
+    let mut written = BTreeSet::new();
+    let mut entries = Vec::with_capacity(existing.len() + wanted.len());
+    for value in existing {
+        let name = value.get("name").and_then(Value::as_str);
+        let Some(name) = name.filter(|n| !written.contains(*n)) else {
+            // Nameless, or a second entry of a name: the operator's to mend, kept as it is.
+            entries.push(value.clone());
+            continue;
+        };
+        match wanted.iter().find(|w| w.name() == name) {
+            Some(w) => {
+                let unchanged = serde_json::from_value::<T>(value.clone()).is_ok_and(|v| v == *w);
+                entries.push(if unchanged {
+                    value.clone()
+                } else {
+                    serde_json::to_value(w).expect("a config entry always serializes")
+                });
+                written.insert(name.to_string());
+            }
+            None if removed.contains(&(section, name.to_string())) => {}
+            None => entries.push(value.clone()),
+        }
+    }
+    for w in wanted.iter().filter(|w| !written.contains(w.name())) {
+        entries.push(serde_json::to_value(w).expect("a config entry always serializes"));
+    }
+    Ok(entries)
+}
+
+/// Writes `path` so that a crash at any moment leaves either the old or the new content: a
+/// temporary file beside it (with the old file's permissions, else 0600: it names the
+/// host's disks), fsync, rename over, fsync of the directory.
+fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::BadArgument(format!("{}: not a file name", path.display())))?;
+    let temp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io(format!("creating {}", temp.display())))?;
+    if let Ok(old) = std::fs::metadata(path) {
+        file.set_permissions(old.permissions())
+            .map_err(io(format!("setting the permissions of {}", temp.display())))?;
+    }
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(io(format!("writing {}", temp.display())))?;
+    drop(file);
+    std::fs::rename(&temp, path).map_err(io(format!(
+        "renaming {} to {}",
+        temp.display(),
+        path.display()
+    )))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", dir.display())))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,7 +347,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.controllers[0].queues, 1);
         assert!(!config.controllers[0].readonly);
-        config.save(&path).unwrap();
+        assert!(config.save_into(&path, &BTreeSet::new()).unwrap());
         assert_eq!(TargetConfig::load(&path).unwrap(), config);
         assert!(!dir.join(".target.json.tmp").exists());
         for bad in [
@@ -186,6 +362,137 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         assert!(TargetConfig::load(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn temp_file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfblk-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("target.json")
+    }
+
+    /// An operator's file: their order, their key order, their spelling of defaults, and
+    /// their own layout.
+    const OPERATORS_FILE: &str = r#"{ "controllers": [
+  {"socket": "/run/z.sock", "name": "z", "backend": "dz", "queues": 1},
+  {"socket": "/run/a.sock", "name": "a", "backend": "da"}
+],
+"backends": [
+  {"name": "dz", "kind": "file", "path": "/srv/dz.img"},
+  {"kind": "mem", "name": "da", "size": 1048576, "path": "/dev/shm/da"}
+] }
+"#;
+
+    #[test]
+    fn saving_what_the_file_says_leaves_it_untouched() {
+        let path = temp_file("same");
+        std::fs::write(&path, OPERATORS_FILE).unwrap();
+        let config = TargetConfig::load(&path).unwrap();
+        // The target lists entries in its own order; the file's order is what counts.
+        let mut shuffled = config.clone();
+        shuffled.controllers.reverse();
+        shuffled.backends.reverse();
+        assert!(!shuffled.save_into(&path, &BTreeSet::new()).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), OPERATORS_FILE);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_change_touches_its_own_entry_and_nothing_else() {
+        let path = temp_file("change");
+        std::fs::write(&path, OPERATORS_FILE).unwrap();
+        let mut config = TargetConfig::load(&path).unwrap();
+        // One entry changed, one removed, one added.
+        config.controllers.retain(|c| c.name != "a");
+        config.backends[1].spec = BackendSpec::Mem {
+            path: "/dev/shm/da".into(),
+            size: 2 << 20,
+        };
+        config.backends.push(BackendConfig {
+            name: "new".into(),
+            spec: BackendSpec::Null { size: 1 << 20 },
+        });
+        let removed = BTreeSet::from([(Section::Controllers, "a".to_string())]);
+        assert!(config.save_into(&path, &removed).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        // The operator's section order and an untouched entry's keys, in their order.
+        let sections: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(sections, ["controllers", "backends"]);
+        let z: Vec<&str> = value["controllers"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(z, ["socket", "name", "backend", "queues"], "{text}");
+        assert_eq!(value["controllers"].as_array().unwrap().len(), 1, "{text}");
+        let names: Vec<&str> = value["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dz", "da", "new"], "{text}");
+        assert_eq!(value["backends"][1]["size"], 2 << 20);
+        assert_eq!(TargetConfig::load(&path).unwrap().backends.len(), 3);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn entries_added_by_hand_stay_and_a_broken_file_is_not_overwritten() {
+        let path = temp_file("hand");
+        std::fs::write(&path, OPERATORS_FILE).unwrap();
+        let config = TargetConfig::load(&path).unwrap();
+        // The operator adds a disk by hand while the target runs; the target, which never
+        // loaded it, saves a change of its own.
+        let mut edited: Value = serde_json::from_str(OPERATORS_FILE).unwrap();
+        edited["backends"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "byhand", "kind": "null", "size": 4096}));
+        std::fs::write(&path, edited.to_string()).unwrap();
+        let mut changed = config.clone();
+        changed.backends.push(BackendConfig {
+            name: "rpc".into(),
+            spec: BackendSpec::Null { size: 4096 },
+        });
+        assert!(changed.save_into(&path, &BTreeSet::new()).unwrap());
+        let names: Vec<String> = TargetConfig::load(&path)
+            .unwrap()
+            .backends
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(names, ["dz", "da", "byhand", "rpc"]);
+        // Half an edit on disk: nothing is written over it.
+        std::fs::write(&path, "{\"backends\": [").unwrap();
+        let e = changed.save_into(&path, &BTreeSet::new()).unwrap_err();
+        assert!(e.to_string().contains("left as it is"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"backends\": [");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_new_file_is_private_and_an_old_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_file("mode");
+        let config: TargetConfig = serde_json::from_str(OPERATORS_FILE).unwrap();
+        assert!(config.save_into(&path, &BTreeSet::new()).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut changed = config.clone();
+        changed.controllers.pop();
+        let removed = BTreeSet::from([(Section::Controllers, "a".to_string())]);
+        assert!(changed.save_into(&path, &removed).unwrap());
+        assert_eq!(mode(&path), 0o640);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

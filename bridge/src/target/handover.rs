@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use vfblk_vhost::handover::{Channel, Fds, ServerState, STEP_DEADLINE};
 use vfblk_vhost::server::SocketServer;
 
-use super::{Target, TargetConfig};
+use super::{Target, TargetConfig, UnservedEntries};
 use crate::{Error, Result};
 
 /// The state format this binary writes and reads. Raise it whenever the steps,
@@ -67,6 +67,10 @@ struct TargetState {
     /// NVMe controllers lent to the new process (disabled, nothing in flight).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     nvme: Vec<LentNvme>,
+    /// Configured entries this process could not serve: the successor keeps them (and
+    /// writes them back to the config file) as this one did.
+    #[serde(default, skip_serializing_if = "UnservedEntries::is_empty")]
+    unserved: UnservedEntries,
 }
 
 /// An NVMe controller lent to the new process: the VFIO fds it adopts, and what of the
@@ -221,7 +225,8 @@ impl Target {
         if self.handed_over {
             return Err(failed("this process has handed over already"));
         }
-        let config = self.config();
+        // What is served goes ahead; entries kept unserved come with the state.
+        let config = self.served_config();
         let binary = match binary {
             Some(b) => b.to_path_buf(),
             None => this_binary()?,
@@ -354,6 +359,7 @@ impl Target {
                     rpc,
                     metrics,
                     nvme,
+                    unserved: self.unserved.clone(),
                 })),
                 &message_fds,
                 STEP_DEADLINE,
@@ -545,6 +551,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         (other, _) => return Err(failed(format!("expected go, got {other:?}"))),
     }
     target.nvme.lender_gone();
+    target.adopt_unserved(state.unserved.clone());
     for (config, device, taken) in servers {
         let server = taken.serve()?;
         target.add_controller(config, device, server);

@@ -9,8 +9,9 @@ pub mod handover;
 pub mod metrics;
 pub mod restart;
 pub mod rpc;
+pub mod unserved;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,10 @@ use crate::device::BlkDevice;
 use crate::spec::BackendSpec;
 use crate::stats::StatsSnapshot;
 use crate::{Error, Result};
-pub use config::{check_name, BackendConfig, ControllerConfig, NvmeAttachConfig, TargetConfig};
+pub use config::{
+    check_name, BackendConfig, ControllerConfig, NvmeAttachConfig, Section, TargetConfig,
+};
+pub use unserved::{RetryReport, Unserved, UnservedEntries};
 use vfblk_nvme::pci::PciAddress;
 
 /// How long a poller spins without work before it sleeps on kicks.
@@ -83,6 +87,16 @@ struct ControllerEntry {
     server: SocketServer,
 }
 
+/// Whether a configured object is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryState {
+    /// Open and serving.
+    Serving,
+    /// In the configuration, but creating it failed (see its error); kept and retried.
+    Failed,
+}
+
 /// A backend as `backend_list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendStatus {
@@ -91,6 +105,11 @@ pub struct BackendStatus {
     /// What it was created from.
     #[serde(flatten)]
     pub spec: BackendSpec,
+    /// Served, or kept in the configuration after a failure.
+    pub state: EntryState,
+    /// Why it is not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// What it is.
     pub description: String,
     /// Capacity in bytes.
@@ -110,6 +129,11 @@ pub struct ControllerStatus {
     /// Its configuration.
     #[serde(flatten)]
     pub config: ControllerConfig,
+    /// Served, or kept in the configuration after a failure.
+    pub state: EntryState,
+    /// Why it is not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// A frontend is connected.
     pub connected: bool,
     /// Frontends accepted since the controller was created.
@@ -172,6 +196,12 @@ pub struct Target {
     handed_over: bool,
     /// The fd store connections are kept in.
     store: Option<Arc<vfblk_vhost::keep::FdStore>>,
+    /// Configured entries that could not be served.
+    unserved: UnservedEntries,
+    /// While [`Target::retry_unserved`] runs: the entries being tried, as they were.
+    retrying: UnservedEntries,
+    /// Entries deleted since the config file was last saved (they leave the file).
+    removed: BTreeSet<(Section, String)>,
 }
 
 impl Target {
@@ -219,6 +249,9 @@ impl Target {
             rpc_listener: None,
             metrics_listener: None,
             handed_over: false,
+            unserved: UnservedEntries::default(),
+            retrying: UnservedEntries::default(),
+            removed: BTreeSet::new(),
         })
     }
 
@@ -233,6 +266,7 @@ impl Target {
     /// becomes a backend `<name>n<nsid>`. Returns their names.
     pub fn attach_nvme(&mut self, name: &str, address: PciAddress) -> Result<Vec<String>> {
         check_name("NVMe controller", name)?;
+        self.check_not_unserved(Section::Nvme, name)?;
         if self.attachments.contains_key(name) {
             return Err(Error::Exists {
                 what: "NVMe controller",
@@ -288,6 +322,9 @@ impl Target {
 
     /// Detaches an NVMe controller; refused while a controller uses one of its namespaces.
     pub fn detach_nvme(&mut self, name: &str) -> Result<()> {
+        if self.delete_unserved(Section::Nvme, name)? {
+            return Ok(());
+        }
         let (address, backends) =
             self.attachments
                 .get(name)
@@ -309,6 +346,7 @@ impl Target {
             self.backends.remove(b);
         }
         self.attachments.remove(name);
+        self.removed.insert((Section::Nvme, name.to_string()));
         self.nvme.close_unused();
         tracing::info!("{name} ({address}) detached");
         Ok(())
@@ -317,6 +355,7 @@ impl Target {
     /// Opens a backend under `name`.
     pub fn create_backend(&mut self, name: &str, spec: BackendSpec) -> Result<()> {
         check_name("backend", name)?;
+        self.check_not_unserved(Section::Backends, name)?;
         if self.backends.contains_key(name) {
             return Err(Error::Exists {
                 what: "backend",
@@ -361,6 +400,9 @@ impl Target {
 
     /// Closes backend `name`; refused while a controller uses it.
     pub fn delete_backend(&mut self, name: &str) -> Result<()> {
+        if self.delete_unserved(Section::Backends, name)? {
+            return Ok(());
+        }
         if !self.backends.contains_key(name) {
             return Err(Error::NotFound {
                 what: "backend",
@@ -380,16 +422,20 @@ impl Target {
             )));
         }
         self.backends.remove(name);
+        self.removed.insert((Section::Backends, name.to_string()));
         self.nvme.close_unused();
         tracing::info!("backend {name} deleted");
         Ok(())
     }
 
+    /// Controllers that use `backend`, served or not.
     fn users_of(&self, backend: &str) -> Vec<String> {
-        self.controllers
-            .values()
-            .filter(|c| c.config.backend == backend)
-            .map(|c| c.config.name.clone())
+        let served = self.controllers.values().map(|c| &c.config);
+        let unserved = self.unserved.controllers().map(|u| &u.entry);
+        served
+            .chain(unserved)
+            .filter(|c| c.backend == backend)
+            .map(|c| c.name.clone())
             .collect()
     }
 
@@ -414,6 +460,7 @@ impl Target {
                 name,
             });
         }
+        self.check_not_unserved(Section::Controllers, &name)?;
         let bad = |why: String| Error::BadArgument(format!("controller {name}: {why}"));
         if config.queues == 0 || config.queues > MAX_QUEUES {
             return Err(bad(format!(
@@ -425,15 +472,13 @@ impl Target {
         if serial.len() > crate::virtio_blk::ID_BYTES {
             return Err(bad(format!("serial {serial:?} is longer than 20 bytes")));
         }
-        if let Some(other) = self
-            .controllers
-            .values()
-            .find(|c| c.config.socket == config.socket)
-        {
+        let served = self.controllers.values().map(|c| &c.config);
+        let unserved = self.unserved.controllers().map(|u| &u.entry);
+        if let Some(other) = served.chain(unserved).find(|c| c.socket == config.socket) {
             return Err(bad(format!(
                 "{} is the socket of controller {}",
                 config.socket.display(),
-                other.config.name
+                other.name
             )));
         }
         check_socket_path(&config.socket).map_err(bad)?;
@@ -525,6 +570,9 @@ impl Target {
     /// Deletes a controller: what is in flight completes, the frontend is disconnected and
     /// the socket removed.
     pub fn delete_controller(&mut self, name: &str) -> Result<()> {
+        if self.delete_unserved(Section::Controllers, name)? {
+            return Ok(());
+        }
         let entry = self
             .controllers
             .remove(name)
@@ -532,6 +580,8 @@ impl Target {
                 what: "controller",
                 name: name.to_string(),
             })?;
+        self.removed
+            .insert((Section::Controllers, name.to_string()));
         let started = std::time::Instant::now();
         entry.server.stop(true);
         tracing::info!(
@@ -541,31 +591,19 @@ impl Target {
         Ok(())
     }
 
-    /// Creates what `config` lists, in order. Each failure is returned with the object's
-    /// name and does not stop the rest: one broken disk must not keep every other VM down.
-    pub fn apply(&mut self, config: TargetConfig) -> Vec<(String, Error)> {
-        let mut failures = Vec::new();
-        for n in config.nvme {
-            if let Err(e) = self.attach_nvme(&n.name, n.address) {
-                failures.push((format!("NVMe controller {}", n.name), e));
-            }
-        }
-        for b in config.backends {
-            if let Err(e) = self.create_backend(&b.name, b.spec) {
-                failures.push((format!("backend {}", b.name), e));
-            }
-        }
-        for c in config.controllers {
-            let name = c.name.clone();
-            if let Err(e) = self.create_controller(c) {
-                failures.push((format!("controller {name}"), e));
-            }
-        }
-        failures
+    /// The configuration as the config file holds it: what is served and what is kept
+    /// unserved.
+    pub fn config(&self) -> TargetConfig {
+        let mut config = self.served_config();
+        let unserved = self.unserved.config();
+        config.nvme.extend(unserved.nvme);
+        config.backends.extend(unserved.backends);
+        config.controllers.extend(unserved.controllers);
+        config
     }
 
     /// What is being served, as a config file holds it.
-    pub fn config(&self) -> TargetConfig {
+    pub fn served_config(&self) -> TargetConfig {
         TargetConfig {
             nvme: self
                 .attachments
@@ -597,31 +635,47 @@ impl Target {
         self.settings.config_file.as_deref()
     }
 
-    /// Writes the configuration to the config file (a no-op without one).
-    pub fn save(&self) -> Result<()> {
-        match &self.settings.config_file {
-            Some(path) => self.config().save(path),
-            None => Ok(()),
+    /// Writes the configuration into the config file (a no-op without one), changing only
+    /// what changed (see [`TargetConfig::save_into`]).
+    pub fn save(&mut self) -> Result<()> {
+        let Some(path) = &self.settings.config_file else {
+            return Ok(());
+        };
+        if self.config().save_into(path, &self.removed)? {
+            tracing::debug!("{} written", path.display());
         }
+        self.removed.clear();
+        Ok(())
     }
 
     /// The backends.
     pub fn backend_list(&self) -> Vec<BackendStatus> {
-        self.backends
-            .iter()
-            .map(|(name, b)| {
-                let info = b.backend.info();
-                BackendStatus {
-                    name: name.clone(),
-                    spec: b.spec.clone(),
-                    description: info.description.clone(),
-                    capacity_bytes: info.capacity_sectors * 512,
-                    block_size: info.block_size,
-                    used_by: self.users_of(name),
-                    nvme: b.attachment.clone(),
-                }
-            })
-            .collect()
+        let served = self.backends.iter().map(|(name, b)| {
+            let info = b.backend.info();
+            BackendStatus {
+                name: name.clone(),
+                spec: b.spec.clone(),
+                state: EntryState::Serving,
+                error: None,
+                description: info.description.clone(),
+                capacity_bytes: info.capacity_sectors * 512,
+                block_size: info.block_size,
+                used_by: self.users_of(name),
+                nvme: b.attachment.clone(),
+            }
+        });
+        let unserved = self.unserved.backends().map(|u| BackendStatus {
+            name: u.entry.name.clone(),
+            spec: u.entry.spec.clone(),
+            state: EntryState::Failed,
+            error: Some(u.error.clone()),
+            description: describe(&u.entry.spec),
+            capacity_bytes: 0,
+            block_size: 0,
+            used_by: self.users_of(&u.entry.name),
+            nvme: None,
+        });
+        served.chain(unserved).collect()
     }
 
     /// The controllers.
@@ -632,10 +686,19 @@ impl Target {
                 let s = c.server.stats();
                 ControllerStatus {
                     config: c.config.clone(),
+                    state: EntryState::Serving,
+                    error: None,
                     connected: s.connected,
                     connections: s.accepted,
                 }
             })
+            .chain(self.unserved.controllers().map(|u| ControllerStatus {
+                config: u.entry.clone(),
+                state: EntryState::Failed,
+                error: Some(u.error.clone()),
+                connected: false,
+                connections: 0,
+            }))
             .collect()
     }
 

@@ -21,6 +21,7 @@ impl Target {
         mut stored: StoredFds,
     ) -> Vec<(String, Error)> {
         let mut failures = Vec::new();
+        let started_from_store = !stored.names().is_empty();
         let TargetConfig {
             nvme,
             backends,
@@ -35,10 +36,14 @@ impl Target {
         let mut resumed = 0;
         for c in controllers {
             let name = c.name.clone();
+            let configured = c.clone();
             match self.restart_controller(c, &mut stored) {
                 Ok(true) => resumed += 1,
                 Ok(false) => {}
-                Err(e) => failures.push((format!("controller {name}"), e)),
+                Err(e) => {
+                    self.unserved_controller(configured, &e);
+                    failures.push((format!("controller {name}"), e));
+                }
             }
         }
         // Left over: fds of connections that ended while their successor's names were
@@ -51,10 +56,13 @@ impl Target {
                 }
             }
         }
-        tracing::info!(
-            "started again from the fd store: {resumed} connection(s) resumed without reconnect, {} stale fd(s) dropped",
-            leftover.len()
-        );
+        // A first start (no store, or nothing in it) is no start again.
+        if started_from_store {
+            tracing::info!(
+                "started again from the fd store: {resumed} connection(s) resumed without reconnect, {} stale fd(s) dropped",
+                leftover.len()
+            );
+        }
         failures
     }
 

@@ -70,6 +70,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("vhost_blk_list", "{}"),
     ("stats", "{}"),
     ("config_save", "{}"),
+    ("backend_retry", "{}"),
     ("upgrade", "{binary?}"),
     ("rpc_get_methods", "{}"),
 ];
@@ -120,8 +121,17 @@ fn dispatch(
     p: Value,
 ) -> std::result::Result<Value, RpcError> {
     let lock = || target.lock().unwrap_or_else(|e| e.into_inner());
+    // Before a change, configured entries not served are tried again (a late mount is
+    // there now), so that the change and the file see them served if they can be.
+    let lock_for_change = || {
+        let mut t = lock();
+        if !t.unserved().is_empty() {
+            t.retry_unserved();
+        }
+        t
+    };
     // Changes are saved before they are reported done.
-    let saved = |t: &Target| -> std::result::Result<Value, RpcError> {
+    let saved = |t: &mut Target| -> std::result::Result<Value, RpcError> {
         t.save().map(|()| Value::Bool(true)).map_err(|e| {
             RpcError::new(
                 code::NOT_SAVED,
@@ -135,28 +145,28 @@ fn dispatch(
     match method {
         "backend_create" => {
             let b: BackendConfig = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             t.create_backend(&b.name, b.spec)?;
-            saved(&t)
+            saved(&mut t)
         }
         "backend_delete" => {
             let ByName { name } = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             t.delete_backend(&name)?;
-            saved(&t)
+            saved(&mut t)
         }
         "nvme_attach" => {
             let a: super::NvmeAttachConfig = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             let backends = t.attach_nvme(&a.name, a.address)?;
-            saved(&t)?;
+            saved(&mut t)?;
             Ok(json!({ "backends": backends }))
         }
         "nvme_detach" => {
             let ByName { name } = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             t.detach_nvme(&name)?;
-            saved(&t)
+            saved(&mut t)
         }
         "backend_list" => {
             let Nothing {} = params(p)?;
@@ -164,15 +174,15 @@ fn dispatch(
         }
         "vhost_blk_create" => {
             let c: ControllerConfig = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             t.create_controller(c)?;
-            saved(&t)
+            saved(&mut t)
         }
         "vhost_blk_delete" => {
             let ByName { name } = params(p)?;
-            let mut t = lock();
+            let mut t = lock_for_change();
             t.delete_controller(&name)?;
-            saved(&t)
+            saved(&mut t)
         }
         "vhost_blk_list" => {
             let Nothing {} = params(p)?;
@@ -184,7 +194,7 @@ fn dispatch(
         }
         "config_save" => {
             let Nothing {} = params(p)?;
-            let t = lock();
+            let mut t = lock_for_change();
             let Some(path) = t.config_file().map(Path::to_path_buf) else {
                 return Err(RpcError::new(
                     code::FAILED,
@@ -193,6 +203,13 @@ fn dispatch(
             };
             t.save()?;
             Ok(json!({"path": path}))
+        }
+        "backend_retry" => {
+            let Nothing {} = params(p)?;
+            let mut t = lock();
+            let report = t.retry_unserved();
+            saved(&mut t)?;
+            Ok(to_value(report))
         }
         "upgrade" => {
             #[derive(Deserialize)]
