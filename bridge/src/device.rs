@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vfblk_vhost::chain::Chain;
-use vfblk_vhost::device::{Device, QueueHandler, QueueSetup, Taken};
+use vfblk_vhost::device::{Device, Finished, QueueHandler, QueueSetup, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
@@ -15,7 +15,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 
-use crate::backend::{Backend, BackendQueue};
+use crate::backend::{Backend, BackendQueue, Queue};
 use crate::limits::{Limiter, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, Kind, QueueStats};
@@ -274,12 +274,14 @@ pub struct BlkQueue {
     /// What the backend's volatile cache means for writes.
     pub cache: CacheMode,
     index: u16,
-    backend: Box<dyn BackendQueue>,
+    backend: Queue,
     limits: Limits,
     id: [u8; ID_BYTES],
     request: Box<Request>,
     /// Per head: where its status byte goes and how many bytes its completion writes.
     slots: Vec<Slot>,
+    /// What the backend reported in this poll (room for every head).
+    backend_done: Vec<(u16, u8)>,
     errors: Arc<GuestErrors>,
     /// The device's counters (None in unit tests of the queue alone).
     stats: Option<Arc<DeviceStats>>,
@@ -293,12 +295,7 @@ unsafe impl Send for BlkQueue {}
 
 impl BlkQueue {
     /// A queue over a backend queue.
-    pub fn new(
-        backend: Box<dyn BackendQueue>,
-        limits: Limits,
-        id: [u8; ID_BYTES],
-        setup: &QueueSetup,
-    ) -> Self {
+    pub fn new(backend: Queue, limits: Limits, id: [u8; ID_BYTES], setup: &QueueSetup) -> Self {
         Self {
             cache: CacheMode::Writeback,
             index: setup.index,
@@ -307,6 +304,7 @@ impl BlkQueue {
             id,
             request: Box::default(),
             slots: vec![Slot::answer(std::ptr::null_mut(), 0); usize::from(setup.size)],
+            backend_done: Vec::with_capacity(usize::from(setup.size)),
             errors: setup.errors.clone(),
             stats: None,
             limiter: None,
@@ -415,13 +413,14 @@ impl QueueHandler for BlkQueue {
         self.backend.flush_submissions();
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize {
-        let slots = &self.slots;
+    fn poll(&mut self, finished: &mut Finished) -> usize {
+        self.backend_done.clear();
+        let reported = self.backend.poll(&mut self.backend_done);
         let stats = self.stats.as_deref().and_then(|s| s.queue(self.index));
         let mut now = None;
-        self.backend.poll(&mut |head, st| {
-            let Some(slot) = slots.get(usize::from(head)) else {
-                return;
+        for &(head, st) in &self.backend_done {
+            let Some(slot) = self.slots.get(usize::from(head)) else {
+                continue;
             };
             write_status(slot, st);
             if let Some(stats) = stats {
@@ -434,8 +433,9 @@ impl QueueHandler for BlkQueue {
                 let bytes = if ok { u64::from(slot.bytes) } else { 0 };
                 stats.record(slot.kind, bytes, ok, now.saturating_sub(started));
             }
-            done(head, slot.written);
-        })
+            finished.push(head, slot.written);
+        }
+        reported
     }
 
     fn in_flight(&self) -> usize {
@@ -503,12 +503,15 @@ mod tests {
                 Taken::Pending => {
                     let deadline = Instant::now() + Duration::from_secs(5);
                     let mut got = None;
+                    let mut finished = Finished::default();
                     while got.is_none() {
                         self.queue.flush();
-                        self.queue.poll(&mut |h, n| {
+                        self.queue.poll(&mut finished);
+                        for (h, n) in finished.iter() {
                             assert_eq!(h, head, "the head we submitted");
                             got = Some(n);
-                        });
+                        }
+                        finished.clear();
                         assert!(Instant::now() < deadline, "the backend completed in 5 s");
                     }
                     got.unwrap()
@@ -662,7 +665,7 @@ mod tests {
     }
 
     struct RecordingQueue {
-        inner: Box<dyn crate::backend::BackendQueue>,
+        inner: crate::backend::Queue,
         last_durable: Arc<AtomicBool>,
     }
 
@@ -670,8 +673,8 @@ mod tests {
         fn info(&self) -> &crate::backend::BackendInfo {
             self.inner.info()
         }
-        fn open_queue(&self, poller: u64) -> crate::Result<Box<dyn crate::backend::BackendQueue>> {
-            Ok(Box::new(RecordingQueue {
+        fn open_queue(&self, poller: u64) -> crate::Result<crate::backend::Queue> {
+            Ok(crate::backend::Queue::other(RecordingQueue {
                 inner: self.inner.open_queue(poller)?,
                 last_durable: self.last_durable.clone(),
             }))
@@ -686,7 +689,7 @@ mod tests {
             self.last_durable.store(request.durable, Ordering::Relaxed);
             self.inner.submit(request, token)
         }
-        fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+        fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
             self.inner.poll(done)
         }
         fn in_flight(&self) -> usize {

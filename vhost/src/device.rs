@@ -77,8 +77,62 @@ pub trait QueueHandler: Send {
     /// Pushes out what was started since the last call (one system call per batch for
     /// handlers that need one).
     fn flush(&mut self) {}
-    /// Reports finished chains as (head, bytes written); returns how many.
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize;
+    /// Adds the chains finished since the last call to `finished`; returns how many.
+    fn poll(&mut self, finished: &mut Finished) -> usize;
     /// Chains started and not yet reported.
     fn in_flight(&self) -> usize;
+}
+
+/// Chains a handler has finished, in the order it finished them: each head with the bytes
+/// written into its buffers. The handler fills it in [`QueueHandler::poll`]; the queue
+/// publishes it to the used ring. Pulled rather than called back, so that completion is a
+/// store into a buffer, not a dynamic call per request.
+#[derive(Debug, Default)]
+pub struct Finished {
+    heads: Vec<u16>,
+    written: Vec<u32>,
+}
+
+impl Finished {
+    /// Room for `heads` completions: a ring's size, as no more heads can be out at once, so
+    /// that a push on the request path never allocates.
+    pub fn with_capacity(heads: usize) -> Self {
+        Self {
+            heads: Vec::with_capacity(heads),
+            written: Vec::with_capacity(heads),
+        }
+    }
+
+    /// Chain `head` is finished with `written` bytes written into it.
+    #[inline]
+    pub fn push(&mut self, head: u16, written: u32) {
+        self.heads.push(head);
+        self.written.push(written);
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// None yet.
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// The heads, in completion order.
+    pub fn heads(&self) -> &[u16] {
+        &self.heads
+    }
+
+    /// (head, bytes written), in completion order.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
+        self.heads.iter().copied().zip(self.written.iter().copied())
+    }
+
+    /// Forgets them (published, or dropped with their connection).
+    pub fn clear(&mut self) {
+        self.heads.clear();
+        self.written.clear();
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::chain::Chain;
-use crate::device::{QueueHandler, Taken};
+use crate::device::{Finished, QueueHandler, Taken};
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
@@ -534,8 +534,7 @@ struct QueueRuntime {
     resubmit: Vec<u16>,
     chain: Chain,
     /// Heads finished since the last publication, and the bytes written into each.
-    completed: Vec<u16>,
-    written: Vec<u32>,
+    completed: Finished,
     broken: bool,
 }
 
@@ -560,8 +559,7 @@ impl QueueRuntime {
             errors: q.errors,
             resubmit,
             chain: Chain::default(),
-            completed: Vec::with_capacity(size),
-            written: Vec::with_capacity(size),
+            completed: Finished::with_capacity(size),
             broken: false,
         };
         runtime.vq.set_kicks(false);
@@ -574,8 +572,7 @@ impl QueueRuntime {
     }
 
     fn complete(&mut self, head: u16, written: u32) {
-        self.completed.push(head);
-        self.written.push(written);
+        self.completed.push(head, written);
     }
 
     /// Walks the chain at `head` and hands it to the handler.
@@ -670,17 +667,13 @@ impl QueueRuntime {
         // Lost memory is noticed before completions write their status bytes.
         if self.memory_lost() {
             self.stop_broken(
-                self.completed.first().copied().unwrap_or(0),
+                self.completed.heads().first().copied().unwrap_or(0),
                 format_args!("the frontend shrank a shared memory file under the device"),
             );
             return work;
         }
         // Finish every completion the handler reports, however many.
-        let (completed, written) = (&mut self.completed, &mut self.written);
-        work += self.handler.poll(&mut |head, len| {
-            completed.push(head);
-            written.push(len);
-        });
+        work += self.handler.poll(&mut self.completed);
         self.publish();
         work
     }
@@ -700,9 +693,8 @@ impl QueueRuntime {
         }
         // What was done on lost memory must not be reported as done: stop instead.
         if self.memory_lost() {
-            let head = self.completed[0];
+            let head = self.completed.heads()[0];
             self.completed.clear();
-            self.written.clear();
             self.stop_broken(
                 head,
                 format_args!("the frontend shrank a shared memory file under the device"),
@@ -710,17 +702,16 @@ impl QueueRuntime {
             return;
         }
         if let Some((inflight, _)) = &mut self.inflight {
-            inflight.prepare_batch(&self.completed);
+            inflight.prepare_batch(self.completed.heads());
         }
-        for (&head, &written) in self.completed.iter().zip(&self.written) {
+        for (head, written) in self.completed.iter() {
             self.vq.push_used(head, written);
         }
         self.vq.publish_used();
         if let Some((inflight, _)) = &mut self.inflight {
-            inflight.finish_batch(&self.completed, self.vq.next_used);
+            inflight.finish_batch(self.completed.heads(), self.vq.next_used);
         }
         self.completed.clear();
-        self.written.clear();
         if self.vq.needs_notification() {
             self.signal();
         }
@@ -741,7 +732,8 @@ impl QueueRuntime {
                 // The connection is gone: let the handler finish, publish nothing; the
                 // inflight region still lists these, so the next connection runs them again.
                 self.handler.flush();
-                self.handler.poll(&mut |_, _| {});
+                self.handler.poll(&mut self.completed);
+                self.completed.clear();
             }
             std::thread::yield_now();
         }
@@ -795,7 +787,7 @@ mod tests {
         fn refuse(&mut self, _head: u16, last: Option<crate::chain::Segment>) -> Option<u32> {
             last.filter(|s| s.write).map(|_| 1)
         }
-        fn poll(&mut self, done: &mut dyn FnMut(u16, u32)) -> usize {
+        fn poll(&mut self, finished: &mut Finished) -> usize {
             let released: Vec<u16> = match &self.release {
                 Release::Burst(n) if self.held.len() >= *n => std::mem::take(&mut self.held),
                 Release::Burst(_) => Vec::new(),
@@ -803,7 +795,7 @@ mod tests {
             };
             for h in &released {
                 self.held.retain(|x| x != h);
-                done(*h, 1);
+                finished.push(*h, 1);
             }
             released.len()
         }

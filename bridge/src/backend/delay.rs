@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Backend, BackendInfo, BackendQueue};
+use super::{Backend, BackendInfo, BackendQueue, Queue};
 use crate::request::Request;
 use crate::Result;
 
@@ -34,11 +34,12 @@ impl Backend for DelayBackend {
         &self.info
     }
 
-    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>> {
-        Ok(Box::new(DelayQueue {
+    fn open_queue(&self, poller: u64) -> Result<Queue> {
+        Ok(Queue::from(DelayQueue {
             inner: self.inner.open_queue(poller)?,
             delay: self.delay,
             held: Vec::with_capacity(4096),
+            inner_done: Vec::with_capacity(4096),
             // Different orders in different runs; never zero (xorshift would stay at zero).
             rng: 0x2545_f491_4f6c_dd1d
                 ^ std::time::SystemTime::now()
@@ -50,10 +51,12 @@ impl Backend for DelayBackend {
     }
 }
 
-struct DelayQueue {
-    inner: Box<dyn BackendQueue>,
+pub struct DelayQueue {
+    inner: Queue,
     delay: Duration,
     held: Vec<(Instant, u16, u8)>,
+    /// What the inner queue reported in this poll, before it is held.
+    inner_done: Vec<(u16, u8)>,
     rng: u64,
 }
 
@@ -70,21 +73,21 @@ impl BackendQueue for DelayQueue {
         self.inner.flush_submissions();
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
         let now = Instant::now();
-        let held = &mut self.held;
-        let rng = &mut self.rng;
         let limit = self.delay.as_micros().max(1) as u64;
-        self.inner.poll(&mut |token, status| {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            held.push((
-                now + Duration::from_micros(*rng % (limit + 1)),
+        self.inner_done.clear();
+        self.inner.poll(&mut self.inner_done);
+        for &(token, status) in &self.inner_done {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.held.push((
+                now + Duration::from_micros(self.rng % (limit + 1)),
                 token,
                 status,
             ));
-        });
+        }
         // Shuffle the ripe ones (xorshift), then release them.
         let mut ripe = 0;
         for i in 0..self.held.len() {
@@ -100,9 +103,11 @@ impl BackendQueue for DelayQueue {
             let j = (self.rng % (i as u64 + 1)) as usize;
             self.held.swap(i, j);
         }
-        for (_, token, status) in self.held.drain(..ripe) {
-            done(token, status);
-        }
+        done.extend(
+            self.held
+                .drain(..ripe)
+                .map(|(_, token, status)| (token, status)),
+        );
         ripe
     }
 

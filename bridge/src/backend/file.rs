@@ -11,7 +11,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::created::Creating;
-use super::{Backend, BackendInfo, BackendQueue};
+use super::{Backend, BackendInfo, BackendQueue, Queue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -127,13 +127,13 @@ impl Backend for FileBackend {
         &self.info
     }
 
-    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, _poller: u64) -> Result<Queue> {
         let entries = DEPTH as u32 * 2;
         let ring = IoUring::new(entries).map_err(|source| Error::Io {
             what: format!("io_uring_setup with {entries} entries"),
             source,
         })?;
-        Ok(Box::new(FileQueue {
+        Ok(Queue::from(FileQueue {
             ring,
             direct: self.direct.clone(),
             buffered: self.buffered.clone(),
@@ -188,7 +188,7 @@ impl Default for Slot {
 // the queue is used by one thread.
 unsafe impl Send for Slot {}
 
-struct FileQueue {
+pub struct FileQueue {
     ring: IoUring,
     direct: Option<Arc<File>>,
     buffered: Arc<File>,
@@ -358,7 +358,7 @@ impl BackendQueue for FileQueue {
         }
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
         let slots = &mut self.slots;
         let free = &mut self.free;
         let zero_work = &mut self.zero_work;
@@ -404,7 +404,7 @@ impl BackendQueue for FileQueue {
                 if slot.status == status::OK && slot.done_bytes < slot.expected {
                     slot.status = status::IOERR;
                 }
-                done(slot.token, slot.status);
+                done.push((slot.token, slot.status));
                 free.push(index);
                 finished += 1;
             }

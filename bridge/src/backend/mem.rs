@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::created::Creating;
-use super::{Backend, BackendInfo, BackendQueue, ExecuteNow, FinishedAtSubmit};
+use super::{Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, Queue};
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -53,15 +53,16 @@ impl Backend for MemBackend {
         &self.info
     }
 
-    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
-        Ok(Box::new(FinishedAtSubmit::new(MemExecutor {
+    fn open_queue(&self, _poller: u64) -> Result<Queue> {
+        Ok(FinishedAtSubmit::new(MemExecutor {
             map: self.map.clone(),
-        })))
+        })
+        .into())
     }
 }
 
 /// A queue's view of the RAM disk.
-struct MemExecutor {
+pub struct MemExecutor {
     map: Arc<memmap2::MmapRaw>,
 }
 

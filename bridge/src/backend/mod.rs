@@ -63,7 +63,7 @@ impl BackendInfo {
 }
 
 /// How a backend that finishes every request when it is submitted does one (RAM, null).
-trait ExecuteNow: Send {
+pub trait ExecuteNow: Send {
     /// The backend's name in errors.
     const NAME: &'static str;
     /// Does `request` (checked by [`crate::request::parse`]); its virtio status.
@@ -72,7 +72,7 @@ trait ExecuteNow: Send {
 
 /// The queue of a backend that finishes requests at submission: their completions wait here
 /// for the next poll.
-struct FinishedAtSubmit<X> {
+pub struct FinishedAtSubmit<X> {
     executor: X,
     /// In submission order; a poll reports them all.
     done: Vec<(u16, u8)>,
@@ -105,11 +105,9 @@ impl<X: ExecuteNow> BackendQueue for FinishedAtSubmit<X> {
         Ok(())
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
         let n = self.done.len();
-        for (token, status) in self.done.drain(..) {
-            done(token, status);
-        }
+        done.append(&mut self.done);
         n
     }
 
@@ -124,7 +122,7 @@ pub trait Backend: Send + Sync {
     fn info(&self) -> &BackendInfo;
     /// A queue for one virtqueue, used by poller `poller` (a [`vfblk_vhost::worker::Worker`]
     /// id) only: a backend may share resources between the queues of one poller.
-    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>>;
+    fn open_queue(&self, poller: u64) -> Result<Queue>;
 
     /// The guest's memory table changed (`None`: the frontend went away). A backend that
     /// DMAs into guest memory maps it here; called while no queue is running.
@@ -143,8 +141,108 @@ pub trait BackendQueue: Send {
     /// Pushes out what was submitted since the last call (one system call per batch for
     /// backends that need one).
     fn flush_submissions(&mut self) {}
-    /// Reports finished requests as (token, virtio status); returns how many.
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize;
+    /// Adds the requests finished since the last call to `done` as (token, virtio status);
+    /// returns how many. The caller gives `done` room for every request that can be out.
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize;
     /// Requests submitted and not yet reported.
     fn in_flight(&self) -> usize;
+}
+
+/// One virtqueue's backend queue. The backends are a closed set, so the request path reaches
+/// each through a match the compiler inlines rather than a dynamic call per request.
+pub struct Queue(Kind);
+
+enum Kind {
+    Null(FinishedAtSubmit<null::Nothing>),
+    Mem(FinishedAtSubmit<mem::MemExecutor>),
+    /// Boxed: its io_uring and slots would make every queue as large.
+    File(Box<file::FileQueue>),
+    Nvme(nvme::NvmeClient),
+    #[cfg(any(test, feature = "test-delay"))]
+    Delayed(Box<delay::DelayQueue>),
+    /// A test's own queue (wrapping one of the above to watch it).
+    #[cfg(test)]
+    Other(Box<dyn BackendQueue>),
+}
+
+/// Runs `$body` with `$q` bound to whichever queue `$queue` is.
+macro_rules! on_queue {
+    ($queue:expr, $q:ident => $body:expr) => {
+        match $queue {
+            Kind::Null($q) => $body,
+            Kind::Mem($q) => $body,
+            Kind::File($q) => $body,
+            Kind::Nvme($q) => $body,
+            #[cfg(any(test, feature = "test-delay"))]
+            Kind::Delayed($q) => $body,
+            #[cfg(test)]
+            Kind::Other($q) => $body,
+        }
+    };
+}
+
+impl From<FinishedAtSubmit<null::Nothing>> for Queue {
+    fn from(q: FinishedAtSubmit<null::Nothing>) -> Self {
+        Self(Kind::Null(q))
+    }
+}
+
+impl From<FinishedAtSubmit<mem::MemExecutor>> for Queue {
+    fn from(q: FinishedAtSubmit<mem::MemExecutor>) -> Self {
+        Self(Kind::Mem(q))
+    }
+}
+
+impl From<file::FileQueue> for Queue {
+    fn from(q: file::FileQueue) -> Self {
+        Self(Kind::File(Box::new(q)))
+    }
+}
+
+impl From<nvme::NvmeClient> for Queue {
+    fn from(q: nvme::NvmeClient) -> Self {
+        Self(Kind::Nvme(q))
+    }
+}
+
+#[cfg(any(test, feature = "test-delay"))]
+impl From<delay::DelayQueue> for Queue {
+    fn from(q: delay::DelayQueue) -> Self {
+        Self(Kind::Delayed(Box::new(q)))
+    }
+}
+
+#[cfg(test)]
+impl Queue {
+    /// A test's own queue.
+    pub(crate) fn other(q: impl BackendQueue + 'static) -> Self {
+        Self(Kind::Other(Box::new(q)))
+    }
+}
+
+impl BackendQueue for Queue {
+    #[inline]
+    fn can_submit(&self) -> bool {
+        on_queue!(&self.0, q => q.can_submit())
+    }
+
+    #[inline]
+    fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
+        on_queue!(&mut self.0, q => q.submit(request, token))
+    }
+
+    #[inline]
+    fn flush_submissions(&mut self) {
+        on_queue!(&mut self.0, q => q.flush_submissions())
+    }
+
+    #[inline]
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
+        on_queue!(&mut self.0, q => q.poll(done))
+    }
+
+    #[inline]
+    fn in_flight(&self) -> usize {
+        on_queue!(&self.0, q => q.in_flight())
+    }
 }

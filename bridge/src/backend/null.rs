@@ -3,7 +3,7 @@
 //! itself (rings, parsing, inflight records, completions), which a RAM disk's copy hides;
 //! nothing a guest writes can be read back, so it is for benchmarks only.
 
-use super::{Backend, BackendInfo, BackendQueue, ExecuteNow, FinishedAtSubmit};
+use super::{Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, Queue};
 use crate::request::Request;
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -36,13 +36,13 @@ impl Backend for NullBackend {
         &self.info
     }
 
-    fn open_queue(&self, _poller: u64) -> Result<Box<dyn BackendQueue>> {
-        Ok(Box::new(FinishedAtSubmit::new(Nothing)))
+    fn open_queue(&self, _poller: u64) -> Result<Queue> {
+        Ok(FinishedAtSubmit::new(Nothing).into())
     }
 }
 
 /// What a null queue does with a request: nothing, successfully.
-struct Nothing;
+pub struct Nothing;
 
 impl ExecuteNow for Nothing {
     const NAME: &'static str = "null";

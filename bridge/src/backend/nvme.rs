@@ -19,7 +19,7 @@ use vfblk_nvme::spec::Status;
 use vfblk_vhost::chain::MAX_SEGMENTS;
 use vfblk_vhost::memory::GuestMemory;
 
-use super::{Backend, BackendInfo, BackendQueue};
+use super::{Backend, BackendInfo, BackendQueue, Queue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -672,7 +672,7 @@ impl Backend for NvmeBackend {
         &self.info
     }
 
-    fn open_queue(&self, poller: u64) -> Result<Box<dyn BackendQueue>> {
+    fn open_queue(&self, poller: u64) -> Result<Queue> {
         let mut engines = self
             .engines
             .lock()
@@ -703,7 +703,7 @@ impl Backend for NvmeBackend {
                 iova_base: self.window_base(),
                 generation: 0,
             });
-        Ok(Box::new(NvmeClient {
+        Ok(Queue::from(NvmeClient {
             engine,
             slot,
             in_flight: 0,
@@ -1393,9 +1393,9 @@ impl NvmeEngine {
         self.watch();
     }
 
-    /// Reaps the queue pair's completions (of every client) and reports `client`'s
-    /// finished requests to `done`.
-    fn poll(&mut self, client: u16, done: &mut dyn FnMut(u16, u8)) -> usize {
+    /// Reaps the queue pair's completions (of every client) and adds `client`'s finished
+    /// requests to `done`.
+    fn poll(&mut self, client: u16, done: &mut Vec<(u16, u8)>) -> usize {
         let mut again: Vec<Record> = Vec::new();
         {
             let (parts, records, reaped, bounces, clients) = (
@@ -1474,7 +1474,7 @@ impl NvmeEngine {
                 self.parts[slot][usize::from(head)].status = st;
                 continue;
             }
-            done(head, st);
+            done.push((head, st));
             reported += 1;
         }
         self.reaped[slot] = reaped;
@@ -1483,7 +1483,7 @@ impl NvmeEngine {
 }
 
 /// One virtqueue's handle on its poller's engine for the controller.
-struct NvmeClient {
+pub struct NvmeClient {
     engine: Arc<Mutex<NvmeEngine>>,
     slot: u16,
     /// Requests taken and not yet reported: kept here, so that the poller's look at an idle
@@ -1521,7 +1521,7 @@ impl BackendQueue for NvmeClient {
         self.engine().flush_submissions();
     }
 
-    fn poll(&mut self, done: &mut dyn FnMut(u16, u8)) -> usize {
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
         let slot = self.slot;
         let reported = self.engine().poll(slot, done);
         self.in_flight -= reported.min(self.in_flight);
