@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vfblk_vhost::chain::Chain;
-use vfblk_vhost::device::{Device, Finished, QueueHandler, QueueSetup, Taken};
+use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
@@ -136,6 +136,20 @@ impl BlkDevice {
     }
 }
 
+impl BlkDevice {
+    /// The virtio-blk queue [`Device::open_queue`] hands the poller.
+    pub fn open_blk_queue(&self, setup: &QueueSetup) -> crate::Result<BlkQueue> {
+        let backend = self.backend.open_queue(setup.poller)?;
+        let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
+        queue.stats = Some(self.stats.clone());
+        queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
+        if self.backend.info().flush {
+            queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
+        }
+        Ok(queue)
+    }
+}
+
 impl Device for BlkDevice {
     fn features(&self) -> u64 {
         let info = self.backend.info();
@@ -186,15 +200,11 @@ impl Device for BlkDevice {
         }
     }
 
-    fn open_queue(&self, setup: &QueueSetup) -> vfblk_vhost::Result<Box<dyn QueueHandler>> {
-        let backend = self.backend.open_queue(setup.poller)?;
-        let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
-        queue.stats = Some(self.stats.clone());
-        queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
-        if self.backend.info().flush {
-            queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
-        }
-        Ok(Box::new(queue))
+    fn open_queue(
+        &self,
+        setup: &QueueSetup,
+    ) -> vfblk_vhost::Result<Box<dyn vfblk_vhost::device::QueueHandler>> {
+        Ok(Box::new(self.open_blk_queue(setup)?))
     }
 
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> vfblk_vhost::Result<()> {
@@ -324,7 +334,7 @@ fn kind_of(op: Operation) -> Kind {
     }
 }
 
-impl QueueHandler for BlkQueue {
+impl RequestHandler for BlkQueue {
     fn can_take(&self) -> bool {
         self.backend.can_submit() && self.limiter.as_ref().is_none_or(Limiter::ready)
     }
@@ -721,7 +731,7 @@ mod tests {
                 errors: Arc::new(GuestErrors::new("wce")),
                 poller: 0,
             };
-            let mut q = device.open_queue(&setup).unwrap();
+            let mut q = device.open_blk_queue(&setup).unwrap();
             let mut guest = MockGuest::new(1 << 20, 256);
             let hdr = guest.alloc(16);
             let h = RequestHeader {

@@ -1,5 +1,5 @@
 //! What a device type plugs into the plumbing: its feature bits and config space
-//! ([`Device`]), and per virtqueue a [`QueueHandler`] that is handed each walked chain and
+//! ([`Device`]), and per virtqueue a [`RequestHandler`] that is handed each walked chain and
 //! reports completions. The plumbing owns rings, chains, inflight tracking and interrupts; the
 //! handler owns what a request means.
 
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::chain::Chain;
 use crate::guest_errors::GuestErrors;
 use crate::memory::GuestMemory;
+use crate::ring::Ring;
 
 /// A virtio device type served over vhost-user.
 pub trait Device: Send + Sync {
@@ -57,15 +58,17 @@ pub struct QueueSetup {
 pub enum Taken {
     /// Finished at once: return the chain with this many bytes written into it.
     Done(u32),
-    /// Started: the head comes back through [`QueueHandler::poll`].
+    /// Started: the head comes back through [`RequestHandler::poll`].
     Pending,
     /// The chain cannot be answered (no place for a status): returning it would read as
     /// success to some drivers, so the queue stops until the device is reset.
     Unanswerable,
 }
 
-/// One virtqueue's request handling (no locks: one poller thread owns it).
-pub trait QueueHandler: Send {
+/// One virtqueue's request handling (no locks: one poller thread owns it), call by call. The
+/// plumbing drives it through [`crate::ring::Ring::run`], generic over the handler, so these
+/// calls are direct; every handler is a [`QueueHandler`] for the poller.
+pub trait RequestHandler: Send {
     /// Whether another chain can be taken now (back-pressure: the avail ring waits).
     fn can_take(&self) -> bool;
     /// Handles a walked chain; its buffers stay valid until the head is returned.
@@ -83,8 +86,36 @@ pub trait QueueHandler: Send {
     fn in_flight(&self) -> usize;
 }
 
+/// A virtqueue's handler as its poller holds it: one dynamic call per queue per loop, the
+/// requests within it statically dispatched. Implemented for every [`RequestHandler`].
+pub trait QueueHandler: Send {
+    /// One round on `ring`: what it offers is taken (when `take_new`) and what finished is
+    /// added to it. Returns the work done.
+    fn run(&mut self, ring: &mut Ring, take_new: bool) -> usize;
+    /// Chains started and not yet reported.
+    fn in_flight(&self) -> usize;
+    /// The connection is gone: what was started is pushed out and what finished is added to
+    /// `finished`, which the caller drops unpublished (the inflight region still lists it).
+    fn finish_unpublished(&mut self, finished: &mut Finished);
+}
+
+impl<H: RequestHandler> QueueHandler for H {
+    fn run(&mut self, ring: &mut Ring, take_new: bool) -> usize {
+        ring.run(self, take_new)
+    }
+
+    fn in_flight(&self) -> usize {
+        RequestHandler::in_flight(self)
+    }
+
+    fn finish_unpublished(&mut self, finished: &mut Finished) {
+        self.flush();
+        self.poll(finished);
+    }
+}
+
 /// Chains a handler has finished, in the order it finished them: each head with the bytes
-/// written into its buffers. The handler fills it in [`QueueHandler::poll`]; the queue
+/// written into its buffers. The handler fills it in [`RequestHandler::poll`]; the queue
 /// publishes it to the used ring. Pulled rather than called back, so that completion is a
 /// store into a buffer, not a dynamic call per request.
 #[derive(Debug, Default)]

@@ -2,11 +2,12 @@
 //! (features, memory table, vrings, inflight fds, start and stop), guest memory, the device
 //! side of split virtqueues, the descriptor-chain walker, the inflight region, and the poller
 //! threads that run queues. A device type (`vfblk-bridge` has one) plugs in
-//! through [`device::Device`] and [`device::QueueHandler`].
+//! through [`device::Device`] and [`device::RequestHandler`].
 //!
 //! The data path, top to bottom: [`virtq`] (avail ring) → [`chain`] (descriptors checked
-//! against [`memory`]) → [`inflight`] (recorded) → the device's [`device::QueueHandler`] →
-//! completion → used ring, all driven by a [`worker`]. [`protocol`] and [`server`] set queues
+//! against [`memory`]) → [`inflight`] (recorded) → the device's [`device::RequestHandler`] →
+//! completion → used ring, one round per queue per loop in [`ring`], driven by a
+//! [`worker`]. [`protocol`] and [`server`] set queues
 //! up from the frontend's messages; [`driver`] and [`mock`] are the guest's side.
 
 #![deny(missing_docs)]
@@ -22,6 +23,7 @@ pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod protocol;
+pub mod ring;
 pub mod server;
 pub mod sigbus;
 pub mod virtq;

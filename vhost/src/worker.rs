@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::chain::Chain;
-use crate::device::{Finished, QueueHandler, Taken};
+use crate::device::QueueHandler;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
+use crate::ring::Ring;
 use crate::virtq::DeviceQueue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -322,8 +322,6 @@ impl Drop for Worker {
 
 /// How long a stop waits for the handler to finish what it has.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-/// Chains taken from one ring per loop before the others get a turn.
-const BUDGET: usize = 64;
 
 /// Empty loops between looks at the clock while idle.
 const IDLE_CLOCK_EVERY: u32 = 64;
@@ -391,7 +389,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                     } => {
                         let mut kept = Vec::new();
                         for mut q in queues.drain(..) {
-                            if q.owner == owner && index.is_none_or(|i| i == q.index) {
+                            if q.owner == owner && index.is_none_or(|i| i == q.index()) {
                                 let _ = reply.send(q.stop(publish));
                             } else {
                                 kept.push(q);
@@ -402,7 +400,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                     Command::SetCall { owner, index, call } => {
                         if let Some(q) = queues
                             .iter_mut()
-                            .find(|q| q.owner == owner && q.index == index)
+                            .find(|q| q.owner == owner && q.index() == index)
                         {
                             q.call = call.map(CallFd::new);
                             // Completions published before the new fd arrived may have had
@@ -413,7 +411,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                     Command::SetKick { owner, index, kick } => {
                         if let Some(q) = queues
                             .iter_mut()
-                            .find(|q| q.owner == owner && q.index == index)
+                            .find(|q| q.owner == owner && q.index() == index)
                         {
                             q.kick = kick;
                         }
@@ -475,12 +473,12 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
 /// Re-enables kicks, checks once more, and sleeps on the kick eventfds and the mailbox.
 fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
     for q in queues.iter_mut() {
-        q.vq.set_kicks(true);
-        q.errors.flush();
+        q.ring.vq.set_kicks(true);
+        q.ring.errors.flush();
     }
     let busy = queues
         .iter()
-        .any(|q| q.vq.has_avail() || q.handler.in_flight() > 0 || !q.resubmit.is_empty());
+        .any(|q| q.ring.has_work() || q.handler.in_flight() > 0);
     if !busy {
         let mut fds: Vec<libc::pollfd> = queues
             .iter()
@@ -506,8 +504,8 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
                 let Some(k) = &q.kick else { continue };
                 let alive = drain_kick(k, revents.next().unwrap_or(0));
                 if !alive {
-                    q.errors.report(
-                        q.index,
+                    q.ring.errors.report(
+                        q.ring.index,
                         format_args!("kick fd hung up or invalid; polling the ring instead"),
                     );
                     q.kick = None;
@@ -516,53 +514,29 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
         }
     }
     for q in queues.iter_mut() {
-        q.vq.set_kicks(false);
+        q.ring.vq.set_kicks(false);
     }
 }
 
+/// A queue as its poller runs it: the ring, the device's handler, and the eventfds.
 struct QueueRuntime {
     owner: u64,
-    index: u16,
-    /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
-    mem: Arc<GuestMemory>,
-    vq: DeviceQueue,
-    inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+    ring: Ring,
     handler: Box<dyn QueueHandler>,
     call: Option<CallFd>,
     kick: Option<File>,
-    errors: Arc<GuestErrors>,
-    resubmit: Vec<u16>,
-    chain: Chain,
-    /// Heads finished since the last publication, and the bytes written into each.
-    completed: Finished,
-    broken: bool,
 }
-
-// SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
-// `mem` keeps mapped; one thread runs the queue at a time.
-unsafe impl Send for QueueRuntime {}
 
 impl QueueRuntime {
     fn new(q: QueueStart) -> Self {
-        let size = usize::from(q.vq.size());
-        let mut resubmit = q.resubmit;
-        resubmit.reverse(); // popped from the end: oldest first
         let mut runtime = Self {
             owner: q.owner,
-            index: q.index,
-            mem: q.mem,
-            vq: q.vq,
-            inflight: q.inflight,
+            ring: Ring::new(q.index, q.mem, q.vq, q.inflight, q.errors, q.resubmit),
             handler: q.handler,
             call: q.call.map(CallFd::new),
             kick: q.kick,
-            errors: q.errors,
-            resubmit,
-            chain: Chain::default(),
-            completed: Finished::with_capacity(size),
-            broken: false,
         };
-        runtime.vq.set_kicks(false);
+        runtime.ring.vq.set_kicks(false);
         // Whatever the guest queued while no one was serving the ring is picked up by polling.
         // A predecessor may have died between publishing used entries and signalling, and
         // under EVENT_IDX the driver then waits forever: signal once at every start (as
@@ -571,150 +545,20 @@ impl QueueRuntime {
         runtime
     }
 
-    fn complete(&mut self, head: u16, written: u32) {
-        self.completed.push(head, written);
+    fn index(&self) -> u16 {
+        self.ring.index
     }
 
-    /// Walks the chain at `head` and hands it to the handler.
-    fn start(&mut self, head: u16) {
-        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
-            let last = crate::chain::last_byte(&self.vq, &self.mem, head);
-            match self.handler.refuse(head, last) {
-                Some(written) => {
-                    self.errors
-                        .report(self.index, format_args!("head {head}: {e}; refused"));
-                    self.complete(head, written);
-                }
-                None => self.stop_broken(head, format_args!("{e}")),
-            }
-            return;
-        }
-        match self.handler.take(&self.chain) {
-            Taken::Done(written) => self.complete(head, written),
-            Taken::Pending => {}
-            Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
-        }
-    }
-
-    /// A chain that cannot be answered: the queue stops until the device is reset (the way
-    /// libvhost-user marks a device broken), and says so once.
-    fn stop_broken(&mut self, head: u16, why: std::fmt::Arguments) {
-        tracing::error!(
-            queue = self.index,
-            "queue {}: head {head}: {why}; cannot be answered, so the queue stops until the device is reset",
-            self.index
-        );
-        self.errors.report(
-            self.index,
-            format_args!("head {head}: {why}; queue stopped"),
-        );
-        self.broken = true;
-    }
-
-    /// One round: resubmissions, new chains, completions, publication. Returns work done.
+    /// One round: resubmissions, new chains, completions (one dynamic call into the
+    /// device), then publication. Returns work done. Never inlined: it is the request path
+    /// the cost benchmark measures (callgrind's toggle needs a function to find).
+    #[inline(never)]
     fn process(&mut self, take_new: bool) -> usize {
-        if self.broken {
-            return 0;
-        }
-        // An idle queue costs one look at its avail index: with many queues on a poller,
-        // the empty ones must not tax the busy ones.
-        if self.resubmit.is_empty()
-            && self.handler.in_flight() == 0
-            && self.completed.is_empty()
-            && !(take_new && self.vq.has_avail())
-        {
-            return 0;
-        }
-        // This loop has work: its start time (for busy time and the requests it takes).
-        loop_now();
-        let mut work = 0;
-        while self.handler.can_take() && !self.broken {
-            let Some(head) = self.resubmit.pop() else {
-                break;
-            };
-            self.start(head);
-            work += 1;
-        }
-        while take_new
-            && !self.broken
-            && self.resubmit.is_empty()
-            && work < BUDGET
-            && self.handler.can_take()
-        {
-            match self.vq.pop() {
-                Ok(Some(head)) => {
-                    if let Some((inflight, _)) = &mut self.inflight {
-                        inflight.begin(head);
-                    }
-                    self.start(head);
-                    work += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(
-                        queue = self.index,
-                        "queue {}: {e}; the queue stops until the device is reset",
-                        self.index
-                    );
-                    self.errors
-                        .report(self.index, format_args!("{e}; queue stopped"));
-                    self.broken = true;
-                    break;
-                }
-            }
-        }
-        self.handler.flush();
-        // Lost memory is noticed before completions write their status bytes.
-        if self.memory_lost() {
-            self.stop_broken(
-                self.completed.heads().first().copied().unwrap_or(0),
-                format_args!("the frontend shrank a shared memory file under the device"),
-            );
-            return work;
-        }
-        // Finish every completion the handler reports, however many.
-        work += self.handler.poll(&mut self.completed);
-        self.publish();
-        work
-    }
-
-    /// Whether the frontend shrank guest memory or the inflight region under us.
-    fn memory_lost(&self) -> bool {
-        self.mem.poisoned()
-            || self
-                .inflight
-                .as_ref()
-                .is_some_and(|(_, map)| map.poisoned())
-    }
-
-    fn publish(&mut self) {
-        if self.completed.is_empty() {
-            return;
-        }
-        // What was done on lost memory must not be reported as done: stop instead.
-        if self.memory_lost() {
-            let head = self.completed.heads()[0];
-            self.completed.clear();
-            self.stop_broken(
-                head,
-                format_args!("the frontend shrank a shared memory file under the device"),
-            );
-            return;
-        }
-        if let Some((inflight, _)) = &mut self.inflight {
-            inflight.prepare_batch(self.completed.heads());
-        }
-        for (head, written) in self.completed.iter() {
-            self.vq.push_used(head, written);
-        }
-        self.vq.publish_used();
-        if let Some((inflight, _)) = &mut self.inflight {
-            inflight.finish_batch(self.completed.heads(), self.vq.next_used);
-        }
-        self.completed.clear();
-        if self.vq.needs_notification() {
+        let work = self.handler.run(&mut self.ring, take_new);
+        if self.ring.publish() {
             self.signal();
         }
+        work
     }
 
     fn signal(&mut self) {
@@ -731,16 +575,16 @@ impl QueueRuntime {
             } else {
                 // The connection is gone: let the handler finish, publish nothing; the
                 // inflight region still lists these, so the next connection runs them again.
-                self.handler.flush();
-                self.handler.poll(&mut self.completed);
-                self.completed.clear();
+                let finished = self.ring.finished();
+                self.handler.finish_unpublished(finished);
+                finished.clear();
             }
             std::thread::yield_now();
         }
-        self.errors.flush();
+        self.ring.errors.flush();
         QueueStopped {
-            index: self.index,
-            next_avail: self.vq.next_avail,
+            index: self.ring.index,
+            next_avail: self.ring.vq.next_avail,
             abandoned: self.handler.in_flight(),
         }
     }
@@ -749,6 +593,8 @@ impl QueueRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::Chain;
+    use crate::device::{Finished, RequestHandler, Taken};
     use crate::mock::MockGuest;
     use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::Mutex;
@@ -776,7 +622,7 @@ mod tests {
         }
     }
 
-    impl QueueHandler for HoldHandler {
+    impl RequestHandler for HoldHandler {
         fn can_take(&self) -> bool {
             true
         }
@@ -856,7 +702,7 @@ mod tests {
         use crate::virtq::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
         let mut guest = MockGuest::new(1 << 20, 16);
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
-        let errors = q.errors.clone();
+        let errors = q.ring.errors.clone();
         let (hdr, st) = (guest.alloc(16), guest.alloc(1));
         // A data buffer outside guest memory; the status byte is in place.
         guest.add_raw(
@@ -891,7 +737,7 @@ mod tests {
         // A descriptor whose next index is outside the table: no end, no status.
         guest.add_raw(&[(0, Descriptor::new(0x8000, 16, DESC_F_NEXT, 99))], 0);
         q.process(true);
-        assert!(q.broken);
+        assert!(q.ring.broken);
         assert_eq!(guest.pop_used_raw(), None, "nothing returned as if done");
         let hdr = guest.alloc(16);
         guest.add_chain(&[(hdr, 16, false)]);
@@ -904,7 +750,7 @@ mod tests {
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
         guest.set_avail_idx(100);
         q.process(true);
-        assert!(q.broken);
+        assert!(q.ring.broken);
         assert_eq!(q.process(true), 0, "a broken queue takes nothing more");
     }
 

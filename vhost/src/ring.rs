@@ -1,0 +1,227 @@
+//! One virtqueue's ring as its poller drives it: chains taken from the avail ring (requests
+//! to run again first), walked and checked, recorded in the inflight region, handed to the
+//! device's [`RequestHandler`], and their completions published to the used ring. The round
+//! is generic over the handler, so a device's per-request calls are direct (inlined) calls;
+//! the poller makes one dynamic call per queue per loop ([`crate::device::QueueHandler::run`]).
+
+use std::sync::Arc;
+
+use crate::chain::Chain;
+use crate::device::{Finished, RequestHandler, Taken};
+use crate::guest_errors::GuestErrors;
+use crate::inflight::{InflightMap, InflightQueue};
+use crate::memory::GuestMemory;
+use crate::virtq::DeviceQueue;
+
+/// Chains one queue takes per loop before it lets the poller's other queues run.
+pub const BUDGET: usize = 64;
+
+/// A virtqueue's ring state, owned by the poller that runs the queue.
+pub struct Ring {
+    pub(crate) index: u16,
+    /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
+    pub(crate) mem: Arc<GuestMemory>,
+    pub(crate) vq: DeviceQueue,
+    pub(crate) inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+    pub(crate) errors: Arc<GuestErrors>,
+    /// Heads to run again before any new one, popped from the end (oldest first).
+    pub(crate) resubmit: Vec<u16>,
+    chain: Chain,
+    /// Heads finished since the last publication, and the bytes written into each.
+    pub(crate) completed: Finished,
+    /// A chain that could not be answered, or a ring that lied: nothing more is taken until
+    /// the device is reset.
+    pub(crate) broken: bool,
+}
+
+// SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
+// `mem` keeps mapped; one thread runs the queue at a time.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// A ring that starts by running `resubmit` (oldest first) again.
+    pub(crate) fn new(
+        index: u16,
+        mem: Arc<GuestMemory>,
+        vq: DeviceQueue,
+        inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+        errors: Arc<GuestErrors>,
+        mut resubmit: Vec<u16>,
+    ) -> Self {
+        let size = usize::from(vq.size());
+        resubmit.reverse(); // popped from the end: oldest first
+        Self {
+            index,
+            mem,
+            vq,
+            inflight,
+            errors,
+            resubmit,
+            chain: Chain::default(),
+            completed: Finished::with_capacity(size),
+            broken: false,
+        }
+    }
+
+    /// The queue's index within its device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    fn complete(&mut self, head: u16, written: u32) {
+        self.completed.push(head, written);
+    }
+
+    /// Walks the chain at `head` and hands it to the handler.
+    fn start<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, head: u16) {
+        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
+            let last = crate::chain::last_byte(&self.vq, &self.mem, head);
+            match handler.refuse(head, last) {
+                Some(written) => {
+                    self.errors
+                        .report(self.index, format_args!("head {head}: {e}; refused"));
+                    self.complete(head, written);
+                }
+                None => self.stop_broken(head, format_args!("{e}")),
+            }
+            return;
+        }
+        match handler.take(&self.chain) {
+            Taken::Done(written) => self.complete(head, written),
+            Taken::Pending => {}
+            Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
+        }
+    }
+
+    /// A chain that cannot be answered: the queue stops until the device is reset (the way
+    /// libvhost-user marks a device broken), and says so once.
+    pub(crate) fn stop_broken(&mut self, head: u16, why: std::fmt::Arguments) {
+        tracing::error!(
+            queue = self.index,
+            "queue {}: head {head}: {why}; cannot be answered, so the queue stops until the device is reset",
+            self.index
+        );
+        self.errors.report(
+            self.index,
+            format_args!("head {head}: {why}; queue stopped"),
+        );
+        self.broken = true;
+    }
+
+    /// One round with `handler`: resubmissions, new chains (when `take_new`), completions.
+    /// Returns the work done; what finished waits in the ring for [`Ring::publish`].
+    #[inline]
+    pub fn run<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, take_new: bool) -> usize {
+        if self.broken {
+            return 0;
+        }
+        // An idle queue costs one look at its avail index: with many queues on a poller,
+        // the empty ones must not tax the busy ones.
+        if self.resubmit.is_empty()
+            && handler.in_flight() == 0
+            && self.completed.is_empty()
+            && !(take_new && self.vq.has_avail())
+        {
+            return 0;
+        }
+        // This loop has work: its start time (for busy time and the requests it takes).
+        crate::worker::loop_now();
+        let mut work = 0;
+        while handler.can_take() && !self.broken {
+            let Some(head) = self.resubmit.pop() else {
+                break;
+            };
+            self.start(handler, head);
+            work += 1;
+        }
+        while take_new
+            && !self.broken
+            && self.resubmit.is_empty()
+            && work < BUDGET
+            && handler.can_take()
+        {
+            match self.vq.pop() {
+                Ok(Some(head)) => {
+                    if let Some((inflight, _)) = &mut self.inflight {
+                        inflight.begin(head);
+                    }
+                    self.start(handler, head);
+                    work += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(
+                        queue = self.index,
+                        "queue {}: {e}; the queue stops until the device is reset",
+                        self.index
+                    );
+                    self.errors
+                        .report(self.index, format_args!("{e}; queue stopped"));
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        handler.flush();
+        // Lost memory is noticed before completions write their status bytes.
+        if self.memory_lost() {
+            self.stop_broken(
+                self.completed.heads().first().copied().unwrap_or(0),
+                format_args!("the frontend shrank a shared memory file under the device"),
+            );
+            return work;
+        }
+        // Finish every completion the handler reports, however many.
+        work += handler.poll(&mut self.completed);
+        work
+    }
+
+    /// Whether the frontend shrank guest memory or the inflight region under us.
+    fn memory_lost(&self) -> bool {
+        self.mem.poisoned()
+            || self
+                .inflight
+                .as_ref()
+                .is_some_and(|(_, map)| map.poisoned())
+    }
+
+    /// Publishes what finished to the used ring (and the inflight region); returns whether
+    /// the driver asked to be told.
+    pub(crate) fn publish(&mut self) -> bool {
+        if self.completed.is_empty() {
+            return false;
+        }
+        // What was done on lost memory must not be reported as done: stop instead.
+        if self.memory_lost() {
+            let head = self.completed.heads()[0];
+            self.completed.clear();
+            self.stop_broken(
+                head,
+                format_args!("the frontend shrank a shared memory file under the device"),
+            );
+            return false;
+        }
+        if let Some((inflight, _)) = &mut self.inflight {
+            inflight.prepare_batch(self.completed.heads());
+        }
+        for (head, written) in self.completed.iter() {
+            self.vq.push_used(head, written);
+        }
+        self.vq.publish_used();
+        if let Some((inflight, _)) = &mut self.inflight {
+            inflight.finish_batch(self.completed.heads(), self.vq.next_used);
+        }
+        self.completed.clear();
+        self.vq.needs_notification()
+    }
+
+    /// Whether there is anything for the poller to do: chains offered or to run again.
+    pub(crate) fn has_work(&self) -> bool {
+        self.vq.has_avail() || !self.resubmit.is_empty()
+    }
+
+    /// What finished since the last publication (the handler adds to it).
+    pub(crate) fn finished(&mut self) -> &mut Finished {
+        &mut self.completed
+    }
+}
