@@ -9,7 +9,7 @@ use vfblk_benches::system::{cost, nvme, suite, target, vhost};
 
 /// System benchmarks of the stack.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vfblk-bench", version)]
 struct Args {
     #[command(subcommand)]
     command: Command,

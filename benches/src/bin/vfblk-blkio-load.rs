@@ -11,7 +11,7 @@ use vfblk_benches::loadgen::Report;
 
 /// Drive a vhost-user-blk backend through libblkio (driver virtio-blk-vhost-user).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vfblk-blkio-load", version)]
 struct Args {
     #[command(flatten)]
     job: args::JobArgs,

@@ -11,7 +11,7 @@ use vfblk_benches::loadgen::{LoadGen, Options, Report};
 
 /// Drive a vhost-user-blk backend like QEMU and a guest would.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vfblk-loadgen", version)]
 struct Args {
     #[command(flatten)]
     job: args::JobArgs,

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// An opened backend file whose creation or growth is undone on drop unless [`Self::commit`]ted.
@@ -24,7 +24,8 @@ impl Creating {
         options.read(true).write(true);
         let (file, new) = if create {
             // O_EXCL first: only a file this call made may be removed on failure.
-            match options.clone().create_new(true).open(path) {
+            // A disk holds a guest's data: its owner's only, as QEMU's images are.
+            match options.clone().create_new(true).mode(0o600).open(path) {
                 Ok(file) => (file, true),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (options.open(path)?, false),
                 Err(e) => return Err(e),

@@ -144,7 +144,14 @@ mod tests {
     fn an_open_keeps_what_it_created_or_grew() {
         let new = Scratch::new("mem-new");
         drop(MemBackend::open(&new.0, 1 << 20).unwrap());
-        assert_eq!(std::fs::metadata(&new.0).unwrap().len(), 1 << 20);
+        let meta = std::fs::metadata(&new.0).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "a new disk is private"
+        );
         let short = Scratch::new("mem-short");
         std::fs::write(&short.0, [7u8; 512]).unwrap();
         drop(MemBackend::open(&short.0, 1 << 20).unwrap());

@@ -19,6 +19,7 @@ use vfblk_bridge::target::{
 /// Serve block backends to VMs as vhost-user-blk.
 #[derive(Parser, Debug)]
 #[command(
+    name = "vfblk-bridge",
     version,
     after_help = "\
 backends (SPEC):

@@ -11,7 +11,7 @@ use vfblk_bridge::keeper::{self, KeeperOptions};
 /// Run a target and hold its fds, so that a crashed target is started again without any
 /// frontend noticing (see docs/recovery.md).
 #[derive(Parser, Debug)]
-#[command(version, trailing_var_arg = true)]
+#[command(name = "vfblk-keeper", version, trailing_var_arg = true)]
 struct Args {
     /// Private directory for the notify socket (default: $RUNTIME_DIRECTORY,
     /// $XDG_RUNTIME_DIR or the temporary directory, plus vfblk-keeper-PID).

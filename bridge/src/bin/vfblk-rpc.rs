@@ -10,13 +10,13 @@ use vfblk_bridge::target::rpc::{Client, DEFAULT_SOCKET};
 
 /// Manage a running vfblk-bridge target.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vfblk-rpc", version)]
 struct Args {
     /// The target's RPC socket.
     #[arg(long, short = 's', default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Print the JSON result instead of a table.
-    #[arg(long)]
+    /// Print the JSON result instead of a table (before or after the subcommand).
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,

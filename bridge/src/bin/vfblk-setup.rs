@@ -9,10 +9,10 @@ use vfblk_nvme::pci::PciAddress;
 
 /// Prepare the host for vfblk-bridge: hugepages and NVMe controllers on vfio-pci.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vfblk-setup", version)]
 struct Args {
-    /// Print JSON instead of text.
-    #[arg(long)]
+    /// Print JSON instead of text (before or after the subcommand).
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Option<Cmd>,

@@ -39,11 +39,22 @@ impl FromStr for MetricsAddress {
         if let Some(path) = s.strip_prefix("unix:") {
             return Ok(MetricsAddress::Unix(PathBuf::from(path)));
         }
-        s.parse().map(MetricsAddress::Tcp).map_err(|_| {
+        let bad = |why: String| {
             Error::BadArgument(format!(
-                "metrics address {s:?}: HOST:PORT (e.g. 127.0.0.1:9560) or unix:PATH"
+                "metrics address {s:?}: {why} (HOST:PORT, e.g. 127.0.0.1:9560 or localhost:9560, or unix:PATH)"
             ))
-        })
+        };
+        if let Ok(address) = s.parse() {
+            return Ok(MetricsAddress::Tcp(address));
+        }
+        // A host name (localhost, the host's own name): resolved once, at start; the first
+        // address the resolver gives is the one listened on.
+        use std::net::ToSocketAddrs;
+        s.to_socket_addrs()
+            .map_err(|e| bad(e.to_string()))?
+            .next()
+            .map(MetricsAddress::Tcp)
+            .ok_or_else(|| bad("the name resolves to no address".into()))
     }
 }
 
@@ -448,6 +459,30 @@ impl Drop for MetricsServer {
 mod tests {
     use super::*;
     use crate::stats::StatsSnapshot;
+
+    #[test]
+    fn addresses_are_ips_host_names_or_unix_paths() {
+        let tcp = |s: &str| match s.parse::<MetricsAddress>() {
+            Ok(MetricsAddress::Tcp(a)) => a,
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(tcp("127.0.0.1:9560").to_string(), "127.0.0.1:9560");
+        let named = tcp("localhost:9560");
+        assert!(named.ip().is_loopback(), "{named}");
+        assert_eq!(named.port(), 9560);
+        assert!(matches!(
+            "unix:/run/vfblk/metrics.sock".parse::<MetricsAddress>(),
+            Ok(MetricsAddress::Unix(_))
+        ));
+        for bad in [
+            "9560",
+            "localhost",
+            "no-such-host.invalid:9560",
+            "127.0.0.1:99999",
+        ] {
+            assert!(bad.parse::<MetricsAddress>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_text_has_one_help_and_type_per_family_and_cumulative_buckets() {
