@@ -7,7 +7,7 @@
 //! Its contract, so that it cannot become the weak point: it never reads or writes a
 //! vhost-user socket, never maps guest memory or a record, never interprets a stored fd; it
 //! only holds fds, names them, hands them back, follows `MAINPID=` (an upgraded target is
-//! its grandchild, adopted as a subreaper), forwards SIGTERM/SIGINT, and ends when the
+//! its grandchild, adopted as a subreaper), forwards SIGTERM/SIGINT/SIGHUP, and ends when the
 //! target ends cleanly. It has no state a restart of its own would need: if the keeper dies, the target lives on and the frontends
 //! keep their connections; only the next crash then costs a reconnect.
 
@@ -73,7 +73,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Runs `options.command` under the keeper until it ends cleanly (or the keeper is told
-/// to stop). Call before any other thread exists: SIGCHLD, SIGTERM and SIGINT are taken.
+/// to stop). Call before any other thread exists: SIGCHLD, SIGTERM, SIGINT and SIGHUP are
+/// taken.
 pub fn run(options: &KeeperOptions) -> Result<KeeperReport> {
     if options.command.is_empty() {
         return Err(Error::BadArgument("no command to keep".into()));
@@ -210,6 +211,14 @@ impl Keeper {
                             }
                         }
                         libc::SIGTERM | libc::SIGINT => return Ok(self.stop(signal)),
+                        // A reload is the target's to do (systemd sends it to the main
+                        // process the same way).
+                        libc::SIGHUP => {
+                            if let Some(pid) = self.main_pid {
+                                // SAFETY: forwards a signal to the process we run.
+                                unsafe { libc::kill(pid, libc::SIGHUP) };
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -339,7 +348,7 @@ impl Keeper {
     }
 }
 
-/// SIGCHLD, SIGTERM and SIGINT as readable events.
+/// SIGCHLD, SIGTERM, SIGINT and SIGHUP as readable events.
 struct SignalFd {
     fd: OwnedFd,
 }
@@ -351,7 +360,7 @@ impl SignalFd {
         let fd = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
+            for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
                 libc::sigaddset(&mut set, s);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -220,6 +220,16 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
         kept.wait_serving(1);
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A SIGHUP to the keeper is the target's reload: forwarded, nothing ends.
+    let serving = kept.target_pid();
+    // SAFETY: SIGHUP to the keeper this test started.
+    unsafe { libc::kill(kept.keeper.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kept.log().contains("reload: ") {
+        assert!(Instant::now() < deadline, "no reload: {}", kept.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(kept.target_pid(), serving);
     let r = finish(load);
     assert_no_error_nor_reconnect(&r);
     let summary = kept.stop();

@@ -493,6 +493,81 @@ fn a_config_entry_that_fails_to_load_is_kept_listed_retried_and_never_dropped() 
     );
 }
 
+#[test]
+fn sighup_serves_what_the_file_adds_changes_nothing_running_and_never_kills() {
+    let _lock = lab_lock();
+    let shm = |name: &str| format!("/dev/shm/vfblk-test-hup-{name}-{}", std::process::id());
+    let disk =
+        |name: &str| json!({"name": name, "kind": "mem", "path": shm(name), "size": 16 << 20});
+    let controller = |dir: &Path, name: &str, queues: u16| json!({"name": name, "socket": dir.join(format!("{name}.sock")), "backend": name, "queues": queues});
+    let mut target = TargetProc::start_from("hup", 1, &[], |dir| {
+        let file = json!({"backends": [disk("a")], "controllers": [controller(dir, "a", 1)]});
+        std::fs::write(dir.join("target.json"), file.to_string()).unwrap();
+    });
+    let hup = |target: &TargetProc| {
+        // SAFETY: SIGHUP to the target process this test started.
+        unsafe { libc::kill(target.child.id() as i32, libc::SIGHUP) };
+    };
+    let list = |target: &TargetProc| target.call("vhost_blk_list", json!({}));
+    // Nothing changed: nothing happens, and the process lives on.
+    hup(&target);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        target.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the target"
+    );
+    assert_eq!(list(&target).as_array().unwrap().len(), 1);
+    // The operator adds a disk by hand and changes the running one's queues.
+    let file = json!({
+        "backends": [disk("a"), disk("b")],
+        "controllers": [controller(&target.dir, "a", 2), controller(&target.dir, "b", 1)]
+    });
+    std::fs::write(target.dir.join("target.json"), file.to_string()).unwrap();
+    hup(&target);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while list(&target).as_array().unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "b not served after SIGHUP: {}",
+            list(&target)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let running = list(&target);
+    let a = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "a")
+        .unwrap();
+    assert_eq!(
+        a["queues"], 1,
+        "a running controller is not changed: {running}"
+    );
+    let r = report(loadgen(&target.socket("b"), 0.5, &[]), "b");
+    assert_clean(&r, "b");
+    // A change over RPC keeps the operator's version of a in the file.
+    target.add_disk("c");
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["controllers"][0]["queues"], 2, "{saved}");
+    assert_eq!(saved["controllers"].as_array().unwrap().len(), 3, "{saved}");
+    let log = std::fs::read_to_string(target.log()).unwrap();
+    assert!(log.contains("defines it differently"), "{log}");
+    assert!(target.child.try_wait().unwrap().is_none());
+    target.restart_after_sigkill();
+    // The next start takes the file's version.
+    let running = list(&target);
+    let a = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "a")
+        .unwrap();
+    assert_eq!(a["queues"], 2, "{running}");
+}
+
 /// A target process started by an upgrade (not this test's child): ended with the test.
 struct Successor(i32);
 

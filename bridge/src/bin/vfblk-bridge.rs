@@ -272,7 +272,18 @@ fn run(
         })
         .transpose()?;
     target::notify_ready();
-    let sig = vfblk_vhost::server::wait_for_termination();
+    let sig = loop {
+        match vfblk_vhost::server::wait_for_signal() {
+            libc::SIGHUP => {
+                // Reload: what the config file adds is served, what failed is tried again.
+                let reloaded = target.lock().unwrap_or_else(|e| e.into_inner()).reload();
+                if let Err(e) = reloaded {
+                    tracing::error!("SIGHUP: {}", vfblk_vhost::error_chain(&e));
+                }
+            }
+            sig => break sig,
+        }
+    };
     if target
         .lock()
         .unwrap_or_else(|e| e.into_inner())

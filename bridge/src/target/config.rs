@@ -133,7 +133,7 @@ impl TargetConfig {
     /// their section. A file that says the same already is not written at all. A file that
     /// is no longer a configuration (an edit in progress) is not overwritten: the error says
     /// so. Returns whether the file was written.
-    pub fn save_into(&self, path: &Path, removed: &BTreeSet<(Section, String)>) -> Result<bool> {
+    pub fn save_into(&self, path: &Path, edits: &FileEdits) -> Result<bool> {
         let before = match std::fs::read_to_string(path) {
             Ok(text) => Some(serde_json::from_str::<Value>(&text).map_err(|e| {
                 Error::BadArgument(format!(
@@ -161,9 +161,9 @@ impl TargetConfig {
         };
         for section in Section::ALL {
             let entries = match section {
-                Section::Nvme => merge(&document, section, &self.nvme, removed),
-                Section::Backends => merge(&document, section, &self.backends, removed),
-                Section::Controllers => merge(&document, section, &self.controllers, removed),
+                Section::Nvme => merge(&document, section, &self.nvme, edits),
+                Section::Backends => merge(&document, section, &self.backends, edits),
+                Section::Controllers => merge(&document, section, &self.controllers, edits),
             }
             .map_err(|why| Error::BadArgument(format!("{}: {why}", path.display())))?;
             // A new file spells out its (empty) sections, as an example for the operator;
@@ -186,8 +186,19 @@ impl TargetConfig {
     }
 }
 
+/// What a save must know beyond the configuration it writes.
+#[derive(Debug, Clone, Default)]
+pub struct FileEdits {
+    /// Entries deleted since the last save: they leave the file.
+    pub removed: BTreeSet<(Section, String)>,
+    /// Entries the operator changed in the file that the running target did not take
+    /// (applied at the next start): the file's version stays.
+    pub file_wins: BTreeSet<(Section, String)>,
+}
+
 /// The three lists of a config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Section {
     /// `nvme`: NVMe attachments.
     Nvme,
@@ -249,7 +260,7 @@ fn merge<T: Entry>(
     document: &Map<String, Value>,
     section: Section,
     wanted: &[T],
-    removed: &BTreeSet<(Section, String)>,
+    edits: &FileEdits,
 ) -> std::result::Result<Vec<Value>, String> {
     let existing: &[Value] = match document.get(section.key()) {
         None => &[],
@@ -270,7 +281,12 @@ fn merge<T: Entry>(
             entries.push(value.clone());
             continue;
         };
+        let key = (section, name.to_string());
         match wanted.iter().find(|w| w.name() == name) {
+            Some(_) if edits.file_wins.contains(&key) => {
+                entries.push(value.clone());
+                written.insert(name.to_string());
+            }
             Some(w) => {
                 let unchanged = serde_json::from_value::<T>(value.clone()).is_ok_and(|v| v == *w);
                 entries.push(if unchanged {
@@ -280,7 +296,7 @@ fn merge<T: Entry>(
                 });
                 written.insert(name.to_string());
             }
-            None if removed.contains(&(section, name.to_string())) => {}
+            None if edits.removed.contains(&key) => {}
             None => entries.push(value.clone()),
         }
     }
@@ -347,7 +363,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.controllers[0].queues, 1);
         assert!(!config.controllers[0].readonly);
-        assert!(config.save_into(&path, &BTreeSet::new()).unwrap());
+        assert!(config.save_into(&path, &FileEdits::default()).unwrap());
         assert_eq!(TargetConfig::load(&path).unwrap(), config);
         assert!(!dir.join(".target.json.tmp").exists());
         for bad in [
@@ -392,7 +408,7 @@ mod tests {
         let mut shuffled = config.clone();
         shuffled.controllers.reverse();
         shuffled.backends.reverse();
-        assert!(!shuffled.save_into(&path, &BTreeSet::new()).unwrap());
+        assert!(!shuffled.save_into(&path, &FileEdits::default()).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), OPERATORS_FILE);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
@@ -412,8 +428,11 @@ mod tests {
             name: "new".into(),
             spec: BackendSpec::Null { size: 1 << 20 },
         });
-        let removed = BTreeSet::from([(Section::Controllers, "a".to_string())]);
-        assert!(config.save_into(&path, &removed).unwrap());
+        let edits = FileEdits {
+            removed: BTreeSet::from([(Section::Controllers, "a".to_string())]),
+            ..FileEdits::default()
+        };
+        assert!(config.save_into(&path, &edits).unwrap());
         let text = std::fs::read_to_string(&path).unwrap();
         let value: Value = serde_json::from_str(&text).unwrap();
         // The operator's section order and an untouched entry's keys, in their order.
@@ -462,7 +481,7 @@ mod tests {
             name: "rpc".into(),
             spec: BackendSpec::Null { size: 4096 },
         });
-        assert!(changed.save_into(&path, &BTreeSet::new()).unwrap());
+        assert!(changed.save_into(&path, &FileEdits::default()).unwrap());
         let names: Vec<String> = TargetConfig::load(&path)
             .unwrap()
             .backends
@@ -472,7 +491,7 @@ mod tests {
         assert_eq!(names, ["dz", "da", "byhand", "rpc"]);
         // Half an edit on disk: nothing is written over it.
         std::fs::write(&path, "{\"backends\": [").unwrap();
-        let e = changed.save_into(&path, &BTreeSet::new()).unwrap_err();
+        let e = changed.save_into(&path, &FileEdits::default()).unwrap_err();
         assert!(e.to_string().contains("left as it is"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"backends\": [");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
@@ -483,14 +502,17 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = temp_file("mode");
         let config: TargetConfig = serde_json::from_str(OPERATORS_FILE).unwrap();
-        assert!(config.save_into(&path, &BTreeSet::new()).unwrap());
+        assert!(config.save_into(&path, &FileEdits::default()).unwrap());
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let mut changed = config.clone();
         changed.controllers.pop();
-        let removed = BTreeSet::from([(Section::Controllers, "a".to_string())]);
-        assert!(changed.save_into(&path, &removed).unwrap());
+        let edits = FileEdits {
+            removed: BTreeSet::from([(Section::Controllers, "a".to_string())]),
+            ..FileEdits::default()
+        };
+        assert!(changed.save_into(&path, &edits).unwrap());
         assert_eq!(mode(&path), 0o640);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }

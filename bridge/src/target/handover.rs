@@ -71,6 +71,9 @@ struct TargetState {
     /// writes them back to the config file) as this one did.
     #[serde(default, skip_serializing_if = "UnservedEntries::is_empty")]
     unserved: UnservedEntries,
+    /// Entries whose config file version differs from what runs (the file keeps its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    file_wins: Vec<(super::Section, String)>,
 }
 
 /// An NVMe controller lent to the new process: the VFIO fds it adopts, and what of the
@@ -360,6 +363,7 @@ impl Target {
                     metrics,
                     nvme,
                     unserved: self.unserved.clone(),
+                    file_wins: self.file_edits.file_wins.iter().cloned().collect(),
                 })),
                 &message_fds,
                 STEP_DEADLINE,
@@ -552,6 +556,10 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
     }
     target.nvme.lender_gone();
     target.adopt_unserved(state.unserved.clone());
+    target
+        .file_edits
+        .file_wins
+        .extend(state.file_wins.iter().cloned());
     for (config, device, taken) in servers {
         let server = taken.serve()?;
         target.add_controller(config, device, server);

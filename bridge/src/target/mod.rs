@@ -7,11 +7,12 @@
 pub mod config;
 pub mod handover;
 pub mod metrics;
+pub mod reload;
 pub mod restart;
 pub mod rpc;
 pub mod unserved;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +29,9 @@ use crate::spec::BackendSpec;
 use crate::stats::StatsSnapshot;
 use crate::{Error, Result};
 pub use config::{
-    check_name, BackendConfig, ControllerConfig, NvmeAttachConfig, Section, TargetConfig,
+    check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section, TargetConfig,
 };
+pub use reload::ReloadReport;
 pub use unserved::{RetryReport, Unserved, UnservedEntries};
 use vfblk_nvme::pci::PciAddress;
 
@@ -200,8 +202,8 @@ pub struct Target {
     unserved: UnservedEntries,
     /// While [`Target::retry_unserved`] runs: the entries being tried, as they were.
     retrying: UnservedEntries,
-    /// Entries deleted since the config file was last saved (they leave the file).
-    removed: BTreeSet<(Section, String)>,
+    /// Deletions the config file has yet to see, and entries whose file version wins.
+    file_edits: FileEdits,
 }
 
 impl Target {
@@ -251,7 +253,7 @@ impl Target {
             handed_over: false,
             unserved: UnservedEntries::default(),
             retrying: UnservedEntries::default(),
-            removed: BTreeSet::new(),
+            file_edits: FileEdits::default(),
         })
     }
 
@@ -346,7 +348,7 @@ impl Target {
             self.backends.remove(b);
         }
         self.attachments.remove(name);
-        self.removed.insert((Section::Nvme, name.to_string()));
+        self.forget_in_file(Section::Nvme, name);
         self.nvme.close_unused();
         tracing::info!("{name} ({address}) detached");
         Ok(())
@@ -422,7 +424,7 @@ impl Target {
             )));
         }
         self.backends.remove(name);
-        self.removed.insert((Section::Backends, name.to_string()));
+        self.forget_in_file(Section::Backends, name);
         self.nvme.close_unused();
         tracing::info!("backend {name} deleted");
         Ok(())
@@ -580,8 +582,7 @@ impl Target {
                 what: "controller",
                 name: name.to_string(),
             })?;
-        self.removed
-            .insert((Section::Controllers, name.to_string()));
+        self.forget_in_file(Section::Controllers, name);
         let started = std::time::Instant::now();
         entry.server.stop(true);
         tracing::info!(
@@ -641,10 +642,10 @@ impl Target {
         let Some(path) = &self.settings.config_file else {
             return Ok(());
         };
-        if self.config().save_into(path, &self.removed)? {
+        if self.config().save_into(path, &self.file_edits)? {
             tracing::debug!("{} written", path.display());
         }
-        self.removed.clear();
+        self.file_edits.removed.clear();
         Ok(())
     }
 

@@ -255,7 +255,7 @@ impl Target {
             Section::Backends => drop(self.unserved.backends.remove(name)),
             Section::Controllers => drop(self.unserved.controllers.remove(name)),
         }
-        self.removed.insert((section, name.to_string()));
+        self.forget_in_file(section, name);
         tracing::info!("{} {name} (not served) deleted", section.what());
         Ok(true)
     }
