@@ -160,6 +160,23 @@ impl FromStr for BackendSpec {
 }
 
 impl BackendSpec {
+    /// The file a `mem` or `file` backend lives in.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => Some(path),
+            BackendSpec::Null { .. } | BackendSpec::Nvme { .. } => None,
+        }
+    }
+
+    /// The same spec with its path made absolute against this process's working directory
+    /// (for command lines: the target itself takes absolute paths only).
+    pub fn with_absolute_path(mut self) -> std::io::Result<Self> {
+        if let BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } = &mut self {
+            *path = std::path::absolute(&*path)?;
+        }
+        Ok(self)
+    }
+
     /// Opens the backend. An NVMe namespace uses the controller in `controllers` if another
     /// backend opened it, else opens it with `io_queues` queue pairs and `nvme`'s command
     /// watch; either way it gets an IOVA window of its own.

@@ -764,6 +764,48 @@ fn bad_rpc_input_gets_errors_and_leaves_nothing_half_made() {
         code::FAILED,
     );
     expect_error("vhost_blk_delete", json!({"name": "ghost"}), code::FAILED);
+    // Relative paths: the target's working directory is not the operator's.
+    let m = expect_error(
+        "vhost_blk_create",
+        json!({"name": "s", "socket": "s.sock", "backend": "d0"}),
+        code::FAILED,
+    );
+    assert!(m.contains("relative"), "{m}");
+    let m = expect_error(
+        "backend_create",
+        json!({"name": "r", "kind": "mem", "path": "r.img", "size": 1 << 20}),
+        code::FAILED,
+    );
+    assert!(m.contains("relative"), "{m}");
+    // One image, one backend: d0's file as a file backend, or through a symlink.
+    let m = expect_error(
+        "backend_create",
+        json!({"name": "f", "kind": "file", "path": target.shm("d0")}),
+        code::FAILED,
+    );
+    assert!(m.contains("serves already"), "{m}");
+    let link = target.dir.join("d0-link");
+    std::os::unix::fs::symlink(target.shm("d0"), &link).unwrap();
+    let m = expect_error(
+        "backend_create",
+        json!({"name": "f", "kind": "mem", "path": link, "size": 16 << 20}),
+        code::FAILED,
+    );
+    assert!(m.contains("serves already"), "{m}");
+    // A create that fails at mmap or at its size leaves no file behind.
+    expect_error(
+        "backend_create",
+        json!({"name": "huge", "kind": "mem", "path": target.shm("huge"), "size": 1u64 << 48}),
+        code::FAILED,
+    );
+    assert!(!Path::new(&target.shm("huge")).exists());
+    let empty = target.dir.join("empty.img");
+    expect_error(
+        "backend_create",
+        json!({"name": "empty", "kind": "file", "path": empty, "size": 0}),
+        code::FAILED,
+    );
+    assert!(!empty.exists());
     // Nothing half-made: one backend, one controller, no stray socket; still serving.
     let backends = target.call("backend_list", json!({}));
     let controllers = target.call("vhost_blk_list", json!({}));
@@ -792,6 +834,38 @@ fn bad_rpc_input_gets_errors_and_leaves_nothing_half_made() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "rpc socket mode {mode:o}");
+    // The CLI takes relative paths as the operator means them: from where they type.
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("vfblk-rpc"))
+            .current_dir(&target.dir)
+            .arg("--socket")
+            .arg(target.dir.join("rpc.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    cli(&["backend-create", "rel", "mem:rel.img:1M"]);
+    cli(&[
+        "vhost-blk-create",
+        "rel",
+        "--socket",
+        "rel.sock",
+        "--backend",
+        "rel",
+    ]);
+    let listed = target.call("vhost_blk_list", json!({}));
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["socket"] == json!(target.dir.join("rel.sock"))),
+        "{listed}"
+    );
+    assert!(target.dir.join("rel.img").exists() && target.dir.join("rel.sock").exists());
+    cli(&["vhost-blk-delete", "rel"]);
+    cli(&["backend-delete", "rel"]);
 }
 
 /// GET /metrics over HTTP/1.1 from `address`: (status line, body).

@@ -208,7 +208,7 @@ fn run(
         if let Some(one) = &one {
             // The one controller of the command line: failing to serve it is failing.
             if let Some((what, e)) = target
-                .apply_after_crash(one.config(), stored)
+                .apply_after_crash(one.config()?, stored)
                 .into_iter()
                 .next()
             {

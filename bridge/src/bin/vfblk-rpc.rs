@@ -209,9 +209,18 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
     Ok(())
 }
 
+fn absolute(source: std::io::Error) -> vfblk_bridge::Error {
+    vfblk_bridge::Error::Io {
+        what: "making a path absolute".into(),
+        source,
+    }
+}
+
 fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
     Ok(match command {
         Command::BackendCreate { name, spec } => {
+            // Relative paths are the operator's, from where they type.
+            let spec = spec.clone().with_absolute_path().map_err(absolute)?;
             let mut p = serde_json::to_value(spec).expect("a backend spec serializes");
             p["name"] = json!(name);
             ("backend_create", p)
@@ -234,6 +243,7 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             iops,
             bps,
         } => {
+            let socket = std::path::absolute(socket).map_err(absolute)?;
             let mut p = json!({
                 "name": name, "socket": socket, "backend": backend, "queues": queues,
                 "cpus": cpus, "readonly": readonly,

@@ -81,6 +81,8 @@ struct BackendEntry {
     backend: Arc<dyn Backend>,
     /// The NVMe attachment it came from (then it is not a config entry of its own).
     attachment: Option<String>,
+    /// The file it lives in (device, inode), for `mem` and `file` backends.
+    identity: Option<(u64, u64)>,
 }
 
 struct ControllerEntry {
@@ -358,6 +360,26 @@ impl Target {
     pub fn create_backend(&mut self, name: &str, spec: BackendSpec) -> Result<()> {
         check_name("backend", name)?;
         self.check_not_unserved(Section::Backends, name)?;
+        if let Some(path) = spec.path().filter(|p| p.is_relative()) {
+            return Err(Error::BadArgument(format!(
+                "backend {name}: {} is a relative path; the target takes absolute paths only (its working directory is not yours)",
+                path.display()
+            )));
+        }
+        // One image, one backend: the same file under another path or another kind would be
+        // two caches of one disk.
+        if let Some(identity) = spec.path().and_then(file_identity) {
+            if let Some((other, _)) = self
+                .backends
+                .iter()
+                .find(|(_, b)| b.identity == Some(identity))
+            {
+                return Err(Error::BadArgument(format!(
+                    "backend {name}: {} is the file backend {other} serves already",
+                    describe(&spec)
+                )));
+            }
+        }
         if self.backends.contains_key(name) {
             return Err(Error::Exists {
                 what: "backend",
@@ -389,12 +411,14 @@ impl Target {
             )));
         }
         tracing::info!("backend {name}: {}", backend.info().description);
+        let identity = spec.path().and_then(file_identity);
         self.backends.insert(
             name.to_string(),
             BackendEntry {
                 spec,
                 backend,
                 attachment: None,
+                identity,
             },
         );
         Ok(())
@@ -481,6 +505,12 @@ impl Target {
                 "{} is the socket of controller {}",
                 config.socket.display(),
                 other.name
+            )));
+        }
+        if config.socket.is_relative() {
+            return Err(bad(format!(
+                "{} is a relative path; the target takes absolute paths only (its working directory is not yours)",
+                config.socket.display()
             )));
         }
         check_socket_path(&config.socket).map_err(bad)?;
@@ -770,6 +800,12 @@ fn same_target(a: &BackendSpec, b: &BackendSpec) -> bool {
     }
 }
 
+/// A file's (device, inode), following symlinks; None if it cannot be read.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn describe(spec: &BackendSpec) -> String {
     match spec {
         BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => {
@@ -834,17 +870,26 @@ pub struct TargetOptions {
 }
 
 impl TargetOptions {
-    /// The configuration of one backend ("disk") and one controller ("vhost0").
-    pub fn config(&self) -> TargetConfig {
-        TargetConfig {
+    /// The configuration of one backend ("disk") and one controller ("vhost0"), with
+    /// relative paths taken as the command line's: from the working directory.
+    pub fn config(&self) -> Result<TargetConfig> {
+        let absolute = |e: std::io::Error| Error::Io {
+            what: "making a path absolute".into(),
+            source: e,
+        };
+        Ok(TargetConfig {
             nvme: Vec::new(),
             backends: vec![BackendConfig {
                 name: "disk".into(),
-                spec: self.backend.clone(),
+                spec: self
+                    .backend
+                    .clone()
+                    .with_absolute_path()
+                    .map_err(absolute)?,
             }],
             controllers: vec![ControllerConfig {
                 name: "vhost0".into(),
-                socket: self.socket.clone(),
+                socket: std::path::absolute(&self.socket).map_err(absolute)?,
                 backend: "disk".into(),
                 queues: self.queues,
                 cpus: Vec::new(),
@@ -852,7 +897,7 @@ impl TargetOptions {
                 serial: Some(self.serial.clone()),
                 limits: Default::default(),
             }],
-        }
+        })
     }
 }
 
