@@ -102,7 +102,33 @@ impl Drop for IovaWindow {
 }
 
 /// The engines (queue pairs) of one controller, by poller.
-type Engines = Arc<Mutex<BTreeMap<u64, std::sync::Weak<Mutex<NvmeEngine>>>>>;
+type Engines = Arc<Mutex<BTreeMap<u64, std::sync::Weak<PollerEngine>>>>;
+
+/// A poller's engine for one controller, shared by that poller's clients with no lock (the
+/// `io_channel` idea): only the poller thread ever touches the engine once a client could
+/// reach it. The control plane creates it (a queue pair takes admin commands, not for a
+/// poller to wait on) and hands out references; clients attach to it on the poller, at
+/// their first call, and leave it there when they are dropped.
+struct PollerEngine {
+    engine: std::cell::UnsafeCell<NvmeEngine>,
+    /// The thread that first used it (checked in debug builds).
+    #[cfg(debug_assertions)]
+    poller: std::sync::OnceLock<std::thread::ThreadId>,
+}
+
+// SAFETY: the engine inside is reached only through `NvmeClient::engine`, which runs on the
+// engine's poller thread alone (see there); the control plane only moves the `Arc` around.
+unsafe impl Sync for PollerEngine {}
+
+impl PollerEngine {
+    fn new(engine: NvmeEngine) -> Self {
+        Self {
+            engine: std::cell::UnsafeCell::new(engine),
+            #[cfg(debug_assertions)]
+            poller: std::sync::OnceLock::new(),
+        }
+    }
+}
 
 impl NvmeEngine {
     /// An engine with a new queue pair and no client yet.
@@ -687,25 +713,23 @@ impl Backend for NvmeBackend {
                     self.ctrl.name(),
                     engine.qp.qid()
                 );
-                let engine = Arc::new(Mutex::new(engine));
+                let engine = Arc::new(PollerEngine::new(engine));
                 engines.insert(poller, Arc::downgrade(&engine));
                 engine
             }
         };
         drop(engines);
-        let slot = engine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add_client(ClientCfg {
+        // Not attached here: the poller may be using the engine for its other clients now.
+        Ok(Queue::from(NvmeClient {
+            engine,
+            cfg: ClientCfg {
                 nsid: self.ns.nsid,
                 shift: self.ns.info.lba_shift,
                 first_block: self.first_block,
                 iova_base: self.window_base(),
                 generation: 0,
-            });
-        Ok(Queue::from(NvmeClient {
-            engine,
-            slot,
+            },
+            slot: None,
             in_flight: 0,
         }))
     }
@@ -924,8 +948,8 @@ struct NvmeEngine {
 }
 
 // SAFETY: the host pointers it keeps (for bounce copies) point into guest memory that stays
-// mapped while requests are in flight; one poller thread uses the engine (the mutex is only
-// ever contended at a queue's start and stop).
+// mapped while requests are in flight; one poller thread uses the engine (see
+// `NvmeClient::engine`).
 unsafe impl std::marker::Send for NvmeEngine {}
 
 /// Client slot and head of a request key.
@@ -1484,46 +1508,75 @@ impl NvmeEngine {
 
 /// One virtqueue's handle on its poller's engine for the controller.
 pub struct NvmeClient {
-    engine: Arc<Mutex<NvmeEngine>>,
-    slot: u16,
+    engine: Arc<PollerEngine>,
+    cfg: ClientCfg,
+    /// Its slot in the engine, once attached (at its first call, on the poller).
+    slot: Option<u16>,
     /// Requests taken and not yet reported: kept here, so that the poller's look at an idle
-    /// queue takes no lock.
+    /// queue does not touch the engine.
     in_flight: usize,
 }
 
 impl NvmeClient {
-    fn engine(&self) -> std::sync::MutexGuard<'_, NvmeEngine> {
-        // A poisoned engine still holds the queue pair: what is in it is still to finish.
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    /// The engine, and this client's slot in it (attached now if it is not yet).
+    ///
+    /// Every call comes from the poller that runs this client's virtqueue: a client is
+    /// made by `open_queue` for the poller `QueueSetup::poller` names, moves to that poller
+    /// inside its queue handler before any call, and is dropped there when the queue stops.
+    /// The engine is shared only by the clients of that same poller (the map is keyed by
+    /// poller), and one poller thread runs one call at a time, none of which calls out to
+    /// another client: so at most one reference to the engine is ever live.
+    fn engine(&mut self) -> (&mut NvmeEngine, u16) {
+        #[cfg(debug_assertions)]
+        {
+            let here = std::thread::current().id();
+            let poller = *self.engine.poller.get_or_init(|| here);
+            debug_assert_eq!(poller, here, "an NVMe engine used off its poller");
+        }
+        // SAFETY: see above: this is the engine's poller thread and no other reference to the
+        // engine is live.
+        let engine = unsafe { &mut *self.engine.engine.get() };
+        let slot = *self.slot.get_or_insert_with(|| engine.add_client(self.cfg));
+        (engine, slot)
+    }
+
+    /// The engine to look at, without attaching (same thread rule as [`Self::engine`]).
+    fn engine_ref(&self) -> &NvmeEngine {
+        // SAFETY: as in `engine`: the poller's thread, no mutable reference live (every
+        // `&mut` ends with the call that took it).
+        unsafe { &*self.engine.engine.get() }
     }
 }
 
 impl Drop for NvmeClient {
     fn drop(&mut self) {
-        let slot = self.slot;
-        self.engine().remove_client(slot);
+        // Never attached: the engine never knew it (and this may not be the poller).
+        if self.slot.is_some() {
+            let (engine, slot) = self.engine();
+            engine.remove_client(slot);
+        }
     }
 }
 
 impl BackendQueue for NvmeClient {
     fn can_submit(&self) -> bool {
-        self.engine().can_submit()
+        self.engine_ref().can_submit()
     }
 
     fn submit(&mut self, request: &Request, token: u16) -> Result<()> {
-        let slot = self.slot;
-        self.engine().submit(slot, request, token)?;
+        let (engine, slot) = self.engine();
+        engine.submit(slot, request, token)?;
         self.in_flight += 1;
         Ok(())
     }
 
     fn flush_submissions(&mut self) {
-        self.engine().flush_submissions();
+        self.engine().0.flush_submissions();
     }
 
     fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
-        let slot = self.slot;
-        let reported = self.engine().poll(slot, done);
+        let (engine, slot) = self.engine();
+        let reported = engine.poll(slot, done);
         self.in_flight -= reported.min(self.in_flight);
         reported
     }
