@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vfblk_vhost::chain::Chain;
+use vfblk_vhost::chain::ChainCursor;
 use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
@@ -339,9 +339,14 @@ impl RequestHandler for BlkQueue {
         self.backend.can_submit() && self.limiter.as_ref().is_none_or(Limiter::ready)
     }
 
-    fn take(&mut self, chain: &Chain) -> Taken {
-        let head = chain.head;
-        let verdict = request::parse(chain.segments(), &self.limits, &self.id, &mut self.request);
+    fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
+        let head = chain.head();
+        // Walked into the request's own buffers: where the parser and the backend read them.
+        let count = match self.request.walk(chain) {
+            Ok(count) => count,
+            Err(e) => return Taken::Unwalkable(e),
+        };
+        let verdict = request::parse(count, &self.limits, &self.id, &mut self.request);
         if let Some(limiter) = &self.limiter {
             let bytes = match verdict {
                 Verdict::Submit => self.request.data_len,
@@ -505,10 +510,11 @@ mod tests {
             chain.extend(data);
             chain.push((status, 1, true));
             self.guest.add_chain(&chain);
-            let walked = self.guest.walk_newest().unwrap();
-            let head = walked.head;
-            let written = match self.queue.take(&walked) {
+            let (vq, head) = self.guest.newest();
+            let mem = self.guest.memory();
+            let written = match self.queue.take(ChainCursor::new(&vq, &mem, head)) {
                 Taken::Done(n) => n,
+                Taken::Unwalkable(e) => panic!("a well-formed chain walks: {e}"),
                 Taken::Unanswerable => panic!("a well-formed chain has a status byte"),
                 Taken::Pending => {
                     let deadline = Instant::now() + Duration::from_secs(5);
@@ -742,8 +748,9 @@ mod tests {
             guest.write(hdr, &h.to_bytes());
             let (data, st) = (guest.alloc(512), guest.alloc(1));
             guest.add_chain(&[(hdr, 16, false), (data, 512, false), (st, 1, true)]);
-            let chain = guest.walk_newest().unwrap();
-            assert_eq!(q.take(&chain), Taken::Pending);
+            let (vq, head) = guest.newest();
+            let mem = guest.memory();
+            assert_eq!(q.take(ChainCursor::new(&vq, &mem, head)), Taken::Pending);
             last_durable.load(Ordering::Relaxed)
         };
         let flush = 1u64 << VIRTIO_BLK_F_FLUSH;

@@ -1,7 +1,12 @@
 //! virtio-blk requests (virtio 1.2 §5.2.6): the header, the data buffers and the status byte
 //! of a walked chain, checked against the device's limits before anything reaches a backend.
 
-use vfblk_vhost::chain::{Segment, MAX_SEGMENTS};
+use vfblk_vhost::chain::{ChainCursor, ChainError, Segment};
+
+/// Most buffers a request's chain may have: seg_max data buffers plus header and status,
+/// with room for a header or status split over descriptors. The device's limit: the walker
+/// stores a chain into a request's buffers, and a chain with more is refused.
+pub const MAX_SEGMENTS: usize = 132;
 
 use crate::virtio_blk::{
     req, status, Range, RequestHeader, ID_BYTES, SECTOR, WRITE_ZEROES_FLAG_UNMAP,
@@ -35,9 +40,13 @@ pub struct Request {
     pub op: Operation,
     /// First sector (Read/Write).
     pub sector: u64,
-    /// Data buffers (Read/Write).
-    pub data: [Segment; MAX_SEGMENTS],
-    /// How many of `data` are used.
+    /// The chain's buffers as the walker stored them. Once parsed, the data buffers are a
+    /// run of them ([`Request::data`]), trimmed in place where a header or the status byte
+    /// shares a buffer with data: each buffer is stored once, where the backend reads it.
+    buffers: [Segment; MAX_SEGMENTS],
+    /// Where the data buffers start in `buffers`.
+    data_start: usize,
+    /// How many data buffers (Read/Write).
     pub data_count: usize,
     /// Data bytes.
     pub data_len: u64,
@@ -56,7 +65,8 @@ impl Default for Request {
         Self {
             op: Operation::Flush,
             sector: 0,
-            data: [Segment::default(); MAX_SEGMENTS],
+            buffers: [Segment::default(); MAX_SEGMENTS],
+            data_start: 0,
             data_count: 0,
             data_len: 0,
             ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
@@ -64,6 +74,28 @@ impl Default for Request {
             status: std::ptr::null_mut(),
             durable: false,
         }
+    }
+}
+
+impl Request {
+    /// The data buffers (Read/Write): the guest's own memory.
+    #[inline]
+    pub fn data(&self) -> &[Segment] {
+        &self.buffers[self.data_start..self.data_start + self.data_count]
+    }
+
+    /// Walks `chain` into this request's buffers: how many it has.
+    #[inline]
+    pub fn walk(&mut self, chain: ChainCursor<'_>) -> Result<usize, ChainError> {
+        chain.walk_into(&mut self.buffers)
+    }
+
+    /// Puts buffers walked elsewhere (the guest test kit, the fuzz targets) where
+    /// [`Request::walk`] would have: how many (at most [`MAX_SEGMENTS`]).
+    pub fn load(&mut self, segments: &[Segment]) -> usize {
+        let n = segments.len().min(MAX_SEGMENTS);
+        self.buffers[..n].copy_from_slice(&segments[..n]);
+        n
     }
 }
 
@@ -131,17 +163,13 @@ fn copy_out(segs: &[Segment], mut skip: usize, out: &mut [u8]) -> usize {
     done
 }
 
-/// Checks a walked chain and fills `request`. `id` is what GET_ID answers.
+/// Checks the chain whose `count` buffers [`Request::walk`] stored in `request`, and fills
+/// the rest of `request`. `id` is what GET_ID answers.
 #[inline]
-pub fn parse(
-    segments: &[Segment],
-    limits: &Limits,
-    id: &[u8; ID_BYTES],
-    request: &mut Request,
-) -> Verdict {
-    match parse_read_or_write(segments, limits, request) {
+pub fn parse(count: usize, limits: &Limits, id: &[u8; ID_BYTES], request: &mut Request) -> Verdict {
+    match parse_read_or_write(count, limits, request) {
         Some(verdict) => verdict,
-        None => parse_any(segments, limits, id, request),
+        None => parse_any(count, limits, id, request),
     }
 }
 
@@ -150,18 +178,11 @@ pub fn parse(
 /// a read or a write. `None` for anything else, which [`parse_any`] judges. Both give the
 /// same verdict and request for every chain (a test compares them on many thousands).
 #[inline]
-fn parse_read_or_write(
-    segments: &[Segment],
-    limits: &Limits,
-    request: &mut Request,
-) -> Option<Verdict> {
-    let [header, body @ .., last] = segments else {
+fn parse_read_or_write(count: usize, limits: &Limits, request: &mut Request) -> Option<Verdict> {
+    let [header, body @ .., last] = &request.buffers[..count] else {
         return None;
     };
     if header.write || header.len != 16 || !last.write || last.len != 1 || body.is_empty() {
-        return None;
-    }
-    if body.len() > MAX_SEGMENTS {
         return None;
     }
     // SAFETY: the first buffer was translated for its 16 bytes; read once, as a copy.
@@ -172,20 +193,22 @@ fn parse_read_or_write(
         req::OUT => false,
         _ => return None,
     };
-    request.status = last.host;
-    request.sector = sector;
-    request.range_count = 0;
+    let (status, body_len) = (last.host, body.len());
     let mut data_len = 0u64;
     let mut fits = true;
-    for (slot, s) in request.data.iter_mut().zip(body) {
-        *slot = *s;
+    // The data buffers stay where the walker put them.
+    for s in body {
         data_len += u64::from(s.len);
         fits &= s.write == writes_guest && s.len <= limits.size_max;
     }
-    request.data_count = body.len();
+    request.status = status;
+    request.sector = sector;
+    request.range_count = 0;
+    request.data_start = 1;
+    request.data_count = body_len;
     request.data_len = data_len;
     if !fits
-        || body.len() as u32 > limits.seg_max
+        || body_len as u32 > limits.seg_max
         || data_len % SECTOR != 0
         || sector
             .checked_add(data_len / SECTOR)
@@ -204,14 +227,10 @@ fn parse_read_or_write(
 }
 
 /// Any chain: the header and the status byte wherever the buffers put them.
-fn parse_any(
-    segments: &[Segment],
-    limits: &Limits,
-    id: &[u8; ID_BYTES],
-    request: &mut Request,
-) -> Verdict {
+fn parse_any(count: usize, limits: &Limits, id: &[u8; ID_BYTES], request: &mut Request) -> Verdict {
+    let segments = &request.buffers[..count];
     // The status byte: last byte of the last buffer, which must be device-writable.
-    let Some(last) = segments.last().filter(|s| s.write) else {
+    let Some(last) = segments.last().copied().filter(|s| s.write) else {
         return Verdict::Drop;
     };
     // SAFETY: the last segment has len >= 1 (empty buffers are not kept).
@@ -226,19 +245,23 @@ fn parse_any(
         return answer(status::IOERR);
     }
     let RequestHeader { kind, sector, .. } = RequestHeader::from_bytes(&header);
+    let total: usize = segments.iter().map(|s| s.len as usize).sum();
     request.sector = sector;
+    request.data_start = 0;
     request.data_count = 0;
     request.data_len = 0;
     request.range_count = 0;
 
     // Data: the bytes after the header and before the status byte.
     let body_start = 16usize;
-    let total: usize = segments.iter().map(|s| s.len as usize).sum();
     let body_end = total - 1;
     let mut offset = 0usize;
     let mut body_write: Option<bool> = None;
     let mut mixed = false;
-    for s in segments {
+    // Trimmed in place: buffer i gives at most data buffer i (data_count <= i), so each is
+    // read before anything is written over it.
+    for i in 0..count {
+        let s = request.buffers[i];
         let (start, end) = (offset, offset + s.len as usize);
         offset = end;
         let (from, to) = (start.max(body_start), end.min(body_end));
@@ -248,10 +271,7 @@ fn parse_any(
         if *body_write.get_or_insert(s.write) != s.write {
             mixed = true;
         }
-        if request.data_count == MAX_SEGMENTS {
-            return answer(status::IOERR);
-        }
-        request.data[request.data_count] = Segment {
+        request.buffers[request.data_count] = Segment {
             gpa: s.gpa + (from - start) as u64,
             // SAFETY: from - start < len: inside the translated buffer.
             host: unsafe { s.host.add(from - start) },
@@ -261,7 +281,7 @@ fn parse_any(
         request.data_count += 1;
         request.data_len += (to - from) as u64;
     }
-    let data = &request.data[..request.data_count];
+    let data = request.data();
 
     match kind {
         req::IN | req::OUT => {
@@ -444,7 +464,8 @@ mod tests {
         fn parse_with(&mut self, buffers: &[(u64, u32, bool)], limits: &Limits) -> Verdict {
             self.guest.add_chain(buffers);
             let chain = self.guest.walk_newest().expect("the chain walks");
-            parse(chain.segments(), limits, ID, &mut self.request)
+            let count = self.request.load(chain.segments());
+            parse(count, limits, ID, &mut self.request)
         }
 
         fn parse(&mut self, buffers: &[(u64, u32, bool)]) -> Verdict {
@@ -549,8 +570,10 @@ mod tests {
             let mut limits = limits();
             limits.read_only = next(4) == 0;
             let (mut a, mut b) = (Box::<Request>::default(), Box::<Request>::default());
-            let took_fast = parse_read_or_write(&segments, &limits, &mut a);
-            let general = parse_any(&segments, &limits, ID, &mut b);
+            let count = a.load(&segments);
+            b.load(&segments);
+            let took_fast = parse_read_or_write(count, &limits, &mut a);
+            let general = parse_any(count, &limits, ID, &mut b);
             let Some(verdict) = took_fast else {
                 continue;
             };
@@ -562,7 +585,7 @@ mod tests {
                 assert_eq!(a.sector, b.sector);
                 assert_eq!(a.status, b.status);
                 assert_eq!(a.data_len, b.data_len);
-                assert_eq!(a.data[..a.data_count], b.data[..b.data_count]);
+                assert_eq!(a.data(), b.data());
             }
         }
         // Both outcomes of the fast path were exercised, many times.
@@ -624,7 +647,7 @@ mod tests {
             c.parse(&[(hdr, 10, false), (hdr + 10, 6, false), (buf, 513, true)]),
             Verdict::Submit
         );
-        assert_eq!((c.request.data_len, c.request.data[0].gpa), (512, buf));
+        assert_eq!((c.request.data_len, c.request.data()[0].gpa), (512, buf));
         // The status byte is the last byte of the last buffer.
         let last = c.guest.memory().translate(buf + 512, 1).unwrap();
         assert_eq!(c.request.status, last);

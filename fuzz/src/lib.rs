@@ -58,7 +58,8 @@ pub fn chain_and_request(data: &[u8]) {
     let mem = guest.memory();
     let event_idx = data.first().is_some_and(|b| b & 1 == 1);
     let mut vq = guest.device_queue(event_idx);
-    let mut chain = Chain::default();
+    // The device's limit on buffers, as the device walks into its request.
+    let mut chain = Chain::new(request::MAX_SEGMENTS);
     let mut request = Box::<Request>::default();
     let limits = Limits {
         capacity: 1 << 20,
@@ -86,14 +87,14 @@ pub fn chain_and_request(data: &[u8]) {
                         "every segment lies in guest memory"
                     );
                 }
-                let verdict =
-                    request::parse(chain.segments(), &limits, &[7; ID_BYTES], &mut request);
+                let count = request.load(chain.segments());
+                let verdict = request::parse(count, &limits, &[7; ID_BYTES], &mut request);
                 if verdict == Verdict::Submit {
                     assert!(
                         in_guest(&mem, request.status, 1),
                         "the status byte lies in guest memory"
                     );
-                    for s in &request.data[..request.data_count] {
+                    for s in request.data() {
                         assert!(in_guest(&mem, s.host, u64::from(s.len)));
                     }
                     for &(start, count) in &request.ranges[..request.range_count] {

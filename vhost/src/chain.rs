@@ -1,13 +1,10 @@
 //! Walking a descriptor chain from its head, trusting nothing: indexes, loops, indirect
 //! tables, direction order, and every buffer against the memory table. The result lives in a
-//! preallocated buffer, so walking allocates nothing.
+//! buffer the caller owns (a device's request, sized by the device's limit), so walking
+//! allocates nothing and stores each buffer once.
 
 use crate::memory::GuestMemory;
 use crate::virtq::{Descriptor, DeviceQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-
-/// Most buffers a chain may have: seg_max data segments plus header and status, with room
-/// for header or status split over descriptors.
-pub const MAX_SEGMENTS: usize = 132;
 
 /// One buffer of a chain, translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,42 +60,62 @@ impl std::fmt::Display for ChainError {
     }
 }
 
-/// A walked chain: its buffers in order.
-pub struct Chain {
-    /// Head index.
-    pub head: u16,
-    segments: Box<[Segment; MAX_SEGMENTS]>,
-    count: usize,
+/// A chain the ring offers a device, not walked yet: the device walks it into a buffer of
+/// its own ([`ChainCursor::walk_into`]), whose length is the device's limit on buffers per
+/// request, so each buffer is checked and stored once, where the device keeps it.
+#[derive(Clone, Copy)]
+pub struct ChainCursor<'a> {
+    queue: &'a DeviceQueue,
+    mem: &'a GuestMemory,
+    head: u16,
 }
 
-impl Default for Chain {
-    fn default() -> Self {
-        Self {
-            head: 0,
-            segments: Box::new([Segment::default(); MAX_SEGMENTS]),
-            count: 0,
-        }
+impl<'a> ChainCursor<'a> {
+    /// The chain at `head` (already checked to be < queue size) of `queue`.
+    pub fn new(queue: &'a DeviceQueue, mem: &'a GuestMemory, head: u16) -> Self {
+        Self { queue, mem, head }
     }
-}
 
-impl Chain {
-    /// The buffers.
+    /// Its head index.
     #[inline]
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments[..self.count]
+    pub fn head(&self) -> u16 {
+        self.head
     }
 
-    fn push(
-        &mut self,
-        mem: &GuestMemory,
-        d: &Descriptor,
-        seen_write: &mut bool,
-    ) -> Result<(), ChainError> {
+    /// Walks the chain, trusting nothing (indexes, loops, indirect tables, direction order,
+    /// every buffer against the memory table), into `out`: the number of buffers stored.
+    /// More buffers than `out` holds is [`ChainError::TooLong`].
+    #[inline]
+    pub fn walk_into(&self, out: &mut [Segment]) -> Result<usize, ChainError> {
+        let mut walk = Walk {
+            out,
+            count: 0,
+            seen_write: false,
+        };
+        walk.chain(self.queue, self.mem, self.head)?;
+        Ok(walk.count)
+    }
+
+    /// After a failed walk: where a device answers (see [`last_byte`]).
+    pub fn last_byte(&self) -> Option<Segment> {
+        last_byte(self.queue, self.mem, self.head)
+    }
+}
+
+/// One walk in progress: the buffers stored so far.
+struct Walk<'o> {
+    out: &'o mut [Segment],
+    count: usize,
+    seen_write: bool,
+}
+
+impl Walk<'_> {
+    fn push(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
         let write = d.flags & DESC_F_WRITE != 0;
-        if *seen_write && !write {
+        if self.seen_write && !write {
             return Err(ChainError::BadOrder);
         }
-        *seen_write |= write;
+        self.seen_write |= write;
         if d.len == 0 {
             return Ok(());
         }
@@ -109,7 +126,7 @@ impl Chain {
             let (host, len) = mem
                 .translate_prefix(gpa, left)
                 .ok_or(ChainError::OutOfMemory)?;
-            let Some(slot) = self.segments.get_mut(self.count) else {
+            let Some(slot) = self.out.get_mut(self.count) else {
                 return Err(ChainError::TooLong);
             };
             *slot = Segment {
@@ -125,17 +142,13 @@ impl Chain {
         Ok(())
     }
 
-    /// Walks the chain starting at `head` (already checked to be < queue size).
-    pub fn walk(
+    fn chain(
         &mut self,
         queue: &DeviceQueue,
         mem: &GuestMemory,
         head: u16,
     ) -> Result<(), ChainError> {
-        self.head = head;
-        self.count = 0;
         let size = queue.size();
-        let mut seen_write = false;
         let mut index = head;
         let mut visited = 0u32;
         loop {
@@ -151,9 +164,9 @@ impl Chain {
                 if d.flags & DESC_F_NEXT != 0 || d.len == 0 || d.len % 16 != 0 {
                     return Err(ChainError::BadIndirect);
                 }
-                return self.walk_indirect(mem, &d, &mut seen_write);
+                return self.indirect(mem, &d);
             }
-            self.push(mem, &d, &mut seen_write)?;
+            self.push(mem, &d)?;
             if d.flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -161,12 +174,7 @@ impl Chain {
         }
     }
 
-    fn walk_indirect(
-        &mut self,
-        mem: &GuestMemory,
-        table: &Descriptor,
-        seen_write: &mut bool,
-    ) -> Result<(), ChainError> {
+    fn indirect(&mut self, mem: &GuestMemory, table: &Descriptor) -> Result<(), ChainError> {
         let entries = table.len / 16;
         // Tables are 16-byte aligned like the main table (so entries can be read volatile).
         if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
@@ -191,12 +199,58 @@ impl Chain {
             if d.flags & DESC_F_INDIRECT != 0 {
                 return Err(ChainError::BadIndirect);
             }
-            self.push(mem, &d, seen_write)?;
+            self.push(mem, &d)?;
             if d.flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
             index = u32::from(d.next);
         }
+    }
+}
+
+/// A walked chain in a buffer of its own (the guest test kit's and the fuzz targets' view;
+/// a device walks into its own buffer through [`ChainCursor`]).
+pub struct Chain {
+    /// Head index.
+    pub head: u16,
+    segments: Box<[Segment]>,
+    count: usize,
+}
+
+impl Default for Chain {
+    /// Room for as many buffers as a queue of the largest size could chain.
+    fn default() -> Self {
+        Self::new(usize::from(crate::virtq::MAX_QUEUE_SIZE))
+    }
+}
+
+impl Chain {
+    /// A chain of at most `max_segments` buffers.
+    pub fn new(max_segments: usize) -> Self {
+        Self {
+            head: 0,
+            segments: vec![Segment::default(); max_segments].into_boxed_slice(),
+            count: 0,
+        }
+    }
+
+    /// The buffers.
+    #[inline]
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments[..self.count]
+    }
+
+    /// Walks the chain starting at `head` (already checked to be < queue size).
+    pub fn walk(
+        &mut self,
+        queue: &DeviceQueue,
+        mem: &GuestMemory,
+        head: u16,
+    ) -> Result<(), ChainError> {
+        self.head = head;
+        self.count = 0;
+        self.count = ChainCursor::new(queue, mem, head).walk_into(&mut self.segments)?;
+        Ok(())
     }
 }
 
@@ -265,6 +319,8 @@ mod tests {
     use crate::virtq::MAX_QUEUE_SIZE;
 
     const MEM: u64 = 1 << 20;
+    /// A device's limit on buffers per chain, for the length tests.
+    const MAX_SEGMENTS: usize = 132;
 
     fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
         Descriptor::new(addr, len, flags, next)
@@ -282,10 +338,14 @@ mod tests {
     }
 
     fn walk_head(guest: &mut MockGuest, head: u16) -> Result<Vec<Segment>, ChainError> {
-        // Each test chain is the newest one made available.
-        let chain = guest.walk_newest()?;
-        assert_eq!(chain.head, head);
-        Ok(chain.segments().to_vec())
+        // Each test chain is the newest one made available, walked as a device with a limit
+        // of MAX_SEGMENTS buffers would.
+        let (vq, newest) = guest.newest();
+        assert_eq!(newest, head);
+        let mut out = vec![Segment::default(); MAX_SEGMENTS];
+        let n = ChainCursor::new(&vq, &guest.memory(), head).walk_into(&mut out)?;
+        out.truncate(n);
+        Ok(out)
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::chain::Chain;
+use crate::chain::{ChainCursor, ChainError};
 use crate::guest_errors::GuestErrors;
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
@@ -60,6 +60,10 @@ pub enum Taken {
     Done(u32),
     /// Started: the head comes back through [`RequestHandler::poll`].
     Pending,
+    /// The chain could not be walked (a bad index, a loop, a buffer outside guest memory,
+    /// more buffers than the device takes): the plumbing answers it through
+    /// [`RequestHandler::refuse`], or stops the queue if there is no place to answer.
+    Unwalkable(ChainError),
     /// The chain cannot be answered (no place for a status): returning it would read as
     /// success to some drivers, so the queue stops until the device is reset.
     Unanswerable,
@@ -71,8 +75,11 @@ pub enum Taken {
 pub trait RequestHandler: Send {
     /// Whether another chain can be taken now (back-pressure: the avail ring waits).
     fn can_take(&self) -> bool;
-    /// Handles a walked chain; its buffers stay valid until the head is returned.
-    fn take(&mut self, chain: &Chain) -> Taken;
+    /// Handles the chain `chain` points at: walks it into the device's own buffer (the
+    /// device's limit on buffers is that buffer's length), then acts on it; its buffers stay
+    /// valid until the head is returned. [`Taken::Pending`] chains come back through
+    /// [`RequestHandler::poll`].
+    fn take(&mut self, chain: ChainCursor<'_>) -> Taken;
     /// Answers a chain that could not be walked, at the last byte of its last buffer if the
     /// walk could find one ([`crate::chain::last_byte`]): `Some(bytes written)`, or `None`
     /// when the device cannot answer there (the queue then stops).

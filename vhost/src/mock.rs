@@ -237,15 +237,22 @@ impl MockGuest {
         self.queue.add_raw(descriptors, head);
     }
 
-    /// Walks the chain made available last, as the device would (the test then owns the
-    /// walked buffers; nothing is returned to the used ring).
-    pub fn walk_newest(&self) -> Result<Chain, ChainError> {
+    /// The device's view of the ring and the head of the chain made available last (nothing
+    /// is taken from the ring for good): a [`crate::chain::ChainCursor`] walks it.
+    pub fn newest(&self) -> (DeviceQueue, u16) {
         let mut vq = self.device_queue(false);
         vq.next_avail = vq.avail_idx().wrapping_sub(1);
         let head = vq
             .pop()
             .expect("a well-formed avail ring")
             .expect("a chain was made available");
+        (vq, head)
+    }
+
+    /// Walks the chain made available last, as the device would (the test then owns the
+    /// walked buffers; nothing is returned to the used ring).
+    pub fn walk_newest(&self) -> Result<Chain, ChainError> {
+        let (vq, head) = self.newest();
         let mut chain = Chain::default();
         chain.walk(&vq, &self.mem, head)?;
         Ok(chain)

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::chain::Chain;
+use crate::chain::ChainCursor;
 use crate::device::{Finished, RequestHandler, Taken};
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
@@ -26,7 +26,6 @@ pub struct Ring {
     pub(crate) errors: Arc<GuestErrors>,
     /// Heads to run again before any new one, popped from the end (oldest first).
     pub(crate) resubmit: Vec<u16>,
-    chain: Chain,
     /// Heads finished since the last publication, and the bytes written into each.
     pub(crate) completed: Finished,
     /// A chain that could not be answered, or a ring that lied: nothing more is taken until
@@ -57,7 +56,6 @@ impl Ring {
             inflight,
             errors,
             resubmit,
-            chain: Chain::default(),
             completed: Finished::with_capacity(size),
             broken: false,
         }
@@ -72,23 +70,20 @@ impl Ring {
         self.completed.push(head, written);
     }
 
-    /// Walks the chain at `head` and hands it to the handler.
+    /// Hands the chain at `head` to the handler, which walks it.
     fn start<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, head: u16) {
-        if let Err(e) = self.chain.walk(&self.vq, &self.mem, head) {
-            let last = crate::chain::last_byte(&self.vq, &self.mem, head);
-            match handler.refuse(head, last) {
+        let chain = ChainCursor::new(&self.vq, &self.mem, head);
+        match handler.take(chain) {
+            Taken::Done(written) => self.complete(head, written),
+            Taken::Pending => {}
+            Taken::Unwalkable(e) => match handler.refuse(head, chain.last_byte()) {
                 Some(written) => {
                     self.errors
                         .report(self.index, format_args!("head {head}: {e}; refused"));
                     self.complete(head, written);
                 }
                 None => self.stop_broken(head, format_args!("{e}")),
-            }
-            return;
-        }
-        match handler.take(&self.chain) {
-            Taken::Done(written) => self.complete(head, written),
-            Taken::Pending => {}
+            },
             Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
         }
     }

@@ -593,7 +593,7 @@ impl QueueRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::Chain;
+    use crate::chain::{ChainCursor, Segment};
     use crate::device::{Finished, RequestHandler, Taken};
     use crate::mock::MockGuest;
     use std::os::fd::{FromRawFd, IntoRawFd};
@@ -626,8 +626,12 @@ mod tests {
         fn can_take(&self) -> bool {
             true
         }
-        fn take(&mut self, chain: &Chain) -> Taken {
-            self.held.push(chain.head);
+        fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
+            let mut buffers = [Segment::default(); 8];
+            if let Err(e) = chain.walk_into(&mut buffers) {
+                return Taken::Unwalkable(e);
+            }
+            self.held.push(chain.head());
             Taken::Pending
         }
         fn refuse(&mut self, _head: u16, last: Option<crate::chain::Segment>) -> Option<u32> {

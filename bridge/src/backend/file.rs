@@ -12,10 +12,10 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::created::Creating;
 use super::{Backend, BackendInfo, BackendQueue, Queue};
+use crate::request::MAX_SEGMENTS;
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
-use vfblk_vhost::chain::MAX_SEGMENTS;
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
@@ -266,7 +266,7 @@ impl BackendQueue for FileQueue {
         match r.op {
             Operation::Read | Operation::Write => {
                 let mut aligned = true;
-                for (i, s) in r.data[..r.data_count].iter().enumerate() {
+                for (i, s) in r.data().iter().enumerate() {
                     aligned &= (s.host as usize) % 512 == 0 && s.len % 512 == 0;
                     slot.iovecs[i] = libc::iovec {
                         iov_base: s.host.cast(),

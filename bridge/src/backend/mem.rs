@@ -74,7 +74,7 @@ impl ExecuteNow for MemExecutor {
         match r.op {
             Operation::Read | Operation::Write => {
                 let mut off = (r.sector * SECTOR) as usize;
-                for s in &r.data[..r.data_count] {
+                for s in r.data() {
                     let len = s.len as usize;
                     // Bounds were checked against the capacity by request::parse.
                     // SAFETY: off + len <= capacity bytes = the mapping; `s` is guest memory

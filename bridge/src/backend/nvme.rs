@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::request::MAX_SEGMENTS;
 use vfblk_hugepages::ExternalMapping;
 use vfblk_nvme::controller::{Controller, Namespace};
 use vfblk_nvme::prp::Segment;
 use vfblk_nvme::queue::{QueuePair, SubmitError};
 use vfblk_nvme::spec::Status;
-use vfblk_vhost::chain::MAX_SEGMENTS;
 use vfblk_vhost::memory::GuestMemory;
 
 use super::{Backend, BackendInfo, BackendQueue, Queue};
@@ -1339,16 +1339,14 @@ impl NvmeEngine {
                         _ => Kind::Write,
                     };
                     b.segs.clear();
-                    b.segs
-                        .extend(r.data[..r.data_count].iter().map(|s| Segment {
-                            // Inside the window: the segment was translated through the
-                            // memory table, whose regions all fit it (mapping refuses others).
-                            iova: cfg.iova_base + s.gpa,
-                            len: s.len,
-                        }));
+                    b.segs.extend(r.data().iter().map(|s| Segment {
+                        // Inside the window: the segment was translated through the
+                        // memory table, whose regions all fit it (mapping refuses others).
+                        iova: cfg.iova_base + s.gpa,
+                        len: s.len,
+                    }));
                     b.hosts.clear();
-                    b.hosts
-                        .extend(r.data[..r.data_count].iter().map(|s| s.host));
+                    b.hosts.extend(r.data().iter().map(|s| s.host));
                     b.seg = 0;
                     b.offset = 0;
                     b.lba = cfg.first_block + (start >> cfg.shift);
