@@ -110,6 +110,7 @@ struct Walk<'o> {
 }
 
 impl Walk<'_> {
+    #[inline(always)]
     fn push(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
         let write = d.flags & DESC_F_WRITE != 0;
         if self.seen_write && !write {
@@ -142,6 +143,7 @@ impl Walk<'_> {
         Ok(())
     }
 
+    #[inline]
     fn chain(
         &mut self,
         queue: &DeviceQueue,
