@@ -15,6 +15,9 @@
 pub mod chain;
 pub mod device;
 pub mod driver;
+#[cfg(feature = "test-faults")]
+mod faults;
+mod framing;
 pub mod guest_errors;
 pub mod handover;
 pub mod inflight;
@@ -26,6 +29,7 @@ pub mod protocol;
 pub mod ring;
 pub mod server;
 pub mod sigbus;
+pub mod signals;
 pub mod virtq;
 pub mod worker;
 

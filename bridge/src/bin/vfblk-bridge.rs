@@ -116,7 +116,7 @@ fn serial(s: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     // Before any thread exists, so that only the main thread's wait sees SIGTERM.
-    vfblk_vhost::server::block_signals();
+    vfblk_vhost::signals::block_signals();
     let args = Args::parse();
     // Before any thread exists: taking them clears LISTEN_FDS from the environment.
     let stored = if args.fd_store {
@@ -273,7 +273,7 @@ fn run(
         .transpose()?;
     target::notify_ready();
     let sig = loop {
-        match vfblk_vhost::server::wait_for_signal() {
+        match vfblk_vhost::signals::wait_for_signal() {
             libc::SIGHUP => {
                 // Reload: what the config file adds is served, what failed is tried again.
                 let reloaded = target.lock().unwrap_or_else(|e| e.into_inner()).reload();
