@@ -1,20 +1,17 @@
 //! The bridge: virtio-blk requests translated to block backends. [`virtio_blk`] has the spec
 //! types, [`request`] checks a walked chain into a [`request::Request`], [`device`] is the
 //! virtio-blk device type the vhost-user plumbing (`vfblk-vhost`) serves, and [`backend`]
-//! holds the backends side by side (mem, file, nvme). [`target`] is what the `vfblk-bridge`
-//! binary runs.
+//! holds the backends side by side (mem, file, nvme). The control plane that serves them
+//! (controllers, config, RPC, the binaries) is `vfblk-control`.
 
 #![deny(missing_docs)]
 
 pub mod backend;
 pub mod device;
-pub mod keeper;
 pub mod limits;
 pub mod request;
-pub mod setup;
 pub mod spec;
 pub mod stats;
-pub mod target;
 pub mod virtio_blk;
 
 /// Errors of the bridge; each variant is one cause.

@@ -79,14 +79,16 @@ fn first_namespace() -> u32 {
 }
 
 /// PCI addresses in JSON as their usual text, "0000:00:04.0".
-pub(crate) mod pci_string {
+pub mod pci_string {
     use super::PciAddress;
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Writes the address as text.
     pub fn serialize<S: Serializer>(a: &PciAddress, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(a)
     }
 
+    /// Reads an address from text.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PciAddress, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)

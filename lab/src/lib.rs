@@ -83,10 +83,10 @@ pub fn project_bin_dir() -> Result<PathBuf> {
                     "-p",
                     "vfblk-lab",
                     "-p",
-                    "vfblk-bridge",
+                    "vfblk-control",
                     // The recovery tests widen their windows with --test-delay-ms.
                     "--features",
-                    "vfblk-bridge/test-delay",
+                    "vfblk-control/test-delay",
                 ])
                 .current_dir(&root)
                 .status()

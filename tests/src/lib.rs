@@ -179,7 +179,7 @@ pub fn percentiles(mut v: Vec<f64>) -> String {
 
 /// Calls `method` on a target's RPC socket.
 pub fn rpc_call(socket: &Path, method: &str, params: Value) -> Result<Value, String> {
-    vfblk_bridge::target::rpc::Client::connect(socket)
+    vfblk_control::rpc::Client::connect(socket)
         .and_then(|mut c| c.call(method, params))
         .map_err(|e| e.to_string())
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vfblk_bridge::target::rpc::{code, Client};
+use vfblk_control::rpc::{code, Client};
 use vfblk_tests::{bin, lab_lock};
 
 /// One target process with its run directory, config file and RPC socket.

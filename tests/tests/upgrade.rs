@@ -301,17 +301,16 @@ fn previous_commit_binary() -> Result<PathBuf, String> {
     if !archive.success() {
         return Err(format!("git archive {commit}: {archive}"));
     }
-    eprintln!("building vfblk-bridge of the previous commit {commit} (debug)");
+    // The binary's package: vfblk-control since the control plane left the bridge crate.
+    let package = if src.join("control/Cargo.toml").exists() {
+        "vfblk-control"
+    } else {
+        "vfblk-bridge"
+    };
+    eprintln!("building vfblk-bridge ({package}) of the previous commit {commit} (debug)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let built = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "vfblk-bridge",
-            "--bin",
-            "vfblk-bridge",
-        ])
+        .args(["build", "--quiet", "-p", package, "--bin", "vfblk-bridge"])
         .arg("--target-dir")
         .arg(target.join(&commit))
         .current_dir(&src)

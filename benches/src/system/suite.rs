@@ -496,7 +496,7 @@ impl Suite {
             child,
             command: shell_words(&args),
         };
-        let mut client = vfblk_bridge::target::rpc::Client::connect(&rpc)
+        let mut client = vfblk_control::rpc::Client::connect(&rpc)
             .map_err(|e| Error::Run(format!("SPDK RPC: {}", crate::error_chain(&e))))?;
         let mut call = |method: &str, params: Value| {
             client

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vfblk_bridge::target::rpc::Client;
+use vfblk_control::rpc::Client;
 use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
 use crate::system::{cpu_seconds, thread_run_seconds};

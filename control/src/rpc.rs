@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use vfblk_vhost::server::wait_or_stop;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BackendConfig, ControllerConfig, Target};
+use crate::{BackendConfig, ControllerConfig, Target};
 use crate::{Error, Result};
 
 /// Where the target listens for RPCs unless told otherwise (systemd's RuntimeDirectory).
@@ -156,7 +156,7 @@ fn dispatch(
             saved(&mut t)
         }
         "nvme_attach" => {
-            let a: super::NvmeAttachConfig = params(p)?;
+            let a: crate::NvmeAttachConfig = params(p)?;
             let mut t = lock_for_change();
             let backends = t.attach_nvme(&a.name, a.address)?;
             saved(&mut t)?;
@@ -420,7 +420,7 @@ impl RpcServer {
         target
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register_listener(super::handover::ListenerKind::Rpc, handed.into());
+            .register_listener(crate::handover::ListenerKind::Rpc, handed.into());
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(io("eventfd for the RPC server".into()))?,

@@ -1,15 +1,24 @@
-//! The target: one process serving many vhost-user-blk controllers over shared poller
-//! threads. Backends are named objects created once; each controller has its own socket,
-//! serving thread and backend, and its queues run on the pollers (least loaded first, or
-//! those pinned to the CPUs it asks for). [`Target`] is the control plane the RPC server and
-//! the config file drive; the pollers never touch it.
+//! The control plane: the target, one process serving many vhost-user-blk controllers over
+//! shared poller threads. Backends are named objects created once; each controller has its
+//! own socket, serving thread and backend, and its queues run on the pollers (least loaded
+//! first, or those pinned to the CPUs it asks for). [`Target`] is what the RPC server and the
+//! config file drive; the pollers never touch it. Beside it: the config file ([`config`]),
+//! the RPC server and client ([`rpc`]), metrics ([`metrics`]), upgrades by hand-over
+//! ([`handover`]), starts after a crash ([`restart`]), reloads ([`reload`]), the keeper
+//! ([`keeper`]), host setup ([`setup`]), and the operator's binaries. The device and its
+//! backends are `vfblk-bridge`'s.
+
+#![deny(missing_docs)]
 
 pub mod config;
+pub mod daemon;
 pub mod handover;
+pub mod keeper;
 pub mod metrics;
 pub mod reload;
 pub mod restart;
 pub mod rpc;
+pub mod setup;
 pub mod unserved;
 
 use std::collections::BTreeMap;
@@ -23,16 +32,17 @@ use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::server::SocketServer;
 use vfblk_vhost::worker::{PollMode, Worker};
 
-use crate::backend::{Backend, NvmeControllers, NvmeOptions};
-use crate::device::BlkDevice;
-use crate::spec::BackendSpec;
-use crate::stats::StatsSnapshot;
-use crate::{Error, Result};
 pub use config::{
     check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section, TargetConfig,
 };
 pub use reload::ReloadReport;
 pub use unserved::{RetryReport, Unserved, UnservedEntries};
+use vfblk_bridge::backend::{Backend, NvmeControllers, NvmeOptions};
+use vfblk_bridge::device::BlkDevice;
+use vfblk_bridge::spec::BackendSpec;
+use vfblk_bridge::stats::StatsSnapshot;
+/// The control plane's errors are the bridge's (one enum for both, for now).
+pub use vfblk_bridge::{Error, Result};
 use vfblk_nvme::pci::PciAddress;
 
 /// How long a poller spins without work before it sleeps on kicks.
@@ -403,7 +413,7 @@ impl Target {
         if let Some(delay) = self.settings.test_delay {
             #[cfg(feature = "test-delay")]
             {
-                backend = Arc::new(crate::backend::DelayBackend::new(backend, delay));
+                backend = Arc::new(vfblk_bridge::backend::DelayBackend::new(backend, delay));
             }
             #[cfg(not(feature = "test-delay"))]
             return Err(Error::BadArgument(format!(
@@ -495,7 +505,7 @@ impl Target {
             )));
         }
         let serial = config.serial.clone().unwrap_or_else(|| name.clone());
-        if serial.len() > crate::virtio_blk::ID_BYTES {
+        if serial.len() > vfblk_bridge::virtio_blk::ID_BYTES {
             return Err(bad(format!("serial {serial:?} is longer than 20 bytes")));
         }
         let served = self.controllers.values().map(|c| &c.config);

@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::limits::RateLimits;
-use crate::spec::BackendSpec;
 use crate::{Error, Result};
+use vfblk_bridge::limits::RateLimits;
+use vfblk_bridge::spec::BackendSpec;
 
 /// Everything the target serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +38,7 @@ pub struct NvmeAttachConfig {
     /// Its name; its namespaces' backends are `<name>n<nsid>`.
     pub name: String,
     /// Its PCI address (bound to vfio-pci).
-    #[serde(with = "crate::spec::pci_string")]
+    #[serde(with = "vfblk_bridge::spec::pci_string")]
     pub address: vfblk_nvme::pci::PciAddress,
 }
 

@@ -5,9 +5,9 @@
 
 use serde::Serialize;
 
-use super::config::{Entry, Section, TargetConfig};
-use super::{RetryReport, Target};
+use crate::config::{Entry, Section, TargetConfig};
 use crate::Result;
+use crate::{RetryReport, Target};
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -5,16 +5,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use vfblk_bridge::spec::BackendSpec;
-use vfblk_bridge::target::metrics::{MetricsAddress, MetricsServer};
-use vfblk_bridge::target::rpc::{RpcServer, DEFAULT_SOCKET};
-use vfblk_bridge::target::{
-    self, LogFormat, Target, TargetConfig, TargetOptions, TargetSettings, MAX_QUEUES,
-};
+use vfblk_control::metrics::MetricsAddress;
+use vfblk_control::rpc::DEFAULT_SOCKET;
+use vfblk_control::{LogFormat, TargetOptions, TargetSettings, MAX_QUEUES};
 
 /// Serve block backends to VMs as vhost-user-blk.
 #[derive(Parser, Debug)]
@@ -124,7 +121,7 @@ fn main() -> ExitCode {
     } else {
         Default::default()
     };
-    target::init_logging(args.log_format);
+    vfblk_control::init_logging(args.log_format);
     #[cfg(feature = "test-delay")]
     let test_delay = args.test_delay_ms.map(Duration::from_millis);
     #[cfg(not(feature = "test-delay"))]
@@ -149,7 +146,7 @@ fn main() -> ExitCode {
         nvme_io_queues: args.nvme_io_queues.unwrap_or(if args.socket.is_some() {
             args.queues
         } else {
-            target::NVME_IO_QUEUES
+            vfblk_control::NVME_IO_QUEUES
         }),
     };
     let one = match (args.socket, args.backend) {
@@ -166,139 +163,19 @@ fn main() -> ExitCode {
         tracing::error!("nothing to serve: give --socket and --backend, --config, or --rpc");
         return ExitCode::from(2);
     }
-    match run(
+    match vfblk_control::daemon::run(vfblk_control::daemon::RunOptions {
         settings,
         one,
-        args.config,
-        args.rpc,
-        args.metrics,
-        args.takeover_fd,
+        config: args.config,
+        rpc: args.rpc,
+        metrics: args.metrics,
+        takeover_fd: args.takeover_fd,
         stored,
-    ) {
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", vfblk_vhost::error_chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-fn run(
-    settings: TargetSettings,
-    one: Option<TargetOptions>,
-    config: Option<PathBuf>,
-    rpc: Option<PathBuf>,
-    metrics: Option<MetricsAddress>,
-    takeover_fd: Option<i32>,
-    mut stored: vfblk_vhost::keep::StoredFds,
-) -> vfblk_bridge::Result<()> {
-    use vfblk_bridge::target::handover::{InheritedListeners, ListenerKind};
-    let mut target = Target::new(settings)?;
-    let inherited = match takeover_fd {
-        // Everything comes from the predecessor, whatever the command line says.
-        Some(fd) => Some(target::handover::take_over(&mut target, fd)?),
-        None => None,
-    };
-    // Listeners a crashed predecessor left in the fd store.
-    let from_store = InheritedListeners {
-        rpc: stored.take(ListenerKind::Rpc.stored_name()),
-        metrics: stored.take(ListenerKind::Metrics.stored_name()),
-    };
-    if inherited.is_none() {
-        if let Some(one) = &one {
-            // The one controller of the command line: failing to serve it is failing.
-            if let Some((what, e)) = target
-                .apply_after_crash(one.config()?, stored)
-                .into_iter()
-                .next()
-            {
-                return Err(vfblk_bridge::Error::BadArgument(format!(
-                    "{what}: {}",
-                    vfblk_vhost::error_chain(&e)
-                )));
-            }
-        } else {
-            let loaded = match &config {
-                Some(path) => {
-                    // Its directory must exist for the first change to be saved (e.g.
-                    // /etc/vfblk).
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir).map_err(|source| vfblk_bridge::Error::Io {
-                            what: format!("creating {}", dir.display()),
-                            source,
-                        })?;
-                    }
-                    let loaded = TargetConfig::load(path)?;
-                    tracing::info!(
-                        "{}: {} backend(s), {} controller(s)",
-                        path.display(),
-                        loaded.backends.len(),
-                        loaded.controllers.len()
-                    );
-                    loaded
-                }
-                None => TargetConfig::default(),
-            };
-            // Everything that can be served is; what cannot is logged and stays in the file.
-            // Stored connections of controllers no longer configured are closed.
-            // Each failure was logged with its cause where it happened.
-            let failures = target.apply_after_crash(loaded, stored);
-            if !failures.is_empty() {
-                let what: Vec<String> = failures.into_iter().map(|(what, _)| what).collect();
-                tracing::error!(
-                    "not served: {} (kept in the configuration and listed as failed; backend_retry tries again)",
-                    what.join(", ")
-                );
-            }
-            // A missing file is created now, as the operator's starting point; one that
-            // says what is configured already is left as it is.
-            if let Err(e) = target.save() {
-                tracing::warn!("{}", vfblk_vhost::error_chain(&e));
-            }
-        }
-    }
-    let target = Arc::new(Mutex::new(target));
-    let mut inherited = inherited.unwrap_or(from_store);
-    let rpc_server = rpc
-        .map(|path| match inherited.rpc.take() {
-            Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),
-            None => RpcServer::start(&path, target.clone()),
-        })
-        .transpose()?;
-    let metrics_server = metrics
-        .map(|address| match inherited.metrics.take() {
-            Some(fd) => MetricsServer::start_inherited(&address, target.clone(), fd),
-            None => MetricsServer::start(&address, target.clone()),
-        })
-        .transpose()?;
-    target::notify_ready();
-    let sig = loop {
-        match vfblk_vhost::signals::wait_for_signal() {
-            libc::SIGHUP => {
-                // Reload: what the config file adds is served, what failed is tried again.
-                let reloaded = target.lock().unwrap_or_else(|e| e.into_inner()).reload();
-                if let Err(e) = reloaded {
-                    tracing::error!("SIGHUP: {}", vfblk_vhost::error_chain(&e));
-                }
-            }
-            sig => break sig,
-        }
-    };
-    if target
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .handed_over()
-    {
-        // Sockets, socket files and memory belong to the successor: leave without
-        // closing or removing anything.
-        std::process::exit(0);
-    }
-    tracing::info!("signal {sig}: completing requests in flight, then exiting");
-    drop(rpc_server);
-    drop(metrics_server);
-    target
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .shutdown(true);
-    Ok(())
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use vfblk_bridge::spec::BackendSpec;
-use vfblk_bridge::target::rpc::{Client, DEFAULT_SOCKET};
+use vfblk_control::rpc::{Client, DEFAULT_SOCKET};
 
 /// Manage a running vfblk-bridge target.
 #[derive(Parser, Debug)]

@@ -14,9 +14,9 @@ use std::time::Duration;
 use vfblk_vhost::server::wait_or_stop;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Target, TargetStats};
-use crate::stats::{bucket_bound_seconds, LATENCY_BUCKETS};
 use crate::{Error, Result};
+use crate::{Target, TargetStats};
+use vfblk_bridge::stats::{bucket_bound_seconds, LATENCY_BUCKETS};
 
 /// How long a scraper may take to send its request or read the answer.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
@@ -76,7 +76,7 @@ pub fn render(stats: &TargetStats) -> String {
         }
         sections.push(s);
     };
-    let per_controller = |f: &dyn Fn(&super::ControllerStats, &str) -> Vec<String>| {
+    let per_controller = |f: &dyn Fn(&crate::ControllerStats, &str) -> Vec<String>| {
         stats
             .controllers
             .iter()
@@ -205,7 +205,7 @@ pub fn render(stats: &TargetStats) -> String {
             lines
         }),
     );
-    let poller = |p: &super::PollerStats| {
+    let poller = |p: &crate::PollerStats| {
         let cpu = p.cpu.map(|c| c.to_string()).unwrap_or_default();
         format!("poller=\"{}\",cpu=\"{cpu}\"", label(&p.name))
     };
@@ -362,7 +362,7 @@ impl MetricsServer {
         target
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register_listener(super::handover::ListenerKind::Metrics, handed);
+            .register_listener(crate::handover::ListenerKind::Metrics, handed);
         Self::serve(address, listening, target)
     }
 
@@ -458,7 +458,7 @@ impl Drop for MetricsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::StatsSnapshot;
+    use vfblk_bridge::stats::StatsSnapshot;
 
     #[test]
     fn addresses_are_ips_host_names_or_unix_paths() {
@@ -501,13 +501,13 @@ mod tests {
         io.latency_sum_seconds = 40.0;
         let stats = TargetStats {
             pid: 1,
-            controllers: vec![super::super::ControllerStats {
+            controllers: vec![crate::ControllerStats {
                 name: "vm\"1".into(),
                 connected: true,
                 connections: 3,
                 io,
             }],
-            pollers: vec![super::super::PollerStats {
+            pollers: vec![crate::PollerStats {
                 name: "vfblk-poller0".into(),
                 cpu: Some(1),
                 queues: 1,

@@ -9,8 +9,8 @@ use vfblk_vhost::handover::{Fds, KeptState, ServerState};
 use vfblk_vhost::keep::{Found, Keeping, Record, StoredFds};
 use vfblk_vhost::server::SocketServer;
 
-use super::{Target, TargetConfig};
 use crate::{Error, Result};
+use crate::{Target, TargetConfig};
 
 impl Target {
     /// Serves `config`, taking back what `stored` holds. Like [`Target::apply`], returns
@@ -70,7 +70,7 @@ impl Target {
     /// socket. Returns whether a connection was resumed.
     fn restart_controller(
         &mut self,
-        config: super::ControllerConfig,
+        config: crate::ControllerConfig,
         stored: &mut StoredFds,
     ) -> Result<bool> {
         let (device, device_config) = self.controller_device(&config)?;

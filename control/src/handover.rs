@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use vfblk_vhost::handover::{Channel, Fds, ServerState, STEP_DEADLINE};
 use vfblk_vhost::server::SocketServer;
 
-use super::{Target, TargetConfig, UnservedEntries};
 use crate::{Error, Result};
+use crate::{Target, TargetConfig, UnservedEntries};
 
 /// The state format this binary writes and reads. Raise it whenever the steps,
 /// [`TargetState`] or the vhost plumbing's state change meaning. 2: the configuration goes
@@ -73,14 +73,14 @@ struct TargetState {
     unserved: UnservedEntries,
     /// Entries whose config file version differs from what runs (the file keeps its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    file_wins: Vec<(super::Section, String)>,
+    file_wins: Vec<(crate::Section, String)>,
 }
 
 /// An NVMe controller lent to the new process: the VFIO fds it adopts, and what of the
 /// shared IOMMU domain the old process still has mapped (the new one maps beside it).
 #[derive(Debug, Serialize, Deserialize)]
 struct LentNvme {
-    #[serde(with = "crate::spec::pci_string")]
+    #[serde(with = "vfblk_bridge::spec::pci_string")]
     address: vfblk_nvme::pci::PciAddress,
     /// Fd indexes: the VFIO container and device.
     container: u32,
@@ -90,7 +90,7 @@ struct LentNvme {
     upper_iova_half: bool,
     /// The IOVA windows holding the old process's guest RAM mappings, and what is mapped:
     /// the new process takes them over as they are.
-    windows: Vec<crate::backend::LentWindow>,
+    windows: Vec<vfblk_bridge::backend::LentWindow>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -566,7 +566,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
     }
     // The service manager (systemd, vfblk-keeper) must know the new main process before the
     // old one exits, which it does once it reads `started`.
-    super::notify(&format!("MAINPID={}", std::process::id()));
+    crate::notify(&format!("MAINPID={}", std::process::id()));
     channel.send(
         &Step::Started,
         &Fds::default(),
@@ -581,15 +581,15 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
 
 type Prepared = (
     Vec<(
-        super::ControllerConfig,
-        std::sync::Arc<crate::device::BlkDevice>,
+        crate::ControllerConfig,
+        std::sync::Arc<vfblk_bridge::device::BlkDevice>,
         vfblk_vhost::server::TakenOver,
     )>,
     InheritedListeners,
 );
 
-fn is_nvme(b: &super::BackendConfig) -> bool {
-    matches!(b.spec, crate::spec::BackendSpec::Nvme { .. })
+fn is_nvme(b: &crate::BackendConfig) -> bool {
+    matches!(b.spec, vfblk_bridge::spec::BackendSpec::Nvme { .. })
 }
 
 /// The configuration's backends opened (before the old process quiesces), except those on

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::config::{BackendConfig, ControllerConfig, NvmeAttachConfig, Section, TargetConfig};
-use super::Target;
+use crate::config::{BackendConfig, ControllerConfig, NvmeAttachConfig, Section, TargetConfig};
+use crate::Target;
 use crate::{Error, Result};
 
 /// An entry not served, and why.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vfblk_bridge::keeper::{self, KeeperOptions};
+use vfblk_control::keeper::{self, KeeperOptions};
 
 /// Run a target and hold its fds, so that a crashed target is started again without any
 /// frontend noticing (see docs/recovery.md).
@@ -27,7 +27,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vfblk_bridge::target::init_logging(vfblk_bridge::target::LogFormat::Text);
+    vfblk_control::init_logging(vfblk_control::LogFormat::Text);
     let options = KeeperOptions {
         command: args.command,
         dir: args.dir.unwrap_or_else(keeper::default_dir),

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vfblk_bridge::setup::{self, SetupReport};
+use vfblk_control::setup::{self, SetupReport};
 use vfblk_nvme::pci::PciAddress;
 
 /// Prepare the host for vfblk-bridge: hugepages and NVMe controllers on vfio-pci.

@@ -1,0 +1,151 @@
+//! What the `vfblk-bridge` binary runs once its command line is read: a target taken over
+//! from a predecessor, started again from the fd store, or started from its config file or
+//! the one controller of the command line; then the RPC and metrics servers, the readiness
+//! notice, and signals (SIGHUP reloads, SIGTERM and SIGINT drain and end) until the end.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::handover::{InheritedListeners, ListenerKind};
+use crate::metrics::{MetricsAddress, MetricsServer};
+use crate::rpc::RpcServer;
+use crate::{Result, Target, TargetConfig, TargetOptions, TargetSettings};
+
+/// What to run.
+pub struct RunOptions {
+    /// Process-wide settings.
+    pub settings: TargetSettings,
+    /// The one controller of the command line (then no config file).
+    pub one: Option<TargetOptions>,
+    /// The config file.
+    pub config: Option<PathBuf>,
+    /// The RPC socket.
+    pub rpc: Option<PathBuf>,
+    /// The metrics endpoint.
+    pub metrics: Option<MetricsAddress>,
+    /// The hand-over channel from a predecessor (an upgrade).
+    pub takeover_fd: Option<i32>,
+    /// What the fd store gave back (a start after a crash).
+    pub stored: vfblk_vhost::keep::StoredFds,
+}
+
+/// Runs the target until a termination signal (or a hand-over to a successor).
+pub fn run(options: RunOptions) -> Result<()> {
+    let RunOptions {
+        settings,
+        one,
+        config,
+        rpc,
+        metrics,
+        takeover_fd,
+        mut stored,
+    } = options;
+    let mut target = Target::new(settings)?;
+    let inherited = match takeover_fd {
+        // Everything comes from the predecessor, whatever the command line says.
+        Some(fd) => Some(crate::handover::take_over(&mut target, fd)?),
+        None => None,
+    };
+    // Listeners a crashed predecessor left in the fd store.
+    let from_store = InheritedListeners {
+        rpc: stored.take(ListenerKind::Rpc.stored_name()),
+        metrics: stored.take(ListenerKind::Metrics.stored_name()),
+    };
+    if inherited.is_none() {
+        if let Some(one) = &one {
+            // The one controller of the command line: failing to serve it is failing.
+            if let Some((what, e)) = target
+                .apply_after_crash(one.config()?, stored)
+                .into_iter()
+                .next()
+            {
+                return Err(crate::Error::BadArgument(format!(
+                    "{what}: {}",
+                    vfblk_vhost::error_chain(&e)
+                )));
+            }
+        } else {
+            let loaded = match &config {
+                Some(path) => {
+                    // Its directory must exist for the first change to be saved (e.g.
+                    // /etc/vfblk).
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|source| crate::Error::Io {
+                            what: format!("creating {}", dir.display()),
+                            source,
+                        })?;
+                    }
+                    let loaded = TargetConfig::load(path)?;
+                    tracing::info!(
+                        "{}: {} backend(s), {} controller(s)",
+                        path.display(),
+                        loaded.backends.len(),
+                        loaded.controllers.len()
+                    );
+                    loaded
+                }
+                None => TargetConfig::default(),
+            };
+            // Everything that can be served is; what cannot is logged and stays in the file.
+            // Stored connections of controllers no longer configured are closed.
+            // Each failure was logged with its cause where it happened.
+            let failures = target.apply_after_crash(loaded, stored);
+            if !failures.is_empty() {
+                let what: Vec<String> = failures.into_iter().map(|(what, _)| what).collect();
+                tracing::error!(
+                    "not served: {} (kept in the configuration and listed as failed; backend_retry tries again)",
+                    what.join(", ")
+                );
+            }
+            // A missing file is created now, as the operator's starting point; one that
+            // says what is configured already is left as it is.
+            if let Err(e) = target.save() {
+                tracing::warn!("{}", vfblk_vhost::error_chain(&e));
+            }
+        }
+    }
+    let target = Arc::new(Mutex::new(target));
+    let mut inherited = inherited.unwrap_or(from_store);
+    let rpc_server = rpc
+        .map(|path| match inherited.rpc.take() {
+            Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),
+            None => RpcServer::start(&path, target.clone()),
+        })
+        .transpose()?;
+    let metrics_server = metrics
+        .map(|address| match inherited.metrics.take() {
+            Some(fd) => MetricsServer::start_inherited(&address, target.clone(), fd),
+            None => MetricsServer::start(&address, target.clone()),
+        })
+        .transpose()?;
+    crate::notify_ready();
+    let sig = loop {
+        match vfblk_vhost::signals::wait_for_signal() {
+            libc::SIGHUP => {
+                // Reload: what the config file adds is served, what failed is tried again.
+                let reloaded = target.lock().unwrap_or_else(|e| e.into_inner()).reload();
+                if let Err(e) = reloaded {
+                    tracing::error!("SIGHUP: {}", vfblk_vhost::error_chain(&e));
+                }
+            }
+            sig => break sig,
+        }
+    };
+    if target
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .handed_over()
+    {
+        // Sockets, socket files and memory belong to the successor: leave without
+        // closing or removing anything.
+        std::process::exit(0);
+    }
+    tracing::info!("signal {sig}: completing requests in flight, then exiting");
+    drop(rpc_server);
+    drop(metrics_server);
+    target
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shutdown(true);
+    Ok(())
+}
