@@ -533,16 +533,19 @@ fn sighup_serves_what_the_file_adds_changes_nothing_running_and_never_kills() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let running = list(&target);
-    let a = running
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "a")
-        .unwrap();
+    let queues_of_a = |target: &TargetProc| -> Value {
+        let running = list(target);
+        let a = running
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "a");
+        a.unwrap_or_else(|| panic!("a is not listed: {running}"))["queues"].clone()
+    };
     assert_eq!(
-        a["queues"], 1,
-        "a running controller is not changed: {running}"
+        queues_of_a(&target),
+        1,
+        "a running controller is not changed"
     );
     let r = report(loadgen(&target.socket("b"), 0.5, &[]), "b");
     assert_clean(&r, "b");
@@ -558,14 +561,7 @@ fn sighup_serves_what_the_file_adds_changes_nothing_running_and_never_kills() {
     assert!(target.child.try_wait().unwrap().is_none());
     target.restart_after_sigkill();
     // The next start takes the file's version.
-    let running = list(&target);
-    let a = running
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "a")
-        .unwrap();
-    assert_eq!(a["queues"], 2, "{running}");
+    assert_eq!(queues_of_a(&target), 2);
 }
 
 /// A target process started by an upgrade (not this test's child): ended with the test.
