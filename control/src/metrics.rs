@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,10 +18,12 @@ use crate::{Error, Result};
 use crate::{Target, TargetStats};
 use vfblk_bridge::stats::{bucket_bound_seconds, LATENCY_BUCKETS};
 
-/// How long a scraper may take to send its request or read the answer.
+/// How long a scraper may take, in all, to send its request, and to read the answer.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8192;
+/// Scrapes answered at once, each on a thread of its own: a slow client holds only its own.
+const MAX_CLIENTS: usize = 8;
 
 /// Where the endpoint listens: `127.0.0.1:9560` or `unix:/run/vfblk/metrics.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +67,59 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The process metrics Prometheus's client libraries export, read from /proc (each None
+/// when it cannot be read).
+#[derive(Debug, Default)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<u64>,
+    open_fds: Option<usize>,
+    start_time_seconds: Option<f64>,
+}
+
+impl ProcessStats {
+    fn read() -> Self {
+        // SAFETY: sysconf reads a constant.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let per_tick = |t: u64| (ticks > 0).then(|| t as f64 / ticks as f64);
+        let cpu_seconds = field(14)
+            .zip(field(15))
+            .and_then(|(user, system)| per_tick(user + system));
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        let start_time_seconds = field(22)
+            .and_then(per_tick)
+            .zip(boot_time)
+            .map(|(since_boot, boot)| boot as f64 + since_boot);
+        let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|pages| pages * page.max(0) as u64);
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count());
+        Self {
+            cpu_seconds,
+            resident_bytes,
+            open_fds,
+            start_time_seconds,
+        }
+    }
+}
+
 /// The metrics text for `stats`.
 pub fn render(stats: &TargetStats) -> String {
     let mut sections: Vec<String> = Vec::new();
@@ -76,6 +131,48 @@ pub fn render(stats: &TargetStats) -> String {
         }
         sections.push(s);
     };
+    add(
+        "vfblk_build_info",
+        "gauge",
+        "The running binary: its version (always 1).",
+        vec![format!(
+            "vfblk_build_info{{version=\"{}\"}} 1",
+            label(env!("CARGO_PKG_VERSION"))
+        )],
+    );
+    let process = ProcessStats::read();
+    if let Some(cpu) = process.cpu_seconds {
+        add(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time of the target process.",
+            vec![format!("process_cpu_seconds_total {cpu}")],
+        );
+    }
+    if let Some(bytes) = process.resident_bytes {
+        add(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the target process.",
+            vec![format!("process_resident_memory_bytes {bytes}")],
+        );
+    }
+    if let Some(fds) = process.open_fds {
+        add(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors of the target process.",
+            vec![format!("process_open_fds {fds}")],
+        );
+    }
+    if let Some(start) = process.start_time_seconds {
+        add(
+            "process_start_time_seconds",
+            "gauge",
+            "When the target process started, in seconds since the Unix epoch.",
+            vec![format!("process_start_time_seconds {start}")],
+        );
+    }
     let per_controller = |f: &dyn Fn(&crate::ControllerStats, &str) -> Vec<String>| {
         stats
             .controllers
@@ -254,35 +351,100 @@ pub fn render(stats: &TargetStats) -> String {
     sections.concat()
 }
 
-/// Answers one scrape on `stream`.
-fn answer<S: Read + Write>(stream: &mut S, target: &Mutex<Target>) {
+/// A scraper's connection: TCP or unix.
+trait Scraper: Read + Write + Send + 'static {
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Scraper for std::net::TcpStream {
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+impl Scraper for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+/// Reads a request head within [`CLIENT_DEADLINE`] in all (a client that sends a byte a
+/// second is cut off there, not after each byte). None: nothing whole came in time.
+fn read_head<S: Scraper>(stream: &mut S) -> Option<Vec<u8>> {
+    let deadline = std::time::Instant::now() + CLIENT_DEADLINE;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || head.len() > MAX_REQUEST {
+            return None;
+        }
+        stream
+            .set_timeouts(Some(left), Some(CLIENT_DEADLINE))
+            .ok()?;
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return None,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
-        if head.len() > MAX_REQUEST {
-            break;
-        }
     }
+    Some(head)
+}
+
+/// Answers one scrape on `stream`: `GET` or `HEAD` of `/metrics` (a query string is
+/// ignored).
+fn answer<S: Scraper>(stream: &mut S, target: &Mutex<Target>) {
+    let Some(head) = read_head(stream) else {
+        return;
+    };
     let text = String::from_utf8_lossy(&head);
     let mut first = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let (method, target_path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let path = target_path.split_once('?').map_or(target_path, |(p, _)| p);
     let (status, body) = match (method, path) {
-        ("GET", "/metrics") => {
+        ("GET" | "HEAD", "/metrics") => {
             let stats = target.lock().unwrap_or_else(|e| e.into_inner()).stats();
             ("200 OK", render(&stats))
         }
-        ("GET", _) => ("404 Not Found", "the metrics are at /metrics\n".to_string()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "the metrics are at /metrics\n".to_string()),
         _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
     };
     let _ = write!(
         stream,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    if method != "HEAD" {
+        let _ = stream.write_all(body.as_bytes());
+    }
+}
+
+/// Answers `stream` on a thread of its own, unless [`MAX_CLIENTS`] are being answered: then
+/// a 503 at once.
+fn answer_apart<S: Scraper>(
+    mut stream: S,
+    target: &Arc<Mutex<Target>>,
+    clients: &Arc<AtomicUsize>,
+) {
+    if clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+        let _ = stream.set_timeouts(None, Some(Duration::from_millis(100)));
+        let _ = stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        return;
+    }
+    clients.fetch_add(1, Ordering::AcqRel);
+    let (target, clients) = (target.clone(), clients.clone());
+    let spawned = std::thread::Builder::new()
+        .name("vfblk-scrape".into())
+        .spawn(move || {
+            answer(&mut stream, &target);
+            clients.fetch_sub(1, Ordering::AcqRel);
+        });
+    if spawned.is_err() {
+        tracing::warn!("could not start a thread for a metrics client");
+    }
 }
 
 enum Listening {
@@ -298,20 +460,16 @@ impl Listening {
         }
     }
 
-    fn serve_one(&self, target: &Mutex<Target>) {
+    fn serve_one(&self, target: &Arc<Mutex<Target>>, clients: &Arc<AtomicUsize>) {
         match self {
             Listening::Tcp(l) => {
-                if let Ok((mut s, _)) = l.accept() {
-                    let _ = s.set_read_timeout(Some(CLIENT_DEADLINE));
-                    let _ = s.set_write_timeout(Some(CLIENT_DEADLINE));
-                    answer(&mut s, target);
+                if let Ok((s, _)) = l.accept() {
+                    answer_apart(s, target, clients);
                 }
             }
             Listening::Unix(l, _) => {
-                if let Ok((mut s, _)) = l.accept() {
-                    let _ = s.set_read_timeout(Some(CLIENT_DEADLINE));
-                    let _ = s.set_write_timeout(Some(CLIENT_DEADLINE));
-                    answer(&mut s, target);
+                if let Ok((s, _)) = l.accept() {
+                    answer_apart(s, target, clients);
                 }
             }
         }
@@ -411,6 +569,7 @@ impl MetricsServer {
         );
         let stopping = Arc::new(AtomicBool::new(false));
         let (s, st) = (stop.clone(), stopping.clone());
+        let clients = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("vfblk-metrics".into())
             .spawn(move || loop {
@@ -428,7 +587,7 @@ impl MetricsServer {
                     {
                         return;
                     }
-                    listening.serve_one(&target);
+                    listening.serve_one(&target, &clients);
                 }
             })
             .map_err(io("spawning the metrics thread".into()))?;
@@ -459,6 +618,24 @@ impl Drop for MetricsServer {
 mod tests {
     use super::*;
     use vfblk_bridge::stats::StatsSnapshot;
+
+    #[test]
+    fn the_process_metrics_are_read_from_proc() {
+        let p = ProcessStats::read();
+        assert!(p.cpu_seconds.is_some_and(|s| s >= 0.0), "{p:?}");
+        assert!(p.resident_bytes.is_some_and(|b| b > 0), "{p:?}");
+        assert!(p.open_fds.is_some_and(|n| n >= 3), "{p:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Started before now and after the machine (within an hour for a test).
+        assert!(
+            p.start_time_seconds
+                .is_some_and(|t| t <= now + 1.0 && t > now - 3600.0),
+            "{p:?}"
+        );
+    }
 
     #[test]
     fn addresses_are_ips_host_names_or_unix_paths() {

@@ -1012,6 +1012,66 @@ fn metrics_are_prometheus_text_with_counters_per_controller_and_poller() {
         (text.lines().next().unwrap_or("").to_string(), ())
     };
     assert!(status.contains("404"), "{status}");
+    // The build and the process, under Prometheus's names.
+    assert_eq!(
+        value(
+            "vfblk_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(value("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value("process_open_fds", &[]) > 0.0);
+    // HEAD: the head alone; a query string is not a path.
+    let raw = |request: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(&address).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request).unwrap();
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut text);
+        text
+    };
+    let head = raw(b"HEAD /metrics HTTP/1.1\r\n\r\n");
+    let (status_line, rest) = head.split_once("\r\n").unwrap();
+    assert!(status_line.contains("200"), "{head}");
+    assert!(
+        rest.ends_with("\r\n\r\n") && rest.contains("Content-Length: "),
+        "{head}"
+    );
+    let query = raw(b"GET /metrics?name[]=vfblk_build_info HTTP/1.1\r\n\r\n");
+    assert!(
+        query.starts_with("HTTP/1.1 200") && query.contains("vfblk_build_info"),
+        "{query}"
+    );
+    // A client that sends a byte a second holds no other scrape, and is cut off.
+    let mut slow = std::net::TcpStream::connect(&address).unwrap();
+    let dribble = std::thread::spawn(move || {
+        let started = Instant::now();
+        for b in b"GET /metrics HTTP/1.1\r\n\r\n" {
+            if slow.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut slow, &mut rest);
+        (started.elapsed(), rest.len())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let (status, _) = scrape(&address);
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a scrape waited {:?} behind a slow client",
+        t.elapsed()
+    );
+    let (held, answered) = dribble.join().unwrap();
+    assert_eq!(answered, 0, "the slow client got an answer");
+    assert!(
+        held < Duration::from_secs(5),
+        "the slow client was held {held:?}"
+    );
 }
 
 #[test]
