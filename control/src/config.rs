@@ -78,6 +78,141 @@ pub struct ControllerConfig {
     /// IOPS and bandwidth limits (default: none).
     #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
     pub limits: RateLimits,
+    /// The socket's owning user, a name or a uid (default: `--socket-owner`, else the
+    /// target's user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_owner: Option<String>,
+    /// The socket's owning group, a name or a gid (default: `--socket-group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// The socket's permission bits in octal, "0660" (default: `--socket-mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
+}
+
+impl ControllerConfig {
+    /// Who may connect to its socket, as configured for it.
+    pub fn socket_access(&self) -> SocketAccess {
+        SocketAccess {
+            socket_owner: self.socket_owner.clone(),
+            socket_group: self.socket_group.clone(),
+            socket_mode: self.socket_mode.clone(),
+        }
+    }
+}
+
+/// The owner, group and mode of a controller's socket, so that a QEMU running as its own
+/// user can connect: `{"socket_group": "kvm", "socket_mode": "0660"}` in a controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// The owning user: a name or a numeric uid.
+    pub socket_owner: Option<String>,
+    /// The owning group: a name or a numeric gid.
+    pub socket_group: Option<String>,
+    /// Permission bits in octal ("0660").
+    pub socket_mode: Option<String>,
+}
+
+impl SocketAccess {
+    /// `self`, with what it leaves out taken from `defaults`.
+    pub fn or(&self, defaults: &SocketAccess) -> SocketAccess {
+        SocketAccess {
+            socket_owner: self.socket_owner.clone().or(defaults.socket_owner.clone()),
+            socket_group: self.socket_group.clone().or(defaults.socket_group.clone()),
+            socket_mode: self.socket_mode.clone().or(defaults.socket_mode.clone()),
+        }
+    }
+
+    /// Checked and resolved: (uid, gid, mode), each None when not asked for.
+    pub fn resolve(&self) -> Result<(Option<u32>, Option<u32>, Option<u32>)> {
+        let bad = |why: String| Error::BadArgument(why);
+        let uid = self
+            .socket_owner
+            .as_deref()
+            .map(|u| {
+                lookup_id(u, false).ok_or_else(|| bad(format!("socket_owner {u:?}: no such user")))
+            })
+            .transpose()?;
+        let gid = self
+            .socket_group
+            .as_deref()
+            .map(|g| {
+                lookup_id(g, true).ok_or_else(|| bad(format!("socket_group {g:?}: no such group")))
+            })
+            .transpose()?;
+        let mode = self
+            .socket_mode
+            .as_deref()
+            .map(|m| {
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|&m| m <= 0o777)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "socket_mode {m:?}: permission bits in octal, e.g. 0660"
+                        ))
+                    })
+            })
+            .transpose()?;
+        Ok((uid, gid, mode))
+    }
+
+    /// Gives the socket at `path` its owner, group and mode.
+    pub fn apply(&self, path: &Path) -> Result<()> {
+        let (uid, gid, mode) = self.resolve()?;
+        let io = |what: &str| {
+            let what = format!("{what} of {}", path.display());
+            move |source| Error::Io { what, source }
+        };
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(path, uid, gid).map_err(io("changing the owner"))?;
+        }
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io("changing the mode"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A user's uid or a group's gid, by name or number.
+fn lookup_id(name: &str, group: bool) -> Option<u32> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Some(id);
+    }
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    if group {
+        // SAFETY: a zeroed group is a valid out-parameter; the buffer is ours and its length
+        // is given; the result points into them only.
+        unsafe {
+            let mut entry: libc::group = std::mem::zeroed();
+            let mut found: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
+            (rc == 0 && !found.is_null()).then_some(entry.gr_gid)
+        }
+    } else {
+        // SAFETY: as above, for a passwd entry.
+        unsafe {
+            let mut entry: libc::passwd = std::mem::zeroed();
+            let mut found: *mut libc::passwd = std::ptr::null_mut();
+            let rc = libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
+            (rc == 0 && !found.is_null()).then_some(entry.pw_uid)
+        }
+    }
 }
 
 fn one_queue() -> u16 {
@@ -515,6 +650,44 @@ mod tests {
         assert!(changed.save_into(&path, &edits).unwrap());
         assert_eq!(mode(&path), 0o640);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn socket_access_is_checked_and_resolved() {
+        let access = |owner: Option<&str>, group: Option<&str>, mode: Option<&str>| SocketAccess {
+            socket_owner: owner.map(str::to_string),
+            socket_group: group.map(str::to_string),
+            socket_mode: mode.map(str::to_string),
+        };
+        assert_eq!(
+            access(Some("root"), Some("0"), Some("0660"))
+                .resolve()
+                .unwrap(),
+            (Some(0), Some(0), Some(0o660))
+        );
+        assert_eq!(
+            access(None, None, Some("0o600")).resolve().unwrap(),
+            (None, None, Some(0o600))
+        );
+        assert_eq!(
+            access(None, None, None).resolve().unwrap(),
+            (None, None, None)
+        );
+        for bad in [
+            access(Some("no-such-user-vfblk"), None, None),
+            access(None, Some("no-such-group-vfblk"), None),
+            access(None, None, Some("rw-rw----")),
+            access(None, None, Some("1777")),
+            access(None, None, Some("8")),
+        ] {
+            assert!(bad.resolve().is_err(), "{bad:?}");
+        }
+        // A controller's own settings win over the target's.
+        let defaults = access(Some("root"), Some("root"), Some("0660"));
+        assert_eq!(
+            access(None, None, Some("0600")).or(&defaults),
+            access(Some("root"), Some("root"), Some("0600"))
+        );
     }
 
     #[test]

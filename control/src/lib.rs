@@ -33,7 +33,8 @@ use vfblk_vhost::server::SocketServer;
 use vfblk_vhost::worker::{PollMode, Worker};
 
 pub use config::{
-    check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section, TargetConfig,
+    check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section,
+    SocketAccess, TargetConfig,
 };
 pub use reload::ReloadReport;
 pub use unserved::{RetryReport, Unserved, UnservedEntries};
@@ -79,6 +80,8 @@ pub struct TargetSettings {
     /// with FileDescriptorStoreMax=, or vfblk-keeper), so that a successor of a crashed
     /// process resumes them without a reconnect.
     pub fd_store: bool,
+    /// Owner, group and mode of controllers' sockets that do not give their own.
+    pub socket_access: SocketAccess,
 }
 
 struct Poller {
@@ -479,8 +482,26 @@ impl Target {
     pub fn create_controller(&mut self, config: ControllerConfig) -> Result<()> {
         let (device, device_config) = self.controller_device(&config)?;
         let server = SocketServer::start(&config.socket, device_config)?;
+        let server = self.give_socket_access(&config, server)?;
         self.add_controller(config, device, server);
         Ok(())
+    }
+
+    /// Gives a new socket the owner, group and mode configured for it; a socket that cannot
+    /// have them is closed and removed (nothing half-made).
+    fn give_socket_access(
+        &self,
+        config: &ControllerConfig,
+        server: SocketServer,
+    ) -> Result<SocketServer> {
+        let access = config.socket_access().or(&self.settings.socket_access);
+        match access.apply(&config.socket) {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                server.stop(false);
+                Err(e)
+            }
+        }
     }
 
     /// Checks a controller's configuration against what exists and builds its device.
@@ -524,6 +545,12 @@ impl Target {
             )));
         }
         check_socket_path(&config.socket).map_err(bad)?;
+        // Checked before anything is made: an unknown user is refused, not half-applied.
+        config
+            .socket_access()
+            .or(&self.settings.socket_access)
+            .resolve()
+            .map_err(|e| bad(e.to_string()))?;
         let entry = self
             .backends
             .get(&config.backend)
@@ -906,6 +933,9 @@ impl TargetOptions {
                 readonly: self.readonly,
                 serial: Some(self.serial.clone()),
                 limits: Default::default(),
+                socket_owner: None,
+                socket_group: None,
+                socket_mode: None,
             }],
         })
     }

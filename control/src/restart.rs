@@ -81,6 +81,7 @@ impl Target {
         let Some((keeping, listener)) = kept else {
             // Nothing stored for it: a fresh socket.
             let server = SocketServer::start(&config.socket, device_config)?;
+            let server = self.give_socket_access(&config, server)?;
             self.add_controller(config, device, server);
             return Ok(false);
         };

@@ -564,6 +564,58 @@ fn sighup_serves_what_the_file_adds_changes_nothing_running_and_never_kills() {
     assert_eq!(queues_of_a(&target), 2);
 }
 
+#[test]
+fn sockets_get_the_owner_group_and_mode_asked_for() {
+    use std::os::unix::fs::MetadataExt;
+    let _lock = lab_lock();
+    // uid or gid field of a passwd or group entry.
+    let getent = |db: &str, name: &str| -> u32 {
+        let out = Command::new("getent").args([db, name]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split(':')
+            .nth(2)
+            .unwrap_or_else(|| panic!("getent {db} {name}: {text:?}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (nobody, nogroup) = (getent("passwd", "nobody"), getent("group", "nogroup"));
+    let mut target = TargetProc::start_with(
+        "sockmode",
+        1,
+        &["--socket-group", "nogroup", "--socket-mode", "0660"],
+    );
+    let stat = |path: &Path| {
+        let m = std::fs::metadata(path).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
+    // The target's defaults.
+    target.add_disk("d");
+    let (_, gid, mode) = stat(&target.socket("d"));
+    assert_eq!((gid, mode), (nogroup, 0o660));
+    // A controller's own.
+    target.call(
+        "vhost_blk_create",
+        json!({"name": "own", "socket": target.socket("own"), "backend": "d", "socket_owner": "nobody", "socket_mode": "0600"}),
+    );
+    let own = stat(&target.socket("own"));
+    assert_eq!((own.0, own.1, own.2), (nobody, nogroup, 0o600));
+    // An owner that does not exist: refused, and no socket left behind.
+    let refused = target.client().call(
+        "vhost_blk_create",
+        json!({"name": "bad", "socket": target.socket("bad"), "backend": "d", "socket_owner": "no-such-user-vfblk"}),
+    );
+    assert!(
+        matches!(&refused, Err(vfblk_bridge::Error::Rpc { message, .. }) if message.contains("no such user")),
+        "{refused:?}"
+    );
+    assert!(!target.socket("bad").exists());
+    // A start from the config file gives them the same again.
+    target.restart_after_sigkill();
+    assert_eq!(stat(&target.socket("own")), own);
+    assert_eq!(stat(&target.socket("d")).2, 0o660);
+}
+
 /// A target process started by an upgrade (not this test's child): ended with the test.
 struct Successor(i32);
 

@@ -46,6 +46,16 @@ struct Args {
     /// Offer the one controller's disk read-only.
     #[arg(long)]
     readonly: bool,
+    /// Owner of controllers' sockets that do not name their own (a user name or uid).
+    #[arg(long, value_name = "USER")]
+    socket_owner: Option<String>,
+    /// Group of controllers' sockets that do not name their own (e.g. kvm, for a QEMU
+    /// running as its own user in that group).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Mode of controllers' sockets that do not give their own, in octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
     /// Backends and controllers to serve, saved again after every RPC change.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -143,6 +153,11 @@ fn main() -> ExitCode {
         test_delay,
         config_file: args.config.clone(),
         fd_store: args.fd_store,
+        socket_access: vfblk_control::SocketAccess {
+            socket_owner: args.socket_owner,
+            socket_group: args.socket_group,
+            socket_mode: args.socket_mode,
+        },
         nvme_io_queues: args.nvme_io_queues.unwrap_or(if args.socket.is_some() {
             args.queues
         } else {
