@@ -40,6 +40,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         takeover_fd,
         mut stored,
     } = options;
+    let pid_file = settings.pid_file.clone();
     let mut target = Target::new(settings)?;
     let inherited = match takeover_fd {
         // Everything comes from the predecessor, whatever the command line says.
@@ -118,6 +119,9 @@ pub fn run(options: RunOptions) -> Result<()> {
             None => MetricsServer::start(&address, target.clone()),
         })
         .transpose()?;
+    if let Some(path) = &pid_file {
+        crate::write_pid_file(path)?;
+    }
     crate::notify_ready();
     let sig = loop {
         match vfblk_vhost::signals::wait_for_signal() {
@@ -147,5 +151,8 @@ pub fn run(options: RunOptions) -> Result<()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .shutdown(true);
+    if let Some(path) = &pid_file {
+        crate::remove_pid_file(path);
+    }
     Ok(())
 }

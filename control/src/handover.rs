@@ -567,6 +567,13 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
     // The service manager (systemd, vfblk-keeper) must know the new main process before the
     // old one exits, which it does once it reads `started`.
     crate::notify(&format!("MAINPID={}", std::process::id()));
+    // And a supervisor that follows the pid file: it names this process before the old one
+    // is gone.
+    if let Some(path) = &target.settings.pid_file {
+        if let Err(e) = crate::write_pid_file(path) {
+            tracing::warn!("{}", vfblk_vhost::error_chain(&e));
+        }
+    }
     channel.send(
         &Step::Started,
         &Fds::default(),

@@ -82,6 +82,8 @@ pub struct TargetSettings {
     pub fd_store: bool,
     /// Owner, group and mode of controllers' sockets that do not give their own.
     pub socket_access: SocketAccess,
+    /// A file that holds the serving process's pid, kept true across upgrades.
+    pub pid_file: Option<PathBuf>,
 }
 
 struct Poller {
@@ -938,6 +940,32 @@ impl TargetOptions {
                 socket_mode: None,
             }],
         })
+    }
+}
+
+/// Writes this process's pid into `path` (atomically: a temporary file renamed over it),
+/// for a supervisor that follows the target by its pid file.
+pub fn write_pid_file(path: &Path) -> Result<()> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    let temp = path.with_extension("pid-new");
+    std::fs::write(&temp, format!("{}\n", std::process::id()))
+        .map_err(io(format!("writing {}", temp.display())))?;
+    std::fs::rename(&temp, path).map_err(io(format!(
+        "renaming {} to {}",
+        temp.display(),
+        path.display()
+    )))
+}
+
+/// Removes the pid file at `path` if it still names this process (after a hand-over it
+/// names the successor, and stays).
+pub fn remove_pid_file(path: &Path) {
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -27,6 +27,11 @@ impl Target {
     }
 
     fn start_binary(name: &str, binary: &Path) -> Self {
+        Self::start_with(name, binary, &[])
+    }
+
+    /// With more options for the target (`{dir}` stands for its directory).
+    fn start_with(name: &str, binary: &Path, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-upgrade-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,6 +41,11 @@ impl Target {
             .arg("--rpc")
             .arg(dir.join("rpc.sock"))
             .args(["--pollers", "2"])
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.display().to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         let first = vfblk_lab::process::spawn_listening(
@@ -365,4 +375,35 @@ fn an_upgrade_from_the_previous_commits_binary_to_this_one() {
         reports[0]["ios"],
         reports[1]["ios"]
     );
+}
+
+#[test]
+fn the_pid_file_names_the_serving_process_across_upgrades_and_goes_at_a_clean_exit() {
+    let _lock = vfblk_tests::lab_lock();
+    let mut target = Target::start_with(
+        "pidfile",
+        &bin("vfblk-bridge"),
+        &["--pid-file", "{dir}/target.pid"],
+    );
+    let pid_file = target.dir.join("target.pid");
+    let named = || -> u32 {
+        std::fs::read_to_string(&pid_file)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    assert_eq!(named(), target.pid);
+    let socket = target.add_disk("m", "mem");
+    let load = verifying_load(&socket);
+    for _ in 0..3 {
+        target.upgrade(None).unwrap();
+        // Written by the new process before the old one exits (which `upgrade` waited for).
+        assert_eq!(named(), target.pid, "after an upgrade");
+    }
+    assert_no_error_nor_reconnect(&finish(load));
+    // SAFETY: SIGTERM to the target process this test runs.
+    unsafe { libc::kill(target.pid as i32, libc::SIGTERM) };
+    wait_gone(target.pid);
+    assert!(!pid_file.exists(), "a clean exit removes its pid file");
 }

@@ -56,6 +56,10 @@ struct Args {
     /// Mode of controllers' sockets that do not give their own, in octal (e.g. 0660).
     #[arg(long, value_name = "MODE")]
     socket_mode: Option<String>,
+    /// Write the serving process's pid here (kept true across upgrades; removed at a clean
+    /// exit), for supervisors other than systemd and vfblk-keeper.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// Backends and controllers to serve, saved again after every RPC change.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
         test_delay,
         config_file: args.config.clone(),
         fd_store: args.fd_store,
+        pid_file: args.pid_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
         socket_access: vfblk_control::SocketAccess {
             socket_owner: args.socket_owner,
             socket_group: args.socket_group,
