@@ -99,7 +99,24 @@ pub struct HostSlice {
 #[derive(Debug, Default, Clone)]
 pub struct GuestMemory {
     regions: Vec<Arc<Region>>,
+    /// The regions' guest ranges and host addresses side by side, in the same order: what
+    /// every translation reads (one cache line for four regions, no pointer to follow).
+    spans: Vec<Span>,
 }
+
+/// Where one region's guest-physical range lives in this process.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    guest_phys: u64,
+    size: u64,
+    host: *mut u8,
+}
+
+// SAFETY: `host` points into a mapping the table's `Arc<Region>` for the same region keeps
+// alive; reading through it is as safe from any thread as the region's own pointer.
+unsafe impl Send for Span {}
+// SAFETY: as above; a span is never written after it is made.
+unsafe impl Sync for Span {}
 
 /// Most regions a SET_MEM_TABLE message may carry (vhost-user's
 /// VHOST_MEMORY_BASELINE_NREGIONS).
@@ -173,6 +190,11 @@ impl GuestMemory {
         } else {
             crate::sigbus::register(map.as_mut_ptr(), size as usize)
         };
+        self.spans.push(Span {
+            guest_phys,
+            size,
+            host: map.as_mut_ptr(),
+        });
         self.regions.push(Arc::new(Region {
             guest_phys,
             size,
@@ -194,6 +216,7 @@ impl GuestMemory {
             .position(|r| r.guest_phys == guest_phys && r.size == size)
             .ok_or(Error::NoSuchRegion { guest_phys, size })?;
         self.regions.remove(pos);
+        self.spans.remove(pos);
         Ok(())
     }
 
@@ -243,7 +266,7 @@ impl GuestMemory {
     /// them lie in the region holding `gpa` (a buffer may continue in an adjacent region).
     #[inline]
     pub fn translate_prefix(&self, gpa: u64, len: u64) -> Option<(*mut u8, u64)> {
-        for r in &self.regions {
+        for r in &self.spans {
             let off = gpa.wrapping_sub(r.guest_phys);
             if gpa >= r.guest_phys && off < r.size {
                 // SAFETY: off < size: inside the mapping.
@@ -256,7 +279,7 @@ impl GuestMemory {
     /// Host address of `len` bytes at guest-physical `gpa`, if they lie in one region.
     #[inline]
     pub fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        for r in &self.regions {
+        for r in &self.spans {
             let off = gpa.wrapping_sub(r.guest_phys);
             if gpa >= r.guest_phys && off <= r.size && len <= r.size - off {
                 // SAFETY: off + len <= size: inside the mapping.
