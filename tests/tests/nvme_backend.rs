@@ -290,6 +290,14 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
 /// under `vfblk-keeper` (`kept`), or, today's reconnect path, killed and started again with
 /// QEMU reconnecting. Returns the run; its `l3_vhost` record has fio's figures and QEMU's
 /// complaints about the connection.
+/// What the nested guest's fio writes and verifies while the target restarts 20 times: it
+/// must outlast the restarts. 128 MiB once ended before the last restart (2026-12-07, a CI
+/// run by hand, after the request path got cheaper: fio took about 22 s on an idle machine
+/// against some 30-40 s of restarts). Now the whole disk (256 MiB: 44-75 s measured) and
+/// half a second, not one, from an upgrade to the next kill (about 25 s of restarts; a kill
+/// keeps its 1.5 s, the time a restart takes here), so fio outlasts them.
+const RESTART_FIO_MIB: u32 = 256;
+
 fn l3_fio_across_restarts(lab_name: &str, qemu10: bool, kept: bool) -> vfblk_lab::vm::RetriedRun {
     let qemu_flag = if qemu10 { "--qemu-10" } else { "" };
     let (start, events) = if kept {
@@ -299,7 +307,7 @@ fn l3_fio_across_restarts(lab_name: &str, qemu10: bool, kept: bool) -> vfblk_lab
             r#"for k in 1 2 3 4 5 6 7 8 9 10; do
     vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $k refused"; }
     echo >> /tmp/upgrades.json
-    sleep 1
+    sleep 0.5
     p=$(vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
     [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
     kill -9 $p
@@ -328,8 +336,8 @@ vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
 touch /tmp/upgrades.json
 {start}
 [ -S /tmp/k.sock ] || {{ cat /tmp/kept.log; fail "the target did not start"; }}
-step "L3 under KVM with fio verify (128 MiB) on the NVMe backend: the target restarted 10 times while fio runs"
-vfblk-lab nested --vhost-user /tmp/k.sock --fio-mib 128 --no-retry-once-started {qemu_flag} > /tmp/nested.out 2>&1 &
+step "L3 under KVM with fio verify ({RESTART_FIO_MIB} MiB) on the NVMe backend: the target restarted 10 times while fio runs"
+vfblk-lab nested --vhost-user /tmp/k.sock --fio-mib {RESTART_FIO_MIB} --no-retry-once-started {qemu_flag} > /tmp/nested.out 2>&1 &
 np=$!
 for i in $(seq 1 1200); do grep -q "fio in L3" /tmp/l3/console-vhost-k.log 2>/dev/null && break; kill -0 $np 2>/dev/null || break; sleep 0.25; done
 grep -q "fio in L3" /tmp/l3/console-vhost-k.log || {{ cat /tmp/nested.out /tmp/kept.log; fail "fio never started in L3"; }}
@@ -406,11 +414,12 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
         .collect();
     let max_ms = l3["max_latency_ms"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
-        "{what}: {}; fio exit {}, {} writes + {} verified reads, longest completion {max_ms:.0} ms; upgrade pauses (target side) {pauses:.1?} ms; connections resumed {:?}, requests recovered {:?}, call fds replaced while running {:?}; QEMU about the connection: {}; L3 tries {}",
+        "{what}: {}; fio exit {}, {} writes + {} verified reads in {} ms, longest completion {max_ms:.0} ms; upgrade pauses (target side) {pauses:.1?} ms; connections resumed {:?}, requests recovered {:?}, call fds replaced while running {:?}; QEMU about the connection: {}; L3 tries {}",
         l3["qemu"],
         l3["fio_exit"],
         l3["writes"],
         l3["verified_reads"],
+        l3["fio_runtime_ms"],
         run.record("resumed"),
         run.record("recovered"),
         run.record("call_fds_while_running"),
@@ -422,7 +431,8 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
     assert_eq!(
         run.record("events_during_fio"),
         Some(&serde_json::json!(true)),
-        "fio ran until the last restart"
+        "fio ran until the last restart (fio ran {} ms)",
+        l3["fio_runtime_ms"]
     );
     if kept {
         assert_eq!(pauses.len(), 10, "{reports:?}");
