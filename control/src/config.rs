@@ -103,13 +103,19 @@ impl ControllerConfig {
 
 /// The owner, group and mode of a controller's socket, so that a QEMU running as its own
 /// user can connect: `{"socket_group": "kvm", "socket_mode": "0660"}` in a controller.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The same three are command-line options of `vfblk-bridge` (for every socket) and of
+/// `vfblk-rpc vhost-blk-create` (for one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct SocketAccess {
-    /// The owning user: a name or a numeric uid.
+    /// Owner of the controller socket: a user name or uid.
+    #[arg(long, value_name = "USER")]
     pub socket_owner: Option<String>,
-    /// The owning group: a name or a numeric gid.
+    /// Group of the controller socket: a group name or gid (e.g. kvm, for a QEMU running as
+    /// its own user in that group).
+    #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
-    /// Permission bits in octal ("0660").
+    /// Mode of the controller socket in octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
 }
 

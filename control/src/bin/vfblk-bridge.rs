@@ -46,16 +46,9 @@ struct Args {
     /// Offer the one controller's disk read-only.
     #[arg(long)]
     readonly: bool,
-    /// Owner of controllers' sockets that do not name their own (a user name or uid).
-    #[arg(long, value_name = "USER")]
-    socket_owner: Option<String>,
-    /// Group of controllers' sockets that do not name their own (e.g. kvm, for a QEMU
-    /// running as its own user in that group).
-    #[arg(long, value_name = "GROUP")]
-    socket_group: Option<String>,
-    /// Mode of controllers' sockets that do not give their own, in octal (e.g. 0660).
-    #[arg(long, value_name = "MODE")]
-    socket_mode: Option<String>,
+    /// Owner, group and mode of every controller socket that does not set its own.
+    #[command(flatten)]
+    socket_access: vfblk_control::SocketAccess,
     /// Write the serving process's pid here (kept true across upgrades; removed at a clean
     /// exit), for supervisors other than systemd and vfblk-keeper.
     #[arg(long, value_name = "FILE")]
@@ -158,11 +151,7 @@ fn main() -> ExitCode {
         config_file: args.config.clone(),
         fd_store: args.fd_store,
         pid_file: args.pid_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
-        socket_access: vfblk_control::SocketAccess {
-            socket_owner: args.socket_owner,
-            socket_group: args.socket_group,
-            socket_mode: args.socket_mode,
-        },
+        socket_access: args.socket_access,
         nvme_io_queues: args.nvme_io_queues.unwrap_or(if args.socket.is_some() {
             args.queues
         } else {

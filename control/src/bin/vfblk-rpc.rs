@@ -78,15 +78,9 @@ enum Command {
         /// Bytes per second (all queues together).
         #[arg(long, value_name = "BYTES")]
         bps: Option<u64>,
-        /// The socket's owning user (default: the target's --socket-owner).
-        #[arg(long, value_name = "USER")]
-        socket_owner: Option<String>,
-        /// The socket's owning group (default: the target's --socket-group).
-        #[arg(long, value_name = "GROUP")]
-        socket_group: Option<String>,
-        /// The socket's mode in octal, e.g. 0660 (default: the target's --socket-mode).
-        #[arg(long, value_name = "MODE")]
-        socket_mode: Option<String>,
+        /// The socket's owner, group and mode (default: the target's --socket-* options).
+        #[command(flatten)]
+        socket_access: vfblk_control::SocketAccess,
     },
     /// Delete a controller (what is in flight completes; the frontend is disconnected).
     VhostBlkDelete {
@@ -251,9 +245,7 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             serial,
             iops,
             bps,
-            socket_owner,
-            socket_group,
-            socket_mode,
+            socket_access,
         } => {
             let socket = std::path::absolute(socket).map_err(absolute)?;
             let mut p = json!({
@@ -264,9 +256,9 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
                 p["serial"] = json!(s);
             }
             for (key, value) in [
-                ("socket_owner", socket_owner),
-                ("socket_group", socket_group),
-                ("socket_mode", socket_mode),
+                ("socket_owner", &socket_access.socket_owner),
+                ("socket_group", &socket_access.socket_group),
+                ("socket_mode", &socket_access.socket_mode),
             ] {
                 if let Some(v) = value {
                     p[key] = json!(v);
