@@ -90,12 +90,17 @@ impl Request {
         chain.walk_into(&mut self.buffers)
     }
 
-    /// Puts buffers walked elsewhere (the guest test kit, the fuzz targets) where
-    /// [`Request::walk`] would have: how many (at most [`MAX_SEGMENTS`]).
+    /// Puts buffers walked elsewhere (the fuzz targets, the parser tests) where
+    /// [`Request::walk`] would have: how many. More than [`MAX_SEGMENTS`] is the caller's
+    /// mistake (a device's walk refuses such a chain), not something to cut short.
     pub fn load(&mut self, segments: &[Segment]) -> usize {
-        let n = segments.len().min(MAX_SEGMENTS);
-        self.buffers[..n].copy_from_slice(&segments[..n]);
-        n
+        assert!(
+            segments.len() <= MAX_SEGMENTS,
+            "{} buffers: a walk into a request refuses more than {MAX_SEGMENTS}",
+            segments.len()
+        );
+        self.buffers[..segments.len()].copy_from_slice(segments);
+        segments.len()
     }
 }
 
@@ -463,8 +468,13 @@ mod tests {
         /// Parses a chain of (gpa, len, writable) buffers with `limits`.
         fn parse_with(&mut self, buffers: &[(u64, u32, bool)], limits: &Limits) -> Verdict {
             self.guest.add_chain(buffers);
-            let chain = self.guest.walk_newest().expect("the chain walks");
-            let count = self.request.load(chain.segments());
+            // Walked into the request as the device walks it.
+            let (vq, head) = self.guest.newest();
+            let mem = self.guest.memory();
+            let count = self
+                .request
+                .walk(ChainCursor::new(&vq, &mem, head))
+                .expect("the chain walks");
             parse(count, limits, ID, &mut self.request)
         }
 

@@ -709,6 +709,8 @@ impl Target {
     /// what changed (see [`TargetConfig::save_into`]).
     pub fn save(&mut self) -> Result<()> {
         let Some(path) = &self.settings.config_file else {
+            // No file to tell: the deletions need not be remembered.
+            self.file_edits.removed.clear();
             return Ok(());
         };
         if self.config().save_into(path, &self.file_edits)? {

@@ -141,37 +141,37 @@ pub fn render(stats: &TargetStats) -> String {
         )],
     );
     let process = ProcessStats::read();
-    if let Some(cpu) = process.cpu_seconds {
-        add(
+    let process_metrics = [
+        (
             "process_cpu_seconds_total",
             "counter",
             "User and system CPU time of the target process.",
-            vec![format!("process_cpu_seconds_total {cpu}")],
-        );
-    }
-    if let Some(bytes) = process.resident_bytes {
-        add(
+            process.cpu_seconds.map(|v| v.to_string()),
+        ),
+        (
             "process_resident_memory_bytes",
             "gauge",
             "Resident memory of the target process.",
-            vec![format!("process_resident_memory_bytes {bytes}")],
-        );
-    }
-    if let Some(fds) = process.open_fds {
-        add(
+            process.resident_bytes.map(|v| v.to_string()),
+        ),
+        (
             "process_open_fds",
             "gauge",
             "Open file descriptors of the target process.",
-            vec![format!("process_open_fds {fds}")],
-        );
-    }
-    if let Some(start) = process.start_time_seconds {
-        add(
+            process.open_fds.map(|v| v.to_string()),
+        ),
+        (
             "process_start_time_seconds",
             "gauge",
             "When the target process started, in seconds since the Unix epoch.",
-            vec![format!("process_start_time_seconds {start}")],
-        );
+            process.start_time_seconds.map(|v| v.to_string()),
+        ),
+    ];
+    // What /proc does not tell is left out rather than made up.
+    for (name, kind, help, value) in process_metrics {
+        if let Some(value) = value {
+            add(name, kind, help, vec![format!("{name} {value}")]);
+        }
     }
     let per_controller = |f: &dyn Fn(&crate::ControllerStats, &str) -> Vec<String>| {
         stats

@@ -59,26 +59,9 @@ impl Target {
                 &mut new.controllers,
                 &mut report,
             );
-            let mut tried: Vec<String> = Vec::new();
-            tried.extend(
-                new.nvme
-                    .iter()
-                    .map(|n| format!("NVMe controller {}", n.name)),
-            );
-            tried.extend(new.backends.iter().map(|b| format!("backend {}", b.name)));
-            tried.extend(
-                new.controllers
-                    .iter()
-                    .map(|c| format!("controller {}", c.name)),
-            );
-            let failed: Vec<String> = self.apply(new).into_iter().map(|(w, _)| w).collect();
-            for t in tried {
-                if failed.contains(&t) {
-                    report.not_served.push(t);
-                } else {
-                    report.added.push(t);
-                }
-            }
+            let (added, failed) = self.apply_and_sort(new);
+            report.added = added;
+            report.not_served = failed.into_iter().map(|(what, _)| what).collect();
         }
         report.retried = self.retry_unserved();
         tracing::info!(
@@ -106,7 +89,7 @@ impl Target {
                 None => new.push(entry),
                 Some(r) if *r == entry => {}
                 Some(_) => {
-                    let what = format!("{} {}", section.what(), entry.name());
+                    let what = crate::unserved::label(section, entry.name());
                     tracing::warn!(
                         "{what}: the config file defines it differently from what runs; not applied now (delete and create it over RPC to apply it at once); the file keeps its version for the next start"
                     );

@@ -42,7 +42,10 @@ impl Target {
                 Ok(false) => {}
                 Err(e) => {
                     self.unserved_controller(configured, &e);
-                    failures.push((format!("controller {name}"), e));
+                    failures.push((
+                        crate::unserved::label(crate::Section::Controllers, &name),
+                        e,
+                    ));
                 }
             }
         }

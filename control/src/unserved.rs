@@ -72,6 +72,11 @@ impl UnservedEntries {
     }
 }
 
+/// How an entry is named in reports and logs: "backend d0", "controller vm1".
+pub(crate) fn label(section: Section, name: &str) -> String {
+    format!("{} {name}", section.what())
+}
+
 /// What `backend_retry` did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RetryReport {
@@ -100,7 +105,7 @@ impl Target {
         for n in config.nvme {
             if let Err(e) = self.attach_nvme(&n.name, n.address) {
                 self.keep_unserved(Section::Nvme, &n.name, &e, |u| &mut u.nvme, n.clone());
-                failures.push((format!("NVMe controller {}", n.name), e));
+                failures.push((label(Section::Nvme, &n.name), e));
             }
         }
         for b in config.backends {
@@ -112,17 +117,44 @@ impl Target {
                     |u| &mut u.backends,
                     b.clone(),
                 );
-                failures.push((format!("backend {}", b.name), e));
+                failures.push((label(Section::Backends, &b.name), e));
             }
         }
         for c in config.controllers {
-            let name = c.name.clone();
+            let what = label(Section::Controllers, &c.name);
             if let Err(e) = self.create_controller(c.clone()) {
                 self.unserved_controller(c, &e);
-                failures.push((format!("controller {name}"), e));
+                failures.push((what, e));
             }
         }
         failures
+    }
+
+    /// [`Target::apply`], telling what it served from what failed (each by its
+    /// [`label`]).
+    pub(crate) fn apply_and_sort(
+        &mut self,
+        config: TargetConfig,
+    ) -> (Vec<String>, Vec<(String, Error)>) {
+        let tried: Vec<String> = Section::ALL
+            .iter()
+            .flat_map(|&section| {
+                let names: Vec<&str> = match section {
+                    Section::Nvme => config.nvme.iter().map(|n| n.name.as_str()).collect(),
+                    Section::Backends => config.backends.iter().map(|b| b.name.as_str()).collect(),
+                    Section::Controllers => {
+                        config.controllers.iter().map(|c| c.name.as_str()).collect()
+                    }
+                };
+                names.into_iter().map(move |n| label(section, n))
+            })
+            .collect();
+        let failed = self.apply(config);
+        let served = tried
+            .into_iter()
+            .filter(|t| !failed.iter().any(|(what, _)| what == t))
+            .collect();
+        (served, failed)
     }
 
     /// Keeps controller `config` as unserved because of `error`.
@@ -181,37 +213,14 @@ impl Target {
         }
         self.retrying = std::mem::take(&mut self.unserved);
         let config = self.retrying.config();
-        let mut tried: Vec<String> = Vec::new();
-        tried.extend(
-            config
-                .nvme
-                .iter()
-                .map(|n| format!("NVMe controller {}", n.name)),
-        );
-        tried.extend(
-            config
-                .backends
-                .iter()
-                .map(|b| format!("backend {}", b.name)),
-        );
-        tried.extend(
-            config
-                .controllers
-                .iter()
-                .map(|c| format!("controller {}", c.name)),
-        );
-        let failed: Vec<RetryFailure> = self
-            .apply(config)
+        let (served, failed) = self.apply_and_sort(config);
+        self.retrying = UnservedEntries::default();
+        let failed: Vec<RetryFailure> = failed
             .into_iter()
             .map(|(what, e)| RetryFailure {
                 what,
                 error: vfblk_vhost::error_chain(&e),
             })
-            .collect();
-        self.retrying = UnservedEntries::default();
-        let served: Vec<String> = tried
-            .into_iter()
-            .filter(|t| !failed.iter().any(|f| f.what == *t))
             .collect();
         for s in &served {
             tracing::info!("{s}: served now");

@@ -61,11 +61,6 @@ impl Ring {
         }
     }
 
-    /// The queue's index within its device.
-    pub fn index(&self) -> u16 {
-        self.index
-    }
-
     fn complete(&mut self, head: u16, written: u32) {
         self.completed.push(head, written);
     }
