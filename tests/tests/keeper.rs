@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vfblk_tests::{
     add_disk, assert_no_error_nor_reconnect, bin, finish, monotonic_ns, pauses_seen, percentiles,
-    remove_test_dir, rpc_call, verifying_load, wait_gone, without_bulk, Load,
+    remove_test_dir, rpc_call, verifying_load, verifying_load_with, wait_gone, without_bulk, Load,
 };
 
 struct Kept {
@@ -234,6 +234,49 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
     assert_no_error_nor_reconnect(&r);
     let summary = kept.stop();
     assert_eq!(summary["restarts"], 10, "{summary}");
+}
+
+/// A migration in progress when the target is upgraded and killed: the dirty log travels
+/// in the hand-over state and the fd store, so every page the device writes afterwards is
+/// still marked (the load generator syncs and checks the log every 50 ms, as QEMU syncs it
+/// between passes).
+#[test]
+fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = Kept::start("dirty-log");
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load_with(&socket, &["--dirty-log"]);
+    kept.wait_serving(1);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = kept.target_pid();
+        if round % 2 == 0 {
+            let report = kept.call("upgrade", json!({})).unwrap();
+            assert_eq!(report["old_pid"], before, "{report}");
+        } else {
+            // SAFETY: SIGKILL to the target process this test runs.
+            unsafe { libc::kill(before as i32, libc::SIGKILL) };
+        }
+        wait_gone(before);
+        kept.wait_serving(1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    let log = &r["dirty_log"];
+    assert_eq!(log["missing_pages"], 0, "{}", without_bulk(&r));
+    assert_eq!(log["extra_pages"], 0, "{}", without_bulk(&r));
+    assert!(
+        log["written_pages"].as_u64().unwrap_or(0) > 100,
+        "{}",
+        without_bulk(&r)
+    );
+    let target_log = kept.log();
+    assert!(
+        target_log.contains("dirty logging continues into the log"),
+        "a successor said it logs on: {target_log}"
+    );
+    kept.stop();
 }
 
 #[test]
