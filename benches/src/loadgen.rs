@@ -405,8 +405,8 @@ impl LogWatch {
             let bits = word.swap(0, std::sync::atomic::Ordering::AcqRel);
             chunk.copy_from_slice(&bits.to_le_bytes()[..chunk.len()]);
         }
-        for byte in 0..marked.len() {
-            let (now, before) = (marked[byte], self.marked_before[byte]);
+        for (byte, &now) in marked.iter().enumerate() {
+            let before = self.marked_before[byte];
             let missing = self.seen[byte] & !(now | before);
             let allowed = self.seen_before[byte] | self.seen[byte] | self.used[byte];
             let extra = before & !allowed;
