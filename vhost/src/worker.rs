@@ -835,6 +835,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dirty_log_shrunk_under_the_device_stops_the_queue_before_anything_is_reported_done() {
+        use crate::dirty_log::{log_bytes_for, DirtyLog};
+        use crate::ring::RingLog;
+        let mut guest = MockGuest::new(1 << 20, 16);
+        // SAFETY: a valid NUL-terminated name; the result is checked. No MFD_ALLOW_SEALING:
+        // the file can be shrunk under the mapping.
+        let fd = unsafe { libc::memfd_create(c"log-shrunk".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let bytes = log_bytes_for(guest.len()).div_ceil(4096) * 4096;
+        file.set_len(bytes).unwrap();
+        let log = Arc::new(DirtyLog::map(file.try_clone().unwrap(), 0, bytes, true).unwrap());
+        let used_gpa = guest.driver().gpas.2;
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
+        q.ring.set_log(Some(RingLog { log, used_gpa }));
+        file.set_len(0).unwrap();
+        let buf = guest.alloc(4096);
+        guest.add_chain(&[(buf, 16, false), (buf + 16, 1, true)]);
+        q.process(true);
+        assert_eq!(guest.pop_used(), None, "reported done with its marks lost");
+        assert!(q.ring.broken, "the queue stops");
+    }
+
+    #[test]
     fn a_burst_of_completions_larger_than_a_round_is_all_published() {
         let mut guest = MockGuest::new(4 << 20, 256);
         let burst = 120; // more than a poll round (64), 240 of the 256 descriptors
