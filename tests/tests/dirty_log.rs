@@ -81,6 +81,13 @@ fn a_migrating_frontend_finds_exactly_the_pages_the_device_wrote_marked() {
             let written = log["written_pages"].as_u64().unwrap_or(0);
             assert!(written > 10, "{what}: {}", without_bulk(&r));
         }
+        // At each switch-over the target synced the data for the destination.
+        let log = std::fs::read_to_string(dir.join("bridge.log")).unwrap_or_default();
+        assert!(
+            log.contains("migration switch-over: queue 1 stopped")
+                && log.contains("data synced in"),
+            "{name}: {log}"
+        );
         let _ = bridge.kill();
         let _ = bridge.wait();
         let _ = std::fs::remove_dir_all(&dir);

@@ -129,6 +129,12 @@ pub trait Backend: Send + Sync {
     fn guest_memory_changed(&self, _memory: Option<&GuestMemory>) -> Result<()> {
         Ok(())
     }
+    /// Makes every write completed so far visible to another process or host that opens the
+    /// same storage (a migration's destination): called with no queue running. Backends
+    /// whose writes reach the storage directly have nothing to do.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One virtqueue's path to the backend.
