@@ -20,6 +20,7 @@ pub mod restart;
 pub mod rpc;
 pub mod setup;
 pub mod unserved;
+pub mod watchdog;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -623,6 +624,29 @@ impl Target {
     }
 
     /// The pollers a controller asking for `cpus` may use.
+    /// One line for the service manager's `STATUS=`: what is served and what is not.
+    pub fn status_line(&self) -> String {
+        let mut line = format!(
+            "serving {} controller(s) on {} backend(s) with {} poller(s)",
+            self.controllers.len(),
+            self.backends.len(),
+            self.pollers.len()
+        );
+        if !self.unserved.is_empty() {
+            line.push_str(&format!(
+                "; {} configured entr{} failed (vfblk-rpc vhost-blk-list)",
+                self.unserved.len(),
+                if self.unserved.len() == 1 { "y" } else { "ies" }
+            ));
+        }
+        line
+    }
+
+    /// Every poller of the process (fixed for its life).
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.pollers.iter().map(|p| p.worker.clone()).collect()
+    }
+
     fn workers_for(&self, cpus: &[usize]) -> std::result::Result<Vec<Arc<Worker>>, String> {
         if cpus.is_empty() {
             return Ok(self.pollers.iter().map(|p| p.worker.clone()).collect());

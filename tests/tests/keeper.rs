@@ -27,6 +27,11 @@ impl Kept {
 
     /// With environment variables for the keeper and the target.
     fn start_with(name: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_watched(name, env, None)
+    }
+
+    /// With a watchdog period for the keeper (`--watchdog-sec`) too.
+    fn start_watched(name: &str, env: &[(&str, &str)], watchdog_sec: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,6 +41,12 @@ impl Kept {
             .arg("--dir")
             .arg(dir.join("keep"))
             .arg("--json")
+            .args(
+                watchdog_sec
+                    .map(|s| ["--watchdog-sec", s])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--")
             .arg(bin("vfblk-bridge"))
             .arg("--config")
@@ -277,6 +288,48 @@ fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper(
         "a successor said it logs on: {target_log}"
     );
     kept.stop();
+}
+
+/// A poller that hangs (a backend call that never returns, here a test fault) stops the
+/// target's WATCHDOG=1; the keeper aborts the target and starts it again, and the successor
+/// runs the stuck requests again from the inflight region: the load generator sees a pause
+/// of about the watchdog period, no error and no reconnect.
+#[test]
+fn a_hung_poller_stops_the_watchdog_and_the_restart_loses_nothing() {
+    let _lock = vfblk_tests::lab_lock();
+    let marker = std::env::temp_dir().join(format!("vfblk-hang-poller-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let marker_env = marker.display().to_string();
+    let kept = Kept::start_watched(
+        "watchdog",
+        &[("VFBLK_TEST_HANG_POLLER", &marker_env)],
+        Some("1"),
+    );
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load(&socket);
+    kept.wait_serving(1);
+    // Healthy pollers keep the watchdog fed well past its period.
+    std::thread::sleep(Duration::from_millis(2500));
+    let first = kept.target_pid();
+    assert!(
+        !kept.log().contains("no WATCHDOG=1"),
+        "a healthy target was aborted: {}",
+        kept.log()
+    );
+    std::fs::write(&marker, b"hang").unwrap();
+    wait_gone(first);
+    kept.wait_serving(1);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    let log = kept.log();
+    assert!(log.contains("this poller hangs now"), "{log}");
+    assert!(log.contains("made no progress"), "{log}");
+    assert!(log.contains("no WATCHDOG=1 from pid"), "{log}");
+    assert!(!marker.exists());
+    let summary = kept.stop();
+    assert_eq!(summary["watchdog_aborts"], 1, "{summary}");
+    assert_eq!(summary["restarts"], 1, "{summary}");
 }
 
 #[test]

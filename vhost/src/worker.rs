@@ -96,7 +96,13 @@ struct Mailbox {
     /// The longest time one batch of mailbox commands held the loop (control-plane work
     /// every other queue on the poller waits for).
     longest_commands_ns: AtomicU64,
+    /// Loops run, published every [`HEARTBEAT_EVERY`] loops and after every sleep: a poller
+    /// stuck anywhere (a backend call that never returns, a loop) stops it.
+    heartbeat: AtomicU64,
 }
+
+/// Loops between publications of a poller's heartbeat.
+const HEARTBEAT_EVERY: u64 = 256;
 
 /// Tuning of the poll loop.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +204,7 @@ impl Worker {
             wake,
             busy_ns: AtomicU64::new(0),
             longest_commands_ns: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
@@ -249,6 +256,12 @@ impl Worker {
     /// Time its loop spent on work since it started.
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.mailbox.busy_ns.load(Ordering::Relaxed))
+    }
+
+    /// The poller's heartbeat: it changes at least every 100 ms while the poller runs its
+    /// loop, busy or idle (see [`Worker::spawn`]'s modes), and never while it is stuck.
+    pub fn heartbeat(&self) -> u64 {
+        self.mailbox.heartbeat.load(Ordering::Relaxed)
     }
 
     /// The longest its queues waited for control-plane commands (starting, stopping and
@@ -401,7 +414,14 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
     // Empty loops in a row, and when the first of them ran.
     let mut idle = 0u32;
     let mut idle_since: Option<Instant> = None;
+    let mut loops: u64 = 0;
     loop {
+        loops = loops.wrapping_add(1);
+        if loops % HEARTBEAT_EVERY == 0 {
+            mailbox.heartbeat.store(loops, Ordering::Relaxed);
+            #[cfg(feature = "test-faults")]
+            crate::faults::hang_poller_for_tests();
+        }
         if mailbox.pending.load(Ordering::Acquire) {
             let commands_start = Instant::now();
             mailbox.pending.store(false, Ordering::Release);
@@ -499,6 +519,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= limit {
                 sleep_until_kicked(mailbox, &mut queues);
+                mailbox.heartbeat.store(loops, Ordering::Relaxed);
                 idle = 0;
                 idle_since = Instant::now().checked_sub(limit);
             } else {
