@@ -865,6 +865,22 @@ fn same_target(a: &BackendSpec, b: &BackendSpec) -> bool {
             let end = |o: &u64, s: &Option<u64>| s.map_or(u64::MAX, |s| o.saturating_add(s));
             x == y && m == n && o1 < &end(o2, s2) && o2 < &end(o1, s1)
         }
+        // One image of one cluster (the conf names the cluster; a client id differs only
+        // in who asks).
+        (
+            BackendSpec::Rbd {
+                pool: p1,
+                image: i1,
+                conf: c1,
+                ..
+            },
+            BackendSpec::Rbd {
+                pool: p2,
+                image: i2,
+                conf: c2,
+                ..
+            },
+        ) => p1 == p2 && i1 == i2 && c1 == c2,
         _ => false,
     }
 }
@@ -890,6 +906,12 @@ fn describe(spec: &BackendSpec) -> String {
             Some(size) => format!("bytes {offset}+{size} of namespace {nsid} of {address}"),
             None if *offset > 0 => format!("bytes {offset}.. of namespace {nsid} of {address}"),
             None => format!("namespace {nsid} of {address}"),
+        },
+        BackendSpec::Rbd {
+            pool, image, conf, ..
+        } => match conf {
+            Some(conf) => format!("RBD image {pool}/{image} of {}", conf.display()),
+            None => format!("RBD image {pool}/{image}"),
         },
     }
 }
