@@ -53,6 +53,8 @@ pub fn run(options: RunOptions) -> Result<()> {
         metrics: stored.take(ListenerKind::Metrics.stored_name()),
     };
     if inherited.is_none() {
+        // Started again after a crash: the predecessor that recorded these is dead.
+        crate::dead_predecessor_rbd_clients(&mut stored);
         if let Some(one) = &one {
             // The one controller of the command line: failing to serve it is failing.
             if let Some((what, e)) = target
