@@ -156,7 +156,9 @@ pub fn run(options: RunOptions) -> Result<()> {
         .handed_over()
     {
         // Sockets, socket files and memory belong to the successor: leave without
-        // closing or removing anything.
+        // closing or removing anything, but for the RBD images, whose exclusive locks the
+        // successor needs now rather than after Ceph's watch timeout.
+        vfblk_bridge::backend::rbd::close_for_successor();
         std::process::exit(0);
     }
     tracing::info!("signal {sig}: completing requests in flight, then exiting");

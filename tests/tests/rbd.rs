@@ -379,3 +379,41 @@ fn a_live_owners_image_lock_is_never_broken() {
     // goes with the test cluster.
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Upgrades by hand-over of a target on an RBD image under verifying load: the new process
+/// opens the image while the old one, alive and quiesced, still holds its lock; librbd hands
+/// the lock over at the new process's first write. No error, no reconnect, no stall.
+#[test]
+fn upgrades_hand_the_image_lock_over_without_a_stall() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("upgrades");
+    let kept = Kept::start(&dir, &spec(cluster, "upgrades", Some("128M")), &[]);
+    kept.serving_pid(0, false);
+    let load = verifying_load_with(&dir.join("blk.sock"), &["--io-timeout-s", "60"]);
+    let mut pid = kept.serving_pid(0, true);
+    let upgrades = 10;
+    let mut pauses = Vec::new();
+    for _ in 0..upgrades {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let report = rpc_call(&kept.rpc, "upgrade", serde_json::json!({})).unwrap();
+        assert_eq!(report["old_pid"], pid, "{report}");
+        pauses.push(report["pause_ms"].as_f64().unwrap_or(0.0));
+        wait_gone(pid);
+        pid = kept.serving_pid(pid, true);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = finish(load);
+    let log = std::fs::read_to_string(dir.join("target.log")).unwrap_or_default();
+    kept.stop();
+    assert_no_error_nor_reconnect(&r);
+    let gap = r["max_gap_ms"].as_f64().unwrap_or(f64::MAX);
+    eprintln!(
+        "RBD upgrades: {upgrades}, target pauses {pauses:?} ms, longest gap {gap:.0} ms, {} I/Os",
+        r["ios"]
+    );
+    assert!(!log.contains("broke the exclusive lock"), "{log}");
+    assert!(gap < 1000.0, "longest gap {gap} ms: {}", without_bulk(&r));
+    let _ = cluster.remove_image("upgrades");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -85,6 +85,41 @@ pub fn clients_in_use() -> Vec<ClientIdentity> {
         .collect()
 }
 
+/// Open images (handle address, its description), for [`close_for_successor`].
+static OPEN_IMAGES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+
+/// Closes every open image of this process, releasing their exclusive locks and watches,
+/// for a successor that took everything over (an upgrade by hand-over). Call it only right
+/// before the process exits, with every queue stopped: the backends keep their (now closed)
+/// handles. An image left open would keep its lock until Ceph's watch timeout (30 s) after
+/// the exit, and the successor's writes would wait that long.
+pub fn close_for_successor() {
+    let Ok(api) = ffi::api() else {
+        return;
+    };
+    let images = OPEN_IMAGES
+        .lock()
+        .map(|mut i| std::mem::take(&mut *i))
+        .unwrap_or_default();
+    for (handle, description) in images {
+        let started = std::time::Instant::now();
+        // SAFETY: an image this process opened and has not closed (Drop removes it from the
+        // list before closing); no queue submits any more.
+        let rc = unsafe { (api.rbd_close)(handle as ffi::Image) };
+        if rc < 0 {
+            tracing::warn!(
+                "{description}: closing for the successor: {}",
+                ffi::errno_text(rc.into())
+            );
+        } else {
+            tracing::info!(
+                "{description}: closed for the successor (its lock released) in {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
 /// Connected clients by their settings.
 static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<Cluster>>>> = Mutex::new(None);
 
@@ -257,6 +292,18 @@ unsafe impl Sync for RbdBackend {}
 
 impl Drop for RbdBackend {
     fn drop(&mut self) {
+        let handle = self.image as usize;
+        let closed_already = OPEN_IMAGES.lock().is_ok_and(|mut images| {
+            let before = images.len();
+            images.retain(|(h, _)| *h != handle);
+            images.len() == before
+        });
+        if closed_already {
+            // By close_for_successor: only the ioctx is left.
+            // SAFETY: our ioctx.
+            unsafe { (self.api.rados_ioctx_destroy)(self.ioctx) };
+            return;
+        }
         // SAFETY: our image and ioctx; no queue of it is left (queues hold an Arc of us).
         unsafe {
             let rc = (self.api.rbd_close)(self.image);
@@ -396,6 +443,9 @@ impl RbdBackend {
             _cluster: cluster,
         };
         backend.take_lock_from_dead_predecessor();
+        if let Ok(mut images) = OPEN_IMAGES.lock() {
+            images.push((backend.image as usize, backend.info.description.clone()));
+        }
         Ok(backend)
     }
 }
