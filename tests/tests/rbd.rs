@@ -61,6 +61,7 @@ fn serve(dir: &Path, backend: &str, queues: &str) -> Child {
 
 #[test]
 fn load_generators_and_libblkio_verify_through_an_rbd_image() {
+    let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
     let dir = test_dir("verify");
     // Created by the target, with the size asked for.
@@ -163,6 +164,7 @@ fn load_generators_and_libblkio_verify_through_an_rbd_image() {
 
 #[test]
 fn refused_rbd_backends_say_why_and_leave_no_image() {
+    let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
     let dir = test_dir("refused");
     let refused = |backend: String| -> String {
@@ -312,7 +314,9 @@ fn sigkills_under_the_keeper_take_the_dead_predecessors_image_lock_at_once() {
                 broke, kills,
                 "every successor broke its predecessor's lock: {log}"
             );
-            assert!(gap < 1000.0, "longest gap {gap} ms: {}", without_bulk(&r));
+            // Ceph's watch timeout is 30 s; the OSD alone, on a sparse file sharing two
+            // cores with the test, answers some requests only after a second or two.
+            assert!(gap < 5000.0, "longest gap {gap} ms: {}", without_bulk(&r));
         } else {
             assert_eq!(broke, 0, "{log}");
             assert!(
@@ -413,7 +417,8 @@ fn upgrades_hand_the_image_lock_over_without_a_stall() {
         r["ios"]
     );
     assert!(!log.contains("broke the exclusive lock"), "{log}");
-    assert!(gap < 1000.0, "longest gap {gap} ms: {}", without_bulk(&r));
+    // Not Ceph's 30 s watch timeout; the OSD alone sometimes takes a second or two here.
+    assert!(gap < 5000.0, "longest gap {gap} ms: {}", without_bulk(&r));
     let _ = cluster.remove_image("upgrades");
     let _ = std::fs::remove_dir_all(&dir);
 }
