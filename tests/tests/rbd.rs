@@ -422,3 +422,49 @@ fn upgrades_hand_the_image_lock_over_without_a_stall() {
     let _ = cluster.remove_image("upgrades");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The OSD stopped and started again under verifying load: requests wait for it (none fails,
+/// none is lost, no reconnect), and the target stays responsive meanwhile.
+#[test]
+fn requests_wait_for_a_stopped_osd_and_complete_when_it_returns() {
+    let _lock = vfblk_tests::lab_lock();
+    // Its own cluster: the shared one's OSD must keep serving the other tests.
+    let mut cluster = Cluster::start("osd-restart").expect("a Ceph cluster");
+    let dir = test_dir("osd");
+    let bridge = start_bridge(
+        &dir.join("blk.sock"),
+        &[
+            "--backend",
+            &spec(&cluster, "osd", Some("64M")),
+            "--queues",
+            "2",
+            "--rpc",
+            &dir.join("rpc.sock").display().to_string(),
+        ],
+        &dir.join("bridge.log"),
+    );
+    let load = verifying_load_with(&dir.join("blk.sock"), &["--io-timeout-s", "120"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    cluster.stop_osd().unwrap();
+    let stopped = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Requests are waiting in librbd; the control plane still answers.
+    let stats = rpc_call(&dir.join("rpc.sock"), "stats", serde_json::json!({})).unwrap();
+    let in_flight = stats["controllers"][0]["in_flight"].as_u64().unwrap_or(0);
+    cluster.start_osd().unwrap();
+    let down = stopped.elapsed();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let r = finish(load);
+    stop(bridge);
+    eprintln!(
+        "OSD down {down:?}: {in_flight} request(s) waited; longest gap {:.0} ms; {} I/Os",
+        r["max_gap_ms"].as_f64().unwrap_or(0.0),
+        r["ios"]
+    );
+    assert_no_error_nor_reconnect(&r);
+    assert!(in_flight > 0, "requests were waiting for the OSD: {stats}");
+    let gap = r["max_gap_ms"].as_f64().unwrap_or(0.0);
+    assert!(gap >= 2500.0, "the load waited for the OSD: {gap} ms");
+    cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
