@@ -4,12 +4,12 @@
 //! keeper following the new process.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vfblk_tests::{
-    add_disk, assert_no_error_nor_reconnect, bin, finish, monotonic_ns, pauses_seen, percentiles,
+    add_disk, assert_no_error_nor_reconnect, finish, monotonic_ns, pauses_seen, percentiles,
     remove_test_dir, rpc_call, verifying_load, verifying_load_with, wait_gone, without_bulk, Load,
 };
 
@@ -35,34 +35,17 @@ impl Kept {
         let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("target.log")).unwrap();
-        let mut command = Command::new(bin("vfblk-keeper"));
-        command
-            .arg("--dir")
-            .arg(dir.join("keep"))
-            .arg("--json")
-            .args(
-                watchdog_sec
-                    .map(|s| ["--watchdog-sec", s])
-                    .into_iter()
-                    .flatten(),
-            )
-            .arg("--")
-            .arg(bin("vfblk-bridge"))
-            .arg("--config")
-            .arg(dir.join("target.json"))
-            .arg("--rpc")
-            .arg(dir.join("rpc.sock"))
-            .args(["--pollers", "2"])
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let keeper = vfblk_lab::process::spawn_listening(
-            command,
-            &dir.join("rpc.sock"),
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|e| panic!("starting the keeper: {e}"));
+        let config = dir.join("target.json");
+        let bridge_args = [
+            std::ffi::OsStr::new("--config"),
+            config.as_os_str(),
+            "--pollers".as_ref(),
+            "2".as_ref(),
+        ];
+        let keeper_args: Vec<&str> = watchdog_sec
+            .map(|s| vec!["--watchdog-sec", s])
+            .unwrap_or_default();
+        let keeper = vfblk_tests::start_keeper(&dir, &keeper_args, &bridge_args, env);
         Self {
             dir,
             keeper,

@@ -213,31 +213,30 @@ fn refused_rbd_backends_say_why_and_leave_no_image() {
 struct Kept {
     keeper: Child,
     rpc: PathBuf,
+    /// The target process last seen serving (killed with the keeper if a test fails).
+    last_pid: std::cell::Cell<u32>,
 }
 
 impl Kept {
     fn start(dir: &Path, backend: &str, env: &[(&str, &str)]) -> Self {
+        let socket = dir.join("blk.sock");
+        let bridge_args: Vec<&std::ffi::OsStr> = vec![
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--backend".as_ref(),
+            backend.as_ref(),
+            "--queues".as_ref(),
+            "2".as_ref(),
+            "--pollers".as_ref(),
+            "2".as_ref(),
+        ];
+        let keeper = vfblk_tests::start_keeper(dir, &[], &bridge_args, env);
         let rpc = dir.join("rpc.sock");
-        let log = std::fs::File::create(dir.join("target.log")).unwrap();
-        let mut command = Command::new(bin("vfblk-keeper"));
-        command
-            .arg("--dir")
-            .arg(dir.join("keep"))
-            .arg("--json")
-            .arg("--")
-            .arg(bin("vfblk-bridge"))
-            .arg("--socket")
-            .arg(dir.join("blk.sock"))
-            .args(["--backend", backend, "--queues", "2", "--pollers", "2"])
-            .arg("--rpc")
-            .arg(&rpc)
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .stdout(std::process::Stdio::piped())
-            .stderr(log);
-        let keeper =
-            vfblk_lab::process::spawn_listening(command, &rpc, std::time::Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("starting the keeper: {e}"));
-        Self { keeper, rpc }
+        Self {
+            keeper,
+            rpc,
+            last_pid: std::cell::Cell::new(0),
+        }
     }
 
     /// The serving process's pid (not `not`) once it answers, and with `connected` once
@@ -251,6 +250,7 @@ impl Kept {
                     .as_array()
                     .is_some_and(|a| a.iter().all(|c| c["connected"] == true));
                 if pid != not && (all_connected || !connected) {
+                    self.last_pid.set(pid);
                     return pid;
                 }
             }
@@ -266,6 +266,20 @@ impl Kept {
         // SAFETY: SIGTERM to the keeper this test started.
         unsafe { libc::kill(self.keeper.id() as i32, libc::SIGTERM) };
         let _ = self.keeper.wait();
+        self.last_pid.set(0);
+    }
+}
+
+impl Drop for Kept {
+    /// A test that failed half-way leaves neither the keeper nor its target running.
+    fn drop(&mut self) {
+        let _ = self.keeper.kill();
+        let _ = self.keeper.wait();
+        let pid = self.last_pid.get();
+        if pid != 0 {
+            // SAFETY: SIGKILL to the target this test ran (an orphan once the keeper died).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
