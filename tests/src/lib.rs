@@ -69,6 +69,13 @@ pub fn wait_gone(pid: u32) {
 /// A load generator running until [`finish`]; killed if a test ends without it.
 pub struct Load(Option<Child>);
 
+impl From<Child> for Load {
+    /// Any load tool with `--json` and its stdout piped (ended by [`finish`]).
+    fn from(child: Child) -> Self {
+        Self(Some(child))
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
