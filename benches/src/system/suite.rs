@@ -5,7 +5,12 @@
 //!
 //! Like with like: every backend gets the same socket, queue count, ring size and a disk of
 //! the same size; `null` kinds move no data, `ram` kinds keep it in memory, `file` kinds go
-//! through the kernel to a file on /dev/shm.
+//! through the kernel to a file on /dev/shm, `rbd` kinds go through librbd to a private
+//! single-node Ceph cluster (one mon, one OSD) that the suite starts for them, after every
+//! other backend has been measured, and stops again: its daemons share the machine's cores
+//! and are never running while the other kinds are measured. The `rbd` kinds run only when
+//! named (`--backends vfblk-rbd,qsd-rbd`), and then by default only the QD1 and QD32 4 KiB
+//! random reads and writes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -53,11 +58,15 @@ pub enum Backend {
     SpdkMalloc,
     /// cloud-hypervisor's vhost_user_block, raw file on /dev/shm.
     ChFile,
+    /// vfblk-bridge, `rbd` backend (librbd) on the suite's Ceph cluster, polling.
+    OursRbd,
+    /// qemu-storage-daemon, `driver=rbd` on the same cluster (librbd's cache off, as ours).
+    QsdRbd,
 }
 
 impl Backend {
     /// Every backend, in table order.
-    pub const ALL: [Backend; 9] = [
+    pub const ALL: [Backend; 11] = [
         Backend::OursNull,
         Backend::SpdkNull,
         Backend::QsdNull,
@@ -67,6 +76,8 @@ impl Backend {
         Backend::OursFile,
         Backend::QsdFile,
         Backend::ChFile,
+        Backend::OursRbd,
+        Backend::QsdRbd,
     ];
 
     /// Short name (command line, JSON).
@@ -81,6 +92,8 @@ impl Backend {
             Backend::SpdkNull => "spdk-null",
             Backend::SpdkMalloc => "spdk-malloc",
             Backend::ChFile => "ch-file",
+            Backend::OursRbd => "vfblk-rbd",
+            Backend::QsdRbd => "qsd-rbd",
         }
     }
 
@@ -96,16 +109,26 @@ impl Backend {
             Backend::SpdkNull => "SPDK vhost null bdev",
             Backend::SpdkMalloc => "SPDK vhost malloc bdev (RAM)",
             Backend::ChFile => "cloud-hypervisor vhost_user_block (/dev/shm)",
+            Backend::OursRbd => "vfblk-bridge rbd (librbd)",
+            Backend::QsdRbd => "qemu-storage-daemon rbd (librbd)",
         }
     }
 
-    /// What it moves: `null`, `ram` or `file`.
+    /// What it moves: `null`, `ram`, `file` or `rbd`.
     pub fn kind(self) -> &'static str {
         match self {
             Backend::OursNull | Backend::QsdNull | Backend::SpdkNull => "null",
             Backend::OursMem | Backend::OursMemHuge | Backend::SpdkMalloc => "ram",
             Backend::OursFile | Backend::QsdFile | Backend::ChFile => "file",
+            Backend::OursRbd | Backend::QsdRbd => "rbd",
         }
+    }
+
+    /// Whether a run without `--backends` measures it: every backend but the `rbd` kinds,
+    /// which start a Ceph cluster (its OSD takes hundreds of megabytes and shares the
+    /// cores) and are measured only when named.
+    pub fn in_default(self) -> bool {
+        self.kind() != "rbd"
     }
 
     fn from_id(id: &str) -> Option<Self> {
@@ -120,21 +143,33 @@ pub enum Client {
     Loadgen,
     /// `vfblk-blkio-load --poll` (libblkio poll queues).
     Blkio,
+    /// `vfblk-loadgen --interrupts` (sleeps on interrupts like a guest's driver, so its core
+    /// is free between completions): by default for the `rbd` kinds only, whose cluster
+    /// needs that core on a small machine.
+    Interrupts,
 }
 
 impl Client {
+    /// Every client, in table order.
+    pub const ALL: [Client; 3] = [Client::Loadgen, Client::Blkio, Client::Interrupts];
+
     /// Short name.
     pub fn id(self) -> &'static str {
         match self {
             Client::Loadgen => "loadgen",
             Client::Blkio => "libblkio",
+            Client::Interrupts => "loadgen-irq",
         }
     }
 
+    /// Whether a run without `--clients` uses it for the backends other than the `rbd`
+    /// kinds (those get every client).
+    pub fn in_default(self) -> bool {
+        self != Client::Interrupts
+    }
+
     fn from_id(id: &str) -> Option<Self> {
-        [Client::Loadgen, Client::Blkio]
-            .into_iter()
-            .find(|c| c.id() == id)
+        Self::ALL.into_iter().find(|c| c.id() == id)
     }
 }
 
@@ -172,6 +207,15 @@ const fn workload(
         sequential,
     }
 }
+
+/// The workloads of the `rbd` kinds when `--workloads` is not given: 4 KiB random reads and
+/// writes at QD1 and QD32.
+pub const RBD_WORKLOADS: [&str; 4] = [
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd1",
+    "randwrite-4k-qd32",
+];
 
 /// Every workload, in table order.
 pub const WORKLOADS: [Workload; 8] = [
@@ -220,9 +264,11 @@ pub struct SuiteOptions {
     /// Directory for suite.json, suite.md and the plots.
     #[arg(long, default_value = "docs/bench")]
     pub out: PathBuf,
-    /// Only these backends (comma-separated ids; default: every one whose binary is there):
-    /// vfblk-null, spdk-null, qsd-null, vfblk-mem, vfblk-mem-huge, spdk-malloc, vfblk-file,
-    /// qsd-file, ch-file.
+    /// Only these backends (comma-separated ids; default: every one whose binary is there
+    /// but the RBD ones): vfblk-null, spdk-null, qsd-null, vfblk-mem, vfblk-mem-huge,
+    /// spdk-malloc, vfblk-file, qsd-file, ch-file; vfblk-rbd and qsd-rbd only when named
+    /// (they start a private Ceph cluster, one mon and one OSD, after the others' rows, and
+    /// run the QD1 and QD32 4 KiB random reads and writes unless --workloads says otherwise).
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
@@ -230,7 +276,8 @@ pub struct SuiteOptions {
     /// randwrite-4k-qd128, randread-4k-qd32-4queues, seqread-128k-qd32.
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these clients (comma-separated: loadgen, libblkio; default both).
+    /// Only these clients (comma-separated: loadgen, libblkio, loadgen-irq; default loadgen
+    /// and libblkio, and all three for the RBD backends).
     #[arg(long, value_delimiter = ',')]
     pub clients: Vec<String>,
     /// SPDK's built source tree (build/bin/vhost; see ../shared/tools/peers).
@@ -285,8 +332,10 @@ pub struct Measurement {
     pub workload: Workload,
     /// The client's report (the load generator's JSON shape), or why there is none.
     pub report: std::result::Result<Value, String>,
-    /// Backend CPU time per I/O, in nanoseconds.
+    /// Backend CPU time per I/O, in nanoseconds (the whole process: librbd's threads too).
     pub backend_cpu_ns_per_io: Option<f64>,
+    /// The Ceph daemons' CPU time per I/O (mon and OSD), in nanoseconds: `rbd` kinds only.
+    pub cluster_cpu_ns_per_io: Option<f64>,
     /// The backend's command line.
     pub backend_command: String,
     /// The client's command line.
@@ -303,10 +352,27 @@ impl Measurement {
 struct Running {
     child: Child,
     command: String,
+    /// Asked to end with SIGTERM first, given this long before the SIGKILL: an RBD backend
+    /// that closes its image releases its exclusive lock, where a killed one leaves it to
+    /// Ceph's 30 s watch timeout and the next backend's first write would wait that long.
+    term_first: Option<Duration>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Some(grace) = self.term_first {
+            // SAFETY: signalling the backend process we started.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                match self.child.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    Ok(Some(_)) | Err(_) => break,
+                }
+            }
+        }
         // SAFETY: signalling the process group we created for the backend.
         unsafe {
             libc::kill(-(self.child.id() as i32), libc::SIGKILL);
@@ -316,12 +382,35 @@ impl Drop for Running {
     }
 }
 
+/// How long an RBD backend may take to close its image and exit after SIGTERM.
+const RBD_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The Ceph client both RBD backends connect as (the cluster's `client.admin`).
+const RBD_USER: &str = vfblk_lab::ceph::CLIENT_ID;
+
+/// The Ceph cluster of the `rbd` kinds and their images: one per backend, DISK_MIB each,
+/// every byte written before the first measurement (reads of objects never written would be
+/// answered by librbd's object map without asking the OSD).
+struct Rbd {
+    cluster: vfblk_lab::ceph::Cluster,
+    /// What the result says about it.
+    info: Value,
+}
+
+impl Rbd {
+    /// The image `b` serves.
+    fn image(b: Backend) -> String {
+        format!("suite-{}", b.id())
+    }
+}
+
 struct Suite {
     bin_dir: PathBuf,
     dir: PathBuf,
     socket: PathBuf,
     data: PathBuf,
     options: SuiteOptions,
+    /// The Ceph cluster, while the `rbd` kinds are measured.
+    rbd: Option<Rbd>,
 }
 
 fn shell_words(args: &[String]) -> String {
@@ -345,8 +434,51 @@ impl Suite {
             },
             Backend::QsdNull | Backend::QsdFile => (!tool_runs("qemu-storage-daemon"))
                 .then(|| "qemu-storage-daemon not on PATH".into()),
+            Backend::OursRbd | Backend::QsdRbd => {
+                if b == Backend::QsdRbd && !tool_runs("qemu-storage-daemon") {
+                    return Some("qemu-storage-daemon not on PATH".into());
+                }
+                ["ceph-mon", "ceph-osd", "rbd"]
+                    .into_iter()
+                    .find(|tool| !tool_runs(tool))
+                    .map(|tool| format!("{tool} not on PATH (scripts/setup.sh installs Ceph)"))
+            }
             _ => None,
         }
+    }
+
+    /// Starts the Ceph cluster of the `rbd` kinds and writes one image per backend.
+    fn start_rbd(&self, backends: &[Backend]) -> Result<Rbd> {
+        let started = Instant::now();
+        let cluster = vfblk_lab::ceph::Cluster::start("bench-suite")
+            .map_err(|e| Error::Run(format!("starting the Ceph cluster: {e}")))?;
+        let cluster_seconds = started.elapsed().as_secs_f64();
+        tracing::info!("  Ceph cluster ready in {cluster_seconds:.1} s");
+        let mut images = Vec::new();
+        for b in backends {
+            let image = Rbd::image(*b);
+            let spec = format!("{}/{image}", cluster.pool());
+            let started = Instant::now();
+            // The suite's data file, every byte: the image exists with librbd's default
+            // features (exclusive-lock, object-map among them) and every object is written.
+            let data = self.data.display().to_string();
+            cluster
+                .rbd(&["import", "--no-progress", &data, &spec])
+                .map_err(|e| Error::Run(format!("writing image {spec}: {e}")))?;
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::info!("  image {spec}: {DISK_MIB} MiB written in {seconds:.1} s");
+            images.push(json!({"backend": b.id(), "image": spec, "write_seconds": seconds}));
+        }
+        let info = json!({
+            "ceph": command_output("ceph-osd", &["--version"]),
+            "daemons": "one mon and one bluestore OSD (block on a sparse file), unpinned",
+            "dir": cluster.dir().display().to_string(),
+            "conf": cluster.conf().display().to_string(),
+            "start_seconds": cluster_seconds,
+            "images": images,
+            "image_mib": DISK_MIB,
+        });
+        Ok(Rbd { cluster, info })
     }
 
     /// The data file of the `file` kinds: DISK_MIB, written once so every page exists.
@@ -382,6 +514,7 @@ impl Suite {
         Ok(Running {
             child,
             command: command_line,
+            term_first: None,
         })
     }
 
@@ -455,6 +588,36 @@ impl Suite {
                 )
             }
             Backend::SpdkNull | Backend::SpdkMalloc => self.start_spdk(b),
+            Backend::OursRbd | Backend::QsdRbd => {
+                let rbd = self
+                    .rbd
+                    .as_ref()
+                    .ok_or_else(|| Error::Run("no Ceph cluster".into()))?;
+                let (pool, image) = (rbd.cluster.pool(), Rbd::image(b));
+                let conf = rbd.cluster.conf().display().to_string();
+                let mut running = if b == Backend::OursRbd {
+                    self.spawn(
+                        bridge(format!(
+                            "rbd:{pool}/{image},conf={conf},id={RBD_USER},keyring={}",
+                            rbd.cluster.keyring().display()
+                        )),
+                        &[],
+                    )?
+                } else {
+                    // cache.direct=on: QEMU turns librbd's cache on otherwise (writeback,
+                    // writethrough until the first flush); ours runs with it off (the
+                    // cluster's conf says so), so the writes of both wait for the OSD.
+                    // The keyring is the one the conf names.
+                    self.spawn(
+                        qsd(format!(
+                            "driver=rbd,node-name=d0,pool={pool},image={image},conf={conf},user={RBD_USER},cache.direct=on"
+                        )),
+                        &[],
+                    )?
+                };
+                running.term_first = Some(RBD_STOP_TIMEOUT);
+                Ok(running)
+            }
         }
     }
 
@@ -495,6 +658,7 @@ impl Suite {
         let mut running = Running {
             child,
             command: shell_words(&args),
+            term_first: None,
         };
         let mut client = vfblk_control::rpc::Client::connect(&rpc)
             .map_err(|e| Error::Run(format!("SPDK RPC: {}", crate::error_chain(&e))))?;
@@ -540,6 +704,7 @@ impl Suite {
         let (bin, poll) = match client {
             Client::Loadgen => ("vfblk-loadgen", "--polled"),
             Client::Blkio => ("vfblk-blkio-load", "--poll"),
+            Client::Interrupts => ("vfblk-loadgen", "--interrupts"),
         };
         let mut args = vec![
             self.bin_dir.join(bin).display().to_string(),
@@ -558,7 +723,7 @@ impl Suite {
             poll.into(),
             "--json".into(),
         ];
-        if client == Client::Loadgen {
+        if client != Client::Blkio {
             args.extend(["--queue-size".into(), QUEUE_SIZE.to_string()]);
         }
         if w.sequential {
@@ -576,6 +741,7 @@ impl Suite {
             workload: *w,
             report: Err(String::new()),
             backend_cpu_ns_per_io: None,
+            cluster_cpu_ns_per_io: None,
             backend_command: String::new(),
             client_command,
         };
@@ -588,6 +754,17 @@ impl Suite {
         };
         m.backend_command = running.command.clone();
         let pid = running.child.id();
+        // The Ceph daemons' CPU, for the rbd kinds: what each I/O costs the cluster.
+        let daemons = match (&self.rbd, b.kind()) {
+            (Some(rbd), "rbd") => rbd.cluster.daemon_pids(),
+            _ => Vec::new(),
+        };
+        let daemons_cpu = || -> Option<f64> {
+            (!daemons.is_empty())
+                .then(|| daemons.iter().map(|&p| cpu_seconds(p).ok()).sum())
+                .flatten()
+        };
+        let cluster_before = daemons_cpu();
         let cpu_before = cpu_seconds(pid).ok();
         let out = Command::new("taskset")
             .args(["-c", &CLIENT_CPU.to_string()])
@@ -595,6 +772,7 @@ impl Suite {
             .stdin(Stdio::null())
             .output();
         let cpu_after = cpu_seconds(pid).ok();
+        let cluster_after = daemons_cpu();
         drop(running);
         m.report = match out {
             Err(e) => Err(format!("starting {}: {e}", args[0])),
@@ -621,6 +799,9 @@ impl Suite {
             let ios = r["ios"].as_f64().unwrap_or(0.0);
             if ios > 0.0 {
                 m.backend_cpu_ns_per_io = Some((b - a) * 1e9 / ios);
+                if let (Some(a), Some(b)) = (cluster_before, cluster_after) {
+                    m.cluster_cpu_ns_per_io = Some((b - a) * 1e9 / ios);
+                }
             }
         }
         m
@@ -760,6 +941,8 @@ pub struct SuiteResult {
     pub scale: Option<std::result::Result<ScaleResult, String>>,
     /// The lab's NVMe path (with `--nvme-lab`), or why not.
     pub nvme_lab: Option<std::result::Result<NvmeLabResult, String>>,
+    /// The Ceph cluster of the `rbd` kinds (when one was asked for), or why it did not start.
+    pub rbd: Option<std::result::Result<Value, String>>,
 }
 
 fn pick<T: Copy>(
@@ -861,9 +1044,13 @@ fn environment(o: &SuiteOptions) -> Value {
 
 /// Runs the suite.
 pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
+    let default_backends: Vec<Backend> = Backend::ALL
+        .into_iter()
+        .filter(|b| b.in_default())
+        .collect();
     let backends = pick(
         &o.backends,
-        &Backend::ALL,
+        &default_backends,
         Backend::id,
         Backend::from_id,
         "backend",
@@ -875,21 +1062,30 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         |n| WORKLOADS.iter().copied().find(|w| w.id == n),
         "workload",
     )?;
+    let default_clients: Vec<Client> = Client::ALL.into_iter().filter(|c| c.in_default()).collect();
     let clients = pick(
         &o.clients,
-        &[Client::Loadgen, Client::Blkio],
+        &default_clients,
+        Client::id,
+        Client::from_id,
+        "client",
+    )?;
+    let rbd_clients = pick(
+        &o.clients,
+        &Client::ALL,
         Client::id,
         Client::from_id,
         "client",
     )?;
     let bin_dir = vfblk_lab::project_bin_dir()?;
     let dir = vfblk_lab::run_dir("bench-suite")?;
-    let suite = Suite {
+    let mut suite = Suite {
         socket: dir.join("suite.sock"),
         data: PathBuf::from(format!("/dev/shm/vfblk-bench-suite-{}", std::process::id())),
         bin_dir,
         dir,
         options: o.clone(),
+        rbd: None,
     };
     let mut skipped = Vec::new();
     let mut runnable = Vec::new();
@@ -912,25 +1108,68 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         }
     }
     suite.prepare_data()?;
-    let total = runnable.len() * workloads.len() * clients.len();
+    // The rbd kinds run last, on a cluster started for them: its daemons are never running
+    // while the others are measured.
+    let (rbd_backends, local): (Vec<Backend>, Vec<Backend>) =
+        runnable.iter().partition(|b| b.kind() == "rbd");
+    let rbd_workloads: Vec<Workload> = workloads
+        .iter()
+        .copied()
+        .filter(|w| !o.workloads.is_empty() || RBD_WORKLOADS.contains(&w.id))
+        .collect();
+    let total = local.len() * workloads.len() * clients.len()
+        + rbd_backends.len() * rbd_workloads.len() * rbd_clients.len();
     let mut measurements = Vec::new();
-    for w in &workloads {
-        for client in &clients {
-            for b in &runnable {
-                tracing::info!(
-                    "[{}/{total}] {} with {} on {}",
-                    measurements.len() + 1,
-                    w.id,
-                    client.id(),
-                    b.id()
-                );
-                let m = suite.measure(*b, *client, w);
-                match (&m.report, m.iops()) {
-                    (Ok(_), Some(iops)) => tracing::info!("  {iops:.0} IOPS"),
-                    (Err(e), _) => tracing::warn!("  failed: {e}"),
-                    _ => {}
+    let mut measure_all =
+        |suite: &Suite, backends: &[Backend], workloads: &[Workload], clients: &[Client]| {
+            for w in workloads {
+                for client in clients {
+                    for b in backends {
+                        tracing::info!(
+                            "[{}/{total}] {} with {} on {}",
+                            measurements.len() + 1,
+                            w.id,
+                            client.id(),
+                            b.id()
+                        );
+                        let m = suite.measure(*b, *client, w);
+                        match (&m.report, m.iops()) {
+                            (Ok(_), Some(iops)) => tracing::info!("  {iops:.0} IOPS"),
+                            (Err(e), _) => tracing::warn!("  failed: {e}"),
+                            _ => {}
+                        }
+                        measurements.push(m);
+                    }
                 }
-                measurements.push(m);
+            }
+        };
+    measure_all(&suite, &local, &workloads, &clients);
+    let mut rbd = None;
+    if !rbd_backends.is_empty() {
+        tracing::info!(
+            "a private Ceph cluster (one mon, one OSD) for {}",
+            rbd_backends
+                .iter()
+                .map(|b| b.id())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        match suite.start_rbd(&rbd_backends) {
+            Ok(cluster) => {
+                suite.rbd = Some(cluster);
+                measure_all(&suite, &rbd_backends, &rbd_workloads, &rbd_clients);
+                if let Some(cluster) = suite.rbd.take() {
+                    let info = cluster.info.clone();
+                    if let Err(e) = cluster.cluster.stop() {
+                        tracing::warn!("stopping the Ceph cluster: {e}");
+                    }
+                    rbd = Some(Ok(info));
+                }
+            }
+            Err(e) => {
+                let e = crate::error_chain(&e);
+                tracing::warn!("  failed: {e}");
+                rbd = Some(Err(e));
             }
         }
     }
@@ -991,6 +1230,7 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         environment,
         scale,
         nvme_lab,
+        rbd,
     })
 }
 
@@ -1062,6 +1302,7 @@ impl SuiteResult {
                         _ => false,
                     },
                     "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
+                    "cluster_cpu_ns_per_io": m.cluster_cpu_ns_per_io,
                     // The latency distributions are drawn in the plots; the file keeps
                     // the quantiles (the CDFs would make it a megabyte).
                     "report": m.report.as_ref().ok().map(without_cdf),
@@ -1088,6 +1329,10 @@ impl SuiteResult {
             }),
             "nvme_lab": self.nvme_lab.as_ref().map(|r| match r {
                 Ok(lab) => lab.to_json(),
+                Err(e) => json!({"error": e}),
+            }),
+            "rbd": self.rbd.as_ref().map(|r| match r {
+                Ok(info) => info.clone(),
                 Err(e) => json!({"error": e}),
             }),
         })
@@ -1129,17 +1374,18 @@ impl SuiteResult {
             out.push('\n');
         }
         let _ = writeln!(out, "Cells: IOPS (p50 / p99 latency in µs; backend CPU ns per I/O). **†**: within {:.0}% of the client's own ceiling (its best against a null backend), so possibly the client's limit rather than the backend's.\n", CLIENT_BOUND * 100.0);
+        // The rbd kinds have a section of their own.
         let mut backends: Vec<Backend> = Vec::new();
         for m in &self.measurements {
-            if !backends.contains(&m.backend) {
+            if !backends.contains(&m.backend) && m.backend.kind() != "rbd" {
                 backends.push(m.backend);
             }
         }
-        for client in [Client::Loadgen, Client::Blkio] {
+        for client in Client::ALL {
             let mine: Vec<&Measurement> = self
                 .measurements
                 .iter()
-                .filter(|m| m.client == client)
+                .filter(|m| m.client == client && m.backend.kind() != "rbd")
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -1150,6 +1396,7 @@ impl SuiteResult {
                 match client {
                     Client::Loadgen => "vfblk-loadgen (polling driver, no interrupts)",
                     Client::Blkio => "libblkio (poll queues)",
+                    Client::Interrupts => "vfblk-loadgen (sleeping on interrupts)",
                 }
             );
             let _ = write!(out, "| workload |");
@@ -1252,6 +1499,7 @@ impl SuiteResult {
             }
             out.push('\n');
         }
+        out.push_str(&self.rbd_markdown());
         match &self.scale {
             Some(Ok(scale)) => out.push_str(&scale.to_markdown()),
             Some(Err(e)) => {
@@ -1281,6 +1529,133 @@ impl SuiteResult {
         for c in commands {
             let _ = writeln!(out, "    {c}");
         }
+        out
+    }
+}
+
+impl SuiteResult {
+    /// The `rbd` kinds' section: a row per client and workload, IOPS with p50 / p99 latency,
+    /// and the CPU per I/O of the target process and of the Ceph daemons.
+    fn rbd_markdown(&self) -> String {
+        let mut out = String::new();
+        let info = match &self.rbd {
+            None => return out,
+            Some(Err(e)) => {
+                let _ = writeln!(out, "## Ceph RBD\n\nfailed: {e}\n");
+                return out;
+            }
+            Some(Ok(info)) => info,
+        };
+        let rows: Vec<&Measurement> = self
+            .measurements
+            .iter()
+            .filter(|m| m.backend.kind() == "rbd")
+            .collect();
+        let backends: Vec<Backend> = Backend::ALL
+            .into_iter()
+            .filter(|b| rows.iter().any(|m| m.backend == *b))
+            .collect();
+        let cpus = self.environment["cpus"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "## Ceph RBD: {}\n",
+            backends
+                .iter()
+                .map(|b| b.describe())
+                .collect::<Vec<_>>()
+                .join(" beside ")
+        );
+        let _ = writeln!(
+            out,
+            "One private Ceph cluster started by the suite for these rows ({}; {}), each target on an image of its own ({DISK_MIB} MiB, every byte written before the first measurement, librbd's default features), librbd's cache off for both (qemu-storage-daemon with `cache.direct=on`). The target runs pinned to CPU {BACKEND_CPU} with all its threads (librbd's too), the client on CPU {CLIENT_CPU}. The mon and the OSD are not pinned: {}\n",
+            info["ceph"].as_str().unwrap_or("Ceph"),
+            info["daemons"].as_str().unwrap_or(""),
+            if cpus <= 2 {
+                format!("on this {cpus}-CPU machine they cannot be kept off the target's and the client's cores, so **the OSD on the same two cores is the limit** of every figure here (the daemons' CPU per I/O is in the last columns).")
+            } else {
+                "they share the machine's cores with the target and the client.".to_string()
+            }
+        );
+        let _ = writeln!(
+            out,
+            "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together.\n"
+        );
+        let pair = backends.contains(&Backend::OursRbd) && backends.contains(&Backend::QsdRbd);
+        let _ = write!(out, "| client | workload |");
+        for b in &backends {
+            let _ = write!(out, " {} |", b.describe());
+        }
+        if pair {
+            let _ = write!(out, " ratio |");
+        }
+        for b in &backends {
+            let _ = write!(out, " target CPU, {} |", b.id());
+        }
+        for b in &backends {
+            let _ = write!(out, " cluster CPU, {} |", b.id());
+        }
+        let _ = write!(out, "\n|---|---|");
+        for _ in 0..backends.len() * 3 + usize::from(pair) {
+            let _ = write!(out, "---|");
+        }
+        out.push('\n');
+        // A row per client and workload: the clients in table order, then the workloads
+        // in the order they ran.
+        let mut firsts: Vec<&Measurement> = Vec::new();
+        for m in &rows {
+            if !firsts
+                .iter()
+                .any(|f| f.client == m.client && f.workload == m.workload)
+            {
+                firsts.push(m);
+            }
+        }
+        firsts.sort_by_key(|m| Client::ALL.iter().position(|c| *c == m.client));
+        for m in firsts {
+            let of = |b: &Backend| {
+                rows.iter()
+                    .find(|x| x.backend == *b && x.client == m.client && x.workload == m.workload)
+            };
+            let _ = write!(out, "| {} | {} |", m.client.id(), m.workload.describe());
+            for b in &backends {
+                let cell = match of(b).map(|x| &x.report) {
+                    Some(Ok(r)) => format!(
+                        "{} ({} / {})",
+                        thousands(r["iops"].as_f64().unwrap_or(0.0)),
+                        thousands(r["lat_p50_us"].as_f64().unwrap_or(0.0)),
+                        thousands(r["lat_p99_us"].as_f64().unwrap_or(0.0))
+                    ),
+                    Some(Err(e)) => format!("failed: {e}"),
+                    None => "—".into(),
+                };
+                let _ = write!(out, " {cell} |");
+            }
+            if pair {
+                let iops = |b| of(&b).and_then(|x| x.iops());
+                let ratio = match (iops(Backend::OursRbd), iops(Backend::QsdRbd)) {
+                    (Some(a), Some(q)) if q > 0.0 => format!("{:.2}×", a / q),
+                    _ => "—".into(),
+                };
+                let _ = write!(out, " {ratio} |");
+            }
+            let micro = |n: Option<f64>| n.map_or("?".into(), |n| format!("{:.1}", n / 1e3));
+            for b in &backends {
+                let _ = write!(
+                    out,
+                    " {} |",
+                    micro(of(b).and_then(|x| x.backend_cpu_ns_per_io))
+                );
+            }
+            for b in &backends {
+                let _ = write!(
+                    out,
+                    " {} |",
+                    micro(of(b).and_then(|x| x.cluster_cpu_ns_per_io))
+                );
+            }
+            out.push('\n');
+        }
+        out.push('\n');
         out
     }
 }
@@ -1364,6 +1739,7 @@ mod tests {
             workload: w,
             report: Ok(json!({"iops": iops, "lat_p50_us": 1.0, "lat_p99_us": 2.0})),
             backend_cpu_ns_per_io: Some(500.0),
+            cluster_cpu_ns_per_io: None,
             backend_command: "b".into(),
             client_command: "c".into(),
         };
@@ -1405,6 +1781,7 @@ mod tests {
                 seconds: 5,
             })),
             nvme_lab: Some(Err("the lab guest did not boot".into())),
+            rbd: None,
         };
         assert_eq!(r.ceiling(Client::Loadgen, &w), Some(1_000_000.0));
         assert_eq!(r.ceiling(Client::Blkio, &w), None);
@@ -1447,5 +1824,68 @@ mod tests {
             .unwrap();
         assert!((growth - 15.0).abs() < 1e-9, "{j}");
         assert_eq!(j["nvme_lab"]["error"], "the lab guest did not boot", "{j}");
+    }
+
+    #[test]
+    fn rbd_rows_are_named_only_and_get_a_section_of_their_own() {
+        assert!(Backend::ALL
+            .iter()
+            .all(|b| b.in_default() == (b.kind() != "rbd")));
+        assert!(RBD_WORKLOADS
+            .iter()
+            .all(|id| WORKLOADS.iter().any(|w| w.id == *id)));
+        let w = WORKLOADS[3]; // randwrite-4k-qd1
+        let m = |backend, iops: f64, cpu: f64| Measurement {
+            backend,
+            client: Client::Loadgen,
+            workload: w,
+            report: Ok(json!({"iops": iops, "lat_p50_us": 400.0, "lat_p99_us": 900.0})),
+            backend_cpu_ns_per_io: Some(cpu),
+            cluster_cpu_ns_per_io: Some(150_000.0),
+            backend_command: "b".into(),
+            client_command: "c".into(),
+        };
+        let r = SuiteResult {
+            measurements: vec![
+                m(Backend::OursNull, 1_000_000.0, 500.0),
+                m(Backend::OursRbd, 2_000.0, 40_000.0),
+                m(Backend::QsdRbd, 1_600.0, 60_000.0),
+            ],
+            restarts: vec![],
+            skipped: vec![],
+            environment: json!({"cpus": 2}),
+            scale: None,
+            nvme_lab: None,
+            rbd: Some(Ok(
+                json!({"ceph": "ceph version 16.2.15", "daemons": "one mon"}),
+            )),
+        };
+        let md = r.to_markdown("vfblk-bench suite");
+        // Not in the client's table, which keeps its own backends.
+        assert!(
+            md.contains("| random 4 KiB write, QD1 | 1,000,000 † (400.0 / 900.0; 500) |\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "## Ceph RBD: vfblk-bridge rbd (librbd) beside qemu-storage-daemon rbd (librbd)"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("the OSD on the same two cores is the limit"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| loadgen | random 4 KiB write, QD1 | 2,000 (400 / 900) | 1,600 (400 / 900) | 1.25× | 40.0 | 60.0 | 150.0 | 150.0 |"),
+            "{md}"
+        );
+        let j = r.to_json();
+        assert_eq!(j["measurements"][1]["backend_kind"], "rbd", "{j}");
+        assert_eq!(
+            j["measurements"][1]["cluster_cpu_ns_per_io"], 150_000.0,
+            "{j}"
+        );
+        assert_eq!(j["rbd"]["ceph"], "ceph version 16.2.15", "{j}");
     }
 }
