@@ -51,6 +51,7 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
         workers,
         errors: Arc::new(GuestErrors::new(name)),
         keep: None,
+        dirty_log_marks: true,
     });
     let socket = dir.join("blk.sock");
     // Serves until the test process ends.

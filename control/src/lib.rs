@@ -84,6 +84,9 @@ pub struct TargetSettings {
     pub socket_access: SocketAccess,
     /// A file that holds the serving process's pid, kept true across upgrades.
     pub pid_file: Option<PathBuf>,
+    /// Take a migration's dirty log and never mark it (tests only, to show the corruption
+    /// that follows; needs the `test-delay` feature).
+    pub test_skip_dirty_log: bool,
 }
 
 struct Poller {
@@ -582,6 +585,7 @@ impl Target {
                 store: store.clone(),
                 name: name.clone(),
             }),
+            dirty_log_marks: !(cfg!(feature = "test-delay") && self.settings.test_skip_dirty_log),
         });
         Ok((device, device_config))
     }

@@ -215,6 +215,7 @@ pub fn message_sequence(data: &[u8]) {
                 workers,
                 errors: Arc::new(GuestErrors::new("fuzz")),
                 keep: None,
+                dirty_log_marks: true,
             })
         };
     }

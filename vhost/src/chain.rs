@@ -88,12 +88,26 @@ impl<'a> ChainCursor<'a> {
     #[inline]
     pub fn walk_into(&self, out: &mut [Segment]) -> Result<usize, ChainError> {
         let mut walk = Walk {
-            out,
-            count: 0,
+            sink: Store { out, count: 0 },
             seen_write: false,
         };
         walk.chain(self.queue, self.mem, self.head)?;
-        Ok(walk.count)
+        Ok(walk.sink.count)
+    }
+
+    /// Marks in `log` every device-writable buffer of the chain, with the walk's checks
+    /// (a migration's dirty log, after the device wrote them). For a chain too malformed to
+    /// walk, the byte a device answers at ([`ChainCursor::last_byte`]).
+    pub fn mark_writable(&self, log: &crate::dirty_log::DirtyLog) {
+        let mut walk = Walk {
+            sink: MarkWritable(log),
+            seen_write: false,
+        };
+        if walk.chain(self.queue, self.mem, self.head).is_err() {
+            if let Some(last) = self.last_byte() {
+                log.mark(last.gpa, u64::from(last.len));
+            }
+        }
     }
 
     /// After a failed walk: where a device answers (see [`last_byte`]).
@@ -102,14 +116,48 @@ impl<'a> ChainCursor<'a> {
     }
 }
 
-/// One walk in progress: the buffers stored so far.
-struct Walk<'o> {
+/// Where a walk puts the buffers it checked.
+trait Sink {
+    fn push(&mut self, segment: Segment) -> Result<(), ChainError>;
+}
+
+/// Stores the buffers (a device's request).
+struct Store<'o> {
     out: &'o mut [Segment],
     count: usize,
+}
+
+impl Sink for Store<'_> {
+    #[inline(always)]
+    fn push(&mut self, segment: Segment) -> Result<(), ChainError> {
+        let Some(slot) = self.out.get_mut(self.count) else {
+            return Err(ChainError::TooLong);
+        };
+        *slot = segment;
+        self.count += 1;
+        Ok(())
+    }
+}
+
+/// Marks the writable buffers in a dirty log, however many.
+struct MarkWritable<'l>(&'l crate::dirty_log::DirtyLog);
+
+impl Sink for MarkWritable<'_> {
+    fn push(&mut self, segment: Segment) -> Result<(), ChainError> {
+        if segment.write {
+            self.0.mark(segment.gpa, u64::from(segment.len));
+        }
+        Ok(())
+    }
+}
+
+/// One walk in progress.
+struct Walk<S> {
+    sink: S,
     seen_write: bool,
 }
 
-impl Walk<'_> {
+impl<S: Sink> Walk<S> {
     #[inline(always)]
     fn push(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
         let write = d.flags & DESC_F_WRITE != 0;
@@ -127,16 +175,12 @@ impl Walk<'_> {
             let (host, len) = mem
                 .translate_prefix(gpa, left)
                 .ok_or(ChainError::OutOfMemory)?;
-            let Some(slot) = self.out.get_mut(self.count) else {
-                return Err(ChainError::TooLong);
-            };
-            *slot = Segment {
+            self.sink.push(Segment {
                 gpa,
                 host,
                 len: len as u32,
                 write,
-            };
-            self.count += 1;
+            })?;
             gpa = gpa.checked_add(len).ok_or(ChainError::OutOfMemory)?;
             left -= len;
         }

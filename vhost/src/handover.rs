@@ -71,6 +71,9 @@ pub struct VringState {
     pub call: Option<u32>,
     /// Paused by SET_VRING_ENABLE(0).
     pub disabled: bool,
+    /// The used ring's guest-physical address for dirty logging (VHOST_VRING_F_LOG).
+    #[serde(default)]
+    pub log_guest_addr: Option<u64>,
 }
 
 /// The inflight region a connection uses.
@@ -84,6 +87,17 @@ pub struct InflightState {
     pub size: u64,
     /// Queue size the region is laid out for.
     pub queue_size: u16,
+}
+
+/// A migration's dirty log (SET_LOG_BASE).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogState {
+    /// Its fd (index).
+    pub fd: u32,
+    /// Offset of the log in the fd.
+    pub offset: u64,
+    /// Bytes mapped.
+    pub size: u64,
 }
 
 /// A connected frontend, quiesced: no request of it is in this process any more.
@@ -104,6 +118,10 @@ pub struct ConnectionState {
     /// The virtio device status the frontend last set (SET_STATUS).
     #[serde(default)]
     pub status: u8,
+    /// The dirty log of a migration in progress, if the frontend gave one (whether it is
+    /// written is LOG_ALL in `features`).
+    #[serde(default)]
+    pub log: Option<LogState>,
 }
 
 /// One socket server: its listening socket and the frontend connected to it, if any.
@@ -155,6 +173,9 @@ impl ConnectionState {
         }
         if let Some(i) = &mut self.inflight {
             i.fd += by;
+        }
+        if let Some(l) = &mut self.log {
+            l.fd += by;
         }
     }
 

@@ -485,6 +485,7 @@ mod tests {
             vrings: vec![VringState::default(); 2],
             inflight: None,
             status: 0x0f,
+            log: None,
         }
     }
 

@@ -14,6 +14,7 @@
 
 pub mod chain;
 pub mod device;
+pub mod dirty_log;
 pub mod driver;
 #[cfg(feature = "test-faults")]
 mod faults;
@@ -186,6 +187,16 @@ pub enum Error {
     HandoverClosed {
         /// The message awaited.
         waiting_for: &'static str,
+    },
+    /// A dirty log (SET_LOG_BASE) that cannot be used.
+    #[error("dirty log of {size} bytes at offset {offset}: {why}")]
+    BadLog {
+        /// Bytes the frontend gave.
+        size: u64,
+        /// Offset in its file.
+        offset: u64,
+        /// What is wrong with it.
+        why: String,
     },
     /// A thread panicked while holding a lock; the state it guarded may be half-changed.
     #[error("a lock ({0}) was poisoned by a panicking thread")]

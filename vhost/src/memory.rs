@@ -257,6 +257,15 @@ impl GuestMemory {
             .any(|r| r.contained.as_ref().is_some_and(|c| c.poisoned()))
     }
 
+    /// The end of the highest region (exclusive guest-physical address); 0 without regions.
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.guest_phys.saturating_add(r.size))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The regions.
     pub fn regions(&self) -> &[Arc<Region>] {
         &self.regions

@@ -19,11 +19,13 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::device::{Device, QueueSetup};
+use crate::dirty_log::DirtyLog;
 use crate::error_chain;
 use crate::guest_errors::GuestErrors;
-use crate::handover::{ConnectionState, Fds, InflightState, RegionState, VringState};
+use crate::handover::{ConnectionState, Fds, InflightState, LogState, RegionState, VringState};
 use crate::inflight::{region_size, InflightMap};
 use crate::memory::{GuestMemory, MAX_MEM_SLOTS};
+use crate::ring::RingLog;
 use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
 use crate::worker::{QueueStart, Worker};
 
@@ -43,6 +45,9 @@ pub struct DeviceConfig {
     /// Keep each connection's fds and state in an fd store, so that a successor of a
     /// crashed process resumes it without a reconnect.
     pub keep: Option<crate::keep::Keeping>,
+    /// Mark the dirty log of a migration (off only in tests that show what goes wrong
+    /// without it: the log is offered and taken, and nothing is marked).
+    pub dirty_log_marks: bool,
 }
 
 #[derive(Default)]
@@ -63,6 +68,9 @@ struct Vring {
     started: bool,
     /// SET_VRING_ENABLE(0): paused until enabled again.
     disabled: bool,
+    /// The used ring's guest-physical address, when SET_VRING_ADDR asked for used-ring
+    /// logging (VHOST_VRING_F_LOG).
+    log_guest_addr: Option<u64>,
 }
 
 /// One connection's state.
@@ -77,6 +85,8 @@ pub struct Connection {
     inflight: Option<Arc<InflightMap>>,
     /// The virtio device status (SET_STATUS / GET_STATUS).
     status: u8,
+    /// A migration's dirty log (SET_LOG_BASE); written while VHOST_F_LOG_ALL is set.
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// A queue size virtio allows: a power of two, 1 to [`MAX_QUEUE_SIZE`].
@@ -107,6 +117,7 @@ impl Connection {
             vrings,
             inflight: None,
             status: 0,
+            log: None,
         }
     }
 
@@ -116,6 +127,7 @@ impl Connection {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | config.device.features()
     }
 
@@ -126,7 +138,8 @@ impl Connection {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::STATUS;
+            | VhostUserProtocolFeatures::STATUS
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if config.inflight {
             p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
@@ -137,6 +150,69 @@ impl Connection {
         self.vrings
             .get_mut(index as usize)
             .ok_or(VuError::InvalidParam)
+    }
+
+    /// Whether the frontend asked for logging (VHOST_F_LOG_ALL).
+    fn log_all(&self) -> bool {
+        self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// How queue `index` logs now: `Ok(None)` when no migration logs. The used ring's address
+    /// is the frontend's `log_guest_addr`, or, without one, the used ring's own, and its
+    /// whole ring must lie in guest memory: the log is only written where the guest has RAM.
+    fn ring_log(&self, index: u16) -> crate::Result<Option<RingLog>> {
+        let (Some(log), true) = (&self.log, self.log_all()) else {
+            return Ok(None);
+        };
+        let v = &self.vrings[usize::from(index)];
+        let Some(mem) = &self.mem else {
+            return Ok(None);
+        };
+        let used_len = crate::virtq::ring_sizes(v.size).2 as u64;
+        let used_gpa = match v.log_guest_addr {
+            Some(gpa) => gpa,
+            None => mem
+                .frontend_to_guest(v.used)
+                .ok_or(crate::Error::RingOutsideMemory {
+                    ring: "used",
+                    addr: v.used,
+                    len: used_len as usize,
+                })?,
+        };
+        if mem.translate(used_gpa, used_len).is_none() {
+            return Err(crate::Error::RingOutsideMemory {
+                ring: "logged used",
+                addr: used_gpa,
+                len: used_len as usize,
+            });
+        }
+        Ok(Some(RingLog {
+            log: log.clone(),
+            used_gpa,
+        }))
+    }
+
+    /// Logging is asked for and there is no log to write: rings must not run, since
+    /// whatever they wrote would be missing from the migration.
+    fn log_missing(&self) -> bool {
+        self.log_all() && self.log.is_none()
+    }
+
+    /// Tells every running queue how to log now, and returns once each does (the frontend
+    /// reads the log, or frees an old one, after our reply).
+    fn apply_log(&mut self) -> VuResult<()> {
+        for index in 0..self.vrings.len() as u16 {
+            let v = &self.vrings[usize::from(index)];
+            let (true, Some(worker)) = (v.started, v.worker.clone()) else {
+                continue;
+            };
+            let log = self.ring_log(index).map_err(bad_param)?;
+            if let Err(e) = worker.set_log(self.id, index, log) {
+                tracing::error!("queue {index}: {e}; aborting so that a restart recovers it");
+                std::process::abort();
+            }
+        }
+        Ok(())
     }
 
     /// The least loaded of the device's pollers (the first of equals, so that a device's
@@ -162,6 +238,14 @@ impl Connection {
         if v.started || v.disabled || !v.kick_set || v.size == 0 || !v.addresses_set {
             return Ok(());
         }
+        if self.log_missing() {
+            tracing::warn!(
+                queue = index,
+                "queue {index} waits: the frontend asked for dirty logging (LOG_ALL) and gave no log yet"
+            );
+            return Ok(());
+        }
+        let log = self.ring_log(index).map_err(bad_param)?;
         let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
             .map_err(bad_param)?;
         let used_idx = vq.used_idx();
@@ -246,6 +330,7 @@ impl Connection {
             kick: dup(&v.kick),
             errors: self.config.errors.clone(),
             resubmit,
+            log,
         };
         let size = v.size;
         worker.start(start);
@@ -299,6 +384,17 @@ impl Connection {
     /// Switches to a new memory table: running queues stop (publishing what completes), the
     /// device sees the new table, and the queues start again on it.
     fn replace_memory(&mut self, mem: GuestMemory) -> VuResult<()> {
+        if let (Some(log), true) = (&self.log, self.log_all()) {
+            // QEMU grows its log before it grows the memory table.
+            if !log.covers(mem.end()) {
+                let (_, offset, size) = log.source();
+                return Err(bad_param(crate::Error::BadLog {
+                    size,
+                    offset,
+                    why: format!("too small for the new memory table up to {:#x}", mem.end()),
+                }));
+            }
+        }
         if self.mem.as_deref().is_some_and(|old| old.same_as(&mem)) {
             tracing::debug!("the same memory table again: queues keep running");
             return Ok(());
@@ -432,8 +528,20 @@ impl Connection {
                 kick_set: v.kick_set,
                 call: v.call.as_ref().map(|f| fds.add(f)).transpose()?,
                 disabled: v.disabled,
+                log_guest_addr: v.log_guest_addr,
             });
         }
+        let log = match &self.log {
+            Some(log) => {
+                let (file, offset, size) = log.source();
+                Some(LogState {
+                    fd: fds.add(file)?,
+                    offset,
+                    size,
+                })
+            }
+            None => None,
+        };
         Ok(ConnectionState {
             socket: fds.add(socket)?,
             features: self.features,
@@ -442,6 +550,7 @@ impl Connection {
             vrings,
             inflight,
             status: self.status,
+            log,
         })
     }
 
@@ -480,6 +589,10 @@ impl Connection {
         sig.push(-2);
         if let Some(map) = &self.inflight {
             sig.push(map.source().0.as_raw_fd());
+        }
+        sig.push(-3);
+        if let Some(log) = &self.log {
+            sig.push(log.source().0.as_raw_fd());
         }
         for v in &self.vrings {
             sig.push(v.kick.as_ref().map_or(-1, |f| f.as_raw_fd()));
@@ -580,6 +693,15 @@ impl Connection {
             v.kick_set = s.kick_set;
             v.call = s.call.map(|i| fds.take_file(i)).transpose()?;
             v.disabled = s.disabled;
+            v.log_guest_addr = s.log_guest_addr;
+        }
+        if let Some(l) = &state.log {
+            let file = fds.take_file(l.fd)?;
+            let log = DirtyLog::map(file, l.offset, l.size, c.config.dirty_log_marks)?;
+            if c.log_all() {
+                tracing::info!("dirty logging continues into the log of {} bytes", l.size);
+            }
+            c.log = Some(Arc::new(log));
         }
         Ok(c)
     }
@@ -610,7 +732,31 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if features & !Self::offered_features(&self.config) != 0 {
             return Err(VuError::InvalidParam);
         }
+        let was_logging = self.log_all();
         self.features = features;
+        if self.log_all() == was_logging {
+            return Ok(());
+        }
+        if self.log_missing() {
+            // QEMU sends LOG_ALL before the log when a device starts during a migration:
+            // rings wait for it rather than write anything the log would miss.
+            tracing::warn!(
+                "dirty logging asked for (LOG_ALL) before a log was given: running queues pause until SET_LOG_BASE"
+            );
+            for index in 0..self.vrings.len() as u16 {
+                self.stop_queue(index);
+            }
+            return Ok(());
+        }
+        tracing::info!(
+            "dirty logging {} (LOG_ALL {})",
+            if self.log_all() { "on" } else { "off" },
+            if self.log_all() { "set" } else { "cleared" }
+        );
+        // The frontend waits for our reply before it relies on the log being written.
+        self.apply_log()?;
+        // Queues that waited for a log while LOG_ALL was set without one.
+        self.start_queues();
         Ok(())
     }
 
@@ -640,17 +786,38 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
+        let log_guest_addr = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
+        let mem = self.mem.clone();
         let v = self.vring(index)?;
+        if let (Some(gpa), Some(mem)) = (log_guest_addr, &mem) {
+            // The used ring is logged at its guest-physical address: it must be guest RAM.
+            let len = crate::virtq::ring_sizes(v.size.max(1)).2 as u64;
+            if mem.translate(gpa, len).is_none() {
+                return Err(bad_param(crate::Error::RingOutsideMemory {
+                    ring: "logged used",
+                    addr: gpa,
+                    len: len as usize,
+                }));
+            }
+        }
         v.desc = descriptor;
         v.used = used;
         v.avail = available;
         v.addresses_set = true;
+        v.log_guest_addr = log_guest_addr;
+        // QEMU sends the running rings' addresses again to switch used-ring logging on or
+        // off, and waits for our reply.
+        if v.started {
+            return self.apply_log();
+        }
         Ok(())
     }
 
@@ -881,7 +1048,26 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Err(invalid("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(invalid("no dirty logging"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let map =
+            DirtyLog::map(file, offset, size, self.config.dirty_log_marks).map_err(bad_param)?;
+        if let Some(end) = self.mem.as_deref().map(GuestMemory::end) {
+            if !map.covers(end) {
+                return Err(bad_param(crate::Error::BadLog {
+                    size,
+                    offset,
+                    why: format!("too small for guest memory up to {end:#x}"),
+                }));
+            }
+        }
+        tracing::info!("dirty log of {size} bytes set");
+        self.log = Some(Arc::new(map));
+        // Running queues move to the new log before we reply: the frontend then reads and
+        // frees the old one.
+        self.apply_log()?;
+        // Queues that waited for a log start now.
+        self.start_queues();
+        Ok(())
     }
 }

@@ -8,10 +8,20 @@ use std::sync::Arc;
 
 use crate::chain::ChainCursor;
 use crate::device::{Finished, RequestHandler, Taken};
+use crate::dirty_log::DirtyLog;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
 use crate::virtq::DeviceQueue;
+
+/// A migration's dirty log as one ring writes into it.
+#[derive(Debug, Clone)]
+pub struct RingLog {
+    /// The log.
+    pub log: Arc<DirtyLog>,
+    /// Guest-physical address of the used ring (the frontend's `log_guest_addr`).
+    pub used_gpa: u64,
+}
 
 /// Chains one queue takes per loop before it lets the poller's other queues run.
 pub const BUDGET: usize = 64;
@@ -31,6 +41,8 @@ pub struct Ring {
     /// A chain that could not be answered, or a ring that lied: nothing more is taken until
     /// the device is reset.
     pub(crate) broken: bool,
+    /// While a migration logs: where every write into guest memory is marked.
+    pub(crate) log: Option<RingLog>,
 }
 
 // SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
@@ -46,6 +58,7 @@ impl Ring {
         inflight: Option<(InflightQueue, Arc<InflightMap>)>,
         errors: Arc<GuestErrors>,
         mut resubmit: Vec<u16>,
+        log: Option<RingLog>,
     ) -> Self {
         let size = usize::from(vq.size());
         resubmit.reverse(); // popped from the end: oldest first
@@ -58,6 +71,7 @@ impl Ring {
             resubmit,
             completed: Finished::with_capacity(size),
             broken: false,
+            log,
         }
     }
 
@@ -166,13 +180,15 @@ impl Ring {
         work
     }
 
-    /// Whether the frontend shrank guest memory or the inflight region under us.
+    /// Whether the frontend shrank guest memory, the inflight region or the dirty log under
+    /// us.
     fn memory_lost(&self) -> bool {
         self.mem.poisoned()
             || self
                 .inflight
                 .as_ref()
                 .is_some_and(|(_, map)| map.poisoned())
+            || self.log.as_ref().is_some_and(|l| l.log.poisoned())
     }
 
     /// Publishes what finished to the used ring (and the inflight region); returns whether
@@ -194,15 +210,58 @@ impl Ring {
         if let Some((inflight, _)) = &mut self.inflight {
             inflight.prepare_batch(self.completed.heads());
         }
+        let first_used = self.vq.next_used;
+        if let Some(log) = &self.log {
+            // The device's writes are done: marked before the driver can see them done.
+            for &head in self.completed.heads() {
+                ChainCursor::new(&self.vq, &self.mem, head).mark_writable(&log.log);
+            }
+        }
         for (head, written) in self.completed.iter() {
             self.vq.push_used(head, written);
         }
         self.vq.publish_used();
+        if let Some(log) = &self.log {
+            self.log_used(log, first_used);
+        }
         if let Some((inflight, _)) = &mut self.inflight {
             inflight.finish_batch(self.completed.heads(), self.vq.next_used);
         }
         self.completed.clear();
         self.vq.needs_notification()
+    }
+
+    /// Marks the used elements from `first` to the next used index, and the index.
+    #[cold]
+    fn log_used(&self, log: &RingLog, first: u16) {
+        let size = self.vq.size();
+        let mut slot = first;
+        while slot != self.vq.next_used {
+            let offset = 4 + 8 * u64::from(slot % size);
+            log.log.mark(log.used_gpa.wrapping_add(offset), 8);
+            slot = slot.wrapping_add(1);
+        }
+        log.log.mark(log.used_gpa.wrapping_add(2), 2);
+    }
+
+    /// Asks the driver not to kick (we poll), or to kick again (before sleeping), logging the
+    /// word written.
+    pub(crate) fn set_kicks(&mut self, wanted: bool) {
+        let offset = self.vq.set_kicks(wanted);
+        if let Some(log) = &self.log {
+            log.log.mark(log.used_gpa.wrapping_add(offset), 2);
+        }
+    }
+
+    /// Starts or stops logging; marks the words of the used ring a migration must not miss
+    /// (the driver reads them on the destination).
+    pub(crate) fn set_log(&mut self, log: Option<RingLog>) {
+        self.log = log;
+        if let Some(log) = &self.log {
+            let size = self.vq.size();
+            log.log
+                .mark(log.used_gpa, crate::virtq::ring_sizes(size).2 as u64);
+        }
     }
 
     /// Whether there is anything for the poller to do: chains offered or to run again.

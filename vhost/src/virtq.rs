@@ -255,8 +255,9 @@ impl DeviceQueue {
         notify
     }
 
-    /// Asks the driver not to kick (we poll), or to kick again (before sleeping).
-    pub fn set_kicks(&mut self, wanted: bool) {
+    /// Asks the driver not to kick (we poll), or to kick again (before sleeping). Returns
+    /// the offset in the used ring of the 2-byte word written.
+    pub fn set_kicks(&mut self, wanted: bool) -> u64 {
         if self.event_idx {
             // Kicked when the driver's avail index passes avail_event: at the next buffer, or
             // (suppressed) only after a full wrap.
@@ -265,17 +266,19 @@ impl DeviceQueue {
             } else {
                 self.next_avail.wrapping_sub(1)
             };
+            let offset = 4 + 8 * usize::from(self.size);
             // SAFETY: avail_event sits after the used ring entries, inside the used ring.
-            unsafe {
-                (self.used.add(4 + 8 * usize::from(self.size)) as *mut u16).write_volatile(event)
-            };
+            unsafe { (self.used.add(offset) as *mut u16).write_volatile(event) };
+            fence(Ordering::SeqCst);
+            offset as u64
         } else {
             // SAFETY: the used flags word at offset 0.
             unsafe {
                 (self.used as *mut u16).write_volatile(if wanted { 0 } else { USED_F_NO_NOTIFY })
             };
+            fence(Ordering::SeqCst);
+            0
         }
-        fence(Ordering::SeqCst);
     }
 }
 

@@ -14,7 +14,7 @@ use crate::device::QueueHandler;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
-use crate::ring::Ring;
+use crate::ring::{Ring, RingLog};
 use crate::virtq::DeviceQueue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +40,8 @@ pub struct QueueStart {
     pub errors: Arc<GuestErrors>,
     /// Heads to run again first, oldest first (from inflight recovery).
     pub resubmit: Vec<u16>,
+    /// The dirty log, while a migration logs.
+    pub log: Option<RingLog>,
 }
 
 /// A stopped queue's final state.
@@ -74,6 +76,13 @@ enum Command {
         owner: u64,
         index: u16,
         kick: Option<File>,
+    },
+    /// Start, move or stop a running queue's dirty logging; answered once it applies.
+    SetLog {
+        owner: u64,
+        index: u16,
+        log: Option<RingLog>,
+        reply: mpsc::Sender<()>,
     },
     Exit,
 }
@@ -276,6 +285,26 @@ impl Worker {
         self.send(Command::SetKick { owner, index, kick });
     }
 
+    /// Starts, moves or stops the dirty logging of a running queue of `owner`; returns once
+    /// the poller logs as asked (the frontend reads the log after our reply). `Err` when the
+    /// poller does not answer within [`STOP_DEADLINE`].
+    pub fn set_log(&self, owner: u64, index: u16, log: Option<RingLog>) -> crate::Result<()> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Command::SetLog {
+            owner,
+            index,
+            log,
+            reply,
+        });
+        match rx.recv_timeout(STOP_DEADLINE) {
+            // Disconnected: the queue was not there (stopped meanwhile); nothing to log.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(crate::Error::PollerStuck {
+                waited: STOP_DEADLINE,
+            }),
+        }
+    }
+
     /// Stops one queue of `owner` (or all of them), draining in-flight requests; returns
     /// their final states. `Err` when the poller does not answer within [`STOP_DEADLINE`]: it
     /// is stuck, and its queues' state is unknown.
@@ -416,6 +445,20 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                             q.kick = kick;
                         }
                     }
+                    Command::SetLog {
+                        owner,
+                        index,
+                        log,
+                        reply,
+                    } => {
+                        if let Some(q) = queues
+                            .iter_mut()
+                            .find(|q| q.owner == owner && q.index() == index)
+                        {
+                            q.ring.set_log(log);
+                            let _ = reply.send(());
+                        }
+                    }
                     Command::Exit => {
                         for mut q in queues.drain(..) {
                             q.stop(true);
@@ -473,7 +516,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
 /// Re-enables kicks, checks once more, and sleeps on the kick eventfds and the mailbox.
 fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
     for q in queues.iter_mut() {
-        q.ring.vq.set_kicks(true);
+        q.ring.set_kicks(true);
         q.ring.errors.flush();
     }
     let busy = queues
@@ -514,7 +557,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
         }
     }
     for q in queues.iter_mut() {
-        q.ring.vq.set_kicks(false);
+        q.ring.set_kicks(false);
     }
 }
 
@@ -531,12 +574,14 @@ impl QueueRuntime {
     fn new(q: QueueStart) -> Self {
         let mut runtime = Self {
             owner: q.owner,
-            ring: Ring::new(q.index, q.mem, q.vq, q.inflight, q.errors, q.resubmit),
+            ring: Ring::new(
+                q.index, q.mem, q.vq, q.inflight, q.errors, q.resubmit, q.log,
+            ),
             handler: q.handler,
             call: q.call.map(CallFd::new),
             kick: q.kick,
         };
-        runtime.ring.vq.set_kicks(false);
+        runtime.ring.set_kicks(false);
         // Whatever the guest queued while no one was serving the ring is picked up by polling.
         // A predecessor may have died between publishing used entries and signalling, and
         // under EVENT_IDX the driver then waits forever: signal once at every start (as
@@ -675,7 +720,118 @@ mod tests {
             kick: None,
             errors: Arc::new(GuestErrors::new("test")),
             resubmit: Vec::new(),
+            log: None,
         })
+    }
+
+    /// Guest pages (4 KiB numbers) of `len` bytes at `gpa`.
+    fn pages(gpa: u64, len: u64) -> std::collections::BTreeSet<u64> {
+        (gpa / 4096..=(gpa + len - 1) / 4096).collect()
+    }
+
+    /// The pages marked in a dirty log's file, as the frontend reads them.
+    fn marked(file: &File) -> std::collections::BTreeSet<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; file.metadata().unwrap().len() as usize];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for (byte, b) in buf.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    out.insert(byte as u64 * 8 + bit);
+                }
+            }
+        }
+        out
+    }
+
+    /// Clears a dirty log as its frontend does.
+    fn clear(file: &File) {
+        use std::os::unix::fs::FileExt;
+        let zeros = vec![0u8; file.metadata().unwrap().len() as usize];
+        file.write_all_at(&zeros, 0).unwrap();
+    }
+
+    #[test]
+    fn while_a_migration_logs_every_write_into_guest_memory_is_marked_and_nothing_else() {
+        use crate::dirty_log::{log_bytes_for, DirtyLog};
+        use crate::ring::RingLog;
+        let mut guest = MockGuest::new(4 << 20, 16);
+        let log_file = crate::memory::memfd("log-test", log_bytes_for(guest.len())).unwrap();
+        let log = Arc::new(
+            DirtyLog::map(
+                log_file.try_clone().unwrap(),
+                0,
+                log_bytes_for(guest.len()),
+                true,
+            )
+            .unwrap(),
+        );
+        let used_gpa = guest.driver().gpas.2;
+        let ring_log = RingLog {
+            log: log.clone(),
+            used_gpa,
+        };
+        let mut q = QueueRuntime::new(QueueStart {
+            owner: 0,
+            index: 0,
+            mem: guest.memory(),
+            vq: guest.device_queue(false),
+            inflight: None,
+            handler: HoldHandler::boxed(Release::Burst(3)),
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+            log: Some(ring_log.clone()),
+        });
+        // Starting marks the used ring's words (the flags word written to stop kicks).
+        let used_len = crate::virtq::ring_sizes(16).2 as u64;
+        assert_eq!(marked(&log_file), pages(used_gpa, used_len));
+        // Cleared as the frontend does when it syncs.
+        clear(&log_file);
+        // Page-aligned buffers, one page apart, so that a wrong mark shows.
+        let mut page = || guest.alloc(3 * 4096).div_ceil(4096) * 4096;
+        let (hdr1, data1, status1) = (page(), page(), page());
+        let (hdr2, data2, status2) = (page(), page(), page());
+        let (hdr3, data3, status3) = (page(), page(), page());
+        // A read (data written by the device, across a page boundary), a write (only the
+        // status byte written), and an indirect read.
+        guest.add_chain(&[
+            (hdr1, 16, false),
+            (data1 + 2048, 4096, true),
+            (status1, 1, true),
+        ]);
+        guest.add_chain(&[
+            (hdr2, 16, false),
+            (data2, 4096, false),
+            (status2 + 100, 1, true),
+        ]);
+        guest.add_indirect(&[(hdr3, 16, false), (data3, 512, true), (status3, 1, true)]);
+        assert_eq!(q.process(true), 6, "three taken, three finished");
+        let mut expected = std::collections::BTreeSet::new();
+        expected.extend(pages(data1 + 2048, 4096));
+        expected.extend(pages(status1, 1));
+        expected.extend(pages(status2 + 100, 1));
+        expected.extend(pages(data3, 512));
+        expected.extend(pages(status3, 1));
+        expected.extend(pages(used_gpa + 2, 2 + 3 * 8));
+        assert_eq!(marked(&log_file), expected);
+        for gpa in [hdr1, hdr2, data2, hdr3] {
+            assert!(!log.is_marked(gpa), "{gpa:#x}: only read by the device");
+        }
+        // Logging off (the migration ended): nothing more is marked.
+        q.ring.set_log(None);
+        clear(&log_file);
+        for _ in 0..3 {
+            guest.add_chain(&[(hdr1, 16, false), (data1, 4096, true), (status1, 1, true)]);
+        }
+        assert_eq!(q.process(true), 6);
+        assert!(marked(&log_file).is_empty());
+        // On again: the whole used ring is marked at once (its words the driver reads on
+        // the destination may have been written while logging was off).
+        q.ring.set_log(Some(ring_log));
+        assert_eq!(marked(&log_file), pages(used_gpa, used_len));
     }
 
     #[test]
@@ -780,6 +936,7 @@ mod tests {
             kick: None,
             errors: Arc::new(GuestErrors::new("test")),
             resubmit: Vec::new(),
+            log: None,
         });
         let heads: Vec<u16> = (0..3)
             .map(|_| {

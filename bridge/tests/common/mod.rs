@@ -18,7 +18,7 @@ use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::virtq::Descriptor;
 use vfblk_vhost::worker::{PollMode, Worker};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -49,6 +49,7 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
         workers,
         errors: Arc::new(GuestErrors::new("test-device")),
         keep: None,
+        dirty_log_marks: true,
     })
 }
 
@@ -100,7 +101,8 @@ impl Guest {
     pub fn connect_to(socket: &PathBuf, g: MockGuest, inflight_queue_size: Option<u16>) -> Guest {
         let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
         fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap();
+        // Everything offered but dirty logging, which only a migration turns on.
+        let features = fe.get_features().unwrap() & !VhostUserVirtioFeatures::LOG_ALL.bits();
         fe.set_features(features).unwrap();
         let protocol = fe.get_protocol_features().unwrap();
         fe.set_protocol_features(protocol).unwrap();

@@ -97,6 +97,11 @@ struct Args {
     #[cfg(feature = "test-delay")]
     #[arg(long, value_name = "N")]
     test_lose_nvme_completion: Option<u64>,
+    /// Take a migration's dirty log and never mark it, to show the corruption that follows
+    /// (tests only).
+    #[cfg(feature = "test-delay")]
+    #[arg(long)]
+    test_skip_dirty_log: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -148,6 +153,10 @@ fn main() -> ExitCode {
             use_sgl: !args.nvme_no_sgl,
         },
         test_delay,
+        #[cfg(feature = "test-delay")]
+        test_skip_dirty_log: args.test_skip_dirty_log,
+        #[cfg(not(feature = "test-delay"))]
+        test_skip_dirty_log: false,
         config_file: args.config.clone(),
         fd_store: args.fd_store,
         pid_file: args.pid_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
