@@ -79,14 +79,16 @@ pub struct MigrationOptions {
     pub regions: u32,
     /// MiB per region.
     pub region_mib: u32,
+    /// `vfblk-readcheck verify --hold-ms`: the pause between a read and its check.
+    pub hold_ms: u32,
     /// Seconds from the workload's start to the first migration, and from the end of the
     /// first to the start of the second.
     pub settle_s: u64,
 }
 
 impl MigrationOptions {
-    /// The standard run: 8 MB/s for 8 s per migration, 1 GiB of guest RAM, 8 regions of
-    /// 8 MiB, a 40 s workload.
+    /// The standard run: 8 MiB/s for 8 s per migration, 1 GiB of guest RAM, 8 regions of
+    /// 8 MiB, a 34 s workload (both migrations end within about 26 s of its start).
     pub fn new(qemu: Qemu, target: TargetKind) -> Self {
         Self {
             qemu,
@@ -95,10 +97,11 @@ impl MigrationOptions {
             keeper_events: false,
             slow_bandwidth: 8 << 20,
             slow_phase: Duration::from_secs(8),
-            workload_s: 40,
+            workload_s: 34,
             memory_mib: 1024,
             regions: 8,
             region_mib: 8,
+            hold_ms: 50,
             settle_s: 2,
         }
     }
@@ -109,7 +112,7 @@ impl MigrationOptions {
 /// completion per [`CLAT_WINDOW_MS`] window since fio began: `fio_clat_windows`).
 pub fn guest_script(opts: &MigrationOptions) -> String {
     let t = opts.workload_s;
-    let (regions, mib) = (opts.regions, opts.region_mib);
+    let (regions, mib, hold) = (opts.regions, opts.region_mib, opts.hold_ms);
     let end = READCHECK_OFFSET_MIB + regions * mib;
     format!(
         r#". /lab/lib.sh
@@ -123,7 +126,7 @@ vfblk-readcheck write $layout || fail "vfblk-readcheck write"
 step "{WORKLOAD_STEP}: fio randrw 4 KiB crc32c verify on 0-{FIO_MIB} MiB, readcheck on {READCHECK_OFFSET_MIB}-{end} MiB, {t} s"
 fio --name=verify --filename=/dev/vda --offset=0 --size={FIO_MIB}M --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=256 --time_based --runtime={t} --write_lat_log=/tmp/lat --log_avg_msec={CLAT_WINDOW_MS} --log_max_value=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err &
 fio_pid=$!
-vfblk-readcheck verify $layout --seconds {t} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
+vfblk-readcheck verify $layout --seconds {t} --hold-ms {hold} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
 rc=$?
 step "readcheck finished with exit status $rc"
 record "{{\"readcheck_exit\": $rc}}"
@@ -218,6 +221,9 @@ pub struct MigrationOutcome {
     /// When the guest said its workload ended, from the workload's start (s): (readcheck,
     /// fio).
     pub workload_ended_s: (Option<f64>, Option<f64>),
+    /// The guest's steps: seconds from the workload's start (negative before it), the QEMU
+    /// that printed it, the text.
+    pub steps: Vec<(f64, String, String)>,
     /// The guest's console (every QEMU's serial output in order).
     pub console: PathBuf,
     /// The targets' logs.
@@ -235,6 +241,12 @@ impl MigrationOutcome {
     /// The first record that has `key`.
     pub fn record(&self, key: &str) -> Option<&Value> {
         self.records.iter().find_map(|r| r.get(key))
+    }
+
+    /// The first guest step starting with `prefix`: (seconds from the workload's start, the
+    /// QEMU that printed it, its text).
+    pub fn step(&self, prefix: &str) -> Option<&(f64, String, String)> {
+        self.steps.iter().find(|(_, _, s)| s.starts_with(prefix))
     }
 
     /// fio's figures: (writes, reads, longest completion in ms, error).
@@ -257,6 +269,7 @@ impl MigrationOutcome {
             "boot_s": self.boot_s,
             "elapsed_s": self.elapsed_s,
             "workload_ended_s": [self.workload_ended_s.0, self.workload_ended_s.1],
+            "steps": self.steps,
             "readcheck_exit": self.record("readcheck_exit"),
             "readcheck": self.record("readcheck"),
             "fio_exit": self.record("fio_exit"),
@@ -318,7 +331,8 @@ impl MigrationOutcome {
 struct GuestState {
     partial: Vec<u8>,
     booted: Option<Instant>,
-    steps: Vec<(Instant, String)>,
+    /// When, on which QEMU, what.
+    steps: Vec<(Instant, String, String)>,
     records: Vec<Value>,
     failures: Vec<String>,
     exit: Option<i32>,
@@ -385,7 +399,9 @@ impl Console {
                     "[{vm} {:>5.1}s] {rest}",
                     self.started.elapsed().as_secs_f64()
                 );
-                state.steps.push((Instant::now(), rest.to_string()));
+                state
+                    .steps
+                    .push((Instant::now(), vm.to_string(), rest.to_string()));
             }
             "-RECORD" => match serde_json::from_str(rest) {
                 Ok(v) => state.records.push(v),
@@ -407,8 +423,8 @@ impl Console {
         self.lock()
             .steps
             .iter()
-            .find(|(_, s)| s.starts_with(prefix))
-            .map(|(t, _)| *t)
+            .find(|(_, _, s)| s.starts_with(prefix))
+            .map(|(t, _, _)| *t)
     }
 }
 
@@ -872,7 +888,7 @@ fn migrate(
     let started = Instant::now();
     leg.started_s = t0.elapsed().as_secs_f64();
     tracing::info!(
-        "[host] migrating {}: {} MB/s for {:.0} s, then uncapped",
+        "[host] migrating {}: {} MiB/s for {:.0} s, then uncapped",
         leg.name,
         opts.slow_bandwidth >> 20,
         opts.slow_phase.as_secs_f64()
@@ -1186,7 +1202,7 @@ fn drive(
     )?);
     let workload_deadline = BOOT_DEADLINE + Duration::from_secs(120);
     if !wait_for(&console, &mut vms[0], workload_deadline, |s| {
-        s.steps.iter().any(|(_, t)| t.starts_with(WORKLOAD_STEP))
+        s.steps.iter().any(|(_, _, t)| t.starts_with(WORKLOAD_STEP))
     }) {
         out.problems
             .push("the guest's workload did not start".into());
@@ -1368,11 +1384,24 @@ fn finish(console: &Console, vms: &mut [Vm], out: &mut MigrationOutcome, t0: Opt
             state
                 .steps
                 .iter()
-                .find(|(_, s)| s.starts_with(prefix))
-                .map(|(t, _)| t.saturating_duration_since(t0).as_secs_f64())
+                .find(|(_, _, s)| s.starts_with(prefix))
+                .map(|(t, _, _)| t.saturating_duration_since(t0).as_secs_f64())
         };
         out.workload_ended_s = (since("readcheck finished"), since("fio finished"));
     }
+    let t0 = t0.unwrap_or(console.started);
+    out.steps = state
+        .steps
+        .iter()
+        .map(|(t, vm, s)| {
+            let at = if *t >= t0 {
+                t.duration_since(t0).as_secs_f64()
+            } else {
+                -t0.duration_since(*t).as_secs_f64()
+            };
+            (at, vm.clone(), s.clone())
+        })
+        .collect();
 }
 
 #[cfg(test)]
@@ -1409,7 +1438,8 @@ mod tests {
         let state = console.lock();
         assert!(state.booted.is_some());
         assert_eq!(state.steps.len(), 1);
-        assert_eq!(state.steps[0].1, "workload running");
+        assert_eq!(state.steps[0].1, "B", "the line ended on B");
+        assert_eq!(state.steps[0].2, "workload running");
         assert_eq!(state.records, vec![json!({"a": 1})]);
         assert!(state.panic.is_some());
         assert_eq!(state.exit, Some(0));

@@ -86,3 +86,58 @@ fn live_migration_there_and_back_with_fio_verify_on_qemu_10() {
 fn harness_reference_qemu_storage_daemon_there_and_back() {
     there_and_back("test-migration-qsd", Qemu::system(), TargetKind::Qsd);
 }
+
+/// The negative control: the first source target takes the dirty log and marks nothing
+/// (`--test-skip-dirty-log`); the device's writes into guest RAM during the migration do
+/// not reach the destination, and the readcheck finds a region read back wrong there.
+#[test]
+fn without_the_dirty_log_the_destination_reads_stale_guest_memory() {
+    let mut opts = MigrationOptions::new(Qemu::system(), TargetKind::Bridge);
+    opts.source_skips_dirty_log = true;
+    let out = run("test-migration-no-log", &opts);
+    let ctx = context(&out);
+    assert!(out.problems.is_empty(), "{:?}\n{ctx}", out.problems);
+    assert_eq!(out.legs.len(), 2, "{ctx}");
+    assert_eq!(out.legs[0].status, "completed", "{ctx}");
+    let rc = out.record("readcheck").expect("the readcheck's record");
+    assert_eq!(rc["ok"], false, "no stale read was caught\n{ctx}");
+    assert_eq!(
+        out.record("readcheck_exit"),
+        Some(&serde_json::json!(1)),
+        "{ctx}"
+    );
+    // Caught on the destination of the first migration, before the second began.
+    let (at, vm, _) = out.step("readcheck finished").expect("the readcheck ended");
+    assert_eq!(vm, "B", "{ctx}");
+    assert!(*at < out.legs[1].started_s, "{ctx}");
+    eprintln!(
+        "caught on {vm} {at:.1} s into the workload: {}",
+        rc["mismatch"]
+    );
+}
+
+/// The first source target runs under `vfblk-keeper` and is upgraded by hand-over, then
+/// killed with SIGKILL, while the first migration runs: the log travels with the
+/// connection, the migration completes both ways, QEMU never reconnects, nothing is lost.
+#[test]
+fn live_migration_across_an_upgrade_and_a_sigkill_of_the_source_target() {
+    let mut opts = MigrationOptions::new(Qemu::system(), TargetKind::Bridge);
+    opts.keeper_events = true;
+    let out = run("test-migration-kept", &opts);
+    assert_clean(&out);
+    let ctx = context(&out);
+    let events = &out.legs[0].events;
+    assert_eq!(events.len(), 2, "{ctx}");
+    assert_eq!(events[0]["event"], "upgrade", "{ctx}");
+    assert_eq!(events[1]["event"], "SIGKILL", "{ctx}");
+    for e in events {
+        assert_ne!(e["old_pid"], e["new_pid"], "{ctx}");
+        assert_eq!(e["migration_status_before"], "active", "{ctx}");
+        assert_eq!(e["migration_status_after"], "active", "{ctx}");
+    }
+    assert_eq!(
+        out.kept_connections,
+        Some(1),
+        "QEMU never reconnected\n{ctx}"
+    );
+}

@@ -70,6 +70,11 @@ enum Command {
         /// How long to go on.
         #[arg(long)]
         seconds: u64,
+        /// Milliseconds to wait between a read's completion and its check, the CPU idle and
+        /// the buffer holding only what the device wrote: a migration's stop then lands
+        /// between the two far more often than between a check and the next read.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
         /// One JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -266,6 +271,7 @@ struct Report {
     bytes: u64,
     longest_round: Duration,
     elapsed: Duration,
+    hold: Duration,
     /// The first region read back wrong: (round, region, wrong blocks, examples).
     mismatch: Option<(u64, u32, u64, Vec<Wrong>)>,
 }
@@ -296,12 +302,13 @@ impl Report {
             "region_mib": layout.region_mib,
             "seconds": self.elapsed.as_secs_f64(),
             "longest_round_ms": self.longest_round.as_secs_f64() * 1e3,
+            "hold_ms": self.hold.as_secs_f64() * 1e3,
             "mismatch": mismatch,
         })
     }
 }
 
-fn verify(layout: &Layout, seconds: u64) -> std::io::Result<Report> {
+fn verify(layout: &Layout, seconds: u64, hold: Duration) -> std::io::Result<Report> {
     let file = open(&layout.device, false)?;
     let buf = DeviceBuffer::new(region_bytes(layout))?;
     let started = Instant::now();
@@ -310,12 +317,16 @@ fn verify(layout: &Layout, seconds: u64) -> std::io::Result<Report> {
         bytes: 0,
         longest_round: Duration::ZERO,
         elapsed: Duration::ZERO,
+        hold,
         mismatch: None,
     };
     while started.elapsed() < Duration::from_secs(seconds) {
         let region = (report.rounds % u64::from(layout.regions)) as u32;
         let round_start = Instant::now();
         buf.read_at(&file, region_offset(layout, region))?;
+        if !hold.is_zero() {
+            std::thread::sleep(hold);
+        }
         let (count, wrong) = check(buf.words(), layout.seed, region, 4);
         report.longest_round = report.longest_round.max(round_start.elapsed());
         report.bytes += buf.len as u64;
@@ -351,9 +362,10 @@ fn main() -> ExitCode {
         Command::Verify {
             layout,
             seconds,
+            hold_ms,
             json,
         } => {
-            let report = match verify(&layout, seconds) {
+            let report = match verify(&layout, seconds, Duration::from_millis(hold_ms)) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("vfblk-readcheck verify: {e}");
@@ -468,7 +480,7 @@ mod tests {
             return;
         }
         write(&layout).unwrap();
-        let report = verify(&layout, 1).unwrap();
+        let report = verify(&layout, 1, Duration::ZERO).unwrap();
         assert!(report.mismatch.is_none());
         assert!(report.rounds >= 2, "{}", report.rounds);
         // Region 1's block 3 overwritten with region 0's block 3.
@@ -484,9 +496,10 @@ mod tests {
         file.write_all_at(&block, (3 << 20) + 3 * BLOCK as u64)
             .unwrap();
         file.sync_all().unwrap();
-        let report = verify(&layout, 5).unwrap();
-        let (round, region, count, wrong) = report.mismatch.expect("the stale block is found");
-        assert_eq!((round, region, count), (1, 1, 1));
+        let report = verify(&layout, 5, Duration::from_millis(1)).unwrap();
+        let (round, region, count, wrong) =
+            report.mismatch.as_ref().expect("the stale block is found");
+        assert_eq!((*round, *region, *count), (1, 1, 1));
         assert_eq!(wrong[0].found, Some((0, 3, 42)));
         assert!(report.json(&layout)["mismatch"]["examples"][0]["found_region"] == 0);
         let _ = std::fs::remove_dir_all(&dir);
