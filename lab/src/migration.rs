@@ -20,6 +20,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,8 @@ pub const DISK_MIB: u32 = 256;
 pub const FIO_MIB: u32 = 128;
 /// Where `vfblk-readcheck`'s regions start (MiB).
 pub const READCHECK_OFFSET_MIB: u32 = 128;
+// fio and the readcheck never touch the same block.
+const _: () = assert!(READCHECK_OFFSET_MIB >= FIO_MIB);
 /// The guest's step when fio and `vfblk-readcheck` run.
 pub const WORKLOAD_STEP: &str = "workload running";
 /// fio's latency log window (ms): each entry is the longest completion in it.
@@ -488,6 +491,20 @@ impl Qmp {
 // ---------------------------------------------------------------------------------------
 // The processes: QEMUs and targets, killed (ours only, by pid) when dropped.
 
+/// Has the child sent `signal` when the thread that starts it ends (a test process killed
+/// by its runner's timeout included), so that nothing of a run outlives its test.
+fn die_with_us(command: &mut Command, signal: i32) {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own attributes.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// One QEMU process of the run.
 struct Vm {
     name: String,
@@ -521,6 +538,7 @@ impl Vm {
         if incoming {
             command.args(["-incoming", "defer"]);
         }
+        die_with_us(&mut command, libc::SIGKILL);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -715,6 +733,11 @@ impl Target {
             .stdin(Stdio::null())
             .stdout(File::create(lab.dir.join(format!("target-{name}.stdout")))?)
             .stderr(log_file);
+        // A keeper stops its target cleanly on SIGTERM; a lone target may be killed.
+        die_with_us(
+            &mut command,
+            if keeper { libc::SIGTERM } else { libc::SIGKILL },
+        );
         let child =
             crate::process::spawn_listening(command, &socket, crate::process::LISTEN_TIMEOUT)
                 .map_err(|e| {
@@ -1455,7 +1478,6 @@ mod tests {
         let script = guest_script(&opts);
         assert!(script.contains("--offset=0 --size=128M"));
         assert!(script.contains("--offset-mib 128 --regions 8 --region-mib 8"));
-        assert!(READCHECK_OFFSET_MIB >= FIO_MIB);
         assert!(READCHECK_OFFSET_MIB + opts.regions * opts.region_mib <= DISK_MIB);
         assert!(script.contains(&format!("--runtime={}", opts.workload_s)));
     }
