@@ -101,8 +101,6 @@ impl Lab {
             "vfblk-setup",
             "vfblk-rpc",
             "vfblk-keeper",
-            // The live-migration check's guest program (lab/src/bin/vfblk-readcheck.rs).
-            "vfblk-readcheck",
         ] {
             image.add_program(&self.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
         }
