@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the lab and the tests need on a fresh Debian 12 machine, idempotently:
-# QEMU, fio, busybox, cpio and xz from Debian's packages; hugepages on the host; the guest
-# kernel (downloaded with apt, unpacked and cached by the lab outside the git tree).
+# QEMU, fio, busybox, cpio and xz from Debian's packages; Ceph's mon, OSD, CLIs and librbd
+# (the tests' private cluster, the RBD backend); hugepages on the host; the guest kernel
+# (downloaded with apt, unpacked and cached by the lab outside the git tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,13 @@ for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-c
     installed "$pkg" || need_apt+=("$pkg")
 done
 
+# The tests' private Ceph cluster (lab/src/ceph.rs: ceph-mon, ceph-osd, the ceph and rbd CLIs)
+# and librbd's headers for the RBD backend; without recommends (no mgr, no mds, no radosgw).
+need_ceph=()
+for pkg in ceph-mon ceph-osd ceph-common librbd-dev; do
+    installed "$pkg" || need_ceph+=("$pkg")
+done
+
 export DEBIAN_FRONTEND=noninteractive
 apt_updated=no
 apt_install() {
@@ -31,6 +39,9 @@ apt_install() {
 }
 if [ ${#need_apt[@]} -gt 0 ]; then
     apt_install "${need_apt[@]}"
+fi
+if [ ${#need_ceph[@]} -gt 0 ]; then
+    apt_install --no-install-recommends "${need_ceph[@]}"
 fi
 # qemu-system-x86 from Debian 12 can displace a newer qemu-utils; install the matching one.
 have qemu-img || apt_install qemu-utils

@@ -17,9 +17,10 @@ use crate::histogram::Histogram;
 use crate::patterns::mix;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The access pattern.
@@ -88,6 +89,10 @@ pub struct Options {
     /// (CLOCK_MONOTONIC, comparable with other processes' clocks): whoever disturbs the
     /// backend at known times can find the pause each disturbance caused.
     pub log_gaps_over: Option<Duration>,
+    /// Act as the source of a live migration: hand the backend a dirty log, turn logging on
+    /// (LOG_ALL, used-ring logging), and at the end stop the rings and check that exactly
+    /// the pages the device wrote (read data, status bytes, the used rings) are marked.
+    pub dirty_log: bool,
 }
 
 /// Set by SIGINT or SIGTERM once [`stop_on_signals`] is in place.
@@ -156,6 +161,21 @@ pub struct Report {
     pub inflight: bool,
     /// First error messages (at most 10).
     pub errors: Vec<String>,
+    /// With [`Options::dirty_log`]: what the log showed.
+    pub dirty_log: Option<DirtyLogCheck>,
+}
+
+/// A migration's dirty log checked against the pages the device wrote.
+#[derive(Debug, Clone, Default)]
+pub struct DirtyLogCheck {
+    /// Pages the device wrote (4 KiB, guest-physical).
+    pub written: u64,
+    /// Pages marked in the log.
+    pub marked: u64,
+    /// Pages written and not marked: a migration would lose their contents.
+    pub missing: u64,
+    /// Pages marked and never written by the device.
+    pub extra: u64,
 }
 
 impl Report {
@@ -167,6 +187,10 @@ impl Report {
             && self.lost == 0
             && self.not_a_head == 0
             && self.errors.is_empty()
+            && self
+                .dirty_log
+                .as_ref()
+                .is_none_or(|d| d.missing == 0 && d.extra == 0)
     }
 
     /// Completed requests per second.
@@ -200,6 +224,12 @@ impl Report {
             "max_gap_ms": self.max_gap_ms,
             "gaps": self.gaps,
             "errors": self.errors,
+            "dirty_log": self.dirty_log.as_ref().map(|d| serde_json::json!({
+                "written_pages": d.written,
+                "marked_pages": d.marked,
+                "missing_pages": d.missing,
+                "extra_pages": d.extra,
+            })),
         })
     }
 
@@ -253,6 +283,12 @@ impl Report {
             if self.inflight { "on" } else { "off" },
             max_pause
         ));
+        if let Some(d) = &self.dirty_log {
+            out.push_str(&format!(
+                "dirty log: {} page(s) written by the device, {} marked, {} missing, {} marked but not written\n",
+                d.written, d.marked, d.missing, d.extra
+            ));
+        }
         for e in &self.errors {
             out.push_str(&format!("  error: {e}\n"));
         }
@@ -309,6 +345,101 @@ pub struct LoadGen {
     scratch: Vec<u8>,
     /// Requests issued before this are not in the latency histogram.
     measure_from: Instant,
+    /// With [`Options::dirty_log`]: the log and what was seen written.
+    dirty_log: Option<LogWatch>,
+}
+
+/// Bytes of guest memory one dirty-log bit stands for.
+const LOG_PAGE: u64 = 4096;
+/// How often the log is synced (read and cleared), as QEMU does while it migrates.
+const LOG_SYNC_EVERY: Duration = Duration::from_millis(50);
+
+/// A migration's dirty log as the frontend watches it. It is synced every
+/// [`LOG_SYNC_EVERY`]: read and cleared word by word, as QEMU does between passes. Between
+/// two syncs (an epoch) the pages of every completion seen are noted; the device marks a
+/// page before it publishes the completion, so each noted page must be marked in this
+/// epoch's or the previous one's snapshot, and each marked page must be noted in its epoch
+/// or the next (or be a used ring's). A device that stops marking after any event (an
+/// upgrade, a restart) shows in the next epoch with completions.
+struct LogWatch {
+    log: Memory,
+    /// The used rings' pages: written at every publication, marked whenever logging starts.
+    used: Vec<u8>,
+    /// Pages of completions seen in this epoch and the previous one.
+    seen: Vec<u8>,
+    seen_before: Vec<u8>,
+    /// The previous sync's snapshot of the log.
+    marked_before: Vec<u8>,
+    next_sync: Instant,
+    check: DirtyLogCheck,
+}
+
+impl LogWatch {
+    fn new(log: Memory, used: Vec<u8>) -> Self {
+        let n = used.len();
+        Self {
+            log,
+            used,
+            seen: vec![0; n],
+            seen_before: vec![0; n],
+            marked_before: vec![0; n],
+            next_sync: Instant::now() + LOG_SYNC_EVERY,
+            check: DirtyLogCheck::default(),
+        }
+    }
+
+    /// Reads and clears the log (an atomic swap per 64-bit word, as QEMU does) and checks
+    /// the epoch that ends, describing the first pages found wrong in `errors`.
+    fn sync(&mut self, errors: &mut Vec<String>) {
+        if self.seen.iter().any(|&b| b != 0) {
+            for (s, u) in self.seen.iter_mut().zip(&self.used) {
+                *s |= u;
+            }
+        }
+        let mut marked = vec![0u8; self.used.len()];
+        for (w, chunk) in marked.chunks_mut(8).enumerate() {
+            // SAFETY: word `w` lies in our mapping of the log (its length is a multiple of
+            // 8, the mapping page-aligned); the backend only ORs bits into it.
+            let word =
+                unsafe { &*(self.log.base.add(8 * w) as *const std::sync::atomic::AtomicU64) };
+            let bits = word.swap(0, std::sync::atomic::Ordering::AcqRel);
+            chunk.copy_from_slice(&bits.to_le_bytes()[..chunk.len()]);
+        }
+        for (byte, &now) in marked.iter().enumerate() {
+            let before = self.marked_before[byte];
+            let missing = self.seen[byte] & !(now | before);
+            let allowed = self.seen_before[byte] | self.seen[byte] | self.used[byte];
+            let extra = before & !allowed;
+            self.check.written += u64::from(self.seen[byte].count_ones());
+            self.check.marked += u64::from(now.count_ones());
+            self.check.missing += u64::from(missing.count_ones());
+            self.check.extra += u64::from(extra.count_ones());
+            for (bits, what) in [
+                (missing, "written by the device and not marked"),
+                (extra, "marked and not written by the device"),
+            ] {
+                for bit in 0..8 {
+                    if bits & (1 << bit) != 0 && errors.len() < 10 {
+                        let page = byte as u64 * 8 + bit;
+                        errors.push(format!("dirty log: page at {:#x} {what}", page * LOG_PAGE));
+                    }
+                }
+            }
+        }
+        self.marked_before = marked;
+        std::mem::swap(&mut self.seen_before, &mut self.seen);
+        self.seen.iter_mut().for_each(|b| *b = 0);
+        self.next_sync = Instant::now() + LOG_SYNC_EVERY;
+    }
+}
+
+/// Sets the bits of the pages of `len` bytes at `gpa` in a page bitmap.
+fn set_pages(bitmap: &mut [u8], gpa: u64, len: u64) {
+    for page in gpa / LOG_PAGE..=(gpa + len.max(1) - 1) / LOG_PAGE {
+        if let Some(b) = bitmap.get_mut((page / 8) as usize) {
+            *b |= 1 << (page % 8);
+        }
+    }
 }
 
 fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
@@ -446,7 +577,18 @@ impl LoadGen {
             report: Report::default(),
             scratch: Vec::new(),
             measure_from: Instant::now(),
+            dirty_log: None,
         };
+        if lg.opts.dirty_log {
+            let bytes = (lg.mem.len as u64).div_ceil(LOG_PAGE).div_ceil(64) * 8;
+            let log = memfd(bytes as usize, false).map_err(|e| format!("dirty log: {e}"))?;
+            let mut used = vec![0u8; bytes as usize];
+            for q in &lg.queues {
+                let used_len = vfblk_vhost::virtq::ring_sizes(lg.opts.queue_size).2 as u64;
+                set_pages(&mut used, q.ring.gpas.2, used_len);
+            }
+            lg.dirty_log = Some(LogWatch::new(log, used));
+        }
         // Like a frontend configured to reconnect, a handshake cut short (the backend died
         // while answering) is tried again until the reconnect deadline.
         let deadline = Instant::now() + lg.opts.reconnect_timeout;
@@ -541,6 +683,9 @@ impl LoadGen {
         if self.opts.inflight {
             want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        if self.opts.dirty_log {
+            want_pf |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         let pf = pf & want_pf;
         fe.set_protocol_features(pf)
             .map_err(e("SET_PROTOCOL_FEATURES"))?;
@@ -574,6 +719,29 @@ impl LoadGen {
             mmap_handle: self.mem.file.as_raw_fd(),
         };
         fe.set_mem_table(&[region]).map_err(e("SET_MEM_TABLE"))?;
+        // As QEMU starts a migration: the log, then LOG_ALL, then each ring's used-ring
+        // logging.
+        let mut vring_flags = 0;
+        if let Some(LogWatch { log, .. }) = &self.dirty_log {
+            if !pf.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+                return Err("the backend does not offer LOG_SHMFD: no live migration".into());
+            }
+            if offered & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+                return Err("the backend does not offer LOG_ALL: no live migration".into());
+            }
+            fe.set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: log.len as u64,
+                    mmap_offset: 0,
+                    mmap_handle: log.file.as_raw_fd(),
+                }),
+            )
+            .map_err(e("SET_LOG_BASE"))?;
+            fe.set_features((offered & wanted) | VhostUserVirtioFeatures::LOG_ALL.bits())
+                .map_err(e("SET_FEATURES (LOG_ALL)"))?;
+            vring_flags = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+        }
         let va = |gpa: u64| self.mem.base as u64 + gpa;
         for (i, q) in self.queues.iter().enumerate() {
             fe.set_vring_num(i, self.opts.queue_size)
@@ -585,11 +753,11 @@ impl LoadGen {
             let cfg = VringConfigData {
                 queue_max_size: self.opts.queue_size,
                 queue_size: self.opts.queue_size,
-                flags: 0,
+                flags: vring_flags,
                 desc_table_addr: va(d),
                 used_ring_addr: va(u),
                 avail_ring_addr: va(a),
-                log_addr: None,
+                log_addr: (vring_flags != 0).then_some(u),
             };
             fe.set_vring_addr(i, &cfg).map_err(e("SET_VRING_ADDR"))?;
             fe.set_vring_kick(i, &q.kick).map_err(e("SET_VRING_KICK"))?;
@@ -744,6 +912,12 @@ impl LoadGen {
                 .record(now.saturating_duration_since(issued).as_nanos() as u64);
         }
 
+        if let Some(watch) = &mut self.dirty_log {
+            set_pages(&mut watch.seen, control + 16, 1);
+            if !write {
+                set_pages(&mut watch.seen, data, u64::from(self.opts.block_size));
+            }
+        }
         if st != status::OK {
             self.report.failed += 1;
             self.error(format!(
@@ -825,6 +999,11 @@ impl LoadGen {
             let now = Instant::now();
             if now >= end || stop_requested() {
                 stopping = true;
+            }
+            if let Some(watch) = &mut self.dirty_log {
+                if now >= watch.next_sync {
+                    watch.sync(&mut self.report.errors);
+                }
             }
             if gone_since.is_none() && now >= next_liveness_check {
                 next_liveness_check = now + LIVENESS_EVERY;
@@ -1040,6 +1219,28 @@ impl LoadGen {
             }
         }
         self.report.seconds = started.elapsed().as_secs_f64();
+        self.check_dirty_log();
         self.report
+    }
+
+    /// With [`Options::dirty_log`], after the run: stops the rings as a migration's
+    /// switch-over does (GET_VRING_BASE: the backend finishes what it took and logs it), then
+    /// syncs the log twice more, closing the last epochs.
+    fn check_dirty_log(&mut self) {
+        let Some(mut watch) = self.dirty_log.take() else {
+            return;
+        };
+        if let Some((fe, _)) = &mut self.frontend {
+            for i in 0..self.queues.len() {
+                if let Err(e) = fe.get_vring_base(i) {
+                    self.report
+                        .errors
+                        .push(format!("GET_VRING_BASE of queue {i}: {e}"));
+                }
+            }
+        }
+        watch.sync(&mut self.report.errors);
+        watch.sync(&mut self.report.errors);
+        self.report.dirty_log = Some(watch.check);
     }
 }

@@ -214,6 +214,12 @@ impl Device for BlkDevice {
     fn requests_recovered(&self, _index: u16, count: usize) {
         self.stats.recovered(count as u64);
     }
+
+    fn sync_for_migration(&self) -> vfblk_vhost::Result<()> {
+        self.backend
+            .sync()
+            .map_err(|e| vfblk_vhost::Error::Device(Box::new(e)))
+    }
 }
 
 #[derive(Clone, Copy)]

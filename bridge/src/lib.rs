@@ -91,6 +91,14 @@ pub enum Error {
     /// A thread panicked while holding a lock.
     #[error("a lock ({0}) was poisoned by a panicking thread")]
     Poisoned(&'static str),
+    /// librados or librbd refused.
+    #[error("{what}: {reason}")]
+    Ceph {
+        /// What was being done.
+        what: String,
+        /// The library's error.
+        reason: String,
+    },
 }
 
 impl From<Error> for vfblk_vhost::Error {

@@ -68,6 +68,26 @@ pub enum BackendSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
     },
+    /// A Ceph RBD image.
+    Rbd {
+        /// The pool.
+        pool: String,
+        /// The image.
+        image: String,
+        /// Create the image with this many bytes if it does not exist (an existing one must
+        /// have this size).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// ceph.conf (default: librados's search, /etc/ceph/ceph.conf).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conf: Option<PathBuf>,
+        /// Client id without `client.` (default `admin`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Keyring (default: the conf's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keyring: Option<PathBuf>,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -101,7 +121,7 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE])"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH])"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
@@ -137,6 +157,35 @@ impl FromStr for BackendSpec {
                 size,
             });
         }
+        if let Some(rest) = spec.strip_prefix("rbd:") {
+            let mut options = rest.split(',');
+            let image_part = options.next().unwrap_or_default();
+            let (name, size) = match image_part.split_once(':') {
+                Some((n, s)) => (n, Some(parse_size(s)?)),
+                None => (image_part, None),
+            };
+            let (pool, image) = name
+                .split_once('/')
+                .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
+                .ok_or_else(|| bad("an RBD image is POOL/IMAGE"))?;
+            let (mut conf, mut id, mut keyring) = (None, None, None);
+            for option in options {
+                match option.split_once('=') {
+                    Some(("conf", v)) if !v.is_empty() => conf = Some(PathBuf::from(v)),
+                    Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                    Some(("keyring", v)) if !v.is_empty() => keyring = Some(PathBuf::from(v)),
+                    _ => return Err(bad(&format!("unknown RBD option {option:?}"))),
+                }
+            }
+            return Ok(BackendSpec::Rbd {
+                pool: pool.into(),
+                image: image.into(),
+                size,
+                conf,
+                id,
+                keyring,
+            });
+        }
         if let Some(size) = spec.strip_prefix("null:") {
             return Ok(BackendSpec::Null {
                 size: parse_size(size)?,
@@ -166,7 +215,7 @@ impl BackendSpec {
     pub fn path(&self) -> Option<&std::path::Path> {
         match self {
             BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } => Some(path),
-            BackendSpec::Null { .. } | BackendSpec::Nvme { .. } => None,
+            BackendSpec::Null { .. } | BackendSpec::Nvme { .. } | BackendSpec::Rbd { .. } => None,
         }
     }
 
@@ -175,6 +224,11 @@ impl BackendSpec {
     pub fn with_absolute_path(mut self) -> std::io::Result<Self> {
         if let BackendSpec::Mem { path, .. } | BackendSpec::File { path, .. } = &mut self {
             *path = std::path::absolute(&*path)?;
+        }
+        if let BackendSpec::Rbd { conf, keyring, .. } = &mut self {
+            for path in [conf, keyring].into_iter().flatten() {
+                *path = std::path::absolute(&*path)?;
+            }
         }
         Ok(self)
     }
@@ -209,6 +263,23 @@ impl BackendSpec {
                 }
                 Arc::new(backend?)
             }
+            BackendSpec::Rbd {
+                pool,
+                image,
+                size,
+                conf,
+                id,
+                keyring,
+            } => {
+                let cluster = crate::backend::ClusterSettings {
+                    conf: conf.clone(),
+                    id: id.clone(),
+                    keyring: keyring.clone(),
+                };
+                Arc::new(crate::backend::RbdBackend::open(
+                    &cluster, pool, image, *size,
+                )?)
+            }
         })
     }
 }
@@ -230,6 +301,50 @@ mod tests {
             parse_size("17179869184G").is_err(),
             "2^34 GiB overflows u64: refused, not wrapped"
         );
+    }
+
+    #[test]
+    fn rbd_specs_parse_with_their_cluster_options() {
+        assert_eq!(
+            "rbd:rbd/vm1".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Rbd {
+                pool: "rbd".into(),
+                image: "vm1".into(),
+                size: None,
+                conf: None,
+                id: None,
+                keyring: None,
+            }
+        );
+        let spec: BackendSpec = "rbd:vms/disk-2:10G,conf=/etc/ceph/c2.conf,id=vfblk,keyring=/k"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            spec,
+            BackendSpec::Rbd {
+                pool: "vms".into(),
+                image: "disk-2".into(),
+                size: Some(10 << 30),
+                conf: Some("/etc/ceph/c2.conf".into()),
+                id: Some("vfblk".into()),
+                keyring: Some("/k".into()),
+            }
+        );
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["kind"], "rbd");
+        assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), spec);
+        for bad in [
+            "rbd:",
+            "rbd:vm1",
+            "rbd:/vm1",
+            "rbd:pool/",
+            "rbd:a/b/c",
+            "rbd:p/i:12X",
+            "rbd:p/i,user=x",
+            "rbd:p/i,conf=",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A hostile frontend, a thousand times over: each round misbehaves in one way (blocking or
 //! non-eventfd kick and call fds, pipes nobody reads, a memory file shrunk under the device,
-//! chains that loop, garbage messages, a disconnect with requests in flight), then a good
+//! chains that loop, garbage messages, a disconnect with requests in flight, dirty logs that
+//! do not fit or shrink), then a good
 //! client must be served with verified data. Across all rounds: the process lives, no bad
 //! request is answered OK, nothing outside the named buffers is written, and the process's
 //! fds and memory stay flat.
@@ -8,7 +9,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -16,7 +17,8 @@ use common::{d, start_server, Guest, BUF, QSIZE};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::mock::MockGuest;
 use vfblk_vhost::virtq::{DESC_F_NEXT, DESC_F_WRITE};
-use vhost::VhostBackend;
+use vhost::vhost_user::message::{VhostUserVirtioFeatures, VhostUserVringAddrFlags};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 const ROUNDS: usize = 1000;
@@ -91,9 +93,106 @@ fn good_client(socket: &std::path::PathBuf, round: usize) {
     );
 }
 
+/// A memfd of `len` bytes that cannot be sealed (so it can be shrunk under a mapping).
+fn unsealable_memfd(len: u64) -> std::fs::File {
+    // SAFETY: a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"hostile-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh fd nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// Dirty logs a migration would never send: each must be refused, or contained, without a
+/// stray write, a crash, or a request reported done that the log would miss.
+fn hostile_log(socket: &std::path::PathBuf, i: usize) {
+    let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
+    let mut g = Guest::connect(socket);
+    // What covers the guest's memory: a bit per 4 KiB page.
+    let log_bytes = (common::MEM as u64).div_ceil(4096 * 8);
+    let log_all = g.features | VhostUserVirtioFeatures::LOG_ALL.bits();
+    let region = |file: &std::fs::File, size: u64, offset: u64| VhostUserDirtyLogRegion {
+        mmap_size: size,
+        mmap_offset: offset,
+        mmap_handle: file.as_raw_fd(),
+    };
+    match (i / 8) % 5 {
+        // Too small for the memory table.
+        0 => {
+            let file = unsealable_memfd(4096);
+            assert!(
+                g.fe.set_log_base(0, Some(region(&file, log_bytes / 2, 0)))
+                    .is_err(),
+                "round {i}: a log smaller than guest memory needs"
+            );
+        }
+        // Offset and size past the end of the file.
+        1 => {
+            let file = unsealable_memfd(log_bytes);
+            assert!(
+                g.fe.set_log_base(0, Some(region(&file, log_bytes, 4096)))
+                    .is_err(),
+                "round {i}: a log past the end of its file"
+            );
+        }
+        // Logging on without a log: the ring waits, nothing comes back unlogged, the
+        // connection stays.
+        2 => {
+            g.fe.set_features(log_all).unwrap();
+            // A round trip: the target has taken SET_FEATURES (QEMU waits the same way).
+            g.fe.get_features().unwrap();
+            g.header(hdr, req::IN, 0);
+            g.put(st, &[0xff]);
+            g.g.add_chain(&[(hdr, 16, false), (dat, 4096, true), (st, 1, true)]);
+            let _ = g.kick.write(1);
+            std::thread::sleep(Duration::from_millis(2));
+            assert_eq!(g.g.pop_used_raw(), None, "round {i}: served without a log");
+            assert_eq!(g.get(st, 1)[0], 0xff, "round {i}: status untouched");
+            assert!(g.fe.get_features().is_ok(), "round {i}: still connected");
+        }
+        // A used ring logged at a guest address outside memory.
+        3 => {
+            let (d, a, u) = g.g.ring_addresses();
+            let cfg = VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+                desc_table_addr: d,
+                used_ring_addr: u,
+                avail_ring_addr: a,
+                log_addr: Some(1 << 40),
+            };
+            // Refused: the connection closes (this frontend does not ask for a reply, so
+            // it learns at its next message).
+            let refused = g.fe.set_vring_addr(0, &cfg).is_err() || g.fe.get_features().is_err();
+            assert!(refused, "round {i}: used ring logged outside memory");
+        }
+        // The log's file shrunk after mapping, then a read to log: contained, and the read
+        // is not reported done (its marks were lost).
+        _ => {
+            let file = unsealable_memfd(log_bytes);
+            g.fe.set_log_base(0, Some(region(&file, log_bytes, 0)))
+                .unwrap();
+            g.fe.set_features(log_all).unwrap();
+            g.fe.get_features().unwrap();
+            file.set_len(0).unwrap();
+            g.header(hdr, req::IN, 0);
+            g.put(st, &[0xff]);
+            g.g.add_chain(&[(hdr, 16, false), (dat, 4096, true), (st, 1, true)]);
+            let _ = g.kick.write(1);
+            std::thread::sleep(Duration::from_millis(5));
+            if let Some((_, len)) = g.g.pop_used_raw() {
+                panic!("round {i}: a read whose marks were lost came back ({len} bytes)");
+            }
+        }
+    }
+}
+
 fn round(socket: &std::path::PathBuf, i: usize) {
     let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
-    match i % 7 {
+    match i % 8 {
+        7 => hostile_log(socket, i),
         // Blocking kick and call eventfds (libblkio's kind), then leaving mid-request.
         0 => {
             let mut g = Guest::connect(socket);

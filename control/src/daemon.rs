@@ -123,6 +123,18 @@ pub fn run(options: RunOptions) -> Result<()> {
         crate::write_pid_file(path)?;
     }
     crate::notify_ready();
+    let status = |target: &Arc<Mutex<Target>>| {
+        let line = target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status_line();
+        crate::notify(&format!("STATUS={line}"));
+    };
+    status(&target);
+    if let Some(period) = crate::watchdog::period() {
+        let workers = target.lock().unwrap_or_else(|e| e.into_inner()).workers();
+        crate::watchdog::start(period, workers);
+    }
     let sig = loop {
         match vfblk_vhost::signals::wait_for_signal() {
             libc::SIGHUP => {
@@ -131,6 +143,7 @@ pub fn run(options: RunOptions) -> Result<()> {
                 if let Err(e) = reloaded {
                     tracing::error!("SIGHUP: {}", vfblk_vhost::error_chain(&e));
                 }
+                status(&target);
             }
             sig => break sig,
         }
@@ -145,6 +158,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         std::process::exit(0);
     }
     tracing::info!("signal {sig}: completing requests in flight, then exiting");
+    crate::notify("STOPPING=1\nSTATUS=completing requests in flight, then exiting");
     drop(rpc_server);
     drop(metrics_server);
     target

@@ -471,6 +471,10 @@ fn spawn(binary: &Path, theirs: &Channel) -> Result<std::process::Child> {
         .args(arguments())
         .arg(TAKEOVER_OPTION)
         .arg(fd.to_string())
+        // systemd's WATCHDOG_PID names the process it started; the successor pings for the
+        // service with its own pid (it says MAINPID=), so the old pid must not turn its
+        // watchdog off.
+        .env_remove("WATCHDOG_PID")
         .stdin(std::process::Stdio::null());
     // SAFETY: between fork and exec only fcntl runs (async-signal-safe): the channel's end
     // must survive the exec in the child.

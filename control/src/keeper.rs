@@ -34,6 +34,8 @@ const LOOP_BACKOFF: Duration = Duration::from_millis(500);
 const LISTEN_FDS_START: RawFd = 3;
 /// Most fds held (systemd's FileDescriptorStoreMax= has the same role).
 const MAX_STORED: usize = 8192;
+/// How long a target aborted by the watchdog may take to die before it is killed.
+const ABORT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What to keep.
 #[derive(Debug, Clone)]
@@ -42,6 +44,10 @@ pub struct KeeperOptions {
     pub command: Vec<OsString>,
     /// A private directory for the notify socket (created, mode 0700).
     pub dir: PathBuf,
+    /// systemd's `WatchdogSec=`: the target is told (`WATCHDOG_USEC`) and, once ready, must
+    /// send `WATCHDOG=1` within every period, or it is aborted (SIGABRT, then SIGKILL) and
+    /// started again.
+    pub watchdog: Option<Duration>,
 }
 
 /// The keeper's summary when it ends.
@@ -51,6 +57,8 @@ pub struct KeeperReport {
     pub restarts: u64,
     /// Exit code the target last ended with (None: killed by a signal).
     pub exit_code: Option<i32>,
+    /// Of the restarts, those after the watchdog aborted a target that stopped pinging.
+    pub watchdog_aborts: u64,
 }
 
 struct Keeper {
@@ -65,6 +73,11 @@ struct Keeper {
     /// Deaths before READY=1, for the crash-loop backoff.
     crashes: Vec<Instant>,
     report: KeeperReport,
+    watchdog: Option<Duration>,
+    /// When the main process must next say WATCHDOG=1 (from READY=1 on).
+    watchdog_due: Option<Instant>,
+    /// A main process the watchdog aborted, and when.
+    aborted: Option<(i32, Instant)>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -105,6 +118,9 @@ pub fn run(options: &KeeperOptions) -> Result<KeeperReport> {
         ready: false,
         crashes: Vec::new(),
         report: KeeperReport::default(),
+        watchdog: options.watchdog,
+        watchdog_due: None,
+        aborted: None,
     };
     keeper.start()?;
     let result = keeper.serve(&signals);
@@ -138,7 +154,12 @@ impl Keeper {
             .args(&self.command[1..])
             .env("NOTIFY_SOCKET", &self.path)
             .env("VFBLK_FD_STORE", "1")
-            .env_remove("LISTEN_PID");
+            .env_remove("LISTEN_PID")
+            .env_remove("WATCHDOG_PID");
+        match self.watchdog {
+            Some(period) => command.env("WATCHDOG_USEC", period.as_micros().to_string()),
+            None => command.env_remove("WATCHDOG_USEC"),
+        };
         if count > 0 {
             command
                 .env("LISTEN_FDS", count.to_string())
@@ -174,6 +195,7 @@ impl Keeper {
         // waits nor kills.
         self.main_pid = Some(child.id() as i32);
         self.ready = false;
+        self.watchdog_due = None;
         drop(child);
         Ok(())
     }
@@ -192,12 +214,19 @@ impl Keeper {
                     revents: 0,
                 },
             ];
-            // SAFETY: two valid pollfds. No timeout: every event the keeper acts on is a
-            // message or a signal.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            // Every event the keeper acts on is a message or a signal, but for the watchdog's
+            // deadlines.
+            let timeout = self.next_deadline().map_or(-1, |t| {
+                t.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(60_000) as i32
+            });
+            // SAFETY: two valid pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if n < 0 {
                 continue;
             }
+            self.enforce_watchdog();
             // Messages first: a new MAINPID must be known before the old main process's
             // exit is looked at.
             self.read_messages();
@@ -260,15 +289,63 @@ impl Keeper {
                 self.stored.push((name.to_string(), fd));
             }
         }
-        if fields.get("READY") == Some(&"1") {
-            self.ready = true;
-        }
         if let Some(pid) = fields.get("MAINPID").and_then(|p| p.parse::<i32>().ok()) {
             if Some(pid) != self.main_pid {
                 tracing::info!("main process is now pid {pid}");
                 self.main_pid = Some(pid);
             }
         }
+        let ping = fields.get("WATCHDOG") == Some(&"1");
+        if fields.get("READY") == Some(&"1") {
+            self.ready = true;
+        }
+        if let (Some(period), true) = (self.watchdog, ping || fields.get("READY") == Some(&"1")) {
+            self.watchdog_due = Some(Instant::now() + period);
+        }
+        if let Some(status) = fields.get("STATUS") {
+            tracing::info!("target status: {status}");
+        }
+    }
+
+    /// The next time the keeper must act without a message or signal.
+    fn next_deadline(&self) -> Option<Instant> {
+        match self.aborted {
+            Some((_, at)) => Some(at + ABORT_DEADLINE),
+            None => self.watchdog_due,
+        }
+    }
+
+    /// A ready target that let its watchdog period pass without WATCHDOG=1 is aborted
+    /// (SIGABRT, as systemd does); one that does not die of it within [`ABORT_DEADLINE`] is
+    /// killed. Its death then restarts it like any other.
+    fn enforce_watchdog(&mut self) {
+        let now = Instant::now();
+        if let Some((pid, at)) = self.aborted {
+            if now >= at + ABORT_DEADLINE {
+                tracing::error!(
+                    "watchdog: pid {pid} still alive {ABORT_DEADLINE:?} after SIGABRT; killing it"
+                );
+                // SAFETY: a signal to the process we run.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                self.aborted = Some((pid, now));
+            }
+            return;
+        }
+        let (Some(due), Some(pid)) = (self.watchdog_due, self.main_pid) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        tracing::error!(
+            "watchdog: no WATCHDOG=1 from pid {pid} within {:?}; aborting it (SIGABRT) to start it again",
+            self.watchdog.unwrap_or_default()
+        );
+        // SAFETY: a signal to the process we run.
+        unsafe { libc::kill(pid, libc::SIGABRT) };
+        self.aborted = Some((pid, now));
+        self.watchdog_due = None;
+        self.report.watchdog_aborts += 1;
     }
 
     /// Reaps every ended descendant; restarts the target if the main one died uncleanly.
@@ -284,6 +361,7 @@ impl Keeper {
             if Some(pid) != self.main_pid {
                 continue;
             }
+            self.aborted = None;
             let exited = libc::WIFEXITED(status);
             let code = exited.then(|| libc::WEXITSTATUS(status));
             self.report.exit_code = code;

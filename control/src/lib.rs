@@ -20,6 +20,7 @@ pub mod restart;
 pub mod rpc;
 pub mod setup;
 pub mod unserved;
+pub mod watchdog;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -623,6 +624,29 @@ impl Target {
     }
 
     /// The pollers a controller asking for `cpus` may use.
+    /// One line for the service manager's `STATUS=`: what is served and what is not.
+    pub fn status_line(&self) -> String {
+        let mut line = format!(
+            "serving {} controller(s) on {} backend(s) with {} poller(s)",
+            self.controllers.len(),
+            self.backends.len(),
+            self.pollers.len()
+        );
+        if !self.unserved.is_empty() {
+            line.push_str(&format!(
+                "; {} configured entr{} failed (vfblk-rpc vhost-blk-list)",
+                self.unserved.len(),
+                if self.unserved.len() == 1 { "y" } else { "ies" }
+            ));
+        }
+        line
+    }
+
+    /// Every poller of the process (fixed for its life).
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.pollers.iter().map(|p| p.worker.clone()).collect()
+    }
+
     fn workers_for(&self, cpus: &[usize]) -> std::result::Result<Vec<Arc<Worker>>, String> {
         if cpus.is_empty() {
             return Ok(self.pollers.iter().map(|p| p.worker.clone()).collect());
@@ -841,6 +865,22 @@ fn same_target(a: &BackendSpec, b: &BackendSpec) -> bool {
             let end = |o: &u64, s: &Option<u64>| s.map_or(u64::MAX, |s| o.saturating_add(s));
             x == y && m == n && o1 < &end(o2, s2) && o2 < &end(o1, s1)
         }
+        // One image of one cluster (the conf names the cluster; a client id differs only
+        // in who asks).
+        (
+            BackendSpec::Rbd {
+                pool: p1,
+                image: i1,
+                conf: c1,
+                ..
+            },
+            BackendSpec::Rbd {
+                pool: p2,
+                image: i2,
+                conf: c2,
+                ..
+            },
+        ) => p1 == p2 && i1 == i2 && c1 == c2,
         _ => false,
     }
 }
@@ -866,6 +906,12 @@ fn describe(spec: &BackendSpec) -> String {
             Some(size) => format!("bytes {offset}+{size} of namespace {nsid} of {address}"),
             None if *offset > 0 => format!("bytes {offset}.. of namespace {nsid} of {address}"),
             None => format!("namespace {nsid} of {address}"),
+        },
+        BackendSpec::Rbd {
+            pool, image, conf, ..
+        } => match conf {
+            Some(conf) => format!("RBD image {pool}/{image} of {}", conf.display()),
+            None => format!("RBD image {pool}/{image}"),
         },
     }
 }

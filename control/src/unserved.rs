@@ -33,6 +33,11 @@ pub struct UnservedEntries {
 }
 
 impl UnservedEntries {
+    /// How many entries are not served.
+    pub fn len(&self) -> usize {
+        self.nvme.len() + self.backends.len() + self.controllers.len()
+    }
+
     /// Nothing is left unserved.
     pub fn is_empty(&self) -> bool {
         self.nvme.is_empty() && self.backends.is_empty() && self.controllers.is_empty()

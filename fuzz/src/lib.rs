@@ -6,7 +6,6 @@
 
 #![deny(missing_docs)]
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
@@ -193,7 +192,8 @@ pub fn memory_table(data: &[u8]) {
     }
 }
 
-/// The input as a vhost-user message stream (no fds) from a frontend, against a real
+/// The input as a vhost-user message stream from a frontend (fds attached where a message
+/// carries them: see [`send_with_fds`]), against a real
 /// connection of a mem-backed virtio-blk device: every message is handled or refused, and
 /// the stream ends with the connection closed, never a panic or a hang.
 pub fn message_sequence(data: &[u8]) {
@@ -220,14 +220,18 @@ pub fn message_sequence(data: &[u8]) {
         };
     }
     let config = CONFIG.with(|c| c.clone());
-    let Ok((mut frontend, backend)) = UnixStream::pair() else {
+    let Ok((frontend, backend)) = UnixStream::pair() else {
         return;
     };
-    // The whole stream is written before handling starts, then the frontend's side closes:
-    // a read past the end sees EOF, never a wait.
-    let _ = frontend.set_nonblocking(true);
-    let _ = frontend.write_all(data);
-    drop(frontend);
+    // The whole stream is written before handling starts, then the frontend stops writing:
+    // a read past the end sees EOF, never a wait. Replies are read and dropped until the
+    // backend closes, so that a message with a reply does not end the stream.
+    send_with_fds(&frontend, data);
+    let _ = frontend.shutdown(std::net::Shutdown::Write);
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut &frontend, &mut buf), Ok(n) if n > 0) {}
+    });
     let connection = Arc::new(std::sync::Mutex::new(Connection::new(config)));
     let mut handler =
         vhost::vhost_user::BackendReqHandler::from_stream(backend, connection.clone());
@@ -236,7 +240,99 @@ pub fn message_sequence(data: &[u8]) {
             break;
         }
     }
+    drop(handler);
+    let _ = drain.join();
     let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
     c.disconnect();
     c.release_memory();
+}
+
+/// Shared memory the message stream's fd-carrying messages bring along (guest memory, a
+/// dirty log, an inflight region): 1 MiB, so that tables and logs asking for more find a
+/// file too small for them.
+const STREAM_FD_BYTES: u64 = 1 << 20;
+
+/// Writes a vhost-user message stream as a frontend would: message by message (headers
+/// give the sizes), each message that carries fds with them: eventfds for kick, call and
+/// err, a memfd of [`STREAM_FD_BYTES`] for the rest (one per region of a memory table).
+/// What follows a malformed header goes as plain bytes.
+fn send_with_fds(socket: &UnixStream, data: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let mut rest = data;
+    let Ok(memory) = memfd("vfblk-fuzz-stream", STREAM_FD_BYTES) else {
+        return;
+    };
+    while rest.len() >= 12 {
+        let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
+        let (request, size) = (word(0), word(8) as usize);
+        let len = (12 + size).min(rest.len());
+        let (message, tail) = rest.split_at(len);
+        let mut fds: Vec<std::fs::File> = Vec::new();
+        let event = || {
+            // SAFETY: eventfd with flags only; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            // SAFETY: a fresh fd nobody else owns.
+            (fd >= 0).then(|| unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        };
+        match request {
+            // SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR.
+            12..=14 => fds.extend(event()),
+            // SET_MEM_TABLE: one fd per region it names (at most 8).
+            5 if message.len() >= 16 => {
+                let regions = u32::from_le_bytes(message[12..16].try_into().expect("4 bytes"));
+                for _ in 0..regions.min(8) {
+                    fds.extend(memory.try_clone().ok());
+                }
+            }
+            // SET_LOG_BASE, SET_LOG_FD, SET_INFLIGHT_FD, ADD_MEM_REG.
+            6 | 7 | 32 | 37 => fds.extend(memory.try_clone().ok()),
+            _ => {}
+        }
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if send_message(socket, message, &raw).is_err() {
+            return;
+        }
+        rest = tail;
+    }
+    let _ = send_message(socket, rest, &[]);
+}
+
+/// One `sendmsg` of `bytes` with `fds` as SCM_RIGHTS.
+fn send_message(socket: &UnixStream, bytes: &[u8], fds: &[i32]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // Room for 8 fds.
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at `space` <= 64 bytes we own (8 fds at most), so the
+        // first header and its data fit.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+    }
+    // SAFETY: a valid msghdr over our buffers; a plain system call.
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

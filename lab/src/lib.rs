@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod ceph;
 pub mod cli;
 pub mod cpio;
 pub mod initramfs;

@@ -81,6 +81,11 @@ impl Drop for Load {
 /// A load generator in verify mode on `socket` (2 queues, QD 16, mixed), listing every gap
 /// between completions over 0.2 ms with its time, until [`finish`].
 pub fn verifying_load(socket: &Path) -> Load {
+    verifying_load_with(socket, &[])
+}
+
+/// [`verifying_load`] with more arguments for the load generator.
+pub fn verifying_load_with(socket: &Path, extra: &[&str]) -> Load {
     Load(Some(
         Command::new(bin("vfblk-loadgen"))
             .arg("--socket")
@@ -101,6 +106,7 @@ pub fn verifying_load(socket: &Path) -> Load {
                 "--reconnect-timeout-s",
                 "20",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

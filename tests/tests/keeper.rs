@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vfblk_tests::{
     add_disk, assert_no_error_nor_reconnect, bin, finish, monotonic_ns, pauses_seen, percentiles,
-    remove_test_dir, rpc_call, verifying_load, wait_gone, without_bulk, Load,
+    remove_test_dir, rpc_call, verifying_load, verifying_load_with, wait_gone, without_bulk, Load,
 };
 
 struct Kept {
@@ -27,6 +27,11 @@ impl Kept {
 
     /// With environment variables for the keeper and the target.
     fn start_with(name: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_watched(name, env, None)
+    }
+
+    /// With a watchdog period for the keeper (`--watchdog-sec`) too.
+    fn start_watched(name: &str, env: &[(&str, &str)], watchdog_sec: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,6 +41,12 @@ impl Kept {
             .arg("--dir")
             .arg(dir.join("keep"))
             .arg("--json")
+            .args(
+                watchdog_sec
+                    .map(|s| ["--watchdog-sec", s])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--")
             .arg(bin("vfblk-bridge"))
             .arg("--config")
@@ -234,6 +245,91 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
     assert_no_error_nor_reconnect(&r);
     let summary = kept.stop();
     assert_eq!(summary["restarts"], 10, "{summary}");
+}
+
+/// A migration in progress when the target is upgraded and killed: the dirty log travels
+/// in the hand-over state and the fd store, so every page the device writes afterwards is
+/// still marked (the load generator syncs and checks the log every 50 ms, as QEMU syncs it
+/// between passes).
+#[test]
+fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = Kept::start("dirty-log");
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load_with(&socket, &["--dirty-log"]);
+    kept.wait_serving(1);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = kept.target_pid();
+        if round % 2 == 0 {
+            let report = kept.call("upgrade", json!({})).unwrap();
+            assert_eq!(report["old_pid"], before, "{report}");
+        } else {
+            // SAFETY: SIGKILL to the target process this test runs.
+            unsafe { libc::kill(before as i32, libc::SIGKILL) };
+        }
+        wait_gone(before);
+        kept.wait_serving(1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    let log = &r["dirty_log"];
+    assert_eq!(log["missing_pages"], 0, "{}", without_bulk(&r));
+    assert_eq!(log["extra_pages"], 0, "{}", without_bulk(&r));
+    assert!(
+        log["written_pages"].as_u64().unwrap_or(0) > 100,
+        "{}",
+        without_bulk(&r)
+    );
+    let target_log = kept.log();
+    assert!(
+        target_log.contains("dirty logging continues into the log"),
+        "a successor said it logs on: {target_log}"
+    );
+    kept.stop();
+}
+
+/// A poller that hangs (a backend call that never returns, here a test fault) stops the
+/// target's WATCHDOG=1; the keeper aborts the target and starts it again, and the successor
+/// runs the stuck requests again from the inflight region: the load generator sees a pause
+/// of about the watchdog period, no error and no reconnect.
+#[test]
+fn a_hung_poller_stops_the_watchdog_and_the_restart_loses_nothing() {
+    let _lock = vfblk_tests::lab_lock();
+    let marker = std::env::temp_dir().join(format!("vfblk-hang-poller-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let marker_env = marker.display().to_string();
+    let kept = Kept::start_watched(
+        "watchdog",
+        &[("VFBLK_TEST_HANG_POLLER", &marker_env)],
+        Some("1"),
+    );
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load(&socket);
+    kept.wait_serving(1);
+    // Healthy pollers keep the watchdog fed well past its period.
+    std::thread::sleep(Duration::from_millis(2500));
+    let first = kept.target_pid();
+    assert!(
+        !kept.log().contains("no WATCHDOG=1"),
+        "a healthy target was aborted: {}",
+        kept.log()
+    );
+    std::fs::write(&marker, b"hang").unwrap();
+    wait_gone(first);
+    kept.wait_serving(1);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    let log = kept.log();
+    assert!(log.contains("this poller hangs now"), "{log}");
+    assert!(log.contains("made no progress"), "{log}");
+    assert!(log.contains("no WATCHDOG=1 from pid"), "{log}");
+    assert!(!marker.exists());
+    let summary = kept.stop();
+    assert_eq!(summary["watchdog_aborts"], 1, "{summary}");
+    assert_eq!(summary["restarts"], 1, "{summary}");
 }
 
 #[test]

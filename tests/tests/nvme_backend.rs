@@ -27,6 +27,9 @@ start_bridge
 step "1 MiB requests (twice the MDTS) with verify"
 vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 1048576 --qd 4 --seconds 3 --json > /tmp/big.json || { cat /tmp/big.json /tmp/bridge.log; fail "large requests"; }
 record "{\"split\": $(cat /tmp/big.json)}"
+step "a migrating frontend: the controller's DMA into guest memory is marked in its dirty log"
+vfblk-loadgen --socket /tmp/b.sock --rw read --bs 65536 --qd 8 --seconds 2 --dirty-log --json > /tmp/dirty.json || { cat /tmp/dirty.json /tmp/bridge.log; fail "dirty log of reads"; }
+record "{\"dirty_reads\": $(cat /tmp/dirty.json)}"
 step "4 KiB mixed verify, bridge killed with SIGKILL 3 times"
 vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
 lg=$!
@@ -47,13 +50,13 @@ rc=$?
 record "{\"lost_completion\": $(cat /tmp/lost.json), \"resets\": $(grep -c 'resetting the controller' /tmp/lost.log), \"resent\": $(grep -c 'commands in flight are sent again' /tmp/lost.log)}"
 [ $rc = 0 ] || { cat /tmp/lost.log; fail "loadgen reported errors across the reset"; }
 step "scatter lists PRPs cannot describe: through SGLs, then with SGLs ignored through bounce buffers"
-vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --unaligned --bs 65536 --qd 8 --seconds 2 --json > /tmp/sgl.json || { cat /tmp/sgl.json /tmp/lost.log; fail "unaligned buffers with SGLs"; }
+vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --unaligned --bs 65536 --qd 8 --seconds 2 --dirty-log --json > /tmp/sgl.json || { cat /tmp/sgl.json /tmp/lost.log; fail "unaligned buffers with SGLs"; }
 kill -9 $(cat /tmp/bridge.pid)
 rm -f /tmp/b.sock
 vfblk-bridge --socket /tmp/b.sock --backend nvme:$bdf --nvme-no-sgl >/dev/null 2>/tmp/nosgl.log &
 echo $! > /tmp/bridge.pid
 for i in $(seq 1 200); do [ -S /tmp/b.sock ] && break; sleep 0.05; done
-vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --unaligned --bs 65536 --qd 8 --seconds 3 --json > /tmp/bounce.json || { cat /tmp/bounce.json /tmp/nosgl.log; fail "unaligned buffers without SGLs"; }
+vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --unaligned --bs 65536 --qd 8 --seconds 3 --dirty-log --json > /tmp/bounce.json || { cat /tmp/bounce.json /tmp/nosgl.log; fail "unaligned buffers without SGLs"; }
 vfblk-loadgen --socket /tmp/b.sock --rw mixed --verify --bs 1048576 --qd 2 --seconds 2 --json > /tmp/aligned.json || { cat /tmp/aligned.json /tmp/nosgl.log; fail "aligned buffers without SGLs"; }
 record "{\"unaligned_sgl\": $(cat /tmp/sgl.json), \"unaligned_bounce\": $(cat /tmp/bounce.json), \"aligned_no_sgl\": $(cat /tmp/aligned.json)}"
 "#;
@@ -91,6 +94,22 @@ fn nvme_backend_verifies_across_sigkills() {
     let split = split.unwrap();
     clean(&split);
     assert!(split["reads"].as_u64().unwrap() > 0, "{split}");
+    // Acting as a migration's source, the load generator found exactly the pages the
+    // controller's DMA (and our status bytes and used rings) wrote marked in the log: through
+    // PRPs, through SGLs, and through bounce buffers copied into guest memory.
+    for key in ["dirty_reads", "unaligned_sgl", "unaligned_bounce"] {
+        let r = run
+            .record(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} record"));
+        let log = &r["dirty_log"];
+        assert_eq!(log["missing_pages"], 0, "{key}: {log}");
+        assert_eq!(log["extra_pages"], 0, "{key}: {log}");
+        assert!(
+            log["written_pages"].as_u64().unwrap_or(0) > 100,
+            "{key}: {log}"
+        );
+    }
     let kills = kills.unwrap();
     clean(&kills);
     assert_eq!(kills["reconnects"], 3, "{kills}");

@@ -35,6 +35,11 @@ pub trait Device: Send + Sync {
     fn requests_recovered(&self, index: u16, count: usize) {
         let _ = (index, count);
     }
+    /// A migration's switch-over stopped a ring (everything taken is done): make the data
+    /// written so far visible to the destination's process, which serves the same storage.
+    fn sync_for_migration(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a queue handler is told when its queue starts.

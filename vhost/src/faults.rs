@@ -22,3 +22,19 @@ pub(crate) fn die_in_message_for_tests() {
         std::process::abort();
     }
 }
+
+/// Fault injection (feature `test-faults`): once the file `VFBLK_TEST_HANG_POLLER` names
+/// exists, the first poller to see it removes it and hangs for good (spinning, its queues
+/// and heartbeat stopped), as a poller stuck in a backend call would. Looked at every
+/// heartbeat (a system call there only in test builds).
+pub(crate) fn hang_poller_for_tests() {
+    let Some(marker) = std::env::var_os("VFBLK_TEST_HANG_POLLER") else {
+        return;
+    };
+    if std::fs::remove_file(&marker).is_ok() {
+        tracing::warn!("VFBLK_TEST_HANG_POLLER: this poller hangs now");
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}

@@ -828,7 +828,30 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         self.vring(index)?;
-        let next_avail = self.stop_queue(index as u16);
+        let (next_avail, abandoned) = self.stop_queue_counting(index as u16);
+        if self.log_all() {
+            // A migration's switch-over: the destination serves the same storage next, and
+            // must read what this ring's requests wrote.
+            if abandoned > 0 {
+                tracing::error!(
+                    queue = index,
+                    "migration switch-over: {abandoned} request(s) of queue {index} did not finish in time; the destination will not see them complete"
+                );
+            }
+            let started = std::time::Instant::now();
+            match self.config.device.sync_for_migration() {
+                Ok(()) => tracing::info!(
+                    queue = index,
+                    "migration switch-over: queue {index} stopped at avail index {next_avail}, data synced in {:?}",
+                    started.elapsed()
+                ),
+                Err(e) => tracing::error!(
+                    queue = index,
+                    "migration switch-over: syncing the data for the destination failed: {}",
+                    error_chain(&e)
+                ),
+            }
+        }
         let v = self.vring(index)?;
         v.kick = None;
         v.kick_set = false;

@@ -207,16 +207,31 @@ impl Ring {
             );
             return false;
         }
+        let log_lost = match &self.log {
+            Some(log) => {
+                // The device's writes are done: marked before the driver can see them done.
+                for &head in self.completed.heads() {
+                    ChainCursor::new(&self.vq, &self.mem, head).mark_writable(&log.log);
+                }
+                log.log.poisoned()
+            }
+            None => false,
+        };
+        if log_lost {
+            // Marks went to a page the frontend cut from the log: the migration would miss
+            // these writes, so they are not reported done.
+            let head = self.completed.heads()[0];
+            self.completed.clear();
+            self.stop_broken(
+                head,
+                format_args!("the frontend shrank the dirty log's file under the device"),
+            );
+            return false;
+        }
         if let Some((inflight, _)) = &mut self.inflight {
             inflight.prepare_batch(self.completed.heads());
         }
         let first_used = self.vq.next_used;
-        if let Some(log) = &self.log {
-            // The device's writes are done: marked before the driver can see them done.
-            for &head in self.completed.heads() {
-                ChainCursor::new(&self.vq, &self.mem, head).mark_writable(&log.log);
-            }
-        }
         for (head, written) in self.completed.iter() {
             self.vq.push_used(head, written);
         }

@@ -96,7 +96,13 @@ struct Mailbox {
     /// The longest time one batch of mailbox commands held the loop (control-plane work
     /// every other queue on the poller waits for).
     longest_commands_ns: AtomicU64,
+    /// Loops run, published every [`HEARTBEAT_EVERY`] loops and after every sleep: a poller
+    /// stuck anywhere (a backend call that never returns, a loop) stops it.
+    heartbeat: AtomicU64,
 }
+
+/// Loops between publications of a poller's heartbeat.
+const HEARTBEAT_EVERY: u64 = 256;
 
 /// Tuning of the poll loop.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +204,7 @@ impl Worker {
             wake,
             busy_ns: AtomicU64::new(0),
             longest_commands_ns: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
         });
         let mb = mailbox.clone();
         let thread = std::thread::Builder::new()
@@ -249,6 +256,12 @@ impl Worker {
     /// Time its loop spent on work since it started.
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.mailbox.busy_ns.load(Ordering::Relaxed))
+    }
+
+    /// The poller's heartbeat: it changes at least every 100 ms while the poller runs its
+    /// loop, busy or idle (see [`Worker::spawn`]'s modes), and never while it is stuck.
+    pub fn heartbeat(&self) -> u64 {
+        self.mailbox.heartbeat.load(Ordering::Relaxed)
     }
 
     /// The longest its queues waited for control-plane commands (starting, stopping and
@@ -401,7 +414,14 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
     // Empty loops in a row, and when the first of them ran.
     let mut idle = 0u32;
     let mut idle_since: Option<Instant> = None;
+    let mut loops: u64 = 0;
     loop {
+        loops = loops.wrapping_add(1);
+        if loops % HEARTBEAT_EVERY == 0 {
+            mailbox.heartbeat.store(loops, Ordering::Relaxed);
+            #[cfg(feature = "test-faults")]
+            crate::faults::hang_poller_for_tests();
+        }
         if mailbox.pending.load(Ordering::Acquire) {
             let commands_start = Instant::now();
             mailbox.pending.store(false, Ordering::Release);
@@ -499,6 +519,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= limit {
                 sleep_until_kicked(mailbox, &mut queues);
+                mailbox.heartbeat.store(loops, Ordering::Relaxed);
                 idle = 0;
                 idle_since = Instant::now().checked_sub(limit);
             } else {
@@ -832,6 +853,31 @@ mod tests {
         // the destination may have been written while logging was off).
         q.ring.set_log(Some(ring_log));
         assert_eq!(marked(&log_file), pages(used_gpa, used_len));
+    }
+
+    #[test]
+    fn a_dirty_log_shrunk_under_the_device_stops_the_queue_before_anything_is_reported_done() {
+        use crate::dirty_log::{log_bytes_for, DirtyLog};
+        use crate::ring::RingLog;
+        let mut guest = MockGuest::new(1 << 20, 16);
+        // SAFETY: a valid NUL-terminated name; the result is checked. No MFD_ALLOW_SEALING:
+        // the file can be shrunk under the mapping.
+        let fd = unsafe { libc::memfd_create(c"log-shrunk".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let bytes = log_bytes_for(guest.len()).div_ceil(4096) * 4096;
+        file.set_len(bytes).unwrap();
+        let log = Arc::new(DirtyLog::map(file.try_clone().unwrap(), 0, bytes, true).unwrap());
+        let used_gpa = guest.driver().gpas.2;
+        let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
+        q.ring.set_log(Some(RingLog { log, used_gpa }));
+        file.set_len(0).unwrap();
+        let buf = guest.alloc(4096);
+        guest.add_chain(&[(buf, 16, false), (buf + 16, 1, true)]);
+        q.process(true);
+        assert_eq!(guest.pop_used(), None, "reported done with its marks lost");
+        assert!(q.ring.broken, "the queue stops");
     }
 
     #[test]

@@ -60,6 +60,11 @@ struct Args {
     /// it ended (JSON `gaps`), to find the pause each upgrade or restart caused.
     #[arg(long, value_name = "MS")]
     log_gaps_over_ms: Option<f64>,
+    /// Act as the source of a live migration: hand the backend a dirty log and turn logging
+    /// on; at the end stop the rings and check that exactly the pages the device wrote (read
+    /// data, status bytes, used rings) are marked.
+    #[arg(long)]
+    dirty_log: bool,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         log_gaps_over: a
             .log_gaps_over_ms
             .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3)),
+        dirty_log: a.dirty_log,
     };
     let result = LoadGen::new(options).map(|lg| if a.idle { lg.idle() } else { lg.run() });
     Report::print_and_exit_code("vfblk-loadgen", result, a.job.json)

@@ -34,6 +34,10 @@ impl Backend for DelayBackend {
         &self.info
     }
 
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
     fn open_queue(&self, poller: u64) -> Result<Queue> {
         Ok(Queue::from(DelayQueue {
             inner: self.inner.open_queue(poller)?,

@@ -127,6 +127,16 @@ impl Backend for FileBackend {
         &self.info
     }
 
+    /// Writes through the page cache (unaligned buffers, filesystems without O_DIRECT) sit
+    /// in this host's memory until written back: fdatasync, which also flushes the device's
+    /// write cache for the O_DIRECT ones.
+    fn sync(&self) -> Result<()> {
+        self.buffered.sync_data().map_err(|source| Error::Io {
+            what: "fdatasync of the backing file".into(),
+            source,
+        })
+    }
+
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
         let entries = DEPTH as u32 * 2;
         let ring = IoUring::new(entries).map_err(|source| Error::Io {

@@ -49,6 +49,15 @@ impl MemBackend {
 }
 
 impl Backend for MemBackend {
+    /// msync: the mapping's dirty pages written back to the file (nothing to write on
+    /// /dev/shm, where the pages are the file).
+    fn sync(&self) -> Result<()> {
+        self.map.flush().map_err(|source| Error::Io {
+            what: "msync of the RAM disk's mapping".into(),
+            source,
+        })
+    }
+
     fn info(&self) -> &BackendInfo {
         &self.info
     }

@@ -10,6 +10,7 @@ mod file;
 mod mem;
 mod null;
 mod nvme;
+pub mod rbd;
 
 #[cfg(any(test, feature = "test-delay"))]
 pub use delay::DelayBackend;
@@ -20,6 +21,7 @@ pub use nvme::{
     IovaWindow, LentWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
     SharedController,
 };
+pub use rbd::{ClusterSettings, RbdBackend};
 
 use crate::request::Request;
 use crate::Result;
@@ -129,6 +131,12 @@ pub trait Backend: Send + Sync {
     fn guest_memory_changed(&self, _memory: Option<&GuestMemory>) -> Result<()> {
         Ok(())
     }
+    /// Makes every write completed so far visible to another process or host that opens the
+    /// same storage (a migration's destination): called with no queue running. Backends
+    /// whose writes reach the storage directly have nothing to do.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One virtqueue's path to the backend.
@@ -158,6 +166,8 @@ enum Kind {
     /// Boxed: its io_uring and slots would make every queue as large.
     File(Box<file::FileQueue>),
     Nvme(nvme::NvmeClient),
+    /// Boxed: its slots and iovecs are large.
+    Rbd(Box<rbd::RbdQueue>),
     #[cfg(any(test, feature = "test-delay"))]
     Delayed(Box<delay::DelayQueue>),
     /// A test's own queue (wrapping one of the above to watch it).
@@ -173,6 +183,7 @@ macro_rules! on_queue {
             Kind::Mem($q) => $body,
             Kind::File($q) => $body,
             Kind::Nvme($q) => $body,
+            Kind::Rbd($q) => $body,
             #[cfg(any(test, feature = "test-delay"))]
             Kind::Delayed($q) => $body,
             #[cfg(test)]
@@ -202,6 +213,12 @@ impl From<file::FileQueue> for Queue {
 impl From<nvme::NvmeClient> for Queue {
     fn from(q: nvme::NvmeClient) -> Self {
         Self(Kind::Nvme(q))
+    }
+}
+
+impl From<rbd::RbdQueue> for Queue {
+    fn from(q: rbd::RbdQueue) -> Self {
+        Self(Kind::Rbd(Box::new(q)))
     }
 }
 

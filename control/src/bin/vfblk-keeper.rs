@@ -20,9 +20,22 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Like systemd's WatchdogSec=: once ready, the target must say WATCHDOG=1 within every
+    /// SECS (it does while all its pollers make progress), or it is aborted and started
+    /// again.
+    #[arg(long, value_name = "SECS", value_parser = watchdog_secs)]
+    watchdog_sec: Option<f64>,
     /// The target's command line, after `--`.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
     command: Vec<OsString>,
+}
+
+fn watchdog_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(1.0..=86_400.0).contains(&secs) {
+        return Err(format!("{secs} s: between 1 and 86400"));
+    }
+    Ok(secs)
 }
 
 fn main() -> ExitCode {
@@ -31,6 +44,7 @@ fn main() -> ExitCode {
     let options = KeeperOptions {
         command: args.command,
         dir: args.dir.unwrap_or_else(keeper::default_dir),
+        watchdog: args.watchdog_sec.map(std::time::Duration::from_secs_f64),
     };
     match keeper::run(&options) {
         Ok(report) => {

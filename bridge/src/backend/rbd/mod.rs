@@ -1,0 +1,665 @@
+//! A Ceph RBD image as a backend, through librbd's asynchronous calls.
+//!
+//! The data path: scatter lists straight from guest RAM (`rbd_aio_readv`/`writev`, no bounce
+//! copy), flush, discard and write-zeroes. One image handle serves every queue of the
+//! backend (a handle per poller would make them contend for the image's exclusive lock).
+//! librbd completes requests on its own threads; its per-image event queue
+//! (`rbd_set_image_notification` + `rbd_poll_io_events`) would hand one poller the
+//! completions of another's requests, so each request's callback instead marks its own
+//! ticket in the submitting queue's board (an atomic flag and a counter, nothing shared
+//! between pollers), and the poller that submitted collects it: one atomic load per poll
+//! while nothing is done, no lock, no system call.
+//!
+//! Allocation per request: none on our side (slots, tickets and iovecs are allocated when the
+//! queue opens); librbd allocates its completion (`rbd_aio_create_completion`) and its
+//! internal request objects for each call.
+//!
+//! Clusters: images with the same cluster settings (conf file, client id, keyring) share one
+//! librados client and so one set of librados threads, as SPDK's registered clusters do.
+
+pub mod ffi;
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void, CString};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::backend::{Backend, BackendInfo, BackendQueue, Queue};
+use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS, MAX_SEGMENTS};
+use crate::virtio_blk::{status, SECTOR};
+use crate::{Error, Result};
+
+/// Requests one queue has out at once.
+const DEPTH: usize = 128;
+/// librbd completions one queue has out at once (a discard or write-zeroes request takes one
+/// per range).
+const TICKETS: usize = DEPTH + MAX_DISCARD_SEGMENTS;
+/// Errors of one queue logged in full; later ones are counted.
+const ERRORS_LOGGED: u64 = 10;
+
+/// Which cluster, as librados is told (also the key clients are shared by).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterSettings {
+    /// ceph.conf (default: librados's search: $CEPH_CONF, /etc/ceph/ceph.conf, ...).
+    pub conf: Option<PathBuf>,
+    /// Client id, without `client.` (default `admin`).
+    pub id: Option<String>,
+    /// Keyring (default: what the conf names).
+    pub keyring: Option<PathBuf>,
+}
+
+/// A connected librados client, shared by the images of one cluster.
+struct Cluster {
+    api: &'static ffi::Api,
+    rados: ffi::Rados,
+    settings: ClusterSettings,
+}
+
+// SAFETY: a rados_t is thread-safe (librados's documented contract for a connected client).
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: our client; every image and ioctx of it is gone (they hold an Arc).
+        unsafe { (self.api.rados_shutdown)(self.rados) };
+        tracing::info!("Ceph client for {:?} shut down", self.settings);
+    }
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::BadArgument(format!("{what} {s:?} contains a NUL byte")))
+}
+
+fn ceph_error(what: String, rc: i64) -> Error {
+    Error::Ceph {
+        what,
+        reason: ffi::errno_text(rc),
+    }
+}
+
+impl Cluster {
+    /// The client for `settings`: the running one if an image uses it, else a new one.
+    fn get(settings: &ClusterSettings) -> Result<Arc<Cluster>> {
+        static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<Cluster>>>> = Mutex::new(None);
+        let mut clients = CLIENTS
+            .lock()
+            .map_err(|_| Error::Poisoned("Ceph clients"))?;
+        let clients = clients.get_or_insert_with(HashMap::new);
+        if let Some(c) = clients.get(settings).and_then(Weak::upgrade) {
+            return Ok(c);
+        }
+        let c = Arc::new(Cluster::connect(settings)?);
+        clients.retain(|_, w| w.strong_count() > 0);
+        clients.insert(settings.clone(), Arc::downgrade(&c));
+        Ok(c)
+    }
+
+    fn connect(settings: &ClusterSettings) -> Result<Cluster> {
+        let api = ffi::api().map_err(|e| Error::BadArgument(format!("RBD: {e}")))?;
+        let name = format!("client.{}", settings.id.as_deref().unwrap_or("admin"));
+        let cname = cstring("client id", &name)?;
+        let mut rados: ffi::Rados = std::ptr::null_mut();
+        // SAFETY: valid out pointer and NUL-terminated strings; flags 0.
+        let rc = unsafe { (api.rados_create2)(&mut rados, c"ceph".as_ptr(), cname.as_ptr(), 0) };
+        if rc < 0 {
+            return Err(ceph_error(
+                format!("creating a Ceph client {name}"),
+                rc.into(),
+            ));
+        }
+        // From here the client is shut down on every failure.
+        let cluster = Cluster {
+            api,
+            rados,
+            settings: settings.clone(),
+        };
+        let conf = settings
+            .conf
+            .as_ref()
+            .map(|p| cstring("conf", &p.to_string_lossy()))
+            .transpose()?;
+        // SAFETY: our client; a path or null for librados's default search.
+        let rc = unsafe {
+            (api.rados_conf_read_file)(
+                rados,
+                conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            )
+        };
+        if rc < 0 {
+            return Err(ceph_error(
+                format!("reading Ceph configuration {:?}", settings.conf),
+                rc.into(),
+            ));
+        }
+        let set = |key: &str, value: &str| -> Result<()> {
+            let (k, v) = (cstring("option", key)?, cstring("value", value)?);
+            // SAFETY: our client and NUL-terminated strings.
+            let rc = unsafe { (api.rados_conf_set)(rados, k.as_ptr(), v.as_ptr()) };
+            if rc < 0 {
+                return Err(ceph_error(format!("setting {key}={value}"), rc.into()));
+            }
+            Ok(())
+        };
+        if let Some(keyring) = &settings.keyring {
+            set("keyring", &keyring.to_string_lossy())?;
+        }
+        // A cluster that does not answer fails the create in bounded time (librados's default
+        // waits five minutes) instead of holding the RPC that asked.
+        set("client_mount_timeout", "15")?;
+        // SAFETY: our configured client.
+        let rc = unsafe { (api.rados_connect)(rados) };
+        if rc < 0 {
+            return Err(ceph_error(
+                format!("connecting to the Ceph cluster as {name}"),
+                rc.into(),
+            ));
+        }
+        tracing::info!("Ceph client {name} connected ({:?})", settings.conf);
+        Ok(cluster)
+    }
+}
+
+/// An RBD image, open.
+pub struct RbdBackend {
+    api: &'static ffi::Api,
+    image: ffi::Image,
+    ioctx: ffi::IoCtx,
+    info: BackendInfo,
+    /// Keeps the client up while the image is open.
+    _cluster: Arc<Cluster>,
+}
+
+// SAFETY: librbd image handles are thread-safe for asynchronous I/O (QEMU and SPDK submit
+// from several threads to one handle); open/close happen on one thread.
+unsafe impl Send for RbdBackend {}
+// SAFETY: as above.
+unsafe impl Sync for RbdBackend {}
+
+impl Drop for RbdBackend {
+    fn drop(&mut self) {
+        // SAFETY: our image and ioctx; no queue of it is left (queues hold an Arc of us).
+        unsafe {
+            let rc = (self.api.rbd_close)(self.image);
+            if rc < 0 {
+                tracing::warn!(
+                    "closing {}: {}",
+                    self.info.description,
+                    ffi::errno_text(rc.into())
+                );
+            }
+            (self.api.rados_ioctx_destroy)(self.ioctx);
+        }
+    }
+}
+
+/// What a new image gets: layering, exclusive-lock, object-map, fast-diff, deep-flatten
+/// (librbd's defaults).
+const NEW_IMAGE_FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
+
+impl RbdBackend {
+    /// Opens `pool/image` of the cluster `settings` name. With `size`, an image that does not
+    /// exist is created with it (and removed again if opening it then fails); an existing
+    /// image must have that size.
+    pub fn open(
+        settings: &ClusterSettings,
+        pool: &str,
+        image: &str,
+        size: Option<u64>,
+    ) -> Result<Self> {
+        let cluster = Cluster::get(settings)?;
+        let api = cluster.api;
+        let (cpool, cimage) = (cstring("pool", pool)?, cstring("image", image)?);
+        let mut ioctx: ffi::IoCtx = std::ptr::null_mut();
+        // SAFETY: our connected client, a NUL-terminated pool name, a valid out pointer.
+        let rc = unsafe { (api.rados_ioctx_create)(cluster.rados, cpool.as_ptr(), &mut ioctx) };
+        if rc < 0 {
+            return Err(ceph_error(format!("opening pool {pool}"), rc.into()));
+        }
+        let destroy_ioctx = |ioctx| {
+            // SAFETY: the ioctx we created, used by nothing else.
+            unsafe { (api.rados_ioctx_destroy)(ioctx) }
+        };
+        let mut handle: ffi::Image = std::ptr::null_mut();
+        // SAFETY: our ioctx, a NUL-terminated name, a valid out pointer, no snapshot.
+        let mut rc =
+            unsafe { (api.rbd_open)(ioctx, cimage.as_ptr(), &mut handle, std::ptr::null()) };
+        let mut created = false;
+        if rc == -libc::ENOENT {
+            if let Some(size) = size {
+                let mut order: c_int = 0;
+                // SAFETY: our ioctx, a NUL-terminated name, a valid order pointer (0: default).
+                let crc = unsafe {
+                    (api.rbd_create2)(ioctx, cimage.as_ptr(), size, NEW_IMAGE_FEATURES, &mut order)
+                };
+                if crc < 0 {
+                    destroy_ioctx(ioctx);
+                    return Err(ceph_error(
+                        format!("creating image {pool}/{image} of {size} bytes"),
+                        crc.into(),
+                    ));
+                }
+                created = true;
+                tracing::info!("created RBD image {pool}/{image} of {size} bytes");
+                // SAFETY: as above.
+                rc = unsafe {
+                    (api.rbd_open)(ioctx, cimage.as_ptr(), &mut handle, std::ptr::null())
+                };
+            }
+        }
+        let fail = |e: Error, handle: ffi::Image| {
+            // SAFETY: our handle (if open) and ioctx; undoing what this call made.
+            unsafe {
+                if !handle.is_null() {
+                    (api.rbd_close)(handle);
+                }
+                if created {
+                    (api.rbd_remove)(ioctx, cimage.as_ptr());
+                }
+            }
+            destroy_ioctx(ioctx);
+            e
+        };
+        if rc < 0 {
+            return Err(fail(
+                ceph_error(format!("opening image {pool}/{image}"), rc.into()),
+                std::ptr::null_mut(),
+            ));
+        }
+        let mut bytes = 0u64;
+        // SAFETY: our open image and a valid out pointer.
+        let rc = unsafe { (api.rbd_get_size)(handle, &mut bytes) };
+        if rc < 0 {
+            return Err(fail(
+                ceph_error(format!("size of image {pool}/{image}"), rc.into()),
+                handle,
+            ));
+        }
+        if let Some(size) = size.filter(|&s| s != bytes) {
+            return Err(fail(
+                Error::BadArgument(format!(
+                    "image {pool}/{image} has {bytes} bytes, not the {size} asked for (resize it with rbd resize)"
+                )),
+                handle,
+            ));
+        }
+        if bytes == 0 || bytes % SECTOR != 0 {
+            return Err(fail(
+                Error::BadSize {
+                    what: format!("image {pool}/{image}"),
+                    bytes,
+                },
+                handle,
+            ));
+        }
+        let info = BackendInfo {
+            description: format!("RBD image {pool}/{image} ({} MiB)", bytes >> 20),
+            capacity_sectors: bytes / SECTOR,
+            block_size: 512,
+            // RADOS objects are written whole below 4 KiB granularity anyway.
+            physical_block_size: 4096,
+            optimal_io_size: 4 << 20,
+            flush: true,
+            discard: true,
+            write_zeroes: true,
+        };
+        Ok(Self {
+            api,
+            image: handle,
+            ioctx,
+            info,
+            _cluster: cluster,
+        })
+    }
+}
+
+impl Backend for RbdBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn open_queue(&self, _poller: u64) -> Result<Queue> {
+        Ok(Queue::from(RbdQueue::new(self.api, self.image)))
+    }
+}
+
+/// Where librbd's threads report completions to one queue: a flag per ticket and a count.
+struct Board {
+    done: Box<[AtomicBool]>,
+    ready: AtomicUsize,
+    /// Each ticket's callback argument (stable addresses: the board never moves).
+    args: Box<[TicketArg]>,
+}
+
+/// The callback's argument: which ticket of which board.
+struct TicketArg {
+    board: *const Board,
+    ticket: usize,
+}
+
+/// librbd's completion callback (on a librbd thread): marks the ticket done. The board
+/// holds a reference for every ticket out, so it outlives a queue dropped with requests
+/// still in librbd.
+unsafe extern "C" fn on_complete(_c: ffi::Completion, arg: *mut c_void) {
+    // SAFETY: `arg` is a TicketArg of a board kept alive by the reference taken at submit.
+    let arg = unsafe { &*(arg as *const TicketArg) };
+    // SAFETY: as above.
+    let board = unsafe { &*arg.board };
+    board.done[arg.ticket].store(true, Ordering::Release);
+    board.ready.fetch_add(1, Ordering::Release);
+    // SAFETY: the reference taken for this ticket at submit.
+    unsafe { Arc::decrement_strong_count(arg.board) };
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    token: u16,
+    /// librbd completions still out.
+    pending: u32,
+    status: u8,
+}
+
+#[derive(Clone, Copy)]
+struct Ticket {
+    slot: usize,
+    completion: ffi::Completion,
+    /// Bytes a read must return.
+    expected: i64,
+    op: &'static str,
+}
+
+/// One virtqueue's path to the image.
+pub struct RbdQueue {
+    api: &'static ffi::Api,
+    image: ffi::Image,
+    board: Arc<Board>,
+    slots: Box<[Slot]>,
+    free_slots: Vec<usize>,
+    tickets: Box<[Ticket]>,
+    free_tickets: Vec<usize>,
+    /// Tickets out, in no order.
+    out: Vec<usize>,
+    iovecs: Box<[[libc::iovec; MAX_SEGMENTS]]>,
+    /// Slots whose request never reached librbd (refused at once): reported at the next poll.
+    finished_now: Vec<usize>,
+    in_flight: usize,
+    errors: u64,
+}
+
+// SAFETY: the raw pointers are librbd handles (thread-safe) and guest memory that stays
+// mapped while requests are in flight; one poller uses the queue.
+unsafe impl Send for RbdQueue {}
+
+impl RbdQueue {
+    fn new(api: &'static ffi::Api, image: ffi::Image) -> Self {
+        let board = Arc::new_cyclic(|weak: &Weak<Board>| Board {
+            done: (0..TICKETS).map(|_| AtomicBool::new(false)).collect(),
+            ready: AtomicUsize::new(0),
+            args: (0..TICKETS)
+                .map(|ticket| TicketArg {
+                    board: weak.as_ptr(),
+                    ticket,
+                })
+                .collect(),
+        });
+        Self {
+            api,
+            image,
+            board,
+            slots: vec![
+                Slot {
+                    token: 0,
+                    pending: 0,
+                    status: status::OK
+                };
+                DEPTH
+            ]
+            .into_boxed_slice(),
+            free_slots: (0..DEPTH).rev().collect(),
+            tickets: vec![
+                Ticket {
+                    slot: 0,
+                    completion: std::ptr::null_mut(),
+                    expected: 0,
+                    op: "",
+                };
+                TICKETS
+            ]
+            .into_boxed_slice(),
+            free_tickets: (0..TICKETS).rev().collect(),
+            out: Vec::with_capacity(TICKETS),
+            iovecs: vec![
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_SEGMENTS];
+                DEPTH
+            ]
+            .into_boxed_slice(),
+            finished_now: Vec::with_capacity(DEPTH),
+            in_flight: 0,
+            errors: 0,
+        }
+    }
+
+    /// After a librbd call for `slot` with ticket `t`: out, or refused at once.
+    fn launched(&mut self, slot: usize, t: usize, rc: c_int) {
+        if rc < 0 {
+            self.refused(t, rc);
+        } else {
+            self.slots[slot].pending += 1;
+            self.out.push(t);
+        }
+    }
+
+    /// A ticket for `slot`, or the slot failed (no completion could be made).
+    fn try_ticket(&mut self, slot: usize, expected: i64, op: &'static str) -> Option<usize> {
+        match self.ticket(slot, expected, op) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!("RBD {op}: {}", vfblk_vhost::error_chain(&e));
+                self.slots[slot].status = status::IOERR;
+                None
+            }
+        }
+    }
+
+    /// Takes a ticket for one librbd call of `slot`: the completion, with the board's
+    /// reference for its callback.
+    fn ticket(&mut self, slot: usize, expected: i64, op: &'static str) -> Result<usize> {
+        let t = self.free_tickets.pop().ok_or(Error::QueueFull("rbd"))?;
+        let arg = &self.board.args[t] as *const TicketArg as *mut c_void;
+        let mut completion: ffi::Completion = std::ptr::null_mut();
+        // SAFETY: a valid out pointer; the argument outlives the completion (the board is
+        // kept by the reference taken below until the callback drops it).
+        let rc = unsafe { (self.api.rbd_aio_create_completion)(arg, on_complete, &mut completion) };
+        if rc < 0 {
+            self.free_tickets.push(t);
+            return Err(ceph_error("creating an RBD completion".into(), rc.into()));
+        }
+        // The callback's reference to the board.
+        // SAFETY: `board` is a live Arc.
+        unsafe { Arc::increment_strong_count(Arc::as_ptr(&self.board)) };
+        self.tickets[t] = Ticket {
+            slot,
+            completion,
+            expected,
+            op,
+        };
+        Ok(t)
+    }
+
+    /// A call librbd refused at once: no callback will come; the ticket is undone here.
+    fn refused(&mut self, t: usize, rc: c_int) {
+        let ticket = self.tickets[t];
+        // SAFETY: the completion we created, never handed to librbd.
+        unsafe { (self.api.rbd_aio_release)(ticket.completion) };
+        // SAFETY: the callback's reference, which no callback will drop.
+        unsafe { Arc::decrement_strong_count(Arc::as_ptr(&self.board)) };
+        self.free_tickets.push(t);
+        self.fail(ticket.slot, ticket.op, rc.into());
+    }
+
+    fn fail(&mut self, slot: usize, op: &str, rc: i64) {
+        self.slots[slot].status = status::IOERR;
+        self.errors += 1;
+        if self.errors <= ERRORS_LOGGED {
+            tracing::error!("RBD {op}: {}", ffi::errno_text(rc));
+        } else if self.errors.is_power_of_two() {
+            tracing::error!("RBD: {} errors on this queue so far", self.errors);
+        }
+    }
+}
+
+impl Drop for RbdQueue {
+    fn drop(&mut self) {
+        if !self.out.is_empty() {
+            // Their callbacks still come and find the board (it is kept for them); their
+            // completions are librbd's to free with the image.
+            tracing::warn!(
+                "RBD queue closed with {} call(s) still in librbd",
+                self.out.len()
+            );
+        }
+    }
+}
+
+impl BackendQueue for RbdQueue {
+    fn can_submit(&self) -> bool {
+        !self.free_slots.is_empty() && self.free_tickets.len() >= MAX_DISCARD_SEGMENTS
+    }
+
+    fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
+        let slot = self.free_slots.pop().ok_or(Error::QueueFull("rbd"))?;
+        self.slots[slot] = Slot {
+            token,
+            pending: 0,
+            status: status::OK,
+        };
+        self.in_flight += 1;
+        let (api, image) = (self.api, self.image);
+        match r.op {
+            Operation::Read | Operation::Write => {
+                for (i, s) in r.data().iter().enumerate() {
+                    self.iovecs[slot][i] = libc::iovec {
+                        iov_base: s.host.cast(),
+                        iov_len: s.len as usize,
+                    };
+                }
+                let read = r.op == Operation::Read;
+                let Some(t) = self.try_ticket(
+                    slot,
+                    if read { r.data_len as i64 } else { 0 },
+                    if read { "read" } else { "write" },
+                ) else {
+                    self.finished_now.push(slot);
+                    return Ok(());
+                };
+                let (iov, count, offset) = (
+                    self.iovecs[slot].as_ptr(),
+                    r.data_count as c_int,
+                    r.sector * SECTOR,
+                );
+                let c = self.tickets[t].completion;
+                // SAFETY: the iovecs live in the queue and the buffers in guest memory until
+                // the completion is collected.
+                let rc = unsafe {
+                    if read {
+                        (api.rbd_aio_readv)(image, iov, count, offset, c)
+                    } else {
+                        (api.rbd_aio_writev)(image, iov, count, offset, c)
+                    }
+                };
+                self.launched(slot, t, rc);
+            }
+            Operation::Flush => {
+                let Some(t) = self.try_ticket(slot, 0, "flush") else {
+                    self.finished_now.push(slot);
+                    return Ok(());
+                };
+                // SAFETY: our image and completion.
+                let rc = unsafe { (api.rbd_aio_flush)(image, self.tickets[t].completion) };
+                self.launched(slot, t, rc);
+            }
+            Operation::Discard | Operation::WriteZeroes { .. } => {
+                let zeroes = matches!(r.op, Operation::WriteZeroes { .. });
+                for &(sector, count) in &r.ranges[..r.range_count] {
+                    let (offset, bytes) = (sector * SECTOR, u64::from(count) * SECTOR);
+                    let Some(t) =
+                        self.try_ticket(slot, 0, if zeroes { "write zeroes" } else { "discard" })
+                    else {
+                        break;
+                    };
+                    let c = self.tickets[t].completion;
+                    // SAFETY: our image and completion.
+                    let rc = unsafe {
+                        if zeroes {
+                            (api.rbd_aio_write_zeroes)(image, offset, bytes as usize, c, 0, 0)
+                        } else {
+                            (api.rbd_aio_discard)(image, offset, bytes, c)
+                        }
+                    };
+                    self.launched(slot, t, rc);
+                }
+            }
+        }
+        if self.slots[slot].pending == 0 {
+            // Nothing reached librbd (refused at once): done now, reported at the next poll.
+            self.finished_now.push(slot);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize {
+        let mut n = 0;
+        for slot in self.finished_now.drain(..) {
+            done.push((self.slots[slot].token, self.slots[slot].status));
+            self.free_slots.push(slot);
+            self.in_flight -= 1;
+            n += 1;
+        }
+        if self.board.ready.load(Ordering::Acquire) == 0 {
+            return n;
+        }
+        let mut i = 0;
+        while i < self.out.len() {
+            let t = self.out[i];
+            if !self.board.done[t].swap(false, Ordering::Acquire) {
+                i += 1;
+                continue;
+            }
+            self.out.swap_remove(i);
+            self.board.ready.fetch_sub(1, Ordering::Relaxed);
+            let ticket = self.tickets[t];
+            // SAFETY: a completion whose callback ran; released once, here.
+            let rc = unsafe {
+                let rc = (self.api.rbd_aio_get_return_value)(ticket.completion);
+                (self.api.rbd_aio_release)(ticket.completion);
+                rc as i64
+            };
+            self.free_tickets.push(t);
+            if rc < 0 {
+                self.fail(ticket.slot, ticket.op, rc);
+            } else if rc != ticket.expected && ticket.expected != 0 {
+                // A short read: beyond the image's end cannot happen (the request was
+                // checked against the capacity), so it is an error.
+                self.fail(ticket.slot, ticket.op, -i64::from(libc::EIO));
+            }
+            let s = &mut self.slots[ticket.slot];
+            s.pending -= 1;
+            if s.pending == 0 {
+                done.push((s.token, s.status));
+                self.free_slots.push(ticket.slot);
+                self.in_flight -= 1;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
