@@ -65,9 +65,10 @@ pub struct MigrationOptions {
     pub qemu: Qemu,
     /// The targets.
     pub target: TargetKind,
-    /// The first source target runs with `--test-skip-dirty-log` (a bridge built with the
-    /// `test-delay` feature: it takes the log and never marks it): the negative control.
-    pub source_skips_dirty_log: bool,
+    /// The source targets of both migrations (A1 and B) run with `--test-skip-dirty-log`
+    /// (a bridge built with the `test-delay` feature: it takes the log and never marks
+    /// it): the negative control, with two chances to be caught.
+    pub sources_skip_dirty_log: bool,
     /// The first source target runs under `vfblk-keeper`, and is upgraded by hand-over
     /// (`vfblk-rpc upgrade`) and then killed with SIGKILL while the first migration runs.
     pub keeper_events: bool,
@@ -85,6 +86,9 @@ pub struct MigrationOptions {
     pub region_mib: u32,
     /// `vfblk-readcheck verify --hold-ms`: the pause between a read and its check.
     pub hold_ms: u32,
+    /// `vfblk-readcheck verify --below-mib`: its buffer in the lower part of guest RAM,
+    /// which the migration's first pass sends well before the VM stops.
+    pub buffer_below_mib: u64,
     /// Seconds from the workload's start to the first migration, and from the end of the
     /// first to the start of the second.
     pub settle_s: u64,
@@ -97,7 +101,7 @@ impl MigrationOptions {
         Self {
             qemu,
             target,
-            source_skips_dirty_log: false,
+            sources_skip_dirty_log: false,
             keeper_events: false,
             slow_bandwidth: 8 << 20,
             slow_phase: Duration::from_secs(8),
@@ -105,7 +109,8 @@ impl MigrationOptions {
             memory_mib: 1024,
             regions: 8,
             region_mib: 8,
-            hold_ms: 50,
+            hold_ms: 100,
+            buffer_below_mib: 512,
             settle_s: 2,
         }
     }
@@ -117,6 +122,7 @@ impl MigrationOptions {
 pub fn guest_script(opts: &MigrationOptions) -> String {
     let t = opts.workload_s;
     let (regions, mib, hold) = (opts.regions, opts.region_mib, opts.hold_ms);
+    let below = opts.buffer_below_mib;
     let end = READCHECK_OFFSET_MIB + regions * mib;
     format!(
         r#". /lab/lib.sh
@@ -130,7 +136,7 @@ vfblk-readcheck write $layout || fail "vfblk-readcheck write"
 step "{WORKLOAD_STEP}: fio randrw 4 KiB crc32c verify on 0-{FIO_MIB} MiB, readcheck on {READCHECK_OFFSET_MIB}-{end} MiB, {t} s"
 fio --name=verify --filename=/dev/vda --offset=0 --size={FIO_MIB}M --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=256 --time_based --runtime={t} --write_lat_log=/tmp/lat --log_avg_msec={CLAT_WINDOW_MS} --log_max_value=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err &
 fio_pid=$!
-vfblk-readcheck verify $layout --seconds {t} --hold-ms {hold} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
+vfblk-readcheck verify $layout --seconds {t} --hold-ms {hold} --below-mib {below} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
 rc=$?
 step "readcheck finished with exit status $rc"
 record "{{\"readcheck_exit\": $rc}}"
@@ -1080,8 +1086,8 @@ pub fn run_migration(lab: &Lab, opts: &MigrationOptions) -> Result<MigrationOutc
                 } else {
                     ""
                 },
-                if opts.source_skips_dirty_log {
-                    ", first source with --test-skip-dirty-log"
+                if opts.sources_skip_dirty_log {
+                    ", sources A1 and B with --test-skip-dirty-log"
                 } else {
                     ""
                 }
@@ -1192,7 +1198,7 @@ fn drive(
         bridge,
         "A1",
         disk,
-        opts.source_skips_dirty_log,
+        opts.sources_skip_dirty_log,
         opts.keeper_events,
     )?);
     let mut console;
@@ -1226,7 +1232,14 @@ fn drive(
         );
     }
     // Side B, ready before the workload starts.
-    targets.push(Target::start(lab, bridge, "B", disk, false, false)?);
+    targets.push(Target::start(
+        lab,
+        bridge,
+        "B",
+        disk,
+        opts.sources_skip_dirty_log,
+        false,
+    )?);
     vms.push(Vm::start(
         "B",
         &spec_on(base, &targets[1].socket),

@@ -87,9 +87,10 @@ fn harness_reference_qemu_storage_daemon_there_and_back() {
     there_and_back("test-migration-qsd", Qemu::system(), TargetKind::Qsd);
 }
 
-/// The negative control: the first source target takes the dirty log and marks nothing
-/// (`--test-skip-dirty-log`); the device's writes into guest RAM during the migration do
-/// not reach the destination, and the readcheck finds a region read back wrong there.
+/// The negative control: the source targets take the dirty log and mark nothing
+/// (`--test-skip-dirty-log`); the device's writes into guest RAM during a migration do not
+/// reach its destination, and the readcheck finds a region read back wrong there (after
+/// the first migration, or else after the second).
 #[test]
 fn without_the_dirty_log_the_destination_reads_stale_guest_memory() {
     stale_without_the_log("test-migration-no-log", Qemu::system());
@@ -105,7 +106,7 @@ fn without_the_dirty_log_the_destination_reads_stale_guest_memory_on_qemu_10() {
 
 fn stale_without_the_log(name: &str, qemu: Qemu) {
     let mut opts = MigrationOptions::new(qemu, TargetKind::Bridge);
-    opts.source_skips_dirty_log = true;
+    opts.sources_skip_dirty_log = true;
     let out = run(name, &opts);
     let ctx = context(&out);
     assert!(out.problems.is_empty(), "{:?}\n{ctx}", out.problems);
@@ -118,10 +119,17 @@ fn stale_without_the_log(name: &str, qemu: Qemu) {
         Some(&serde_json::json!(1)),
         "{ctx}"
     );
-    // Caught on the destination of the first migration, before the second began.
+    // Caught on a destination: on B after the first migration (before the second began),
+    // or on A2 after the second.
     let (at, vm, _) = out.step("readcheck finished").expect("the readcheck ended");
-    assert_eq!(vm, "B", "{ctx}");
-    assert!(*at < out.legs[1].started_s, "{ctx}");
+    match vm.as_str() {
+        "B" => assert!(
+            *at > out.legs[0].started_s && *at < out.legs[1].started_s,
+            "{ctx}"
+        ),
+        "A2" => assert!(*at > out.legs[1].started_s, "{ctx}"),
+        other => panic!("caught on {other}, not on a destination\n{ctx}"),
+    }
     // What was found is stale device data (another region's stamps, as the device wrote
     // them into the buffer earlier), not corruption of another kind.
     let example = &rc["mismatch"]["examples"][0];

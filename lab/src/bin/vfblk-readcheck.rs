@@ -24,6 +24,8 @@ use clap::{Args, Parser, Subcommand};
 
 /// Bytes per stamped block.
 const BLOCK: usize = 4096;
+/// Bytes per page.
+const PAGE: u64 = 4096;
 /// Words (u64) per block.
 const WORDS: usize = BLOCK / 8;
 /// The first word of every stamped block.
@@ -75,6 +77,14 @@ enum Command {
         /// between the two far more often than between a check and the next read.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Take a buffer whose pages all lie below this guest-physical address (MiB), as
+        /// `/proc/self/pagemap` shows them (buffers that do not are kept allocated, so the
+        /// next comes from elsewhere; up to 64 tries); 0: wherever it comes. A migration
+        /// sends RAM in address order, and what it has not sent when the VM stops goes
+        /// with its final contents, logged or not: the top of RAM (where the freed
+        /// initramfs leaves free pages) would hide a missing log.
+        #[arg(long, default_value_t = 0)]
+        below_mib: u64,
         /// One JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -204,6 +214,30 @@ impl DeviceBuffer {
         Ok(())
     }
 
+    /// The guest-physical address range its pages lie in (lowest and highest page start),
+    /// from `/proc/self/pagemap` (needs CAP_SYS_ADMIN for the frame numbers).
+    fn physical_range(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::FileExt;
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let first = self.ptr as u64 / PAGE;
+        let pages = self.len as u64 / PAGE;
+        let mut entries = vec![0u8; pages as usize * 8];
+        pagemap.read_exact_at(&mut entries, first * 8)?;
+        let (mut low, mut high) = (u64::MAX, 0);
+        for entry in entries.chunks_exact(8) {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            let pfn = entry & ((1 << 55) - 1);
+            if entry & (1 << 63) == 0 || pfn == 0 {
+                return Err(std::io::Error::other(
+                    "a buffer page is not present or its frame is hidden",
+                ));
+            }
+            low = low.min(pfn * PAGE);
+            high = high.max(pfn * PAGE);
+        }
+        Ok((low, high))
+    }
+
     fn words(&self) -> &[u64] {
         // SAFETY: the mapping is page-aligned, `len` bytes (a multiple of 8) and stays mapped
         // while `self` lives; only the device writes it, between our reads.
@@ -272,6 +306,7 @@ struct Report {
     longest_round: Duration,
     elapsed: Duration,
     hold: Duration,
+    placement: Placement,
     /// The first region read back wrong: (round, region, wrong blocks, examples).
     mismatch: Option<(u64, u32, u64, Vec<Wrong>)>,
 }
@@ -303,14 +338,55 @@ impl Report {
             "seconds": self.elapsed.as_secs_f64(),
             "longest_round_ms": self.longest_round.as_secs_f64() * 1e3,
             "hold_ms": self.hold.as_secs_f64() * 1e3,
+            "buffer": {
+                "lowest_mib": self.placement.range.map(|r| r.0 as f64 / (1 << 20) as f64),
+                "highest_mib": self.placement.range.map(|r| r.1 as f64 / (1 << 20) as f64),
+                "tries": self.placement.tries,
+                "below_asked": self.placement.below,
+            },
             "mismatch": mismatch,
         })
     }
 }
 
-fn verify(layout: &Layout, seconds: u64, hold: Duration) -> std::io::Result<Report> {
+/// Where the buffer lies: its lowest and highest page (guest-physical bytes) and the
+/// buffers tried for it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Placement {
+    range: Option<(u64, u64)>,
+    tries: u32,
+    below: bool,
+}
+
+/// A buffer of `len` bytes whose pages lie below `below` bytes if one can be had in 64
+/// tries (0: the first).
+fn placed_buffer(len: usize, below: u64) -> std::io::Result<(DeviceBuffer, Placement)> {
+    let mut rejected = Vec::new();
+    loop {
+        let buf = DeviceBuffer::new(len)?;
+        let range = buf.physical_range().ok();
+        let tries = rejected.len() as u32 + 1;
+        let fits = range.is_some_and(|(_, high)| high + PAGE <= below);
+        if below == 0 || fits || range.is_none() || tries >= 64 {
+            let placement = Placement {
+                range,
+                tries,
+                below: fits,
+            };
+            return Ok((buf, placement));
+        }
+        rejected.push(buf);
+    }
+}
+
+fn verify(
+    layout: &Layout,
+    seconds: u64,
+    hold: Duration,
+    below_mib: u64,
+) -> std::io::Result<Report> {
     let file = open(&layout.device, false)?;
-    let buf = DeviceBuffer::new(region_bytes(layout))?;
+    let (buf, placement) = placed_buffer(region_bytes(layout), below_mib << 20)?;
     let started = Instant::now();
     let mut report = Report {
         rounds: 0,
@@ -318,6 +394,7 @@ fn verify(layout: &Layout, seconds: u64, hold: Duration) -> std::io::Result<Repo
         longest_round: Duration::ZERO,
         elapsed: Duration::ZERO,
         hold,
+        placement,
         mismatch: None,
     };
     while started.elapsed() < Duration::from_secs(seconds) {
@@ -363,9 +440,11 @@ fn main() -> ExitCode {
             layout,
             seconds,
             hold_ms,
+            below_mib,
             json,
         } => {
-            let report = match verify(&layout, seconds, Duration::from_millis(hold_ms)) {
+            let hold = Duration::from_millis(hold_ms);
+            let report = match verify(&layout, seconds, hold, below_mib) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("vfblk-readcheck verify: {e}");
@@ -458,6 +537,26 @@ mod tests {
     }
 
     #[test]
+    fn a_buffer_knows_where_its_pages_lie_when_pagemap_tells() {
+        let (buf, placement) = placed_buffer(1 << 20, 0).unwrap();
+        assert_eq!(placement.tries, 1, "no bound: the first buffer");
+        // Frame numbers need CAP_SYS_ADMIN: without it there is no range, and no retry.
+        if let Some((low, high)) = placement.range {
+            assert!(
+                low <= high && high - low >= 255 * PAGE,
+                "{low:#x}..{high:#x}"
+            );
+            assert_eq!(buf.physical_range().unwrap(), (low, high));
+        }
+        // A bound nothing fits under: 64 tries, then the last, flagged as not below.
+        let (_, placement) = placed_buffer(64 << 10, PAGE).unwrap();
+        if placement.range.is_some() {
+            assert_eq!(placement.tries, 64);
+            assert!(!placement.below);
+        }
+    }
+
+    #[test]
     fn write_then_verify_on_a_file_passes_and_a_stale_block_fails() {
         let dir = std::env::temp_dir().join(format!("vfblk-readcheck-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -480,7 +579,7 @@ mod tests {
             return;
         }
         write(&layout).unwrap();
-        let report = verify(&layout, 1, Duration::ZERO).unwrap();
+        let report = verify(&layout, 1, Duration::ZERO, 0).unwrap();
         assert!(report.mismatch.is_none());
         assert!(report.rounds >= 2, "{}", report.rounds);
         // Region 1's block 3 overwritten with region 0's block 3.
@@ -496,7 +595,7 @@ mod tests {
         file.write_all_at(&block, (3 << 20) + 3 * BLOCK as u64)
             .unwrap();
         file.sync_all().unwrap();
-        let report = verify(&layout, 5, Duration::from_millis(1)).unwrap();
+        let report = verify(&layout, 5, Duration::from_millis(1), 0).unwrap();
         let (round, region, count, wrong) =
             report.mismatch.as_ref().expect("the stale block is found");
         assert_eq!((*round, *region, *count), (1, 1, 1));
