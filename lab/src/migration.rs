@@ -195,6 +195,9 @@ pub struct Leg {
     /// The longest fio completion in latency-log windows overlapping the migration
     /// (0.5 s before to 1 s after), in ms.
     pub fio_clat_max_ms: Option<f64>,
+    /// When (s into the migration) the downtime limit was raised because QEMU had not
+    /// converged [`CONVERGE_WITHIN`] after the cap was lifted.
+    pub forced_at_s: Option<f64>,
     /// What the host did during the migration, with the migration's status after each.
     pub events: Vec<Value>,
     /// The destination ran the guest after the migration (`query-status`).
@@ -215,6 +218,7 @@ impl Leg {
             "ended_s": self.ended_s,
             "fio_clat_max_ms": self.fio_clat_max_ms,
             "destination_running": self.destination_running,
+            "forced_at_s": self.forced_at_s,
             "events": self.events,
             "ram": self.info.get("ram"),
         })
@@ -331,6 +335,11 @@ impl MigrationOutcome {
                     .as_ref()
                     .map_or(String::new(), |e| format!(" ({e})")),
             ));
+            if let Some(at) = leg.forced_at_s {
+                s.push_str(&format!(
+                    " [not converged by itself: downtime limit raised at {at:.1} s]"
+                ));
+            }
         }
         if let Some((w, r, max, err)) = self.fio_summary() {
             s.push_str(&format!(
@@ -892,6 +901,12 @@ fn spec_on(base: &VmSpec, socket: &Path) -> VmSpec {
 /// A bandwidth QEMU takes as "no cap" (16 GiB/s).
 const UNCAPPED: u64 = 16 << 30;
 
+/// How long after the cap is lifted QEMU may take to converge on its own.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
+
+/// The downtime limit (ms) set when it did not.
+const FORCED_DOWNTIME_MS: u64 = 5000;
+
 /// How long a migration may take in all, slow phase included.
 const LEG_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -983,6 +998,27 @@ fn migrate(
             ) {
                 leg.status = "lost".into();
                 leg.error = Some(format!("lifting the cap: {e}"));
+                break;
+            }
+        }
+        if uncapped && leg.forced_at_s.is_none() && elapsed >= opts.slow_phase + CONVERGE_WITHIN {
+            // A loaded host (seen: the guest stalled for seconds, its QEMU starved) can keep
+            // QEMU from converging within 300 ms of downtime; a longer downtime ends the
+            // migration before the guest's workload does. (Raised, never lowered: QEMU
+            // 7.2 under TCG was seen to lose guest writes with a 1 ms limit, which makes
+            // it sync the dirty bitmap many times a second.)
+            tracing::warn!(
+                "[host] {}: not converged {:.0} s after the cap was lifted: downtime limit raised to {FORCED_DOWNTIME_MS} ms",
+                leg.name,
+                CONVERGE_WITHIN.as_secs_f64()
+            );
+            leg.forced_at_s = Some(elapsed.as_secs_f64());
+            if let Err(e) = from.qmp(
+                "migrate-set-parameters",
+                json!({ "downtime-limit": FORCED_DOWNTIME_MS }),
+            ) {
+                leg.status = "lost".into();
+                leg.error = Some(format!("raising the downtime limit: {e}"));
                 break;
             }
         }
