@@ -87,6 +87,14 @@ fn harness_reference_qemu_storage_daemon_there_and_back() {
     there_and_back("test-migration-qsd", Qemu::system(), TargetKind::Qsd);
 }
 
+/// The same reference on QEMU 10 (by hand).
+#[test]
+#[ignore]
+fn harness_reference_qemu_storage_daemon_there_and_back_on_qemu_10() {
+    let qemu = Qemu::backports(20).expect("QEMU 10 from bookworm-backports");
+    there_and_back("test-migration-qsd-10", qemu, TargetKind::Qsd);
+}
+
 /// The negative control: the source targets take the dirty log and mark nothing
 /// (`--test-skip-dirty-log`); the device's writes into guest RAM during a migration do not
 /// reach its destination, and the readcheck finds a region read back wrong there (after
