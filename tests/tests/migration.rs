@@ -46,6 +46,7 @@ fn assert_clean(out: &MigrationOutcome) {
         readcheck_end.is_some_and(|t| t > last) && fio_end.is_some_and(|t| t > last),
         "the workload outlasted both migrations\n{ctx}"
     );
+    assert!(out.qemu_stderr.is_empty(), "QEMU complained\n{ctx}");
     assert_eq!(out.guest_exit, Some(0), "{ctx}");
     assert!(out.failures.is_empty(), "{ctx}");
     assert_eq!(out.record("fio_exit"), Some(&serde_json::json!(0)), "{ctx}");
