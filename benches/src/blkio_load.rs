@@ -35,6 +35,10 @@ pub struct BlkioOptions {
     pub poll: bool,
     /// Latencies count only after this long.
     pub ramp_time: Duration,
+    /// Stamp every write and check every read against the last completed write of its
+    /// block (each queue keeps to its own slice of the disk, one request per block at a
+    /// time).
+    pub verify: bool,
 }
 
 fn blkio_error(what: &str) -> impl Fn(blkio::Error) -> Error + '_ {
@@ -47,6 +51,7 @@ struct QueueReport {
     ios: u64,
     reads: u64,
     failed: u64,
+    verify_errors: u64,
     latency: Histogram,
     error: Option<String>,
 }
@@ -149,6 +154,7 @@ pub fn run(o: &BlkioOptions) -> Result<Report> {
         report.ios += r.ios;
         report.reads += r.reads;
         report.failed += r.failed;
+        report.verify_errors += r.verify_errors;
         report.latency.merge(&r.latency);
         report.errors.extend(r.error);
     }
@@ -168,18 +174,37 @@ fn drive(mut job: QueueJob, o: &BlkioOptions, end: Instant, measure_from: Instan
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
     let mut rng = job.seed;
     let mut next_block = 0u64;
+    // With verify: each block's last completed write (0: none yet), the blocks in flight,
+    // each slot's block and generation.
+    let blocks = if o.verify { job.blocks as usize } else { 0 };
+    let mut expected = vec![0u32; blocks];
+    let mut busy = vec![false; blocks];
+    let mut slot_block = vec![0u64; depth];
+    let mut slot_generation = vec![0u32; depth];
+    let mut generation = 0u32;
+    let seed = job.seed as u32;
+    // What a verified read must hold (reused: no allocation per request).
+    let mut model = vec![0u8; if o.verify { bs } else { 0 }];
     loop {
         let now = Instant::now();
         let stopping = now >= end || crate::loadgen::stop_requested();
         if !stopping {
             while let Some(slot) = free.pop() {
-                let block = if o.sequential {
+                let mut block = if o.sequential {
                     next_block = (next_block + 1) % job.blocks;
                     next_block
                 } else {
                     rng = mix(rng);
                     rng % job.blocks
                 };
+                if o.verify {
+                    // One request per block at a time: the next free one.
+                    while busy[block as usize] {
+                        block = (block + 1) % job.blocks;
+                    }
+                    busy[block as usize] = true;
+                    slot_block[slot] = block;
+                }
                 rng = mix(rng);
                 let read = match o.workload {
                     Workload::Read => true,
@@ -190,6 +215,14 @@ fn drive(mut job: QueueJob, o: &BlkioOptions, end: Instant, measure_from: Instan
                 let buf = (job.buffers + slot * bs) as *mut u8;
                 issued[slot] = Instant::now();
                 is_read[slot] = read;
+                if o.verify && !read {
+                    generation = generation.wrapping_add(1).max(1);
+                    slot_generation[slot] = generation;
+                    // SAFETY: the slot's buffer, `bs` bytes of libblkio's mapped region, not
+                    // in use by a request (the slot is free).
+                    let data = unsafe { std::slice::from_raw_parts_mut(buf, bs) };
+                    crate::loadgen::stamp(job.first_block + block, generation, seed, data);
+                }
                 if read {
                     job.queue.read(offset, buf, bs, slot, ReqFlags::empty());
                 } else {
@@ -226,6 +259,34 @@ fn drive(mut job: QueueJob, o: &BlkioOptions, end: Instant, measure_from: Instan
             }
             if c.ret != 0 {
                 out.failed += 1;
+                if out.error.is_none() {
+                    out.error = Some(format!("a request failed: {}", c.ret));
+                }
+            } else if o.verify {
+                let block = slot_block[slot];
+                if is_read[slot] {
+                    let want = expected[block as usize];
+                    if want != 0 {
+                        let buf = (job.buffers + slot * bs) as *const u8;
+                        // SAFETY: the slot's buffer, written by the completed read.
+                        let got = unsafe { std::slice::from_raw_parts(buf, bs) };
+                        crate::loadgen::stamp(job.first_block + block, want, seed, &mut model);
+                        if got != model.as_slice() {
+                            out.verify_errors += 1;
+                            if out.error.is_none() {
+                                out.error = Some(format!(
+                                    "block {}: read data differs from write {want}",
+                                    job.first_block + block
+                                ));
+                            }
+                        }
+                    }
+                } else {
+                    expected[block as usize] = slot_generation[slot];
+                }
+            }
+            if o.verify {
+                busy[slot_block[slot] as usize] = false;
             }
             if issued[slot] >= measure_from {
                 out.latency

@@ -485,7 +485,9 @@ const STUCK_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How long a load generator that waits on interrupts sleeps before looking anyway.
 const INTERRUPT_WAIT_MS: i32 = 2000;
 
-fn stamp(unit: u64, generation: u32, seed: u32, out: &mut [u8]) {
+/// Fills `out` with the verify pattern of block `unit` at write `generation`: the block and
+/// generation in the first words of every 512 bytes, the rest derived from them.
+pub(crate) fn stamp(unit: u64, generation: u32, seed: u32, out: &mut [u8]) {
     for (w, word) in out.chunks_exact_mut(8).enumerate() {
         let v = match w % 64 {
             0 => unit,

@@ -53,6 +53,8 @@ pub fn run(options: RunOptions) -> Result<()> {
         metrics: stored.take(ListenerKind::Metrics.stored_name()),
     };
     if inherited.is_none() {
+        // Started again after a crash: the predecessor that recorded these is dead.
+        crate::dead_predecessor_rbd_clients(&mut stored);
         if let Some(one) = &one {
             // The one controller of the command line: failing to serve it is failing.
             if let Some((what, e)) = target
@@ -154,7 +156,9 @@ pub fn run(options: RunOptions) -> Result<()> {
         .handed_over()
     {
         // Sockets, socket files and memory belong to the successor: leave without
-        // closing or removing anything.
+        // closing or removing anything, but for the RBD images, whose exclusive locks the
+        // successor needs now rather than after Ceph's watch timeout.
+        vfblk_bridge::backend::rbd::close_for_successor();
         std::process::exit(0);
     }
     tracing::info!("signal {sig}: completing requests in flight, then exiting");

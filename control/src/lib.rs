@@ -430,6 +430,9 @@ impl Target {
             )));
         }
         tracing::info!("backend {name}: {}", backend.info().description);
+        if matches!(spec, BackendSpec::Rbd { .. }) {
+            self.record_rbd_clients();
+        }
         let identity = spec.path().and_then(file_identity);
         self.backends.insert(
             name.to_string(),
@@ -640,6 +643,40 @@ impl Target {
             ));
         }
         line
+    }
+
+    /// Keeps the Ceph clients this process connects in the fd store (a memfd named
+    /// [`RBD_CLIENTS`]), so that a successor started after a crash knows which image locks
+    /// are its dead predecessor's to break.
+    fn record_rbd_clients(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let clients = vfblk_bridge::backend::rbd::clients_in_use();
+        let recorded = (|| -> Result<()> {
+            let text =
+                serde_json::to_vec(&clients).map_err(|e| Error::BadArgument(e.to_string()))?;
+            let file = vfblk_vhost::memory::memfd("vfblk-rbd-clients", text.len() as u64).map_err(
+                |source| Error::Io {
+                    what: "a memfd for the RBD clients record".into(),
+                    source,
+                },
+            )?;
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&text, 0).map_err(|source| Error::Io {
+                what: "writing the RBD clients record".into(),
+                source,
+            })?;
+            store.remove(RBD_CLIENTS)?;
+            store.store(RBD_CLIENTS, &file)?;
+            Ok(())
+        })();
+        if let Err(e) = recorded {
+            tracing::warn!(
+                "fd store: {}; after a crash the successor waits out the image locks",
+                vfblk_vhost::error_chain(&e)
+            );
+        }
     }
 
     /// Every poller of the process (fixed for its life).
@@ -1018,6 +1055,39 @@ pub fn remove_pid_file(path: &Path) {
         == Some(std::process::id());
     if ours {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The fd store's name for the record of this process's Ceph clients.
+pub const RBD_CLIENTS: &str = "rbd.clients";
+
+/// After a crash: the Ceph clients the dead predecessor recorded, whose image locks may be
+/// broken at once.
+pub fn dead_predecessor_rbd_clients(stored: &mut vfblk_vhost::keep::StoredFds) {
+    let Some(fd) = stored.take(RBD_CLIENTS) else {
+        return;
+    };
+    let mut text = Vec::new();
+    // From the start, wherever an earlier reader left the shared file offset.
+    let mut file = std::fs::File::from(fd);
+    let read = std::io::Seek::rewind(&mut file)
+        .and_then(|()| std::io::Read::read_to_end(&mut file, &mut text));
+    match read.map_err(|e| e.to_string()).and_then(|_| {
+        serde_json::from_slice::<Vec<vfblk_bridge::backend::rbd::ClientIdentity>>(&text)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(clients) => {
+            tracing::info!(
+                "the dead predecessor's Ceph clients: {}",
+                clients
+                    .iter()
+                    .map(|c| c.address.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            vfblk_bridge::backend::rbd::predecessor_is_dead(clients);
+        }
+        Err(e) => tracing::warn!("the RBD clients record in the fd store: {e}"),
     }
 }
 

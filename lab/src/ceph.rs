@@ -432,6 +432,13 @@ bluestore block size = {block}
 bluestore cache autotune = false
 bluestore cache size = 134217728
 osd memory target = 1073741824
+# Bounded memory (OSD RSS after 1 GiB of 4 KiB writes: 1.6 GB with the defaults, 0.5 GB with
+# these): RocksDB keeps up to 4 memtables of 256 MiB (small writes are deferred through it on
+# a rotational disk, which a virtual disk claims to be), and each PG keeps ~9,000 log entries
+# (150 MB at 32 PGs).
+bluestore rocksdb options = compression=kNoCompression,max_write_buffer_number=4,min_write_buffer_number_to_merge=1,recycle_log_file_num=4,write_buffer_size=33554432,writable_file_max_buffer_size=0,compaction_readahead_size=2097152,max_background_compactions=2,max_total_wal_size=268435456
+osd min pg log entries = 250
+osd max pg log entries = 1000
 osd class dir = {RADOS_CLASSES}
 
 [client]

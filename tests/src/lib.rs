@@ -69,6 +69,13 @@ pub fn wait_gone(pid: u32) {
 /// A load generator running until [`finish`]; killed if a test ends without it.
 pub struct Load(Option<Child>);
 
+impl From<Child> for Load {
+    /// Any load tool with `--json` and its stdout piped (ended by [`finish`]).
+    fn from(child: Child) -> Self {
+        Self(Some(child))
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -243,4 +250,34 @@ pub fn remove_test_dir(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts `vfblk-keeper` (its own `keeper_args`, then `--`) keeping `vfblk-bridge` with
+/// `bridge_args` and `--rpc DIR/rpc.sock`, both logging to `DIR/target.log`, with `env` for
+/// both; returns once the target's RPC socket listens. The keeper's stdout (its JSON
+/// summary) is piped.
+pub fn start_keeper(
+    dir: &Path,
+    keeper_args: &[&str],
+    bridge_args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> Child {
+    let log = std::fs::File::create(dir.join("target.log")).unwrap();
+    let rpc = dir.join("rpc.sock");
+    let mut command = Command::new(bin("vfblk-keeper"));
+    command
+        .arg("--dir")
+        .arg(dir.join("keep"))
+        .arg("--json")
+        .args(keeper_args)
+        .arg("--")
+        .arg(bin("vfblk-bridge"))
+        .args(bridge_args)
+        .arg("--rpc")
+        .arg(&rpc)
+        .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdout(Stdio::piped())
+        .stderr(log);
+    vfblk_lab::process::spawn_listening(command, &rpc, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("starting the keeper: {e}"))
 }

@@ -4,7 +4,7 @@
 //! keeper following the new process.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -32,37 +32,31 @@ impl Kept {
 
     /// With a watchdog period for the keeper (`--watchdog-sec`) too.
     fn start_watched(name: &str, env: &[(&str, &str)], watchdog_sec: Option<&str>) -> Self {
+        Self::start_full(name, env, watchdog_sec, &[])
+    }
+
+    /// With more arguments for the target too.
+    fn start_full(
+        name: &str,
+        env: &[(&str, &str)],
+        watchdog_sec: Option<&str>,
+        target_args: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("vfblk-keeper-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("target.log")).unwrap();
-        let mut command = Command::new(bin("vfblk-keeper"));
-        command
-            .arg("--dir")
-            .arg(dir.join("keep"))
-            .arg("--json")
-            .args(
-                watchdog_sec
-                    .map(|s| ["--watchdog-sec", s])
-                    .into_iter()
-                    .flatten(),
-            )
-            .arg("--")
-            .arg(bin("vfblk-bridge"))
-            .arg("--config")
-            .arg(dir.join("target.json"))
-            .arg("--rpc")
-            .arg(dir.join("rpc.sock"))
-            .args(["--pollers", "2"])
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let keeper = vfblk_lab::process::spawn_listening(
-            command,
-            &dir.join("rpc.sock"),
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|e| panic!("starting the keeper: {e}"));
+        let config = dir.join("target.json");
+        let mut bridge_args = vec![
+            std::ffi::OsStr::new("--config"),
+            config.as_os_str(),
+            "--pollers".as_ref(),
+            "2".as_ref(),
+        ];
+        bridge_args.extend(target_args.iter().map(std::ffi::OsStr::new));
+        let keeper_args: Vec<&str> = watchdog_sec
+            .map(|s| vec!["--watchdog-sec", s])
+            .unwrap_or_default();
+        let keeper = vfblk_tests::start_keeper(&dir, &keeper_args, &bridge_args, env);
         Self {
             dir,
             keeper,
@@ -206,6 +200,134 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
         worst < 500.0,
         "a frontend waited {worst:.1} ms after a kill"
     );
+}
+
+/// Frontends that give no inflight region (libblkio; the load generator with
+/// `--no-inflight`) under the keeper: the target records their requests in a region of its
+/// own, kept with the connection, so SIGKILLs landing on requests held and completed out of
+/// order (`--test-delay-ms`) and upgrades cost them nothing: no error, no loss, nothing run
+/// twice, no reconnect (libblkio has none: a closed connection would end its run).
+#[test]
+fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ours() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = Kept::start_full("own-inflight", &[], None, &["--test-delay-ms", "3"]);
+    let lg_socket = kept.add_disk("m", "mem");
+    // libblkio on four queues (add_disk makes two).
+    let blkio_socket = kept.dir.join("b.sock");
+    let shm = format!(
+        "/dev/shm/vfblk-keeper-own-inflight-b-{}",
+        std::process::id()
+    );
+    kept.call(
+        "backend_create",
+        json!({"name": "b", "kind": "mem", "path": shm, "size": 32 << 20}),
+    )
+    .unwrap();
+    kept.call(
+        "vhost_blk_create",
+        json!({"name": "b", "socket": blkio_socket, "backend": "b", "queues": 4}),
+    )
+    .unwrap();
+    let load = verifying_load_with(&lg_socket, &["--no-inflight"]);
+    let blkio = Load::from(
+        Command::new(bin("vfblk-blkio-load"))
+            .arg("--socket")
+            .arg(&blkio_socket)
+            .args([
+                "--queues",
+                "4",
+                "--qd",
+                "8",
+                "--rw",
+                "mixed",
+                "--verify",
+                "--seconds",
+                "600",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("vfblk-blkio-load"),
+    );
+    kept.wait_serving(2);
+    std::thread::sleep(Duration::from_millis(300));
+    let (kills, upgrades) = (
+        env_count("VFBLK_TEST_OWN_INFLIGHT_KILLS", 1000),
+        env_count("VFBLK_TEST_OWN_INFLIGHT_UPGRADES", 100),
+    );
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut windows = Vec::with_capacity(kills);
+    let started = Instant::now();
+    for i in 0..kills + upgrades {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 5000));
+        let pid = kept.target_pid();
+        if i % ((kills + upgrades) / upgrades) == 0 {
+            let report = kept.call("upgrade", json!({})).unwrap();
+            assert_eq!(report["old_pid"], pid, "{report}");
+            wait_gone(pid);
+            kept.wait_serving(2);
+        } else {
+            let t0 = monotonic_ns();
+            // SAFETY: SIGKILL to the target process this test runs.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            wait_gone(pid);
+            kept.wait_serving(2);
+            windows.push((t0, monotonic_ns()));
+        }
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = finish(load);
+    let seen = pauses_seen(std::slice::from_ref(&r), &windows);
+    let b = finish(blkio);
+    let log = kept.log();
+    let again: u64 = log
+        .lines()
+        .filter_map(|l| {
+            l.split(", ")
+                .find_map(|p| p.strip_suffix(" request(s) to run again"))
+        })
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "own inflight region: {kills} SIGKILLs + {upgrades} upgrades in {:.1} s; {again} request(s) run again; load generator (no region) {} I/Os, longest gap per kill {}; libblkio {} I/Os, {} verified reads, longest completion {:.1} ms",
+        took.as_secs_f64(),
+        r["ios"],
+        percentiles(seen),
+        b["ios"],
+        b["reads"],
+        b["lat_max_us"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    assert_no_error_nor_reconnect(&r);
+    assert_eq!(r["inflight"], false, "the load generator gave no region");
+    for key in ["verify_errors", "failed"] {
+        assert_eq!(b[key], 0, "libblkio {key}: {}", without_bulk(&b));
+    }
+    assert_eq!(b["errors"], json!([]), "libblkio: {}", without_bulk(&b));
+    assert!(
+        b["reads"].as_u64().unwrap_or(0) > 1000,
+        "{}",
+        without_bulk(&b)
+    );
+    assert!(again > 0, "the kills landed on requests in flight: {again}");
+    assert!(
+        !log.contains("cannot be resumed"),
+        "no connection was closed: {log}"
+    );
+    kept.stop();
+    let _ = std::fs::remove_file(&shm);
+}
+
+/// A count a test takes from the environment (the issues' larger runs, by hand), else
+/// `default` (the test command's).
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]

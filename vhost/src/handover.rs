@@ -87,6 +87,10 @@ pub struct InflightState {
     pub size: u64,
     /// Queue size the region is laid out for.
     pub queue_size: u16,
+    /// The target's own region (the frontend gave none): kept only in the fd store and the
+    /// hand-over, never seen by the frontend.
+    #[serde(default)]
+    pub own: bool,
 }
 
 /// A migration's dirty log (SET_LOG_BASE).

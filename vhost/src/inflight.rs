@@ -201,6 +201,13 @@ impl InflightQueue {
         self.used_idx().store(used_idx, Ordering::Release);
     }
 
+    /// Forgets the region's contents: the next [`InflightQueue::recover`] finds it fresh.
+    /// For a region of the target's own when the frontend itself set the ring up again
+    /// (its base and used index are then what count).
+    pub fn reset(&mut self) {
+        self.version().store(0, Ordering::Release);
+    }
+
     /// Recovery when the vring starts (every connection): see the module docs and
     /// `shared/notes/vhost-user-inflight.md`. `ring_used_idx` is the used index in guest
     /// memory.

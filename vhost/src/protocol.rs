@@ -68,6 +68,9 @@ struct Vring {
     started: bool,
     /// SET_VRING_ENABLE(0): paused until enabled again.
     disabled: bool,
+    /// Came with a connection resumed from a predecessor, not yet started since: a region of
+    /// the target's own knows where the ring stands. Any ring message of the frontend ends it.
+    resumed: bool,
     /// The used ring's guest-physical address, when SET_VRING_ADDR asked for used-ring
     /// logging (VHOST_VRING_F_LOG).
     log_guest_addr: Option<u64>,
@@ -83,6 +86,9 @@ pub struct Connection {
     mem: Option<Arc<GuestMemory>>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightMap>>,
+    /// `inflight` is the target's own region (the frontend gave none), kept in the fd store
+    /// so that a successor after a crash finds the requests taken and unfinished.
+    own_inflight: bool,
     /// The virtio device status (SET_STATUS / GET_STATUS).
     status: u8,
     /// A migration's dirty log (SET_LOG_BASE); written while VHOST_F_LOG_ALL is set.
@@ -116,6 +122,7 @@ impl Connection {
             mem: None,
             vrings,
             inflight: None,
+            own_inflight: false,
             status: 0,
             log: None,
         }
@@ -233,7 +240,6 @@ impl Connection {
         let Some(mem) = self.mem.clone() else {
             return Ok(());
         };
-        let inflight_map = self.inflight.clone();
         let v = &self.vrings[usize::from(index)];
         if v.started || v.disabled || !v.kick_set || v.size == 0 || !v.addresses_set {
             return Ok(());
@@ -246,6 +252,11 @@ impl Connection {
             return Ok(());
         }
         let log = self.ring_log(index).map_err(bad_param)?;
+        if self.inflight.is_none() && self.config.inflight && self.config.keep.is_some() {
+            self.create_own_inflight()?;
+        }
+        let inflight_map = self.inflight.clone();
+        let v = &self.vrings[usize::from(index)];
         let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
             .map_err(bad_param)?;
         let used_idx = vq.used_idx();
@@ -264,6 +275,12 @@ impl Connection {
                         mmap_size: 0,
                     }));
                 };
+                if self.own_inflight && !v.resumed {
+                    // Our own region knows better than the frontend only across our own
+                    // crash or hand-over; a ring the frontend set up afresh starts from its
+                    // base.
+                    q.reset();
+                }
                 let mut rec = q.recover(used_idx);
                 let before = rec.resubmit.len();
                 rec.resubmit.retain(|&h| h < v.size);
@@ -342,7 +359,32 @@ impl Connection {
         );
         let v = &mut self.vrings[usize::from(index)];
         v.started = true;
+        v.resumed = false;
         v.worker = Some(worker);
+        Ok(())
+    }
+
+    /// A region of our own for a frontend that gave none (libblkio, QEMU's libblkio-based
+    /// driver): laid out as the spec's (so recovery is the same code), as large as the
+    /// largest ring allowed, and kept in the fd store and the hand-over with the
+    /// connection's other fds. Costs a sparse memfd; a plain restart closes the connection
+    /// as before (nobody kept the region).
+    fn create_own_inflight(&mut self) -> VuResult<()> {
+        let (n, qs) = (self.config.num_queues, MAX_QUEUE_SIZE);
+        let size = u64::from(n) * region_size(qs) as u64;
+        let file = crate::memory::memfd("vfblk-own-inflight", size).map_err(|source| {
+            bad_param(crate::Error::Io {
+                what: format!("memfd for an inflight region of our own ({size} bytes)"),
+                source,
+            })
+        })?;
+        self.inflight = Some(Arc::new(
+            InflightMap::map(file, 0, size, qs).map_err(bad_param)?,
+        ));
+        self.own_inflight = true;
+        tracing::info!(
+            "the frontend gave no inflight region: requests are recorded in one of our own, kept with the connection"
+        );
         Ok(())
     }
 
@@ -511,6 +553,7 @@ impl Connection {
                     offset,
                     size,
                     queue_size: map.queue_size(),
+                    own: self.own_inflight,
                 })
             }
             None => None,
@@ -674,6 +717,7 @@ impl Connection {
                 i.size,
                 i.queue_size,
             )?));
+            c.own_inflight = i.own;
         }
         for (v, s) in c.vrings.iter_mut().zip(&state.vrings) {
             // 0: never set.
@@ -694,6 +738,7 @@ impl Connection {
             v.call = s.call.map(|i| fds.take_file(i)).transpose()?;
             v.disabled = s.disabled;
             v.log_guest_addr = s.log_guest_addr;
+            v.resumed = true;
         }
         if let Some(l) = &state.log {
             let file = fds.take_file(l.fd)?;
@@ -779,7 +824,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if !valid_queue_size(num) {
             return Err(VuError::InvalidParam);
         }
-        self.vring(index)?.size = num as u16;
+        let v = self.vring(index)?;
+        v.size = num as u16;
+        v.resumed = false;
         Ok(())
     }
 
@@ -822,7 +869,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        self.vring(index)?.base = base as u16;
+        let v = self.vring(index)?;
+        v.base = base as u16;
+        v.resumed = false;
         Ok(())
     }
 
@@ -997,6 +1046,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.inflight = Some(Arc::new(
             InflightMap::map(ours, 0, size, qs).map_err(bad_param)?,
         ));
+        self.own_inflight = false;
         Ok((reply, file))
     }
 
@@ -1021,6 +1071,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             InflightMap::map(file, inflight.mmap_offset, inflight.mmap_size, qs)
                 .map_err(bad_param)?,
         ));
+        self.own_inflight = false;
         Ok(())
     }
 

@@ -199,12 +199,9 @@ impl Ring {
         }
         // What was done on lost memory must not be reported as done: stop instead.
         if self.memory_lost() {
-            let head = self.completed.heads()[0];
-            self.completed.clear();
-            self.stop_broken(
-                head,
-                format_args!("the frontend shrank a shared memory file under the device"),
-            );
+            self.abandon_batch(format_args!(
+                "the frontend shrank a shared memory file under the device"
+            ));
             return false;
         }
         let log_lost = match &self.log {
@@ -220,12 +217,9 @@ impl Ring {
         if log_lost {
             // Marks went to a page the frontend cut from the log: the migration would miss
             // these writes, so they are not reported done.
-            let head = self.completed.heads()[0];
-            self.completed.clear();
-            self.stop_broken(
-                head,
-                format_args!("the frontend shrank the dirty log's file under the device"),
-            );
+            self.abandon_batch(format_args!(
+                "the frontend shrank the dirty log's file under the device"
+            ));
             return false;
         }
         if let Some((inflight, _)) = &mut self.inflight {
@@ -244,6 +238,14 @@ impl Ring {
         }
         self.completed.clear();
         self.vq.needs_notification()
+    }
+
+    /// Drops the finished batch unpublished and stops the queue: what it did cannot be
+    /// reported as done (the inflight region keeps the heads for a later connection).
+    fn abandon_batch(&mut self, why: std::fmt::Arguments) {
+        let head = self.completed.heads()[0];
+        self.completed.clear();
+        self.stop_broken(head, why);
     }
 
     /// Marks the used elements from `first` to the next used index, and the index.

@@ -18,6 +18,9 @@ struct Args {
     /// Busy-poll libblkio's poll queues (default: sleep on completion fds like a guest).
     #[arg(long)]
     poll: bool,
+    /// Stamp writes and check reads (use with write or mixed).
+    #[arg(long)]
+    verify: bool,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         seconds: job.seconds,
         poll: a.poll,
         ramp_time: Duration::from_secs_f64(job.ramp_time),
+        verify: a.verify,
     };
     Report::print_and_exit_code("vfblk-blkio-load", run(&options), job.json)
 }

@@ -65,6 +65,12 @@ functions! {
         unsafe extern "C" fn(Rados) -> c_int;
     rados rados_shutdown "void (*)(rados_t)":
         unsafe extern "C" fn(Rados);
+    rados rados_getaddrs "int (*)(rados_t, char **)":
+        unsafe extern "C" fn(Rados, *mut *mut c_char) -> c_int;
+    rados rados_buffer_free "void (*)(char *)":
+        unsafe extern "C" fn(*mut c_char);
+    rados rados_cluster_fsid "int (*)(rados_t, char *, size_t)":
+        unsafe extern "C" fn(Rados, *mut c_char, usize) -> c_int;
     rados rados_ioctx_create "int (*)(rados_t, const char *, rados_ioctx_t *)":
         unsafe extern "C" fn(Rados, *const c_char, *mut IoCtx) -> c_int;
     rados rados_ioctx_destroy "void (*)(rados_ioctx_t)":

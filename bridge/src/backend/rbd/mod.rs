@@ -20,7 +20,7 @@
 pub mod ffi;
 
 use std::collections::HashMap;
-use std::ffi::{c_int, c_void, CString};
+use std::ffi::{c_int, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -49,11 +49,86 @@ pub struct ClusterSettings {
     pub keyring: Option<PathBuf>,
 }
 
+/// Who a librados client is, as an image's lock names its owner: the cluster's fsid and
+/// the client's address.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientIdentity {
+    /// The cluster.
+    pub fsid: String,
+    /// The client's address (what `rbd_lock_get_owners` reports for it).
+    pub address: String,
+}
+
+/// Clients of this process's dead predecessor (a crash the keeper or systemd restarted us
+/// from): their exclusive locks on the images we open are broken at once instead of waiting
+/// out Ceph's 30 s watch timeout. Only these: a lock held by anyone else is left alone.
+static DEAD_PREDECESSORS: Mutex<Vec<ClientIdentity>> = Mutex::new(Vec::new());
+
+/// Says which clients belonged to this process's predecessor, now dead (read from the fd
+/// store's record after a crash). Never call it for a predecessor that may be alive.
+pub fn predecessor_is_dead(clients: Vec<ClientIdentity>) {
+    if let Ok(mut dead) = DEAD_PREDECESSORS.lock() {
+        *dead = clients;
+    }
+}
+
+/// The clients this process has connected (for the fd store's record).
+pub fn clients_in_use() -> Vec<ClientIdentity> {
+    let Ok(clients) = CLIENTS.lock() else {
+        return Vec::new();
+    };
+    clients
+        .iter()
+        .flat_map(|m| m.values())
+        .filter_map(Weak::upgrade)
+        .map(|c| c.identity.clone())
+        .collect()
+}
+
+/// Open images (handle address, its description), for [`close_for_successor`].
+static OPEN_IMAGES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+
+/// Closes every open image of this process, releasing their exclusive locks and watches,
+/// for a successor that took everything over (an upgrade by hand-over). Call it only right
+/// before the process exits, with every queue stopped: the backends keep their (now closed)
+/// handles. An image left open would keep its lock until Ceph's watch timeout (30 s) after
+/// the exit, and the successor's writes would wait that long.
+pub fn close_for_successor() {
+    let Ok(api) = ffi::api() else {
+        return;
+    };
+    let images = OPEN_IMAGES
+        .lock()
+        .map(|mut i| std::mem::take(&mut *i))
+        .unwrap_or_default();
+    for (handle, description) in images {
+        let started = std::time::Instant::now();
+        // SAFETY: an image this process opened and has not closed (Drop removes it from the
+        // list before closing); no queue submits any more.
+        let rc = unsafe { (api.rbd_close)(handle as ffi::Image) };
+        if rc < 0 {
+            tracing::warn!(
+                "{description}: closing for the successor: {}",
+                ffi::errno_text(rc.into())
+            );
+        } else {
+            tracing::info!(
+                "{description}: closed for the successor (its lock released) in {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
+/// Connected clients by their settings.
+static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<Cluster>>>> = Mutex::new(None);
+
 /// A connected librados client, shared by the images of one cluster.
 struct Cluster {
     api: &'static ffi::Api,
     rados: ffi::Rados,
     settings: ClusterSettings,
+    identity: ClientIdentity,
 }
 
 // SAFETY: a rados_t is thread-safe (librados's documented contract for a connected client).
@@ -83,7 +158,6 @@ fn ceph_error(what: String, rc: i64) -> Error {
 impl Cluster {
     /// The client for `settings`: the running one if an image uses it, else a new one.
     fn get(settings: &ClusterSettings) -> Result<Arc<Cluster>> {
-        static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<Cluster>>>> = Mutex::new(None);
         let mut clients = CLIENTS
             .lock()
             .map_err(|_| Error::Poisoned("Ceph clients"))?;
@@ -111,10 +185,14 @@ impl Cluster {
             ));
         }
         // From here the client is shut down on every failure.
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             api,
             rados,
             settings: settings.clone(),
+            identity: ClientIdentity {
+                fsid: String::new(),
+                address: String::new(),
+            },
         };
         let conf = settings
             .conf
@@ -157,8 +235,42 @@ impl Cluster {
                 rc.into(),
             ));
         }
-        tracing::info!("Ceph client {name} connected ({:?})", settings.conf);
+        cluster.identity = cluster.identity()?;
+        tracing::info!(
+            "Ceph client {name} connected to cluster {} as {} ({:?})",
+            cluster.identity.fsid,
+            cluster.identity.address,
+            settings.conf
+        );
         Ok(cluster)
+    }
+
+    /// The connected client's fsid and address.
+    fn identity(&self) -> Result<ClientIdentity> {
+        let api = self.api;
+        let mut fsid = [0u8; 64];
+        // SAFETY: our connected client and a buffer of the length given.
+        let rc =
+            unsafe { (api.rados_cluster_fsid)(self.rados, fsid.as_mut_ptr().cast(), fsid.len()) };
+        if rc < 0 {
+            return Err(ceph_error("reading the cluster's fsid".into(), rc.into()));
+        }
+        let fsid = CStr::from_bytes_until_nul(&fsid)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut addrs: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: our connected client and a valid out pointer; the buffer is freed below.
+        let rc = unsafe { (api.rados_getaddrs)(self.rados, &mut addrs) };
+        if rc < 0 || addrs.is_null() {
+            return Err(ceph_error("reading the client's address".into(), rc.into()));
+        }
+        // SAFETY: librados returned a NUL-terminated string it allocated.
+        let address = unsafe {
+            let text = CStr::from_ptr(addrs).to_string_lossy().into_owned();
+            (api.rados_buffer_free)(addrs);
+            text
+        };
+        Ok(ClientIdentity { fsid, address })
     }
 }
 
@@ -180,6 +292,18 @@ unsafe impl Sync for RbdBackend {}
 
 impl Drop for RbdBackend {
     fn drop(&mut self) {
+        let handle = self.image as usize;
+        let closed_already = OPEN_IMAGES.lock().is_ok_and(|mut images| {
+            let before = images.len();
+            images.retain(|(h, _)| *h != handle);
+            images.len() == before
+        });
+        if closed_already {
+            // By close_for_successor: only the ioctx is left.
+            // SAFETY: our ioctx.
+            unsafe { (self.api.rados_ioctx_destroy)(self.ioctx) };
+            return;
+        }
         // SAFETY: our image and ioctx; no queue of it is left (queues hold an Arc of us).
         unsafe {
             let rc = (self.api.rbd_close)(self.image);
@@ -193,6 +317,12 @@ impl Drop for RbdBackend {
             (self.api.rados_ioctx_destroy)(self.ioctx);
         }
     }
+}
+
+/// Test builds: `VFBLK_TEST_NO_RBD_LOCK_BREAK` leaves a dead predecessor's lock alone, to
+/// show the stall it costs.
+fn break_disabled_for_tests() -> bool {
+    cfg!(feature = "test-delay") && std::env::var_os("VFBLK_TEST_NO_RBD_LOCK_BREAK").is_some()
 }
 
 /// What a new image gets: layering, exclusive-lock, object-map, fast-diff, deep-flatten
@@ -305,13 +435,113 @@ impl RbdBackend {
             discard: true,
             write_zeroes: true,
         };
-        Ok(Self {
+        let backend = Self {
             api,
             image: handle,
             ioctx,
             info,
             _cluster: cluster,
-        })
+        };
+        backend.take_lock_from_dead_predecessor();
+        if let Ok(mut images) = OPEN_IMAGES.lock() {
+            images.push((backend.image as usize, backend.info.description.clone()));
+        }
+        Ok(backend)
+    }
+}
+
+impl RbdBackend {
+    /// The client this image is open through.
+    pub fn client(&self) -> &ClientIdentity {
+        &self._cluster.identity
+    }
+
+    /// If the image's exclusive lock is held by a client of our dead predecessor, breaks it
+    /// (librbd blocklists that client, so none of its writes still in flight can land after
+    /// we run them again). A lock anyone else holds is left alone: librbd asks a live owner
+    /// to hand it over at our first write.
+    fn take_lock_from_dead_predecessor(&self) {
+        let owners = match self.lock_owners() {
+            Ok(owners) => owners,
+            Err(e) => {
+                tracing::warn!("{}", vfblk_vhost::error_chain(&e));
+                return;
+            }
+        };
+        let dead = DEAD_PREDECESSORS
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let ours = &self._cluster.identity;
+        for owner in owners {
+            let predecessor = dead
+                .iter()
+                .any(|c| c.fsid == ours.fsid && c.address == owner);
+            if !predecessor {
+                tracing::info!(
+                    "{}: exclusive lock held by {owner}, not a client of a dead predecessor of ours: left to librbd's hand-over",
+                    self.info.description
+                );
+                continue;
+            }
+            if break_disabled_for_tests() {
+                tracing::warn!(
+                    "{}: VFBLK_TEST_NO_RBD_LOCK_BREAK: the dead predecessor's lock ({owner}) is left to time out",
+                    self.info.description
+                );
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let Ok(cowner) = CString::new(owner.as_str()) else {
+                continue;
+            };
+            // SAFETY: our open image and a NUL-terminated owner string librbd gave us.
+            let rc = unsafe {
+                (self.api.rbd_lock_break)(self.image, ffi::LOCK_MODE_EXCLUSIVE, cowner.as_ptr())
+            };
+            if rc < 0 {
+                tracing::error!(
+                    "{}: breaking the dead predecessor's lock ({owner}): {}; the first write waits for Ceph to time it out",
+                    self.info.description,
+                    ffi::errno_text(rc.into())
+                );
+            } else {
+                tracing::info!(
+                    "{}: broke the exclusive lock of our dead predecessor {owner} (blocklisted) in {:?}",
+                    self.info.description,
+                    started.elapsed()
+                );
+            }
+        }
+    }
+
+    /// The exclusive lock's owners (their addresses), if anyone holds it.
+    pub fn lock_owners(&self) -> Result<Vec<String>> {
+        let mut owners: [*mut std::ffi::c_char; 8] = [std::ptr::null_mut(); 8];
+        let mut count = owners.len();
+        let mut mode: c_int = 0;
+        // SAFETY: our open image; room for `count` owner pointers, freed below.
+        let rc = unsafe {
+            (self.api.rbd_lock_get_owners)(self.image, &mut mode, owners.as_mut_ptr(), &mut count)
+        };
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        if rc < 0 {
+            return Err(ceph_error(
+                format!("lock owners of {}", self.info.description),
+                rc.into(),
+            ));
+        }
+        let list = owners[..count.min(owners.len())]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: librbd filled these with NUL-terminated strings.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the strings librbd allocated for this call.
+        unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
+        Ok(list)
     }
 }
 
