@@ -13,6 +13,7 @@ pub mod cpio;
 pub mod initramfs;
 pub mod iovec;
 pub mod kernel;
+pub mod migration;
 pub mod process;
 pub mod qemu;
 pub mod recovery;
