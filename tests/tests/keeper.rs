@@ -85,6 +85,11 @@ impl Kept {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(stats) = self.call("stats", json!({})) {
+                // Known from the first answer on, so that a test failing while it waits
+                // still kills the target.
+                if let Some(pid) = stats["pid"].as_u64() {
+                    self.last_pid.set(pid as u32);
+                }
                 let connected = stats["controllers"]
                     .as_array()
                     .map_or(0, |a| a.iter().filter(|c| c["connected"] == true).count());
