@@ -46,6 +46,11 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The frontend the client plays: region (QEMU-like, its own inflight region),
+        /// own-region (none: the target keeps its own, under vfblk-keeper), dirty-log (a
+        /// migration's source).
+        #[arg(long, default_value = "region")]
+        frontend: cost::CostFrontend,
     },
     /// The many-VM target on one poller: IOPS and cost per I/O with 1, 4 and 16 controllers,
     /// and CPU use with 16 idle ones.
@@ -84,9 +89,17 @@ fn main() -> ExitCode {
         Command::Vhost { seconds, qd, json } => {
             vhost::bench(&vhost::VhostBenchOptions { seconds, qd, json })
         }
-        Command::Cost { seconds, qd, json } => {
-            cost::bench(&cost::CostOptions { seconds, qd, json })
-        }
+        Command::Cost {
+            seconds,
+            qd,
+            json,
+            frontend,
+        } => cost::bench(&cost::CostOptions {
+            seconds,
+            qd,
+            json,
+            frontend,
+        }),
         Command::Nvme { seconds, json } => nvme::bench(&nvme::NvmeBenchOptions { seconds, json }),
         Command::Target { seconds, qd, json } => {
             target::bench(&target::TargetBenchOptions { seconds, qd, json })

@@ -27,6 +27,43 @@ pub struct CostOptions {
     pub qd: u16,
     /// Print JSON.
     pub json: bool,
+    /// What kind of frontend the client plays.
+    pub frontend: CostFrontend,
+}
+
+/// The frontend the cost is measured for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CostFrontend {
+    /// QEMU-like: its own inflight region.
+    #[default]
+    Region,
+    /// Without an inflight region (libblkio-like), the target under `vfblk-keeper` keeping a
+    /// region of its own.
+    OwnRegion,
+    /// A migration's source: the dirty log on (LOG_ALL and used-ring logging).
+    DirtyLog,
+}
+
+impl std::str::FromStr for CostFrontend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "region" => Ok(Self::Region),
+            "own-region" => Ok(Self::OwnRegion),
+            "dirty-log" => Ok(Self::DirtyLog),
+            _ => Err(format!("{s:?}: region, own-region or dirty-log")),
+        }
+    }
+}
+
+impl CostFrontend {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Region => "with its own inflight region",
+            Self::OwnRegion => "without an inflight region (the target's own, under vfblk-keeper)",
+            Self::DirtyLog => "migrating (dirty log on)",
+        }
+    }
 }
 
 /// What one measurement found.
@@ -159,6 +196,11 @@ fn client(bin_dir: &Path, socket: &Path, o: &CostOptions) -> Result<u64> {
         .arg("--socket")
         .arg(socket)
         .args(["--rw", "read", "--bs", "4096", "--polled", "--json"])
+        .args(match o.frontend {
+            CostFrontend::Region => &[][..],
+            CostFrontend::OwnRegion => &["--no-inflight"][..],
+            CostFrontend::DirtyLog => &["--dirty-log"][..],
+        })
         .args([
             "--qd",
             &o.qd.to_string(),
@@ -174,6 +216,32 @@ fn client(bin_dir: &Path, socket: &Path, o: &CostOptions) -> Result<u64> {
         .as_u64()
         .filter(|&n| n > 0)
         .ok_or_else(|| Error::Run(format!("no I/O: {report}")))
+}
+
+/// The command before the bridge's: the keeper, for a frontend without a region (the target
+/// keeps its own only with an fd store).
+fn keeper_prefix(bin_dir: &Path, dir: &Path, o: &CostOptions) -> Vec<String> {
+    if o.frontend != CostFrontend::OwnRegion {
+        return Vec::new();
+    }
+    vec![
+        bin_dir.join("vfblk-keeper").display().to_string(),
+        "--dir".into(),
+        dir.join("keep").display().to_string(),
+        "--".into(),
+    ]
+}
+
+/// The process that runs the bridge's code: `pid` itself, or its child when `pid` is the
+/// keeper.
+fn bridge_process(pid: u32, o: &CostOptions) -> u32 {
+    if o.frontend != CostFrontend::OwnRegion {
+        return pid;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(pid)
 }
 
 fn bridge_args(bin_dir: &Path, socket: &Path) -> Vec<String> {
@@ -216,13 +284,9 @@ fn callgrind(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Re
     let out = dir.join("callgrind.out");
     let mut command = Command::new("taskset");
     command
-        .args([
-            "-c",
-            "1",
-            "valgrind",
-            "--tool=callgrind",
-            "--compress-strings=no",
-        ])
+        .args(["-c", "1"])
+        .args(keeper_prefix(bin_dir, dir, o))
+        .args(["valgrind", "--tool=callgrind", "--compress-strings=no"])
         .args(["--compress-pos=no", "--collect-atstart=no"])
         .arg(format!("--toggle-collect={REQUEST_PATH}"))
         .arg(format!("--callgrind-out-file={}", out.display()))
@@ -261,6 +325,7 @@ fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Resul
     let mut command = Command::new("taskset");
     command
         .args(["-c", "1"])
+        .args(keeper_prefix(bin_dir, dir, o))
         .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -269,7 +334,7 @@ fn strace(bin_dir: &Path, dir: &Path, o: &CostOptions, cost: &mut Cost) -> Resul
         &socket,
         vfblk_lab::process::LISTEN_TIMEOUT,
     )?);
-    let tid = poller_thread(bridge.0.id())
+    let tid = poller_thread(bridge_process(bridge.0.id(), o))
         .ok_or_else(|| Error::Run("the bridge has no vfblk-poller thread".into()))?;
     let summary = dir.join("strace.txt");
     // One thread only (-p TID without -f): the poller, not the socket and signal threads.
@@ -329,8 +394,10 @@ pub fn bench(o: &CostOptions) -> Result<()> {
         return Ok(());
     }
     println!(
-        "null backend, 4 KiB random reads at QD{} from a polling vfblk-loadgen, {} s per run:",
-        o.qd, o.seconds
+        "null backend, 4 KiB random reads at QD{} from a polling vfblk-loadgen {}, {} s per run:",
+        o.qd,
+        o.frontend.describe(),
+        o.seconds
     );
     println!(
         "  request path ({REQUEST_PATH}, under callgrind): {:.0} instructions and {:.3} allocations per I/O ({} I/Os)",
