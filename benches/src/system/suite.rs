@@ -336,6 +336,10 @@ pub struct Measurement {
     pub backend_cpu_ns_per_io: Option<f64>,
     /// The Ceph daemons' CPU time per I/O (mon and OSD), in nanoseconds: `rbd` kinds only.
     pub cluster_cpu_ns_per_io: Option<f64>,
+    /// Cores other processes kept busy on average while the client ran: the machine's busy
+    /// time less the backend's, the client's and the Ceph daemons'. On a shared machine it
+    /// says which figures the scheduler moved.
+    pub outside_cores: Option<f64>,
     /// The backend's command line.
     pub backend_command: String,
     /// The client's command line.
@@ -742,6 +746,7 @@ impl Suite {
             report: Err(String::new()),
             backend_cpu_ns_per_io: None,
             cluster_cpu_ns_per_io: None,
+            outside_cores: None,
             backend_command: String::new(),
             client_command,
         };
@@ -766,14 +771,32 @@ impl Suite {
         };
         let cluster_before = daemons_cpu();
         let cpu_before = cpu_seconds(pid).ok();
+        let (machine_before, children_before) = (machine_busy_seconds(), children_cpu_seconds());
+        let started = Instant::now();
         let out = Command::new("taskset")
             .args(["-c", &CLIENT_CPU.to_string()])
             .args(&args)
             .stdin(Stdio::null())
             .output();
+        let wall = started.elapsed().as_secs_f64();
+        // The client, reaped by now, is the only child that ended in between.
+        let (machine_after, client) = (
+            machine_busy_seconds(),
+            children_cpu_seconds() - children_before,
+        );
         let cpu_after = cpu_seconds(pid).ok();
         let cluster_after = daemons_cpu();
         drop(running);
+        if let (Some(m0), Some(m1), Some(a), Some(b)) =
+            (machine_before, machine_after, cpu_before, cpu_after)
+        {
+            let cluster = match (cluster_before, cluster_after) {
+                (Some(c0), Some(c1)) => c1 - c0,
+                _ => 0.0,
+            };
+            let outside = (m1 - m0) - (b - a) - client - cluster;
+            m.outside_cores = Some((outside / wall.max(1e-3)).max(0.0));
+        }
         m.report = match out {
             Err(e) => Err(format!("starting {}: {e}", args[0])),
             Ok(out) => {
@@ -988,24 +1011,44 @@ fn command_output(program: &str, args: &[&str]) -> String {
 /// Share of all CPUs busy over `over` (from /proc/stat): a suite run beside other work
 /// measures the scheduler, not the backends.
 fn machine_busy(over: Duration) -> Option<f64> {
-    let sample = || -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal ...
-        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
-        Some((cpu.iter().take(8).sum(), idle))
-    };
-    let (t0, i0) = sample()?;
+    let (t0, i0) = cpu_ticks()?;
     std::thread::sleep(over);
-    let (t1, i1) = sample()?;
+    let (t1, i1) = cpu_ticks()?;
     let total = t1.checked_sub(t0)?.max(1);
     Some(1.0 - (i1.saturating_sub(i0)) as f64 / total as f64)
+}
+
+/// All CPUs' clock ticks since boot, and the idle ones among them (from /proc/stat).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
+    Some((cpu.iter().take(8).sum(), idle))
+}
+
+/// CPU seconds all CPUs have been busy since boot (stolen time included).
+fn machine_busy_seconds() -> Option<f64> {
+    let (total, idle) = cpu_ticks()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(total.saturating_sub(idle) as f64 / hz)
+}
+
+/// CPU seconds (user + system) of this process's reaped children.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: a zeroed rusage is a valid out value for getrusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn environment(o: &SuiteOptions) -> Value {
@@ -1303,6 +1346,7 @@ impl SuiteResult {
                     },
                     "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
                     "cluster_cpu_ns_per_io": m.cluster_cpu_ns_per_io,
+                    "outside_cores": m.outside_cores,
                     // The latency distributions are drawn in the plots; the file keeps
                     // the quantiles (the CDFs would make it a megabyte).
                     "report": m.report.as_ref().ok().map(without_cdf),
@@ -1578,7 +1622,7 @@ impl SuiteResult {
         );
         let _ = writeln!(
             out,
-            "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together.\n"
+            "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together. Other processes: the cores the rest of the machine kept busy meanwhile (its busy time less the target's, the client's and the daemons'), per target: where it is not near 0, the scheduler moved that row.\n"
         );
         let pair = backends.contains(&Backend::OursRbd) && backends.contains(&Backend::QsdRbd);
         let _ = write!(out, "| client | workload |");
@@ -1594,8 +1638,9 @@ impl SuiteResult {
         for b in &backends {
             let _ = write!(out, " cluster CPU, {} |", b.id());
         }
+        let _ = write!(out, " other processes (cores) |");
         let _ = write!(out, "\n|---|---|");
-        for _ in 0..backends.len() * 3 + usize::from(pair) {
+        for _ in 0..backends.len() * 3 + usize::from(pair) + 1 {
             let _ = write!(out, "---|");
         }
         out.push('\n');
@@ -1653,6 +1698,15 @@ impl SuiteResult {
                     micro(of(b).and_then(|x| x.cluster_cpu_ns_per_io))
                 );
             }
+            let outside: Vec<String> = backends
+                .iter()
+                .map(|b| {
+                    of(b)
+                        .and_then(|x| x.outside_cores)
+                        .map_or("?".into(), |c| format!("{c:.2}"))
+                })
+                .collect();
+            let _ = write!(out, " {} |", outside.join(" / "));
             out.push('\n');
         }
         out.push('\n');
@@ -1740,6 +1794,7 @@ mod tests {
             report: Ok(json!({"iops": iops, "lat_p50_us": 1.0, "lat_p99_us": 2.0})),
             backend_cpu_ns_per_io: Some(500.0),
             cluster_cpu_ns_per_io: None,
+            outside_cores: None,
             backend_command: "b".into(),
             client_command: "c".into(),
         };
@@ -1842,6 +1897,7 @@ mod tests {
             report: Ok(json!({"iops": iops, "lat_p50_us": 400.0, "lat_p99_us": 900.0})),
             backend_cpu_ns_per_io: Some(cpu),
             cluster_cpu_ns_per_io: Some(150_000.0),
+            outside_cores: Some(0.02),
             backend_command: "b".into(),
             client_command: "c".into(),
         };
@@ -1877,7 +1933,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| loadgen | random 4 KiB write, QD1 | 2,000 (400 / 900) | 1,600 (400 / 900) | 1.25× | 40.0 | 60.0 | 150.0 | 150.0 |"),
+            md.contains("| loadgen | random 4 KiB write, QD1 | 2,000 (400 / 900) | 1,600 (400 / 900) | 1.25× | 40.0 | 60.0 | 150.0 | 150.0 | 0.02 / 0.02 |"),
             "{md}"
         );
         let j = r.to_json();
