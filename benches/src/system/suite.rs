@@ -60,13 +60,17 @@ pub enum Backend {
     ChFile,
     /// vfblk-bridge, `rbd` backend (librbd) on the suite's Ceph cluster, polling.
     OursRbd,
+    /// The same with only its poller pinned to the backend core (`--cpus`), the process
+    /// not: librbd's threads may run on either core instead of waiting behind the poller,
+    /// which spins while requests are in librbd.
+    OursRbdCpus,
     /// qemu-storage-daemon, `driver=rbd` on the same cluster (librbd's cache off, as ours).
     QsdRbd,
 }
 
 impl Backend {
     /// Every backend, in table order.
-    pub const ALL: [Backend; 11] = [
+    pub const ALL: [Backend; 12] = [
         Backend::OursNull,
         Backend::SpdkNull,
         Backend::QsdNull,
@@ -77,6 +81,7 @@ impl Backend {
         Backend::QsdFile,
         Backend::ChFile,
         Backend::OursRbd,
+        Backend::OursRbdCpus,
         Backend::QsdRbd,
     ];
 
@@ -93,6 +98,7 @@ impl Backend {
             Backend::SpdkMalloc => "spdk-malloc",
             Backend::ChFile => "ch-file",
             Backend::OursRbd => "vfblk-rbd",
+            Backend::OursRbdCpus => "vfblk-rbd-cpus",
             Backend::QsdRbd => "qsd-rbd",
         }
     }
@@ -110,6 +116,7 @@ impl Backend {
             Backend::SpdkMalloc => "SPDK vhost malloc bdev (RAM)",
             Backend::ChFile => "cloud-hypervisor vhost_user_block (/dev/shm)",
             Backend::OursRbd => "vfblk-bridge rbd (librbd)",
+            Backend::OursRbdCpus => "vfblk-bridge rbd, only the poller pinned (--cpus)",
             Backend::QsdRbd => "qemu-storage-daemon rbd (librbd)",
         }
     }
@@ -120,7 +127,7 @@ impl Backend {
             Backend::OursNull | Backend::QsdNull | Backend::SpdkNull => "null",
             Backend::OursMem | Backend::OursMemHuge | Backend::SpdkMalloc => "ram",
             Backend::OursFile | Backend::QsdFile | Backend::ChFile => "file",
-            Backend::OursRbd | Backend::QsdRbd => "rbd",
+            Backend::OursRbd | Backend::OursRbdCpus | Backend::QsdRbd => "rbd",
         }
     }
 
@@ -266,9 +273,10 @@ pub struct SuiteOptions {
     pub out: PathBuf,
     /// Only these backends (comma-separated ids; default: every one whose binary is there
     /// but the RBD ones): vfblk-null, spdk-null, qsd-null, vfblk-mem, vfblk-mem-huge,
-    /// spdk-malloc, vfblk-file, qsd-file, ch-file; vfblk-rbd and qsd-rbd only when named
-    /// (they start a private Ceph cluster, one mon and one OSD, after the others' rows, and
-    /// run the QD1 and QD32 4 KiB random reads and writes unless --workloads says otherwise).
+    /// spdk-malloc, vfblk-file, qsd-file, ch-file; vfblk-rbd, vfblk-rbd-cpus (only the
+    /// poller pinned) and qsd-rbd only when named (they start a private Ceph cluster, one mon
+    /// and one OSD, after the others' rows, and run the QD1 and QD32 4 KiB random reads and
+    /// writes unless --workloads says otherwise).
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
@@ -499,10 +507,15 @@ impl Suite {
     }
 
     fn spawn(&self, args: Vec<String>, env: &[(&str, String)]) -> Result<Running> {
-        let mut command = Command::new("taskset");
+        let pinned = ["taskset".to_string(), "-c".into(), BACKEND_CPU.to_string()];
+        self.spawn_unpinned(pinned.into_iter().chain(args).collect(), env)
+    }
+
+    /// [`Suite::spawn`] without the `taskset` in front: the backend pins what it pins.
+    fn spawn_unpinned(&self, args: Vec<String>, env: &[(&str, String)]) -> Result<Running> {
+        let mut command = Command::new(&args[0]);
         command
-            .args(["-c", &BACKEND_CPU.to_string()])
-            .args(&args)
+            .args(&args[1..])
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -513,7 +526,7 @@ impl Suite {
             );
         // Its own process group: helper threads and children go with it.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let command_line = format!("taskset -c {BACKEND_CPU} {}", shell_words(&args));
+        let command_line = shell_words(&args);
         let child = spawn_listening(command, &self.socket, LISTEN_TIMEOUT)?;
         Ok(Running {
             child,
@@ -592,21 +605,22 @@ impl Suite {
                 )
             }
             Backend::SpdkNull | Backend::SpdkMalloc => self.start_spdk(b),
-            Backend::OursRbd | Backend::QsdRbd => {
+            Backend::OursRbd | Backend::OursRbdCpus | Backend::QsdRbd => {
                 let rbd = self
                     .rbd
                     .as_ref()
                     .ok_or_else(|| Error::Run("no Ceph cluster".into()))?;
                 let (pool, image) = (rbd.cluster.pool(), Rbd::image(b));
                 let conf = rbd.cluster.conf().display().to_string();
+                let ours = bridge(format!(
+                    "rbd:{pool}/{image},conf={conf},id={RBD_USER},keyring={}",
+                    rbd.cluster.keyring().display()
+                ));
                 let mut running = if b == Backend::OursRbd {
-                    self.spawn(
-                        bridge(format!(
-                            "rbd:{pool}/{image},conf={conf},id={RBD_USER},keyring={}",
-                            rbd.cluster.keyring().display()
-                        )),
-                        &[],
-                    )?
+                    self.spawn(ours, &[])?
+                } else if b == Backend::OursRbdCpus {
+                    let cpus = [s("--cpus"), BACKEND_CPU.to_string()];
+                    self.spawn_unpinned(ours.into_iter().chain(cpus).collect(), &[])?
                 } else {
                     // cache.direct=on: QEMU turns librbd's cache on otherwise (writeback,
                     // writethrough until the first flush); ours runs with it off (the
@@ -1624,13 +1638,30 @@ impl SuiteResult {
             out,
             "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together. Other processes: the cores the rest of the machine kept busy meanwhile (its busy time less the target's, the client's and the daemons'), per target: where it is not near 0, the scheduler moved that row.\n"
         );
-        let pair = backends.contains(&Backend::OursRbd) && backends.contains(&Backend::QsdRbd);
+        // Each of ours against qemu-storage-daemon, when it ran.
+        let ratios: Vec<Backend> = if backends.contains(&Backend::QsdRbd) {
+            backends
+                .iter()
+                .copied()
+                .filter(|b| *b != Backend::QsdRbd)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let _ = write!(out, "| client | workload |");
         for b in &backends {
             let _ = write!(out, " {} |", b.describe());
         }
-        if pair {
-            let _ = write!(out, " ratio |");
+        for b in &ratios {
+            let _ = write!(
+                out,
+                " {} |",
+                if ratios.len() == 1 {
+                    "ratio".to_string()
+                } else {
+                    format!("ratio, {}", b.id())
+                }
+            );
         }
         for b in &backends {
             let _ = write!(out, " target CPU, {} |", b.id());
@@ -1640,7 +1671,7 @@ impl SuiteResult {
         }
         let _ = write!(out, " other processes (cores) |");
         let _ = write!(out, "\n|---|---|");
-        for _ in 0..backends.len() * 3 + usize::from(pair) + 1 {
+        for _ in 0..backends.len() * 3 + ratios.len() + 1 {
             let _ = write!(out, "---|");
         }
         out.push('\n');
@@ -1675,9 +1706,9 @@ impl SuiteResult {
                 };
                 let _ = write!(out, " {cell} |");
             }
-            if pair {
-                let iops = |b| of(&b).and_then(|x| x.iops());
-                let ratio = match (iops(Backend::OursRbd), iops(Backend::QsdRbd)) {
+            let iops = |b| of(&b).and_then(|x| x.iops());
+            for b in &ratios {
+                let ratio = match (iops(*b), iops(Backend::QsdRbd)) {
                     (Some(a), Some(q)) if q > 0.0 => format!("{:.2}×", a / q),
                     _ => "—".into(),
                 };
@@ -1943,5 +1974,18 @@ mod tests {
             "{j}"
         );
         assert_eq!(j["rbd"]["ceph"], "ceph version 16.2.15", "{j}");
+        // With the variant that pins only its poller: a ratio for each of ours.
+        let mut r = r;
+        r.measurements
+            .push(m(Backend::OursRbdCpus, 2_400.0, 40_000.0));
+        let md = r.to_markdown("vfblk-bench suite");
+        assert!(
+            md.contains("| 2,000 (400 / 900) | 2,400 (400 / 900) | 1,600 (400 / 900) | 1.25× | 1.50× | 40.0 | 40.0 | 60.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ratio, vfblk-rbd | ratio, vfblk-rbd-cpus |"),
+            "{md}"
+        );
     }
 }
