@@ -330,10 +330,12 @@ fn serving_with_requests_in_flight(lab: &Lab, rpc_socket: &Path) -> Result<i32> 
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < deadline {
         let stats = rpc(lab, rpc_socket, &["stats"])?;
-        if stats["controllers"][0]["io"]["in_flight"].as_u64() > Some(0) {
-            break;
+        if stats["controllers"][0]["in_flight"].as_u64() > Some(0) {
+            return Ok(pid);
         }
+        std::thread::sleep(Duration::from_millis(1));
     }
+    tracing::warn!("[host] no request in flight for 2 s; killing anyway");
     Ok(pid)
 }
 
