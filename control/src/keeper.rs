@@ -403,6 +403,10 @@ impl Keeper {
             unsafe { libc::kill(pid, signal) };
             let deadline = Instant::now() + STOP_DEADLINE;
             loop {
+                // A target that stops tells the store what to drop, one datagram per fd: left
+                // unread, the socket's queue fills and each of its sends waits out its
+                // deadline, until the stop itself runs past ours.
+                self.read_messages();
                 let mut status = 0;
                 // SAFETY: waitpid on any child, not blocking.
                 let reaped = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
