@@ -348,6 +348,9 @@ pub struct Measurement {
     /// time less the backend's, the client's and the Ceph daemons'. On a shared machine it
     /// says which figures the scheduler moved.
     pub outside_cores: Option<f64>,
+    /// The OSD's own time per op in milliseconds, from its arrival to its reply (its
+    /// `op_latency`): `rbd` kinds only.
+    pub osd_op_ms: Option<f64>,
     /// The backend's command line.
     pub backend_command: String,
     /// The client's command line.
@@ -457,6 +460,19 @@ impl Suite {
             }
             _ => None,
         }
+    }
+
+    /// The OSD's ops so far and the seconds they took (its `op_latency` counter), for the
+    /// `rbd` kinds.
+    fn osd_op_latency(&self, b: Backend) -> Option<(u64, f64)> {
+        let rbd = self.rbd.as_ref().filter(|_| b.kind() == "rbd")?;
+        let dump = rbd
+            .cluster
+            .ceph(&["daemon", "osd.0", "perf", "dump"])
+            .ok()?;
+        let dump: Value = serde_json::from_str(&dump).ok()?;
+        let op = &dump["osd"]["op_latency"];
+        Some((op["avgcount"].as_u64()?, op["sum"].as_f64()?))
     }
 
     /// Starts the Ceph cluster of the `rbd` kinds and writes one image per backend.
@@ -761,6 +777,7 @@ impl Suite {
             backend_cpu_ns_per_io: None,
             cluster_cpu_ns_per_io: None,
             outside_cores: None,
+            osd_op_ms: None,
             backend_command: String::new(),
             client_command,
         };
@@ -783,6 +800,9 @@ impl Suite {
                 .then(|| daemons.iter().map(|&p| cpu_seconds(p).ok()).sum())
                 .flatten()
         };
+        // The OSD's own time per op (queueing in it included), outside the CPU window: the
+        // `ceph` CLI is a Python program.
+        let osd_before = self.osd_op_latency(b);
         let cluster_before = daemons_cpu();
         let cpu_before = cpu_seconds(pid).ok();
         let (machine_before, children_before) = (machine_busy_seconds(), children_cpu_seconds());
@@ -800,7 +820,13 @@ impl Suite {
         );
         let cpu_after = cpu_seconds(pid).ok();
         let cluster_after = daemons_cpu();
+        let osd_after = self.osd_op_latency(b);
         drop(running);
+        if let (Some((n0, s0)), Some((n1, s1))) = (osd_before, osd_after) {
+            if n1 > n0 {
+                m.osd_op_ms = Some((s1 - s0) * 1e3 / (n1 - n0) as f64);
+            }
+        }
         if let (Some(m0), Some(m1), Some(a), Some(b)) =
             (machine_before, machine_after, cpu_before, cpu_after)
         {
@@ -1361,6 +1387,7 @@ impl SuiteResult {
                     "backend_cpu_ns_per_io": m.backend_cpu_ns_per_io,
                     "cluster_cpu_ns_per_io": m.cluster_cpu_ns_per_io,
                     "outside_cores": m.outside_cores,
+                    "osd_op_ms": m.osd_op_ms,
                     // The latency distributions are drawn in the plots; the file keeps
                     // the quantiles (the CDFs would make it a megabyte).
                     "report": m.report.as_ref().ok().map(without_cdf),
@@ -1636,7 +1663,7 @@ impl SuiteResult {
         );
         let _ = writeln!(
             out,
-            "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together. Other processes: the cores the rest of the machine kept busy meanwhile (its busy time less the target's, the client's and the daemons'), per target: where it is not near 0, the scheduler moved that row.\n"
+            "Clients: `loadgen` polls (`vfblk-loadgen --polled`) and `libblkio` too (poll queues), each spinning on CPU {CLIENT_CPU}; `loadgen-irq` sleeps on interrupts like a guest's driver (`vfblk-loadgen --interrupts`), leaving that core to the cluster between completions. Cells: IOPS (p50 / p99 latency in µs). CPU: µs per I/O of the target process (all its threads) and of the mon and OSD together. OSD ms per op: the OSD's own time per op, from its arrival to the reply, per target. Other processes: the cores the rest of the machine kept busy meanwhile (its busy time less the target's, the client's and the daemons'), per target: where it is not near 0, the scheduler moved that row.\n"
         );
         // Each of ours against qemu-storage-daemon, when it ran.
         let ratios: Vec<Backend> = if backends.contains(&Backend::QsdRbd) {
@@ -1669,9 +1696,9 @@ impl SuiteResult {
         for b in &backends {
             let _ = write!(out, " cluster CPU, {} |", b.id());
         }
-        let _ = write!(out, " other processes (cores) |");
+        let _ = write!(out, " OSD ms per op | other processes (cores) |");
         let _ = write!(out, "\n|---|---|");
-        for _ in 0..backends.len() * 3 + ratios.len() + 1 {
+        for _ in 0..backends.len() * 3 + ratios.len() + 2 {
             let _ = write!(out, "---|");
         }
         out.push('\n');
@@ -1729,6 +1756,15 @@ impl SuiteResult {
                     micro(of(b).and_then(|x| x.cluster_cpu_ns_per_io))
                 );
             }
+            let osd: Vec<String> = backends
+                .iter()
+                .map(|b| {
+                    of(b)
+                        .and_then(|x| x.osd_op_ms)
+                        .map_or("?".into(), |ms| format!("{ms:.2}"))
+                })
+                .collect();
+            let _ = write!(out, " {} |", osd.join(" / "));
             let outside: Vec<String> = backends
                 .iter()
                 .map(|b| {
@@ -1826,6 +1862,7 @@ mod tests {
             backend_cpu_ns_per_io: Some(500.0),
             cluster_cpu_ns_per_io: None,
             outside_cores: None,
+            osd_op_ms: None,
             backend_command: "b".into(),
             client_command: "c".into(),
         };
@@ -1929,6 +1966,7 @@ mod tests {
             backend_cpu_ns_per_io: Some(cpu),
             cluster_cpu_ns_per_io: Some(150_000.0),
             outside_cores: Some(0.02),
+            osd_op_ms: Some(1.5),
             backend_command: "b".into(),
             client_command: "c".into(),
         };
@@ -1964,7 +2002,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| loadgen | random 4 KiB write, QD1 | 2,000 (400 / 900) | 1,600 (400 / 900) | 1.25× | 40.0 | 60.0 | 150.0 | 150.0 | 0.02 / 0.02 |"),
+            md.contains("| loadgen | random 4 KiB write, QD1 | 2,000 (400 / 900) | 1,600 (400 / 900) | 1.25× | 40.0 | 60.0 | 150.0 | 150.0 | 1.50 / 1.50 | 0.02 / 0.02 |"),
             "{md}"
         );
         let j = r.to_json();
