@@ -60,6 +60,9 @@ pub enum Backend {
     ChFile,
     /// vfblk-bridge, `rbd` backend (librbd) on the suite's Ceph cluster, polling.
     OursRbd,
+    /// The same without `--poll`: its poller yields its core now and then while it waits
+    /// (and sleeps when nothing is in flight), so librbd's threads on that core run sooner.
+    OursRbdSleep,
     /// The same with only its poller pinned to the backend core (`--cpus`), the process
     /// not: librbd's threads may run on either core instead of waiting behind the poller,
     /// which spins while requests are in librbd.
@@ -70,7 +73,7 @@ pub enum Backend {
 
 impl Backend {
     /// Every backend, in table order.
-    pub const ALL: [Backend; 12] = [
+    pub const ALL: [Backend; 13] = [
         Backend::OursNull,
         Backend::SpdkNull,
         Backend::QsdNull,
@@ -81,6 +84,7 @@ impl Backend {
         Backend::QsdFile,
         Backend::ChFile,
         Backend::OursRbd,
+        Backend::OursRbdSleep,
         Backend::OursRbdCpus,
         Backend::QsdRbd,
     ];
@@ -98,6 +102,7 @@ impl Backend {
             Backend::SpdkMalloc => "spdk-malloc",
             Backend::ChFile => "ch-file",
             Backend::OursRbd => "vfblk-rbd",
+            Backend::OursRbdSleep => "vfblk-rbd-sleep",
             Backend::OursRbdCpus => "vfblk-rbd-cpus",
             Backend::QsdRbd => "qsd-rbd",
         }
@@ -116,6 +121,7 @@ impl Backend {
             Backend::SpdkMalloc => "SPDK vhost malloc bdev (RAM)",
             Backend::ChFile => "cloud-hypervisor vhost_user_block (/dev/shm)",
             Backend::OursRbd => "vfblk-bridge rbd (librbd)",
+            Backend::OursRbdSleep => "vfblk-bridge rbd, no --poll",
             Backend::OursRbdCpus => "vfblk-bridge rbd, only the poller pinned (--cpus)",
             Backend::QsdRbd => "qemu-storage-daemon rbd (librbd)",
         }
@@ -127,7 +133,9 @@ impl Backend {
             Backend::OursNull | Backend::QsdNull | Backend::SpdkNull => "null",
             Backend::OursMem | Backend::OursMemHuge | Backend::SpdkMalloc => "ram",
             Backend::OursFile | Backend::QsdFile | Backend::ChFile => "file",
-            Backend::OursRbd | Backend::OursRbdCpus | Backend::QsdRbd => "rbd",
+            Backend::OursRbd | Backend::OursRbdSleep | Backend::OursRbdCpus | Backend::QsdRbd => {
+                "rbd"
+            }
         }
     }
 
@@ -273,10 +281,10 @@ pub struct SuiteOptions {
     pub out: PathBuf,
     /// Only these backends (comma-separated ids; default: every one whose binary is there
     /// but the RBD ones): vfblk-null, spdk-null, qsd-null, vfblk-mem, vfblk-mem-huge,
-    /// spdk-malloc, vfblk-file, qsd-file, ch-file; vfblk-rbd, vfblk-rbd-cpus (only the
-    /// poller pinned) and qsd-rbd only when named (they start a private Ceph cluster, one mon
-    /// and one OSD, after the others' rows, and run the QD1 and QD32 4 KiB random reads and
-    /// writes unless --workloads says otherwise).
+    /// spdk-malloc, vfblk-file, qsd-file, ch-file; vfblk-rbd, vfblk-rbd-sleep (without
+    /// --poll), vfblk-rbd-cpus (only the poller pinned) and qsd-rbd only when named (they
+    /// start a private Ceph cluster, one mon and one OSD, after the others' rows, and run the
+    /// QD1 and QD32 4 KiB random reads and writes unless --workloads says otherwise).
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     /// Only these workloads (comma-separated ids; default: all): randread-4k-qd1,
@@ -621,7 +629,7 @@ impl Suite {
                 )
             }
             Backend::SpdkNull | Backend::SpdkMalloc => self.start_spdk(b),
-            Backend::OursRbd | Backend::OursRbdCpus | Backend::QsdRbd => {
+            Backend::OursRbd | Backend::OursRbdSleep | Backend::OursRbdCpus | Backend::QsdRbd => {
                 let rbd = self
                     .rbd
                     .as_ref()
@@ -634,6 +642,8 @@ impl Suite {
                 ));
                 let mut running = if b == Backend::OursRbd {
                     self.spawn(ours, &[])?
+                } else if b == Backend::OursRbdSleep {
+                    self.spawn(ours.into_iter().filter(|a| a != "--poll").collect(), &[])?
                 } else if b == Backend::OursRbdCpus {
                     let cpus = [s("--cpus"), BACKEND_CPU.to_string()];
                     self.spawn_unpinned(ours.into_iter().chain(cpus).collect(), &[])?
@@ -1648,11 +1658,11 @@ impl SuiteResult {
                 .iter()
                 .map(|b| b.describe())
                 .collect::<Vec<_>>()
-                .join(" beside ")
+                .join("; ")
         );
         let _ = writeln!(
             out,
-            "One private Ceph cluster started by the suite for these rows ({}; {}), each target on an image of its own ({DISK_MIB} MiB, every byte written before the first measurement, librbd's default features), librbd's cache off for both (qemu-storage-daemon with `cache.direct=on`). The target runs pinned to CPU {BACKEND_CPU} with all its threads (librbd's too), the client on CPU {CLIENT_CPU}. The mon and the OSD are not pinned: {}\n",
+            "One private Ceph cluster started by the suite for these rows ({}; {}), each target on an image of its own ({DISK_MIB} MiB, every byte written before the first measurement, librbd's default features), librbd's cache off for all (qemu-storage-daemon with `cache.direct=on`). Each target runs pinned to CPU {BACKEND_CPU} with all its threads (librbd's too; `vfblk-rbd-cpus` pins only its poller there), the client on CPU {CLIENT_CPU}. The mon and the OSD are not pinned: {}\n",
             info["ceph"].as_str().unwrap_or("Ceph"),
             info["daemons"].as_str().unwrap_or(""),
             if cpus <= 2 {
@@ -1992,9 +2002,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains(
-                "## Ceph RBD: vfblk-bridge rbd (librbd) beside qemu-storage-daemon rbd (librbd)"
-            ),
+            md.contains("## Ceph RBD: vfblk-bridge rbd (librbd); qemu-storage-daemon rbd (librbd)"),
             "{md}"
         );
         assert!(
