@@ -778,8 +778,15 @@ impl Target {
             self.file_edits.removed.clear();
             return Ok(());
         };
+        let started = std::time::Instant::now();
         if self.config().save_into(path, &self.file_edits)? {
-            tracing::debug!("{} written", path.display());
+            let took = started.elapsed();
+            // The fsyncs wait for the disk's journal: a slow RPC is told why.
+            if took > std::time::Duration::from_secs(1) {
+                tracing::warn!("{} written in {took:.1?} (fsync)", path.display());
+            } else {
+                tracing::debug!("{} written in {took:.1?}", path.display());
+            }
         }
         self.file_edits.removed.clear();
         Ok(())

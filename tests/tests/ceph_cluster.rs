@@ -267,6 +267,10 @@ fn shared_cluster_child() {
     println!("@@DIR {}", cluster.dir().display());
     if mode == "hang" {
         std::thread::sleep(Duration::from_secs(600));
+    } else {
+        // Exits once the parent has seen the daemons run (it closes our stdin): exiting at
+        // once raced its count of them (a CI run counted 1 of 2).
+        std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).unwrap();
     }
 }
 
@@ -282,6 +286,7 @@ fn shared_child(mode: &str) -> (std::process::Child, PathBuf) {
             "1",
         ])
         .env("VFBLK_CEPH_CHILD", mode)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -296,6 +301,8 @@ fn shared_child(mode: &str) -> (std::process::Child, PathBuf) {
     std::thread::spawn(move || lines.for_each(drop));
     assert!(dir.exists());
     assert_eq!(ceph::processes_under(&dir).len(), 2, "mon and OSD run");
+    // Lets an "exit" child go on to exit.
+    drop(child.stdin.take());
     (child, dir)
 }
 
