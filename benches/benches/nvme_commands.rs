@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
-use vfblk_nvme::prp::{self, Segment};
+use vfblk_nvme::prp::{self, DmaSegment};
 use vfblk_nvme::spec::{nvm, Command};
 
 fn commands(c: &mut Criterion) {
@@ -18,28 +18,28 @@ fn prps(c: &mut Criterion) {
     for (name, segs) in [
         (
             "4 KiB aligned",
-            vec![Segment {
+            vec![DmaSegment {
                 iova: 0x1_0000_0000,
                 len: 4096,
             }],
         ),
         (
             "4 KiB unaligned (2 pages)",
-            vec![Segment {
+            vec![DmaSegment {
                 iova: 0x1_0000_0200,
                 len: 4096,
             }],
         ),
         (
             "128 KiB (list of 31)",
-            vec![Segment {
+            vec![DmaSegment {
                 iova: 0x1_0000_0000,
                 len: 128 << 10,
             }],
         ),
         (
             "512 KiB (list of 127)",
-            vec![Segment {
+            vec![DmaSegment {
                 iova: 0x1_0000_0000,
                 len: 512 << 10,
             }],
@@ -47,7 +47,7 @@ fn prps(c: &mut Criterion) {
         (
             "4 segments of 16 KiB",
             (0..4u64)
-                .map(|i| Segment {
+                .map(|i| DmaSegment {
                     iova: 0x1_0000_0000 + i * 0x10_0000,
                     len: 16 << 10,
                 })

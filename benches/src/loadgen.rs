@@ -296,7 +296,7 @@ impl Report {
     }
 }
 
-struct Slot {
+struct Outstanding {
     busy: bool,
     write: bool,
     unit: u64,
@@ -308,7 +308,7 @@ struct Queue {
     ring: DriverQueue,
     kick: EventFd,
     call: EventFd,
-    slots: Vec<Slot>,
+    slots: Vec<Outstanding>,
     head_to_slot: Vec<Option<usize>>,
     /// GPA of each slot's control area (header at +0, status at +16) and data buffer.
     control_gpa: u64,
@@ -549,7 +549,7 @@ impl LoadGen {
                 kick: new_fd()?,
                 call: new_fd()?,
                 slots: (0..opts.depth)
-                    .map(|_| Slot {
+                    .map(|_| Outstanding {
                         busy: false,
                         write: false,
                         unit: 0,
@@ -879,7 +879,7 @@ impl LoadGen {
             return;
         };
         q.head_to_slot[usize::from(head)] = Some(si);
-        q.slots[si] = Slot {
+        q.slots[si] = Outstanding {
             busy: true,
             write,
             unit,
@@ -1085,7 +1085,7 @@ impl LoadGen {
                                 }) {
                                     self.report
                                         .gaps
-                                        .push((vfblk_vhost::worker::monotonic_ns(), gap));
+                                        .push((vfblk_vhost::poller::monotonic_ns(), gap));
                                 }
                             }
                             completed_any = true;

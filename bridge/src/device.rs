@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use crate::backend::{Backend, BackendQueue, Queue};
 use crate::limits::{Limiter, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
-use crate::stats::{DeviceStats, Kind, QueueStats};
+use crate::stats::{DeviceStats, IoKind, QueueStats};
 use crate::virtio_blk::{status, Config, ID_BYTES};
 
 /// Data buffers per request we accept (config seg_max).
@@ -223,20 +223,20 @@ impl Device for BlkDevice {
 }
 
 #[derive(Clone, Copy)]
-struct Slot {
+struct Task {
     status: *mut u8,
     written: u32,
-    kind: Kind,
+    kind: IoKind,
     bytes: u32,
     started: Option<u64>,
 }
 
-impl Slot {
+impl Task {
     fn answer(status: *mut u8, written: u32) -> Self {
         Self {
             status,
             written,
-            kind: Kind::Other,
+            kind: IoKind::Other,
             bytes: 0,
             started: None,
         }
@@ -244,11 +244,11 @@ impl Slot {
 }
 
 /// Writes a status byte the chain walk translated inside guest memory.
-fn write_status(slot: &Slot, st: u8) {
-    if !slot.status.is_null() {
+fn write_status(task: &Task, st: u8) {
+    if !task.status.is_null() {
         // SAFETY: the status byte was translated inside guest memory when the chain was
         // walked; the guest owns the buffer until the head is published, which comes after.
-        unsafe { slot.status.write_volatile(st) };
+        unsafe { task.status.write_volatile(st) };
     }
 }
 
@@ -295,7 +295,7 @@ pub struct BlkQueue {
     id: [u8; ID_BYTES],
     request: Box<Request>,
     /// Per head: where its status byte goes and how many bytes its completion writes.
-    slots: Vec<Slot>,
+    tasks: Vec<Task>,
     /// What the backend reported in this poll (room for every head).
     backend_done: Vec<(u16, u8)>,
     errors: Arc<GuestErrors>,
@@ -305,7 +305,7 @@ pub struct BlkQueue {
     limiter: Option<Limiter>,
 }
 
-// SAFETY: the status pointers point into guest memory that the worker keeps mapped while
+// SAFETY: the status pointers point into guest memory that the poller keeps mapped while
 // the queue runs; one poller thread owns the queue.
 unsafe impl Send for BlkQueue {}
 
@@ -319,7 +319,7 @@ impl BlkQueue {
             limits,
             id,
             request: Box::default(),
-            slots: vec![Slot::answer(std::ptr::null_mut(), 0); usize::from(setup.size)],
+            tasks: vec![Task::answer(std::ptr::null_mut(), 0); usize::from(setup.size)],
             backend_done: Vec::with_capacity(usize::from(setup.size)),
             errors: setup.errors.clone(),
             stats: None,
@@ -332,11 +332,11 @@ impl BlkQueue {
     }
 }
 
-fn kind_of(op: Operation) -> Kind {
+fn kind_of(op: Operation) -> IoKind {
     match op {
-        Operation::Read => Kind::Read,
-        Operation::Write => Kind::Write,
-        _ => Kind::Other,
+        Operation::Read => IoKind::Read,
+        Operation::Write => IoKind::Write,
+        _ => IoKind::Other,
     }
 }
 
@@ -366,14 +366,14 @@ impl RequestHandler for BlkQueue {
                     request::Operation::Read => self.request.data_len as u32 + 1,
                     _ => 1,
                 };
-                let slot = Slot {
+                let task = Task {
                     status: self.request.status,
                     written,
                     kind: kind_of(self.request.op),
                     bytes: self.request.data_len as u32,
-                    started: self.stats.as_ref().map(|_| vfblk_vhost::worker::loop_now()),
+                    started: self.stats.as_ref().map(|_| vfblk_vhost::poller::loop_now()),
                 };
-                self.slots[usize::from(head)] = slot;
+                self.tasks[usize::from(head)] = task;
                 self.request.durable =
                     self.request.op == request::Operation::Write && self.cache.durable_writes();
                 match self.backend.submit(&self.request, head) {
@@ -388,9 +388,9 @@ impl RequestHandler for BlkQueue {
                             self.index,
                             format_args!("head {head}: {}", vfblk_vhost::error_chain(&e)),
                         );
-                        write_status(&slot, status::IOERR);
+                        write_status(&task, status::IOERR);
                         if let Some(stats) = self.queue_stats() {
-                            stats.record(slot.kind, 0, false, 0);
+                            stats.record(task.kind, 0, false, 0);
                         }
                         Taken::Done(1)
                     }
@@ -406,9 +406,9 @@ impl RequestHandler for BlkQueue {
                         format_args!("head {head}: request refused with status {st}"),
                     );
                 }
-                write_status(&Slot::answer(self.request.status, written), st);
+                write_status(&Task::answer(self.request.status, written), st);
                 if let Some(stats) = self.queue_stats() {
-                    stats.record(Kind::Other, 0, st == status::OK, 0);
+                    stats.record(IoKind::Other, 0, st == status::OK, 0);
                 }
                 Taken::Done(written)
             }
@@ -423,9 +423,9 @@ impl RequestHandler for BlkQueue {
     ) -> Option<u32> {
         // A virtio-blk status byte is the last byte of a device-writable last buffer.
         let last = last_byte.filter(|s| s.write)?;
-        write_status(&Slot::answer(last.host, 1), status::IOERR);
+        write_status(&Task::answer(last.host, 1), status::IOERR);
         if let Some(stats) = self.queue_stats() {
-            stats.record(Kind::Other, 0, false, 0);
+            stats.record(IoKind::Other, 0, false, 0);
         }
         Some(1)
     }
@@ -440,21 +440,21 @@ impl RequestHandler for BlkQueue {
         let stats = self.stats.as_deref().and_then(|s| s.queue(self.index));
         let mut now = None;
         for &(head, st) in &self.backend_done {
-            let Some(slot) = self.slots.get(usize::from(head)) else {
+            let Some(task) = self.tasks.get(usize::from(head)) else {
                 continue;
             };
-            write_status(slot, st);
+            write_status(task, st);
             if let Some(stats) = stats {
                 stats.finished();
             }
-            if let (Some(stats), Some(started)) = (stats, slot.started) {
+            if let (Some(stats), Some(started)) = (stats, task.started) {
                 // One clock read per batch of completions.
-                let now = *now.get_or_insert_with(vfblk_vhost::worker::monotonic_ns);
+                let now = *now.get_or_insert_with(vfblk_vhost::poller::monotonic_ns);
                 let ok = st == status::OK;
-                let bytes = if ok { u64::from(slot.bytes) } else { 0 };
-                stats.record(slot.kind, bytes, ok, now.saturating_sub(started));
+                let bytes = if ok { u64::from(task.bytes) } else { 0 };
+                stats.record(task.kind, bytes, ok, now.saturating_sub(started));
             }
-            finished.push(head, slot.written);
+            finished.push(head, task.written);
         }
         reported
     }

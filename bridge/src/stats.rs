@@ -32,7 +32,7 @@ pub struct QueueStats {
 
 /// The kinds of request counted apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum IoKind {
     /// Data read.
     Read,
     /// Data written.
@@ -61,17 +61,17 @@ impl QueueStats {
     }
 
     /// Counts one answered request (called by the queue's poller only).
-    pub fn record(&self, kind: Kind, bytes: u64, ok: bool, latency_ns: u64) {
+    pub fn record(&self, kind: IoKind, bytes: u64, ok: bool, latency_ns: u64) {
         match kind {
-            Kind::Read => {
+            IoKind::Read => {
                 bump(&self.reads, 1);
                 bump(&self.read_bytes, bytes);
             }
-            Kind::Write => {
+            IoKind::Write => {
                 bump(&self.writes, 1);
                 bump(&self.written_bytes, bytes);
             }
-            Kind::Other => bump(&self.others, 1),
+            IoKind::Other => bump(&self.others, 1),
         }
         if !ok {
             bump(&self.errors, 1);
@@ -181,10 +181,10 @@ mod tests {
         let stats = DeviceStats::new(2);
         let q0 = stats.queue(0).unwrap();
         let q1 = stats.queue(1).unwrap();
-        q0.record(Kind::Read, 4096, true, 500);
-        q0.record(Kind::Write, 512, false, 3_000);
-        q1.record(Kind::Read, 8192, true, 1_000_000);
-        q1.record(Kind::Other, 0, true, 100_000_000_000);
+        q0.record(IoKind::Read, 4096, true, 500);
+        q0.record(IoKind::Write, 512, false, 3_000);
+        q1.record(IoKind::Read, 8192, true, 1_000_000);
+        q1.record(IoKind::Other, 0, true, 100_000_000_000);
         let s = stats.snapshot();
         assert_eq!((s.reads, s.writes, s.others, s.errors), (2, 1, 1, 1));
         assert_eq!((s.read_bytes, s.written_bytes), (12288, 512));

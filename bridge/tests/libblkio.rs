@@ -13,26 +13,26 @@ use blkio::{Blkio, Completion, ReqFlags};
 use vfblk_bridge::backend::{Backend, FileBackend, MemBackend};
 use vfblk_bridge::device::BlkDevice;
 use vfblk_vhost::guest_errors::GuestErrors;
+use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::DeviceConfig;
-use vfblk_vhost::worker::{PollMode, Worker};
 
 const DISK: u64 = 16 << 20;
 const CHUNK: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+enum BackendKind {
     Mem,
     File,
 }
 
 /// Serves a fresh disk on a socket in this process; returns the socket.
-fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
+fn serve(name: &str, kind: BackendKind, queues: u16, poll: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vfblk-libblkio-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let backend: Arc<dyn Backend> = match kind {
-        Kind::Mem => Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap()),
-        Kind::File => Arc::new(FileBackend::open(&dir.join("disk"), Some(DISK)).unwrap()),
+        BackendKind::Mem => Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap()),
+        BackendKind::File => Arc::new(FileBackend::open(&dir.join("disk"), Some(DISK)).unwrap()),
     };
     let mode = PollMode {
         idle_before_sleep: if poll {
@@ -41,14 +41,14 @@ fn serve(name: &str, kind: Kind, queues: u16, poll: bool) -> PathBuf {
             Some(Duration::from_micros(100))
         },
     };
-    let workers = (0..2)
-        .map(|i| Arc::new(Worker::spawn(format!("test-poller{i}"), None, mode).unwrap()))
+    let pollers = (0..2)
+        .map(|i| Arc::new(Poller::spawn(format!("test-poller{i}"), None, mode).unwrap()))
         .collect();
     let config = Arc::new(DeviceConfig {
         num_queues: queues,
         inflight: true,
         device: Arc::new(BlkDevice::new(backend, queues, "libblkio-test")),
-        workers,
+        pollers,
         errors: Arc::new(GuestErrors::new(name)),
         keep: None,
         dirty_log_marks: true,
@@ -157,20 +157,20 @@ fn exercise(socket: &Path, queues: usize) {
 
 #[test]
 fn libblkio_one_queue_mem_sleeping() {
-    exercise(&serve("mem1s", Kind::Mem, 1, false), 1);
+    exercise(&serve("mem1s", BackendKind::Mem, 1, false), 1);
 }
 
 #[test]
 fn libblkio_four_queues_mem_polling() {
-    exercise(&serve("mem4p", Kind::Mem, 4, true), 4);
+    exercise(&serve("mem4p", BackendKind::Mem, 4, true), 4);
 }
 
 #[test]
 fn libblkio_one_queue_file_polling() {
-    exercise(&serve("file1p", Kind::File, 1, true), 1);
+    exercise(&serve("file1p", BackendKind::File, 1, true), 1);
 }
 
 #[test]
 fn libblkio_four_queues_file_sleeping() {
-    exercise(&serve("file4s", Kind::File, 4, false), 4);
+    exercise(&serve("file4s", BackendKind::File, 4, false), 4);
 }

@@ -134,8 +134,8 @@ pub fn run(options: RunOptions) -> Result<()> {
     };
     status(&target);
     if let Some(period) = crate::watchdog::period() {
-        let workers = target.lock().unwrap_or_else(|e| e.into_inner()).workers();
-        crate::watchdog::start(period, workers);
+        let pollers = target.lock().unwrap_or_else(|e| e.into_inner()).pollers();
+        crate::watchdog::start(period, pollers);
     }
     let sig = loop {
         match vfblk_vhost::signals::wait_for_signal() {

@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use vfblk_vhost::guest_errors::GuestErrors;
+use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::server::SocketServer;
-use vfblk_vhost::worker::{PollMode, Worker};
 
 pub use config::{
     check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section,
@@ -90,9 +90,10 @@ pub struct TargetSettings {
     pub test_skip_dirty_log: bool,
 }
 
-struct Poller {
+/// A poller thread and the CPU it was pinned to (if any).
+struct PinnedPoller {
     cpu: Option<usize>,
-    worker: Arc<Worker>,
+    poller: Arc<Poller>,
 }
 
 struct BackendEntry {
@@ -206,7 +207,7 @@ pub struct TargetStats {
 /// The control plane's state: pollers, backends, controllers.
 pub struct Target {
     settings: TargetSettings,
-    pollers: Vec<Poller>,
+    pollers: Vec<PinnedPoller>,
     backends: BTreeMap<String, BackendEntry>,
     controllers: BTreeMap<String, ControllerEntry>,
     nvme: NvmeControllers,
@@ -246,9 +247,9 @@ impl Target {
             .into_iter()
             .enumerate()
             .map(|(i, cpu)| {
-                Ok(Poller {
+                Ok(PinnedPoller {
                     cpu,
-                    worker: Arc::new(Worker::spawn(format!("vfblk-poller{i}"), cpu, mode)?),
+                    poller: Arc::new(Poller::spawn(format!("vfblk-poller{i}"), cpu, mode)?),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -567,7 +568,7 @@ impl Target {
                 what: "backend",
                 name: config.backend.clone(),
             })?;
-        let workers = self.workers_for(&config.cpus).map_err(bad)?;
+        let pollers = self.pollers_for(&config.cpus).map_err(bad)?;
         let mut device = BlkDevice::new(entry.backend.clone(), config.queues, &serial);
         if config.readonly {
             device = device.read_only();
@@ -583,7 +584,7 @@ impl Target {
             num_queues: config.queues,
             inflight: self.settings.inflight,
             device: device.clone(),
-            workers,
+            pollers,
             errors: Arc::new(GuestErrors::new(name.clone())),
             keep: self.store.as_ref().map(|store| vfblk_vhost::keep::Keeping {
                 store: store.clone(),
@@ -680,19 +681,19 @@ impl Target {
     }
 
     /// Every poller of the process (fixed for its life).
-    pub fn workers(&self) -> Vec<Arc<Worker>> {
-        self.pollers.iter().map(|p| p.worker.clone()).collect()
+    pub fn pollers(&self) -> Vec<Arc<Poller>> {
+        self.pollers.iter().map(|p| p.poller.clone()).collect()
     }
 
-    fn workers_for(&self, cpus: &[usize]) -> std::result::Result<Vec<Arc<Worker>>, String> {
+    fn pollers_for(&self, cpus: &[usize]) -> std::result::Result<Vec<Arc<Poller>>, String> {
         if cpus.is_empty() {
-            return Ok(self.pollers.iter().map(|p| p.worker.clone()).collect());
+            return Ok(self.pollers.iter().map(|p| p.poller.clone()).collect());
         }
-        let chosen: Vec<Arc<Worker>> = self
+        let chosen: Vec<Arc<Poller>> = self
             .pollers
             .iter()
             .filter(|p| p.cpu.is_some_and(|c| cpus.contains(&c)))
-            .map(|p| p.worker.clone())
+            .map(|p| p.poller.clone())
             .collect();
         if chosen.len() != cpus.len() {
             let pinned: Vec<usize> = self.pollers.iter().filter_map(|p| p.cpu).collect();
@@ -868,11 +869,11 @@ impl Target {
                 .pollers
                 .iter()
                 .map(|p| PollerStats {
-                    name: p.worker.name().to_string(),
+                    name: p.poller.name().to_string(),
                     cpu: p.cpu,
-                    queues: p.worker.load(),
-                    busy_seconds: p.worker.busy().as_secs_f64(),
-                    longest_commands_ms: p.worker.longest_commands().as_secs_f64() * 1e3,
+                    queues: p.poller.load(),
+                    busy_seconds: p.poller.busy().as_secs_f64(),
+                    longest_commands_ms: p.poller.longest_commands().as_secs_f64() * 1e3,
                 })
                 .collect(),
         }

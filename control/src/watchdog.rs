@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfblk_vhost::worker::Worker;
+use vfblk_vhost::poller::Poller;
 
 /// The shortest watchdog period honoured: a poller's heartbeat moves at least every 100 ms.
 const SHORTEST: Duration = Duration::from_millis(500);
@@ -25,32 +25,32 @@ pub fn period() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// Starts pinging the service manager every half `period` while every poller of `workers`
+/// Starts pinging the service manager every half `period` while every poller of `pollers`
 /// makes progress.
-pub fn start(period: Duration, workers: Vec<Arc<Worker>>) {
+pub fn start(period: Duration, pollers: Vec<Arc<Poller>>) {
     let period = period.max(SHORTEST);
     tracing::info!(
         "watchdog: WATCHDOG=1 every {:?} while all {} poller(s) make progress",
         period / 2,
-        workers.len()
+        pollers.len()
     );
     let spawned = std::thread::Builder::new()
         .name("watchdog".into())
-        .spawn(move || watch(period / 2, &workers));
+        .spawn(move || watch(period / 2, &pollers));
     if let Err(e) = spawned {
         tracing::error!("watchdog: no thread ({e}); the service manager will restart us");
     }
 }
 
-fn watch(every: Duration, workers: &[Arc<Worker>]) {
-    let mut last: Vec<u64> = workers.iter().map(|w| w.heartbeat()).collect();
+fn watch(every: Duration, pollers: &[Arc<Poller>]) {
+    let mut last: Vec<u64> = pollers.iter().map(|w| w.heartbeat()).collect();
     // Since when each poller has shown no progress.
-    let mut stuck_since: Vec<Option<Instant>> = vec![None; workers.len()];
+    let mut stuck_since: Vec<Option<Instant>> = vec![None; pollers.len()];
     crate::notify("WATCHDOG=1");
     loop {
         std::thread::sleep(every);
         let mut all_alive = true;
-        for (i, w) in workers.iter().enumerate() {
+        for (i, w) in pollers.iter().enumerate() {
             let now = w.heartbeat();
             if now != last[i] {
                 if let Some(since) = stuck_since[i].take() {

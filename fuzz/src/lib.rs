@@ -18,8 +18,8 @@ use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::inflight::{region_size, InflightQueue};
 use vfblk_vhost::memory::{memfd, GuestMemory};
 use vfblk_vhost::mock::MockGuest;
+use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::{Connection, DeviceConfig};
-use vfblk_vhost::worker::{PollMode, Worker};
 
 /// Guest memory of the chain target: rings, tables and buffers all come from the input.
 const GUEST_BYTES: u64 = 64 << 10;
@@ -202,7 +202,7 @@ pub fn message_sequence(data: &[u8]) {
             let path = std::env::temp_dir()
                 .join(format!("vfblk-fuzz-disk-{}", std::process::id()));
             let backend = Arc::new(MemBackend::open(&path, 1 << 20).expect("a 1 MiB disk"));
-            let workers = vec![Arc::new(Worker::spawn(
+            let pollers = vec![Arc::new(Poller::spawn(
                 "fuzz-poller".into(),
                 None,
                 PollMode { idle_before_sleep: Some(std::time::Duration::from_micros(10)) },
@@ -212,7 +212,7 @@ pub fn message_sequence(data: &[u8]) {
                 num_queues: 2,
                 inflight: true,
                 device: Arc::new(BlkDevice::new(backend, 2, "fuzz")),
-                workers,
+                pollers,
                 errors: Arc::new(GuestErrors::new("fuzz")),
                 keep: None,
                 dirty_log_marks: true,

@@ -6,7 +6,7 @@
 
 /// A piece of a data buffer as the device addresses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
+pub struct DmaSegment {
     /// Device address (IOVA).
     pub iova: u64,
     /// Length in bytes.
@@ -56,7 +56,7 @@ pub struct Prps {
 /// # Safety
 /// `list` must point to `list_pages * page` writable bytes that only the device reads.
 pub unsafe fn build(
-    segments: &[Segment],
+    segments: &[DmaSegment],
     page: u64,
     list: *mut u64,
     list_iova: u64,
@@ -152,15 +152,15 @@ mod tests {
     const PAGE: u64 = 4096;
     const LIST_IOVA: u64 = 0x9000_0000;
 
-    fn run(segs: &[Segment], pages: usize) -> (Result<Prps, PrpError>, Vec<u64>) {
+    fn run(segs: &[DmaSegment], pages: usize) -> (Result<Prps, PrpError>, Vec<u64>) {
         let mut list = vec![0u64; pages * 512];
         // SAFETY: the vector holds `pages` pages of list entries.
         let r = unsafe { build(segs, PAGE, list.as_mut_ptr(), LIST_IOVA, pages) };
         (r, list)
     }
 
-    fn seg(iova: u64, len: u32) -> Segment {
-        Segment { iova, len }
+    fn seg(iova: u64, len: u32) -> DmaSegment {
+        DmaSegment { iova, len }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use vfblk_hugepages::DmaChunk;
 
 use crate::controller::Shared;
-use crate::prp::{self, PrpError, Segment};
+use crate::prp::{self, DmaSegment, PrpError};
 use crate::sgl;
 use crate::spec::{nvm, Command, Completion, DsmRange, Status, PSDT_SGL};
 use crate::vfio::VfioPci;
@@ -454,7 +454,7 @@ impl QueuePair {
     fn submit_data(
         &mut self,
         mut cmd: Command,
-        data: &[Segment],
+        data: &[DmaSegment],
         expected_len: u64,
         token: u64,
     ) -> Result<u16, SubmitError> {
@@ -508,7 +508,7 @@ impl QueuePair {
         lba: u64,
         blocks: u32,
         block_shift: u8,
-        data: &[Segment],
+        data: &[DmaSegment],
         token: u64,
     ) -> Result<u16, SubmitError> {
         self.rw(
@@ -530,7 +530,7 @@ impl QueuePair {
         lba: u64,
         blocks: u32,
         block_shift: u8,
-        data: &[Segment],
+        data: &[DmaSegment],
         token: u64,
     ) -> Result<u16, SubmitError> {
         self.rw(
@@ -554,7 +554,7 @@ impl QueuePair {
         lba: u64,
         blocks: u32,
         block_shift: u8,
-        data: &[Segment],
+        data: &[DmaSegment],
         token: u64,
     ) -> Result<u16, SubmitError> {
         self.rw(
@@ -577,7 +577,7 @@ impl QueuePair {
         lba: u64,
         blocks: u32,
         block_shift: u8,
-        data: &[Segment],
+        data: &[DmaSegment],
         token: u64,
         fua: bool,
     ) -> Result<u16, SubmitError> {

@@ -2,7 +2,7 @@
 //! start or end inside a page. One segment goes in the command as a Data Block descriptor;
 //! more go to a list of Data Block descriptors that a Last Segment descriptor points at.
 
-use crate::prp::{PrpError, Segment};
+use crate::prp::{DmaSegment, PrpError};
 
 /// SGL descriptor type: Data Block.
 pub const TYPE_DATA_BLOCK: u8 = 0x0;
@@ -51,7 +51,7 @@ impl Descriptor {
 /// # Safety
 /// `list` must point to `capacity` writable descriptors that only the device reads.
 pub unsafe fn build(
-    segments: &[Segment],
+    segments: &[DmaSegment],
     list: *mut Descriptor,
     list_iova: u64,
     capacity: usize,
@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn single_segment_is_inline_data_block() {
         let mut list = [Descriptor::default(); 4];
-        let segs = [Segment {
+        let segs = [DmaSegment {
             iova: 0x1234_5601,
             len: 777,
         }];
@@ -100,15 +100,15 @@ mod tests {
     fn several_segments_go_through_a_last_segment_list() {
         let mut list = [Descriptor::default(); 4];
         let segs = [
-            Segment {
+            DmaSegment {
                 iova: 0x1000_0100,
                 len: 300,
             },
-            Segment {
+            DmaSegment {
                 iova: 0x2000_0ff0,
                 len: 4000,
             },
-            Segment {
+            DmaSegment {
                 iova: 0x3000_0004,
                 len: 820,
             },

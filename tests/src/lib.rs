@@ -156,7 +156,7 @@ pub fn assert_no_error_nor_reconnect(r: &Value) {
     assert!(r["ios"].as_u64().unwrap_or(0) > 0, "{}", without_bulk(r));
 }
 
-pub use vfblk_vhost::worker::monotonic_ns;
+pub use vfblk_vhost::poller::monotonic_ns;
 
 /// Per window (CLOCK_MONOTONIC ns), the longest gap any of the reports saw that overlaps it.
 pub fn pauses_seen(reports: &[Value], windows: &[(u64, u64)]) -> Vec<f64> {

@@ -209,7 +209,7 @@ fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
     let socket = dir.join("blk.sock");
     let log = dir.join("bridge.log");
     let backend = shm("sigterm");
-    // Two queues on two pollers: the queues of one device spread over several workers.
+    // Two queues on two pollers: the queues of one device spread over several pollers.
     let args = [
         "--backend",
         backend.as_str(),
@@ -272,7 +272,7 @@ fn wait_with_deadline(mut child: Child, limit: Duration) -> Option<i32> {
 /// with SET_VRING_CALL 20 ms behind) and one that completes at once — no interrupt may be
 /// missed. (The specific windows, a kill between publishing and signalling and a re-run
 /// before SET_VRING_CALL, are closed by signalling at every start and every new call fd;
-/// the worker's unit tests check those signals directly, as the mailbox's batching makes
+/// the poller's unit tests check those signals directly, as the mailbox's batching makes
 /// the second window too narrow to hit reliably from outside.)
 #[test]
 fn qd1_under_event_idx_is_interrupted_after_every_restart() {

@@ -53,7 +53,7 @@ pub struct QueueSetup {
     pub features: u64,
     /// Where guest-triggered errors are reported (rate-limited, per device).
     pub errors: Arc<GuestErrors>,
-    /// The poller that will run the queue ([`crate::worker::Worker::id`]): resources a
+    /// The poller that will run the queue ([`crate::poller::Poller::id`]): resources a
     /// device shares between the queues of one poller are keyed by it.
     pub poller: u64,
 }

@@ -17,7 +17,7 @@ pub fn region_size(queue_size: u16) -> usize {
 }
 
 /// The mapped inflight region of a connection (all its queues), shared by the protocol
-/// handler and the queues' workers.
+/// handler and the queues' pollers.
 pub struct InflightMap {
     ptr: *mut u8,
     len: usize,
@@ -102,7 +102,7 @@ pub struct InflightQueue {
 }
 
 // SAFETY: `base` points into the inflight mapping, which outlives every InflightQueue (the
-// connection keeps it); one worker owns each queue's region.
+// connection keeps it); one poller owns each queue's region.
 unsafe impl Send for InflightQueue {}
 
 /// What recovery found in a region.

@@ -7,7 +7,7 @@
 //! The data path, top to bottom: [`virtq`] (avail ring) → [`chain`] (descriptors checked
 //! against [`memory`]) → [`inflight`] (recorded) → the device's [`device::RequestHandler`] →
 //! completion → used ring, one round per queue per loop in [`ring`], driven by a
-//! [`worker`]. [`protocol`] and [`server`] set queues
+//! [`poller`]. [`protocol`] and [`server`] set queues
 //! up from the frontend's messages; [`driver`] and [`mock`] are the guest's side.
 
 #![deny(missing_docs)]
@@ -26,13 +26,13 @@ pub mod keep;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod poller;
 pub mod protocol;
 pub mod ring;
 pub mod server;
 pub mod sigbus;
 pub mod signals;
 pub mod virtq;
-pub mod worker;
 
 /// Errors of the vhost-user plumbing; each variant is one cause.
 #[derive(Debug, thiserror::Error)]

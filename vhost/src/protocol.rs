@@ -25,9 +25,9 @@ use crate::guest_errors::GuestErrors;
 use crate::handover::{ConnectionState, Fds, InflightState, LogState, RegionState, VringState};
 use crate::inflight::{region_size, InflightMap};
 use crate::memory::{GuestMemory, MAX_MEM_SLOTS};
+use crate::poller::{Poller, QueueStart};
 use crate::ring::RingLog;
 use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
-use crate::worker::{QueueStart, Worker};
 
 /// Settings shared by every connection of one device.
 pub struct DeviceConfig {
@@ -39,7 +39,7 @@ pub struct DeviceConfig {
     pub device: Arc<dyn Device>,
     /// Poller threads this device's queues may run on (shared with other devices); each
     /// queue goes to the least loaded one when it starts.
-    pub workers: Vec<Arc<Worker>>,
+    pub pollers: Vec<Arc<Poller>>,
     /// Where guest-triggered errors of this device are reported.
     pub errors: Arc<GuestErrors>,
     /// Keep each connection's fds and state in an fd store, so that a successor of a
@@ -64,7 +64,7 @@ struct Vring {
     kick_set: bool,
     call: Option<File>,
     /// The poller running it, while started.
-    worker: Option<Arc<Worker>>,
+    poller: Option<Arc<Poller>>,
     started: bool,
     /// SET_VRING_ENABLE(0): paused until enabled again.
     disabled: bool,
@@ -210,11 +210,11 @@ impl Connection {
     fn apply_log(&mut self) -> VuResult<()> {
         for index in 0..self.vrings.len() as u16 {
             let v = &self.vrings[usize::from(index)];
-            let (true, Some(worker)) = (v.started, v.worker.clone()) else {
+            let (true, Some(poller)) = (v.started, v.poller.clone()) else {
                 continue;
             };
             let log = self.ring_log(index).map_err(bad_param)?;
-            if let Err(e) = worker.set_log(self.id, index, log) {
+            if let Err(e) = poller.set_log(self.id, index, log) {
                 tracing::error!("queue {index}: {e}; aborting so that a restart recovers it");
                 std::process::abort();
             }
@@ -224,9 +224,9 @@ impl Connection {
 
     /// The least loaded of the device's pollers (the first of equals, so that a device's
     /// queues spread over its pollers in order).
-    fn least_loaded_worker(&self) -> Arc<Worker> {
+    fn least_loaded_poller(&self) -> Arc<Poller> {
         self.config
-            .workers
+            .pollers
             .iter()
             .min_by_key(|w| w.load())
             .expect("a device has at least one poller")
@@ -267,7 +267,7 @@ impl Connection {
             // `queue-size` says): its heads are a subset of the region's entries.
             Some(map) if v.size <= map.queue_size() => {
                 // SAFETY: one InflightQueue per started queue (a queue is started once until
-                // stopped); the worker keeps `map` alive beside it.
+                // stopped); the poller keeps `map` alive beside it.
                 let Some(mut q) = (unsafe { map.queue(index) }) else {
                     return Err(bad_param(crate::Error::BadInflight {
                         num_queues: index + 1,
@@ -323,13 +323,13 @@ impl Connection {
                 (None, Vec::new())
             }
         };
-        let worker = self.least_loaded_worker();
+        let poller = self.least_loaded_poller();
         let setup = QueueSetup {
             index,
             size: v.size,
             features,
             errors: self.config.errors.clone(),
-            poller: worker.id(),
+            poller: poller.id(),
         };
         let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
         if !resubmit.is_empty() {
@@ -350,17 +350,17 @@ impl Connection {
             log,
         };
         let size = v.size;
-        worker.start(start);
+        poller.start(start);
         tracing::info!(
             queue = index,
             size,
             "queue {index} started with {size} entries on {}",
-            worker.name()
+            poller.name()
         );
         let v = &mut self.vrings[usize::from(index)];
         v.started = true;
         v.resumed = false;
-        v.worker = Some(worker);
+        v.poller = Some(poller);
         Ok(())
     }
 
@@ -388,15 +388,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Stops queue `index` on its worker. A worker that does not answer in time is stuck with
+    /// Stops queue `index` on its poller. A poller that does not answer in time is stuck with
     /// guest memory mapped and requests of unknown fate: nothing in this process can repair
     /// that safely, so the process ends and its supervisor's restart recovers the requests
     /// from the inflight region.
-    fn stop_on_worker(&mut self, index: u16, publish: bool) -> Vec<crate::worker::QueueStopped> {
-        let Some(worker) = self.vrings[usize::from(index)].worker.take() else {
+    fn stop_on_poller(&mut self, index: u16, publish: bool) -> Vec<crate::poller::QueueStopped> {
+        let Some(poller) = self.vrings[usize::from(index)].poller.take() else {
             return Vec::new();
         };
-        match worker.stop(self.id, Some(index), publish) {
+        match poller.stop(self.id, Some(index), publish) {
             Ok(stopped) => stopped,
             Err(e) => {
                 tracing::error!("queue {index}: {e}; aborting so that a restart recovers it");
@@ -416,7 +416,7 @@ impl Connection {
         if !v.started {
             return (v.base, 0);
         }
-        let stopped = self.stop_on_worker(index, true);
+        let stopped = self.stop_on_poller(index, true);
         self.vrings[usize::from(index)].started = false;
         let next_avail = stopped.first().map(|s| s.next_avail).unwrap_or(0);
         self.vrings[usize::from(index)].base = next_avail;
@@ -476,7 +476,7 @@ impl Connection {
     pub fn disconnect(&mut self) {
         for index in 0..self.vrings.len() as u16 {
             if self.vrings[usize::from(index)].started {
-                for s in self.stop_on_worker(index, false) {
+                for s in self.stop_on_poller(index, false) {
                     if s.abandoned > 0 {
                         tracing::warn!(
                             "queue {}: {} request(s) still in the device at disconnect",
@@ -911,13 +911,13 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let id = self.id;
         let v = self.vring(u32::from(index))?;
-        let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
+        let for_poller = fd.as_ref().and_then(|f| f.try_clone().ok());
         v.kick = fd;
         v.kick_set = true;
-        if let (true, Some(worker)) = (v.started, &v.worker) {
+        if let (true, Some(poller)) = (v.started, &v.poller) {
             // A running queue takes the new fd (the old one may be gone with its frontend).
             tracing::debug!(queue = index, "queue {index}: new kick fd while running");
-            worker.set_kick(id, u16::from(index), for_worker);
+            poller.set_kick(id, u16::from(index), for_poller);
             return Ok(());
         }
         self.start_or_refuse(u16::from(index));
@@ -927,13 +927,13 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let id = self.id;
         let v = self.vring(u32::from(index))?;
-        let for_worker = fd.as_ref().and_then(|f| f.try_clone().ok());
+        let for_poller = fd.as_ref().and_then(|f| f.try_clone().ok());
         v.call = fd;
-        if let (true, Some(worker)) = (v.started, &v.worker) {
+        if let (true, Some(poller)) = (v.started, &v.poller) {
             // Frontends swap call fds on a running ring when the guest masks or unmasks its
             // interrupt vector.
             tracing::debug!(queue = index, "queue {index}: new call fd while running");
-            worker.set_call(id, u16::from(index), for_worker);
+            poller.set_call(id, u16::from(index), for_poller);
         }
         Ok(())
     }

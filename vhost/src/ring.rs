@@ -129,7 +129,7 @@ impl Ring {
             return 0;
         }
         // This loop has work: its start time (for busy time and the requests it takes).
-        crate::worker::loop_now();
+        crate::poller::loop_now();
         let mut work = 0;
         while handler.can_take() && !self.broken {
             let Some(head) = self.resubmit.pop() else {

@@ -49,7 +49,7 @@ const VERDICT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What a suspended server is told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+enum SuspendOutcome {
     /// The hand-over is off: serve again.
     Resume,
     /// A successor serves now: touch nothing, close nothing, end the thread.
@@ -59,11 +59,11 @@ enum Verdict {
 /// A suspend asked of the serving thread.
 struct SuspendRequest {
     reply: mpsc::Sender<Result<(ServerState, Fds)>>,
-    verdict: mpsc::Receiver<Verdict>,
+    verdict: mpsc::Receiver<SuspendOutcome>,
 }
 
 /// What the serving thread shares with its owner.
-struct Shared {
+struct ServerControl {
     /// A pending suspend (the stop eventfd wakes the thread for it).
     suspend: Mutex<Option<SuspendRequest>>,
     /// Written to stop the serving thread; it polls this beside its sockets.
@@ -82,7 +82,7 @@ pub struct SocketServer {
     path: PathBuf,
     /// Where the device's fds are kept, if anywhere.
     keeping: Option<Keeping>,
-    shared: Arc<Shared>,
+    shared: Arc<ServerControl>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -257,19 +257,19 @@ pub struct Suspended {
     pub state: ServerState,
     /// The fds `state` refers to.
     pub fds: Fds,
-    verdict: mpsc::Sender<Verdict>,
+    verdict: mpsc::Sender<SuspendOutcome>,
 }
 
 impl Suspended {
     /// The hand-over is off: the server serves again, its queues restart.
     pub fn resume(self) {
-        let _ = self.verdict.send(Verdict::Resume);
+        let _ = self.verdict.send(SuspendOutcome::Resume);
     }
 
     /// A successor serves now: the thread ends touching nothing (then
     /// [`SocketServer::forget`] the server).
     pub fn let_go(self) {
-        let _ = self.verdict.send(Verdict::LetGo);
+        let _ = self.verdict.send(SuspendOutcome::LetGo);
     }
 }
 
@@ -332,7 +332,7 @@ fn spawn(
             what: format!("eventfd to stop the server of {}", path.display()),
             source,
         })?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ServerControl {
         suspend: Mutex::new(None),
         stop,
         stopping: AtomicBool::new(false),
@@ -491,19 +491,19 @@ fn listener_fd(listener: &Listener) -> std::os::fd::BorrowedFd<'_> {
 }
 
 /// Takes a pending suspend request, if any.
-fn suspend_request(shared: &Shared) -> Option<SuspendRequest> {
+fn suspend_request(shared: &ServerControl) -> Option<SuspendRequest> {
     shared.suspend.lock().ok().and_then(|mut s| s.take())
 }
 
 /// Waits for the owner's verdict on a suspend (resume when it never comes).
-fn await_verdict(name: &str, request: &SuspendRequest) -> Verdict {
+fn await_verdict(name: &str, request: &SuspendRequest) -> SuspendOutcome {
     match request.verdict.recv_timeout(VERDICT_DEADLINE) {
         Ok(v) => v,
         Err(_) => {
             tracing::warn!(
                 "{name}: no word on the hand-over within {VERDICT_DEADLINE:?}; serving again"
             );
-            Verdict::Resume
+            SuspendOutcome::Resume
         }
     }
 }
@@ -513,7 +513,7 @@ fn serve_loop(
     listener: Listener,
     resumed: Option<Served>,
     config: &Arc<DeviceConfig>,
-    shared: &Shared,
+    shared: &ServerControl,
 ) -> Ended {
     // The connection to serve next, and whether it has spoken already (taken over: no
     // first-message deadline).
@@ -553,7 +553,7 @@ fn serve_loop(
                     })
                 };
                 let _ = request.reply.send(reply);
-                if await_verdict(name, &request) == Verdict::LetGo {
+                if await_verdict(name, &request) == SuspendOutcome::LetGo {
                     std::mem::forget(listener);
                     return Ended::LetGo;
                 }
@@ -607,7 +607,7 @@ fn serve_connection(
     served: Served,
     mut spoke: bool,
     listener: &Listener,
-    shared: &Shared,
+    shared: &ServerControl,
 ) -> Ended {
     let Served {
         connection,
@@ -659,7 +659,7 @@ fn serve_connection(
                     listener,
                     kept.as_ref(),
                     &request,
-                ) == Verdict::LetGo
+                ) == SuspendOutcome::LetGo
                 {
                     // The successor holds the connection, its memory, its queues and its
                     // place in the fd store now.
@@ -747,7 +747,7 @@ fn suspend_connection(
     listener: &Listener,
     kept: Option<&KeptConnection>,
     request: &SuspendRequest,
-) -> Verdict {
+) -> SuspendOutcome {
     let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
     let mut fds = Fds::default();
     let state = c.suspend(stream, &mut fds).and_then(|connection| {
@@ -760,11 +760,11 @@ fn suspend_connection(
     let failed = state.is_err();
     let _ = request.reply.send(state.map(|s| (s, fds)));
     let verdict = if failed {
-        Verdict::Resume
+        SuspendOutcome::Resume
     } else {
         await_verdict(name, request)
     };
-    if verdict == Verdict::Resume {
+    if verdict == SuspendOutcome::Resume {
         c.start_queues();
     }
     verdict

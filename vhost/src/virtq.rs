@@ -87,7 +87,7 @@ pub struct DeviceQueue {
 }
 
 // SAFETY: the pointers address guest memory mapped for the connection's lifetime; the queue
-// is owned by one worker thread at a time.
+// is owned by one poller thread at a time.
 unsafe impl Send for DeviceQueue {}
 
 impl DeviceQueue {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vfblk_nvme::controller::{Controller, Options};
 use vfblk_nvme::pci::{PciAddress, SysfsPciDevice, CLASS_NVME};
-use vfblk_nvme::prp::Segment;
+use vfblk_nvme::prp::DmaSegment;
 use vfblk_nvme::{Error, Result};
 
 use super::perf::{self, PerfOptions, Workload};
@@ -514,7 +514,7 @@ fn read(a: &ReadArgs) -> Result<()> {
             lba,
             blocks,
             shift,
-            &[Segment {
+            &[DmaSegment {
                 iova: buf.iova,
                 len: len as u32,
             }],
@@ -565,7 +565,7 @@ fn write(a: &WriteArgs) -> Result<()> {
             lba,
             blocks,
             shift,
-            &[Segment {
+            &[DmaSegment {
                 iova: buf.iova,
                 len: data.len() as u32,
             }],

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vfblk_nvme::controller::Controller;
-use vfblk_nvme::prp::Segment;
+use vfblk_nvme::prp::DmaSegment;
 use vfblk_nvme::queue::{IoCompletion, SubmitError};
 use vfblk_nvme::{Error, Result};
 
@@ -159,7 +159,7 @@ pub fn perf(
                                 (*rng >> 56) % 100 < u64::from(read_percent)
                             }
                         };
-                        let seg = [Segment {
+                        let seg = [DmaSegment {
                             iova: buffers.iova() + (slot * opts.block_size) as u64,
                             len: opts.block_size as u32,
                         }];

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vfblk_nvme::controller::Controller;
-use vfblk_nvme::prp::Segment;
+use vfblk_nvme::prp::DmaSegment;
 use vfblk_nvme::{Error, Result};
 
 use super::sync_io;
@@ -123,7 +123,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                 let mut host = vec![0u8; buf_len];
                 let mut back = vec![0u8; buf_len];
                 let sgl = ctrl.identify().supports_sgl();
-                let io = |qp: &mut vfblk_nvme::queue::QueuePair, write: bool, lba: u64, blocks: u64, segs: &[Segment]| {
+                let io = |qp: &mut vfblk_nvme::queue::QueuePair, write: bool, lba: u64, blocks: u64, segs: &[DmaSegment]| {
                     let what = format!("{} of {blocks} blocks at LBA {lba}", if write { "write" } else { "read" });
                     sync_io::run(&name, qp, &what, |qp| {
                         if write {
@@ -181,15 +181,15 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                         count = kept;
                     }
                     fill_pattern(opts.seed, lba, block, &mut host[..len]);
-                    let mut wsegs = [Segment { iova: 0, len: 0 }; 4];
+                    let mut wsegs = [DmaSegment { iova: 0, len: 0 }; 4];
                     let mut rsegs = wsegs;
                     let mut done = 0;
                     for j in 0..count {
                         let (at, n) = pieces[j];
                         wbuf.write_bytes(at, &host[done..done + n]);
                         rbuf.write_bytes(at, &vec![0xa5; n]);
-                        wsegs[j] = Segment { iova: wbuf.iova() + at as u64, len: n as u32 };
-                        rsegs[j] = Segment { iova: rbuf.iova() + at as u64, len: n as u32 };
+                        wsegs[j] = DmaSegment { iova: wbuf.iova() + at as u64, len: n as u32 };
+                        rsegs[j] = DmaSegment { iova: rbuf.iova() + at as u64, len: n as u32 };
                         done += n;
                     }
                     io(&mut qp, true, lba, blocks, &wsegs[..count])?;
@@ -221,7 +221,7 @@ pub fn verify(ctrl: &Controller, opts: &VerifyOptions) -> Result<VerifyReport> {
                     let len = blocks as usize * block;
                     fill_pattern(opts.seed, lba, block, &mut host[..len]);
                     wbuf.write_bytes(0, &host[..len]);
-                    io(&mut qp, true, lba, blocks, &[Segment { iova: wbuf.iova(), len: len as u32 }])?;
+                    io(&mut qp, true, lba, blocks, &[DmaSegment { iova: wbuf.iova(), len: len as u32 }])?;
                     lba += blocks;
                 }
                 sync_io::run(&name, &mut qp, "flush", |qp| qp.flush(ns.nsid, 0))?;

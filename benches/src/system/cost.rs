@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn callgrind_totals_and_allocator_calls_are_read() {
-        let profile = "version: 1\nevents: Ir\nfn=vfblk_vhost::worker::QueueRuntime::process\n\
+        let profile = "version: 1\nevents: Ir\nfn=vfblk_vhost::poller::QueueRuntime::process\n\
             10 500\ncfn=malloc\ncalls=3 0x0\n10 90\ncfn=memcpy\ncalls=7 0x0\n10 40\n\
             cfn=realloc\ncalls=2 0x0\n10 9\nsummary: 12345\n";
         assert_eq!(parse_callgrind(profile), (12345, 5));

@@ -147,7 +147,7 @@ impl Backend for FileBackend {
             ring,
             direct: self.direct.clone(),
             buffered: self.buffered.clone(),
-            slots: (0..DEPTH).map(|_| Slot::default()).collect(),
+            slots: (0..DEPTH).map(|_| FileIo::default()).collect(),
             free: (0..DEPTH).rev().collect(),
             in_flight: 0,
             zero_range: self.zero_range.clone(),
@@ -158,7 +158,7 @@ impl Backend for FileBackend {
     }
 }
 
-struct Slot {
+struct FileIo {
     token: u16,
     pending: u32,
     status: u8,
@@ -173,7 +173,7 @@ struct Slot {
     zero_refused: bool,
 }
 
-impl Default for Slot {
+impl Default for FileIo {
     fn default() -> Self {
         Self {
             token: 0,
@@ -196,13 +196,13 @@ impl Default for Slot {
 
 // SAFETY: iovecs point into guest memory that stays mapped while requests are in flight;
 // the queue is used by one thread.
-unsafe impl Send for Slot {}
+unsafe impl Send for FileIo {}
 
 pub struct FileQueue {
     ring: IoUring,
     direct: Option<Arc<File>>,
     buffered: Arc<File>,
-    slots: Vec<Slot>,
+    slots: Vec<FileIo>,
     free: Vec<usize>,
     in_flight: usize,
     zero_range: Arc<AtomicBool>,

@@ -122,7 +122,7 @@ impl<X: ExecuteNow> BackendQueue for FinishedAtSubmit<X> {
 pub trait Backend: Send + Sync {
     /// What it offers.
     fn info(&self) -> &BackendInfo;
-    /// A queue for one virtqueue, used by poller `poller` (a [`vfblk_vhost::worker::Worker`]
+    /// A queue for one virtqueue, used by poller `poller` (a [`vfblk_vhost::poller::Poller`]
     /// id) only: a backend may share resources between the queues of one poller.
     fn open_queue(&self, poller: u64) -> Result<Queue>;
 
@@ -158,9 +158,9 @@ pub trait BackendQueue: Send {
 
 /// One virtqueue's backend queue. The backends are a closed set, so the request path reaches
 /// each through a match the compiler inlines rather than a dynamic call per request.
-pub struct Queue(Kind);
+pub struct Queue(QueueVariant);
 
-enum Kind {
+enum QueueVariant {
     Null(FinishedAtSubmit<null::Nothing>),
     Mem(FinishedAtSubmit<mem::MemExecutor>),
     /// Boxed: its io_uring and slots would make every queue as large.
@@ -179,53 +179,53 @@ enum Kind {
 macro_rules! on_queue {
     ($queue:expr, $q:ident => $body:expr) => {
         match $queue {
-            Kind::Null($q) => $body,
-            Kind::Mem($q) => $body,
-            Kind::File($q) => $body,
-            Kind::Nvme($q) => $body,
-            Kind::Rbd($q) => $body,
+            QueueVariant::Null($q) => $body,
+            QueueVariant::Mem($q) => $body,
+            QueueVariant::File($q) => $body,
+            QueueVariant::Nvme($q) => $body,
+            QueueVariant::Rbd($q) => $body,
             #[cfg(any(test, feature = "test-delay"))]
-            Kind::Delayed($q) => $body,
+            QueueVariant::Delayed($q) => $body,
             #[cfg(test)]
-            Kind::Other($q) => $body,
+            QueueVariant::Other($q) => $body,
         }
     };
 }
 
 impl From<FinishedAtSubmit<null::Nothing>> for Queue {
     fn from(q: FinishedAtSubmit<null::Nothing>) -> Self {
-        Self(Kind::Null(q))
+        Self(QueueVariant::Null(q))
     }
 }
 
 impl From<FinishedAtSubmit<mem::MemExecutor>> for Queue {
     fn from(q: FinishedAtSubmit<mem::MemExecutor>) -> Self {
-        Self(Kind::Mem(q))
+        Self(QueueVariant::Mem(q))
     }
 }
 
 impl From<file::FileQueue> for Queue {
     fn from(q: file::FileQueue) -> Self {
-        Self(Kind::File(Box::new(q)))
+        Self(QueueVariant::File(Box::new(q)))
     }
 }
 
 impl From<nvme::NvmeClient> for Queue {
     fn from(q: nvme::NvmeClient) -> Self {
-        Self(Kind::Nvme(q))
+        Self(QueueVariant::Nvme(q))
     }
 }
 
 impl From<rbd::RbdQueue> for Queue {
     fn from(q: rbd::RbdQueue) -> Self {
-        Self(Kind::Rbd(Box::new(q)))
+        Self(QueueVariant::Rbd(Box::new(q)))
     }
 }
 
 #[cfg(any(test, feature = "test-delay"))]
 impl From<delay::DelayQueue> for Queue {
     fn from(q: delay::DelayQueue) -> Self {
-        Self(Kind::Delayed(Box::new(q)))
+        Self(QueueVariant::Delayed(Box::new(q)))
     }
 }
 
@@ -233,7 +233,7 @@ impl From<delay::DelayQueue> for Queue {
 impl Queue {
     /// A test's own queue.
     pub(crate) fn other(q: impl BackendQueue + 'static) -> Self {
-        Self(Kind::Other(Box::new(q)))
+        Self(QueueVariant::Other(Box::new(q)))
     }
 }
 

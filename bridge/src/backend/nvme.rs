@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::request::MAX_SEGMENTS;
 use vfblk_hugepages::ExternalMapping;
 use vfblk_nvme::controller::{Controller, Namespace};
-use vfblk_nvme::prp::Segment;
+use vfblk_nvme::prp::DmaSegment;
 use vfblk_nvme::queue::{QueuePair, SubmitError};
 use vfblk_nvme::spec::Status;
 use vfblk_vhost::memory::GuestMemory;
@@ -77,7 +77,7 @@ pub const WINDOWS: usize = 8;
 pub struct IovaWindow {
     base: u64,
     slot: usize,
-    slots: Arc<Mutex<[Slot; WINDOWS]>>,
+    slots: Arc<Mutex<[WindowOwner; WINDOWS]>>,
 }
 
 impl IovaWindow {
@@ -96,7 +96,7 @@ impl IovaWindow {
 impl Drop for IovaWindow {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.slots.lock() {
-            slots[self.slot] = Slot::Free;
+            slots[self.slot] = WindowOwner::Free;
         }
     }
 }
@@ -144,7 +144,7 @@ impl NvmeEngine {
         }
         let tick_ms = TICK.as_millis().max(1) as u64;
         Ok(Self {
-            records: vec![Record::default(); qp.capacity() + 1].into_boxed_slice(),
+            records: vec![SentCommand::default(); qp.capacity() + 1].into_boxed_slice(),
             qp,
             ctrl: ctrl.clone(),
             max_transfer: ctrl.max_transfer() as u64,
@@ -171,7 +171,7 @@ impl NvmeEngine {
 
 /// Who holds an IOVA window.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Slot {
+enum WindowOwner {
     Free,
     /// A backend of this process.
     Used,
@@ -182,13 +182,13 @@ enum Slot {
 /// A controller's IOVA windows and which are taken.
 #[derive(Clone)]
 pub struct Windows {
-    slots: Arc<Mutex<[Slot; WINDOWS]>>,
+    slots: Arc<Mutex<[WindowOwner; WINDOWS]>>,
 }
 
 impl Default for Windows {
     fn default() -> Self {
         Self {
-            slots: Arc::new(Mutex::new([Slot::Free; WINDOWS])),
+            slots: Arc::new(Mutex::new([WindowOwner::Free; WINDOWS])),
         }
     }
 }
@@ -197,8 +197,8 @@ impl Windows {
     /// A free window (the lowest: the first backend gets IOVA = GPA), or None.
     pub fn take(&self) -> Option<IovaWindow> {
         let mut slots = self.slots.lock().ok()?;
-        let slot = slots.iter().position(|s| *s == Slot::Free)?;
-        slots[slot] = Slot::Used;
+        let slot = slots.iter().position(|s| *s == WindowOwner::Free)?;
+        slots[slot] = WindowOwner::Used;
         Some(IovaWindow {
             base: slot as u64 * WINDOW_SIZE,
             slot,
@@ -210,8 +210,8 @@ impl Windows {
     fn claim_lender(&self, base: u64) -> Option<IovaWindow> {
         let mut slots = self.slots.lock().ok()?;
         let slot = (base / WINDOW_SIZE) as usize;
-        (base % WINDOW_SIZE == 0 && slots.get(slot) == Some(&Slot::Lender)).then(|| {
-            slots[slot] = Slot::Used;
+        (base % WINDOW_SIZE == 0 && slots.get(slot) == Some(&WindowOwner::Lender)).then(|| {
+            slots[slot] = WindowOwner::Used;
             IovaWindow {
                 base,
                 slot,
@@ -224,12 +224,12 @@ impl Windows {
     pub fn unused(&self) -> bool {
         self.slots
             .lock()
-            .map(|s| s.iter().all(|s| *s != Slot::Used))
+            .map(|s| s.iter().all(|s| *s != WindowOwner::Used))
             .unwrap_or(false)
     }
 
     /// The IOVA ranges of the windows held by `whom` (or, with `not`, by anyone else).
-    fn ranges(&self, whom: Slot, not: bool) -> Vec<(u64, u64)> {
+    fn ranges(&self, whom: WindowOwner, not: bool) -> Vec<(u64, u64)> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         (0..WINDOWS)
             .filter(|&i| (slots[i] == whom) != not)
@@ -244,13 +244,13 @@ impl Windows {
             Some(bases) => {
                 for &b in bases {
                     if let Some(s) = slots.get_mut((b / WINDOW_SIZE) as usize) {
-                        *s = Slot::Lender;
+                        *s = WindowOwner::Lender;
                     }
                 }
             }
             None => {
-                for s in slots.iter_mut().filter(|s| **s == Slot::Lender) {
-                    *s = Slot::Free;
+                for s in slots.iter_mut().filter(|s| **s == WindowOwner::Lender) {
+                    *s = WindowOwner::Free;
                 }
             }
         }
@@ -452,7 +452,7 @@ impl NvmeControllers {
     /// mapped is removed and each controller reset with this process's queues.
     pub fn reclaim_all(&self) {
         for (address, c) in self.open.iter().filter(|(_, c)| c.ctrl.lent()) {
-            match c.ctrl.reclaim(&c.windows.ranges(Slot::Used, true)) {
+            match c.ctrl.reclaim(&c.windows.ranges(WindowOwner::Used, true)) {
                 Ok(()) => tracing::info!("{address}: taken back after the hand-over failed"),
                 Err(e) => tracing::error!(
                     "{address}: could not be taken back after the hand-over failed: {}",
@@ -521,7 +521,7 @@ impl NvmeControllers {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            for (base, len) in c.windows.ranges(Slot::Lender, false) {
+            for (base, len) in c.windows.ranges(WindowOwner::Lender, false) {
                 match c.ctrl.unmap_within(base, len) {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(
@@ -810,13 +810,13 @@ struct Part {
 /// An NVMe command as sent, kept under its command id so that a reset that aborts it can be
 /// answered by sending it again (the guest sees nothing).
 #[derive(Clone, Copy)]
-struct Record {
-    kind: Kind,
+struct SentCommand {
+    kind: CommandKind,
     /// The request's key: its client (virtqueue) in the high half, its head in the low.
     token: u32,
     lba: u64,
     blocks: u32,
-    segs: [Segment; MAX_SEGMENTS],
+    segs: [DmaSegment; MAX_SEGMENTS],
     nsegs: usize,
     ranges: [(u64, u32); MAX_DISCARD_SEGMENTS],
     nranges: usize,
@@ -840,7 +840,7 @@ struct Bounce {
 
 /// The NVMe command a record (or a backlog) sends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Kind {
+enum CommandKind {
     #[default]
     Read,
     Write,
@@ -850,9 +850,9 @@ enum Kind {
     Deallocate,
 }
 
-impl Record {
+impl SentCommand {
     /// Copies what is used (not the whole fixed-size arrays: this runs per command).
-    fn store_into(&self, dst: &mut Record) {
+    fn store_into(&self, dst: &mut SentCommand) {
         dst.kind = self.kind;
         dst.token = self.token;
         dst.lba = self.lba;
@@ -866,14 +866,14 @@ impl Record {
     }
 }
 
-impl Default for Record {
+impl Default for SentCommand {
     fn default() -> Self {
         Self {
-            kind: Kind::Flush,
+            kind: CommandKind::Flush,
             token: 0,
             lba: 0,
             blocks: 0,
-            segs: [Segment { iova: 0, len: 0 }; MAX_SEGMENTS],
+            segs: [DmaSegment { iova: 0, len: 0 }; MAX_SEGMENTS],
             nsegs: 0,
             ranges: [(0, 0); MAX_DISCARD_SEGMENTS],
             nranges: 0,
@@ -891,10 +891,10 @@ struct Backlog {
     /// Key of the request (client and head).
     token: u32,
     /// Read, Write, WriteFua or WriteZeroes.
-    kind: Kind,
+    kind: CommandKind,
     /// Read/write: the request's buffers (device and host addresses) and where sending
     /// stands in them.
-    segs: Vec<Segment>,
+    segs: Vec<DmaSegment>,
     hosts: Vec<*mut u8>,
     seg: usize,
     offset: u64,
@@ -930,12 +930,12 @@ struct NvmeEngine {
     /// Per client, per virtio head.
     parts: Vec<Box<[Part]>>,
     /// Per NVMe command id.
-    records: Box<[Record]>,
+    records: Box<[SentCommand]>,
     /// Per client: finished requests not yet reported.
     reaped: Vec<Vec<(u16, u8)>>,
     backlog: Backlog,
     /// A record to build commands in (boxed: 2.7 KB, kept to avoid initialising one per chunk).
-    scratch: Box<Record>,
+    scratch: Box<SentCommand>,
     /// The host side of the chunk being built (for a bounce).
     pieces: Vec<(*mut u8, u32)>,
     /// Bounce buffers in use, by index.
@@ -1006,21 +1006,21 @@ impl NvmeEngine {
 
     /// Sends `rec` (its command id decides where it is kept). False when the queue pair has
     /// no slot (try later) or refused it (the request is failed).
-    fn send(&mut self, rec: &Record) -> Send {
+    fn send(&mut self, rec: &SentCommand) -> Send {
         let cfg = self.cfg(rec.token);
         let (nsid, shift) = (cfg.nsid, cfg.shift);
         let token = u64::from(cfg.generation) << 32 | u64::from(rec.token);
         let segs = &rec.segs[..rec.nsegs];
         let r = match rec.kind {
-            Kind::Read => self.qp.read(nsid, rec.lba, rec.blocks, shift, segs, token),
-            Kind::Write => self.qp.write(nsid, rec.lba, rec.blocks, shift, segs, token),
+            CommandKind::Read => self.qp.read(nsid, rec.lba, rec.blocks, shift, segs, token),
+            CommandKind::Write => self.qp.write(nsid, rec.lba, rec.blocks, shift, segs, token),
             // Writethrough: Force Unit Access, so the write completes only once stable.
-            Kind::WriteFua => self
+            CommandKind::WriteFua => self
                 .qp
                 .write_fua(nsid, rec.lba, rec.blocks, shift, segs, token),
-            Kind::Flush => self.qp.flush(nsid, token),
-            Kind::WriteZeroes => self.qp.write_zeroes(nsid, rec.lba, rec.blocks, token),
-            Kind::Deallocate => self.qp.deallocate(nsid, &rec.ranges[..rec.nranges], token),
+            CommandKind::Flush => self.qp.flush(nsid, token),
+            CommandKind::WriteZeroes => self.qp.write_zeroes(nsid, rec.lba, rec.blocks, token),
+            CommandKind::Deallocate => self.qp.deallocate(nsid, &rec.ranges[..rec.nranges], token),
         };
         match r {
             Ok(cid) => {
@@ -1032,8 +1032,10 @@ impl NvmeEngine {
             }
             Err(SubmitError::QueueFull) => Send::Full,
             Err(SubmitError::Prp(_))
-                if matches!(rec.kind, Kind::Read | Kind::Write | Kind::WriteFua)
-                    && rec.bounce == NO_BOUNCE =>
+                if matches!(
+                    rec.kind,
+                    CommandKind::Read | CommandKind::Write | CommandKind::WriteFua
+                ) && rec.bounce == NO_BOUNCE =>
             {
                 Send::NeedsBounce
             }
@@ -1046,7 +1048,7 @@ impl NvmeEngine {
     }
 
     /// Sends `rec` (whose buffers are `self.pieces`, `len` bytes) through a bounce buffer.
-    fn send_bounced(&mut self, rec: &mut Record, len: u64) -> Send {
+    fn send_bounced(&mut self, rec: &mut SentCommand, len: u64) -> Send {
         if !self.bounced {
             // Once per queue pair: the slow path is in use (no SGLs, PRP-unfriendly lists).
             tracing::info!(
@@ -1070,7 +1072,7 @@ impl NvmeEngine {
                 return Send::Refused;
             }
         };
-        let read = rec.kind == Kind::Read;
+        let read = rec.kind == CommandKind::Read;
         if !read {
             let mut at = 0usize;
             for &(host, n) in &self.pieces {
@@ -1087,7 +1089,7 @@ impl NvmeEngine {
                 self.bounces.len() - 1
             }
         };
-        rec.segs[0] = Segment {
+        rec.segs[0] = DmaSegment {
             iova: chunk.iova(),
             len: len as u32,
         };
@@ -1135,7 +1137,7 @@ impl NvmeEngine {
         self.scratch = rec;
     }
 
-    fn pump_with(&mut self, rec: &mut Record) {
+    fn pump_with(&mut self, rec: &mut SentCommand) {
         let shift = if self.backlog.active {
             self.cfg(self.backlog.token).shift
         } else {
@@ -1149,13 +1151,13 @@ impl NvmeEngine {
             rec.tries = 0;
             let b = &mut self.backlog;
             match b.kind {
-                Kind::WriteZeroes => {
+                CommandKind::WriteZeroes => {
                     let Some(&(lba, left)) = b.zeroes.last() else {
                         b.active = false;
                         break;
                     };
                     let n = left.min(65536);
-                    rec.kind = Kind::WriteZeroes;
+                    rec.kind = CommandKind::WriteZeroes;
                     rec.lba = lba;
                     rec.blocks = n as u32;
                     match self.send(rec) {
@@ -1181,7 +1183,7 @@ impl NvmeEngine {
                     {
                         let s = b.segs[seg];
                         let take = (u64::from(s.len) - offset).min(self.max_transfer - len);
-                        rec.segs[rec.nsegs] = Segment {
+                        rec.segs[rec.nsegs] = DmaSegment {
                             iova: s.iova + offset,
                             len: take as u32,
                         };
@@ -1321,9 +1323,9 @@ impl NvmeEngine {
             pending: 0,
             status: status::OK,
         };
-        let mut rec = Record {
+        let mut rec = SentCommand {
             token,
-            ..Record::default()
+            ..SentCommand::default()
         };
         match r.op {
             Operation::Read | Operation::Write => {
@@ -1334,12 +1336,12 @@ impl NvmeEngine {
                 } else {
                     let b = &mut self.backlog;
                     b.kind = match r.op {
-                        Operation::Read => Kind::Read,
-                        _ if r.durable => Kind::WriteFua,
-                        _ => Kind::Write,
+                        Operation::Read => CommandKind::Read,
+                        _ if r.durable => CommandKind::WriteFua,
+                        _ => CommandKind::Write,
                     };
                     b.segs.clear();
-                    b.segs.extend(r.data().iter().map(|s| Segment {
+                    b.segs.extend(r.data().iter().map(|s| DmaSegment {
                         // Inside the window: the segment was translated through the
                         // memory table, whose regions all fit it (mapping refuses others).
                         iova: cfg.iova_base + s.gpa,
@@ -1355,11 +1357,11 @@ impl NvmeEngine {
                 }
             }
             Operation::Flush => {
-                rec.kind = Kind::Flush;
+                rec.kind = CommandKind::Flush;
                 self.send(&rec);
             }
             Operation::Discard => {
-                rec.kind = Kind::Deallocate;
+                rec.kind = CommandKind::Deallocate;
                 for (i, &(sector, count)) in r.ranges[..r.range_count].iter().enumerate() {
                     match sectors_to_blocks(sector, count, cfg.shift) {
                         Some((lba, blocks)) => {
@@ -1390,7 +1392,7 @@ impl NvmeEngine {
                 if bad {
                     self.fail(token);
                 } else {
-                    b.kind = Kind::WriteZeroes;
+                    b.kind = CommandKind::WriteZeroes;
                     b.token = token;
                     b.active = true;
                 }
@@ -1418,7 +1420,7 @@ impl NvmeEngine {
     /// Reaps the queue pair's completions (of every client) and adds `client`'s finished
     /// requests to `done`.
     fn poll(&mut self, client: u16, done: &mut Vec<(u16, u8)>) -> usize {
-        let mut again: Vec<Record> = Vec::new();
+        let mut again: Vec<SentCommand> = Vec::new();
         {
             let (parts, records, reaped, bounces, clients) = (
                 &mut self.parts,
@@ -1449,7 +1451,7 @@ impl NvmeEngine {
                 match rec {
                     // A reset aborted it: send it again (the guest never knows).
                     Some(rec) if c.status == Status::ABORTED_BY_RESET && rec.tries < MAX_TRIES => {
-                        again.push(Record {
+                        again.push(SentCommand {
                             tries: rec.tries + 1,
                             ..*rec
                         });
@@ -1602,10 +1604,10 @@ mod tests {
         assert_eq!((a.base(), b.base()), (WINDOW_SIZE, 3 * WINDOW_SIZE));
         // What a reclaim after a failed take-over removes: everything but the holder's own.
         assert_eq!(
-            windows.ranges(Slot::Used, false),
+            windows.ranges(WindowOwner::Used, false),
             vec![(WINDOW_SIZE, WINDOW_SIZE), (3 * WINDOW_SIZE, WINDOW_SIZE)]
         );
-        let foreign = windows.ranges(Slot::Used, true);
+        let foreign = windows.ranges(WindowOwner::Used, true);
         assert_eq!(foreign.len(), WINDOWS - 2);
         assert!(
             foreign.contains(&(0, WINDOW_SIZE))

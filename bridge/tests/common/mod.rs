@@ -14,9 +14,9 @@ use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::virtio_blk::RequestHeader;
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::mock::MockGuest;
+use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::virtq::Descriptor;
-use vfblk_vhost::worker::{PollMode, Worker};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -32,8 +32,8 @@ pub const BUF: u64 = 1 << 20; // buffers live above 1 MiB
 /// A mem-backed device with `queues` queues on one test poller; GET_ID answers "test-disk".
 pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
     let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
-    let workers = vec![Arc::new(
-        Worker::spawn(
+    let pollers = vec![Arc::new(
+        Poller::spawn(
             "test-poller".into(),
             None,
             PollMode {
@@ -46,7 +46,7 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
         num_queues: queues,
         inflight: true,
         device: Arc::new(BlkDevice::new(backend, queues, "test-disk")),
-        workers,
+        pollers,
         errors: Arc::new(GuestErrors::new("test-device")),
         keep: None,
         dirty_log_marks: true,

@@ -584,7 +584,7 @@ unsafe extern "C" fn on_complete(_c: ffi::Completion, arg: *mut c_void) {
 }
 
 #[derive(Clone, Copy)]
-struct Slot {
+struct RbdIo {
     token: u16,
     /// librbd completions still out.
     pending: u32,
@@ -605,7 +605,7 @@ pub struct RbdQueue {
     api: &'static ffi::Api,
     image: ffi::Image,
     board: Arc<Board>,
-    slots: Box<[Slot]>,
+    slots: Box<[RbdIo]>,
     free_slots: Vec<usize>,
     tickets: Box<[Ticket]>,
     free_tickets: Vec<usize>,
@@ -639,7 +639,7 @@ impl RbdQueue {
             image,
             board,
             slots: vec![
-                Slot {
+                RbdIo {
                     token: 0,
                     pending: 0,
                     status: status::OK
@@ -763,7 +763,7 @@ impl BackendQueue for RbdQueue {
 
     fn submit(&mut self, r: &Request, token: u16) -> Result<()> {
         let slot = self.free_slots.pop().ok_or(Error::QueueFull("rbd"))?;
-        self.slots[slot] = Slot {
+        self.slots[slot] = RbdIo {
             token,
             pending: 0,
             status: status::OK,

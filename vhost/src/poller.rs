@@ -1,7 +1,7 @@
 //! Poller threads. Each owns some virtqueues (of one or several devices) and runs them without
 //! locks: avail ring → chain → inflight record → the device's queue handler → completion →
 //! used ring.
-//! The protocol thread talks to a worker only through its mailbox, which the worker checks
+//! The protocol thread talks to a poller only through its mailbox, which the poller checks
 //! with one atomic load per loop.
 
 use std::fs::File;
@@ -18,9 +18,9 @@ use crate::ring::{Ring, RingLog};
 use crate::virtq::DeviceQueue;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Everything a worker needs to run one virtqueue.
+/// Everything a poller needs to run one virtqueue.
 pub struct QueueStart {
-    /// The connection the queue belongs to (workers are shared by many).
+    /// The connection the queue belongs to (pollers are shared by many).
     pub owner: u64,
     /// Device-wide queue index.
     pub index: u16,
@@ -107,12 +107,12 @@ const HEARTBEAT_EVERY: u64 = 256;
 /// Tuning of the poll loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PollMode {
-    /// Empty loops before the worker re-enables kicks and sleeps; `None`: never sleep.
+    /// Empty loops before the poller re-enables kicks and sleeps; `None`: never sleep.
     pub idle_before_sleep: Option<Duration>,
 }
 
 /// A poller thread, shared by the queues of any number of connections.
-pub struct Worker {
+pub struct Poller {
     /// Unique in the process.
     id: u64,
     name: String,
@@ -189,7 +189,7 @@ fn drain_kick(fd: &File, revents: libc::c_short) -> bool {
 /// poller stuck (the poller's own drain deadline plus a margin).
 const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
-impl Worker {
+impl Poller {
     /// Starts a poller thread, pinned to `cpu` when given.
     pub fn spawn(name: String, cpu: Option<usize>, mode: PollMode) -> crate::Result<Self> {
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
@@ -259,7 +259,7 @@ impl Worker {
     }
 
     /// The poller's heartbeat: it changes at least every 100 ms while the poller runs its
-    /// loop, busy or idle (see [`Worker::spawn`]'s modes), and never while it is stuck.
+    /// loop, busy or idle (see [`Poller::spawn`]'s modes), and never while it is stuck.
     pub fn heartbeat(&self) -> u64 {
         self.mailbox.heartbeat.load(Ordering::Relaxed)
     }
@@ -282,7 +282,7 @@ impl Worker {
         let _ = self.mailbox.wake.write(1);
     }
 
-    /// Hands a queue to this worker.
+    /// Hands a queue to this poller.
     pub fn start(&self, queue: QueueStart) {
         self.load.fetch_add(1, Ordering::Relaxed);
         self.send(Command::Start(Box::new(queue)));
@@ -353,7 +353,7 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl Drop for Poller {
     fn drop(&mut self) {
         self.send(Command::Exit);
         if let Some(t) = self.thread.take() {
