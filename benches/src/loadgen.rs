@@ -5,7 +5,7 @@
 //! (block, generation, seed) and every read checks them.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -443,7 +443,6 @@ fn set_pages(bitmap: &mut [u8], gpa: u64, len: u64) {
 }
 
 fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
-    let name = std::ffi::CString::new("vfblk-loadgen-guest").expect("no NUL");
     let (flags, len) = if hugepages {
         (
             libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
@@ -452,14 +451,7 @@ fn memfd(len: usize, hugepages: bool) -> std::io::Result<Memory> {
     } else {
         (libc::MFD_CLOEXEC, len)
     };
-    // SAFETY: memfd creation; checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len as u64)?;
+    let file = vfblk_hugepages::memfd("vfblk-loadgen-guest", flags, len as u64)?;
     let map = memmap2::MmapOptions::new().len(len).map_raw(&file)?;
     Ok(Memory {
         file,

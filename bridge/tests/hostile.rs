@@ -95,13 +95,7 @@ fn good_client(socket: &std::path::PathBuf, round: usize) {
 
 /// A memfd of `len` bytes that cannot be sealed (so it can be shrunk under a mapping).
 fn unsealable_memfd(len: u64) -> std::fs::File {
-    // SAFETY: a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"hostile-log".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: a fresh fd nobody else owns.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(len).unwrap();
-    file
+    vfblk_hugepages::memfd("hostile-log", libc::MFD_CLOEXEC, len).unwrap()
 }
 
 /// Dirty logs a migration would never send: each must be refused, or contained, without a

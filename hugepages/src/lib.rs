@@ -19,7 +19,7 @@ pub mod reserve;
 
 pub use iova::IovaAllocator;
 pub use mapper::{DmaBuffer, DmaMapper, ExternalMapping, VfioDmaMapper};
-pub use memory::{DmaMemory, PageKind};
+pub use memory::{memfd, DmaMemory, PageKind};
 pub use pool::{DmaChunk, DmaPool};
 
 use std::fmt;

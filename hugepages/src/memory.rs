@@ -46,7 +46,10 @@ pub struct DmaMemory {
     kind: PageKind,
 }
 
-fn memfd(name: &str, flags: libc::c_uint) -> io::Result<File> {
+/// A new memfd named `name` (for /proc's maps) of `size` bytes, created with `flags`
+/// (`MFD_*`): the one place the workspace makes memory files, DMA memory and the memory it
+/// shares with a vhost-user peer alike.
+pub fn memfd(name: &str, flags: libc::c_uint, size: u64) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: cname is a valid NUL-terminated string; the result is checked.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
@@ -54,7 +57,9 @@ fn memfd(name: &str, flags: libc::c_uint) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 fn round_up(len: usize, align: usize) -> usize {
@@ -87,10 +92,9 @@ impl DmaMemory {
         let file = memfd(
             name,
             libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            len as u64,
         )
-        .map_err(err("memfd_create(MFD_HUGETLB)"))?;
-        file.set_len(len as u64)
-            .map_err(err("ftruncate of hugetlb memfd"))?;
+        .map_err(err("memfd_create(MFD_HUGETLB) and its ftruncate"))?;
         // populate: fault every page in now, so a shortage of hugepages shows here (ENOMEM)
         // rather than as SIGBUS on first touch.
         let map = MmapOptions::new()
@@ -112,9 +116,8 @@ impl DmaMemory {
             let what = what.to_string();
             move |source| DmaError::Alloc { what, len, source }
         };
-        let file = memfd(name, libc::MFD_CLOEXEC).map_err(err("memfd_create"))?;
-        file.set_len(len as u64)
-            .map_err(err("ftruncate of memfd"))?;
+        let file = memfd(name, libc::MFD_CLOEXEC, len as u64)
+            .map_err(err("memfd_create and its ftruncate"))?;
         let map = MmapOptions::new()
             .len(len)
             .populate()

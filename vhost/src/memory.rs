@@ -39,18 +39,7 @@ pub fn map_shared(
 /// A new memfd of `size` bytes (close-on-exec, sealable), for memory this process shares
 /// with a peer.
 pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
-    let name = std::ffi::CString::new(name)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a valid NUL-terminated name; the result is checked.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size)?;
-    Ok(file)
+    vfblk_hugepages::memfd(name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING, size)
 }
 
 /// One mapped region.

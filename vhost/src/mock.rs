@@ -39,13 +39,9 @@ impl MockGuest {
     /// A guest whose memory is a memfd that cannot be sealed (as a frontend that did not ask
     /// for MFD_ALLOW_SEALING hands over): the device cannot stop it from shrinking.
     pub fn new_unsealable(mem_bytes: u64, queue_size: u16) -> Self {
-        let name = c"vfblk-mock-guest-unsealable";
-        // SAFETY: a valid NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh fd nothing else owns.
-        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(mem_bytes).expect("sizing the guest's memfd");
+        let file =
+            vfblk_hugepages::memfd("vfblk-mock-guest-unsealable", libc::MFD_CLOEXEC, mem_bytes)
+                .expect("memfd for the mock guest");
         Self::with_file(file, mem_bytes, queue_size)
     }
 

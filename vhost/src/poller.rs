@@ -860,14 +860,9 @@ mod tests {
         use crate::dirty_log::{log_bytes_for, DirtyLog};
         use crate::ring::RingLog;
         let mut guest = MockGuest::new(1 << 20, 16);
-        // SAFETY: a valid NUL-terminated name; the result is checked. No MFD_ALLOW_SEALING:
-        // the file can be shrunk under the mapping.
-        let fd = unsafe { libc::memfd_create(c"log-shrunk".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
         let bytes = log_bytes_for(guest.len()).div_ceil(4096) * 4096;
-        file.set_len(bytes).unwrap();
+        // No MFD_ALLOW_SEALING: the file can be shrunk under the mapping.
+        let file = vfblk_hugepages::memfd("log-shrunk", libc::MFD_CLOEXEC, bytes).unwrap();
         let log = Arc::new(DirtyLog::map(file.try_clone().unwrap(), 0, bytes, true).unwrap());
         let used_gpa = guest.driver().gpas.2;
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
