@@ -87,23 +87,23 @@ impl<'a> ChainCursor<'a> {
     /// More buffers than `out` holds is [`ChainError::TooLong`].
     #[inline]
     pub fn walk_into(&self, out: &mut [Segment]) -> Result<usize, ChainError> {
-        let mut walk = Walk {
+        let mut buffers = Buffers {
             sink: Store { out, count: 0 },
             seen_write: false,
         };
-        walk.chain(self.queue, self.mem, self.head)?;
-        Ok(walk.sink.count)
+        follow(self.queue, self.mem, self.head, &mut buffers)?;
+        Ok(buffers.sink.count)
     }
 
     /// Marks in `log` every device-writable buffer of the chain, with the walk's checks
     /// (a migration's dirty log, after the device wrote them). For a chain too malformed to
     /// walk, the byte a device answers at ([`ChainCursor::last_byte`]).
     pub fn mark_writable(&self, log: &crate::dirty_log::DirtyLog) {
-        let mut walk = Walk {
+        let mut buffers = Buffers {
             sink: MarkWritable(log),
             seen_write: false,
         };
-        if walk.chain(self.queue, self.mem, self.head).is_err() {
+        if follow(self.queue, self.mem, self.head, &mut buffers).is_err() {
             if let Some(last) = self.last_byte() {
                 log.mark(last.gpa, u64::from(last.len));
             }
@@ -114,6 +114,16 @@ impl<'a> ChainCursor<'a> {
     pub fn last_byte(&self) -> Option<Segment> {
         last_byte(self.queue, self.mem, self.head)
     }
+}
+
+/// What a walk does with each descriptor it reaches; [`follow`] checks the chain's shape.
+trait Visit {
+    /// Whether an indirect descriptor must be exactly as the spec says (no NEXT beside it, a
+    /// whole number of entries). A walk that only looks for the last byte to answer at
+    /// accepts a sloppy one, so that such a chain is still answered rather than stopping
+    /// the queue.
+    const STRICT: bool;
+    fn descriptor(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError>;
 }
 
 /// Where a walk puts the buffers it checked.
@@ -151,15 +161,18 @@ impl Sink for MarkWritable<'_> {
     }
 }
 
-/// One walk in progress.
-struct Walk<S> {
+/// Every buffer checked (direction order, translated through the memory table) and handed
+/// to a sink.
+struct Buffers<S> {
     sink: S,
     seen_write: bool,
 }
 
-impl<S: Sink> Walk<S> {
+impl<S: Sink> Visit for Buffers<S> {
+    const STRICT: bool = true;
+
     #[inline(always)]
-    fn push(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
+    fn descriptor(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
         let write = d.flags & DESC_F_WRITE != 0;
         if self.seen_write && !write {
             return Err(ChainError::BadOrder);
@@ -186,71 +199,92 @@ impl<S: Sink> Walk<S> {
         }
         Ok(())
     }
+}
 
-    #[inline]
-    fn chain(
-        &mut self,
-        queue: &DeviceQueue,
-        mem: &GuestMemory,
-        head: u16,
-    ) -> Result<(), ChainError> {
-        let size = queue.size();
-        let mut index = head;
-        let mut visited = 0u32;
-        loop {
-            if index >= size {
-                return Err(ChainError::BadIndex);
-            }
-            visited += 1;
-            if visited > u32::from(size) {
-                return Err(ChainError::Loop);
-            }
-            let d = queue.descriptor(index);
-            if d.flags & DESC_F_INDIRECT != 0 {
-                if d.flags & DESC_F_NEXT != 0 || d.len == 0 || d.len % 16 != 0 {
-                    return Err(ChainError::BadIndirect);
-                }
-                return self.indirect(mem, &d);
-            }
-            self.push(mem, &d)?;
-            if d.flags & DESC_F_NEXT == 0 {
-                return Ok(());
-            }
-            index = d.next;
-        }
+/// Only the chain's last descriptor, whatever the buffers before it are.
+#[derive(Default)]
+struct LastDescriptor(Option<Descriptor>);
+
+impl Visit for LastDescriptor {
+    const STRICT: bool = false;
+
+    fn descriptor(&mut self, _: &GuestMemory, d: &Descriptor) -> Result<(), ChainError> {
+        self.0 = Some(*d);
+        Ok(())
     }
+}
 
-    fn indirect(&mut self, mem: &GuestMemory, table: &Descriptor) -> Result<(), ChainError> {
-        let entries = table.len / 16;
-        // Tables are 16-byte aligned like the main table (so entries can be read volatile).
-        if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
-            return Err(ChainError::BadIndirect);
+/// Follows the chain at `head` through `queue`'s table and at most one indirect table,
+/// checking its shape (indexes inside their table, no loop, indirect tables well formed and
+/// inside guest memory), and hands each descriptor to `visit` in order: the one walk every
+/// reader of a chain shares.
+#[inline(always)]
+fn follow<V: Visit>(
+    queue: &DeviceQueue,
+    mem: &GuestMemory,
+    head: u16,
+    visit: &mut V,
+) -> Result<(), ChainError> {
+    let size = queue.size();
+    let mut index = head;
+    let mut visited = 0u32;
+    loop {
+        if index >= size {
+            return Err(ChainError::BadIndex);
         }
-        let base = mem
-            .translate(table.addr, u64::from(table.len))
-            .ok_or(ChainError::OutOfMemory)? as *const Descriptor;
-        let mut index = 0u32;
-        let mut visited = 0u32;
-        loop {
-            if index >= entries {
-                return Err(ChainError::BadIndex);
-            }
-            visited += 1;
-            if visited > entries {
-                return Err(ChainError::Loop);
-            }
-            // SAFETY: index < entries: inside the translated, aligned table. Read once, then
-            // only the copy is checked and used.
-            let d = unsafe { base.add(index as usize).read_volatile() };
-            if d.flags & DESC_F_INDIRECT != 0 {
+        visited += 1;
+        if visited > u32::from(size) {
+            return Err(ChainError::Loop);
+        }
+        let d = queue.descriptor(index);
+        if d.flags & DESC_F_INDIRECT != 0 {
+            if d.len < 16 || (V::STRICT && (d.flags & DESC_F_NEXT != 0 || d.len % 16 != 0)) {
                 return Err(ChainError::BadIndirect);
             }
-            self.push(mem, &d)?;
-            if d.flags & DESC_F_NEXT == 0 {
-                return Ok(());
-            }
-            index = u32::from(d.next);
+            return follow_indirect(mem, &d, visit);
         }
+        visit.descriptor(mem, &d)?;
+        if d.flags & DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        index = d.next;
+    }
+}
+
+fn follow_indirect<V: Visit>(
+    mem: &GuestMemory,
+    table: &Descriptor,
+    visit: &mut V,
+) -> Result<(), ChainError> {
+    let entries = table.len / 16;
+    // Tables are 16-byte aligned like the main table (so entries can be read volatile).
+    if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
+        return Err(ChainError::BadIndirect);
+    }
+    let base = mem
+        .translate(table.addr, u64::from(table.len))
+        .ok_or(ChainError::OutOfMemory)? as *const Descriptor;
+    let mut index = 0u32;
+    let mut visited = 0u32;
+    loop {
+        if index >= entries {
+            return Err(ChainError::BadIndex);
+        }
+        visited += 1;
+        if visited > entries {
+            return Err(ChainError::Loop);
+        }
+        // SAFETY: index < entries: inside the translated, aligned table. Read once, then
+        // only the copy is checked and used.
+        let d = unsafe { base.add(index as usize).read_volatile() };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return Err(ChainError::BadIndirect);
+        }
+        visit.descriptor(mem, &d)?;
+        if d.flags & DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        index = u32::from(d.next);
     }
 }
 
@@ -301,53 +335,13 @@ impl Chain {
 }
 
 /// After a failed walk: the last byte of the chain's last buffer, if the chain can still be
-/// followed to its end (at most the queue size steps, one indirect table, every address
-/// checked). A device answers a malformed request there; `None` means the ring is too broken
-/// to answer anything.
+/// followed to its end (its shape checked as a walk checks it, the buffers before the last
+/// not looked at). A device answers a malformed request there; `None` means the ring is too
+/// broken to answer anything.
 pub fn last_byte(queue: &DeviceQueue, mem: &GuestMemory, head: u16) -> Option<Segment> {
-    let size = queue.size();
-    let mut index = head;
-    for _ in 0..size {
-        if index >= size {
-            return None;
-        }
-        let d = queue.descriptor(index);
-        if d.flags & DESC_F_INDIRECT != 0 {
-            return last_byte_in_table(mem, &d);
-        }
-        if d.flags & DESC_F_NEXT == 0 {
-            return last_byte_of(mem, &d);
-        }
-        index = d.next;
-    }
-    None
-}
-
-fn last_byte_in_table(mem: &GuestMemory, table: &Descriptor) -> Option<Segment> {
-    let entries = table.len / 16;
-    if entries == 0 || entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
-        return None;
-    }
-    let base = mem.translate(table.addr, u64::from(table.len))? as *const Descriptor;
-    let mut index = 0u32;
-    for _ in 0..entries {
-        if index >= entries {
-            return None;
-        }
-        // SAFETY: index < entries: inside the translated, aligned table; read once.
-        let d = unsafe { base.add(index as usize).read_volatile() };
-        if d.flags & DESC_F_INDIRECT != 0 {
-            return None;
-        }
-        if d.flags & DESC_F_NEXT == 0 {
-            return last_byte_of(mem, &d);
-        }
-        index = u32::from(d.next);
-    }
-    None
-}
-
-fn last_byte_of(mem: &GuestMemory, d: &Descriptor) -> Option<Segment> {
+    let mut last = LastDescriptor::default();
+    follow(queue, mem, head, &mut last).ok()?;
+    let d = last.0?;
     let gpa = d.addr.checked_add(u64::from(d.len.checked_sub(1)?))?;
     Some(Segment {
         gpa,
@@ -585,6 +579,12 @@ mod tests {
             })
             .collect();
         g.add_indirect(&list);
+        assert_eq!(answerable(&g).map(|s| s.gpa), Some(st));
+        // An indirect descriptor with NEXT beside it and a stray half entry: the walk refuses
+        // it, the status at the end of its table is still answered.
+        let table = g.write_table(&[d(hdr, 16, DESC_F_NEXT, 1), d(st, 1, DESC_F_WRITE, 0)]);
+        let r = walk_raw(&mut g, &[d(table, 40, DESC_F_INDIRECT | DESC_F_NEXT, 5)]);
+        assert_eq!(r, Err(ChainError::BadIndirect));
         assert_eq!(answerable(&g).map(|s| s.gpa), Some(st));
         // A loop, a next outside the table, a status outside memory: nothing to answer at.
         walk_raw(
