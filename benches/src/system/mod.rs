@@ -10,6 +10,8 @@ pub mod suite;
 pub mod target;
 pub mod vhost;
 
+use serde_json::Value;
+
 use crate::{Error, Result};
 
 /// Whether `program --version` runs and succeeds (the tool is installed).
@@ -68,4 +70,27 @@ pub(crate) fn thread_run_seconds(pid: u32) -> Result<f64> {
             .ok_or_else(|| Error::Run(format!("{}: {stat:?}", task.path().display())))?;
     }
     Ok(ns as f64 / 1e9)
+}
+
+/// A client report without its latency distribution (drawn in the plots; the JSON keeps
+/// the quantiles, the CDFs would make it a megabyte).
+pub(crate) fn without_cdf(report: &Value) -> Value {
+    let mut r = report.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.remove("lat_cdf_us");
+    }
+    r
+}
+
+/// 1234567.8 as "1,234,568".
+pub fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

@@ -247,7 +247,7 @@ impl NvmeLabResult {
                 "workload": r.workload,
                 "iops": r.iops(),
                 "backend_cpu_ns_per_io": r.backend_cpu_ns_per_io,
-                "report": r.report.as_ref().ok().map(crate::system::suite::without_cdf),
+                "report": r.report.as_ref().ok().map(crate::system::without_cdf),
                 "error": r.report.as_ref().err(),
             })).collect::<Vec<_>>(),
         })
@@ -277,7 +277,7 @@ impl NvmeLabResult {
                     .map(|r| match &r.report {
                         Ok(rep) => format!(
                             "{} ({:.0} / {:.0}; {})",
-                            crate::system::suite::thousands(rep["iops"].as_f64().unwrap_or(0.0)),
+                            crate::system::thousands(rep["iops"].as_f64().unwrap_or(0.0)),
                             rep["lat_p50_us"].as_f64().unwrap_or(0.0),
                             rep["lat_p99_us"].as_f64().unwrap_or(0.0),
                             r.backend_cpu_ns_per_io

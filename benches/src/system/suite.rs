@@ -22,7 +22,7 @@ use vfblk_lab::process::{spawn_listening, LISTEN_TIMEOUT};
 
 use crate::system::nvme_vhost::NvmeLabResult;
 use crate::system::target::ScaleResult;
-use crate::system::{cpu_seconds, plot, tool_runs};
+use crate::system::{cpu_seconds, plot, thousands, tool_runs, without_cdf};
 use crate::{io_error, Error, Result};
 
 /// Disk size every backend serves.
@@ -1797,29 +1797,6 @@ pub fn pauses_ms(report: &Value) -> Vec<f64> {
         .as_array()
         .map(|a| a.iter().filter_map(|p| p.as_f64()).collect())
         .unwrap_or_default()
-}
-
-/// A client report without its latency distribution (drawn in the plots; the JSON keeps
-/// the quantiles, the CDFs would make it a megabyte).
-pub(crate) fn without_cdf(report: &Value) -> Value {
-    let mut r = report.clone();
-    if let Some(o) = r.as_object_mut() {
-        o.remove("lat_cdf_us");
-    }
-    r
-}
-
-/// 1234567.8 as "1,234,568".
-pub fn thousands(x: f64) -> String {
-    let digits = format!("{:.0}", x.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]

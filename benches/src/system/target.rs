@@ -329,7 +329,7 @@ impl ScaleResult {
                     ""
                 },
                 r.controllers,
-                crate::system::suite::thousands(r.iops),
+                crate::system::thousands(r.iops),
                 r.busy_ns_per_io,
                 r.cpu_ns_per_io,
                 if r.controllers == 1 {
