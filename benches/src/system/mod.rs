@@ -7,6 +7,7 @@ pub mod nvme;
 pub mod nvme_vhost;
 pub mod plot;
 pub mod suite;
+pub mod suite_results;
 pub mod target;
 pub mod vhost;
 

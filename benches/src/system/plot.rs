@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use crate::system::suite::{pauses_ms, Backend, Client, SuiteResult, WORKLOADS};
+use crate::system::suite_results::{pauses_ms, Backend, Client, SuiteResult, WORKLOADS};
 use crate::{Error, Result};
 
 /// Where the font is looked for, in order.
