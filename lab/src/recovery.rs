@@ -69,20 +69,6 @@ pub struct DemoOutcome {
     pub qemu_vhost_lines: Vec<String>,
 }
 
-/// QEMU's complaints about the vhost-user connection in the stderr log beside the console
-/// log `console`.
-pub fn qemu_vhost_lines(console: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(console.with_extension("qemu-stderr"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("vhost") || l.contains("msg") || l.contains("connect")
-        })
-        .map(str::to_string)
-        .collect()
-}
-
 /// The guest's part: optionally the VFIO probe, then fio on the vhost-user-blk disk.
 pub fn guest_script(vfio_probe: bool, fio_mib: u32) -> String {
     let probe = if vfio_probe {
@@ -263,7 +249,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         resubmitted,
         upgrade_pauses_ms: Vec::new(),
         connections: None,
-        qemu_vhost_lines: qemu_vhost_lines(&run.run.log),
+        qemu_vhost_lines: vm::qemu_vhost_lines(&run.run.log),
         run,
     })
 }
@@ -424,7 +410,7 @@ fn kept_demo(
         resubmitted: requests_run_again(&log_text),
         upgrade_pauses_ms: pauses.into_inner().unwrap_or_else(|e| e.into_inner()),
         connections,
-        qemu_vhost_lines: qemu_vhost_lines(&run.run.log),
+        qemu_vhost_lines: vm::qemu_vhost_lines(&run.run.log),
         run,
     })
 }

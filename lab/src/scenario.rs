@@ -449,7 +449,7 @@ pub fn run_nested_vhost(
                 "socket": socket,
                 "qemu": spec.qemu.description,
                 "max_latency_ms": max_latency_ms,
-                "qemu_vhost_lines": crate::recovery::qemu_vhost_lines(&run.log),
+                "qemu_vhost_lines": vm::qemu_vhost_lines(&run.log),
                 "iovec": run.record("iovec"),
                 "gate": run.record("gate"),
                 "fio_exit": run.record("fio_exit"),

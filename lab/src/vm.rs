@@ -478,6 +478,20 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// QEMU's complaints about the vhost-user connection in the stderr log beside the console
+/// log `console`.
+pub fn qemu_vhost_lines(console: &Path) -> Vec<String> {
+    std::fs::read_to_string(console.with_extension("qemu-stderr"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("vhost") || l.contains("msg") || l.contains("connect")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// How much of the console the runner shows while the guest runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Echo {
