@@ -321,7 +321,7 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
         .ok_or_else(|| LabError::Guest("the guest reported no probe result".into()))?;
     let guest = run.record("guest").cloned().unwrap_or_default();
     let fio = run.record("fio").cloned().unwrap_or_default();
-    let (writes, reads, max_pause_ms, fio_errors) = recovery::fio_summary(&fio);
+    let (writes, reads, max_pause_ms, fio_errors) = scenario::fio_summary(&fio);
     if json {
         let out = serde_json::json!({
             "accel": "tcg",

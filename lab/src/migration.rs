@@ -281,7 +281,7 @@ impl MigrationOutcome {
 
     /// fio's figures: (writes, reads, longest completion in ms, error).
     pub fn fio_summary(&self) -> Option<(u64, u64, f64, u64)> {
-        self.record("fio").map(crate::recovery::fio_summary)
+        self.record("fio").map(crate::scenario::fio_summary)
     }
 
     /// Everything as JSON (the lab's structured result).

@@ -415,19 +415,6 @@ fn kept_demo(
     })
 }
 
-/// fio's figures from its JSON: (writes, reads, longest completion latency in ms, errors).
-pub fn fio_summary(fio: &serde_json::Value) -> (u64, u64, f64, u64) {
-    let job = &fio["jobs"][0];
-    let ios = |dir: &str| job[dir]["total_ios"].as_u64().unwrap_or(0);
-    let max_ms = |dir: &str| job[dir]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
-    (
-        ios("write"),
-        ios("read"),
-        max_ms("write").max(max_ms("read")),
-        job["error"].as_u64().unwrap_or(0),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

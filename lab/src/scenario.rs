@@ -404,6 +404,19 @@ pub struct NestedFio {
     pub retry_started: bool,
 }
 
+/// fio's figures from its JSON: (writes, reads, longest completion latency in ms, errors).
+pub fn fio_summary(fio: &serde_json::Value) -> (u64, u64, f64, u64) {
+    let job = &fio["jobs"][0];
+    let ios = |dir: &str| job[dir]["total_ios"].as_u64().unwrap_or(0);
+    let max_ms = |dir: &str| job[dir]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+    (
+        ios("write"),
+        ios("read"),
+        max_ms("write").max(max_ms("read")),
+        job["error"].as_u64().unwrap_or(0),
+    )
+}
+
 /// Runs inside the first-level guest: boots a second-level guest under KVM whose disk is the
 /// vhost-user-blk device served on `socket`, runs fio with verify in it, and prints one
 /// record with fio's figures.
@@ -444,7 +457,7 @@ pub fn run_nested_vhost(
         |run| {
             let fio = run.record("fio").cloned().unwrap_or_default();
             let job = &fio["jobs"][0];
-            let (_, _, max_latency_ms, _) = crate::recovery::fio_summary(&fio);
+            let (_, _, max_latency_ms, _) = fio_summary(&fio);
             serde_json::json!({
                 "socket": socket,
                 "qemu": spec.qemu.description,

@@ -543,7 +543,7 @@ fn a_qemu_guest_verifies_fio_on_an_rbd_image() {
     run.expect_success("fio with verify on an RBD image")
         .unwrap();
     let fio = run.record("fio").expect("fio record");
-    let (writes, reads, pause_ms, errors) = vfblk_lab::recovery::fio_summary(fio);
+    let (writes, reads, pause_ms, errors) = vfblk_lab::scenario::fio_summary(fio);
     eprintln!(
         "QEMU guest on RBD: fio {writes} writes + {reads} verified reads, {errors} errors, longest completion {pause_ms:.0} ms"
     );

@@ -5,7 +5,7 @@
 
 use vfblk_lab::qemu::Qemu;
 use vfblk_lab::recovery::{self, DemoBackend, DemoOptions};
-use vfblk_lab::scenario::Lab;
+use vfblk_lab::scenario::{self, Lab};
 use vfblk_tests::lab_lock;
 
 fn demo(backend: DemoBackend, qemu: Qemu) -> f64 {
@@ -28,7 +28,7 @@ fn demo(backend: DemoBackend, qemu: Qemu) -> f64 {
     assert_eq!(outcome.kills, 2, "both SIGKILLs landed while fio ran");
     assert_eq!(run.record("fio_exit"), Some(&serde_json::json!(0)));
     let fio = run.record("fio").expect("fio record");
-    let (writes, reads, pause_ms, errors) = recovery::fio_summary(fio);
+    let (writes, reads, pause_ms, errors) = scenario::fio_summary(fio);
     eprintln!(
         "{} on {}: {} kills, fio {writes} writes + {reads} verified reads, {errors} errors, longest pause {pause_ms:.0} ms, {} request(s) run again",
         outcome.backend, opts.qemu.description, outcome.kills, outcome.resubmitted
@@ -89,7 +89,7 @@ fn without_reconnect(qemu: Qemu) -> f64 {
     run.expect_success("fio with verify across an upgrade and a SIGKILL")
         .unwrap();
     let fio = run.record("fio").expect("fio record");
-    let (writes, reads, pause_ms, errors) = recovery::fio_summary(fio);
+    let (writes, reads, pause_ms, errors) = scenario::fio_summary(fio);
     eprintln!(
         "{} on {}, under vfblk-keeper: {} upgrade(s) (target pauses {:?} ms), {} kill(s), {} request(s) run again, {:?} connection(s); fio {writes} writes + {reads} verified reads, {errors} errors, longest completion {pause_ms:.1} ms",
         outcome.backend,
