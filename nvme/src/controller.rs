@@ -10,7 +10,7 @@ use vfblk_hugepages::{
 };
 
 use crate::pci::PciAddress;
-use crate::queue::{Layout, QueuePair, ShadowDoorbells};
+use crate::queue::{Layout, QueueOwner, QueuePair, ShadowDoorbells};
 use crate::regs::{offset, Cap, Cc, Registers, ShutdownNotification, Version};
 use crate::spec::{Command, IdentifyController, IdentifyNamespace};
 use crate::vfio::VfioPci;
@@ -600,10 +600,6 @@ impl Controller {
 }
 
 impl Shared {
-    pub(crate) fn is_lent(&self) -> bool {
-        self.lent.load(std::sync::atomic::Ordering::Acquire)
-    }
-
     /// Runs one admin command to completion; returns its dword 0.
     pub fn admin_command(&self, cmd: Command, what: &str) -> Result<u32> {
         let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
@@ -658,49 +654,6 @@ impl Shared {
             });
         }
         Ok(c.result)
-    }
-
-    /// Creates the CQ and SQ of I/O queue `qid`; returns the controller generation they
-    /// belong to (read under the admin lock, so a reset cannot slip in between).
-    pub fn create_io_queues(
-        &self,
-        qid: u16,
-        entries: u16,
-        cq_iova: u64,
-        sq_iova: u64,
-    ) -> Result<u64> {
-        let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
-            device: self.name.clone(),
-            lock: "admin",
-        })?;
-        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
-        // A new queue starts at tail/head 0; stale shadow values from an earlier queue with
-        // this id would make the controller run old entries.
-        if let Some(sh) = self.shadow_doorbells(qid) {
-            for p in [
-                sh.sq,
-                sh.cq,
-                sh.sq_event as *mut u32,
-                sh.cq_event as *mut u32,
-            ] {
-                // SAFETY: the entries lie in our doorbell pages; the queue does not exist yet.
-                unsafe { p.write_volatile(0) };
-            }
-        }
-        self.admin_command_locked(
-            &mut admin,
-            Command::create_cq(qid, entries, cq_iova),
-            "Create I/O CQ",
-        )?;
-        if let Err(e) = self.admin_command_locked(
-            &mut admin,
-            Command::create_sq(qid, entries, sq_iova, qid),
-            "Create I/O SQ",
-        ) {
-            let _ = self.admin_command_locked(&mut admin, Command::delete_cq(qid), "Delete I/O CQ");
-            return Err(e);
-        }
-        Ok(generation)
     }
 
     /// Disables and re-enables the controller with a fresh admin queue, and asks for the
@@ -787,15 +740,62 @@ impl Shared {
         scratch.read_bytes(0, &mut page);
         Ok(page)
     }
+}
 
-    pub fn delete_io_queues(&self, qid: u16) -> Result<()> {
+impl QueueOwner for Shared {
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn is_lent(&self) -> bool {
+        self.lent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Creates the CQ and SQ of I/O queue `qid`; returns the controller generation they
+    /// belong to (read under the admin lock, so a reset cannot slip in between).
+    fn create_io_queues(&self, qid: u16, entries: u16, cq_iova: u64, sq_iova: u64) -> Result<u64> {
+        let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "admin",
+        })?;
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        // A new queue starts at tail/head 0; stale shadow values from an earlier queue with
+        // this id would make the controller run old entries.
+        if let Some(sh) = self.shadow_doorbells(qid) {
+            for p in [
+                sh.sq,
+                sh.cq,
+                sh.sq_event as *mut u32,
+                sh.cq_event as *mut u32,
+            ] {
+                // SAFETY: the entries lie in our doorbell pages; the queue does not exist yet.
+                unsafe { p.write_volatile(0) };
+            }
+        }
+        self.admin_command_locked(
+            &mut admin,
+            Command::create_cq(qid, entries, cq_iova),
+            "Create I/O CQ",
+        )?;
+        if let Err(e) = self.admin_command_locked(
+            &mut admin,
+            Command::create_sq(qid, entries, sq_iova, qid),
+            "Create I/O SQ",
+        ) {
+            let _ = self.admin_command_locked(&mut admin, Command::delete_cq(qid), "Delete I/O CQ");
+            return Err(e);
+        }
+        Ok(generation)
+    }
+
+    fn delete_io_queues(&self, qid: u16) -> Result<()> {
         self.admin_command(Command::delete_sq(qid), "Delete I/O SQ")?;
         self.admin_command(Command::delete_cq(qid), "Delete I/O CQ")?;
         self.release_qid(qid);
         Ok(())
     }
 
-    pub(crate) fn release_qid(&self, qid: u16) {
+    fn release_qid(&self, qid: u16) {
         if let Ok(mut qids) = self.qids.lock() {
             if let Some(q) = qids.get_mut(usize::from(qid)) {
                 *q = false;

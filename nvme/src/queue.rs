@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use vfblk_hugepages::DmaChunk;
 
-use crate::controller::Shared;
 use crate::prp::{self, DmaSegment, PrpError};
 use crate::sgl;
 use crate::spec::{nvm, Command, Completion, DsmRange, Status, PSDT_SGL};
@@ -160,6 +159,28 @@ impl Layout {
     }
 }
 
+/// What an I/O queue pair needs of the controller that made it: to notice a reset, create
+/// its queues again after one, and delete them when dropped. A trait, implemented by the
+/// controller, so that queue pairs do not depend on the controller module that builds them.
+pub(crate) trait QueueOwner: Send + Sync {
+    /// Bumped by every reset; a pair compares it with the one its queues were created in.
+    fn generation(&self) -> u64;
+    /// Lent to another process: the registers and queues are not ours to touch.
+    fn is_lent(&self) -> bool;
+    /// Creates the CQ and SQ of I/O queue `qid`; returns the generation they belong to.
+    fn create_io_queues(
+        &self,
+        qid: u16,
+        entries: u16,
+        cq_iova: u64,
+        sq_iova: u64,
+    ) -> crate::Result<u64>;
+    /// Deletes the SQ and CQ of I/O queue `qid` and frees the id.
+    fn delete_io_queues(&self, qid: u16) -> crate::Result<()>;
+    /// Frees queue id `qid` without a command (its queues are gone already).
+    fn release_qid(&self, qid: u16);
+}
+
 /// A submission queue and its completion queue.
 pub struct QueuePair {
     qid: u16,
@@ -201,7 +222,7 @@ pub struct QueuePair {
     ticks: u32,
     pci: Arc<VfioPci>,
     /// The controller, for deleting the queues on drop; `None` for the admin queue.
-    pub(crate) owner: Option<Arc<Shared>>,
+    pub(crate) owner: Option<Arc<dyn QueueOwner>>,
     // Last: the rings stay mapped until the queues are deleted; leaked if deletion fails,
     // because the device might still write them.
     memory: std::mem::ManuallyDrop<DmaChunk>,
@@ -346,10 +367,10 @@ impl QueuePair {
 
     /// If the controller was reset since this pair's queues were created, creates them
     /// again and queues every command that was in flight for an aborted completion. One
-    /// atomic load when nothing happened.
+    /// atomic load (behind a call to the owner) when nothing happened.
     fn follow_resets(&mut self) {
         let Some(owner) = &self.owner else { return };
-        let now = owner.generation.load(Ordering::Acquire);
+        let now = owner.generation();
         if now == self.generation {
             return;
         }
@@ -763,7 +784,7 @@ impl QueuePair {
 impl Drop for QueuePair {
     fn drop(&mut self) {
         if let Some(owner) = self.owner.take() {
-            if owner.generation.load(Ordering::Acquire) != self.generation || owner.is_lent() {
+            if owner.generation() != self.generation || owner.is_lent() {
                 // A reset already removed the controller's queues (and their DMA), or a
                 // lend disabled the controller, which is not ours to command now.
                 owner.release_qid(self.qid);
