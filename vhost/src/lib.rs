@@ -23,6 +23,7 @@ pub mod guest_errors;
 pub mod handover;
 pub mod inflight;
 pub mod keep;
+pub mod kept;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;

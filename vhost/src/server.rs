@@ -16,7 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::framing::{answer_status, message_ready, NotReady, GET_STATUS, SET_STATUS};
 use crate::handover::{Fds, ServerState};
-use crate::keep::{Keeping, KeptConnection, Record};
+use crate::keep::{Keeping, Record};
+use crate::kept::KeptConnection;
 use crate::protocol::{Connection, DeviceConfig};
 use crate::signals::{block_signals, wait_for_termination};
 use crate::{Error, Result};
