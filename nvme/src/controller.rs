@@ -110,7 +110,7 @@ pub(crate) struct Shared {
     scratch: Mutex<DmaChunk>,
     pub pool: DmaPool,
     /// Bumped by every reset; queue pairs compare it with the one they were created in.
-    pub generation: std::sync::atomic::AtomicU64,
+    pub generation: Arc<std::sync::atomic::AtomicU64>,
     /// CC as configured at enable, for re-enabling after a reset.
     cc: Cc,
     /// Shadow doorbell and event index pages, when Doorbell Buffer Config is in use.
@@ -302,7 +302,7 @@ impl Controller {
             qids: Mutex::new(Vec::new()),
             scratch: Mutex::new(scratch),
             pool: pool.clone(),
-            generation: std::sync::atomic::AtomicU64::new(0),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             cc,
             dbbuf: None,
             use_sgl: options.sgl,
@@ -589,7 +589,7 @@ impl Controller {
             qp.set_shadow(s.shadow_doorbells(qid));
             let generation = s.create_io_queues(qid, entries, qp.cq_iova(), qp.sq_iova())?;
             qp.set_generation(generation);
-            qp.owner = Some(self.shared.clone());
+            qp.set_owner(self.shared.clone(), self.shared.generation.clone());
             Ok(qp)
         })();
         if result.is_err() {

@@ -222,7 +222,9 @@ pub struct QueuePair {
     ticks: u32,
     pci: Arc<VfioPci>,
     /// The controller, for deleting the queues on drop; `None` for the admin queue.
-    pub(crate) owner: Option<Arc<dyn QueueOwner>>,
+    owner: Option<Arc<dyn QueueOwner>>,
+    /// The owner's reset count, read on every submit, ring and poll: a load, not a call.
+    owner_generation: Option<Arc<std::sync::atomic::AtomicU64>>,
     // Last: the rings stay mapped until the queues are deleted; leaked if deletion fails,
     // because the device might still write them.
     memory: std::mem::ManuallyDrop<DmaChunk>,
@@ -283,6 +285,7 @@ impl QueuePair {
             ticks: 0,
             pci,
             owner: None,
+            owner_generation: None,
             memory: std::mem::ManuallyDrop::new(memory),
         }
     }
@@ -365,16 +368,35 @@ impl QueuePair {
         self.generation = generation;
     }
 
+    /// The controller this I/O pair belongs to, and its reset count.
+    pub(crate) fn set_owner(
+        &mut self,
+        owner: Arc<dyn QueueOwner>,
+        generation: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        self.owner = Some(owner);
+        self.owner_generation = Some(generation);
+    }
+
     /// If the controller was reset since this pair's queues were created, creates them
     /// again and queues every command that was in flight for an aborted completion. One
-    /// atomic load (behind a call to the owner) when nothing happened.
+    /// atomic load when nothing happened.
+    #[inline]
     fn follow_resets(&mut self) {
-        let Some(owner) = &self.owner else { return };
-        let now = owner.generation();
-        if now == self.generation {
+        let Some(generation) = &self.owner_generation else {
+            return;
+        };
+        if generation.load(std::sync::atomic::Ordering::Acquire) == self.generation {
             return;
         }
-        let owner = owner.clone();
+        self.recreate_after_reset();
+    }
+
+    #[cold]
+    fn recreate_after_reset(&mut self) {
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
         for (cid, slot) in self.slots.iter().enumerate() {
             if slot.busy && !self.aborted.contains(&(cid as u16)) {
                 self.aborted.push(cid as u16);
