@@ -50,7 +50,7 @@ fn serve(name: &str, kind: BackendKind, queues: u16, poll: bool) -> PathBuf {
         device: Arc::new(BlkDevice::new(backend, queues, "libblkio-test")),
         pollers,
         errors: Arc::new(GuestErrors::new(name)),
-        keep: None,
+        fd_store: None,
         dirty_log_marks: true,
     });
     let socket = dir.join("blk.sock");

@@ -26,7 +26,7 @@ pub struct RunOptions {
     /// The hand-over channel from a predecessor (an upgrade).
     pub takeover_fd: Option<i32>,
     /// What the fd store gave back (a start after a crash).
-    pub stored: vfblk_vhost::keep::StoredFds,
+    pub stored: vfblk_vhost::fd_store::StoredFds,
 }
 
 /// Runs the target until a termination signal (or a hand-over to a successor).

@@ -219,7 +219,7 @@ pub struct Target {
     /// Everything went to a successor process; this one only waits to exit.
     handed_over: bool,
     /// The fd store connections are kept in.
-    store: Option<Arc<vfblk_vhost::keep::FdStore>>,
+    store: Option<Arc<vfblk_vhost::fd_store::FdStore>>,
     /// Configured entries that could not be served.
     unserved: UnservedEntries,
     /// While [`Target::retry_unserved`] runs: the entries being tried, as they were.
@@ -254,7 +254,7 @@ impl Target {
             })
             .collect::<Result<Vec<_>>>()?;
         let store = if settings.fd_store {
-            Some(Arc::new(vfblk_vhost::keep::FdStore::from_env()?.ok_or_else(|| {
+            Some(Arc::new(vfblk_vhost::fd_store::FdStore::from_env()?.ok_or_else(|| {
                 Error::BadArgument(
                     "--fd-store: no NOTIFY_SOCKET (run under systemd with FileDescriptorStoreMax=, or under vfblk-keeper)".into(),
                 )
@@ -586,10 +586,13 @@ impl Target {
             device: device.clone(),
             pollers,
             errors: Arc::new(GuestErrors::new(name.clone())),
-            keep: self.store.as_ref().map(|store| vfblk_vhost::keep::Keeping {
-                store: store.clone(),
-                name: name.clone(),
-            }),
+            fd_store: self
+                .store
+                .as_ref()
+                .map(|store| vfblk_vhost::fd_store::DeviceStore {
+                    store: store.clone(),
+                    name: name.clone(),
+                }),
             dirty_log_marks: !(cfg!(feature = "test-delay") && self.settings.test_skip_dirty_log),
         });
         Ok((device, device_config))
@@ -1071,7 +1074,7 @@ pub const RBD_CLIENTS: &str = "rbd.clients";
 
 /// After a crash: the Ceph clients the dead predecessor recorded, whose image locks may be
 /// broken at once.
-pub fn dead_predecessor_rbd_clients(stored: &mut vfblk_vhost::keep::StoredFds) {
+pub fn dead_predecessor_rbd_clients(stored: &mut vfblk_vhost::fd_store::StoredFds) {
     let Some(fd) = stored.take(RBD_CLIENTS) else {
         return;
     };

@@ -5,8 +5,8 @@
 //! inflight region, is closed instead, so the frontend reconnects as it would have without
 //! the store. Whatever the store held that no controller claims is dropped from it.
 
-use vfblk_vhost::handover::{Fds, KeptState, ServerState};
-use vfblk_vhost::keep::{Found, Keeping, Record, StoredFds};
+use vfblk_vhost::fd_store::{ConnectionRecord, DeviceStore, Found, StoredFds};
+use vfblk_vhost::handover::{Fds, ServerState, StoredConnectionState};
 use vfblk_vhost::server::SocketServer;
 
 use crate::{Error, Result};
@@ -78,7 +78,7 @@ impl Target {
     ) -> Result<bool> {
         let (device, device_config) = self.controller_device(&config)?;
         let kept = device_config
-            .keep
+            .fd_store
             .clone()
             .and_then(|k| stored.take(&k.listener_name()).map(|l| (k, l)));
         let Some((keeping, listener)) = kept else {
@@ -119,14 +119,20 @@ impl Target {
 /// The stored connection of `keeping`'s device, if there is one that can be resumed; its
 /// fds are moved into `fds`. `Err` says why one that exists cannot be.
 fn resumable(
-    keeping: &Keeping,
+    keeping: &DeviceStore,
     stored: &mut StoredFds,
     fds: &mut Fds,
-) -> std::result::Result<Option<(vfblk_vhost::handover::ConnectionState, KeptState)>, String> {
+) -> std::result::Result<
+    Option<(
+        vfblk_vhost::handover::ConnectionState,
+        StoredConnectionState,
+    )>,
+    String,
+> {
     let Some(record_fd) = stored.take(&keeping.record_name()) else {
         return Ok(None);
     };
-    let record = Record::open(record_fd.try_clone().map_err(|e| e.to_string())?)
+    let record = ConnectionRecord::open(record_fd.try_clone().map_err(|e| e.to_string())?)
         .map_err(|e| vfblk_vhost::error_chain(&e))?;
     let kept = match record.read() {
         Found::Whole(k) => k,
@@ -152,7 +158,7 @@ fn resumable(
     state.offset_fds(base);
     Ok(Some((
         state,
-        KeptState {
+        StoredConnectionState {
             record: record_index,
             version: kept.version,
             names: kept.names.clone(),
@@ -161,7 +167,7 @@ fn resumable(
 }
 
 /// Closes a stored connection for good: our copies go with `stored`, the store's here.
-fn close_stored(keeping: &Keeping, stored: &mut StoredFds) {
+fn close_stored(keeping: &DeviceStore, stored: &mut StoredFds) {
     for name in [keeping.socket_name(), keeping.record_name()] {
         drop(stored.take(&name));
         if let Err(e) = keeping.store.remove(&name) {

@@ -214,7 +214,7 @@ pub fn message_sequence(data: &[u8]) {
                 device: Arc::new(BlkDevice::new(backend, 2, "fuzz")),
                 pollers,
                 errors: Arc::new(GuestErrors::new("fuzz")),
-                keep: None,
+                fd_store: None,
                 dirty_log_marks: true,
             })
         };

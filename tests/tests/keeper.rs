@@ -13,14 +13,14 @@ use vfblk_tests::{
     remove_test_dir, rpc_call, verifying_load, verifying_load_with, wait_gone, without_bulk, Load,
 };
 
-struct Kept {
+struct UnderKeeper {
     dir: PathBuf,
     keeper: Child,
     /// The target process last seen serving (killed with the keeper if a test fails).
     last_pid: std::cell::Cell<u32>,
 }
 
-impl Kept {
+impl UnderKeeper {
     fn start(name: &str) -> Self {
         Self::start_with(name, &[])
     }
@@ -135,7 +135,7 @@ impl Kept {
     }
 }
 
-impl Drop for Kept {
+impl Drop for UnderKeeper {
     fn drop(&mut self) {
         let _ = self.keeper.kill();
         let _ = self.keeper.wait();
@@ -153,7 +153,7 @@ const KILLS: usize = 1000;
 #[test]
 fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
     let _lock = vfblk_tests::lab_lock();
-    let kept = Kept::start("kills");
+    let kept = UnderKeeper::start("kills");
     let sockets = [kept.add_disk("m", "mem"), kept.add_disk("f", "file")];
     let loads: Vec<Load> = sockets.iter().map(|s| verifying_load(s)).collect();
     kept.wait_serving(2);
@@ -225,7 +225,7 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
 #[test]
 fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ours() {
     let _lock = vfblk_tests::lab_lock();
-    let kept = Kept::start_full("own-inflight", &[], None, &["--test-delay-ms", "3"]);
+    let kept = UnderKeeper::start_full("own-inflight", &[], None, &["--test-delay-ms", "3"]);
     let lg_socket = kept.add_disk("m", "mem");
     // libblkio on four queues (add_disk makes two).
     let blkio_socket = kept.dir.join("b.sock");
@@ -348,7 +348,7 @@ fn env_count(name: &str, default: usize) -> usize {
 #[test]
 fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
     let _lock = vfblk_tests::lab_lock();
-    let kept = Kept::start("mixed");
+    let kept = UnderKeeper::start("mixed");
     let socket = kept.add_disk("m", "mem");
     let load = verifying_load(&socket);
     kept.wait_serving(1);
@@ -391,7 +391,7 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
 #[test]
 fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper() {
     let _lock = vfblk_tests::lab_lock();
-    let kept = Kept::start("dirty-log");
+    let kept = UnderKeeper::start("dirty-log");
     let socket = kept.add_disk("m", "mem");
     let load = verifying_load_with(&socket, &["--dirty-log"]);
     kept.wait_serving(1);
@@ -437,7 +437,7 @@ fn a_hung_poller_stops_the_watchdog_and_the_restart_loses_nothing() {
     let marker = std::env::temp_dir().join(format!("vfblk-hang-poller-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     let marker_env = marker.display().to_string();
-    let kept = Kept::start_watched(
+    let kept = UnderKeeper::start_watched(
         "watchdog",
         &[("VFBLK_TEST_HANG_POLLER", &marker_env)],
         Some("1"),
@@ -476,7 +476,7 @@ fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
     let _ = std::fs::remove_file(&marker);
     // The 6th message the first process reads is in the load generator's handshake.
     let spec = format!("6:{}", marker.display());
-    let kept = Kept::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
+    let kept = UnderKeeper::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
     let socket = kept.add_disk("m", "mem");
     let load = verifying_load(&socket);
     let deadline = Instant::now() + Duration::from_secs(20);

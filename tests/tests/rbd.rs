@@ -224,14 +224,14 @@ fn refused_rbd_backends_say_why_and_leave_no_image() {
 }
 
 /// The target under `vfblk-keeper` on one RBD image, its RPC socket at `dir/rpc.sock`.
-struct Kept {
+struct UnderKeeper {
     keeper: Child,
     rpc: PathBuf,
     /// The target process last seen serving (killed with the keeper if a test fails).
     last_pid: std::cell::Cell<u32>,
 }
 
-impl Kept {
+impl UnderKeeper {
     fn start(dir: &Path, backend: &str, env: &[(&str, &str)]) -> Self {
         let socket = dir.join("blk.sock");
         let bridge_args: Vec<&std::ffi::OsStr> = vec![
@@ -284,7 +284,7 @@ impl Kept {
     }
 }
 
-impl Drop for Kept {
+impl Drop for UnderKeeper {
     /// A test that failed half-way leaves neither the keeper nor its target running.
     fn drop(&mut self) {
         let _ = self.keeper.kill();
@@ -312,7 +312,7 @@ fn sigkills_under_the_keeper_take_the_dead_predecessors_image_lock_at_once() {
     ] {
         let dir = test_dir(name);
         let image = format!("kept-{name}");
-        let kept = Kept::start(&dir, &spec(cluster, &image, Some("128M")), env);
+        let kept = UnderKeeper::start(&dir, &spec(cluster, &image, Some("128M")), env);
         let socket = dir.join("blk.sock");
         kept.serving_pid(0, false);
         let load = verifying_load_with(&socket, &["--io-timeout-s", "60"]);
@@ -365,7 +365,7 @@ fn a_live_owners_image_lock_is_never_broken() {
     let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
     let dir = test_dir("live-owner");
-    let kept = Kept::start(&dir, &spec(cluster, "live-owner", Some("128M")), &[]);
+    let kept = UnderKeeper::start(&dir, &spec(cluster, "live-owner", Some("128M")), &[]);
     let pid = kept.serving_pid(0, false);
     let bench = Command::new("rbd")
         .arg("--conf")
@@ -420,7 +420,7 @@ fn upgrades_hand_the_image_lock_over_without_a_stall() {
     let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
     let dir = test_dir("upgrades");
-    let kept = Kept::start(&dir, &spec(cluster, "upgrades", Some("128M")), &[]);
+    let kept = UnderKeeper::start(&dir, &spec(cluster, "upgrades", Some("128M")), &[]);
     kept.serving_pid(0, false);
     let load = verifying_load_with(&dir.join("blk.sock"), &["--io-timeout-s", "60"]);
     let mut pid = kept.serving_pid(0, true);

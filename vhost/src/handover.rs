@@ -137,12 +137,12 @@ pub struct ServerState {
     pub connection: Option<ConnectionState>,
     /// How the connection is kept in an fd store (see [`crate::keep`]), if it is.
     #[serde(default)]
-    pub kept: Option<KeptState>,
+    pub kept: Option<StoredConnectionState>,
 }
 
 /// A connection's place in an fd store: its record and the names its fds are stored under.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeptState {
+pub struct StoredConnectionState {
     /// The record's memfd (index).
     pub record: u32,
     /// Version of the stored names.

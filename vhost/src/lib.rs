@@ -18,12 +18,11 @@ pub mod dirty_log;
 pub mod driver;
 #[cfg(feature = "test-faults")]
 mod faults;
+pub mod fd_store;
 mod framing;
 pub mod guest_errors;
 pub mod handover;
 pub mod inflight;
-pub mod keep;
-pub mod kept;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
@@ -33,6 +32,7 @@ pub mod ring;
 pub mod server;
 pub mod sigbus;
 pub mod signals;
+pub mod stored_connection;
 pub mod virtq;
 
 /// Errors of the vhost-user plumbing; each variant is one cause.

@@ -44,7 +44,7 @@ pub struct DeviceConfig {
     pub errors: Arc<GuestErrors>,
     /// Keep each connection's fds and state in an fd store, so that a successor of a
     /// crashed process resumes it without a reconnect.
-    pub keep: Option<crate::keep::Keeping>,
+    pub fd_store: Option<crate::fd_store::DeviceStore>,
     /// Mark the dirty log of a migration (off only in tests that show what goes wrong
     /// without it: the log is offered and taken, and nothing is marked).
     pub dirty_log_marks: bool,
@@ -252,7 +252,7 @@ impl Connection {
             return Ok(());
         }
         let log = self.ring_log(index).map_err(bad_param)?;
-        if self.inflight.is_none() && self.config.inflight && self.config.keep.is_some() {
+        if self.inflight.is_none() && self.config.inflight && self.config.fd_store.is_some() {
             self.create_own_inflight()?;
         }
         let inflight_map = self.inflight.clone();

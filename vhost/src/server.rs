@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::{BackendReqHandler, Listener};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fd_store::{ConnectionRecord, DeviceStore};
 use crate::framing::{answer_status, message_ready, NotReady, GET_STATUS, SET_STATUS};
 use crate::handover::{Fds, ServerState};
-use crate::keep::{Keeping, Record};
-use crate::kept::KeptConnection;
 use crate::protocol::{Connection, DeviceConfig};
 use crate::signals::{block_signals, wait_for_termination};
+use crate::stored_connection::StoredConnection;
 use crate::{Error, Result};
 
 type Handler = BackendReqHandler<Mutex<Connection>>;
@@ -29,7 +29,7 @@ type Handler = BackendReqHandler<Mutex<Connection>>;
 struct Served {
     connection: Arc<Mutex<Connection>>,
     handler: Handler,
-    kept: Option<KeptConnection>,
+    kept: Option<StoredConnection>,
 }
 
 /// A frontend must send its first message this soon after connecting; one that connects and
@@ -82,7 +82,7 @@ struct ServerControl {
 pub struct SocketServer {
     path: PathBuf,
     /// Where the device's fds are kept, if anywhere.
-    keeping: Option<Keeping>,
+    device_store: Option<DeviceStore>,
     shared: Arc<ServerControl>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -103,7 +103,7 @@ impl SocketServer {
             what: format!("listening on {}", path.display()),
             source,
         })?;
-        if let Some(k) = &config.keep {
+        if let Some(k) = &config.fd_store {
             if let Err(e) = k.store.store(&k.listener_name(), &listener_fd(&listener)) {
                 tracing::error!("{}: {}", path.display(), crate::error_chain(&e));
             }
@@ -135,7 +135,7 @@ impl SocketServer {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        if let Some(k) = &self.keeping {
+        if let Some(k) = &self.device_store {
             // Stopped on purpose: nothing of it is to outlive this process.
             if let Err(e) = k.store.remove(&k.listener_name()) {
                 tracing::warn!("{}: {}", self.path.display(), crate::error_chain(&e));
@@ -214,10 +214,10 @@ impl SocketServer {
             Some(c) => {
                 let stream = UnixStream::from(fds.take(c.socket)?);
                 let resumed = Connection::resume(config.clone(), c, fds)?;
-                let kept = match (&config.keep, &state.kept) {
-                    (Some(keeping), Some(k)) => Some(KeptConnection::resume(
-                        keeping,
-                        Record::open(fds.take(k.record)?)?,
+                let kept = match (&config.fd_store, &state.kept) {
+                    (Some(device_store), Some(k)) => Some(StoredConnection::resume(
+                        device_store,
+                        ConnectionRecord::open(fds.take(k.record)?)?,
                         k.version,
                         k.names.clone(),
                         &resumed,
@@ -293,7 +293,7 @@ impl TakenOver {
             mut connection,
         } = self;
         if let Some(served) = &mut connection {
-            if let (Some(keeping), None) = (&config.keep, &served.kept) {
+            if let (Some(device_store), None) = (&config.fd_store, &served.kept) {
                 match served
                     .handler
                     .try_clone_connection()
@@ -301,7 +301,7 @@ impl TakenOver {
                         what: "the connection's socket".into(),
                         source,
                     })
-                    .and_then(|s| KeptConnection::start(keeping, &s))
+                    .and_then(|s| StoredConnection::start(device_store, &s))
                 {
                     Ok(k) => served.kept = Some(k),
                     Err(e) => tracing::error!(
@@ -341,7 +341,7 @@ fn spawn(
         accepted: AtomicU64::new(u64::from(resumed.is_some())),
         connected: AtomicBool::new(resumed.is_some()),
     });
-    let keeping = config.keep.clone();
+    let device_store = config.fd_store.clone();
     let name = path.display().to_string();
     let thread_shared = shared.clone();
     let socket_file = path.to_path_buf();
@@ -364,7 +364,7 @@ fn spawn(
         })?;
     Ok(SocketServer {
         path: path.to_path_buf(),
-        keeping,
+        device_store,
         shared,
         thread: Some(thread),
     })
@@ -574,8 +574,8 @@ fn serve_loop(
             }
         };
         shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let kept = match &config.keep {
-            Some(keeping) => match KeptConnection::start(keeping, &stream) {
+        let kept = match &config.fd_store {
+            Some(device_store) => match StoredConnection::start(device_store, &stream) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     tracing::error!(
@@ -746,7 +746,7 @@ fn suspend_connection(
     connection: &Mutex<Connection>,
     stream: &UnixStream,
     listener: &Listener,
-    kept: Option<&KeptConnection>,
+    kept: Option<&StoredConnection>,
     request: &SuspendRequest,
 ) -> SuspendOutcome {
     let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());

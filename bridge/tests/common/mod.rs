@@ -48,7 +48,7 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
         device: Arc::new(BlkDevice::new(backend, queues, "test-disk")),
         pollers,
         errors: Arc::new(GuestErrors::new("test-device")),
-        keep: None,
+        fd_store: None,
         dirty_log_marks: true,
     })
 }

@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Before any thread exists: taking them clears LISTEN_FDS from the environment.
     let stored = if args.fd_store {
-        vfblk_vhost::keep::StoredFds::from_env()
+        vfblk_vhost::fd_store::StoredFds::from_env()
     } else {
         Default::default()
     };

@@ -1,4 +1,4 @@
-//! Keeping connections across a crash: every fd a successor needs is also held outside this
+//! DeviceStore connections across a crash: every fd a successor needs is also held outside this
 //! process, in a file-descriptor store that speaks systemd's protocol (`FDSTORE=1` on
 //! `$NOTIFY_SOCKET`, fds returned at the next start through `LISTEN_FDS`/`LISTEN_FDNAMES`):
 //! systemd itself with `FileDescriptorStoreMax=`, or `vfblk-keeper`. Beside the fds, each
@@ -166,7 +166,7 @@ const RECORD_HEADER: usize = 16;
 
 /// What a record says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Kept {
+pub struct RecordedState {
     /// Store names of the fds `state` refers to, by index.
     pub names: Vec<String>,
     /// Version of the names (each set of fds is stored under fresh names).
@@ -177,14 +177,14 @@ pub struct Kept {
 
 /// One connection's protocol state in shared memory the store holds. A sequence number is
 /// odd while a message is being handled and even once the state after it is written.
-pub struct Record {
+pub struct ConnectionRecord {
     file: File,
     map: memmap2::MmapRaw,
 }
 
-impl std::fmt::Debug for Record {
+impl std::fmt::Debug for ConnectionRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Record").finish_non_exhaustive()
+        f.debug_struct("ConnectionRecord").finish_non_exhaustive()
     }
 }
 
@@ -192,16 +192,16 @@ impl std::fmt::Debug for Record {
 #[derive(Debug)]
 pub enum Found {
     /// Between two messages: the state is whole.
-    Whole(Box<Kept>),
+    Whole(Box<RecordedState>),
     /// The process died while handling a message (or writing the record).
     MidMessage,
     /// Never written.
     Empty,
 }
 
-impl Record {
+impl ConnectionRecord {
     /// A new record.
-    pub fn create() -> Result<Record> {
+    pub fn create() -> Result<ConnectionRecord> {
         let file = crate::memory::memfd("vfblk-record", RECORD_BYTES as u64).map_err(|source| {
             Error::Io {
                 what: "a memfd for a connection record".into(),
@@ -212,7 +212,7 @@ impl Record {
     }
 
     /// The record in `fd` (from the store). Its size is checked and sealed first.
-    pub fn open(fd: OwnedFd) -> Result<Record> {
+    pub fn open(fd: OwnedFd) -> Result<ConnectionRecord> {
         let file = File::from(fd);
         crate::sigbus::seal_against_shrinking(&file);
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -224,14 +224,14 @@ impl Record {
         Self::map(file)
     }
 
-    fn map(file: File) -> Result<Record> {
+    fn map(file: File) -> Result<ConnectionRecord> {
         let map = crate::memory::map_shared(&file, RECORD_BYTES, 0, false).map_err(|source| {
             Error::Io {
                 what: "mapping a connection record".into(),
                 source,
             }
         })?;
-        Ok(Record { file, map })
+        Ok(ConnectionRecord { file, map })
     }
 
     /// The memfd, for the store.
@@ -245,7 +245,7 @@ impl Record {
         unsafe { &*self.map.as_mut_ptr().cast::<AtomicU64>() }
     }
 
-    /// A message is being handled: until [`Record::commit`], a successor must not trust
+    /// A message is being handled: until [`ConnectionRecord::commit`], a successor must not trust
     /// the state.
     pub fn begin(&self) {
         let s = self.seq().load(Ordering::Relaxed);
@@ -255,7 +255,7 @@ impl Record {
     }
 
     /// Writes the state after a message and marks it whole.
-    pub fn commit(&self, kept: &Kept) -> Result<()> {
+    pub fn commit(&self, kept: &RecordedState) -> Result<()> {
         self.begin();
         let json = serde_json::to_vec(kept)
             .map_err(|e| Error::HandoverMessage(format!("encoding a record: {e}")))?;
@@ -306,14 +306,14 @@ impl Record {
 /// of the device stored there (the controller's name; `/` separates it from the rest, so
 /// names of different devices cannot collide).
 #[derive(Debug, Clone)]
-pub struct Keeping {
+pub struct DeviceStore {
     /// The store.
     pub store: std::sync::Arc<FdStore>,
     /// The device's name in it.
     pub name: String,
 }
 
-impl Keeping {
+impl DeviceStore {
     /// Store name of the device's listening socket.
     pub fn listener_name(&self) -> String {
         format!("{}/listen", self.name)
@@ -348,15 +348,15 @@ mod tests {
 
     #[test]
     fn a_record_is_whole_only_between_messages() {
-        let r = Record::create().unwrap();
+        let r = ConnectionRecord::create().unwrap();
         assert!(matches!(r.read(), Found::Empty));
-        let kept = Kept {
+        let kept = RecordedState {
             names: vec!["c.sock".into()],
             version: 3,
             state: state(),
         };
         r.commit(&kept).unwrap();
-        let again = Record::open(r.file().try_clone().unwrap().into()).unwrap();
+        let again = ConnectionRecord::open(r.file().try_clone().unwrap().into()).unwrap();
         match again.read() {
             Found::Whole(k) => {
                 assert_eq!(k.version, 3);

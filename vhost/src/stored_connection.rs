@@ -5,16 +5,16 @@
 
 use std::os::fd::AsFd;
 
-use crate::handover::{Fds, KeptState};
-use crate::keep::{Keeping, Kept, Record};
+use crate::fd_store::{ConnectionRecord, DeviceStore, RecordedState};
+use crate::handover::{Fds, StoredConnectionState};
 use crate::protocol::Connection;
 use crate::Result;
 
 /// One connection kept in a store: its record rewritten after every message, its fds
 /// stored under fresh names whenever they change.
-pub struct KeptConnection {
-    keeping: Keeping,
-    record: Record,
+pub struct StoredConnection {
+    device_store: DeviceStore,
+    record: ConnectionRecord,
     version: u64,
     names: Vec<String>,
     signature: Vec<i32>,
@@ -22,18 +22,18 @@ pub struct KeptConnection {
     broken: bool,
 }
 
-impl KeptConnection {
+impl StoredConnection {
     /// A new connection: its record and socket go to the store.
-    pub fn start(keeping: &Keeping, socket: &impl AsFd) -> Result<KeptConnection> {
-        let record = Record::create()?;
-        let store = &keeping.store;
+    pub fn start(device_store: &DeviceStore, socket: &impl AsFd) -> Result<StoredConnection> {
+        let record = ConnectionRecord::create()?;
+        let store = &device_store.store;
         // Left over from a connection of a process that died uncleanly, if any.
-        store.remove(&keeping.socket_name())?;
-        store.remove(&keeping.record_name())?;
-        store.store(&keeping.record_name(), record.file())?;
-        store.store(&keeping.socket_name(), socket)?;
-        Ok(KeptConnection {
-            keeping: keeping.clone(),
+        store.remove(&device_store.socket_name())?;
+        store.remove(&device_store.record_name())?;
+        store.store(&device_store.record_name(), record.file())?;
+        store.store(&device_store.socket_name(), socket)?;
+        Ok(StoredConnection {
+            device_store: device_store.clone(),
             record,
             version: 0,
             names: Vec::new(),
@@ -45,14 +45,14 @@ impl KeptConnection {
     /// A connection taken over or resumed: its record and stored names go on being used.
     /// `connection` is the state as this process holds it now.
     pub fn resume(
-        keeping: &Keeping,
-        record: Record,
+        device_store: &DeviceStore,
+        record: ConnectionRecord,
         version: u64,
         names: Vec<String>,
         connection: &Connection,
-    ) -> KeptConnection {
-        KeptConnection {
-            keeping: keeping.clone(),
+    ) -> StoredConnection {
+        StoredConnection {
+            device_store: device_store.clone(),
             record,
             version,
             names,
@@ -69,7 +69,7 @@ impl KeptConnection {
     }
 
     /// The message was handled: the state after it goes to the record (and new fds to the
-    /// store). A failure leaves the record marked unusable and keeping stops.
+    /// store). A failure leaves the record marked unusable and storing stops.
     pub fn commit(&mut self, connection: &Connection, socket: &impl AsFd) {
         if self.broken {
             return;
@@ -77,7 +77,7 @@ impl KeptConnection {
         if let Err(e) = self.try_commit(connection, socket) {
             tracing::error!(
                 "{}: the connection can no longer be kept for a restart without reconnect: {}",
-                self.keeping.name,
+                self.device_store.name,
                 crate::error_chain(&e)
             );
             self.record.begin();
@@ -89,16 +89,16 @@ impl KeptConnection {
         let mut fds = Fds::default();
         let state = connection.snapshot(socket, &mut fds)?;
         let signature = connection.fd_signature();
-        let store = &self.keeping.store;
+        let store = &self.device_store.store;
         let changed = signature != self.signature || self.names.len() != fds.len();
         let names: Vec<String> = if changed {
             let version = self.version + 1;
             let names: Vec<String> = (0..fds.len() as u32)
                 .map(|i| {
                     if i == state.socket {
-                        self.keeping.socket_name()
+                        self.device_store.socket_name()
                     } else {
-                        format!("{}/{version}/{i}", self.keeping.name)
+                        format!("{}/{version}/{i}", self.device_store.name)
                     }
                 })
                 .collect();
@@ -112,7 +112,7 @@ impl KeptConnection {
         } else {
             self.names.clone()
         };
-        self.record.commit(&Kept {
+        self.record.commit(&RecordedState {
             names: names.clone(),
             version: self.version,
             state,
@@ -129,22 +129,22 @@ impl KeptConnection {
 
     /// The connection ended cleanly: nothing of it stays in the store.
     pub fn end(self) {
-        let store = &self.keeping.store;
+        let store = &self.device_store.store;
         let mut gone = self.names.clone();
-        gone.push(self.keeping.socket_name());
-        gone.push(self.keeping.record_name());
+        gone.push(self.device_store.socket_name());
+        gone.push(self.device_store.record_name());
         gone.sort();
         gone.dedup();
         for name in gone {
             if let Err(e) = store.remove(&name) {
-                tracing::warn!("{}: {}", self.keeping.name, crate::error_chain(&e));
+                tracing::warn!("{}: {}", self.device_store.name, crate::error_chain(&e));
             }
         }
     }
 
     /// Its place in the store, for a successor (hand-over); the record's fd goes into `fds`.
-    pub fn state(&self, fds: &mut Fds) -> Result<KeptState> {
-        Ok(KeptState {
+    pub fn state(&self, fds: &mut Fds) -> Result<StoredConnectionState> {
+        Ok(StoredConnectionState {
             record: fds.add(self.record.file())?,
             version: self.version,
             names: self.names.clone(),
