@@ -616,9 +616,7 @@ impl QueueRuntime {
     }
 
     /// One round: resubmissions, new chains, completions (one dynamic call into the
-    /// device), then publication. Returns work done. Never inlined: it is the request path
-    /// the cost benchmark measures (callgrind's toggle needs a function to find).
-    #[inline(never)]
+    /// device), then publication. Returns work done.
     fn process(&mut self, take_new: bool) -> usize {
         let work = self.handler.run(&mut self.ring, take_new);
         if self.ring.publish() {
