@@ -62,6 +62,13 @@ impl QueueStats {
 
     /// Counts one answered request (called by the queue's poller only).
     pub fn record(&self, kind: IoKind, bytes: u64, ok: bool, latency_ns: u64) {
+        self.count(kind, bytes, ok);
+        self.latencies(latency_ns, 1);
+    }
+
+    /// Counts one answered request whose latency [`QueueStats::latencies`] adds later.
+    #[inline]
+    pub fn count(&self, kind: IoKind, bytes: u64, ok: bool) {
         match kind {
             IoKind::Read => {
                 bump(&self.reads, 1);
@@ -76,14 +83,18 @@ impl QueueStats {
         if !ok {
             bump(&self.errors, 1);
         }
+    }
+
+    /// Adds `requests` answered requests that each took `latency_ns`.
+    pub fn latencies(&self, latency_ns: u64, requests: u64) {
         let us = latency_ns / 1000;
         let bucket = if us <= 1 {
             0
         } else {
             (64 - (us - 1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1)
         };
-        bump(&self.latency[bucket], 1);
-        bump(&self.latency_sum_ns, latency_ns);
+        bump(&self.latency[bucket], requests);
+        bump(&self.latency_sum_ns, latency_ns.wrapping_mul(requests));
     }
 }
 

@@ -371,12 +371,13 @@ fn a_frontend_that_shrinks_its_memory_loses_its_queue_not_the_process() {
     g.g.add_chain(&[(hdr, 16, false), (lost, 4096, true), (st, 1, true)]);
     let _ = g.kick.write(1);
     std::thread::sleep(Duration::from_millis(300));
+    // The RAM backend finishes at submission and writes the status byte then; what counts is
+    // that the request is never returned (a driver reads the status only after that).
     assert_eq!(
         g.g.pop_used_raw(),
         None,
         "nothing done on lost memory is reported done"
     );
-    assert_eq!(g.get(st, 1)[0], 0xff);
     drop(g);
     // The process is alive (this test runs in it) and the next frontend is served.
     let mut g = Guest::connect(&socket);
