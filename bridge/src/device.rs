@@ -345,10 +345,12 @@ fn kind_of(op: Operation) -> IoKind {
 }
 
 impl RequestHandler for BlkQueue {
+    #[inline]
     fn can_take(&self) -> bool {
         self.backend.can_submit() && self.limiter.as_ref().is_none_or(Limiter::ready)
     }
 
+    #[inline]
     fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
         let head = chain.head();
         // Walked into the request's own buffers: where the parser and the backend read them.

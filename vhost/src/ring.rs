@@ -75,11 +75,13 @@ impl Ring {
         }
     }
 
+    #[inline]
     fn complete(&mut self, head: u16, written: u32) {
         self.completed.push(head, written);
     }
 
     /// Hands the chain at `head` to the handler, which walks it.
+    #[inline]
     fn start<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, head: u16) {
         let chain = ChainCursor::new(&self.vq, &self.mem, head);
         match handler.take(chain) {
