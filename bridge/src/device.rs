@@ -141,7 +141,7 @@ impl BlkDevice {
     pub fn open_blk_queue(&self, setup: &QueueSetup) -> crate::Result<BlkQueue> {
         let backend = self.backend.open_queue(setup.poller)?;
         let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
-        queue.stats = Some(self.stats.clone());
+        queue.stats = self.stats.queue(setup.index).cloned();
         queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
         if self.backend.info().flush {
             queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
@@ -300,7 +300,7 @@ pub struct BlkQueue {
     backend_done: Vec<(u16, u8)>,
     errors: Arc<GuestErrors>,
     /// The device's counters (None in unit tests of the queue alone).
-    stats: Option<Arc<DeviceStats>>,
+    stats: Option<Arc<QueueStats>>,
     /// This queue's share of the device's rate limits.
     limiter: Option<Limiter>,
     /// Requests the backend finished at submission since the last poll: counted, their
@@ -332,7 +332,7 @@ impl BlkQueue {
     }
 
     fn queue_stats(&self) -> Option<&QueueStats> {
-        self.stats.as_deref().and_then(|s| s.queue(self.index))
+        self.stats.as_deref()
     }
 }
 
@@ -374,8 +374,8 @@ impl RequestHandler for BlkQueue {
                 };
                 let kind = kind_of(self.request.op);
                 let bytes = self.request.data_len as u32;
-                self.request.durable =
-                    self.request.op == request::Operation::Write && self.cache.durable_writes();
+                // Only a write asks (the cache mode's atomic is not read for reads).
+                self.request.durable = kind == IoKind::Write && self.cache.durable_writes();
                 match self.backend.start(&self.request, head) {
                     Ok(Submitted::Done(st)) => {
                         write_status(&Task::answer(self.request.status, written), st);
@@ -461,7 +461,7 @@ impl RequestHandler for BlkQueue {
         }
         self.backend_done.clear();
         let reported = self.backend.poll(&mut self.backend_done);
-        let stats = self.stats.as_deref().and_then(|s| s.queue(self.index));
+        let stats = self.stats.as_deref();
         let mut now = None;
         for &(head, st) in &self.backend_done {
             let Some(task) = self.tasks.get(usize::from(head)) else {

@@ -100,7 +100,8 @@ impl QueueStats {
 
 /// A device's counters: one block per virtqueue.
 pub struct DeviceStats {
-    queues: Vec<QueueStats>,
+    /// Each queue's block on its own, so that a queue holds its own without an index.
+    queues: Vec<std::sync::Arc<QueueStats>>,
     /// Requests run again from the inflight region after a reconnect or restart (written by
     /// the control plane).
     recovered: AtomicU64,
@@ -138,7 +139,7 @@ impl DeviceStats {
     /// Counters for `queues` virtqueues.
     pub fn new(queues: u16) -> Self {
         Self {
-            queues: (0..queues).map(|_| QueueStats::default()).collect(),
+            queues: (0..queues).map(|_| Default::default()).collect(),
             recovered: AtomicU64::new(0),
         }
     }
@@ -149,7 +150,7 @@ impl DeviceStats {
     }
 
     /// Queue `index`'s block (None for an index the device does not have).
-    pub fn queue(&self, index: u16) -> Option<&QueueStats> {
+    pub fn queue(&self, index: u16) -> Option<&std::sync::Arc<QueueStats>> {
         self.queues.get(usize::from(index))
     }
 

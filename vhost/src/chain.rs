@@ -181,9 +181,22 @@ impl<S: Sink> Visit for Buffers<S> {
         if d.len == 0 {
             return Ok(());
         }
+        let (host, len) = mem
+            .translate_prefix(d.addr, u64::from(d.len))
+            .ok_or(ChainError::OutOfMemory)?;
+        self.sink.push(Segment {
+            gpa: d.addr,
+            host,
+            len: len as u32,
+            write,
+        })?;
+        if len == u64::from(d.len) {
+            return Ok(());
+        }
         // A buffer may continue from one region into an adjacent one (hotplugged memory,
         // a table split by the frontend): one segment per region it touches.
-        let (mut gpa, mut left) = (d.addr, u64::from(d.len));
+        let mut gpa = d.addr.checked_add(len).ok_or(ChainError::OutOfMemory)?;
+        let mut left = u64::from(d.len) - len;
         while left > 0 {
             let (host, len) = mem
                 .translate_prefix(gpa, left)
