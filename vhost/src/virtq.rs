@@ -183,7 +183,8 @@ impl DeviceQueue {
                 size: self.size,
             });
         }
-        let slot = usize::from(self.next_avail % self.size);
+        // The size is a power of two (checked at set-up): a mask, not a division.
+        let slot = usize::from(self.next_avail & (self.size - 1));
         // SAFETY: ring[slot] at offset 4 + 2*slot, inside the avail ring.
         let head = unsafe { (self.avail.add(4 + 2 * slot) as *const u16).read_volatile() };
         self.next_avail = self.next_avail.wrapping_add(1);
@@ -212,7 +213,7 @@ impl DeviceQueue {
     /// Writes a used element (not yet visible to the driver: see `publish_used`).
     #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = usize::from(self.next_used % self.size);
+        let slot = usize::from(self.next_used & (self.size - 1));
         // SAFETY: ring[slot] at offset 4 + 8*slot, inside the used ring.
         unsafe {
             let elem = self.used.add(4 + 8 * slot) as *mut u32;
