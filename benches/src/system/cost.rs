@@ -186,8 +186,15 @@ struct Bridge(Child);
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return; // reaped already: its pid may be another process's by now
+        }
+        // SIGTERM first: under vfblk-keeper the child is the keeper, and a SIGKILLed keeper
+        // leaves its target serving (by design), which here would spin on a core for good.
+        if terminate(&mut self.0, Duration::from_secs(10)).is_err() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
