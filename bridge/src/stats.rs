@@ -127,7 +127,6 @@ pub struct StatsSnapshot {
     #[serde(skip)]
     pub latency: Vec<u64>,
     /// Sum of all latencies, in seconds.
-    #[serde(skip)]
     pub latency_sum_seconds: f64,
     /// Requests in the backend now.
     pub in_flight: u64,

@@ -24,7 +24,7 @@ pub mod watchdog;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -1157,18 +1157,71 @@ impl std::str::FromStr for LogFormat {
 /// Sends `tracing` events to stderr in `format`; `RUST_LOG` filters (default: info).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| "info".to_string());
     use std::io::IsTerminal;
-    // Colour only for a person at a terminal: logs go to files and journals too.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    // Colour only for a person at a terminal: logs go to files and journals too. The filter
+    // can be changed at run time (`log_set_level`): the reload handle's type depends on the
+    // format, so each format keeps its own behind one setter.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder
+                .with_env_filter(EnvFilter::new(&spec))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| {
+                Box::new(move |f: EnvFilter| handle.reload(f).map_err(|e| e.to_string()))
+                    as LogFilterSetter
+            })
+        }};
+    }
+    let installed = match format {
+        LogFormat::Text => install!(tracing_subscriber::fmt()),
+        LogFormat::Json => install!(tracing_subscriber::fmt().json()),
     };
+    if let Ok(setter) = installed {
+        let _ = LOG_FILTER.set(LogFilter {
+            setter,
+            current: Mutex::new(spec),
+        });
+    }
+}
+
+type LogFilterSetter =
+    Box<dyn Fn(tracing_subscriber::EnvFilter) -> std::result::Result<(), String> + Send + Sync>;
+
+/// The process's log filter, changeable at run time.
+struct LogFilter {
+    setter: LogFilterSetter,
+    current: Mutex<String>,
+}
+
+static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+
+/// The log filter in effect (`RUST_LOG` syntax), if [`init_logging`] installed the logger.
+pub fn log_filter() -> Option<String> {
+    LOG_FILTER
+        .get()
+        .map(|f| f.current.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+/// Replaces the log filter (`RUST_LOG` syntax: `debug`, `info,vfblk_vhost=trace`, ...).
+pub fn set_log_filter(spec: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .map_err(|e| Error::BadArgument(format!("log filter {spec:?}: {e}")))?;
+    let installed = LOG_FILTER.get().ok_or_else(|| {
+        Error::BadArgument("this process's logger cannot change its filter".into())
+    })?;
+    (installed.setter)(filter)
+        .map_err(|e| Error::BadArgument(format!("log filter {spec:?}: {e}")))?;
+    *installed.current.lock().unwrap_or_else(|e| e.into_inner()) = spec.to_string();
+    tracing::info!("log filter now {spec:?}");
+    Ok(())
 }
 
 #[cfg(test)]

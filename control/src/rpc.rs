@@ -72,6 +72,9 @@ pub const METHODS: &[(&str, &str)] = &[
     ("config_save", "{}"),
     ("backend_retry", "{}"),
     ("upgrade", "{binary?}"),
+    ("version", "{}"),
+    ("log_get_level", "{}"),
+    ("log_set_level", "{level}"),
     ("rpc_get_methods", "{}"),
 ];
 
@@ -220,6 +223,30 @@ fn dispatch(
             let Upgrade { binary } = params(p)?;
             let report = lock().upgrade(binary.as_deref())?;
             Ok(to_value(report))
+        }
+        "version" => {
+            let Nothing {} = params(p)?;
+            Ok(json!({
+                "program": "vfblk-bridge",
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                // A build with test-only fault injection says so: it is not for production.
+                "test_features": cfg!(feature = "test-delay"),
+            }))
+        }
+        "log_get_level" => {
+            let Nothing {} = params(p)?;
+            Ok(json!({ "level": crate::log_filter() }))
+        }
+        "log_set_level" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Level {
+                level: String,
+            }
+            let Level { level } = params(p)?;
+            crate::set_log_filter(&level)?;
+            Ok(json!({ "level": level }))
         }
         "rpc_get_methods" => {
             let Nothing {} = params(p)?;

@@ -60,6 +60,8 @@ impl TargetProc {
             .arg(dir.join("rpc.sock"))
             .args(["--pollers", &pollers.to_string()])
             .args(extra)
+            // The log filter a test expects is the default one.
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(log);
         // The RPC socket appears after the config file's controllers listen.
@@ -1217,4 +1219,102 @@ fn the_scale_benchmark_runs_and_idle_controllers_cost_almost_nothing() {
     // 16 controllers with connected, idle frontends: the pollers sleep on kicks.
     let idle = r["idle_16_cpu_percent"].as_f64().unwrap();
     assert!(idle < 3.0, "16 idle controllers cost {idle:.1}% of a core");
+}
+
+/// `vfblk-rpc` against a target, JSON or table output.
+fn rpc_cli(target: &TargetProc, args: &[&str]) -> String {
+    let out = Command::new(bin("vfblk-rpc"))
+        .arg("--socket")
+        .arg(target.dir.join("rpc.sock"))
+        .args(args)
+        .output()
+        .expect("running vfblk-rpc");
+    assert!(
+        out.status.success(),
+        "vfblk-rpc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn version_log_level_and_top_tell_an_operator_what_runs_and_how_busy_it_is() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("operator-view", 1);
+    // What runs: the program, its version, the serving pid, and that this test build carries
+    // test-only fault injection (a release build for production does not).
+    let v = target.call("version", json!({}));
+    assert_eq!(v["program"], "vfblk-bridge", "{v}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["pid"], target.child.id(), "{v}");
+    assert_eq!(v["test_features"], true, "{v}");
+    assert!(rpc_cli(&target, &["version"]).starts_with("vfblk-bridge "));
+
+    // The log filter changes at run time: a debug line (the config file's save) appears
+    // only once the filter lets it through.
+    let level = target.call("log_get_level", json!({}));
+    assert_eq!(level["level"], "info", "{level}");
+    target.add_disk("before");
+    let saved_line = "target.json written in";
+    let log = || std::fs::read_to_string(target.log()).unwrap();
+    assert!(!log().contains(saved_line), "no debug line at info");
+    assert!(
+        rpc_cli(&target, &["log-set-level", "info,vfblk_control=debug"])
+            .contains("info,vfblk_control=debug")
+    );
+    target.add_disk("after");
+    assert!(log().contains(saved_line), "the debug line at debug");
+    let bad = target
+        .client()
+        .call("log_set_level", json!({"level": "info,=[nonsense"}));
+    let Err(e) = bad else {
+        panic!("a malformed filter was accepted: {bad:?}")
+    };
+    assert!(e.to_string().contains("log filter"), "{e}");
+    assert_eq!(
+        target.call("log_get_level", json!({}))["level"],
+        "info,vfblk_control=debug",
+        "a refused filter changes nothing"
+    );
+
+    // top: rates while a frontend reads and writes, then nothing once it is gone.
+    let load = loadgen(&target.socket("after"), 3.0, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = rpc_cli(
+        &target,
+        &["--json", "top", "--interval", "0.5", "--count", "2"],
+    );
+    let r = report(load, "after");
+    assert_clean(&r, "after");
+    let samples: Vec<Value> = samples
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2, "{samples:?}");
+    for s in &samples {
+        let c = s["controllers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "after")
+            .unwrap_or_else(|| panic!("{s}"));
+        assert!(c["read_iops"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(c["write_iops"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(c["mean_latency_us"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(
+            s["pollers"][0]["busy_percent"].as_f64().unwrap() > 0.0,
+            "{s}"
+        );
+    }
+    let idle = rpc_cli(
+        &target,
+        &["--json", "top", "--interval", "0.2", "--count", "1"],
+    );
+    let idle: Value = serde_json::from_str(idle.trim()).unwrap();
+    for c in idle["controllers"].as_array().unwrap() {
+        assert_eq!(c["read_iops"], 0.0, "{idle}");
+    }
+    // Tables in units a person reads.
+    let table = rpc_cli(&target, &["backend-list"]);
+    assert!(table.contains("16.0 MiB"), "{table}");
 }

@@ -103,6 +103,26 @@ enum Command {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// The target's program, version and pid.
+    Version,
+    /// The log filter in effect (RUST_LOG syntax).
+    LogGetLevel,
+    /// Change the log filter now (RUST_LOG syntax: debug, info,vfblk_vhost=trace, ...); a
+    /// new process after an upgrade starts from its own RUST_LOG again.
+    LogSetLevel {
+        /// The filter.
+        level: String,
+    },
+    /// A live view of each controller (like spdk_top): I/O rates, bandwidth, mean latency,
+    /// in flight and recovered requests, and each poller's busy share, every interval.
+    Top {
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Samples to show (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Call any method with JSON params.
     Call {
         /// The method.
@@ -125,6 +145,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> vfblk_bridge::Result<()> {
+    if let Command::Top { interval, count } = &args.command {
+        return top(args, *interval, *count);
+    }
     let (method, params) = request(&args.command)?;
     let mut client = Client::connect(&args.socket)?;
     let result = client.call(method, params)?;
@@ -142,7 +165,7 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
                 ("NAME", "name"),
                 ("STATE", "state"),
                 ("KIND", "kind"),
-                ("CAPACITY", "capacity_bytes"),
+                ("CAPACITY", "capacity_bytes:bytes"),
                 ("BLOCK", "block_size"),
                 ("USED BY", "used_by"),
                 ("DESCRIPTION", "description"),
@@ -172,9 +195,11 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
                     ("READS", "reads"),
                     ("WRITES", "writes"),
                     ("OTHERS", "others"),
-                    ("READ BYTES", "read_bytes"),
-                    ("WRITTEN BYTES", "written_bytes"),
+                    ("READ", "read_bytes:bytes"),
+                    ("WRITTEN", "written_bytes:bytes"),
                     ("ERRORS", "errors"),
+                    ("IN FLIGHT", "in_flight"),
+                    ("RECOVERED", "recovered"),
                 ],
             );
             println!();
@@ -203,6 +228,20 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
             result["pause_ms"].as_f64().unwrap_or(f64::NAN)
         ),
         Command::NvmeAttach { .. } => println!("backends: {}", cell(&result["backends"])),
+        Command::Version => println!(
+            "{} {} (pid {}){}",
+            result["program"].as_str().unwrap_or("?"),
+            result["version"].as_str().unwrap_or("?"),
+            result["pid"],
+            if result["test_features"] == true {
+                ", built with test-only fault injection"
+            } else {
+                ""
+            }
+        ),
+        Command::LogGetLevel | Command::LogSetLevel { .. } => {
+            println!("log filter: {}", cell(&result["level"]))
+        }
         Command::BackendRetry => {
             println!("served now: {}", cell(&result["served"]));
             print_table(&result["failed"], &[("STILL FAILED", "what"), ("ERROR", "error")]);
@@ -284,6 +323,10 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             Some(b) => ("upgrade", json!({ "binary": b })),
             None => ("upgrade", json!({})),
         },
+        Command::Version => ("version", json!({})),
+        Command::LogGetLevel => ("log_get_level", json!({})),
+        Command::LogSetLevel { level } => ("log_set_level", json!({ "level": level })),
+        Command::Top { .. } => ("stats", json!({})),
         Command::Call { method, params } => (
             method.as_str(),
             serde_json::from_str(params).map_err(|e| {
@@ -307,12 +350,36 @@ fn cell(v: &Value) -> String {
     }
 }
 
-/// Rows of `rows` (an array of objects) under `columns` (header, key).
+/// Bytes in IEC units: "512 B", "16.0 MiB", "1.50 TiB".
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let digits = if value < 10.0 { 2 } else { 1 };
+    format!("{value:.digits$} {}", UNITS[unit])
+}
+
+/// Rows of `rows` (an array of objects) under `columns` (header, key; a key ending in
+/// `:bytes` is shown in IEC units).
 fn print_table(rows: &Value, columns: &[(&str, &str)]) {
     let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+    let show = |r: &Value, key: &str| match key.strip_suffix(":bytes") {
+        Some(key) => r[key]
+            .as_u64()
+            .map(human_bytes)
+            .unwrap_or_else(|| cell(&r[key])),
+        None => cell(&r[key]),
+    };
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| columns.iter().map(|(_, k)| cell(&r[*k])).collect())
+        .map(|r| columns.iter().map(|(_, k)| show(r, k)).collect())
         .collect();
     let widths: Vec<usize> = columns
         .iter()
@@ -340,5 +407,163 @@ fn print_table(rows: &Value, columns: &[(&str, &str)]) {
     }
     if cells.is_empty() {
         println!("(none)");
+    }
+}
+
+/// `top`: samples `stats` every `interval` seconds and shows what changed in between.
+fn top(args: &Args, interval: f64, count: Option<u64>) -> vfblk_bridge::Result<()> {
+    if !(interval.is_finite() && interval >= 0.05) {
+        return Err(vfblk_bridge::Error::BadArgument(format!(
+            "--interval {interval}: at least 0.05 seconds"
+        )));
+    }
+    let mut client = Client::connect(&args.socket)?;
+    let mut before = client.call("stats", json!({}))?;
+    let mut taken = std::time::Instant::now();
+    let mut shown = 0u64;
+    while count.is_none_or(|c| shown < c) {
+        std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+        let now = client.call("stats", json!({}))?;
+        let seconds = taken.elapsed().as_secs_f64();
+        taken = std::time::Instant::now();
+        let sample = top_sample(&before, &now, seconds);
+        if args.json {
+            println!("{sample}");
+        } else {
+            println!(
+                "pid {}, {:.1} s sample",
+                now["pid"],
+                sample["seconds"].as_f64().unwrap_or(0.0)
+            );
+            print_table(
+                &sample["controllers"],
+                &[
+                    ("CONTROLLER", "name"),
+                    ("CONN", "connected"),
+                    ("R IOPS", "read_iops"),
+                    ("W IOPS", "write_iops"),
+                    ("R MiB/s", "read_mib_s"),
+                    ("W MiB/s", "write_mib_s"),
+                    ("MEAN LAT us", "mean_latency_us"),
+                    ("IN FLIGHT", "in_flight"),
+                    ("RECOVERED", "recovered"),
+                    ("ERRORS", "errors"),
+                ],
+            );
+            print_table(
+                &sample["pollers"],
+                &[
+                    ("POLLER", "name"),
+                    ("QUEUES", "queues"),
+                    ("BUSY %", "busy_percent"),
+                ],
+            );
+            println!();
+        }
+        before = now;
+        shown += 1;
+    }
+    Ok(())
+}
+
+/// The rates between two `stats` answers `seconds` apart. A counter that went down (a new
+/// process after a restart) counts from zero.
+fn top_sample(before: &Value, now: &Value, seconds: f64) -> Value {
+    let delta = |b: &Value, n: &Value, key: &str| {
+        let (b, n) = (
+            b[key].as_f64().unwrap_or(0.0),
+            n[key].as_f64().unwrap_or(0.0),
+        );
+        if n >= b {
+            n - b
+        } else {
+            n
+        }
+    };
+    let by_name = |v: &Value, name: &Value| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == *name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    let controllers: Vec<Value> = now["controllers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let b = by_name(&before["controllers"], &c["name"]);
+            let requests = delta(&b, c, "reads") + delta(&b, c, "writes") + delta(&b, c, "others");
+            let latency = delta(&b, c, "latency_sum_seconds");
+            json!({
+                "name": c["name"],
+                "connected": c["connected"],
+                "read_iops": round(delta(&b, c, "reads") / seconds),
+                "write_iops": round(delta(&b, c, "writes") / seconds),
+                "read_mib_s": round(delta(&b, c, "read_bytes") / seconds / 1048576.0),
+                "write_mib_s": round(delta(&b, c, "written_bytes") / seconds / 1048576.0),
+                "mean_latency_us": if requests > 0.0 { Some(round(latency / requests * 1e6)) } else { None },
+                "in_flight": c["in_flight"],
+                "recovered": c["recovered"],
+                "errors": c["errors"],
+            })
+        })
+        .collect();
+    let pollers: Vec<Value> = now["pollers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let b = by_name(&before["pollers"], &p["name"]);
+            json!({
+                "name": p["name"],
+                "queues": p["queues"],
+                "busy_percent": round(delta(&b, p, "busy_seconds") / seconds * 100.0),
+            })
+        })
+        .collect();
+    json!({ "seconds": seconds, "pid": now["pid"], "controllers": controllers, "pollers": pollers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_as_a_person_would() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
+        assert_eq!(human_bytes(100 << 30), "100.0 GiB");
+        assert_eq!(human_bytes(3 << 39), "1.50 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+    }
+
+    #[test]
+    fn top_shows_rates_between_samples_and_counts_a_restart_from_zero() {
+        let before = json!({"pid": 1, "controllers": [{"name": "a", "connected": true,
+            "reads": 100, "writes": 10, "others": 0, "read_bytes": 409600, "written_bytes": 0,
+            "latency_sum_seconds": 0.5, "in_flight": 0, "recovered": 0, "errors": 0}],
+            "pollers": [{"name": "p0", "queues": 1, "busy_seconds": 1.0}]});
+        let now = json!({"pid": 1, "controllers": [{"name": "a", "connected": true,
+            "reads": 300, "writes": 10, "others": 0, "read_bytes": 2506752, "written_bytes": 0,
+            "latency_sum_seconds": 0.502, "in_flight": 3, "recovered": 0, "errors": 0}],
+            "pollers": [{"name": "p0", "queues": 1, "busy_seconds": 1.5}]});
+        let s = top_sample(&before, &now, 2.0);
+        let c = &s["controllers"][0];
+        assert_eq!(c["read_iops"], 100.0);
+        assert_eq!(c["write_iops"], 0.0);
+        assert_eq!(c["read_mib_s"], 1.0);
+        assert_eq!(c["mean_latency_us"], 10.0);
+        assert_eq!(s["pollers"][0]["busy_percent"], 25.0);
+        // A new process: its counters start again below the old ones.
+        let restarted = json!({"pid": 2, "controllers": [{"name": "a", "reads": 50}],
+            "pollers": []});
+        let s = top_sample(&now, &restarted, 1.0);
+        assert_eq!(s["controllers"][0]["read_iops"], 50.0);
+        // No request in between: no mean latency to show.
+        let s = top_sample(&now, &now, 1.0);
+        assert_eq!(s["controllers"][0]["mean_latency_us"], Value::Null);
     }
 }
