@@ -16,7 +16,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use crate::backend::{Backend, BackendQueue, Queue, Submitted};
-use crate::limits::{Limiter, RateLimits};
+use crate::limits::{Limiter, LiveLimits, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, IoKind, QueueStats};
 use crate::virtio_blk::{status, Config, ID_BYTES};
@@ -37,7 +37,7 @@ pub struct BlkDevice {
     /// cache to writethrough (CONFIG_WCE), and every queue follows at its next write.
     writeback: Arc<AtomicBool>,
     read_only: bool,
-    rate_limits: RateLimits,
+    rate_limits: Arc<LiveLimits>,
     stats: Arc<DeviceStats>,
 }
 
@@ -54,7 +54,7 @@ impl BlkDevice {
             serial: id,
             writeback,
             read_only: false,
-            rate_limits: RateLimits::default(),
+            rate_limits: Arc::new(LiveLimits::default()),
             stats: Arc::new(DeviceStats::new(num_queues)),
         }
     }
@@ -77,9 +77,20 @@ impl BlkDevice {
     }
 
     /// The same device held to `limits` (each queue to its equal share).
-    pub fn rate_limited(mut self, limits: RateLimits) -> Self {
-        self.rate_limits = limits;
+    pub fn rate_limited(self, limits: RateLimits) -> Self {
+        self.rate_limits.set(limits);
         self
+    }
+
+    /// Changes the limits of the running device: each queue takes its new share at its next
+    /// round, with no reconnect.
+    pub fn set_rate_limits(&self, limits: RateLimits) {
+        self.rate_limits.set(limits);
+    }
+
+    /// The limits in effect.
+    pub fn rate_limits(&self) -> RateLimits {
+        self.rate_limits.get()
     }
 
     /// Its I/O counters.
@@ -142,7 +153,9 @@ impl BlkDevice {
         let backend = self.backend.open_queue(setup.poller)?;
         let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
         queue.stats = self.stats.queue(setup.index).cloned();
-        queue.limiter = Limiter::for_queue(&self.rate_limits, self.num_queues);
+        queue.limits_seen = self.rate_limits.generation();
+        queue.limiter = Limiter::for_queue(&self.rate_limits.get(), self.num_queues);
+        queue.live_limits = Some((self.rate_limits.clone(), self.num_queues));
         if self.backend.info().flush {
             queue.cache = CacheMode::negotiated(setup.features, self.writeback.clone());
         }
@@ -303,6 +316,10 @@ pub struct BlkQueue {
     stats: Option<Arc<QueueStats>>,
     /// This queue's share of the device's rate limits.
     limiter: Option<Limiter>,
+    /// The device's limits as they change while running, and its queue count (for the
+    /// share); the generation `limiter` was built at.
+    live_limits: Option<(Arc<LiveLimits>, u16)>,
+    limits_seen: u64,
     /// Requests the backend finished at submission since the last poll: counted, their
     /// latency (all started with the round) added at the poll, with one clock read.
     finished_at_take: u64,
@@ -327,6 +344,8 @@ impl BlkQueue {
             errors: setup.errors.clone(),
             stats: None,
             limiter: None,
+            live_limits: None,
+            limits_seen: 0,
             finished_at_take: 0,
         }
     }
@@ -451,6 +470,13 @@ impl RequestHandler for BlkQueue {
     }
 
     fn poll(&mut self, finished: &mut Finished) -> usize {
+        if let Some((live, queues)) = &self.live_limits {
+            let generation = live.generation();
+            if generation != self.limits_seen {
+                self.limits_seen = generation;
+                self.limiter = Limiter::for_queue(&live.get(), *queues);
+            }
+        }
         if self.finished_at_take > 0 {
             if let Some(stats) = self.queue_stats() {
                 let took = vfblk_vhost::poller::monotonic_ns()

@@ -178,3 +178,40 @@ mod tests {
         assert!(Limiter::for_queue(&RateLimits::default(), 4).is_none());
     }
 }
+
+/// A controller's limits as its queues follow them while running: a change is seen by each
+/// queue at its next round (one relaxed load per round, not per request; the lock only when
+/// the generation moved).
+#[derive(Default)]
+pub struct LiveLimits {
+    generation: std::sync::atomic::AtomicU64,
+    limits: std::sync::Mutex<RateLimits>,
+}
+
+impl LiveLimits {
+    /// Limits starting at `limits`.
+    pub fn new(limits: RateLimits) -> Self {
+        Self {
+            generation: Default::default(),
+            limits: std::sync::Mutex::new(limits),
+        }
+    }
+
+    /// The limits now.
+    pub fn get(&self) -> RateLimits {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the limits; every queue takes its new share at its next round.
+    pub fn set(&self, limits: RateLimits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The change count (a queue compares it with the one its limiter was built at).
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+}

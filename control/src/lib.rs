@@ -730,6 +730,33 @@ impl Target {
         Ok(())
     }
 
+    /// Changes a serving controller's IOPS and bandwidth limits (`None` fields: unlimited)
+    /// with no reconnect: each queue takes its share at its next round. Returns the limits
+    /// it had.
+    pub fn set_controller_limits(
+        &mut self,
+        name: &str,
+        limits: vfblk_bridge::limits::RateLimits,
+    ) -> Result<vfblk_bridge::limits::RateLimits> {
+        if limits.iops == Some(0) || limits.bytes_per_second == Some(0) {
+            return Err(Error::BadArgument(format!(
+                "controller {name}: a limit of 0 would stop the disk; leave it out for none"
+            )));
+        }
+        let entry = self
+            .controllers
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound {
+                what: "controller",
+                name: name.to_string(),
+            })?;
+        let old = entry.device.rate_limits();
+        entry.device.set_rate_limits(limits);
+        entry.config.limits = limits;
+        tracing::info!(controller = %name, "limits of {name} now {limits:?} (were {old:?})");
+        Ok(old)
+    }
+
     /// The configuration as the config file holds it: what is served and what is kept
     /// unserved.
     pub fn config(&self) -> TargetConfig {

@@ -67,6 +67,10 @@ pub const METHODS: &[(&str, &str)] = &[
         "{name, socket, backend, queues, cpus, readonly, serial}",
     ),
     ("vhost_blk_delete", "{name}"),
+    (
+        "vhost_blk_set_limits",
+        "{name, limits: {iops?, bytes_per_second?}}",
+    ),
     ("vhost_blk_list", "{}"),
     ("stats", "{}"),
     ("config_save", "{}"),
@@ -185,6 +189,18 @@ fn dispatch(
             let ByName { name } = params(p)?;
             let mut t = lock_for_change();
             t.delete_controller(&name)?;
+            saved(&mut t)
+        }
+        "vhost_blk_set_limits" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct SetLimits {
+                name: String,
+                limits: vfblk_bridge::limits::RateLimits,
+            }
+            let SetLimits { name, limits } = params(p)?;
+            let mut t = lock_for_change();
+            t.set_controller_limits(&name, limits)?;
             saved(&mut t)
         }
         "vhost_blk_list" => {

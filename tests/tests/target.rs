@@ -1318,3 +1318,99 @@ fn version_log_level_and_top_tell_an_operator_what_runs_and_how_busy_it_is() {
     let table = rpc_cli(&target, &["backend-list"]);
     assert!(table.contains("16.0 MiB"), "{table}");
 }
+
+/// Requests a controller finished (all kinds), from `stats`.
+fn finished_requests(target: &TargetProc, name: &str) -> f64 {
+    let stats = target.call("stats", json!({}));
+    let c = stats["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} in {stats}"));
+    ["reads", "writes", "others"]
+        .iter()
+        .map(|k| c[*k].as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn limits_change_on_a_running_disk_without_a_reconnect_and_are_saved() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("live-limits", 1);
+    target.call(
+        "backend_create",
+        json!({"name": "d", "kind": "mem", "path": target.shm("d"), "size": 16 << 20}),
+    );
+    target.call(
+        "vhost_blk_create",
+        json!({"name": "d", "socket": target.socket("d"), "backend": "d", "queues": 2,
+               "limits": {"iops": 2000}}),
+    );
+    let load = loadgen(
+        &target.socket("d"),
+        UNTIL_STOPPED_SECONDS,
+        &["--queues", "2"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // The rate over a window, measured by the target's own counters.
+    let rate_over = |seconds: f64| {
+        let (before, t) = (finished_requests(&target, "d"), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        (finished_requests(&target, "d") - before) / t.elapsed().as_secs_f64()
+    };
+    let saved_limits = || -> Value {
+        let saved: Value =
+            serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+                .unwrap();
+        saved["controllers"][0]["limits"].clone()
+    };
+    let at_2000 = rate_over(1.5);
+    target.call(
+        "vhost_blk_set_limits",
+        json!({"name": "d", "limits": {"iops": 500}}),
+    );
+    assert_eq!(saved_limits(), json!({"iops": 500}));
+    std::thread::sleep(Duration::from_millis(300)); // the old buckets' burst drains
+    let at_500 = rate_over(1.5);
+    // Through the CLI, and none at all.
+    let out = Command::new(bin("vfblk-rpc"))
+        .arg("--socket")
+        .arg(target.dir.join("rpc.sock"))
+        .args(["vhost-blk-set-limits", "d"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(saved_limits(), Value::Null, "no limits: none in the file");
+    let unlimited = rate_over(1.0);
+    let r = stop_and_report(load, "d");
+    assert_clean(&r, "d");
+    assert_eq!(r["reconnects"], 0, "{r}");
+    eprintln!(
+        "live limits: {at_2000:.0} IOPS at 2000, {at_500:.0} at 500, {unlimited:.0} unlimited"
+    );
+    assert!((1700.0..=2300.0).contains(&at_2000), "{at_2000}");
+    assert!((400.0..=600.0).contains(&at_500), "{at_500}");
+    assert!(unlimited > 4.0 * 2000.0, "{unlimited}");
+    // Refusals change nothing.
+    for (params, what) in [
+        (json!({"name": "d", "limits": {"iops": 0}}), "a zero limit"),
+        (
+            json!({"name": "nope", "limits": {}}),
+            "an unknown controller",
+        ),
+        (
+            json!({"name": "d", "limits": {"iopz": 5}}),
+            "an unknown field",
+        ),
+    ] {
+        let refused = target.client().call("vhost_blk_set_limits", params);
+        assert!(refused.is_err(), "{what} was accepted");
+    }
+    assert_eq!(saved_limits(), Value::Null);
+}

@@ -87,6 +87,17 @@ enum Command {
         /// Its name.
         name: String,
     },
+    /// Change a running controller's limits (no reconnect; an option left out is unlimited).
+    VhostBlkSetLimits {
+        /// Its name.
+        name: String,
+        /// Requests per second.
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes per second.
+        #[arg(long)]
+        bps: Option<u64>,
+    },
     /// List the controllers.
     VhostBlkList,
     /// I/O counters per controller and load per poller.
@@ -316,6 +327,19 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
         }
         Command::VhostBlkDelete { name } => ("vhost_blk_delete", json!({ "name": name })),
         Command::VhostBlkList => ("vhost_blk_list", json!({})),
+        Command::VhostBlkSetLimits { name, iops, bps } => {
+            let mut limits = json!({});
+            if let Some(n) = iops {
+                limits["iops"] = json!(n);
+            }
+            if let Some(n) = bps {
+                limits["bytes_per_second"] = json!(n);
+            }
+            (
+                "vhost_blk_set_limits",
+                json!({ "name": name, "limits": limits }),
+            )
+        }
         Command::Stats => ("stats", json!({})),
         Command::ConfigSave => ("config_save", json!({})),
         Command::BackendRetry => ("backend_retry", json!({})),
