@@ -335,11 +335,13 @@ impl RbdCluster {
     /// A named cluster's client, connected with its thread bounds and pinning. On failure
     /// nothing of it is left: the client is shut down (its threads joined).
     pub fn register(name: &str, options: &ClusterOptions) -> Result<Arc<RbdCluster>> {
-        options.check()?;
-        RbdCluster::connect(options, format!("cluster {name}")).map_err(|e| Error::Context {
-            what: format!("registering RBD cluster {name}"),
-            source: Box::new(e),
-        })
+        options
+            .check()
+            .and_then(|()| RbdCluster::connect(options, format!("cluster {name}")))
+            .map_err(|e| Error::Context {
+                what: format!("registering RBD cluster {name}"),
+                source: Box::new(e),
+            })
     }
 
     fn connect(options: &ClusterOptions, label: String) -> Result<Arc<RbdCluster>> {
@@ -384,7 +386,10 @@ impl RbdCluster {
         };
         if rc < 0 {
             return Err(ceph_error(
-                format!("reading Ceph configuration {:?}", settings.conf),
+                match &settings.conf {
+                    Some(conf) => format!("reading Ceph configuration {}", conf.display()),
+                    None => "reading Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)".into(),
+                },
                 rc.into(),
             ));
         }
