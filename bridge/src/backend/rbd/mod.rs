@@ -407,7 +407,6 @@ impl RbdCluster {
             // librbd raises librados's count to its own if that is higher.
             cluster.set("rbd_op_threads", &n.to_string())?;
         }
-        cluster.fail_for_tests("connect")?;
         // SAFETY: our configured client.
         let rc = unsafe { (api.rados_connect)(rados) };
         if rc < 0 {
@@ -471,20 +470,6 @@ impl RbdCluster {
         text.trim().parse().map_err(|_| {
             Error::BadArgument(format!("librados option {key} is {text:?}, not a number"))
         })
-    }
-
-    /// Test builds: `VFBLK_TEST_RBD_CLUSTER_FAIL=connect` fails a client right before it
-    /// connects (after librados made it and read its configuration), to test what a half-made
-    /// registration leaves behind.
-    fn fail_for_tests(&self, step: &str) -> Result<()> {
-        if cfg!(feature = "test-delay")
-            && std::env::var("VFBLK_TEST_RBD_CLUSTER_FAIL").is_ok_and(|s| s == step)
-        {
-            return Err(Error::BadArgument(format!(
-                "VFBLK_TEST_RBD_CLUSTER_FAIL={step}: failed before connecting"
-            )));
-        }
-        Ok(())
     }
 
     /// Who the client is, as image locks name their owners.
