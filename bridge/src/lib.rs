@@ -91,6 +91,15 @@ pub enum Error {
     /// A thread panicked while holding a lock.
     #[error("a lock ({0}) was poisoned by a panicking thread")]
     Poisoned(&'static str),
+    /// What was being done when `source` failed (e.g. which RBD cluster was registered).
+    #[error("{what}")]
+    Context {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// librados or librbd refused.
     #[error("{what}: {reason}")]
     Ceph {

@@ -9,7 +9,7 @@ use vfblk_nvme::pci::PciAddress;
 
 use crate::backend::{
     Backend, FileBackend, MemBackend, NamespaceRange, NullBackend, NvmeBackend, NvmeControllers,
-    NvmeOptions,
+    NvmeOptions, RbdBackend, RbdCluster,
 };
 use crate::{Error, Result};
 
@@ -78,6 +78,10 @@ pub enum BackendSpec {
         /// have this size).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
+        /// A registered RBD cluster (`rbd_cluster_register`) whose client serves the image;
+        /// then `conf`, `id` and `keyring` are the cluster's, not given here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster: Option<String>,
         /// ceph.conf (default: librados's search, /etc/ceph/ceph.conf).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         conf: Option<PathBuf>,
@@ -121,7 +125,7 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH])"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH] or rbd:POOL/IMAGE[:SIZE],cluster=NAME)"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
@@ -168,19 +172,26 @@ impl FromStr for BackendSpec {
                 .split_once('/')
                 .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
                 .ok_or_else(|| bad("an RBD image is POOL/IMAGE"))?;
-            let (mut conf, mut id, mut keyring) = (None, None, None);
+            let (mut conf, mut id, mut keyring, mut cluster) = (None, None, None, None);
             for option in options {
                 match option.split_once('=') {
+                    Some(("cluster", v)) if !v.is_empty() => cluster = Some(v.to_string()),
                     Some(("conf", v)) if !v.is_empty() => conf = Some(PathBuf::from(v)),
                     Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
                     Some(("keyring", v)) if !v.is_empty() => keyring = Some(PathBuf::from(v)),
                     _ => return Err(bad(&format!("unknown RBD option {option:?}"))),
                 }
             }
+            if cluster.is_some() && (conf.is_some() || id.is_some() || keyring.is_some()) {
+                return Err(bad(
+                    "cluster= names a registered cluster, which has its own conf, id and keyring",
+                ));
+            }
             return Ok(BackendSpec::Rbd {
                 pool: pool.into(),
                 image: image.into(),
                 size,
+                cluster,
                 conf,
                 id,
                 keyring,
@@ -235,12 +246,14 @@ impl BackendSpec {
 
     /// Opens the backend. An NVMe namespace uses the controller in `controllers` if another
     /// backend opened it, else opens it with `io_queues` queue pairs and `nvme`'s command
-    /// watch; either way it gets an IOVA window of its own.
+    /// watch; either way it gets an IOVA window of its own. An RBD image that names a
+    /// cluster opens through the client `rbd_cluster` finds for that name.
     pub fn open(
         &self,
         controllers: &mut NvmeControllers,
         io_queues: u16,
         nvme: &NvmeOptions,
+        rbd_cluster: &dyn Fn(&str) -> Result<Arc<RbdCluster>>,
     ) -> Result<Arc<dyn Backend>> {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
@@ -267,6 +280,23 @@ impl BackendSpec {
                 pool,
                 image,
                 size,
+                cluster: Some(name),
+                conf,
+                id,
+                keyring,
+            } => {
+                if conf.is_some() || id.is_some() || keyring.is_some() {
+                    return Err(Error::BadArgument(format!(
+                        "RBD image {pool}/{image}: cluster {name} has its own conf, id and keyring; give either the cluster or them"
+                    )));
+                }
+                Arc::new(RbdBackend::open_on(rbd_cluster(name)?, pool, image, *size)?)
+            }
+            BackendSpec::Rbd {
+                pool,
+                image,
+                size,
+                cluster: None,
                 conf,
                 id,
                 keyring,
@@ -276,9 +306,7 @@ impl BackendSpec {
                     id: id.clone(),
                     keyring: keyring.clone(),
                 };
-                Arc::new(crate::backend::RbdBackend::open(
-                    &cluster, pool, image, *size,
-                )?)
+                Arc::new(RbdBackend::open(&cluster, pool, image, *size)?)
             }
         })
     }
@@ -311,6 +339,7 @@ mod tests {
                 pool: "rbd".into(),
                 image: "vm1".into(),
                 size: None,
+                cluster: None,
                 conf: None,
                 id: None,
                 keyring: None,
@@ -325,6 +354,7 @@ mod tests {
                 pool: "vms".into(),
                 image: "disk-2".into(),
                 size: Some(10 << 30),
+                cluster: None,
                 conf: Some("/etc/ceph/c2.conf".into()),
                 id: Some("vfblk".into()),
                 keyring: Some("/k".into()),
@@ -333,7 +363,27 @@ mod tests {
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["kind"], "rbd");
         assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), spec);
+        let named: BackendSpec = "rbd:vms/disk-3:1G,cluster=ceph-a".parse().unwrap();
+        assert_eq!(
+            named,
+            BackendSpec::Rbd {
+                pool: "vms".into(),
+                image: "disk-3".into(),
+                size: Some(1 << 30),
+                cluster: Some("ceph-a".into()),
+                conf: None,
+                id: None,
+                keyring: None,
+            }
+        );
+        let json = serde_json::to_value(&named).unwrap();
+        assert_eq!(json["cluster"], "ceph-a");
+        assert!(json.get("conf").is_none(), "{json}");
+        assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), named);
         for bad in [
+            "rbd:p/i,cluster=",
+            "rbd:p/i,cluster=c,conf=/etc/ceph/ceph.conf",
+            "rbd:p/i,id=x,cluster=c",
             "rbd:",
             "rbd:vm1",
             "rbd:/vm1",

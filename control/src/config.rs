@@ -23,6 +23,10 @@ pub struct TargetConfig {
     /// NVMe controllers attached by name: each namespace becomes a backend `<name>n<nsid>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nvme: Vec<NvmeAttachConfig>,
+    /// Ceph clusters registered by name: RBD backends name one (`cluster`) to share its
+    /// client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rbd_clusters: Vec<RbdClusterConfig>,
     /// Backends, by name.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -40,6 +44,53 @@ pub struct NvmeAttachConfig {
     /// Its PCI address (bound to vfio-pci).
     #[serde(with = "vfblk_bridge::spec::pci_string")]
     pub address: vfblk_nvme::pci::PciAddress,
+}
+
+/// A Ceph cluster registered under a name (`rbd_cluster_register`): one librados client,
+/// shared by the RBD backends that name it, with its threads bounded and optionally pinned:
+/// `{"name": "ceph1", "conf": "/etc/ceph/ceph.conf", "id": "vfblk",
+/// "ms_async_op_threads": 1, "librados_thread_count": 1, "cpus": [3]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdClusterConfig {
+    /// Its name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// ceph.conf (default: librados's search: $CEPH_CONF, /etc/ceph/ceph.conf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<PathBuf>,
+    /// Client id without `client.` (default `admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Keyring (default: the conf's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
+    /// The messenger's worker threads (librados's `ms_async_op_threads`; default: the
+    /// conf's, else Ceph's 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms_async_op_threads: Option<u32>,
+    /// librados's completion and work threads (`librados_thread_count`, which librbd shares;
+    /// default: the conf's, else Ceph's 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub librados_thread_count: Option<u32>,
+    /// Pin every thread of the client to these CPUs (default: not pinned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<usize>,
+}
+
+impl RbdClusterConfig {
+    /// What the bridge connects with.
+    pub fn options(&self) -> vfblk_bridge::backend::ClusterOptions {
+        vfblk_bridge::backend::ClusterOptions {
+            settings: vfblk_bridge::backend::ClusterSettings {
+                conf: self.conf.clone(),
+                id: self.id.clone(),
+                keyring: self.keyring.clone(),
+            },
+            ms_async_op_threads: self.ms_async_op_threads,
+            librados_thread_count: self.librados_thread_count,
+            cpus: self.cpus.clone(),
+        }
+    }
 }
 
 /// A named backend: `{"name": "d0", "kind": "file", "path": "/var/lib/d0.img"}`.
@@ -303,6 +354,7 @@ impl TargetConfig {
         for section in Section::ALL {
             let entries = match section {
                 Section::Nvme => merge(&document, section, &self.nvme, edits),
+                Section::RbdClusters => merge(&document, section, &self.rbd_clusters, edits),
                 Section::Backends => merge(&document, section, &self.backends, edits),
                 Section::Controllers => merge(&document, section, &self.controllers, edits),
             }
@@ -311,7 +363,7 @@ impl TargetConfig {
             // an existing one gets a section only when it has something to hold.
             if document.contains_key(section.key())
                 || !entries.is_empty()
-                || (before.is_none() && section != Section::Nvme)
+                || (before.is_none() && section.spelled_out())
             {
                 document.insert(section.key().to_string(), Value::Array(entries));
             }
@@ -337,12 +389,14 @@ pub struct FileEdits {
     pub file_wins: BTreeSet<(Section, String)>,
 }
 
-/// The three lists of a config file.
+/// The lists of a config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Section {
     /// `nvme`: NVMe attachments.
     Nvme,
+    /// `rbd_clusters`: named Ceph clusters.
+    RbdClusters,
     /// `backends`.
     Backends,
     /// `controllers`.
@@ -351,12 +405,23 @@ pub enum Section {
 
 impl Section {
     /// In the order the file lists them and the target creates them.
-    pub const ALL: [Section; 3] = [Section::Nvme, Section::Backends, Section::Controllers];
+    pub const ALL: [Section; 4] = [
+        Section::Nvme,
+        Section::RbdClusters,
+        Section::Backends,
+        Section::Controllers,
+    ];
+
+    /// Whether a new file lists it even when empty, as an example for the operator.
+    fn spelled_out(self) -> bool {
+        matches!(self, Section::Backends | Section::Controllers)
+    }
 
     /// What one of its entries is, for messages.
     pub fn what(self) -> &'static str {
         match self {
             Section::Nvme => "NVMe controller",
+            Section::RbdClusters => "RBD cluster",
             Section::Backends => "backend",
             Section::Controllers => "controller",
         }
@@ -366,6 +431,7 @@ impl Section {
     pub fn key(self) -> &'static str {
         match self {
             Section::Nvme => "nvme",
+            Section::RbdClusters => "rbd_clusters",
             Section::Backends => "backends",
             Section::Controllers => "controllers",
         }
@@ -379,6 +445,12 @@ pub trait Entry: Serialize + DeserializeOwned + PartialEq {
 }
 
 impl Entry for NvmeAttachConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Entry for RbdClusterConfig {
     fn name(&self) -> &str {
         &self.name
     }
@@ -655,6 +727,46 @@ mod tests {
         };
         assert!(changed.save_into(&path, &edits).unwrap());
         assert_eq!(mode(&path), 0o640);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn rbd_clusters_are_a_section_of_their_own() {
+        let path = temp_file("rbd");
+        // A file without clusters gets no (empty) section for them.
+        let mut config: TargetConfig = serde_json::from_str(OPERATORS_FILE).unwrap();
+        assert!(config.save_into(&path, &FileEdits::default()).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("rbd_clusters"), "{text}");
+        let cluster: RbdClusterConfig = serde_json::from_str(
+            r#"{"name": "ceph1", "conf": "/etc/ceph/ceph.conf", "id": "vfblk",
+                "ms_async_op_threads": 1, "librados_thread_count": 2, "cpus": [1]}"#,
+        )
+        .unwrap();
+        config.rbd_clusters.push(cluster.clone());
+        config.backends.push(BackendConfig {
+            name: "img".into(),
+            spec: "rbd:vms/img,cluster=ceph1".parse().unwrap(),
+        });
+        assert!(config.save_into(&path, &FileEdits::default()).unwrap());
+        let loaded = TargetConfig::load(&path).unwrap();
+        assert_eq!(loaded, config);
+        assert_eq!(loaded.rbd_clusters, [cluster]);
+        // Unregistered: the entry leaves the file.
+        config.rbd_clusters.clear();
+        let edits = FileEdits {
+            removed: BTreeSet::from([(Section::RbdClusters, "ceph1".to_string())]),
+            ..FileEdits::default()
+        };
+        assert!(config.save_into(&path, &edits).unwrap());
+        assert!(TargetConfig::load(&path).unwrap().rbd_clusters.is_empty());
+        for bad in [
+            r#"{"rbd_clusters": [{"name": "c", "threads": 1}]}"#,
+            r#"{"rbd_clusters": [{"name": "c", "cpus": "1"}]}"#,
+            r#"{"rbd_clusters": [{"conf": "/x"}]}"#,
+        ] {
+            assert!(serde_json::from_str::<TargetConfig>(bad).is_err(), "{bad}");
+        }
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -603,9 +603,13 @@ fn is_nvme(b: &crate::BackendConfig) -> bool {
     matches!(b.spec, vfblk_bridge::spec::BackendSpec::Nvme { .. })
 }
 
-/// The configuration's backends opened (before the old process quiesces), except those on
-/// NVMe controllers: the old process still drives them, they come with the state.
+/// The configuration's RBD clusters connected and backends opened (before the old process
+/// quiesces), except backends on NVMe controllers: the old process still drives them, they
+/// come with the state.
 fn open_backends(target: &mut Target, config: &TargetConfig) -> Result<()> {
+    for c in &config.rbd_clusters {
+        target.register_rbd_cluster(c.clone())?;
+    }
     for b in config.backends.iter().filter(|b| !is_nvme(b)) {
         target.create_backend(&b.name, b.spec.clone())?;
     }

@@ -34,12 +34,12 @@ use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::server::SocketServer;
 
 pub use config::{
-    check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, Section,
-    SocketAccess, TargetConfig,
+    check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, RbdClusterConfig,
+    Section, SocketAccess, TargetConfig,
 };
 pub use reload::ReloadReport;
 pub use unserved::{RetryReport, Unserved, UnservedEntries};
-use vfblk_bridge::backend::{Backend, NvmeControllers, NvmeOptions};
+use vfblk_bridge::backend::{Backend, NvmeControllers, NvmeOptions, RbdCluster};
 use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::spec::BackendSpec;
 use vfblk_bridge::stats::StatsSnapshot;
@@ -147,6 +147,30 @@ pub struct BackendStatus {
     pub nvme: Option<String>,
 }
 
+/// A named RBD cluster as `rbd_cluster_list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RbdClusterStatus {
+    /// Its configuration.
+    #[serde(flatten)]
+    pub config: RbdClusterConfig,
+    /// Served (its client connected), or kept in the configuration after a failure.
+    pub state: EntryState,
+    /// Why it is not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cluster's fsid (once connected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsid: Option<String>,
+    /// The client's address, as image locks name their owner (once connected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+    /// The thread settings the client runs with, as librados reports them (once connected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<vfblk_bridge::backend::rbd::ClientThreads>,
+    /// Backends that name it, served or not.
+    pub used_by: Vec<String>,
+}
+
 /// A controller as `vhost_blk_list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ControllerStatus {
@@ -213,6 +237,8 @@ pub struct Target {
     nvme: NvmeControllers,
     /// NVMe attachments by name: the controller and the backends made of its namespaces.
     attachments: BTreeMap<String, (PciAddress, Vec<String>)>,
+    /// Named RBD clusters: their configuration and connected client.
+    rbd_clusters: BTreeMap<String, (RbdClusterConfig, Arc<RbdCluster>)>,
     /// Listeners an upgrade hands over besides the controllers'.
     rpc_listener: Option<std::os::fd::OwnedFd>,
     metrics_listener: Option<std::os::fd::OwnedFd>,
@@ -270,6 +296,7 @@ impl Target {
             controllers: BTreeMap::new(),
             nvme: NvmeControllers::default(),
             attachments: BTreeMap::new(),
+            rbd_clusters: BTreeMap::new(),
             rpc_listener: None,
             metrics_listener: None,
             handed_over: false,
@@ -406,10 +433,11 @@ impl Target {
                 name: name.to_string(),
             });
         }
+        let comparable = self.comparable(&spec);
         if let Some(same) = self
             .backends
             .iter()
-            .find(|(_, b)| same_target(&b.spec, &spec))
+            .find(|(_, b)| same_target(&self.comparable(&b.spec), &comparable))
         {
             return Err(Error::BadArgument(format!(
                 "backend {name}: backend {} already serves the same {}",
@@ -418,8 +446,25 @@ impl Target {
             )));
         }
         let io_queues = self.nvme_io_queues();
+        let clusters = &self.rbd_clusters;
+        let unserved = &self.unserved;
+        let rbd_cluster = |cluster: &str| -> Result<Arc<RbdCluster>> {
+            if let Some((_, c)) = clusters.get(cluster) {
+                return Ok(c.clone());
+            }
+            Err(match unserved.error_of(Section::RbdClusters, cluster) {
+                Some(error) => Error::BadArgument(format!(
+                    "RBD cluster {cluster} is in the configuration but not served ({error})"
+                )),
+                None => Error::NotFound {
+                    what: "RBD cluster",
+                    name: cluster.to_string(),
+                },
+            })
+        };
         #[allow(unused_mut)]
-        let mut backend = spec.open(&mut self.nvme, io_queues, &self.settings.nvme)?;
+        let mut backend =
+            spec.open(&mut self.nvme, io_queues, &self.settings.nvme, &rbd_cluster)?;
         if let Some(delay) = self.settings.test_delay {
             #[cfg(feature = "test-delay")]
             {
@@ -445,6 +490,133 @@ impl Target {
             },
         );
         Ok(())
+    }
+
+    /// Registers a named RBD cluster: connects its client (threads bounded and pinned as
+    /// configured), which the backends that name it share. A failure leaves nothing: the
+    /// client is shut down and its threads joined.
+    pub fn register_rbd_cluster(&mut self, config: RbdClusterConfig) -> Result<()> {
+        let name = config.name.clone();
+        check_name("RBD cluster", &name)?;
+        self.check_not_unserved(Section::RbdClusters, &name)?;
+        if self.rbd_clusters.contains_key(&name) {
+            return Err(Error::Exists {
+                what: "RBD cluster",
+                name,
+            });
+        }
+        for path in [&config.conf, &config.keyring].into_iter().flatten() {
+            if path.is_relative() {
+                return Err(Error::BadArgument(format!(
+                    "RBD cluster {name}: {} is a relative path; the target takes absolute paths only (its working directory is not yours)",
+                    path.display()
+                )));
+            }
+        }
+        let cluster = RbdCluster::register(&name, &config.options())?;
+        self.rbd_clusters.insert(name, (config, cluster));
+        self.record_rbd_clients();
+        Ok(())
+    }
+
+    /// Unregisters a named RBD cluster (its client shut down); refused while a backend
+    /// names it.
+    pub fn unregister_rbd_cluster(&mut self, name: &str) -> Result<()> {
+        if self.delete_unserved(Section::RbdClusters, name)? {
+            return Ok(());
+        }
+        if !self.rbd_clusters.contains_key(name) {
+            return Err(Error::NotFound {
+                what: "RBD cluster",
+                name: name.to_string(),
+            });
+        }
+        self.check_rbd_cluster_unused(name)?;
+        self.rbd_clusters.remove(name);
+        self.forget_in_file(Section::RbdClusters, name);
+        self.record_rbd_clients();
+        tracing::info!("RBD cluster {name} unregistered");
+        Ok(())
+    }
+
+    /// Refuses while a backend, served or not, names RBD cluster `name`.
+    pub(crate) fn check_rbd_cluster_unused(&self, name: &str) -> Result<()> {
+        let users = self.rbd_cluster_users(name);
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(Error::BadArgument(format!(
+            "RBD cluster {name} is used by backend(s) {}: delete them first",
+            users.join(", ")
+        )))
+    }
+
+    /// Backends, served or not, that name RBD cluster `name`.
+    fn rbd_cluster_users(&self, name: &str) -> Vec<String> {
+        let names = |spec: &BackendSpec| matches!(spec, BackendSpec::Rbd { cluster: Some(c), .. } if c == name);
+        let served = self
+            .backends
+            .iter()
+            .filter(|(_, b)| names(&b.spec))
+            .map(|(n, _)| n.clone());
+        let unserved = self
+            .unserved
+            .backends()
+            .filter(|u| names(&u.entry.spec))
+            .map(|u| u.entry.name.clone());
+        served.chain(unserved).collect()
+    }
+
+    /// The named RBD clusters, served or not.
+    pub fn rbd_cluster_list(&self) -> Vec<RbdClusterStatus> {
+        let served = self
+            .rbd_clusters
+            .iter()
+            .map(|(name, (config, c))| RbdClusterStatus {
+                config: config.clone(),
+                state: EntryState::Serving,
+                error: None,
+                fsid: Some(c.client().fsid.clone()),
+                client_address: Some(c.client().address.clone()),
+                threads: Some(c.threads()),
+                used_by: self.rbd_cluster_users(name),
+            });
+        let unserved = self.unserved.rbd_clusters().map(|u| RbdClusterStatus {
+            config: u.entry.clone(),
+            state: EntryState::Failed,
+            error: Some(u.error.clone()),
+            fsid: None,
+            client_address: None,
+            threads: None,
+            used_by: self.rbd_cluster_users(&u.entry.name),
+        });
+        served.chain(unserved).collect()
+    }
+
+    /// A spec as [`same_target`] compares it: an RBD image that names a cluster with the
+    /// cluster's conf file.
+    fn comparable(&self, spec: &BackendSpec) -> BackendSpec {
+        let mut spec = spec.clone();
+        if let BackendSpec::Rbd {
+            cluster: Some(name),
+            conf,
+            ..
+        } = &mut spec
+        {
+            let named = self
+                .rbd_clusters
+                .get(name.as_str())
+                .map(|(c, _)| &c.conf)
+                .or(self
+                    .unserved
+                    .rbd_clusters()
+                    .find(|u| u.entry.name == *name)
+                    .map(|u| &u.entry.conf));
+            if let Some(c) = named {
+                *conf = c.clone();
+            }
+        }
+        spec
     }
 
     /// Closes backend `name`; refused while a controller uses it.
@@ -763,6 +935,7 @@ impl Target {
         let mut config = self.served_config();
         let unserved = self.unserved.config();
         config.nvme.extend(unserved.nvme);
+        config.rbd_clusters.extend(unserved.rbd_clusters);
         config.backends.extend(unserved.backends);
         config.controllers.extend(unserved.controllers);
         config
@@ -779,6 +952,7 @@ impl Target {
                     address: *address,
                 })
                 .collect(),
+            rbd_clusters: self.rbd_clusters.values().map(|(c, _)| c.clone()).collect(),
             backends: self
                 .backends
                 .iter()
@@ -983,10 +1157,15 @@ fn describe(spec: &BackendSpec) -> String {
             None => format!("namespace {nsid} of {address}"),
         },
         BackendSpec::Rbd {
-            pool, image, conf, ..
-        } => match conf {
-            Some(conf) => format!("RBD image {pool}/{image} of {}", conf.display()),
-            None => format!("RBD image {pool}/{image}"),
+            pool,
+            image,
+            cluster,
+            conf,
+            ..
+        } => match (cluster, conf) {
+            (Some(cluster), _) => format!("RBD image {pool}/{image} of cluster {cluster}"),
+            (None, Some(conf)) => format!("RBD image {pool}/{image} of {}", conf.display()),
+            (None, None) => format!("RBD image {pool}/{image}"),
         },
     }
 }
@@ -1045,6 +1224,7 @@ impl TargetOptions {
         };
         Ok(TargetConfig {
             nvme: Vec::new(),
+            rbd_clusters: Vec::new(),
             backends: vec![BackendConfig {
                 name: "disk".into(),
                 spec: self

@@ -46,6 +46,13 @@ impl Target {
                 &mut report,
             );
             self.sort_entries(
+                Section::RbdClusters,
+                file.rbd_clusters,
+                &running.rbd_clusters,
+                &mut new.rbd_clusters,
+                &mut report,
+            );
+            self.sort_entries(
                 Section::Backends,
                 file.backends,
                 &running.backends,

@@ -24,11 +24,13 @@ impl Target {
         let started_from_store = !stored.names().is_empty();
         let TargetConfig {
             nvme,
+            rbd_clusters,
             backends,
             controllers,
         } = config;
         let rest = TargetConfig {
             nvme,
+            rbd_clusters,
             backends,
             controllers: Vec::new(),
         };

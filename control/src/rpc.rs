@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use vfblk_vhost::server::wait_or_stop;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BackendConfig, ControllerConfig, Target};
+use crate::{BackendConfig, ControllerConfig, RbdClusterConfig, Target};
 use crate::{Error, Result};
 
 /// Where the target listens for RPCs unless told otherwise (systemd's RuntimeDirectory).
@@ -60,6 +60,12 @@ pub const METHODS: &[(&str, &str)] = &[
     ),
     ("backend_delete", "{name}"),
     ("nvme_attach", "{name, address}"),
+    (
+        "rbd_cluster_register",
+        "{name, conf, id, keyring, ms_async_op_threads, librados_thread_count, cpus}",
+    ),
+    ("rbd_cluster_unregister", "{name}"),
+    ("rbd_cluster_list", "{}"),
     ("nvme_detach", "{name}"),
     ("backend_list", "{}"),
     (
@@ -174,6 +180,22 @@ fn dispatch(
             let mut t = lock_for_change();
             t.detach_nvme(&name)?;
             saved(&mut t)
+        }
+        "rbd_cluster_register" => {
+            let c: RbdClusterConfig = params(p)?;
+            let mut t = lock_for_change();
+            t.register_rbd_cluster(c)?;
+            saved(&mut t)
+        }
+        "rbd_cluster_unregister" => {
+            let ByName { name } = params(p)?;
+            let mut t = lock_for_change();
+            t.unregister_rbd_cluster(&name)?;
+            saved(&mut t)
+        }
+        "rbd_cluster_list" => {
+            let Nothing {} = params(p)?;
+            Ok(to_value(lock().rbd_cluster_list()))
         }
         "backend_list" => {
             let Nothing {} = params(p)?;

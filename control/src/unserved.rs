@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendConfig, ControllerConfig, NvmeAttachConfig, Section, TargetConfig};
+use crate::config::{
+    BackendConfig, ControllerConfig, NvmeAttachConfig, RbdClusterConfig, Section, TargetConfig,
+};
 use crate::Target;
 use crate::{Error, Result};
 
@@ -27,6 +29,8 @@ pub struct UnservedEntries {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     nvme: BTreeMap<String, Unserved<NvmeAttachConfig>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rbd_clusters: BTreeMap<String, Unserved<RbdClusterConfig>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     backends: BTreeMap<String, Unserved<BackendConfig>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     controllers: BTreeMap<String, Unserved<ControllerConfig>>,
@@ -35,18 +39,26 @@ pub struct UnservedEntries {
 impl UnservedEntries {
     /// How many entries are not served.
     pub fn len(&self) -> usize {
-        self.nvme.len() + self.backends.len() + self.controllers.len()
+        self.nvme.len() + self.rbd_clusters.len() + self.backends.len() + self.controllers.len()
     }
 
     /// Nothing is left unserved.
     pub fn is_empty(&self) -> bool {
-        self.nvme.is_empty() && self.backends.is_empty() && self.controllers.is_empty()
+        self.nvme.is_empty()
+            && self.rbd_clusters.is_empty()
+            && self.backends.is_empty()
+            && self.controllers.is_empty()
     }
 
     /// The entries, as a configuration.
     pub fn config(&self) -> TargetConfig {
         TargetConfig {
             nvme: self.nvme.values().map(|u| u.entry.clone()).collect(),
+            rbd_clusters: self
+                .rbd_clusters
+                .values()
+                .map(|u| u.entry.clone())
+                .collect(),
             backends: self.backends.values().map(|u| u.entry.clone()).collect(),
             controllers: self.controllers.values().map(|u| u.entry.clone()).collect(),
         }
@@ -55,6 +67,11 @@ impl UnservedEntries {
     /// NVMe attachments not served.
     pub fn nvme(&self) -> impl Iterator<Item = &Unserved<NvmeAttachConfig>> {
         self.nvme.values()
+    }
+
+    /// RBD clusters not served.
+    pub fn rbd_clusters(&self) -> impl Iterator<Item = &Unserved<RbdClusterConfig>> {
+        self.rbd_clusters.values()
     }
 
     /// Backends not served.
@@ -71,6 +88,7 @@ impl UnservedEntries {
     pub fn error_of(&self, section: Section, name: &str) -> Option<&str> {
         match section {
             Section::Nvme => self.nvme.get(name).map(|u| u.error.as_str()),
+            Section::RbdClusters => self.rbd_clusters.get(name).map(|u| u.error.as_str()),
             Section::Backends => self.backends.get(name).map(|u| u.error.as_str()),
             Section::Controllers => self.controllers.get(name).map(|u| u.error.as_str()),
         }
@@ -113,6 +131,18 @@ impl Target {
                 failures.push((label(Section::Nvme, &n.name), e));
             }
         }
+        for c in config.rbd_clusters {
+            if let Err(e) = self.register_rbd_cluster(c.clone()) {
+                self.keep_unserved(
+                    Section::RbdClusters,
+                    &c.name,
+                    &e,
+                    |u| &mut u.rbd_clusters,
+                    c.clone(),
+                );
+                failures.push((label(Section::RbdClusters, &c.name), e));
+            }
+        }
         for b in config.backends {
             if let Err(e) = self.create_backend(&b.name, b.spec.clone()) {
                 self.keep_unserved(
@@ -146,6 +176,11 @@ impl Target {
             .flat_map(|&section| {
                 let names: Vec<&str> = match section {
                     Section::Nvme => config.nvme.iter().map(|n| n.name.as_str()).collect(),
+                    Section::RbdClusters => config
+                        .rbd_clusters
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect(),
                     Section::Backends => config.backends.iter().map(|b| b.name.as_str()).collect(),
                     Section::Controllers => {
                         config.controllers.iter().map(|c| c.name.as_str()).collect()
@@ -200,6 +235,7 @@ impl Target {
     fn serves(&self, section: Section, name: &str) -> bool {
         match section {
             Section::Nvme => self.attachments.contains_key(name),
+            Section::RbdClusters => self.rbd_clusters.contains_key(name),
             Section::Backends => self.backends.contains_key(name),
             Section::Controllers => self.controllers.contains_key(name),
         }
@@ -249,6 +285,7 @@ impl Target {
     pub(super) fn delete_unserved(&mut self, section: Section, name: &str) -> Result<bool> {
         let found = match section {
             Section::Nvme => self.unserved.nvme.contains_key(name),
+            Section::RbdClusters => self.unserved.rbd_clusters.contains_key(name),
             Section::Backends => self.unserved.backends.contains_key(name),
             Section::Controllers => self.unserved.controllers.contains_key(name),
         };
@@ -264,8 +301,12 @@ impl Target {
                 });
             }
         }
+        if section == Section::RbdClusters {
+            self.check_rbd_cluster_unused(name)?;
+        }
         match section {
             Section::Nvme => drop(self.unserved.nvme.remove(name)),
+            Section::RbdClusters => drop(self.unserved.rbd_clusters.remove(name)),
             Section::Backends => drop(self.unserved.backends.remove(name)),
             Section::Controllers => drop(self.unserved.controllers.remove(name)),
         }

@@ -552,3 +552,535 @@ fn a_qemu_guest_verifies_fio_on_an_rbd_image() {
     assert_eq!(reads, 32 * 256);
     let _ = cluster.remove_image("guest");
 }
+
+/// The threads of process `pid` that are not the target's own (`vfblk-*`, `vhost-*`,
+/// `watchdog`):
+/// librados's and librbd's, each (tid, name, the CPUs it may run on).
+fn ceph_threads(pid: u32) -> Vec<(u32, String, String)> {
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = entry.path();
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let name = name.trim().to_string();
+        let ours = ["vfblk", "vhost-", "watchdog"];
+        if name.is_empty() || ours.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let cpus = std::fs::read_to_string(dir.join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        threads.push((tid, name, cpus));
+    }
+    threads.sort();
+    threads
+}
+
+/// "name x count" of threads, for messages.
+fn thread_names(threads: &[(u32, String, String)]) -> String {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, name, _) in threads {
+        *counts.entry(name.as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(n, c)| format!("{n} x{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The target under `vfblk-keeper` with a config file (`dir/target.json`) and its RPC socket
+/// at `dir/rpc.sock`, nothing configured yet unless the file says so.
+struct ConfiguredUnderKeeper {
+    keeper: Child,
+    dir: PathBuf,
+    last_pid: std::cell::Cell<u32>,
+}
+
+impl ConfiguredUnderKeeper {
+    fn start(dir: &Path) -> Self {
+        let config = dir.join("target.json");
+        let bridge_args: Vec<&std::ffi::OsStr> = vec![
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--pollers".as_ref(),
+            "2".as_ref(),
+        ];
+        let keeper = vfblk_tests::start_keeper(dir, &[], &bridge_args, &[]);
+        let kept = Self {
+            keeper,
+            dir: dir.to_path_buf(),
+            last_pid: std::cell::Cell::new(0),
+        };
+        kept.pid();
+        kept
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, String> {
+        rpc_call(&self.dir.join("rpc.sock"), method, params)
+    }
+
+    fn pid(&self) -> u32 {
+        let pid = self.call("stats", serde_json::json!({})).unwrap()["pid"]
+            .as_u64()
+            .unwrap() as u32;
+        self.last_pid.set(pid);
+        pid
+    }
+
+    /// The serving process (not `not`) once it answers with `controllers` connected.
+    fn serving(&self, not: u32, controllers: usize) -> u32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            if let Ok(stats) = self.call("stats", serde_json::json!({})) {
+                let pid = stats["pid"].as_u64().unwrap_or(0) as u32;
+                let connected = stats["controllers"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|c| c["connected"] == true).count());
+                if pid != 0 {
+                    self.last_pid.set(pid);
+                }
+                if pid != not && connected == controllers {
+                    return pid;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the target did not serve again: {}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
+    }
+
+    fn file(&self) -> Value {
+        let text = std::fs::read_to_string(self.dir.join("target.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("target.json {text:?}: {e}"))
+    }
+
+    fn stop(mut self) {
+        // SAFETY: SIGTERM to the keeper this test started.
+        unsafe { libc::kill(self.keeper.id() as i32, libc::SIGTERM) };
+        let _ = self.keeper.wait();
+        self.last_pid.set(0);
+    }
+}
+
+impl Drop for ConfiguredUnderKeeper {
+    fn drop(&mut self) {
+        let _ = self.keeper.kill();
+        let _ = self.keeper.wait();
+        let pid = self.last_pid.get();
+        if pid != 0 {
+            // SAFETY: SIGKILL to the target this test ran (an orphan once the keeper died).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The names of `list`'s entries (an RPC's answer).
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["name"].as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A named cluster registered over RPC, its threads bounded (one messenger thread, one
+/// librados thread) and pinned to one CPU, serving two images with verifying load
+/// generators; its unregistration refused while they use it; the config file's entry
+/// carried across a SIGKILL (under the keeper) and an upgrade by hand-over; and, unregistered
+/// at the end, no Ceph thread left.
+#[test]
+fn a_named_cluster_serves_two_images_on_one_bounded_client() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("named");
+    let kept = ConfiguredUnderKeeper::start(&dir);
+    let pid = kept.pid();
+    assert!(ceph_threads(pid).is_empty(), "{:?}", ceph_threads(pid));
+    // The last CPU this test may use.
+    let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    kept.call(
+        "rbd_cluster_register",
+        serde_json::json!({
+            "name": "c1", "conf": cluster.conf(), "keyring": cluster.keyring(),
+            "ms_async_op_threads": 1, "librados_thread_count": 1, "cpus": [cpu],
+        }),
+    )
+    .unwrap();
+    let registered = ceph_threads(pid);
+    for image in ["named-a", "named-b"] {
+        let name = &image[6..];
+        kept.call(
+            "backend_create",
+            serde_json::json!({"name": name, "kind": "rbd", "pool": cluster.pool(),
+                "image": image, "size": 64 << 20, "cluster": "c1"}),
+        )
+        .unwrap();
+        kept.call(
+            "vhost_blk_create",
+            serde_json::json!({"name": name, "socket": dir.join(format!("{name}.sock")),
+                "backend": name, "queues": 2}),
+        )
+        .unwrap();
+    }
+    let named = ceph_threads(pid);
+    // Every Ceph thread, the client's and those librbd started for the images, on the CPU
+    // the cluster was pinned to.
+    let cpu_text = cpu.to_string();
+    for (tid, name, cpus) in &named {
+        assert_eq!(cpus, &cpu_text, "thread {tid} ({name}) runs on {cpus}");
+    }
+    // The same images' settings given without a name: an implicit client with librados's
+    // defaults, for comparison (its own image: one image, one backend).
+    kept.call(
+        "backend_create",
+        serde_json::json!({"name": "c", "kind": "rbd", "pool": cluster.pool(),
+            "image": "named-c", "size": 64 << 20, "conf": cluster.conf(),
+            "keyring": cluster.keyring()}),
+    )
+    .unwrap();
+    let with_implicit = ceph_threads(pid);
+    let implicit: Vec<_> = with_implicit
+        .iter()
+        .filter(|t| !named.iter().any(|n| n.0 == t.0))
+        .cloned()
+        .collect();
+    kept.call("backend_delete", serde_json::json!({"name": "c"}))
+        .unwrap();
+    assert_eq!(
+        ceph_threads(pid).len(),
+        named.len(),
+        "the implicit client left with its image"
+    );
+    eprintln!(
+        "named cluster (ms_async_op_threads 1, librados_thread_count 1, cpus [{cpu}]): {} threads once registered, {} with two images open ({}); an implicit client with librados's defaults and one image: {} threads ({})",
+        registered.len(),
+        named.len(),
+        thread_names(&named),
+        implicit.len(),
+        thread_names(&implicit)
+    );
+    assert!(
+        named.len() < implicit.len(),
+        "bounded {} vs default {}",
+        named.len(),
+        implicit.len()
+    );
+    assert_eq!(
+        names(&thread_names_filter(&named, "msgr-worker")),
+        ["msgr-worker-0"],
+        "one messenger thread: {}",
+        thread_names(&named)
+    );
+    let list = kept
+        .call("rbd_cluster_list", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(names(&list), ["c1"], "{list}");
+    assert_eq!(list[0]["state"], "serving", "{list}");
+    assert_eq!(list[0]["used_by"], serde_json::json!(["a", "b"]), "{list}");
+    assert_eq!(list[0]["threads"]["ms_async_op_threads"], 1, "{list}");
+    assert_eq!(list[0]["threads"]["librados_thread_count"], 1, "{list}");
+    assert_eq!(list[0]["fsid"], cluster.fsid(), "{list}");
+    // Not while images use it.
+    let e = kept
+        .call("rbd_cluster_unregister", serde_json::json!({"name": "c1"}))
+        .unwrap_err();
+    assert!(e.contains("used by backend(s) a, b"), "{e}");
+    // The file: the cluster as registered, the backends naming it.
+    let file = kept.file();
+    assert_eq!(file["rbd_clusters"][0]["name"], "c1", "{file}");
+    assert_eq!(file["rbd_clusters"][0]["ms_async_op_threads"], 1, "{file}");
+    assert_eq!(
+        file["rbd_clusters"][0]["cpus"],
+        serde_json::json!([cpu]),
+        "{file}"
+    );
+    assert_eq!(file["backends"][0]["cluster"], "c1", "{file}");
+    let loads = [
+        verifying_load_with(&dir.join("a.sock"), &["--io-timeout-s", "60"]),
+        verifying_load_with(&dir.join("b.sock"), &["--io-timeout-s", "60"]),
+    ];
+    let pid = kept.serving(0, 2);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // A crash: the successor registers the cluster from the file and opens both images
+    // through it (breaking the dead client's locks).
+    // SAFETY: SIGKILL to the target this test runs.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid);
+    let pid = kept.serving(pid, 2);
+    let after_kill = ceph_threads(pid);
+    let list = kept
+        .call("rbd_cluster_list", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(list[0]["state"], "serving", "{list}");
+    assert_eq!(list[0]["used_by"], serde_json::json!(["a", "b"]), "{list}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // An upgrade: the cluster comes with the configuration.
+    let report = kept.call("upgrade", serde_json::json!({})).unwrap();
+    wait_gone(pid);
+    let pid = kept.serving(pid, 2);
+    let after_upgrade = ceph_threads(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let reports: Vec<Value> = loads.into_iter().map(finish).collect();
+    let log = kept.log();
+    eprintln!(
+        "after a SIGKILL: {} Ceph threads; after an upgrade (pause {:.1} ms): {} ({}); loads: {} and {} verified I/Os, longest gaps {} / {} ms",
+        after_kill.len(),
+        report["pause_ms"].as_f64().unwrap_or(0.0),
+        after_upgrade.len(),
+        thread_names(&after_upgrade),
+        reports[0]["ios"],
+        reports[1]["ios"],
+        reports[0]["max_gap_ms"],
+        reports[1]["max_gap_ms"]
+    );
+    for r in &reports {
+        assert_no_error_nor_reconnect(r);
+    }
+    for threads in [&after_kill, &after_upgrade] {
+        assert_eq!(threads.len(), named.len(), "{}", thread_names(threads));
+        assert!(threads.iter().all(|t| t.2 == cpu_text), "{threads:?}");
+    }
+    assert!(
+        log.matches("broke the exclusive lock of our dead predecessor")
+            .count()
+            >= 2,
+        "both images' locks taken from the killed target: {log}"
+    );
+    let list = kept
+        .call("rbd_cluster_list", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(list[0]["state"], "serving", "{list}");
+    assert_eq!(list[0]["threads"]["ms_async_op_threads"], 1, "{list}");
+    // Everything taken down: no Ceph thread is left, nor an entry in the file.
+    for name in ["a", "b"] {
+        kept.call("vhost_blk_delete", serde_json::json!({ "name": name }))
+            .unwrap();
+        kept.call("backend_delete", serde_json::json!({ "name": name }))
+            .unwrap();
+    }
+    kept.call("rbd_cluster_unregister", serde_json::json!({"name": "c1"}))
+        .unwrap();
+    assert!(ceph_threads(pid).is_empty(), "{:?}", ceph_threads(pid));
+    let file = kept.file();
+    assert!(
+        file.get("rbd_clusters")
+            .and_then(Value::as_array)
+            .is_none_or(|a| a.is_empty()),
+        "{file}"
+    );
+    kept.stop();
+    for image in ["named-a", "named-b", "named-c"] {
+        let _ = cluster.remove_image(image);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The threads of `threads` whose name starts with `prefix`, as a list of names (JSON).
+fn thread_names_filter(threads: &[(u32, String, String)], prefix: &str) -> Value {
+    Value::Array(
+        threads
+            .iter()
+            .filter(|t| t.1.starts_with(prefix))
+            .map(|t| serde_json::json!({"name": t.1}))
+            .collect(),
+    )
+}
+
+/// Bad registrations are refused with a clean RPC error; registrations that fail half-way
+/// (librados made the client, then reading its configuration or connecting failed) leave no
+/// client, no thread and no config entry; a backend cannot name an unknown cluster nor give
+/// settings beside one; a configured cluster that fails at start is kept (listed as failed,
+/// its backend too) and cannot be unregistered while that backend names it.
+#[test]
+fn refused_rbd_cluster_registrations_leave_nothing_behind() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("cluster-refused");
+    // Configured by hand: a cluster whose conf is not there (yet), and an image on it.
+    std::fs::write(
+        dir.join("target.json"),
+        serde_json::json!({
+            "rbd_clusters": [{"name": "late", "conf": "/nonexistent/ceph.conf"}],
+            "backends": [{"name": "lb", "kind": "rbd", "pool": "rbd", "image": "x",
+                "cluster": "late"}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let kept = ConfiguredUnderKeeper::start(&dir);
+    let pid = kept.pid();
+    let list = kept
+        .call("rbd_cluster_list", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(list[0]["state"], "failed", "{list}");
+    assert!(
+        list[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("registering RBD cluster late: reading Ceph configuration")),
+        "{list}"
+    );
+    let backends = kept.call("backend_list", serde_json::json!({})).unwrap();
+    assert_eq!(backends[0]["state"], "failed", "{backends}");
+    assert!(
+        backends[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("RBD cluster late is in the configuration but not served")),
+        "{backends}"
+    );
+    let e = kept
+        .call(
+            "rbd_cluster_unregister",
+            serde_json::json!({"name": "late"}),
+        )
+        .unwrap_err();
+    assert!(e.contains("used by backend(s) lb"), "{e}");
+    kept.call("backend_delete", serde_json::json!({"name": "lb"}))
+        .unwrap();
+    kept.call(
+        "rbd_cluster_unregister",
+        serde_json::json!({"name": "late"}),
+    )
+    .unwrap();
+    let file = kept.file();
+    assert!(
+        file["rbd_clusters"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+            && file["backends"].as_array().is_some_and(|a| a.is_empty()),
+        "{file}"
+    );
+    let good = serde_json::json!({"name": "c", "conf": cluster.conf(),
+        "keyring": cluster.keyring()});
+    let with = |key: &str, value: Value| {
+        let mut p = good.clone();
+        p[key] = value;
+        p
+    };
+    let conf = cluster.conf().display().to_string();
+    for (params, says, half_way) in [
+        (with("name", "a b".into()), "1 to 64 letters", false),
+        (
+            with("ms_async_op_threads", 0.into()),
+            "ms_async_op_threads 0: 1 to 24",
+            false,
+        ),
+        (
+            with("ms_async_op_threads", 25.into()),
+            "ms_async_op_threads 25",
+            false,
+        ),
+        (
+            with("librados_thread_count", 0.into()),
+            "librados_thread_count 0",
+            false,
+        ),
+        (
+            with("cpus", serde_json::json!([4095])),
+            "CPU 4095 is not one",
+            false,
+        ),
+        (with("cpus", "1".into()), "invalid params", false),
+        (with("threads", 1.into()), "unknown field `threads`", false),
+        (with("conf", "ceph.conf".into()), "relative path", false),
+        (
+            with("id", "client.admin".into()),
+            "without \"client.\"",
+            false,
+        ),
+        // librados made the client, then failed.
+        (
+            with("conf", "/nonexistent/ceph.conf".into()),
+            "registering RBD cluster c: reading Ceph configuration",
+            true,
+        ),
+        (
+            with("id", "nobody".into()),
+            "registering RBD cluster c: connecting to the Ceph cluster as client.nobody",
+            true,
+        ),
+        (
+            with("keyring", "/nonexistent/keyring".into()),
+            "connecting to the Ceph cluster as client.admin",
+            true,
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let e = kept
+            .call("rbd_cluster_register", params.clone())
+            .unwrap_err();
+        assert!(e.contains(says), "{params}: {e}");
+        eprintln!(
+            "refused in {:.0} ms{}: {e}",
+            started.elapsed().as_secs_f64() * 1e3,
+            if half_way { " (half-way)" } else { "" }
+        );
+        let list = kept
+            .call("rbd_cluster_list", serde_json::json!({}))
+            .unwrap();
+        assert_eq!(list, serde_json::json!([]), "{params}");
+        let threads = ceph_threads(pid);
+        assert!(
+            threads.is_empty(),
+            "{params}: left {}",
+            thread_names(&threads)
+        );
+        let file = kept.file();
+        assert!(
+            file["rbd_clusters"].as_array().is_none_or(|a| a.is_empty()),
+            "{params}: {file}"
+        );
+    }
+    // Backends: an unknown cluster; settings beside a cluster.
+    kept.call("rbd_cluster_register", good.clone()).unwrap();
+    let e = kept.call("rbd_cluster_register", good.clone()).unwrap_err();
+    assert!(e.contains("RBD cluster c exists already"), "{e}");
+    let e = kept
+        .call(
+            "backend_create",
+            serde_json::json!({"name": "x", "kind": "rbd", "pool": "rbd", "image": "x",
+                "size": 1 << 20, "cluster": "nope"}),
+        )
+        .unwrap_err();
+    assert!(e.contains("no RBD cluster named nope"), "{e}");
+    let e = kept
+        .call(
+            "backend_create",
+            serde_json::json!({"name": "x", "kind": "rbd", "pool": "rbd", "image": "x",
+                "size": 1 << 20, "cluster": "c", "conf": conf}),
+        )
+        .unwrap_err();
+    assert!(e.contains("give either the cluster or them"), "{e}");
+    let e = kept
+        .call(
+            "rbd_cluster_unregister",
+            serde_json::json!({"name": "nope"}),
+        )
+        .unwrap_err();
+    assert!(e.contains("no RBD cluster named nope"), "{e}");
+    kept.call("rbd_cluster_unregister", serde_json::json!({"name": "c"}))
+        .unwrap();
+    assert!(ceph_threads(pid).is_empty(), "{:?}", ceph_threads(pid));
+    let images = cluster.rbd(&["ls", "rbd"]).unwrap();
+    assert!(!images.lines().any(|l| l == "x"), "{images}");
+    kept.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

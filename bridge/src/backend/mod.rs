@@ -21,7 +21,7 @@ pub use nvme::{
     IovaWindow, LentWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
     SharedController,
 };
-pub use rbd::{ClusterSettings, RbdBackend};
+pub use rbd::{ClusterOptions, ClusterSettings, RbdBackend, RbdCluster};
 
 use crate::request::Request;
 use crate::Result;

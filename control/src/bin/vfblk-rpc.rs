@@ -24,7 +24,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create a backend: NAME and mem:PATH:SIZE, file:PATH[:SIZE] or nvme:PCI_ADDR[:NSID].
+    /// Create a backend: NAME and mem:PATH:SIZE, file:PATH[:SIZE], nvme:PCI_ADDR[:NSID] or
+    /// rbd:POOL/IMAGE[:SIZE] with ,cluster=NAME or ,conf=PATH,id=ID,keyring=PATH.
     BackendCreate {
         /// Its name.
         name: String,
@@ -50,6 +51,37 @@ enum Command {
         /// Its name.
         name: String,
     },
+    /// Register a Ceph cluster under a name: one librados client, shared by the RBD backends
+    /// that name it (rbd:POOL/IMAGE,cluster=NAME), its threads bounded and optionally pinned.
+    RbdClusterRegister {
+        /// Its name.
+        name: String,
+        /// ceph.conf (default: librados's search, /etc/ceph/ceph.conf).
+        #[arg(long)]
+        conf: Option<PathBuf>,
+        /// Client id without "client." (default admin).
+        #[arg(long)]
+        id: Option<String>,
+        /// Keyring (default: the conf's).
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Messenger worker threads (librados's ms_async_op_threads).
+        #[arg(long, value_name = "N")]
+        ms_async_op_threads: Option<u32>,
+        /// librados's completion and work threads (librados_thread_count).
+        #[arg(long, value_name = "N")]
+        librados_thread_count: Option<u32>,
+        /// Pin the client's threads to these CPUs (e.g. 2,3).
+        #[arg(long, value_delimiter = ',')]
+        cpus: Vec<usize>,
+    },
+    /// Unregister a Ceph cluster no backend names.
+    RbdClusterUnregister {
+        /// Its name.
+        name: String,
+    },
+    /// List the registered Ceph clusters.
+    RbdClusterList,
     /// Create a vhost-user-blk controller.
     VhostBlkCreate {
         /// Its name.
@@ -183,6 +215,19 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
                 ("ERROR", "error"),
             ],
         ),
+        Command::RbdClusterList => print_table(
+            &result,
+            &[
+                ("NAME", "name"),
+                ("STATE", "state"),
+                ("CONF", "conf"),
+                ("ID", "id"),
+                ("CPUS", "cpus"),
+                ("CLIENT", "client_address"),
+                ("USED BY", "used_by"),
+                ("ERROR", "error"),
+            ],
+        ),
         Command::VhostBlkList => print_table(
             &result,
             &[
@@ -285,6 +330,39 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             json!({"name": name, "address": address.to_string()}),
         ),
         Command::NvmeDetach { name } => ("nvme_detach", json!({ "name": name })),
+        Command::RbdClusterRegister {
+            name,
+            conf,
+            id,
+            keyring,
+            ms_async_op_threads,
+            librados_thread_count,
+            cpus,
+        } => {
+            let mut p = json!({ "name": name });
+            for (key, path) in [("conf", conf), ("keyring", keyring)] {
+                if let Some(path) = path {
+                    p[key] = json!(std::path::absolute(path).map_err(absolute)?);
+                }
+            }
+            if let Some(id) = id {
+                p["id"] = json!(id);
+            }
+            if let Some(n) = ms_async_op_threads {
+                p["ms_async_op_threads"] = json!(n);
+            }
+            if let Some(n) = librados_thread_count {
+                p["librados_thread_count"] = json!(n);
+            }
+            if !cpus.is_empty() {
+                p["cpus"] = json!(cpus);
+            }
+            ("rbd_cluster_register", p)
+        }
+        Command::RbdClusterUnregister { name } => {
+            ("rbd_cluster_unregister", json!({ "name": name }))
+        }
+        Command::RbdClusterList => ("rbd_cluster_list", json!({})),
         Command::VhostBlkCreate {
             name,
             socket,

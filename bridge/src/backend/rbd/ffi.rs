@@ -61,6 +61,8 @@ functions! {
         unsafe extern "C" fn(Rados, *const c_char) -> c_int;
     rados rados_conf_set "int (*)(rados_t, const char *, const char *)":
         unsafe extern "C" fn(Rados, *const c_char, *const c_char) -> c_int;
+    rados rados_conf_get "int (*)(rados_t, const char *, char *, size_t)":
+        unsafe extern "C" fn(Rados, *const c_char, *mut c_char, usize) -> c_int;
     rados rados_connect "int (*)(rados_t)":
         unsafe extern "C" fn(Rados) -> c_int;
     rados rados_shutdown "void (*)(rados_t)":

@@ -14,8 +14,14 @@
 //! queue opens); librbd allocates its completion (`rbd_aio_create_completion`) and its
 //! internal request objects for each call.
 //!
-//! Clusters: images with the same cluster settings (conf file, client id, keyring) share one
-//! librados client and so one set of librados threads, as SPDK's registered clusters do.
+//! Clusters: a librados client ([`RbdCluster`]) serves many images. A named cluster
+//! ([`RbdCluster::register`], like SPDK's `bdev_rbd_register_cluster`) is one client the
+//! images that name it share, with its threads bounded (`ms_async_op_threads`,
+//! `librados_thread_count`; see [`ClusterOptions`]) and optionally pinned to a CPU list: the
+//! thread that connects the client, and later opens its images, is pinned for the time of
+//! the call, and every thread librados or librbd starts meanwhile inherits that mask. Images
+//! that give the cluster's settings themselves (conf file, client id, keyring) share one
+//! implicit client per distinct settings, with librados's defaults.
 
 pub mod ffi;
 
@@ -39,7 +45,7 @@ const TICKETS: usize = DEPTH + MAX_DISCARD_SEGMENTS;
 const ERRORS_LOGGED: u64 = 10;
 
 /// Which cluster, as librados is told (also the key clients are shared by).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ClusterSettings {
     /// ceph.conf (default: librados's search: $CEPH_CONF, /etc/ceph/ceph.conf, ...).
     pub conf: Option<PathBuf>,
@@ -72,14 +78,14 @@ pub fn predecessor_is_dead(clients: Vec<ClientIdentity>) {
     }
 }
 
-/// The clients this process has connected (for the fd store's record).
+/// The clients this process has connected (for the fd store's record): the shared clients
+/// of images given their cluster's settings and the named clusters'.
 pub fn clients_in_use() -> Vec<ClientIdentity> {
-    let Ok(clients) = CLIENTS.lock() else {
+    let Ok(clients) = ALL_CLIENTS.lock() else {
         return Vec::new();
     };
     clients
         .iter()
-        .flat_map(|m| m.values())
         .filter_map(Weak::upgrade)
         .map(|c| c.identity.clone())
         .collect()
@@ -120,27 +126,182 @@ pub fn close_for_successor() {
     }
 }
 
-/// Connected clients by their settings.
-static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<Cluster>>>> = Mutex::new(None);
+/// Clients shared implicitly by images given the same settings, by those settings.
+static CLIENTS: Mutex<Option<HashMap<ClusterSettings, Weak<RbdCluster>>>> = Mutex::new(None);
 
-/// A connected librados client, shared by the images of one cluster.
-struct Cluster {
+/// Every connected client, named or not (their identities go into the fd store's record).
+static ALL_CLIENTS: Mutex<Vec<Weak<RbdCluster>>> = Mutex::new(Vec::new());
+
+/// A named cluster's definition (SPDK's `bdev_rbd_register_cluster`): who connects, how many
+/// threads its client runs, and on which CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// The conf file, client id and keyring.
+    pub settings: ClusterSettings,
+    /// `ms_async_op_threads`: the messenger's worker threads (`msgr-worker-N`; Ceph's
+    /// default 3, at most 24). None: what the conf file says.
+    pub ms_async_op_threads: Option<u32>,
+    /// `librados_thread_count`: the threads that run librados's and librbd's completions and
+    /// work (`io_context_pool`; Ceph's default 2). `rbd_op_threads` is set to the same so
+    /// that librbd does not raise it. None: what the conf file says.
+    pub librados_thread_count: Option<u32>,
+    /// Pin every thread of the client to these CPUs (empty: wherever the process runs).
+    pub cpus: Vec<usize>,
+}
+
+/// Most messenger threads librados takes (its own limit for `ms_async_op_threads`).
+pub const MAX_MESSENGER_THREADS: u32 = 24;
+/// Most librados threads a named cluster may ask for.
+pub const MAX_LIBRADOS_THREADS: u32 = 64;
+
+impl ClusterOptions {
+    /// The options for the client of images that give their cluster's settings themselves:
+    /// librados's defaults, no pinning.
+    pub fn implicit(settings: &ClusterSettings) -> Self {
+        Self {
+            settings: settings.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// Refuses what librados would refuse late or not at all.
+    pub fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::BadArgument(why));
+        if let Some(n) = self.ms_async_op_threads {
+            if n == 0 || n > MAX_MESSENGER_THREADS {
+                return bad(format!(
+                    "ms_async_op_threads {n}: 1 to {MAX_MESSENGER_THREADS}"
+                ));
+            }
+        }
+        if let Some(n) = self.librados_thread_count {
+            if n == 0 || n > MAX_LIBRADOS_THREADS {
+                return bad(format!(
+                    "librados_thread_count {n}: 1 to {MAX_LIBRADOS_THREADS}"
+                ));
+            }
+        }
+        if let Some(id) = &self.settings.id {
+            if id.is_empty() || id.starts_with("client.") {
+                return bad(format!("id {id:?}: the client id without \"client.\""));
+            }
+        }
+        if !self.cpus.is_empty() {
+            let allowed = allowed_cpus()?;
+            if let Some(c) = self.cpus.iter().find(|c| !allowed.contains(c)) {
+                return bad(format!(
+                    "cpus {:?}: CPU {c} is not one this process may run on ({allowed:?})",
+                    self.cpus
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CPUs the calling thread may run on.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the calling thread's mask into a set of the size given.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(Error::Io {
+            what: "reading this thread's CPU affinity".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: CPU_ISSET reads the set with an index below CPU_SETSIZE.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// The calling thread pinned to some CPUs until dropped, then given its mask back: the
+/// threads librados and librbd start meanwhile inherit the pinning (how SPDK applies a
+/// cluster's core mask).
+struct Pinned(Option<libc::cpu_set_t>);
+
+impl Pinned {
+    /// Pins the calling thread to `cpus` (nothing for none).
+    fn to(cpus: &[usize]) -> Result<Self> {
+        if cpus.is_empty() {
+            return Ok(Self(None));
+        }
+        let io = |what: &str| Error::Io {
+            what: format!("{what} (cpus {cpus:?})"),
+            source: std::io::Error::last_os_error(),
+        };
+        // SAFETY: zeroed cpu_set_t values are valid empty sets.
+        let (mut saved, mut set): (libc::cpu_set_t, libc::cpu_set_t) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: the calling thread's mask into a set of the size given.
+        if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&saved), &mut saved) } != 0 {
+            return Err(io("reading this thread's CPU affinity"));
+        }
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            // SAFETY: an index below CPU_SETSIZE into our set.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        // SAFETY: a set of the size given, for the calling thread.
+        if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+            return Err(io("pinning the thread that starts the Ceph client"));
+        }
+        Ok(Self(Some(saved)))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: the calling thread's own mask, as read before.
+            let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(saved), saved) };
+            if rc != 0 {
+                tracing::warn!(
+                    "restoring a thread's CPU affinity: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// The thread settings a client runs with, as librados reports them after connecting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientThreads {
+    /// `ms_async_op_threads`.
+    pub ms_async_op_threads: u32,
+    /// `librados_thread_count`.
+    pub librados_thread_count: u32,
+}
+
+/// A connected librados client: shared by the images given the same settings, or a named
+/// cluster's, shared by the images that name it.
+pub struct RbdCluster {
     api: &'static ffi::Api,
     rados: ffi::Rados,
-    settings: ClusterSettings,
+    /// For logs: "cluster NAME" or the settings.
+    label: String,
     identity: ClientIdentity,
+    threads: ClientThreads,
+    cpus: Vec<usize>,
 }
 
 // SAFETY: a rados_t is thread-safe (librados's documented contract for a connected client).
-unsafe impl Send for Cluster {}
+unsafe impl Send for RbdCluster {}
 // SAFETY: as above.
-unsafe impl Sync for Cluster {}
+unsafe impl Sync for RbdCluster {}
 
-impl Drop for Cluster {
+impl Drop for RbdCluster {
     fn drop(&mut self) {
+        let started = std::time::Instant::now();
         // SAFETY: our client; every image and ioctx of it is gone (they hold an Arc).
         unsafe { (self.api.rados_shutdown)(self.rados) };
-        tracing::info!("Ceph client for {:?} shut down", self.settings);
+        tracing::info!(
+            "Ceph client of {} shut down in {:?}",
+            self.label,
+            started.elapsed()
+        );
     }
 }
 
@@ -155,9 +316,9 @@ fn ceph_error(what: String, rc: i64) -> Error {
     }
 }
 
-impl Cluster {
+impl RbdCluster {
     /// The client for `settings`: the running one if an image uses it, else a new one.
-    fn get(settings: &ClusterSettings) -> Result<Arc<Cluster>> {
+    fn shared(settings: &ClusterSettings) -> Result<Arc<RbdCluster>> {
         let mut clients = CLIENTS
             .lock()
             .map_err(|_| Error::Poisoned("Ceph clients"))?;
@@ -165,16 +326,31 @@ impl Cluster {
         if let Some(c) = clients.get(settings).and_then(Weak::upgrade) {
             return Ok(c);
         }
-        let c = Arc::new(Cluster::connect(settings)?);
+        let c = RbdCluster::connect(&ClusterOptions::implicit(settings), format!("{settings:?}"))?;
         clients.retain(|_, w| w.strong_count() > 0);
         clients.insert(settings.clone(), Arc::downgrade(&c));
         Ok(c)
     }
 
-    fn connect(settings: &ClusterSettings) -> Result<Cluster> {
+    /// A named cluster's client, connected with its thread bounds and pinning. On failure
+    /// nothing of it is left: the client is shut down (its threads joined).
+    pub fn register(name: &str, options: &ClusterOptions) -> Result<Arc<RbdCluster>> {
+        options
+            .check()
+            .and_then(|()| RbdCluster::connect(options, format!("cluster {name}")))
+            .map_err(|e| Error::Context {
+                what: format!("registering RBD cluster {name}"),
+                source: Box::new(e),
+            })
+    }
+
+    fn connect(options: &ClusterOptions, label: String) -> Result<Arc<RbdCluster>> {
+        let settings = &options.settings;
         let api = ffi::api().map_err(|e| Error::BadArgument(format!("RBD: {e}")))?;
         let name = format!("client.{}", settings.id.as_deref().unwrap_or("admin"));
         let cname = cstring("client id", &name)?;
+        // Every thread the client starts, from here to the end of the connect, inherits it.
+        let _pinned = Pinned::to(&options.cpus)?;
         let mut rados: ffi::Rados = std::ptr::null_mut();
         // SAFETY: valid out pointer and NUL-terminated strings; flags 0.
         let rc = unsafe { (api.rados_create2)(&mut rados, c"ceph".as_ptr(), cname.as_ptr(), 0) };
@@ -185,14 +361,16 @@ impl Cluster {
             ));
         }
         // From here the client is shut down on every failure.
-        let mut cluster = Cluster {
+        let mut cluster = RbdCluster {
             api,
             rados,
-            settings: settings.clone(),
+            label,
             identity: ClientIdentity {
                 fsid: String::new(),
                 address: String::new(),
             },
+            threads: ClientThreads::default(),
+            cpus: options.cpus.clone(),
         };
         let conf = settings
             .conf
@@ -208,25 +386,27 @@ impl Cluster {
         };
         if rc < 0 {
             return Err(ceph_error(
-                format!("reading Ceph configuration {:?}", settings.conf),
+                match &settings.conf {
+                    Some(conf) => format!("reading Ceph configuration {}", conf.display()),
+                    None => "reading Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)".into(),
+                },
                 rc.into(),
             ));
         }
-        let set = |key: &str, value: &str| -> Result<()> {
-            let (k, v) = (cstring("option", key)?, cstring("value", value)?);
-            // SAFETY: our client and NUL-terminated strings.
-            let rc = unsafe { (api.rados_conf_set)(rados, k.as_ptr(), v.as_ptr()) };
-            if rc < 0 {
-                return Err(ceph_error(format!("setting {key}={value}"), rc.into()));
-            }
-            Ok(())
-        };
         if let Some(keyring) = &settings.keyring {
-            set("keyring", &keyring.to_string_lossy())?;
+            cluster.set("keyring", &keyring.to_string_lossy())?;
         }
         // A cluster that does not answer fails the create in bounded time (librados's default
         // waits five minutes) instead of holding the RPC that asked.
-        set("client_mount_timeout", "15")?;
+        cluster.set("client_mount_timeout", "15")?;
+        if let Some(n) = options.ms_async_op_threads {
+            cluster.set("ms_async_op_threads", &n.to_string())?;
+        }
+        if let Some(n) = options.librados_thread_count {
+            cluster.set("librados_thread_count", &n.to_string())?;
+            // librbd raises librados's count to its own if that is higher.
+            cluster.set("rbd_op_threads", &n.to_string())?;
+        }
         // SAFETY: our configured client.
         let rc = unsafe { (api.rados_connect)(rados) };
         if rc < 0 {
@@ -236,13 +416,75 @@ impl Cluster {
             ));
         }
         cluster.identity = cluster.identity()?;
+        cluster.threads = ClientThreads {
+            ms_async_op_threads: cluster.get_number("ms_async_op_threads")?,
+            librados_thread_count: cluster.get_number("librados_thread_count")?,
+        };
         tracing::info!(
-            "Ceph client {name} connected to cluster {} as {} ({:?})",
+            "Ceph client {name} of {} connected to cluster {} as {} ({:?}; {} messenger and {} librados threads{})",
+            cluster.label,
             cluster.identity.fsid,
             cluster.identity.address,
-            settings.conf
+            settings.conf,
+            cluster.threads.ms_async_op_threads,
+            cluster.threads.librados_thread_count,
+            if options.cpus.is_empty() {
+                String::new()
+            } else {
+                format!(", on CPUs {:?}", options.cpus)
+            }
         );
+        let cluster = Arc::new(cluster);
+        if let Ok(mut all) = ALL_CLIENTS.lock() {
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(&cluster));
+        }
         Ok(cluster)
+    }
+
+    /// Sets a librados option of the client (before it connects).
+    fn set(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (cstring("option", key)?, cstring("value", value)?);
+        // SAFETY: our client and NUL-terminated strings.
+        let rc = unsafe { (self.api.rados_conf_set)(self.rados, k.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            return Err(ceph_error(format!("setting {key}={value}"), rc.into()));
+        }
+        Ok(())
+    }
+
+    /// A numeric librados option as the client has it.
+    fn get_number(&self, key: &str) -> Result<u32> {
+        let k = cstring("option", key)?;
+        let mut buf = [0u8; 64];
+        // SAFETY: our client, a NUL-terminated key, a buffer of the length given.
+        let rc = unsafe {
+            (self.api.rados_conf_get)(self.rados, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if rc < 0 {
+            return Err(ceph_error(format!("reading option {key}"), rc.into()));
+        }
+        let text = CStr::from_bytes_until_nul(&buf)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        text.trim().parse().map_err(|_| {
+            Error::BadArgument(format!("librados option {key} is {text:?}, not a number"))
+        })
+    }
+
+    /// Who the client is, as image locks name their owners.
+    pub fn client(&self) -> &ClientIdentity {
+        &self.identity
+    }
+
+    /// Its thread settings, as librados has them.
+    pub fn threads(&self) -> ClientThreads {
+        self.threads
+    }
+
+    /// The CPUs its threads are pinned to (empty: not pinned).
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
     }
 
     /// The connected client's fsid and address.
@@ -281,7 +523,7 @@ pub struct RbdBackend {
     ioctx: ffi::IoCtx,
     info: BackendInfo,
     /// Keeps the client up while the image is open.
-    _cluster: Arc<Cluster>,
+    _cluster: Arc<RbdCluster>,
 }
 
 // SAFETY: librbd image handles are thread-safe for asynchronous I/O (QEMU and SPDK submit
@@ -330,16 +572,28 @@ fn break_disabled_for_tests() -> bool {
 const NEW_IMAGE_FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
 
 impl RbdBackend {
-    /// Opens `pool/image` of the cluster `settings` name. With `size`, an image that does not
-    /// exist is created with it (and removed again if opening it then fails); an existing
-    /// image must have that size.
+    /// Opens `pool/image` of the cluster `settings` name, through the client shared by the
+    /// images given the same settings. With `size`, an image that does not exist is created
+    /// with it (and removed again if opening it then fails); an existing image must have
+    /// that size.
     pub fn open(
         settings: &ClusterSettings,
         pool: &str,
         image: &str,
         size: Option<u64>,
     ) -> Result<Self> {
-        let cluster = Cluster::get(settings)?;
+        Self::open_on(RbdCluster::shared(settings)?, pool, image, size)
+    }
+
+    /// [`RbdBackend::open`] through a named cluster's client. Threads librbd starts for the
+    /// image are pinned as the cluster's.
+    pub fn open_on(
+        cluster: Arc<RbdCluster>,
+        pool: &str,
+        image: &str,
+        size: Option<u64>,
+    ) -> Result<Self> {
+        let _pinned = Pinned::to(&cluster.cpus)?;
         let api = cluster.api;
         let (cpool, cimage) = (cstring("pool", pool)?, cstring("image", image)?);
         let mut ioctx: ffi::IoCtx = std::ptr::null_mut();
