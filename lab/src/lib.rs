@@ -63,45 +63,55 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Directory of the project's release binaries, built on first use (once per process) so a
-/// guest never runs a stale binary.
+/// Directory of the binaries the tests and the lab run: release code built with the
+/// test-only fault injection (`--test-delay-ms`, the `VFBLK_TEST_*` faults) in its own
+/// profile, `target/test-bins`, so that `target/release` never carries test flags. Built on
+/// first use (once per process) so a guest never runs a stale binary.
 pub fn project_bin_dir() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "--release",
-                    "--bins",
-                    "-p",
-                    "vfblk-benches",
-                    "-p",
-                    "vfblk-lab",
-                    "-p",
-                    "vfblk-control",
-                    // The recovery tests widen their windows with --test-delay-ms.
-                    "--features",
-                    "vfblk-control/test-delay",
-                ])
-                .current_dir(&root)
-                .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !status.success() {
-                return Err(format!(
-                    "cargo build --release of the guest binaries: {status}"
-                ));
-            }
-            Ok(target.join("release"))
-        })
+        .get_or_init(|| build_bins("test-bins", &["--features", "vfblk-control/test-delay"]))
         .clone()
         .map_err(LabError::Setup)
+}
+
+/// Directory of the release binaries as an operator builds them (`cargo build --release`,
+/// no test features): what the benchmarks measure. Built on first use.
+pub fn release_bin_dir() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_bins("release", &[]))
+        .clone()
+        .map_err(LabError::Setup)
+}
+
+/// `cargo build` of the project's binaries in `profile`; their directory.
+fn build_bins(profile: &str, extra: &[&str]) -> std::result::Result<PathBuf, String> {
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--profile", profile, "--bins"])
+        .args([
+            "-p",
+            "vfblk-benches",
+            "-p",
+            "vfblk-lab",
+            "-p",
+            "vfblk-control",
+        ])
+        .args(extra)
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "cargo build --profile {profile} of the project's binaries: {status}"
+        ));
+    }
+    Ok(target.join(profile))
 }
 
 /// A fresh directory for one run's images and logs, under the cache.

@@ -60,3 +60,22 @@ fn json_goes_before_or_after_the_subcommand() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn release_binaries_carry_no_test_flags_and_the_tests_own_do() {
+    let help = |dir: std::path::PathBuf| {
+        let out = Command::new(dir.join("vfblk-bridge"))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let release = vfblk_lab::release_bin_dir().unwrap();
+    let tests = vfblk_lab::project_bin_dir().unwrap();
+    assert!(release.ends_with("release") && tests.ends_with("test-bins"));
+    for flag in ["--test-delay-ms", "--test-skip-dirty-log"] {
+        assert!(!help(release.clone()).contains(flag), "release: {flag}");
+        assert!(help(tests.clone()).contains(flag), "test-bins: {flag}");
+    }
+}
