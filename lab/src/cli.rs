@@ -298,6 +298,13 @@ fn setup() -> Result<()> {
 /// lands on requests it has taken: what inflight recovery exists for.
 const DEMO_HOLD_MS: u32 = 10;
 
+/// fio's size for a demo of `events` upgrades and kills, one every 1.5 s: 32 MiB, and 8 MiB
+/// more per event (fio verifies some 4 MiB a second under TCG, so each event's 1.5 s is
+/// covered twice over), within the 256 MiB disk.
+fn demo_fio_mib(events: u32) -> u32 {
+    32u32.saturating_add(events.saturating_mul(8)).min(240)
+}
+
 fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: bool) -> Result<()> {
     let started = Instant::now();
     tracing::info!("preparing guest kernel and project binaries");
@@ -307,7 +314,7 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
         backend,
         kills,
         vfio_probe: true,
-        fio_mib: 32,
+        fio_mib: demo_fio_mib(kills + upgrades),
         hold_completions_ms: DEMO_HOLD_MS,
         qemu: crate::qemu::Qemu::system(),
         keeper,
@@ -316,6 +323,13 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
     let outcome = recovery::run_demo(&lab, &opts)?;
     let run = &outcome.run.run;
     run.expect_success("lab demo")?;
+    let done = (outcome.upgrade_pauses_ms.len() as u32, outcome.kills);
+    if done != (upgrades, kills) {
+        return Err(LabError::Guest(format!(
+            "fio ended after {} upgrade(s) and {} kill(s) of the {upgrades} and {kills} asked              for ({} MiB sized for them): the guest was slower than the demo expects",
+            done.0, done.1, opts.fio_mib
+        )));
+    }
     let probe = run
         .record("probe")
         .ok_or_else(|| LabError::Guest("the guest reported no probe result".into()))?;
@@ -580,4 +594,17 @@ fn nested_stats(boots: u32, json: bool) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_sizes_fio_for_the_events_asked_within_the_disk() {
+        assert_eq!(demo_fio_mib(0), 32);
+        assert_eq!(demo_fio_mib(4), 64);
+        assert_eq!(demo_fio_mib(20), 192);
+        assert_eq!(demo_fio_mib(1000), 240);
+    }
 }

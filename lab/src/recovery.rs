@@ -110,6 +110,7 @@ pub fn requests_run_again(bridge_log: &str) -> u64 {
 /// The guest's progress as the host's event thread sees it.
 pub struct GuestProgress {
     fio_started: AtomicBool,
+    fio_done: AtomicBool,
     finished: AtomicBool,
 }
 
@@ -129,6 +130,14 @@ impl GuestProgress {
     pub fn finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
     }
+
+    /// fio still runs: an event now lands on its I/O (one after it would wait for a
+    /// frontend that is shutting down).
+    pub fn fio_running(&self) -> bool {
+        self.fio_started.load(Ordering::Acquire)
+            && !self.fio_done.load(Ordering::Acquire)
+            && !self.finished()
+    }
 }
 
 /// Runs the demo's guest while `events` acts on the host from a thread of its own (it
@@ -139,6 +148,7 @@ where
 {
     let progress = GuestProgress {
         fio_started: AtomicBool::new(false),
+        fio_done: AtomicBool::new(false),
         finished: AtomicBool::new(false),
     };
     std::thread::scope(|scope| -> Result<RetriedRun> {
@@ -150,6 +160,9 @@ where
         let mut on_step = |step: &str| {
             if step.starts_with("fio running") {
                 progress.fio_started.store(true, Ordering::Release);
+            }
+            if step.starts_with("fio finished") {
+                progress.fio_done.store(true, Ordering::Release);
             }
         };
         let result = vm::run_watching(
@@ -211,7 +224,13 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
             spec.clone(),
         );
     }
-    let bridge = Mutex::new(start_bridge(&lab.bin_dir, &socket, &bridge_args, &log)?);
+    let _ram_disk = RemoveOnDrop(ram_disk_path(opts, &spec));
+    let bridge = Mutex::new(StopOnDrop::killed(start_bridge(
+        &lab.bin_dir,
+        &socket,
+        &bridge_args,
+        &log,
+    )?));
     let kills = AtomicU32::new(0);
     let run = run_guest_with(lab, &spec_vm, |progress| -> Result<()> {
         if !progress.wait_for_fio() {
@@ -219,10 +238,11 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         }
         for _ in 0..opts.kills {
             std::thread::sleep(Duration::from_millis(1500));
-            if progress.finished() {
+            if !progress.fio_running() {
                 break;
             }
-            let mut child = bridge.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = bridge.lock().unwrap_or_else(|e| e.into_inner());
+            let child = guard.child();
             child.kill()?;
             child.wait()?;
             kills.fetch_add(1, Ordering::AcqRel);
@@ -235,11 +255,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         }
         Ok(())
     })?;
-    {
-        let mut child = bridge.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(bridge);
     let (backend, log_text) = demo_leftovers(opts, spec, &log);
     let resubmitted = requests_run_again(&log_text);
     Ok(DemoOutcome {
@@ -254,12 +270,76 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
     })
 }
 
-/// After a demo: the RAM disk removed; the bridge's log, and its backend's description
-/// from it (`spec` when it logged none).
-fn demo_leftovers(opts: &DemoOptions, spec: String, log: &Path) -> (String, String) {
-    if let DemoBackend::Mem = opts.backend {
-        let _ = std::fs::remove_file(spec.trim_start_matches("mem:").trim_end_matches(":256M"));
+/// What a demo started, stopped however the demo ends (a failing run must not leave a
+/// target serving or a keeper restarting it).
+struct StopOnDrop {
+    child: std::process::Child,
+    /// SIGTERM and a bounded wait (the keeper stops its target cleanly), else SIGKILL.
+    terminate: bool,
+}
+
+impl StopOnDrop {
+    fn killed(child: std::process::Child) -> Self {
+        Self {
+            child,
+            terminate: false,
+        }
     }
+
+    fn terminated(child: std::process::Child) -> Self {
+        Self {
+            child,
+            terminate: true,
+        }
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if self.terminate {
+            // SAFETY: SIGTERM to a child of ours that has not been reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(70);
+            while std::time::Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tracing::warn!("the demo's keeper did not stop within 70 s of SIGTERM; killing it");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A file removed however the demo ends.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The RAM disk's file, for the mem backend.
+fn ram_disk_path(opts: &DemoOptions, spec: &str) -> Option<PathBuf> {
+    matches!(opts.backend, DemoBackend::Mem)
+        .then(|| PathBuf::from(spec.trim_start_matches("mem:").trim_end_matches(":256M")))
+}
+
+/// After a demo: the bridge's log, and its backend's description from it (`spec` when it
+/// logged none).
+fn demo_leftovers(_opts: &DemoOptions, spec: String, log: &Path) -> (String, String) {
     let log_text = std::fs::read_to_string(log).unwrap_or_default();
     let backend = log_text
         .lines()
@@ -298,6 +378,30 @@ fn serving(lab: &Lab, rpc_socket: &Path) -> Result<(i32, u64)> {
             if pid > 0 && c["connected"] == true {
                 return Ok((pid, c["connections"].as_u64().unwrap_or(0)));
             }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(LabError::Setup(
+                "the target did not serve its frontend again within 20 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the target serves its frontend again after an event, unless the guest ends
+/// meanwhile (its QEMU then never connects again, and there is nothing left to wait for).
+fn serving_unless_done(lab: &Lab, rpc_socket: &Path, progress: &GuestProgress) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(stats) = rpc(lab, rpc_socket, &["stats"]) {
+            if stats["pid"].as_i64().unwrap_or(0) > 0
+                && stats["controllers"][0]["connected"] == true
+            {
+                return Ok(());
+            }
+        }
+        if progress.finished() {
+            return Ok(());
         }
         if std::time::Instant::now() > deadline {
             return Err(LabError::Setup(
@@ -354,8 +458,12 @@ fn kept_demo(
         .arg(&rpc_socket)
         .stdout(std::process::Stdio::piped())
         .stderr(log_file);
-    let mut keeper =
-        crate::process::spawn_listening(command, socket, crate::process::LISTEN_TIMEOUT)?;
+    let _ram_disk = RemoveOnDrop(ram_disk_path(opts, &spec));
+    let keeper = StopOnDrop::terminated(crate::process::spawn_listening(
+        command,
+        socket,
+        crate::process::LISTEN_TIMEOUT,
+    )?);
     let kills = AtomicU32::new(0);
     let pauses = Mutex::new(Vec::new());
     let run = run_guest_with(lab, spec_vm, |progress| -> Result<()> {
@@ -365,7 +473,7 @@ fn kept_demo(
         let (mut upgrades, mut killed) = (0, 0);
         while upgrades < opts.upgrades || killed < opts.kills {
             std::thread::sleep(Duration::from_millis(1500));
-            if progress.finished() {
+            if !progress.fio_running() {
                 break;
             }
             let upgrade_next =
@@ -390,7 +498,7 @@ fn kept_demo(
                     "[host] target pid {pid} killed with SIGKILL; vfblk-keeper starts it again with the connection it held"
                 );
             }
-            serving(lab, &rpc_socket)?;
+            serving_unless_done(lab, &rpc_socket, progress)?;
         }
         Ok(())
     })?;
@@ -399,9 +507,8 @@ fn kept_demo(
     let connections = rpc(lab, &rpc_socket, &["stats"])
         .ok()
         .and_then(|s| s["controllers"][0]["connections"].as_u64());
-    // SAFETY: SIGTERM to the keeper this demo started; it stops the target cleanly.
-    unsafe { libc::kill(keeper.id() as i32, libc::SIGTERM) };
-    let _ = keeper.wait();
+    // SIGTERM: the keeper stops the target cleanly.
+    drop(keeper);
     let (backend, log_text) = demo_leftovers(opts, spec, log);
     Ok(DemoOutcome {
         kills: kills.load(Ordering::Acquire),
