@@ -25,7 +25,14 @@ const LIB_SH: &str = r#"# Helpers for lab test scripts (busybox sh).
 record() { echo "@@VFBLK-RECORD $*"; }
 # step TEXT: progress on the console, shown by the host.
 step() { echo "@@VFBLK-STEP $*"; }
-fail() { echo "@@VFBLK-FAIL $*"; exit 1; }
+# kernel_says: what the kernel logged about programs that died (a segfault, a fatal signal,
+# the OOM killer), whatever the console's loglevel hid, for the host to record.
+kernel_says() {
+    dmesg 2>/dev/null \
+        | grep -E 'segfault at|traps:|general protection|invalid opcode|fatal signal|Out of memory|Killed process|BUG:|Oops' \
+        | tail -n 20 | while read -r line; do echo "@@VFBLK-KERNEL $line"; done
+}
+fail() { echo "@@VFBLK-FAIL $*"; kernel_says; exit 1; }
 # The PCI address of the first device of class $1 (e.g. 0x010802 for NVMe).
 pci_by_class() {
     for d in /sys/bus/pci/devices/*; do
@@ -50,6 +57,8 @@ mount -t tmpfs tmpfs /run
 mkdir -p /dev/hugepages
 mount -t hugetlbfs hugetlbfs /dev/hugepages
 echo {hugepages} > /proc/sys/vm/nr_hugepages
+# A program killed by a signal that dumps core is logged by the kernel (with its registers).
+echo 1 > /proc/sys/kernel/print-fatal-signals
 ip link set lo up 2>/dev/null
 echo "{MARK}-BOOTED $(cut -d' ' -f1 /proc/uptime)"
 if grep -q 'vfblk.shell' /proc/cmdline; then
@@ -57,7 +66,9 @@ if grep -q 'vfblk.shell' /proc/cmdline; then
     setsid cttyhack sh -l
 else
     cd /lab && sh /lab/test.sh
-    echo "{MARK}-EXIT $?"
+    status=$?
+    [ $status = 0 ] || {{ . /lab/lib.sh; kernel_says; }}
+    echo "{MARK}-EXIT $status"
 fi
 sync
 poweroff -f

@@ -443,6 +443,9 @@ pub struct Run {
     pub records: Vec<serde_json::Value>,
     /// `@@VFBLK-FAIL` messages.
     pub failures: Vec<String>,
+    /// What the guest's kernel logged about programs that died (`@@VFBLK-KERNEL`: segfaults,
+    /// fatal signals, the OOM killer), printed when the script failed.
+    pub kernel: Vec<String>,
     /// Wall-clock time from QEMU's start until `/init` reported.
     pub boot_time: Option<Duration>,
     /// Wall-clock time of the whole run.
@@ -462,8 +465,13 @@ impl Run {
         match &self.ending {
             Ending::Finished(0) if self.failures.is_empty() => Ok(()),
             ending => Err(LabError::Guest(format!(
-                "{what}: {ending:?}; failures: {:?}; console log: {}\n{}",
+                "{what}: {ending:?}; failures: {:?}; {}console log: {}\n{}",
                 self.failures,
+                if self.kernel.is_empty() {
+                    String::new()
+                } else {
+                    format!("the guest kernel said: {:?}; ", self.kernel)
+                },
                 self.log.display(),
                 tail(&self.log, 40)
             ))),
@@ -583,6 +591,7 @@ pub fn run_watching(
         ending: Ending::TimedOut,
         records: Vec::new(),
         failures: Vec::new(),
+        kernel: Vec::new(),
         boot_time: None,
         elapsed: Duration::ZERO,
         log: log.to_path_buf(),
@@ -670,6 +679,7 @@ pub fn run_watching(
                             .push(format!("unparsable record {rest:?}: {e}")),
                     },
                     "-FAIL" => out.failures.push(rest.to_string()),
+                    "-KERNEL" => out.kernel.push(rest.to_string()),
                     "-EXIT" => exit_status = rest.trim().parse::<i32>().ok(),
                     _ => {}
                 }
@@ -992,6 +1002,18 @@ mod runner_tests {
             vec!["disk read back wrong".to_string()]
         );
         assert!(retried.run.expect_success("t").is_err());
+        // What the guest's kernel said about a program that died is in the error.
+        let spec = fake_qemu(
+            &dir,
+            "segv",
+            "echo '@@VFBLK-BOOTED 1.0'\necho '@@VFBLK-FAIL fio exited with 139'\n\
+             echo '@@VFBLK-KERNEL fio[212]: segfault at 0 ip 0000 sp 0000 error 4'\n\
+             echo '@@VFBLK-EXIT 1'",
+        );
+        let retried = run_retrying_stalls(&spec, SHORT, 3, &dir.join("log2"), Echo::Quiet).unwrap();
+        assert_eq!(retried.run.kernel.len(), 1);
+        let e = retried.run.expect_success("t").unwrap_err().to_string();
+        assert!(e.contains("fio[212]: segfault at 0"), "{e}");
     }
 
     #[test]

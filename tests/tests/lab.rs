@@ -218,3 +218,37 @@ fn nested_guest_boots_from_a_vhost_user_disk_with_1024_entry_queues() {
         "one connection: the ring size change cost no reconnect"
     );
 }
+
+#[test]
+fn a_guest_program_that_dies_of_a_signal_is_named_in_the_failure() {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-died").expect("lab setup");
+    // A program that dies of SIGSEGV, as a crashing fio or bridge would; the script then
+    // fails like the tests' scripts do.
+    let script = ". /lab/lib.sh\n\
+        step \"a program that crashes\"\n\
+        sh -c 'kill -SEGV $$'\n\
+        rc=$?\n\
+        fail \"the program exited with $rc\"\n";
+    let retried = lab
+        .run_l2(
+            script,
+            Contents::default(),
+            64,
+            Duration::from_secs(240),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    assert_eq!(
+        run.failures,
+        vec!["the program exited with 139".to_string()]
+    );
+    assert!(
+        run.kernel.iter().any(|l| l.contains("fatal signal 11")),
+        "the kernel's line about the signal: {:?}",
+        run.kernel
+    );
+    let e = run.expect_success("t").unwrap_err().to_string();
+    assert!(e.contains("fatal signal 11"), "{e}");
+}
