@@ -224,11 +224,45 @@ fn refused_rbd_backends_say_why_and_leave_no_image() {
 }
 
 /// The target under `vfblk-keeper` on one RBD image, its RPC socket at `dir/rpc.sock`.
-struct UnderKeeper {
-    keeper: Child,
-    rpc: PathBuf,
-    /// The target process last seen serving (killed with the keeper if a test fails).
+/// A keeper this test started and the target it runs: stopped by SIGTERM when the test is
+/// done, and both killed if it fails half-way (neither left running).
+struct Keeper {
+    child: Child,
+    /// The target process last seen serving (an orphan once the keeper is killed).
     last_pid: std::cell::Cell<u32>,
+}
+
+impl Keeper {
+    fn new(child: Child) -> Self {
+        Self {
+            child,
+            last_pid: std::cell::Cell::new(0),
+        }
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: SIGTERM to the keeper this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        self.last_pid.set(0);
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let pid = self.last_pid.get();
+        if pid != 0 {
+            // SAFETY: SIGKILL to the target this test ran (an orphan once the keeper died).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+struct UnderKeeper {
+    keeper: Keeper,
+    rpc: PathBuf,
 }
 
 impl UnderKeeper {
@@ -244,13 +278,9 @@ impl UnderKeeper {
             "--pollers".as_ref(),
             "2".as_ref(),
         ];
-        let keeper = vfblk_tests::start_keeper(dir, &[], &bridge_args, env);
+        let keeper = Keeper::new(vfblk_tests::start_keeper(dir, &[], &bridge_args, env));
         let rpc = dir.join("rpc.sock");
-        Self {
-            keeper,
-            rpc,
-            last_pid: std::cell::Cell::new(0),
-        }
+        Self { keeper, rpc }
     }
 
     /// The serving process's pid (not `not`) once it answers, and with `connected` once
@@ -264,7 +294,7 @@ impl UnderKeeper {
                     .as_array()
                     .is_some_and(|a| a.iter().all(|c| c["connected"] == true));
                 if pid != not && (all_connected || !connected) {
-                    self.last_pid.set(pid);
+                    self.keeper.last_pid.set(pid);
                     return pid;
                 }
             }
@@ -277,23 +307,7 @@ impl UnderKeeper {
     }
 
     fn stop(mut self) {
-        // SAFETY: SIGTERM to the keeper this test started.
-        unsafe { libc::kill(self.keeper.id() as i32, libc::SIGTERM) };
-        let _ = self.keeper.wait();
-        self.last_pid.set(0);
-    }
-}
-
-impl Drop for UnderKeeper {
-    /// A test that failed half-way leaves neither the keeper nor its target running.
-    fn drop(&mut self) {
-        let _ = self.keeper.kill();
-        let _ = self.keeper.wait();
-        let pid = self.last_pid.get();
-        if pid != 0 {
-            // SAFETY: SIGKILL to the target this test ran (an orphan once the keeper died).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        self.keeper.stop();
     }
 }
 
@@ -601,9 +615,8 @@ fn thread_names(threads: &[(u32, String, String)]) -> String {
 /// The target under `vfblk-keeper` with a config file (`dir/target.json`) and its RPC socket
 /// at `dir/rpc.sock`, nothing configured yet unless the file says so.
 struct ConfiguredUnderKeeper {
-    keeper: Child,
+    keeper: Keeper,
     dir: PathBuf,
-    last_pid: std::cell::Cell<u32>,
 }
 
 impl ConfiguredUnderKeeper {
@@ -615,11 +628,10 @@ impl ConfiguredUnderKeeper {
             "--pollers".as_ref(),
             "2".as_ref(),
         ];
-        let keeper = vfblk_tests::start_keeper(dir, &[], &bridge_args, &[]);
+        let keeper = Keeper::new(vfblk_tests::start_keeper(dir, &[], &bridge_args, &[]));
         let kept = Self {
             keeper,
             dir: dir.to_path_buf(),
-            last_pid: std::cell::Cell::new(0),
         };
         kept.pid();
         kept
@@ -633,7 +645,7 @@ impl ConfiguredUnderKeeper {
         let pid = self.call("stats", serde_json::json!({})).unwrap()["pid"]
             .as_u64()
             .unwrap() as u32;
-        self.last_pid.set(pid);
+        self.keeper.last_pid.set(pid);
         pid
     }
 
@@ -647,7 +659,7 @@ impl ConfiguredUnderKeeper {
                     .as_array()
                     .map_or(0, |a| a.iter().filter(|c| c["connected"] == true).count());
                 if pid != 0 {
-                    self.last_pid.set(pid);
+                    self.keeper.last_pid.set(pid);
                 }
                 if pid != not && connected == controllers {
                     return pid;
@@ -672,22 +684,7 @@ impl ConfiguredUnderKeeper {
     }
 
     fn stop(mut self) {
-        // SAFETY: SIGTERM to the keeper this test started.
-        unsafe { libc::kill(self.keeper.id() as i32, libc::SIGTERM) };
-        let _ = self.keeper.wait();
-        self.last_pid.set(0);
-    }
-}
-
-impl Drop for ConfiguredUnderKeeper {
-    fn drop(&mut self) {
-        let _ = self.keeper.kill();
-        let _ = self.keeper.wait();
-        let pid = self.last_pid.get();
-        if pid != 0 {
-            // SAFETY: SIGKILL to the target this test ran (an orphan once the keeper died).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        self.keeper.stop();
     }
 }
 
