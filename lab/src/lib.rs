@@ -76,13 +76,46 @@ pub fn project_bin_dir() -> Result<PathBuf> {
 }
 
 /// Directory of the release binaries as an operator builds them (`cargo build --release`,
-/// no test features): what the benchmarks measure. Built on first use.
+/// no test features). Built on first use.
 pub fn release_bin_dir() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| build_bins("release", &[]))
         .clone()
         .map_err(LabError::Setup)
+}
+
+/// The binaries beside the running program, if they are all there (a benchmark measures the
+/// build it belongs to: `target/release/vfblk-bench` the release binaries, the tests'
+/// `target/test-bins/vfblk-bench` theirs, with no second build); else [`release_bin_dir`].
+pub fn sibling_bin_dir() -> Result<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .filter(|dir| {
+            ["vfblk-bridge", "vfblk-loadgen", "vfblk-keeper", "vfblk-rpc"]
+                .iter()
+                .all(|b| dir.join(b).is_file())
+        });
+    match beside {
+        Some(dir) => Ok(dir),
+        None => release_bin_dir(),
+    }
+}
+
+/// The arguments of `cargo build` for the project's binaries in `profile`.
+fn build_args<'a>(profile: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["build", "--quiet", "--profile", profile, "--bins"];
+    args.extend([
+        "-p",
+        "vfblk-benches",
+        "-p",
+        "vfblk-lab",
+        "-p",
+        "vfblk-control",
+    ]);
+    args.extend(extra);
+    args
 }
 
 /// `cargo build` of the project's binaries in `profile`; their directory.
@@ -93,16 +126,7 @@ fn build_bins(profile: &str, extra: &[&str]) -> std::result::Result<PathBuf, Str
         .unwrap_or_else(|| root.join("target"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "--profile", profile, "--bins"])
-        .args([
-            "-p",
-            "vfblk-benches",
-            "-p",
-            "vfblk-lab",
-            "-p",
-            "vfblk-control",
-        ])
-        .args(extra)
+        .args(build_args(profile, extra))
         .current_dir(&root)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -140,5 +164,22 @@ fn prune_runs(runs: &Path, keep: usize) {
     let excess = dirs.len().saturating_sub(keep);
     for (_, dir) in dirs.into_iter().take(excess) {
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod bin_dir_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_tests_own_profile_is_built_with_test_features() {
+        let release = build_args("release", &[]);
+        assert!(
+            release.iter().all(|a| !a.contains("feature")),
+            "{release:?}"
+        );
+        // What project_bin_dir asks for.
+        let tests = build_args("test-bins", &["--features", "vfblk-control/test-delay"]);
+        assert!(tests.contains(&"test-bins") && tests.contains(&"vfblk-control/test-delay"));
     }
 }

@@ -385,7 +385,7 @@ pub fn measure(o: &CostOptions) -> Result<Cost> {
             )));
         }
     }
-    let bin_dir = vfblk_lab::release_bin_dir()?;
+    let bin_dir = vfblk_lab::sibling_bin_dir()?;
     let dir: PathBuf = vfblk_lab::run_dir("bench-cost")?;
     let mut cost = Cost::default();
     tracing::info!("cost: the bridge under callgrind, {} s of I/O", o.seconds);

@@ -874,7 +874,7 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
         Client::from_id,
         "client",
     )?;
-    let bin_dir = vfblk_lab::release_bin_dir()?;
+    let bin_dir = vfblk_lab::sibling_bin_dir()?;
     let dir = vfblk_lab::run_dir("bench-suite")?;
     let mut suite = Suite {
         socket: dir.join("suite.sock"),

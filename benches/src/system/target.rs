@@ -213,7 +213,7 @@ pub struct ScaleResult {
 /// Runs the benchmark: 1, 4 and 16 controllers, polling and interrupt-driven frontends,
 /// then 16 idle ones.
 pub fn run(o: &TargetBenchOptions) -> Result<ScaleResult> {
-    let bin_dir = vfblk_lab::release_bin_dir()?;
+    let bin_dir = vfblk_lab::sibling_bin_dir()?;
     let dir = vfblk_lab::run_dir("bench-target")?;
     let rpc = dir.join("rpc.sock");
     let target_args = [

@@ -155,7 +155,7 @@ pub struct VhostBenchOptions {
 
 /// Runs the benchmark and prints its table (or JSON).
 pub fn bench(o: &VhostBenchOptions) -> Result<()> {
-    let bin_dir = vfblk_lab::release_bin_dir()?;
+    let bin_dir = vfblk_lab::sibling_bin_dir()?;
     let dir = vfblk_lab::run_dir("bench-vhost")?;
     let data = std::path::PathBuf::from(format!("/dev/shm/vfblk-bench-{}", std::process::id()));
     let (secs, depth) = (o.seconds.to_string(), o.qd.to_string());
