@@ -311,6 +311,16 @@ impl UnderKeeper {
     }
 }
 
+/// A count from `var` if it is set to a number, else `default`.
+fn count_from_env(var: &str, default: usize) -> usize {
+    match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("{var}={v:?}: not a count: {e}")),
+        Err(_) => default,
+    }
+}
+
 /// SIGKILLs of a target on an RBD image, under the keeper, with a verifying load generator:
 /// each successor breaks the dead predecessor's exclusive lock at once (only the lock of a
 /// client the predecessor recorded as its own), so no request waits out Ceph's 30 s watch
@@ -319,7 +329,8 @@ impl UnderKeeper {
 fn sigkills_under_the_keeper_take_the_dead_predecessors_image_lock_at_once() {
     let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
-    let kills = 20;
+    // 20 in the test command; VFBLK_RBD_KILLS=100 for the full count, run by hand.
+    let kills = count_from_env("VFBLK_RBD_KILLS", 20);
     for (name, env, kills) in [
         ("kills", &[][..], kills),
         ("nobreak", &[("VFBLK_TEST_NO_RBD_LOCK_BREAK", "1")][..], 1),
@@ -438,7 +449,8 @@ fn upgrades_hand_the_image_lock_over_without_a_stall() {
     kept.serving_pid(0, false);
     let load = verifying_load_with(&dir.join("blk.sock"), &["--io-timeout-s", "60"]);
     let mut pid = kept.serving_pid(0, true);
-    let upgrades = 10;
+    // 10 in the test command; VFBLK_RBD_UPGRADES=100 for the full count, by hand.
+    let upgrades = count_from_env("VFBLK_RBD_UPGRADES", 10);
     let mut pauses = Vec::new();
     for _ in 0..upgrades {
         std::thread::sleep(std::time::Duration::from_millis(300));
