@@ -15,6 +15,12 @@ pub trait Device: Send + Sync {
     /// The device type's own virtio feature bits (the plumbing adds VERSION_1,
     /// INDIRECT_DESC, EVENT_IDX and PROTOCOL_FEATURES).
     fn features(&self) -> u64;
+    /// Feature bits a frontend may have acked: [`Device::features`] and any the device
+    /// offered under settings that can change while a frontend is connected (a connection
+    /// keeps what it negotiated; handed over or resumed, it must still be accepted).
+    fn accepted_features(&self) -> u64 {
+        self.features()
+    }
     /// The device's config space as the guest reads it.
     fn config_space(&self) -> Vec<u8>;
     /// The driver writes `data` at `offset` of the config space; `Err` for anything not

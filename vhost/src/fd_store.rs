@@ -343,6 +343,7 @@ mod tests {
             inflight: None,
             status: 0x0f,
             log: None,
+            backend_channel: None,
         }
     }
 

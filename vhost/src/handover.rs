@@ -126,6 +126,9 @@ pub struct ConnectionState {
     /// written is LOG_ALL in `features`).
     #[serde(default)]
     pub log: Option<LogState>,
+    /// The backend request channel (SET_BACKEND_REQ_FD), if the frontend gave one (index).
+    #[serde(default)]
+    pub backend_channel: Option<u32>,
 }
 
 /// One socket server: its listening socket and the frontend connected to it, if any.
@@ -180,6 +183,9 @@ impl ConnectionState {
         }
         if let Some(l) = &mut self.log {
             l.fd += by;
+        }
+        if let Some(c) = &mut self.backend_channel {
+            *c += by;
         }
     }
 

@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backend_channel;
 pub mod chain;
 pub mod device;
 pub mod dirty_log;

@@ -18,6 +18,7 @@ use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendRe
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use crate::backend_channel::{BackendChannel, ChannelError};
 use crate::device::{Device, QueueSetup};
 use crate::dirty_log::DirtyLog;
 use crate::error_chain;
@@ -93,6 +94,8 @@ pub struct Connection {
     status: u8,
     /// A migration's dirty log (SET_LOG_BASE); written while VHOST_F_LOG_ALL is set.
     log: Option<Arc<DirtyLog>>,
+    /// The backend request channel (SET_BACKEND_REQ_FD), where config changes are told.
+    backend_channel: Option<Arc<BackendChannel>>,
 }
 
 /// A queue size virtio allows: a power of two, 1 to [`MAX_QUEUE_SIZE`].
@@ -125,6 +128,7 @@ impl Connection {
             own_inflight: false,
             status: 0,
             log: None,
+            backend_channel: None,
         }
     }
 
@@ -138,6 +142,12 @@ impl Connection {
             | config.device.features()
     }
 
+    /// Feature bits a frontend may have acked ([`Device::accepted_features`]): checked at
+    /// SET_FEATURES and when a connection is handed over or resumed.
+    pub fn accepted_features(config: &DeviceConfig) -> u64 {
+        Self::offered_features(config) | config.device.accepted_features()
+    }
+
     /// Protocol features we offer.
     pub fn offered_protocol(config: &DeviceConfig) -> VhostUserProtocolFeatures {
         let mut p = VhostUserProtocolFeatures::MQ
@@ -146,7 +156,8 @@ impl Connection {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::STATUS
-            | VhostUserProtocolFeatures::LOG_SHMFD;
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         if config.inflight {
             p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
@@ -585,6 +596,11 @@ impl Connection {
             }
             None => None,
         };
+        let backend_channel = self
+            .backend_channel
+            .as_deref()
+            .map(|c| fds.add(c))
+            .transpose()?;
         Ok(ConnectionState {
             socket: fds.add(socket)?,
             features: self.features,
@@ -594,6 +610,7 @@ impl Connection {
             inflight,
             status: self.status,
             log,
+            backend_channel,
         })
     }
 
@@ -641,7 +658,39 @@ impl Connection {
             sig.push(v.kick.as_ref().map_or(-1, |f| f.as_raw_fd()));
             sig.push(v.call.as_ref().map_or(-1, |f| f.as_raw_fd()));
         }
+        sig.push(-4);
+        if let Some(c) = &self.backend_channel {
+            sig.push(c.as_fd().as_raw_fd());
+        }
         sig
+    }
+
+    /// SET_BACKEND_REQ_FD: the frontend's backend request channel (the vhost crate's
+    /// handler never sees this message: its channel could not be handed over). Refused
+    /// unless BACKEND_REQ was negotiated and `fd` is a unix stream socket; a refusal keeps
+    /// the channel there was, if any.
+    pub fn set_backend_channel(&mut self, fd: std::os::fd::OwnedFd) -> Result<(), ChannelError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Err(ChannelError::NotAStreamSocket(
+                "BACKEND_REQ was not negotiated".into(),
+            ));
+        }
+        let reply_ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let channel = BackendChannel::new(fd, reply_ack)?;
+        tracing::info!(
+            "backend request channel set (config changes are told{})",
+            if reply_ack { ", acknowledged" } else { "" }
+        );
+        self.backend_channel = Some(Arc::new(channel));
+        Ok(())
+    }
+
+    /// The backend request channel, if the frontend gave one.
+    pub fn backend_channel(&self) -> Option<Arc<BackendChannel>> {
+        self.backend_channel.clone()
     }
 
     /// The negotiated virtio and protocol features.
@@ -667,7 +716,7 @@ impl Connection {
         fds: &mut Fds,
     ) -> crate::Result<Self> {
         let mut c = Connection::new(config);
-        let offered = Self::offered_features(&c.config);
+        let offered = Self::accepted_features(&c.config);
         if state.features & !offered != 0 {
             return Err(crate::Error::HandoverIncompatible(format!(
                 "the frontend negotiated features {:#x}, of which {:#x} are not offered here",
@@ -748,6 +797,12 @@ impl Connection {
             }
             c.log = Some(Arc::new(log));
         }
+        if let Some(index) = state.backend_channel {
+            let reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+            let channel = BackendChannel::new(fds.take(index)?, reply_ack)
+                .map_err(|e| crate::Error::HandoverMessage(e.to_string()))?;
+            c.backend_channel = Some(Arc::new(channel));
+        }
         Ok(c)
     }
 }
@@ -774,7 +829,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
-        if features & !Self::offered_features(&self.config) != 0 {
+        if features & !Self::accepted_features(&self.config) != 0 {
             return Err(VuError::InvalidParam);
         }
         let was_logging = self.log_all();

@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::{BackendReqHandler, Listener};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backend_channel::{BackendChannel, ChannelError, Delivered, REQUEST_DEADLINE};
 use crate::fd_store::{ConnectionRecord, DeviceStore};
-use crate::framing::{answer_status, message_ready, NotReady, GET_STATUS, SET_STATUS};
+use crate::framing::{
+    answer_backend_req_fd, answer_status, message_ready, NotReady, GET_STATUS, SET_BACKEND_REQ_FD,
+    SET_STATUS,
+};
 use crate::handover::{Fds, ServerState};
 use crate::protocol::{Connection, DeviceConfig};
 use crate::signals::{block_signals, wait_for_termination};
@@ -76,6 +80,30 @@ struct ServerControl {
     /// Frontends accepted so far.
     accepted: AtomicU64,
     connected: AtomicBool,
+    /// The connected frontend's backend request channel, if it gave one: config changes are
+    /// told there by whoever changes the device, without the connection's lock.
+    channel: Mutex<Option<Arc<BackendChannel>>>,
+}
+
+impl ServerControl {
+    fn set_channel(&self, channel: Option<Arc<BackendChannel>>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+}
+
+/// What became of telling a frontend its device's config space changed
+/// ([`SocketServer::config_changed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigChangeTold {
+    /// No frontend is connected (the next one reads the config space when it connects).
+    NotConnected,
+    /// The frontend gave no backend request channel (it did not negotiate BACKEND_REQ): it
+    /// sees the change only when it reads the config space again.
+    NoChannel,
+    /// Sent (and acknowledged, with REPLY_ACK).
+    Delivered(Delivered),
+    /// The channel failed or the frontend did not answer in time.
+    Failed(ChannelError),
 }
 
 /// One listening socket and its serving thread.
@@ -114,6 +142,29 @@ impl SocketServer {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells the connected frontend that the device's config space changed (a resize), on
+    /// its backend request channel, within [`REQUEST_DEADLINE`]. Never holds the connection:
+    /// the frontend may read the config space over the main socket before it acknowledges
+    /// (QEMU does). A failure is returned for the caller to report.
+    pub fn config_changed(&self) -> ConfigChangeTold {
+        if !self.shared.connected.load(Ordering::Relaxed) {
+            return ConfigChangeTold::NotConnected;
+        }
+        let channel = self
+            .shared
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(channel) = channel else {
+            return ConfigChangeTold::NoChannel;
+        };
+        match channel.config_changed(REQUEST_DEADLINE) {
+            Ok(d) => ConfigChangeTold::Delivered(d),
+            Err(e) => ConfigChangeTold::Failed(e),
+        }
     }
 
     /// Its counters.
@@ -340,6 +391,7 @@ fn spawn(
         drain_on_stop: AtomicBool::new(true),
         accepted: AtomicU64::new(u64::from(resumed.is_some())),
         connected: AtomicBool::new(resumed.is_some()),
+        channel: Mutex::new(None),
     });
     let device_store = config.fd_store.clone();
     let name = path.display().to_string();
@@ -623,11 +675,13 @@ fn serve_connection(
         }
     };
     let fd = stream.as_raw_fd();
-    if let Some(k) = &mut kept {
-        k.commit(
-            &connection.lock().unwrap_or_else(|e| e.into_inner()),
-            &stream,
-        );
+    {
+        let c = connection.lock().unwrap_or_else(|e| e.into_inner());
+        // A connection taken over may have a channel already.
+        shared.set_channel(c.backend_channel());
+        if let Some(k) = &mut kept {
+            k.commit(&c, &stream);
+        }
     }
     let connected_at = Instant::now();
     let mut stopped = false;
@@ -662,6 +716,8 @@ fn serve_connection(
                     &request,
                 ) == SuspendOutcome::LetGo
                 {
+                    // Config changes are the successor's to tell now.
+                    shared.set_channel(None);
                     // The successor holds the connection, its memory, its queues and its
                     // place in the fd store now.
                     std::mem::forget(handler);
@@ -696,12 +752,24 @@ fn serve_connection(
         }
         #[cfg(feature = "test-faults")]
         crate::faults::die_in_message_for_tests();
-        let status_request = header.filter(|h| {
-            let request = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-            request == SET_STATUS || request == GET_STATUS
-        });
-        if let Some(header) = status_request {
-            if let Err(why) = answer_status(fd, &header, &connection) {
+        // Requests the vhost crate does not dispatch, or would keep out of our reach.
+        let ours = header
+            .map(|h| (u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")), h))
+            .filter(|(r, _)| [SET_STATUS, GET_STATUS, SET_BACKEND_REQ_FD].contains(r));
+        if let Some((request, header)) = ours {
+            let answered = if request == SET_BACKEND_REQ_FD {
+                answer_backend_req_fd(fd, &header, &connection).inspect(|()| {
+                    shared.set_channel(
+                        connection
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .backend_channel(),
+                    )
+                })
+            } else {
+                answer_status(fd, &header, &connection)
+            };
+            if let Err(why) = answered {
                 tracing::warn!("{name}: closing the connection: {why}");
                 break;
             }
@@ -721,6 +789,7 @@ fn serve_connection(
             );
         }
     }
+    shared.set_channel(None);
     if let Some(k) = kept {
         // Closed on purpose or by the frontend: nothing of it is to be resumed.
         k.end();
