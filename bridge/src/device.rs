@@ -2,7 +2,7 @@
 //! virtqueue a [`BlkQueue`] that parses each walked chain into a request, hands it to the
 //! backend queue, and writes the status byte when the backend reports the result.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfblk_vhost::chain::ChainCursor;
@@ -15,7 +15,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 
-use crate::backend::{Backend, BackendQueue, Queue, Submitted};
+use crate::backend::{Backend, BackendQueue, LiveCapacity, Queue, Submitted};
 use crate::limits::{Limiter, LiveLimits, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, IoKind, QueueStats};
@@ -36,9 +36,33 @@ pub struct BlkDevice {
     /// The config space's writeback field: the driver may switch a device with a volatile
     /// cache to writethrough (CONFIG_WCE), and every queue follows at its next write.
     writeback: Arc<AtomicBool>,
-    read_only: bool,
+    /// What may change while queues run: read-only, and the capacity a resize grows.
+    shape: Arc<LiveShape>,
     rate_limits: Arc<LiveLimits>,
     stats: Arc<DeviceStats>,
+}
+
+/// The device's settings that change under running queues: each queue compares
+/// `generation` with the one it follows at every request it takes (one load), and on a
+/// change takes the new read-only setting and capacity before it parses the request.
+pub struct LiveShape {
+    generation: AtomicU64,
+    read_only: AtomicBool,
+    capacity: Option<LiveCapacity>,
+    /// What the backend offers, for the limits a read-only setting takes away.
+    discard: bool,
+    write_zeroes: bool,
+}
+
+impl LiveShape {
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    #[inline]
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 impl BlkDevice {
@@ -48,12 +72,19 @@ impl BlkDevice {
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let writeback = Arc::new(AtomicBool::new(backend.info().flush));
+        let shape = Arc::new(LiveShape {
+            generation: AtomicU64::new(0),
+            read_only: AtomicBool::new(false),
+            capacity: backend.live_capacity(),
+            discard: backend.info().discard,
+            write_zeroes: backend.info().write_zeroes,
+        });
         Self {
             backend,
             num_queues,
             serial: id,
             writeback,
-            read_only: false,
+            shape,
             rate_limits: Arc::new(LiveLimits::default()),
             stats: Arc::new(DeviceStats::new(num_queues)),
         }
@@ -71,9 +102,31 @@ impl BlkDevice {
 
     /// The same device offered read-only (VIRTIO_BLK_F_RO; writes, discards and write
     /// zeroes fail).
-    pub fn read_only(mut self) -> Self {
-        self.read_only = true;
+    pub fn read_only(self) -> Self {
+        self.shape.read_only.store(true, Ordering::Relaxed);
         self
+    }
+
+    /// Whether the device is read-only now.
+    pub fn is_read_only(&self) -> bool {
+        self.shape.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Makes the running device read-only or writable. Every queue follows at the next
+    /// request it takes: from then on writes, discards and write zeroes fail with IOERR
+    /// (on) or are served again (off). A driver already running is not told: virtio-blk
+    /// says read-only only by VIRTIO_BLK_F_RO, negotiated once when the driver starts, and
+    /// the config space has no field for it; the bit is offered to frontends from the next
+    /// connection on.
+    pub fn set_read_only(&self, on: bool) {
+        self.shape.read_only.store(on, Ordering::Relaxed);
+        self.shape.changed();
+    }
+
+    /// The backend grew: every queue takes the new capacity at the next request it takes
+    /// (before the frontend is told, so a driver that sees the new size finds it served).
+    pub fn capacity_changed(&self) {
+        self.shape.changed();
     }
 
     /// The same device held to `limits` (each queue to its equal share).
@@ -106,9 +159,10 @@ impl BlkDevice {
     /// The config space as a struct.
     pub fn config(&self) -> Config {
         let info = self.backend.info();
+        let read_only = self.is_read_only();
         let per_physical = (info.physical_block_size / info.block_size.max(1)).max(1);
         let mut c = Config {
-            capacity: info.capacity_sectors,
+            capacity: self.backend.capacity_sectors(),
             size_max: SIZE_MAX,
             seg_max: SEG_MAX,
             blk_size: info.block_size,
@@ -119,12 +173,12 @@ impl BlkDevice {
             num_queues: self.num_queues,
             ..Config::default()
         };
-        if info.discard && !self.read_only {
+        if info.discard && !read_only {
             c.max_discard_sectors = MAX_RANGE_SECTORS;
             c.max_discard_seg = MAX_DISCARD_SEGMENTS as u32;
             c.discard_sector_alignment = 1;
         }
-        if info.write_zeroes && !self.read_only {
+        if info.write_zeroes && !read_only {
             c.max_write_zeroes_sectors = MAX_RANGE_SECTORS;
             c.max_write_zeroes_seg = MAX_DISCARD_SEGMENTS as u32;
             c.write_zeroes_may_unmap = 1;
@@ -134,15 +188,16 @@ impl BlkDevice {
 
     fn limits(&self) -> Limits {
         let info = self.backend.info();
+        let read_only = self.is_read_only();
         Limits {
-            capacity: info.capacity_sectors,
+            capacity: self.backend.capacity_sectors(),
             flush: info.flush,
-            discard: info.discard && !self.read_only,
-            write_zeroes: info.write_zeroes && !self.read_only,
+            discard: info.discard && !read_only,
+            write_zeroes: info.write_zeroes && !read_only,
             max_range_sectors: MAX_RANGE_SECTORS,
             seg_max: SEG_MAX,
             size_max: SIZE_MAX,
-            read_only: self.read_only,
+            read_only,
         }
     }
 }
@@ -150,8 +205,12 @@ impl BlkDevice {
 impl BlkDevice {
     /// The virtio-blk queue [`Device::open_queue`] hands the poller.
     pub fn open_blk_queue(&self, setup: &QueueSetup) -> crate::Result<BlkQueue> {
+        // The shape first: a backend queue opened after it is at least as large.
+        let shape_seen = self.shape.generation();
+        let limits = self.limits();
         let backend = self.backend.open_queue(setup.poller)?;
-        let mut queue = BlkQueue::new(backend, self.limits(), self.serial, setup);
+        let mut queue = BlkQueue::new(backend, limits, self.serial, setup);
+        queue.shape = Some((self.shape.clone(), shape_seen));
         queue.stats = self.stats.queue(setup.index).cloned();
         queue.limits_seen = self.rate_limits.generation();
         queue.limiter = Limiter::for_queue(&self.rate_limits.get(), self.num_queues);
@@ -176,7 +235,7 @@ impl Device for BlkDevice {
             // writethrough instead.
             f |= (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE);
         }
-        if self.read_only {
+        if self.is_read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             if info.discard {
@@ -185,6 +244,21 @@ impl Device for BlkDevice {
             if info.write_zeroes {
                 f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
             }
+        }
+        f
+    }
+
+    /// What a frontend may have acked under either read-only setting: a connection made
+    /// before a change goes on (and is handed over, or resumed after a crash) with what it
+    /// negotiated; the queues enforce the setting of now.
+    fn accepted_features(&self) -> u64 {
+        let info = self.backend.info();
+        let mut f = self.features() | (1 << VIRTIO_BLK_F_RO);
+        if info.discard {
+            f |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if info.write_zeroes {
+            f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
     }
@@ -323,6 +397,8 @@ pub struct BlkQueue {
     /// Requests the backend finished at submission since the last poll: counted, their
     /// latency (all started with the round) added at the poll, with one clock read.
     finished_at_take: u64,
+    /// The device's changing settings and the generation of them `limits` follows.
+    shape: Option<(Arc<LiveShape>, u64)>,
 }
 
 // SAFETY: the status pointers point into guest memory that the poller keeps mapped while
@@ -347,7 +423,30 @@ impl BlkQueue {
             live_limits: None,
             limits_seen: 0,
             finished_at_take: 0,
+            shape: None,
         }
+    }
+
+    /// The device's read-only setting or capacity changed: the limits follow, and a backend
+    /// that grew is told before the first request that may reach the new sectors.
+    #[cold]
+    #[inline(never)]
+    fn follow_shape(&mut self) {
+        let Some((shape, seen)) = &mut self.shape else {
+            return;
+        };
+        *seen = shape.generation();
+        let read_only = shape.read_only.load(Ordering::Relaxed);
+        if let Some(capacity) = &shape.capacity {
+            let sectors = capacity.sectors();
+            if sectors != self.limits.capacity {
+                self.backend.capacity_changed();
+                self.limits.capacity = sectors;
+            }
+        }
+        self.limits.read_only = read_only;
+        self.limits.discard = shape.discard && !read_only;
+        self.limits.write_zeroes = shape.write_zeroes && !read_only;
     }
 
     fn queue_stats(&self) -> Option<&QueueStats> {
@@ -371,6 +470,11 @@ impl RequestHandler for BlkQueue {
 
     #[inline]
     fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
+        if let Some((shape, seen)) = &self.shape {
+            if shape.generation() != *seen {
+                self.follow_shape();
+            }
+        }
         let head = chain.head();
         // Walked into the request's own buffers: where the parser and the backend read them.
         let count = match self.request.walk(chain) {
@@ -547,6 +651,23 @@ mod tests {
             Self {
                 guest: MockGuest::new(4 << 20, 256),
                 queue: BlkQueue::new(backend_queue, device.limits(), device.serial, &setup),
+                errors,
+            }
+        }
+
+        /// A rig whose queue the device opened (it follows the device's changes).
+        fn for_device(device: &BlkDevice) -> Self {
+            let errors = Arc::new(GuestErrors::new("rig"));
+            let setup = QueueSetup {
+                index: 0,
+                size: 256,
+                features: device.features(),
+                errors: errors.clone(),
+                poller: 0,
+            };
+            Self {
+                guest: MockGuest::new(4 << 20, 256),
+                queue: device.open_blk_queue(&setup).unwrap(),
                 errors,
             }
         }
@@ -833,6 +954,75 @@ mod tests {
         assert!(device.set_config(0, &[0]).is_err());
         assert!(device.set_config(writeback_offset, &[0, 0]).is_err());
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_running_queue_follows_a_grow_and_a_read_only_switch_at_its_next_request() {
+        for kind in ["mem", "file"] {
+            let path = temp_path(&format!("live-{kind}"));
+            let _ = std::fs::remove_file(&path);
+            let backend: Arc<dyn Backend> = match kind {
+                "mem" => Arc::new(MemBackend::open(&path, DISK).unwrap()),
+                _ => Arc::new(FileBackend::open(&path, Some(DISK)).unwrap()),
+            };
+            let device = BlkDevice::new(backend.clone(), 1, "live");
+            let mut rig = Rig::for_device(&device);
+            let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+            let src = rig.buffer(&pattern);
+            let dst = rig.guest.alloc(4096);
+            let beyond = DISK / 512 + 8;
+            assert_eq!(
+                rig.run(req::OUT, beyond, Some((src, 4096, false))).0,
+                status::IOERR,
+                "{kind}: beyond the end"
+            );
+            backend.grow(2 * DISK).unwrap();
+            device.capacity_changed();
+            assert_eq!({ device.config().capacity }, 2 * DISK / 512);
+            assert_eq!(
+                rig.run(req::OUT, beyond, Some((src, 4096, false))).0,
+                status::OK,
+                "{kind}: the grown part is served"
+            );
+            assert_eq!(
+                rig.run(req::IN, beyond, Some((dst, 4096, true))).0,
+                status::OK
+            );
+            assert_eq!(rig.guest.read(dst, 4096), pattern, "{kind}");
+            // Read-only while running: writes fail, reads go on; and back.
+            device.set_read_only(true);
+            assert_eq!(
+                rig.run(req::OUT, 0, Some((src, 4096, false))).0,
+                status::IOERR,
+                "{kind}: read-only"
+            );
+            let r = rig.buffer(
+                &Range {
+                    sector: 0,
+                    num_sectors: 8,
+                    flags: 0,
+                }
+                .to_bytes(),
+            );
+            assert_ne!(rig.run(req::DISCARD, 0, Some((r, 16, false))).0, status::OK);
+            assert_eq!(
+                rig.run(req::IN, beyond, Some((dst, 4096, true))).0,
+                status::OK
+            );
+            assert!(device.features() & (1 << VIRTIO_BLK_F_RO) != 0);
+            assert_eq!(
+                device.accepted_features() & !device.features(),
+                (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES),
+                "what a connection made while writable negotiated stays acceptable"
+            );
+            device.set_read_only(false);
+            assert_eq!(rig.run(req::OUT, 0, Some((src, 4096, false))).0, status::OK);
+            assert_eq!(
+                device.accepted_features() & !device.features(),
+                1 << VIRTIO_BLK_F_RO
+            );
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     #[test]

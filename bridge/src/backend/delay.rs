@@ -38,6 +38,14 @@ impl Backend for DelayBackend {
         self.inner.sync()
     }
 
+    fn live_capacity(&self) -> Option<super::LiveCapacity> {
+        self.inner.live_capacity()
+    }
+
+    fn grow(&self, bytes: u64) -> Result<()> {
+        self.inner.grow(bytes)
+    }
+
     fn open_queue(&self, poller: u64) -> Result<Queue> {
         Ok(Queue::from(DelayQueue {
             inner: self.inner.open_queue(poller)?,
@@ -117,5 +125,9 @@ impl BackendQueue for DelayQueue {
 
     fn in_flight(&self) -> usize {
         self.held.len() + self.inner.in_flight()
+    }
+
+    fn capacity_changed(&mut self) {
+        self.inner.capacity_changed();
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::created::Creating;
-use super::{Backend, BackendInfo, BackendQueue, Queue};
+use super::{check_grow, Backend, BackendInfo, BackendQueue, LiveCapacity, Queue};
 use crate::request::MAX_SEGMENTS;
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
@@ -36,6 +36,11 @@ pub struct FileBackend {
     /// request, not probed at open: an open sits inside a restart's pause, and an fallocate
     /// can wait on the filesystem.)
     zero_range: Arc<AtomicBool>,
+    /// A regular file (a block device's size is its own, not ours to change).
+    regular: bool,
+    capacity: LiveCapacity,
+    /// One grow at a time.
+    growing: std::sync::Mutex<()>,
 }
 
 /// Bytes of zeros one fallback write carries.
@@ -109,6 +114,9 @@ impl FileBackend {
                 write_zeroes: !meta.file_type().is_block_device(),
             },
             zero_range: Arc::new(AtomicBool::new(!meta.file_type().is_block_device())),
+            regular: meta.file_type().is_file(),
+            capacity: LiveCapacity::new(capacity / SECTOR),
+            growing: std::sync::Mutex::new(()),
             direct,
             buffered: Arc::new(buffered),
         })
@@ -135,6 +143,37 @@ impl Backend for FileBackend {
             what: "fdatasync of the backing file".into(),
             source,
         })
+    }
+
+    fn live_capacity(&self) -> Option<LiveCapacity> {
+        Some(self.capacity.clone())
+    }
+
+    /// Lengthens the file (sparse: nothing is written); queues need nothing new, their
+    /// requests go by offset. A failed ftruncate changes nothing.
+    fn grow(&self, bytes: u64) -> Result<()> {
+        let _one = self.growing.lock().unwrap_or_else(|e| e.into_inner());
+        let what = format!("file backend {}", self.info.description);
+        if !self.regular {
+            return Err(Error::BadArgument(format!(
+                "{what}: not a regular file; a block device's size is its own (resize the device, then recreate the backend)"
+            )));
+        }
+        let Some(sectors) = check_grow(&what, self.capacity.sectors(), bytes)? else {
+            return Ok(());
+        };
+        let len = self.buffered.metadata().map_err(|source| Error::Io {
+            what: format!("stat ({what})"),
+            source,
+        })?;
+        if len.len() < bytes {
+            self.buffered.set_len(bytes).map_err(|source| Error::Io {
+                what: format!("lengthening the file to {bytes} bytes ({what})"),
+                source,
+            })?;
+        }
+        self.capacity.set(sectors);
+        Ok(())
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
@@ -439,6 +478,24 @@ mod tests {
 
     /// A length `set_len` refuses (above i64::MAX), after the file was opened.
     const UNSETTABLE: u64 = !(SECTOR - 1);
+
+    #[test]
+    fn a_grow_lengthens_the_file_and_a_failed_one_changes_nothing() {
+        let disk = Scratch::new("file-grow");
+        let backend = FileBackend::open(&disk.0, Some(1 << 20)).unwrap();
+        std::fs::write(&disk.0, [3u8; 1 << 20]).unwrap();
+        let before = std::fs::read(&disk.0).unwrap();
+        let err = backend.grow(UNSETTABLE).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(backend.grow(512).is_err(), "a shrink is refused");
+        disk.assert_holds(&before, "a failed grow leaves the file as it was");
+        assert_eq!(backend.capacity_sectors(), (1 << 20) / SECTOR);
+        backend.grow(3 << 20).unwrap();
+        assert_eq!(backend.capacity_sectors(), (3 << 20) / SECTOR);
+        let mut grown = before.clone();
+        grown.resize(3 << 20, 0);
+        disk.assert_holds(&grown, "grown, its data kept");
+    }
 
     #[test]
     fn a_size_of_zero_leaves_no_file() {

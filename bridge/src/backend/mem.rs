@@ -1,19 +1,26 @@
 //! A RAM disk in a named shared-memory file (e.g. under /dev/shm), so its data outlive the
 //! process: what the kill-and-restart tests need.
 
+use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::created::Creating;
-use super::{Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, Queue};
+use super::{check_grow, Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, LiveCapacity, Queue};
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
 
 /// The `mem` backend.
 pub struct MemBackend {
-    map: Arc<memmap2::MmapRaw>,
+    /// The mapping queues opened now get. A grow maps the file again, larger, and puts the
+    /// new mapping here; queues move to it at their next request after the capacity moved
+    /// (both mappings share the file's pages, so what one wrote the other reads).
+    map: Arc<Mutex<Arc<memmap2::MmapRaw>>>,
+    /// Kept for a grow (lengthened, then mapped again).
+    file: File,
     info: BackendInfo,
+    capacity: LiveCapacity,
 }
 
 impl MemBackend {
@@ -36,15 +43,20 @@ impl MemBackend {
             .len(size as usize)
             .map_raw(file.file())
             .map_err(io("mmap of"))?;
-        // The mapping keeps the memory; the file descriptor is not needed.
-        file.commit();
+        let file = file.commit();
         Ok(Self {
-            map: Arc::new(map),
+            map: Arc::new(Mutex::new(Arc::new(map))),
+            file,
             info: BackendInfo::in_memory(
                 format!("mem:{} ({} MiB)", path.display(), size >> 20),
                 size,
             ),
+            capacity: LiveCapacity::new(size / SECTOR),
         })
+    }
+
+    fn current_map(&self) -> Arc<memmap2::MmapRaw> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -52,7 +64,7 @@ impl Backend for MemBackend {
     /// msync: the mapping's dirty pages written back to the file (nothing to write on
     /// /dev/shm, where the pages are the file).
     fn sync(&self) -> Result<()> {
-        self.map.flush().map_err(|source| Error::Io {
+        self.current_map().flush().map_err(|source| Error::Io {
             what: "msync of the RAM disk's mapping".into(),
             source,
         })
@@ -64,19 +76,72 @@ impl Backend for MemBackend {
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
         Ok(FinishedAtSubmit::new(MemExecutor {
-            map: self.map.clone(),
+            map: self.current_map(),
+            current: self.map.clone(),
         })
         .into())
+    }
+
+    fn live_capacity(&self) -> Option<LiveCapacity> {
+        Some(self.capacity.clone())
+    }
+
+    /// Lengthens the file and maps it again at the new length. A failure at either step
+    /// leaves the file at its length and the old mapping in use.
+    fn grow(&self, bytes: u64) -> Result<()> {
+        // One grow at a time; queues only clone the mapping under this lock, briefly.
+        let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let what = format!("mem backend {}", self.info.description);
+        let Some(sectors) = check_grow(&what, self.capacity.sectors(), bytes)? else {
+            return Ok(());
+        };
+        let io = |doing: &str| {
+            let what = format!("{doing} ({what}, to {bytes} bytes)");
+            move |source| Error::Io { what, source }
+        };
+        let old_len = self.file.metadata().map_err(io("stat"))?.len();
+        self.file
+            .set_len(bytes)
+            .map_err(io("lengthening the file"))?;
+        let map = match usize::try_from(bytes)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
+            .and_then(|len| memmap2::MmapOptions::new().len(len).map_raw(&self.file))
+        {
+            Ok(map) => map,
+            Err(e) => {
+                // Nothing maps beyond the old length: cutting back loses nothing.
+                if let Err(cut) = self.file.set_len(old_len) {
+                    tracing::error!(
+                        "{what}: the file could not be cut back to {old_len} bytes after a failed grow: {cut}"
+                    );
+                }
+                return Err(io("mmap")(e));
+            }
+        };
+        *current = Arc::new(map);
+        drop(current);
+        self.capacity.set(sectors);
+        Ok(())
     }
 }
 
 /// A queue's view of the RAM disk.
 pub struct MemExecutor {
     map: Arc<memmap2::MmapRaw>,
+    /// The backend's mapping now (a grow replaces it).
+    current: Arc<Mutex<Arc<memmap2::MmapRaw>>>,
 }
 
 impl ExecuteNow for MemExecutor {
     const NAME: &'static str = "mem";
+
+    fn capacity_changed(&mut self) {
+        self.map = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+    }
 
     fn execute(&self, r: &Request) -> u8 {
         let disk = self.map.as_mut_ptr();
@@ -147,6 +212,44 @@ mod tests {
         std::fs::write(&disk.0, &content).unwrap();
         assert!(MemBackend::open(&disk.0, UNMAPPABLE).is_err());
         disk.assert_holds(&content, "neither removed nor left grown");
+    }
+
+    #[test]
+    fn a_grow_maps_the_new_length_and_a_failed_one_changes_nothing() {
+        let disk = Scratch::new("mem-grow");
+        let backend = MemBackend::open(&disk.0, 1 << 20).unwrap();
+        let mut queue = MemExecutor {
+            map: backend.current_map(),
+            current: backend.map.clone(),
+        };
+        // SAFETY: inside the 1 MiB mapping.
+        unsafe { queue.map.as_mut_ptr().add(4096).write(0x5a) };
+        assert!(backend.grow(512 * 3).is_err(), "a shrink is refused");
+        assert!(backend.grow((2 << 20) + 1).is_err(), "not whole sectors");
+        let before = std::fs::read(&disk.0).unwrap();
+        let err = backend.grow(UNMAPPABLE).unwrap_err();
+        assert!(err.to_string().contains("mmap"), "{err}");
+        disk.assert_holds(&before, "a failed grow leaves the file as it was");
+        assert_eq!(backend.capacity_sectors(), (1 << 20) / 512);
+        backend.grow(1 << 20).unwrap();
+        assert_eq!(
+            backend.capacity_sectors(),
+            (1 << 20) / 512,
+            "the same size: no change"
+        );
+        backend.grow(4 << 20).unwrap();
+        assert_eq!(backend.capacity_sectors(), (4 << 20) / 512);
+        assert_eq!(std::fs::metadata(&disk.0).unwrap().len(), 4 << 20);
+        // The queue moves to the new mapping; what it wrote before is there.
+        queue.capacity_changed();
+        assert!(queue.map.len() >= 4 << 20);
+        // SAFETY: inside the 4 MiB mapping.
+        unsafe {
+            assert_eq!(queue.map.as_ptr().add(4096).read(), 0x5a);
+            queue.map.as_mut_ptr().add((4 << 20) - 1).write(7);
+        }
+        let data = std::fs::read(&disk.0).unwrap();
+        assert_eq!((data[4096], data[(4 << 20) - 1]), (0x5a, 7));
     }
 
     #[test]

@@ -23,8 +23,12 @@ pub use nvme::{
 };
 pub use rbd::{ClusterOptions, ClusterSettings, RbdBackend, RbdCluster};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::request::Request;
-use crate::Result;
+use crate::virtio_blk::SECTOR;
+use crate::{Error, Result};
 use vfblk_vhost::memory::GuestMemory;
 
 /// What a backend offers; becomes the device's config space and feature bits.
@@ -64,12 +68,56 @@ impl BackendInfo {
     }
 }
 
+/// A backend's capacity in 512-byte sectors, which a resize grows while queues run. The
+/// backend makes the new sectors usable before it stores the new value (Release); whoever
+/// loads it (Acquire) may use them.
+#[derive(Debug, Clone)]
+pub struct LiveCapacity(Arc<AtomicU64>);
+
+impl LiveCapacity {
+    /// Starting at `sectors`.
+    pub fn new(sectors: u64) -> Self {
+        Self(Arc::new(AtomicU64::new(sectors)))
+    }
+
+    /// Sectors now.
+    pub fn sectors(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The new sectors are usable: publishes them.
+    fn set(&self, sectors: u64) {
+        self.0.store(sectors, Ordering::Release);
+    }
+}
+
+/// Checks a grow of `what` from `sectors` to `bytes`: `Ok(None)` when it is the size it has,
+/// `Ok(Some(new sectors))` for a grow, an error for a shrink or a size that is no disk.
+pub fn check_grow(what: &str, sectors: u64, bytes: u64) -> Result<Option<u64>> {
+    if bytes == 0 || bytes % SECTOR != 0 {
+        return Err(Error::BadSize {
+            what: what.to_string(),
+            bytes,
+        });
+    }
+    let new = bytes / SECTOR;
+    if new < sectors {
+        return Err(Error::BadArgument(format!(
+            "{what}: {bytes} bytes is smaller than its {} bytes; shrinking is refused (the guest may have data there, and a running driver cannot be told to stop using it before the cut)",
+            sectors * SECTOR
+        )));
+    }
+    Ok((new > sectors).then_some(new))
+}
+
 /// How a backend that finishes every request when it is submitted does one (RAM, null).
 pub trait ExecuteNow: Send {
     /// The backend's name in errors.
     const NAME: &'static str;
     /// Does `request` (checked by [`crate::request::parse`]); its virtio status.
     fn execute(&self, request: &Request) -> u8;
+    /// The backend grew (see [`BackendQueue::capacity_changed`]).
+    fn capacity_changed(&mut self) {}
 }
 
 /// The queue of a backend that finishes requests at submission: their completions wait here
@@ -116,6 +164,10 @@ impl<X: ExecuteNow> BackendQueue for FinishedAtSubmit<X> {
     fn in_flight(&self) -> usize {
         self.done.len()
     }
+
+    fn capacity_changed(&mut self) {
+        self.executor.capacity_changed();
+    }
 }
 
 /// A backend: a source of per-virtqueue queues.
@@ -137,6 +189,27 @@ pub trait Backend: Send + Sync {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Capacity in 512-byte sectors now (it changes with [`Backend::grow`]).
+    fn capacity_sectors(&self) -> u64 {
+        self.live_capacity()
+            .map_or(self.info().capacity_sectors, |c| c.sectors())
+    }
+    /// The capacity as it changes, for backends that can grow (None: fixed).
+    fn live_capacity(&self) -> Option<LiveCapacity> {
+        None
+    }
+    /// Grows the disk to `bytes` (a multiple of 512, not below its size; its size again is
+    /// no change). Either it is done whole (the new sectors usable, then published through
+    /// [`Backend::live_capacity`]) or, on error, nothing changed: the backend and its file
+    /// are as they were.
+    fn grow(&self, bytes: u64) -> Result<()> {
+        let _ = bytes;
+        Err(Error::BadArgument(format!(
+            "{}: this kind of backend cannot be resized by the target",
+            self.info().description
+        )))
+    }
 }
 
 /// One virtqueue's path to the backend.
@@ -154,6 +227,9 @@ pub trait BackendQueue: Send {
     fn poll(&mut self, done: &mut Vec<(u16, u8)>) -> usize;
     /// Requests submitted and not yet reported.
     fn in_flight(&self) -> usize;
+    /// The backend grew: requests up to the new capacity may come from now on (called by
+    /// the queue's own thread before the first of them).
+    fn capacity_changed(&mut self) {}
 }
 
 /// One virtqueue's backend queue. The backends are a closed set, so the request path reaches
@@ -284,5 +360,9 @@ impl BackendQueue for Queue {
     #[inline]
     fn in_flight(&self) -> usize {
         on_queue!(&self.0, q => q.in_flight())
+    }
+
+    fn capacity_changed(&mut self) {
+        on_queue!(&mut self.0, q => q.capacity_changed())
     }
 }

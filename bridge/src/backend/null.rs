@@ -3,7 +3,7 @@
 //! itself (rings, parsing, inflight records, completions), which a RAM disk's copy hides;
 //! nothing a guest writes can be read back, so it is for benchmarks only.
 
-use super::{Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, Queue};
+use super::{check_grow, Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, LiveCapacity, Queue};
 use crate::request::Request;
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -11,6 +11,7 @@ use crate::{Error, Result};
 /// The `null` backend.
 pub struct NullBackend {
     info: BackendInfo,
+    capacity: LiveCapacity,
 }
 
 impl NullBackend {
@@ -27,6 +28,7 @@ impl NullBackend {
                 format!("null ({} MiB, stores nothing)", size >> 20),
                 size,
             ),
+            capacity: LiveCapacity::new(size / SECTOR),
         })
     }
 }
@@ -38,6 +40,18 @@ impl Backend for NullBackend {
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
         Ok(FinishedAtSubmit::new(Nothing).into())
+    }
+
+    fn live_capacity(&self) -> Option<LiveCapacity> {
+        Some(self.capacity.clone())
+    }
+
+    /// Nothing is stored: only the number changes.
+    fn grow(&self, bytes: u64) -> Result<()> {
+        if let Some(sectors) = check_grow("null backend", self.capacity.sectors(), bytes)? {
+            self.capacity.set(sectors);
+        }
+        Ok(())
     }
 }
 
