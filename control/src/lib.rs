@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use vfblk_vhost::backend_channel::Delivered;
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::DeviceConfig;
-use vfblk_vhost::server::SocketServer;
+use vfblk_vhost::server::{ConfigChangeTold, SocketServer};
 
 pub use config::{
     check_name, BackendConfig, ControllerConfig, FileEdits, NvmeAttachConfig, RbdClusterConfig,
@@ -186,6 +187,42 @@ pub struct ControllerStatus {
     pub connected: bool,
     /// Frontends accepted since the controller was created.
     pub connections: u64,
+}
+
+/// What `backend_resize` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResizeReport {
+    /// The backend.
+    pub name: String,
+    /// Its size now, in bytes.
+    pub size: u64,
+    /// Its size before.
+    pub previous: u64,
+    /// Each controller using it, and how its frontend was told.
+    pub controllers: Vec<ControllerTold>,
+}
+
+/// How a controller's frontend was told of a resize.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerTold {
+    /// The controller.
+    pub name: String,
+    /// `acknowledged`, `sent` (no REPLY_ACK), `not connected`, `no backend request
+    /// channel`, or `failed: why`.
+    pub told: String,
+}
+
+/// What `vhost_blk_set_readonly` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadOnlyReport {
+    /// The setting now.
+    pub readonly: bool,
+    /// The setting before.
+    pub previous: bool,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// What it means for the connected driver and the next one.
+    pub effect: String,
 }
 
 /// One controller's counters, for `stats` and the metrics endpoint.
@@ -929,6 +966,162 @@ impl Target {
         Ok(old)
     }
 
+    /// Grows backend `name` to `size` bytes while it serves: the backend grows (a failure
+    /// leaves it and its file as they were), every controller using it takes the new
+    /// capacity, and each connected frontend that gave a backend request channel is told
+    /// (BACKEND_CONFIG_CHANGE_MSG, all at once, each within its deadline). The size goes into
+    /// the backend's spec, so the config file and a successor open it at the new size. A
+    /// frontend that could not be told is reported (and logged), not an error: the disk has
+    /// grown, and that frontend sees it when it reads the config space again (its next
+    /// connection).
+    pub fn resize_backend(&mut self, name: &str, size: u64) -> Result<ResizeReport> {
+        if let Some(error) = self.unserved.error_of(Section::Backends, name) {
+            return Err(Error::BadArgument(format!(
+                "backend {name} is in the configuration but not served ({error})"
+            )));
+        }
+        let entry = self.backends.get_mut(name).ok_or_else(|| Error::NotFound {
+            what: "backend",
+            name: name.to_string(),
+        })?;
+        let previous = entry.backend.capacity_sectors() * 512;
+        let new_spec = match &entry.spec {
+            BackendSpec::Mem { path, .. } => BackendSpec::Mem {
+                path: path.clone(),
+                size,
+            },
+            BackendSpec::File { path, .. } => BackendSpec::File {
+                path: path.clone(),
+                size: Some(size),
+            },
+            BackendSpec::Null { .. } => BackendSpec::Null { size },
+            BackendSpec::Nvme { .. } => {
+                return Err(Error::BadArgument(format!(
+                    "backend {name}: an NVMe namespace (or a part of one) is not resized by the target: its size is the controller's (namespace management is not supported)"
+                )))
+            }
+            BackendSpec::Rbd { .. } => {
+                return Err(Error::BadArgument(format!(
+                    "backend {name}: RBD images are not resized by the target yet"
+                )))
+            }
+        };
+        entry.backend.grow(size).map_err(|e| Error::Context {
+            what: format!("backend {name}: resize to {size} bytes"),
+            source: Box::new(e),
+        })?;
+        if size == previous {
+            return Ok(ResizeReport {
+                name: name.to_string(),
+                size,
+                previous,
+                controllers: Vec::new(),
+            });
+        }
+        entry.spec = new_spec;
+        tracing::info!(backend = %name, "backend {name} grown from {previous} to {size} bytes");
+        let users: Vec<(&String, &ControllerEntry)> = self
+            .controllers
+            .iter()
+            .filter(|(_, c)| c.config.backend == name)
+            .collect();
+        for (_, c) in &users {
+            c.device.capacity_changed();
+        }
+        let controllers = std::thread::scope(|scope| {
+            let telling: Vec<_> = users
+                .iter()
+                .map(|(controller, c)| {
+                    (
+                        controller.to_string(),
+                        scope.spawn(move || c.server.config_changed()),
+                    )
+                })
+                .collect();
+            telling
+                .into_iter()
+                .map(|(controller, told)| {
+                    let told = told.join().unwrap_or(ConfigChangeTold::Failed(
+                        vfblk_vhost::backend_channel::ChannelError::Closed,
+                    ));
+                    let told = match told {
+                        ConfigChangeTold::NotConnected => "not connected".to_string(),
+                        ConfigChangeTold::NoChannel => {
+                            tracing::warn!(
+                                controller = %controller,
+                                "{controller}: its frontend gave no backend request channel (no BACKEND_REQ): it sees the new size only when it reads the config space again"
+                            );
+                            "no backend request channel".to_string()
+                        }
+                        ConfigChangeTold::Delivered(Delivered::Acknowledged) => {
+                            "acknowledged".to_string()
+                        }
+                        ConfigChangeTold::Delivered(Delivered::Sent) => "sent".to_string(),
+                        ConfigChangeTold::Failed(e) => {
+                            tracing::warn!(
+                                controller = %controller,
+                                "{controller}: telling the frontend of the new size failed: {e}"
+                            );
+                            format!("failed: {e}")
+                        }
+                    };
+                    ControllerTold {
+                        name: controller,
+                        told,
+                    }
+                })
+                .collect()
+        });
+        Ok(ResizeReport {
+            name: name.to_string(),
+            size,
+            previous,
+            controllers,
+        })
+    }
+
+    /// Makes a serving controller read-only or writable while it serves. From its queues'
+    /// next request on, writes, discards and write zeroes fail with IOERR (or are served
+    /// again). A connected driver is not told: virtio-blk has read-only only as a feature bit
+    /// (VIRTIO_BLK_F_RO) negotiated once when the driver starts, no config field, and no way
+    /// to add a feature to a running driver; frontends that connect from now on are offered
+    /// it. Saved like every change.
+    pub fn set_controller_readonly(
+        &mut self,
+        name: &str,
+        readonly: bool,
+    ) -> Result<ReadOnlyReport> {
+        if let Some(error) = self.unserved.error_of(Section::Controllers, name) {
+            return Err(Error::BadArgument(format!(
+                "controller {name} is in the configuration but not served ({error})"
+            )));
+        }
+        let entry = self
+            .controllers
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound {
+                what: "controller",
+                name: name.to_string(),
+            })?;
+        let previous = entry.device.is_read_only();
+        entry.device.set_read_only(readonly);
+        entry.config.readonly = readonly;
+        let connected = entry.server.stats().connected;
+        let effect = match (readonly, connected) {
+            (true, true) => "writes, discards and write zeroes now fail with an I/O error; the connected driver was not told the disk is read-only (VIRTIO_BLK_F_RO is negotiated once, when it starts): it is offered from the next connection on",
+            (true, false) => "read-only: the next frontend is offered VIRTIO_BLK_F_RO, and writes fail with an I/O error",
+            (false, true) => "writable again: writes are served; a driver that negotiated VIRTIO_BLK_F_RO keeps treating the disk as read-only until it reconnects",
+            (false, false) => "writable: the next frontend is offered a writable disk",
+        };
+        tracing::info!(controller = %name, "controller {name}: {effect}");
+        Ok(ReadOnlyReport {
+            readonly,
+            previous,
+            connected,
+            effect: effect.to_string(),
+        })
+    }
+
     /// The configuration as the config file holds it: what is served and what is kept
     /// unserved.
     pub fn config(&self) -> TargetConfig {
@@ -1007,7 +1200,7 @@ impl Target {
                 state: EntryState::Serving,
                 error: None,
                 description: info.description.clone(),
-                capacity_bytes: info.capacity_sectors * 512,
+                capacity_bytes: b.backend.capacity_sectors() * 512,
                 block_size: info.block_size,
                 used_by: self.users_of(name),
                 nvme: b.attachment.clone(),

@@ -59,6 +59,7 @@ pub const METHODS: &[(&str, &str)] = &[
         "{name, kind: mem|file|nvme, path, size | address, nsid}",
     ),
     ("backend_delete", "{name}"),
+    ("backend_resize", "{name, size}"),
     ("nvme_attach", "{name, address}"),
     (
         "rbd_cluster_register",
@@ -77,6 +78,7 @@ pub const METHODS: &[(&str, &str)] = &[
         "vhost_blk_set_limits",
         "{name, limits: {iops?, bytes_per_second?}}",
     ),
+    ("vhost_blk_set_readonly", "{name, readonly}"),
     ("vhost_blk_list", "{}"),
     ("stats", "{}"),
     ("config_save", "{}"),
@@ -168,6 +170,19 @@ fn dispatch(
             t.delete_backend(&name)?;
             saved(&mut t)
         }
+        "backend_resize" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Resize {
+                name: String,
+                size: u64,
+            }
+            let Resize { name, size } = params(p)?;
+            let mut t = lock_for_change();
+            let report = t.resize_backend(&name, size)?;
+            saved(&mut t)?;
+            Ok(to_value(report))
+        }
         "nvme_attach" => {
             let a: crate::NvmeAttachConfig = params(p)?;
             let mut t = lock_for_change();
@@ -224,6 +239,19 @@ fn dispatch(
             let mut t = lock_for_change();
             t.set_controller_limits(&name, limits)?;
             saved(&mut t)
+        }
+        "vhost_blk_set_readonly" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct SetReadOnly {
+                name: String,
+                readonly: bool,
+            }
+            let SetReadOnly { name, readonly } = params(p)?;
+            let mut t = lock_for_change();
+            let report = t.set_controller_readonly(&name, readonly)?;
+            saved(&mut t)?;
+            Ok(to_value(report))
         }
         "vhost_blk_list" => {
             let Nothing {} = params(p)?;

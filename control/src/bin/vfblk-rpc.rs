@@ -37,6 +37,15 @@ enum Command {
         /// Its name.
         name: String,
     },
+    /// Grow a serving backend (mem, file, null) to SIZE (K/M/G/T): the file grows, and each
+    /// connected frontend is told the new capacity (no reconnect). Shrinking is refused.
+    BackendResize {
+        /// Its name.
+        name: String,
+        /// The new size.
+        #[arg(value_parser = parse_size_arg)]
+        size: u64,
+    },
     /// List the backends.
     BackendList,
     /// Attach an NVMe controller on vfio-pci: each namespace becomes a backend NAMEn<nsid>.
@@ -129,6 +138,15 @@ enum Command {
         /// Bytes per second.
         #[arg(long)]
         bps: Option<u64>,
+    },
+    /// Make a running controller read-only (on) or writable (off). A connected driver is not
+    /// told (virtio negotiates read-only once): its writes fail with I/O errors from now on.
+    VhostBlkSetReadonly {
+        /// Its name.
+        name: String,
+        /// on or off.
+        #[arg(value_parser = parse_on_off, action = clap::ArgAction::Set)]
+        readonly: bool,
     },
     /// List the controllers.
     VhostBlkList,
@@ -298,6 +316,21 @@ fn run(args: &Args) -> vfblk_bridge::Result<()> {
         Command::LogGetLevel | Command::LogSetLevel { .. } => {
             println!("log filter: {}", cell(&result["level"]))
         }
+        Command::BackendResize { .. } => {
+            println!(
+                "{}: {} -> {} bytes",
+                result["name"].as_str().unwrap_or("?"),
+                result["previous"],
+                result["size"]
+            );
+            print_table(
+                &result["controllers"],
+                &[("CONTROLLER", "name"), ("FRONTEND TOLD", "told")],
+            );
+        }
+        Command::VhostBlkSetReadonly { .. } => {
+            println!("{}", result["effect"].as_str().unwrap_or("done"))
+        }
         Command::BackendRetry => {
             println!("served now: {}", cell(&result["served"]));
             print_table(&result["failed"], &[("STILL FAILED", "what"), ("ERROR", "error")]);
@@ -324,6 +357,13 @@ fn request(command: &Command) -> vfblk_bridge::Result<(&str, Value)> {
             ("backend_create", p)
         }
         Command::BackendDelete { name } => ("backend_delete", json!({ "name": name })),
+        Command::BackendResize { name, size } => {
+            ("backend_resize", json!({ "name": name, "size": size }))
+        }
+        Command::VhostBlkSetReadonly { name, readonly } => (
+            "vhost_blk_set_readonly",
+            json!({ "name": name, "readonly": readonly }),
+        ),
         Command::BackendList => ("backend_list", json!({})),
         Command::NvmeAttach { name, address } => (
             "nvme_attach",
@@ -667,5 +707,17 @@ mod tests {
         // No request in between: no mean latency to show.
         let s = top_sample(&now, &now, 1.0);
         assert_eq!(s["controllers"][0]["mean_latency_us"], Value::Null);
+    }
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    vfblk_bridge::spec::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
     }
 }
