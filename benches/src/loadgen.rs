@@ -93,6 +93,10 @@ pub struct Options {
     /// (LOG_ALL, used-ring logging), and at the end stop the rings and check that exactly
     /// the pages the device wrote (read data, status bytes, the used rings) are marked.
     pub dirty_log: bool,
+    /// Give the backend a backend request channel (BACKEND_REQ, SET_BACKEND_REQ_FD) and take
+    /// config changes on it as QEMU does: read the config space again (GET_CONFIG) before
+    /// acknowledging, and use a grown disk's new blocks from then on.
+    pub config_changes: bool,
 }
 
 /// Set by SIGINT or SIGTERM once [`stop_on_signals`] is in place.
@@ -163,6 +167,11 @@ pub struct Report {
     pub errors: Vec<String>,
     /// With [`Options::dirty_log`]: what the log showed.
     pub dirty_log: Option<DirtyLogCheck>,
+    /// With [`Options::config_changes`]: each config change the backend told, as the
+    /// capacity (sectors) the config space then held.
+    pub config_changes: Vec<u64>,
+    /// The device's capacity in sectors at the end.
+    pub capacity_sectors: u64,
 }
 
 /// A migration's dirty log checked against the pages the device wrote.
@@ -224,6 +233,8 @@ impl Report {
             "max_gap_ms": self.max_gap_ms,
             "gaps": self.gaps,
             "errors": self.errors,
+            "config_changes": self.config_changes,
+            "capacity_sectors": self.capacity_sectors,
             "dirty_log": self.dirty_log.as_ref().map(|d| serde_json::json!({
                 "written_pages": d.written,
                 "marked_pages": d.marked,
@@ -329,6 +340,8 @@ pub struct LoadGen {
     mem: Memory,
     queues: Vec<Queue>,
     frontend: Option<(Frontend, UnixStream)>,
+    /// Our end of the backend request channel (with [`Options::config_changes`]).
+    backend_channel: Option<UnixStream>,
     inflight_file: Option<(VhostUserInflight, File)>,
     capacity_sectors: u64,
     units: u64,
@@ -560,6 +573,7 @@ impl LoadGen {
             mem,
             queues,
             frontend: None,
+            backend_channel: None,
             inflight_file: None,
             capacity_sectors: 0,
             units: 0,
@@ -680,9 +694,25 @@ impl LoadGen {
         if self.opts.dirty_log {
             want_pf |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
+        if self.opts.config_changes {
+            want_pf |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         let pf = pf & want_pf;
         fe.set_protocol_features(pf)
             .map_err(e("SET_PROTOCOL_FEATURES"))?;
+        self.backend_channel = None;
+        if self.opts.config_changes {
+            if !pf.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+                return Err("the backend does not offer BACKEND_REQ: no config changes".into());
+            }
+            // As QEMU: a socket pair, the other end to the backend.
+            let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(e("SET_BACKEND_REQ_FD"))?;
+            ours.set_nonblocking(true)
+                .map_err(|e| format!("backend channel: {e}"))?;
+            self.backend_channel = Some(ours);
+        }
         let (_, payload) = fe
             .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
             .map_err(e("GET_CONFIG"))?;
@@ -690,6 +720,7 @@ impl LoadGen {
             return Err("config space too short".into());
         }
         self.capacity_sectors = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+        self.report.capacity_sectors = self.capacity_sectors;
         self.report.inflight = pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         if self.report.inflight {
             if self.inflight_file.is_none() {
@@ -765,6 +796,87 @@ impl LoadGen {
         }
         self.frontend = Some((fe, watch));
         Ok(())
+    }
+
+    /// Takes a config change the backend told, if one is waiting: reads the config space
+    /// again over the main socket, then acknowledges (QEMU's order). A grown disk's new
+    /// blocks are used from then on (never written yet: a read of them is not verified).
+    fn take_config_change(&mut self) {
+        use std::io::{Read, Write};
+        let Some(channel) = &mut self.backend_channel else {
+            return;
+        };
+        let mut header = [0u8; 12];
+        match channel.read(&mut header[..1]) {
+            Ok(1) => {}
+            Ok(_) => {
+                self.backend_channel = None;
+                return;
+            }
+            Err(_) => return,
+        }
+        let _ = channel.set_nonblocking(false);
+        let _ = channel.set_read_timeout(Some(Duration::from_secs(5)));
+        if let Err(e) = channel.read_exact(&mut header[1..]) {
+            self.error(format!("backend channel: half a message: {e}"));
+            self.backend_channel = None;
+            return;
+        }
+        let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+        let (request, flags, size) = (word(0), word(4), word(8));
+        if request != 2 || size != 0 {
+            self.error(format!(
+                "backend channel: request {request} with {size} payload bytes, not CONFIG_CHANGE_MSG"
+            ));
+            self.backend_channel = None;
+            return;
+        }
+        let config = self.frontend.as_mut().map(|(fe, _)| {
+            fe.get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+                .map(|(_, payload)| payload)
+        });
+        let status: u64 = match config {
+            Some(Ok(payload)) if payload.len() >= 8 => {
+                let sectors = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+                self.report.config_changes.push(sectors);
+                self.grow_to(sectors);
+                0
+            }
+            Some(Ok(_)) => 1,
+            Some(Err(e)) => {
+                self.error(format!("GET_CONFIG after a config change: {e}"));
+                1
+            }
+            None => 1,
+        };
+        let Some(channel) = &mut self.backend_channel else {
+            return;
+        };
+        if flags & 0x8 != 0 {
+            let mut ack = [0u8; 20];
+            ack[0..4].copy_from_slice(&2u32.to_le_bytes());
+            ack[4..8].copy_from_slice(&5u32.to_le_bytes());
+            ack[8..12].copy_from_slice(&8u32.to_le_bytes());
+            ack[12..20].copy_from_slice(&status.to_le_bytes());
+            if let Err(e) = channel.write_all(&ack) {
+                self.error(format!("backend channel: acknowledging: {e}"));
+                self.backend_channel = None;
+                return;
+            }
+        }
+        let _ = channel.set_nonblocking(true);
+    }
+
+    /// The disk is `sectors` long now: a larger one's new blocks join the workload.
+    fn grow_to(&mut self, sectors: u64) {
+        self.capacity_sectors = sectors;
+        self.report.capacity_sectors = sectors;
+        let units = sectors * 512 / u64::from(self.opts.block_size);
+        if units > self.units {
+            self.units = units;
+            self.expected.resize(units as usize, 0);
+            self.busy_units.resize(units as usize, false);
+        }
     }
 
     fn backend_gone(&self) -> bool {
@@ -1004,6 +1116,8 @@ impl LoadGen {
                 if self.backend_gone() {
                     gone_since = Some(now);
                     self.frontend = None;
+                } else {
+                    self.take_config_change();
                 }
             }
             if let Some(t) = gone_since {

@@ -65,6 +65,11 @@ struct Args {
     /// data, status bytes, used rings) are marked.
     #[arg(long)]
     dirty_log: bool,
+    /// Give the backend a backend request channel and take config changes on it as QEMU
+    /// does (JSON `config_changes`: the capacity each one showed); a grown disk's new blocks
+    /// join the workload.
+    #[arg(long)]
+    config_changes: bool,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
             .log_gaps_over_ms
             .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3)),
         dirty_log: a.dirty_log,
+        config_changes: a.config_changes,
     };
     let result = LoadGen::new(options).map(|lg| if a.idle { lg.idle() } else { lg.run() });
     Report::print_and_exit_code("vfblk-loadgen", result, a.job.json)
