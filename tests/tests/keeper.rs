@@ -427,6 +427,54 @@ fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper(
     kept.stop();
 }
 
+/// A frontend's backend request channel is kept like its other fds: after an upgrade and
+/// after a SIGKILL under the keeper, a resize is still told to it (acknowledged) with no
+/// reconnect, and the disk it sees grows each time.
+#[test]
+fn the_backend_request_channel_is_kept_across_an_upgrade_and_a_sigkill_under_the_keeper() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = UnderKeeper::start("config-change");
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load_with(&socket, &["--config-changes"]);
+    kept.wait_serving(1);
+    let mut sizes = Vec::new();
+    for (round, mib) in [48u64, 64, 80].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = kept
+            .call("backend_resize", json!({"name": "m", "size": mib << 20}))
+            .unwrap();
+        assert_eq!(
+            r["controllers"],
+            json!([{"name": "m", "told": "acknowledged"}]),
+            "round {round}: {r}"
+        );
+        sizes.push((mib << 20) / 512);
+        let before = kept.target_pid();
+        match round {
+            0 => {
+                let report = kept.call("upgrade", json!({})).unwrap();
+                assert_eq!(report["old_pid"], before, "{report}");
+            }
+            1 => {
+                // SAFETY: SIGKILL to the target process this test runs.
+                unsafe { libc::kill(before as i32, libc::SIGKILL) };
+            }
+            _ => continue,
+        }
+        wait_gone(before);
+        kept.wait_serving(1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    assert_eq!(r["config_changes"], json!(sizes), "{}", without_bulk(&r));
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(kept.dir.join("target.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["backends"][0]["size"], 80 << 20, "{saved}");
+    kept.stop();
+}
+
 /// A poller that hangs (a backend call that never returns, here a test fault) stops the
 /// target's WATCHDOG=1; the keeper aborts the target and starts it again, and the successor
 /// runs the stuck requests again from the inflight region: the load generator sees a pause

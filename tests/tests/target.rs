@@ -1414,3 +1414,245 @@ fn limits_change_on_a_running_disk_without_a_reconnect_and_are_saved() {
     }
     assert_eq!(saved_limits(), Value::Null);
 }
+
+/// Lengths of a file now.
+fn file_len(path: impl AsRef<Path>) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+#[test]
+fn a_backend_grows_under_verifying_loads_and_every_frontend_is_told_without_a_reconnect() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("live-resize", 1);
+    const MIB: u64 = 1 << 20;
+    let image = target.dir.join("f.img");
+    target.call(
+        "backend_create",
+        json!({"name": "m", "kind": "mem", "path": target.shm("m"), "size": 16 * MIB}),
+    );
+    target.call(
+        "backend_create",
+        json!({"name": "f", "kind": "file", "path": image, "size": 16 * MIB}),
+    );
+    // Two controllers on the RAM disk (one frontend gives a backend request channel, one
+    // does not), one on the file.
+    for (controller, backend) in [("m1", "m"), ("m2", "m"), ("f1", "f")] {
+        target.call(
+            "vhost_blk_create",
+            json!({"name": controller, "socket": target.socket(controller), "backend": backend}),
+        );
+    }
+    let told = ["--config-changes"];
+    let m1 = loadgen(&target.socket("m1"), UNTIL_STOPPED_SECONDS, &told);
+    // Reads only: two verifying writers on one disk would overwrite each other's stamps.
+    let m2 = Command::new(bin("vfblk-loadgen"))
+        .arg("--socket")
+        .arg(target.socket("m2"))
+        .args(["--rw", "read", "--json", "--qd", "8", "--seconds"])
+        .arg(UNTIL_STOPPED_SECONDS.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting vfblk-loadgen");
+    let f1 = loadgen(&target.socket("f1"), UNTIL_STOPPED_SECONDS, &told);
+    let connected = Instant::now() + Duration::from_secs(20);
+    while target
+        .call("vhost_blk_list", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["connected"] != true)
+    {
+        assert!(Instant::now() < connected, "the load generators connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let r = target.call("backend_resize", json!({"name": "m", "size": 32 * MIB}));
+    assert_eq!(
+        (r["previous"].as_u64(), r["size"].as_u64()),
+        (Some(16 * MIB), Some(32 * MIB)),
+        "{r}"
+    );
+    assert_eq!(
+        r["controllers"],
+        json!([{"name": "m1", "told": "acknowledged"},
+               {"name": "m2", "told": "no backend request channel"}]),
+        "{r}"
+    );
+    assert_eq!(file_len(target.shm("m")), 32 * MIB);
+    // Through the CLI.
+    let table = rpc_cli(&target, &["backend-resize", "f", "48M"]);
+    assert!(
+        table.contains("f1") && table.contains("acknowledged"),
+        "{table}"
+    );
+    assert_eq!(file_len(&image), 48 * MIB);
+    let list = target.call("backend_list", json!({}));
+    let capacity = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap()["capacity_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((capacity("m"), capacity("f")), (32 * MIB, 48 * MIB));
+    // The loads use the grown parts for a while.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Failed resizes leave backend and file as they were; refusals change nothing.
+    let refused = |params: Value, what: &str| {
+        let e = target
+            .client()
+            .call("backend_resize", params)
+            .expect_err(what)
+            .to_string();
+        eprintln!("{what}: {e}");
+        e
+    };
+    let e = refused(
+        json!({"name": "m", "size": 1u64 << 48}),
+        "a mapping too large",
+    );
+    assert!(e.contains("mmap"), "{e}");
+    refused(
+        json!({"name": "f", "size": !511u64}),
+        "a length ftruncate refuses",
+    );
+    refused(json!({"name": "m", "size": 8 * MIB}), "a shrink");
+    refused(
+        json!({"name": "m", "size": 32 * MIB + 100}),
+        "not whole sectors",
+    );
+    refused(
+        json!({"name": "nope", "size": 32 * MIB}),
+        "an unknown backend",
+    );
+    refused(
+        json!({"name": "m", "size": 64 * MIB, "extra": 1}),
+        "an unknown field",
+    );
+    assert_eq!(file_len(target.shm("m")), 32 * MIB);
+    assert_eq!(file_len(&image), 48 * MIB);
+    let list = target.call("backend_list", json!({}));
+    let capacity = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap()["capacity_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((capacity("m"), capacity("f")), (32 * MIB, 48 * MIB));
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+            .unwrap();
+    let sizes: Vec<(String, u64)> = saved["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [("m".to_string(), 32 * MIB), ("f".to_string(), 48 * MIB)],
+        "{saved}"
+    );
+
+    let r1 = stop_and_report(m1, "m1");
+    let rf = stop_and_report(f1, "f1");
+    let r2 = stop_and_report(m2, "m2");
+    for (r, what) in [(&r1, "m1"), (&rf, "f1"), (&r2, "m2")] {
+        assert_clean(r, what);
+        assert_eq!(r["reconnects"], 0, "{what}: {r}");
+    }
+    assert_eq!(r1["config_changes"], json!([32 * MIB / 512]), "{r1}");
+    assert_eq!(rf["config_changes"], json!([48 * MIB / 512]), "{rf}");
+    assert_eq!(r2["config_changes"], json!([]), "no channel, nothing told");
+    assert_eq!(r2["capacity_sectors"], 16 * MIB / 512, "{r2}");
+    eprintln!(
+        "resized under load: m1 {} I/Os, f1 {} I/Os, m2 {} I/Os, no error, no reconnect",
+        r1["ios"], rf["ios"], r2["ios"]
+    );
+}
+
+#[test]
+fn read_only_switched_on_a_running_controller_fails_its_writes_and_is_saved() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("live-readonly", 1);
+    target.add_disk("d");
+    let load = loadgen(&target.socket("d"), UNTIL_STOPPED_SECONDS, &[]);
+    let saved_readonly = || -> Value {
+        let saved: Value =
+            serde_json::from_str(&std::fs::read_to_string(target.dir.join("target.json")).unwrap())
+                .unwrap();
+        saved["controllers"][0]["readonly"].clone()
+    };
+    let stats_of = |key: &str| -> u64 {
+        let stats = target.call("stats", json!({}));
+        stats["controllers"][0][key].as_u64().unwrap()
+    };
+    let connected = Instant::now() + Duration::from_secs(20);
+    while stats_of("writes") == 0 {
+        assert!(Instant::now() < connected, "the load generator writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = target.call(
+        "vhost_blk_set_readonly",
+        json!({"name": "d", "readonly": true}),
+    );
+    assert_eq!(
+        (
+            r["readonly"].clone(),
+            r["previous"].clone(),
+            r["connected"].clone()
+        ),
+        (json!(true), json!(false), json!(true)),
+        "{r}"
+    );
+    assert!(r["effect"].as_str().unwrap().contains("not told"), "{r}");
+    assert_eq!(saved_readonly(), json!(true));
+    let errors_before = stats_of("errors");
+    std::thread::sleep(Duration::from_millis(800));
+    let errors_read_only = stats_of("errors") - errors_before;
+    let reads_before = stats_of("reads");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(stats_of("reads") > reads_before, "reads go on");
+    let out = rpc_cli(&target, &["vhost-blk-set-readonly", "d", "off"]);
+    assert!(out.contains("writable again"), "{out}");
+    assert_eq!(
+        saved_readonly(),
+        Value::Null,
+        "writable: the default, not written"
+    );
+    let errors_after = stats_of("errors");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        stats_of("errors"),
+        errors_after,
+        "writable again: no more errors"
+    );
+    assert!(target
+        .client()
+        .call(
+            "vhost_blk_set_readonly",
+            json!({"name": "nope", "readonly": true})
+        )
+        .is_err());
+    let r = stop_and_report(load, "d");
+    assert!(errors_read_only > 0, "writes failed while read-only");
+    assert_eq!(r["reconnects"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert!(r["failed"].as_u64().unwrap() >= errors_read_only, "{r}");
+    eprintln!(
+        "read-only online: {errors_read_only} writes failed in 0.8 s, reads served, writable again with no reconnect"
+    );
+}
