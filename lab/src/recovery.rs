@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::process::start_bridge;
 use crate::scenario::{Contents, Lab, VFIO_PROBE_SCRIPT};
-use crate::vm::{self, Echo, Limits, RetriedRun, VhostUserBlk};
+use crate::vm::{self, Echo, Limits, RetriedRun, Run, VhostUserBlk};
 use crate::{LabError, Result};
 
 /// Which backend the bridge serves.
@@ -536,4 +536,134 @@ mod tests {
         assert_eq!(requests_run_again(log), 5);
         assert_eq!(requests_run_again(""), 0);
     }
+}
+
+/// What [`run_resize`] saw.
+pub struct ResizeOutcome {
+    /// The guest's run (records `size_before`, `size_after`, `tail_ok`, `dmesg`).
+    pub run: RetriedRun,
+    /// What `backend_resize` answered.
+    pub report: serde_json::Value,
+    /// Frontends the target accepted in all (1: QEMU never reconnected).
+    pub connections: Option<u64>,
+    /// QEMU's vhost-user lines on stderr.
+    pub qemu_vhost_lines: Vec<String>,
+}
+
+/// The guest of [`run_resize`]: reports the disk's size, waits (up to 2 minutes) for it to
+/// change, then writes and reads back the new last block.
+fn resize_script() -> String {
+    r#". /lab/lib.sh
+modprobe virtio_pci && modprobe virtio_blk || fail "modprobe virtio"
+for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || fail "no vhost-user-blk disk (/dev/vda)"
+before=$(cat /sys/block/vda/size)
+record "{\"size_before\": $before}"
+step "size before the resize: $before sectors"
+after=$before
+for i in $(seq 1 1200); do after=$(cat /sys/block/vda/size); [ "$after" != "$before" ] && break; sleep 0.1; done
+record "{\"size_after\": $after}"
+step "size after the resize: $after sectors"
+[ "$after" != "$before" ] || fail "the disk never changed size"
+last=$((after / 8 - 1))
+dd if=/dev/urandom of=/tmp/tail bs=4096 count=1 2>/dev/null
+dd if=/tmp/tail of=/dev/vda bs=4096 seek=$last count=1 conv=fsync 2>/tmp/dd.err || { cat /tmp/dd.err; fail "writing the new last block"; }
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=4096 skip=$last count=1 2>/tmp/dd.err || { cat /tmp/dd.err; fail "reading the new last block"; }
+cmp /tmp/tail /tmp/back || fail "the new last block did not read back"
+record "{\"tail_ok\": 1}"
+line=$(dmesg | grep -i "new size" | tail -n 1 | tr -d '"\\')
+record "{\"dmesg\": \"$line\"}"
+"#
+    .to_string()
+}
+
+/// Online resize as a guest sees it: the target serves a 64 MiB RAM disk to the lab guest
+/// (QEMU `vhost-user-blk-pci`); once the guest has read `/sys/block/vda/size`, the host
+/// grows the backend to 128 MiB by RPC, and the guest must see the new size (a virtio
+/// config interrupt after QEMU got BACKEND_CONFIG_CHANGE_MSG) with no reconnect, and use
+/// the new last block.
+pub fn run_resize(lab: &Lab, qemu: crate::qemu::Qemu) -> Result<ResizeOutcome> {
+    let socket = lab.dir.join("blk.sock");
+    let rpc_socket = lab.dir.join("rpc.sock");
+    let log = lab.dir.join("bridge.log");
+    let disk = format!("/dev/shm/vfblk-lab-resize-{}", std::process::id());
+    let spec = format!("mem:{disk}:64M");
+    let contents = Contents {
+        fio: false,
+        nested: false,
+        qemu10: false,
+        boot_disk: false,
+        qsd: false,
+    };
+    let initrd = lab.l2_image(&resize_script(), contents)?;
+    let nvme = lab.disk("nvme.img", 16)?;
+    let mut spec_vm = lab.l2_spec(&initrd, &nvme);
+    spec_vm.qemu = qemu;
+    spec_vm.vhost_user_blk.push(VhostUserBlk {
+        socket: socket.clone(),
+        num_queues: 1,
+        queue_size: None,
+    });
+    let rpc_arg = rpc_socket.to_string_lossy().into_owned();
+    let mut bridge = start_bridge(
+        &lab.bin_dir,
+        &socket,
+        &["--backend", spec.as_str(), "--rpc", rpc_arg.as_str()],
+        &log,
+    )?;
+    let sized = AtomicBool::new(false);
+    let finished = AtomicBool::new(false);
+    let report = Mutex::new(serde_json::Value::Null);
+    let run = std::thread::scope(|scope| -> Result<Run> {
+        let host = scope.spawn(|| -> Result<()> {
+            while !sized.load(Ordering::Acquire) {
+                if finished.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let r = rpc(lab, &rpc_socket, &["backend-resize", "disk", "128M"])?;
+            tracing::info!("[host] backend_resize: {r}");
+            *report.lock().unwrap_or_else(|e| e.into_inner()) = r;
+            Ok(())
+        });
+        let limits = Limits {
+            boot: Duration::from_secs(90),
+            total: Duration::from_secs(400),
+        };
+        let mut on_step = |step: &str| {
+            if step.starts_with("size before the resize") {
+                sized.store(true, Ordering::Release);
+            }
+        };
+        let result = vm::run_watching(
+            &spec_vm,
+            limits,
+            &lab.dir.join("console.log"),
+            Echo::Steps,
+            &mut on_step,
+        );
+        finished.store(true, Ordering::Release);
+        host.join()
+            .map_err(|_| LabError::Setup("the host's event thread panicked".into()))??;
+        result
+    });
+    let connections = rpc(lab, &rpc_socket, &["stats"])
+        .ok()
+        .and_then(|s| s["controllers"][0]["connections"].as_u64());
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    let _ = std::fs::remove_file(&disk);
+    let run = run?;
+    Ok(ResizeOutcome {
+        qemu_vhost_lines: vm::qemu_vhost_lines(&run.log),
+        run: RetriedRun {
+            run,
+            tries: 1,
+            stalled: Vec::new(),
+        },
+        report: report.into_inner().unwrap_or_else(|e| e.into_inner()),
+        connections,
+    })
 }

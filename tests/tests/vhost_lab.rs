@@ -135,3 +135,44 @@ fn fio_verify_survives_an_upgrade_and_a_sigkill_without_reconnecting_on_qemu_10(
     let pause_ms = without_reconnect(qemu);
     assert!(pause_ms < 500.0, "{pause_ms} ms");
 }
+
+/// A backend grown by RPC while the guest runs: the guest's `/sys/block/vda/size` changes
+/// with no reconnect, and the new last block is written and read back.
+fn resize(qemu: Qemu) {
+    let _lock = lab_lock();
+    let lab = Lab::new("test-vhost-resize").expect("lab setup");
+    let description = qemu.description.clone();
+    let outcome = recovery::run_resize(&lab, qemu).expect("run the resize");
+    let run = &outcome.run.run;
+    run.expect_success("the guest saw the new size").unwrap();
+    let (before, after) = (run.record("size_before"), run.record("size_after"));
+    eprintln!(
+        "{description}: /sys/block/vda/size {before:?} -> {after:?}; guest kernel: {:?}; target: {}; {:?} connection(s)",
+        run.record("dmesg"),
+        outcome.report,
+        outcome.connections
+    );
+    assert_eq!(before, Some(&serde_json::json!(64 * 2048)));
+    assert_eq!(after, Some(&serde_json::json!(128 * 2048)));
+    assert_eq!(run.record("tail_ok"), Some(&serde_json::json!(1)));
+    assert_eq!(
+        outcome.report["controllers"],
+        serde_json::json!([{"name": "vhost0", "told": "acknowledged"}])
+    );
+    assert_eq!(outcome.connections, Some(1), "QEMU never reconnected");
+    assert!(
+        outcome.qemu_vhost_lines.is_empty(),
+        "QEMU logged {:?}",
+        outcome.qemu_vhost_lines
+    );
+}
+
+#[test]
+fn a_guest_sees_its_disk_grow_without_a_reconnect_on_qemu_7_2() {
+    resize(Qemu::system());
+}
+
+#[test]
+fn a_guest_sees_its_disk_grow_without_a_reconnect_on_qemu_10() {
+    resize(Qemu::backports(20).expect("QEMU 10 from bookworm-backports"));
+}
