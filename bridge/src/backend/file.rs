@@ -41,6 +41,8 @@ pub struct FileBackend {
     capacity: LiveCapacity,
     /// One grow at a time.
     growing: std::sync::Mutex<()>,
+    /// "file backend PATH", for errors.
+    name: String,
 }
 
 /// Bytes of zeros one fallback write carries.
@@ -117,6 +119,7 @@ impl FileBackend {
             regular: meta.file_type().is_file(),
             capacity: LiveCapacity::new(capacity / SECTOR),
             growing: std::sync::Mutex::new(()),
+            name: format!("file backend {}", path.display()),
             direct,
             buffered: Arc::new(buffered),
         })
@@ -153,13 +156,13 @@ impl Backend for FileBackend {
     /// requests go by offset. A failed ftruncate changes nothing.
     fn grow(&self, bytes: u64) -> Result<()> {
         let _one = self.growing.lock().unwrap_or_else(|e| e.into_inner());
-        let what = format!("file backend {}", self.info.description);
+        let what = &self.name;
         if !self.regular {
             return Err(Error::BadArgument(format!(
                 "{what}: not a regular file; a block device's size is its own (resize the device, then recreate the backend)"
             )));
         }
-        let Some(sectors) = check_grow(&what, self.capacity.sectors(), bytes)? else {
+        let Some(sectors) = check_grow(what, self.capacity.sectors(), bytes)? else {
             return Ok(());
         };
         let len = self.buffered.metadata().map_err(|source| Error::Io {

@@ -21,6 +21,8 @@ pub struct MemBackend {
     file: File,
     info: BackendInfo,
     capacity: LiveCapacity,
+    /// "mem backend PATH", for errors.
+    name: String,
 }
 
 impl MemBackend {
@@ -52,6 +54,7 @@ impl MemBackend {
                 size,
             ),
             capacity: LiveCapacity::new(size / SECTOR),
+            name: format!("mem backend {}", path.display()),
         })
     }
 
@@ -91,8 +94,8 @@ impl Backend for MemBackend {
     fn grow(&self, bytes: u64) -> Result<()> {
         // One grow at a time; queues only clone the mapping under this lock, briefly.
         let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let what = format!("mem backend {}", self.info.description);
-        let Some(sectors) = check_grow(&what, self.capacity.sectors(), bytes)? else {
+        let what = &self.name;
+        let Some(sectors) = check_grow(what, self.capacity.sectors(), bytes)? else {
             return Ok(());
         };
         let io = |doing: &str| {
