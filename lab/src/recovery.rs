@@ -522,22 +522,6 @@ fn kept_demo(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_run_again_are_summed_from_the_recovery_lines_only() {
-        let log = "\
-2026-11-24T22:17:03Z  INFO queue 0: recovered from the inflight region: used idx 5335, avail idx 5337, 2 request(s) to run again, 0 published but not cleared queue=0
-2026-11-24T22:17:03Z  INFO queue 1 started with 128 entries, 7 request(s) to run again
-2026-11-24T22:17:06Z  INFO queue 1: recovered from the inflight region: used idx 9, avail idx 12, 3 request(s) to run again, 1 published but not cleared queue=1
-";
-        assert_eq!(requests_run_again(log), 5);
-        assert_eq!(requests_run_again(""), 0);
-    }
-}
-
 /// What [`run_resize`] saw.
 pub struct ResizeOutcome {
     /// The guest's run (records `size_before`, `size_after`, `tail_ok`, `dmesg`).
@@ -666,4 +650,20 @@ pub fn run_resize(lab: &Lab, qemu: crate::qemu::Qemu) -> Result<ResizeOutcome> {
         report: report.into_inner().unwrap_or_else(|e| e.into_inner()),
         connections,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_run_again_are_summed_from_the_recovery_lines_only() {
+        let log = "\
+2026-11-24T22:17:03Z  INFO queue 0: recovered from the inflight region: used idx 5335, avail idx 5337, 2 request(s) to run again, 0 published but not cleared queue=0
+2026-11-24T22:17:03Z  INFO queue 1 started with 128 entries, 7 request(s) to run again
+2026-11-24T22:17:06Z  INFO queue 1: recovered from the inflight region: used idx 9, avail idx 12, 3 request(s) to run again, 1 published but not cleared queue=1
+";
+        assert_eq!(requests_run_again(log), 5);
+        assert_eq!(requests_run_again(""), 0);
+    }
 }

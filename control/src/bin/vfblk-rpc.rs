@@ -668,6 +668,18 @@ fn top_sample(before: &Value, now: &Value, seconds: f64) -> Value {
     json!({ "seconds": seconds, "pid": now["pid"], "controllers": controllers, "pollers": pollers })
 }
 
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    vfblk_bridge::spec::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,17 +719,5 @@ mod tests {
         // No request in between: no mean latency to show.
         let s = top_sample(&now, &now, 1.0);
         assert_eq!(s["controllers"][0]["mean_latency_us"], Value::Null);
-    }
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    vfblk_bridge::spec::parse_size(s).map_err(|e| e.to_string())
-}
-
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("{s:?}: on or off")),
     }
 }
