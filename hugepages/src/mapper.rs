@@ -129,6 +129,9 @@ pub struct DmaBuffer {
     // ManuallyDrop: if the IOMMU refuses to unmap, the memory is leaked, never freed under DMA.
     memory: ManuallyDrop<DmaMemory>,
     released: bool,
+    /// For a buffer another process mapped ([`DmaBuffer::adopted`]): unmapped on drop only
+    /// once this is set (until then the mapping is still that process's).
+    owned: Option<Arc<std::sync::atomic::AtomicBool>>,
     iova: u64,
     mapper: Arc<dyn DmaMapper>,
     iovas: Arc<Mutex<IovaAllocator>>,
@@ -158,6 +161,43 @@ impl DmaBuffer {
         Ok(Self {
             memory: ManuallyDrop::new(memory),
             released: false,
+            owned: None,
+            iova,
+            mapper,
+            iovas,
+        })
+    }
+
+    /// Takes over `memory` that another process mapped at `iova` in a container this process
+    /// shares (its memfd handed over and mapped here again): nothing is mapped, the IOVA
+    /// range is reserved in `iovas` (it must lie inside its window and be free). Dropping
+    /// it removes the mapping once `owned` is set; before that the mapping is left for the
+    /// other process.
+    ///
+    /// # Safety
+    /// The range must be mapped in the container to the same pages `memory` maps.
+    pub unsafe fn adopted(
+        memory: DmaMemory,
+        iova: u64,
+        mapper: Arc<dyn DmaMapper>,
+        iovas: Arc<Mutex<IovaAllocator>>,
+        owned: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self> {
+        let len = memory.len() as u64;
+        let mut a = iovas
+            .lock()
+            .map_err(|_| DmaError::Iova("allocator lock poisoned".into()))?;
+        let (start, end) = a.window();
+        if iova % memory.page_kind().size() as u64 != 0 || !a.reserve(iova, len)? {
+            return Err(DmaError::Iova(format!(
+                "a handed-over buffer at {iova:#x}+{len:#x} is not aligned to its pages or lies outside {start:#x}..{end:#x}"
+            )));
+        }
+        drop(a);
+        Ok(Self {
+            memory: ManuallyDrop::new(memory),
+            released: false,
+            owned: Some(owned),
             iova,
             mapper,
             iovas,
@@ -184,7 +224,13 @@ impl DmaBuffer {
             return Ok(());
         }
         let len = self.memory.len();
-        self.mapper.unmap(self.iova, len)?;
+        let ours = self
+            .owned
+            .as_ref()
+            .is_none_or(|o| o.load(std::sync::atomic::Ordering::Acquire));
+        if ours {
+            self.mapper.unmap(self.iova, len)?;
+        }
         self.released = true;
         if let Ok(mut a) = self.iovas.lock() {
             a.free(self.iova, len as u64)?;

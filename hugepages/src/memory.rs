@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -139,6 +139,53 @@ impl DmaMemory {
         })
     }
 
+    /// Maps `len` bytes of a memfd another process allocated (and handed over) with
+    /// [`DmaMemory::allocate`]: the same pages, shared, nothing new allocated. The file must
+    /// hold at least `len` bytes and `len` must be a whole number of its pages (hugetlb
+    /// files are recognised by their filesystem).
+    pub fn from_fd(file: File, len: usize) -> Result<Self> {
+        let err = |what: String| move |source| DmaError::Alloc { what, len, source };
+        // SAFETY: fstat/fstatfs only write the structs we pass; the fd is open.
+        let (size, magic) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            let mut fs: libc::statfs = std::mem::zeroed();
+            if libc::fstat(file.as_raw_fd(), &mut st) != 0
+                || libc::fstatfs(file.as_raw_fd(), &mut fs) != 0
+            {
+                return Err(err("fstat of a handed-over memfd".into())(
+                    io::Error::last_os_error(),
+                ));
+            }
+            (st.st_size as u64, fs.f_type as u64)
+        };
+        const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+        let kind = if magic == HUGETLBFS_MAGIC {
+            PageKind::Huge2M
+        } else {
+            PageKind::Small4K
+        };
+        if len == 0 || len % kind.size() != 0 || size < len as u64 {
+            return Err(err(format!(
+                "a handed-over memfd of {size} bytes ({}) cannot back {len} bytes",
+                kind.name()
+            ))(io::ErrorKind::InvalidInput.into()));
+        }
+        let map = MmapOptions::new()
+            .len(len)
+            .populate()
+            .map_raw(&file)
+            .map_err(err("mmap of a handed-over memfd".into()))?;
+        if kind == PageKind::Small4K {
+            // SAFETY: the range is exactly our live mapping.
+            if unsafe { libc::mlock(map.as_mut_ptr().cast(), len) } != 0 {
+                return Err(err("mlock (raise RLIMIT_MEMLOCK)".into())(
+                    io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(Self { file, map, kind })
+    }
+
     /// Start of the mapping in this process.
     pub fn as_ptr(&self) -> *mut u8 {
         self.map.as_mut_ptr()
@@ -219,6 +266,25 @@ mod tests {
         // SAFETY: the memfd is 4 KiB and nothing truncates it while the view lives.
         let view = unsafe { MmapOptions::new().len(4096).map(&file) }.unwrap();
         assert_eq!(&view[100..106], b"shared");
+    }
+
+    #[test]
+    fn handed_over_memfd_maps_the_same_pages_and_short_files_are_refused() {
+        let mem = DmaMemory::allocate_small("test-handed", 8192).unwrap();
+        mem.write_bytes(5000, b"queues");
+        let file = File::from(mem.fd().try_clone_to_owned().unwrap());
+        let again = DmaMemory::from_fd(file, 8192).unwrap();
+        let mut back = [0u8; 6];
+        again.read_bytes(5000, &mut back);
+        assert_eq!(&back, b"queues");
+        assert_eq!(again.page_kind(), PageKind::Small4K);
+        let file = File::from(mem.fd().try_clone_to_owned().unwrap());
+        assert!(
+            DmaMemory::from_fd(file, 3 * 4096).is_err(),
+            "longer than the file"
+        );
+        let file = File::from(mem.fd().try_clone_to_owned().unwrap());
+        assert!(DmaMemory::from_fd(file, 100).is_err(), "not whole pages");
     }
 
     #[test]

@@ -108,9 +108,122 @@ impl DmaPool {
     pub fn arenas(&self) -> usize {
         self.inner.lock().map(|i| i.arenas.len()).unwrap_or(0)
     }
+
+    /// A pool made of arenas another process mapped and handed over
+    /// ([`DmaBuffer::adopted`]), all free until chunks are claimed ([`DmaPool::claim`]);
+    /// it grows as any pool does.
+    pub fn adopt(
+        name: &str,
+        mapper: Arc<dyn DmaMapper>,
+        iovas: Arc<Mutex<IovaAllocator>>,
+        arenas: Vec<DmaBuffer>,
+    ) -> Result<Self> {
+        let arenas = arenas
+            .into_iter()
+            .map(|buffer| {
+                let free = IovaAllocator::with_window(0, buffer.memory().len() as u64)?;
+                Ok(Arena { buffer, free })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                name: name.to_string(),
+                mapper,
+                iovas,
+                arenas,
+            })),
+        })
+    }
+
+    /// Takes the chunk at `offset..offset+len` of arena `arena` out of the free space: a
+    /// chunk another process used (its queues, say) and handed over. Fails unless the range
+    /// is whole pages, inside the arena and free.
+    pub fn claim(&self, arena: usize, offset: usize, len: usize) -> Result<DmaChunk> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| DmaError::Iova("pool lock poisoned".into()))?;
+        let count = inner.arenas.len();
+        let a = inner
+            .arenas
+            .get_mut(arena)
+            .ok_or_else(|| DmaError::Iova(format!("no arena {arena} (the pool has {count})")))?;
+        let size = a.buffer.memory().len();
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= size && len > 0);
+        if !inside || offset % SMALL_PAGE_SIZE != 0 || len % SMALL_PAGE_SIZE != 0 {
+            return Err(DmaError::Iova(format!(
+                "chunk {offset:#x}+{len:#x} is not whole pages inside arena {arena} of {size:#x} bytes"
+            )));
+        }
+        if !a.free.reserve(offset as u64, len as u64)? {
+            return Err(DmaError::Iova(format!(
+                "chunk {offset:#x}+{len:#x} lies outside arena {arena}"
+            )));
+        }
+        // SAFETY: offset + len lies within the arena's mapping (checked above).
+        let ptr = unsafe { a.buffer.memory().as_ptr().add(offset) };
+        Ok(DmaChunk {
+            pool: self.inner.clone(),
+            arena,
+            offset,
+            len,
+            ptr,
+            iova: a.buffer.iova() + offset as u64,
+        })
+    }
+
+    /// Each arena's memfd (duplicated), IOVA and length, in arena order: what a process
+    /// taking the pool over maps again ([`DmaPool::adopt`]).
+    pub fn arena_records(&self) -> Result<Vec<(std::os::fd::OwnedFd, u64, usize)>> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| DmaError::Iova("pool lock poisoned".into()))?;
+        inner
+            .arenas
+            .iter()
+            .map(|a| {
+                let fd = a
+                    .buffer
+                    .memory()
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DmaError::Alloc {
+                        what: "duplicating an arena's memfd".into(),
+                        len: a.buffer.memory().len(),
+                        source,
+                    })?;
+                Ok((fd, a.buffer.iova(), a.buffer.memory().len()))
+            })
+            .collect()
+    }
+
+    /// The IOVA ranges (start, length) of the arenas, sorted.
+    pub fn arena_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .inner
+            .lock()
+            .map(|i| {
+                i.arenas
+                    .iter()
+                    .map(|a| (a.buffer.iova(), a.buffer.memory().len() as u64))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ranges.sort_unstable();
+        ranges
+    }
 }
 
 impl DmaChunk {
+    /// Where the chunk lies in its pool: arena index, offset and length in bytes (what
+    /// [`DmaPool::claim`] takes).
+    pub fn location(&self) -> (usize, usize, usize) {
+        (self.arena, self.offset, self.len)
+    }
+
     /// Device address of the chunk's first byte.
     pub fn iova(&self) -> u64 {
         self.iova
@@ -229,5 +342,61 @@ mod tests {
             pool.alloc(4096, 12288).is_err(),
             "alignment must be a power of two"
         );
+    }
+
+    #[test]
+    fn a_handed_over_pool_keeps_its_chunks_where_they_were() {
+        let mapper = Arc::new(CountingMapper::default());
+        let iovas = Arc::new(Mutex::new(
+            IovaAllocator::with_window(1 << 30, 2 << 30).unwrap(),
+        ));
+        let pool = DmaPool::new("old", mapper.clone(), iovas);
+        let queue = pool.alloc(16 << 10, 4096).unwrap();
+        queue.write_bytes(100, b"ring");
+        let (arena, offset, len) = queue.location();
+        // The new process: same memfds at the same IOVAs, nothing mapped.
+        let owned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let iovas2 = Arc::new(Mutex::new(
+            IovaAllocator::with_window(1 << 30, 2 << 30).unwrap(),
+        ));
+        let buffers = pool
+            .arena_records()
+            .unwrap()
+            .into_iter()
+            .map(|(fd, iova, len)| {
+                let mem = DmaMemory::from_fd(std::fs::File::from(fd), len).unwrap();
+                // SAFETY: the recording mapper does no DMA.
+                unsafe {
+                    DmaBuffer::adopted(mem, iova, mapper.clone(), iovas2.clone(), owned.clone())
+                }
+                .unwrap()
+            })
+            .collect();
+        let maps_before = mapper.maps.lock().unwrap().len();
+        let adopted = DmaPool::adopt("new", mapper.clone(), iovas2.clone(), buffers).unwrap();
+        assert_eq!(
+            mapper.maps.lock().unwrap().len(),
+            maps_before,
+            "nothing mapped"
+        );
+        let again = adopted.claim(arena, offset, len).unwrap();
+        assert_eq!(again.iova(), queue.iova());
+        let mut out = [0u8; 4];
+        again.read_bytes(100, &mut out);
+        assert_eq!(&out, b"ring");
+        assert!(adopted.claim(arena, offset, len).is_err(), "claimed twice");
+        assert!(
+            adopted.claim(arena, 1 << 30, 4096).is_err(),
+            "outside the arena"
+        );
+        assert!(adopted.claim(7, 0, 4096).is_err(), "no such arena");
+        assert!(
+            adopted.claim(arena, offset + len + 1, 4096).is_err(),
+            "not page aligned"
+        );
+        // New chunks go beside the claimed one; the arena's IOVA is reserved for good.
+        let next = adopted.alloc(4096, 4096).unwrap();
+        assert_ne!(next.iova(), again.iova());
+        assert!(iovas2.lock().unwrap().reserve(queue.iova(), 4096).is_err());
     }
 }
