@@ -10,7 +10,7 @@ use vfblk_hugepages::{
 };
 
 use crate::pci::PciAddress;
-use crate::queue::{Layout, QueueOwner, QueuePair, ShadowDoorbells};
+use crate::queue::{ChunkRecord, Layout, QueueOwner, QueuePair, QueueRecord, ShadowDoorbells};
 use crate::regs::{offset, Cap, Cc, Registers, ShutdownNotification, Version};
 use crate::spec::{Command, IdentifyController, IdentifyNamespace};
 use crate::vfio::VfioPci;
@@ -102,7 +102,18 @@ pub(crate) struct Shared {
     pub iovas: Arc<Mutex<IovaAllocator>>,
     pub admin: Mutex<QueuePair>,
     pub identify: IdentifyController,
+    /// The Identify Controller page as read, for a process taking the controller over.
+    identify_page: Box<[u8; 4096]>,
     pub namespaces: Vec<Namespace>,
+    /// Each namespace's Identify page as read (same order as `namespaces`).
+    namespace_pages: Vec<Box<[u8; 4096]>>,
+    /// I/O queue pairs no one uses now, their queues kept on the controller (nothing in
+    /// flight): handed out again before new ones are created, and handed over whole to a
+    /// process taking the controller over. They hold no reference to this.
+    spares: Mutex<Vec<QueuePair>>,
+    /// Set once the DMA memory is this process's to unmap: at once for memory it mapped,
+    /// when the lender lets go for arenas taken over from it.
+    owned: Arc<std::sync::atomic::AtomicBool>,
     pub io_queues_granted: u16,
     pub max_transfer: usize,
     /// Queue ids in use (index = qid).
@@ -194,6 +205,100 @@ fn wait_ready(regs: &Registers, name: &str, ready: bool, timeout: Duration) -> R
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Largest transfer per command: MDTS in units of the minimum page, capped.
+fn max_transfer(cap: Cap, identify: &IdentifyController) -> usize {
+    if identify.mdts > 0 {
+        (cap.page_size_min() << identify.mdts).min(DEFAULT_MAX_TRANSFER)
+    } else {
+        DEFAULT_MAX_TRANSFER
+    }
+}
+
+/// The version of [`ControllerRecord`] this driver writes and reads. Raise it whenever the
+/// record, the queue memory layout or what an adopting process assumes changes meaning.
+pub const QUEUE_HANDOVER_VERSION: u32 = 1;
+
+/// How long [`Controller::hand_over_queues`] waits for every I/O queue pair to come back
+/// from its poller.
+const PARK_DEADLINE: Duration = Duration::from_secs(1);
+
+/// An arena of the driver's DMA memory as handed over: its memfd travels beside the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArenaRecord {
+    /// IOVA it is mapped at in the shared container.
+    pub iova: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// An active namespace as handed over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NamespaceRecord {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Its Identify Namespace page, hex.
+    pub identify: String,
+}
+
+/// An enabled controller with its queues, as a process taking it over adopts it
+/// ([`Controller::take_over`]): everything it would otherwise read from the controller or
+/// create on it. Checked against the controller's registers and against itself on adoption.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControllerRecord {
+    /// [`QUEUE_HANDOVER_VERSION`] of the writer.
+    pub version: u32,
+    /// CAP as the lender read it.
+    pub cap: u64,
+    /// CC as the lender configured it (enabled).
+    pub cc: u32,
+    /// The lender's driver IOVAs are the upper half of [`DRIVER_IOVAS`].
+    pub upper_iova_half: bool,
+    /// The DMA arenas (queues, PRP/SGL lists, doorbell pages, bounce buffers), one memfd
+    /// each, in order.
+    pub arenas: Vec<ArenaRecord>,
+    /// The admin queue pair.
+    pub admin: QueueRecord,
+    /// The page Identify data is read into.
+    pub scratch: ChunkRecord,
+    /// The shadow doorbell and event index pages, if Doorbell Buffer Config is in use.
+    pub doorbell_buffers: Option<[ChunkRecord; 2]>,
+    /// I/O queues the controller granted (Set Features Number of Queues).
+    pub io_queues_granted: u16,
+    /// The Identify Controller page, hex.
+    pub identify: String,
+    /// The active namespaces.
+    pub namespaces: Vec<NamespaceRecord>,
+    /// The I/O queue pairs, their queues live on the controller, nothing in flight.
+    pub queues: Vec<QueueRecord>,
+}
+
+/// A controller handed over with its queues ([`Controller::hand_over_queues`]).
+pub struct QueueHandover {
+    /// The VFIO fds and region layout.
+    pub vfio: crate::vfio::SharedVfio,
+    /// The controller and its queues.
+    pub record: ControllerRecord,
+    /// The arenas' memfds, in the record's order.
+    pub memfds: Vec<std::os::fd::OwnedFd>,
+}
+
+fn hex(page: &[u8; 4096]) -> String {
+    page.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str, what: &str) -> std::result::Result<Box<[u8; 4096]>, String> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 8192 {
+        return Err(format!("{what}: {} hex digits, not 8192", bytes.len()));
+    }
+    let mut page = Box::new([0u8; 4096]);
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let digits = std::str::from_utf8(pair).map_err(|_| format!("{what}: not hex"))?;
+        page[i] = u8::from_str_radix(digits, 16).map_err(|_| format!("{what}: not hex"))?;
+    }
+    Ok(page)
 }
 
 impl Controller {
@@ -296,7 +401,11 @@ impl Controller {
             iovas: iovas.clone(),
             admin: Mutex::new(admin),
             identify: IdentifyController::parse(&[0; 4096]),
+            identify_page: Box::new([0; 4096]),
             namespaces: Vec::new(),
+            namespace_pages: Vec::new(),
+            spares: Mutex::new(Vec::new()),
+            owned: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             io_queues_granted: 0,
             max_transfer: DEFAULT_MAX_TRANSFER,
             qids: Mutex::new(Vec::new()),
@@ -307,21 +416,19 @@ impl Controller {
             dbbuf: None,
             use_sgl: options.sgl,
         };
-        shared.identify =
-            IdentifyController::parse(&shared.identify_page(Command::identify(1, 0, 0))?);
-        if shared.identify.mdts > 0 {
-            let mdts = cap.page_size_min() << shared.identify.mdts;
-            shared.max_transfer = mdts.min(DEFAULT_MAX_TRANSFER);
-        }
-        let list = shared.identify_page(Command::identify(2, 0, 0))?;
+        *shared.identify_page = shared.read_identify(Command::identify(1, 0, 0))?;
+        shared.identify = IdentifyController::parse(&shared.identify_page);
+        shared.max_transfer = max_transfer(cap, &shared.identify);
+        let list = shared.read_identify(Command::identify(2, 0, 0))?;
         for chunk in list.chunks_exact(4) {
             let nsid = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
             if nsid == 0 {
                 break;
             }
-            let info =
-                IdentifyNamespace::parse(&shared.identify_page(Command::identify(0, nsid, 0))?);
+            let page = shared.read_identify(Command::identify(0, nsid, 0))?;
+            let info = IdentifyNamespace::parse(&page);
             shared.namespaces.push(Namespace { nsid, info });
+            shared.namespace_pages.push(Box::new(page));
         }
         let wanted = options.io_queues.max(1);
         let granted = shared.admin_command(
@@ -426,6 +533,443 @@ impl Controller {
         self.shared.is_lent()
     }
 
+    /// Hands the controller over with its queues to a process taking this one's place,
+    /// which adopts them ([`Controller::take_over`]) without disabling the controller: with
+    /// nothing in flight (the caller quiesced every user), waits (bounded) until every I/O
+    /// queue pair is back from its poller, checks the controller is healthy, and records
+    /// the queues, the DMA arenas and the Identify data. From then on this process touches
+    /// no register or queue, as after [`Controller::lend`], until [`Controller::reclaim`].
+    /// On error nothing changed: the caller may [`Controller::lend`] instead.
+    pub fn hand_over_queues(&self) -> Result<QueueHandover> {
+        let s = &self.shared;
+        let poisoned = |lock| Error::Poisoned {
+            device: s.name.clone(),
+            lock,
+        };
+        let deadline = Instant::now() + PARK_DEADLINE;
+        loop {
+            let parked = s.spares.lock().map_err(|_| poisoned("spares"))?.len();
+            let used = s
+                .qids
+                .lock()
+                .map_err(|_| poisoned("qid"))?
+                .iter()
+                .skip(1)
+                .filter(|u| **u)
+                .count();
+            if used == parked {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    device: s.name.clone(),
+                    what: format!(
+                        "{} of {used} I/O queue pair(s) to come back from their pollers (waited {PARK_DEADLINE:?})",
+                        used - parked
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let admin = s.admin.lock().map_err(|_| poisoned("admin"))?;
+        let spares = s.spares.lock().map_err(|_| poisoned("spares"))?;
+        let unhealthy = |what: String| Error::Device {
+            device: s.name.clone(),
+            what: format!("queues not handed over: {what}"),
+        };
+        let regs = Registers::new(s.pci.bar0());
+        let (cc, csts) = (regs.cc(), regs.csts());
+        if !cc.enabled() || !csts.ready() || csts.fatal() || cc.with_enable(false).0 != s.cc.0 {
+            return Err(unhealthy(format!("CC {:#x}, CSTS {csts}", cc.0)));
+        }
+        let used = s
+            .qids
+            .lock()
+            .map_err(|_| poisoned("qid"))?
+            .iter()
+            .skip(1)
+            .filter(|u| **u)
+            .count();
+        if used != spares.len() {
+            return Err(unhealthy(format!(
+                "{} I/O queue pair(s) in use again",
+                used - spares.len()
+            )));
+        }
+        let generation = s.generation.load(std::sync::atomic::Ordering::Acquire);
+        let admin_record = admin.record().map_err(unhealthy)?;
+        let mut queues = Vec::new();
+        for qp in spares.iter() {
+            // A pair whose queues a reset removed would create them again; the controller
+            // does not have them now, so its id is free for the adopter.
+            if qp.generation() == generation {
+                queues.push(qp.record().map_err(unhealthy)?);
+            }
+        }
+        let chunk = |c: &DmaChunk| {
+            let (arena, offset, len) = c.location();
+            ChunkRecord {
+                arena: arena as u32,
+                offset: offset as u64,
+                len: len as u64,
+            }
+        };
+        let arenas = s.pool.arena_records().map_err(|source| Error::Dma {
+            device: s.name.clone(),
+            source,
+        })?;
+        let scratch = chunk(&*s.scratch.lock().map_err(|_| poisoned("scratch"))?);
+        let record = ControllerRecord {
+            version: QUEUE_HANDOVER_VERSION,
+            cap: s.cap.0,
+            cc: cc.0,
+            upper_iova_half: s.upper_iova_half,
+            arenas: arenas
+                .iter()
+                .map(|(_, iova, len)| ArenaRecord {
+                    iova: *iova,
+                    len: *len as u64,
+                })
+                .collect(),
+            admin: admin_record,
+            scratch,
+            doorbell_buffers: s.dbbuf.as_ref().map(|(a, b)| [chunk(a), chunk(b)]),
+            io_queues_granted: s.io_queues_granted,
+            identify: hex(&s.identify_page),
+            namespaces: s
+                .namespaces
+                .iter()
+                .zip(&s.namespace_pages)
+                .map(|(n, page)| NamespaceRecord {
+                    nsid: n.nsid,
+                    identify: hex(page),
+                })
+                .collect(),
+            queues,
+        };
+        let vfio = s.pci.share()?;
+        s.lent.store(true, std::sync::atomic::Ordering::Release);
+        Ok(QueueHandover {
+            vfio,
+            record,
+            memfds: arenas.into_iter().map(|(fd, _, _)| fd).collect(),
+        })
+    }
+
+    /// Takes over a controller another process handed over with its queues
+    /// ([`Controller::hand_over_queues`]): maps the same DMA memory (its memfds) at the same
+    /// IOVAs without a VFIO mapping, adopts the admin and I/O queue pairs where they stand
+    /// and the Identify data; no register is written (no disable, no identify, no queue
+    /// creation). Everything the record says is checked against the controller's registers
+    /// and against itself. Until [`Controller::lender_gone`] the controller and its memory
+    /// are still the lender's: dropping the result then touches neither (the caller may
+    /// fall back to [`Controller::adopt`]). `options.upper_iova_half` is ignored: the
+    /// memory stays in the lender's half.
+    pub fn take_over(
+        address: PciAddress,
+        vfio: crate::vfio::SharedVfio,
+        record: &ControllerRecord,
+        memfds: Vec<std::os::fd::OwnedFd>,
+        options: &Options,
+    ) -> Result<Self> {
+        let name = address.to_string();
+        let bad = |what: String| Error::Device {
+            device: name.clone(),
+            what: format!("handed-over queues: {what}"),
+        };
+        if record.version != QUEUE_HANDOVER_VERSION {
+            return Err(bad(format!(
+                "record version {}, this driver reads {QUEUE_HANDOVER_VERSION}",
+                record.version
+            )));
+        }
+        if memfds.len() != record.arenas.len() {
+            return Err(bad(format!(
+                "{} memfd(s) for {} arenas",
+                memfds.len(),
+                record.arenas.len()
+            )));
+        }
+        let pci = Arc::new(VfioPci::adopt(address, vfio)?);
+        let regs = Registers::new(pci.bar0());
+        let bar = pci.bar0();
+        let cap = regs.cap();
+        let (cc, csts) = (regs.cc(), regs.csts());
+        if cap.0 != record.cap {
+            return Err(bad(format!(
+                "CAP {:#x}, the record says {:#x}",
+                cap.0, record.cap
+            )));
+        }
+        if cc.0 != record.cc || !cc.enabled() || !csts.ready() || csts.fatal() {
+            return Err(bad(format!(
+                "CC {:#x} (the record says {:#x}), CSTS {csts}: not the enabled, healthy controller recorded",
+                cc.0, record.cc
+            )));
+        }
+        if cc.page_size() != PAGE_SIZE || cc.entry_sizes() != (6, 4) {
+            return Err(bad(format!(
+                "CC {:#x}: not the page and entry sizes this driver uses",
+                cc.0
+            )));
+        }
+        let max_entries = cap.max_queue_entries().min(u32::from(u16::MAX)) as u16;
+        let granted = record.io_queues_granted;
+        if granted == 0 {
+            return Err(bad("no I/O queues granted".into()));
+        }
+
+        let vfio_mapper = Arc::new(VfioDmaMapper::new(
+            pci.container_fd().as_raw_fd(),
+            pci.clone(),
+        ));
+        let mapper: Arc<dyn DmaMapper> = vfio_mapper.clone();
+        let (first, end) = driver_iova_half(record.upper_iova_half);
+        let dma_err = |source| Error::Dma {
+            device: name.clone(),
+            source,
+        };
+        let iovas = Arc::new(Mutex::new(
+            IovaAllocator::with_window(first, end).map_err(dma_err)?,
+        ));
+        let owned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut buffers = Vec::with_capacity(memfds.len());
+        for (i, (fd, arena)) in memfds.into_iter().zip(&record.arenas).enumerate() {
+            let len = usize::try_from(arena.len)
+                .map_err(|_| bad(format!("arena {i}: {} bytes", arena.len)))?;
+            let memory = vfblk_hugepages::DmaMemory::from_fd(std::fs::File::from(fd), len)
+                .map_err(dma_err)?;
+            // SAFETY: the lender mapped this memfd's first `len` bytes at `arena.iova` in the
+            // container this process shares (the record says so; an IOVA outside the
+            // lender's half or overlapping another arena is refused by the reservation).
+            let buffer = unsafe {
+                vfblk_hugepages::DmaBuffer::adopted(
+                    memory,
+                    arena.iova,
+                    mapper.clone(),
+                    iovas.clone(),
+                    owned.clone(),
+                )
+            }
+            .map_err(dma_err)?;
+            buffers.push(buffer);
+        }
+        let pool = DmaPool::adopt(
+            &format!("vfblk-{name}"),
+            mapper.clone(),
+            iovas.clone(),
+            buffers,
+        )
+        .map_err(dma_err)?;
+        let claim = |c: &ChunkRecord, what: &str| -> Result<DmaChunk> {
+            let (offset, len) = (usize::try_from(c.offset), usize::try_from(c.len));
+            let (Ok(offset), Ok(len)) = (offset, len) else {
+                return Err(bad(format!("{what}: chunk {c:?}")));
+            };
+            pool.claim(c.arena as usize, offset, len)
+                .map_err(|source| Error::Dma {
+                    device: format!("{name} ({what})"),
+                    source,
+                })
+        };
+        let identify_page = unhex(&record.identify, "Identify Controller").map_err(bad)?;
+        let identify = IdentifyController::parse(&identify_page);
+        let max_transfer = max_transfer(cap, &identify);
+        let mut namespaces = Vec::new();
+        let mut namespace_pages = Vec::new();
+        for n in &record.namespaces {
+            if n.nsid == 0 || namespaces.iter().any(|m: &Namespace| m.nsid == n.nsid) {
+                return Err(bad(format!("namespace id {} zero or twice", n.nsid)));
+            }
+            let page = unhex(&n.identify, "Identify Namespace").map_err(bad)?;
+            namespaces.push(Namespace {
+                nsid: n.nsid,
+                info: IdentifyNamespace::parse(&page),
+            });
+            namespace_pages.push(page);
+        }
+
+        // The admin queue: where the controller's AQA/ASQ/ACQ say it is.
+        let a = &record.admin;
+        let aqa = bar.read32(offset::AQA);
+        if a.qid != 0
+            || !(2..=max_entries.min(4096)).contains(&a.entries)
+            || aqa != (u32::from(a.entries - 1) << 16) | u32::from(a.entries - 1)
+        {
+            return Err(bad(format!("admin queue {a:?} against AQA {aqa:#x}")));
+        }
+        let check_positions = |q: &QueueRecord| {
+            if q.sq_tail >= q.entries || q.sq_head >= q.entries || q.cq_head >= q.entries {
+                Err(bad(format!(
+                    "queue {}: positions outside {} entries: {q:?}",
+                    q.qid, q.entries
+                )))
+            } else if q.sq_head != q.sq_tail {
+                Err(bad(format!(
+                    "queue {}: commands not consumed: {q:?}",
+                    q.qid
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        check_positions(a)?;
+        let admin_layout = Layout::new(a.entries, PAGE_SIZE, PAGE_SIZE);
+        if a.memory.len != admin_layout.total as u64 {
+            return Err(bad(format!(
+                "admin queue memory {:?}, its layout needs {} bytes",
+                a.memory, admin_layout.total
+            )));
+        }
+        let admin_mem = claim(&a.memory, "admin queue")?;
+        let (asq, acq) = (bar.read64(offset::ASQ), bar.read64(offset::ACQ));
+        if asq != admin_mem.iova() || acq != admin_mem.iova() + admin_layout.cq_offset as u64 {
+            return Err(bad(format!(
+                "the admin queue recorded at IOVA {:#x}, the controller's is at ASQ {asq:#x}, ACQ {acq:#x}",
+                admin_mem.iova()
+            )));
+        }
+        let admin = QueuePair::adopt(
+            a,
+            admin_layout,
+            admin_mem,
+            pci.clone(),
+            cap.doorbell_stride(),
+            PAGE_SIZE as u64,
+        );
+        if record.scratch.len != PAGE_SIZE as u64 {
+            return Err(bad(format!("scratch page {:?}", record.scratch)));
+        }
+        let scratch = claim(&record.scratch, "scratch page")?;
+        let dbbuf = match &record.doorbell_buffers {
+            Some([shadow, event]) => {
+                if shadow.len != PAGE_SIZE as u64 || event.len != PAGE_SIZE as u64 {
+                    return Err(bad(format!("doorbell pages {shadow:?} {event:?}")));
+                }
+                Some((
+                    claim(shadow, "shadow doorbells")?,
+                    claim(event, "event indexes")?,
+                ))
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            pci: pci.clone(),
+            cap,
+            version: regs.version(),
+            mapper,
+            vfio_mapper,
+            upper_iova_half: record.upper_iova_half,
+            // Not ours until the lender lets go.
+            lent: std::sync::atomic::AtomicBool::new(true),
+            iovas,
+            admin: Mutex::new(admin),
+            identify,
+            identify_page,
+            namespaces,
+            namespace_pages,
+            spares: Mutex::new(Vec::new()),
+            owned,
+            io_queues_granted: granted,
+            max_transfer,
+            qids: Mutex::new(vec![false; usize::from(granted) + 1]),
+            scratch: Mutex::new(scratch),
+            pool: pool.clone(),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            cc: cc.with_enable(false),
+            dbbuf,
+            use_sgl: options.sgl,
+        });
+        let mut spares = Vec::with_capacity(record.queues.len());
+        {
+            let mut qids = shared.qids.lock().expect("fresh");
+            for q in &record.queues {
+                if q.qid == 0 || q.qid > granted || qids[usize::from(q.qid)] {
+                    return Err(bad(format!(
+                        "queue id {} twice or not among the {granted} granted",
+                        q.qid
+                    )));
+                }
+                if !(2..=max_entries).contains(&q.entries) {
+                    return Err(bad(format!(
+                        "queue {}: {} entries, not 2..={max_entries}",
+                        q.qid, q.entries
+                    )));
+                }
+                check_positions(q)?;
+                let layout = Layout::new(q.entries, PAGE_SIZE, max_transfer);
+                if q.memory.len != layout.total as u64 {
+                    return Err(bad(format!(
+                        "queue {} memory {:?}, its layout needs {} bytes",
+                        q.qid, q.memory, layout.total
+                    )));
+                }
+                let mem = claim(&q.memory, "I/O queue")?;
+                let mut qp = QueuePair::adopt(
+                    q,
+                    layout,
+                    mem,
+                    pci.clone(),
+                    cap.doorbell_stride(),
+                    max_transfer as u64,
+                );
+                qp.set_sgl(shared.use_sgl && shared.identify.supports_sgl());
+                qp.set_shadow(shared.shadow_doorbells(q.qid));
+                if let Some((sq, cq)) = qp.shadow_values() {
+                    if (sq, cq) != (u32::from(q.sq_tail), u32::from(q.cq_head)) {
+                        return Err(bad(format!(
+                            "queue {}: the shadow doorbells say SQ tail {sq}, CQ head {cq}; the record {q:?}",
+                            q.qid
+                        )));
+                    }
+                }
+                qids[usize::from(q.qid)] = true;
+                spares.push(qp);
+            }
+        }
+        *shared.spares.lock().expect("fresh") = spares;
+        Ok(Self { shared })
+    }
+
+    /// The process this controller was taken over from ([`Controller::take_over`]) has let
+    /// go: the registers, queues and DMA memory are this process's now.
+    pub fn lender_gone(&self) {
+        let s = &self.shared;
+        s.owned.store(true, std::sync::atomic::Ordering::Release);
+        s.lent.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// I/O queue pairs handed out or parked (their queues live on the controller), and of
+    /// them parked.
+    pub fn queue_pairs(&self) -> (usize, usize) {
+        let s = &self.shared;
+        let used = s
+            .qids
+            .lock()
+            .map(|q| q.iter().skip(1).filter(|u| **u).count())
+            .unwrap_or(0);
+        let parked = s.spares.lock().map(|p| p.len()).unwrap_or(0);
+        (used, parked)
+    }
+
+    /// Takes back an I/O queue pair its user is done with: with nothing in flight it is
+    /// kept, its queues on the controller, for the next [`Controller::create_io_queue_pair`]
+    /// (or a hand-over); otherwise it is dropped (its queues deleted).
+    pub fn park(&self, mut qp: QueuePair) {
+        if qp.qid() == 0 || qp.record().is_err() {
+            return;
+        }
+        qp.take_owner();
+        match self.shared.spares.lock() {
+            Ok(mut spares) => spares.push(qp),
+            Err(_) => tracing::warn!(
+                "{}: spares lock poisoned; a queue pair dropped",
+                self.name()
+            ),
+        }
+    }
+
     /// Takes a lent controller back when the borrower failed (it is gone: dead or killed):
     /// disables it, removes whatever the borrower mapped — the other half of the driver's
     /// IOVAs and the `foreign` ranges — and resets it with this process's admin queue. I/O
@@ -436,7 +980,24 @@ impl Controller {
         let timeout = Duration::from_millis(s.cap.timeout_ms().max(500));
         disable(&regs, &s.name, timeout)?;
         let (first, end) = driver_iova_half(!s.upper_iova_half);
-        for &(iova, len) in std::iter::once(&(first, end - first)).chain(foreign) {
+        // A borrower that adopted the queues shares this process's half: whatever it
+        // mapped there lies between this process's arenas.
+        let (own_first, own_end) = driver_iova_half(s.upper_iova_half);
+        let mut gaps = Vec::new();
+        let mut at = own_first;
+        for (iova, len) in s.pool.arena_ranges() {
+            if iova > at {
+                gaps.push((at, iova - at));
+            }
+            at = at.max(iova + len);
+        }
+        if at < own_end {
+            gaps.push((at, own_end - at));
+        }
+        for &(iova, len) in std::iter::once(&(first, end - first))
+            .chain(foreign)
+            .chain(&gaps)
+        {
             let removed = self.unmap_within(iova, len)?;
             if removed > 0 {
                 tracing::info!(
@@ -559,6 +1120,26 @@ impl Controller {
                 "{}: queue entries {entries} not in 2..={max}",
                 s.name
             )));
+        }
+        let spare = {
+            let mut spares = s.spares.lock().map_err(|_| Error::Poisoned {
+                device: self.name().to_string(),
+                lock: "spares",
+            })?;
+            spares
+                .iter()
+                .position(|q| q.entries() == entries)
+                .map(|i| spares.swap_remove(i))
+        };
+        if let Some(mut qp) = spare {
+            qp.set_sgl(s.use_sgl && s.identify.supports_sgl());
+            qp.set_owner(self.shared.clone(), self.shared.generation.clone());
+            if qp.generation() == s.generation.load(std::sync::atomic::Ordering::Acquire) {
+                // Its queues live on: where they were left. (Otherwise a reset removed them
+                // and the pair creates them again at its first use.)
+                qp.ring_where_left();
+            }
+            return Ok(qp);
         }
         let qid = {
             let mut qids = s.qids.lock().map_err(|_| Error::Poisoned {
@@ -726,7 +1307,7 @@ impl Shared {
         }
     }
 
-    fn identify_page(&self, mut cmd: Command) -> Result<[u8; 4096]> {
+    fn read_identify(&self, mut cmd: Command) -> Result<[u8; 4096]> {
         let scratch = self.scratch.lock().map_err(|_| Error::Poisoned {
             device: self.name.clone(),
             lock: "scratch",
@@ -818,5 +1399,32 @@ impl Drop for Shared {
         if let Err(e) = disable(&regs, &self.name, timeout) {
             tracing::warn!(error = &e as &dyn std::error::Error, "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identify_pages_travel_as_hex_and_bad_text_is_refused() {
+        let mut page = [0u8; 4096];
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        let text = hex(&page);
+        assert_eq!(*unhex(&text, "page").unwrap(), page);
+        assert!(unhex(&text[2..], "page").is_err(), "short");
+        let mut bad = text.clone();
+        bad.replace_range(10..12, "zz");
+        assert!(unhex(&bad, "page").is_err(), "not hex");
+    }
+
+    #[test]
+    fn the_driver_halves_split_its_iova_range() {
+        let (lo, hi) = (driver_iova_half(false), driver_iova_half(true));
+        assert_eq!(lo.0, DRIVER_IOVAS.0);
+        assert_eq!(lo.1, hi.0);
+        assert_eq!(hi.1, DRIVER_IOVAS.1);
     }
 }

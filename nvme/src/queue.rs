@@ -181,6 +181,36 @@ pub(crate) trait QueueOwner: Send + Sync {
     fn release_qid(&self, qid: u16);
 }
 
+/// Where a chunk of DMA memory lies in its controller's pool (arena, offset, length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkRecord {
+    /// Arena index.
+    pub arena: u32,
+    /// Byte offset in the arena.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// A queue pair as handed over: its queue id, size, memory and ring positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRecord {
+    /// Queue id (0: admin).
+    pub qid: u16,
+    /// Ring entries.
+    pub entries: u16,
+    /// SQ ring, CQ ring and PRP list pages.
+    pub memory: ChunkRecord,
+    /// Next SQ slot to write (the tail the controller was last told).
+    pub sq_tail: u16,
+    /// SQ head as the controller last reported it.
+    pub sq_head: u16,
+    /// Next CQ entry to read (the head the controller was last told).
+    pub cq_head: u16,
+    /// The phase tag a new completion at `cq_head` carries.
+    pub phase: bool,
+}
+
 /// A submission queue and its completion queue.
 pub struct QueuePair {
     qid: u16,
@@ -288,6 +318,127 @@ impl QueuePair {
             owner_generation: None,
             memory: std::mem::ManuallyDrop::new(memory),
         }
+    }
+
+    /// A queue pair whose queues the controller already has, taken over from another
+    /// process with nothing in flight: the rings stay as they are in `memory` (not zeroed),
+    /// the positions continue from `state`. The caller checked `state` against the layout.
+    pub(crate) fn adopt(
+        state: &QueueRecord,
+        layout: Layout,
+        memory: DmaChunk,
+        pci: Arc<VfioPci>,
+        doorbell_stride: usize,
+        max_transfer: u64,
+    ) -> Self {
+        let base = memory.as_ptr();
+        let slots = usize::from(layout.entries) - 1;
+        // SAFETY: offsets are within the buffer by construction of `layout`.
+        let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
+        let q = usize::from(state.qid);
+        Self {
+            qid: state.qid,
+            entries: layout.entries,
+            sq: base.cast(),
+            cq: cq.cast(),
+            sq_tail: state.sq_tail,
+            sq_head: state.sq_head,
+            rung_tail: state.sq_tail,
+            cq_head: state.cq_head,
+            phase: state.phase,
+            sq_doorbell: crate::regs::offset::DOORBELLS + (2 * q) * doorbell_stride,
+            cq_doorbell: crate::regs::offset::DOORBELLS + (2 * q + 1) * doorbell_stride,
+            slots: vec![Slot::default(); slots].into_boxed_slice(),
+            free: (0..slots as u16).rev().collect(),
+            lists,
+            lists_iova: memory.iova() + layout.lists_offset as u64,
+            layout,
+            max_transfer,
+            spurious: 0,
+            drop_after: None,
+            generation: 0,
+            aborted: Vec::with_capacity(slots),
+            lost: false,
+            sgl: false,
+            sgl_commands: 0,
+            shadow: None,
+            doorbells_skipped: 0,
+            ticks: 0,
+            pci,
+            owner: None,
+            owner_generation: None,
+            memory: std::mem::ManuallyDrop::new(memory),
+        }
+    }
+
+    /// What a process taking this pair over needs ([`QueuePair::adopt`]), or why it cannot:
+    /// commands in flight, or queues lost in a reset.
+    pub(crate) fn record(&self) -> Result<QueueRecord, String> {
+        if self.in_flight() > 0 || !self.aborted.is_empty() || self.lost {
+            return Err(format!(
+                "queue {}: {} command(s) in flight, {} aborted unreported, lost {}",
+                self.qid,
+                self.in_flight(),
+                self.aborted.len(),
+                self.lost
+            ));
+        }
+        if self.rung_tail != self.sq_tail || self.sq_head != self.sq_tail {
+            return Err(format!(
+                "queue {}: SQ tail {} rung {} head {}: not every command was consumed",
+                self.qid, self.sq_tail, self.rung_tail, self.sq_head
+            ));
+        }
+        let (arena, offset, len) = self.memory.location();
+        Ok(QueueRecord {
+            qid: self.qid,
+            entries: self.entries,
+            memory: ChunkRecord {
+                arena: arena as u32,
+                offset: offset as u64,
+                len: len as u64,
+            },
+            sq_tail: self.sq_tail,
+            sq_head: self.sq_head,
+            cq_head: self.cq_head,
+            phase: self.phase,
+        })
+    }
+
+    /// The generation (controller reset count) its queues were created in.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Takes the controller reference out (a pair parked in its controller must not keep
+    /// the controller alive).
+    pub(crate) fn take_owner(&mut self) {
+        self.owner = None;
+    }
+
+    /// Writes the SQ tail and CQ head doorbells with the positions the pair has: where a
+    /// process that handed the pair over left them (the controller has those already;
+    /// this only makes sure).
+    pub(crate) fn ring_where_left(&mut self) {
+        if let Some(sh) = self.shadow {
+            // SAFETY: this queue's entries in the controller's doorbell pages.
+            unsafe {
+                sh.sq.write_volatile(u32::from(self.sq_tail));
+                sh.cq.write_volatile(u32::from(self.cq_head));
+            }
+        }
+        fence(Ordering::SeqCst);
+        let bar = self.pci.bar0();
+        bar.write32(self.sq_doorbell, u32::from(self.sq_tail));
+        bar.write32(self.cq_doorbell, u32::from(self.cq_head));
+    }
+
+    /// The shadow doorbell values the controller sees for this pair (SQ tail, CQ head), if
+    /// shadow doorbells are in use.
+    pub(crate) fn shadow_values(&self) -> Option<(u32, u32)> {
+        let sh = self.shadow?;
+        // SAFETY: this queue's entries in the controller's doorbell pages.
+        Some(unsafe { (sh.sq.read_volatile(), sh.cq.read_volatile()) })
     }
 
     /// Empties both rings (after the controller forgot them in a reset).
