@@ -19,7 +19,7 @@ pub use mem::MemBackend;
 pub use null::NullBackend;
 pub use nvme::{
     IovaWindow, LentWindow, NamespaceRange, NvmeBackend, NvmeControllers, NvmeOptions,
-    SharedController,
+    SharedController, TakenController,
 };
 pub use rbd::{ClusterOptions, ClusterSettings, RbdBackend, RbdCluster};
 

@@ -145,7 +145,7 @@ impl NvmeEngine {
         let tick_ms = TICK.as_millis().max(1) as u64;
         Ok(Self {
             records: vec![SentCommand::default(); qp.capacity() + 1].into_boxed_slice(),
-            qp,
+            qp: std::mem::ManuallyDrop::new(qp),
             ctrl: ctrl.clone(),
             max_transfer: ctrl.max_transfer() as u64,
             clients: Vec::new(),
@@ -327,6 +327,28 @@ pub struct LentController {
     /// The IOVA windows the lender's backends hold and the guest RAM mapped in each: the
     /// borrower's backends take those mappings over as they are.
     pub windows: Vec<LentWindow>,
+    /// The controller handed over enabled with its queues and DMA memory (the borrower
+    /// adopts them), or `None`: disabled, the borrower brings it up.
+    pub queues: Option<(
+        vfblk_nvme::controller::ControllerRecord,
+        Vec<std::os::fd::OwnedFd>,
+    )>,
+    /// Why the queues did not go along when they were asked to.
+    pub queues_not_handed: Option<String>,
+}
+
+/// How a process taking a controller over got it ([`NvmeControllers::take_over`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TakenController {
+    /// PCI address.
+    #[serde(with = "crate::spec::pci_string")]
+    pub address: vfblk_nvme::pci::PciAddress,
+    /// The queues were adopted as the previous process left them (no disable, identify or
+    /// queue creation); false: the controller was brought up again.
+    pub queues_adopted: bool,
+    /// Why not, when they were not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
 }
 
 impl SharedController {
@@ -418,11 +440,42 @@ impl NvmeControllers {
     /// Lends every controller to a process taking this one's place (nothing may be in
     /// flight): each is disabled and its fds duplicated. On failure the ones already lent
     /// are taken back.
-    pub fn lend_all(&self) -> Result<Vec<LentController>> {
+    ///
+    /// With `with_queues` (the borrower reads the queue record), each controller goes
+    /// enabled with its queues and DMA memory for the borrower to adopt
+    /// ([`Controller::hand_over_queues`]); a controller that cannot (a queue pair still in
+    /// use, commands in flight, an unhealthy controller) is lent disabled as without.
+    pub fn lend_all(&self, with_queues: bool) -> Result<Vec<LentController>> {
         let mut lent = Vec::new();
         for (address, c) in &self.open {
-            match c.ctrl.lend() {
-                Ok(lending) => lent.push(LentController {
+            let mut queues_not_handed = None;
+            let handed = if with_queues {
+                match c.ctrl.hand_over_queues() {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        let why = vfblk_vhost::error_chain(&e);
+                        tracing::warn!(
+                            "{address}: queues not handed over ({why}); lending it disabled"
+                        );
+                        queues_not_handed = Some(why);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let lending = match handed {
+                Some(h) => Ok((
+                    vfblk_nvme::controller::Lending {
+                        vfio: h.vfio,
+                        upper_iova_half: h.record.upper_iova_half,
+                    },
+                    Some((h.record, h.memfds)),
+                )),
+                None => c.ctrl.lend().map(|l| (l, None)),
+            };
+            match lending {
+                Ok((lending, queues)) => lent.push(LentController {
                     address: *address,
                     lending,
                     windows: c
@@ -435,6 +488,8 @@ impl NvmeControllers {
                             regions: regions.clone(),
                         })
                         .collect(),
+                    queues,
+                    queues_not_handed,
                 }),
                 Err(source) => {
                     self.reclaim_all();
@@ -465,9 +520,11 @@ impl NvmeControllers {
     /// After the borrower took over for good: removes this process's own DMA mappings
     /// from the shared containers, touching no device. Guest RAM mappings stay: the
     /// borrower took them over (and removes any it did not). Returns the bytes unmapped.
-    pub fn release_all(&self) -> u64 {
+    /// Controllers in `adopted` are left alone: the borrower adopted their queues and DMA
+    /// memory, which stay mapped for it.
+    pub fn release_all(&self, adopted: &[vfblk_nvme::pci::PciAddress]) -> u64 {
         let mut removed = 0;
-        for (address, c) in &self.open {
+        for (address, c) in self.open.iter().filter(|(a, _)| !adopted.contains(a)) {
             match c.ctrl.release_lent() {
                 Ok(n) => removed += n,
                 Err(e) => tracing::error!(
@@ -511,10 +568,118 @@ impl NvmeControllers {
         Ok(())
     }
 
+    /// Takes over the controller at `address` another process handed over: with its
+    /// queues (`queues`: the record and the arenas' memfds) when given and adoptable, else
+    /// — a record this driver does not read, or one that does not match the controller or
+    /// itself — brought up as [`NvmeControllers::adopt`] does. Says which.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take_over(
+        &mut self,
+        address: vfblk_nvme::pci::PciAddress,
+        vfio: vfblk_nvme::vfio::SharedVfio,
+        lender_upper: bool,
+        lender_windows: &[LentWindow],
+        queues: Option<(
+            &vfblk_nvme::controller::ControllerRecord,
+            Vec<std::os::fd::OwnedFd>,
+        )>,
+        io_queues: u16,
+        options: &NvmeOptions,
+        fault: Option<&dyn Fn() -> Result<()>>,
+    ) -> Result<TakenController> {
+        use vfblk_nvme::controller::Options;
+        let why_not = match queues {
+            None => "the previous process lent it disabled".to_string(),
+            Some((record, memfds)) => {
+                let dup = |fd: &std::os::fd::OwnedFd| {
+                    fd.try_clone().map_err(|source| Error::Io {
+                        what: format!("{address}: duplicating a VFIO fd for the fallback"),
+                        source,
+                    })
+                };
+                // Kept for the fallback: adopting consumes the fds it is given.
+                let fallback = vfblk_nvme::vfio::SharedVfio {
+                    container: dup(&vfio.container)?,
+                    device: dup(&vfio.device)?,
+                    layout: vfio.layout,
+                };
+                let adopted = Controller::take_over(
+                    address,
+                    vfio,
+                    record,
+                    memfds,
+                    &Options {
+                        io_queues,
+                        sgl: options.use_sgl,
+                        upper_iova_half: lender_upper,
+                        ..Options::default()
+                    },
+                )
+                .map_err(|source| Error::Nvme {
+                    what: format!("adopting the queues of {address}"),
+                    source,
+                })
+                .and_then(|ctrl| {
+                    // A test's fault: the adoption fails after everything was adopted.
+                    fault.map_or(Ok(()), |f| f())?;
+                    Ok(ctrl)
+                });
+                match adopted {
+                    Ok(ctrl) => {
+                        let (queue_pairs, _) = ctrl.queue_pairs();
+                        tracing::info!(
+                            "{address}: queues adopted as the previous process left them ({queue_pairs} I/O queue pair(s)): no disable, identify or queue creation"
+                        );
+                        self.open
+                            .insert(address, SharedController::adopted(ctrl, lender_windows));
+                        return Ok(TakenController {
+                            address,
+                            queues_adopted: true,
+                            why_not: None,
+                        });
+                    }
+                    Err(e) => {
+                        let why = vfblk_vhost::error_chain(&e);
+                        tracing::warn!(
+                            "{address}: queues not adopted ({why}); bringing the controller up instead"
+                        );
+                        self.adopt(
+                            address,
+                            fallback,
+                            lender_upper,
+                            lender_windows,
+                            io_queues,
+                            options,
+                        )?;
+                        return Ok(TakenController {
+                            address,
+                            queues_adopted: false,
+                            why_not: Some(why),
+                        });
+                    }
+                }
+            }
+        };
+        self.adopt(
+            address,
+            vfio,
+            lender_upper,
+            lender_windows,
+            io_queues,
+            options,
+        )?;
+        Ok(TakenController {
+            address,
+            queues_adopted: false,
+            why_not: Some(why_not),
+        })
+    }
+
     /// The lender let go: the mappings taken over from it are this process's now, and
     /// what it left in windows nobody took over is removed.
     pub fn lender_gone(&self) {
         for (address, c) in &self.open {
+            c.ctrl.lender_gone();
             c.lender_gone
                 .store(true, std::sync::atomic::Ordering::Release);
             c.adoptable
@@ -921,7 +1086,9 @@ struct ClientCfg {
 /// The NVMe queue pair of one (controller, poller), shared by every virtqueue of every
 /// backend on that controller that the poller runs ("clients"): one poller thread uses it.
 struct NvmeEngine {
-    qp: QueuePair,
+    /// Parked in the controller when the engine goes (its queues kept for the next engine
+    /// or a hand-over); `ManuallyDrop` only to move it out in `drop`.
+    qp: std::mem::ManuallyDrop<QueuePair>,
     ctrl: Controller,
     max_transfer: u64,
     /// Per client slot.
@@ -945,6 +1112,14 @@ struct NvmeEngine {
     timeout_ticks: u32,
     last_tick: Instant,
     loops: u32,
+}
+
+impl Drop for NvmeEngine {
+    fn drop(&mut self) {
+        // SAFETY: `qp` is not used again (the engine is going).
+        let qp = unsafe { std::mem::ManuallyDrop::take(&mut self.qp) };
+        self.ctrl.park(qp);
+    }
 }
 
 // SAFETY: the host pointers it keeps (for bounce copies) point into guest memory that stays
