@@ -37,8 +37,15 @@ const START_DEADLINE: Duration = Duration::from_secs(20);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 enum Step {
-    /// New to old, once its pollers run: the formats it reads.
-    Hello { formats: Vec<u32>, pid: u32 },
+    /// New to old, once its pollers run: the formats it reads, and the versions of the
+    /// NVMe queue record it adopts queues from (none: an older binary, which brings the
+    /// controllers up itself).
+    Hello {
+        formats: Vec<u32>,
+        pid: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nvme_queues: Vec<u32>,
+    },
     /// Old to new, still serving: the configuration, so that the backends are opened (files
     /// probed, controllers brought up) before anything pauses.
     Config(Box<TargetConfig>),
@@ -46,8 +53,12 @@ enum Step {
     Prepared,
     /// Old to new: the connections, after quiescing.
     State(Box<TargetState>),
-    /// New to old: mapped and checked, nothing started.
-    Ready,
+    /// New to old: mapped and checked, nothing started; how it took each NVMe controller
+    /// (the old process keeps the DMA memory of those whose queues were adopted mapped).
+    Ready {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nvme: Vec<vfblk_bridge::backend::TakenController>,
+    },
     /// Old to new: let go; the rings are yours.
     Go,
     /// New to old: serving.
@@ -91,6 +102,13 @@ struct LentNvme {
     /// The IOVA windows holding the old process's guest RAM mappings, and what is mapped:
     /// the new process takes them over as they are.
     windows: Vec<vfblk_bridge::backend::LentWindow>,
+    /// The controller left enabled with its queues, for the new process to adopt (it said
+    /// it reads this record's version); absent: disabled, to be brought up again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queues: Option<vfblk_nvme::controller::ControllerRecord>,
+    /// Fd indexes of the DMA arenas' memfds, in the record's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    arenas: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,6 +141,9 @@ pub struct UpgradeReport {
     /// Of the pause: sending the state until the new process was ready (it opened the
     /// backends and mapped the memory), in milliseconds.
     pub prepare_ms: f64,
+    /// How the new process took each NVMe controller: its queues adopted as they were, or
+    /// the controller brought up again (and why).
+    pub nvme: Vec<vfblk_bridge::backend::TakenController>,
 }
 
 /// Listeners the new process got from the old.
@@ -149,6 +170,33 @@ fn formats_read() -> Vec<u32> {
             .collect();
     }
     vec![FORMAT]
+}
+
+/// The NVMe queue record versions a new process adopts: the driver's, or in a test build
+/// the list in `VFBLK_TEST_NVME_QUEUE_VERSIONS` (comma-separated; empty: none, as an older
+/// binary), to test the fallback.
+fn nvme_queue_versions() -> Vec<u32> {
+    #[cfg(feature = "test-delay")]
+    if let Ok(list) = std::env::var("VFBLK_TEST_NVME_QUEUE_VERSIONS") {
+        return list
+            .split(',')
+            .filter_map(|f| f.trim().parse().ok())
+            .collect();
+    }
+    vec![vfblk_nvme::controller::QUEUE_HANDOVER_VERSION]
+}
+
+/// In a test build, `VFBLK_TEST_HANDOVER_FAULT=adopt` makes the new process's adoption of
+/// NVMe queues fail after everything was adopted (memory mapped, queue pairs built), so
+/// that it falls back to bringing the controller up.
+fn injected_adopt_fault() -> vfblk_bridge::Result<()> {
+    #[cfg(feature = "test-delay")]
+    if std::env::var("VFBLK_TEST_HANDOVER_FAULT").as_deref() == Ok("adopt") {
+        return Err(vfblk_bridge::Error::BadArgument(
+            "adoption failed by VFBLK_TEST_HANDOVER_FAULT".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// In a test build (feature `test-delay`), `VFBLK_TEST_HANDOVER_FAULT` makes the new
@@ -243,8 +291,15 @@ impl Target {
             let _ = child.wait();
         };
         let hello = ours.recv::<Step>(started + START_DEADLINE, "hello from the new process");
-        let (formats, new_pid) = match hello {
-            Ok((Step::Hello { formats, pid }, _)) => (formats, pid),
+        let (formats, new_pid, nvme_queues) = match hello {
+            Ok((
+                Step::Hello {
+                    formats,
+                    pid,
+                    nvme_queues,
+                },
+                _,
+            )) => (formats, pid, nvme_queues),
             Ok((other, _)) => {
                 kill(&mut child);
                 return Err(failed(format!("the new process began with {other:?}")));
@@ -284,7 +339,8 @@ impl Target {
             START_DEADLINE,
             "the backends opened",
             |s| matches!(s, Step::Prepared),
-        );
+        )
+        .map(drop);
         if let Err(why) = prepared {
             kill(&mut child);
             return Err(failed(why));
@@ -330,16 +386,27 @@ impl Target {
             Some(_) => Ok(Vec::new()),
             None => self
                 .nvme
-                .lend_all()
+                .lend_all(nvme_queues.contains(&vfblk_nvme::controller::QUEUE_HANDOVER_VERSION))
                 .map(|lent| {
                     lent.into_iter()
-                        .map(|l| LentNvme {
-                            address: l.address,
-                            container: message_fds.push(l.lending.vfio.container),
-                            device: message_fds.push(l.lending.vfio.device),
-                            layout: l.lending.vfio.layout,
-                            upper_iova_half: l.lending.upper_iova_half,
-                            windows: l.windows,
+                        .map(|l| {
+                            let (queues, arenas) = match l.queues {
+                                Some((record, memfds)) => (
+                                    Some(record),
+                                    memfds.into_iter().map(|fd| message_fds.push(fd)).collect(),
+                                ),
+                                None => (None, Vec::new()),
+                            };
+                            LentNvme {
+                                address: l.address,
+                                container: message_fds.push(l.lending.vfio.container),
+                                device: message_fds.push(l.lending.vfio.device),
+                                layout: l.lending.vfio.layout,
+                                upper_iova_half: l.lending.upper_iova_half,
+                                windows: l.windows,
+                                queues,
+                                arenas,
+                            }
                         })
                         .collect::<Vec<_>>()
                 })
@@ -368,21 +435,28 @@ impl Target {
                 &message_fds,
                 STEP_DEADLINE,
                 "ready from the new process",
-                |s| matches!(s, Step::Ready),
-            ),
+                |s| matches!(s, Step::Ready { .. }),
+            )
+            .map(|answer| match answer {
+                Step::Ready { nvme } => nvme,
+                _ => Vec::new(),
+            }),
         };
         drop(message_fds);
         let prepare_ms = quiesced.elapsed().as_secs_f64() * 1e3 - quiesce_ms;
-        if let Err(why) = outcome {
-            // The new process is gone before the controllers it may have touched are taken
-            // back, and those before the queues run again.
-            kill(&mut child);
-            self.nvme.reclaim_all();
-            for s in suspended {
-                s.resume();
+        let taken = match outcome {
+            Ok(taken) => taken,
+            Err(why) => {
+                // The new process is gone before the controllers it may have touched are
+                // taken back, and those before the queues run again.
+                kill(&mut child);
+                self.nvme.reclaim_all();
+                for s in suspended {
+                    s.resume();
+                }
+                return Err(failed(why));
             }
-            return Err(failed(why));
-        }
+        };
         // The point of no return: the servers end without touching anything, then the new
         // process may start the rings.
         for s in suspended {
@@ -407,7 +481,25 @@ impl Target {
         }
         // The new process outlives this one; nobody here waits for it.
         std::mem::forget(child);
-        let released = self.nvme.release_all();
+        // The memory of controllers whose queues the new process adopted is its own now.
+        let adopted: Vec<_> = taken
+            .iter()
+            .filter(|t| t.queues_adopted)
+            .map(|t| t.address)
+            .collect();
+        let released = self.nvme.release_all(&adopted);
+        for t in &taken {
+            match &t.why_not {
+                None => tracing::info!(
+                    "{}: the new process adopted its queues (controller kept enabled)",
+                    t.address
+                ),
+                Some(why) => tracing::info!(
+                    "{}: the new process brought the controller up again: {why}",
+                    t.address
+                ),
+            }
+        }
         if released > 0 {
             tracing::info!(
                 "{} MiB of NVMe DMA mappings released to the new process's container",
@@ -428,6 +520,7 @@ impl Target {
             start_ms,
             quiesce_ms,
             prepare_ms,
+            nvme: taken,
         })
     }
 }
@@ -441,13 +534,13 @@ fn exchange(
     within: Duration,
     what: &'static str,
     wanted: fn(&Step) -> bool,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Step, String> {
     let chain = |e: vfblk_vhost::Error| vfblk_vhost::error_chain(&e);
     channel
         .send(&step, fds, Instant::now() + STEP_DEADLINE)
         .map_err(chain)?;
     match channel.recv::<Step>(Instant::now() + within, what) {
-        Ok((answer, _)) if wanted(&answer) => Ok(()),
+        Ok((answer, _)) if wanted(&answer) => Ok(answer),
         Ok((Step::Failed { why }, _)) => Err(format!("the new process refused: {why}")),
         Ok((other, _)) => Err(format!("the new process answered {other:?}")),
         Err(e) => Err(chain(e)),
@@ -519,6 +612,7 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         &Step::Hello {
             formats: formats_read(),
             pid: std::process::id(),
+            nvme_queues: nvme_queue_versions(),
         },
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
@@ -546,11 +640,11 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         (Step::State(s), fds) => (s, fds),
         (other, _) => return Err(failed(format!("expected the state, got {other:?}"))),
     };
-    let (servers, listeners) = prepare(target, &config, &state, &mut fds)
+    let (servers, listeners, nvme) = prepare(target, &config, &state, &mut fds)
         .and_then(|p| injected_fault().map(|()| p))
         .map_err(refuse)?;
     channel.send(
-        &Step::Ready,
+        &Step::Ready { nvme },
         &Fds::default(),
         Instant::now() + STEP_DEADLINE,
     )?;
@@ -597,6 +691,7 @@ type Prepared = (
         vfblk_vhost::server::TakenOver,
     )>,
     InheritedListeners,
+    Vec<vfblk_bridge::backend::TakenController>,
 );
 
 fn is_nvme(b: &crate::BackendConfig) -> bool {
@@ -616,30 +711,43 @@ fn open_backends(target: &mut Target, config: &TargetConfig) -> Result<()> {
     Ok(())
 }
 
-/// The NVMe controllers the old process lent taken over and brought up, and the backends
-/// on them opened.
+/// The NVMe controllers the old process lent taken over — their queues adopted when they
+/// came along and adoption works, else brought up — and the backends on them opened.
 fn adopt_nvme(
     target: &mut Target,
     config: &TargetConfig,
     state: &TargetState,
     fds: &mut Fds,
-) -> Result<()> {
+) -> Result<Vec<vfblk_bridge::backend::TakenController>> {
     let io_queues = target.nvme_io_queues();
+    let mut taken = Vec::new();
     for lent in &state.nvme {
         let vfio = vfblk_nvme::vfio::SharedVfio {
             container: fds.take(lent.container)?,
             device: fds.take(lent.device)?,
             layout: lent.layout,
         };
+        let queues = match &lent.queues {
+            Some(record) => Some((
+                record,
+                lent.arenas
+                    .iter()
+                    .map(|&i| fds.take(i))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            )),
+            None => None,
+        };
         let options = target.settings.nvme.clone();
-        target.nvme.adopt(
+        taken.push(target.nvme.take_over(
             lent.address,
             vfio,
             lent.upper_iova_half,
             &lent.windows,
+            queues,
             io_queues,
             &options,
-        )?;
+            Some(&injected_adopt_fault),
+        )?);
     }
     for n in &config.nvme {
         target.attach_nvme(&n.name, n.address)?;
@@ -647,7 +755,7 @@ fn adopt_nvme(
     for b in config.backends.iter().filter(|b| is_nvme(b)) {
         target.create_backend(&b.name, b.spec.clone())?;
     }
-    Ok(())
+    Ok(taken)
 }
 
 /// Everything of the state mapped, nothing started.
@@ -663,7 +771,7 @@ fn prepare(
             state.format
         )));
     }
-    adopt_nvme(target, config, state, fds)?;
+    let nvme = adopt_nvme(target, config, state, fds)?;
     let mut servers = Vec::new();
     for c in &config.controllers {
         let handed = state
@@ -680,5 +788,34 @@ fn prepare(
         rpc: state.rpc.map(|i| fds.take(i)).transpose()?,
         metrics: state.metrics.map(|i| fds.take(i)).transpose()?,
     };
-    Ok((servers, listeners))
+    Ok((servers, listeners, nvme))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_of_a_binary_without_nvme_queue_hand_over_still_read() {
+        // What an older binary sends, and what this one sends when no queues travel.
+        let ready: Step = serde_json::from_str(r#"{"step":"ready"}"#).unwrap();
+        assert!(matches!(ready, Step::Ready { ref nvme } if nvme.is_empty()));
+        assert_eq!(
+            serde_json::to_string(&Step::Ready { nvme: Vec::new() }).unwrap(),
+            r#"{"step":"ready"}"#
+        );
+        let hello: Step =
+            serde_json::from_str(r#"{"step":"hello","formats":[2],"pid":7}"#).unwrap();
+        assert!(matches!(hello, Step::Hello { ref nvme_queues, .. } if nvme_queues.is_empty()));
+        let hello = serde_json::to_string(&Step::Hello {
+            formats: vec![2],
+            pid: 7,
+            nvme_queues: vec![1],
+        })
+        .unwrap();
+        assert_eq!(
+            hello,
+            r#"{"step":"hello","formats":[2],"pid":7,"nvme_queues":[1]}"#
+        );
+    }
 }
