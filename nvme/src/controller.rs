@@ -285,7 +285,13 @@ pub struct QueueHandover {
 }
 
 fn hex(page: &[u8; 4096]) -> String {
-    page.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(2 * page.len());
+    for b in page {
+        text.push(DIGITS[usize::from(b >> 4)] as char);
+        text.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    text
 }
 
 fn unhex(text: &str, what: &str) -> std::result::Result<Box<[u8; 4096]>, String> {
@@ -293,10 +299,14 @@ fn unhex(text: &str, what: &str) -> std::result::Result<Box<[u8; 4096]>, String>
     if bytes.len() != 8192 {
         return Err(format!("{what}: {} hex digits, not 8192", bytes.len()));
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        _ => Err(format!("{what}: not lower-case hex")),
+    };
     let mut page = Box::new([0u8; 4096]);
     for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let digits = std::str::from_utf8(pair).map_err(|_| format!("{what}: not hex"))?;
-        page[i] = u8::from_str_radix(digits, 16).map_err(|_| format!("{what}: not hex"))?;
+        page[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
     }
     Ok(page)
 }
@@ -569,7 +579,8 @@ impl Controller {
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // A poller drops its engine right after the queue stopped: usually no wait.
+            std::thread::sleep(Duration::from_micros(100));
         }
         let admin = s.admin.lock().map_err(|_| poisoned("admin"))?;
         let spares = s.spares.lock().map_err(|_| poisoned("spares"))?;
@@ -938,6 +949,12 @@ impl Controller {
         let s = &self.shared;
         s.owned.store(true, std::sync::atomic::Ordering::Release);
         s.lent.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The driver's DMA arenas: how many, and their bytes.
+    pub fn dma_arenas(&self) -> (usize, u64) {
+        let ranges = self.shared.pool.arena_ranges();
+        (ranges.len(), ranges.iter().map(|r| r.1).sum())
     }
 
     /// I/O queue pairs handed out or parked (their queues live on the controller), and of
