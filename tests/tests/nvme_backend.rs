@@ -197,20 +197,23 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
 }
 
 /// Upgrades by hand-over of a target on the NVMe backend, under `vfblk-keeper`, mixed with
-/// SIGKILLs: the old process quiesces and lends the controller (disabled, its VFIO container
-/// and device fds passed on); the new one brings it up with its own queues in the other half
-/// of the driver's IOVAs and takes the guest RAM mappings over as they are, then the old one
-/// unmaps its own DMA memory and exits. Five upgrades in a row first: each maps its queues
-/// where the process two before it had, which fails (EEXIST) if a process left a mapping
-/// behind. Then two upgrades whose new process fails after it brought the controller up
-/// (refuses, or dies): the old one takes the controller back and serves on, and one more
-/// upgrade maps where the failed ones had.
+/// SIGKILLs: the old process quiesces and hands the controller over enabled with its queues
+/// (its VFIO fds, the memfds of its DMA memory with their IOVAs, the queue pairs' positions);
+/// the new one maps the same memory at the same IOVAs, adopts the queues where they stand
+/// and takes the guest RAM mappings over as they are. Six upgrades first, two of them whose
+/// new process fails after it adopted everything (refuses, or dies): the old one takes the
+/// controller back (reset) and serves on. Then the fallbacks, each followed by an upgrade
+/// that adopts again: a new binary that does not read the queue record (an older one: the
+/// controller is lent disabled, brought up in the other half of the driver's IOVAs, and the
+/// old process unmaps its memory), and one whose adoption fails after everything was
+/// adopted (it brings the controller up instead; nothing it adopted may be unmapped or
+/// leak). A leaked mapping would make a later process's mapping fail (EEXIST).
 const UPGRADE_SCRIPT: &str = r#"hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
 upgrade() {
-    vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $1 refused"; }
+    vfblk-rpc --socket /tmp/rpc.sock --json upgrade $2 | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $1 refused"; }
     echo >> /tmp/upgrades.json
 }
-step "4 KiB mixed verify through 16 upgrades by hand-over, 2 failed ones and 10 SIGKILLs of the target under vfblk-keeper"
+step "4 KiB mixed verify through 20 upgrades by hand-over (2 of them fallbacks), 2 failed ones and 10 SIGKILLs of the target under vfblk-keeper"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 600 --json > /tmp/lg.json &
 lg=$!
 sleep 2
@@ -226,18 +229,24 @@ for fault in refuse die; do
 done
 upgrade 6
 sleep 1
+printf '#!/bin/sh\nVFBLK_TEST_NVME_QUEUE_VERSIONS= exec vfblk-bridge "$@"\n' > /tmp/older
+printf '#!/bin/sh\nVFBLK_TEST_HANDOVER_FAULT=adopt exec vfblk-bridge "$@"\n' > /tmp/adoptfail
+printf '#!/bin/sh\nunset VFBLK_TEST_NVME_QUEUE_VERSIONS VFBLK_TEST_HANDOVER_FAULT\nexec vfblk-bridge "$@"\n' > /tmp/clean
+chmod +x /tmp/older /tmp/adoptfail /tmp/clean
+for b in older clean adoptfail clean; do upgrade $b "--binary /tmp/$b"; sleep 1; done
 for k in 1 2 3 4 5 6 7 8 9 10; do
     p=$(target_pid)
     [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
     kill -9 $p
     sleep 1.5
-    upgrade $((k + 6))
+    upgrade $((k + 10))
     sleep 1
 done
 free_after=$(hugepages)
 kill -INT $lg; wait $lg; rc=$?
 record "{\"nvme_upgrades\": $(cat /tmp/lg.json)}"
-record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log)}"
+record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"queues_adopted\": $(grep -c 'queues adopted as the previous process left them' /tmp/kept.log)}"
+record "{\"arenas\": \"$(grep -o 'DMA arena(s) of [0-9]* KiB' /tmp/kept.log | sort -u | paste -sd, -)\", \"windows\": \"$(grep 'taken over as the previous process mapped it' /tmp/kept.log | grep -o 'at IOVA 0x[0-9a-f]*' | sort -u | paste -sd, -)\"}"
 kill $kp; wait $kp
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
 "#;
@@ -260,7 +269,7 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
         .filter_map(|r| r["pause_ms"].as_f64())
         .collect();
     eprintln!(
-        "NVMe backend under the keeper, 16 upgrades (+2 failed) + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
+        "NVMe backend under the keeper, 20 upgrades (+2 failed) + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
         load.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
         load.as_ref().map_or(Value::Null, |k| k["verify_errors"].clone()),
         load.as_ref().map_or(Value::Null, |k| k["reconnects"].clone()),
@@ -272,36 +281,183 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
     run.expect_success("NVMe backend: upgrades and SIGKILLs under the keeper")
         .unwrap();
     vfblk_tests::assert_no_error_nor_reconnect(&load.expect("nvme_upgrades record"));
-    assert_eq!(pauses.len(), 16, "every upgrade reported: {reports:?}");
+    assert_eq!(pauses.len(), 20, "every upgrade reported: {reports:?}");
     assert!(
         reports.iter().all(|r| r["connections"] == 1),
         "the connection went along every time: {reports:?}"
     );
+    // Which path each upgrade took, as its report says: all adopted the queues but the
+    // older binary's (7th) and the one whose adoption failed (9th).
+    let adopted: Vec<bool> = reports
+        .iter()
+        .map(|r| r["nvme"][0]["queues_adopted"] == true)
+        .collect();
+    let expected: Vec<bool> = (0..20).map(|i| i != 6 && i != 8).collect();
+    assert_eq!(adopted, expected, "{reports:?}");
+    // (The script strips the reports' spaces.)
+    let why = |i: usize| {
+        reports[i]["nvme"][0]["why_not"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(why(6).contains("lentitdisabled"), "{}", why(6));
+    assert!(why(8).contains("VFBLK_TEST_HANDOVER_FAULT"), "{}", why(8));
     assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
-    assert_eq!(run.record("released"), Some(&serde_json::json!(16)));
-    // The two failed ones took it over too before they failed.
+    // Only the old processes of the two fallbacks unmap their memory; after an adoption it
+    // stays mapped for the new process.
+    assert_eq!(run.record("released"), Some(&serde_json::json!(2)));
+    // The two failed ones and the one whose adoption failed took it over too.
     assert_eq!(
         run.record("guest_ram_taken_over"),
-        Some(&serde_json::json!(18)),
+        Some(&serde_json::json!(22)),
         "no upgrade mapped the guest RAM again"
     );
+    // 18 successful adoptions and the two upgrades that failed after adopting.
+    assert_eq!(run.record("queues_adopted"), Some(&serde_json::json!(20)));
     assert_eq!(
         run.record("taken_back"),
         Some(&serde_json::json!(2)),
         "the refused and the died upgrade"
     );
-    // The one that died left its mappings in the shared container; the take-back removed
-    // them (the next upgrade maps there).
-    assert!(
-        run.record("borrower_unmapped").and_then(Value::as_u64) >= Some(1),
-        "{:?}",
-        run.record("borrower_unmapped")
-    );
+    // Flat: the adopted DMA memory never grew, the guest RAM stayed in one IOVA window.
+    let one = |key: &str| {
+        let v = run
+            .record(key)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        assert!(!v.is_empty() && !v.contains(','), "{key}: {v}");
+    };
+    one("arenas");
+    one("windows");
     let free = run
         .record("hugepages_free")
         .cloned()
         .expect("hugepages record");
     assert_eq!(free[0], free[1], "hugepages leaked: {free}");
+}
+
+/// Upgrades of the lab guest's NVMe target measured beside a RAM disk target's, one after
+/// the other in the same guest, each under its own verifying load generator (QD16), and
+/// for comparison the NVMe target's upgrades by the path before queues were handed over
+/// (every new process says it reads no queue record, so the controller is lent disabled
+/// and brought up again): the
+/// pause the old process reports per upgrade (`pause_ms`) and the longest gap the load
+/// generator saw. `VFBLK_TEST_NVME_UPGRADES` upgrades of each (default 30: the suite's time
+/// budget; docs/recovery.md records a run of 100).
+const PAUSE_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
+measure() {
+    name=$1; backend=$2
+    rm -f /tmp/$name.sock /tmp/$name.rpc
+    env $3 vfblk-bridge --socket /tmp/$name.sock --backend $backend --rpc /tmp/$name.rpc >/dev/null 2>/tmp/$name.log &
+    for i in $(seq 1 200); do [ -S /tmp/$name.rpc ] && break; sleep 0.05; done
+    [ -S /tmp/$name.rpc ] || { cat /tmp/$name.log; fail "the $name target did not start"; }
+    vfblk-loadgen --socket /tmp/$name.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 3600 --json > /tmp/$name-lg.json &
+    lg=$!
+    sleep 2
+    free_before=$(hugepages)
+    : > /tmp/$name-up.json
+    for u in $(seq 1 UPGRADES); do
+        vfblk-rpc --socket /tmp/$name.rpc --json upgrade | tr -d ' \n' >> /tmp/$name-up.json || { cat /tmp/$name.log; fail "$name upgrade $u refused"; }
+        echo >> /tmp/$name-up.json
+        sleep 0.3
+    done
+    free_after=$(hugepages)
+    kill -INT $lg; wait $lg; rc=$?
+    record "{\"$name\": {\"load\": $(cat /tmp/$name-lg.json), \"reports\": [$(paste -sd, /tmp/$name-up.json)], \"hugepages_free\": [$free_before, $free_after]}}"
+    [ $rc = 0 ] || { cat /tmp/$name.log; fail "$name: loadgen reported errors"; }
+    kill $(vfblk-rpc --socket /tmp/$name.rpc --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+    sleep 1
+}
+step "UPGRADES upgrades of an NVMe target, of one that brings the controller up at each (the path before queues were handed over), then of a RAM disk target, each under a verifying load generator"
+measure nvme nvme:$bdf
+measure lent nvme:$bdf VFBLK_TEST_NVME_QUEUE_VERSIONS=
+measure mem mem:/tmp/mem.img:256M
+"#;
+
+#[test]
+fn nvme_upgrade_pauses_beside_the_ram_disk() {
+    let _lock = lab_lock();
+    let upgrades: usize = std::env::var("VFBLK_TEST_NVME_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let lab = Lab::new("test-nvme-pauses").expect("lab setup");
+    let retried = lab
+        .run_l2(
+            &PAUSE_SCRIPT.replace("UPGRADES", &upgrades.to_string()),
+            Contents::default(),
+            256,
+            Duration::from_secs(300 + 9 * upgrades as u64),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let mut p99 = Vec::new();
+    for name in ["nvme", "lent", "mem"] {
+        let r = run.record(name).cloned().unwrap_or(Value::Null);
+        let reports = r["reports"].as_array().cloned().unwrap_or_default();
+        let pauses: Vec<f64> = reports
+            .iter()
+            .filter_map(|r| r["pause_ms"].as_f64())
+            .collect();
+        let gap = r["load"]["max_gap_ms"].clone();
+        eprintln!(
+            "{name}: {} upgrades, pause (target side) {}; longest gap the load generator saw {gap} ms; {} I/Os, {} verify errors, {} reconnects; hugepages free {}",
+            pauses.len(),
+            if pauses.is_empty() { "-".into() } else { vfblk_tests::percentiles(pauses.clone()) },
+            r["load"]["ios"],
+            r["load"]["verify_errors"],
+            r["load"]["reconnects"],
+            r["hugepages_free"],
+        );
+        if name == "nvme" {
+            let adopted = reports
+                .iter()
+                .filter(|r| r["nvme"][0]["queues_adopted"] == true)
+                .count();
+            eprintln!(
+                "nvme: {adopted} of {} upgrades adopted the queues",
+                reports.len()
+            );
+            assert_eq!(adopted, reports.len(), "{reports:?}");
+        }
+        if name == "lent" {
+            assert!(
+                reports
+                    .iter()
+                    .all(|r| r["nvme"][0]["queues_adopted"] == false),
+                "{reports:?}"
+            );
+        }
+        let mut sorted = pauses.clone();
+        sorted.sort_by(f64::total_cmp);
+        p99.push(
+            sorted
+                .get(((sorted.len() as f64 * 0.99) as usize).min(sorted.len().saturating_sub(1)))
+                .copied(),
+        );
+        run.expect_success("NVMe and RAM disk upgrades").unwrap();
+        vfblk_tests::assert_no_error_nor_reconnect(&r["load"]);
+        assert_eq!(pauses.len(), upgrades, "every upgrade reported");
+        assert_eq!(
+            r["hugepages_free"][0], r["hugepages_free"][1],
+            "hugepages leaked"
+        );
+    }
+    let (nvme, mem) = (p99[0].unwrap(), p99[2].unwrap());
+    // Within 3x the RAM disk's pause at p99 (the issue's target). Its other target, 5 ms
+    // at p99, is out of reach in this lab whatever the backend: the TCG-emulated guest makes
+    // the RAM disk's own upgrade pause some 30-75 ms (docs/recovery.md).
+    assert!(
+        nvme <= 3.0 * mem,
+        "NVMe upgrade pause p99 {nvme:.2} ms against the RAM disk's {mem:.2} ms"
+    );
 }
 
 /// A QEMU guest (L3, under KVM in the lab guest) running fio with verify on a disk served
