@@ -369,7 +369,7 @@ measure() {
     done
     free_after=$(hugepages)
     kill -INT $lg; wait $lg; rc=$?
-    record "{\"$name\": {\"load\": $(cat /tmp/$name-lg.json), \"reports\": [$(paste -sd, /tmp/$name-up.json)], \"hugepages_free\": [$free_before, $free_after]}}"
+    record "{\"$name\": {\"load\": $(cat /tmp/$name-lg.json), \"reports\": [$(paste -sd, /tmp/$name-up.json)], \"hugepages_free\": [$free_before, $free_after], \"handed_ms\": [$(grep -o 'DMA arena(s)) in [0-9.]* ms' /tmp/$name.log | sed 's/.* in \([0-9.]*\) ms/\1/' | paste -sd, -)], \"adopted_ms\": [$(grep -o 'same IOVAs) in [0-9.]* ms' /tmp/$name.log | sed 's/.* in \([0-9.]*\) ms/\1/' | paste -sd, -)]}}"
     [ $rc = 0 ] || { cat /tmp/$name.log; fail "$name: loadgen reported errors"; }
     kill $(vfblk-rpc --socket /tmp/$name.rpc --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
     sleep 1
@@ -417,6 +417,18 @@ fn nvme_upgrade_pauses_beside_the_ram_disk() {
             r["hugepages_free"],
         );
         if name == "nvme" {
+            let ms = |key: &str| -> Vec<f64> {
+                r[key]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default()
+            };
+            for key in ["handed_ms", "adopted_ms"] {
+                let v = ms(key);
+                if !v.is_empty() {
+                    eprintln!("nvme: {key} {}", vfblk_tests::percentiles(v));
+                }
+            }
             let adopted = reports
                 .iter()
                 .filter(|r| r["nvme"][0]["queues_adopted"] == true)

@@ -450,8 +450,17 @@ impl NvmeControllers {
         for (address, c) in &self.open {
             let mut queues_not_handed = None;
             let handed = if with_queues {
+                let started = Instant::now();
                 match c.ctrl.hand_over_queues() {
-                    Ok(h) => Some(h),
+                    Ok(h) => {
+                        tracing::info!(
+                            "{address}: queues handed over enabled ({} I/O queue pair(s), {} DMA arena(s)) in {:.2} ms",
+                            h.record.queues.len(),
+                            h.record.arenas.len(),
+                            started.elapsed().as_secs_f64() * 1e3
+                        );
+                        Some(h)
+                    }
                     Err(e) => {
                         let why = vfblk_vhost::error_chain(&e);
                         tracing::warn!(
