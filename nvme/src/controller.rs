@@ -848,6 +848,12 @@ impl Controller {
             cap.doorbell_stride(),
             PAGE_SIZE as u64,
         );
+        if !admin.phase_consistent() {
+            return Err(bad(format!(
+                "admin queue: its completion ring does not match CQ head {} phase {}",
+                a.cq_head, a.phase
+            )));
+        }
         if record.scratch.len != PAGE_SIZE as u64 {
             return Err(bad(format!("scratch page {:?}", record.scratch)));
         }
@@ -927,6 +933,12 @@ impl Controller {
                 );
                 qp.set_sgl(shared.use_sgl && shared.identify.supports_sgl());
                 qp.set_shadow(shared.shadow_doorbells(q.qid));
+                if !qp.phase_consistent() {
+                    return Err(bad(format!(
+                        "queue {}: its completion ring does not match CQ head {} phase {}",
+                        q.qid, q.cq_head, q.phase
+                    )));
+                }
                 if let Some((sq, cq)) = qp.shadow_values() {
                     if (sq, cq) != (u32::from(q.sq_tail), u32::from(q.cq_head)) {
                         return Err(bad(format!(

@@ -405,6 +405,26 @@ impl QueuePair {
         })
     }
 
+    /// Whether the CQ ring agrees with the head and phase the pair was given: with nothing
+    /// in flight, the entry at the head is not a new completion, and the one before it was
+    /// written in the current pass (or, at head 0, in the previous one).
+    pub(crate) fn phase_consistent(&self) -> bool {
+        let phase_at = |i: u16| {
+            // SAFETY: i < entries; the CQ ring is read volatile.
+            let status = unsafe {
+                std::ptr::addr_of!((*self.cq.add(usize::from(i))).status).read_volatile()
+            };
+            status & 1 == 1
+        };
+        let before = (self.cq_head + self.entries - 1) % self.entries;
+        let expected_before = if self.cq_head == 0 {
+            !self.phase
+        } else {
+            self.phase
+        };
+        phase_at(self.cq_head) != self.phase && phase_at(before) == expected_before
+    }
+
     /// The generation (controller reset count) its queues were created in.
     pub(crate) fn generation(&self) -> u64 {
         self.generation
