@@ -274,15 +274,54 @@ impl QueuePair {
         doorbell_stride: usize,
         max_transfer: u64,
     ) -> Self {
-        let base = memory.as_ptr();
-        let slots = usize::from(layout.entries) - 1;
-        // SAFETY: offsets are within the buffer by construction of `layout`.
-        let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
         // Zero the CQ: phase tags start at 0 and the first pass expects 1.
         memory.write_bytes(
             layout.cq_offset,
             &vec![0u8; usize::from(layout.entries) * 16],
         );
+        Self::over(qid, layout, memory, pci, doorbell_stride, max_transfer)
+    }
+
+    /// A queue pair whose queues the controller already has, taken over from another
+    /// process with nothing in flight: the rings stay as they are in `memory` (not zeroed),
+    /// the positions continue from `state`. The caller checked `state` against the layout.
+    pub(crate) fn adopt(
+        state: &QueueRecord,
+        layout: Layout,
+        memory: DmaChunk,
+        pci: Arc<VfioPci>,
+        doorbell_stride: usize,
+        max_transfer: u64,
+    ) -> Self {
+        let mut qp = Self::over(
+            state.qid,
+            layout,
+            memory,
+            pci,
+            doorbell_stride,
+            max_transfer,
+        );
+        qp.sq_tail = state.sq_tail;
+        qp.sq_head = state.sq_head;
+        qp.rung_tail = state.sq_tail;
+        qp.cq_head = state.cq_head;
+        qp.phase = state.phase;
+        qp
+    }
+
+    /// A pair over `memory` laid out as `layout`, at the positions of a fresh queue.
+    fn over(
+        qid: u16,
+        layout: Layout,
+        memory: DmaChunk,
+        pci: Arc<VfioPci>,
+        doorbell_stride: usize,
+        max_transfer: u64,
+    ) -> Self {
+        let base = memory.as_ptr();
+        let slots = usize::from(layout.entries) - 1;
+        // SAFETY: offsets are within the buffer by construction of `layout`.
+        let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
         let q = usize::from(qid);
         Self {
             qid,
@@ -298,57 +337,6 @@ impl QueuePair {
             cq_doorbell: crate::regs::offset::DOORBELLS + (2 * q + 1) * doorbell_stride,
             slots: vec![Slot::default(); slots].into_boxed_slice(),
             // Lowest cid first, so a lightly loaded queue touches few slots.
-            free: (0..slots as u16).rev().collect(),
-            lists,
-            lists_iova: memory.iova() + layout.lists_offset as u64,
-            layout,
-            max_transfer,
-            spurious: 0,
-            drop_after: None,
-            generation: 0,
-            aborted: Vec::with_capacity(slots),
-            lost: false,
-            sgl: false,
-            sgl_commands: 0,
-            shadow: None,
-            doorbells_skipped: 0,
-            ticks: 0,
-            pci,
-            owner: None,
-            owner_generation: None,
-            memory: std::mem::ManuallyDrop::new(memory),
-        }
-    }
-
-    /// A queue pair whose queues the controller already has, taken over from another
-    /// process with nothing in flight: the rings stay as they are in `memory` (not zeroed),
-    /// the positions continue from `state`. The caller checked `state` against the layout.
-    pub(crate) fn adopt(
-        state: &QueueRecord,
-        layout: Layout,
-        memory: DmaChunk,
-        pci: Arc<VfioPci>,
-        doorbell_stride: usize,
-        max_transfer: u64,
-    ) -> Self {
-        let base = memory.as_ptr();
-        let slots = usize::from(layout.entries) - 1;
-        // SAFETY: offsets are within the buffer by construction of `layout`.
-        let (cq, lists) = unsafe { (base.add(layout.cq_offset), base.add(layout.lists_offset)) };
-        let q = usize::from(state.qid);
-        Self {
-            qid: state.qid,
-            entries: layout.entries,
-            sq: base.cast(),
-            cq: cq.cast(),
-            sq_tail: state.sq_tail,
-            sq_head: state.sq_head,
-            rung_tail: state.sq_tail,
-            cq_head: state.cq_head,
-            phase: state.phase,
-            sq_doorbell: crate::regs::offset::DOORBELLS + (2 * q) * doorbell_stride,
-            cq_doorbell: crate::regs::offset::DOORBELLS + (2 * q + 1) * doorbell_stride,
-            slots: vec![Slot::default(); slots].into_boxed_slice(),
             free: (0..slots as u16).rev().collect(),
             lists,
             lists_iova: memory.iova() + layout.lists_offset as u64,
