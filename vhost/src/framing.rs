@@ -150,27 +150,7 @@ pub(crate) fn answer_status(
         u64::from(connection.status())
     };
     drop(connection);
-    let mut reply = [0u8; HEADER_BYTES + 8];
-    reply[0..4].copy_from_slice(&request.to_le_bytes());
-    reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-    reply[12..20].copy_from_slice(&value.to_le_bytes());
-    // SAFETY: sends our 20-byte buffer; the socket was writable (message_ready).
-    let sent = unsafe {
-        libc::send(
-            fd,
-            reply.as_ptr().cast(),
-            reply.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if sent != reply.len() as isize {
-        return Err(format!(
-            "request {request}: reply not sent ({sent}): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    send_u64_reply(fd, request, value)
 }
 
 /// Reads a whole SET_BACKEND_REQ_FD message (its header peeked as `header`, the rest known to
@@ -254,11 +234,17 @@ pub(crate) fn answer_backend_req_fd(
     if flags & FLAG_NEED_REPLY == 0 || !reply_ack {
         return Ok(());
     }
+    send_u64_reply(fd, request, u64::from(result.is_err()))
+}
+
+/// Sends a reply of one u64 payload to `request` without blocking (the socket was writable:
+/// message_ready).
+fn send_u64_reply(fd: RawFd, request: u32, value: u64) -> Result<(), String> {
     let mut reply = [0u8; HEADER_BYTES + 8];
     reply[0..4].copy_from_slice(&request.to_le_bytes());
     reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
     reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-    reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+    reply[12..20].copy_from_slice(&value.to_le_bytes());
     // SAFETY: sends our 20-byte buffer; the socket was writable (message_ready).
     let sent = unsafe {
         libc::send(
