@@ -939,6 +939,16 @@ impl Target {
         Ok(())
     }
 
+    /// The served controller `name`, or NotFound.
+    fn served_controller_mut(&mut self, name: &str) -> Result<&mut ControllerEntry> {
+        self.controllers
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound {
+                what: "controller",
+                name: name.to_string(),
+            })
+    }
+
     /// Changes a serving controller's IOPS and bandwidth limits (`None` fields: unlimited)
     /// with no reconnect: each queue takes its share at its next round. Returns the limits
     /// it had.
@@ -952,13 +962,7 @@ impl Target {
                 "controller {name}: a limit of 0 would stop the disk; leave it out for none"
             )));
         }
-        let entry = self
-            .controllers
-            .get_mut(name)
-            .ok_or_else(|| Error::NotFound {
-                what: "controller",
-                name: name.to_string(),
-            })?;
+        let entry = self.served_controller_mut(name)?;
         let old = entry.device.rate_limits();
         entry.device.set_rate_limits(limits);
         entry.config.limits = limits;
@@ -1096,13 +1100,7 @@ impl Target {
                 "controller {name} is in the configuration but not served ({error})"
             )));
         }
-        let entry = self
-            .controllers
-            .get_mut(name)
-            .ok_or_else(|| Error::NotFound {
-                what: "controller",
-                name: name.to_string(),
-            })?;
+        let entry = self.served_controller_mut(name)?;
         let previous = entry.device.is_read_only();
         entry.device.set_read_only(readonly);
         entry.config.readonly = readonly;
