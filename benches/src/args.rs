@@ -62,6 +62,14 @@ pub fn rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Requests per second as [`rate`], or 0 for "none".
+pub fn rate_or_zero(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(0.0) => Ok(0.0),
+        _ => rate(s).map_err(|e| format!("{e}, or 0")),
+    }
+}
+
 /// `read`, `write`, `mixed` (half reads) or `mixed:N` (N percent reads).
 pub fn workload(s: &str) -> Result<Workload, String> {
     match s.split_once(':') {
@@ -94,6 +102,7 @@ mod tests {
         assert_eq!(rate("100"), Ok(100.0));
         for bad in ["0", "0.5", "inf", "NaN", "-3"] {
             assert!(rate(bad).is_err(), "{bad}");
+            assert_eq!(rate_or_zero(bad).is_err(), bad != "0", "{bad}");
         }
         assert_eq!(workload("read"), Ok(Workload::Read));
         assert_eq!(workload("write"), Ok(Workload::Write));

@@ -651,11 +651,16 @@ impl Client {
         }
     }
 
-    /// Calls `method` with `params`: its result, or its error as [`Error::Rpc`].
+    /// Calls `method` with `params` (`Value::Null`: none sent, for servers such as SPDK's
+    /// that refuse params on methods that take none): its result, or its error as
+    /// [`Error::Rpc`].
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let mut request = json!({"jsonrpc": "2.0", "id": id, "method": method});
+        if !params.is_null() {
+            request["params"] = params;
+        }
         let mut answer = self.raw(format!("{request}\n").as_bytes())?;
         if answer.get("id") != Some(&json!(id)) {
             return Err(Error::BadArgument(format!(

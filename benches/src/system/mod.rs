@@ -3,6 +3,7 @@
 //! lab guest (our NVMe driver against the kernel's), each run recorded with its command.
 
 pub mod cost;
+pub mod fixed_rate;
 pub mod nvme;
 pub mod nvme_vhost;
 pub mod plot;

@@ -30,10 +30,10 @@ use crate::{io_error, Error, Result};
 /// Disk size every backend serves.
 const DISK_MIB: u64 = 256;
 /// Ring entries per virtqueue (QD128 needs 3 descriptors per request).
-const QUEUE_SIZE: u16 = 512;
+pub(crate) const QUEUE_SIZE: u16 = 512;
 /// The backend's core and the client's.
-const BACKEND_CPU: u32 = 1;
-const CLIENT_CPU: u32 = 0;
+pub(crate) const BACKEND_CPU: u32 = 1;
+pub(crate) const CLIENT_CPU: u32 = 0;
 /// A figure within this fraction of the client's ceiling may be the client's limit.
 const CLIENT_BOUND: f64 = 0.9;
 /// Requests in flight per controller in the many-controller rows.
@@ -75,6 +75,15 @@ pub struct SuiteOptions {
     /// client, each started again 50 ms later: the pause the client sees per restart.
     #[arg(long, default_value_t = 10)]
     pub restarts: u32,
+    /// Requests per second of the fixed-rate rows: ours and SPDK's null and RAM backends held
+    /// at this rate (4 KiB reads, QD32) and compared by their pollers' busy time per I/O
+    /// (0: no fixed-rate rows).
+    #[arg(long, default_value_t = 300_000.0, value_parser = crate::args::rate_or_zero)]
+    pub fixed_rate: f64,
+    /// Rounds of the fixed-rate rows, each running both targets of a pair (alternating which
+    /// goes first).
+    #[arg(long, default_value_t = 8)]
+    pub fixed_rate_rounds: u32,
     /// Leave out the many-controller rows (1, 4 and 16 controllers of one target on one
     /// poller, and 16 idle ones).
     #[arg(long)]
@@ -94,7 +103,7 @@ const RESTART_EVERY: Duration = Duration::from_secs(1);
 const RESTART_AFTER: Duration = Duration::from_millis(50);
 
 /// A started backend; killed (with its process group) when dropped.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     command: String,
     /// Asked to end with SIGTERM first, given this long before the SIGKILL: an RBD backend
@@ -148,10 +157,10 @@ impl Rbd {
     }
 }
 
-struct Suite {
-    bin_dir: PathBuf,
+pub(crate) struct Suite {
+    pub(crate) bin_dir: PathBuf,
     dir: PathBuf,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     data: PathBuf,
     options: SuiteOptions,
     /// The Ceph cluster, while the `rbd` kinds are measured.
@@ -281,7 +290,15 @@ impl Suite {
         })
     }
 
-    fn start(&self, b: Backend, queues: u16) -> Result<Running> {
+    /// The JSON-RPC socket of the running backend `b` (ours and SPDK's have one).
+    pub(crate) fn rpc_socket(&self, b: Backend) -> PathBuf {
+        match b {
+            Backend::SpdkNull | Backend::SpdkMalloc => self.dir.join("spdk.rpc"),
+            _ => self.dir.join("bridge.rpc"),
+        }
+    }
+
+    pub(crate) fn start(&self, b: Backend, queues: u16) -> Result<Running> {
         let s = |x: &str| x.to_string();
         let socket = self.socket.display().to_string();
         let q = queues.to_string();
@@ -295,6 +312,9 @@ impl Suite {
                 s("--queues"),
                 q.clone(),
                 s("--poll"),
+                // For its poller busy time (the fixed-rate rows); an idle thread otherwise.
+                s("--rpc"),
+                self.rpc_socket(b).display().to_string(),
             ]
         };
         let qsd = |blockdev: String| {
@@ -994,6 +1014,10 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
             restarts.push(r);
         }
     }
+    let fixed_rate = (o.fixed_rate > 0.0 && o.fixed_rate_rounds > 0).then(|| {
+        let spdk_missing = suite.available(Backend::SpdkNull);
+        suite.fixed_rate(o.fixed_rate, o.seconds, o.fixed_rate_rounds, spdk_missing)
+    });
     let _ = std::fs::remove_file(&suite.data);
     let _ = std::fs::remove_file(format!("{}.ram", suite.data.display()));
     // The scale rows and the lab take whole seconds; at least one, so short suite runs
@@ -1022,6 +1046,7 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     }
     Ok(SuiteResult {
         measurements,
+        fixed_rate,
         restarts,
         skipped,
         environment,
@@ -1117,6 +1142,7 @@ impl SuiteResult {
             "environment": self.environment,
             "skipped": self.skipped.iter().map(|(b, why)| json!({"backend": b.id(), "why": why})).collect::<Vec<_>>(),
             "measurements": rows,
+            "fixed_rate": self.fixed_rate.as_ref().map(|f| f.to_json()),
             "restarts": self.restarts.iter().map(|r| json!({
                 "backend": r.backend.id(),
                 "restarts": r.restarts,
@@ -1300,6 +1326,9 @@ impl SuiteResult {
             }
             out.push('\n');
         }
+        if let Some(f) = &self.fixed_rate {
+            out.push_str(&f.to_markdown());
+        }
         out.push_str(&self.rbd_markdown());
         match &self.scale {
             Some(Ok(scale)) => out.push_str(&scale.to_markdown()),
@@ -1326,6 +1355,9 @@ impl SuiteResult {
         }
         for r in &self.restarts {
             commands.push(r.client_command.as_str());
+        }
+        if let Some(f) = &self.fixed_rate {
+            commands.push(f.client_command.as_str());
         }
         for c in commands {
             let _ = writeln!(out, "    {c}");
@@ -1552,6 +1584,7 @@ mod tests {
             client_command: "c".into(),
         };
         let r = SuiteResult {
+            fixed_rate: None,
             measurements: vec![
                 m(Backend::OursNull, 1_000_000.0),
                 m(Backend::QsdNull, 800_000.0),
@@ -1656,6 +1689,7 @@ mod tests {
             client_command: "c".into(),
         };
         let r = SuiteResult {
+            fixed_rate: None,
             measurements: vec![
                 m(Backend::OursNull, 1_000_000.0, 500.0),
                 m(Backend::OursRbd, 2_000.0, 40_000.0),

@@ -291,6 +291,8 @@ impl Measurement {
 pub struct SuiteResult {
     /// Every measurement.
     pub measurements: Vec<Measurement>,
+    /// Ours and SPDK's held at one fixed rate, by busy time per I/O (unless turned off).
+    pub fixed_rate: Option<crate::system::fixed_rate::FixedRateResult>,
     /// The restart runs.
     pub restarts: Vec<RestartRun>,
     /// Backends not run, and why.
