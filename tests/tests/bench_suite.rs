@@ -42,6 +42,10 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
             "randread-4k-qd1,randread-4k-qd32",
             "--restarts",
             "2",
+            "--fixed-rate",
+            "50000",
+            "--fixed-rate-rounds",
+            "2",
         ],
     );
     let skipped: Vec<&str> = json["skipped"]
@@ -111,6 +115,28 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
     }
     let idle = scale["idle_16_cpu_percent"].as_f64().unwrap();
     assert!(idle < 10.0, "16 idle controllers cost {idle}% of a core");
+    // Ours held at a fixed rate, by its poller's busy time per I/O; SPDK's side says why
+    // it is missing.
+    let fixed = &json["fixed_rate"];
+    assert_eq!(fixed["spdk_missing"], "no --spdk given", "{fixed}");
+    let pairs = fixed["pairs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{fixed}"));
+    let ours: Vec<&str> = pairs.iter().map(|p| p["ours"].as_str().unwrap()).collect();
+    assert_eq!(ours, ["vfblk-null", "vfblk-mem-huge"], "{fixed}");
+    for p in pairs {
+        let rounds = p["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 2, "{p}");
+        for r in rounds {
+            let ours = &r["ours"];
+            assert!(ours["ns_per_io"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            // Paced, not at the client's ceiling: within a tenth of the rate asked.
+            let iops = ours["iops"].as_f64().unwrap_or(0.0);
+            assert!((45_000.0..=55_000.0).contains(&iops), "{r}");
+            assert!(r["spdk"].is_null(), "{r}");
+        }
+        assert_eq!(p["every_round_within_target"], false, "{p}");
+    }
     for want in [
         "skipped SPDK vhost null bdev: no --spdk given",
         "skipped cloud-hypervisor vhost_user_block (/dev/shm): no --cloud-hypervisor given",
@@ -120,6 +146,8 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         "![iops-by-depth-randread-loadgen.png](iops-by-depth-randread-loadgen.png)",
         "## Restarts: SIGKILL",
         "## Many controllers on one poller",
+        "## Cost per I/O at a fixed rate",
+        "SPDK not measured: no --spdk given.",
     ] {
         assert!(md.contains(want), "suite.md lacks {want:?}:\n{md}");
     }
@@ -186,10 +214,13 @@ fn the_suite_measures_the_lab_nvme_path_four_ways() {
             "--restarts",
             "0",
             "--no-scale",
+            "--fixed-rate",
+            "0",
             "--nvme-lab",
         ],
     );
     assert!(json["scale"].is_null(), "--no-scale: {}", json["scale"]);
+    assert!(json["fixed_rate"].is_null(), "{}", json["fixed_rate"]);
     let lab = &json["nvme_lab"];
     eprintln!("{lab:#}");
     let rows = lab["rows"].as_array().unwrap_or_else(|| panic!("{lab}"));
