@@ -130,6 +130,9 @@ fn the_suite_runs_without_peers_and_writes_table_json_and_plots() {
         for r in rounds {
             let ours = &r["ours"];
             assert!(ours["ns_per_io"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            // The machine's state around it: a cache line's round trip between the cores.
+            let trips = ours["core_round_trip_ns"].as_array().unwrap();
+            assert!(trips.iter().all(|t| t.as_f64().unwrap() > 0.0), "{r}");
             // Paced, not at the client's ceiling: within a tenth of the rate asked.
             let iops = ours["iops"].as_f64().unwrap_or(0.0);
             assert!((45_000.0..=55_000.0).contains(&iops), "{r}");
