@@ -322,6 +322,14 @@ fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ou
         assert_eq!(b[key], 0, "libblkio {key}: {}", without_bulk(&b));
     }
     assert_eq!(b["errors"], json!([]), "libblkio: {}", without_bulk(&b));
+    // No request of libblkio's waits past a restart's pause (a connection left without
+    // service would hold one until the client's 10 s timeout).
+    let longest_ms = b["lat_max_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+    assert!(
+        longest_ms < 2000.0,
+        "libblkio's longest completion {longest_ms:.0} ms: {}",
+        without_bulk(&b)
+    );
     assert!(
         b["reads"].as_u64().unwrap_or(0) > 1000,
         "{}",
