@@ -525,16 +525,24 @@ fn a_hung_poller_stops_the_watchdog_and_the_restart_loses_nothing() {
     assert_eq!(summary["restarts"], 1, "{summary}");
 }
 
+/// With the frontend's inflight region and with ours (a frontend that gives none): a process
+/// that died while handling a message cannot be resumed, so the connection is closed and the
+/// frontend reconnects.
 #[test]
 fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
     let _lock = vfblk_tests::lab_lock();
+    crash_in_the_middle_of_a_message(&[]);
+    crash_in_the_middle_of_a_message(&["--no-inflight"]);
+}
+
+fn crash_in_the_middle_of_a_message(load_args: &[&str]) {
     let marker = std::env::temp_dir().join(format!("vfblk-keeper-died-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     // The 6th message the first process reads is in the load generator's handshake.
     let spec = format!("6:{}", marker.display());
     let kept = UnderKeeper::start_with("midmessage", &[("VFBLK_TEST_DIE_IN_MESSAGE", &spec)]);
     let socket = kept.add_disk("m", "mem");
-    let load = verifying_load(&socket);
+    let load = verifying_load_with(&socket, load_args);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !marker.exists() {
         assert!(
@@ -553,7 +561,7 @@ fn a_crash_in_the_middle_of_a_message_falls_back_to_a_reconnect() {
     let log = kept.log();
     assert!(
         log.contains("cannot be resumed (the process died while handling a message)"),
-        "the successor refused the half-handled connection: {log}"
+        "the successor refused the half-handled connection ({load_args:?}): {log}"
     );
     let summary = kept.stop();
     assert_eq!(summary["restarts"], 1, "{summary}");
