@@ -71,6 +71,11 @@ pub struct SuiteOptions {
     /// cloud-hypervisor's vhost_user_block binary.
     #[arg(long)]
     pub cloud_hypervisor: Option<PathBuf>,
+    /// An older build's directory (its `vfblk-bridge`): each of our rows is measured with it
+    /// too, right after ours with the same client, and every figure compared (a drop of more
+    /// than 5% is flagged).
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     /// SIGKILLs of each of our persistent backends (vfblk-mem, vfblk-file) under a verifying
     /// client, each started again 50 ms later: the pause the client sees per restart.
     #[arg(long, default_value_t = 10)]
@@ -299,12 +304,17 @@ impl Suite {
     }
 
     pub(crate) fn start(&self, b: Backend, queues: u16) -> Result<Running> {
+        self.start_with(b, queues, &self.bin_dir)
+    }
+
+    /// [`Suite::start`] with our backends run from `bridge_dir`'s `vfblk-bridge`.
+    fn start_with(&self, b: Backend, queues: u16, bridge_dir: &Path) -> Result<Running> {
         let s = |x: &str| x.to_string();
         let socket = self.socket.display().to_string();
         let q = queues.to_string();
         let bridge = |backend: String| {
             vec![
-                self.bin_dir.join("vfblk-bridge").display().to_string(),
+                bridge_dir.join("vfblk-bridge").display().to_string(),
                 s("--socket"),
                 socket.clone(),
                 s("--backend"),
@@ -519,6 +529,17 @@ impl Suite {
     }
 
     fn measure(&self, b: Backend, client: Client, w: &Workload) -> Measurement {
+        self.measure_with(b, client, w, &self.bin_dir)
+    }
+
+    /// [`Suite::measure`] with our backends run from `bridge_dir`.
+    fn measure_with(
+        &self,
+        b: Backend,
+        client: Client,
+        w: &Workload,
+        bridge_dir: &Path,
+    ) -> Measurement {
         let args = self.client_args(client, w);
         let client_command = format!("taskset -c {CLIENT_CPU} {}", shell_words(&args));
         let mut m = Measurement {
@@ -533,7 +554,7 @@ impl Suite {
             backend_command: String::new(),
             client_command,
         };
-        let running = match self.start(b, w.queues) {
+        let running = match self.start_with(b, w.queues, bridge_dir) {
             Ok(r) => r,
             Err(e) => {
                 m.report = Err(format!("backend: {}", crate::error_chain(&e)));
@@ -937,6 +958,8 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     let total = local.len() * workloads.len() * clients.len()
         + rbd_backends.len() * rbd_workloads.len() * rbd_clients.len();
     let mut measurements = Vec::new();
+    let mut baseline = Vec::new();
+    let baseline_dir = o.baseline.clone();
     let mut measure_all =
         |suite: &Suite, backends: &[Backend], workloads: &[Workload], clients: &[Client]| {
             for w in workloads {
@@ -956,6 +979,18 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
                             _ => {}
                         }
                         measurements.push(m);
+                        if let (Some(dir), true) = (&baseline_dir, b.ours()) {
+                            let old = suite.measure_with(*b, *client, w, dir);
+                            if let (Some(new), Some(old)) =
+                                (measurements.last().and_then(Measurement::iops), old.iops())
+                            {
+                                tracing::info!(
+                                    "  baseline {old:.0} IOPS ({:+.1}%)",
+                                    (new / old - 1.0) * 100.0
+                                );
+                            }
+                            baseline.push(old);
+                        }
                     }
                 }
             }
@@ -1046,6 +1081,7 @@ pub fn run(o: &SuiteOptions) -> Result<SuiteResult> {
     }
     Ok(SuiteResult {
         measurements,
+        baseline,
         fixed_rate,
         restarts,
         skipped,
@@ -1142,6 +1178,7 @@ impl SuiteResult {
             "environment": self.environment,
             "skipped": self.skipped.iter().map(|(b, why)| json!({"backend": b.id(), "why": why})).collect::<Vec<_>>(),
             "measurements": rows,
+            "baseline": self.baseline_json(),
             "fixed_rate": self.fixed_rate.as_ref().map(|f| f.to_json()),
             "restarts": self.restarts.iter().map(|r| json!({
                 "backend": r.backend.id(),
@@ -1326,6 +1363,7 @@ impl SuiteResult {
             }
             out.push('\n');
         }
+        out.push_str(&self.baseline_markdown());
         if let Some(f) = &self.fixed_rate {
             out.push_str(&f.to_markdown());
         }
@@ -1366,7 +1404,112 @@ impl SuiteResult {
     }
 }
 
+/// A figure of ours may be this much worse than the baseline binary's before it is flagged.
+pub const BASELINE_TOLERANCE: f64 = 0.05;
+
 impl SuiteResult {
+    /// Each of our rows beside the baseline binary's: (ours, baseline, IOPS change, p50
+    /// latency change), changes as fractions (IOPS up and latency down are better).
+    fn baseline_pairs(&self) -> Vec<(&Measurement, &Measurement, f64, f64)> {
+        self.baseline
+            .iter()
+            .filter_map(|old| {
+                let new = self.measurements.iter().find(|m| {
+                    m.backend == old.backend && m.client == old.client && m.workload == old.workload
+                })?;
+                let (n, o) = (new.report.as_ref().ok()?, old.report.as_ref().ok()?);
+                let iops = new.iops()? / old.iops()? - 1.0;
+                let p50 = n["lat_p50_us"].as_f64()? / o["lat_p50_us"].as_f64()? - 1.0;
+                Some((new, old, iops, p50))
+            })
+            .collect()
+    }
+
+    /// A drop of more than [`BASELINE_TOLERANCE`] in IOPS or p50 latency.
+    fn dropped(iops: f64, p50: f64) -> bool {
+        iops < -BASELINE_TOLERANCE || p50 > BASELINE_TOLERANCE
+    }
+
+    fn baseline_json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .baseline_pairs()
+            .into_iter()
+            .map(|(new, old, iops, p50)| {
+                json!({
+                    "backend": new.backend.id(),
+                    "client": new.client.id(),
+                    "workload": new.workload.id,
+                    "iops": new.iops(),
+                    "baseline_iops": old.iops(),
+                    "iops_change": iops,
+                    "p50_change": p50,
+                    "dropped": Self::dropped(iops, p50),
+                    "baseline_command": old.backend_command,
+                })
+            })
+            .collect();
+        let failed: Vec<Value> = self
+            .baseline
+            .iter()
+            .filter_map(|m| {
+                m.report.as_ref().err().map(
+                    |e| json!({"backend": m.backend.id(), "workload": m.workload.id, "error": e}),
+                )
+            })
+            .collect();
+        json!({"rows": rows, "failed": failed, "tolerance": BASELINE_TOLERANCE})
+    }
+
+    /// Our rows against the baseline binary's, measured right after each with the same
+    /// client.
+    fn baseline_markdown(&self) -> String {
+        let mut out = String::new();
+        if self.baseline.is_empty() {
+            return out;
+        }
+        let pairs = self.baseline_pairs();
+        let dropped = pairs.iter().filter(|p| Self::dropped(p.2, p.3)).count();
+        let _ = writeln!(
+            out,
+            "## Against the baseline binary\n\nEach of our rows measured again right after with the baseline build's `vfblk-bridge` (same client, same workload). {} of {} figures dropped more than {:.0}% (IOPS down or p50 latency up){}.\n\n| backend | client | workload | IOPS | baseline IOPS | change | p50 change |\n|---|---|---|---|---|---|---|",
+            dropped,
+            pairs.len(),
+            BASELINE_TOLERANCE * 100.0,
+            if dropped > 0 { ": **flagged below**" } else { "" }
+        );
+        for (new, old, iops, p50) in &pairs {
+            let flag = if Self::dropped(*iops, *p50) {
+                " **↓**"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:+.1}% | {:+.1}%{flag} |",
+                new.backend.id(),
+                new.client.id(),
+                new.workload.describe(),
+                thousands(new.iops().unwrap_or(0.0)),
+                thousands(old.iops().unwrap_or(0.0)),
+                iops * 100.0,
+                p50 * 100.0
+            );
+        }
+        for m in &self.baseline {
+            if let Err(e) = &m.report {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | baseline failed: {e} | | | |",
+                    m.backend.id(),
+                    m.client.id(),
+                    m.workload.describe()
+                );
+            }
+        }
+        out.push('\n');
+        out
+    }
+
     /// The `rbd` kinds' section: a row per client and workload, IOPS with p50 / p99 latency,
     /// and the CPU per I/O of the target process and of the Ceph daemons.
     fn rbd_markdown(&self) -> String {
@@ -1585,6 +1728,7 @@ mod tests {
         };
         let r = SuiteResult {
             fixed_rate: None,
+            baseline: vec![],
             measurements: vec![
                 m(Backend::OursNull, 1_000_000.0),
                 m(Backend::QsdNull, 800_000.0),
@@ -1668,6 +1812,65 @@ mod tests {
     }
 
     #[test]
+    fn figures_are_compared_with_the_baseline_binarys_and_drops_flagged() {
+        let m = |backend, w: Workload, iops: f64, p50: f64, command: &str| Measurement {
+            backend,
+            client: Client::Loadgen,
+            workload: w,
+            report: Ok(json!({"iops": iops, "lat_p50_us": p50, "lat_p99_us": 9.0})),
+            backend_cpu_ns_per_io: None,
+            cluster_cpu_ns_per_io: None,
+            outside_cores: None,
+            osd_op_ms: None,
+            backend_command: command.into(),
+            client_command: "c".into(),
+        };
+        let (qd1, qd32) = (WORKLOADS[0], WORKLOADS[1]);
+        assert!(Backend::OursMemHuge.ours() && !Backend::SpdkNull.ours());
+        let r = SuiteResult {
+            measurements: vec![
+                m(Backend::OursNull, qd1, 1_000_000.0, 1.00, "new"),
+                m(Backend::OursNull, qd32, 9_000_000.0, 3.0, "new"),
+                m(Backend::SpdkNull, qd1, 1_100_000.0, 0.9, "spdk"),
+            ],
+            // 2% fewer IOPS is within the tolerance; 10% more latency is not.
+            baseline: vec![
+                m(Backend::OursNull, qd1, 1_020_000.0, 1.00, "old"),
+                m(Backend::OursNull, qd32, 9_000_000.0, 2.7, "old"),
+            ],
+            fixed_rate: None,
+            restarts: vec![],
+            skipped: vec![],
+            environment: json!({}),
+            scale: None,
+            nvme_lab: None,
+            rbd: None,
+        };
+        let j = r.to_json();
+        let rows = j["baseline"]["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{j}");
+        assert_eq!(rows[0]["dropped"], false, "{j}");
+        assert_eq!(rows[1]["dropped"], true, "{j}");
+        assert_eq!(rows[1]["baseline_command"], "old", "{j}");
+        let md = r.to_markdown("vfblk-bench suite --baseline old");
+        assert!(
+            md.contains("1 of 2 figures dropped more than 5% (IOPS down or p50 latency up): **flagged below**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| vfblk-null | loadgen | random 4 KiB read, QD1 | 1,000,000 | 1,020,000 | -2.0% | +0.0% |"),
+            "{md}"
+        );
+        assert!(md.contains("| +0.0% | +11.1% **↓** |"), "{md}");
+        // Without --baseline the section is not there.
+        let r = SuiteResult {
+            baseline: vec![],
+            ..r
+        };
+        assert!(!r.to_markdown("x").contains("Against the baseline"));
+    }
+
+    #[test]
     fn rbd_rows_are_named_only_and_get_a_section_of_their_own() {
         assert!(Backend::ALL
             .iter()
@@ -1690,6 +1893,7 @@ mod tests {
         };
         let r = SuiteResult {
             fixed_rate: None,
+            baseline: vec![],
             measurements: vec![
                 m(Backend::OursNull, 1_000_000.0, 500.0),
                 m(Backend::OursRbd, 2_000.0, 40_000.0),

@@ -119,6 +119,20 @@ impl Backend {
     pub(crate) fn from_id(id: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|b| b.id() == id)
     }
+
+    /// Whether it is our `vfblk-bridge`.
+    pub fn ours(self) -> bool {
+        matches!(
+            self,
+            Backend::OursNull
+                | Backend::OursMem
+                | Backend::OursMemHuge
+                | Backend::OursFile
+                | Backend::OursRbd
+                | Backend::OursRbdSleep
+                | Backend::OursRbdCpus
+        )
+    }
 }
 
 /// A client of the suite.
@@ -291,6 +305,8 @@ impl Measurement {
 pub struct SuiteResult {
     /// Every measurement.
     pub measurements: Vec<Measurement>,
+    /// Our rows measured again with the baseline binary (`--baseline`), in the same order.
+    pub baseline: Vec<Measurement>,
     /// Ours and SPDK's held at one fixed rate, by busy time per I/O (unless turned off).
     pub fixed_rate: Option<crate::system::fixed_rate::FixedRateResult>,
     /// The restart runs.
