@@ -15,7 +15,8 @@ need_apt=()
 # fonts-dejavu-core: the benchmark suite's plots draw their text with DejaVu Sans.
 # valgrind, strace: the cost benchmark counts instructions, allocations and system calls.
 # syslinux, mtools, dosfstools: the boot disk a nested guest boots from (FAT + syslinux).
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace syslinux syslinux-common mtools dosfstools; do
+# systemd: systemd-analyze rates the sandbox of the unit in dist/ (offline, no running systemd).
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace syslinux syslinux-common mtools dosfstools systemd; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 
