@@ -100,3 +100,65 @@ fn the_units_sandbox_rates_ok_in_systemd_analyze_security() {
         "the unit's exposure is {exposure} (at most 3.0 wanted):\n{text}"
     );
 }
+
+/// The project's own package (scripts/build-deb.sh, here of the tests' build): the four
+/// binaries in /usr/bin, runnable once unpacked, the unit naming them there, the manuals.
+#[test]
+fn the_projects_deb_holds_the_binaries_the_unit_and_the_manuals() {
+    let out = std::env::temp_dir().join(format!("vfblk-deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let bin_dir = bin("vfblk-bridge").parent().unwrap().to_path_buf();
+    let built = Command::new("bash")
+        .arg(repo().join("scripts/build-deb.sh"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()
+        .expect("scripts/build-deb.sh");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a .deb");
+    let field = |name: &str| {
+        let o = Command::new("dpkg-deb")
+            .args(["--field"])
+            .arg(&deb)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "vfblk");
+    assert_eq!(field("Version"), env!("CARGO_PKG_VERSION"));
+    let root = out.join("root");
+    let unpacked = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    for b in ["vfblk-bridge", "vfblk-rpc", "vfblk-keeper", "vfblk-setup"] {
+        let v = Command::new(root.join("usr/bin").join(b))
+            .arg("-V")
+            .output()
+            .unwrap_or_else(|e| panic!("{b}: {e}"));
+        let v = String::from_utf8_lossy(&v.stdout);
+        assert!(v.starts_with(&format!("{b} ")), "{b} -V: {v}");
+    }
+    let unit =
+        std::fs::read_to_string(root.join("lib/systemd/system/vfblk-bridge.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/vfblk-bridge "), "{unit}");
+    assert!(!unit.contains("/usr/local/"), "{unit}");
+    for doc in ["operation.md", "recovery.md", "copyright"] {
+        assert!(root.join("usr/share/doc/vfblk").join(doc).exists(), "{doc}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
