@@ -1004,10 +1004,14 @@ impl Target {
                     "backend {name}: an NVMe namespace (or a part of one) is not resized by the target: its size is the controller's (namespace management is not supported)"
                 )))
             }
-            BackendSpec::Rbd { .. } => {
-                return Err(Error::BadArgument(format!(
-                    "backend {name}: RBD images are not resized by the target yet"
-                )))
+            // A spec that names a size (the image's at open) names the new one; without one
+            // the image is opened at whatever size it has.
+            BackendSpec::Rbd { size: spec_size, .. } => {
+                let mut spec = entry.spec.clone();
+                if let (BackendSpec::Rbd { size: s, .. }, Some(_)) = (&mut spec, spec_size) {
+                    *s = Some(size);
+                }
+                spec
             }
         };
         entry.backend.grow(size).map_err(|e| Error::Context {

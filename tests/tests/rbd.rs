@@ -1093,3 +1093,87 @@ fn refused_rbd_cluster_registrations_leave_nothing_behind() {
     kept.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `backend_resize` on an RBD image under a verifying load that asked to be told of config
+/// changes: the image grows in the cluster, the frontend is told the new capacity with no
+/// reconnect, the load goes on into the new part, the config file names the new size (so a
+/// successor opens it), and a shrink is refused with the image as it was.
+#[test]
+fn an_rbd_image_grows_online_and_its_frontend_is_told() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("resize");
+    let kept = ConfiguredUnderKeeper::start(&dir);
+    const MIB: u64 = 1 << 20;
+    kept.call(
+        "backend_create",
+        serde_json::json!({"name": "r", "kind": "rbd", "pool": cluster.pool(),
+            "image": "resize", "size": 32 * MIB, "conf": cluster.conf(),
+            "keyring": cluster.keyring()}),
+    )
+    .unwrap();
+    let socket = dir.join("r.sock");
+    kept.call(
+        "vhost_blk_create",
+        serde_json::json!({"name": "r", "socket": socket, "backend": "r", "queues": 2}),
+    )
+    .unwrap();
+    let load = verifying_load_with(&socket, &["--config-changes", "--io-timeout-s", "60"]);
+    kept.serving(0, 1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = kept
+        .call(
+            "backend_resize",
+            serde_json::json!({"name": "r", "size": 64 * MIB}),
+        )
+        .unwrap();
+    assert_eq!(
+        (r["previous"].as_u64(), r["size"].as_u64()),
+        (Some(32 * MIB), Some(64 * MIB)),
+        "{r}"
+    );
+    assert_eq!(
+        r["controllers"],
+        serde_json::json!([{"name": "r", "told": "acknowledged"}]),
+        "{r}"
+    );
+    let image_size = || -> u64 {
+        let info = cluster
+            .rbd(&[
+                "info",
+                "--format",
+                "json",
+                &format!("{}/resize", cluster.pool()),
+            ])
+            .unwrap();
+        serde_json::from_str::<Value>(&info).unwrap()["size"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(image_size(), 64 * MIB, "the image in the cluster");
+    // A shrink is refused and changes nothing.
+    let e = kept
+        .call(
+            "backend_resize",
+            serde_json::json!({"name": "r", "size": 16 * MIB}),
+        )
+        .expect_err("a shrink");
+    assert!(e.contains("shrinking is refused"), "{e}");
+    assert_eq!(image_size(), 64 * MIB);
+    let saved = kept.file();
+    assert_eq!(saved["backends"][0]["size"], 64 * MIB, "{saved}");
+    // The load writes and reads the grown part for a while.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let report = finish(load);
+    assert_no_error_nor_reconnect(&report);
+    assert_eq!(
+        report["config_changes"],
+        serde_json::json!([64 * MIB / 512]),
+        "{}",
+        without_bulk(&report)
+    );
+    assert_eq!(report["capacity_sectors"], 64 * MIB / 512);
+    kept.stop();
+    let _ = cluster.remove_image("resize");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,7 +37,7 @@ enum Command {
         /// Its name.
         name: String,
     },
-    /// Grow a serving backend (mem, file, null) to SIZE (K/M/G/T): the file grows, and each
+    /// Grow a serving backend (mem, file, null, rbd) to SIZE (K/M/G/T): the file or image grows, and each
     /// connected frontend is told the new capacity (no reconnect). Shrinking is refused.
     BackendResize {
         /// Its name.

@@ -87,6 +87,8 @@ functions! {
         unsafe extern "C" fn(IoCtx, *const c_char) -> c_int;
     rbd rbd_get_size "int (*)(rbd_image_t, uint64_t *)":
         unsafe extern "C" fn(Image, *mut u64) -> c_int;
+    rbd rbd_resize "int (*)(rbd_image_t, uint64_t)":
+        unsafe extern "C" fn(Image, u64) -> c_int;
     rbd rbd_aio_create_completion "int (*)(void *, rbd_callback_t, rbd_completion_t *)":
         unsafe extern "C" fn(*mut c_void, Callback, *mut Completion) -> c_int;
     rbd rbd_aio_get_return_value "ssize_t (*)(rbd_completion_t)":

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::backend::{Backend, BackendInfo, BackendQueue, Queue};
+use crate::backend::{check_grow, Backend, BackendInfo, BackendQueue, LiveCapacity, Queue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS, MAX_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -522,6 +522,10 @@ pub struct RbdBackend {
     image: ffi::Image,
     ioctx: ffi::IoCtx,
     info: BackendInfo,
+    /// The image's size as the target grows it (`backend_resize`).
+    capacity: LiveCapacity,
+    /// One resize at a time.
+    resizing: Mutex<()>,
     /// Keeps the client up while the image is open.
     _cluster: Arc<RbdCluster>,
 }
@@ -693,6 +697,8 @@ impl RbdBackend {
             api,
             image: handle,
             ioctx,
+            capacity: LiveCapacity::new(info.capacity_sectors),
+            resizing: Mutex::new(()),
             info,
             _cluster: cluster,
         };
@@ -806,6 +812,32 @@ impl Backend for RbdBackend {
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
         Ok(Queue::from(RbdQueue::new(self.api, self.image)))
+    }
+
+    fn live_capacity(&self) -> Option<LiveCapacity> {
+        Some(self.capacity.clone())
+    }
+
+    /// Grows the image in the cluster (`rbd_resize`; librbd takes the exclusive lock for it
+    /// and tells the image's other clients); the new sectors are served only once the
+    /// cluster has them. A failed resize leaves the image's size as it was.
+    fn grow(&self, bytes: u64) -> Result<()> {
+        let _one = self.resizing.lock().unwrap_or_else(|e| e.into_inner());
+        let what = &self.info.description;
+        let Some(sectors) = check_grow(what, self.capacity.sectors(), bytes)? else {
+            return Ok(());
+        };
+        // SAFETY: our open image; librbd serialises the resize with the I/O in flight.
+        let rc = unsafe { (self.api.rbd_resize)(self.image, bytes) };
+        if rc < 0 {
+            return Err(ceph_error(
+                format!("resizing {what} to {bytes} bytes"),
+                rc.into(),
+            ));
+        }
+        self.capacity.set(sectors);
+        tracing::info!("{what}: resized to {bytes} bytes");
+        Ok(())
     }
 }
 
