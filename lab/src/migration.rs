@@ -78,6 +78,11 @@ pub struct MigrationOptions {
     pub slow_phase: Duration,
     /// How long fio and `vfblk-readcheck` run in the guest (both migrations must fit).
     pub workload_s: u32,
+    /// The disk is this RBD image (a `vfblk-bridge` backend spec, `rbd:POOL/IMAGE,...`, of
+    /// [`DISK_MIB`]) instead of the shared file: both sides' targets open it, and the
+    /// image's exclusive lock follows the writes (librbd hands it over from the live source
+    /// at the destination's first write).
+    pub rbd: Option<String>,
     /// Guest RAM (MiB).
     pub memory_mib: u64,
     /// `vfblk-readcheck` regions.
@@ -106,6 +111,7 @@ impl MigrationOptions {
             slow_bandwidth: 8 << 20,
             slow_phase: Duration::from_secs(8),
             workload_s: 34,
+            rbd: None,
             memory_mib: 1024,
             regions: 8,
             region_mib: 8,
@@ -700,6 +706,7 @@ impl Target {
         kind: TargetKind,
         name: &str,
         disk: &Path,
+        backend: &str,
         skip_dirty_log: bool,
         keeper: bool,
     ) -> Result<Self> {
@@ -710,9 +717,13 @@ impl Target {
             .append(true)
             .open(&log)?;
         let bridge = lab.bin_dir.join("vfblk-bridge");
-        let backend = format!("file:{}:{}M", disk.display(), DISK_MIB);
         let mut rpc = None;
         let mut command = match kind {
+            TargetKind::Qsd if backend.starts_with("rbd:") => {
+                return Err(LabError::Setup(
+                    "the RBD disk is vfblk-bridge's in this harness".into(),
+                ))
+            }
             TargetKind::Qsd => {
                 let mut c = Command::new("qemu-storage-daemon");
                 c.arg("--blockdev")
@@ -738,7 +749,7 @@ impl Target {
                     .arg("--socket")
                     .arg(&socket)
                     .arg("--backend")
-                    .arg(&backend)
+                    .arg(backend)
                     .arg("--rpc")
                     .arg(&rpc_socket);
                 rpc = Some(rpc_socket);
@@ -746,10 +757,7 @@ impl Target {
             }
             TargetKind::Bridge => {
                 let mut c = Command::new(&bridge);
-                c.arg("--socket")
-                    .arg(&socket)
-                    .arg("--backend")
-                    .arg(&backend);
+                c.arg("--socket").arg(&socket).arg("--backend").arg(backend);
                 c
             }
         };
@@ -1093,6 +1101,15 @@ pub fn clat_max_ms(windows: &Value, from_s: f64, to_s: f64) -> Option<f64> {
         .reduce(f64::max)
 }
 
+/// The backend every bridge of the run serves: the RBD image when asked, else the shared
+/// file.
+fn shared_backend(opts: &MigrationOptions, disk: &Path) -> String {
+    match &opts.rbd {
+        Some(spec) => spec.clone(),
+        None => format!("file:{}:{}M", disk.display(), DISK_MIB),
+    }
+}
+
 /// Boots the guest, migrates it from side A to side B and back to a new QEMU on side A
 /// while fio and `vfblk-readcheck` run, and reports. Guest and migration failures are in
 /// the outcome; an error is a setup failure.
@@ -1115,8 +1132,8 @@ pub fn run_migration(lab: &Lab, opts: &MigrationOptions) -> Result<MigrationOutc
         target: match opts.target {
             TargetKind::Qsd => "qemu-storage-daemon (vhost-user-blk export, file)".into(),
             TargetKind::Bridge => format!(
-                "vfblk-bridge --backend file:{}{}{}",
-                disk.display(),
+                "vfblk-bridge --backend {}{}{}",
+                shared_backend(opts, &disk),
                 if opts.keeper_events {
                     ", first source under vfblk-keeper"
                 } else {
@@ -1228,12 +1245,14 @@ fn drive(
     out: &mut MigrationOutcome,
 ) -> Result<()> {
     let bridge = opts.target;
+    let backend = shared_backend(opts, disk);
     // Side A's first target, then its QEMU; retried while the boot stalls.
     targets.push(Target::start(
         lab,
         bridge,
         "A1",
         disk,
+        &backend,
         opts.sources_skip_dirty_log,
         opts.keeper_events,
     )?);
@@ -1273,6 +1292,7 @@ fn drive(
         bridge,
         "B",
         disk,
+        &backend,
         opts.sources_skip_dirty_log,
         false,
     )?);
@@ -1369,7 +1389,9 @@ fn drive(
     targets[0].stop();
 
     // Side A again: a new target and a new QEMU; B -> A2.
-    targets.push(Target::start(lab, bridge, "A2", disk, false, false)?);
+    targets.push(Target::start(
+        lab, bridge, "A2", disk, &backend, false, false,
+    )?);
     vms.push(Vm::start(
         "A2",
         &spec_on(base, &targets[2].socket),

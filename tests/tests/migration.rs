@@ -177,3 +177,44 @@ fn live_migration_across_an_upgrade_and_a_sigkill_of_the_source_target() {
         "QEMU never reconnected\n{ctx}"
     );
 }
+
+/// The disk on Ceph (issue 19): every side's target opens one RBD image of the tests'
+/// cluster, and the image's exclusive lock follows the writes from the live source to the
+/// destination (librbd's hand-over, never a broken lock); fio and the readcheck stay clean
+/// both ways.
+#[test]
+fn live_migration_there_and_back_on_an_rbd_image() {
+    let cluster = vfblk_lab::ceph::Cluster::shared().expect("a Ceph cluster");
+    let image = format!("{}/migration", cluster.pool());
+    let _ = cluster.rbd(&["rm", "--no-progress", &image]);
+    cluster
+        .rbd(&[
+            "create",
+            "--size",
+            &format!("{}M", migration::DISK_MIB),
+            &image,
+        ])
+        .expect("rbd create");
+    let mut opts = MigrationOptions::new(Qemu::system(), TargetKind::Bridge);
+    opts.rbd = Some(format!(
+        "rbd:{image},conf={},keyring={}",
+        cluster.conf().display(),
+        cluster.keyring().display()
+    ));
+    let out = run("test-migration-rbd", &opts);
+    assert_clean(&out);
+    let ctx = context(&out);
+    let mut handed_over = 0;
+    for log in &out.target_logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !text.contains("broke the exclusive lock"),
+            "a live owner's lock was broken: {}\n{ctx}",
+            log.display()
+        );
+        handed_over += text.matches("left to librbd's hand-over").count();
+    }
+    // The destination opened the image while the live source held its lock.
+    assert!(handed_over >= 1, "no destination found the lock held\n{ctx}");
+    let _ = cluster.rbd(&["rm", "--no-progress", &image]);
+}
