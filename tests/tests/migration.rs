@@ -215,6 +215,9 @@ fn live_migration_there_and_back_on_an_rbd_image() {
         handed_over += text.matches("left to librbd's hand-over").count();
     }
     // The destination opened the image while the live source held its lock.
-    assert!(handed_over >= 1, "no destination found the lock held\n{ctx}");
+    assert!(
+        handed_over >= 1,
+        "no destination found the lock held\n{ctx}"
+    );
     let _ = cluster.rbd(&["rm", "--no-progress", &image]);
 }
