@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod image_lock;
 pub mod limits;
 pub mod request;
 pub mod spec;
