@@ -4,6 +4,7 @@
 //! allocates nothing and stores each buffer once.
 
 use crate::memory::GuestMemory;
+use crate::packed::{PackedChain, PackedDescriptor, PackedQueue};
 use crate::virtq::{Descriptor, DeviceQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 /// One buffer of a chain, translated.
@@ -62,24 +63,53 @@ impl std::fmt::Display for ChainError {
 
 /// A chain the ring offers a device, not walked yet: the device walks it into a buffer of
 /// its own ([`ChainCursor::walk_into`]), whose length is the device's limit on buffers per
-/// request, so each buffer is checked and stored once, where the device keeps it.
+/// request, so each buffer is checked and stored once, where the device keeps it. Split and
+/// packed rings differ only in how the chain's descriptors are found; every descriptor is
+/// checked by the same visitors.
 #[derive(Clone, Copy)]
 pub struct ChainCursor<'a> {
-    queue: &'a DeviceQueue,
+    layout: Layout<'a>,
     mem: &'a GuestMemory,
     head: u16,
+}
+
+#[derive(Clone, Copy)]
+enum Layout<'a> {
+    Split(&'a DeviceQueue),
+    Packed(&'a PackedQueue, PackedChain),
 }
 
 impl<'a> ChainCursor<'a> {
     /// The chain at `head` (already checked to be < queue size) of `queue`.
     pub fn new(queue: &'a DeviceQueue, mem: &'a GuestMemory, head: u16) -> Self {
-        Self { queue, mem, head }
+        Self {
+            layout: Layout::Split(queue),
+            mem,
+            head,
+        }
     }
 
-    /// Its head index.
+    /// A chain taken from a packed ring ([`PackedQueue::pop`]); its head is its buffer id.
+    pub fn packed(queue: &'a PackedQueue, mem: &'a GuestMemory, chain: PackedChain) -> Self {
+        Self {
+            layout: Layout::Packed(queue, chain),
+            mem,
+            head: chain.id,
+        }
+    }
+
+    /// Its head index (a packed chain's buffer id).
     #[inline]
     pub fn head(&self) -> u16 {
         self.head
+    }
+
+    #[inline(always)]
+    fn follow<V: Visit>(&self, visit: &mut V) -> Result<(), ChainError> {
+        match self.layout {
+            Layout::Split(queue) => follow(queue, self.mem, self.head, visit),
+            Layout::Packed(queue, chain) => follow_packed(queue, self.mem, chain, visit),
+        }
     }
 
     /// Walks the chain, trusting nothing (indexes, loops, indirect tables, direction order,
@@ -91,7 +121,7 @@ impl<'a> ChainCursor<'a> {
             sink: Store { out, count: 0 },
             seen_write: false,
         };
-        follow(self.queue, self.mem, self.head, &mut buffers)?;
+        self.follow(&mut buffers)?;
         Ok(buffers.sink.count)
     }
 
@@ -103,7 +133,7 @@ impl<'a> ChainCursor<'a> {
             sink: MarkWritable(log),
             seen_write: false,
         };
-        if follow(self.queue, self.mem, self.head, &mut buffers).is_err() {
+        if self.follow(&mut buffers).is_err() {
             if let Some(last) = self.last_byte() {
                 log.mark(last.gpa, u64::from(last.len));
             }
@@ -112,7 +142,9 @@ impl<'a> ChainCursor<'a> {
 
     /// After a failed walk: where a device answers (see [`last_byte`]).
     pub fn last_byte(&self) -> Option<Segment> {
-        last_byte(self.queue, self.mem, self.head)
+        let mut last = LastDescriptor::default();
+        self.follow(&mut last).ok()?;
+        last.byte(self.mem)
     }
 }
 
@@ -227,6 +259,20 @@ impl Visit for LastDescriptor {
     }
 }
 
+impl LastDescriptor {
+    /// The last byte of the last buffer, if it lies in guest memory.
+    fn byte(&self, mem: &GuestMemory) -> Option<Segment> {
+        let d = self.0?;
+        let gpa = d.addr.checked_add(u64::from(d.len.checked_sub(1)?))?;
+        Some(Segment {
+            gpa,
+            host: mem.translate(gpa, 1)?,
+            len: 1,
+            write: d.flags & DESC_F_WRITE != 0,
+        })
+    }
+}
+
 /// Follows the chain at `head` through `queue`'s table and at most one indirect table,
 /// checking its shape (indexes inside their table, no loop, indirect tables well formed and
 /// inside guest memory), and hands each descriptor to `visit` in order: the one walk every
@@ -301,6 +347,80 @@ fn follow_indirect<V: Visit>(
     }
 }
 
+/// Follows a packed ring's chain: its `count` consecutive ring descriptors (wrapping at the
+/// ring's end), the last of which may be an indirect table, with the shape checks of
+/// [`follow`] that apply to a packed ring (the chain's extent was bounded by the ring when it
+/// was taken).
+#[inline(always)]
+fn follow_packed<V: Visit>(
+    queue: &PackedQueue,
+    mem: &GuestMemory,
+    chain: PackedChain,
+    visit: &mut V,
+) -> Result<(), ChainError> {
+    let size = queue.size();
+    if chain.count == 0 || chain.count > size || chain.start >= size {
+        return Err(ChainError::BadIndex);
+    }
+    let mut index = chain.start;
+    for n in 1..=chain.count {
+        let d = split_view(queue.descriptor(index));
+        let last = n == chain.count;
+        if d.flags & DESC_F_INDIRECT != 0 {
+            // An indirect table is a chain's only buffer list from there on: with NEXT (more
+            // ring descriptors after it), it is malformed.
+            if d.len < 16 || (V::STRICT && (!last || d.len % 16 != 0)) {
+                return Err(ChainError::BadIndirect);
+            }
+            return follow_packed_indirect(mem, &d, visit);
+        }
+        visit.descriptor(mem, &d)?;
+        index += 1;
+        if index == size {
+            index = 0;
+        }
+    }
+    Ok(())
+}
+
+/// A packed indirect table: `len / 16` consecutive descriptors, no `next` (only WRITE
+/// counts in their flags; NEXT and the id are ignored, INDIRECT is refused).
+fn follow_packed_indirect<V: Visit>(
+    mem: &GuestMemory,
+    table: &Descriptor,
+    visit: &mut V,
+) -> Result<(), ChainError> {
+    let entries = table.len / 16;
+    if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
+        return Err(ChainError::BadIndirect);
+    }
+    let base = mem
+        .translate(table.addr, u64::from(table.len))
+        .ok_or(ChainError::OutOfMemory)? as *const PackedDescriptor;
+    for i in 0..entries as usize {
+        // SAFETY: i < entries: inside the translated, aligned table. Read once, then only
+        // the copy is checked and used.
+        let d = split_view(unsafe { base.add(i).read_volatile() });
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return Err(ChainError::BadIndirect);
+        }
+        visit.descriptor(mem, &d)?;
+    }
+    Ok(())
+}
+
+/// A packed descriptor as the visitors read descriptors: address, length, and the flags
+/// they look at (WRITE, INDIRECT); a packed chain has no `next`.
+#[inline(always)]
+fn split_view(d: PackedDescriptor) -> Descriptor {
+    Descriptor::new(
+        d.addr,
+        d.len,
+        d.flags & (DESC_F_WRITE | DESC_F_INDIRECT | DESC_F_NEXT),
+        0,
+    )
+}
+
 /// A walked chain in a buffer of its own (the guest test kit's and the fuzz targets' view;
 /// a device walks into its own buffer through [`ChainCursor`]).
 pub struct Chain {
@@ -352,16 +472,7 @@ impl Chain {
 /// not looked at). A device answers a malformed request there; `None` means the ring is too
 /// broken to answer anything.
 pub fn last_byte(queue: &DeviceQueue, mem: &GuestMemory, head: u16) -> Option<Segment> {
-    let mut last = LastDescriptor::default();
-    follow(queue, mem, head, &mut last).ok()?;
-    let d = last.0?;
-    let gpa = d.addr.checked_add(u64::from(d.len.checked_sub(1)?))?;
-    Some(Segment {
-        gpa,
-        host: mem.translate(gpa, 1)?,
-        len: 1,
-        write: d.flags & DESC_F_WRITE != 0,
-    })
+    ChainCursor::new(queue, mem, head).last_byte()
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod inflight;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod packed;
 pub mod poller;
 pub mod protocol;
 pub mod ring;
@@ -77,6 +78,28 @@ pub enum Error {
     HeadOutOfRange {
         /// The head.
         head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A packed ring chain with NEXT on every descriptor of a whole lap.
+    #[error("packed ring: the chain at {start} does not end within the {size}-entry ring")]
+    PackedChainUnterminated {
+        /// Ring index of its first descriptor.
+        start: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A packed ring chain whose buffer id is already in flight.
+    #[error("packed ring: buffer id {id} made available while it is in flight")]
+    BufferIdInFlight {
+        /// The id.
+        id: u16,
+    },
+    /// A packed ring base (SET_VRING_BASE) naming an index outside the ring.
+    #[error("packed ring base {base:#x} names an index outside a {size}-entry ring")]
+    PackedBase {
+        /// The value received.
+        base: u32,
         /// Queue size.
         size: u16,
     },

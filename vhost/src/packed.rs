@@ -1,0 +1,460 @@
+//! Packed virtqueues (virtio 1.1 §2.7), the device side, beside the split [`crate::virtq`].
+//! One ring of descriptors serves both
+//! directions: the driver marks a descriptor available by setting its AVAIL flag to its wrap
+//! counter and USED to the opposite; the device returns a buffer by writing a used
+//! descriptor (its id, the bytes written, AVAIL and USED both equal to the device's wrap
+//! counter) at its own used position. The flags word is the handshake: read with acquire
+//! before the rest of a descriptor, written last with release.
+//!
+//! Every chain's buffer id must be below the queue size and not already in flight: the
+//! device keeps, per id, how many ring descriptors its chain took (the used position
+//! advances by that many when it is returned), so a driver lying about ids is refused at
+//! [`PackedQueue::pop`] instead of desynchronising the ring.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+use crate::memory::GuestMemory;
+use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE, MAX_QUEUE_SIZE};
+use crate::{Error, Result};
+
+/// Descriptor flag: available, when equal to the driver's wrap counter.
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+/// Descriptor flag: used, when equal to the device's wrap counter.
+pub const DESC_F_USED: u16 = 1 << 15;
+
+/// Event suppression flags: notify at every event.
+pub const EVENT_F_ENABLE: u16 = 0;
+/// Event suppression flags: never notify.
+pub const EVENT_F_DISABLE: u16 = 1;
+/// Event suppression flags: notify when the position in `desc` is reached (only with
+/// VIRTIO_F_RING_EVENT_IDX).
+pub const EVENT_F_DESC: u16 = 2;
+
+/// Bytes of an event suppression structure: `desc` (offset in bits 0-14, wrap counter in
+/// bit 15) then `flags`, both little-endian u16.
+pub const EVENT_BYTES: usize = 4;
+
+/// A packed descriptor (16 bytes) as the guest wrote it: untrusted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PackedDescriptor {
+    /// Guest-physical address (unused in a used descriptor).
+    pub addr: u64,
+    /// Buffer length; in a used descriptor, the bytes the device wrote.
+    pub len: u32,
+    /// Buffer id (meaningful in a chain's last descriptor and in used descriptors).
+    pub id: u16,
+    /// Flags: NEXT, WRITE, INDIRECT, AVAIL, USED.
+    pub flags: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<PackedDescriptor>() == 16);
+
+impl PackedDescriptor {
+    /// A descriptor with these fields.
+    pub const fn new(addr: u64, len: u32, id: u16, flags: u16) -> Self {
+        Self {
+            addr,
+            len,
+            id,
+            flags,
+        }
+    }
+}
+
+/// The AVAIL/USED bits of a descriptor the driver made available in the lap of `wrap`.
+#[inline]
+pub const fn avail_bits(wrap: bool) -> u16 {
+    if wrap {
+        DESC_F_AVAIL
+    } else {
+        DESC_F_USED
+    }
+}
+
+/// The AVAIL/USED bits of a descriptor the device used in the lap of `wrap`.
+#[inline]
+pub const fn used_bits(wrap: bool) -> u16 {
+    if wrap {
+        DESC_F_AVAIL | DESC_F_USED
+    } else {
+        0
+    }
+}
+
+/// Whether `flags` mark a descriptor available in the lap of `wrap`.
+#[inline]
+pub const fn is_avail(flags: u16, wrap: bool) -> bool {
+    flags & (DESC_F_AVAIL | DESC_F_USED) == avail_bits(wrap)
+}
+
+/// Whether `flags` mark a descriptor used in the lap of `wrap`.
+#[inline]
+pub const fn is_used(flags: u16, wrap: bool) -> bool {
+    flags & (DESC_F_AVAIL | DESC_F_USED) == used_bits(wrap)
+}
+
+/// A ring position: an index below the queue size and the wrap counter of its lap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Index in the ring.
+    pub index: u16,
+    /// Wrap counter (starts at 1, flips each time the index passes the end).
+    pub wrap: bool,
+}
+
+impl Position {
+    /// Where both sides start.
+    pub const START: Self = Self {
+        index: 0,
+        wrap: true,
+    };
+
+    /// `n` descriptors further along a ring of `size`.
+    #[inline]
+    pub fn advance(self, n: u16, size: u16) -> Self {
+        let next = u32::from(self.index) + u32::from(n);
+        if next >= u32::from(size) {
+            Self {
+                index: (next - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Self {
+                index: next as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+
+    /// The event suppression encoding: index in bits 0-14, wrap counter in bit 15.
+    pub fn to_event(self) -> u16 {
+        self.index | (u16::from(self.wrap) << 15)
+    }
+
+    /// Position on a line of two laps (`0..2 * size`), where distances are plain modular
+    /// differences: a lap with wrap counter 1 first, then one with 0.
+    #[inline]
+    fn linear(self, size: u16) -> u32 {
+        u32::from(self.index) + if self.wrap { 0 } else { u32::from(size) }
+    }
+}
+
+/// Whether publishing from `old` to `new` passes the driver's event position `event`
+/// (`vring_need_event` on the two-lap line of a packed ring: the event lies in
+/// `[old, new)`).
+pub fn packed_need_event(event: u16, new: Position, old: Position, size: u16) -> bool {
+    let laps = 2 * u32::from(size);
+    let event = Position {
+        index: event & 0x7fff,
+        wrap: event & 0x8000 != 0,
+    }
+    .linear(size)
+        % laps;
+    let (new, old) = (new.linear(size), old.linear(size));
+    let dist = |a: u32, b: u32| (a + laps - b) % laps;
+    dist(new, event).wrapping_sub(1) < dist(new, old)
+}
+
+/// A chain taken from the ring, not walked yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedChain {
+    /// Ring index of its first descriptor.
+    pub start: u16,
+    /// Ring descriptors it takes (1 for an indirect table).
+    pub count: u16,
+    /// Its buffer id (from its last descriptor), below the queue size.
+    pub id: u16,
+}
+
+/// The device side of a packed virtqueue.
+pub struct PackedQueue {
+    size: u16,
+    desc: *mut PackedDescriptor,
+    /// Written by the driver: when it wants to be notified of used buffers.
+    driver_event: *const u8,
+    /// Written by us: when we want to be kicked.
+    device_event: *mut u8,
+    next_avail: Position,
+    next_used: Position,
+    /// Per buffer id: ring descriptors its chain took, 0 when not in flight.
+    chain_len: Box<[u16]>,
+    /// The first used descriptor of the batch being pushed and its flags, written last (in
+    /// `publish_used`) so the driver sees the batch at once.
+    batch_head: Option<(u16, u16)>,
+    /// Used position at the last notification check.
+    signalled_used: Position,
+    event_idx: bool,
+}
+
+// SAFETY: the pointers address guest memory mapped for the connection's lifetime; the queue
+// is owned by one poller thread at a time.
+unsafe impl Send for PackedQueue {}
+
+impl PackedQueue {
+    /// A queue of `size` entries whose descriptor ring and driver and device event structures
+    /// sit at the given frontend virtual addresses (SET_VRING_ADDR's desc, avail and used
+    /// addresses).
+    pub fn new(
+        mem: &GuestMemory,
+        size: u16,
+        desc: u64,
+        driver_event: u64,
+        device_event: u64,
+        event_idx: bool,
+    ) -> Result<Self> {
+        // Packed rings need not be a power of two.
+        if size == 0 || size > MAX_QUEUE_SIZE {
+            return Err(Error::QueueSize(size));
+        }
+        if desc % 16 != 0 || driver_event % 4 != 0 || device_event % 4 != 0 {
+            return Err(Error::MisalignedRings {
+                desc,
+                avail: driver_event,
+                used: device_event,
+            });
+        }
+        let t = |addr: u64, len: usize, ring: &'static str| {
+            mem.translate_frontend(addr, len as u64)
+                .ok_or(Error::RingOutsideMemory { ring, addr, len })
+        };
+        let desc_host = t(desc, 16 * usize::from(size), "descriptor")?;
+        let driver_host = t(driver_event, EVENT_BYTES, "driver event")?;
+        let device_host = t(device_event, EVENT_BYTES, "device event")?;
+        // Atomics on misaligned host addresses are undefined behaviour (a region whose
+        // frontend address is odd).
+        if desc_host as usize % 16 != 0
+            || driver_host as usize % 4 != 0
+            || device_host as usize % 4 != 0
+        {
+            return Err(Error::MisalignedRings {
+                desc,
+                avail: driver_event,
+                used: device_event,
+            });
+        }
+        Ok(Self {
+            size,
+            desc: desc_host.cast(),
+            driver_event: driver_host,
+            device_event: device_host,
+            next_avail: Position::START,
+            next_used: Position::START,
+            chain_len: vec![0; usize::from(size)].into_boxed_slice(),
+            batch_head: None,
+            signalled_used: Position::START,
+            event_idx,
+        })
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Next position to take a chain from.
+    pub fn next_avail(&self) -> Position {
+        self.next_avail
+    }
+
+    /// Next position to write a used descriptor at.
+    pub fn next_used(&self) -> Position {
+        self.next_used
+    }
+
+    /// The vhost-user GET_VRING_BASE value: next avail index (bits 0-14) and wrap counter
+    /// (bit 15), next used index (bits 16-30) and wrap counter (bit 31).
+    pub fn base(&self) -> u32 {
+        u32::from(self.next_avail.to_event()) | (u32::from(self.next_used.to_event()) << 16)
+    }
+
+    /// Sets both positions from a SET_VRING_BASE value (see [`PackedQueue::base`]); `Err`
+    /// for an index outside the ring. Nothing may be in flight.
+    pub fn set_base(&mut self, base: u32) -> Result<()> {
+        let decode = |half: u16| Position {
+            index: half & 0x7fff,
+            wrap: half & 0x8000 != 0,
+        };
+        let (avail, used) = (decode(base as u16), decode((base >> 16) as u16));
+        if avail.index >= self.size || used.index >= self.size {
+            return Err(Error::PackedBase {
+                base,
+                size: self.size,
+            });
+        }
+        self.next_avail = avail;
+        self.next_used = used;
+        self.signalled_used = used;
+        self.chain_len.fill(0);
+        Ok(())
+    }
+
+    fn flags_atomic(&self, index: u16) -> &AtomicU16 {
+        debug_assert!(index < self.size);
+        // SAFETY: index < size: the flags word (offset 14, 2-aligned) of a descriptor inside
+        // the ring.
+        unsafe { &*(self.desc.add(usize::from(index)).cast::<u8>().add(14) as *const AtomicU16) }
+    }
+
+    /// Reads ring descriptor `index` (`< size`; callers hold positions, always below it).
+    #[inline]
+    pub fn descriptor(&self, index: u16) -> PackedDescriptor {
+        debug_assert!(index < self.size);
+        // The modulo keeps even a wrong index inside the ring.
+        // SAFETY: inside the descriptor ring, 16-aligned (checked at set-up).
+        unsafe {
+            self.desc
+                .add(usize::from(index % self.size))
+                .read_volatile()
+        }
+    }
+
+    /// Whether the driver has made a chain available that we have not taken.
+    #[inline]
+    pub fn has_avail(&self) -> bool {
+        let flags = self
+            .flags_atomic(self.next_avail.index)
+            .load(Ordering::Acquire);
+        is_avail(flags, self.next_avail.wrap)
+    }
+
+    /// Takes the next available chain: finds its end (the first descriptor without NEXT,
+    /// within one lap of the ring) and its buffer id. `Err` for a chain that never ends or
+    /// an id that is out of range or already in flight: the ring cannot be trusted further.
+    #[inline]
+    pub fn pop(&mut self) -> Result<Option<PackedChain>> {
+        let start = self.next_avail;
+        // Acquire: the driver wrote the head's flags last, with release; the chain's other
+        // descriptors are visible once they read available.
+        let flags = self.flags_atomic(start.index).load(Ordering::Acquire);
+        if !is_avail(flags, start.wrap) {
+            return Ok(None);
+        }
+        let mut pos = start;
+        let mut count = 0u16;
+        let id = loop {
+            let d = self.descriptor(pos.index);
+            count += 1;
+            pos = pos.advance(1, self.size);
+            if d.flags & DESC_F_NEXT == 0 {
+                break d.id;
+            }
+            if count == self.size {
+                return Err(Error::PackedChainUnterminated {
+                    start: start.index,
+                    size: self.size,
+                });
+            }
+        };
+        if id >= self.size {
+            return Err(Error::HeadOutOfRange {
+                head: id,
+                size: self.size,
+            });
+        }
+        let slot = &mut self.chain_len[usize::from(id)];
+        if *slot != 0 {
+            return Err(Error::BufferIdInFlight { id });
+        }
+        *slot = count;
+        self.next_avail = pos;
+        Ok(Some(PackedChain {
+            start: start.index,
+            count,
+            id,
+        }))
+    }
+
+    /// Marks buffer `id` in flight with a chain of `count` ring descriptors, without taking
+    /// it from the ring (a chain recovered from the inflight region). `false` for an id out
+    /// of range, already in flight, or a count that is not a chain's.
+    pub fn adopt(&mut self, id: u16, count: u16) -> bool {
+        match self.chain_len.get_mut(usize::from(id)) {
+            Some(slot) if *slot == 0 && count != 0 && count <= self.size => {
+                *slot = count;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes the used descriptor for buffer `id` with `len` bytes written, and moves the
+    /// used position past its chain. The first of a batch becomes visible only at
+    /// [`PackedQueue::publish_used`]. `false` (nothing written) for an id not in flight.
+    #[inline]
+    pub fn push_used(&mut self, id: u16, len: u32) -> bool {
+        let Some(slot) = self.chain_len.get_mut(usize::from(id)) else {
+            return false;
+        };
+        let count = std::mem::replace(slot, 0);
+        if count == 0 {
+            return false;
+        }
+        let at = self.next_used;
+        // WRITE says `len` is meaningful (the spec leaves it reserved otherwise).
+        let flags = used_bits(at.wrap) | if len > 0 { DESC_F_WRITE } else { 0 };
+        // SAFETY: at.index < size: inside the ring; the fields before the flags word.
+        unsafe {
+            let d = self.desc.add(usize::from(at.index));
+            std::ptr::addr_of_mut!((*d).len).write_volatile(len);
+            std::ptr::addr_of_mut!((*d).id).write_volatile(id);
+        }
+        if self.batch_head.is_none() {
+            self.batch_head = Some((at.index, flags));
+        } else {
+            // Release: id and len before the flags. The driver looks at this one only after
+            // the batch's first, which is written last.
+            self.flags_atomic(at.index).store(flags, Ordering::Release);
+        }
+        self.next_used = at.advance(count, self.size);
+        true
+    }
+
+    /// Makes the batch pushed so far visible: the first used descriptor's flags, with
+    /// release (every used descriptor and the data written into the buffers come first).
+    #[inline]
+    pub fn publish_used(&mut self) {
+        if let Some((index, flags)) = self.batch_head.take() {
+            self.flags_atomic(index).store(flags, Ordering::Release);
+        }
+    }
+
+    /// Whether the driver wants a notification for what was published since the last check
+    /// (its event suppression structure: DISABLE, ENABLE, or with EVENT_IDX a position to
+    /// pass).
+    pub fn needs_notification(&mut self) -> bool {
+        // The used flags must be visible before we read the driver's suppression.
+        fence(Ordering::SeqCst);
+        let new = self.next_used;
+        let old = std::mem::replace(&mut self.signalled_used, new);
+        // SAFETY: the driver event structure (4 bytes, 4-aligned): desc at 0, flags at 2.
+        let (desc, flags) = unsafe {
+            (
+                (self.driver_event as *const u16).read_volatile(),
+                (self.driver_event.add(2) as *const u16).read_volatile(),
+            )
+        };
+        match flags & 3 {
+            EVENT_F_DISABLE => false,
+            EVENT_F_DESC if self.event_idx => packed_need_event(desc, new, old, self.size),
+            // ENABLE, DESC without EVENT_IDX, and the reserved value: notify (a missed
+            // interrupt hangs a guest; an extra one costs it a look at the ring).
+            _ => true,
+        }
+    }
+
+    /// Asks the driver not to kick (we poll), or to kick again (before sleeping). Returns
+    /// the offset in the device event structure of the word written.
+    pub fn set_kicks(&mut self, wanted: bool) -> u64 {
+        let flags = if wanted {
+            EVENT_F_ENABLE
+        } else {
+            EVENT_F_DISABLE
+        };
+        // SAFETY: the flags word of the device event structure, offset 2, 2-aligned.
+        unsafe { (self.device_event.add(2) as *mut u16).write_volatile(flags) };
+        // The driver reads it after publishing; we re-check the ring after writing it.
+        fence(Ordering::SeqCst);
+        2
+    }
+}
