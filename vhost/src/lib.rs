@@ -1,6 +1,7 @@
 //! vhost-user device plumbing, knowing nothing of any device type: the protocol handler
 //! (features, memory table, vrings, inflight fds, start and stop), guest memory, the device
-//! side of split virtqueues, the descriptor-chain walker, the inflight region, and the poller
+//! side of split virtqueues (and of packed ones, [`packed`], not yet run by a ring), the
+//! descriptor-chain walker, the inflight region, and the poller
 //! threads that run queues. A device type (`vfblk-bridge` has one) plugs in
 //! through [`device::Device`] and [`device::RequestHandler`].
 //!
@@ -28,6 +29,7 @@ pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod packed;
+pub mod packed_driver;
 pub mod poller;
 pub mod protocol;
 pub mod ring;
