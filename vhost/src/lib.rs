@@ -25,6 +25,7 @@ mod framing;
 pub mod guest_errors;
 pub mod handover;
 pub mod inflight;
+pub mod inflight_packed;
 pub mod memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;

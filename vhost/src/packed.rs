@@ -460,7 +460,7 @@ impl PackedQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The device side against the driver kit, over guest memory, including every hostile
     //! chain the split walker refuses.
     use super::*;
@@ -474,16 +474,16 @@ mod tests {
     const MEM: u64 = 1 << 20;
     const FRONTEND: u64 = 0x5000_0000;
     /// Buffers start here, above the rings.
-    const BUFS: u64 = 0x20000;
+    pub(crate) const BUFS: u64 = 0x20000;
 
-    struct Guest {
-        mem: GuestMemory,
+    pub(crate) struct Guest {
+        pub(crate) mem: GuestMemory,
         host: *mut u8,
-        drv: PackedDriverQueue,
-        dev: PackedQueue,
+        pub(crate) drv: PackedDriverQueue,
+        pub(crate) dev: PackedQueue,
     }
 
-    fn guest(size: u16, event_idx: bool) -> Guest {
+    pub(crate) fn guest(size: u16, event_idx: bool) -> Guest {
         let mem = GuestMemory::from_table(&[(GPA, MEM, FRONTEND, 0)], vec![memfd(MEM)]).unwrap();
         let host = mem.translate(GPA, MEM).unwrap();
         // SAFETY: the region is 1 MiB, zeroed, page-aligned, mapped while `mem` lives.
@@ -545,7 +545,7 @@ mod tests {
         }
     }
 
-    fn buf(gpa: u64, len: u32, write: bool) -> DriverBuffer {
+    pub(crate) fn buf(gpa: u64, len: u32, write: bool) -> DriverBuffer {
         DriverBuffer { gpa, len, write }
     }
 
