@@ -477,29 +477,35 @@ pub(crate) mod tests {
     pub(crate) const BUFS: u64 = 0x20000;
 
     pub(crate) struct Guest {
-        pub(crate) mem: GuestMemory,
+        pub(crate) mem: std::sync::Arc<GuestMemory>,
         host: *mut u8,
         pub(crate) drv: PackedDriverQueue,
         pub(crate) dev: PackedQueue,
     }
 
-    pub(crate) fn guest(size: u16, event_idx: bool) -> Guest {
-        let mem = GuestMemory::from_table(&[(GPA, MEM, FRONTEND, 0)], vec![memfd(MEM)]).unwrap();
-        let host = mem.translate(GPA, MEM).unwrap();
-        // SAFETY: the region is 1 MiB, zeroed, page-aligned, mapped while `mem` lives.
-        let drv = unsafe { PackedDriverQueue::new(host, GPA, size) };
+    /// The device side of the rings `drv` laid out at `GPA`.
+    fn device(mem: &GuestMemory, drv: &PackedDriverQueue, event_idx: bool) -> PackedQueue {
         let f = |gpa: u64| gpa - GPA + FRONTEND;
-        let dev = PackedQueue::new(
-            &mem,
-            size,
+        PackedQueue::new(
+            mem,
+            drv.size(),
             f(drv.gpas.0),
             f(drv.gpas.1),
             f(drv.gpas.2),
             event_idx,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A guest with a `size`-entry packed ring at the start of its memory.
+    pub(crate) fn guest(size: u16, event_idx: bool) -> Guest {
+        let mem = GuestMemory::from_table(&[(GPA, MEM, FRONTEND, 0)], vec![memfd(MEM)]).unwrap();
+        let host = mem.translate(GPA, MEM).unwrap();
+        // SAFETY: the region is 1 MiB, zeroed, page-aligned, mapped while `mem` lives.
+        let drv = unsafe { PackedDriverQueue::new(host, GPA, size) };
+        let dev = device(&mem, &drv, event_idx);
         Guest {
-            mem,
+            mem: std::sync::Arc::new(mem),
             host,
             drv,
             dev,
@@ -507,6 +513,11 @@ pub(crate) mod tests {
     }
 
     impl Guest {
+        /// Another device side of the same rings, starting where a fresh one starts.
+        pub(crate) fn device_queue(&self, event_idx: bool) -> PackedQueue {
+            device(&self.mem, &self.drv, event_idx)
+        }
+
         fn walk(
             &self,
             chain: PackedChain,
@@ -545,6 +556,7 @@ pub(crate) mod tests {
         }
     }
 
+    /// A driver buffer.
     pub(crate) fn buf(gpa: u64, len: u32, write: bool) -> DriverBuffer {
         DriverBuffer { gpa, len, write }
     }

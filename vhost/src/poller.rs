@@ -14,8 +14,7 @@ use crate::device::QueueHandler;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
-use crate::ring::{Ring, RingLog};
-use crate::virtq::DeviceQueue;
+use crate::ring::{Ring, RingLog, RingQueue};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Everything a poller needs to run one virtqueue.
@@ -27,7 +26,7 @@ pub struct QueueStart {
     /// Guest memory (kept mapped while the queue runs).
     pub mem: Arc<GuestMemory>,
     /// The ring.
-    pub vq: DeviceQueue,
+    pub vq: RingQueue,
     /// The queue's inflight region, if tracking is on.
     pub inflight: Option<(InflightQueue, Arc<InflightMap>)>,
     /// The device's handler for this queue.
@@ -49,8 +48,10 @@ pub struct QueueStart {
 pub struct QueueStopped {
     /// Queue index.
     pub index: u16,
-    /// Next avail index (what GET_VRING_BASE returns).
+    /// Next avail index (what GET_VRING_BASE returns for a split ring).
     pub next_avail: u16,
+    /// What GET_VRING_BASE returns ([`RingQueue::base`]).
+    pub base: u32,
     /// Chains still in the handler when the drain deadline passed.
     pub abandoned: usize,
 }
@@ -648,7 +649,8 @@ impl QueueRuntime {
         self.ring.errors.flush();
         QueueStopped {
             index: self.ring.index,
-            next_avail: self.ring.vq.next_avail,
+            next_avail: self.ring.vq.base() as u16,
+            base: self.ring.vq.base(),
             abandoned: self.handler.in_flight(),
         }
     }
@@ -732,7 +734,7 @@ mod tests {
             owner: 0,
             index: 0,
             mem: guest.memory(),
-            vq: guest.device_queue(event_idx),
+            vq: guest.device_queue(event_idx).into(),
             inflight: None,
             handler,
             call,
@@ -795,7 +797,7 @@ mod tests {
             owner: 0,
             index: 0,
             mem: guest.memory(),
-            vq: guest.device_queue(false),
+            vq: guest.device_queue(false).into(),
             inflight: None,
             handler: HoldHandler::boxed(Release::Burst(3)),
             call: None,
@@ -968,7 +970,7 @@ mod tests {
             owner: 0,
             index: 0,
             mem: guest.memory(),
-            vq: guest.device_queue(true),
+            vq: guest.device_queue(true).into(),
             inflight: Some((region, map.clone())),
             handler: HoldHandler::boxed(Release::Chosen(release.clone())),
             call: None,
@@ -1075,5 +1077,74 @@ mod tests {
                 "interrupted in round {round}"
             );
         }
+    }
+
+    #[test]
+    fn a_packed_ring_runs_chains_returned_out_of_order_and_stops_when_the_ring_lies() {
+        use crate::packed::tests::{buf, guest, BUFS};
+        use crate::packed::PackedDescriptor;
+        let mut g = guest(4, false);
+        let chosen = Arc::new(Mutex::new(Vec::new()));
+        let mut q = runtime_packed(&g, HoldHandler::boxed(Release::Chosen(chosen.clone())));
+        let (hdr, status) = (buf(BUFS, 16, false), buf(BUFS + 16, 1, true));
+        for lap in 0..5 {
+            // 1 + 2 + 1 descriptors fill the ring; returned last first.
+            let ids = [
+                g.drv.add(&[status]).unwrap(),
+                g.drv.add(&[hdr, status]).unwrap(),
+                g.drv.add(&[status]).unwrap(),
+            ];
+            assert_eq!(q.process(true), 3, "lap {lap}");
+            assert_eq!(g.drv.pop_used().unwrap(), None);
+            chosen.lock().unwrap().extend(ids.iter().rev());
+            q.process(true);
+            for &id in ids.iter().rev() {
+                assert_eq!(g.drv.pop_used().unwrap(), Some((id, 1)), "lap {lap}");
+            }
+        }
+        // 20 descriptors: five laps, both wrap counters flipped to 0, indexes back at 0.
+        assert_eq!(q.ring.vq.base(), 0);
+        // A buffer id outside the ring: the queue stops and takes nothing more.
+        g.drv.add_raw(&[PackedDescriptor::new(
+            BUFS,
+            1,
+            9,
+            crate::virtq::DESC_F_WRITE,
+        )]);
+        q.process(true);
+        assert!(q.ring.broken);
+        g.drv.add(&[status]).unwrap();
+        assert_eq!(q.process(true), 0);
+        assert_eq!(g.drv.pop_used().unwrap(), None);
+    }
+
+    #[test]
+    fn a_packed_ring_asked_to_log_stops_rather_than_miss_a_write() {
+        let g = crate::packed::tests::guest(4, false);
+        let log_file = crate::memory::memfd("log-test", 4096).unwrap();
+        let log = Arc::new(crate::dirty_log::DirtyLog::map(log_file, 0, 4096, true).unwrap());
+        let mut q = runtime_packed(&g, HoldHandler::boxed(Release::Burst(1)));
+        assert!(!q.ring.broken);
+        q.ring.set_log(Some(RingLog { log, used_gpa: 0 }));
+        assert!(q.ring.broken);
+    }
+
+    fn runtime_packed(
+        g: &crate::packed::tests::Guest,
+        handler: Box<dyn QueueHandler>,
+    ) -> QueueRuntime {
+        QueueRuntime::new(QueueStart {
+            owner: 0,
+            index: 0,
+            mem: g.mem.clone(),
+            vq: g.device_queue(false).into(),
+            inflight: None,
+            handler,
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+            log: None,
+        })
     }
 }

@@ -351,7 +351,7 @@ impl Connection {
             owner: self.id,
             index,
             mem,
-            vq,
+            vq: vq.into(),
             inflight,
             handler,
             call: dup(&v.call),

@@ -12,7 +12,65 @@ use crate::dirty_log::DirtyLog;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
+use crate::packed::{PackedChain, PackedQueue};
 use crate::virtq::DeviceQueue;
+
+/// A ring's layout: split (virtio 1.1 §2.6) or packed (§2.7). One match per call; the
+/// request path of each stays as it was.
+pub enum RingQueue {
+    /// A split ring.
+    Split(DeviceQueue),
+    /// A packed ring (no inflight tracking nor dirty logging yet: a ring asked for either
+    /// stops; VIRTIO_F_RING_PACKED is not offered to frontends).
+    Packed(PackedQueue),
+}
+
+impl From<DeviceQueue> for RingQueue {
+    fn from(q: DeviceQueue) -> Self {
+        Self::Split(q)
+    }
+}
+
+impl From<PackedQueue> for RingQueue {
+    fn from(q: PackedQueue) -> Self {
+        Self::Packed(q)
+    }
+}
+
+impl RingQueue {
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        match self {
+            Self::Split(q) => q.size(),
+            Self::Packed(q) => q.size(),
+        }
+    }
+
+    /// Whether the driver offers a chain not taken yet.
+    #[inline]
+    pub fn has_avail(&self) -> bool {
+        match self {
+            Self::Split(q) => q.has_avail(),
+            Self::Packed(q) => q.has_avail(),
+        }
+    }
+
+    /// What GET_VRING_BASE returns: the next avail index of a split ring, both positions
+    /// and wrap counters of a packed one ([`PackedQueue::base`]).
+    pub fn base(&self) -> u32 {
+        match self {
+            Self::Split(q) => u32::from(q.next_avail),
+            Self::Packed(q) => q.base(),
+        }
+    }
+
+    fn set_kicks(&mut self, wanted: bool) -> u64 {
+        match self {
+            Self::Split(q) => q.set_kicks(wanted),
+            Self::Packed(q) => q.set_kicks(wanted),
+        }
+    }
+}
 
 /// A migration's dirty log as one ring writes into it.
 #[derive(Debug, Clone)]
@@ -31,7 +89,7 @@ pub struct Ring {
     pub(crate) index: u16,
     /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
     pub(crate) mem: Arc<GuestMemory>,
-    pub(crate) vq: DeviceQueue,
+    pub(crate) vq: RingQueue,
     pub(crate) inflight: Option<(InflightQueue, Arc<InflightMap>)>,
     pub(crate) errors: Arc<GuestErrors>,
     /// Heads to run again before any new one, popped from the end (oldest first).
@@ -54,7 +112,7 @@ impl Ring {
     pub(crate) fn new(
         index: u16,
         mem: Arc<GuestMemory>,
-        vq: DeviceQueue,
+        vq: RingQueue,
         inflight: Option<(InflightQueue, Arc<InflightMap>)>,
         errors: Arc<GuestErrors>,
         mut resubmit: Vec<u16>,
@@ -62,7 +120,8 @@ impl Ring {
     ) -> Self {
         let size = usize::from(vq.size());
         resubmit.reverse(); // popped from the end: oldest first
-        Self {
+        let packed = matches!(vq, RingQueue::Packed(_));
+        let mut ring = Self {
             index,
             mem,
             vq,
@@ -72,7 +131,21 @@ impl Ring {
             completed: Finished::with_capacity(size),
             broken: false,
             log,
+        };
+        if packed && (ring.inflight.is_some() || !ring.resubmit.is_empty() || ring.log.is_some()) {
+            ring.stop_unsupported();
         }
+        ring
+    }
+
+    /// A packed ring asked for what it cannot do yet (the features that need it are not
+    /// offered, so only a bug gets here): stopped rather than run without it.
+    #[cold]
+    fn stop_unsupported(&mut self) {
+        self.stop_broken(
+            0,
+            format_args!("a packed ring cannot yet track inflight requests or log dirty pages"),
+        );
     }
 
     #[inline]
@@ -80,10 +153,20 @@ impl Ring {
         self.completed.push(head, written);
     }
 
-    /// Hands the chain at `head` to the handler, which walks it.
+    /// Hands the chain at `head` (a packed ring's `chain`) to the handler, which walks it.
     #[inline]
-    fn start<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, head: u16) {
-        let chain = ChainCursor::new(&self.vq, &self.mem, head);
+    fn start<H: RequestHandler + ?Sized>(
+        &mut self,
+        handler: &mut H,
+        head: u16,
+        packed: Option<PackedChain>,
+    ) {
+        let chain = match (&self.vq, packed) {
+            (RingQueue::Split(q), _) => ChainCursor::new(q, &self.mem, head),
+            (RingQueue::Packed(q), Some(c)) => ChainCursor::packed(q, &self.mem, c),
+            // Resubmissions need the inflight region's copies (refused at set-up).
+            (RingQueue::Packed(_), None) => return self.stop_unsupported(),
+        };
         match handler.take(chain) {
             Taken::Done(written) => self.complete(head, written),
             Taken::Pending => {}
@@ -146,7 +229,7 @@ impl Ring {
             let Some(head) = self.resubmit.pop() else {
                 break;
             };
-            self.start(handler, head);
+            self.start(handler, head, None);
             work += 1;
         }
         while take_new
@@ -155,12 +238,16 @@ impl Ring {
             && work < BUDGET
             && handler.can_take()
         {
-            match self.vq.pop() {
-                Ok(Some(head)) => {
+            let popped = match &mut self.vq {
+                RingQueue::Split(q) => q.pop().map(|h| h.map(|h| (h, None))),
+                RingQueue::Packed(q) => q.pop().map(|c| c.map(|c| (c.id, Some(c)))),
+            };
+            match popped {
+                Ok(Some((head, packed))) => {
                     if let Some((inflight, _)) = &mut self.inflight {
                         inflight.begin(head);
                     }
-                    self.start(handler, head);
+                    self.start(handler, head, packed);
                     work += 1;
                 }
                 Ok(None) => break,
@@ -224,11 +311,23 @@ impl Ring {
             ));
             return false;
         }
+        let vq = match &mut self.vq {
+            RingQueue::Split(vq) => vq,
+            RingQueue::Packed(vq) => {
+                for (id, written) in self.completed.iter() {
+                    let known = vq.push_used(id, written);
+                    debug_assert!(known, "the handler returned id {id}, not in flight");
+                }
+                vq.publish_used();
+                self.completed.clear();
+                return vq.needs_notification();
+            }
+        };
         let log_lost = match &self.log {
             Some(log) => {
                 // The device's writes are done: marked before the driver can see them done.
                 for &head in self.completed.heads() {
-                    ChainCursor::new(&self.vq, &self.mem, head).mark_writable(&log.log);
+                    ChainCursor::new(vq, &self.mem, head).mark_writable(&log.log);
                 }
                 log.log.poisoned()
             }
@@ -245,19 +344,19 @@ impl Ring {
         if let Some((inflight, _)) = &mut self.inflight {
             inflight.prepare_batch(self.completed.heads());
         }
-        let first_used = self.vq.next_used;
+        let first_used = vq.next_used;
         for (head, written) in self.completed.iter() {
-            self.vq.push_used(head, written);
+            vq.push_used(head, written);
         }
-        self.vq.publish_used();
+        vq.publish_used();
         if let Some(log) = &self.log {
-            self.log_used(log, first_used);
+            log_used(vq, log, first_used);
         }
         if let Some((inflight, _)) = &mut self.inflight {
-            inflight.finish_batch(self.completed.heads(), self.vq.next_used);
+            inflight.finish_batch(self.completed.heads(), vq.next_used);
         }
         self.completed.clear();
-        self.vq.needs_notification()
+        vq.needs_notification()
     }
 
     /// Drops the finished batch unpublished and stops the queue: what it did cannot be
@@ -266,19 +365,6 @@ impl Ring {
         let head = self.completed.heads()[0];
         self.completed.clear();
         self.stop_broken(head, why);
-    }
-
-    /// Marks the used elements from `first` to the next used index, and the index.
-    #[cold]
-    fn log_used(&self, log: &RingLog, first: u16) {
-        let size = self.vq.size();
-        let mut slot = first;
-        while slot != self.vq.next_used {
-            let offset = 4 + 8 * u64::from(slot % size);
-            log.log.mark(log.used_gpa.wrapping_add(offset), 8);
-            slot = slot.wrapping_add(1);
-        }
-        log.log.mark(log.used_gpa.wrapping_add(2), 2);
     }
 
     /// Asks the driver not to kick (we poll), or to kick again (before sleeping), logging the
@@ -294,6 +380,10 @@ impl Ring {
     /// (the driver reads them on the destination).
     pub(crate) fn set_log(&mut self, log: Option<RingLog>) {
         self.log = log;
+        if matches!(self.vq, RingQueue::Packed(_)) && self.log.is_some() {
+            self.stop_unsupported();
+            return;
+        }
         if let Some(log) = &self.log {
             let size = self.vq.size();
             log.log
@@ -310,4 +400,18 @@ impl Ring {
     pub(crate) fn finished(&mut self) -> &mut Finished {
         &mut self.completed
     }
+}
+
+/// Marks the used elements of a split ring from `first` to its next used index, and the
+/// index.
+#[cold]
+fn log_used(vq: &DeviceQueue, log: &RingLog, first: u16) {
+    let size = vq.size();
+    let mut slot = first;
+    while slot != vq.next_used {
+        let offset = 4 + 8 * u64::from(slot % size);
+        log.log.mark(log.used_gpa.wrapping_add(offset), 8);
+        slot = slot.wrapping_add(1);
+    }
+    log.log.mark(log.used_gpa.wrapping_add(2), 2);
 }
