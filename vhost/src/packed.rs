@@ -300,13 +300,11 @@ impl PackedQueue {
     #[inline]
     pub fn descriptor(&self, index: u16) -> PackedDescriptor {
         debug_assert!(index < self.size);
-        // The modulo keeps even a wrong index inside the ring.
-        // SAFETY: inside the descriptor ring, 16-aligned (checked at set-up).
-        unsafe {
-            self.desc
-                .add(usize::from(index % self.size))
-                .read_volatile()
-        }
+        // A wrong index reads descriptor 0 rather than past the ring (a compare, not the
+        // division a modulo by a size that need not be a power of two costs).
+        let index = if index < self.size { index } else { 0 };
+        // SAFETY: index < size: inside the descriptor ring, 16-aligned (checked at set-up).
+        unsafe { self.desc.add(usize::from(index)).read_volatile() }
     }
 
     /// Whether the driver has made a chain available that we have not taken.
