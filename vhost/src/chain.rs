@@ -3,6 +3,7 @@
 //! buffer the caller owns (a device's request, sized by the device's limit), so walking
 //! allocates nothing and stores each buffer once.
 
+use crate::inflight_packed::{InflightPackedQueue, RecoveredChain};
 use crate::memory::GuestMemory;
 use crate::packed::{PackedChain, PackedDescriptor, PackedQueue};
 use crate::virtq::{Descriptor, DeviceQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
@@ -77,6 +78,9 @@ pub struct ChainCursor<'a> {
 enum Layout<'a> {
     Split(&'a DeviceQueue),
     Packed(&'a PackedQueue, PackedChain),
+    /// A packed chain run again after a restart, from the inflight region's copies (the
+    /// ring may hold used descriptors in its place by now).
+    Recovered(&'a InflightPackedQueue, RecoveredChain),
 }
 
 impl<'a> ChainCursor<'a> {
@@ -98,6 +102,20 @@ impl<'a> ChainCursor<'a> {
         }
     }
 
+    /// A packed chain recovered from the inflight region ([`InflightPackedQueue::recover`]);
+    /// its head is its buffer id.
+    pub fn recovered(
+        region: &'a InflightPackedQueue,
+        mem: &'a GuestMemory,
+        chain: RecoveredChain,
+    ) -> Self {
+        Self {
+            layout: Layout::Recovered(region, chain),
+            mem,
+            head: chain.id,
+        }
+    }
+
     /// Its head index (a packed chain's buffer id).
     #[inline]
     pub fn head(&self) -> u16 {
@@ -109,6 +127,9 @@ impl<'a> ChainCursor<'a> {
         match self.layout {
             Layout::Split(queue) => follow(queue, self.mem, self.head, visit),
             Layout::Packed(queue, chain) => follow_packed(queue, self.mem, chain, visit),
+            Layout::Recovered(region, chain) => {
+                follow_packed_descriptors(self.mem, chain.count, region.descriptors(chain), visit)
+            }
         }
     }
 
@@ -348,9 +369,8 @@ fn follow_indirect<V: Visit>(
 }
 
 /// Follows a packed ring's chain: its `count` consecutive ring descriptors (wrapping at the
-/// ring's end), the last of which may be an indirect table, with the shape checks of
-/// [`follow`] that apply to a packed ring (the chain's extent was bounded by the ring when it
-/// was taken).
+/// ring's end), with the checks of [`follow_packed_descriptors`] (the chain's extent was
+/// bounded by the ring when it was taken).
 #[inline(always)]
 fn follow_packed<V: Visit>(
     queue: &PackedQueue,
@@ -359,26 +379,44 @@ fn follow_packed<V: Visit>(
     visit: &mut V,
 ) -> Result<(), ChainError> {
     let size = queue.size();
-    if chain.count == 0 || chain.count > size || chain.start >= size {
+    if chain.count > size || chain.start >= size {
         return Err(ChainError::BadIndex);
     }
     let mut index = chain.start;
-    for n in 1..=chain.count {
-        let d = split_view(queue.descriptor(index));
-        let last = n == chain.count;
+    let descriptors = (0..chain.count).map(|_| {
+        let d = queue.descriptor(index);
+        index = if index + 1 == size { 0 } else { index + 1 };
+        d
+    });
+    follow_packed_descriptors(mem, chain.count, descriptors, visit)
+}
+
+/// Follows a packed chain of `count` descriptors, the last of which may be an indirect
+/// table, with the shape checks of [`follow`] that apply to a packed ring. Fewer
+/// descriptors than `count` (a recovered chain whose links broke) is a bad index.
+#[inline(always)]
+fn follow_packed_descriptors<V: Visit>(
+    mem: &GuestMemory,
+    count: u16,
+    descriptors: impl Iterator<Item = PackedDescriptor>,
+    visit: &mut V,
+) -> Result<(), ChainError> {
+    let mut seen = 0u16;
+    for d in descriptors.take(usize::from(count)) {
+        seen += 1;
+        let d = split_view(d);
         if d.flags & DESC_F_INDIRECT != 0 {
             // An indirect table is a chain's only buffer list from there on: with NEXT (more
             // ring descriptors after it), it is malformed.
-            if d.len < 16 || (V::STRICT && (!last || d.len % 16 != 0)) {
+            if d.len < 16 || (V::STRICT && (seen != count || d.len % 16 != 0)) {
                 return Err(ChainError::BadIndirect);
             }
             return follow_packed_indirect(mem, &d, visit);
         }
         visit.descriptor(mem, &d)?;
-        index += 1;
-        if index == size {
-            index = 0;
-        }
+    }
+    if seen == 0 || seen != count {
+        return Err(ChainError::BadIndex);
     }
     Ok(())
 }

@@ -91,6 +91,25 @@ impl InflightMap {
         // guarantees it is the only writer and that the mapping outlives it.
         Some(unsafe { InflightQueue::new(self.ptr.add(offset), self.queue_size) })
     }
+
+    /// Queue `index`'s region laid out for a packed ring, if the mapping holds it.
+    ///
+    /// # Safety
+    /// As [`InflightMap::queue`].
+    pub unsafe fn packed_queue(
+        &self,
+        index: u16,
+    ) -> Option<crate::inflight_packed::InflightPackedQueue> {
+        let size = crate::inflight_packed::region_size(self.queue_size);
+        let offset = usize::from(index) * size;
+        if offset + size > self.len {
+            return None;
+        }
+        // SAFETY: as in `queue`: inside the mapping, 64-aligned, one writer.
+        Some(unsafe {
+            crate::inflight_packed::InflightPackedQueue::new(self.ptr.add(offset), self.queue_size)
+        })
+    }
 }
 
 /// One queue's inflight region, mapped from the frontend's shared fd.

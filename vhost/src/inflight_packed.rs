@@ -436,6 +436,16 @@ impl InflightPackedQueue {
         out
     }
 
+    /// The recovered chain of buffer `id` (listed by the last [`InflightPackedQueue::recover`]
+    /// and not finished since), its links checked again: the region is the frontend's too.
+    pub fn recovered(&self, id: u16) -> Option<RecoveredChain> {
+        let head = *self.head_of_id.get(usize::from(id))?;
+        if head >= self.desc_num {
+            return None;
+        }
+        self.follow(head).filter(|c| c.id == id)
+    }
+
     /// The chain whose head entry is `head`, if its links hold: `num` entries through
     /// `next`, ending at `last`, with a buffer id in range.
     fn follow(&self, head: u16) -> Option<RecoveredChain> {

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::device::QueueHandler;
 use crate::guest_errors::GuestErrors;
-use crate::inflight::{InflightMap, InflightQueue};
+use crate::inflight::InflightMap;
 use crate::memory::GuestMemory;
-use crate::ring::{Ring, RingLog, RingQueue};
+use crate::ring::{Ring, RingInflight, RingLog, RingQueue};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Everything a poller needs to run one virtqueue.
@@ -28,7 +28,7 @@ pub struct QueueStart {
     /// The ring.
     pub vq: RingQueue,
     /// The queue's inflight region, if tracking is on.
-    pub inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+    pub inflight: Option<(RingInflight, Arc<InflightMap>)>,
     /// The device's handler for this queue.
     pub handler: Box<dyn QueueHandler>,
     /// Call eventfd (interrupts to the guest).
@@ -971,7 +971,7 @@ mod tests {
             index: 0,
             mem: guest.memory(),
             vq: guest.device_queue(true).into(),
-            inflight: Some((region, map.clone())),
+            inflight: Some((region.into(), map.clone())),
             handler: HoldHandler::boxed(Release::Chosen(release.clone())),
             call: None,
             kick: None,
@@ -998,6 +998,96 @@ mod tests {
         let recovery = successor.recover(used_idx);
         assert!(!recovery.fresh);
         assert_eq!(recovery.resubmit, vec![heads[0], heads[2]]);
+    }
+
+    #[test]
+    fn a_packed_queue_that_dies_mid_flight_runs_its_unfinished_chains_again_from_the_region() {
+        use crate::chain::ChainCursor;
+        use crate::inflight_packed::{region_size, InflightPackedQueue};
+        use crate::packed::tests::{buf, guest, BUFS};
+        use crate::packed::{PackedQueue, Position};
+        let size = 8u16;
+        let mut g = guest(size, false);
+        let bytes = region_size(size) as u64;
+        let file = crate::memory::memfd("inflight-packed-test", bytes).unwrap();
+        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        // A queue of the region: one at a time (the previous one is dropped first), and
+        // `map` outlives it.
+        let open = || {
+            // SAFETY: as said above.
+            unsafe { map.packed_queue(0) }.unwrap()
+        };
+        // The ring runs with the region it was recovered from.
+        let start = |vq: PackedQueue, region: InflightPackedQueue, resubmit: Vec<u16>, release| {
+            QueueRuntime::new(QueueStart {
+                owner: 0,
+                index: 0,
+                mem: g.mem.clone(),
+                vq: vq.into(),
+                inflight: Some((region.into(), map.clone())),
+                handler: HoldHandler::boxed(Release::Chosen(release)),
+                call: None,
+                kick: None,
+                errors: Arc::new(GuestErrors::new("test")),
+                resubmit,
+                log: None,
+            })
+        };
+        let dev = g.device_queue(false);
+        let mut region = open();
+        assert!(region.recover(&dev, dev.next_used()).fresh);
+        let release = Arc::new(Mutex::new(Vec::new()));
+        let mut q = start(dev, region, Vec::new(), release.clone());
+        let (hdr, status) = (buf(BUFS, 16, false), buf(BUFS + 16, 1, true));
+        let a = g.drv.add(&[hdr, status]).unwrap();
+        let b = g.drv.add(&[status]).unwrap();
+        let c = g
+            .drv
+            .add(&[hdr, buf(BUFS + 64, 512, true), status])
+            .unwrap();
+        assert_eq!(q.process(true), 3);
+        // c and b finish, their used descriptors written over a's (ring slots 0 and 3);
+        // another chain takes a freed slot; the process dies before a and d finish.
+        release.lock().unwrap().extend([c, b]);
+        q.process(true);
+        assert_eq!(g.drv.pop_used().unwrap(), Some((c, 1)));
+        assert_eq!(g.drv.pop_used().unwrap(), Some((b, 1)));
+        let d = g.drv.add(&[status]).unwrap();
+        q.process(true);
+        drop(q);
+
+        // The successor finds a and d, oldest first, with a's descriptors as they were.
+        let mut dev = g.device_queue(false);
+        let mut region = open();
+        let recovery = region.recover(&dev, Position::START);
+        let ids: Vec<u16> = recovery.resubmit.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![a, d]);
+        let mut segments = [crate::chain::Segment::default(); 4];
+        let n = ChainCursor::recovered(&region, &g.mem, recovery.resubmit[0])
+            .walk_into(&mut segments)
+            .unwrap();
+        let shape: Vec<(u64, u32, bool)> = segments[..n]
+            .iter()
+            .map(|s| (s.gpa, s.len, s.write))
+            .collect();
+        assert_eq!(shape, vec![(BUFS, 16, false), (BUFS + 16, 1, true)]);
+        // The ring resumes where the region says it was used to, after what was taken.
+        let used = recovery.used.unwrap();
+        let base = u32::from(g.drv.next_avail().to_event()) | u32::from(used.to_event()) << 16;
+        dev.set_base(base).unwrap();
+        let release = Arc::new(Mutex::new(Vec::new()));
+        let mut q = start(dev, region, ids, release.clone());
+        assert_eq!(q.process(true), 2, "both run again");
+        assert!(!q.ring.broken);
+        release.lock().unwrap().extend([d, a]);
+        q.process(true);
+        assert_eq!(g.drv.pop_used().unwrap(), Some((d, 1)));
+        assert_eq!(g.drv.pop_used().unwrap(), Some((a, 1)));
+        assert_eq!(g.drv.free_slots(), size);
+        drop(q);
+        // Nothing is left for a third process.
+        let dev = g.device_queue(false);
+        assert!(open().recover(&dev, Position::START).resubmit.is_empty());
     }
 
     /// An eventfd as the frontend's end (a File, as the protocol hands it over) and ours.

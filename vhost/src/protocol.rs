@@ -320,7 +320,7 @@ impl Connection {
                 } else {
                     vq.next_avail = v.base;
                 }
-                (Some((q, map)), rec.resubmit)
+                (Some((q.into(), map)), rec.resubmit)
             }
             Some(map) => {
                 return Err(bad_param(crate::Error::InflightQueueSize {

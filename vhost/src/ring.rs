@@ -11,6 +11,7 @@ use crate::device::{Finished, RequestHandler, Taken};
 use crate::dirty_log::DirtyLog;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
+use crate::inflight_packed::InflightPackedQueue;
 use crate::memory::GuestMemory;
 use crate::packed::{PackedChain, PackedQueue};
 use crate::virtq::DeviceQueue;
@@ -20,9 +21,29 @@ use crate::virtq::DeviceQueue;
 pub enum RingQueue {
     /// A split ring.
     Split(DeviceQueue),
-    /// A packed ring (no inflight tracking nor dirty logging yet: a ring asked for either
-    /// stops; VIRTIO_F_RING_PACKED is not offered to frontends).
+    /// A packed ring (no dirty logging yet: a ring asked for it stops; VIRTIO_F_RING_PACKED
+    /// is not offered to frontends).
     Packed(PackedQueue),
+}
+
+/// A ring's inflight region, in its layout's format.
+pub enum RingInflight {
+    /// libvhost-user's split layout.
+    Split(InflightQueue),
+    /// The spec's packed layout.
+    Packed(InflightPackedQueue),
+}
+
+impl From<InflightQueue> for RingInflight {
+    fn from(q: InflightQueue) -> Self {
+        Self::Split(q)
+    }
+}
+
+impl From<InflightPackedQueue> for RingInflight {
+    fn from(q: InflightPackedQueue) -> Self {
+        Self::Packed(q)
+    }
 }
 
 impl From<DeviceQueue> for RingQueue {
@@ -90,7 +111,7 @@ pub struct Ring {
     /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
     pub(crate) mem: Arc<GuestMemory>,
     pub(crate) vq: RingQueue,
-    pub(crate) inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+    pub(crate) inflight: Option<(RingInflight, Arc<InflightMap>)>,
     pub(crate) errors: Arc<GuestErrors>,
     /// Heads to run again before any new one, popped from the end (oldest first).
     pub(crate) resubmit: Vec<u16>,
@@ -113,14 +134,13 @@ impl Ring {
         index: u16,
         mem: Arc<GuestMemory>,
         vq: RingQueue,
-        inflight: Option<(InflightQueue, Arc<InflightMap>)>,
+        inflight: Option<(RingInflight, Arc<InflightMap>)>,
         errors: Arc<GuestErrors>,
         mut resubmit: Vec<u16>,
         log: Option<RingLog>,
     ) -> Self {
         let size = usize::from(vq.size());
         resubmit.reverse(); // popped from the end: oldest first
-        let packed = matches!(vq, RingQueue::Packed(_));
         let mut ring = Self {
             index,
             mem,
@@ -132,19 +152,35 @@ impl Ring {
             broken: false,
             log,
         };
-        if packed && (ring.inflight.is_some() || !ring.resubmit.is_empty() || ring.log.is_some()) {
+        let fits = match (&mut ring.vq, &ring.inflight) {
+            (RingQueue::Split(_), None | Some((RingInflight::Split(_), _))) => true,
+            (RingQueue::Packed(_), _) if ring.log.is_some() => false,
+            (RingQueue::Packed(_), None) => ring.resubmit.is_empty(),
+            // Chains run again are in flight: the ring must know how far each goes.
+            (RingQueue::Packed(vq), Some((RingInflight::Packed(region), _))) => {
+                ring.resubmit.iter().all(|&id| {
+                    region
+                        .recovered(id)
+                        .is_some_and(|chain| vq.adopt(id, chain.count))
+                })
+            }
+            (_, Some(_)) => false,
+        };
+        if !fits {
             ring.stop_unsupported();
         }
         ring
     }
 
-    /// A packed ring asked for what it cannot do yet (the features that need it are not
-    /// offered, so only a bug gets here): stopped rather than run without it.
+    /// A ring whose parts do not fit together (an inflight region of the other layout,
+    /// resubmissions the region does not hold, a packed ring asked to log dirty pages,
+    /// which it cannot yet): stopped rather than run without them. Only a bug gets here:
+    /// VIRTIO_F_RING_PACKED is not offered.
     #[cold]
     fn stop_unsupported(&mut self) {
         self.stop_broken(
             0,
-            format_args!("a packed ring cannot yet track inflight requests or log dirty pages"),
+            format_args!("the ring's layout, inflight region and dirty log do not fit together"),
         );
     }
 
@@ -161,11 +197,22 @@ impl Ring {
         head: u16,
         packed: Option<PackedChain>,
     ) {
-        let chain = match (&self.vq, packed) {
-            (RingQueue::Split(q), _) => ChainCursor::new(q, &self.mem, head),
-            (RingQueue::Packed(q), Some(c)) => ChainCursor::packed(q, &self.mem, c),
-            // Resubmissions need the inflight region's copies (refused at set-up).
-            (RingQueue::Packed(_), None) => return self.stop_unsupported(),
+        let chain = match (&self.vq, packed, &self.inflight) {
+            (RingQueue::Split(q), _, _) => ChainCursor::new(q, &self.mem, head),
+            (RingQueue::Packed(q), Some(c), _) => ChainCursor::packed(q, &self.mem, c),
+            // Run again: from the inflight region's copies.
+            (RingQueue::Packed(_), None, Some((RingInflight::Packed(region), _))) => {
+                match region.recovered(head) {
+                    Some(c) => ChainCursor::recovered(region, &self.mem, c),
+                    None => {
+                        return self.stop_broken(
+                            head,
+                            format_args!("the inflight region no longer holds its chain"),
+                        )
+                    }
+                }
+            }
+            (RingQueue::Packed(_), None, _) => return self.stop_unsupported(),
         };
         match handler.take(chain) {
             Taken::Done(written) => self.complete(head, written),
@@ -244,8 +291,27 @@ impl Ring {
             };
             match popped {
                 Ok(Some((head, packed))) => {
-                    if let Some((inflight, _)) = &mut self.inflight {
-                        inflight.begin(head);
+                    let recorded = match (&mut self.inflight, &self.vq, packed) {
+                        (Some((RingInflight::Split(region), _)), _, _) => {
+                            region.begin(head);
+                            true
+                        }
+                        (
+                            Some((RingInflight::Packed(region), _)),
+                            RingQueue::Packed(q),
+                            Some(c),
+                        ) => region.begin(q, c),
+                        _ => true,
+                    };
+                    if !recorded {
+                        // The frontend broke the region's free list: the chain runs, but a
+                        // restart would not find it.
+                        self.errors.report(
+                            self.index,
+                            format_args!(
+                                "buffer {head}: the inflight region's free list is broken; not recorded"
+                            ),
+                        );
                     }
                     self.start(handler, head, packed);
                     work += 1;
@@ -318,7 +384,15 @@ impl Ring {
                     let known = vq.push_used(id, written);
                     debug_assert!(known, "the handler returned id {id}, not in flight");
                 }
+                // The spec's order: the region takes the entries back and records the used
+                // position, the batch is published (its first flags), then committed.
+                if let Some((RingInflight::Packed(region), _)) = &mut self.inflight {
+                    region.prepare_batch(self.completed.heads(), vq.next_used());
+                }
                 vq.publish_used();
+                if let Some((RingInflight::Packed(region), _)) = &mut self.inflight {
+                    region.finish_batch(self.completed.heads());
+                }
                 self.completed.clear();
                 return vq.needs_notification();
             }
@@ -341,7 +415,7 @@ impl Ring {
             ));
             return false;
         }
-        if let Some((inflight, _)) = &mut self.inflight {
+        if let Some((RingInflight::Split(inflight), _)) = &mut self.inflight {
             inflight.prepare_batch(self.completed.heads());
         }
         let first_used = vq.next_used;
@@ -352,7 +426,7 @@ impl Ring {
         if let Some(log) = &self.log {
             log_used(vq, log, first_used);
         }
-        if let Some((inflight, _)) = &mut self.inflight {
+        if let Some((RingInflight::Split(inflight), _)) = &mut self.inflight {
             inflight.finish_batch(self.completed.heads(), vq.next_used);
         }
         self.completed.clear();
