@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vfblk_vhost::chain::ChainCursor;
+use vfblk_vhost::chain::{ChainCursor, ChainSource};
 use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
@@ -469,7 +469,7 @@ impl RequestHandler for BlkQueue {
     }
 
     #[inline]
-    fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
+    fn take<S: ChainSource>(&mut self, chain: ChainCursor<'_, S>) -> Taken {
         if let Some((shape, seen)) = &self.shape {
             if shape.generation() != *seen {
                 self.follow_shape();

@@ -1,7 +1,7 @@
 //! virtio-blk requests (virtio 1.2 §5.2.6): the header, the data buffers and the status byte
 //! of a walked chain, checked against the device's limits before anything reaches a backend.
 
-use vfblk_vhost::chain::{ChainCursor, ChainError, Segment};
+use vfblk_vhost::chain::{ChainCursor, ChainError, ChainSource, Segment};
 
 /// Most buffers a request's chain may have: seg_max data buffers plus header and status,
 /// with room for a header or status split over descriptors. The device's limit: the walker
@@ -86,7 +86,7 @@ impl Request {
 
     /// Walks `chain` into this request's buffers: how many it has.
     #[inline]
-    pub fn walk(&mut self, chain: ChainCursor<'_>) -> Result<usize, ChainError> {
+    pub fn walk<S: ChainSource>(&mut self, chain: ChainCursor<'_, S>) -> Result<usize, ChainError> {
         chain.walk_into(&mut self.buffers)
     }
 
@@ -182,7 +182,9 @@ pub fn parse(count: usize, limits: &Limits, id: &[u8; ID_BYTES], request: &mut R
 /// device-readable first buffer, the status byte alone in the last, data buffers between,
 /// a read or a write. `None` for anything else, which [`parse_any`] judges. Both give the
 /// same verdict and request for every chain (a test compares them on many thousands).
-#[inline]
+/// Always inlined: it is most of a request's parse, and the handler's `take`, generic over
+/// the ring's layout, no longer pulls it in by itself.
+#[inline(always)]
 fn parse_read_or_write(count: usize, limits: &Limits, request: &mut Request) -> Option<Verdict> {
     let [header, body @ .., last] = &request.buffers[..count] else {
         return None;

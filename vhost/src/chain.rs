@@ -65,43 +65,115 @@ impl std::fmt::Display for ChainError {
 /// A chain the ring offers a device, not walked yet: the device walks it into a buffer of
 /// its own ([`ChainCursor::walk_into`]), whose length is the device's limit on buffers per
 /// request, so each buffer is checked and stored once, where the device keeps it. Split and
-/// packed rings differ only in how the chain's descriptors are found; every descriptor is
-/// checked by the same visitors.
+/// packed rings differ only in where the chain's descriptors are (`S`, a [`ChainSource`]);
+/// every descriptor is checked by the same visitors. Generic rather than an enum, so that
+/// each layout's walk is compiled on its own: nothing is matched per request or per
+/// descriptor, and a split ring's walk is the one it had before packed rings.
 #[derive(Clone, Copy)]
-pub struct ChainCursor<'a> {
-    layout: Layout<'a>,
+pub struct ChainCursor<'a, S = Split<'a>> {
+    source: S,
     mem: &'a GuestMemory,
     head: u16,
 }
 
-#[derive(Clone, Copy)]
-enum Layout<'a> {
-    Split(&'a DeviceQueue),
-    Packed(&'a PackedQueue, PackedChain),
-    /// A packed chain run again after a restart, from the inflight region's copies (the
-    /// ring may hold used descriptors in its place by now).
-    Recovered(&'a InflightPackedQueue, RecoveredChain),
+/// Where a chain's descriptors are: a split ring's table ([`Split`]), a packed ring
+/// ([`Packed`]), or the inflight region's copies of a packed chain ([`Recovered`]). Sealed:
+/// the walker's checks are these three.
+pub trait ChainSource: Copy + sealed::Follow {}
+
+mod sealed {
+    use super::{ChainError, Descriptor, GuestMemory};
+
+    /// What a walk does with each descriptor it reaches; a [`Follow`] checks the chain's
+    /// shape.
+    pub trait Visit {
+        /// Whether an indirect descriptor must be exactly as the spec says (no NEXT beside
+        /// it, a whole number of entries). A walk that only looks for the last byte to
+        /// answer at accepts a sloppy one, so that such a chain is still answered rather
+        /// than stopping the queue.
+        const STRICT: bool;
+        fn descriptor(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError>;
+    }
+
+    /// Follows a chain from its head, handing each descriptor to a visitor.
+    pub trait Follow {
+        fn follow<V: Visit>(
+            &self,
+            mem: &GuestMemory,
+            head: u16,
+            visit: &mut V,
+        ) -> Result<(), ChainError>;
+    }
 }
 
-impl<'a> ChainCursor<'a> {
+use sealed::{Follow, Visit};
+
+/// A split ring's chain: through its descriptor table from the head.
+#[derive(Clone, Copy)]
+pub struct Split<'a>(&'a DeviceQueue);
+
+/// A chain taken from a packed ring: its consecutive ring descriptors.
+#[derive(Clone, Copy)]
+pub struct Packed<'a>(&'a PackedQueue, PackedChain);
+
+/// A packed chain run again after a restart, from the inflight region's copies (the ring
+/// may hold used descriptors in its place by now).
+#[derive(Clone, Copy)]
+pub struct Recovered<'a>(&'a InflightPackedQueue, RecoveredChain);
+
+impl ChainSource for Split<'_> {}
+impl ChainSource for Packed<'_> {}
+impl ChainSource for Recovered<'_> {}
+
+impl Follow for Split<'_> {
+    #[inline(always)]
+    fn follow<V: Visit>(
+        &self,
+        mem: &GuestMemory,
+        head: u16,
+        visit: &mut V,
+    ) -> Result<(), ChainError> {
+        follow(self.0, mem, head, visit)
+    }
+}
+
+impl Follow for Packed<'_> {
+    #[inline(always)]
+    fn follow<V: Visit>(&self, mem: &GuestMemory, _: u16, visit: &mut V) -> Result<(), ChainError> {
+        follow_packed(self.0, mem, self.1, visit)
+    }
+}
+
+impl Follow for Recovered<'_> {
+    #[inline(always)]
+    fn follow<V: Visit>(&self, mem: &GuestMemory, _: u16, visit: &mut V) -> Result<(), ChainError> {
+        follow_packed_descriptors(mem, self.1.count, self.0.descriptors(self.1), visit)
+    }
+}
+
+impl<'a> ChainCursor<'a, Split<'a>> {
     /// The chain at `head` (already checked to be < queue size) of `queue`.
     pub fn new(queue: &'a DeviceQueue, mem: &'a GuestMemory, head: u16) -> Self {
         Self {
-            layout: Layout::Split(queue),
+            source: Split(queue),
             mem,
             head,
         }
     }
+}
 
+impl<'a> ChainCursor<'a, Packed<'a>> {
     /// A chain taken from a packed ring ([`PackedQueue::pop`]); its head is its buffer id.
     pub fn packed(queue: &'a PackedQueue, mem: &'a GuestMemory, chain: PackedChain) -> Self {
         Self {
-            layout: Layout::Packed(queue, chain),
+            source: Packed(queue, chain),
             mem,
             head: chain.id,
         }
     }
+}
 
+impl<'a> ChainCursor<'a, Recovered<'a>> {
     /// A packed chain recovered from the inflight region ([`InflightPackedQueue::recover`]);
     /// its head is its buffer id.
     pub fn recovered(
@@ -110,12 +182,14 @@ impl<'a> ChainCursor<'a> {
         chain: RecoveredChain,
     ) -> Self {
         Self {
-            layout: Layout::Recovered(region, chain),
+            source: Recovered(region, chain),
             mem,
             head: chain.id,
         }
     }
+}
 
+impl<S: ChainSource> ChainCursor<'_, S> {
     /// Its head index (a packed chain's buffer id).
     #[inline]
     pub fn head(&self) -> u16 {
@@ -124,13 +198,7 @@ impl<'a> ChainCursor<'a> {
 
     #[inline(always)]
     fn follow<V: Visit>(&self, visit: &mut V) -> Result<(), ChainError> {
-        match self.layout {
-            Layout::Split(queue) => follow(queue, self.mem, self.head, visit),
-            Layout::Packed(queue, chain) => follow_packed(queue, self.mem, chain, visit),
-            Layout::Recovered(region, chain) => {
-                follow_packed_descriptors(self.mem, chain.count, region.descriptors(chain), visit)
-            }
-        }
+        self.source.follow(self.mem, self.head, visit)
     }
 
     /// Walks the chain, trusting nothing (indexes, loops, indirect tables, direction order,
@@ -149,6 +217,7 @@ impl<'a> ChainCursor<'a> {
     /// Marks in `log` every device-writable buffer of the chain, with the walk's checks
     /// (a migration's dirty log, after the device wrote them). For a chain too malformed to
     /// walk, the byte a device answers at ([`ChainCursor::last_byte`]).
+    #[inline(never)]
     pub fn mark_writable(&self, log: &crate::dirty_log::DirtyLog) {
         let mut buffers = Buffers {
             sink: MarkWritable(log),
@@ -161,22 +230,14 @@ impl<'a> ChainCursor<'a> {
         }
     }
 
-    /// After a failed walk: where a device answers (see [`last_byte`]).
+    /// After a failed walk: where a device answers (see [`last_byte`]). Kept out of the
+    /// request path's code: only a refusal needs it.
+    #[inline(never)]
     pub fn last_byte(&self) -> Option<Segment> {
         let mut last = LastDescriptor::default();
         self.follow(&mut last).ok()?;
         last.byte(self.mem)
     }
-}
-
-/// What a walk does with each descriptor it reaches; [`follow`] checks the chain's shape.
-trait Visit {
-    /// Whether an indirect descriptor must be exactly as the spec says (no NEXT beside it, a
-    /// whole number of entries). A walk that only looks for the last byte to answer at
-    /// accepts a sloppy one, so that such a chain is still answered rather than stopping
-    /// the queue.
-    const STRICT: bool;
-    fn descriptor(&mut self, mem: &GuestMemory, d: &Descriptor) -> Result<(), ChainError>;
 }
 
 /// Where a walk puts the buffers it checked.
@@ -331,6 +392,9 @@ fn follow<V: Visit>(
     }
 }
 
+/// Inlined into its one caller: out of line, the walk's state would live in memory for
+/// every descriptor of every chain.
+#[inline(always)]
 fn follow_indirect<V: Visit>(
     mem: &GuestMemory,
     table: &Descriptor,

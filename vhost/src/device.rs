@@ -5,10 +5,12 @@
 
 use std::sync::Arc;
 
-use crate::chain::{ChainCursor, ChainError};
+use crate::chain::{ChainCursor, ChainError, ChainSource};
 use crate::guest_errors::GuestErrors;
 use crate::memory::GuestMemory;
+use crate::packed::PackedQueue;
 use crate::ring::Ring;
+use crate::virtq::DeviceQueue;
 
 /// A virtio device type served over vhost-user.
 pub trait Device: Send + Sync {
@@ -89,8 +91,9 @@ pub trait RequestHandler: Send {
     /// Handles the chain `chain` points at: walks it into the device's own buffer (the
     /// device's limit on buffers is that buffer's length), then acts on it; its buffers stay
     /// valid until the head is returned. [`Taken::Pending`] chains come back through
-    /// [`RequestHandler::poll`].
-    fn take(&mut self, chain: ChainCursor<'_>) -> Taken;
+    /// [`RequestHandler::poll`]. Generic over where the chain's descriptors are (the ring's
+    /// layout), so each layout's walk is compiled into the handler on its own.
+    fn take<S: ChainSource>(&mut self, chain: ChainCursor<'_, S>) -> Taken;
     /// Answers a chain that could not be walked, at the last byte of its last buffer if the
     /// walk could find one ([`crate::chain::last_byte`]): `Some(bytes written)`, or `None`
     /// when the device cannot answer there (the queue then stops).
@@ -104,12 +107,15 @@ pub trait RequestHandler: Send {
     fn in_flight(&self) -> usize;
 }
 
-/// A virtqueue's handler as its poller holds it: one dynamic call per queue per loop, the
-/// requests within it statically dispatched. Implemented for every [`RequestHandler`].
+/// A virtqueue's handler as its poller holds it: one dynamic call per queue per loop (the
+/// poller picks the one for the ring's layout), the requests within it statically
+/// dispatched. Implemented for every [`RequestHandler`].
 pub trait QueueHandler: Send {
-    /// One round on `ring`: what it offers is taken (when `take_new`) and what finished is
-    /// added to it. Returns the work done.
-    fn run(&mut self, ring: &mut Ring, take_new: bool) -> usize;
+    /// One round on a split `ring`: what it offers is taken (when `take_new`) and what
+    /// finished is added to it. Returns the work done.
+    fn run_split(&mut self, ring: &mut Ring<DeviceQueue>, take_new: bool) -> usize;
+    /// [`QueueHandler::run_split`] for a packed ring.
+    fn run_packed(&mut self, ring: &mut Ring<PackedQueue>, take_new: bool) -> usize;
     /// Chains started and not yet reported.
     fn in_flight(&self) -> usize;
     /// The connection is gone: what was started is pushed out and what finished is added to
@@ -118,7 +124,11 @@ pub trait QueueHandler: Send {
 }
 
 impl<H: RequestHandler> QueueHandler for H {
-    fn run(&mut self, ring: &mut Ring, take_new: bool) -> usize {
+    fn run_split(&mut self, ring: &mut Ring<DeviceQueue>, take_new: bool) -> usize {
+        ring.run(self, take_new)
+    }
+
+    fn run_packed(&mut self, ring: &mut Ring<PackedQueue>, take_new: bool) -> usize {
         ring.run(self, take_new)
     }
 

@@ -14,7 +14,7 @@ use crate::device::QueueHandler;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::InflightMap;
 use crate::memory::GuestMemory;
-use crate::ring::{Ring, RingInflight, RingLog, RingQueue};
+use crate::ring::{QueueRing, RingInflight, RingLog, RingQueue};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Everything a poller needs to run one virtqueue.
@@ -539,7 +539,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
 fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
     for q in queues.iter_mut() {
         q.ring.set_kicks(true);
-        q.ring.errors.flush();
+        q.ring.errors().flush();
     }
     let busy = queues
         .iter()
@@ -569,8 +569,8 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
                 let Some(k) = &q.kick else { continue };
                 let alive = drain_kick(k, revents.next().unwrap_or(0));
                 if !alive {
-                    q.ring.errors.report(
-                        q.ring.index,
+                    q.ring.errors().report(
+                        q.ring.index(),
                         format_args!("kick fd hung up or invalid; polling the ring instead"),
                     );
                     q.kick = None;
@@ -586,7 +586,7 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
 /// A queue as its poller runs it: the ring, the device's handler, and the eventfds.
 struct QueueRuntime {
     owner: u64,
-    ring: Ring,
+    ring: QueueRing,
     handler: Box<dyn QueueHandler>,
     call: Option<CallFd>,
     kick: Option<File>,
@@ -596,7 +596,7 @@ impl QueueRuntime {
     fn new(q: QueueStart) -> Self {
         let mut runtime = Self {
             owner: q.owner,
-            ring: Ring::new(
+            ring: QueueRing::new(
                 q.index, q.mem, q.vq, q.inflight, q.errors, q.resubmit, q.log,
             ),
             handler: q.handler,
@@ -613,14 +613,14 @@ impl QueueRuntime {
     }
 
     fn index(&self) -> u16 {
-        self.ring.index
+        self.ring.index()
     }
 
     /// One round: resubmissions, new chains, completions (one dynamic call into the
     /// device), then publication. Returns work done.
     fn process(&mut self, take_new: bool) -> usize {
-        let work = self.handler.run(&mut self.ring, take_new);
-        if self.ring.publish() {
+        let (work, notify) = self.ring.round(&mut *self.handler, take_new);
+        if notify {
             self.signal();
         }
         work
@@ -646,11 +646,11 @@ impl QueueRuntime {
             }
             std::thread::yield_now();
         }
-        self.ring.errors.flush();
+        self.ring.errors().flush();
         QueueStopped {
-            index: self.ring.index,
-            next_avail: self.ring.vq.base() as u16,
-            base: self.ring.vq.base(),
+            index: self.ring.index(),
+            next_avail: self.ring.base() as u16,
+            base: self.ring.base(),
             abandoned: self.handler.in_flight(),
         }
     }
@@ -659,7 +659,7 @@ impl QueueRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::{ChainCursor, Segment};
+    use crate::chain::{ChainCursor, ChainSource, Segment};
     use crate::device::{Finished, RequestHandler, Taken};
     use crate::mock::MockGuest;
     use std::os::fd::{FromRawFd, IntoRawFd};
@@ -692,7 +692,7 @@ mod tests {
         fn can_take(&self) -> bool {
             true
         }
-        fn take(&mut self, chain: ChainCursor<'_>) -> Taken {
+        fn take<S: ChainSource>(&mut self, chain: ChainCursor<'_, S>) -> Taken {
             let mut buffers = [Segment::default(); 8];
             if let Err(e) = chain.walk_into(&mut buffers) {
                 return Taken::Unwalkable(e);
@@ -872,7 +872,7 @@ mod tests {
         guest.add_chain(&[(buf, 16, false), (buf + 16, 1, true)]);
         q.process(true);
         assert_eq!(guest.pop_used(), None, "reported done with its marks lost");
-        assert!(q.ring.broken, "the queue stops");
+        assert!(q.ring.broken(), "the queue stops");
     }
 
     #[test]
@@ -903,7 +903,7 @@ mod tests {
         use crate::virtq::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
         let mut guest = MockGuest::new(1 << 20, 16);
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
-        let errors = q.ring.errors.clone();
+        let errors = q.ring.errors().clone();
         let (hdr, st) = (guest.alloc(16), guest.alloc(1));
         // A data buffer outside guest memory; the status byte is in place.
         guest.add_raw(
@@ -938,7 +938,7 @@ mod tests {
         // A descriptor whose next index is outside the table: no end, no status.
         guest.add_raw(&[(0, Descriptor::new(0x8000, 16, DESC_F_NEXT, 99))], 0);
         q.process(true);
-        assert!(q.ring.broken);
+        assert!(q.ring.broken());
         assert_eq!(guest.pop_used_raw(), None, "nothing returned as if done");
         let hdr = guest.alloc(16);
         guest.add_chain(&[(hdr, 16, false)]);
@@ -951,7 +951,7 @@ mod tests {
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
         guest.set_avail_idx(100);
         q.process(true);
-        assert!(q.ring.broken);
+        assert!(q.ring.broken());
         assert_eq!(q.process(true), 0, "a broken queue takes nothing more");
     }
 
@@ -1078,7 +1078,7 @@ mod tests {
         let release = Arc::new(Mutex::new(Vec::new()));
         let mut q = start(dev, region, ids, release.clone());
         assert_eq!(q.process(true), 2, "both run again");
-        assert!(!q.ring.broken);
+        assert!(!q.ring.broken());
         release.lock().unwrap().extend([d, a]);
         q.process(true);
         assert_eq!(g.drv.pop_used().unwrap(), Some((d, 1)));
@@ -1193,7 +1193,7 @@ mod tests {
             }
         }
         // 20 descriptors: five laps, both wrap counters flipped to 0, indexes back at 0.
-        assert_eq!(q.ring.vq.base(), 0);
+        assert_eq!(q.ring.base(), 0);
         // A buffer id outside the ring: the queue stops and takes nothing more.
         g.drv.add_raw(&[PackedDescriptor::new(
             BUFS,
@@ -1202,10 +1202,43 @@ mod tests {
             crate::virtq::DESC_F_WRITE,
         )]);
         q.process(true);
-        assert!(q.ring.broken);
+        assert!(q.ring.broken());
         g.drv.add(&[status]).unwrap();
         assert_eq!(q.process(true), 0);
         assert_eq!(g.drv.pop_used().unwrap(), None);
+    }
+
+    #[test]
+    fn a_split_ring_given_a_packed_inflight_region_starts_stopped_and_takes_nothing() {
+        use crate::inflight_packed::region_size;
+        let size = 8u16;
+        let bytes = region_size(size) as u64;
+        let file = crate::memory::memfd("inflight-mismatch-test", bytes).unwrap();
+        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        // SAFETY: `map` outlives the region's queue (the runtime holds both).
+        let region = unsafe { map.packed_queue(0) }.unwrap();
+        let mut guest = MockGuest::new(1 << 20, size);
+        let mut q = QueueRuntime::new(QueueStart {
+            owner: 0,
+            index: 0,
+            mem: guest.memory(),
+            vq: guest.device_queue(false).into(),
+            inflight: Some((region.into(), map.clone())),
+            handler: HoldHandler::boxed(Release::Burst(1)),
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: vec![0],
+            log: None,
+        });
+        assert!(q.ring.broken());
+        let (hdr, status) = (guest.alloc(16), guest.alloc(1));
+        guest.add_chain(&[(hdr, 16, false), (status, 1, true)]);
+        assert_eq!(
+            q.process(true),
+            0,
+            "neither the resubmission nor the new chain runs"
+        );
     }
 
     #[test]
@@ -1214,9 +1247,9 @@ mod tests {
         let log_file = crate::memory::memfd("log-test", 4096).unwrap();
         let log = Arc::new(crate::dirty_log::DirtyLog::map(log_file, 0, 4096, true).unwrap());
         let mut q = runtime_packed(&g, HoldHandler::boxed(Release::Burst(1)));
-        assert!(!q.ring.broken);
+        assert!(!q.ring.broken());
         q.ring.set_log(Some(RingLog { log, used_gpa: 0 }));
-        assert!(q.ring.broken);
+        assert!(q.ring.broken());
     }
 
     fn runtime_packed(

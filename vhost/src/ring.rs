@@ -1,13 +1,15 @@
 //! One virtqueue's ring as its poller drives it: chains taken from the avail ring (requests
 //! to run again first), walked and checked, recorded in the inflight region, handed to the
 //! device's [`RequestHandler`], and their completions published to the used ring. The round
-//! is generic over the handler, so a device's per-request calls are direct (inlined) calls;
-//! the poller makes one dynamic call per queue per loop ([`crate::device::QueueHandler::run`]).
+//! is generic over the handler and over the ring's layout ([`Layout`]: split or packed), so
+//! a device's per-request calls are direct (inlined) calls and nothing is matched on the
+//! layout per request; the poller makes one dynamic call per queue per loop, picked by one
+//! match on the layout (`QueueRing::round`).
 
 use std::sync::Arc;
 
-use crate::chain::ChainCursor;
-use crate::device::{Finished, RequestHandler, Taken};
+use crate::chain::{ChainCursor, ChainSource};
+use crate::device::{Finished, QueueHandler, RequestHandler, Taken};
 use crate::dirty_log::DirtyLog;
 use crate::guest_errors::GuestErrors;
 use crate::inflight::{InflightMap, InflightQueue};
@@ -16,13 +18,12 @@ use crate::memory::GuestMemory;
 use crate::packed::{PackedChain, PackedQueue};
 use crate::virtq::DeviceQueue;
 
-/// A ring's layout: split (virtio 1.1 §2.6) or packed (§2.7). One match per call; the
-/// request path of each stays as it was.
+/// A ring's layout as the protocol hands it to a poller: split (virtio 1.1 §2.6) or packed
+/// (§2.7).
 pub enum RingQueue {
     /// A split ring.
     Split(DeviceQueue),
-    /// A packed ring (no dirty logging yet: a ring asked for it stops; VIRTIO_F_RING_PACKED
-    /// is not offered to frontends).
+    /// A packed ring (no dirty logging yet: a ring asked for it stops).
     Packed(PackedQueue),
 }
 
@@ -59,38 +60,57 @@ impl From<PackedQueue> for RingQueue {
 }
 
 impl RingQueue {
-    /// Queue size.
-    pub fn size(&self) -> u16 {
-        match self {
-            Self::Split(q) => q.size(),
-            Self::Packed(q) => q.size(),
-        }
-    }
-
-    /// Whether the driver offers a chain not taken yet.
-    #[inline]
-    pub fn has_avail(&self) -> bool {
-        match self {
-            Self::Split(q) => q.has_avail(),
-            Self::Packed(q) => q.has_avail(),
-        }
-    }
-
     /// What GET_VRING_BASE returns: the next avail index of a split ring, both positions
     /// and wrap counters of a packed one ([`PackedQueue::base`]).
     pub fn base(&self) -> u32 {
         match self {
-            Self::Split(q) => u32::from(q.next_avail),
+            Self::Split(q) => q.base(),
             Self::Packed(q) => q.base(),
         }
     }
+}
 
-    fn set_kicks(&mut self, wanted: bool) -> u64 {
-        match self {
-            Self::Split(q) => q.set_kicks(wanted),
-            Self::Packed(q) => q.set_kicks(wanted),
-        }
-    }
+/// A ring layout's queue, as [`Ring`] runs it: one implementation per layout, each compiled
+/// into its own round.
+pub trait Layout: Sized + Send + 'static {
+    /// The inflight region's queue in this layout's format.
+    type Inflight: Send;
+    /// A chain as the ring takes it: a split ring's head, a packed ring's chain.
+    type Taken: Copy;
+    /// Where a taken chain's descriptors are.
+    type Source<'a>: ChainSource;
+    /// Whether the ring can keep a migration's dirty log.
+    const LOGS: bool;
+
+    /// Queue size.
+    fn size(&self) -> u16;
+    /// Whether the driver offers a chain not taken yet.
+    fn has_avail(&self) -> bool;
+    /// What GET_VRING_BASE returns.
+    fn base(&self) -> u32;
+    /// Asks the driver not to kick, or to kick again; the offset in the used ring (or the
+    /// device event area) of the word written.
+    fn set_kicks(&mut self, wanted: bool) -> u64;
+    /// The next chain the driver offers.
+    fn pop(&mut self) -> crate::Result<Option<Self::Taken>>;
+    /// The head the chain is known by (a packed chain's buffer id).
+    fn head(taken: Self::Taken) -> u16;
+    /// Records a chain just taken in the inflight region; false if the region cannot hold
+    /// it.
+    fn record(region: &mut Self::Inflight, queue: &Self, taken: Self::Taken) -> bool;
+    /// The chain for the handler to walk.
+    fn chain<'a>(
+        &'a self,
+        mem: &'a GuestMemory,
+        taken: Self::Taken,
+    ) -> ChainCursor<'a, Self::Source<'a>>;
+    /// Runs `head` again (inflight recovery) on `handler`.
+    fn run_again<H: RequestHandler + ?Sized>(ring: &mut Ring<Self>, handler: &mut H, head: u16);
+    /// Whether a ring just built can run: its resubmissions known, its dirty log kept.
+    fn fits(ring: &mut Ring<Self>) -> bool;
+    /// Publishes the finished batch (memory checked already); returns whether the driver
+    /// asked to be told.
+    fn publish(ring: &mut Ring<Self>) -> bool;
 }
 
 /// A migration's dirty log as one ring writes into it.
@@ -105,13 +125,13 @@ pub struct RingLog {
 /// Chains one queue takes per loop before it lets the poller's other queues run.
 pub const BUDGET: usize = 64;
 
-/// A virtqueue's ring state, owned by the poller that runs the queue.
-pub struct Ring {
+/// A virtqueue's ring state in layout `L`, owned by the poller that runs the queue.
+pub struct Ring<L: Layout> {
     pub(crate) index: u16,
     /// Keeps guest memory mapped while the ring and the handler's buffers point into it.
     pub(crate) mem: Arc<GuestMemory>,
-    pub(crate) vq: RingQueue,
-    pub(crate) inflight: Option<(RingInflight, Arc<InflightMap>)>,
+    pub(crate) vq: L,
+    pub(crate) inflight: Option<(L::Inflight, Arc<InflightMap>)>,
     pub(crate) errors: Arc<GuestErrors>,
     /// Heads to run again before any new one, popped from the end (oldest first).
     pub(crate) resubmit: Vec<u16>,
@@ -126,15 +146,15 @@ pub struct Ring {
 
 // SAFETY: the raw pointers it holds (rings, chain buffers) point into guest memory that
 // `mem` keeps mapped; one thread runs the queue at a time.
-unsafe impl Send for Ring {}
+unsafe impl<L: Layout> Send for Ring<L> {}
 
-impl Ring {
+impl<L: Layout> Ring<L> {
     /// A ring that starts by running `resubmit` (oldest first) again.
     pub(crate) fn new(
         index: u16,
         mem: Arc<GuestMemory>,
-        vq: RingQueue,
-        inflight: Option<(RingInflight, Arc<InflightMap>)>,
+        vq: L,
+        inflight: Option<(L::Inflight, Arc<InflightMap>)>,
         errors: Arc<GuestErrors>,
         mut resubmit: Vec<u16>,
         log: Option<RingLog>,
@@ -152,21 +172,7 @@ impl Ring {
             broken: false,
             log,
         };
-        let fits = match (&mut ring.vq, &ring.inflight) {
-            (RingQueue::Split(_), None | Some((RingInflight::Split(_), _))) => true,
-            (RingQueue::Packed(_), _) if ring.log.is_some() => false,
-            (RingQueue::Packed(_), None) => ring.resubmit.is_empty(),
-            // Chains run again are in flight: the ring must know how far each goes.
-            (RingQueue::Packed(vq), Some((RingInflight::Packed(region), _))) => {
-                ring.resubmit.iter().all(|&id| {
-                    region
-                        .recovered(id)
-                        .is_some_and(|chain| vq.adopt(id, chain.count))
-                })
-            }
-            (_, Some(_)) => false,
-        };
-        if !fits {
+        if !L::fits(&mut ring) {
             ring.stop_unsupported();
         }
         ring
@@ -174,8 +180,7 @@ impl Ring {
 
     /// A ring whose parts do not fit together (an inflight region of the other layout,
     /// resubmissions the region does not hold, a packed ring asked to log dirty pages,
-    /// which it cannot yet): stopped rather than run without them. Only a bug gets here:
-    /// VIRTIO_F_RING_PACKED is not offered.
+    /// which it cannot yet): stopped rather than run without them.
     #[cold]
     fn stop_unsupported(&mut self) {
         self.stop_broken(
@@ -184,48 +189,34 @@ impl Ring {
         );
     }
 
+    /// Hands a chain taken from the ring to the handler, which walks it. One function for
+    /// new chains and a split ring's resubmissions, so the handler's `take` is inlined
+    /// into one place.
     #[inline]
-    fn complete(&mut self, head: u16, written: u32) {
-        self.completed.push(head, written);
+    fn start<H: RequestHandler + ?Sized>(&mut self, handler: &mut H, taken: L::Taken) {
+        let head = L::head(taken);
+        let chain = self.vq.chain(&self.mem, taken);
+        match handler.take(chain) {
+            Taken::Done(written) => self.completed.push(head, written),
+            Taken::Pending => {}
+            Taken::Unwalkable(e) => {
+                let answer = handler.refuse(head, chain.last_byte());
+                self.refused(head, answer, e);
+            }
+            Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
+        }
     }
 
-    /// Hands the chain at `head` (a packed ring's `chain`) to the handler, which walks it.
-    #[inline]
-    fn start<H: RequestHandler + ?Sized>(
-        &mut self,
-        handler: &mut H,
-        head: u16,
-        packed: Option<PackedChain>,
-    ) {
-        let chain = match (&self.vq, packed, &self.inflight) {
-            (RingQueue::Split(q), _, _) => ChainCursor::new(q, &self.mem, head),
-            (RingQueue::Packed(q), Some(c), _) => ChainCursor::packed(q, &self.mem, c),
-            // Run again: from the inflight region's copies.
-            (RingQueue::Packed(_), None, Some((RingInflight::Packed(region), _))) => {
-                match region.recovered(head) {
-                    Some(c) => ChainCursor::recovered(region, &self.mem, c),
-                    None => {
-                        return self.stop_broken(
-                            head,
-                            format_args!("the inflight region no longer holds its chain"),
-                        )
-                    }
-                }
+    /// A chain the handler could not walk: answered where it could be, else the queue
+    /// stops.
+    fn refused(&mut self, head: u16, answer: Option<u32>, e: crate::chain::ChainError) {
+        match answer {
+            Some(written) => {
+                self.errors
+                    .report(self.index, format_args!("head {head}: {e}; refused"));
+                self.completed.push(head, written);
             }
-            (RingQueue::Packed(_), None, _) => return self.stop_unsupported(),
-        };
-        match handler.take(chain) {
-            Taken::Done(written) => self.complete(head, written),
-            Taken::Pending => {}
-            Taken::Unwalkable(e) => match handler.refuse(head, chain.last_byte()) {
-                Some(written) => {
-                    self.errors
-                        .report(self.index, format_args!("head {head}: {e}; refused"));
-                    self.complete(head, written);
-                }
-                None => self.stop_broken(head, format_args!("{e}")),
-            },
-            Taken::Unanswerable => self.stop_broken(head, format_args!("no status byte")),
+            None => self.stop_broken(head, format_args!("{e}")),
         }
     }
 
@@ -276,7 +267,7 @@ impl Ring {
             let Some(head) = self.resubmit.pop() else {
                 break;
             };
-            self.start(handler, head, None);
+            L::run_again(self, handler, head);
             work += 1;
         }
         while take_new
@@ -285,35 +276,22 @@ impl Ring {
             && work < BUDGET
             && handler.can_take()
         {
-            let popped = match &mut self.vq {
-                RingQueue::Split(q) => q.pop().map(|h| h.map(|h| (h, None))),
-                RingQueue::Packed(q) => q.pop().map(|c| c.map(|c| (c.id, Some(c)))),
-            };
-            match popped {
-                Ok(Some((head, packed))) => {
-                    let recorded = match (&mut self.inflight, &self.vq, packed) {
-                        (Some((RingInflight::Split(region), _)), _, _) => {
-                            region.begin(head);
-                            true
+            match self.vq.pop() {
+                Ok(Some(taken)) => {
+                    let head = L::head(taken);
+                    if let Some((region, _)) = &mut self.inflight {
+                        if !L::record(region, &self.vq, taken) {
+                            // The frontend broke the region's free list: the chain runs,
+                            // but a restart would not find it.
+                            self.errors.report(
+                                self.index,
+                                format_args!(
+                                    "buffer {head}: the inflight region's free list is broken; not recorded"
+                                ),
+                            );
                         }
-                        (
-                            Some((RingInflight::Packed(region), _)),
-                            RingQueue::Packed(q),
-                            Some(c),
-                        ) => region.begin(q, c),
-                        _ => true,
-                    };
-                    if !recorded {
-                        // The frontend broke the region's free list: the chain runs, but a
-                        // restart would not find it.
-                        self.errors.report(
-                            self.index,
-                            format_args!(
-                                "buffer {head}: the inflight region's free list is broken; not recorded"
-                            ),
-                        );
                     }
-                    self.start(handler, head, packed);
+                    self.start(handler, taken);
                     work += 1;
                 }
                 Ok(None) => break,
@@ -377,60 +355,7 @@ impl Ring {
             ));
             return false;
         }
-        let vq = match &mut self.vq {
-            RingQueue::Split(vq) => vq,
-            RingQueue::Packed(vq) => {
-                for (id, written) in self.completed.iter() {
-                    let known = vq.push_used(id, written);
-                    debug_assert!(known, "the handler returned id {id}, not in flight");
-                }
-                // The spec's order: the region takes the entries back and records the used
-                // position, the batch is published (its first flags), then committed.
-                if let Some((RingInflight::Packed(region), _)) = &mut self.inflight {
-                    region.prepare_batch(self.completed.heads(), vq.next_used());
-                }
-                vq.publish_used();
-                if let Some((RingInflight::Packed(region), _)) = &mut self.inflight {
-                    region.finish_batch(self.completed.heads());
-                }
-                self.completed.clear();
-                return vq.needs_notification();
-            }
-        };
-        let log_lost = match &self.log {
-            Some(log) => {
-                // The device's writes are done: marked before the driver can see them done.
-                for &head in self.completed.heads() {
-                    ChainCursor::new(vq, &self.mem, head).mark_writable(&log.log);
-                }
-                log.log.poisoned()
-            }
-            None => false,
-        };
-        if log_lost {
-            // Marks went to a page the frontend cut from the log: the migration would miss
-            // these writes, so they are not reported done.
-            self.abandon_batch(format_args!(
-                "the frontend shrank the dirty log's file under the device"
-            ));
-            return false;
-        }
-        if let Some((RingInflight::Split(inflight), _)) = &mut self.inflight {
-            inflight.prepare_batch(self.completed.heads());
-        }
-        let first_used = vq.next_used;
-        for (head, written) in self.completed.iter() {
-            vq.push_used(head, written);
-        }
-        vq.publish_used();
-        if let Some(log) = &self.log {
-            log_used(vq, log, first_used);
-        }
-        if let Some((RingInflight::Split(inflight), _)) = &mut self.inflight {
-            inflight.finish_batch(self.completed.heads(), vq.next_used);
-        }
-        self.completed.clear();
-        vq.needs_notification()
+        L::publish(self)
     }
 
     /// Drops the finished batch unpublished and stops the queue: what it did cannot be
@@ -454,7 +379,7 @@ impl Ring {
     /// (the driver reads them on the destination).
     pub(crate) fn set_log(&mut self, log: Option<RingLog>) {
         self.log = log;
-        if matches!(self.vq, RingQueue::Packed(_)) && self.log.is_some() {
+        if !L::LOGS && self.log.is_some() {
             self.stop_unsupported();
             return;
         }
@@ -473,6 +398,328 @@ impl Ring {
     /// What finished since the last publication (the handler adds to it).
     pub(crate) fn finished(&mut self) -> &mut Finished {
         &mut self.completed
+    }
+}
+
+impl Layout for DeviceQueue {
+    type Inflight = InflightQueue;
+    type Taken = u16;
+    type Source<'a> = crate::chain::Split<'a>;
+    const LOGS: bool = true;
+
+    #[inline]
+    fn size(&self) -> u16 {
+        DeviceQueue::size(self)
+    }
+
+    #[inline]
+    fn has_avail(&self) -> bool {
+        DeviceQueue::has_avail(self)
+    }
+
+    fn base(&self) -> u32 {
+        u32::from(self.next_avail)
+    }
+
+    fn set_kicks(&mut self, wanted: bool) -> u64 {
+        DeviceQueue::set_kicks(self, wanted)
+    }
+
+    #[inline(always)]
+    fn pop(&mut self) -> crate::Result<Option<u16>> {
+        DeviceQueue::pop(self)
+    }
+
+    #[inline(always)]
+    fn head(taken: u16) -> u16 {
+        taken
+    }
+
+    #[inline(always)]
+    fn record(region: &mut InflightQueue, _: &Self, head: u16) -> bool {
+        region.begin(head);
+        true
+    }
+
+    #[inline(always)]
+    fn chain<'a>(&'a self, mem: &'a GuestMemory, head: u16) -> ChainCursor<'a, Self::Source<'a>> {
+        ChainCursor::new(self, mem, head)
+    }
+
+    #[inline]
+    fn run_again<H: RequestHandler + ?Sized>(ring: &mut Ring<Self>, handler: &mut H, head: u16) {
+        // The chain is still in the ring: the driver does not reuse a head it has not had
+        // back.
+        ring.start(handler, head);
+    }
+
+    fn fits(_: &mut Ring<Self>) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn publish(ring: &mut Ring<Self>) -> bool {
+        let log_lost = match &ring.log {
+            Some(log) => {
+                // The device's writes are done: marked before the driver can see them done.
+                for &head in ring.completed.heads() {
+                    ChainCursor::new(&ring.vq, &ring.mem, head).mark_writable(&log.log);
+                }
+                log.log.poisoned()
+            }
+            None => false,
+        };
+        if log_lost {
+            // Marks went to a page the frontend cut from the log: the migration would miss
+            // these writes, so they are not reported done.
+            ring.abandon_batch(format_args!(
+                "the frontend shrank the dirty log's file under the device"
+            ));
+            return false;
+        }
+        if let Some((inflight, _)) = &mut ring.inflight {
+            inflight.prepare_batch(ring.completed.heads());
+        }
+        let vq = &mut ring.vq;
+        let first_used = vq.next_used;
+        for (head, written) in ring.completed.iter() {
+            vq.push_used(head, written);
+        }
+        vq.publish_used();
+        if let Some(log) = &ring.log {
+            log_used(vq, log, first_used);
+        }
+        if let Some((inflight, _)) = &mut ring.inflight {
+            inflight.finish_batch(ring.completed.heads(), vq.next_used);
+        }
+        ring.completed.clear();
+        vq.needs_notification()
+    }
+}
+
+impl Layout for PackedQueue {
+    type Inflight = InflightPackedQueue;
+    type Taken = PackedChain;
+    type Source<'a> = crate::chain::Packed<'a>;
+    // Not yet: a packed ring's used descriptors overwrite the avail ones, so its marks
+    // differ from a split ring's.
+    const LOGS: bool = false;
+
+    #[inline]
+    fn size(&self) -> u16 {
+        PackedQueue::size(self)
+    }
+
+    #[inline]
+    fn has_avail(&self) -> bool {
+        PackedQueue::has_avail(self)
+    }
+
+    fn base(&self) -> u32 {
+        PackedQueue::base(self)
+    }
+
+    fn set_kicks(&mut self, wanted: bool) -> u64 {
+        PackedQueue::set_kicks(self, wanted)
+    }
+
+    #[inline(always)]
+    fn pop(&mut self) -> crate::Result<Option<PackedChain>> {
+        PackedQueue::pop(self)
+    }
+
+    #[inline(always)]
+    fn head(taken: PackedChain) -> u16 {
+        taken.id
+    }
+
+    #[inline(always)]
+    fn record(region: &mut InflightPackedQueue, queue: &Self, chain: PackedChain) -> bool {
+        region.begin(queue, chain)
+    }
+
+    #[inline(always)]
+    fn chain<'a>(
+        &'a self,
+        mem: &'a GuestMemory,
+        chain: PackedChain,
+    ) -> ChainCursor<'a, Self::Source<'a>> {
+        ChainCursor::packed(self, mem, chain)
+    }
+
+    /// From the inflight region's copies: the ring may hold used descriptors in the chain's
+    /// place by now.
+    fn run_again<H: RequestHandler + ?Sized>(ring: &mut Ring<Self>, handler: &mut H, head: u16) {
+        let Some((region, _)) = &ring.inflight else {
+            return ring.stop_unsupported();
+        };
+        let Some(chain) = region.recovered(head) else {
+            return ring.stop_broken(
+                head,
+                format_args!("the inflight region no longer holds its chain"),
+            );
+        };
+        let chain = ChainCursor::recovered(region, &ring.mem, chain);
+        match handler.take(chain) {
+            Taken::Done(written) => ring.completed.push(head, written),
+            Taken::Pending => {}
+            Taken::Unwalkable(e) => {
+                let answer = handler.refuse(head, chain.last_byte());
+                ring.refused(head, answer, e);
+            }
+            Taken::Unanswerable => ring.stop_broken(head, format_args!("no status byte")),
+        }
+    }
+
+    fn fits(ring: &mut Ring<Self>) -> bool {
+        if ring.log.is_some() {
+            return false;
+        }
+        match &ring.inflight {
+            None => ring.resubmit.is_empty(),
+            // Chains run again are in flight: the ring must know how far each goes.
+            Some((region, _)) => ring.resubmit.iter().all(|&id| {
+                region
+                    .recovered(id)
+                    .is_some_and(|chain| ring.vq.adopt(id, chain.count))
+            }),
+        }
+    }
+
+    fn publish(ring: &mut Ring<Self>) -> bool {
+        let vq = &mut ring.vq;
+        for (id, written) in ring.completed.iter() {
+            let known = vq.push_used(id, written);
+            debug_assert!(known, "the handler returned id {id}, not in flight");
+        }
+        // The spec's order: the region takes the entries back and records the used
+        // position, the batch is published (its first flags), then committed.
+        if let Some((region, _)) = &mut ring.inflight {
+            region.prepare_batch(ring.completed.heads(), vq.next_used());
+        }
+        vq.publish_used();
+        if let Some((region, _)) = &mut ring.inflight {
+            region.finish_batch(ring.completed.heads());
+        }
+        ring.completed.clear();
+        vq.needs_notification()
+    }
+}
+
+/// A queue's ring in its layout, as its poller holds it: matched once per round.
+pub enum QueueRing {
+    /// A split ring.
+    Split(Ring<DeviceQueue>),
+    /// A packed ring.
+    Packed(Ring<PackedQueue>),
+}
+
+/// `$body` with `$r` bound to the ring, whatever its layout.
+macro_rules! each {
+    ($ring:expr, $r:ident => $body:expr) => {
+        match $ring {
+            QueueRing::Split($r) => $body,
+            QueueRing::Packed($r) => $body,
+        }
+    };
+}
+
+impl QueueRing {
+    /// A ring that starts by running `resubmit` (oldest first) again. An inflight region
+    /// of the other layout stops it at once (only a bug gets there).
+    pub(crate) fn new(
+        index: u16,
+        mem: Arc<GuestMemory>,
+        vq: RingQueue,
+        inflight: Option<(RingInflight, Arc<InflightMap>)>,
+        errors: Arc<GuestErrors>,
+        resubmit: Vec<u16>,
+        log: Option<RingLog>,
+    ) -> Self {
+        // A region of the other layout: the ring starts stopped, nothing run again.
+        match vq {
+            RingQueue::Split(vq) => {
+                let (inflight, fits) = match inflight {
+                    None => (None, true),
+                    Some((RingInflight::Split(region), map)) => (Some((region, map)), true),
+                    Some((RingInflight::Packed(_), _)) => (None, false),
+                };
+                let resubmit = if fits { resubmit } else { Vec::new() };
+                let mut ring = Ring::new(index, mem, vq, inflight, errors, resubmit, log);
+                if !fits {
+                    ring.stop_unsupported();
+                }
+                Self::Split(ring)
+            }
+            RingQueue::Packed(vq) => {
+                let (inflight, fits) = match inflight {
+                    None => (None, true),
+                    Some((RingInflight::Packed(region), map)) => (Some((region, map)), true),
+                    Some((RingInflight::Split(_), _)) => (None, false),
+                };
+                let resubmit = if fits { resubmit } else { Vec::new() };
+                let mut ring = Ring::new(index, mem, vq, inflight, errors, resubmit, log);
+                if !fits {
+                    ring.stop_unsupported();
+                }
+                Self::Packed(ring)
+            }
+        }
+    }
+
+    /// One round with `handler` (its one dynamic call), then publication: the work done,
+    /// and whether the driver asked to be told.
+    #[inline]
+    pub(crate) fn round(
+        &mut self,
+        handler: &mut dyn QueueHandler,
+        take_new: bool,
+    ) -> (usize, bool) {
+        match self {
+            Self::Split(r) => (handler.run_split(r, take_new), r.publish()),
+            Self::Packed(r) => (handler.run_packed(r, take_new), r.publish()),
+        }
+    }
+
+    /// Queue index.
+    pub(crate) fn index(&self) -> u16 {
+        each!(self, r => r.index)
+    }
+
+    /// Where the queue's guest errors go.
+    pub(crate) fn errors(&self) -> &Arc<GuestErrors> {
+        each!(self, r => &r.errors)
+    }
+
+    /// Whether the queue stopped until the device is reset.
+    #[cfg(test)]
+    pub(crate) fn broken(&self) -> bool {
+        each!(self, r => r.broken)
+    }
+
+    /// What GET_VRING_BASE returns ([`Layout::base`]).
+    pub(crate) fn base(&self) -> u32 {
+        each!(self, r => r.vq.base())
+    }
+
+    /// See [`Ring::set_kicks`].
+    pub(crate) fn set_kicks(&mut self, wanted: bool) {
+        each!(self, r => r.set_kicks(wanted))
+    }
+
+    /// See [`Ring::set_log`].
+    pub(crate) fn set_log(&mut self, log: Option<RingLog>) {
+        each!(self, r => r.set_log(log))
+    }
+
+    /// See [`Ring::has_work`].
+    pub(crate) fn has_work(&self) -> bool {
+        each!(self, r => r.has_work())
+    }
+
+    /// See [`Ring::finished`].
+    pub(crate) fn finished(&mut self) -> &mut Finished {
+        each!(self, r => r.finished())
     }
 }
 
