@@ -61,8 +61,9 @@ pub struct VringState {
     pub used: u64,
     /// SET_VRING_ADDR arrived.
     pub addresses_set: bool,
-    /// Next avail index.
-    pub base: u16,
+    /// SET_VRING_BASE's value: a split ring's next avail index, a packed ring's positions
+    /// (wider than the u16 records before packed rings had, which still read).
+    pub base: u32,
     /// Kick fd (index), when the frontend gave one.
     pub kick: Option<u32>,
     /// SET_VRING_KICK arrived (with an fd or NOFD).
@@ -579,6 +580,22 @@ pub const STEP_DEADLINE: Duration = Duration::from_secs(10);
 mod tests {
     use super::*;
     use std::io::{Read, Seek, Write};
+
+    #[test]
+    fn a_vring_base_reads_from_a_16_bit_record_and_keeps_a_packed_value() {
+        // As a process before packed rings wrote it.
+        let old = r#"{"size":256,"desc":4096,"avail":8192,"used":12288,"addresses_set":true,
+            "base":65535,"kick":null,"kick_set":true,"call":null,"disabled":false}"#;
+        let v: VringState = serde_json::from_str(old).unwrap();
+        assert_eq!((v.size, v.base), (256, 65535));
+        let packed = VringState {
+            base: 0x8004_8004,
+            ..VringState::default()
+        };
+        let back: VringState =
+            serde_json::from_slice(&serde_json::to_vec(&packed).unwrap()).unwrap();
+        assert_eq!(back.base, 0x8004_8004);
+    }
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     struct Message {

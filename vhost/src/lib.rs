@@ -1,8 +1,8 @@
 //! vhost-user device plumbing, knowing nothing of any device type: the protocol handler
 //! (features, memory table, vrings, inflight fds, start and stop), guest memory, the device
-//! side of split virtqueues (and of packed ones, [`packed`], not yet offered to
-//! frontends), the
-//! descriptor-chain walker, the inflight region, and the poller
+//! side of split virtqueues (and of packed ones, [`packed`], offered only to a device type
+//! that asks for VIRTIO_F_RING_PACKED), the descriptor-chain walker, the inflight region,
+//! and the poller
 //! threads that run queues. A device type (`vfblk-bridge` has one) plugs in
 //! through [`device::Device`] and [`device::RequestHandler`].
 //!

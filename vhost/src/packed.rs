@@ -30,6 +30,10 @@ pub const EVENT_F_DISABLE: u16 = 1;
 /// VIRTIO_F_RING_EVENT_IDX).
 pub const EVENT_F_DESC: u16 = 2;
 
+/// Feature bit of packed virtqueues (virtio 1.1 §6): offered only by a device that asks for
+/// it in [`crate::device::Device::features`].
+pub const VIRTIO_F_RING_PACKED: u32 = 34;
+
 /// Bytes of an event suppression structure: `desc` (offset in bits 0-14, wrap counter in
 /// bit 15) then `flags`, both little-endian u16.
 pub const EVENT_BYTES: usize = 4;

@@ -48,9 +48,8 @@ pub struct QueueStart {
 pub struct QueueStopped {
     /// Queue index.
     pub index: u16,
-    /// Next avail index (what GET_VRING_BASE returns for a split ring).
-    pub next_avail: u16,
-    /// What GET_VRING_BASE returns ([`RingQueue::base`]).
+    /// What GET_VRING_BASE returns: a split ring's next avail index, a packed ring's
+    /// positions ([`crate::packed::PackedQueue::base`]).
     pub base: u32,
     /// Chains still in the handler when the drain deadline passed.
     pub abandoned: usize,
@@ -649,7 +648,6 @@ impl QueueRuntime {
         self.ring.errors().flush();
         QueueStopped {
             index: self.ring.index(),
-            next_avail: self.ring.base() as u16,
             base: self.ring.base(),
             abandoned: self.handler.in_flight(),
         }

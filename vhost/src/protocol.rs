@@ -25,9 +25,11 @@ use crate::error_chain;
 use crate::guest_errors::GuestErrors;
 use crate::handover::{ConnectionState, Fds, InflightState, LogState, RegionState, VringState};
 use crate::inflight::{region_size, InflightMap};
+use crate::inflight_packed::region_size as packed_region_size;
 use crate::memory::{GuestMemory, MAX_MEM_SLOTS};
+use crate::packed::{PackedQueue, VIRTIO_F_RING_PACKED};
 use crate::poller::{Poller, QueueStart};
-use crate::ring::RingLog;
+use crate::ring::{RingInflight, RingLog, RingQueue};
 use crate::virtq::{DeviceQueue, MAX_QUEUE_SIZE};
 
 /// Settings shared by every connection of one device.
@@ -59,7 +61,9 @@ struct Vring {
     used: u64,
     /// SET_VRING_ADDR arrived (address 0 is a valid frontend address).
     addresses_set: bool,
-    base: u16,
+    /// SET_VRING_BASE's value: a split ring's next avail index (low 16 bits), or a packed
+    /// ring's positions ([`PackedQueue::base`]).
+    base: u32,
     kick: Option<File>,
     /// SET_VRING_KICK arrived, with an fd or with NOFD (then the ring is polled).
     kick_set: bool,
@@ -111,6 +115,13 @@ fn bad_param<E: std::error::Error>(e: E) -> VuError {
     tracing::warn!("vhost-user: refused: {}", error_chain(&e));
     VuError::InvalidParam
 }
+
+/// A ring about to start: its layout, its inflight region, and the heads to run again.
+type StartingRing = (
+    RingQueue,
+    Option<(RingInflight, Arc<InflightMap>)>,
+    Vec<u16>,
+);
 
 impl Connection {
     /// A device for a new connection.
@@ -168,6 +179,21 @@ impl Connection {
         self.vrings
             .get_mut(index as usize)
             .ok_or(VuError::InvalidParam)
+    }
+
+    /// Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated).
+    fn packed(&self) -> bool {
+        self.features & (1 << VIRTIO_F_RING_PACKED) != 0
+    }
+
+    /// Bytes of one queue's inflight region for `queue_size` entries, in the layout of the
+    /// negotiated rings.
+    fn inflight_region_size(&self, queue_size: u16) -> usize {
+        if self.packed() {
+            packed_region_size(queue_size)
+        } else {
+            region_size(queue_size)
+        }
     }
 
     /// Whether the frontend asked for logging (VHOST_F_LOG_ALL).
@@ -267,9 +293,65 @@ impl Connection {
             self.create_own_inflight()?;
         }
         let inflight_map = self.inflight.clone();
+        let (vq, inflight, resubmit) = if self.packed() {
+            self.packed_ring(index, &mem, event_idx, inflight_map)?
+        } else {
+            self.split_ring(index, &mem, event_idx, inflight_map)?
+        };
         let v = &self.vrings[usize::from(index)];
-        let mut vq = DeviceQueue::new(&mem, v.size, v.desc, v.avail, v.used, event_idx)
-            .map_err(bad_param)?;
+        let poller = self.least_loaded_poller();
+        let setup = QueueSetup {
+            index,
+            size: v.size,
+            features,
+            errors: self.config.errors.clone(),
+            poller: poller.id(),
+        };
+        let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
+        if !resubmit.is_empty() {
+            self.config.device.requests_recovered(index, resubmit.len());
+        }
+        let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
+        let start = QueueStart {
+            owner: self.id,
+            index,
+            mem,
+            vq,
+            inflight,
+            handler,
+            call: dup(&v.call),
+            kick: dup(&v.kick),
+            errors: self.config.errors.clone(),
+            resubmit,
+            log,
+        };
+        let size = v.size;
+        poller.start(start);
+        tracing::info!(
+            queue = index,
+            size,
+            "queue {index} started with {size} entries on {}",
+            poller.name()
+        );
+        let v = &mut self.vrings[usize::from(index)];
+        v.started = true;
+        v.resumed = false;
+        v.poller = Some(poller);
+        Ok(())
+    }
+
+    /// Queue `index`'s split ring, recovered from the inflight region when there is one:
+    /// the ring, its region, and the heads to run again.
+    fn split_ring(
+        &self,
+        index: u16,
+        mem: &GuestMemory,
+        event_idx: bool,
+        inflight_map: Option<Arc<InflightMap>>,
+    ) -> VuResult<StartingRing> {
+        let v = &self.vrings[usize::from(index)];
+        let mut vq =
+            DeviceQueue::new(mem, v.size, v.desc, v.avail, v.used, event_idx).map_err(bad_param)?;
         let used_idx = vq.used_idx();
         vq.next_used = used_idx;
         let (inflight, resubmit) = match inflight_map {
@@ -318,7 +400,7 @@ impl Connection {
                         rec.cleared_batch
                     );
                 } else {
-                    vq.next_avail = v.base;
+                    vq.next_avail = v.base as u16;
                 }
                 (Some((q.into(), map)), rec.resubmit)
             }
@@ -330,49 +412,91 @@ impl Connection {
                 }));
             }
             None => {
-                vq.next_avail = v.base;
+                vq.next_avail = v.base as u16;
                 (None, Vec::new())
             }
         };
-        let poller = self.least_loaded_poller();
-        let setup = QueueSetup {
-            index,
-            size: v.size,
-            features,
-            errors: self.config.errors.clone(),
-            poller: poller.id(),
+        Ok((vq.into(), inflight, resubmit))
+    }
+
+    /// Queue `index`'s packed ring: SET_VRING_ADDR's three addresses are the descriptor
+    /// ring, the driver event area and the device event area, and SET_VRING_BASE's value
+    /// holds both positions. With an inflight region (the spec's packed layout), the ring
+    /// resumes where the region says: QEMU keeps no packed position of its own to send
+    /// after a crash, so the region's used position wins over the frontend's base, and the
+    /// chains in flight, which sit between the used and the avail positions (a used
+    /// descriptor moves the used position past its whole chain), are run again.
+    fn packed_ring(
+        &self,
+        index: u16,
+        mem: &GuestMemory,
+        event_idx: bool,
+        inflight_map: Option<Arc<InflightMap>>,
+    ) -> VuResult<StartingRing> {
+        let v = &self.vrings[usize::from(index)];
+        let mut vq =
+            PackedQueue::new(mem, v.size, v.desc, v.avail, v.used, event_idx).map_err(bad_param)?;
+        vq.set_base(v.base).map_err(bad_param)?;
+        let Some(map) = inflight_map else {
+            return Ok((vq.into(), None, Vec::new()));
         };
-        let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
-        if !resubmit.is_empty() {
-            self.config.device.requests_recovered(index, resubmit.len());
+        if v.size > map.queue_size() {
+            return Err(bad_param(crate::Error::InflightQueueSize {
+                queue: index,
+                size: v.size,
+                inflight: map.queue_size(),
+            }));
         }
-        let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
-        let start = QueueStart {
-            owner: self.id,
-            index,
-            mem,
-            vq: vq.into(),
-            inflight,
-            handler,
-            call: dup(&v.call),
-            kick: dup(&v.kick),
-            errors: self.config.errors.clone(),
-            resubmit,
-            log,
+        // SAFETY: one region queue per started queue (a queue is started once until
+        // stopped); the poller keeps `map` alive beside it.
+        let Some(mut q) = (unsafe { map.packed_queue(index) }) else {
+            return Err(bad_param(crate::Error::BadInflight {
+                num_queues: index + 1,
+                queue_size: v.size,
+                mmap_size: 0,
+            }));
         };
-        let size = v.size;
-        poller.start(start);
+        if self.own_inflight && !v.resumed {
+            // As for a split ring: a ring the frontend set up afresh starts from its base.
+            q.reset();
+        }
+        let rec = q.recover(&vq, vq.next_used());
+        if rec.fresh {
+            return Ok((vq.into(), Some((q.into(), map)), Vec::new()));
+        }
+        // The region is the frontend's too: a used position outside the ring, an id this
+        // ring cannot have, or more descriptors in flight than it holds, and it is not
+        // this ring's; the queue stays stopped rather than run from a made-up position.
+        let taken: u32 = rec.resubmit.iter().map(|c| u32::from(c.count)).sum();
+        let fits = rec.resubmit.iter().all(|c| c.id < v.size) && taken <= u32::from(v.size);
+        let (Some(used), true) = (rec.used, fits) else {
+            return Err(bad_param(crate::Error::BadInflight {
+                num_queues: index + 1,
+                queue_size: v.size,
+                mmap_size: map.source().2,
+            }));
+        };
+        let avail = used.advance(taken as u16, v.size);
+        vq.set_base(u32::from(avail.to_event()) | u32::from(used.to_event()) << 16)
+            .map_err(bad_param)?;
+        if rec.unusable > 0 {
+            tracing::warn!(
+                queue = index,
+                "queue {index}: {} in-flight entr(y/ies) of the inflight region cannot be followed; not run again",
+                rec.unusable
+            );
+        }
         tracing::info!(
             queue = index,
-            size,
-            "queue {index} started with {size} entries on {}",
-            poller.name()
+            resubmit = rec.resubmit.len(),
+            "queue {index}: packed ring recovered from the inflight region: used at {}, avail at {}, {} request(s) to run again{}",
+            used.to_event(),
+            avail.to_event(),
+            rec.resubmit.len(),
+            if rec.committed_batch { ", a published batch committed" } else { "" }
         );
-        let v = &mut self.vrings[usize::from(index)];
-        v.started = true;
-        v.resumed = false;
-        v.poller = Some(poller);
-        Ok(())
+        let ids = rec.resubmit.iter().map(|c| c.id).collect();
+        Ok((vq.into(), Some((q.into(), map)), ids))
     }
 
     /// A region of our own for a frontend that gave none (libblkio, QEMU's libblkio-based
@@ -382,7 +506,7 @@ impl Connection {
     /// as before (nobody kept the region).
     fn create_own_inflight(&mut self) -> VuResult<()> {
         let (n, qs) = (self.config.num_queues, MAX_QUEUE_SIZE);
-        let size = u64::from(n) * region_size(qs) as u64;
+        let size = u64::from(n) * self.inflight_region_size(qs) as u64;
         let file = crate::memory::memfd("vfblk-own-inflight", size).map_err(|source| {
             bad_param(crate::Error::Io {
                 what: format!("memfd for an inflight region of our own ({size} bytes)"),
@@ -416,22 +540,23 @@ impl Connection {
         }
     }
 
-    fn stop_queue(&mut self, index: u16) -> u16 {
+    fn stop_queue(&mut self, index: u16) -> u32 {
         self.stop_queue_counting(index).0
     }
 
     /// Stops queue `index` after completing and publishing what is in flight; returns the
-    /// next avail index and how many requests the backend did not finish in time.
-    fn stop_queue_counting(&mut self, index: u16) -> (u16, usize) {
+    /// ring's base (GET_VRING_BASE's value) and how many requests the backend did not
+    /// finish in time.
+    fn stop_queue_counting(&mut self, index: u16) -> (u32, usize) {
         let v = &self.vrings[usize::from(index)];
         if !v.started {
             return (v.base, 0);
         }
         let stopped = self.stop_on_poller(index, true);
         self.vrings[usize::from(index)].started = false;
-        let next_avail = stopped.first().map(|s| s.next_avail).unwrap_or(0);
-        self.vrings[usize::from(index)].base = next_avail;
-        (next_avail, stopped.iter().map(|s| s.abandoned).sum())
+        let base = stopped.first().map(|s| s.base).unwrap_or(0);
+        self.vrings[usize::from(index)].base = base;
+        (base, stopped.iter().map(|s| s.abandoned).sum())
     }
 
     /// Switches to a new memory table: running queues stop (publishing what completes), the
@@ -832,6 +957,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if features & !Self::accepted_features(&self.config) != 0 {
             return Err(VuError::InvalidParam);
         }
+        // A running ring's layout is fixed (its base, its addresses, its inflight region).
+        let layout_changes = (features ^ self.features) & (1 << VIRTIO_F_RING_PACKED) != 0;
+        if layout_changes && self.vrings.iter().any(|v| v.started) {
+            return Err(invalid("the ring layout cannot change while rings run"));
+        }
         let was_logging = self.log_all();
         self.features = features;
         if self.log_all() == was_logging {
@@ -924,15 +1054,27 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let packed = self.packed();
         let v = self.vring(index)?;
-        v.base = base as u16;
+        if packed {
+            // Both positions (bits 0-14 and 16-30) must lie inside the ring; a size set
+            // later is checked when the ring starts.
+            let outside = |half: u32| half & 0x7fff >= u32::from(v.size);
+            if v.size != 0 && (outside(base) || outside(base >> 16)) {
+                return Err(bad_param(crate::Error::PackedBase { base, size: v.size }));
+            }
+            v.base = base;
+        } else {
+            // A split ring's base is its low 16 bits; the rest is reserved.
+            v.base = base & 0xffff;
+        }
         v.resumed = false;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         self.vring(index)?;
-        let (next_avail, abandoned) = self.stop_queue_counting(index as u16);
+        let (base, abandoned) = self.stop_queue_counting(index as u16);
         if self.log_all() {
             // A migration's switch-over: the destination serves the same storage next, and
             // must read what this ring's requests wrote.
@@ -946,7 +1088,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             match self.config.device.sync_for_migration() {
                 Ok(()) => tracing::info!(
                     queue = index,
-                    "migration switch-over: queue {index} stopped at avail index {next_avail}, data synced in {:?}",
+                    "migration switch-over: queue {index} stopped at base {base:#x}, data synced in {:?}",
                     started.elapsed()
                 ),
                 Err(e) => tracing::error!(
@@ -960,7 +1102,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         v.kick = None;
         v.kick_set = false;
         v.call = None;
-        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+        Ok(VhostUserVringState::new(index, base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
@@ -1079,7 +1221,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 mmap_size: 0,
             }));
         }
-        let size = u64::from(n) * region_size(qs) as u64;
+        // The negotiated layout's region (QEMU sets the features before it asks).
+        let size = u64::from(n) * self.inflight_region_size(qs) as u64;
         let file = crate::memory::memfd("vfblk-inflight", size).map_err(|source| {
             bad_param(crate::Error::Io {
                 what: format!("memfd for an inflight region of {size} bytes"),
@@ -1110,7 +1253,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(invalid("inflight tracking is off"));
         }
         let (n, qs) = (inflight.num_queues, inflight.queue_size);
-        let needed = u64::from(n) * region_size(qs) as u64;
+        let needed = u64::from(n) * self.inflight_region_size(qs) as u64;
         if n == 0
             || n > self.config.num_queues
             || !valid_queue_size(u32::from(qs))
@@ -1198,5 +1341,313 @@ impl VhostUserBackendReqHandlerMut for Connection {
         // Queues that waited for a log start now.
         self.start_queues();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The protocol with a packed ring, driven in-process as a frontend would: negotiation,
+    //! the packed base both ways (and hostile ones), the inflight region's packed layout,
+    //! and a restart that resumes from the region rather than from a stale base.
+    use super::*;
+    use crate::chain::{ChainCursor, ChainSource, Segment};
+    use crate::device::{Finished, QueueHandler, RequestHandler, Taken};
+    use crate::memory::tests::memfd;
+    use crate::packed::tests::buf;
+    use crate::packed_driver::PackedDriverQueue;
+    use crate::poller::PollMode;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    const GPA: u64 = 0x10000;
+    const MEM: u64 = 1 << 20;
+    const FRONTEND: u64 = 0x5000_0000;
+    const BUFS: u64 = 0x20000;
+    const SIZE: u16 = 8;
+    const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_PACKED);
+
+    /// Finishes every chain at once or, while `hold` is set, keeps them for good (as a
+    /// process that dies with them would); counts the chains it was handed.
+    struct TestDevice {
+        features: u64,
+        hold: AtomicBool,
+        taken: Arc<AtomicUsize>,
+    }
+
+    impl Device for TestDevice {
+        fn features(&self) -> u64 {
+            self.features
+        }
+        fn config_space(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn open_queue(&self, _: &QueueSetup) -> crate::Result<Box<dyn QueueHandler>> {
+            Ok(Box::new(TestQueue {
+                hold: self.hold.load(Ordering::SeqCst),
+                taken: self.taken.clone(),
+            }))
+        }
+    }
+
+    struct TestQueue {
+        hold: bool,
+        taken: Arc<AtomicUsize>,
+    }
+
+    impl RequestHandler for TestQueue {
+        fn can_take(&self) -> bool {
+            true
+        }
+        fn take<S: ChainSource>(&mut self, chain: ChainCursor<'_, S>) -> Taken {
+            let mut out = [Segment::default(); 4];
+            let walked = chain.walk_into(&mut out);
+            self.taken.fetch_add(1, Ordering::SeqCst);
+            match walked {
+                Err(e) => Taken::Unwalkable(e),
+                Ok(_) if self.hold => Taken::Pending,
+                Ok(_) => Taken::Done(1),
+            }
+        }
+        fn refuse(&mut self, _: u16, _: Option<Segment>) -> Option<u32> {
+            None
+        }
+        fn poll(&mut self, _: &mut Finished) -> usize {
+            0
+        }
+        fn in_flight(&self) -> usize {
+            0 // held chains are forgotten, not drained
+        }
+    }
+
+    fn config(features: u64, hold: bool) -> (Arc<DeviceConfig>, Arc<TestDevice>) {
+        let device = Arc::new(TestDevice {
+            features,
+            hold: AtomicBool::new(hold),
+            taken: Arc::new(AtomicUsize::new(0)),
+        });
+        let mode = PollMode {
+            idle_before_sleep: Some(Duration::from_millis(1)),
+        };
+        let poller = Arc::new(Poller::spawn("packed-test".into(), None, mode).unwrap());
+        let config = Arc::new(DeviceConfig {
+            num_queues: 1,
+            inflight: true,
+            device: device.clone(),
+            pollers: vec![poller],
+            errors: Arc::new(GuestErrors::new("packed-test")),
+            fd_store: None,
+            dirty_log_marks: true,
+        });
+        (config, device)
+    }
+
+    /// A guest's memory (the test's own mapping of the file it gives the connection) and
+    /// the driver side of a packed ring at its start.
+    struct Guest {
+        file: File,
+        _mem: GuestMemory,
+        drv: PackedDriverQueue,
+    }
+
+    fn guest() -> Guest {
+        let file = memfd(MEM);
+        let mem =
+            GuestMemory::from_table(&[(GPA, MEM, FRONTEND, 0)], vec![file.try_clone().unwrap()])
+                .unwrap();
+        let host = mem.translate(GPA, MEM).unwrap();
+        // SAFETY: the region is 1 MiB, zeroed, page-aligned, mapped while `_mem` lives.
+        let drv = unsafe { PackedDriverQueue::new(host, GPA, SIZE) };
+        Guest {
+            file,
+            _mem: mem,
+            drv,
+        }
+    }
+
+    impl Guest {
+        /// The frontend's messages up to the base (features and memory before).
+        fn set_up(&self, c: &mut Connection) {
+            c.set_features(FEATURES).unwrap();
+            let region = VhostUserMemoryRegion::new(GPA, MEM, FRONTEND, 0);
+            c.set_mem_table(&[region], vec![self.file.try_clone().unwrap()], None)
+                .unwrap();
+            c.set_vring_num(0, u32::from(SIZE)).unwrap();
+        }
+
+        /// The rest: the three areas, and the kick (none: polled), which starts the ring.
+        fn start(&self, c: &mut Connection) {
+            let f = |gpa: u64| gpa - GPA + FRONTEND;
+            let (desc, driver, device) = self.drv.gpas;
+            // The vhost crate's order: descriptor, used (device area), avail (driver area).
+            c.set_vring_addr(
+                0,
+                VhostUserVringAddrFlags::empty(),
+                f(desc),
+                f(device),
+                f(driver),
+                0,
+            )
+            .unwrap();
+            c.set_vring_kick(0, None).unwrap();
+        }
+
+        /// The next used buffer, waited for.
+        fn used(&mut self) -> (u16, u32) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(used) = self.drv.pop_used().unwrap() {
+                    return used;
+                }
+                assert!(Instant::now() < deadline, "no used buffer within 5 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// The packed base the driver's positions make when nothing is in flight.
+        fn idle_base(&self) -> u32 {
+            let p = u32::from(self.drv.next_avail().to_event());
+            p | p << 16
+        }
+    }
+
+    /// GET_VRING_BASE's value (copied out of the packed message struct).
+    fn stop(c: &mut Connection) -> u32 {
+        c.get_vring_base(0).unwrap().num
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn packed_rings_are_offered_only_to_a_device_that_asks() {
+        let (plain, _) = config(0, false);
+        assert_eq!(
+            Connection::offered_features(&plain) & (1 << VIRTIO_F_RING_PACKED),
+            0
+        );
+        let mut c = Connection::new(plain);
+        assert!(c.set_features(FEATURES).is_err(), "not offered: refused");
+        let (packed, _) = config(1 << VIRTIO_F_RING_PACKED, false);
+        assert_ne!(
+            Connection::offered_features(&packed) & (1 << VIRTIO_F_RING_PACKED),
+            0
+        );
+    }
+
+    #[test]
+    fn a_packed_ring_is_served_and_stopped_and_started_again_at_its_packed_base() {
+        let (config, _) = config(1 << VIRTIO_F_RING_PACKED, false);
+        let mut g = guest();
+        let mut c = Connection::new(config);
+        g.set_up(&mut c);
+        // The inflight region comes in the packed layout.
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: SIZE,
+        };
+        let (reply, _fd) = c.get_inflight_fd(&ask).unwrap();
+        assert_eq!(reply.mmap_size, packed_region_size(SIZE) as u64);
+        assert_ne!(packed_region_size(SIZE), region_size(SIZE));
+        // Either position outside the 8-entry ring is refused, whatever its wrap bit.
+        for hostile in [0x0000_0008, 0x0008_0000, 0x8000_800f, 0x7fff_7fff, u32::MAX] {
+            assert!(c.set_vring_base(0, hostile).is_err(), "{hostile:#x}");
+        }
+        c.set_vring_base(0, 0x8000_8000).unwrap(); // both at 0, wrap counters 1
+        g.start(&mut c);
+        let (hdr, status) = (buf(BUFS, 16, false), buf(BUFS + 16, 1, true));
+        // 1 + 2 + 1 descriptors a round: three rounds wrap the ring.
+        for round in 0..3 {
+            let ids = [
+                g.drv.add(&[status]).unwrap(),
+                g.drv.add(&[hdr, status]).unwrap(),
+                g.drv.add(&[status]).unwrap(),
+            ];
+            for id in ids {
+                assert_eq!(g.used(), (id, 1), "round {round}");
+            }
+        }
+        // GET_VRING_BASE stops the ring and says where both positions stand.
+        let base = stop(&mut c);
+        assert_eq!(base, g.idle_base());
+        assert_eq!(
+            base, 0x0004_0004,
+            "12 descriptors: index 4, wrap counters 0"
+        );
+        // Started again there, it takes the next chain from where it stopped.
+        c.set_vring_base(0, base).unwrap();
+        g.start(&mut c);
+        let id = g.drv.add(&[hdr, status]).unwrap();
+        assert_eq!(g.used(), (id, 1));
+        assert_eq!(stop(&mut c), g.idle_base());
+    }
+
+    #[test]
+    fn a_hostile_packed_base_sent_before_the_ring_size_keeps_the_ring_stopped() {
+        let (config, device) = config(1 << VIRTIO_F_RING_PACKED, false);
+        let mut g = guest();
+        let mut c = Connection::new(config);
+        c.set_features(FEATURES).unwrap();
+        // No size yet: the base is taken, and checked when the ring starts.
+        c.set_vring_base(0, 0x0009_0009).unwrap();
+        g.set_up(&mut c);
+        g.start(&mut c); // refused at start; the connection stays up
+        g.drv.add(&[buf(BUFS, 1, true)]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(device.taken.load(Ordering::SeqCst), 0, "nothing taken");
+        assert_eq!(stop(&mut c), 0x0009_0009);
+        // A good base, and it runs.
+        c.set_vring_base(0, 0x8000_8000).unwrap();
+        g.start(&mut c);
+        assert_eq!(g.used().1, 1);
+    }
+
+    #[test]
+    fn a_packed_ring_restarted_with_a_stale_base_resumes_from_its_inflight_region() {
+        let (config, device) = config(1 << VIRTIO_F_RING_PACKED, true);
+        let mut g = guest();
+        let mut first = Connection::new(config.clone());
+        g.set_up(&mut first);
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: SIZE,
+        };
+        let (region, fd) = first.get_inflight_fd(&ask).unwrap();
+        first.set_vring_base(0, 0x8000_8000).unwrap();
+        g.start(&mut first);
+        let (hdr, status) = (buf(BUFS, 16, false), buf(BUFS + 16, 1, true));
+        let a = g.drv.add(&[hdr, status]).unwrap();
+        let b = g.drv.add(&[status]).unwrap();
+        wait_for("both taken", || device.taken.load(Ordering::SeqCst) == 2);
+        // The process dies with both in flight: nothing published.
+        first.disconnect();
+        drop(first);
+        assert_eq!(g.drv.pop_used().unwrap(), None);
+
+        // The frontend reconnects with the base it sent at the start (QEMU keeps no packed
+        // position to restore) and the same region.
+        device.hold.store(false, Ordering::SeqCst);
+        let mut second = Connection::new(config);
+        second.set_features(FEATURES).unwrap();
+        second.set_inflight_fd(&region, fd).unwrap();
+        g.set_up(&mut second);
+        second.set_vring_base(0, 0x8000_8000).unwrap();
+        g.start(&mut second);
+        // Both run again, oldest first, and are not taken a second time from the ring.
+        assert_eq!(g.used(), (a, 1));
+        assert_eq!(g.used(), (b, 1));
+        assert_eq!(device.taken.load(Ordering::SeqCst), 4);
+        let c = g.drv.add(&[status]).unwrap();
+        assert_eq!(g.used(), (c, 1));
+        assert_eq!(device.taken.load(Ordering::SeqCst), 5);
+        assert_eq!(stop(&mut second), g.idle_base());
     }
 }
