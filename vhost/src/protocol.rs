@@ -196,6 +196,16 @@ impl Connection {
         }
     }
 
+    /// Bytes of the area a frontend's `log_guest_addr` names: a split ring's used ring, a
+    /// packed ring's device event area.
+    fn used_area_len(&self, size: u16) -> u64 {
+        if self.packed() {
+            crate::packed::EVENT_BYTES as u64
+        } else {
+            crate::virtq::ring_sizes(size).2 as u64
+        }
+    }
+
     /// Whether the frontend asked for logging (VHOST_F_LOG_ALL).
     fn log_all(&self) -> bool {
         self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
@@ -212,7 +222,7 @@ impl Connection {
         let Some(mem) = &self.mem else {
             return Ok(None);
         };
-        let used_len = crate::virtq::ring_sizes(v.size).2 as u64;
+        let used_len = self.used_area_len(v.size);
         let used_gpa = match v.log_guest_addr {
             Some(gpa) => gpa,
             None => mem
@@ -1028,10 +1038,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
             .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
             .then_some(log);
         let mem = self.mem.clone();
+        let size = self.vrings.get(index as usize).map_or(1, |v| v.size.max(1));
+        let len = self.used_area_len(size);
         let v = self.vring(index)?;
         if let (Some(gpa), Some(mem)) = (log_guest_addr, &mem) {
             // The used ring is logged at its guest-physical address: it must be guest RAM.
-            let len = crate::virtq::ring_sizes(v.size.max(1)).2 as u64;
             if mem.translate(gpa, len).is_none() {
                 return Err(bad_param(crate::Error::RingOutsideMemory {
                     ring: "logged used",
