@@ -1572,6 +1572,8 @@ mod tests {
         }
         c.set_vring_base(0, 0x8000_8000).unwrap(); // both at 0, wrap counters 1
         g.start(&mut c);
+        // A running ring keeps its layout.
+        assert!(c.set_features(1 << VIRTIO_F_VERSION_1).is_err());
         let (hdr, status) = (buf(BUFS, 16, false), buf(BUFS + 16, 1, true));
         // 1 + 2 + 1 descriptors a round: three rounds wrap the ring.
         for round in 0..3 {
@@ -1617,6 +1619,51 @@ mod tests {
         c.set_vring_base(0, 0x8000_8000).unwrap();
         g.start(&mut c);
         assert_eq!(g.used().1, 1);
+    }
+
+    #[test]
+    fn a_region_in_flight_with_a_buffer_id_the_ring_cannot_have_keeps_the_ring_stopped() {
+        use crate::inflight_packed::{DescState, RegionHeader};
+        use std::mem::{offset_of, size_of};
+        use std::os::unix::fs::FileExt;
+        let (config, device) = config(1 << VIRTIO_F_RING_PACKED, false);
+        let mut g = guest();
+        let mut c = Connection::new(config);
+        g.set_up(&mut c);
+        // A region for 16 entries (a larger ring's), written by a hostile frontend: buffer 9
+        // in flight, which the 8-entry ring cannot have handed out.
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 16,
+        };
+        let (_, fd) = c.get_inflight_fd(&ask).unwrap();
+        let put = |offset: usize, bytes: &[u8]| fd.write_all_at(bytes, offset as u64).unwrap();
+        let header = |field: usize, value: u16| put(field, &value.to_le_bytes());
+        header(offset_of!(RegionHeader, version), 1);
+        header(offset_of!(RegionHeader, desc_num), 16);
+        header(offset_of!(RegionHeader, free_head), 1);
+        header(offset_of!(RegionHeader, old_free_head), 1);
+        put(offset_of!(RegionHeader, used_wrap_counter), &[1, 1]);
+        let entry =
+            |i: usize, field: usize| size_of::<RegionHeader>() + i * size_of::<DescState>() + field;
+        for i in 1..16u16 {
+            put(
+                entry(usize::from(i), offset_of!(DescState, next)),
+                &(i + 1).to_le_bytes(),
+            );
+        }
+        put(entry(0, offset_of!(DescState, inflight)), &[1]);
+        put(entry(0, offset_of!(DescState, num)), &1u16.to_le_bytes());
+        put(entry(0, offset_of!(DescState, id)), &9u16.to_le_bytes());
+        c.set_vring_base(0, 0x8000_8000).unwrap();
+        g.start(&mut c); // refused at start; the connection stays up
+        g.drv.add(&[buf(BUFS, 1, true)]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(device.taken.load(Ordering::SeqCst), 0, "nothing run");
+        assert_eq!(g.drv.pop_used().unwrap(), None);
+        assert_eq!(stop(&mut c), 0x8000_8000);
     }
 
     #[test]
