@@ -361,6 +361,12 @@ impl Keeper {
             if Some(pid) != self.main_pid {
                 continue;
             }
+            // The messages read before waitpid may predate a MAINPID= the successor sent
+            // before this pid exited (the hand-over's order): read them again now.
+            self.read_messages();
+            if Some(pid) != self.main_pid {
+                continue;
+            }
             self.aborted = None;
             let exited = libc::WIFEXITED(status);
             let code = exited.then(|| libc::WEXITSTATUS(status));
