@@ -8,7 +8,7 @@
 //! vhost-user socket, never maps guest memory or a record, never interprets a stored fd; it
 //! only holds fds, names them, hands them back, follows `MAINPID=` (an upgraded target is
 //! its grandchild, adopted as a subreaper), forwards SIGTERM/SIGINT/SIGHUP, and ends when the
-//! target ends cleanly. It has no state a restart of its own would need: if the keeper dies, the target lives on and the frontends
+//! target ends cleanly (and left no successor running: see `await_successor`). It has no state a restart of its own would need: if the keeper dies, the target lives on and the frontends
 //! keep their connections; only the next crash then costs a reconnect.
 
 use std::collections::BTreeMap;
@@ -36,6 +36,9 @@ const LISTEN_FDS_START: RawFd = 3;
 const MAX_STORED: usize = 8192;
 /// How long a target aborted by the watchdog may take to die before it is killed.
 const ABORT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a clean exit of the main process that left a process running (an upgrade's new
+/// process, adopted) waits for it to say `MAINPID=` before the keeper ends.
+const SUCCESSOR_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What to keep.
 #[derive(Debug, Clone)]
@@ -372,6 +375,9 @@ impl Keeper {
             let code = exited.then(|| libc::WEXITSTATUS(status));
             self.report.exit_code = code;
             if code == Some(0) {
+                if self.await_successor(pid) {
+                    continue;
+                }
                 tracing::info!("the target (pid {pid}) ended cleanly; so does the keeper");
                 return Ok(Some(self.report.clone()));
             }
@@ -399,6 +405,61 @@ impl Keeper {
             }
             self.report.restarts += 1;
             self.start()?;
+        }
+    }
+
+    /// After main process `pid` exited 0: a target it left running (now the keeper's, as
+    /// subreaper) is its successor whose MAINPID= is late or was lost, and must not be left
+    /// unsupervised by ending. Waits up to [`SUCCESSOR_DEADLINE`] for it to name itself,
+    /// then follows the only one left if none did; true when the keeper follows one. With
+    /// none left running (a real stop) it returns false at once.
+    fn await_successor(&mut self, pid: i32) -> bool {
+        let targets = |path: &std::path::Path| -> Vec<i32> {
+            live_children()
+                .into_iter()
+                .filter(|&p| notifies(p, path))
+                .collect()
+        };
+        let mut running = targets(&self.path);
+        if running.is_empty() {
+            return false;
+        }
+        tracing::warn!(
+            "the target (pid {pid}) ended cleanly leaving target pid(s) {running:?} running; waiting up to {SUCCESSOR_DEADLINE:?} for MAINPID="
+        );
+        let deadline = Instant::now() + SUCCESSOR_DEADLINE;
+        loop {
+            if let Some(new) = self.main_pid.filter(|&m| m != pid && is_alive(m)) {
+                tracing::info!("pid {new} named itself after pid {pid} exited; following it");
+                return true;
+            }
+            running = targets(&self.path);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if running.is_empty() {
+                tracing::info!("what pid {pid} left running ended too");
+                return false;
+            }
+            if left.is_zero() {
+                if let [only] = running[..] {
+                    tracing::warn!(
+                        "main process is now pid {only}: no MAINPID= within {SUCCESSOR_DEADLINE:?}, but it is the only target pid {pid} left running"
+                    );
+                    self.main_pid = Some(only);
+                    return true;
+                }
+                tracing::error!(
+                    "no MAINPID= within {SUCCESSOR_DEADLINE:?} of pid {pid}'s exit and several targets running ({running:?}); ending, leaving them unsupervised"
+                );
+                return false;
+            }
+            let mut fd = libc::pollfd {
+                fd: self.notify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut fd, 1, left.as_millis().clamp(1, 50) as i32) };
+            self.read_messages();
         }
     }
 
@@ -483,6 +544,51 @@ impl SignalFd {
             out.push(info.ssi_signo as i32);
         }
     }
+}
+
+/// The keeper's children that are running (not zombies): those it started and the
+/// descendants it adopted as subreaper.
+fn live_children() -> Vec<i32> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| {
+            stat(pid).is_some_and(|(state, ppid)| ppid == me && !matches!(state, 'Z' | 'X'))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Whether `pid`'s environment points `NOTIFY_SOCKET` at `path`: a target meant to be kept
+/// by this keeper (an upgrade's new process inherits it from the old one).
+fn notifies(pid: i32, path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = [b"NOTIFY_SOCKET=", path.as_os_str().as_bytes()].concat();
+    environ.split(|&b| b == 0).any(|v| v == wanted.as_slice())
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+fn is_alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+}
+
+/// A process's state letter and parent, from /proc/PID/stat.
+fn stat(pid: i32) -> Option<(char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields follow the last ')'.
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
 }
 
 /// The default private directory for the notify socket.
