@@ -664,7 +664,10 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
     }
     // The service manager (systemd, vfblk-keeper) must know the new main process before the
     // old one exits, which it does once it reads `started`.
-    crate::notify(&format!("MAINPID={}", std::process::id()));
+    let late_mainpid = injected_late_mainpid();
+    if !late_mainpid {
+        crate::notify(&format!("MAINPID={}", std::process::id()));
+    }
     // And a supervisor that follows the pid file: it names this process before the old one
     // is gone.
     if let Some(path) = &target.settings.pid_file {
@@ -681,7 +684,37 @@ pub fn take_over(target: &mut Target, fd: i32) -> Result<InheritedListeners> {
         "took over {} controller(s) from the previous process",
         target.controllers.len()
     );
+    if late_mainpid {
+        send_mainpid_after_the_old_process_exited();
+    }
     Ok(listeners)
+}
+
+/// In a test build (feature `test-delay`), `VFBLK_TEST_HANDOVER_FAULT=late-mainpid` keeps
+/// the new process's `MAINPID=` from reaching the service manager before the old process
+/// exits, as a datagram lost or late would: the keeper must not take the old process's exit
+/// for the end of the service.
+fn injected_late_mainpid() -> bool {
+    #[cfg(feature = "test-delay")]
+    if std::env::var("VFBLK_TEST_HANDOVER_FAULT").as_deref() == Ok("late-mainpid") {
+        return true;
+    }
+    false
+}
+
+/// The late `MAINPID=` of [`injected_late_mainpid`]: 300 ms after the old process (the
+/// parent) is gone, bounded by 10 s.
+fn send_mainpid_after_the_old_process_exited() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: as above.
+    while unsafe { libc::getppid() } == parent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    tracing::info!("test fault: MAINPID= only now, after the old process exited");
+    crate::notify(&format!("MAINPID={}", std::process::id()));
 }
 
 type Prepared = (

@@ -1513,6 +1513,21 @@ pub fn notify_ready() {
 
 /// Sends `message` to systemd (or vfblk-keeper) at `$NOTIFY_SOCKET`, if set.
 pub fn notify(message: &str) {
+    // In a test build (feature `test-delay`), `VFBLK_TEST_HANDOVER_FAULT=lost-mainpid` drops
+    // every MAINPID= (a datagram lost): the keeper must still follow an upgrade.
+    #[cfg(feature = "test-delay")]
+    if std::env::var("VFBLK_TEST_HANDOVER_FAULT").as_deref() == Ok("lost-mainpid")
+        && message.contains("MAINPID=")
+    {
+        let rest: Vec<&str> = message
+            .lines()
+            .filter(|l| !l.starts_with("MAINPID="))
+            .collect();
+        if !rest.is_empty() {
+            notify(&rest.join("\n"));
+        }
+        return;
+    }
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };

@@ -567,3 +567,110 @@ fn crash_in_the_middle_of_a_message(load_args: &[&str]) {
     assert_eq!(summary["restarts"], 1, "{summary}");
     let _ = std::fs::remove_file(&marker);
 }
+
+/// Upgrades whose new process's `MAINPID=` reaches the keeper only after the old process
+/// exited (a test fault: a datagram late, as may have happened at the RBD issue's upgrade
+/// ~30, where the keeper ended with the old pid's clean exit and left the new target
+/// unsupervised): the keeper waits for the adopted new process to name itself and follows
+/// it, restarts it after a SIGKILL, and still ends at once when the target it follows exits
+/// 0 by itself.
+#[test]
+fn the_keeper_follows_a_new_process_whose_mainpid_comes_after_the_old_one_exited() {
+    let _lock = vfblk_tests::lab_lock();
+    upgrades_with_a_mainpid_fault("late-mainpid", "named itself after pid");
+}
+
+/// The same with every `MAINPID=` lost: after its deadline the keeper follows the only
+/// target the old process left running.
+#[test]
+fn the_keeper_follows_the_only_target_left_when_mainpid_is_lost() {
+    let _lock = vfblk_tests::lab_lock();
+    upgrades_with_a_mainpid_fault("lost-mainpid", "but it is the only target pid");
+}
+
+/// Three upgrades under `VFBLK_TEST_HANDOVER_FAULT=fault`, each followed as `followed_as`
+/// (a line of the keeper's log) says, then a SIGKILL and a stop of the target by itself.
+fn upgrades_with_a_mainpid_fault(fault: &str, followed_as: &str) {
+    let kept = UnderKeeper::start_with(fault, &[("VFBLK_TEST_HANDOVER_FAULT", fault)]);
+    let socket = kept.add_disk("m", "mem");
+    let load = verifying_load(&socket);
+    kept.wait_serving(1);
+    let keeper = kept.keeper.id();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(100));
+        let before = kept.target_pid();
+        let report = kept.call("upgrade", json!({})).unwrap();
+        assert_eq!(report["old_pid"], before, "{report}");
+        let new = report["new_pid"].as_u64().unwrap();
+        // Killed by the drop if the keeper leaves it behind.
+        kept.last_pid.set(new as u32);
+        wait_gone(before);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let followed = format!("main process is now pid {new}");
+        while !kept.log().contains(&followed) {
+            assert!(
+                std::fs::metadata(format!("/proc/{keeper}")).is_ok() && !is_zombie(keeper),
+                "{fault}, round {round}: the keeper ended with the old process's exit and left pid {new} unsupervised: {}",
+                kept.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{fault}, round {round}: {}",
+                kept.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        kept.wait_serving(1);
+        assert_eq!(u64::from(kept.target_pid()), new);
+    }
+    let log = kept.log();
+    for line in log.lines().filter(|l| l.contains("MAINPID=")) {
+        eprintln!("{line}");
+    }
+    assert_eq!(
+        log.matches(followed_as).count(),
+        3,
+        "{fault}: each upgrade followed so: {log}"
+    );
+    // Followed for real: a crash of the new process is restarted.
+    let pid = kept.target_pid();
+    // SAFETY: SIGKILL to the target process this test runs.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid);
+    kept.wait_serving(1);
+    let r = finish(load);
+    assert_no_error_nor_reconnect(&r);
+    // A target that stops by itself (SIGTERM to it, not to the keeper) and exits 0 with no
+    // successor still ends the keeper, without waiting for one.
+    let pid = kept.target_pid();
+    let stopped = Instant::now();
+    // SAFETY: SIGTERM to the target process this test runs.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut kept = kept;
+    let status = loop {
+        if let Some(status) = kept.keeper.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "the keeper did not end with its target: {}",
+            kept.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "{status:?}: {}", kept.log());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "the keeper took {:?} to end with its target",
+        stopped.elapsed()
+    );
+    kept.last_pid.set(0);
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+    })
+}
