@@ -400,14 +400,7 @@ fn follow_indirect<V: Visit>(
     table: &Descriptor,
     visit: &mut V,
 ) -> Result<(), ChainError> {
-    let entries = table.len / 16;
-    // Tables are 16-byte aligned like the main table (so entries can be read volatile).
-    if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
-        return Err(ChainError::BadIndirect);
-    }
-    let base = mem
-        .translate(table.addr, u64::from(table.len))
-        .ok_or(ChainError::OutOfMemory)? as *const Descriptor;
+    let (base, entries) = indirect_table::<Descriptor>(mem, table)?;
     let mut index = 0u32;
     let mut visited = 0u32;
     loop {
@@ -485,6 +478,21 @@ fn follow_packed_descriptors<V: Visit>(
     Ok(())
 }
 
+/// An indirect table's entries (16 bytes each, split or packed) in guest memory, and how
+/// many: at most a queue's worth, 16-byte aligned like the main table (so entries can be
+/// read volatile), all of it inside the memory table.
+#[inline(always)]
+fn indirect_table<T>(mem: &GuestMemory, table: &Descriptor) -> Result<(*const T, u32), ChainError> {
+    let entries = table.len / 16;
+    if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
+        return Err(ChainError::BadIndirect);
+    }
+    let base = mem
+        .translate(table.addr, u64::from(table.len))
+        .ok_or(ChainError::OutOfMemory)? as *const T;
+    Ok((base, entries))
+}
+
 /// A packed indirect table: `len / 16` consecutive descriptors, no `next` (only WRITE
 /// counts in their flags; NEXT and the id are ignored, INDIRECT is refused).
 fn follow_packed_indirect<V: Visit>(
@@ -492,13 +500,7 @@ fn follow_packed_indirect<V: Visit>(
     table: &Descriptor,
     visit: &mut V,
 ) -> Result<(), ChainError> {
-    let entries = table.len / 16;
-    if entries > u32::from(crate::virtq::MAX_QUEUE_SIZE) || table.addr % 16 != 0 {
-        return Err(ChainError::BadIndirect);
-    }
-    let base = mem
-        .translate(table.addr, u64::from(table.len))
-        .ok_or(ChainError::OutOfMemory)? as *const PackedDescriptor;
+    let (base, entries) = indirect_table::<PackedDescriptor>(mem, table)?;
     for i in 0..entries as usize {
         // SAFETY: i < entries: inside the translated, aligned table. Read once, then only
         // the copy is checked and used.
