@@ -97,19 +97,20 @@ impl ImageLock {
         }
         let conflicts = held
             .iter()
-            .map(|p| (DENY_BASE + p, *p))
-            .chain(denied.iter().map(|p| (PERM_BASE + p, *p)));
-        for (byte, perm) in conflicts {
+            .map(|p| DENY_BASE + p)
+            .chain(denied.iter().map(|p| PERM_BASE + p));
+        for byte in conflicts {
             let taken = taken_by_another(fd, byte)
                 .map_err(io(format!("testing byte {byte} of {}", path.display())))?;
             if taken {
                 let holder = holder_of(path, byte)
                     .map(|h| format!(" by {h}"))
                     .unwrap_or_default();
-                let why = match (byte >= DENY_BASE, perm) {
-                    (true, _) => "another user does not let it be written (it is open read-only or for writing elsewhere)",
-                    (false, WRITE) => "another user writes it",
-                    (false, _) => "another user holds it",
+                // We deny others only WRITE: a held byte found taken is another writer.
+                let why = if byte >= DENY_BASE {
+                    "another user does not let it be written (it is open read-only or for writing elsewhere)"
+                } else {
+                    "another user writes it"
                 };
                 return Err(Error::BadArgument(format!(
                     "{} is in use{holder}: {why} (QEMU's image lock, byte {byte}); stop that user, or open the image read-only on both sides",
@@ -240,14 +241,14 @@ mod tests {
         drop(first);
         let reader = ImageLock::acquire(&a, &img.0, false).unwrap();
         // A refused acquire left nothing locked: a second reader is fine.
-        let _second = ImageLock::acquire(&b, &img.0, false).unwrap();
+        let second = ImageLock::acquire(&b, &img.0, false).unwrap();
         let c = img.open();
         assert!(
             ImageLock::acquire(&c, &img.0, true).is_err(),
             "a writer beside readers"
         );
         drop(reader);
-        drop(_second);
+        drop(second);
         let _writer = ImageLock::acquire(&c, &img.0, true).unwrap();
     }
 

@@ -1006,10 +1006,10 @@ impl Target {
             }
             // A spec that names a size (the image's at open) names the new one; without one
             // the image is opened at whatever size it has.
-            BackendSpec::Rbd { size: spec_size, .. } => {
+            BackendSpec::Rbd { .. } => {
                 let mut spec = entry.spec.clone();
-                if let (BackendSpec::Rbd { size: s, .. }, Some(_)) = (&mut spec, spec_size) {
-                    *s = Some(size);
+                if let BackendSpec::Rbd { size: Some(s), .. } = &mut spec {
+                    *s = size;
                 }
                 spec
             }
