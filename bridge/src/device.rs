@@ -16,6 +16,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use crate::backend::{Backend, BackendQueue, LiveCapacity, Queue, Submitted};
+use crate::image_lock::{DeviceImageLock, ImageInUse};
 use crate::limits::{Limiter, LiveLimits, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, IoKind, QueueStats};
@@ -40,6 +41,9 @@ pub struct BlkDevice {
     shape: Arc<LiveShape>,
     rate_limits: Arc<LiveLimits>,
     stats: Arc<DeviceStats>,
+    /// The lock QEMU honours on the backend's image, held while queues run (None: the
+    /// backend is not a file of this host's, or its fd could not be duplicated).
+    image: Option<Arc<DeviceImageLock>>,
 }
 
 /// The device's settings that change under running queues: each queue compares
@@ -79,6 +83,13 @@ impl BlkDevice {
             discard: backend.info().discard,
             write_zeroes: backend.info().write_zeroes,
         });
+        let image = backend.image().and_then(|(file, path)| {
+            DeviceImageLock::new(file, path)
+                .inspect_err(|e| {
+                    tracing::warn!("{e}: the image will be served without QEMU's image lock")
+                })
+                .ok()
+        });
         Self {
             backend,
             num_queues,
@@ -87,6 +98,7 @@ impl BlkDevice {
             shape,
             rate_limits: Arc::new(LiveLimits::default()),
             stats: Arc::new(DeviceStats::new(num_queues)),
+            image,
         }
     }
 
@@ -118,9 +130,29 @@ impl BlkDevice {
     /// says read-only only by VIRTIO_BLK_F_RO, negotiated once when the driver starts, and
     /// the config space has no field for it; the bit is offered to frontends from the next
     /// connection on.
-    pub fn set_read_only(&self, on: bool) {
-        self.shape.read_only.store(on, Ordering::Relaxed);
-        self.shape.changed();
+    ///
+    /// Refused (nothing changed) when queues run and the image lock cannot follow: another
+    /// user of the image does not let it be written.
+    pub fn set_read_only(&self, on: bool) -> crate::Result<()> {
+        let apply = || {
+            self.shape.read_only.store(on, Ordering::Relaxed);
+            self.shape.changed();
+        };
+        match &self.image {
+            Some(image) => image.set_writable(!on, apply),
+            None => {
+                apply();
+                Ok(())
+            }
+        }
+    }
+
+    /// Why the device's queues would be refused if they started now: another user holds
+    /// its image (QEMU's image lock); `None` when nothing stops them.
+    pub fn image_conflict(&self) -> Option<crate::Error> {
+        self.image
+            .as_ref()
+            .and_then(|image| image.conflict(!self.is_read_only()))
     }
 
     /// The backend grew: every queue takes the new capacity at the next request it takes
@@ -208,8 +240,14 @@ impl BlkDevice {
         // The shape first: a backend queue opened after it is at least as large.
         let shape_seen = self.shape.generation();
         let limits = self.limits();
+        // The image lock before the backend queue: a refused start opens nothing.
+        let image = match &self.image {
+            Some(image) => Some(image.enter(|| !self.is_read_only())?),
+            None => None,
+        };
         let backend = self.backend.open_queue(setup.poller)?;
         let mut queue = BlkQueue::new(backend, limits, self.serial, setup);
+        queue.image = image;
         queue.shape = Some((self.shape.clone(), shape_seen));
         queue.stats = self.stats.queue(setup.index).cloned();
         queue.limits_seen = self.rate_limits.generation();
@@ -399,6 +437,8 @@ pub struct BlkQueue {
     finished_at_take: u64,
     /// The device's changing settings and the generation of them `limits` follows.
     shape: Option<(Arc<LiveShape>, u64)>,
+    /// This queue's share of the image lock (last: let go after the backend queue).
+    image: Option<ImageInUse>,
 }
 
 // SAFETY: the status pointers point into guest memory that the poller keeps mapped while
@@ -424,6 +464,7 @@ impl BlkQueue {
             limits_seen: 0,
             finished_at_take: 0,
             shape: None,
+            image: None,
         }
     }
 
@@ -990,7 +1031,7 @@ mod tests {
             );
             assert_eq!(rig.guest.read(dst, 4096), pattern, "{kind}");
             // Read-only while running: writes fail, reads go on; and back.
-            device.set_read_only(true);
+            device.set_read_only(true).unwrap();
             assert_eq!(
                 rig.run(req::OUT, 0, Some((src, 4096, false))).0,
                 status::IOERR,
@@ -1015,7 +1056,7 @@ mod tests {
                 (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES),
                 "what a connection made while writable negotiated stays acceptable"
             );
-            device.set_read_only(false);
+            device.set_read_only(false).unwrap();
             assert_eq!(rig.run(req::OUT, 0, Some((src, 4096, false))).0, status::OK);
             assert_eq!(
                 device.accepted_features() & !device.features(),

@@ -14,6 +14,8 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
@@ -74,7 +76,48 @@ impl ImageLock {
     /// Refused when another user writes it (or holds it read-only and `writable` is asked),
     /// naming that user when it can be found; nothing stays locked then.
     pub fn acquire(file: &File, path: &Path, writable: bool) -> Result<ImageLock> {
-        let io = |what: String| move |source| Error::Io { what, source };
+        match Self::try_acquire(file, path, writable)? {
+            Ok(lock) => Ok(lock),
+            Err(byte) => Err(in_use(path, byte)),
+        }
+    }
+
+    /// [`ImageLock::acquire`], tried again for up to `wait` while another user has the
+    /// image: a predecessor process that was just killed or stopped its rings lets go of it
+    /// within moments (the kernel closes a dead process's files when it exits, an io_uring's
+    /// when its last request is done).
+    pub fn acquire_within(
+        file: &File,
+        path: &Path,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<ImageLock> {
+        let start = Instant::now();
+        loop {
+            match Self::try_acquire(file, path, writable)? {
+                Ok(lock) => {
+                    if start.elapsed() >= RETRY_PERIOD {
+                        tracing::info!(
+                            "{}: locked after {} ms (another user held it until then)",
+                            path.display(),
+                            start.elapsed().as_millis()
+                        );
+                    }
+                    return Ok(lock);
+                }
+                Err(byte) if start.elapsed() >= wait => return Err(in_use(path, byte)),
+                Err(_) => std::thread::sleep(RETRY_PERIOD),
+            }
+        }
+    }
+
+    /// The lock, or the byte another user holds that stops it (nothing of ours left locked
+    /// then).
+    fn try_acquire(
+        file: &File,
+        path: &Path,
+        writable: bool,
+    ) -> Result<std::result::Result<ImageLock, u64>> {
         let file = file
             .try_clone()
             .map_err(io(format!("duplicating the fd of {}", path.display())))?;
@@ -103,23 +146,70 @@ impl ImageLock {
             let taken = taken_by_another(fd, byte)
                 .map_err(io(format!("testing byte {byte} of {}", path.display())))?;
             if taken {
-                let holder = holder_of(path, byte)
-                    .map(|h| format!(" by {h}"))
-                    .unwrap_or_default();
-                // We deny others only WRITE: a held byte found taken is another writer.
-                let why = if byte >= DENY_BASE {
-                    "another user does not let it be written (it is open read-only or for writing elsewhere)"
-                } else {
-                    "another user writes it"
-                };
-                return Err(Error::BadArgument(format!(
-                    "{} is in use{holder}: {why} (QEMU's image lock, byte {byte}); stop that user, or open the image read-only on both sides",
-                    path.display()
-                )));
+                return Ok(Err(byte));
             }
         }
-        Ok(lock)
+        Ok(Ok(lock))
     }
+
+    /// Takes or gives up the permission to write (the device made writable or read-only
+    /// while it serves). Refused when another user does not let the image be written; the
+    /// lock is then as it was.
+    pub fn set_writable(&mut self, path: &Path, writable: bool) -> Result<()> {
+        let byte = PERM_BASE + WRITE;
+        let fd = self.file.as_raw_fd();
+        if self.locked.contains(&byte) == writable {
+            return Ok(());
+        }
+        if !writable {
+            flock(fd, libc::F_OFD_SETLK, libc::F_UNLCK, byte)
+                .map_err(io(format!("unlocking byte {byte} of {}", path.display())))?;
+            self.locked.retain(|&b| b != byte);
+            return Ok(());
+        }
+        flock(fd, libc::F_OFD_SETLK, libc::F_RDLCK, byte)
+            .map_err(io(format!("locking byte {byte} of {}", path.display())))?;
+        let conflict = DENY_BASE + WRITE;
+        match taken_by_another(fd, conflict) {
+            Ok(false) => {
+                self.locked.push(byte);
+                Ok(())
+            }
+            taken => {
+                if let Err(e) = flock(fd, libc::F_OFD_SETLK, libc::F_UNLCK, byte) {
+                    tracing::warn!("unlocking byte {byte} of {}: {e}", path.display());
+                }
+                Err(match taken {
+                    Err(e) => io(format!("testing byte {conflict} of {}", path.display()))(e),
+                    Ok(_) => in_use(path, conflict),
+                })
+            }
+        }
+    }
+}
+
+/// Pause between tries while another user holds the image.
+const RETRY_PERIOD: Duration = Duration::from_millis(10);
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// The refusal when another user holds `byte` of the image at `path`.
+fn in_use(path: &Path, byte: u64) -> Error {
+    let holder = holder_of(path, byte)
+        .map(|h| format!(" by {h}"))
+        .unwrap_or_default();
+    // We deny others only WRITE: a held byte found taken is another writer.
+    let why = if byte >= DENY_BASE {
+        "another user does not let it be written (it is open read-only or for writing elsewhere)"
+    } else {
+        "another user writes it"
+    };
+    Error::ImageInUse(format!(
+        "{} is in use{holder}: {why} (QEMU's image lock, byte {byte}); stop that user, or open the image read-only on both sides",
+        path.display()
+    ))
 }
 
 impl Drop for ImageLock {
@@ -129,6 +219,107 @@ impl Drop for ImageLock {
             if let Err(e) = flock(fd, libc::F_OFD_SETLK, libc::F_UNLCK, byte) {
                 tracing::warn!("unlocking byte {byte} of an image: {e}");
             }
+        }
+    }
+}
+
+/// How long a queue starting waits for another user to let go of its image: long enough for
+/// a killed predecessor's files to be closed, short enough that a refusal reaches the
+/// frontend while it waits for the reply.
+pub const START_WAIT: Duration = Duration::from_secs(2);
+
+/// A device's image lock, held while any of its queues runs. QEMU takes an image's locks
+/// when it activates the disk and gives them up when a migration hands the disk over to
+/// the destination; a device's rings start and stop at the same moments (a migration's
+/// switch-over stops the source's rings before the destination starts its own; a
+/// hand-over's old process stops its rings before the new one starts them). A target
+/// that serves no frontend holds nothing, like a QEMU waiting with `-incoming`.
+#[derive(Debug)]
+pub struct DeviceImageLock {
+    file: File,
+    path: PathBuf,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    users: usize,
+    lock: Option<ImageLock>,
+}
+
+/// One running queue's share of its device's image lock; the last one dropped unlocks.
+#[derive(Debug)]
+pub struct ImageInUse(Arc<DeviceImageLock>);
+
+impl DeviceImageLock {
+    /// The lock of the image `file` (opened at `path`), not yet taken.
+    pub fn new(file: &File, path: &Path) -> Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            file: file
+                .try_clone()
+                .map_err(io(format!("duplicating the fd of {}", path.display())))?,
+            path: path.to_path_buf(),
+            held: Mutex::new(Held::default()),
+        }))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A queue starts: the first one takes the lock (writable when `writable()` says so,
+    /// asked under the lock so that a concurrent [`DeviceImageLock::set_writable`] is seen
+    /// by one or the other), waiting up to [`START_WAIT`] for another user to let go.
+    pub fn enter(self: &Arc<Self>, writable: impl FnOnce() -> bool) -> Result<ImageInUse> {
+        let mut held = self.held();
+        if held.users == 0 {
+            held.lock = Some(ImageLock::acquire_within(
+                &self.file,
+                &self.path,
+                writable(),
+                START_WAIT,
+            )?);
+        }
+        held.users += 1;
+        Ok(ImageInUse(self.clone()))
+    }
+
+    /// The device becomes writable or read-only: `apply` makes the change once the lock
+    /// (if queues hold it) allows it; refused, nothing changes.
+    pub fn set_writable(&self, writable: bool, apply: impl FnOnce()) -> Result<()> {
+        let mut held = self.held();
+        if let Some(lock) = &mut held.lock {
+            lock.set_writable(&self.path, writable)?;
+        }
+        apply();
+        Ok(())
+    }
+
+    /// Whether queues hold the lock now.
+    pub fn is_held(&self) -> bool {
+        self.held().lock.is_some()
+    }
+
+    /// Who stops the lock from being taken now, if anyone: for a warning when a device is
+    /// created (its queues will be refused until that user lets go). Tries the lock and
+    /// lets go at once; `None` while queues of ours hold it.
+    pub fn conflict(&self, writable: bool) -> Option<Error> {
+        // Held through the try: the try's locks are on the same open file description as a
+        // queue's, and letting go of them would unlock the queue's too.
+        let held = self.held();
+        if held.lock.is_some() {
+            return None;
+        }
+        ImageLock::acquire(&self.file, &self.path, writable).err()
+    }
+}
+
+impl Drop for ImageInUse {
+    fn drop(&mut self) {
+        let mut held = self.0.held();
+        held.users -= 1;
+        if held.users == 0 {
+            held.lock = None;
         }
     }
 }
@@ -250,6 +441,59 @@ mod tests {
         drop(reader);
         drop(second);
         let _writer = ImageLock::acquire(&c, &img.0, true).unwrap();
+    }
+
+    /// The device's lock is taken by its first queue, kept while any runs, let go with the
+    /// last; a switch to writable is refused (and changes nothing) while another user reads
+    /// the image, and allowed once it is gone.
+    #[test]
+    fn a_device_lock_follows_its_queues_and_its_read_only_setting() {
+        let img = Scratch::new("device");
+        let device = DeviceImageLock::new(&img.open(), &img.0).unwrap();
+        let other = img.open();
+        assert!(device.conflict(true).is_none(), "nobody else uses it yet");
+        let first = device.enter(|| false).unwrap();
+        let second = device.enter(|| unreachable!("asked only by the first")).unwrap();
+        assert!(device.is_held());
+        // Read-only beside another reader.
+        let reader = ImageLock::acquire(&other, &img.0, false).unwrap();
+        let mut applied = false;
+        let e = device
+            .set_writable(true, || applied = true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is in use") && !applied, "{e}");
+        drop(reader);
+        device.set_writable(true, || applied = true).unwrap();
+        assert!(applied);
+        assert!(
+            ImageLock::acquire(&other, &img.0, false).is_err(),
+            "a reader beside the device now writing"
+        );
+        drop(first);
+        assert!(device.is_held(), "one queue still runs");
+        drop(second);
+        assert!(!device.is_held());
+        let _writer = ImageLock::acquire(&other, &img.0, true).unwrap();
+        let e = device.conflict(true).expect("another writer").to_string();
+        assert!(e.contains("is in use"), "{e}");
+    }
+
+    /// A queue starting while a predecessor still holds the image waits for it to let go
+    /// (within [`START_WAIT`]) instead of failing the frontend.
+    #[test]
+    fn a_starting_queue_waits_for_a_predecessor_to_let_go() {
+        let img = Scratch::new("wait");
+        let predecessor = ImageLock::acquire(&img.open(), &img.0, true).unwrap();
+        let device = DeviceImageLock::new(&img.open(), &img.0).unwrap();
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(predecessor);
+        });
+        let start = Instant::now();
+        let _queue = device.enter(|| true).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(250));
+        letting_go.join().unwrap();
     }
 
     #[test]

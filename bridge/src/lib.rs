@@ -51,6 +51,9 @@ pub enum Error {
     /// A backend spec or command-line value that does not parse.
     #[error("{0}")]
     BadArgument(String),
+    /// Another user holds the image (QEMU's image lock): what, and who if known.
+    #[error("{0}")]
+    ImageInUse(String),
     /// An upgrade by hand-over that did not happen; the old process serves on.
     #[error("upgrade: {0}")]
     Upgrade(String),
@@ -113,7 +116,11 @@ pub enum Error {
 
 impl From<Error> for vfblk_vhost::Error {
     fn from(e: Error) -> Self {
-        vfblk_vhost::Error::Device(Box::new(e))
+        match e {
+            // The plumbing closes the connection for the frontend to try again later.
+            Error::ImageInUse(_) => vfblk_vhost::Error::StorageBusy(Box::new(e)),
+            e => vfblk_vhost::Error::Device(Box::new(e)),
+        }
     }
 }
 

@@ -700,6 +700,16 @@ impl Target {
     /// Creates a controller and starts listening on its socket.
     pub fn create_controller(&mut self, config: ControllerConfig) -> Result<()> {
         let (device, device_config) = self.controller_device(&config)?;
+        if let Some(e) = device.image_conflict() {
+            // Not refused: a migration's destination is created while the source still
+            // serves the image (QEMU's `-incoming` waits the same way); its queues take the
+            // lock when the frontend starts them.
+            tracing::warn!(
+                controller = %config.name,
+                "controller {}: {e}; its queues will be refused until that user lets go",
+                config.name
+            );
+        }
         let server = SocketServer::start(&config.socket, device_config)?;
         let server = self.give_socket_access(&config, server)?;
         self.add_controller(config, device, server);
@@ -1106,7 +1116,10 @@ impl Target {
         }
         let entry = self.served_controller_mut(name)?;
         let previous = entry.device.is_read_only();
-        entry.device.set_read_only(readonly);
+        entry
+            .device
+            .set_read_only(readonly)
+            .map_err(|e| Error::BadArgument(format!("controller {name}: {e}")))?;
         entry.config.readonly = readonly;
         let connected = entry.server.stats().connected;
         let effect = match (readonly, connected) {

@@ -1674,3 +1674,153 @@ fn read_only_switched_on_a_running_controller_fails_its_writes_and_is_saved() {
         "read-only online: {errors_read_only} writes failed in 0.8 s, reads served, writable again with no reconnect"
     );
 }
+
+/// A running `qemu-io` holding `image` open for writing (QEMU's own image locks), until
+/// dropped.
+struct QemuHolding(Child);
+
+impl QemuHolding {
+    /// Once qemu-io holds its locks (it exits at once when a user of ours has not let go
+    /// yet: then it is started again).
+    fn open(image: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = Command::new("qemu-io")
+                .args(["-f", "raw"])
+                .arg(image)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-io (scripts/setup.sh installs qemu-utils)");
+            while child.try_wait().unwrap().is_none() {
+                if Self::holds_locks(child.id()) {
+                    return QemuHolding(child);
+                }
+                assert!(Instant::now() < deadline, "qemu-io never locked {image:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(Instant::now() < deadline, "qemu-io never opened {image:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether process `pid` holds an OFD lock on any file.
+    fn holds_locks(pid: u32) -> bool {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| info.contains("OFDLCK"))
+        })
+    }
+}
+
+impl Drop for QemuHolding {
+    fn drop(&mut self) {
+        let _ = self.0.stdin.take().map(|mut s| s.write_all(b"quit\n"));
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `path`'s text contains `needle`; the text.
+fn log_with(path: &Path, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One image, one writer, as QEMU keeps it: while a target serves a file to a frontend, a
+/// second target's frontend is refused (the log names the first target's pid) and a
+/// writing QEMU is refused; once the first frontend goes, the second target serves the
+/// image; and a QEMU holding the image keeps our frontends out, named in the log.
+#[test]
+fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
+    let _lock = lab_lock();
+    let first = TargetProc::start("image-lock-a", 1);
+    let second = TargetProc::start("image-lock-b", 1);
+    let image = first.dir.join("shared.img");
+    let add = |target: &TargetProc| {
+        target.call(
+            "backend_create",
+            json!({"name": "d", "kind": "file", "path": image, "size": 16 << 20}),
+        );
+        target.call(
+            "vhost_blk_create",
+            json!({"name": "d", "socket": target.socket("d"), "backend": "d"}),
+        );
+    };
+    add(&first);
+    let first_load = loadgen(&first.socket("d"), UNTIL_STOPPED_SECONDS, &[]);
+    let writing = Instant::now() + Duration::from_secs(20);
+    while first.call("stats", json!({}))["controllers"][0]["writes"] == 0 {
+        assert!(Instant::now() < writing, "the first target writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Created beside a running user (a migration's destination is), refused at the start.
+    add(&second);
+    let holder = format!("in use by vfblk-bridge (pid {})", first.child.id());
+    log_with(&second.log(), &holder, Duration::from_secs(5));
+    let second_load = loadgen(&second.socket("d"), UNTIL_STOPPED_SECONDS, &[]);
+    log_with(&second.log(), "closing the connection", Duration::from_secs(10));
+    let qemu_write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&qemu_write.stderr);
+    assert!(
+        !qemu_write.status.success() && stderr.contains("lock"),
+        "qemu-io writing beside a serving target: {} {stderr}",
+        qemu_write.status
+    );
+    let second_stats = second.call("stats", json!({}));
+    assert_eq!(
+        second_stats["controllers"][0]["writes"], 0,
+        "the second target served nothing: {second_stats}"
+    );
+    // The first frontend goes: its rings stop and the image is let go; the second
+    // frontend, trying again, is served.
+    let r = stop_and_report(first_load, "first");
+    assert_clean(&r, "first");
+    let served = Instant::now() + Duration::from_secs(20);
+    while second.call("stats", json!({}))["controllers"][0]["writes"] == 0 {
+        assert!(Instant::now() < served, "the second target serves once the first let go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let r = stop_and_report(second_load, "second");
+    assert_clean(&r, "second");
+    // QEMU first: our frontend is refused, with QEMU named.
+    let qemu = QemuHolding::open(&image);
+    let locked = Instant::now() + Duration::from_secs(10);
+    let log_before = std::fs::read_to_string(first.log()).unwrap().len();
+    loop {
+        let refused = Command::new(bin("vfblk-loadgen"))
+            .arg("--socket")
+            .arg(first.socket("d"))
+            .args(["--rw", "write", "--seconds", "1", "--reconnect-timeout-s", "3"])
+            .output()
+            .unwrap();
+        let text = std::fs::read_to_string(first.log()).unwrap();
+        if text[log_before..].contains("in use by qemu-io (pid") {
+            assert!(!refused.status.success(), "a refused frontend did no I/O");
+            break;
+        }
+        // qemu-io had not locked it yet: served, or refused by something else.
+        assert!(Instant::now() < locked, "qemu-io never kept the frontend out:\n{text}");
+    }
+    drop(qemu);
+    let r = report(loadgen(&first.socket("d"), 1.0, &[]), "after qemu-io");
+    assert_clean(&r, "after qemu-io");
+}

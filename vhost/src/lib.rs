@@ -179,6 +179,12 @@ pub enum Error {
     /// The device type refused or failed (a backend's error, with its cause).
     #[error("device")]
     Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Another user holds the device's storage (another process writes its image): a
+    /// queue cannot start now. The connection is closed rather than left with a stopped
+    /// queue, so that a reconnecting frontend tries again and is served once that user
+    /// lets go.
+    #[error("the storage is busy")]
+    StorageBusy(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A config-space write where nothing is writable.
     #[error("config space offset {offset} is not writable")]
     ReadOnlyConfig {

@@ -439,7 +439,12 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                         let mut kept = Vec::new();
                         for mut q in queues.drain(..) {
                             if q.owner == owner && index.is_none_or(|i| i == q.index()) {
-                                let _ = reply.send(q.stop(publish));
+                                let stopped = q.stop(publish);
+                                // Dropped before the reply: what the handler holds (an
+                                // image lock, a backend queue) is let go of by the time
+                                // the stop returns, e.g. for a successor process.
+                                drop(q);
+                                let _ = reply.send(stopped);
                             } else {
                                 kept.push(q);
                             }

@@ -100,6 +100,9 @@ pub struct Connection {
     log: Option<Arc<DirtyLog>>,
     /// The backend request channel (SET_BACKEND_REQ_FD), where config changes are told.
     backend_channel: Option<Arc<BackendChannel>>,
+    /// Set when a queue could not start because another user holds the storage: the
+    /// serving thread closes the connection ([`Connection::take_storage_busy`]).
+    storage_busy: Option<String>,
 }
 
 /// A queue size virtio allows: a power of two, 1 to [`MAX_QUEUE_SIZE`].
@@ -140,6 +143,7 @@ impl Connection {
             status: 0,
             log: None,
             backend_channel: None,
+            storage_busy: None,
         }
     }
 
@@ -317,7 +321,16 @@ impl Connection {
             errors: self.config.errors.clone(),
             poller: poller.id(),
         };
-        let handler = self.config.device.open_queue(&setup).map_err(bad_param)?;
+        let handler = match self.config.device.open_queue(&setup) {
+            Ok(handler) => handler,
+            Err(e @ crate::Error::StorageBusy(_)) => {
+                let why = error_chain(&e);
+                tracing::warn!(queue = index, "queue {index} cannot start: {why}");
+                self.storage_busy = Some(why);
+                return Err(VuError::InvalidParam);
+            }
+            Err(e) => return Err(bad_param(e)),
+        };
         if !resubmit.is_empty() {
             self.config.device.requests_recovered(index, resubmit.len());
         }
@@ -610,6 +623,10 @@ impl Connection {
     /// connection, and a reconnecting frontend would meet the same failure again, forever.
     fn start_or_refuse(&mut self, index: u16) {
         if let Err(e) = self.try_start(index) {
+            if self.storage_busy.is_some() {
+                // Said already; the serving thread closes the connection.
+                return;
+            }
             tracing::error!(
                 queue = index,
                 "queue {index} cannot start ({e}); it stays stopped and the connection stays open"
@@ -826,6 +843,13 @@ impl Connection {
     /// The backend request channel, if the frontend gave one.
     pub fn backend_channel(&self) -> Option<Arc<BackendChannel>> {
         self.backend_channel.clone()
+    }
+
+    /// Why the connection is to be closed, once: a queue could not start because another
+    /// user holds the storage ([`crate::Error::StorageBusy`]); a frontend that reconnects
+    /// tries again.
+    pub fn take_storage_busy(&mut self) -> Option<String> {
+        self.storage_busy.take()
     }
 
     /// The negotiated virtio and protocol features.

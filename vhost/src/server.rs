@@ -686,6 +686,16 @@ fn serve_connection(
     let connected_at = Instant::now();
     let mut stopped = false;
     loop {
+        // A queue found its storage held by another user (at the last message, or when a
+        // resumed connection's queues started): closed, so that the frontend comes back.
+        let busy = connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_storage_busy();
+        if let Some(why) = busy {
+            tracing::warn!("{name}: closing the connection: a queue cannot start: {why}");
+            break;
+        }
         let timeout = if spoke {
             None
         } else {

@@ -46,6 +46,10 @@ impl Backend for DelayBackend {
         self.inner.grow(bytes)
     }
 
+    fn image(&self) -> Option<(&std::fs::File, &std::path::Path)> {
+        self.inner.image()
+    }
+
     fn open_queue(&self, poller: u64) -> Result<Queue> {
         Ok(Queue::from(DelayQueue {
             inner: self.inner.open_queue(poller)?,

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -43,6 +43,8 @@ pub struct FileBackend {
     growing: std::sync::Mutex<()>,
     /// "file backend PATH", for errors.
     name: String,
+    /// Where it was opened, for its image lock.
+    path: PathBuf,
 }
 
 /// Bytes of zeros one fallback write carries.
@@ -120,6 +122,7 @@ impl FileBackend {
             capacity: LiveCapacity::new(capacity / SECTOR),
             growing: std::sync::Mutex::new(()),
             name: format!("file backend {}", path.display()),
+            path: path.to_path_buf(),
             direct,
             buffered: Arc::new(buffered),
         })
@@ -136,6 +139,10 @@ impl FileBackend {
 impl Backend for FileBackend {
     fn info(&self) -> &BackendInfo {
         &self.info
+    }
+
+    fn image(&self) -> Option<(&File, &Path)> {
+        Some((&self.buffered, &self.path))
     }
 
     /// Writes through the page cache (unaligned buffers, filesystems without O_DIRECT) sit

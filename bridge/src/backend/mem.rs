@@ -2,7 +2,7 @@
 //! process: what the kill-and-restart tests need.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::created::Creating;
@@ -23,6 +23,8 @@ pub struct MemBackend {
     capacity: LiveCapacity,
     /// "mem backend PATH", for errors.
     name: String,
+    /// Where it was opened, for its image lock.
+    path: PathBuf,
 }
 
 impl MemBackend {
@@ -55,6 +57,7 @@ impl MemBackend {
             ),
             capacity: LiveCapacity::new(size / SECTOR),
             name: format!("mem backend {}", path.display()),
+            path: path.to_path_buf(),
         })
     }
 
@@ -75,6 +78,10 @@ impl Backend for MemBackend {
 
     fn info(&self) -> &BackendInfo {
         &self.info
+    }
+
+    fn image(&self) -> Option<(&File, &Path)> {
+        Some((&self.file, &self.path))
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {

@@ -190,6 +190,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// The file a backend serves (and where it was opened), for the image lock QEMU honours
+    /// ([`crate::image_lock`]); `None` for storage that is not a file of this host's.
+    fn image(&self) -> Option<(&std::fs::File, &std::path::Path)> {
+        None
+    }
+
     /// Capacity in 512-byte sectors now (it changes with [`Backend::grow`]).
     fn capacity_sectors(&self) -> u64 {
         self.live_capacity()
