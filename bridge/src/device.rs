@@ -16,7 +16,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use crate::backend::{Backend, BackendQueue, LiveCapacity, Queue, Submitted};
-use crate::image_lock::{DeviceImageLock, ImageInUse};
+use crate::image_lock::ImageInUse;
 use crate::limits::{Limiter, LiveLimits, RateLimits};
 use crate::request::{self, Limits, Operation, Request, Verdict, MAX_DISCARD_SEGMENTS};
 use crate::stats::{DeviceStats, IoKind, QueueStats};
@@ -41,9 +41,9 @@ pub struct BlkDevice {
     shape: Arc<LiveShape>,
     rate_limits: Arc<LiveLimits>,
     stats: Arc<DeviceStats>,
-    /// The lock QEMU honours on the backend's image, held while queues run (None: the
-    /// backend is not a file of this host's, or its fd could not be duplicated).
-    image: Option<Arc<DeviceImageLock>>,
+    /// Unique in the process: names the device among the users of its backend's image
+    /// lock.
+    id: u64,
 }
 
 /// The device's settings that change under running queues: each queue compares
@@ -78,18 +78,12 @@ impl BlkDevice {
         let writeback = Arc::new(AtomicBool::new(backend.info().flush));
         let shape = Arc::new(LiveShape {
             generation: AtomicU64::new(0),
-            read_only: AtomicBool::new(false),
+            read_only: AtomicBool::new(backend.info().read_only),
             capacity: backend.live_capacity(),
             discard: backend.info().discard,
             write_zeroes: backend.info().write_zeroes,
         });
-        let image = backend.image().and_then(|(file, path)| {
-            DeviceImageLock::new(file, path)
-                .inspect_err(|e| {
-                    tracing::warn!("{e}: the image will be served without QEMU's image lock")
-                })
-                .ok()
-        });
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             backend,
             num_queues,
@@ -98,7 +92,7 @@ impl BlkDevice {
             shape,
             rate_limits: Arc::new(LiveLimits::default()),
             stats: Arc::new(DeviceStats::new(num_queues)),
-            image,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -134,12 +128,18 @@ impl BlkDevice {
     /// Refused (nothing changed) when queues run and the image lock cannot follow: another
     /// user of the image does not let it be written.
     pub fn set_read_only(&self, on: bool) -> crate::Result<()> {
+        if !on && self.backend.info().read_only {
+            return Err(crate::Error::BadArgument(format!(
+                "{} is opened read-only: its controllers cannot be made writable (recreate the backend without readonly)",
+                self.backend.info().description
+            )));
+        }
         let apply = || {
             self.shape.read_only.store(on, Ordering::Relaxed);
             self.shape.changed();
         };
-        match &self.image {
-            Some(image) => image.set_writable(!on, apply),
+        match self.backend.image_lock() {
+            Some(image) => image.set_writable(self.id, !on, apply),
             None => {
                 apply();
                 Ok(())
@@ -150,8 +150,8 @@ impl BlkDevice {
     /// Why the device's queues would be refused if they started now: another user holds
     /// its image (QEMU's image lock); `None` when nothing stops them.
     pub fn image_conflict(&self) -> Option<crate::Error> {
-        self.image
-            .as_ref()
+        self.backend
+            .image_lock()
             .and_then(|image| image.conflict(!self.is_read_only()))
     }
 
@@ -241,8 +241,8 @@ impl BlkDevice {
         let shape_seen = self.shape.generation();
         let limits = self.limits();
         // The image lock before the backend queue: a refused start opens nothing.
-        let image = match &self.image {
-            Some(image) => Some(image.enter(|| !self.is_read_only())?),
+        let image = match self.backend.image_lock() {
+            Some(image) => Some(image.enter(self.id, || !self.is_read_only())?),
             None => None,
         };
         let backend = self.backend.open_queue(setup.poller)?;
@@ -656,6 +656,12 @@ impl RequestHandler for BlkQueue {
 
     fn in_flight(&self) -> usize {
         self.backend.in_flight()
+    }
+
+    /// The image lock is let go of here, not when the queue is dropped: a hand-over's
+    /// successor starts its queues as soon as this one's stop is reported.
+    fn stopped(&mut self) {
+        self.image = None;
     }
 }
 

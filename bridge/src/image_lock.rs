@@ -228,14 +228,15 @@ impl Drop for ImageLock {
 /// frontend while it waits for the reply.
 pub const START_WAIT: Duration = Duration::from_secs(2);
 
-/// A device's image lock, held while any of its queues runs. QEMU takes an image's locks
-/// when it activates the disk and gives them up when a migration hands the disk over to
-/// the destination; a device's rings start and stop at the same moments (a migration's
-/// switch-over stops the source's rings before the destination starts its own; a
-/// hand-over's old process stops its rings before the new one starts them). A target
-/// that serves no frontend holds nothing, like a QEMU waiting with `-incoming`.
+/// A backend's image lock, held while any queue of any controller on it runs. QEMU takes an
+/// image's locks when it activates the disk and gives them up when a migration hands the
+/// disk over to the destination; a controller's rings start and stop at the same moments
+/// (a migration's switch-over stops the source's rings before the destination starts its
+/// own; a hand-over's old process stops its rings before the new one starts them). A target
+/// that serves no frontend holds nothing, like a QEMU waiting with `-incoming`. Writable
+/// while any running controller is.
 #[derive(Debug)]
-pub struct DeviceImageLock {
+pub struct BackendImageLock {
     file: File,
     path: PathBuf,
     held: Mutex<Held>,
@@ -243,15 +244,26 @@ pub struct DeviceImageLock {
 
 #[derive(Debug, Default)]
 struct Held {
-    users: usize,
+    /// The controllers with running queues.
+    users: Vec<User>,
     lock: Option<ImageLock>,
 }
 
-/// One running queue's share of its device's image lock; the last one dropped unlocks.
 #[derive(Debug)]
-pub struct ImageInUse(Arc<DeviceImageLock>);
+struct User {
+    device: u64,
+    queues: usize,
+    writable: bool,
+}
 
-impl DeviceImageLock {
+/// One running queue's share of its backend's image lock; the last one dropped unlocks.
+#[derive(Debug)]
+pub struct ImageInUse {
+    lock: Arc<BackendImageLock>,
+    device: u64,
+}
+
+impl BackendImageLock {
     /// The lock of the image `file` (opened at `path`), not yet taken.
     pub fn new(file: &File, path: &Path) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
@@ -267,45 +279,95 @@ impl DeviceImageLock {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A queue starts: the first one takes the lock (writable when `writable()` says so,
-    /// asked under the lock so that a concurrent [`DeviceImageLock::set_writable`] is seen
-    /// by one or the other), waiting up to [`START_WAIT`] for another user to let go.
-    pub fn enter(self: &Arc<Self>, writable: impl FnOnce() -> bool) -> Result<ImageInUse> {
-        let mut held = self.held();
-        if held.users == 0 {
-            held.lock = Some(ImageLock::acquire_within(
-                &self.file,
-                &self.path,
-                writable(),
-                START_WAIT,
-            )?);
+    /// Makes the lock what the running controllers need: none, read, or read and write.
+    /// Taking it waits up to [`START_WAIT`] for another user to let go. Refused, the lock
+    /// is as it was.
+    fn follow(&self, held: &mut Held) -> Result<()> {
+        let writable = held.users.iter().any(|u| u.writable);
+        match (&mut held.lock, held.users.is_empty()) {
+            (None, true) => Ok(()),
+            (Some(_), true) => {
+                held.lock = None;
+                Ok(())
+            }
+            (None, false) => {
+                held.lock = Some(ImageLock::acquire_within(
+                    &self.file, &self.path, writable, START_WAIT,
+                )?);
+                Ok(())
+            }
+            (Some(lock), false) => lock.set_writable(&self.path, writable),
         }
-        held.users += 1;
-        Ok(ImageInUse(self.clone()))
     }
 
-    /// The device becomes writable or read-only: `apply` makes the change once the lock
-    /// (if queues hold it) allows it; refused, nothing changes.
-    pub fn set_writable(&self, writable: bool, apply: impl FnOnce()) -> Result<()> {
+    /// A queue of controller `device` starts: the lock is taken (or made writable) as the
+    /// controller needs, `writable()` asked under the lock so that a concurrent
+    /// [`BackendImageLock::set_writable`] is seen by one or the other. Refused, nothing
+    /// changed.
+    pub fn enter(
+        self: &Arc<Self>,
+        device: u64,
+        writable: impl FnOnce() -> bool,
+    ) -> Result<ImageInUse> {
         let mut held = self.held();
-        if let Some(lock) = &mut held.lock {
-            lock.set_writable(&self.path, writable)?;
+        let index = match held.users.iter().position(|u| u.device == device) {
+            Some(i) => i,
+            None => {
+                let writable = writable();
+                held.users.push(User {
+                    device,
+                    queues: 0,
+                    writable,
+                });
+                held.users.len() - 1
+            }
+        };
+        held.users[index].queues += 1;
+        if let Err(e) = self.follow(&mut held) {
+            Self::leave(&mut held, device);
+            return Err(e);
+        }
+        Ok(ImageInUse {
+            lock: self.clone(),
+            device,
+        })
+    }
+
+    fn leave(held: &mut Held, device: u64) {
+        if let Some(i) = held.users.iter().position(|u| u.device == device) {
+            held.users[i].queues -= 1;
+            if held.users[i].queues == 0 {
+                held.users.swap_remove(i);
+            }
+        }
+    }
+
+    /// Controller `device` becomes writable or read-only: `apply` makes the change once
+    /// the lock (if its queues hold it) allows it; refused, nothing changes.
+    pub fn set_writable(&self, device: u64, writable: bool, apply: impl FnOnce()) -> Result<()> {
+        let mut held = self.held();
+        if let Some(i) = held.users.iter().position(|u| u.device == device) {
+            let before = std::mem::replace(&mut held.users[i].writable, writable);
+            if let Err(e) = self.follow(&mut held) {
+                held.users[i].writable = before;
+                return Err(e);
+            }
         }
         apply();
         Ok(())
     }
 
-    /// Whether queues hold the lock now.
+    /// Whether running queues hold the lock now.
     pub fn is_held(&self) -> bool {
         self.held().lock.is_some()
     }
 
-    /// Who stops the lock from being taken now, if anyone: for a warning when a device is
-    /// created (its queues will be refused until that user lets go). Tries the lock and
+    /// Who stops the lock from being taken now, if anyone: for a warning when a controller
+    /// is created (its queues will be refused until that user lets go). Tries the lock and
     /// lets go at once; `None` while queues of ours hold it.
     pub fn conflict(&self, writable: bool) -> Option<Error> {
-        // Held through the try: the try's locks are on the same open file description as a
-        // queue's, and letting go of them would unlock the queue's too.
+        // Held through the try: the try's locks are on the same open file description as
+        // the queues', and letting go of them would unlock the queues' too.
         let held = self.held();
         if held.lock.is_some() {
             return None;
@@ -316,10 +378,11 @@ impl DeviceImageLock {
 
 impl Drop for ImageInUse {
     fn drop(&mut self) {
-        let mut held = self.0.held();
-        held.users -= 1;
-        if held.users == 0 {
-            held.lock = None;
+        let mut held = self.lock.held();
+        BackendImageLock::leave(&mut held, self.device);
+        // Letting go, or giving up write, is never refused by another user.
+        if let Err(e) = self.lock.follow(&mut held) {
+            tracing::warn!("{}: {e}", self.lock.path.display());
         }
     }
 }
@@ -443,40 +506,74 @@ mod tests {
         let _writer = ImageLock::acquire(&c, &img.0, true).unwrap();
     }
 
-    /// The device's lock is taken by its first queue, kept while any runs, let go with the
-    /// last; a switch to writable is refused (and changes nothing) while another user reads
-    /// the image, and allowed once it is gone.
+    /// The lock is taken by the first queue, kept while any runs, let go with the last; a
+    /// switch to writable is refused (and changes nothing) while another user reads the
+    /// image, and allowed once it is gone; two controllers on one backend share it, writable
+    /// while either is.
     #[test]
-    fn a_device_lock_follows_its_queues_and_its_read_only_setting() {
+    fn a_backend_lock_follows_its_queues_and_their_read_only_settings() {
         let img = Scratch::new("device");
-        let device = DeviceImageLock::new(&img.open(), &img.0).unwrap();
+        let backend = BackendImageLock::new(&img.open(), &img.0).unwrap();
         let other = img.open();
-        assert!(device.conflict(true).is_none(), "nobody else uses it yet");
-        let first = device.enter(|| false).unwrap();
-        let second = device.enter(|| unreachable!("asked only by the first")).unwrap();
-        assert!(device.is_held());
+        assert!(backend.conflict(true).is_none(), "nobody else uses it yet");
+        let first = backend.enter(1, || false).unwrap();
+        let second = backend
+            .enter(1, || unreachable!("asked only by the first"))
+            .unwrap();
+        assert!(backend.is_held());
         // Read-only beside another reader.
         let reader = ImageLock::acquire(&other, &img.0, false).unwrap();
         let mut applied = false;
-        let e = device
-            .set_writable(true, || applied = true)
+        let e = backend
+            .set_writable(1, true, || applied = true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("is in use") && !applied, "{e}");
+        let e = backend.enter(2, || true).unwrap_err().to_string();
+        assert!(
+            e.contains("is in use"),
+            "a writable controller beside the reader: {e}"
+        );
         drop(reader);
-        device.set_writable(true, || applied = true).unwrap();
+        backend.set_writable(1, true, || applied = true).unwrap();
         assert!(applied);
         assert!(
             ImageLock::acquire(&other, &img.0, false).is_err(),
-            "a reader beside the device now writing"
+            "a reader beside the controller now writing"
         );
+        // A read-only controller on the same backend; the writable one goes: read-only left.
+        backend.set_writable(1, false, || ()).unwrap();
+        let writer_queue = backend.enter(3, || true).unwrap();
         drop(first);
-        assert!(device.is_held(), "one queue still runs");
         drop(second);
-        assert!(!device.is_held());
+        assert!(ImageLock::acquire(&other, &img.0, false).is_err());
+        drop(writer_queue);
+        assert!(!backend.is_held());
         let _writer = ImageLock::acquire(&other, &img.0, true).unwrap();
-        let e = device.conflict(true).expect("another writer").to_string();
+        let e = backend.conflict(true).expect("another writer").to_string();
         assert!(e.contains("is in use"), "{e}");
+    }
+
+    /// Two controllers on one backend, one read-only: while only the read-only one runs the
+    /// image is shared with other readers; the lock is one (letting go of one controller's
+    /// queues does not unlock the other's).
+    #[test]
+    fn controllers_sharing_a_backend_share_its_lock() {
+        let img = Scratch::new("shared");
+        let backend = BackendImageLock::new(&img.open(), &img.0).unwrap();
+        let other = img.open();
+        let reading = backend.enter(1, || false).unwrap();
+        let writing = backend.enter(2, || true).unwrap();
+        assert!(ImageLock::acquire(&other, &img.0, false).is_err());
+        drop(writing);
+        let reader = ImageLock::acquire(&other, &img.0, false).expect("read-only left");
+        drop(reader);
+        assert!(
+            ImageLock::acquire(&other, &img.0, true).is_err(),
+            "the read-only controller still holds its part"
+        );
+        drop(reading);
+        let _writer = ImageLock::acquire(&other, &img.0, true).unwrap();
     }
 
     /// A queue starting while a predecessor still holds the image waits for it to let go
@@ -485,13 +582,13 @@ mod tests {
     fn a_starting_queue_waits_for_a_predecessor_to_let_go() {
         let img = Scratch::new("wait");
         let predecessor = ImageLock::acquire(&img.open(), &img.0, true).unwrap();
-        let device = DeviceImageLock::new(&img.open(), &img.0).unwrap();
+        let backend = BackendImageLock::new(&img.open(), &img.0).unwrap();
         let letting_go = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             drop(predecessor);
         });
         let start = Instant::now();
-        let _queue = device.enter(|| true).unwrap();
+        let _queue = backend.enter(1, || true).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(250));
         letting_go.join().unwrap();
     }

@@ -47,6 +47,10 @@ pub enum BackendSpec {
         /// Create or grow the file to this many bytes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
+        /// Open it for reading only (O_RDONLY, a shared image lock): a golden image, or one
+        /// the operator may only read. Controllers on it are read-only.
+        #[serde(default, skip_serializing_if = "is_false")]
+        readonly: bool,
     },
     /// A disk that stores nothing (benchmarks of the path itself).
     Null {
@@ -92,6 +96,10 @@ pub enum BackendSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         keyring: Option<PathBuf>,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -211,10 +219,17 @@ impl FromStr for BackendSpec {
             ["file", path] if !path.is_empty() => Ok(BackendSpec::File {
                 path: PathBuf::from(path),
                 size: None,
+                readonly: false,
+            }),
+            ["file", path, "ro"] if !path.is_empty() => Ok(BackendSpec::File {
+                path: PathBuf::from(path),
+                size: None,
+                readonly: true,
             }),
             ["file", path, size] if !path.is_empty() => Ok(BackendSpec::File {
                 path: PathBuf::from(path),
                 size: Some(parse_size(size)?),
+                readonly: false,
             }),
             _ => Err(bad("unknown kind or missing fields")),
         }
@@ -257,7 +272,24 @@ impl BackendSpec {
     ) -> Result<Arc<dyn Backend>> {
         Ok(match self {
             BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
-            BackendSpec::File { path, size } => Arc::new(FileBackend::open(path, *size)?),
+            BackendSpec::File {
+                path,
+                size,
+                readonly: false,
+            } => Arc::new(FileBackend::open(path, *size)?),
+            BackendSpec::File {
+                path,
+                size: None,
+                readonly: true,
+            } => Arc::new(FileBackend::open_read_only(path)?),
+            BackendSpec::File {
+                path,
+                size: Some(_),
+                readonly: true,
+            } => return Err(Error::BadArgument(format!(
+                "file backend {}: a read-only image is not created or grown; leave out the size",
+                path.display()
+            ))),
             BackendSpec::Null { size } => Arc::new(NullBackend::new(*size)?),
             BackendSpec::Nvme {
                 address,
@@ -410,15 +442,39 @@ mod tests {
             "file:/tmp/disk.img".parse::<BackendSpec>().unwrap(),
             BackendSpec::File {
                 path: "/tmp/disk.img".into(),
-                size: None
+                size: None,
+                readonly: false,
             }
         );
         assert_eq!(
             "file:/tmp/d:1G".parse::<BackendSpec>().unwrap(),
             BackendSpec::File {
                 path: "/tmp/d".into(),
-                size: Some(1 << 30)
+                size: Some(1 << 30),
+                readonly: false,
             }
+        );
+        let golden = "file:/srv/golden.img:ro".parse::<BackendSpec>().unwrap();
+        assert_eq!(
+            golden,
+            BackendSpec::File {
+                path: "/srv/golden.img".into(),
+                size: None,
+                readonly: true,
+            }
+        );
+        let json = serde_json::to_value(&golden).unwrap();
+        assert_eq!(json["readonly"], true, "{json}");
+        assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), golden);
+        let plain = serde_json::to_value(BackendSpec::File {
+            path: "/x".into(),
+            size: None,
+            readonly: false,
+        })
+        .unwrap();
+        assert!(
+            plain.get("readonly").is_none(),
+            "written only when set: {plain}"
         );
         let nvme = "nvme:0000:00:04.0".parse::<BackendSpec>().unwrap();
         assert_eq!(

@@ -1004,9 +1004,20 @@ impl Target {
                 path: path.clone(),
                 size,
             },
+            BackendSpec::File {
+                readonly: true,
+                path,
+                ..
+            } => {
+                return Err(Error::BadArgument(format!(
+                    "backend {name}: {} is opened read-only; a read-only image is not resized",
+                    path.display()
+                )))
+            }
             BackendSpec::File { path, .. } => BackendSpec::File {
                 path: path.clone(),
                 size: Some(size),
+                readonly: false,
             },
             BackendSpec::Null { .. } => BackendSpec::Null { size },
             BackendSpec::Nvme { .. } => {

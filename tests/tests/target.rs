@@ -1710,9 +1710,8 @@ impl QemuHolding {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
             return false;
         };
-        fds.flatten().any(|fd| {
-            std::fs::read_to_string(fd.path()).is_ok_and(|info| info.contains("OFDLCK"))
-        })
+        fds.flatten()
+            .any(|fd| std::fs::read_to_string(fd.path()).is_ok_and(|info| info.contains("OFDLCK")))
     }
 }
 
@@ -1772,7 +1771,11 @@ fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
     let holder = format!("in use by vfblk-bridge (pid {})", first.child.id());
     log_with(&second.log(), &holder, Duration::from_secs(5));
     let second_load = loadgen(&second.socket("d"), UNTIL_STOPPED_SECONDS, &[]);
-    log_with(&second.log(), "closing the connection", Duration::from_secs(10));
+    log_with(
+        &second.log(),
+        "closing the connection",
+        Duration::from_secs(10),
+    );
     let qemu_write = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 512"])
         .arg(&image)
@@ -1795,7 +1798,10 @@ fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
     assert_clean(&r, "first");
     let served = Instant::now() + Duration::from_secs(20);
     while second.call("stats", json!({}))["controllers"][0]["writes"] == 0 {
-        assert!(Instant::now() < served, "the second target serves once the first let go");
+        assert!(
+            Instant::now() < served,
+            "the second target serves once the first let go"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -1809,7 +1815,14 @@ fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
         let refused = Command::new(bin("vfblk-loadgen"))
             .arg("--socket")
             .arg(first.socket("d"))
-            .args(["--rw", "write", "--seconds", "1", "--reconnect-timeout-s", "3"])
+            .args([
+                "--rw",
+                "write",
+                "--seconds",
+                "1",
+                "--reconnect-timeout-s",
+                "3",
+            ])
             .output()
             .unwrap();
         let text = std::fs::read_to_string(first.log()).unwrap();
@@ -1818,9 +1831,129 @@ fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
             break;
         }
         // qemu-io had not locked it yet: served, or refused by something else.
-        assert!(Instant::now() < locked, "qemu-io never kept the frontend out:\n{text}");
+        assert!(
+            Instant::now() < locked,
+            "qemu-io never kept the frontend out:\n{text}"
+        );
     }
     drop(qemu);
     let r = report(loadgen(&first.socket("d"), 1.0, &[]), "after qemu-io");
     assert_clean(&r, "after qemu-io");
+}
+
+/// A read-only backend: the image is opened for reading only (every fd the target has on it
+/// is O_RDONLY), its controller serves reads and fails writes, the image is unchanged, a
+/// reading QEMU shares it while a writing one is refused, and the controller cannot be made
+/// writable nor the backend resized or created with a size.
+#[test]
+fn a_read_only_backend_opens_its_image_for_reading_only() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("readonly-backend", 1);
+    let image = target.dir.join("golden.img");
+    let content: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &content).unwrap();
+    let spec = json!({"name": "g", "kind": "file", "path": image, "readonly": true});
+    let mut sized = spec.clone();
+    sized["size"] = json!(32 << 20);
+    let e = target
+        .client()
+        .call("backend_create", sized)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only image is not created"), "{e}");
+    assert_eq!(
+        file_len(&image),
+        16 << 20,
+        "the refused create grew nothing"
+    );
+    target.call("backend_create", spec);
+    target.call(
+        "vhost_blk_create",
+        json!({"name": "g", "socket": target.socket("g"), "backend": "g"}),
+    );
+    let fds_on_image: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", target.child.id()))
+        .unwrap()
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == image))
+        .map(|fd| {
+            let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", target.child.id(), {
+                fd.file_name().to_string_lossy()
+            }))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            u32::from_str_radix(flags, 8).unwrap()
+        })
+        .collect();
+    assert!(!fds_on_image.is_empty(), "the target has the image open");
+    for flags in &fds_on_image {
+        assert_eq!(flags & 3, 0, "O_RDONLY, not {flags:o}");
+    }
+    let run = |rw: &str, seconds: &str| -> Child {
+        Command::new(bin("vfblk-loadgen"))
+            .arg("--socket")
+            .arg(target.socket("g"))
+            .args(["--rw", rw, "--json", "--qd", "8", "--seconds", seconds])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let writes = report(run("write", "1"), "writes");
+    assert!(writes["ios"].as_u64().unwrap() > 0, "{writes}");
+    assert_eq!(
+        writes["failed"], writes["ios"],
+        "no write succeeded: {writes}"
+    );
+    let reads = run("read", &UNTIL_STOPPED_SECONDS.to_string());
+    let reading = Instant::now() + Duration::from_secs(20);
+    while target.call("stats", json!({}))["controllers"][0]["reads"] == 0 {
+        assert!(Instant::now() < reading, "reads are served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let qemu = |args: &[&str]| {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(&image)
+            .output()
+            .unwrap()
+    };
+    let shared_read = qemu(&["-r", "-c", "read 0 512"]);
+    assert!(
+        shared_read.status.success(),
+        "a reading QEMU beside a read-only backend: {}",
+        String::from_utf8_lossy(&shared_read.stderr)
+    );
+    let write = qemu(&["-c", "write 0 512"]);
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success() && stderr.contains("lock"),
+        "a writing QEMU beside a read-only backend: {stderr}"
+    );
+    let e = target
+        .client()
+        .call(
+            "vhost_blk_set_readonly",
+            json!({"name": "g", "readonly": false}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("opened read-only"), "{e}");
+    let e = target
+        .client()
+        .call("backend_resize", json!({"name": "g", "size": 32 << 20}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not resized"), "{e}");
+    let r = stop_and_report(reads, "reads");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        std::fs::read(&image).unwrap() == content,
+        "the image is as it was"
+    );
 }

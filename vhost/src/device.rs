@@ -107,6 +107,10 @@ pub trait RequestHandler: Send {
     fn poll(&mut self, finished: &mut Finished) -> usize;
     /// Chains started and not yet reported.
     fn in_flight(&self) -> usize;
+    /// The queue stopped (drained, or given up on): let go of what a successor process or
+    /// a migration's destination will want at once (an image lock), before the stop is
+    /// reported. The handler itself is dropped later, off the stop's path.
+    fn stopped(&mut self) {}
 }
 
 /// A virtqueue's handler as its poller holds it: one dynamic call per queue per loop (the
@@ -123,6 +127,8 @@ pub trait QueueHandler: Send {
     /// The connection is gone: what was started is pushed out and what finished is added to
     /// `finished`, which the caller drops unpublished (the inflight region still lists it).
     fn finish_unpublished(&mut self, finished: &mut Finished);
+    /// [`RequestHandler::stopped`].
+    fn stopped(&mut self);
 }
 
 impl<H: RequestHandler> QueueHandler for H {
@@ -141,6 +147,10 @@ impl<H: RequestHandler> QueueHandler for H {
     fn finish_unpublished(&mut self, finished: &mut Finished) {
         self.flush();
         self.poll(finished);
+    }
+
+    fn stopped(&mut self) {
+        RequestHandler::stopped(self)
     }
 }
 

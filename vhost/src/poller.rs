@@ -439,12 +439,7 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
                         let mut kept = Vec::new();
                         for mut q in queues.drain(..) {
                             if q.owner == owner && index.is_none_or(|i| i == q.index()) {
-                                let stopped = q.stop(publish);
-                                // Dropped before the reply: what the handler holds (an
-                                // image lock, a backend queue) is let go of by the time
-                                // the stop returns, e.g. for a successor process.
-                                drop(q);
-                                let _ = reply.send(stopped);
+                                let _ = reply.send(q.stop(publish));
                             } else {
                                 kept.push(q);
                             }
@@ -651,6 +646,8 @@ impl QueueRuntime {
             std::thread::yield_now();
         }
         self.ring.errors().flush();
+        // Before the stop is reported: a successor may want the image lock at once.
+        self.handler.stopped();
         QueueStopped {
             index: self.ring.index(),
             base: self.ring.base(),

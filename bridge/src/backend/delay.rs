@@ -46,8 +46,8 @@ impl Backend for DelayBackend {
         self.inner.grow(bytes)
     }
 
-    fn image(&self) -> Option<(&std::fs::File, &std::path::Path)> {
-        self.inner.image()
+    fn image_lock(&self) -> Option<&std::sync::Arc<crate::image_lock::BackendImageLock>> {
+        self.inner.image_lock()
     }
 
     fn open_queue(&self, poller: u64) -> Result<Queue> {

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::created::Creating;
 use super::{check_grow, Backend, BackendInfo, BackendQueue, LiveCapacity, Queue};
+use crate::image_lock::BackendImageLock;
 use crate::request::MAX_SEGMENTS;
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
@@ -43,8 +44,8 @@ pub struct FileBackend {
     growing: std::sync::Mutex<()>,
     /// "file backend PATH", for errors.
     name: String,
-    /// Where it was opened, for its image lock.
-    path: PathBuf,
+    /// The lock QEMU honours on the image.
+    image_lock: Arc<BackendImageLock>,
 }
 
 /// Bytes of zeros one fallback write carries.
@@ -62,24 +63,42 @@ impl FileBackend {
                 bytes,
             });
         }
-        let io = |what: &str| {
-            let what = format!("{what} {}", path.display());
-            move |source| Error::Io { what, source }
-        };
-        let mut file = Creating::open(path, size.is_some()).map_err(io("opening"))?;
-        let meta = file.file().metadata().map_err(io("stat of"))?;
+        let mut file = Creating::open(path, size.is_some()).map_err(io(path, "opening"))?;
+        if let Some(size) = size {
+            let meta = file.file().metadata().map_err(io(path, "stat of"))?;
+            if !meta.file_type().is_block_device() {
+                file.grow_to(size).map_err(io(path, "sizing"))?;
+            }
+        }
+        let backend = Self::serve(file.file(), path, false)?;
+        // Only now is the file the backend's: a failure above removed or cut it back.
+        let _ = file.commit();
+        Ok(backend)
+    }
+
+    /// Opens the existing file or block device at `path` for reading only (O_RDONLY): the
+    /// disk refuses writes, discards and write zeroes, and its image lock lets other readers
+    /// (a QEMU with `readonly=on`) share it.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(io(path, "opening (read-only)"))?;
+        Self::serve(&file, path, true)
+    }
+
+    /// The backend over `file`, open at `path` (for writing unless `read_only`).
+    fn serve(file: &File, path: &Path, read_only: bool) -> Result<Self> {
+        let meta = file.metadata().map_err(io(path, "stat of"))?;
         let capacity = if meta.file_type().is_block_device() {
             let mut bytes: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes a u64.
-            if unsafe { libc::ioctl(file.file().as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
-                return Err(io("BLKGETSIZE64 on")(std::io::Error::last_os_error()));
+            if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
+                return Err(io(path, "BLKGETSIZE64 on")(std::io::Error::last_os_error()));
             }
             bytes
         } else {
-            if let Some(size) = size {
-                file.grow_to(size).map_err(io("sizing"))?;
-            }
-            file.file().metadata().map_err(io("stat of"))?.len()
+            meta.len()
         };
         if capacity < SECTOR {
             return Err(Error::BadSize {
@@ -87,46 +106,60 @@ impl FileBackend {
                 bytes: capacity,
             });
         }
+        let buffered = file
+            .try_clone()
+            .map_err(io(path, "duplicating the fd of"))?;
         // O_DIRECT fails on some filesystems (tmpfs): then every request goes buffered.
         let direct = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()
             .map(Arc::new);
-        let buffered = file.commit();
+        // Discard and write zeroes change the image: not for a read-only one, nor for a
+        // block device (its own discard is not ours to promise).
+        let changes_extents = !read_only && !meta.file_type().is_block_device();
         Ok(Self {
             info: BackendInfo {
                 description: format!(
-                    "file:{} ({} MiB, {})",
+                    "file:{} ({} MiB, {}{})",
                     path.display(),
                     capacity >> 20,
                     if direct.is_some() {
                         "O_DIRECT for aligned buffers, io_uring"
                     } else {
                         "buffered, io_uring"
-                    }
+                    },
+                    if read_only { ", read-only" } else { "" }
                 ),
                 capacity_sectors: capacity / SECTOR,
                 block_size: 512,
                 // Page-cache and O_DIRECT granularity: smaller writes read-modify-write.
                 physical_block_size: 4096,
                 optimal_io_size: 0,
-                flush: true,
-                discard: !meta.file_type().is_block_device(),
-                write_zeroes: !meta.file_type().is_block_device(),
+                // Nothing is written through a read-only image, so nothing is to flush.
+                flush: !read_only,
+                discard: changes_extents,
+                write_zeroes: changes_extents,
+                read_only,
             },
-            zero_range: Arc::new(AtomicBool::new(!meta.file_type().is_block_device())),
+            zero_range: Arc::new(AtomicBool::new(changes_extents)),
             regular: meta.file_type().is_file(),
             capacity: LiveCapacity::new(capacity / SECTOR),
             growing: std::sync::Mutex::new(()),
             name: format!("file backend {}", path.display()),
-            path: path.to_path_buf(),
+            image_lock: BackendImageLock::new(&buffered, path)?,
             direct,
             buffered: Arc::new(buffered),
         })
     }
+}
+
+/// An I/O error's context: what was done to which file.
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let what = format!("{what} {}", path.display());
+    move |source| Error::Io { what, source }
 }
 
 impl FileBackend {
@@ -141,8 +174,8 @@ impl Backend for FileBackend {
         &self.info
     }
 
-    fn image(&self) -> Option<(&File, &Path)> {
-        Some((&self.buffered, &self.path))
+    fn image_lock(&self) -> Option<&Arc<BackendImageLock>> {
+        Some(&self.image_lock)
     }
 
     /// Writes through the page cache (unaligned buffers, filesystems without O_DIRECT) sit
@@ -164,6 +197,11 @@ impl Backend for FileBackend {
     fn grow(&self, bytes: u64) -> Result<()> {
         let _one = self.growing.lock().unwrap_or_else(|e| e.into_inner());
         let what = &self.name;
+        if self.info.read_only {
+            return Err(Error::BadArgument(format!(
+                "{what}: opened read-only; a read-only image is not resized"
+            )));
+        }
         if !self.regular {
             return Err(Error::BadArgument(format!(
                 "{what}: not a regular file; a block device's size is its own (resize the device, then recreate the backend)"

@@ -2,11 +2,12 @@
 //! process: what the kill-and-restart tests need.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::created::Creating;
 use super::{check_grow, Backend, BackendInfo, ExecuteNow, FinishedAtSubmit, LiveCapacity, Queue};
+use crate::image_lock::BackendImageLock;
 use crate::request::{Operation, Request};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
@@ -23,8 +24,8 @@ pub struct MemBackend {
     capacity: LiveCapacity,
     /// "mem backend PATH", for errors.
     name: String,
-    /// Where it was opened, for its image lock.
-    path: PathBuf,
+    /// The lock QEMU honours on the image.
+    image_lock: Arc<BackendImageLock>,
 }
 
 impl MemBackend {
@@ -47,6 +48,7 @@ impl MemBackend {
             .len(size as usize)
             .map_raw(file.file())
             .map_err(io("mmap of"))?;
+        let image_lock = BackendImageLock::new(file.file(), path)?;
         let file = file.commit();
         Ok(Self {
             map: Arc::new(Mutex::new(Arc::new(map))),
@@ -57,7 +59,7 @@ impl MemBackend {
             ),
             capacity: LiveCapacity::new(size / SECTOR),
             name: format!("mem backend {}", path.display()),
-            path: path.to_path_buf(),
+            image_lock,
         })
     }
 
@@ -80,8 +82,8 @@ impl Backend for MemBackend {
         &self.info
     }
 
-    fn image(&self) -> Option<(&File, &Path)> {
-        Some((&self.file, &self.path))
+    fn image_lock(&self) -> Option<&Arc<BackendImageLock>> {
+        Some(&self.image_lock)
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {

@@ -50,6 +50,9 @@ pub struct BackendInfo {
     pub discard: bool,
     /// Write zeroes supported.
     pub write_zeroes: bool,
+    /// Opened for reading only: every controller on it is read-only, and cannot be made
+    /// writable.
+    pub read_only: bool,
 }
 
 impl BackendInfo {
@@ -64,6 +67,7 @@ impl BackendInfo {
             flush: true,
             discard: true,
             write_zeroes: true,
+            read_only: false,
         }
     }
 }
@@ -190,9 +194,10 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// The file a backend serves (and where it was opened), for the image lock QEMU honours
-    /// ([`crate::image_lock`]); `None` for storage that is not a file of this host's.
-    fn image(&self) -> Option<(&std::fs::File, &std::path::Path)> {
+    /// The lock QEMU honours on the image a backend serves ([`crate::image_lock`]), held
+    /// while queues of controllers on it run; `None` for storage that is not a file of this
+    /// host's.
+    fn image_lock(&self) -> Option<&Arc<crate::image_lock::BackendImageLock>> {
         None
     }
 

@@ -810,6 +810,7 @@ impl NvmeBackend {
             flush: id.has_volatile_write_cache(),
             discard: id.supports_dsm(),
             write_zeroes: id.supports_write_zeroes(),
+            read_only: false,
         };
         Ok(Self {
             ctrl,

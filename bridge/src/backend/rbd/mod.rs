@@ -692,6 +692,7 @@ impl RbdBackend {
             flush: true,
             discard: true,
             write_zeroes: true,
+            read_only: false,
         };
         let backend = Self {
             api,
