@@ -286,10 +286,12 @@ impl BackendSpec {
                 path,
                 size: Some(_),
                 readonly: true,
-            } => return Err(Error::BadArgument(format!(
+            } => {
+                return Err(Error::BadArgument(format!(
                 "file backend {}: a read-only image is not created or grown; leave out the size",
                 path.display()
-            ))),
+            )))
+            }
             BackendSpec::Null { size } => Arc::new(NullBackend::new(*size)?),
             BackendSpec::Nvme {
                 address,
