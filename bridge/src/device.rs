@@ -9,6 +9,7 @@ use vfblk_vhost::chain::{ChainCursor, ChainSource};
 use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
+use vfblk_vhost::packed::VIRTIO_F_RING_PACKED;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -267,7 +268,10 @@ impl Device for BlkDevice {
             | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
-            | (1 << VIRTIO_BLK_F_MQ);
+            | (1 << VIRTIO_BLK_F_MQ)
+            // Offered always, as virtio means it: the driver chooses (QEMU's `packed=on`,
+            // Linux since 5.0); one that does not ack it gets split rings as before.
+            | (1 << VIRTIO_F_RING_PACKED);
         if info.flush {
             // A volatile cache: flushes mean something, and the driver may choose
             // writethrough instead.
@@ -1096,6 +1100,7 @@ mod tests {
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_DISCARD,
             VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_F_RING_PACKED,
         ] {
             assert!(f & (1 << bit) != 0, "feature bit {bit}");
         }
