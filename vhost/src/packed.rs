@@ -589,8 +589,14 @@ pub(crate) mod tests {
             assert_eq!(g.walk(chain).unwrap(), shape, "round {round}");
             assert!(g.dev.push_used(id, round));
             assert_eq!(g.drv.pop_used().unwrap(), None, "not published yet");
+            assert!(!g.drv.has_used(), "not published yet");
             g.dev.publish_used();
+            assert!(
+                g.drv.has_used(),
+                "published: seen across the wrap, round {round}"
+            );
             assert_eq!(g.drv.pop_used().unwrap(), Some((id, round)));
+            assert!(!g.drv.has_used(), "taken");
             assert_eq!(g.dev.next_used(), g.drv.next_avail());
             assert_eq!(g.drv.last_used(), g.drv.next_avail());
         }

@@ -99,13 +99,17 @@ impl PackedDriverQueue {
         unsafe { &*(self.desc.add(usize::from(index)).cast::<u8>().add(14) as *const AtomicU16) }
     }
 
-    /// Writes `descriptors` (their AVAIL/USED bits are set here) at consecutive positions
-    /// and makes them available: every descriptor's flags with release, the first one's
-    /// last, so the device sees the whole chain at once.
-    fn publish(&mut self, descriptors: &[PackedDescriptor]) {
+    /// Writes `count` descriptors, the `i`th from `descriptor(i)` (their AVAIL/USED bits are
+    /// set here), at consecutive positions and makes them available: every descriptor's
+    /// flags with release, the first one's last, so the device sees the whole chain at once.
+    /// Built one at a time, so a chain costs no allocation (the load generator adds one per
+    /// request).
+    fn publish(&mut self, count: usize, mut descriptor: impl FnMut(usize) -> PackedDescriptor) {
         let start = self.next_avail;
         let mut pos = start;
-        for (i, d) in descriptors.iter().enumerate() {
+        let mut first_flags = None;
+        for i in 0..count {
+            let d = descriptor(i);
             let flags = (d.flags & !(avail_bits(true) | avail_bits(false))) | avail_bits(pos.wrap);
             // SAFETY: pos.index < size: inside the ring; the fields before the flags word.
             unsafe {
@@ -114,14 +118,14 @@ impl PackedDriverQueue {
                 std::ptr::addr_of_mut!((*slot).len).write_volatile(d.len);
                 std::ptr::addr_of_mut!((*slot).id).write_volatile(d.id);
             }
-            if i > 0 {
+            if i == 0 {
+                first_flags = Some(flags);
+            } else {
                 self.flags_atomic(pos.index).store(flags, Ordering::Release);
             }
             pos = pos.advance(1, self.size);
         }
-        if let Some(first) = descriptors.first() {
-            let flags =
-                (first.flags & !(avail_bits(true) | avail_bits(false))) | avail_bits(start.wrap);
+        if let Some(flags) = first_flags {
             self.flags_atomic(start.index)
                 .store(flags, Ordering::Release);
         }
@@ -136,20 +140,13 @@ impl PackedDriverQueue {
             return None;
         }
         let id = self.free_ids.pop()?;
-        let descriptors: Vec<PackedDescriptor> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let next = if i + 1 < buffers.len() {
-                    DESC_F_NEXT
-                } else {
-                    0
-                };
-                let write = if b.write { DESC_F_WRITE } else { 0 };
-                PackedDescriptor::new(b.gpa, b.len, id, next | write)
-            })
-            .collect();
-        self.publish(&descriptors);
+        let last = buffers.len() - 1;
+        self.publish(buffers.len(), |i| {
+            let b = buffers[i];
+            let next = if i < last { DESC_F_NEXT } else { 0 };
+            let write = if b.write { DESC_F_WRITE } else { 0 };
+            PackedDescriptor::new(b.gpa, b.len, id, next | write)
+        });
         self.take(id, n);
         Some(id)
     }
@@ -177,7 +174,9 @@ impl PackedDriverQueue {
             unsafe { table.cast::<PackedDescriptor>().add(i).write_volatile(d) };
         }
         let len = u32::try_from(16 * buffers.len()).ok()?;
-        self.publish(&[PackedDescriptor::new(table_gpa, len, id, DESC_F_INDIRECT)]);
+        self.publish(1, |_| {
+            PackedDescriptor::new(table_gpa, len, id, DESC_F_INDIRECT)
+        });
         self.take(id, 1);
         Some(id)
     }
@@ -190,7 +189,7 @@ impl PackedDriverQueue {
     /// Makes `descriptors` available exactly as given (ids and flags untouched but for
     /// AVAIL/USED), tracking nothing: hostile chains for tests.
     pub fn add_raw(&mut self, descriptors: &[PackedDescriptor]) {
-        self.publish(descriptors);
+        self.publish(descriptors.len(), |i| descriptors[i]);
     }
 
     /// The next used descriptor, if the device wrote one: (buffer id, bytes written). The
@@ -213,6 +212,13 @@ impl PackedDriverQueue {
         self.free_slots += count;
         self.last_used = at.advance(count, self.size);
         Ok(Some((d.id, d.len)))
+    }
+
+    /// Whether the device wrote a used descriptor we have not taken (what a driver checks
+    /// after asking for an interrupt, so one published just before is not missed).
+    pub fn has_used(&self) -> bool {
+        let at = self.last_used;
+        is_used(self.flags_atomic(at.index).load(Ordering::Acquire), at.wrap)
     }
 
     /// Tells the device when to notify us (the driver event structure; the position before
