@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::driver::{DriverBuffer, DriverQueue};
+use vfblk_vhost::packed::{Position, EVENT_BYTES, VIRTIO_F_RING_PACKED};
+use vfblk_vhost::packed_driver::{Interrupts, PackedDriverQueue};
 
 use crate::histogram::Histogram;
 use crate::patterns::mix;
@@ -97,6 +99,9 @@ pub struct Options {
     /// config changes on it as QEMU does: read the config space again (GET_CONFIG) before
     /// acknowledging, and use a grown disk's new blocks from then on.
     pub config_changes: bool,
+    /// Negotiate VIRTIO_F_RING_PACKED and drive packed virtqueues (virtio 1.1 §2.7);
+    /// split rings otherwise.
+    pub packed: bool,
 }
 
 /// Set by SIGINT or SIGTERM once [`stop_on_signals`] is in place.
@@ -163,6 +168,8 @@ pub struct Report {
     pub seconds: f64,
     /// Inflight tracking was in use.
     pub inflight: bool,
+    /// The rings were packed (VIRTIO_F_RING_PACKED negotiated).
+    pub packed: bool,
     /// First error messages (at most 10).
     pub errors: Vec<String>,
     /// With [`Options::dirty_log`]: what the log showed.
@@ -228,6 +235,7 @@ impl Report {
             "missed_interrupts": self.missed_interrupts,
             "reconnects": self.reconnects,
             "inflight": self.inflight,
+            "packed": self.packed,
             "pauses_ms": self.pauses_ms,
             "max_pause_ms": max_pause,
             "max_gap_ms": self.max_gap_ms,
@@ -285,12 +293,13 @@ impl Report {
             self.latency.max_ns() as f64 / 1000.0
         );
         out.push_str(&format!(
-            "verify errors {}, failed {}, lost {}, not-a-head {}; {} reconnect(s), inflight tracking {}, longest pause {:.1} ms\n",
+            "verify errors {}, failed {}, lost {}, not-a-head {}; {} reconnect(s), {} rings, inflight tracking {}, longest pause {:.1} ms\n",
             self.verify_errors,
             self.failed,
             self.lost,
             self.not_a_head,
             self.reconnects,
+            if self.packed { "packed" } else { "split" },
             if self.inflight { "on" } else { "off" },
             max_pause
         ));
@@ -315,8 +324,168 @@ struct Outstanding {
     issued: Instant,
 }
 
+/// A queue's rings in the layout negotiated. One match per ring operation: the split path
+/// does the work it did before this enum, behind a branch that always goes the same way.
+enum Rings {
+    Split(DriverQueue),
+    Packed(PackedDriverQueue),
+}
+
+impl Rings {
+    /// Bytes the rings of a `size`-entry queue take in this layout.
+    fn bytes(packed: bool, size: u16) -> usize {
+        if packed {
+            PackedDriverQueue::bytes(size)
+        } else {
+            DriverQueue::bytes(size)
+        }
+    }
+
+    /// Guest-physical addresses SET_VRING_ADDR names: descriptors, avail (driver event),
+    /// used (device event).
+    fn gpas(&self) -> (u64, u64, u64) {
+        match self {
+            Self::Split(r) => r.gpas,
+            Self::Packed(r) => r.gpas,
+        }
+    }
+
+    /// Where what was made available so far ends: the mark [`Rings::needs_kick`] compares.
+    #[inline]
+    fn avail_mark(&self) -> u16 {
+        match self {
+            Self::Split(r) => r.avail_idx(),
+            Self::Packed(r) => r.next_avail().to_event(),
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, buffers: &[DriverBuffer]) -> Option<u16> {
+        match self {
+            Self::Split(r) => r.add(buffers),
+            Self::Packed(r) => r.add(buffers),
+        }
+    }
+
+    #[inline]
+    fn pop_used(&mut self) -> vfblk_vhost::Result<Option<(u16, u32)>> {
+        match self {
+            Self::Split(r) => r.pop_used(),
+            Self::Packed(r) => r.pop_used(),
+        }
+    }
+
+    /// Whether the device wants a kick for what was made available since `old`.
+    #[inline]
+    fn needs_kick(&self, old: u16, event_idx: bool) -> bool {
+        match self {
+            Self::Split(r) => r.needs_kick(old, event_idx),
+            Self::Packed(r) => r.needs_kick(Position {
+                index: old & 0x7fff,
+                wrap: old & 0x8000 != 0,
+            }),
+        }
+    }
+
+    /// Asks the device for no interrupts at all (a polling driver), or for every one.
+    fn suppress_interrupts(&mut self, suppress: bool) {
+        match self {
+            Self::Split(r) => r.suppress_interrupts(suppress),
+            Self::Packed(r) => r.set_interrupts(if suppress {
+                Interrupts::Disable
+            } else {
+                Interrupts::Enable
+            }),
+        }
+    }
+
+    /// Under EVENT_IDX, asks for an interrupt at the next completion; returns whether one
+    /// is there already (published before the request was visible, so never signalled).
+    fn arm_interrupt(&mut self) -> bool {
+        match self {
+            Self::Split(r) => {
+                let last = r.last_used();
+                r.set_used_event(last);
+                r.used_idx_in_memory() != last
+            }
+            Self::Packed(r) => {
+                r.set_interrupts(Interrupts::At(r.last_used()));
+                r.has_used()
+            }
+        }
+    }
+
+    /// Whether the device published completions not taken yet.
+    fn unseen(&self) -> bool {
+        match self {
+            Self::Split(r) => r.used_idx_in_memory() != r.last_used(),
+            Self::Packed(r) => r.has_used(),
+        }
+    }
+
+    /// SET_VRING_BASE's value when (re)connecting. A split ring is rewound to its used
+    /// index, as QEMU does (the device takes again what it had not returned). For a packed
+    /// ring with an inflight region, the positions it started from, as QEMU sends them (it
+    /// keeps none of its own after a backend dies): the region says where the ring stands.
+    /// Without a region, the driver's own positions, right only when nothing is in flight.
+    fn base(&self, inflight: bool) -> Base {
+        match self {
+            Self::Split(r) => Base::Split(r.used_idx_in_memory()),
+            Self::Packed(_) if inflight => {
+                Base::Packed(u32::from(Position::START.to_event()) * 0x1_0001)
+            }
+            Self::Packed(r) => Base::Packed(
+                u32::from(r.next_avail().to_event()) | u32::from(r.last_used().to_event()) << 16,
+            ),
+        }
+    }
+
+    /// The areas the device writes whenever it publishes (logged in a migration): a split
+    /// ring's used ring; a packed ring's descriptors (used ones overwrite them) and its
+    /// device event area.
+    fn device_written(&self, size: u16) -> [(u64, u64); 2] {
+        match self {
+            Self::Split(r) => [
+                (r.gpas.2, vfblk_vhost::virtq::ring_sizes(size).2 as u64),
+                (r.gpas.2, 0),
+            ],
+            Self::Packed(r) => [
+                (r.gpas.0, 16 * u64::from(size)),
+                (r.gpas.2, EVENT_BYTES as u64),
+            ],
+        }
+    }
+}
+
+/// SET_VRING_BASE's value in a ring's layout.
+enum Base {
+    /// The next avail index.
+    Split(u16),
+    /// Avail position in bits 0-15, used position in bits 16-31 (each with its wrap
+    /// counter in the top bit).
+    Packed(u32),
+}
+
+/// Sends SET_VRING_BASE with a packed ring's 32-bit value on the frontend's socket (`sock`
+/// is a clone of it): the vhost crate's frontend takes a 16-bit base only. No reply is
+/// asked for (NEED_REPLY is never set by this frontend), and the socket carries one
+/// message at a time, so the frontend's next message follows this one.
+fn set_vring_base_packed(sock: &UnixStream, index: u32, base: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    const SET_VRING_BASE: u32 = 10;
+    const VERSION_1: u32 = 0x1;
+    let mut msg = [0u8; 20];
+    for (i, word) in [SET_VRING_BASE, VERSION_1, 8, index, base]
+        .into_iter()
+        .enumerate()
+    {
+        msg[4 * i..4 * i + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    (&*sock).write_all(&msg)
+}
+
 struct Queue {
-    ring: DriverQueue,
+    ring: Rings,
     kick: EventFd,
     call: EventFd,
     slots: Vec<Outstanding>,
@@ -519,7 +688,7 @@ impl LoadGen {
                 "block size must be a multiple of 512 and depth below half the queue size".into(),
             );
         }
-        let ring_bytes = DriverQueue::bytes(opts.queue_size).div_ceil(4096) * 4096;
+        let ring_bytes = Rings::bytes(opts.packed, opts.queue_size).div_ceil(4096) * 4096;
         let control_bytes = (usize::from(opts.depth) * 32).div_ceil(4096) * 4096;
         let data_bytes = usize::from(opts.depth) * data_stride(&opts);
         let per_queue = ring_bytes + control_bytes + data_bytes.div_ceil(4096) * 4096;
@@ -544,9 +713,15 @@ impl LoadGen {
                 // SAFETY: the data area lies inside our mapping, before any ring uses it.
                 unsafe { std::ptr::write_bytes(mem.base.add(data_off), 0x5a, data_bytes) };
             }
-            // SAFETY: the ring area lies inside our zeroed mapping.
-            let mut ring =
-                unsafe { DriverQueue::new(mem.base.add(off), off as u64, opts.queue_size) };
+            // SAFETY: the ring area lies inside our zeroed mapping, page-aligned.
+            let mut ring = unsafe {
+                let host = mem.base.add(off);
+                if opts.packed {
+                    Rings::Packed(PackedDriverQueue::new(host, off as u64, opts.queue_size))
+                } else {
+                    Rings::Split(DriverQueue::new(host, off as u64, opts.queue_size))
+                }
+            };
             ring.suppress_interrupts(opts.polled && !opts.interrupts);
             let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
             queues.push(Queue {
@@ -592,8 +767,11 @@ impl LoadGen {
             let log = memfd(bytes as usize, false).map_err(|e| format!("dirty log: {e}"))?;
             let mut used = vec![0u8; bytes as usize];
             for q in &lg.queues {
-                let used_len = vfblk_vhost::virtq::ring_sizes(lg.opts.queue_size).2 as u64;
-                set_pages(&mut used, q.ring.gpas.2, used_len);
+                for (gpa, len) in q.ring.device_written(lg.opts.queue_size) {
+                    if len > 0 {
+                        set_pages(&mut used, gpa, len);
+                    }
+                }
             }
             lg.dirty_log = Some(LogWatch::new(log, used));
         }
@@ -678,9 +856,20 @@ impl LoadGen {
             | (1 << 6)
             | (1 << 9)
             | (1 << 12)
-            | if self.opts.interrupts { 1 << 29 } else { 0 };
+            | if self.opts.interrupts { 1 << 29 } else { 0 }
+            | if self.opts.packed {
+                1 << VIRTIO_F_RING_PACKED
+            } else {
+                0
+            };
+        // The rings are laid out for one layout: a backend without the other cannot serve
+        // them.
+        if self.opts.packed && offered & (1 << VIRTIO_F_RING_PACKED) == 0 {
+            return Err("the backend does not offer VIRTIO_F_RING_PACKED: no packed rings".into());
+        }
         fe.set_features(offered & wanted)
             .map_err(e("SET_FEATURES"))?;
+        self.report.packed = self.opts.packed;
         self.event_idx = offered & wanted & (1 << 29) != 0;
         let pf = fe
             .get_protocol_features()
@@ -722,6 +911,15 @@ impl LoadGen {
         self.capacity_sectors = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
         self.report.capacity_sectors = self.capacity_sectors;
         self.report.inflight = pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let in_flight = self.queues.iter().any(|q| q.slots.iter().any(|s| s.busy));
+        if self.opts.packed && !self.report.inflight && in_flight {
+            // Used descriptors overwrite the chains in flight, out of order: without an
+            // inflight region nothing tells the backend which to run again.
+            return Err(
+                "a packed ring with requests in flight cannot be resumed without an inflight region"
+                    .into(),
+            );
+        }
         if self.report.inflight {
             if self.inflight_file.is_none() {
                 let ask = VhostUserInflight {
@@ -771,10 +969,12 @@ impl LoadGen {
         for (i, q) in self.queues.iter().enumerate() {
             fe.set_vring_num(i, self.opts.queue_size)
                 .map_err(e("SET_VRING_NUM"))?;
-            // QEMU restores last_avail_idx to the used index after a disconnect.
-            fe.set_vring_base(i, q.ring.used_idx_in_memory())
-                .map_err(e("SET_VRING_BASE"))?;
-            let (d, a, u) = q.ring.gpas;
+            match q.ring.base(self.report.inflight) {
+                Base::Split(base) => fe.set_vring_base(i, base).map_err(e("SET_VRING_BASE"))?,
+                Base::Packed(base) => set_vring_base_packed(&watch, i as u32, base)
+                    .map_err(|err| format!("SET_VRING_BASE: {err}"))?,
+            }
+            let (d, a, u) = q.ring.gpas();
             let cfg = VringConfigData {
                 queue_max_size: self.opts.queue_size,
                 queue_size: self.opts.queue_size,
@@ -1150,7 +1350,7 @@ impl LoadGen {
             for qi in 0..self.queues.len() {
                 if !stopping {
                     let mut queued = 0;
-                    let old_avail = self.queues[qi].ring.avail_idx();
+                    let old_avail = self.queues[qi].ring.avail_mark();
                     for si in 0..self.queues[qi].slots.len() {
                         if allowed > 0 && !self.queues[qi].slots[si].busy {
                             self.submit(qi, si, now);
@@ -1203,10 +1403,7 @@ impl LoadGen {
                                 // once more: one published before the request was visible
                                 // would otherwise go unsignalled (virtio's enable-callbacks
                                 // rule).
-                                let ring = &mut self.queues[qi].ring;
-                                let last = ring.last_used();
-                                ring.set_used_event(last);
-                                if ring.used_idx_in_memory() != last {
+                                if self.queues[qi].ring.arm_interrupt() {
                                     continue;
                                 }
                             }
@@ -1313,10 +1510,7 @@ impl LoadGen {
                     && gone_since.is_none()
                     && !self.backend_gone()
                 {
-                    let unseen = self
-                        .queues
-                        .iter()
-                        .any(|q| q.ring.used_idx_in_memory() != q.ring.last_used());
+                    let unseen = self.queues.iter().any(|q| q.ring.unseen());
                     if unseen {
                         self.report.missed_interrupts += 1;
                         self.error(format!(

@@ -70,6 +70,10 @@ struct Args {
     /// join the workload.
     #[arg(long)]
     config_changes: bool,
+    /// Negotiate VIRTIO_F_RING_PACKED and drive packed virtqueues (a backend that does not
+    /// offer it is an error); split rings otherwise.
+    #[arg(long)]
+    packed: bool,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
             .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3)),
         dirty_log: a.dirty_log,
         config_changes: a.config_changes,
+        packed: a.packed,
     };
     let result = LoadGen::new(options).map(|lg| if a.idle { lg.idle() } else { lg.run() });
     Report::print_and_exit_code("vfblk-loadgen", result, a.job.json)
