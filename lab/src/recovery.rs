@@ -100,8 +100,12 @@ pub fn requests_run_again(bridge_log: &str) -> u64 {
         .lines()
         .filter(|l| l.contains("recovered from the inflight region"))
         .filter_map(|l| {
-            l.split(", ")
-                .find_map(|part| part.strip_suffix(" request(s) to run again"))
+            // The count ends its clause; a packed ring's line may end its message with it
+            // (the log's fields follow).
+            l.split(", ").find_map(|part| {
+                part.find(" request(s) to run again")
+                    .map(|end| &part[..end])
+            })
         })
         .filter_map(|n| n.parse::<u64>().ok())
         .sum()
@@ -662,8 +666,10 @@ mod tests {
 2026-11-24T22:17:03Z  INFO queue 0: recovered from the inflight region: used idx 5335, avail idx 5337, 2 request(s) to run again, 0 published but not cleared queue=0
 2026-11-24T22:17:03Z  INFO queue 1 started with 128 entries, 7 request(s) to run again
 2026-11-24T22:17:06Z  INFO queue 1: recovered from the inflight region: used idx 9, avail idx 12, 3 request(s) to run again, 1 published but not cleared queue=1
+2026-12-07T14:20:01Z  INFO queue 0: packed ring recovered from the inflight region: used at 32778, avail at 32790, 4 request(s) to run again queue=0 resubmit=4
+2026-12-07T14:20:02Z  INFO queue 1: packed ring recovered from the inflight region: used at 7, avail at 9, 1 request(s) to run again, a published batch committed queue=1 resubmit=1
 ";
-        assert_eq!(requests_run_again(log), 5);
+        assert_eq!(requests_run_again(log), 10);
         assert_eq!(requests_run_again(""), 0);
     }
 }

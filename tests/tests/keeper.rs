@@ -344,6 +344,127 @@ fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ou
     let _ = std::fs::remove_file(&shm);
 }
 
+/// Packed rings (`vfblk-loadgen --packed`) under the keeper, SIGKILLs and upgrades by
+/// hand-over mixed: one frontend gives its inflight region (the spec's packed layout), the
+/// other none (the target's own, in the same layout). The target holds completions up to
+/// 3 ms and releases them out of order, so used descriptors overwrite the slots of chains
+/// still in flight and only the regions' copies can run them again. No error, no loss, no
+/// reconnect, no stopped queue; kills land on requests in flight.
+#[test]
+fn packed_rings_survive_sigkills_and_upgrades_under_the_keeper() {
+    let _lock = vfblk_tests::lab_lock();
+    let kept = UnderKeeper::start_full("packed", &[], None, &["--test-delay-ms", "3"]);
+    let sockets = [kept.add_disk("m", "mem"), kept.add_disk("f", "file")];
+    let loads = [
+        verifying_load_with(&sockets[0], &["--packed"]),
+        verifying_load_with(&sockets[1], &["--packed", "--no-inflight"]),
+    ];
+    kept.wait_serving(2);
+    std::thread::sleep(Duration::from_millis(300));
+    let (kills, upgrades) = (
+        env_count("VFBLK_TEST_PACKED_KILLS", 100),
+        env_count("VFBLK_TEST_PACKED_UPGRADES", 50),
+    );
+    let total = kills + upgrades;
+    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()).rotate_left(17);
+    let (mut kill_windows, mut upgrade_windows) = (Vec::new(), Vec::new());
+    let mut target_pauses = Vec::new();
+    // The report of the slowest upgrade (its split: quiesce, prepare, start).
+    let mut slowest = None;
+    let started = Instant::now();
+    for i in 0..total {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 5000));
+        let pid = kept.target_pid();
+        let t0 = monotonic_ns();
+        // Upgrades spread evenly among the kills.
+        if (i + 1) * upgrades / total > upgrade_windows.len() {
+            let report = kept
+                .call("upgrade", json!({}))
+                .unwrap_or_else(|e| panic!("upgrade after {i} steps: {e}\n{}", kept.log()));
+            assert_eq!(report["old_pid"], pid, "{report}");
+            let pause = report["pause_ms"].as_f64().unwrap_or(f64::MAX);
+            if slowest
+                .as_ref()
+                .is_none_or(|r: &Value| r["pause_ms"].as_f64() < Some(pause))
+            {
+                slowest = Some(report.clone());
+            }
+            target_pauses.push(pause);
+            wait_gone(pid);
+            kept.wait_serving(2);
+            upgrade_windows.push((t0, monotonic_ns()));
+        } else {
+            // SAFETY: SIGKILL to the target process this test runs.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            wait_gone(pid);
+            kept.wait_serving(2);
+            kill_windows.push((t0, monotonic_ns()));
+        }
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let reports: Vec<Value> = loads.into_iter().map(finish).collect();
+    let log = kept.log();
+    let again = vfblk_lab::recovery::requests_run_again(&log);
+    let packed_recoveries = log
+        .matches("packed ring recovered from the inflight region")
+        .count();
+    let gaps = |windows: &[(u64, u64)]| {
+        if windows.is_empty() {
+            "none".to_string()
+        } else {
+            percentiles(pauses_seen(&reports, windows))
+        }
+    };
+    eprintln!(
+        "packed rings: {kills} SIGKILLs + {upgrades} upgrades in {:.1} s; {again} request(s) run again over {packed_recoveries} packed ring recoveries; \
+         longest gap a frontend saw per kill {}, per upgrade {}; pause in the target per upgrade {}; frontends {} / {} I/Os",
+        took.as_secs_f64(),
+        gaps(&kill_windows),
+        gaps(&upgrade_windows),
+        if target_pauses.is_empty() { "none".into() } else { percentiles(target_pauses) },
+        reports[0]["ios"],
+        reports[1]["ios"],
+    );
+    for r in &reports {
+        assert_no_error_nor_reconnect(r);
+        assert_eq!(r["packed"], true, "{}", without_bulk(r));
+    }
+    assert_eq!(reports[0]["inflight"], true, "the frontend's own region");
+    assert_eq!(reports[1]["inflight"], false, "the target's region");
+    assert!(
+        !log.contains("cannot be resumed")
+            && !log.contains("queue stopped")
+            && !log.contains("the queue stops"),
+        "no connection closed, no queue stopped: {log}"
+    );
+    if kills > 0 {
+        assert!(
+            packed_recoveries > 0 && again > 0,
+            "the kills landed on packed rings with requests in flight: {packed_recoveries} recoveries, {again} run again"
+        );
+    }
+    // A reconnect would have been counted above; a pause this long would be one in all
+    // but name.
+    for (what, windows) in [("kill", &kill_windows), ("upgrade", &upgrade_windows)] {
+        let worst = pauses_seen(&reports, windows)
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 500.0,
+            "a frontend waited {worst:.1} ms after a {what}; load average {}; the slowest upgrade: {slowest:?}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
+    }
+    let summary = kept.stop();
+    assert_eq!(summary["restarts"], kills, "{summary}");
+}
+
 /// A count a test takes from the environment (the issues' larger runs, by hand), else
 /// `default` (the test command's).
 fn env_count(name: &str, default: usize) -> usize {

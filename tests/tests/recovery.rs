@@ -150,6 +150,56 @@ fn fifty_sigkills_with_out_of_order_completions_lose_nothing() {
     remove_shm("inflight");
 }
 
+/// Packed rings through the reconnect path (no keeper: each SIGKILL closes the connection
+/// and the load generator reconnects as QEMU does, sending the packed base it started from;
+/// the bridge resumes each ring from the frontend's inflight region), completions held up
+/// to 10 ms and released out of order. `VFBLK_TEST_PACKED_RECONNECT_KILLS` sets the count.
+#[test]
+fn packed_rings_survive_sigkills_through_the_reconnect_path() {
+    let _lock = vfblk_tests::lab_lock();
+    let kills: u32 = std::env::var("VFBLK_TEST_PACKED_RECONNECT_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let backend = shm("packed");
+    let o = chaos(
+        "packed",
+        &["--backend", &backend, "--test-delay-ms", "10"],
+        &["--packed", "--qd", "32", "--reconnect-timeout-s", "20"],
+        kills,
+        // The kills come 40-200 ms apart, each waiting for the reconnect.
+        3 + kills * 3 / 10,
+    );
+    let r = &o.report;
+    let log = std::env::temp_dir()
+        .join(format!("vfblk-recovery-packed-{}", std::process::id()))
+        .join("bridge.log");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let again = vfblk_lab::recovery::requests_run_again(&log);
+    eprintln!(
+        "packed rings, {} kills through the reconnect path: {again} request(s) run again; {}",
+        o.kills,
+        vfblk_tests::without_bulk(r)
+    );
+    assert_eq!(r["packed"], true, "{r}");
+    assert_eq!(r["inflight"], true, "{r}");
+    assert_eq!(r["reconnects"], o.kills, "{r}");
+    assert_clean(r);
+    assert!(r["reads"].as_u64().unwrap() > 1000, "{r}");
+    assert!(
+        log.matches("packed ring recovered from the inflight region")
+            .count() as u32
+            >= o.kills,
+        "every reconnect resumed its packed ring from the region: {log}"
+    );
+    assert!(again > 0, "kills landed on requests in flight");
+    assert!(
+        !log.contains("queue stopped") && !log.contains("the queue stops"),
+        "{log}"
+    );
+    remove_shm("packed");
+}
+
 #[test]
 fn file_backend_survives_sigkills() {
     let _lock = vfblk_tests::lab_lock();
