@@ -3,7 +3,9 @@
 //! does, and at the switch-over (GET_VRING_BASE) checks that exactly the pages the device
 //! wrote (read data, status bytes, used rings) were marked: none missing, none extra. On the
 //! RAM and file backends, with a scatter list off page boundaries and two queues on two
-//! pollers; and, as the negative control, a target that takes the log and marks nothing.
+//! pollers, split and packed rings (a packed ring's used descriptors are written into its
+//! descriptor ring, and its buffers marked from the inflight region's copies of its chains);
+//! and, as the negative control, a target that takes the log and marks nothing.
 
 use std::path::Path;
 use std::process::Command;
@@ -69,10 +71,19 @@ fn a_migrating_frontend_finds_exactly_the_pages_the_device_wrote_marked() {
             ("write", &["--verify"][..]),
             ("mixed", &["--verify"][..]),
             ("read", &["--unaligned"][..]),
+            ("read", &["--packed"][..]),
+            ("mixed", &["--packed", "--verify"][..]),
+            ("read", &["--packed", "--unaligned"][..]),
         ] {
             let (ok, r) = loadgen(&socket, rw, extra);
             let what = format!("{name} backend, {rw} {extra:?}");
             assert!(ok, "{what}: {}", without_bulk(&r));
+            assert_eq!(
+                r["packed"],
+                extra.contains(&"--packed"),
+                "{what}: {}",
+                without_bulk(&r)
+            );
             let log = &r["dirty_log"];
             assert_eq!(log["missing_pages"], 0, "{what}: {}", without_bulk(&r));
             assert_eq!(log["extra_pages"], 0, "{what}: {}", without_bulk(&r));
@@ -99,13 +110,18 @@ fn a_migrating_frontend_finds_exactly_the_pages_the_device_wrote_marked() {
 fn without_marks_the_migrating_frontend_sees_the_pages_it_would_lose() {
     let shm = format!("/dev/shm/vfblk-dirty-off-{}", std::process::id());
     let (mut bridge, dir) = serve("off", &format!("mem:{shm}:64M"), &["--test-skip-dirty-log"]);
-    let (ok, r) = loadgen(&dir.join("blk.sock"), "read", &[]);
-    assert!(!ok, "a log with nothing marked must fail the check");
-    assert!(
-        r["dirty_log"]["missing_pages"].as_u64().unwrap_or(0) > 10,
-        "{}",
-        without_bulk(&r)
-    );
+    for extra in [&[][..], &["--packed"][..]] {
+        let (ok, r) = loadgen(&dir.join("blk.sock"), "read", extra);
+        assert!(
+            !ok,
+            "{extra:?}: a log with nothing marked must fail the check"
+        );
+        assert!(
+            r["dirty_log"]["missing_pages"].as_u64().unwrap_or(0) > 10,
+            "{extra:?}: {}",
+            without_bulk(&r)
+        );
+    }
     let _ = bridge.kill();
     let _ = bridge.wait();
     let _ = std::fs::remove_dir_all(&dir);

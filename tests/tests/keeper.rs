@@ -516,13 +516,19 @@ fn upgrades_and_sigkills_mixed_under_the_keeper_reconnect_nothing() {
 /// A migration in progress when the target is upgraded and killed: the dirty log travels
 /// in the hand-over state and the fd store, so every page the device writes afterwards is
 /// still marked (the load generator syncs and checks the log every 50 ms, as QEMU syncs it
-/// between passes).
+/// between passes). With split rings, and with packed ones (marked from the inflight
+/// region's copies of their chains, which the successors find too).
 #[test]
 fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper() {
     let _lock = vfblk_tests::lab_lock();
-    let kept = UnderKeeper::start("dirty-log");
+    dirty_log_across_upgrades_and_sigkills("dirty-log", &[]);
+    dirty_log_across_upgrades_and_sigkills("dirty-log-packed", &["--packed"]);
+}
+
+fn dirty_log_across_upgrades_and_sigkills(name: &str, load_args: &[&str]) {
+    let kept = UnderKeeper::start(name);
     let socket = kept.add_disk("m", "mem");
-    let load = verifying_load_with(&socket, &["--dirty-log"]);
+    let load = verifying_load_with(&socket, &[&["--dirty-log"][..], load_args].concat());
     kept.wait_serving(1);
     for round in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
@@ -540,6 +546,7 @@ fn a_migrations_dirty_log_is_kept_across_upgrades_and_sigkills_under_the_keeper(
     std::thread::sleep(Duration::from_millis(300));
     let r = finish(load);
     assert_no_error_nor_reconnect(&r);
+    assert_eq!(r["packed"], load_args.contains(&"--packed"), "{name}");
     let log = &r["dirty_log"];
     assert_eq!(log["missing_pages"], 0, "{}", without_bulk(&r));
     assert_eq!(log["extra_pages"], 0, "{}", without_bulk(&r));

@@ -16,8 +16,9 @@ use crate::virtq::DeviceQueue;
 pub trait Device: Send + Sync {
     /// The device type's own virtio feature bits (the plumbing adds VERSION_1,
     /// INDIRECT_DESC, EVENT_IDX and PROTOCOL_FEATURES). A device that wants packed rings
-    /// offers [`crate::packed::VIRTIO_F_RING_PACKED`] here: the plumbing does not by
-    /// itself yet (a packed ring cannot keep a migration's dirty log).
+    /// offers [`crate::packed::VIRTIO_F_RING_PACKED`] here (a packed ring keeps a
+    /// migration's dirty log only with an inflight region: without one, the frontend's or
+    /// the target's own, a ring asked to log stops).
     fn features(&self) -> u64;
     /// Feature bits a frontend may have acked: [`Device::features`] and any the device
     /// offered under settings that can change while a frontend is connected (a connection

@@ -792,6 +792,7 @@ mod tests {
         let ring_log = RingLog {
             log: log.clone(),
             used_gpa,
+            desc_gpa: 0,
         };
         let mut q = QueueRuntime::new(QueueStart {
             owner: 0,
@@ -866,7 +867,11 @@ mod tests {
         let log = Arc::new(DirtyLog::map(file.try_clone().unwrap(), 0, bytes, true).unwrap());
         let used_gpa = guest.driver().gpas.2;
         let mut q = runtime(&guest, HoldHandler::boxed(Release::Burst(1)));
-        q.ring.set_log(Some(RingLog { log, used_gpa }));
+        q.ring.set_log(Some(RingLog {
+            log,
+            used_gpa,
+            desc_gpa: 0,
+        }));
         file.set_len(0).unwrap();
         let buf = guest.alloc(4096);
         guest.add_chain(&[(buf, 16, false), (buf + 16, 1, true)]);
@@ -1242,14 +1247,133 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_ring_asked_to_log_stops_rather_than_miss_a_write() {
+    fn a_packed_ring_without_an_inflight_region_asked_to_log_stops_rather_than_miss_a_write() {
         let g = crate::packed::tests::guest(4, false);
         let log_file = crate::memory::memfd("log-test", 4096).unwrap();
         let log = Arc::new(crate::dirty_log::DirtyLog::map(log_file, 0, 4096, true).unwrap());
         let mut q = runtime_packed(&g, HoldHandler::boxed(Release::Burst(1)));
         assert!(!q.ring.broken());
-        q.ring.set_log(Some(RingLog { log, used_gpa: 0 }));
+        q.ring.set_log(Some(RingLog {
+            log,
+            used_gpa: 0,
+            desc_gpa: 0,
+        }));
         assert!(q.ring.broken());
+    }
+
+    /// A packed ring logs through its inflight region: what the device wrote for each chain
+    /// it finishes is marked from the region's copy, even for a chain taken before logging
+    /// started whose first ring slot a used descriptor has overwritten since; the used
+    /// descriptors' slots are marked; nothing the device only read is.
+    #[test]
+    fn a_packed_ring_logs_every_write_from_its_inflight_region() {
+        use crate::dirty_log::{log_bytes_for, DirtyLog};
+        use crate::inflight_packed::region_size;
+        use crate::packed::tests::{buf, guest, BUFS};
+        let size = 8u16;
+        let mut g = guest(size, false);
+        let bytes = region_size(size) as u64;
+        let file = crate::memory::memfd("inflight-packed-log", bytes).unwrap();
+        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        // SAFETY: the only queue of the region; `map` outlives it.
+        let mut region = unsafe { map.packed_queue(0) }.unwrap();
+        let dev = g.device_queue(false);
+        assert!(region.recover(&dev, dev.next_used()).fresh);
+        let release = Arc::new(Mutex::new(Vec::new()));
+        let mut q = QueueRuntime::new(QueueStart {
+            owner: 0,
+            index: 0,
+            mem: g.mem.clone(),
+            vq: dev.into(),
+            inflight: Some((region.into(), map.clone())),
+            handler: HoldHandler::boxed(Release::Chosen(release.clone())),
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit: Vec::new(),
+            log: None,
+        });
+        let log_file = crate::memory::memfd("log-test", log_bytes_for(2 << 20)).unwrap();
+        let log = Arc::new(
+            DirtyLog::map(
+                log_file.try_clone().unwrap(),
+                0,
+                log_bytes_for(2 << 20),
+                true,
+            )
+            .unwrap(),
+        );
+        // Each buffer on a page of its own, so that a wrong mark shows.
+        let page = |n: u64| BUFS + 0x1000 * n;
+        // a: a read (data and status written by the device); b: a status only.
+        let a = g
+            .drv
+            .add(&[
+                buf(page(0), 16, false),
+                buf(page(1) + 2048, 4096, true),
+                buf(page(3), 1, true),
+            ])
+            .unwrap();
+        let b = g
+            .drv
+            .add(&[buf(page(4), 16, false), buf(page(5) + 100, 1, true)])
+            .unwrap();
+        assert_eq!(q.process(true), 2);
+        // b finishes first: its used descriptor goes to slot 0, a's first descriptor.
+        release.lock().unwrap().push(b);
+        q.process(true);
+        assert_eq!(g.drv.pop_used().unwrap(), Some((b, 1)));
+        assert_eq!(
+            g.device_queue(false).descriptor(0).id,
+            b,
+            "a's slot 0 overwritten"
+        );
+        // The migration starts: the ring's descriptors and device event area are marked.
+        let (desc_gpa, _, used_gpa) = g.drv.gpas;
+        q.ring.set_log(Some(RingLog {
+            log: log.clone(),
+            used_gpa,
+            desc_gpa,
+        }));
+        assert!(!q.ring.broken());
+        let mut ring_pages = pages(desc_gpa, 16 * u64::from(size));
+        ring_pages.extend(pages(used_gpa, crate::packed::EVENT_BYTES as u64));
+        assert_eq!(marked(&log_file), ring_pages);
+        clear(&log_file);
+        // c: a write (data only read by the device), indirect.
+        let table = page(9);
+        // SAFETY: the table's page lies in the guest's memory, 16-aligned, unused otherwise.
+        let c = unsafe {
+            g.drv.add_indirect(
+                g.mem.translate(table, 48).unwrap(),
+                table,
+                &[
+                    buf(page(6), 16, false),
+                    buf(page(7), 512, false),
+                    buf(page(8), 1, true),
+                ],
+            )
+        }
+        .unwrap();
+        assert_eq!(q.process(true), 1);
+        release.lock().unwrap().extend([c, a]);
+        q.process(true);
+        assert_eq!(g.drv.pop_used().unwrap(), Some((c, 1)));
+        assert_eq!(g.drv.pop_used().unwrap(), Some((a, 1)));
+        let mut expected = ring_pages.clone();
+        expected.extend(pages(page(1) + 2048, 4096));
+        expected.extend(pages(page(3), 1));
+        expected.extend(pages(page(8), 1));
+        assert_eq!(marked(&log_file), expected);
+        // Logging off: nothing more is marked.
+        q.ring.set_log(None);
+        clear(&log_file);
+        let d = g.drv.add(&[buf(page(1), 4096, true)]).unwrap();
+        assert_eq!(q.process(true), 1);
+        release.lock().unwrap().push(d);
+        q.process(true);
+        assert_eq!(g.drv.pop_used().unwrap(), Some((d, 1)));
+        assert!(marked(&log_file).is_empty());
     }
 
     fn runtime_packed(

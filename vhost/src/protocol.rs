@@ -244,9 +244,23 @@ impl Connection {
                 len: used_len as usize,
             });
         }
+        // A packed ring's used descriptors are written into its descriptor ring.
+        let desc_gpa = if self.packed() {
+            let len = 16 * u64::from(v.size);
+            mem.frontend_to_guest(v.desc)
+                .filter(|&gpa| mem.translate(gpa, len).is_some())
+                .ok_or(crate::Error::RingOutsideMemory {
+                    ring: "logged descriptor",
+                    addr: v.desc,
+                    len: len as usize,
+                })?
+        } else {
+            0
+        };
         Ok(Some(RingLog {
             log: log.clone(),
             used_gpa,
+            desc_gpa,
         }))
     }
 

@@ -23,7 +23,9 @@ use crate::virtq::DeviceQueue;
 pub enum RingQueue {
     /// A split ring.
     Split(DeviceQueue),
-    /// A packed ring (no dirty logging yet: a ring asked for it stops).
+    /// A packed ring (it keeps a migration's dirty log only with an inflight region, whose
+    /// copies of the chains in flight say what the device wrote; without one, a ring asked
+    /// to log stops).
     Packed(PackedQueue),
 }
 
@@ -79,8 +81,6 @@ pub trait Layout: Sized + Send + 'static {
     type Taken: Copy;
     /// Where a taken chain's descriptors are.
     type Source<'a>: ChainSource;
-    /// Whether the ring can keep a migration's dirty log.
-    const LOGS: bool;
 
     /// Queue size.
     fn size(&self) -> u16;
@@ -108,6 +108,12 @@ pub trait Layout: Sized + Send + 'static {
     fn run_again<H: RequestHandler + ?Sized>(ring: &mut Ring<Self>, handler: &mut H, head: u16);
     /// Whether a ring just built can run: its resubmissions known, its dirty log kept.
     fn fits(ring: &mut Ring<Self>) -> bool;
+    /// Whether the ring can keep a migration's dirty log as it is set up now.
+    fn can_log(ring: &Ring<Self>) -> bool;
+    /// Marks all of what the device writes when it publishes (a split ring's used ring, a
+    /// packed ring's descriptors and device event area): logging starts, and the driver on
+    /// the destination reads words that may have been written while it was off.
+    fn mark_published_areas(&self, log: &RingLog);
     /// Publishes the finished batch (memory checked already); returns whether the driver
     /// asked to be told.
     fn publish(ring: &mut Ring<Self>) -> bool;
@@ -118,8 +124,12 @@ pub trait Layout: Sized + Send + 'static {
 pub struct RingLog {
     /// The log.
     pub log: Arc<DirtyLog>,
-    /// Guest-physical address of the used ring (the frontend's `log_guest_addr`).
+    /// Guest-physical address of the used ring (the frontend's `log_guest_addr`; a packed
+    /// ring's device event area).
     pub used_gpa: u64,
+    /// Guest-physical address of a packed ring's descriptors, where its used descriptors
+    /// are written (unused for a split ring).
+    pub desc_gpa: u64,
 }
 
 /// Chains one queue takes per loop before it lets the poller's other queues run.
@@ -179,8 +189,8 @@ impl<L: Layout> Ring<L> {
     }
 
     /// A ring whose parts do not fit together (an inflight region of the other layout,
-    /// resubmissions the region does not hold, a packed ring asked to log dirty pages,
-    /// which it cannot yet): stopped rather than run without them.
+    /// resubmissions the region does not hold, a packed ring asked to log dirty pages
+    /// without an inflight region): stopped rather than run without them.
     #[cold]
     fn stop_unsupported(&mut self) {
         self.stop_broken(
@@ -379,14 +389,12 @@ impl<L: Layout> Ring<L> {
     /// (the driver reads them on the destination).
     pub(crate) fn set_log(&mut self, log: Option<RingLog>) {
         self.log = log;
-        if !L::LOGS && self.log.is_some() {
+        if self.log.is_some() && !L::can_log(self) {
             self.stop_unsupported();
             return;
         }
         if let Some(log) = &self.log {
-            let size = self.vq.size();
-            log.log
-                .mark(log.used_gpa, crate::virtq::ring_sizes(size).2 as u64);
+            self.vq.mark_published_areas(log);
         }
     }
 
@@ -405,7 +413,6 @@ impl Layout for DeviceQueue {
     type Inflight = InflightQueue;
     type Taken = u16;
     type Source<'a> = crate::chain::Split<'a>;
-    const LOGS: bool = true;
 
     #[inline]
     fn size(&self) -> u16 {
@@ -457,6 +464,15 @@ impl Layout for DeviceQueue {
         true
     }
 
+    fn can_log(_: &Ring<Self>) -> bool {
+        true
+    }
+
+    fn mark_published_areas(&self, log: &RingLog) {
+        let len = crate::virtq::ring_sizes(self.size()).2 as u64;
+        log.log.mark(log.used_gpa, len);
+    }
+
     #[inline(always)]
     fn publish(ring: &mut Ring<Self>) -> bool {
         let log_lost = match &ring.log {
@@ -501,9 +517,6 @@ impl Layout for PackedQueue {
     type Inflight = InflightPackedQueue;
     type Taken = PackedChain;
     type Source<'a> = crate::chain::Packed<'a>;
-    // Not yet: a packed ring's used descriptors overwrite the avail ones, so its marks
-    // differ from a split ring's.
-    const LOGS: bool = false;
 
     #[inline]
     fn size(&self) -> u16 {
@@ -572,7 +585,7 @@ impl Layout for PackedQueue {
     }
 
     fn fits(ring: &mut Ring<Self>) -> bool {
-        if ring.log.is_some() {
+        if ring.log.is_some() && !Self::can_log(ring) {
             return false;
         }
         match &ring.inflight {
@@ -586,7 +599,28 @@ impl Layout for PackedQueue {
         }
     }
 
+    /// Only with an inflight region: a chain's descriptors in the ring may be overwritten by
+    /// used descriptors of chains that finished before it (out of order), so what it asked
+    /// the device to write is known at its completion only from the region's copy.
+    fn can_log(ring: &Ring<Self>) -> bool {
+        ring.inflight.is_some()
+    }
+
+    fn mark_published_areas(&self, log: &RingLog) {
+        log.log.mark(log.desc_gpa, 16 * u64::from(self.size()));
+        log.log
+            .mark(log.used_gpa, crate::packed::EVENT_BYTES as u64);
+    }
+
     fn publish(ring: &mut Ring<Self>) -> bool {
+        if ring.log.is_some() && !log_packed_writes(ring) {
+            // Writes a migration would miss are not reported done.
+            ring.abandon_batch(format_args!(
+                "what the device wrote cannot be marked in the dirty log"
+            ));
+            return false;
+        }
+        let first_used = ring.vq.next_used();
         let vq = &mut ring.vq;
         for (id, written) in ring.completed.iter() {
             let known = vq.push_used(id, written);
@@ -598,11 +632,51 @@ impl Layout for PackedQueue {
             region.prepare_batch(ring.completed.heads(), vq.next_used());
         }
         vq.publish_used();
+        if let Some(log) = &ring.log {
+            log_used_packed(vq, log, first_used);
+        }
         if let Some((region, _)) = &mut ring.inflight {
             region.finish_batch(ring.completed.heads());
         }
         ring.completed.clear();
         vq.needs_notification()
+    }
+}
+
+/// Marks the buffers the device wrote for the finished batch of a packed ring, walked from
+/// the inflight region's copies of their chains (before the region takes them back); false
+/// if one is not there (the frontend broke the region) or the log lost a page.
+#[cold]
+fn log_packed_writes(ring: &Ring<PackedQueue>) -> bool {
+    let (Some(log), Some((region, _))) = (&ring.log, &ring.inflight) else {
+        return false;
+    };
+    for &id in ring.completed.heads() {
+        let Some(chain) = region.recovered(id) else {
+            return false;
+        };
+        ChainCursor::recovered(region, &ring.mem, chain).mark_writable(&log.log);
+    }
+    !log.log.poisoned()
+}
+
+/// Marks the descriptor slots a packed ring's used descriptors went to since `first` (each
+/// finished chain's first slot, every slot between them included: a batch never laps the
+/// ring).
+#[cold]
+fn log_used_packed(vq: &PackedQueue, log: &RingLog, first: crate::packed::Position) {
+    let (size, next) = (vq.size(), vq.next_used());
+    let slot = |i: u16| log.desc_gpa.wrapping_add(16 * u64::from(i));
+    if first.index < next.index {
+        log.log
+            .mark(slot(first.index), 16 * u64::from(next.index - first.index));
+    } else {
+        // Past the end of the ring (or a whole lap): to its end, then from its start.
+        log.log
+            .mark(slot(first.index), 16 * u64::from(size - first.index));
+        if next.index > 0 {
+            log.log.mark(slot(0), 16 * u64::from(next.index));
+        }
     }
 }
 
