@@ -421,13 +421,15 @@ fn packed_rings_survive_sigkills_and_upgrades_under_the_keeper() {
     };
     eprintln!(
         "packed rings: {kills} SIGKILLs + {upgrades} upgrades in {:.1} s; {again} request(s) run again over {packed_recoveries} packed ring recoveries; \
-         longest gap a frontend saw per kill {}, per upgrade {}; pause in the target per upgrade {}; frontends {} / {} I/Os",
+         longest gap a frontend saw per kill {}, per upgrade {}; pause in the target per upgrade {}; frontends (mem, file) {} / {} I/Os, longest gaps {} / {} ms",
         took.as_secs_f64(),
         gaps(&kill_windows),
         gaps(&upgrade_windows),
         if target_pauses.is_empty() { "none".into() } else { percentiles(target_pauses) },
         reports[0]["ios"],
         reports[1]["ios"],
+        reports[0]["max_gap_ms"],
+        reports[1]["max_gap_ms"],
     );
     for r in &reports {
         assert_no_error_nor_reconnect(r);
