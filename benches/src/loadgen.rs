@@ -545,7 +545,9 @@ const LOG_SYNC_EVERY: Duration = Duration::from_millis(50);
 /// upgrade, a restart) shows in the next epoch with completions.
 struct LogWatch {
     log: Memory,
-    /// The used rings' pages: written at every publication, marked whenever logging starts.
+    /// The pages the device writes at every publication (used rings; a packed ring's
+    /// descriptors and device event area): marked whenever logging starts, and noted as
+    /// written with each completion of their queue.
     used: Vec<u8>,
     /// Pages of completions seen in this epoch and the previous one.
     seen: Vec<u8>,
@@ -573,11 +575,6 @@ impl LogWatch {
     /// Reads and clears the log (an atomic swap per 64-bit word, as QEMU does) and checks
     /// the epoch that ends, describing the first pages found wrong in `errors`.
     fn sync(&mut self, errors: &mut Vec<String>) {
-        if self.seen.iter().any(|&b| b != 0) {
-            for (s, u) in self.seen.iter_mut().zip(&self.used) {
-                *s |= u;
-            }
-        }
         let mut marked = vec![0u8; self.used.len()];
         for (w, chunk) in marked.chunks_mut(8).enumerate() {
             // SAFETY: word `w` lies in our mapping of the log (its length is a multiple of
@@ -1219,6 +1216,13 @@ impl LoadGen {
         }
 
         if let Some(watch) = &mut self.dirty_log {
+            // This queue's ring was written to publish it (not every queue's: one whose
+            // backend stalled for an epoch published nothing in it).
+            for (gpa, len) in self.queues[qi].ring.device_written(self.opts.queue_size) {
+                if len > 0 {
+                    set_pages(&mut watch.seen, gpa, len);
+                }
+            }
             set_pages(&mut watch.seen, control + 16, 1);
             if !write {
                 set_pages(&mut watch.seen, data, u64::from(self.opts.block_size));
@@ -1277,6 +1281,7 @@ impl LoadGen {
         // Gaps count from the first completion on: start-up is not a stall.
         let mut completed_any = false;
         let mut gone_since: Option<Instant> = None;
+        let mut last_connect_error: Option<String> = None;
         let mut awaiting_first = false;
         let mut stopping = false;
         // With `interrupts`, the guest's side sleeps until an interrupt (or its timeout): a
@@ -1323,8 +1328,12 @@ impl LoadGen {
             if let Some(t) = gone_since {
                 if now.duration_since(t) > self.opts.reconnect_timeout {
                     self.error(format!(
-                        "backend did not come back within {:?}",
-                        self.opts.reconnect_timeout
+                        "backend did not come back within {:?}{}",
+                        self.opts.reconnect_timeout,
+                        last_connect_error
+                            .take()
+                            .map(|e| format!(" (last attempt: {e})"))
+                            .unwrap_or_default()
                     ));
                     break;
                 }
@@ -1333,8 +1342,14 @@ impl LoadGen {
                         gone_since = None;
                         awaiting_first = true;
                         self.report.reconnects += 1;
+                        last_connect_error = None;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err((_, e)) => {
+                        // Kept for the report: a backend that answers and refuses (a
+                        // packed ring it cannot resume, say) is not one that is gone.
+                        last_connect_error = Some(e);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
             let mut progress = 0;
