@@ -250,6 +250,51 @@ fn without_inflight_tracking_requests_are_lost_or_run_twice() {
     remove_shm("noinflight");
 }
 
+/// Without an inflight region a packed ring cannot be resumed: used descriptors have
+/// overwritten the slots of chains in flight (completions out of order), so nothing says
+/// which to run again. The load generator refuses to reconnect with requests in flight and
+/// says why, rather than guess (a split ring's QEMU-style rewind loses or repeats requests
+/// instead, above).
+#[test]
+fn without_inflight_tracking_a_packed_ring_is_not_resumed_by_guesswork() {
+    let _lock = vfblk_tests::lab_lock();
+    let backend = shm("packed-noinflight");
+    let o = chaos(
+        "packed-noinflight",
+        &[
+            "--backend",
+            &backend,
+            "--test-delay-ms",
+            "20",
+            "--no-inflight",
+        ],
+        &["--packed", "--qd", "32", "--reconnect-timeout-s", "2"],
+        1,
+        4,
+    );
+    let r = &o.report;
+    eprintln!(
+        "packed, without inflight tracking: {}",
+        vfblk_tests::without_bulk(r)
+    );
+    assert_eq!(
+        (r["packed"].clone(), r["inflight"].clone()),
+        (true.into(), false.into())
+    );
+    assert_eq!(r["reconnects"], 0, "{r}");
+    let said = r["errors"].as_array().is_some_and(|e| {
+        e.iter().any(|m| {
+            m.as_str()
+                .is_some_and(|m| m.contains("cannot be resumed without an inflight region"))
+        })
+    });
+    assert!(said, "{}", vfblk_tests::without_bulk(r));
+    for key in ["verify_errors", "not_a_head"] {
+        assert_eq!(r[key], 0, "{key}: {}", vfblk_tests::without_bulk(r));
+    }
+    remove_shm("packed-noinflight");
+}
+
 #[test]
 fn sigterm_drains_and_exits_cleanly_then_a_new_bridge_takes_over() {
     let _lock = vfblk_tests::lab_lock();
