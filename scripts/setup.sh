@@ -16,7 +16,8 @@ need_apt=()
 # valgrind, strace: the cost benchmark counts instructions, allocations and system calls.
 # syslinux, mtools, dosfstools: the boot disk a nested guest boots from (FAT + syslinux).
 # systemd: systemd-analyze rates the sandbox of the unit in dist/ (offline, no running systemd).
-for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace syslinux syslinux-common mtools dosfstools systemd; do
+# mmdebstrap: the root file system of the lab guest that boots systemd (lab/src/systemd.rs).
+for pkg in qemu-system-x86 fio busybox-static cpio xz-utils python3-prometheus-client fonts-dejavu-core valgrind strace syslinux syslinux-common mtools dosfstools systemd mmdebstrap; do
     installed "$pkg" || need_apt+=("$pkg")
 done
 

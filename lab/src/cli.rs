@@ -285,6 +285,12 @@ fn setup() -> Result<()> {
         kernel.release,
         kernel.vmlinux.display()
     );
+    let rootfs = crate::systemd::ensure_rootfs()?;
+    println!(
+        "systemd guest's root file system ready: systemd {} ({})",
+        rootfs.systemd_version,
+        rootfs.image.display()
+    );
     let qemu = crate::qemu::Qemu::backports(20)?;
     println!(
         "second QEMU ready: {} ({})",

@@ -192,6 +192,12 @@ impl Initramfs {
         Ok(self.archive.tree(dest, host)?)
     }
 
+    /// Replaces `/init` (the lab's own runs the test script; a guest that boots another init
+    /// from a disk brings its own).
+    pub fn set_init(&mut self, script: &str) {
+        self.archive.bytes("init", script, 0o755);
+    }
+
     /// Sets the script `/init` runs (with `/lab/lib.sh` available to source).
     pub fn set_test_script(&mut self, script: &str) {
         self.archive.bytes("lab/test.sh", script, 0o755);

@@ -18,6 +18,7 @@ pub mod process;
 pub mod qemu;
 pub mod recovery;
 pub mod scenario;
+pub mod systemd;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -84,6 +84,10 @@ pub struct VmSpec {
     pub nvme: Vec<NvmeDisk>,
     /// virtio-blk disks backed by raw images.
     pub virtio_disks: Vec<PathBuf>,
+    /// A raw image the guest's root file system sits on, the first virtio-blk disk
+    /// (`/dev/vda`), never written: the guest's writes go to a temporary overlay QEMU drops
+    /// at exit (`snapshot=on`), so one cached image serves every run.
+    pub root_disk: Option<PathBuf>,
     /// vhost-user-blk devices.
     pub vhost_user_blk: Vec<VhostUserBlk>,
     /// Boot from the first vhost-user-blk disk through the firmware (`bootindex`), not from
@@ -156,6 +160,7 @@ impl VmSpec {
             iommu: false,
             nvme: Vec::new(),
             virtio_disks: Vec::new(),
+            root_disk: None,
             vhost_user_blk: Vec::new(),
             boot_from_disk: false,
             start_gate: None,
@@ -219,6 +224,13 @@ impl VmSpec {
                 let dev = format!("nvme-ns,drive=nvm{i}n{nsid},bus=nvmec{i},nsid={nsid}");
                 push(&["-drive", &drive, "-device", &dev]);
             }
+        }
+        if let Some(root) = &self.root_disk {
+            let drive = format!(
+                "file={},if=none,id=root,format=raw,snapshot=on",
+                root.display()
+            );
+            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
         }
         for (i, disk) in self.virtio_disks.iter().enumerate() {
             let drive = format!(
