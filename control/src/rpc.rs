@@ -147,6 +147,8 @@ fn dispatch(
     };
     // Changes are saved before they are reported done.
     let saved = |t: &mut Target| -> std::result::Result<Value, RpcError> {
+        // What `systemctl status` shows follows the change.
+        crate::notify(&format!("STATUS={}", t.status_line()));
         t.save().map(|()| Value::Bool(true)).map_err(|e| {
             RpcError::new(
                 code::NOT_SAVED,
