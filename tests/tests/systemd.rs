@@ -54,8 +54,12 @@ vfblk-rpc backend-create m mem:/dev/shm/vfblk-m:64M > /dev/null || die "backend-
 vfblk-rpc vhost-blk-create m --socket /run/vfblk/m.sock --backend m --queues 2 > /dev/null \
     || die "vhost-blk-create"
 record "{\"status_text_serving\": \"$(json_str "$(show StatusText)")\"}"
+# Requests count as lost after 30 s, Linux's block-layer timeout: a hung poller's wait for
+# systemd's watchdog (WatchdogSec=5 after the last ping, up to half a period after the hang)
+# and the restart took 9-13 s under TCG.
 vfblk-loadgen --socket /run/vfblk/m.sock --queues 2 --qd 8 --rw mixed --verify --json \
-    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 > /tmp/load.json 2> /tmp/load.err &
+    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
+    > /tmp/load.json 2> /tmp/load.err &
 load=$!
 # The load runs: the target counts its requests.
 has_io() { vfblk-rpc --json stats 2>/dev/null | grep -q '"reads": [1-9]'; }
@@ -272,9 +276,10 @@ journal_record
         after["marker_left"], false,
         "the fault never fired: {after}"
     );
-    // systemd waits WatchdogSec=5 from the last ping.
+    // systemd waits WatchdogSec=5 from the last ping, which came at most half a period
+    // after the hang; then the restart (9-13 s in all seen under TCG).
     let back_ms = after["back_ms"].as_u64().unwrap();
-    assert!(back_ms >= 4000, "{after}");
+    assert!((4000..25_000).contains(&back_ms), "{after}");
     let load = field(&records, "load");
     eprintln!("watchdog: {after}; load: {}", without_bulk(load));
     assert_no_error_nor_reconnect(load);
