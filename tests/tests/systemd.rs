@@ -56,7 +56,7 @@ vfblk-rpc vhost-blk-create m --socket /run/vfblk/m.sock --backend m --queues 2 >
 record "{\"status_text_serving\": \"$(json_str "$(show StatusText)")\"}"
 # Requests count as lost after 30 s, Linux's block-layer timeout: a hung poller's wait for
 # systemd's watchdog (WatchdogSec=5 after the last ping, up to half a period after the hang)
-# and the restart took 9-13 s under TCG.
+# and the restart took 9.7-20 s under TCG.
 vfblk-loadgen --socket /run/vfblk/m.sock --queues 2 --qd 8 --rw mixed --verify --json \
     --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
     > /tmp/load.json 2> /tmp/load.err &
@@ -105,8 +105,14 @@ fn field<'a>(records: &'a [Value], key: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no record {key:?} in {records:?}"))
 }
 
+/// The unit's journal; asserts that the sandbox refused nothing (its system call filter
+/// answers EPERM, its read-only system EROFS, its device list EPERM).
 fn journal(records: &[Value]) -> String {
-    field(records, "journal").as_str().unwrap_or("").to_string()
+    let journal = field(records, "journal").as_str().unwrap_or("").to_string();
+    for refused in ["EPERM", "Operation not permitted", "Read-only file system"] {
+        assert!(!journal.contains(refused), "{refused}: {journal}");
+    }
+    journal
 }
 
 /// What every run shows of the start: Type=notify, active once `systemctl start` returned,
@@ -198,15 +204,14 @@ back() {
 disk_inode=$(stat -c %i /dev/shm/vfblk-m)
 kills=""
 for round in 1 2; do
-    victim=$(show MainPID)
     if [ $round = 2 ]; then
+        old=$(show MainPID)
         vfblk-rpc upgrade > /dev/null || die "upgrade"
-        old=$victim
-        victim=$(show MainPID)
-        gone() { ! kill -0 $old 2>/dev/null; }
-        wait_for 10 gone || die "the upgraded process $old did not exit"
+        moved() { [ "$(show MainPID)" != "$old" ] && ! kill -0 $old 2>/dev/null; }
+        wait_for 10 moved || die "MainPID did not move from $old, or $old did not exit"
         sleep 1
     fi
+    victim=$(show MainPID)
     step "SIGKILL of the main process $victim (round $round)"
     t0=$(now_ms)
     systemctl kill --signal=SIGKILL --kill-who=main $unit || die "systemctl kill"
@@ -277,9 +282,10 @@ journal_record
         "the fault never fired: {after}"
     );
     // systemd waits WatchdogSec=5 from the last ping, which came at most half a period
-    // after the hang; then the restart (9-13 s in all seen under TCG).
+    // after the hang; then the restart: 9.7-20 s seen under TCG (the longer with the host's
+    // two cores busy with other work), within the 30 s a guest's block layer waits.
     let back_ms = after["back_ms"].as_u64().unwrap();
-    assert!((4000..25_000).contains(&back_ms), "{after}");
+    assert!((4000..30_000).contains(&back_ms), "{after}");
     let load = field(&records, "load");
     eprintln!("watchdog: {after}; load: {}", without_bulk(load));
     assert_no_error_nor_reconnect(load);
