@@ -945,6 +945,20 @@ mod tests {
         assert!(args.contains("intel_iommu=on"));
         assert!(args.contains("tcg,thread=multi"));
     }
+
+    #[test]
+    fn a_root_disk_is_the_first_virtio_disk_and_is_never_written() {
+        let mut spec = VmSpec::new("t", Accel::Tcg, Path::new("/k"), Path::new("/i"));
+        spec.virtio_disks.push("/data.img".into());
+        spec.root_disk = Some("/root.ext4".into());
+        let args = spec.args(false).join(" ");
+        let root = args
+            .find("file=/root.ext4,if=none,id=root,format=raw,snapshot=on")
+            .unwrap();
+        let data = args.find("file=/data.img").unwrap();
+        assert!(root < data, "{args}");
+        assert!(args.contains("virtio-blk-pci,drive=root"), "{args}");
+    }
 }
 
 #[cfg(test)]
