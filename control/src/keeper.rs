@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::Command;
@@ -288,6 +288,16 @@ impl Keeper {
                 if self.stored.len() >= MAX_STORED {
                     tracing::warn!("{MAX_STORED} fds stored already; {name} dropped");
                     break;
+                }
+                // As systemd does: an open file description is kept once, under the name it
+                // was first stored with.
+                if let Some((first, _)) = self
+                    .stored
+                    .iter()
+                    .find(|(_, held)| same_description(held.as_fd(), fd.as_fd()))
+                {
+                    tracing::debug!("{name}: the same fd as {first}, not stored again");
+                    continue;
                 }
                 self.stored.push((name.to_string(), fd));
             }
@@ -598,4 +608,55 @@ pub fn default_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     base.join(format!("vfblk-keeper-{}", std::process::id()))
+}
+
+/// Whether two fds of this process are one open file description (kcmp's KCMP_FILE, what
+/// systemd's fd store compares).
+fn same_description(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -> bool {
+    /// KCMP_FILE of linux/kcmp.h.
+    const KCMP_FILE: libc::c_long = 0;
+    let pid = libc::c_long::from(std::process::id() as i32);
+    // SAFETY: kcmp only compares two fds of this process; both are open for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a.as_raw_fd()),
+            libc::c_long::from(b.as_raw_fd()),
+        )
+    };
+    r == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_file_description_is_stored_once_as_systemd_stores_it() {
+        let (notify, _peer) = UnixDatagram::pair().unwrap();
+        let mut keeper = Keeper {
+            notify,
+            path: PathBuf::new(),
+            command: Vec::new(),
+            stored: Vec::new(),
+            main_pid: None,
+            ready: false,
+            crashes: Vec::new(),
+            report: KeeperReport::default(),
+            watchdog: None,
+            watchdog_due: None,
+            aborted: None,
+        };
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        keeper.message("FDSTORE=1\nFDNAME=first", vec![fd.try_clone().unwrap()]);
+        keeper.message("FDSTORE=1\nFDNAME=again", vec![fd.try_clone().unwrap()]);
+        // Another open of the same file is another description, stored.
+        let other: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        keeper.message("FDSTORE=1\nFDNAME=other", vec![other]);
+        let names: Vec<&str> = keeper.stored.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["first", "other"]);
+    }
 }

@@ -5,6 +5,9 @@
 //! inflight region, is closed instead, so the frontend reconnects as it would have without
 //! the store. Whatever the store held that no controller claims is dropped from it.
 
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+
 use vfblk_vhost::fd_store::{ConnectionRecord, DeviceStore, Found, StoredFds};
 use vfblk_vhost::handover::{Fds, ServerState, StoredConnectionState};
 use vfblk_vhost::server::SocketServer;
@@ -149,10 +152,24 @@ fn resumable(
         return Err(format!("fd {missing} is not in the store"));
     }
     let base = fds.len() as u32;
+    // A name may stand for several fds (one open file description, stored once).
+    let mut taken: BTreeMap<&str, OwnedFd> = BTreeMap::new();
     for name in &kept.names {
-        let fd = stored
-            .take(name)
-            .ok_or_else(|| format!("fd {name} is not in the store"))?;
+        let fd = match taken.get(name.as_str()) {
+            Some(fd) => fd
+                .try_clone()
+                .map_err(|e| format!("duplicating {name}: {e}"))?,
+            None => {
+                let fd = stored
+                    .take(name)
+                    .ok_or_else(|| format!("fd {name} is not in the store"))?;
+                let copy = fd
+                    .try_clone()
+                    .map_err(|e| format!("duplicating {name}: {e}"))?;
+                taken.insert(name, copy);
+                fd
+            }
+        };
         fds.push(fd);
     }
     let record_index = fds.push(record_fd);

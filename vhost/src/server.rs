@@ -272,6 +272,7 @@ impl SocketServer {
                         k.version,
                         k.names.clone(),
                         &resumed,
+                        &stream,
                     )),
                     // Not kept by the predecessor: stored only once this process serves (in
                     // `serve`), so a called-off hand-over finds the store as its owner left it.

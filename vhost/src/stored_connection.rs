@@ -3,7 +3,7 @@
 //! change. Apart from `keep`, which the protocol's settings use, because it reads the
 //! protocol's [`Connection`].
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::fd_store::{ConnectionRecord, DeviceStore, RecordedState};
 use crate::handover::{Fds, StoredConnectionState};
@@ -17,6 +17,9 @@ pub struct StoredConnection {
     record: ConnectionRecord,
     version: u64,
     names: Vec<String>,
+    /// Per name, a duplicate of the fd stored under it (none for the socket): what a new
+    /// fd is compared with, as systemd's store keeps one copy of an open file description.
+    held: Vec<Option<OwnedFd>>,
     signature: Vec<i32>,
     /// A store operation failed: the record says "unknown" and nothing more is done.
     broken: bool,
@@ -37,25 +40,42 @@ impl StoredConnection {
             record,
             version: 0,
             names: Vec::new(),
+            held: Vec::new(),
             signature: Vec::new(),
             broken: false,
         })
     }
 
     /// A connection taken over or resumed: its record and stored names go on being used.
-    /// `connection` is the state as this process holds it now.
+    /// `connection` is the state as this process holds it now, on `socket`.
     pub fn resume(
         device_store: &DeviceStore,
         record: ConnectionRecord,
         version: u64,
         names: Vec<String>,
         connection: &Connection,
+        socket: &impl AsFd,
     ) -> StoredConnection {
+        // The fds stored under `names`, in the same order (the snapshot's).
+        let mut fds = Fds::default();
+        let held = match connection.snapshot(socket, &mut fds) {
+            Ok(state) if fds.len() == names.len() => (0..fds.len() as u32)
+                .map(|i| (i != state.socket).then(|| fds.take(i).ok()).flatten())
+                .collect(),
+            _ => {
+                tracing::warn!(
+                    "{}: the stored fds cannot be matched with the connection's; an fd that does not change may be lost from a systemd fd store at the next change",
+                    device_store.name
+                );
+                Vec::new()
+            }
+        };
         StoredConnection {
             device_store: device_store.clone(),
             record,
             version,
             names,
+            held,
             signature: connection.fd_signature(),
             broken: false,
         }
@@ -91,26 +111,46 @@ impl StoredConnection {
         let signature = connection.fd_signature();
         let store = &self.device_store.store;
         let changed = signature != self.signature || self.names.len() != fds.len();
-        let names: Vec<String> = if changed {
+        let (names, held) = if changed {
             let version = self.version + 1;
-            let names: Vec<String> = (0..fds.len() as u32)
-                .map(|i| {
-                    if i == state.socket {
-                        self.device_store.socket_name()
-                    } else {
-                        format!("{}/{version}/{i}", self.device_store.name)
-                    }
-                })
-                .collect();
-            for (i, name) in names.iter().enumerate() {
-                if i as u32 != state.socket {
-                    store.store(name, &fds.take(i as u32)?)?;
+            let mut names: Vec<String> = Vec::with_capacity(fds.len());
+            let mut held: Vec<Option<OwnedFd>> = Vec::with_capacity(fds.len());
+            for i in 0..fds.len() as u32 {
+                if i == state.socket {
+                    names.push(self.device_store.socket_name());
+                    held.push(None);
+                    continue;
                 }
+                let fd = fds.take(i)?;
+                // systemd keeps one copy of an open file description whatever names it is
+                // stored under ("Suppressing duplicate fd"): a description stored already
+                // (unchanged since the last version, or twice in this one, as two memory
+                // regions in one memfd) keeps the name it has.
+                let stored_as = self
+                    .held
+                    .iter()
+                    .zip(&self.names)
+                    .chain(held.iter().zip(&names))
+                    .find(|(h, _)| {
+                        h.as_ref()
+                            .is_some_and(|h| same_description(h.as_fd(), fd.as_fd()))
+                    })
+                    .map(|(_, name)| name.clone());
+                let name = match stored_as {
+                    Some(name) => name,
+                    None => {
+                        let name = format!("{}/{version}/{i}", self.device_store.name);
+                        store.store(&name, &fd)?;
+                        name
+                    }
+                };
+                names.push(name);
+                held.push(Some(fd));
             }
             self.version = version;
-            names
+            (names, Some(held))
         } else {
-            self.names.clone()
+            (self.names.clone(), None)
         };
         self.record.commit(&RecordedState {
             names: names.clone(),
@@ -123,6 +163,9 @@ impl StoredConnection {
             }
         }
         self.names = names;
+        if let Some(held) = held {
+            self.held = held;
+        }
         self.signature = signature;
         Ok(())
     }
@@ -150,4 +193,24 @@ impl StoredConnection {
             names: self.names.clone(),
         })
     }
+}
+
+/// Whether two fds of this process are one open file description (kcmp's KCMP_FILE, what
+/// systemd compares). Unknown (kcmp refused) counts as different, as it did before.
+fn same_description(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    /// KCMP_FILE of linux/kcmp.h.
+    const KCMP_FILE: libc::c_long = 0;
+    let pid = libc::c_long::from(std::process::id() as i32);
+    // SAFETY: kcmp only compares two fds of this process; both are open for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a.as_raw_fd()),
+            libc::c_long::from(b.as_raw_fd()),
+        )
+    };
+    r == 0
 }
