@@ -149,18 +149,30 @@ impl Connection {
 
     /// Feature bits we offer: the ring features and the device type's.
     pub fn offered_features(config: &DeviceConfig) -> u64 {
+        let mut device = config.device.features();
+        if !config.inflight {
+            // A packed ring is resumed (after a reconnect) and logged (for a migration)
+            // only from an inflight region: its used descriptors overwrite the slots of
+            // chains still in flight, so a base alone cannot say what to run again. Not
+            // offered, nor accepted, without inflight tracking.
+            device &= !(1 << VIRTIO_F_RING_PACKED);
+        }
         (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits()
-            | config.device.features()
+            | device
     }
 
     /// Feature bits a frontend may have acked ([`Device::accepted_features`]): checked at
     /// SET_FEATURES and when a connection is handed over or resumed.
     pub fn accepted_features(config: &DeviceConfig) -> u64 {
-        Self::offered_features(config) | config.device.accepted_features()
+        let mut accepted = Self::offered_features(config) | config.device.accepted_features();
+        if !config.inflight {
+            accepted &= !(1 << VIRTIO_F_RING_PACKED);
+        }
+        accepted
     }
 
     /// Protocol features we offer.
@@ -1585,6 +1597,35 @@ mod tests {
         assert_ne!(
             Connection::offered_features(&packed) & (1 << VIRTIO_F_RING_PACKED),
             0
+        );
+    }
+
+    /// Without inflight tracking a packed ring could be neither resumed nor logged: not
+    /// offered, and a frontend that acks it anyway is refused.
+    #[test]
+    fn packed_rings_are_not_offered_without_inflight_tracking() {
+        let (with, device) = config(1 << VIRTIO_F_RING_PACKED, false);
+        let without = Arc::new(DeviceConfig {
+            num_queues: with.num_queues,
+            inflight: false,
+            device,
+            pollers: with.pollers.clone(),
+            errors: with.errors.clone(),
+            fd_store: None,
+            dirty_log_marks: true,
+        });
+        assert_eq!(
+            Connection::offered_features(&without) & (1 << VIRTIO_F_RING_PACKED),
+            0
+        );
+        assert_eq!(
+            Connection::accepted_features(&without) & (1 << VIRTIO_F_RING_PACKED),
+            0
+        );
+        let mut c = Connection::new(without);
+        assert!(
+            c.set_features(FEATURES).is_err(),
+            "a fresh negotiation cannot ack what was not offered"
         );
     }
 
