@@ -665,18 +665,24 @@ fn log_packed_writes(ring: &Ring<PackedQueue>) -> bool {
 /// ring).
 #[cold]
 fn log_used_packed(vq: &PackedQueue, log: &RingLog, first: crate::packed::Position) {
-    let (size, next) = (vq.size(), vq.next_used());
-    let slot = |i: u16| log.desc_gpa.wrapping_add(16 * u64::from(i));
-    if first.index < next.index {
-        log.log
-            .mark(slot(first.index), 16 * u64::from(next.index - first.index));
-    } else {
-        // Past the end of the ring (or a whole lap): to its end, then from its start.
-        log.log
-            .mark(slot(first.index), 16 * u64::from(size - first.index));
-        if next.index > 0 {
-            log.log.mark(slot(0), 16 * u64::from(next.index));
+    for (start, count) in used_slot_spans(vq.size(), first.index, vq.next_used().index) {
+        if count > 0 {
+            log.log.mark(
+                log.desc_gpa.wrapping_add(16 * u64::from(start)),
+                16 * u64::from(count),
+            );
         }
+    }
+}
+
+/// The descriptor slots (first slot, count) a batch of used descriptors written from slot
+/// `first` up to (not including) `next` covers in a ring of `size`: one span, or two when it
+/// passes the end of the ring (the second from slot 0). `first == next` is a whole lap.
+fn used_slot_spans(size: u16, first: u16, next: u16) -> [(u16, u16); 2] {
+    if first < next {
+        [(first, next - first), (0, 0)]
+    } else {
+        [(first, size - first), (0, next)]
     }
 }
 
@@ -809,4 +815,40 @@ fn log_used(vq: &DeviceQueue, log: &RingLog, first: u16) {
         slot = slot.wrapping_add(1);
     }
     log.log.mark(log.used_gpa.wrapping_add(2), 2);
+}
+
+#[cfg(test)]
+mod used_slot_tests {
+    use super::used_slot_spans;
+
+    #[test]
+    fn a_batch_of_used_descriptors_covers_its_slots_across_the_end_of_the_ring() {
+        // Within the ring, to its very end, across it, and a whole lap.
+        assert_eq!(used_slot_spans(512, 3, 9), [(3, 6), (0, 0)]);
+        assert_eq!(used_slot_spans(512, 500, 0), [(500, 12), (0, 0)]);
+        assert_eq!(used_slot_spans(512, 510, 4), [(510, 2), (0, 4)]);
+        assert_eq!(used_slot_spans(512, 7, 7), [(7, 505), (0, 7)]);
+        // Every slot covered once, none outside the ring, for every start and length.
+        let size = 16u16;
+        for first in 0..size {
+            for len in 1..=size {
+                let next = (first + len) % size;
+                let mut covered = vec![0u32; usize::from(size)];
+                for (start, count) in used_slot_spans(size, first, next) {
+                    assert!(start + count <= size, "{first}+{len}: ({start}, {count})");
+                    for s in start..start + count {
+                        covered[usize::from(s)] += 1;
+                    }
+                }
+                for i in 0..size {
+                    let inside = (i + size - first) % size < len;
+                    assert_eq!(
+                        covered[usize::from(i)],
+                        u32::from(inside),
+                        "{first}+{len}: slot {i}"
+                    );
+                }
+            }
+        }
+    }
 }
