@@ -13,11 +13,13 @@ use vfblk_bridge::backend::MemBackend;
 use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::request::{self, Limits, Request, Verdict};
 use vfblk_bridge::virtio_blk::ID_BYTES;
-use vfblk_vhost::chain::{self, Chain};
+use vfblk_vhost::chain::{self, Chain, ChainCursor, Segment};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::inflight::{region_size, InflightQueue};
+use vfblk_vhost::inflight_packed::{self, InflightPackedQueue};
 use vfblk_vhost::memory::{memfd, GuestMemory};
 use vfblk_vhost::mock::MockGuest;
+use vfblk_vhost::packed::{PackedQueue, Position};
 use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::{Connection, DeviceConfig};
 
@@ -35,6 +37,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("inflight_recovery", inflight_recovery),
     ("memory_table", memory_table),
     ("message_sequence", message_sequence),
+    ("packed_chain_and_request", packed_chain_and_request),
+    ("packed_inflight_recovery", packed_inflight_recovery),
 ];
 
 fn in_guest(mem: &GuestMemory, host: *mut u8, len: u64) -> bool {
@@ -60,16 +64,6 @@ pub fn chain_and_request(data: &[u8]) {
     // The device's limit on buffers, as the device walks into its request.
     let mut chain = Chain::new(request::MAX_SEGMENTS);
     let mut request = Box::<Request>::default();
-    let limits = Limits {
-        capacity: 1 << 20,
-        flush: true,
-        discard: true,
-        write_zeroes: true,
-        max_range_sectors: 1 << 16,
-        seg_max: 126,
-        size_max: 4 << 20,
-        read_only: false,
-    };
     // At most a queue's worth of heads: the avail index itself is input.
     for _ in 0..QUEUE {
         let head = match vq.pop() {
@@ -78,29 +72,7 @@ pub fn chain_and_request(data: &[u8]) {
         };
         assert!(head < QUEUE, "pop returns heads inside the table");
         match chain.walk(&vq, &mem, head) {
-            Ok(()) => {
-                for s in chain.segments() {
-                    assert!(s.len > 0, "empty buffers are not kept");
-                    assert!(
-                        in_guest(&mem, s.host, u64::from(s.len)),
-                        "every segment lies in guest memory"
-                    );
-                }
-                let count = request.load(chain.segments());
-                let verdict = request::parse(count, &limits, &[7; ID_BYTES], &mut request);
-                if verdict == Verdict::Submit {
-                    assert!(
-                        in_guest(&mem, request.status, 1),
-                        "the status byte lies in guest memory"
-                    );
-                    for s in request.data() {
-                        assert!(in_guest(&mem, s.host, u64::from(s.len)));
-                    }
-                    for &(start, count) in &request.ranges[..request.range_count] {
-                        assert!(start + u64::from(count) <= limits.capacity);
-                    }
-                }
-            }
+            Ok(()) => check_request(&mem, chain.segments(), &mut request),
             Err(_) => {
                 if let Some(last) = chain::last_byte(&vq, &mem, head) {
                     assert!(
@@ -114,6 +86,186 @@ pub fn chain_and_request(data: &[u8]) {
         vq.publish_used();
         let _ = vq.needs_notification();
     }
+}
+
+/// Where the packed targets put the ring in guest memory: the descriptor ring at 0, the
+/// driver and device event structures after it; everything else (indirect tables,
+/// request headers, buffers) is wherever the input's descriptors point.
+const PACKED_DRIVER_EVENT: u64 = 16 * QUEUE as u64;
+const PACKED_DEVICE_EVENT: u64 = PACKED_DRIVER_EVENT + 4;
+
+/// The request limits of the chain targets.
+fn fuzz_limits() -> Limits {
+    Limits {
+        capacity: 1 << 20,
+        flush: true,
+        discard: true,
+        write_zeroes: true,
+        max_range_sectors: 1 << 16,
+        seg_max: 126,
+        size_max: 4 << 20,
+        read_only: false,
+    }
+}
+
+/// A walked chain's segments parsed as a virtio-blk request: every segment, the status
+/// byte and the ranges inside what the guest and the disk have.
+fn check_request(mem: &GuestMemory, segments: &[Segment], request: &mut Request) {
+    let limits = fuzz_limits();
+    for s in segments {
+        assert!(s.len > 0, "empty buffers are not kept");
+        assert!(
+            in_guest(mem, s.host, u64::from(s.len)),
+            "every segment lies in guest memory"
+        );
+    }
+    let count = request.load(segments);
+    if request::parse(count, &limits, &[7; ID_BYTES], request) == Verdict::Submit {
+        assert!(
+            in_guest(mem, request.status, 1),
+            "the status byte lies in guest memory"
+        );
+        for s in request.data() {
+            assert!(in_guest(mem, s.host, u64::from(s.len)));
+        }
+        for &(start, count) in &request.ranges[..request.range_count] {
+            assert!(start + u64::from(count) <= limits.capacity);
+        }
+    }
+}
+
+/// A packed ring, its descriptors, indirect tables and requests all the input, laid over
+/// guest memory from address 0: chains are taken (at most a queue's worth), walked and
+/// parsed, or answered at their last byte when the walk fails; each is returned by its
+/// buffer id, in the order taken.
+pub fn packed_chain_and_request(data: &[u8]) {
+    let guest = MockGuest::new(GUEST_BYTES, QUEUE);
+    let n = data.len().min(GUEST_BYTES as usize);
+    guest.write(0, &data[..n]);
+    let mem = guest.memory();
+    let base = guest.frontend_base();
+    let event_idx = data
+        .get(PACKED_DEVICE_EVENT as usize + 4)
+        .is_some_and(|b| b & 1 == 1);
+    let Ok(mut vq) = PackedQueue::new(
+        &mem,
+        QUEUE,
+        base,
+        base + PACKED_DRIVER_EVENT,
+        base + PACKED_DEVICE_EVENT,
+        event_idx,
+    ) else {
+        panic!("the rings lie in guest memory and are aligned")
+    };
+    let mut segments = vec![Segment::default(); request::MAX_SEGMENTS];
+    let mut request = Box::<Request>::default();
+    let mut ids = Vec::new();
+    for _ in 0..QUEUE {
+        let chain = match vq.pop() {
+            Ok(Some(chain)) => chain,
+            Ok(None) | Err(_) => break,
+        };
+        assert!(chain.id < QUEUE, "buffer ids inside the queue");
+        assert!((1..=QUEUE).contains(&chain.count), "a chain within one lap");
+        let cursor = ChainCursor::packed(&vq, &mem, chain);
+        match cursor.walk_into(&mut segments) {
+            Ok(count) => check_request(&mem, &segments[..count], &mut request),
+            Err(_) => {
+                if let Some(last) = cursor.last_byte() {
+                    assert!(
+                        in_guest(&mem, last.host, 1),
+                        "the answer lands in guest memory"
+                    );
+                }
+            }
+        }
+        ids.push(chain.id);
+    }
+    for &id in &ids {
+        assert!(vq.push_used(id, 1), "a taken id goes back");
+        vq.publish_used();
+        let _ = vq.needs_notification();
+    }
+    for &id in &ids {
+        assert!(!vq.push_used(id, 1), "an id goes back once");
+    }
+}
+
+/// A packed inflight region whose every byte is the input (the frontend writes it), beside
+/// a packed ring also from the input, recovered; each chain to run again is followed
+/// (checked again, as the frontend may change the region) and walked; then a few requests
+/// go through the region.
+pub fn packed_inflight_recovery(data: &[u8]) {
+    let Some((&choice, rest)) = data.split_first() else {
+        return;
+    };
+    let ring_bytes = (PACKED_DEVICE_EVENT + 4) as usize;
+    let (ring, region_input) = rest.split_at(rest.len().min(ring_bytes));
+    let guest = MockGuest::new(GUEST_BYTES, QUEUE);
+    guest.write(0, ring);
+    let mem = guest.memory();
+    let base = guest.frontend_base();
+    let Ok(mut vq) = PackedQueue::new(
+        &mem,
+        QUEUE,
+        base,
+        base + PACKED_DRIVER_EVENT,
+        base + PACKED_DEVICE_EVENT,
+        false,
+    ) else {
+        panic!("the rings lie in guest memory and are aligned")
+    };
+    let mut region = vec![0u64; inflight_packed::region_size(QUEUE) / 8];
+    // SAFETY: a u64 buffer viewed as bytes, for the input to fill.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(region.as_mut_ptr().cast::<u8>(), region.len() * 8)
+    };
+    let n = region_input.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&region_input[..n]);
+    // SAFETY: the buffer is region_size(QUEUE) bytes, 8-aligned, lives through the target,
+    // and nothing else writes it meanwhile.
+    let mut q = unsafe { InflightPackedQueue::new(region.as_mut_ptr().cast(), QUEUE) };
+    let used = Position {
+        index: u16::from(choice) % QUEUE,
+        wrap: choice & 0x80 != 0,
+    };
+    let r = q.recover(&vq, used);
+    let mut seen = [false; QUEUE as usize];
+    let mut segments = vec![Segment::default(); request::MAX_SEGMENTS];
+    let mut request = Box::<Request>::default();
+    for c in &r.resubmit {
+        assert!(c.id < QUEUE && c.entry < QUEUE, "inside the queue: {c:?}");
+        assert!(
+            !std::mem::replace(&mut seen[usize::from(c.id)], true),
+            "no buffer id twice"
+        );
+        let Some(chain) = q.recovered(c.id) else {
+            continue;
+        };
+        // As a starting ring does: the recovered chain is in flight again.
+        let _ = vq.adopt(chain.id, chain.count);
+        if let Ok(count) = ChainCursor::recovered(&q, &mem, chain).walk_into(&mut segments) {
+            check_request(&mem, &segments[..count], &mut request);
+        }
+    }
+    // New requests after it: whatever the ring offers now.
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        match vq.pop() {
+            Ok(Some(chain)) => {
+                if q.begin(&vq, chain) {
+                    taken.push(chain.id);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for &id in &taken {
+        vq.push_used(id, 0);
+    }
+    q.prepare_batch(&taken, vq.next_used());
+    vq.publish_used();
+    q.finish_batch(&taken);
 }
 
 /// An inflight region whose every byte is the input (the frontend writes it), recovered
