@@ -136,6 +136,27 @@ impl Lab {
     }
 
     fn add_nested(&self, image: &mut Initramfs) -> Result<()> {
+        self.add_nested_qemu(image)?;
+        let mut l3 = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
+        l3.set_test_script(L3_DISK_SCRIPT);
+        let l3_path = self.dir.join("l3.cpio");
+        l3.write(&l3_path)?;
+        image.add_file(&format!("{L3_DIR}/initrd.cpio"), &l3_path, 0o644);
+        // A second image for guests whose disk is vhost-user-blk: fio with verify.
+        let mut l3_fio = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
+        l3_fio.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
+        l3_fio.add_program(&self.bin_dir.join("vfblk-lab"), "usr/bin/vfblk-lab")?;
+        l3_fio.set_test_script(L3_FIO_SCRIPT);
+        let l3_fio_path = self.dir.join("l3-fio.cpio");
+        l3_fio.write(&l3_fio_path)?;
+        image.add_file(&format!("{L3_DIR}/initrd-fio.cpio"), &l3_fio_path, 0o644);
+        Ok(())
+    }
+
+    /// What a first-level guest needs to run second-level guests, without their
+    /// initramfs images: QEMU 7.2, its firmware, and the guest kernel at
+    /// `L3_DIR/vmlinux`.
+    pub fn add_nested_qemu(&self, image: &mut Initramfs) -> Result<()> {
         image.add_program(
             Path::new("/usr/bin/qemu-system-x86_64"),
             "usr/bin/qemu-system-x86_64",
@@ -160,19 +181,6 @@ impl Lab {
                 })?;
             image.add_file(&format!("usr/share/qemu/{rom}"), &host, 0o644);
         }
-        let mut l3 = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
-        l3.set_test_script(L3_DISK_SCRIPT);
-        let l3_path = self.dir.join("l3.cpio");
-        l3.write(&l3_path)?;
-        image.add_file(&format!("{L3_DIR}/initrd.cpio"), &l3_path, 0o644);
-        // A second image for guests whose disk is vhost-user-blk: fio with verify.
-        let mut l3_fio = Initramfs::new(&self.kernel, L3_MODULES, 0)?;
-        l3_fio.add_program(Path::new("/usr/bin/fio"), "usr/bin/fio")?;
-        l3_fio.add_program(&self.bin_dir.join("vfblk-lab"), "usr/bin/vfblk-lab")?;
-        l3_fio.set_test_script(L3_FIO_SCRIPT);
-        let l3_fio_path = self.dir.join("l3-fio.cpio");
-        l3_fio.write(&l3_fio_path)?;
-        image.add_file(&format!("{L3_DIR}/initrd-fio.cpio"), &l3_fio_path, 0o644);
         image.add_file(&format!("{L3_DIR}/vmlinux"), &self.kernel.vmlinux, 0o644);
         Ok(())
     }
@@ -286,6 +294,7 @@ impl Lab {
             image: nvme_image.to_path_buf(),
             serial: NVME_SERIAL.to_string(),
             more_namespaces: Vec::new(),
+            controllers: 1,
         });
         spec
     }

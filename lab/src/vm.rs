@@ -45,6 +45,10 @@ pub struct NvmeDisk {
     pub serial: String,
     /// Raw image files of namespaces 2, 3, ... of the same controller.
     pub more_namespaces: Vec<PathBuf>,
+    /// Controllers that reach these namespaces, as the ports of a dual-ported SSD do: more
+    /// than one makes an NVM subsystem whose controllers (one PCI device each, one IOMMU
+    /// group each, the same serial) all have every namespace attached (`shared=on`).
+    pub controllers: u32,
 }
 
 /// A vhost-user-blk device whose backend listens on a unix socket.
@@ -213,15 +217,37 @@ impl VmSpec {
                 "file={},if=none,id=nvm{i},format=raw,cache=unsafe,discard=unmap",
                 disk.image.display()
             );
-            let dev = format!("nvme,id=nvmec{i},serial={},drive=nvm{i}", disk.serial);
-            push(&["-drive", &drive, "-device", &dev]);
+            if disk.controllers > 1 {
+                // A subsystem, its controllers, then its namespaces attached to all of them.
+                let subsys = format!("nvme-subsys,id=nvmes{i},nqn=vfblk-lab-subsys-{i}");
+                push(&["-device", &subsys]);
+                for c in 0..disk.controllers {
+                    let id = if c == 0 {
+                        format!("nvmec{i}")
+                    } else {
+                        format!("nvmec{i}p{c}")
+                    };
+                    let dev = format!("nvme,id={id},serial={},subsys=nvmes{i}", disk.serial);
+                    push(&["-device", &dev]);
+                }
+                let dev = format!("nvme-ns,drive=nvm{i},bus=nvmec{i},nsid=1,shared=on");
+                push(&["-drive", &drive, "-device", &dev]);
+            } else {
+                let dev = format!("nvme,id=nvmec{i},serial={},drive=nvm{i}", disk.serial);
+                push(&["-drive", &drive, "-device", &dev]);
+            }
             for (k, image) in disk.more_namespaces.iter().enumerate() {
                 let nsid = k + 2;
                 let drive = format!(
                     "file={},if=none,id=nvm{i}n{nsid},format=raw,cache=unsafe,discard=unmap",
                     image.display()
                 );
-                let dev = format!("nvme-ns,drive=nvm{i}n{nsid},bus=nvmec{i},nsid={nsid}");
+                let shared = if disk.controllers > 1 {
+                    ",shared=on"
+                } else {
+                    ""
+                };
+                let dev = format!("nvme-ns,drive=nvm{i}n{nsid},bus=nvmec{i},nsid={nsid}{shared}");
                 push(&["-drive", &drive, "-device", &dev]);
             }
         }
@@ -926,6 +952,34 @@ mod tests {
     }
 
     #[test]
+    fn two_controllers_of_one_subsystem_share_its_namespace() {
+        let mut spec = VmSpec::new("t", Accel::Tcg, Path::new("/k"), Path::new("/i"));
+        spec.iommu = true;
+        spec.nvme.push(NvmeDisk {
+            image: "/d.img".into(),
+            serial: "abc".into(),
+            more_namespaces: Vec::new(),
+            controllers: 2,
+        });
+        let args = spec.args(false).join(" ");
+        let subsys = args.find("nvme-subsys,id=nvmes0,").unwrap();
+        let first = args
+            .find("nvme,id=nvmec0,serial=abc,subsys=nvmes0")
+            .unwrap();
+        let second = args
+            .find("nvme,id=nvmec0p1,serial=abc,subsys=nvmes0")
+            .unwrap();
+        let ns = args
+            .find("nvme-ns,drive=nvm0,bus=nvmec0,nsid=1,shared=on")
+            .unwrap();
+        assert!(subsys < first && first < second && second < ns, "{args}");
+        assert!(
+            !args.contains("serial=abc,drive="),
+            "no namespace of its own: {args}"
+        );
+    }
+
+    #[test]
     fn args_put_iommu_before_devices_and_share_ram() {
         let mut spec = VmSpec::new("t", Accel::Tcg, Path::new("/k"), Path::new("/i"));
         spec.iommu = true;
@@ -933,6 +987,7 @@ mod tests {
             image: "/d.img".into(),
             serial: "abc".into(),
             more_namespaces: vec!["/n2.img".into()],
+            controllers: 1,
         });
         let args = spec.args(false).join(" ");
         let iommu = args.find("intel-iommu,intremap=on").unwrap();
