@@ -168,6 +168,32 @@ pub enum LabCommand {
         #[arg(long)]
         verbose: bool,
     },
+    /// (Inside the lab guest) live-migrate a second-level guest running `vfblk-readcheck`
+    /// from a QEMU on one vhost-user-blk socket to a QEMU on another (and back), and print
+    /// the outcome as one record.
+    NestedMigrate {
+        /// The first QEMU's socket.
+        #[arg(long)]
+        source: PathBuf,
+        /// The destination QEMU's socket.
+        #[arg(long)]
+        destination: PathBuf,
+        /// Then migrate back to a new QEMU on the source socket.
+        #[arg(long)]
+        back: bool,
+        /// The second-level guest's RAM (MiB).
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Each migration's bandwidth cap (MiB/s) during its slow phase.
+        #[arg(long, default_value_t = 8)]
+        slow_mib_s: u64,
+        /// Seconds each migration runs capped.
+        #[arg(long, default_value_t = 5)]
+        slow_s: u64,
+        /// Seconds from the workload's start to the first migration, and between them.
+        #[arg(long, default_value_t = 3)]
+        settle_s: u64,
+    },
 }
 
 impl From<ContentsArgs> for Contents {
@@ -273,6 +299,33 @@ pub fn run(cli: LabCli) -> Result<()> {
                     scenario::run_nested_vhost(&socket, queue_size, fio, qemu, echo)
                 }
                 None => scenario::run_nested(boots, echo),
+            }
+        }
+        LabCommand::NestedMigrate {
+            source,
+            destination,
+            back,
+            memory_mib,
+            slow_mib_s,
+            slow_s,
+            settle_s,
+        } => {
+            let mut opts = crate::migration::MigrationOptions::nested();
+            opts.memory_mib = memory_mib;
+            opts.slow_bandwidth = slow_mib_s << 20;
+            opts.slow_phase = Duration::from_secs(slow_s);
+            opts.settle_s = settle_s;
+            let n = crate::migration::NestedMigration {
+                source,
+                destination,
+                back,
+                opts,
+            };
+            let out = crate::migration::run_nested_migration(&n)?;
+            if out.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(LabError::Guest(format!("{:?}", out.problems)))
             }
         }
     }

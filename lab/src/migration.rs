@@ -97,6 +97,9 @@ pub struct MigrationOptions {
     /// Seconds from the workload's start to the first migration, and from the end of the
     /// first to the start of the second.
     pub settle_s: u64,
+    /// fio runs beside `vfblk-readcheck` (off: the readcheck alone, for a small nested
+    /// guest).
+    pub fio: bool,
 }
 
 impl MigrationOptions {
@@ -118,6 +121,25 @@ impl MigrationOptions {
             hold_ms: 100,
             buffer_below_mib: 512,
             settle_s: 2,
+            fio: true,
+        }
+    }
+
+    /// The nested run of [`run_nvme_migration`]: a second-level guest of 256 MiB under the
+    /// lab guest's KVM runs `vfblk-readcheck` alone (4 regions of 4 MiB, its buffer below
+    /// 128 MiB), migrated at 8 MiB/s for 5 s, then uncapped.
+    pub fn nested() -> Self {
+        Self {
+            slow_phase: Duration::from_secs(5),
+            workload_s: 40,
+            memory_mib: 256,
+            regions: 4,
+            region_mib: 4,
+            hold_ms: 200,
+            buffer_below_mib: 128,
+            settle_s: 3,
+            fio: false,
+            ..Self::new(Qemu::system(), TargetKind::Bridge)
         }
     }
 }
@@ -130,7 +152,7 @@ pub fn guest_script(opts: &MigrationOptions) -> String {
     let (regions, mib, hold) = (opts.regions, opts.region_mib, opts.hold_ms);
     let below = opts.buffer_below_mib;
     let end = READCHECK_OFFSET_MIB + regions * mib;
-    format!(
+    let start = format!(
         r#". /lab/lib.sh
 modprobe virtio_pci && modprobe virtio_blk || fail "modprobe virtio"
 for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
@@ -139,23 +161,35 @@ seed=$(( $(date +%s) % 1000000 + 1 ))
 layout="--device /dev/vda --offset-mib {READCHECK_OFFSET_MIB} --regions {regions} --region-mib {mib} --seed $seed"
 step "readcheck: stamping {regions} regions of {mib} MiB from {READCHECK_OFFSET_MIB} MiB"
 vfblk-readcheck write $layout || fail "vfblk-readcheck write"
-step "{WORKLOAD_STEP}: fio randrw 4 KiB crc32c verify on 0-{FIO_MIB} MiB, readcheck on {READCHECK_OFFSET_MIB}-{end} MiB, {t} s"
-fio --name=verify --filename=/dev/vda --offset=0 --size={FIO_MIB}M --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=256 --time_based --runtime={t} --write_lat_log=/tmp/lat --log_avg_msec={CLAT_WINDOW_MS} --log_max_value=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err &
-fio_pid=$!
-vfblk-readcheck verify $layout --seconds {t} --hold-ms {hold} --below-mib {below} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
+"#
+    );
+    let readcheck = format!(
+        r#"vfblk-readcheck verify $layout --seconds {t} --hold-ms {hold} --below-mib {below} --json > /tmp/readcheck.json 2>/tmp/readcheck.err
 rc=$?
 step "readcheck finished with exit status $rc"
 record "{{\"readcheck_exit\": $rc}}"
 [ -s /tmp/readcheck.json ] && record "{{\"readcheck\": $(cat /tmp/readcheck.json)}}"
-wait $fio_pid
+"#
+    );
+    let readcheck_failed = r#"[ $rc = 0 ] || { cat /tmp/readcheck.json /tmp/readcheck.err; fail "vfblk-readcheck verify exited with $rc"; }
+"#;
+    if !opts.fio {
+        return format!(
+            "{start}step \"{WORKLOAD_STEP}: readcheck on {READCHECK_OFFSET_MIB}-{end} MiB, {t} s\"\n{readcheck}{readcheck_failed}"
+        );
+    }
+    format!(
+        r#"{start}step "{WORKLOAD_STEP}: fio randrw 4 KiB crc32c verify on 0-{FIO_MIB} MiB, readcheck on {READCHECK_OFFSET_MIB}-{end} MiB, {t} s"
+fio --name=verify --filename=/dev/vda --offset=0 --size={FIO_MIB}M --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=256 --time_based --runtime={t} --write_lat_log=/tmp/lat --log_avg_msec={CLAT_WINDOW_MS} --log_max_value=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err &
+fio_pid=$!
+{readcheck}wait $fio_pid
 frc=$?
 step "fio finished with exit status $frc"
 record "{{\"fio_exit\": $frc}}"
 [ -s /tmp/fio.json ] && record "{{\"fio\": $(tr -d '\n' < /tmp/fio.json)}}"
 clat=$(awk -F', *' '{{ t = int($1 / {CLAT_WINDOW_MS}) * {CLAT_WINDOW_MS}; if ($2 > m[t]) m[t] = $2 }} END {{ s = ""; for (t in m) s = s (s == "" ? "" : ",") "[" t "," sprintf("%.0f", m[t]) "]"; print "[" s "]" }}' /tmp/lat_clat.1.log 2>/dev/null)
 record "{{\"fio_clat_windows\": ${{clat:-[]}}}}"
-[ $rc = 0 ] || {{ cat /tmp/readcheck.json /tmp/readcheck.err; fail "vfblk-readcheck verify exited with $rc"; }}
-[ $frc = 0 ] || {{ cat /tmp/fio.err; fail "fio exited with $frc"; }}
+{readcheck_failed}[ $frc = 0 ] || {{ cat /tmp/fio.err; fail "fio exited with $frc"; }}
 "#
     )
 }
@@ -1507,6 +1541,298 @@ fn finish(console: &Console, vms: &mut [Vm], out: &mut MigrationOutcome, t0: Opt
             (at, vm.clone(), s.clone())
         })
         .collect();
+}
+
+// ---------------------------------------------------------------------------------------
+// Two controllers on one NVMe namespace: the migration inside the lab guest.
+
+/// The second-level guest's initramfs inside the lab guest (under [`L3_DIR`]).
+pub const NESTED_INITRD: &str = "initrd-readcheck.cpio";
+
+/// Where the nested run keeps its sockets and logs inside the lab guest.
+pub const NESTED_DIR: &str = "/tmp/l3";
+
+/// The record key of the nested run's outcome.
+pub const NESTED_RECORD: &str = "nested_migration";
+
+/// A migration between two vhost-user sockets inside the lab guest (`vfblk-lab
+/// nested-migrate`): the second-level guest boots on `source` under the lab guest's KVM,
+/// moves to a QEMU on `destination` while `vfblk-readcheck` runs in it, and, with `back`,
+/// on to a new QEMU on `source` again.
+#[derive(Debug, Clone)]
+pub struct NestedMigration {
+    /// The first QEMU's socket (and the third's, with `back`).
+    pub source: PathBuf,
+    /// The second QEMU's socket.
+    pub destination: PathBuf,
+    /// Migrate back to a new QEMU on `source`.
+    pub back: bool,
+    /// The migrations' pace and the guest's RAM (its workload is baked into
+    /// [`NESTED_INITRD`] on the host).
+    pub opts: MigrationOptions,
+}
+
+/// How long the second-level guest may take to boot under the lab guest's KVM (most boot
+/// in 18-30 s), and tries.
+const NESTED_BOOT_DEADLINE: Duration = Duration::from_secs(120);
+const NESTED_BOOT_TRIES: u32 = 3;
+
+/// Runs inside the lab guest: the migration(s) of `n`, then one record ([`NESTED_RECORD`])
+/// with the outcome. An error is a setup failure; what the guest and the migrations did is
+/// in the record (and the outcome) either way.
+pub fn run_nested_migration(n: &NestedMigration) -> Result<MigrationOutcome> {
+    let started = Instant::now();
+    let dir = Path::new(NESTED_DIR);
+    std::fs::create_dir_all(dir)?;
+    let l3 = Path::new(crate::scenario::L3_DIR);
+    let mut base = VmSpec::new(
+        "L3",
+        crate::vm::Accel::Kvm,
+        &l3.join("vmlinux"),
+        &l3.join(NESTED_INITRD),
+    );
+    base.qemu = n.opts.qemu.clone();
+    base.cpus = 1;
+    base.memory_mib = n.opts.memory_mib;
+    let console_log = dir.join("console-migration.log");
+    let mut out = MigrationOutcome {
+        qemu: n.opts.qemu.description.clone(),
+        target: format!(
+            "vfblk-bridge NVMe backends: {} -> {}{}",
+            n.source.display(),
+            n.destination.display(),
+            if n.back { " and back" } else { "" }
+        ),
+        console: console_log.clone(),
+        ..MigrationOutcome::default()
+    };
+    let mut vms: Vec<Vm> = Vec::new();
+    let result = drive_nested(n, &base, dir, &console_log, &mut vms, &mut out);
+    for vm in vms.iter_mut() {
+        vm.kill();
+        out.qemu_stderr.extend(vm.stderr_lines());
+    }
+    out.problems.extend(leftovers(&vms, &[]));
+    drop(vms);
+    out.elapsed_s = started.elapsed().as_secs_f64();
+    println!(
+        "{}-RECORD {}",
+        MARK,
+        json!({ NESTED_RECORD: out.to_json() })
+    );
+    result.map(|()| out)
+}
+
+fn drive_nested(
+    n: &NestedMigration,
+    base: &VmSpec,
+    dir: &Path,
+    console_log: &Path,
+    vms: &mut Vec<Vm>,
+    out: &mut MigrationOutcome,
+) -> Result<()> {
+    let opts = &n.opts;
+    let mut console;
+    loop {
+        out.tries += 1;
+        console = Arc::new(Console::new(console_log)?);
+        let booting = Instant::now();
+        vms.push(Vm::start(
+            "A1",
+            &spec_on(base, &n.source),
+            dir,
+            false,
+            &console,
+        )?);
+        if wait_for(&console, &mut vms[0], NESTED_BOOT_DEADLINE, |s| {
+            s.booted.is_some()
+        }) {
+            out.boot_s = Some(booting.elapsed().as_secs_f64());
+            break;
+        }
+        let mut vm = vms.pop().expect("the QEMU just started");
+        vm.kill();
+        out.qemu_stderr.extend(vm.stderr_lines());
+        if out.tries >= NESTED_BOOT_TRIES {
+            out.problems
+                .push(format!("the guest did not boot in {} tries", out.tries));
+            return Ok(());
+        }
+        tracing::warn!(
+            "[L2] the guest did not boot within {NESTED_BOOT_DEADLINE:?} (try {}); starting it again",
+            out.tries
+        );
+    }
+    vms.push(Vm::start(
+        "B",
+        &spec_on(base, &n.destination),
+        dir,
+        true,
+        &console,
+    )?);
+    if !wait_for(&console, &mut vms[0], Duration::from_secs(120), |s| {
+        s.steps.iter().any(|(_, _, t)| t.starts_with(WORKLOAD_STEP))
+    }) {
+        out.problems
+            .push("the guest's workload did not start".into());
+        finish(&console, vms, out, None);
+        return Ok(());
+    }
+    let t0 = console.step(WORKLOAD_STEP).unwrap_or_else(Instant::now);
+    std::thread::sleep(Duration::from_secs(opts.settle_s));
+    let leg1 = {
+        let (a, b) = vms.split_at_mut(1);
+        migrate(
+            &mut a[0],
+            &mut b[0],
+            &dir.join("mig-1.sock"),
+            opts,
+            t0,
+            &mut |_| Ok(None),
+        )
+    };
+    let completed = leg1.status == "completed" && leg1.destination_running;
+    out.legs.push(leg1);
+    if !completed {
+        finish(&console, vms, out, Some(t0));
+        return Ok(());
+    }
+    // The source QEMU goes: its controller is free for the next frontend.
+    vms[0].quit();
+    if n.back {
+        vms.push(Vm::start(
+            "A2",
+            &spec_on(base, &n.source),
+            dir,
+            true,
+            &console,
+        )?);
+        std::thread::sleep(Duration::from_secs(opts.settle_s));
+        let leg2 = {
+            let (_, rest) = vms.split_at_mut(1);
+            let (b, a2) = rest.split_at_mut(1);
+            migrate(
+                &mut b[0],
+                &mut a2[0],
+                &dir.join("mig-2.sock"),
+                opts,
+                t0,
+                &mut |_| Ok(None),
+            )
+        };
+        let completed = leg2.status == "completed" && leg2.destination_running;
+        out.legs.push(leg2);
+        if completed {
+            vms[1].quit();
+        }
+    }
+    finish(&console, vms, out, Some(t0));
+    Ok(())
+}
+
+/// Where the lab guest of [`run_nvme_migration`] has the controllers' sockets.
+const NVME_SOCKETS: (&str, &str) = ("/tmp/a.sock", "/tmp/b.sock");
+
+/// The lab guest's script of [`run_nvme_migration`]: both controllers of the NVM
+/// subsystem bound to vfio-pci, a `vfblk-bridge` on each (the first on namespace 1 through
+/// the first controller, the second through the second, `--test-skip-dirty-log` when
+/// `skip_log` names it: `a` or `b`), then `vfblk-lab nested-migrate`; the bridges' logs
+/// are summed up in records.
+pub fn nvme_migration_script(
+    opts: &MigrationOptions,
+    back: bool,
+    skip_log: Option<char>,
+) -> String {
+    let (a, b) = NVME_SOCKETS;
+    let skip = |side: char| {
+        if skip_log == Some(side) {
+            " --test-skip-dirty-log"
+        } else {
+            ""
+        }
+    };
+    let (skip_a, skip_b) = (skip('a'), skip('b'));
+    let back = if back { " --back" } else { "" };
+    let (mem, slow_mib) = (opts.memory_mib, opts.slow_bandwidth >> 20);
+    let (slow_s, settle_s) = (opts.slow_phase.as_secs(), opts.settle_s);
+    format!(
+        r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe vfio"
+modprobe kvm_amd || fail "modprobe kvm_amd"
+set --
+for d in /sys/bus/pci/devices/*; do [ "$(cat $d/class)" = 0x010802 ] && set -- "$@" $(basename $d); done
+[ $# = 2 ] || fail "want the subsystem's two NVMe controllers, found $#: $*"
+step "two controllers of one NVM subsystem, namespace 1 shared: $1 and $2"
+for bdf in $1 $2; do vfblk-nvme bind-vfio $bdf || fail "bind-vfio $bdf"; done
+vfblk-bridge --socket {a} --backend nvme:$1:1{skip_a} >/dev/null 2>/tmp/bridge-a.log &
+vfblk-bridge --socket {b} --backend nvme:$2:1{skip_b} >/dev/null 2>/tmp/bridge-b.log &
+for i in $(seq 1 400); do [ -S {a} ] && [ -S {b} ] && break; sleep 0.05; done
+[ -S {a} ] && [ -S {b} ] || {{ cat /tmp/bridge-a.log /tmp/bridge-b.log; fail "the bridges did not start"; }}
+step "nested guest on {a} (through $1), migrated to {b} (through $2){back}"
+vfblk-lab nested-migrate --source {a} --destination {b}{back} --memory-mib {mem} --slow-mib-s {slow_mib} --slow-s {slow_s} --settle-s {settle_s} || echo "nested-migrate exited with $?"
+for side in a b; do
+    log=/tmp/bridge-$side.log
+    record "{{\"bridge_$side\": {{\"dirty_log_set\": $(grep -c 'dirty log of' $log), \"errors\": $(grep -c -i 'error' $log), \"warnings\": $(grep -c 'WARN' $log)}}}}"
+done
+"#
+    )
+}
+
+/// The lab guest of [`run_nvme_migration`]: the project's bridge, NVMe tool and lab
+/// binary, QEMU for second-level guests, and the second-level guest's image running
+/// [`guest_script`] of `opts` (`vfblk-readcheck`, no fio).
+pub fn nvme_migration_image(lab: &Lab, opts: &MigrationOptions, script: &str) -> Result<PathBuf> {
+    use crate::scenario::{L2_HUGEPAGES, L2_MODULES, L3_DIR, L3_MODULES};
+    let mut l3 = Initramfs::new(&lab.kernel, L3_MODULES, 0)?;
+    l3.add_program(
+        &lab.bin_dir.join("vfblk-readcheck"),
+        "lab/bin/vfblk-readcheck",
+    )?;
+    l3.set_test_script(&guest_script(opts));
+    let l3_path = lab.dir.join("l3-readcheck.cpio");
+    l3.write(&l3_path)?;
+    let mut image = Initramfs::new(&lab.kernel, L2_MODULES, L2_HUGEPAGES)?;
+    for bin in ["vfblk-nvme", "vfblk-lab", "vfblk-bridge"] {
+        image.add_program(&lab.bin_dir.join(bin), &format!("lab/bin/{bin}"))?;
+    }
+    lab.add_nested_qemu(&mut image)?;
+    image.add_file(&format!("{L3_DIR}/{NESTED_INITRD}"), &l3_path, 0o644);
+    image.set_test_script(script);
+    let path = lab.dir.join("l2-migration.cpio");
+    image.write(&path)?;
+    Ok(path)
+}
+
+/// Issue 18's migration between two controllers on one NVMe namespace: the lab guest's
+/// emulated NVMe is an NVM subsystem with two controllers sharing namespace 1 (a
+/// dual-ported SSD's two ports: two hosts reaching one namespace); each controller is
+/// owned through VFIO by a `vfblk-bridge` of its own in the lab guest, and a second-level
+/// guest on the first migrates to a QEMU on the second (and back, with `back`) while
+/// `vfblk-readcheck` checks in it that the device's reads into guest RAM arrived. The
+/// bridge named by `skip_log` takes the dirty log and marks nothing. The nested run's
+/// outcome is the lab run's [`NESTED_RECORD`] record.
+pub fn run_nvme_migration(
+    lab: &Lab,
+    opts: &MigrationOptions,
+    back: bool,
+    skip_log: Option<char>,
+) -> Result<crate::vm::RetriedRun> {
+    let script = nvme_migration_script(opts, back, skip_log);
+    let initrd = nvme_migration_image(lab, opts, &script)?;
+    let disk = lab.disk("nvme.img", u64::from(DISK_MIB))?;
+    let mut spec = lab.l2_spec(&initrd, &disk);
+    spec.nvme[0].controllers = 2;
+    let limits = crate::vm::Limits {
+        boot: Duration::from_secs(90),
+        total: Duration::from_secs(600),
+    };
+    crate::vm::run_retrying_stalls(
+        &spec,
+        limits,
+        crate::scenario::L2_TRIES,
+        &lab.dir.join("console.log"),
+        crate::vm::Echo::Steps,
+    )
 }
 
 #[cfg(test)]
