@@ -16,6 +16,11 @@
 //! destination: the serial output of every QEMU of the run feeds one console, in order, so
 //! the guest's lines are read wherever it runs. Every process has a deadline and is killed
 //! (by its pid, only ours) on every way out; sockets are removed.
+//!
+//! The same harness runs inside the lab guest ([`run_nvme_migration`], `vfblk-lab
+//! nested-migrate`): there the NVMe backend serves the disk, on two controllers of one
+//! NVM subsystem sharing a namespace, each owned by a bridge of its own, and the migrating
+//! guest is a second-level guest under the lab guest's KVM.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1878,6 +1883,27 @@ mod tests {
         let log = std::fs::read_to_string(dir.join("console.log")).unwrap();
         assert!(log.contains("@@VFBLK-STEP workload running\n"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_nested_run_checks_reads_alone_and_skips_the_log_only_where_asked() {
+        let opts = MigrationOptions::nested();
+        let script = guest_script(&opts);
+        assert!(!script.contains("fio"), "{script}");
+        assert!(script.contains("--regions 4 --region-mib 4"));
+        assert!(script.contains("--hold-ms 200 --below-mib 128"));
+        assert!(script.contains("step \"workload running: readcheck"));
+        let l2 = nvme_migration_script(&opts, true, Some('b'));
+        assert!(
+            l2.contains("--socket /tmp/a.sock --backend nvme:$1:1 >"),
+            "{l2}"
+        );
+        assert!(l2.contains("--socket /tmp/b.sock --backend nvme:$2:1 --test-skip-dirty-log >"));
+        assert!(l2.contains(
+            "--destination /tmp/b.sock --back --memory-mib 256 --slow-mib-s 8 --slow-s 5"
+        ));
+        let l2 = nvme_migration_script(&opts, false, None);
+        assert!(!l2.contains("--test-skip-dirty-log") && !l2.contains("--back "));
     }
 
     #[test]

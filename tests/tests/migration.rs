@@ -308,10 +308,22 @@ fn live_migration_between_two_controllers_on_one_nvme_namespace_in_nested_guests
         caught[0].as_f64() > Some(second_start),
         "caught after the second switch-over\n{ctx}"
     );
-    let example = &rc["mismatch"]["examples"][0];
+    // What was found is stale device data: every wrong block holds stamps (a block the
+    // migration sent while the device wrote it holds the region read in part), and some
+    // hold another region's, as the device wrote them into the buffer earlier.
+    let examples = rc["mismatch"]["examples"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(
-        example["found_region"].is_u64() && example["found_region"] != rc["mismatch"]["region"],
+        !examples.is_empty() && examples.iter().all(|e| e["found_region"].is_u64()),
         "stale device data, not corruption of another kind\n{ctx}"
+    );
+    assert!(
+        examples
+            .iter()
+            .any(|e| e["found_region"] != rc["mismatch"]["region"]),
+        "another region's stamps\n{ctx}"
     );
     eprintln!(
         "NVMe subsystem, two controllers on namespace 1: {} (total {} ms, downtime {} ms), then {} without the log (total {} ms, downtime {} ms): caught {:.1} s into the workload: {}",
