@@ -1098,6 +1098,18 @@ fn migrate(
         std::thread::sleep(Duration::from_millis(100));
     }
     leg.ended_s = t0.elapsed().as_secs_f64();
+    // QEMU 7.2 was seen answering `completed` with a total time and downtime of 0 (its
+    // figures are filled in just after the status changes): asked again.
+    for _ in 0..10 {
+        if leg.status != "completed" || leg.info["total-time"].as_u64() != Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        match from.qmp("query-migrate", json!({})) {
+            Ok(info) => leg.info = info,
+            Err(_) => break,
+        }
+    }
     leg.total_time_ms = leg.info["total-time"].as_u64();
     leg.downtime_ms = leg.info["downtime"].as_u64();
     leg.setup_time_ms = leg.info["setup-time"].as_u64();
