@@ -787,6 +787,16 @@ impl Target {
                 what: "backend",
                 name: config.backend.clone(),
             })?;
+        if entry.backend.serves_one_frontend() {
+            let served = self.controllers.values().map(|c| &c.config);
+            let unserved = self.unserved.controllers().map(|u| &u.entry);
+            let users: Vec<&str> = served
+                .chain(unserved)
+                .filter(|c| c.backend == config.backend)
+                .map(|c| c.name.as_str())
+                .collect();
+            check_one_frontend(&config.backend, &users).map_err(bad)?;
+        }
         let pollers = self.pollers_for(&config.cpus).map_err(bad)?;
         let mut device = BlkDevice::new(entry.backend.clone(), config.queues, &serial);
         if config.readonly {
@@ -1665,9 +1675,27 @@ pub fn set_log_filter(spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// A backend that serves one frontend only (an NVMe namespace: its DMA mappings are one
+/// frontend's guest memory) refuses a second controller.
+fn check_one_frontend(backend: &str, users: &[&str]) -> std::result::Result<(), String> {
+    match users.first() {
+        None => Ok(()),
+        Some(other) => Err(format!(
+            "backend {backend} is served by controller {other}, and an NVMe backend serves one frontend (its DMA maps one guest's memory); give each VM its own backend, a part of the namespace (offset and size) or another namespace"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_for_one_frontend_refuses_a_second_controller() {
+        assert!(check_one_frontend("nvme0n1", &[]).is_ok());
+        let e = check_one_frontend("nvme0n1", &["vm1"]).unwrap_err();
+        assert!(e.contains("controller vm1") && e.contains("one frontend"), "{e}");
+    }
 
     #[test]
     fn parts_of_a_namespace_sit_side_by_side_and_never_overlap() {

@@ -820,6 +820,8 @@ for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
 vfblk-rpc -s /tmp/rpc.sock --json nvme-attach nvme0 $bdf > /tmp/attach.json || { cat /tmp/bridge.log; fail "nvme_attach"; }
 record "{\"attach\": $(tr -d '\n' < /tmp/attach.json)}"
 vfblk-rpc -s /tmp/rpc.sock vhost-blk-create vm-a --socket /tmp/a.sock --backend nvme0n1 || fail "create vm-a"
+vfblk-rpc -s /tmp/rpc.sock vhost-blk-create vm-a2 --socket /tmp/a2.sock --backend nvme0n1 2>/tmp/second.err && fail "a second controller on one NVMe backend was accepted (its DMA maps one frontend's memory)"
+grep -q "serves one frontend" /tmp/second.err || { cat /tmp/second.err; fail "the second controller's refusal does not say why"; }
 vfblk-rpc -s /tmp/rpc.sock vhost-blk-create vm-b --socket /tmp/b.sock --backend nvme0n2 || fail "create vm-b"
 step "{WHAT} at once, one namespace each, verifying"
 {FIRST}

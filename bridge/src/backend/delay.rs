@@ -46,6 +46,10 @@ impl Backend for DelayBackend {
         self.inner.grow(bytes)
     }
 
+    fn serves_one_frontend(&self) -> bool {
+        self.inner.serves_one_frontend()
+    }
+
     fn image_lock(&self) -> Option<&std::sync::Arc<crate::image_lock::BackendImageLock>> {
         self.inner.image_lock()
     }

@@ -194,6 +194,13 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Whether the backend can serve one frontend only: it maps that frontend's guest
+    /// memory for its device's DMA ([`Backend::guest_memory_changed`] replaces the mapping),
+    /// so a second controller on it would have the first's memory swapped out under it.
+    fn serves_one_frontend(&self) -> bool {
+        false
+    }
+
     /// The lock QEMU honours on the image a backend serves ([`crate::image_lock`]), held
     /// while queues of controllers on it run; `None` for storage that is not a file of this
     /// host's.

@@ -913,6 +913,12 @@ impl Backend for NvmeBackend {
         }))
     }
 
+    /// One IOVA window and one list of guest RAM mappings per backend: a second frontend's
+    /// memory table would replace the first's while its commands still DMA into it.
+    fn serves_one_frontend(&self) -> bool {
+        true
+    }
+
     fn guest_memory_changed(&self, memory: Option<&GuestMemory>) -> Result<()> {
         let mut mappings = self
             .mappings
