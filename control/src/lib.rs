@@ -1694,7 +1694,10 @@ mod tests {
     fn a_backend_for_one_frontend_refuses_a_second_controller() {
         assert!(check_one_frontend("nvme0n1", &[]).is_ok());
         let e = check_one_frontend("nvme0n1", &["vm1"]).unwrap_err();
-        assert!(e.contains("controller vm1") && e.contains("one frontend"), "{e}");
+        assert!(
+            e.contains("controller vm1") && e.contains("one frontend"),
+            "{e}"
+        );
     }
 
     #[test]
