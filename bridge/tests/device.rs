@@ -14,9 +14,7 @@ use std::time::Duration;
 use common::{d, device_config, start_server, Guest, BUF, DISK, MEM};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::virtq::{Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
@@ -344,7 +342,7 @@ fn a_ring_smaller_than_the_inflight_region_is_served_and_a_larger_one_is_refused
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(g.g.pop_used_raw(), None, "the queue did not start");
     assert_eq!(
-        g.fe.get_features().unwrap() & !VhostUserVirtioFeatures::LOG_ALL.bits(),
+        common::acked(g.fe.get_features().unwrap()),
         g.features,
         "the connection is still served"
     );
@@ -473,8 +471,7 @@ fn the_device_status_is_set_and_read_back_and_a_malformed_status_closes_the_conn
     // Offered.
     let mut fe = vhost::vhost_user::Frontend::from_stream(UnixStream::connect(&socket).unwrap(), 2);
     fe.set_owner().unwrap();
-    // Everything offered but dirty logging, which only a migration turns on.
-    let features = fe.get_features().unwrap() & !VhostUserVirtioFeatures::LOG_ALL.bits();
+    let features = common::acked(fe.get_features().unwrap());
     fe.set_features(features).unwrap();
     let protocol = fe.get_protocol_features().unwrap();
     assert!(

@@ -29,6 +29,15 @@ pub const DISK: u64 = 16 << 20;
 pub const QSIZE: u16 = 64;
 pub const BUF: u64 = 1 << 20; // buffers live above 1 MiB
 
+/// What this test frontend acks of what the device offers: everything but dirty logging
+/// (only a migration turns it on) and packed rings (it drives split rings, as QEMU does
+/// unless `packed=on`).
+pub fn acked(offered: u64) -> u64 {
+    offered
+        & !VhostUserVirtioFeatures::LOG_ALL.bits()
+        & !(1 << vfblk_vhost::packed::VIRTIO_F_RING_PACKED)
+}
+
 /// A mem-backed device with `queues` queues on one test poller; GET_ID answers "test-disk".
 pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
     let backend = Arc::new(MemBackend::open(&dir.join("disk"), DISK).unwrap());
@@ -102,7 +111,7 @@ impl Guest {
         let mut fe = Frontend::from_stream(UnixStream::connect(socket).unwrap(), 2);
         fe.set_owner().unwrap();
         // Everything offered but dirty logging, which only a migration turns on.
-        let features = fe.get_features().unwrap() & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        let features = acked(fe.get_features().unwrap());
         fe.set_features(features).unwrap();
         let protocol = fe.get_protocol_features().unwrap();
         fe.set_protocol_features(protocol).unwrap();
