@@ -291,11 +291,9 @@ impl Keeper {
                 }
                 // As systemd does: an open file description is kept once, under the name it
                 // was first stored with.
-                if let Some((first, _)) = self
-                    .stored
-                    .iter()
-                    .find(|(_, held)| same_description(held.as_fd(), fd.as_fd()))
-                {
+                if let Some((first, _)) = self.stored.iter().find(|(_, held)| {
+                    vfblk_vhost::stored_connection::same_description(held.as_fd(), fd.as_fd())
+                }) {
                     tracing::debug!("{name}: the same fd as {first}, not stored again");
                     continue;
                 }
@@ -608,26 +606,6 @@ pub fn default_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     base.join(format!("vfblk-keeper-{}", std::process::id()))
-}
-
-/// Whether two fds of this process are one open file description (kcmp's KCMP_FILE, what
-/// systemd's fd store compares).
-fn same_description(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -> bool {
-    /// KCMP_FILE of linux/kcmp.h.
-    const KCMP_FILE: libc::c_long = 0;
-    let pid = libc::c_long::from(std::process::id() as i32);
-    // SAFETY: kcmp only compares two fds of this process; both are open for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            libc::c_long::from(a.as_raw_fd()),
-            libc::c_long::from(b.as_raw_fd()),
-        )
-    };
-    r == 0
 }
 
 #[cfg(test)]

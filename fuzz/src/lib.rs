@@ -94,6 +94,20 @@ pub fn chain_and_request(data: &[u8]) {
 const PACKED_DRIVER_EVENT: u64 = 16 * QUEUE as u64;
 const PACKED_DEVICE_EVENT: u64 = PACKED_DRIVER_EVENT + 4;
 
+/// The packed ring of the packed targets, where [`PACKED_DRIVER_EVENT`] says.
+fn packed_queue(guest: &MockGuest, mem: &GuestMemory, event_idx: bool) -> PackedQueue {
+    let base = guest.frontend_base();
+    PackedQueue::new(
+        mem,
+        QUEUE,
+        base,
+        base + PACKED_DRIVER_EVENT,
+        base + PACKED_DEVICE_EVENT,
+        event_idx,
+    )
+    .expect("the rings lie in guest memory and are aligned")
+}
+
 /// The request limits of the chain targets.
 fn fuzz_limits() -> Limits {
     Limits {
@@ -143,20 +157,10 @@ pub fn packed_chain_and_request(data: &[u8]) {
     let n = data.len().min(GUEST_BYTES as usize);
     guest.write(0, &data[..n]);
     let mem = guest.memory();
-    let base = guest.frontend_base();
     let event_idx = data
         .get(PACKED_DEVICE_EVENT as usize + 4)
         .is_some_and(|b| b & 1 == 1);
-    let Ok(mut vq) = PackedQueue::new(
-        &mem,
-        QUEUE,
-        base,
-        base + PACKED_DRIVER_EVENT,
-        base + PACKED_DEVICE_EVENT,
-        event_idx,
-    ) else {
-        panic!("the rings lie in guest memory and are aligned")
-    };
+    let mut vq = packed_queue(&guest, &mem, event_idx);
     let mut segments = vec![Segment::default(); request::MAX_SEGMENTS];
     let mut request = Box::<Request>::default();
     let mut ids = Vec::new();
@@ -204,17 +208,7 @@ pub fn packed_inflight_recovery(data: &[u8]) {
     let guest = MockGuest::new(GUEST_BYTES, QUEUE);
     guest.write(0, ring);
     let mem = guest.memory();
-    let base = guest.frontend_base();
-    let Ok(mut vq) = PackedQueue::new(
-        &mem,
-        QUEUE,
-        base,
-        base + PACKED_DRIVER_EVENT,
-        base + PACKED_DEVICE_EVENT,
-        false,
-    ) else {
-        panic!("the rings lie in guest memory and are aligned")
-    };
+    let mut vq = packed_queue(&guest, &mem, false);
     let mut region = vec![0u64; inflight_packed::region_size(QUEUE) / 8];
     // SAFETY: a u64 buffer viewed as bytes, for the input to fill.
     let bytes = unsafe {

@@ -196,8 +196,8 @@ impl StoredConnection {
 }
 
 /// Whether two fds of this process are one open file description (kcmp's KCMP_FILE, what
-/// systemd compares). Unknown (kcmp refused) counts as different, as it did before.
-fn same_description(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+/// systemd's fd store compares). Unknown (kcmp refused) counts as different.
+pub fn same_description(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     /// KCMP_FILE of linux/kcmp.h.
     const KCMP_FILE: libc::c_long = 0;
     let pid = libc::c_long::from(std::process::id() as i32);
