@@ -269,8 +269,9 @@ impl Device for BlkDevice {
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_MQ)
-            // Offered always, as virtio means it: the driver chooses (QEMU's `packed=on`,
-            // Linux since 5.0); one that does not ack it gets split rings as before.
+            // The driver chooses (QEMU's `packed=on`, Linux since 5.0); one that does not
+            // ack it gets split rings. The plumbing takes it out of the offer without
+            // inflight tracking (a packed ring cannot be resumed from a base alone).
             | (1 << VIRTIO_F_RING_PACKED);
         if info.flush {
             // A volatile cache: flushes mean something, and the driver may choose
@@ -441,7 +442,8 @@ pub struct BlkQueue {
     finished_at_take: u64,
     /// The device's changing settings and the generation of them `limits` follows.
     shape: Option<(Arc<LiveShape>, u64)>,
-    /// This queue's share of the image lock (last: let go after the backend queue).
+    /// This queue's share of the image lock, let go of when the queue stops
+    /// ([`RequestHandler::stopped`]).
     image: Option<ImageInUse>,
 }
 

@@ -358,7 +358,8 @@ impl BackendImageLock {
     }
 
     /// Whether running queues hold the lock now.
-    pub fn is_held(&self) -> bool {
+    #[cfg(test)]
+    fn is_held(&self) -> bool {
         self.held().lock.is_some()
     }
 

@@ -149,30 +149,33 @@ impl Connection {
 
     /// Feature bits we offer: the ring features and the device type's.
     pub fn offered_features(config: &DeviceConfig) -> u64 {
-        let mut device = config.device.features();
-        if !config.inflight {
-            // A packed ring is resumed (after a reconnect) and logged (for a migration)
-            // only from an inflight region: its used descriptors overwrite the slots of
-            // chains still in flight, so a base alone cannot say what to run again. Not
-            // offered, nor accepted, without inflight tracking.
-            device &= !(1 << VIRTIO_F_RING_PACKED);
-        }
-        (1u64 << VIRTIO_F_VERSION_1)
+        ((1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits()
-            | device
+            | config.device.features())
+            & Self::servable(config)
     }
 
     /// Feature bits a frontend may have acked ([`Device::accepted_features`]): checked at
     /// SET_FEATURES and when a connection is handed over or resumed.
     pub fn accepted_features(config: &DeviceConfig) -> u64 {
-        let mut accepted = Self::offered_features(config) | config.device.accepted_features();
-        if !config.inflight {
-            accepted &= !(1 << VIRTIO_F_RING_PACKED);
+        (Self::offered_features(config) | config.device.accepted_features())
+            & Self::servable(config)
+    }
+
+    /// The feature bits this configuration can serve, whatever the device offers: a packed
+    /// ring is resumed (after a reconnect) and logged (for a migration) only from an
+    /// inflight region (its used descriptors overwrite the slots of chains still in flight,
+    /// so a base alone cannot say what to run again), so without inflight tracking it is
+    /// neither offered nor accepted.
+    fn servable(config: &DeviceConfig) -> u64 {
+        if config.inflight {
+            !0
+        } else {
+            !(1 << VIRTIO_F_RING_PACKED)
         }
-        accepted
     }
 
     /// Protocol features we offer.
