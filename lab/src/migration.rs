@@ -1280,9 +1280,104 @@ fn leftovers(vms: &[Vm], targets: &[Target]) -> Vec<String> {
     found
 }
 
-/// How long the guest may take to boot (to `/init`), and tries.
-const BOOT_DEADLINE: Duration = Duration::from_secs(90);
-const BOOT_TRIES: u32 = 3;
+/// How long a guest's first QEMU may take to boot it (to `/init`), how many times it is
+/// started, and who says so in the warning a stalled boot logs.
+struct Boot {
+    deadline: Duration,
+    tries: u32,
+    who: &'static str,
+}
+
+/// The host run's guest.
+const BOOT: Boot = Boot {
+    deadline: Duration::from_secs(90),
+    tries: 3,
+    who: "host",
+};
+
+/// Starts the guest's first QEMU, `A1` on `socket`, and again while its boot stalls: the
+/// console it booted on, or `None` (the problem recorded) once `boot.tries` stalled.
+fn boot_first(
+    base: &VmSpec,
+    socket: &Path,
+    dir: &Path,
+    console_log: &Path,
+    boot: &Boot,
+    vms: &mut Vec<Vm>,
+    out: &mut MigrationOutcome,
+) -> Result<Option<Arc<Console>>> {
+    loop {
+        out.tries += 1;
+        let console = Arc::new(Console::new(console_log)?);
+        let booting = Instant::now();
+        vms.push(Vm::start(
+            "A1",
+            &spec_on(base, socket),
+            dir,
+            false,
+            &console,
+        )?);
+        let booted = wait_for(&console, &mut vms[0], boot.deadline, |s| s.booted.is_some());
+        if booted {
+            out.boot_s = Some(booting.elapsed().as_secs_f64());
+            return Ok(Some(console));
+        }
+        let mut vm = vms.pop().expect("the QEMU just started");
+        vm.kill();
+        out.qemu_stderr.extend(vm.stderr_lines());
+        if out.tries >= boot.tries {
+            out.problems
+                .push(format!("the guest did not boot in {} tries", out.tries));
+            return Ok(None);
+        }
+        tracing::warn!(
+            "[{}] the guest did not boot within {:?} (try {}); starting it again",
+            boot.who,
+            boot.deadline,
+            out.tries
+        );
+    }
+}
+
+/// Waits up to `limit` for the guest's workload to start, then `settle_s`: when it started,
+/// or `None` (the problem recorded, the guest's end taken) if it did not.
+fn workload_started(
+    console: &Console,
+    vms: &mut [Vm],
+    out: &mut MigrationOutcome,
+    limit: Duration,
+    settle_s: u64,
+) -> Option<Instant> {
+    if !wait_for(console, &mut vms[0], limit, |s| {
+        s.steps.iter().any(|(_, _, t)| t.starts_with(WORKLOAD_STEP))
+    }) {
+        out.problems
+            .push("the guest's workload did not start".into());
+        finish(console, vms, out, None);
+        return None;
+    }
+    let t0 = console.step(WORKLOAD_STEP).unwrap_or_else(Instant::now);
+    std::thread::sleep(Duration::from_secs(settle_s));
+    Some(t0)
+}
+
+/// Migrates the guest from `vms[from]` to `vms[to]` (`from < to`) through `uri_path` and
+/// keeps the leg: whether it completed with the destination running.
+fn run_leg(
+    vms: &mut [Vm],
+    (from, to): (usize, usize),
+    uri_path: &Path,
+    opts: &MigrationOptions,
+    t0: Instant,
+    during: &mut dyn FnMut(Duration) -> Result<Option<Value>>,
+    out: &mut MigrationOutcome,
+) -> bool {
+    let (a, b) = vms.split_at_mut(to);
+    let leg = migrate(&mut a[from], &mut b[0], uri_path, opts, t0, during);
+    let completed = leg.status == "completed" && leg.destination_running;
+    out.legs.push(leg);
+    completed
+}
 
 #[allow(clippy::too_many_arguments)]
 fn drive(
@@ -1307,36 +1402,10 @@ fn drive(
         opts.sources_skip_dirty_log,
         opts.keeper_events,
     )?);
-    let mut console;
-    loop {
-        out.tries += 1;
-        console = Arc::new(Console::new(console_log)?);
-        let booting = Instant::now();
-        vms.push(Vm::start(
-            "A1",
-            &spec_on(base, &targets[0].socket),
-            &lab.dir,
-            false,
-            &console,
-        )?);
-        let booted = wait_for(&console, &mut vms[0], BOOT_DEADLINE, |s| s.booted.is_some());
-        if booted {
-            out.boot_s = Some(booting.elapsed().as_secs_f64());
-            break;
-        }
-        let mut vm = vms.pop().expect("the QEMU just started");
-        vm.kill();
-        out.qemu_stderr.extend(vm.stderr_lines());
-        if out.tries >= BOOT_TRIES {
-            out.problems
-                .push(format!("the guest did not boot in {} tries", out.tries));
-            return Ok(());
-        }
-        tracing::warn!(
-            "[host] the guest did not boot within {BOOT_DEADLINE:?} (try {}); starting it again",
-            out.tries
-        );
-    }
+    let socket = &targets[0].socket;
+    let Some(console) = boot_first(base, socket, &lab.dir, console_log, &BOOT, vms, out)? else {
+        return Ok(());
+    };
     // Side B, ready before the workload starts.
     targets.push(Target::start(
         lab,
@@ -1354,25 +1423,17 @@ fn drive(
         true,
         &console,
     )?);
-    let workload_deadline = BOOT_DEADLINE + Duration::from_secs(120);
-    if !wait_for(&console, &mut vms[0], workload_deadline, |s| {
-        s.steps.iter().any(|(_, _, t)| t.starts_with(WORKLOAD_STEP))
-    }) {
-        out.problems
-            .push("the guest's workload did not start".into());
-        finish(&console, vms, out, None);
+    let workload_deadline = BOOT.deadline + Duration::from_secs(120);
+    let Some(t0) = workload_started(&console, vms, out, workload_deadline, opts.settle_s) else {
         return Ok(());
-    }
-    let t0 = console.step(WORKLOAD_STEP).unwrap_or_else(Instant::now);
-    std::thread::sleep(Duration::from_secs(opts.settle_s));
+    };
 
     // A1 -> B, with the keeper's events if asked.
     let bin_dir = lab.bin_dir.clone();
     let mut upgraded = false;
     let mut killed = false;
     let slow = opts.slow_phase;
-    let leg1 = {
-        let (a, b) = vms.split_at_mut(1);
+    let completed = {
         let target = &mut targets[0];
         let mut during = |elapsed: Duration| -> Result<Option<Value>> {
             if !opts.keeper_events {
@@ -1414,14 +1475,8 @@ fn drive(
             }
             Ok(None)
         };
-        migrate(
-            &mut a[0],
-            &mut b[0],
-            &lab.dir.join("mig-1.sock"),
-            opts,
-            t0,
-            &mut during,
-        )
+        let mig = lab.dir.join("mig-1.sock");
+        run_leg(vms, (0, 1), &mig, opts, t0, &mut during, out)
     };
     if opts.keeper_events {
         out.kept_connections = targets[0]
@@ -1429,8 +1484,6 @@ fn drive(
             .ok()
             .and_then(|s| s["controllers"][0]["connections"].as_u64());
     }
-    let completed = leg1.status == "completed" && leg1.destination_running;
-    out.legs.push(leg1);
     if !completed {
         finish(&console, vms, out, Some(t0));
         return Ok(());
@@ -1451,21 +1504,8 @@ fn drive(
         &console,
     )?);
     std::thread::sleep(Duration::from_secs(opts.settle_s));
-    let leg2 = {
-        let (_, rest) = vms.split_at_mut(1);
-        let (b, a2) = rest.split_at_mut(1);
-        migrate(
-            &mut b[0],
-            &mut a2[0],
-            &lab.dir.join("mig-2.sock"),
-            opts,
-            t0,
-            &mut |_| Ok(None),
-        )
-    };
-    let completed = leg2.status == "completed" && leg2.destination_running;
-    out.legs.push(leg2);
-    if completed {
+    let mig = lab.dir.join("mig-2.sock");
+    if run_leg(vms, (1, 2), &mig, opts, t0, &mut |_| Ok(None), out) {
         vms[1].quit();
         targets[1].stop();
     }
@@ -1589,10 +1629,12 @@ pub struct NestedMigration {
     pub opts: MigrationOptions,
 }
 
-/// How long the second-level guest may take to boot under the lab guest's KVM (most boot
-/// in 18-30 s), and tries.
-const NESTED_BOOT_DEADLINE: Duration = Duration::from_secs(120);
-const NESTED_BOOT_TRIES: u32 = 3;
+/// The second-level guest under the lab guest's KVM (most boot in 18-30 s).
+const NESTED_BOOT: Boot = Boot {
+    deadline: Duration::from_secs(120),
+    tries: 3,
+    who: "L2",
+};
 
 /// Runs inside the lab guest: the migration(s) of `n`, then one record ([`NESTED_RECORD`])
 /// with the outcome. An error is a setup failure; what the guest and the migrations did is
@@ -1649,37 +1691,10 @@ fn drive_nested(
     out: &mut MigrationOutcome,
 ) -> Result<()> {
     let opts = &n.opts;
-    let mut console;
-    loop {
-        out.tries += 1;
-        console = Arc::new(Console::new(console_log)?);
-        let booting = Instant::now();
-        vms.push(Vm::start(
-            "A1",
-            &spec_on(base, &n.source),
-            dir,
-            false,
-            &console,
-        )?);
-        if wait_for(&console, &mut vms[0], NESTED_BOOT_DEADLINE, |s| {
-            s.booted.is_some()
-        }) {
-            out.boot_s = Some(booting.elapsed().as_secs_f64());
-            break;
-        }
-        let mut vm = vms.pop().expect("the QEMU just started");
-        vm.kill();
-        out.qemu_stderr.extend(vm.stderr_lines());
-        if out.tries >= NESTED_BOOT_TRIES {
-            out.problems
-                .push(format!("the guest did not boot in {} tries", out.tries));
-            return Ok(());
-        }
-        tracing::warn!(
-            "[L2] the guest did not boot within {NESTED_BOOT_DEADLINE:?} (try {}); starting it again",
-            out.tries
-        );
-    }
+    let Some(console) = boot_first(base, &n.source, dir, console_log, &NESTED_BOOT, vms, out)?
+    else {
+        return Ok(());
+    };
     vms.push(Vm::start(
         "B",
         &spec_on(base, &n.destination),
@@ -1687,30 +1702,12 @@ fn drive_nested(
         true,
         &console,
     )?);
-    if !wait_for(&console, &mut vms[0], Duration::from_secs(120), |s| {
-        s.steps.iter().any(|(_, _, t)| t.starts_with(WORKLOAD_STEP))
-    }) {
-        out.problems
-            .push("the guest's workload did not start".into());
-        finish(&console, vms, out, None);
+    let limit = Duration::from_secs(120);
+    let Some(t0) = workload_started(&console, vms, out, limit, opts.settle_s) else {
         return Ok(());
-    }
-    let t0 = console.step(WORKLOAD_STEP).unwrap_or_else(Instant::now);
-    std::thread::sleep(Duration::from_secs(opts.settle_s));
-    let leg1 = {
-        let (a, b) = vms.split_at_mut(1);
-        migrate(
-            &mut a[0],
-            &mut b[0],
-            &dir.join("mig-1.sock"),
-            opts,
-            t0,
-            &mut |_| Ok(None),
-        )
     };
-    let completed = leg1.status == "completed" && leg1.destination_running;
-    out.legs.push(leg1);
-    if !completed {
+    let mig = dir.join("mig-1.sock");
+    if !run_leg(vms, (0, 1), &mig, opts, t0, &mut |_| Ok(None), out) {
         finish(&console, vms, out, Some(t0));
         return Ok(());
     }
@@ -1725,21 +1722,8 @@ fn drive_nested(
             &console,
         )?);
         std::thread::sleep(Duration::from_secs(opts.settle_s));
-        let leg2 = {
-            let (_, rest) = vms.split_at_mut(1);
-            let (b, a2) = rest.split_at_mut(1);
-            migrate(
-                &mut b[0],
-                &mut a2[0],
-                &dir.join("mig-2.sock"),
-                opts,
-                t0,
-                &mut |_| Ok(None),
-            )
-        };
-        let completed = leg2.status == "completed" && leg2.destination_running;
-        out.legs.push(leg2);
-        if completed {
+        let mig = dir.join("mig-2.sock");
+        if run_leg(vms, (1, 2), &mig, opts, t0, &mut |_| Ok(None), out) {
             vms[1].quit();
         }
     }
