@@ -440,19 +440,19 @@ impl Rings {
         }
     }
 
-    /// The areas the device writes whenever it publishes (logged in a migration): a split
-    /// ring's used ring; a packed ring's descriptors (used ones overwrite them) and its
-    /// device event area.
-    fn device_written(&self, size: u16) -> [(u64, u64); 2] {
+    /// Marks in `bitmap` the pages the device writes whenever it publishes (logged in a
+    /// migration): a split ring's used ring; a packed ring's descriptors (used ones
+    /// overwrite them) and its device event area.
+    fn mark_device_written(&self, size: u16, bitmap: &mut [u8]) {
         match self {
-            Self::Split(r) => [
-                (r.gpas.2, vfblk_vhost::virtq::ring_sizes(size).2 as u64),
-                (r.gpas.2, 0),
-            ],
-            Self::Packed(r) => [
-                (r.gpas.0, 16 * u64::from(size)),
-                (r.gpas.2, EVENT_BYTES as u64),
-            ],
+            Self::Split(r) => {
+                let used_len = vfblk_vhost::virtq::ring_sizes(size).2 as u64;
+                set_pages(bitmap, r.gpas.2, used_len);
+            }
+            Self::Packed(r) => {
+                set_pages(bitmap, r.gpas.0, 16 * u64::from(size));
+                set_pages(bitmap, r.gpas.2, EVENT_BYTES as u64);
+            }
         }
     }
 }
@@ -764,11 +764,7 @@ impl LoadGen {
             let log = memfd(bytes as usize, false).map_err(|e| format!("dirty log: {e}"))?;
             let mut used = vec![0u8; bytes as usize];
             for q in &lg.queues {
-                for (gpa, len) in q.ring.device_written(lg.opts.queue_size) {
-                    if len > 0 {
-                        set_pages(&mut used, gpa, len);
-                    }
-                }
+                q.ring.mark_device_written(lg.opts.queue_size, &mut used);
             }
             lg.dirty_log = Some(LogWatch::new(log, used));
         }
@@ -1218,11 +1214,9 @@ impl LoadGen {
         if let Some(watch) = &mut self.dirty_log {
             // This queue's ring was written to publish it (not every queue's: one whose
             // backend stalled for an epoch published nothing in it).
-            for (gpa, len) in self.queues[qi].ring.device_written(self.opts.queue_size) {
-                if len > 0 {
-                    set_pages(&mut watch.seen, gpa, len);
-                }
-            }
+            self.queues[qi]
+                .ring
+                .mark_device_written(self.opts.queue_size, &mut watch.seen);
             set_pages(&mut watch.seen, control + 16, 1);
             if !write {
                 set_pages(&mut watch.seen, data, u64::from(self.opts.block_size));
