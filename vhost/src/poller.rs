@@ -773,21 +773,51 @@ mod tests {
         file.write_all_at(&zeros, 0).unwrap();
     }
 
+    /// A dirty log of guest memory up to `end`: the frontend's file and the device's map.
+    fn dirty_log(end: u64) -> (File, Arc<crate::dirty_log::DirtyLog>) {
+        let bytes = crate::dirty_log::log_bytes_for(end);
+        let file = crate::memory::memfd("log-test", bytes).unwrap();
+        let log = crate::dirty_log::DirtyLog::map(file.try_clone().unwrap(), 0, bytes, true);
+        (file, Arc::new(log.unwrap()))
+    }
+
+    /// An inflight region for one packed queue of `size` descriptors, in a memfd `name`.
+    fn packed_region_map(name: &str, size: u16) -> Arc<InflightMap> {
+        let bytes = crate::inflight_packed::region_size(size) as u64;
+        let file = crate::memory::memfd(name, bytes).unwrap();
+        Arc::new(InflightMap::map(file, 0, bytes, size).unwrap())
+    }
+
+    /// A packed ring's runtime with `region` of `map`, releasing the chains the test puts in
+    /// `release`, running `resubmit` again first.
+    fn runtime_packed_inflight(
+        mem: &Arc<GuestMemory>,
+        vq: crate::packed::PackedQueue,
+        region: crate::inflight_packed::InflightPackedQueue,
+        map: &Arc<InflightMap>,
+        resubmit: Vec<u16>,
+        release: Arc<Mutex<Vec<u16>>>,
+    ) -> QueueRuntime {
+        QueueRuntime::new(QueueStart {
+            owner: 0,
+            index: 0,
+            mem: mem.clone(),
+            vq: vq.into(),
+            inflight: Some((region.into(), map.clone())),
+            handler: HoldHandler::boxed(Release::Chosen(release)),
+            call: None,
+            kick: None,
+            errors: Arc::new(GuestErrors::new("test")),
+            resubmit,
+            log: None,
+        })
+    }
+
     #[test]
     fn while_a_migration_logs_every_write_into_guest_memory_is_marked_and_nothing_else() {
-        use crate::dirty_log::{log_bytes_for, DirtyLog};
         use crate::ring::RingLog;
         let mut guest = MockGuest::new(4 << 20, 16);
-        let log_file = crate::memory::memfd("log-test", log_bytes_for(guest.len())).unwrap();
-        let log = Arc::new(
-            DirtyLog::map(
-                log_file.try_clone().unwrap(),
-                0,
-                log_bytes_for(guest.len()),
-                true,
-            )
-            .unwrap(),
-        );
+        let (log_file, log) = dirty_log(guest.len());
         let used_gpa = guest.driver().gpas.2;
         let ring_log = RingLog {
             log: log.clone(),
@@ -1008,14 +1038,11 @@ mod tests {
     #[test]
     fn a_packed_queue_that_dies_mid_flight_runs_its_unfinished_chains_again_from_the_region() {
         use crate::chain::ChainCursor;
-        use crate::inflight_packed::{region_size, InflightPackedQueue};
         use crate::packed::tests::{buf, guest, BUFS};
-        use crate::packed::{PackedQueue, Position};
+        use crate::packed::Position;
         let size = 8u16;
         let mut g = guest(size, false);
-        let bytes = region_size(size) as u64;
-        let file = crate::memory::memfd("inflight-packed-test", bytes).unwrap();
-        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        let map = packed_region_map("inflight-packed-test", size);
         // A queue of the region: one at a time (the previous one is dropped first), and
         // `map` outlives it.
         let open = || {
@@ -1023,20 +1050,8 @@ mod tests {
             unsafe { map.packed_queue(0) }.unwrap()
         };
         // The ring runs with the region it was recovered from.
-        let start = |vq: PackedQueue, region: InflightPackedQueue, resubmit: Vec<u16>, release| {
-            QueueRuntime::new(QueueStart {
-                owner: 0,
-                index: 0,
-                mem: g.mem.clone(),
-                vq: vq.into(),
-                inflight: Some((region.into(), map.clone())),
-                handler: HoldHandler::boxed(Release::Chosen(release)),
-                call: None,
-                kick: None,
-                errors: Arc::new(GuestErrors::new("test")),
-                resubmit,
-                log: None,
-            })
+        let start = |vq, region, resubmit, release| {
+            runtime_packed_inflight(&g.mem, vq, region, &map, resubmit, release)
         };
         let dev = g.device_queue(false);
         let mut region = open();
@@ -1215,11 +1230,8 @@ mod tests {
 
     #[test]
     fn a_split_ring_given_a_packed_inflight_region_starts_stopped_and_takes_nothing() {
-        use crate::inflight_packed::region_size;
         let size = 8u16;
-        let bytes = region_size(size) as u64;
-        let file = crate::memory::memfd("inflight-mismatch-test", bytes).unwrap();
-        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        let map = packed_region_map("inflight-mismatch-test", size);
         // SAFETY: `map` outlives the region's queue (the runtime holds both).
         let region = unsafe { map.packed_queue(0) }.unwrap();
         let mut guest = MockGuest::new(1 << 20, size);
@@ -1267,42 +1279,17 @@ mod tests {
     /// descriptors' slots are marked; nothing the device only read is.
     #[test]
     fn a_packed_ring_logs_every_write_from_its_inflight_region() {
-        use crate::dirty_log::{log_bytes_for, DirtyLog};
-        use crate::inflight_packed::region_size;
         use crate::packed::tests::{buf, guest, BUFS};
         let size = 8u16;
         let mut g = guest(size, false);
-        let bytes = region_size(size) as u64;
-        let file = crate::memory::memfd("inflight-packed-log", bytes).unwrap();
-        let map = Arc::new(InflightMap::map(file, 0, bytes, size).unwrap());
+        let map = packed_region_map("inflight-packed-log", size);
         // SAFETY: the only queue of the region; `map` outlives it.
         let mut region = unsafe { map.packed_queue(0) }.unwrap();
         let dev = g.device_queue(false);
         assert!(region.recover(&dev, dev.next_used()).fresh);
         let release = Arc::new(Mutex::new(Vec::new()));
-        let mut q = QueueRuntime::new(QueueStart {
-            owner: 0,
-            index: 0,
-            mem: g.mem.clone(),
-            vq: dev.into(),
-            inflight: Some((region.into(), map.clone())),
-            handler: HoldHandler::boxed(Release::Chosen(release.clone())),
-            call: None,
-            kick: None,
-            errors: Arc::new(GuestErrors::new("test")),
-            resubmit: Vec::new(),
-            log: None,
-        });
-        let log_file = crate::memory::memfd("log-test", log_bytes_for(2 << 20)).unwrap();
-        let log = Arc::new(
-            DirtyLog::map(
-                log_file.try_clone().unwrap(),
-                0,
-                log_bytes_for(2 << 20),
-                true,
-            )
-            .unwrap(),
-        );
+        let mut q = runtime_packed_inflight(&g.mem, dev, region, &map, Vec::new(), release.clone());
+        let (log_file, log) = dirty_log(2 << 20);
         // Each buffer on a page of its own, so that a wrong mark shows.
         let page = |n: u64| BUFS + 0x1000 * n;
         // a: a read (data and status written by the device); b: a status only.
