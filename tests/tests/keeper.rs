@@ -106,6 +106,17 @@ impl UnderKeeper {
         }
     }
 
+    /// SIGKILLs the target `pid` and waits until its successor serves `controllers` again:
+    /// the window from the kill to serving again (monotonic ns).
+    fn sigkill(&self, pid: u32, controllers: usize) -> (u64, u64) {
+        let t0 = monotonic_ns();
+        // SAFETY: SIGKILL to the target process this test runs.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        wait_gone(pid);
+        self.wait_serving(controllers);
+        (t0, monotonic_ns())
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
     }
@@ -135,6 +146,18 @@ impl UnderKeeper {
     }
 }
 
+/// Pauses of 0-5 ms drawn by xorshift64 from a seed, so that kills land at random moments.
+struct Jitter(u64);
+
+impl Jitter {
+    fn sleep(&mut self) {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        std::thread::sleep(Duration::from_micros(self.0 % 5000));
+    }
+}
+
 impl Drop for UnderKeeper {
     fn drop(&mut self) {
         let _ = self.keeper.kill();
@@ -158,23 +181,15 @@ fn a_thousand_sigkills_under_the_keeper_lose_nothing_and_reconnect_nothing() {
     let loads: Vec<Load> = sockets.iter().map(|s| verifying_load(s)).collect();
     kept.wait_serving(2);
     std::thread::sleep(Duration::from_millis(300));
-    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
+    let mut jitter = Jitter(0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()));
     let mut windows = Vec::with_capacity(KILLS);
     let mut fds_early = 0;
     let started = Instant::now();
     for i in 0..KILLS {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
         // At random moments, 0-5 ms after the last restart served again.
-        std::thread::sleep(Duration::from_micros(rng % 5000));
+        jitter.sleep();
         let pid = kept.target_pid();
-        let t0 = monotonic_ns();
-        // SAFETY: SIGKILL to the target process this test runs.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        wait_gone(pid);
-        kept.wait_serving(2);
-        windows.push((t0, monotonic_ns()));
+        windows.push(kept.sigkill(pid, 2));
         if i == 19 {
             fds_early = kept.fds();
         }
@@ -270,14 +285,11 @@ fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ou
         env_count("VFBLK_TEST_OWN_INFLIGHT_KILLS", 1000),
         env_count("VFBLK_TEST_OWN_INFLIGHT_UPGRADES", 100),
     );
-    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut jitter = Jitter(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut windows = Vec::with_capacity(kills);
     let started = Instant::now();
     for i in 0..kills + upgrades {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_micros(rng % 5000));
+        jitter.sleep();
         let pid = kept.target_pid();
         if i % ((kills + upgrades) / upgrades) == 0 {
             let report = kept.call("upgrade", json!({})).unwrap();
@@ -285,12 +297,7 @@ fn frontends_without_an_inflight_region_survive_sigkills_and_upgrades_through_ou
             wait_gone(pid);
             kept.wait_serving(2);
         } else {
-            let t0 = monotonic_ns();
-            // SAFETY: SIGKILL to the target process this test runs.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            wait_gone(pid);
-            kept.wait_serving(2);
-            windows.push((t0, monotonic_ns()));
+            windows.push(kept.sigkill(pid, 2));
         }
     }
     let took = started.elapsed();
@@ -366,21 +373,18 @@ fn packed_rings_survive_sigkills_and_upgrades_under_the_keeper() {
         env_count("VFBLK_TEST_PACKED_UPGRADES", 50),
     );
     let total = kills + upgrades;
-    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()).rotate_left(17);
+    let mut jitter = Jitter(0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()).rotate_left(17));
     let (mut kill_windows, mut upgrade_windows) = (Vec::new(), Vec::new());
     let mut target_pauses = Vec::new();
     // The report of the slowest upgrade (its split: quiesce, prepare, start).
     let mut slowest = None;
     let started = Instant::now();
     for i in 0..total {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_micros(rng % 5000));
+        jitter.sleep();
         let pid = kept.target_pid();
-        let t0 = monotonic_ns();
         // Upgrades spread evenly among the kills.
         if (i + 1) * upgrades / total > upgrade_windows.len() {
+            let t0 = monotonic_ns();
             let report = kept
                 .call("upgrade", json!({}))
                 .unwrap_or_else(|e| panic!("upgrade after {i} steps: {e}\n{}", kept.log()));
@@ -397,11 +401,7 @@ fn packed_rings_survive_sigkills_and_upgrades_under_the_keeper() {
             kept.wait_serving(2);
             upgrade_windows.push((t0, monotonic_ns()));
         } else {
-            // SAFETY: SIGKILL to the target process this test runs.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            wait_gone(pid);
-            kept.wait_serving(2);
-            kill_windows.push((t0, monotonic_ns()));
+            kill_windows.push(kept.sigkill(pid, 2));
         }
     }
     let took = started.elapsed();
@@ -763,11 +763,7 @@ fn upgrades_with_a_mainpid_fault(fault: &str, followed_as: &str) {
         "{fault}: each upgrade followed so: {log}"
     );
     // Followed for real: a crash of the new process is restarted.
-    let pid = kept.target_pid();
-    // SAFETY: SIGKILL to the target process this test runs.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    wait_gone(pid);
-    kept.wait_serving(1);
+    kept.sigkill(kept.target_pid(), 1);
     let r = finish(load);
     assert_no_error_nor_reconnect(&r);
     // A target that stops by itself (SIGTERM to it, not to the keeper) and exits 0 with no
