@@ -73,12 +73,16 @@ finish_load() {
 }
 "#;
 
-/// Boots the systemd guest with `body` after [`PRELUDE`] (and `env` in the unit, a drop-in);
-/// returns the guest's records.
-fn run_in_systemd_guest(name: &str, env: Option<&str>, body: &str) -> Vec<Value> {
+/// Boots the systemd guest with `body` after [`PRELUDE`] (and `env` in the unit, a drop-in),
+/// then records the unit's journal; asserts the start ([`assert_started`]) and returns the
+/// guest's records and the PID systemd started first.
+fn run_in_systemd_guest(name: &str, env: Option<&str>, body: &str) -> (Vec<Value>, u64) {
     let _lock = lab_lock();
     let lab = SystemdLab::new(name).expect("systemd lab");
-    let script = format!("EXTRA_ENV='{}'\n{PRELUDE}\n{body}", env.unwrap_or_default());
+    let script = format!(
+        "EXTRA_ENV='{}'\n{PRELUDE}\n{body}journal_record\n",
+        env.unwrap_or_default()
+    );
     let limits = Limits {
         boot: std::time::Duration::from_secs(240),
         total: std::time::Duration::from_secs(480),
@@ -95,7 +99,10 @@ fn run_in_systemd_guest(name: &str, env: Option<&str>, body: &str) -> Vec<Value>
         run.elapsed.as_secs_f64()
     );
     run.expect_success(name).unwrap();
-    run.records.clone()
+    let records = run.records.clone();
+    assert_started(&records);
+    let pid0 = field(&records, "pid0").as_u64().unwrap();
+    (records, pid0)
 }
 
 fn field<'a>(records: &'a [Value], key: &str) -> &'a Value {
@@ -138,7 +145,7 @@ fn assert_started(records: &[Value]) {
 /// load sees no error and no reconnect.
 #[test]
 fn under_systemd_the_unit_starts_as_notify_and_an_upgrade_moves_mainpid_without_a_reconnect() {
-    let records = run_in_systemd_guest(
+    let (records, pid0) = run_in_systemd_guest(
         "systemd-upgrade",
         None,
         r#"sleep 2
@@ -154,11 +161,8 @@ finish_load
 t0=$(now_ms)
 systemctl stop $unit || die "systemctl stop"
 record "{\"stopped\": {\"stop_ms\": $(( $(now_ms) - t0 )), \"active\": \"$(systemctl is-active $unit)\", \"result\": \"$(show Result)\", \"pid1_alive\": $(kill -0 $pid1 2>/dev/null && echo true || echo false)}}"
-journal_record
 "#,
     );
-    assert_started(&records);
-    let pid0 = field(&records, "pid0").as_u64().unwrap();
     let upgrade = field(&records, "upgrade");
     assert_eq!(upgrade["old_pid"], pid0, "{upgrade}");
     let after = field(&records, "after");
@@ -193,7 +197,7 @@ journal_record
 /// (`LISTEN_FDS`), and the load continues with no error and no reconnect.
 #[test]
 fn under_systemd_a_sigkilled_target_comes_back_from_the_fd_store_without_a_reconnect() {
-    let records = run_in_systemd_guest(
+    let (records, pid0) = run_in_systemd_guest(
         "systemd-sigkill",
         None,
         r#"sleep 2
@@ -222,11 +226,8 @@ done
 # The RAM disk is the file it was (RemoveIPC= would have deleted it at each restart).
 record "{\"after\": {\"kills\": [${kills%,}], \"restarts\": $(show NRestarts), \"active\": \"$(systemctl is-active $unit)\", \"disk_inode\": [$disk_inode, $(stat -c %i /dev/shm/vfblk-m 2>/dev/null || echo 0)]}}"
 finish_load
-journal_record
 "#,
     );
-    assert_started(&records);
-    let pid0 = field(&records, "pid0").as_u64().unwrap();
     let after = field(&records, "after");
     let kills = after["kills"].as_array().unwrap();
     assert_eq!(kills.len(), 2, "{after}");
@@ -254,7 +255,7 @@ journal_record
 /// longer than its period first.
 #[test]
 fn under_systemd_a_hung_poller_stops_the_watchdog_and_systemd_restarts_the_target() {
-    let records = run_in_systemd_guest(
+    let (records, pid0) = run_in_systemd_guest(
         "systemd-watchdog",
         Some("VFBLK_TEST_HANG_POLLER=/run/vfblk/hang-poller"),
         r#"sleep 7
@@ -269,11 +270,8 @@ pid1=$(show MainPID)
 sleep 3
 record "{\"after\": {\"back_ms\": $back_ms, \"pid1\": $pid1, \"restarts\": $(show NRestarts), \"active\": \"$(systemctl is-active $unit)\", \"marker_left\": $([ -e /run/vfblk/hang-poller ] && echo true || echo false)}}"
 finish_load
-journal_record
 "#,
     );
-    assert_started(&records);
-    let pid0 = field(&records, "pid0").as_u64().unwrap();
     let after = field(&records, "after");
     assert_ne!(after["pid1"], pid0, "{after}");
     assert_eq!(after["restarts"], 1, "{after}");
