@@ -380,10 +380,7 @@ impl Rings {
     fn needs_kick(&self, old: u16, event_idx: bool) -> bool {
         match self {
             Self::Split(r) => r.needs_kick(old, event_idx),
-            Self::Packed(r) => r.needs_kick(Position {
-                index: old & 0x7fff,
-                wrap: old & 0x8000 != 0,
-            }),
+            Self::Packed(r) => r.needs_kick(Position::from_event(old)),
         }
     }
 

@@ -136,6 +136,14 @@ impl Position {
         self.index | (u16::from(self.wrap) << 15)
     }
 
+    /// The position a [`Position::to_event`] value encodes.
+    pub fn from_event(event: u16) -> Self {
+        Self {
+            index: event & 0x7fff,
+            wrap: event & 0x8000 != 0,
+        }
+    }
+
     /// Position on a line of two laps (`0..2 * size`), where distances are plain modular
     /// differences: a lap with wrap counter 1 first, then one with 0.
     #[inline]
@@ -149,12 +157,7 @@ impl Position {
 /// `[old, new)`).
 pub fn packed_need_event(event: u16, new: Position, old: Position, size: u16) -> bool {
     let laps = 2 * u32::from(size);
-    let event = Position {
-        index: event & 0x7fff,
-        wrap: event & 0x8000 != 0,
-    }
-    .linear(size)
-        % laps;
+    let event = Position::from_event(event).linear(size) % laps;
     let (new, old) = (new.linear(size), old.linear(size));
     let dist = |a: u32, b: u32| (a + laps - b) % laps;
     dist(new, event).wrapping_sub(1) < dist(new, old)
@@ -275,11 +278,10 @@ impl PackedQueue {
     /// Sets both positions from a SET_VRING_BASE value (see [`PackedQueue::base`]); `Err`
     /// for an index outside the ring. Nothing may be in flight.
     pub fn set_base(&mut self, base: u32) -> Result<()> {
-        let decode = |half: u16| Position {
-            index: half & 0x7fff,
-            wrap: half & 0x8000 != 0,
-        };
-        let (avail, used) = (decode(base as u16), decode((base >> 16) as u16));
+        let (avail, used) = (
+            Position::from_event(base as u16),
+            Position::from_event((base >> 16) as u16),
+        );
         if avail.index >= self.size || used.index >= self.size {
             return Err(Error::PackedBase {
                 base,
