@@ -282,9 +282,35 @@ impl Poller {
         let _ = self.mailbox.wake.write(1);
     }
 
-    /// Hands a queue to this poller.
+    /// Takes a place for one more queue on the least loaded of `pollers` (the first of
+    /// equals, so that a device's queues spread over its pollers in order) and returns it:
+    /// [`Poller::start`] the queue there, or [`Poller::unclaim`] the place. The count is
+    /// taken by compare-and-swap so that connections starting queues at once on their own
+    /// threads do not all pick the same poller from one stale view.
+    pub fn claim_least_loaded(pollers: &[Arc<Poller>]) -> Option<Arc<Poller>> {
+        loop {
+            let (poller, seen) = pollers
+                .iter()
+                .map(|p| (p, p.load()))
+                .min_by_key(|&(_, load)| load)?;
+            if poller
+                .load
+                .compare_exchange(seen, seen + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(poller.clone());
+            }
+        }
+    }
+
+    /// Gives back a place taken by [`Poller::claim_least_loaded`] for a queue that did not
+    /// start.
+    pub fn unclaim(&self) {
+        self.load.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Hands a queue to this poller, on a place taken by [`Poller::claim_least_loaded`].
     pub fn start(&self, queue: QueueStart) {
-        self.load.fetch_add(1, Ordering::Relaxed);
         self.send(Command::Start(Box::new(queue)));
     }
 
@@ -664,6 +690,38 @@ mod tests {
     use crate::mock::MockGuest;
     use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::Mutex;
+
+    #[test]
+    fn queues_claimed_at_once_spread_evenly_over_the_pollers() {
+        let mode = PollMode {
+            idle_before_sleep: Some(Duration::from_millis(1)),
+        };
+        let pollers: Vec<Arc<Poller>> = (0..2)
+            .map(|i| Arc::new(Poller::spawn(format!("claim-{i}"), None, mode).unwrap()))
+            .collect();
+        // Rounds of 16 connections' threads claiming together, as a target's serving
+        // threads do when 16 frontends start their queues at once.
+        for round in 0..50 {
+            let barrier = std::sync::Barrier::new(16);
+            let claimed: Vec<Arc<Poller>> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..16)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            Poller::claim_least_loaded(&pollers).unwrap()
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let loads: Vec<usize> = pollers.iter().map(|p| p.load()).collect();
+            assert_eq!(loads, vec![8, 8], "round {round}");
+            for p in claimed {
+                p.unclaim();
+            }
+        }
+        assert_eq!(Poller::claim_least_loaded(&[]).map(|p| p.id()), None);
+    }
 
     /// When a test handler lets its chains go.
     enum Release {

@@ -302,17 +302,6 @@ impl Connection {
         Ok(())
     }
 
-    /// The least loaded of the device's pollers (the first of equals, so that a device's
-    /// queues spread over its pollers in order).
-    fn least_loaded_poller(&self) -> Arc<Poller> {
-        self.config
-            .pollers
-            .iter()
-            .min_by_key(|w| w.load())
-            .expect("a device has at least one poller")
-            .clone()
-    }
-
     /// Starts queue `index` if it has everything it needs (rings, memory, kick).
     fn try_start(&mut self, index: u16) -> VuResult<()> {
         let features = self.features;
@@ -342,7 +331,8 @@ impl Connection {
             self.split_ring(index, &mem, event_idx, inflight_map)?
         };
         let v = &self.vrings[usize::from(index)];
-        let poller = self.least_loaded_poller();
+        let poller = Poller::claim_least_loaded(&self.config.pollers)
+            .expect("a device has at least one poller");
         let setup = QueueSetup {
             index,
             size: v.size,
@@ -352,13 +342,16 @@ impl Connection {
         };
         let handler = match self.config.device.open_queue(&setup) {
             Ok(handler) => handler,
-            Err(e @ crate::Error::StorageBusy(_)) => {
-                let why = error_chain(&e);
-                tracing::warn!(queue = index, "queue {index} cannot start: {why}");
-                self.storage_busy = Some(why);
-                return Err(VuError::InvalidParam);
+            Err(e) => {
+                poller.unclaim();
+                if let crate::Error::StorageBusy(_) = e {
+                    let why = error_chain(&e);
+                    tracing::warn!(queue = index, "queue {index} cannot start: {why}");
+                    self.storage_busy = Some(why);
+                    return Err(VuError::InvalidParam);
+                }
+                return Err(bad_param(e));
             }
-            Err(e) => return Err(bad_param(e)),
         };
         if !resubmit.is_empty() {
             self.config.device.requests_recovered(index, resubmit.len());
