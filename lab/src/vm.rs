@@ -850,6 +850,19 @@ pub fn run_retrying_stalls(
             stalled.push(run.elapsed);
             continue;
         }
+        // One line per guest run in the test command's log, to see where its time goes.
+        tracing::info!(
+            "{} ({}): booted in {}, {:.1} s in all, {tries} tries ({:.1} s lost to retries)",
+            spec.name,
+            log.parent().unwrap_or(log).display(),
+            run.boot_time
+                .map_or("never".to_string(), |t| format!("{:.1} s", t.as_secs_f64())),
+            run.elapsed.as_secs_f64(),
+            stalled
+                .iter()
+                .map(Duration::as_secs_f64)
+                .fold(0.0, |a, b| a + b)
+        );
         return Ok(RetriedRun {
             run,
             tries,

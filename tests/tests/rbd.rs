@@ -155,6 +155,14 @@ fn load_generators_and_libblkio_verify_through_an_rbd_image() {
     );
     assert!(ok, "libblkio: {}", without_bulk(&r));
     assert!(r["ios"].as_u64().unwrap_or(0) > 50, "{}", without_bulk(&r));
+    // Every request type through librbd: flush, write-zeroes (with and without unmap, read
+    // back as zeros beside the data), discard.
+    let (ok, r) = run_json(
+        "vfblk-blkio-load",
+        &["--socket", &socket, "--request-types", "--json"],
+    );
+    assert!(ok, "request types through librbd: {r}");
+    assert_eq!(r["steps"].as_array().map(Vec::len), Some(8), "{r}");
     stop(bridge);
     // Opened again without a size: the image as it is.
     let bridge = serve(&dir, &spec(cluster, "verify", None), "1");
@@ -380,6 +388,107 @@ fn sigkills_under_the_keeper_take_the_dead_predecessors_image_lock_at_once() {
         cluster.remove_image(&image).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// A cluster that shuts our client out (blocklisted: what a cluster does to a client it
+/// takes for dead, or an operator fencing a host) fails the target's requests: the guest gets
+/// IOERR at once, not a hang and not "done", the log gives librbd's cause, and the target
+/// keeps serving its other disks.
+#[test]
+fn a_client_the_cluster_shuts_out_answers_ioerr_and_says_why() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("fenced");
+    let kept = ConfiguredUnderKeeper::start(&dir);
+    for (name, backend) in [
+        (
+            "fenced",
+            serde_json::json!({"name": "fenced", "kind": "rbd", "pool": cluster.pool(),
+                "image": "fenced", "size": 64 << 20, "conf": cluster.conf(),
+                "keyring": cluster.keyring()}),
+        ),
+        (
+            "local",
+            serde_json::json!({"name": "local", "kind": "mem",
+                "path": dir.join("local.img"), "size": 64 << 20}),
+        ),
+    ] {
+        kept.call("backend_create", backend).unwrap();
+        kept.call(
+            "vhost_blk_create",
+            serde_json::json!({"name": name, "socket": dir.join(format!("{name}.sock")),
+                "backend": name}),
+        )
+        .unwrap();
+    }
+    let fenced = dir.join("fenced.sock").display().to_string();
+    let local = dir.join("local.sock").display().to_string();
+    let (ok, r) = run_json(
+        "vfblk-blkio-load",
+        &["--socket", &fenced, "--request-types", "--json"],
+    );
+    assert!(ok, "before: {r}");
+    // Our client is the image's one watcher.
+    let status: Value = serde_json::from_str(
+        &cluster
+            .rbd(&["status", "--format", "json", "rbd/fenced"])
+            .unwrap(),
+    )
+    .unwrap();
+    let address = status["watchers"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no watcher: {status}"))
+        .to_string();
+    cluster
+        .ceph(&["osd", "blocklist", "add", &address])
+        .expect("blocklist our client");
+    let asked = std::time::Instant::now();
+    let (ok, r) = run_json(
+        "vfblk-blkio-load",
+        &["--socket", &fenced, "--request-types", "--json"],
+    );
+    let took = asked.elapsed();
+    let _ = cluster.ceph(&["osd", "blocklist", "rm", &address]);
+    assert!(!ok, "requests of a shut-out client reported done: {r}");
+    assert_eq!(r["steps"][0]["ok"], false, "{r}");
+    assert!(
+        r["steps"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("-5 ")),
+        "IOERR (EIO at the client): {r}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "answered in {took:?}"
+    );
+    // The other disk on the same poller is served all along.
+    let (ok, r) = run_json(
+        "vfblk-loadgen",
+        &[
+            "--socket",
+            &local,
+            "--rw",
+            "mixed",
+            "--verify",
+            "--seconds",
+            "1",
+            "--json",
+        ],
+    );
+    assert!(ok, "the other disk: {}", without_bulk(&r));
+    let log = kept.log();
+    kept.stop();
+    let cause = log
+        .lines()
+        .find(|l| l.contains("RBD write"))
+        .unwrap_or_else(|| panic!("no RBD write error logged: {log}"));
+    eprintln!("shut out: answered in {took:?}; logged: {cause}");
+    assert!(
+        cause.contains("(-108)"),
+        "librbd's ESHUTDOWN named: {cause}"
+    );
+    // The image's watch lingers with the blocklisted client: the image goes with the cluster.
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// After a SIGKILL the successor finds the image's lock held by a live client that is not
