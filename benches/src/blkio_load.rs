@@ -372,10 +372,16 @@ pub fn check_request_types(socket: &std::path::Path) -> Result<Vec<TypeStep>> {
         });
         ok
     };
-    // SAFETY (both closures): `buf` is libblkio's region of AREA bytes, mapped until `b` is
-    // dropped at the end, and no request is in flight while they run.
-    let fill = |bytes: &[u8]| unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, AREA) };
-    let read_back = || unsafe { std::slice::from_raw_parts(buf, AREA) }.to_vec();
+    let fill = |bytes: &[u8]| {
+        let len = bytes.len().min(AREA);
+        // SAFETY: `buf` is libblkio's region of AREA bytes, mapped until `b` is dropped at
+        // the end; no request is in flight while the caller fills it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len) }
+    };
+    let read_back = || {
+        // SAFETY: as for `fill`: mapped, AREA bytes, no request in flight.
+        unsafe { std::slice::from_raw_parts(buf, AREA) }.to_vec()
+    };
     let compare = |got: &[u8], want: &[u8]| match got.iter().zip(want).position(|(g, w)| g != w) {
         None => Ok(()),
         Some(at) => Err(format!(
