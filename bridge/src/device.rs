@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfblk_vhost::chain::{ChainCursor, ChainSource};
-use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken};
+use vfblk_vhost::device::{Device, Finished, QueueSetup, RequestHandler, Taken, Wakeup};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::memory::GuestMemory;
 use vfblk_vhost::packed::VIRTIO_F_RING_PACKED;
@@ -662,6 +662,18 @@ impl RequestHandler for BlkQueue {
 
     fn in_flight(&self) -> usize {
         self.backend.in_flight()
+    }
+
+    fn can_wake(&self) -> bool {
+        self.backend.can_wake()
+    }
+
+    fn arm_wakeup(&mut self) -> Wakeup {
+        self.backend.arm_wakeup()
+    }
+
+    fn disarm_wakeup(&mut self, readable: bool) {
+        self.backend.disarm_wakeup(readable)
     }
 
     /// The image lock is let go of here, not when the queue is dropped: a hand-over's

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::device::QueueHandler;
+use crate::device::{QueueHandler, Wakeup};
 use crate::guest_errors::GuestErrors;
 use crate::inflight::InflightMap;
 use crate::memory::GuestMemory;
@@ -437,6 +437,10 @@ fn new_loop() {
 
 fn run(mailbox: &Mailbox, mode: PollMode) {
     let mut queues: Vec<QueueRuntime> = Vec::new();
+    // The sleep's fd list and its armed handlers, kept from one sleep to the next: a poller
+    // waiting on a network store sleeps once per request.
+    let mut sleep_fds: Vec<libc::pollfd> = Vec::with_capacity(64);
+    let mut armed: Vec<(usize, std::os::fd::RawFd)> = Vec::with_capacity(64);
     // Empty loops in a row, and when the first of them ran.
     let mut idle = 0u32;
     let mut idle_since: Option<Instant> = None;
@@ -543,8 +547,11 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
         // poller woken by its sleep's timeout with nothing to do sleeps again at once.
         if idle % IDLE_CLOCK_EVERY == 0 {
             let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= limit {
-                sleep_until_kicked(mailbox, &mut queues);
+            let waited = since.elapsed();
+            if waited >= limit
+                || (waited >= WAKEABLE_SPIN.min(limit) && only_wakeable_waits(&queues))
+            {
+                sleep_until_kicked(mailbox, &mut queues, &mut sleep_fds, &mut armed);
                 mailbox.heartbeat.store(loops, Ordering::Relaxed);
                 idle = 0;
                 idle_since = Instant::now().checked_sub(limit);
@@ -560,30 +567,70 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
     }
 }
 
-/// Re-enables kicks, checks once more, and sleeps on the kick eventfds and the mailbox.
-fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
+/// How long a poller whose only work is waiting for requests its handlers can wake it for
+/// ([`crate::device::RequestHandler::can_wake`]) spins before it sleeps: long enough for a
+/// guest's next request after a completion, short beside a network store's request.
+const WAKEABLE_SPIN: Duration = Duration::from_micros(50);
+
+/// Whether the poller's queues have requests in flight and every handler with some can wake
+/// the poller when one finishes (so waiting for them need not spin).
+fn only_wakeable_waits(queues: &[QueueRuntime]) -> bool {
+    let mut waiting = false;
+    for q in queues {
+        if q.handler.in_flight() > 0 {
+            if !q.handler.can_wake() {
+                return false;
+            }
+            waiting = true;
+        }
+    }
+    waiting
+}
+
+/// Re-enables kicks, checks once more, and sleeps on the kick eventfds, the mailbox and the
+/// wake-ups of handlers with requests in flight (when every such handler has one).
+/// `fds` and `armed` are the caller's, reused so that a sleep allocates nothing.
+fn sleep_until_kicked(
+    mailbox: &Mailbox,
+    queues: &mut [QueueRuntime],
+    fds: &mut Vec<libc::pollfd>,
+    armed: &mut Vec<(usize, std::os::fd::RawFd)>,
+) {
     for q in queues.iter_mut() {
         q.ring.set_kicks(true);
         q.ring.errors().flush();
     }
-    let busy = queues
-        .iter()
-        .any(|q| q.ring.has_work() || q.handler.in_flight() > 0);
+    fds.clear();
+    armed.clear();
+    let mut busy = queues.iter().any(|q| q.ring.has_work());
     if !busy {
-        let mut fds: Vec<libc::pollfd> = queues
-            .iter()
-            .filter_map(|q| q.kick.as_ref())
-            .map(|k| libc::pollfd {
-                fd: k.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        fds.push(libc::pollfd {
-            fd: mailbox.wake.as_raw_fd(),
+        for (i, q) in queues.iter_mut().enumerate() {
+            if q.handler.in_flight() == 0 {
+                continue;
+            }
+            match q.handler.arm_wakeup() {
+                Wakeup::Fd(fd) => armed.push((i, fd)),
+                Wakeup::Poll => {
+                    busy = true;
+                    break;
+                }
+            }
+        }
+    }
+    if !busy {
+        let pollfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        });
+        };
+        fds.extend(
+            queues
+                .iter()
+                .filter_map(|q| q.kick.as_ref())
+                .map(|k| pollfd(k.as_raw_fd())),
+        );
+        fds.push(pollfd(mailbox.wake.as_raw_fd()));
+        fds.extend(armed.iter().map(|&(_, fd)| pollfd(fd)));
         // SAFETY: a valid pollfd array of the given length.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if ready > 0 {
@@ -602,6 +649,14 @@ fn sleep_until_kicked(mailbox: &Mailbox, queues: &mut [QueueRuntime]) {
                 }
             }
         }
+    }
+    // The armed fds come last in `fds` (when the poller slept).
+    let first_armed = fds.len() - fds.len().min(armed.len());
+    for (n, &(i, _)) in armed.iter().enumerate() {
+        let readable = fds
+            .get(first_armed + n)
+            .is_some_and(|p| p.revents & libc::POLLIN != 0);
+        queues[i].handler.disarm_wakeup(readable);
     }
     for q in queues.iter_mut() {
         q.ring.set_kicks(false);
@@ -1174,6 +1229,112 @@ mod tests {
         // SAFETY: into_raw_fd hands over the only owner of a valid, fresh fd.
         let file = unsafe { File::from_raw_fd(efd.try_clone().unwrap().into_raw_fd()) };
         (file, efd)
+    }
+
+    /// One request out, finished by another thread (a network store's callback): the
+    /// handler wakes its poller through an eventfd when armed, or cannot.
+    struct WakeHandler {
+        wakes: bool,
+        wake: Arc<EventFd>,
+        /// Readability the poller reported at each disarm.
+        disarmed: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl RequestHandler for WakeHandler {
+        fn can_take(&self) -> bool {
+            false
+        }
+        fn take<S: ChainSource>(&mut self, _chain: ChainCursor<'_, S>) -> Taken {
+            Taken::Pending
+        }
+        fn refuse(&mut self, _head: u16, _last: Option<Segment>) -> Option<u32> {
+            None
+        }
+        fn poll(&mut self, _finished: &mut Finished) -> usize {
+            0
+        }
+        fn in_flight(&self) -> usize {
+            1
+        }
+        fn can_wake(&self) -> bool {
+            self.wakes
+        }
+        fn arm_wakeup(&mut self) -> Wakeup {
+            if self.wakes {
+                Wakeup::Fd(self.wake.as_raw_fd())
+            } else {
+                Wakeup::Poll
+            }
+        }
+        fn disarm_wakeup(&mut self, readable: bool) {
+            if readable {
+                let _ = self.wake.read();
+            }
+            self.disarmed.lock().unwrap().push(readable);
+        }
+    }
+
+    fn idle_mailbox() -> Mailbox {
+        Mailbox {
+            pending: AtomicBool::new(false),
+            commands: Mutex::new(Vec::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            busy_ns: AtomicU64::new(0),
+            longest_commands_ns: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_poller_waiting_only_for_requests_that_can_wake_it_sleeps_until_one_finishes() {
+        let guest = MockGuest::new(1 << 20, 8);
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let disarmed = Arc::new(Mutex::new(Vec::new()));
+        let handler = |wakes| {
+            Box::new(WakeHandler {
+                wakes,
+                wake: wake.clone(),
+                disarmed: disarmed.clone(),
+            }) as Box<dyn QueueHandler>
+        };
+        let mailbox = idle_mailbox();
+        let (mut fds, mut armed) = (Vec::new(), Vec::new());
+
+        let mut queues = vec![runtime(&guest, handler(true))];
+        assert!(only_wakeable_waits(&queues));
+        // The request finishes on another thread while the poller sleeps: the poll returns
+        // on the handler's fd, reported readable, and the fd is drained.
+        let finisher = {
+            let wake = wake.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                wake.write(1).unwrap();
+            })
+        };
+        sleep_until_kicked(&mailbox, &mut queues, &mut fds, &mut armed);
+        finisher.join().unwrap();
+        assert_eq!(*disarmed.lock().unwrap(), vec![true]);
+        assert!(wake.read().is_err(), "drained at disarm");
+
+        // A handler that cannot wake the poller keeps it polling: no sleep, no arming left.
+        disarmed.lock().unwrap().clear();
+        let mut queues = vec![runtime(&guest, handler(false))];
+        assert!(!only_wakeable_waits(&queues));
+        let asked = Instant::now();
+        sleep_until_kicked(&mailbox, &mut queues, &mut fds, &mut armed);
+        assert!(
+            asked.elapsed() < Duration::from_millis(90),
+            "returned without the 100 ms sleep"
+        );
+        assert!(disarmed.lock().unwrap().is_empty());
+        // Beside it, one that can: the poller still does not sleep, and the armed one is
+        // disarmed (not readable).
+        let mut queues = vec![
+            runtime(&guest, handler(true)),
+            runtime(&guest, handler(false)),
+        ];
+        sleep_until_kicked(&mailbox, &mut queues, &mut fds, &mut armed);
+        assert_eq!(*disarmed.lock().unwrap(), vec![false]);
     }
 
     #[test]

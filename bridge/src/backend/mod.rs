@@ -29,6 +29,7 @@ use std::sync::Arc;
 use crate::request::Request;
 use crate::virtio_blk::SECTOR;
 use crate::{Error, Result};
+use vfblk_vhost::device::Wakeup;
 use vfblk_vhost::memory::GuestMemory;
 
 /// What a backend offers; becomes the device's config space and feature bits.
@@ -248,6 +249,19 @@ pub trait BackendQueue: Send {
     /// The backend grew: requests up to the new capacity may come from now on (called by
     /// the queue's own thread before the first of them).
     fn capacity_changed(&mut self) {}
+    /// [`vfblk_vhost::device::RequestHandler::can_wake`]: whether the queue can wake a
+    /// sleeping poller when a request finishes.
+    fn can_wake(&self) -> bool {
+        false
+    }
+    /// [`vfblk_vhost::device::RequestHandler::arm_wakeup`].
+    fn arm_wakeup(&mut self) -> Wakeup {
+        Wakeup::Poll
+    }
+    /// [`vfblk_vhost::device::RequestHandler::disarm_wakeup`].
+    fn disarm_wakeup(&mut self, readable: bool) {
+        let _ = readable;
+    }
 }
 
 /// One virtqueue's backend queue. The backends are a closed set, so the request path reaches
@@ -382,5 +396,17 @@ impl BackendQueue for Queue {
 
     fn capacity_changed(&mut self) {
         on_queue!(&mut self.0, q => q.capacity_changed())
+    }
+
+    fn can_wake(&self) -> bool {
+        on_queue!(&self.0, q => q.can_wake())
+    }
+
+    fn arm_wakeup(&mut self) -> Wakeup {
+        on_queue!(&mut self.0, q => q.arm_wakeup())
+    }
+
+    fn disarm_wakeup(&mut self, readable: bool) {
+        on_queue!(&mut self.0, q => q.disarm_wakeup(readable))
     }
 }

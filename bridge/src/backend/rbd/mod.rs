@@ -31,10 +31,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use std::os::fd::{AsRawFd, FromRawFd};
+
 use crate::backend::{check_grow, Backend, BackendInfo, BackendQueue, LiveCapacity, Queue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS, MAX_SEGMENTS};
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
+use vfblk_vhost::device::Wakeup;
 
 /// Requests one queue has out at once.
 const DEPTH: usize = 128;
@@ -812,7 +815,7 @@ impl Backend for RbdBackend {
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
-        Ok(Queue::from(RbdQueue::new(self.api, self.image)))
+        Ok(Queue::from(RbdQueue::new(self.api, self.image)?))
     }
 
     fn live_capacity(&self) -> Option<LiveCapacity> {
@@ -842,10 +845,16 @@ impl Backend for RbdBackend {
     }
 }
 
-/// Where librbd's threads report completions to one queue: a flag per ticket and a count.
+/// Where librbd's threads report completions to one queue: a flag per ticket and a count,
+/// and the eventfd that wakes the queue's poller when it sleeps.
 struct Board {
     done: Box<[AtomicBool]>,
     ready: AtomicUsize,
+    /// Set by the poller before it sleeps with requests out; the callback that takes it back
+    /// writes `wake`. Only then: a polling poller costs librbd's threads no system call.
+    armed: AtomicBool,
+    /// Non-blocking eventfd the sleeping poller waits on.
+    wake: std::os::fd::OwnedFd,
     /// Each ticket's callback argument (stable addresses: the board never moves).
     args: Box<[TicketArg]>,
 }
@@ -865,7 +874,15 @@ unsafe extern "C" fn on_complete(_c: ffi::Completion, arg: *mut c_void) {
     // SAFETY: as above.
     let board = unsafe { &*arg.board };
     board.done[arg.ticket].store(true, Ordering::Release);
-    board.ready.fetch_add(1, Ordering::Release);
+    // SeqCst with the poller's arming (store `armed`, then load `ready`): either the poller
+    // sees this completion and does not sleep, or this callback sees it armed and wakes it.
+    board.ready.fetch_add(1, Ordering::SeqCst);
+    if board.armed.load(Ordering::SeqCst) && board.armed.swap(false, Ordering::SeqCst) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local array to the board's eventfd (alive: the board
+        // is). A full counter (EAGAIN) already wakes the poller.
+        let _ = unsafe { libc::write(board.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
     // SAFETY: the reference taken for this ticket at submit.
     unsafe { Arc::decrement_strong_count(arg.board) };
 }
@@ -910,10 +927,22 @@ pub struct RbdQueue {
 unsafe impl Send for RbdQueue {}
 
 impl RbdQueue {
-    fn new(api: &'static ffi::Api, image: ffi::Image) -> Self {
+    fn new(api: &'static ffi::Api, image: ffi::Image) -> Result<Self> {
+        // SAFETY: eventfd(2) with no pointers; the result is checked before it is owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io {
+                what: "eventfd for an RBD queue's completions".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a new fd of ours, owned once.
+        let wake = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let board = Arc::new_cyclic(|weak: &Weak<Board>| Board {
             done: (0..TICKETS).map(|_| AtomicBool::new(false)).collect(),
             ready: AtomicUsize::new(0),
+            armed: AtomicBool::new(false),
+            wake,
             args: (0..TICKETS)
                 .map(|ticket| TicketArg {
                     board: weak.as_ptr(),
@@ -921,7 +950,7 @@ impl RbdQueue {
                 })
                 .collect(),
         });
-        Self {
+        Ok(Self {
             api,
             image,
             board,
@@ -958,7 +987,7 @@ impl RbdQueue {
             finished_now: Vec::with_capacity(DEPTH),
             in_flight: 0,
             errors: 0,
-        }
+        })
     }
 
     /// After a librbd call for `slot` with ticket `t`: out, or refused at once.
@@ -1178,5 +1207,36 @@ impl BackendQueue for RbdQueue {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn can_wake(&self) -> bool {
+        true
+    }
+
+    fn arm_wakeup(&mut self) -> Wakeup {
+        self.board.armed.store(true, Ordering::SeqCst);
+        if self.board.ready.load(Ordering::SeqCst) > 0 || !self.finished_now.is_empty() {
+            self.disarm_wakeup(false);
+            return Wakeup::Poll;
+        }
+        Wakeup::Fd(self.board.wake.as_raw_fd())
+    }
+
+    fn disarm_wakeup(&mut self, readable: bool) {
+        // Still armed and not readable: no callback took it, nothing to drain. Taken back:
+        // a callback wrote the eventfd, or is about to (then the next sleep finds it
+        // readable at once and drains it here).
+        let taken = !self.board.armed.swap(false, Ordering::SeqCst);
+        if taken || readable {
+            let mut count = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local array from the board's non-blocking eventfd.
+            let _ = unsafe {
+                libc::read(
+                    self.board.wake.as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    count.len(),
+                )
+            };
+        }
     }
 }
