@@ -53,6 +53,10 @@ pub struct Options {
     pub workload: Workload,
     /// Stamp writes and check reads.
     pub verify: bool,
+    /// Check every read against the bytes of this file at the same offset (read into memory
+    /// at the start): a disk whose content is known beforehand, such as a read-only image,
+    /// which [`Options::verify`] cannot check as it knows only what it wrote itself.
+    pub expect_image: Option<PathBuf>,
     /// Seconds of I/O.
     pub seconds: f64,
     /// Use INFLIGHT_SHMFD when the backend offers it.
@@ -522,6 +526,8 @@ pub struct LoadGen {
     report: Report,
     /// The expected contents of a verified read (reused: no allocation per I/O).
     scratch: Vec<u8>,
+    /// With [`Options::expect_image`]: the file's bytes.
+    expect_image: Option<Vec<u8>>,
     /// Requests issued before this are not in the latency histogram.
     measure_from: Instant,
     /// With [`Options::dirty_log`]: the log and what was seen written.
@@ -753,6 +759,7 @@ impl LoadGen {
             event_idx: false,
             report: Report::default(),
             scratch: Vec::new(),
+            expect_image: None,
             measure_from: Instant::now(),
             dirty_log: None,
         };
@@ -787,6 +794,19 @@ impl LoadGen {
         }
         lg.expected = vec![0; lg.units as usize];
         lg.busy_units = vec![false; lg.units as usize];
+        if let Some(path) = &lg.opts.expect_image {
+            let image = std::fs::read(path)
+                .map_err(|e| format!("reading the expected image {}: {e}", path.display()))?;
+            let disk = lg.units * u64::from(lg.opts.block_size);
+            if (image.len() as u64) < disk {
+                return Err(format!(
+                    "the expected image {} has {} bytes, fewer than the {disk} the reads cover",
+                    path.display(),
+                    image.len()
+                ));
+            }
+            lg.expect_image = Some(image);
+        }
         Ok(lg)
     }
 
@@ -1132,8 +1152,10 @@ impl LoadGen {
             std::ptr::write_bytes(hdr.add(4), 0, 4);
             std::ptr::copy_nonoverlapping(sector.to_le_bytes().as_ptr(), hdr.add(8), 8);
             self.host(control + 16).write_volatile(0xff);
-            // Only verify needs each write stamped and each read buffer poisoned.
-            if self.opts.verify {
+            // Only verify needs each write stamped, and each read buffer poisoned (so is it
+            // for a read checked against an expected image).
+            let checked_read = !write && (self.opts.verify || self.expect_image.is_some());
+            if (self.opts.verify && write) || checked_read {
                 let buf = std::slice::from_raw_parts_mut(self.host(data), bs);
                 if write {
                     stamp(unit, generation, self.opts.seed, buf);
@@ -1232,6 +1254,20 @@ impl LoadGen {
             return;
         }
         self.report.reads += 1;
+        if let Some(image) = &self.expect_image {
+            let bs = self.opts.block_size as usize;
+            let at = unit as usize * bs;
+            // SAFETY: the data buffer lies in our mapping; the device is done with it.
+            let got = unsafe { std::slice::from_raw_parts(self.host(data), bs) };
+            // A disk grown past the image (config changes) has no expected bytes there.
+            if image.get(at..at + bs) != Some(got) {
+                self.report.verify_errors += 1;
+                self.error(format!(
+                    "queue {qi}: unit {unit} (byte {at}) differs from the expected image"
+                ));
+            }
+            return;
+        }
         let want = self.expected[unit as usize];
         if self.opts.verify && want != 0 {
             let bs = self.opts.block_size as usize;

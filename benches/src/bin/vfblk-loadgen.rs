@@ -21,6 +21,10 @@ struct Args {
     /// Stamp writes and check reads (use with write or mixed).
     #[arg(long)]
     verify: bool,
+    /// Check every read against this file's bytes at the same offset (a disk whose content
+    /// is known, such as a read-only image); writes are not stamped nor remembered.
+    #[arg(long, value_name = "FILE", conflicts_with = "verify")]
+    expect_image: Option<std::path::PathBuf>,
     /// Do not use INFLIGHT_SHMFD even if offered.
     #[arg(long)]
     no_inflight: bool,
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         block_size: a.job.bs,
         workload: a.job.rw,
         verify: a.verify,
+        expect_image: a.expect_image,
         seconds: a.job.seconds,
         inflight: !a.no_inflight,
         reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
