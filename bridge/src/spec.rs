@@ -1,5 +1,5 @@
-//! Backend specs as operators write them (`mem:PATH:SIZE`, `file:PATH[:SIZE]`,
-//! `nvme:PCI_ADDR[:NSID]`) and sizes with K/M/G suffixes, parsed without silent overflow.
+//! Backend specs as operators write them (`mem:PATH:SIZE`, `file:PATH[:SIZE]`, `:ro` for
+//! either's read-only form, `nvme:PCI_ADDR[:NSID]`, `rbd:POOL/IMAGE[,OPTION...]`) and sizes with K/M/G suffixes, parsed without silent overflow.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -37,9 +37,15 @@ pub enum BackendSpec {
     Mem {
         /// The file (e.g. under /dev/shm).
         path: PathBuf,
-        /// Bytes.
-        size: u64,
+        /// Create or grow the file to this many bytes (needed unless `readonly`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// Map the existing file for reading only (O_RDONLY, PROT_READ, a shared image
+        /// lock). Controllers on it are read-only.
+        #[serde(default, skip_serializing_if = "is_false")]
+        readonly: bool,
     },
+
     /// A file or block device through io_uring.
     File {
         /// The file or device.
@@ -133,7 +139,7 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, file:PATH[:SIZE], null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH] or rbd:POOL/IMAGE[:SIZE],cluster=NAME)"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, mem:PATH:ro, file:PATH[:SIZE], file:PATH:ro, null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH] or rbd:POOL/IMAGE[:SIZE],cluster=NAME)"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
@@ -212,9 +218,15 @@ impl FromStr for BackendSpec {
         }
         let parts: Vec<&str> = spec.splitn(3, ':').collect();
         match parts.as_slice() {
+            ["mem", path, "ro"] if !path.is_empty() => Ok(BackendSpec::Mem {
+                path: PathBuf::from(path),
+                size: None,
+                readonly: true,
+            }),
             ["mem", path, size] if !path.is_empty() => Ok(BackendSpec::Mem {
                 path: PathBuf::from(path),
-                size: parse_size(size)?,
+                size: Some(parse_size(size)?),
+                readonly: false,
             }),
             ["file", path] if !path.is_empty() => Ok(BackendSpec::File {
                 path: PathBuf::from(path),
@@ -271,7 +283,36 @@ impl BackendSpec {
         rbd_cluster: &dyn Fn(&str) -> Result<Arc<RbdCluster>>,
     ) -> Result<Arc<dyn Backend>> {
         Ok(match self {
-            BackendSpec::Mem { path, size } => Arc::new(MemBackend::open(path, *size)?),
+            BackendSpec::Mem {
+                path,
+                size: Some(size),
+                readonly: false,
+            } => Arc::new(MemBackend::open(path, *size)?),
+            BackendSpec::Mem {
+                path,
+                size: None,
+                readonly: false,
+            } => {
+                return Err(Error::BadArgument(format!(
+                    "mem backend {}: a size is needed (or readonly, to map an existing file for reading only)",
+                    path.display()
+                )))
+            }
+            BackendSpec::Mem {
+                path,
+                size: None,
+                readonly: true,
+            } => Arc::new(MemBackend::open_read_only(path)?),
+            BackendSpec::Mem {
+                path,
+                size: Some(_),
+                readonly: true,
+            } => {
+                return Err(Error::BadArgument(format!(
+                    "mem backend {}: a read-only image is not created or grown; leave out the size",
+                    path.display()
+                )))
+            }
             BackendSpec::File {
                 path,
                 size,
@@ -431,14 +472,88 @@ mod tests {
         }
     }
 
+    /// Opens `spec` where no NVMe controller nor RBD cluster may be reached.
+    fn open_alone(spec: &BackendSpec) -> Result<Arc<dyn Backend>> {
+        spec.open(
+            &mut NvmeControllers::default(),
+            1,
+            &NvmeOptions::default(),
+            &|name| panic!("cluster {name} looked up"),
+        )
+    }
+
+    #[test]
+    fn read_only_specs_refuse_a_size_and_a_mem_disk_needs_one_or_readonly() {
+        let path = std::env::temp_dir().join(format!("vfblk-spec-ro-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let refusal = |spec: BackendSpec| match open_alone(&spec) {
+            Ok(_) => panic!("{spec:?} opened"),
+            Err(e) => e.to_string(),
+        };
+        // A sizeless writable mem disk parses from JSON (the size became optional with
+        // read-only ones) and is refused when opened, saying what is missing.
+        let sizeless: BackendSpec =
+            serde_json::from_str(&format!(r#"{{"kind": "mem", "path": {path:?}}}"#)).unwrap();
+        let e = refusal(sizeless);
+        assert!(e.contains("a size is needed"), "{e}");
+        for spec in [
+            BackendSpec::Mem {
+                path: path.clone(),
+                size: Some(1 << 20),
+                readonly: true,
+            },
+            BackendSpec::File {
+                path: path.clone(),
+                size: Some(1 << 20),
+                readonly: true,
+            },
+        ] {
+            let e = refusal(spec);
+            assert!(e.contains("read-only image is not created"), "{e}");
+            assert!(!path.exists(), "{e}: nothing created");
+        }
+    }
+
     #[test]
     fn backend_specs_parse() {
         assert_eq!(
             "mem:/dev/shm/d0:64M".parse::<BackendSpec>().unwrap(),
             BackendSpec::Mem {
                 path: "/dev/shm/d0".into(),
-                size: 64 << 20
+                size: Some(64 << 20),
+                readonly: false,
             }
+        );
+        let golden_ram = "mem:/dev/shm/golden:ro".parse::<BackendSpec>().unwrap();
+        assert_eq!(
+            golden_ram,
+            BackendSpec::Mem {
+                path: "/dev/shm/golden".into(),
+                size: None,
+                readonly: true,
+            }
+        );
+        let json = serde_json::to_value(&golden_ram).unwrap();
+        assert_eq!(json["readonly"], true, "{json}");
+        assert!(json.get("size").is_none(), "{json}");
+        assert_eq!(
+            serde_json::from_value::<BackendSpec>(json).unwrap(),
+            golden_ram
+        );
+        // A config written before read-only mem backends existed reads as it did.
+        let old: BackendSpec =
+            serde_json::from_str(r#"{"kind": "mem", "path": "/dev/shm/d", "size": 4096}"#).unwrap();
+        assert_eq!(
+            old,
+            BackendSpec::Mem {
+                path: "/dev/shm/d".into(),
+                size: Some(4096),
+                readonly: false,
+            }
+        );
+        assert!(
+            "mem:/dev/shm/d".parse::<BackendSpec>().is_err(),
+            "a size or ro"
         );
         assert_eq!(
             "file:/tmp/disk.img".parse::<BackendSpec>().unwrap(),
@@ -537,7 +652,6 @@ mod tests {
         assert!(matches!(nvme, BackendSpec::Nvme { nsid: 1, .. }));
         for bad in [
             r#"{"kind": "tape", "path": "/x"}"#,
-            r#"{"kind": "mem", "path": "/x"}"#,
             r#"{"kind": "file", "path": "/x", "colour": "red"}"#,
             r#"{"kind": "nvme", "address": "zz"}"#,
         ] {

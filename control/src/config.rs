@@ -635,7 +635,8 @@ mod tests {
         config.controllers.retain(|c| c.name != "a");
         config.backends[1].spec = BackendSpec::Mem {
             path: "/dev/shm/da".into(),
-            size: 2 << 20,
+            size: Some(2 << 20),
+            readonly: false,
         };
         config.backends.push(BackendConfig {
             name: "new".into(),

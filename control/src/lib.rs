@@ -1010,11 +1010,12 @@ impl Target {
         })?;
         let previous = entry.backend.capacity_sectors() * 512;
         let new_spec = match &entry.spec {
-            BackendSpec::Mem { path, .. } => BackendSpec::Mem {
-                path: path.clone(),
-                size,
-            },
-            BackendSpec::File {
+            BackendSpec::Mem {
+                readonly: true,
+                path,
+                ..
+            }
+            | BackendSpec::File {
                 readonly: true,
                 path,
                 ..
@@ -1024,6 +1025,11 @@ impl Target {
                     path.display()
                 )))
             }
+            BackendSpec::Mem { path, .. } => BackendSpec::Mem {
+                path: path.clone(),
+                size: Some(size),
+                readonly: false,
+            },
             BackendSpec::File { path, .. } => BackendSpec::File {
                 path: path.clone(),
                 size: Some(size),

@@ -1841,6 +1841,45 @@ fn an_image_is_written_by_one_target_or_qemu_at_a_time() {
     assert_clean(&r, "after qemu-io");
 }
 
+/// Asserts that process `pid` has `image` open, and only for reading: every fd it has on it
+/// is O_RDONLY (its flags in /proc/PID/fdinfo), and so is every mapping of it (r--s or
+/// r--p in /proc/PID/maps, none writable).
+fn assert_only_read(pid: u32, image: &Path) {
+    let fds_on_image: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == image))
+        .map(|fd| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            u32::from_str_radix(flags, 8).unwrap()
+        })
+        .collect();
+    assert!(!fds_on_image.is_empty(), "the target has the image open");
+    for flags in &fds_on_image {
+        assert_eq!(flags & 3, 0, "O_RDONLY, not {flags:o}");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for line in maps
+        .lines()
+        .filter(|l| l.ends_with(&*image.to_string_lossy()))
+    {
+        let perms = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            !perms.contains('w'),
+            "a writable mapping of the image: {line}"
+        );
+    }
+}
+
 /// A read-only backend: the image is opened for reading only (every fd the target has on it
 /// is O_RDONLY), its controller serves reads and fails writes, the image is unchanged, a
 /// reading QEMU shares it while a writing one is refused, and the controller cannot be made
@@ -1871,27 +1910,7 @@ fn a_read_only_backend_opens_its_image_for_reading_only() {
         "vhost_blk_create",
         json!({"name": "g", "socket": target.socket("g"), "backend": "g"}),
     );
-    let fds_on_image: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", target.child.id()))
-        .unwrap()
-        .flatten()
-        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == image))
-        .map(|fd| {
-            let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", target.child.id(), {
-                fd.file_name().to_string_lossy()
-            }))
-            .unwrap();
-            let flags = info
-                .lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .unwrap()
-                .trim();
-            u32::from_str_radix(flags, 8).unwrap()
-        })
-        .collect();
-    assert!(!fds_on_image.is_empty(), "the target has the image open");
-    for flags in &fds_on_image {
-        assert_eq!(flags & 3, 0, "O_RDONLY, not {flags:o}");
-    }
+    assert_only_read(target.child.id(), &image);
     let run = |rw: &str, seconds: &str| -> Child {
         Command::new(bin("vfblk-loadgen"))
             .arg("--socket")
@@ -1952,6 +1971,120 @@ fn a_read_only_backend_opens_its_image_for_reading_only() {
     let r = stop_and_report(reads, "reads");
     assert_eq!(r["failed"], 0, "{r}");
     assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        std::fs::read(&image).unwrap() == content,
+        "the image is as it was"
+    );
+}
+
+/// A read-only `mem` backend (`"readonly": true`): its file is opened O_RDONLY and mapped
+/// PROT_READ, shared; its controller's writes fail with IOERR while its reads return the
+/// file's bytes; a reading QEMU shares the image and a writing one is refused (the shared
+/// reader lock); the controller cannot be made writable, the backend neither resized nor
+/// created with a size, and the file is left as it was.
+#[test]
+fn a_read_only_mem_backend_maps_its_image_for_reading_only() {
+    let _lock = lab_lock();
+    let target = TargetProc::start("readonly-mem", 1);
+    let image = target.dir.join("golden.ram");
+    let content: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &content).unwrap();
+    let spec = json!({"name": "g", "kind": "mem", "path": image, "readonly": true});
+    let mut sized = spec.clone();
+    sized["size"] = json!(32 << 20);
+    let e = target
+        .client()
+        .call("backend_create", sized)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only image is not created"), "{e}");
+    assert_eq!(
+        file_len(&image),
+        16 << 20,
+        "the refused create grew nothing"
+    );
+    target.call("backend_create", spec);
+    target.call(
+        "vhost_blk_create",
+        json!({"name": "g", "socket": target.socket("g"), "backend": "g"}),
+    );
+    let pid = target.child.id();
+    assert_only_read(pid, &image);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.ends_with(&*image.to_string_lossy()) && l.contains(" r--s ")),
+        "the image is mapped shared and read-only: {maps}"
+    );
+    let run = |args: &[&str], seconds: &str| -> Child {
+        Command::new(bin("vfblk-loadgen"))
+            .arg("--socket")
+            .arg(target.socket("g"))
+            .args(args)
+            .args(["--json", "--qd", "8", "--seconds", seconds])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let writes = report(run(&["--rw", "write"], "1"), "writes");
+    assert!(writes["ios"].as_u64().unwrap() > 0, "{writes}");
+    assert_eq!(
+        writes["failed"], writes["ios"],
+        "no write succeeded: {writes}"
+    );
+    let expect = image.to_string_lossy().into_owned();
+    let reads = run(
+        &["--rw", "read", "--expect-image", &expect],
+        &UNTIL_STOPPED_SECONDS.to_string(),
+    );
+    let reading = Instant::now() + Duration::from_secs(20);
+    while target.call("stats", json!({}))["controllers"][0]["reads"] == 0 {
+        assert!(Instant::now() < reading, "reads are served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let qemu = |args: &[&str]| {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(&image)
+            .output()
+            .unwrap()
+    };
+    let shared_read = qemu(&["-r", "-c", "read 0 512"]);
+    assert!(
+        shared_read.status.success(),
+        "a reading QEMU beside a read-only mem backend: {}",
+        String::from_utf8_lossy(&shared_read.stderr)
+    );
+    let write = qemu(&["-c", "write 0 512"]);
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success() && stderr.contains("lock"),
+        "a writing QEMU beside a read-only mem backend: {stderr}"
+    );
+    let e = target
+        .client()
+        .call(
+            "vhost_blk_set_readonly",
+            json!({"name": "g", "readonly": false}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("opened read-only"), "{e}");
+    let e = target
+        .client()
+        .call("backend_resize", json!({"name": "g", "size": 32 << 20}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not resized"), "{e}");
+    let r = stop_and_report(reads, "reads");
+    assert!(r["reads"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(
+        r["verify_errors"], 0,
+        "every read returned the file's bytes: {r}"
+    );
     assert!(
         std::fs::read(&image).unwrap() == content,
         "the image is as it was"

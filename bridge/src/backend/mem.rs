@@ -63,6 +63,53 @@ impl MemBackend {
         })
     }
 
+    /// Opens the existing file at `path` for reading only (O_RDONLY) and maps it shared and
+    /// read-only (PROT_READ), at its length cut to whole sectors: the disk refuses writes,
+    /// discards and write zeroes, is never resized, and its image lock lets other readers (a
+    /// QEMU with `readonly=on`) share it.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |source| Error::Io { what, source }
+        };
+        let file = File::open(path).map_err(io("opening (read-only)"))?;
+        let len = file.metadata().map_err(io("stat of"))?.len();
+        // A tail shorter than a sector is not served, as for a read-only file backend.
+        let bytes = len - len % SECTOR;
+        if bytes == 0 {
+            return Err(Error::BadSize {
+                what: format!("mem backend {}", path.display()),
+                bytes: len,
+            });
+        }
+        let map = usize::try_from(bytes)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
+            .and_then(|len| {
+                memmap2::MmapOptions::new()
+                    .len(len)
+                    .map_raw_read_only(&file)
+            })
+            .map_err(io("read-only mmap of"))?;
+        let image_lock = BackendImageLock::new(&file, path)?;
+        let mut info = BackendInfo::in_memory(
+            format!("mem:{} ({} MiB, read-only)", path.display(), bytes >> 20),
+            bytes,
+        );
+        // Nothing is written through a read-only image: nothing to flush, discard or zero.
+        info.flush = false;
+        info.discard = false;
+        info.write_zeroes = false;
+        info.read_only = true;
+        Ok(Self {
+            map: Arc::new(Mutex::new(Arc::new(map))),
+            file,
+            info,
+            capacity: LiveCapacity::new(bytes / SECTOR),
+            name: format!("mem backend {}", path.display()),
+            image_lock,
+        })
+    }
+
     fn current_map(&self) -> Arc<memmap2::MmapRaw> {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -90,6 +137,7 @@ impl Backend for MemBackend {
         Ok(FinishedAtSubmit::new(MemExecutor {
             map: self.current_map(),
             current: self.map.clone(),
+            writable: !self.info.read_only,
         })
         .into())
     }
@@ -104,6 +152,11 @@ impl Backend for MemBackend {
         // One grow at a time; queues only clone the mapping under this lock, briefly.
         let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let what = &self.name;
+        if self.info.read_only {
+            return Err(Error::BadArgument(format!(
+                "{what}: opened read-only; a read-only image is not resized"
+            )));
+        }
         let Some(sectors) = check_grow(what, self.capacity.sectors(), bytes)? else {
             return Ok(());
         };
@@ -142,6 +195,10 @@ pub struct MemExecutor {
     map: Arc<memmap2::MmapRaw>,
     /// The backend's mapping now (a grow replaces it).
     current: Arc<Mutex<Arc<memmap2::MmapRaw>>>,
+    /// False for a read-only backend, whose mapping is PROT_READ: a store into it would
+    /// kill the whole target (SIGSEGV), so a write that got past the device's read-only
+    /// check is failed here rather than trusted never to come.
+    writable: bool,
 }
 
 impl ExecuteNow for MemExecutor {
@@ -157,6 +214,14 @@ impl ExecuteNow for MemExecutor {
 
     fn execute(&self, r: &Request) -> u8 {
         let disk = self.map.as_mut_ptr();
+        if !self.writable
+            && matches!(
+                r.op,
+                Operation::Write | Operation::Discard | Operation::WriteZeroes { .. }
+            )
+        {
+            return status::IOERR;
+        }
         match r.op {
             Operation::Read | Operation::Write => {
                 let mut off = (r.sector * SECTOR) as usize;
@@ -233,6 +298,7 @@ mod tests {
         let mut queue = MemExecutor {
             map: backend.current_map(),
             current: backend.map.clone(),
+            writable: true,
         };
         // SAFETY: inside the 1 MiB mapping.
         unsafe { queue.map.as_mut_ptr().add(4096).write(0x5a) };
@@ -262,6 +328,100 @@ mod tests {
         }
         let data = std::fs::read(&disk.0).unwrap();
         assert_eq!((data[4096], data[(4 << 20) - 1]), (0x5a, 7));
+    }
+
+    /// A request on `buffer`, from sector `sector` (a discard: its sectors as one range).
+    fn request(op: Operation, sector: u64, buffer: &mut [u8]) -> Request {
+        let mut r = Request::default();
+        r.op = op;
+        r.sector = sector;
+        r.data_count = 1;
+        r.data_len = buffer.len() as u64;
+        r.load(&[vfblk_vhost::chain::Segment {
+            gpa: 0,
+            host: buffer.as_mut_ptr(),
+            len: buffer.len() as u32,
+            write: op == Operation::Read,
+        }]);
+        if op == Operation::Discard {
+            r.ranges[0] = (sector, (buffer.len() as u64 / SECTOR) as u32);
+            r.range_count = 1;
+        }
+        r
+    }
+
+    #[test]
+    fn a_read_only_open_reads_the_file_and_never_writes_it() {
+        let disk = Scratch::new("mem-ro");
+        // 1 MiB and a 100-byte tail, which is not served.
+        let content: Vec<u8> = (0..(1u32 << 20) + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&disk.0, &content).unwrap();
+        let backend = MemBackend::open_read_only(&disk.0).unwrap();
+        let info = backend.info();
+        assert!(info.read_only && !info.flush && !info.discard && !info.write_zeroes);
+        assert_eq!(backend.capacity_sectors(), (1 << 20) / SECTOR);
+        // SAFETY: F_GETFL on the backend's own open fd.
+        let flags = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&backend.file),
+                libc::F_GETFL,
+            )
+        };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY, "{flags:o}");
+        let map = backend.current_map();
+        let start = format!("{:x}-", map.as_ptr() as usize);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.starts_with(&start))
+            .expect("the mapping");
+        assert!(line.split_whitespace().nth(1) == Some("r--s"), "{line}");
+        let err = backend.grow(2 << 20).unwrap_err();
+        assert!(err.to_string().contains("not resized"), "{err}");
+        assert_eq!(backend.capacity_sectors(), (1 << 20) / SECTOR);
+
+        let queue = MemExecutor {
+            map: backend.current_map(),
+            current: backend.map.clone(),
+            writable: false,
+        };
+        let mut buffer = vec![0u8; 8192];
+        assert_eq!(
+            queue.execute(&request(Operation::Read, 8, &mut buffer)),
+            status::OK
+        );
+        assert_eq!(buffer, content[4096..4096 + 8192]);
+        buffer.fill(0xee);
+        for op in [
+            Operation::Write,
+            Operation::Discard,
+            Operation::WriteZeroes { unmap: false },
+        ] {
+            assert_eq!(
+                queue.execute(&request(op, 8, &mut buffer)),
+                status::IOERR,
+                "{op:?}"
+            );
+        }
+        assert_eq!(
+            queue.execute(&request(Operation::Flush, 0, &mut [])),
+            status::OK
+        );
+        drop((queue, map, backend));
+        disk.assert_holds(&content, "a read-only disk leaves its file as it was");
+
+        let short = Scratch::new("mem-ro-short");
+        std::fs::write(&short.0, [1u8; 511]).unwrap();
+        let err = MemBackend::open_read_only(&short.0)
+            .err()
+            .expect("no whole sector");
+        assert!(matches!(err, Error::BadSize { bytes: 511, .. }), "{err}");
+        let missing = Scratch::new("mem-ro-missing");
+        let err = MemBackend::open_read_only(&missing.0)
+            .err()
+            .expect("no file");
+        assert!(err.to_string().contains("opening (read-only)"), "{err}");
+        assert!(!missing.0.exists(), "a read-only open creates nothing");
     }
 
     #[test]
