@@ -81,6 +81,8 @@ functions! {
         unsafe extern "C" fn(IoCtx, *const c_char, u64, u64, *mut c_int) -> c_int;
     rbd rbd_open "int (*)(rados_ioctx_t, const char *, rbd_image_t *, const char *)":
         unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int;
+    rbd rbd_open_read_only "int (*)(rados_ioctx_t, const char *, rbd_image_t *, const char *)":
+        unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int;
     rbd rbd_close "int (*)(rbd_image_t)":
         unsafe extern "C" fn(Image) -> c_int;
     rbd rbd_remove "int (*)(rados_ioctx_t, const char *)":
