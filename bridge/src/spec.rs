@@ -45,7 +45,6 @@ pub enum BackendSpec {
         #[serde(default, skip_serializing_if = "is_false")]
         readonly: bool,
     },
-
     /// A file or block device through io_uring.
     File {
         /// The file or device.
@@ -101,6 +100,10 @@ pub enum BackendSpec {
         /// Keyring (default: the conf's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         keyring: Option<PathBuf>,
+        /// Open the existing image for reading only (`rbd_open_read_only`: never its
+        /// exclusive lock, never created). Controllers on it are read-only.
+        #[serde(default, skip_serializing_if = "is_false")]
+        readonly: bool,
     },
 }
 
@@ -139,7 +142,7 @@ impl FromStr for BackendSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::BadArgument(format!(
-                "backend {spec:?}: {why} (mem:PATH:SIZE, mem:PATH:ro, file:PATH[:SIZE], file:PATH:ro, null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH] or rbd:POOL/IMAGE[:SIZE],cluster=NAME)"
+                "backend {spec:?}: {why} (mem:PATH:SIZE, mem:PATH:ro, file:PATH[:SIZE], file:PATH:ro, null:SIZE, nvme:PCI_ADDR[:NSID][@OFFSET+SIZE], rbd:POOL/IMAGE[:SIZE][,conf=PATH][,id=ID][,keyring=PATH][,ro] or rbd:POOL/IMAGE[:SIZE],cluster=NAME[,ro])"
             ))
         };
         if let Some(rest) = spec.strip_prefix("nvme:") {
@@ -187,7 +190,12 @@ impl FromStr for BackendSpec {
                 .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
                 .ok_or_else(|| bad("an RBD image is POOL/IMAGE"))?;
             let (mut conf, mut id, mut keyring, mut cluster) = (None, None, None, None);
+            let mut readonly = false;
             for option in options {
+                if option == "ro" {
+                    readonly = true;
+                    continue;
+                }
                 match option.split_once('=') {
                     Some(("cluster", v)) if !v.is_empty() => cluster = Some(v.to_string()),
                     Some(("conf", v)) if !v.is_empty() => conf = Some(PathBuf::from(v)),
@@ -209,6 +217,7 @@ impl FromStr for BackendSpec {
                 conf,
                 id,
                 keyring,
+                readonly,
             });
         }
         if let Some(size) = spec.strip_prefix("null:") {
@@ -354,18 +363,35 @@ impl BackendSpec {
             BackendSpec::Rbd {
                 pool,
                 image,
+                size: Some(_),
+                readonly: true,
+                ..
+            } => {
+                return Err(Error::BadArgument(format!(
+                    "RBD image {pool}/{image}: a read-only image is not created or checked against a size; leave out the size"
+                )))
+            }
+            BackendSpec::Rbd {
+                pool,
+                image,
                 size,
                 cluster: Some(name),
                 conf,
                 id,
                 keyring,
+                readonly,
             } => {
                 if conf.is_some() || id.is_some() || keyring.is_some() {
                     return Err(Error::BadArgument(format!(
                         "RBD image {pool}/{image}: cluster {name} has its own conf, id and keyring; give either the cluster or them"
                     )));
                 }
-                Arc::new(RbdBackend::open_on(rbd_cluster(name)?, pool, image, *size)?)
+                let cluster = rbd_cluster(name)?;
+                Arc::new(if *readonly {
+                    RbdBackend::open_on_read_only(cluster, pool, image)?
+                } else {
+                    RbdBackend::open_on(cluster, pool, image, *size)?
+                })
             }
             BackendSpec::Rbd {
                 pool,
@@ -375,13 +401,18 @@ impl BackendSpec {
                 conf,
                 id,
                 keyring,
+                readonly,
             } => {
                 let cluster = crate::backend::ClusterSettings {
                     conf: conf.clone(),
                     id: id.clone(),
                     keyring: keyring.clone(),
                 };
-                Arc::new(RbdBackend::open(&cluster, pool, image, *size)?)
+                Arc::new(if *readonly {
+                    RbdBackend::open_read_only(&cluster, pool, image)?
+                } else {
+                    RbdBackend::open(&cluster, pool, image, *size)?
+                })
             }
         })
     }
@@ -418,6 +449,7 @@ mod tests {
                 conf: None,
                 id: None,
                 keyring: None,
+                readonly: false,
             }
         );
         let spec: BackendSpec = "rbd:vms/disk-2:10G,conf=/etc/ceph/c2.conf,id=vfblk,keyring=/k"
@@ -433,11 +465,36 @@ mod tests {
                 conf: Some("/etc/ceph/c2.conf".into()),
                 id: Some("vfblk".into()),
                 keyring: Some("/k".into()),
+                readonly: false,
             }
         );
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["kind"], "rbd");
         assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), spec);
+        let golden: BackendSpec = "rbd:vms/golden,conf=/c,ro".parse().unwrap();
+        assert_eq!(
+            golden,
+            BackendSpec::Rbd {
+                pool: "vms".into(),
+                image: "golden".into(),
+                size: None,
+                cluster: None,
+                conf: Some("/c".into()),
+                id: None,
+                keyring: None,
+                readonly: true,
+            }
+        );
+        let json = serde_json::to_value(&golden).unwrap();
+        assert_eq!(json["readonly"], true, "{json}");
+        assert_eq!(serde_json::from_value::<BackendSpec>(json).unwrap(), golden);
+        assert!(
+            serde_json::to_value(&spec)
+                .unwrap()
+                .get("readonly")
+                .is_none(),
+            "written only when set"
+        );
         let named: BackendSpec = "rbd:vms/disk-3:1G,cluster=ceph-a".parse().unwrap();
         assert_eq!(
             named,
@@ -449,6 +506,7 @@ mod tests {
                 conf: None,
                 id: None,
                 keyring: None,
+                readonly: false,
             }
         );
         let json = serde_json::to_value(&named).unwrap();
@@ -467,6 +525,8 @@ mod tests {
             "rbd:p/i:12X",
             "rbd:p/i,user=x",
             "rbd:p/i,conf=",
+            "rbd:p/i,ro=1",
+            "rbd:p/i,rw",
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
         }
@@ -512,6 +572,20 @@ mod tests {
             assert!(e.contains("read-only image is not created"), "{e}");
             assert!(!path.exists(), "{e}: nothing created");
         }
+        let e = refusal(BackendSpec::Rbd {
+            pool: "p".into(),
+            image: "golden".into(),
+            size: Some(1 << 20),
+            cluster: Some("c".into()),
+            conf: None,
+            id: None,
+            keyring: None,
+            readonly: true,
+        });
+        assert!(
+            e.contains("p/golden") && e.contains("leave out the size"),
+            "{e}"
+        );
     }
 
     #[test]

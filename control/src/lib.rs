@@ -1041,6 +1041,12 @@ impl Target {
                     "backend {name}: an NVMe namespace (or a part of one) is not resized by the target: its size is the controller's (namespace management is not supported)"
                 )))
             }
+            BackendSpec::Rbd { readonly: true, .. } => {
+                return Err(Error::BadArgument(format!(
+                    "backend {name}: {} is opened read-only; a read-only image is not resized",
+                    describe(&entry.spec)
+                )))
+            }
             // A spec that names a size (the image's at open) names the new one; without one
             // the image is opened at whatever size it has.
             BackendSpec::Rbd { .. } => {

@@ -1286,3 +1286,120 @@ fn an_rbd_image_grows_online_and_its_frontend_is_told() {
     let _ = cluster.remove_image("resize");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A read-only RBD backend (`,ro`: `rbd_open_read_only`) on an image another client wrote
+/// (`rbd import`): its controller's reads return the image's bytes and its writes fail
+/// with IOERR; it takes no exclusive lock and watches nothing (`rbd lock ls` and `rbd
+/// status` show neither), so a writer beside it gets the lock at once and is never asked to
+/// hand it over; a size with `ro` is refused, and a missing image is not created.
+#[test]
+fn a_read_only_rbd_backend_reads_a_written_image_and_takes_no_lock() {
+    let _lock = vfblk_tests::lab_lock();
+    let cluster = Cluster::shared().expect("a Ceph cluster");
+    let dir = test_dir("read-only");
+    let image = "golden";
+    let _ = cluster.remove_image(image);
+    let golden = dir.join("golden.img");
+    let content: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&golden, &content).unwrap();
+    let golden_path = golden.to_string_lossy().into_owned();
+    let at = format!("{}/{image}", cluster.pool());
+    cluster
+        .rbd(&["import", "--no-progress", &golden_path, &at])
+        .expect("rbd import");
+    let refused = |backend: String| -> String {
+        let out = Command::new(bin("vfblk-bridge"))
+            .arg("--socket")
+            .arg(dir.join("refused.sock"))
+            .args(["--backend", &backend])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{backend} was served");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = refused(format!("{},ro", spec(cluster, image, Some("16M"))));
+    assert!(e.contains("leave out the size"), "{e}");
+    let e = refused(format!("{},ro", spec(cluster, "absent-ro", None)));
+    assert!(e.contains("opening image rbd/absent-ro (read-only)"), "{e}");
+    let images = cluster.rbd(&["ls", cluster.pool()]).unwrap();
+    assert!(!images.lines().any(|l| l == "absent-ro"), "{images}");
+
+    let bridge = serve(&dir, &format!("{},ro", spec(cluster, image, None)), "2");
+    let socket = dir.join("blk.sock");
+    let socket = socket.to_string_lossy();
+    let load = |args: &[&str]| {
+        let common = [
+            "--socket",
+            &socket,
+            "--queues",
+            "2",
+            "--qd",
+            "8",
+            "--json",
+            "--seconds",
+            "2",
+        ];
+        run_json("vfblk-loadgen", &[&common[..], args].concat()).1
+    };
+    let writes = load(&["--rw", "write"]);
+    assert!(writes["ios"].as_u64().unwrap() > 0, "{writes}");
+    assert_eq!(
+        writes["failed"],
+        writes["ios"],
+        "no write succeeded: {}",
+        without_bulk(&writes)
+    );
+    let reads = load(&["--rw", "read", "--expect-image", &golden_path]);
+    assert!(
+        reads["reads"].as_u64().unwrap() > 0,
+        "{}",
+        without_bulk(&reads)
+    );
+    assert_eq!(reads["failed"], 0, "{}", without_bulk(&reads));
+    assert_eq!(
+        reads["verify_errors"],
+        0,
+        "every read returned the imported bytes: {}",
+        without_bulk(&reads)
+    );
+
+    // The image is open (the target serves it) yet nobody holds or watches it.
+    let json = |args: &[&str]| -> Value {
+        let out = cluster.rbd(args).expect("rbd");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd {args:?}: {out:?}: {e}"))
+    };
+    let locks = json(&["lock", "ls", "--format", "json", &at]);
+    assert!(
+        locks.as_array().is_some_and(Vec::is_empty),
+        "a lock on the image: {locks}"
+    );
+    let status = json(&["status", "--format", "json", &at]);
+    assert!(
+        status["watchers"].as_array().is_some_and(Vec::is_empty),
+        "a watcher on the image: {status}"
+    );
+    // A writer beside the reader gets the lock at once (nobody to ask for it).
+    let started = std::time::Instant::now();
+    cluster
+        .rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4096",
+            "--io-total",
+            "1M",
+            &at,
+        ])
+        .expect("a writer beside the read-only backend");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the writer waited {:?}",
+        started.elapsed()
+    );
+    stop(bridge);
+    let log = std::fs::read_to_string(dir.join("bridge.log")).unwrap_or_default();
+    assert!(!log.contains("exclusive lock"), "{log}");
+    cluster.remove_image(image).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

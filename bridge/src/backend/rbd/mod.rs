@@ -600,6 +600,32 @@ impl RbdBackend {
         image: &str,
         size: Option<u64>,
     ) -> Result<Self> {
+        Self::open_image(cluster, pool, image, size, false)
+    }
+
+    /// Opens the existing image `pool/image` for reading only (`rbd_open_read_only`), through
+    /// the client shared by the images given the same settings: librbd then never takes the
+    /// image's exclusive lock nor watches its header for writers, so the image's writer (a
+    /// VM elsewhere, `rbd import`) is never asked to hand the lock over. The disk refuses
+    /// writes, discards and write zeroes and is never resized; the image is never created.
+    pub fn open_read_only(settings: &ClusterSettings, pool: &str, image: &str) -> Result<Self> {
+        Self::open_on_read_only(RbdCluster::shared(settings)?, pool, image)
+    }
+
+    /// [`RbdBackend::open_read_only`] through a named cluster's client.
+    pub fn open_on_read_only(cluster: Arc<RbdCluster>, pool: &str, image: &str) -> Result<Self> {
+        Self::open_image(cluster, pool, image, None, true)
+    }
+
+    /// Opens the image, creating it with `size` if it is missing (the read-only callers give
+    /// none).
+    fn open_image(
+        cluster: Arc<RbdCluster>,
+        pool: &str,
+        image: &str,
+        size: Option<u64>,
+        read_only: bool,
+    ) -> Result<Self> {
         let _pinned = Pinned::to(&cluster.cpus)?;
         let api = cluster.api;
         let (cpool, cimage) = (cstring("pool", pool)?, cstring("image", image)?);
@@ -614,9 +640,18 @@ impl RbdBackend {
             unsafe { (api.rados_ioctx_destroy)(ioctx) }
         };
         let mut handle: ffi::Image = std::ptr::null_mut();
-        // SAFETY: our ioctx, a NUL-terminated name, a valid out pointer, no snapshot.
-        let mut rc =
-            unsafe { (api.rbd_open)(ioctx, cimage.as_ptr(), &mut handle, std::ptr::null()) };
+        let open = |handle: &mut ffi::Image| {
+            // SAFETY: our ioctx, a NUL-terminated name, a valid out pointer, no snapshot
+            // (both calls have the same contract).
+            unsafe {
+                if read_only {
+                    (api.rbd_open_read_only)(ioctx, cimage.as_ptr(), handle, std::ptr::null())
+                } else {
+                    (api.rbd_open)(ioctx, cimage.as_ptr(), handle, std::ptr::null())
+                }
+            }
+        };
+        let mut rc = open(&mut handle);
         let mut created = false;
         if rc == -libc::ENOENT {
             if let Some(size) = size {
@@ -634,10 +669,7 @@ impl RbdBackend {
                 }
                 created = true;
                 tracing::info!("created RBD image {pool}/{image} of {size} bytes");
-                // SAFETY: as above.
-                rc = unsafe {
-                    (api.rbd_open)(ioctx, cimage.as_ptr(), &mut handle, std::ptr::null())
-                };
+                rc = open(&mut handle);
             }
         }
         let fail = |e: Error, handle: ffi::Image| {
@@ -654,10 +686,12 @@ impl RbdBackend {
             e
         };
         if rc < 0 {
-            return Err(fail(
-                ceph_error(format!("opening image {pool}/{image}"), rc.into()),
-                std::ptr::null_mut(),
-            ));
+            let what = if read_only {
+                format!("opening image {pool}/{image} (read-only)")
+            } else {
+                format!("opening image {pool}/{image}")
+            };
+            return Err(fail(ceph_error(what, rc.into()), std::ptr::null_mut()));
         }
         let mut bytes = 0u64;
         // SAFETY: our open image and a valid out pointer.
@@ -686,16 +720,22 @@ impl RbdBackend {
             ));
         }
         let info = BackendInfo {
-            description: format!("RBD image {pool}/{image} ({} MiB)", bytes >> 20),
+            description: format!(
+                "RBD image {pool}/{image} ({} MiB{})",
+                bytes >> 20,
+                if read_only { ", read-only" } else { "" }
+            ),
             capacity_sectors: bytes / SECTOR,
             block_size: 512,
             // RADOS objects are written whole below 4 KiB granularity anyway.
             physical_block_size: 4096,
             optimal_io_size: 4 << 20,
-            flush: true,
-            discard: true,
-            write_zeroes: true,
-            read_only: false,
+            // Nothing is written through a read-only image: nothing to flush, discard or
+            // zero (librbd would refuse the last two with EROFS anyway).
+            flush: !read_only,
+            discard: !read_only,
+            write_zeroes: !read_only,
+            read_only,
         };
         let backend = Self {
             api,
@@ -706,7 +746,11 @@ impl RbdBackend {
             info,
             _cluster: cluster,
         };
-        backend.take_lock_from_dead_predecessor();
+        // A reader takes no lock, so it has none to take over: a dead predecessor's lock is
+        // left to its writable successor (or to Ceph's timeout).
+        if !read_only {
+            backend.take_lock_from_dead_predecessor();
+        }
         if let Ok(mut images) = OPEN_IMAGES.lock() {
             images.push((backend.image as usize, backend.info.description.clone()));
         }
@@ -828,6 +872,11 @@ impl Backend for RbdBackend {
     fn grow(&self, bytes: u64) -> Result<()> {
         let _one = self.resizing.lock().unwrap_or_else(|e| e.into_inner());
         let what = &self.info.description;
+        if self.info.read_only {
+            return Err(Error::BadArgument(format!(
+                "{what}: opened read-only; a read-only image is not resized"
+            )));
+        }
         let Some(sectors) = check_grow(what, self.capacity.sectors(), bytes)? else {
             return Ok(());
         };
