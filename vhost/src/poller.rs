@@ -572,17 +572,18 @@ fn run(mailbox: &Mailbox, mode: PollMode) {
 /// guest's next request after a completion, short beside a network store's request.
 const WAKEABLE_SPIN: Duration = Duration::from_micros(50);
 
-/// Whether the poller's queues have requests in flight and every handler with some can wake
-/// the poller when one finishes (so waiting for them need not spin).
+/// Whether the poller's queues have requests in flight and the poller may sleep early for
+/// them: every queue's handler can wake it when a request finishes, and every queue has a
+/// kick fd (a queue without one is only seen by polling). A queue of another kind on the
+/// same poller keeps the old rule (spin [`PollMode::idle_before_sleep`]): its guest's next
+/// request must not pay a kick and a wake-up because an RBD request is out beside it.
 fn only_wakeable_waits(queues: &[QueueRuntime]) -> bool {
     let mut waiting = false;
     for q in queues {
-        if q.handler.in_flight() > 0 {
-            if !q.handler.can_wake() {
-                return false;
-            }
-            waiting = true;
+        if !q.handler.can_wake() || q.kick.is_none() {
+            return false;
         }
+        waiting |= q.handler.in_flight() > 0;
     }
     waiting
 }
@@ -634,8 +635,15 @@ fn sleep_until_kicked(
         // SAFETY: a valid pollfd array of the given length.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if ready > 0 {
-            let _ = mailbox.wake.read();
-            // The kick fds come first in `fds`, in the order of the queues that have one.
+            // The kick fds come first in `fds`, in the order of the queues that have one,
+            // then the mailbox's.
+            let kicks = queues.iter().filter(|q| q.kick.is_some()).count();
+            if fds
+                .get(kicks)
+                .is_some_and(|p| p.revents & libc::POLLIN != 0)
+            {
+                let _ = mailbox.wake.read();
+            }
             let mut revents = fds.iter().map(|p| p.revents);
             for q in queues.iter_mut() {
                 let Some(k) = &q.kick else { continue };
@@ -1300,7 +1308,14 @@ mod tests {
         let mailbox = idle_mailbox();
         let (mut fds, mut armed) = (Vec::new(), Vec::new());
 
-        let mut queues = vec![runtime(&guest, handler(true))];
+        let kicked = |h| {
+            let mut q = runtime(&guest, h);
+            q.kick = Some(eventfd(libc::EFD_NONBLOCK).0);
+            q
+        };
+        // Without a kick fd the queue's ring is only seen by polling: no early sleep.
+        assert!(!only_wakeable_waits(&[runtime(&guest, handler(true))]));
+        let mut queues = vec![kicked(handler(true))];
         assert!(only_wakeable_waits(&queues));
         // The request finishes on another thread while the poller sleeps: the poll returns
         // on the handler's fd, reported readable, and the fd is drained.
@@ -1318,7 +1333,7 @@ mod tests {
 
         // A handler that cannot wake the poller keeps it polling: no sleep, no arming left.
         disarmed.lock().unwrap().clear();
-        let mut queues = vec![runtime(&guest, handler(false))];
+        let mut queues = vec![kicked(handler(false))];
         assert!(!only_wakeable_waits(&queues));
         let asked = Instant::now();
         sleep_until_kicked(&mailbox, &mut queues, &mut fds, &mut armed);
@@ -1327,12 +1342,10 @@ mod tests {
             "returned without the 100 ms sleep"
         );
         assert!(disarmed.lock().unwrap().is_empty());
-        // Beside it, one that can: the poller still does not sleep, and the armed one is
-        // disarmed (not readable).
-        let mut queues = vec![
-            runtime(&guest, handler(true)),
-            runtime(&guest, handler(false)),
-        ];
+        // Beside it, one that can: no early sleep, and at a sleep the poller does not sleep
+        // either, the armed one disarmed (not readable).
+        let mut queues = vec![kicked(handler(true)), kicked(handler(false))];
+        assert!(!only_wakeable_waits(&queues));
         sleep_until_kicked(&mailbox, &mut queues, &mut fds, &mut armed);
         assert_eq!(*disarmed.lock().unwrap(), vec![false]);
     }
