@@ -859,7 +859,11 @@ impl Backend for RbdBackend {
     }
 
     fn open_queue(&self, _poller: u64) -> Result<Queue> {
-        Ok(Queue::from(RbdQueue::new(self.api, self.image)?))
+        Ok(Queue::from(RbdQueue::new(
+            self.api,
+            self.image,
+            &self.info.description,
+        )?))
     }
 
     fn live_capacity(&self) -> Option<LiveCapacity> {
@@ -925,6 +929,8 @@ unsafe extern "C" fn on_complete(_c: ffi::Completion, arg: *mut c_void) {
     board.done[arg.ticket].store(true, Ordering::Release);
     // SeqCst with the poller's arming (store `armed`, then load `ready`): either the poller
     // sees this completion and does not sleep, or this callback sees it armed and wakes it.
+    // (The poller may take `done` before this add and read `ready` low, even wrapped, for
+    // a moment: every such shortfall is an add still to come, which checks `armed` after.)
     board.ready.fetch_add(1, Ordering::SeqCst);
     if board.armed.load(Ordering::SeqCst) && board.armed.swap(false, Ordering::SeqCst) {
         let one = 1u64.to_ne_bytes();
@@ -969,6 +975,81 @@ pub struct RbdQueue {
     finished_now: Vec<usize>,
     in_flight: usize,
     errors: u64,
+    stall: StallWatch,
+}
+
+/// Requests out in librbd and nothing answered for this long: the cluster is not answering,
+/// and the log says so (then again every [`STALL_REPEAT_NS`], and once it answers again).
+const STALL_WARN_NS: u64 = 5_000_000_000;
+const STALL_REPEAT_NS: u64 = 30_000_000_000;
+/// Empty polls between two looks at the clock while requests are out.
+const STALL_CHECK_EVERY: u32 = 1024;
+
+/// Watches one queue's requests in librbd for a cluster that stops answering (an OSD down,
+/// the network cut). The requests keep waiting, as QEMU's do on librbd (a guest's own
+/// timeout decides what a long wait means), but never silently.
+struct StallWatch {
+    /// The image, for the log.
+    what: String,
+    /// When the queue last saw progress: a completion, or a request out with none before.
+    since_ns: u64,
+    /// When the stall was last logged (None: not stalled).
+    warned_ns: Option<u64>,
+    empty_polls: u32,
+}
+
+impl StallWatch {
+    fn new(what: &str) -> Self {
+        Self {
+            what: what.to_string(),
+            since_ns: 0,
+            warned_ns: None,
+            empty_polls: 0,
+        }
+    }
+
+    /// Something finished, or the first request went out: the clock starts again.
+    fn progress(&mut self, now_ns: u64) {
+        if self.warned_ns.take().is_some() {
+            tracing::warn!(
+                "{}: the cluster answers again after {:.1} s without an answer",
+                self.what,
+                now_ns.saturating_sub(self.since_ns) as f64 / 1e9
+            );
+        }
+        self.since_ns = now_ns;
+        self.empty_polls = 0;
+    }
+
+    /// A poll found nothing finished with `in_flight` requests out: logs a stall once it is
+    /// long enough. Looks at the clock once every [`STALL_CHECK_EVERY`] such polls (a
+    /// spinning poller's; a sleeping one checks before each sleep).
+    fn idle_poll(&mut self, in_flight: usize) {
+        self.empty_polls += 1;
+        if self.empty_polls < STALL_CHECK_EVERY {
+            return;
+        }
+        self.empty_polls = 0;
+        self.check(vfblk_vhost::poller::loop_now(), in_flight);
+    }
+
+    /// Logs the stall if it is due at `now_ns`; returns whether it did.
+    fn check(&mut self, now_ns: u64, in_flight: usize) -> bool {
+        let waited = now_ns.saturating_sub(self.since_ns);
+        let due = match self.warned_ns {
+            None => waited >= STALL_WARN_NS,
+            Some(at) => now_ns.saturating_sub(at) >= STALL_REPEAT_NS,
+        };
+        if due {
+            self.warned_ns = Some(now_ns);
+            tracing::warn!(
+                "{}: {in_flight} request(s) out and none answered for {:.1} s: the cluster is not answering (an OSD down or unreachable?); they wait in librbd",
+                self.what,
+                waited as f64 / 1e9
+            );
+        }
+        due
+    }
 }
 
 // SAFETY: the raw pointers are librbd handles (thread-safe) and guest memory that stays
@@ -976,7 +1057,7 @@ pub struct RbdQueue {
 unsafe impl Send for RbdQueue {}
 
 impl RbdQueue {
-    fn new(api: &'static ffi::Api, image: ffi::Image) -> Result<Self> {
+    fn new(api: &'static ffi::Api, image: ffi::Image, what: &str) -> Result<Self> {
         // SAFETY: eventfd(2) with no pointers; the result is checked before it is owned.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -1036,6 +1117,7 @@ impl RbdQueue {
             finished_now: Vec::with_capacity(DEPTH),
             in_flight: 0,
             errors: 0,
+            stall: StallWatch::new(what),
         })
     }
 
@@ -1133,6 +1215,9 @@ impl BackendQueue for RbdQueue {
             pending: 0,
             status: status::OK,
         };
+        if self.in_flight == 0 {
+            self.stall.progress(vfblk_vhost::poller::loop_now());
+        }
         self.in_flight += 1;
         let (api, image) = (self.api, self.image);
         match r.op {
@@ -1216,6 +1301,9 @@ impl BackendQueue for RbdQueue {
             n += 1;
         }
         if self.board.ready.load(Ordering::Acquire) == 0 {
+            if n == 0 && self.in_flight > 0 {
+                self.stall.idle_poll(self.in_flight);
+            }
             return n;
         }
         let mut i = 0;
@@ -1251,6 +1339,9 @@ impl BackendQueue for RbdQueue {
                 n += 1;
             }
         }
+        if n > 0 {
+            self.stall.progress(vfblk_vhost::poller::loop_now());
+        }
         n
     }
 
@@ -1263,6 +1354,10 @@ impl BackendQueue for RbdQueue {
     }
 
     fn arm_wakeup(&mut self) -> Wakeup {
+        // A poller that sleeps polls seldom (its sleeps last up to 100 ms): the stall
+        // check goes with each sleep instead.
+        self.stall
+            .check(vfblk_vhost::poller::loop_now(), self.in_flight);
         self.board.armed.store(true, Ordering::SeqCst);
         if self.board.ready.load(Ordering::SeqCst) > 0 || !self.finished_now.is_empty() {
             self.disarm_wakeup(false);
@@ -1287,5 +1382,27 @@ impl BackendQueue for RbdQueue {
                 )
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_that_stops_answering_is_logged_after_five_seconds_then_every_thirty() {
+        let s = 1_000_000_000u64;
+        let mut w = StallWatch::new("RBD image rbd/x");
+        w.progress(100 * s);
+        assert!(!w.check(104 * s, 3), "4 s: not yet");
+        assert!(w.check(105 * s, 3), "5 s without an answer");
+        assert!(!w.check(110 * s, 3), "logged once");
+        assert!(!w.check(134 * s, 3));
+        assert!(w.check(135 * s, 3), "again 30 s later");
+        // An answer ends the stall; the next one is timed from it.
+        w.progress(140 * s);
+        assert_eq!(w.warned_ns, None);
+        assert!(!w.check(144 * s, 1));
+        assert!(w.check(145 * s, 1));
     }
 }
