@@ -313,7 +313,9 @@ pub struct TypeStep {
 /// `socket`, in the first 64 KiB of the disk (which it overwrites): a write, a flush, a
 /// read of it back, write-zeroes (with unmap allowed and not) read back as zeros beside
 /// the data, and a discard (its contents after are not checked: virtio-blk makes no
-/// promise, and RBD skips partial objects). Stops at the first step that fails.
+/// promise, and RBD skips partial objects). Stops at the first step that fails. (libblkio
+/// answers a flush itself when the device does not offer VIRTIO_BLK_F_FLUSH: its step then
+/// says nothing of the device.)
 pub fn check_request_types(socket: &std::path::Path) -> Result<Vec<TypeStep>> {
     const AREA: usize = 64 << 10;
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(blkio_error("new"))?;
