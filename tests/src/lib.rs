@@ -205,6 +205,11 @@ pub fn add_disk(rpc: &Path, dir: &Path, name: &str, kind: &str) -> PathBuf {
         "mem" => shm_disk(dir, name),
         _ => dir.join(format!("{name}.img")),
     };
+    add_disk_at(rpc, dir, name, kind, &path)
+}
+
+/// [`add_disk`] with the backend's file at `path`.
+pub fn add_disk_at(rpc: &Path, dir: &Path, name: &str, kind: &str, path: &Path) -> PathBuf {
     rpc_call(
         rpc,
         "backend_create",
@@ -221,8 +226,9 @@ pub fn add_disk(rpc: &Path, dir: &Path, name: &str, kind: &str) -> PathBuf {
     socket
 }
 
-/// Where [`add_disk`] puts a RAM disk for a test running in `dir`.
-fn shm_disk(dir: &Path, name: &str) -> PathBuf {
+/// Where [`add_disk`] puts a RAM disk for a test running in `dir` (removed with it by
+/// [`remove_test_dir`]).
+pub fn shm_disk(dir: &Path, name: &str) -> PathBuf {
     let test = dir
         .file_name()
         .map(|n| n.to_string_lossy())
