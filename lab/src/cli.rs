@@ -72,6 +72,9 @@ pub enum LabCommand {
         /// upgrades), as before the keeper existed.
         #[arg(long)]
         reconnect: bool,
+        /// Offer the guest packed virtqueues (QEMU's `packed=on`) instead of split ones.
+        #[arg(long)]
+        packed: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -217,6 +220,7 @@ pub fn run(cli: LabCli) -> Result<()> {
             kills,
             upgrades,
             reconnect,
+            packed,
             json,
         } => {
             let backend = match backend {
@@ -224,7 +228,7 @@ pub fn run(cli: LabCli) -> Result<()> {
                 DemoBackendArg::File => DemoBackend::File,
             };
             let upgrades = if reconnect { 0 } else { upgrades };
-            demo(backend, kills, upgrades, !reconnect, json)
+            demo(backend, kills, upgrades, !reconnect, packed, json)
         }
         LabCommand::Run {
             script,
@@ -364,7 +368,14 @@ fn demo_fio_mib(events: u32) -> u32 {
     32u32.saturating_add(events.saturating_mul(8)).min(240)
 }
 
-fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: bool) -> Result<()> {
+fn demo(
+    backend: DemoBackend,
+    kills: u32,
+    upgrades: u32,
+    keeper: bool,
+    packed: bool,
+    json: bool,
+) -> Result<()> {
     let started = Instant::now();
     tracing::info!("preparing guest kernel and project binaries");
     let lab = Lab::new("demo")?;
@@ -378,6 +389,7 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
         qemu: crate::qemu::Qemu::system(),
         keeper,
         upgrades,
+        packed,
     };
     let outcome = recovery::run_demo(&lab, &opts)?;
     let run = &outcome.run.run;
@@ -395,6 +407,17 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
     let guest = run.record("guest").cloned().unwrap_or_default();
     let fio = run.record("fio").cloned().unwrap_or_default();
     let (writes, reads, max_pause_ms, fio_errors) = scenario::fio_summary(&fio);
+    let ring = match recovery::packed_negotiated(run) {
+        Some(true) => "packed",
+        Some(false) if packed => "split (packed offered, not negotiated)",
+        Some(false) => "split",
+        None => "unknown (the guest recorded no features)",
+    };
+    if packed && ring != "packed" {
+        return Err(LabError::Guest(format!(
+            "--packed: the guest's virtio ring is {ring}"
+        )));
+    }
     if json {
         let out = serde_json::json!({
             "accel": "tcg",
@@ -404,6 +427,7 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
             "probe": probe,
             "recovery": {
                 "backend": outcome.backend,
+                "virtio_ring": ring,
                 "kills": outcome.kills,
                 "upgrades": outcome.upgrade_pauses_ms.len(),
                 "upgrade_pauses_ms": outcome.upgrade_pauses_ms,
@@ -475,6 +499,7 @@ fn demo(backend: DemoBackend, kills: u32, upgrades: u32, keeper: bool, json: boo
     );
     println!("vhost-user-blk with live recovery (host bridge, guest fio)");
     println!("  backend          {}", outcome.backend);
+    println!("  virtio ring      {ring}");
     match outcome.connections {
         Some(connections) => {
             println!(

@@ -941,6 +941,7 @@ fn spec_on(base: &VmSpec, socket: &Path) -> VmSpec {
         socket: socket.to_path_buf(),
         num_queues: 1,
         queue_size: None,
+        packed: false,
     }];
     spec
 }

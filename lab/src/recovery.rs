@@ -45,6 +45,9 @@ pub struct DemoOptions {
     pub keeper: bool,
     /// Upgrades by hand-over (`vfblk-rpc upgrade`) while fio runs (with `keeper`).
     pub upgrades: u32,
+    /// QEMU offers packed virtqueues (`packed=on`); the guest's features record says
+    /// whether they were negotiated ([`packed_negotiated`]).
+    pub packed: bool,
 }
 
 /// What happened.
@@ -81,6 +84,7 @@ pub fn guest_script(vfio_probe: bool, fio_mib: u32) -> String {
 modprobe virtio_pci && modprobe virtio_blk || fail "modprobe virtio"
 for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || fail "no vhost-user-blk disk (/dev/vda)"
+record "{{\"virtio_features\": \"$(cat /sys/block/vda/device/features)\"}}"
 step "fio running: 4 KiB random writes with crc32c verify on /dev/vda (vhost-user-blk), {fio_mib} MiB"
 fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size={fio_mib}M --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json > /tmp/fio.json 2>/tmp/fio.err
 rc=$?
@@ -90,6 +94,14 @@ record "{{\"fio\": $(tr -d '\n' < /tmp/fio.json)}}"
 [ $rc = 0 ] || {{ cat /tmp/fio.err; fail "fio exited with $rc"; }}
 "#
     )
+}
+
+/// Whether the guest's virtio-blk driver negotiated packed virtqueues
+/// (`VIRTIO_F_RING_PACKED`, bit 34 of the features string the guest recorded from
+/// `/sys/block/vda/device/features`); `None` without that record.
+pub fn packed_negotiated(run: &vm::Run) -> Option<bool> {
+    let features = run.record("virtio_features")?.as_str()?;
+    features.as_bytes().get(34).map(|&b| b == b'1')
 }
 
 /// Requests the bridges of a log ran again from the inflight region (their recovery lines:
@@ -210,6 +222,7 @@ pub fn run_demo(lab: &Lab, opts: &DemoOptions) -> Result<DemoOutcome> {
         socket: socket.clone(),
         num_queues: 1,
         queue_size: None,
+        packed: opts.packed,
     });
 
     let hold = opts.hold_completions_ms.to_string();
@@ -592,6 +605,7 @@ pub fn run_resize(lab: &Lab, qemu: crate::qemu::Qemu) -> Result<ResizeOutcome> {
         socket: socket.clone(),
         num_queues: 1,
         queue_size: None,
+        packed: false,
     });
     let rpc_arg = rpc_socket.to_string_lossy().into_owned();
     let mut bridge = start_bridge(

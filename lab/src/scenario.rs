@@ -521,6 +521,7 @@ fn l3_on_vhost_user(socket: &Path, queue_size: Option<u16>, initrd: &str) -> VmS
         socket: socket.to_path_buf(),
         num_queues: 1,
         queue_size,
+        packed: false,
     });
     spec
 }

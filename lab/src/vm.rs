@@ -61,6 +61,9 @@ pub struct VhostUserBlk {
     /// Entries per virtqueue the device offers (`queue-size`; QEMU's default when `None`).
     /// Firmware may still use fewer (SeaBIOS: 256).
     pub queue_size: Option<u16>,
+    /// Offer packed virtqueues (`packed=on`; the guest's driver takes them when the backend
+    /// offers them too).
+    pub packed: bool,
 }
 
 /// What to boot.
@@ -278,6 +281,9 @@ impl VmSpec {
             );
             if let Some(n) = blk.queue_size {
                 dev.push_str(&format!(",queue-size={n}"));
+            }
+            if blk.packed {
+                dev.push_str(",packed=on");
             }
             if self.boot_from_disk && i == 0 {
                 dev.push_str(",bootindex=0");
