@@ -436,7 +436,13 @@ impl Suite {
             seconds.to_string(),
             "--json".into(),
         ]
-        .to_vec()
+        .into_iter()
+        .chain(
+            self.options
+                .fixed_rate_packed
+                .then(|| "--packed".to_string()),
+        )
+        .collect()
     }
 
     /// Starts `b`, holds it at `rate` for `seconds` and reads its busy time around that.

@@ -61,8 +61,8 @@ pub struct SuiteOptions {
     /// randwrite-4k-qd128, randread-4k-qd32-4queues, seqread-128k-qd32.
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these clients (comma-separated: loadgen, libblkio, loadgen-irq; default loadgen
-    /// and libblkio, and all three for the RBD backends).
+    /// Only these clients (comma-separated: loadgen, libblkio, loadgen-irq, loadgen-packed;
+    /// default loadgen and libblkio, and the first three for the RBD backends).
     #[arg(long, value_delimiter = ',')]
     pub clients: Vec<String>,
     /// SPDK's built source tree (build/bin/vhost; see ../shared/tools/peers).
@@ -89,6 +89,10 @@ pub struct SuiteOptions {
     /// goes first).
     #[arg(long, default_value_t = 8)]
     pub fixed_rate_rounds: u32,
+    /// The fixed-rate client drives packed virtqueues (`vfblk-loadgen --packed`; SPDK's
+    /// controllers are created with `packed_ring`).
+    #[arg(long)]
+    pub fixed_rate_packed: bool,
     /// Leave out the many-controller rows (1, 4 and 16 controllers of one target on one
     /// poller, and 16 idle ones).
     #[arg(long)]
@@ -167,7 +171,7 @@ pub(crate) struct Suite {
     dir: PathBuf,
     pub(crate) socket: PathBuf,
     data: PathBuf,
-    options: SuiteOptions,
+    pub(crate) options: SuiteOptions,
     /// The Ceph cluster, while the `rbd` kinds are measured.
     rbd: Option<Rbd>,
 }
@@ -475,9 +479,12 @@ impl Suite {
             json!({"name": bdev, "num_blocks": blocks, "block_size": 512}),
         )?;
         let _ = std::fs::remove_file(&self.socket);
+        // Offered only when a packed client drives it: the split rows measure SPDK as it
+        // is by default.
+        let packed = self.packed_wanted();
         call(
             "vhost_create_blk_controller",
-            json!({"ctrlr": ctrlr, "dev_name": bdev, "cpumask": mask}),
+            json!({"ctrlr": ctrlr, "dev_name": bdev, "cpumask": mask, "packed_ring": packed}),
         )?;
         let deadline = Instant::now() + LISTEN_TIMEOUT;
         while !vfblk_lab::process::listening(&self.socket) {
@@ -490,10 +497,21 @@ impl Suite {
             std::thread::sleep(Duration::from_millis(10));
         }
         running.command = format!(
-            "{} (then RPC {create} {bdev} {blocks}x512, vhost_create_blk_controller {ctrlr} {bdev} --cpumask {mask})",
-            running.command
+            "{} (then RPC {create} {bdev} {blocks}x512, vhost_create_blk_controller {ctrlr} {bdev} --cpumask {mask}{})",
+            running.command,
+            if packed { " --packed-ring" } else { "" }
         );
         Ok(running)
+    }
+
+    /// Whether a client of this run drives packed virtqueues.
+    fn packed_wanted(&self) -> bool {
+        self.options.fixed_rate_packed
+            || self
+                .options
+                .clients
+                .iter()
+                .any(|c| c == Client::Packed.id())
     }
 
     fn client_args(&self, client: Client, w: &Workload) -> Vec<String> {
@@ -501,6 +519,7 @@ impl Suite {
             Client::Loadgen => ("vfblk-loadgen", "--polled"),
             Client::Blkio => ("vfblk-blkio-load", "--poll"),
             Client::Interrupts => ("vfblk-loadgen", "--interrupts"),
+            Client::Packed => ("vfblk-loadgen", "--polled"),
         };
         let mut args = vec![
             self.bin_dir.join(bin).display().to_string(),
@@ -524,6 +543,9 @@ impl Suite {
         }
         if w.sequential {
             args.push("--sequential".into());
+        }
+        if client == Client::Packed {
+            args.push("--packed".into());
         }
         args
     }
@@ -1271,6 +1293,7 @@ impl SuiteResult {
                     Client::Loadgen => "vfblk-loadgen (polling driver, no interrupts)",
                     Client::Blkio => "libblkio (poll queues)",
                     Client::Interrupts => "vfblk-loadgen (sleeping on interrupts)",
+                    Client::Packed => "vfblk-loadgen on packed virtqueues (polling driver)",
                 }
             );
             let _ = write!(out, "| workload |");

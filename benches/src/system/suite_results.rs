@@ -146,11 +146,20 @@ pub enum Client {
     /// is free between completions): by default for the `rbd` kinds only, whose cluster
     /// needs that core on a small machine.
     Interrupts,
+    /// `vfblk-loadgen --polled --packed`: the polling driver on packed virtqueues, for the
+    /// split-against-packed comparison (never by default; a backend that does not offer
+    /// packed rings fails its cells: qemu-storage-daemon's, cloud-hypervisor's).
+    Packed,
 }
 
 impl Client {
     /// Every client, in table order.
-    pub const ALL: [Client; 3] = [Client::Loadgen, Client::Blkio, Client::Interrupts];
+    pub const ALL: [Client; 4] = [
+        Client::Loadgen,
+        Client::Blkio,
+        Client::Interrupts,
+        Client::Packed,
+    ];
 
     /// Short name.
     pub fn id(self) -> &'static str {
@@ -158,13 +167,14 @@ impl Client {
             Client::Loadgen => "loadgen",
             Client::Blkio => "libblkio",
             Client::Interrupts => "loadgen-irq",
+            Client::Packed => "loadgen-packed",
         }
     }
 
     /// Whether a run without `--clients` uses it for the backends other than the `rbd`
     /// kinds (those get every client).
     pub fn in_default(self) -> bool {
-        self != Client::Interrupts
+        matches!(self, Client::Loadgen | Client::Blkio)
     }
 
     pub(crate) fn from_id(id: &str) -> Option<Self> {
