@@ -23,6 +23,18 @@ fn spec(cluster: &Cluster, image: &str, size: Option<&str>) -> String {
     )
 }
 
+/// Runs `vfblk-bridge --backend BACKEND` on `socket`, which must refuse it; its stderr.
+fn refused_backend(socket: &Path, backend: &str) -> String {
+    let out = Command::new(bin("vfblk-bridge"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--backend", backend])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{backend} was served");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn test_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vfblk-rbd-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -189,16 +201,7 @@ fn refused_rbd_backends_say_why_and_leave_no_image() {
     let _lock = vfblk_tests::lab_lock();
     let cluster = Cluster::shared().expect("a Ceph cluster");
     let dir = test_dir("refused");
-    let refused = |backend: String| -> String {
-        let out = Command::new(bin("vfblk-bridge"))
-            .arg("--socket")
-            .arg(dir.join("blk.sock"))
-            .args(["--backend", &backend])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{backend} was served");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let refused = |backend: String| refused_backend(&dir.join("blk.sock"), &backend);
     // No such image, and no size to create it with.
     let e = refused(spec(cluster, "absent", None));
     assert!(e.contains("opening image rbd/absent"), "{e}");
@@ -1329,16 +1332,7 @@ fn a_read_only_rbd_backend_reads_a_written_image_and_takes_no_lock() {
     cluster
         .rbd(&["import", "--no-progress", &golden_path, &at])
         .expect("rbd import");
-    let refused = |backend: String| -> String {
-        let out = Command::new(bin("vfblk-bridge"))
-            .arg("--socket")
-            .arg(dir.join("refused.sock"))
-            .args(["--backend", &backend])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{backend} was served");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let refused = |backend: String| refused_backend(&dir.join("refused.sock"), &backend);
     let e = refused(format!("{},ro", spec(cluster, image, Some("16M"))));
     assert!(e.contains("leave out the size"), "{e}");
     let e = refused(format!("{},ro", spec(cluster, "absent-ro", None)));

@@ -1884,6 +1884,52 @@ fn assert_only_read(pid: u32, image: &Path) {
 /// is O_RDONLY), its controller serves reads and fails writes, the image is unchanged, a
 /// reading QEMU shares it while a writing one is refused, and the controller cannot be made
 /// writable nor the backend resized or created with a size.
+/// While reads run on controller `g`, on a read-only backend over `image`: a reading QEMU
+/// shares the image, a writing one is refused by the lock, and the controller is made
+/// neither writable nor larger.
+fn read_only_beside_qemu(target: &TargetProc, image: &Path) {
+    let reading = Instant::now() + Duration::from_secs(20);
+    while target.call("stats", json!({}))["controllers"][0]["reads"] == 0 {
+        assert!(Instant::now() < reading, "reads are served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let qemu = |args: &[&str]| {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(image)
+            .output()
+            .unwrap()
+    };
+    let shared_read = qemu(&["-r", "-c", "read 0 512"]);
+    assert!(
+        shared_read.status.success(),
+        "a reading QEMU beside a read-only backend: {}",
+        String::from_utf8_lossy(&shared_read.stderr)
+    );
+    let write = qemu(&["-c", "write 0 512"]);
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success() && stderr.contains("lock"),
+        "a writing QEMU beside a read-only backend: {stderr}"
+    );
+    let e = target
+        .client()
+        .call(
+            "vhost_blk_set_readonly",
+            json!({"name": "g", "readonly": false}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("opened read-only"), "{e}");
+    let e = target
+        .client()
+        .call("backend_resize", json!({"name": "g", "size": 32 << 20}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not resized"), "{e}");
+}
+
 #[test]
 fn a_read_only_backend_opens_its_image_for_reading_only() {
     let _lock = lab_lock();
@@ -1928,46 +1974,7 @@ fn a_read_only_backend_opens_its_image_for_reading_only() {
         "no write succeeded: {writes}"
     );
     let reads = run("read", &UNTIL_STOPPED_SECONDS.to_string());
-    let reading = Instant::now() + Duration::from_secs(20);
-    while target.call("stats", json!({}))["controllers"][0]["reads"] == 0 {
-        assert!(Instant::now() < reading, "reads are served");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qemu = |args: &[&str]| {
-        Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .args(args)
-            .arg(&image)
-            .output()
-            .unwrap()
-    };
-    let shared_read = qemu(&["-r", "-c", "read 0 512"]);
-    assert!(
-        shared_read.status.success(),
-        "a reading QEMU beside a read-only backend: {}",
-        String::from_utf8_lossy(&shared_read.stderr)
-    );
-    let write = qemu(&["-c", "write 0 512"]);
-    let stderr = String::from_utf8_lossy(&write.stderr);
-    assert!(
-        !write.status.success() && stderr.contains("lock"),
-        "a writing QEMU beside a read-only backend: {stderr}"
-    );
-    let e = target
-        .client()
-        .call(
-            "vhost_blk_set_readonly",
-            json!({"name": "g", "readonly": false}),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("opened read-only"), "{e}");
-    let e = target
-        .client()
-        .call("backend_resize", json!({"name": "g", "size": 32 << 20}))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("not resized"), "{e}");
+    read_only_beside_qemu(&target, &image);
     let r = stop_and_report(reads, "reads");
     assert_eq!(r["failed"], 0, "{r}");
     assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
@@ -2038,46 +2045,7 @@ fn a_read_only_mem_backend_maps_its_image_for_reading_only() {
         &["--rw", "read", "--expect-image", &expect],
         &UNTIL_STOPPED_SECONDS.to_string(),
     );
-    let reading = Instant::now() + Duration::from_secs(20);
-    while target.call("stats", json!({}))["controllers"][0]["reads"] == 0 {
-        assert!(Instant::now() < reading, "reads are served");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qemu = |args: &[&str]| {
-        Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .args(args)
-            .arg(&image)
-            .output()
-            .unwrap()
-    };
-    let shared_read = qemu(&["-r", "-c", "read 0 512"]);
-    assert!(
-        shared_read.status.success(),
-        "a reading QEMU beside a read-only mem backend: {}",
-        String::from_utf8_lossy(&shared_read.stderr)
-    );
-    let write = qemu(&["-c", "write 0 512"]);
-    let stderr = String::from_utf8_lossy(&write.stderr);
-    assert!(
-        !write.status.success() && stderr.contains("lock"),
-        "a writing QEMU beside a read-only mem backend: {stderr}"
-    );
-    let e = target
-        .client()
-        .call(
-            "vhost_blk_set_readonly",
-            json!({"name": "g", "readonly": false}),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("opened read-only"), "{e}");
-    let e = target
-        .client()
-        .call("backend_resize", json!({"name": "g", "size": 32 << 20}))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("not resized"), "{e}");
+    read_only_beside_qemu(&target, &image);
     let r = stop_and_report(reads, "reads");
     assert!(r["reads"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["failed"], 0, "{r}");

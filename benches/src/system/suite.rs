@@ -479,8 +479,8 @@ impl Suite {
             json!({"name": bdev, "num_blocks": blocks, "block_size": 512}),
         )?;
         let _ = std::fs::remove_file(&self.socket);
-        // Offered only when a packed client drives it: the split rows measure SPDK as it
-        // is by default.
+        // Offered whenever a packed client is in the run (a split client's driver still
+        // negotiates split rings on it); otherwise SPDK's controller as it is by default.
         let packed = self.packed_wanted();
         call(
             "vhost_create_blk_controller",
