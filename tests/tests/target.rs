@@ -1930,14 +1930,15 @@ fn read_only_beside_qemu(target: &TargetProc, image: &Path) {
     assert!(e.contains("not resized"), "{e}");
 }
 
-#[test]
-fn a_read_only_backend_opens_its_image_for_reading_only() {
-    let _lock = lab_lock();
-    let target = TargetProc::start("readonly-backend", 1);
-    let image = target.dir.join("golden.img");
+/// A target with a read-only `kind` backend over a 16 MiB image `file` of known content
+/// (a create with a size refused first, growing nothing) and controller `g` on it: the
+/// target, the image's path and its content.
+fn read_only_controller(test: &str, file: &str, kind: &str) -> (TargetProc, PathBuf, Vec<u8>) {
+    let target = TargetProc::start(test, 1);
+    let image = target.dir.join(file);
     let content: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&image, &content).unwrap();
-    let spec = json!({"name": "g", "kind": "file", "path": image, "readonly": true});
+    let spec = json!({"name": "g", "kind": kind, "path": image, "readonly": true});
     let mut sized = spec.clone();
     sized["size"] = json!(32 << 20);
     let e = target
@@ -1956,6 +1957,13 @@ fn a_read_only_backend_opens_its_image_for_reading_only() {
         "vhost_blk_create",
         json!({"name": "g", "socket": target.socket("g"), "backend": "g"}),
     );
+    (target, image, content)
+}
+
+#[test]
+fn a_read_only_backend_opens_its_image_for_reading_only() {
+    let _lock = lab_lock();
+    let (target, image, content) = read_only_controller("readonly-backend", "golden.img", "file");
     assert_only_read(target.child.id(), &image);
     let run = |rw: &str, seconds: &str| -> Child {
         Command::new(bin("vfblk-loadgen"))
@@ -1992,29 +2000,7 @@ fn a_read_only_backend_opens_its_image_for_reading_only() {
 #[test]
 fn a_read_only_mem_backend_maps_its_image_for_reading_only() {
     let _lock = lab_lock();
-    let target = TargetProc::start("readonly-mem", 1);
-    let image = target.dir.join("golden.ram");
-    let content: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&image, &content).unwrap();
-    let spec = json!({"name": "g", "kind": "mem", "path": image, "readonly": true});
-    let mut sized = spec.clone();
-    sized["size"] = json!(32 << 20);
-    let e = target
-        .client()
-        .call("backend_create", sized)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("read-only image is not created"), "{e}");
-    assert_eq!(
-        file_len(&image),
-        16 << 20,
-        "the refused create grew nothing"
-    );
-    target.call("backend_create", spec);
-    target.call(
-        "vhost_blk_create",
-        json!({"name": "g", "socket": target.socket("g"), "backend": "g"}),
-    );
+    let (target, image, content) = read_only_controller("readonly-mem", "golden.ram", "mem");
     let pid = target.child.id();
     assert_only_read(pid, &image);
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
