@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::driver::{DriverBuffer, DriverQueue};
 use vfblk_vhost::packed::{Position, EVENT_BYTES, VIRTIO_F_RING_PACKED};
-use vfblk_vhost::packed_driver::{Interrupts, PackedDriverQueue};
+use vfblk_vhost::packed_driver::{send_packed_vring_base, Interrupts, PackedDriverQueue};
 
 use crate::histogram::Histogram;
 use crate::patterns::mix;
@@ -465,24 +465,6 @@ enum Base {
     /// Avail position in bits 0-15, used position in bits 16-31 (each with its wrap
     /// counter in the top bit).
     Packed(u32),
-}
-
-/// Sends SET_VRING_BASE with a packed ring's 32-bit value on the frontend's socket (`sock`
-/// is a clone of it): the vhost crate's frontend takes a 16-bit base only. No reply is
-/// asked for (NEED_REPLY is never set by this frontend), and the socket carries one
-/// message at a time, so the frontend's next message follows this one.
-fn set_vring_base_packed(sock: &UnixStream, index: u32, base: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    const SET_VRING_BASE: u32 = 10;
-    const VERSION_1: u32 = 0x1;
-    let mut msg = [0u8; 20];
-    for (i, word) in [SET_VRING_BASE, VERSION_1, 8, index, base]
-        .into_iter()
-        .enumerate()
-    {
-        msg[4 * i..4 * i + 4].copy_from_slice(&word.to_le_bytes());
-    }
-    (&*sock).write_all(&msg)
 }
 
 struct Queue {
@@ -981,7 +963,7 @@ impl LoadGen {
                 .map_err(e("SET_VRING_NUM"))?;
             match q.ring.base(self.report.inflight) {
                 Base::Split(base) => fe.set_vring_base(i, base).map_err(e("SET_VRING_BASE"))?,
-                Base::Packed(base) => set_vring_base_packed(&watch, i as u32, base)
+                Base::Packed(base) => send_packed_vring_base(&watch, i as u32, base)
                     .map_err(|err| format!("SET_VRING_BASE: {err}"))?,
             }
             let (d, a, u) = q.ring.gpas();

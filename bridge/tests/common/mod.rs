@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use vfblk_bridge::backend::MemBackend;
 use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::virtio_blk::RequestHeader;
+use vfblk_vhost::driver::DriverBuffer;
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::mock::MockGuest;
+use vfblk_vhost::packed::{PackedDescriptor, Position, DESC_F_AVAIL, DESC_F_USED};
+use vfblk_vhost::packed_driver::{send_packed_vring_base, PackedDriverQueue};
 use vfblk_vhost::poller::{PollMode, Poller};
 use vfblk_vhost::protocol::DeviceConfig;
 use vfblk_vhost::virtq::Descriptor;
@@ -63,11 +66,17 @@ pub fn device_config(dir: &std::path::Path, queues: u16) -> Arc<DeviceConfig> {
 }
 
 pub fn start_server(name: &str) -> PathBuf {
+    start_server_reporting(name).0
+}
+
+/// [`start_server`], and the device's count of what its guests got wrong.
+pub fn start_server_reporting(name: &str) -> (PathBuf, Arc<GuestErrors>) {
     let dir = std::env::temp_dir().join(format!("vfblk-devtest-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("blk.sock");
     let config = device_config(&dir, 2);
+    let errors = config.errors.clone();
     // Serves until the test process ends.
     std::mem::forget(vfblk_vhost::server::SocketServer::start(&socket, config).unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -75,7 +84,7 @@ pub fn start_server(name: &str) -> PathBuf {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
-    socket
+    (socket, errors)
 }
 
 pub struct Guest {
@@ -239,4 +248,182 @@ impl Guest {
 
 pub fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
     Descriptor::new(addr, len, flags, next)
+}
+
+/// A guest driving packed rings, connected as QEMU does with `packed=on`: RING_PACKED acked,
+/// an inflight region asked for (the device serves packed rings only with one), queue 0's
+/// descriptor ring and event structures placed in guest memory above the split rings the
+/// test kit lays out (unused here).
+pub struct PackedGuest {
+    pub fe: Frontend,
+    /// A clone of the frontend's socket, for the messages the vhost crate cannot send (a
+    /// 32-bit packed SET_VRING_BASE).
+    pub sock: UnixStream,
+    pub g: MockGuest,
+    pub ring: PackedDriverQueue,
+    pub kick: EventFd,
+    pub _call: EventFd,
+    /// The inflight region the device laid out (the frontend's copy).
+    pub inflight: std::fs::File,
+}
+
+impl PackedGuest {
+    /// Negotiates up to the ring's size: features with RING_PACKED, memory, inflight region.
+    /// The ring starts at [`PackedGuest::start`].
+    pub fn negotiate(socket: &PathBuf, mut g: MockGuest) -> PackedGuest {
+        let stream = UnixStream::connect(socket).unwrap();
+        let sock = stream.try_clone().unwrap();
+        let mut fe = Frontend::from_stream(stream, 2);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let packed = 1u64 << vfblk_vhost::packed::VIRTIO_F_RING_PACKED;
+        assert_ne!(offered & packed, 0, "the device offers packed rings");
+        fe.set_features(acked(offered) | packed).unwrap();
+        let protocol = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(protocol).unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: g.frontend_base(),
+            mmap_offset: 0,
+            mmap_handle: g.file().as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).unwrap();
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: QSIZE,
+        };
+        let (info, inflight) = fe.get_inflight_fd(&ask).unwrap();
+        fe.set_inflight_fd(&info, inflight.as_raw_fd()).unwrap();
+        fe.set_vring_num(0, QSIZE).unwrap();
+        let bytes = PackedDriverQueue::bytes(QSIZE) as u64;
+        let gpa = g.alloc(bytes);
+        let host = g.memory().translate(gpa, bytes).unwrap();
+        // SAFETY: `alloc` zeroed these bytes, 16-aligned, inside the guest's memory, which
+        // `g` keeps mapped as long as this guest lives; nothing else is placed there.
+        let ring = unsafe { PackedDriverQueue::new(host, gpa, QSIZE) };
+        PackedGuest {
+            fe,
+            sock,
+            g,
+            ring,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            _call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            inflight,
+        }
+    }
+
+    /// Frontend addresses of the descriptor ring and the driver and device event structures
+    /// (SET_VRING_ADDR's desc, avail and used addresses).
+    pub fn ring_addresses(&self) -> (u64, u64, u64) {
+        let (d, drv, dev) = self.ring.gpas;
+        let base = self.g.frontend_base();
+        (base + d, base + drv, base + dev)
+    }
+
+    /// Starts queue 0 from `base` (a packed SET_VRING_BASE value) with its areas at these
+    /// frontend addresses; returns whether the frontend could send it all.
+    pub fn start_at(&mut self, base: u32, (desc, driver, device): (u64, u64, u64)) -> bool {
+        let cfg = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: desc,
+            used_ring_addr: device,
+            avail_ring_addr: driver,
+            log_addr: None,
+        };
+        send_packed_vring_base(&self.sock, 0, base).is_ok()
+            && self.fe.set_vring_addr(0, &cfg).is_ok()
+            && self.fe.set_vring_kick(0, &self.kick).is_ok()
+            && self.fe.set_vring_call(0, &self._call).is_ok()
+    }
+
+    /// Connects and starts queue 0 where both sides start.
+    pub fn connect(socket: &PathBuf) -> PackedGuest {
+        Self::connect_to(socket, MockGuest::new(MEM as u64, QSIZE))
+    }
+
+    pub fn connect_to(socket: &PathBuf, g: MockGuest) -> PackedGuest {
+        let mut pg = Self::negotiate(socket, g);
+        let start = u32::from(Position::START.to_event()) * 0x1_0001;
+        let addrs = pg.ring_addresses();
+        assert!(pg.start_at(start, addrs), "queue 0 started");
+        pg
+    }
+
+    pub fn put(&self, gpa: u64, data: &[u8]) {
+        self.g.write(gpa, data);
+    }
+
+    pub fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
+        self.g.read(gpa, len)
+    }
+
+    pub fn header(&self, gpa: u64, kind: u32, sector: u64) {
+        let h = RequestHeader {
+            kind,
+            ioprio: 0,
+            sector,
+        };
+        self.put(gpa, &h.to_bytes());
+    }
+
+    /// Makes `descriptors` available as given (ids and flags but AVAIL/USED untouched) and
+    /// kicks.
+    pub fn submit_raw(&mut self, descriptors: &[PackedDescriptor]) {
+        self.ring.add_raw(descriptors);
+        let _ = self.kick.write(1);
+    }
+
+    /// The used descriptor the device wrote at ring index `index` in the first lap, if it
+    /// wrote one: (buffer id, bytes written). Reads the ring itself, trusting no id.
+    pub fn used_at(&self, index: u16) -> Option<(u16, u32)> {
+        let gpa = self.ring.gpas.0 + 16 * u64::from(index);
+        let raw = self.get(gpa, 16);
+        let flags = u16::from_le_bytes([raw[14], raw[15]]);
+        let both = DESC_F_AVAIL | DESC_F_USED;
+        (flags & both == both).then(|| {
+            (
+                u16::from_le_bytes([raw[12], raw[13]]),
+                u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+            )
+        })
+    }
+
+    /// Waits up to 5 s for the next used buffer of the chains [`PackedGuest::request`] made.
+    pub fn wait_used(&mut self) -> (u16, u32) {
+        let _ = self.kick.write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(u) = self.ring.pop_used().unwrap() {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "no completion within 5 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// A well-formed request: header, optional data, status. Returns (status, used len).
+    pub fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+        let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
+        self.header(hdr, kind, sector);
+        self.put(st, &[0xff]);
+        let buf = |gpa, len, write| DriverBuffer { gpa, len, write };
+        let mut chain = vec![buf(hdr, 16, false)];
+        if let Some((len, write)) = data {
+            chain.push(buf(dat, len, write));
+        }
+        chain.push(buf(st, 1, true));
+        self.ring.add(&chain).expect("room in the ring");
+        let (_, len) = self.wait_used();
+        (self.get(st, 1)[0], len)
+    }
+}
+
+/// A packed descriptor (the wrap bits are the ring's business).
+pub fn pd(addr: u64, len: u32, id: u16, flags: u16) -> PackedDescriptor {
+    PackedDescriptor::new(addr, len, id, flags)
 }
