@@ -158,6 +158,58 @@ pub fn threads(pid: u32) -> Vec<ProcThread> {
         .collect()
 }
 
+/// What the threads of process `pid` are doing now, grouped: "name state wchan syscall" with
+/// a count for each group, the fd a thread waits on named (`socket:[...]`, `anon_inode:...`).
+/// Taken before a stuck emulator is killed, so a run that ended by its deadline says whether
+/// QEMU was waiting in a read on a socket (a vhost-user reply that never came), polling as
+/// usual, or blocked on a lock.
+pub fn thread_states(pid: u32) -> Vec<String> {
+    let mut groups: Vec<(String, u32)> = Vec::new();
+    for t in threads(pid) {
+        let read = |file: &str| std::fs::read_to_string(t.dir.join(file)).unwrap_or_default();
+        // The state is the field after the command name's closing parenthesis.
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        let wchan = match read("wchan").trim() {
+            "" | "0" => "-".to_string(),
+            w => w.to_string(),
+        };
+        let syscall = read("syscall");
+        let mut fields = syscall.split_whitespace();
+        let call = match fields.next() {
+            Some("running") | None => "running".to_string(),
+            Some(nr) => {
+                // read, write, recvfrom, recvmsg, sendmsg name their fd first: say what it is.
+                let fd = fields
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+                let target = match (nr, fd) {
+                    ("0" | "1" | "45" | "46" | "47", Some(fd)) => {
+                        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                            .map(|l| format!("(fd {fd} {})", l.display()))
+                            .unwrap_or_default()
+                    }
+                    _ => String::new(),
+                };
+                format!("sys {nr}{target}")
+            }
+        };
+        let line = format!("{} {state} {wchan} {call}", t.name);
+        match groups.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += 1,
+            None => groups.push((line, 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(line, n)| if n > 1 { format!("{line} x{n}") } else { line })
+        .collect()
+}
+
 #[cfg(test)]
 mod thread_tests {
     #[test]
@@ -183,5 +235,38 @@ mod thread_tests {
             "{found:?}"
         );
         assert!(super::threads(u32::MAX).is_empty());
+    }
+
+    /// A thread blocked reading a socket is shown as such, with the socket named (what tells
+    /// a QEMU waiting for a vhost-user reply from one that is merely idle).
+    #[test]
+    fn a_thread_blocked_reading_a_socket_is_shown_waiting_on_it() {
+        use std::io::{Read, Write};
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = std::thread::Builder::new()
+            .name("vfblk-reading".into())
+            .spawn(move || {
+                let mut theirs = theirs;
+                let mut byte = [0u8; 1];
+                let _ = theirs.read(&mut byte);
+            })
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let line = loop {
+            let states = super::thread_states(std::process::id());
+            if let Some(l) = states.iter().find(|l| l.starts_with("vfblk-reading S")) {
+                if l.contains("socket:[") {
+                    break l.clone();
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reading thread not seen blocked on its socket within 5 s: {states:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        ours.write_all(&[1]).unwrap();
+        t.join().unwrap();
+        assert!(line.contains(" sys "), "{line}");
     }
 }

@@ -565,6 +565,9 @@ fn run_l3(
     record["failures"] = serde_json::json!(run.failures);
     record["ending"] = format!("{:?}", run.ending).into();
     record["emulator_fault"] = run.ending.emulator_fault().into();
+    if !run.qemu_threads.is_empty() {
+        record["qemu_threads"] = serde_json::json!(run.qemu_threads);
+    }
     println!(
         "{}-RECORD {}",
         crate::initramfs::MARK,

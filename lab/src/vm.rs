@@ -496,6 +496,9 @@ pub struct Run {
     pub elapsed: Duration,
     /// The serial console log.
     pub log: PathBuf,
+    /// What QEMU's threads were doing when the run ended with QEMU still running (a deadline,
+    /// a wedged guest): [`crate::process::thread_states`]. Empty when QEMU had exited.
+    pub qemu_threads: Vec<String>,
 }
 
 impl Run {
@@ -639,6 +642,7 @@ pub fn run_watching(
         boot_time: None,
         elapsed: Duration::ZERO,
         log: log.to_path_buf(),
+        qemu_threads: Vec::new(),
     };
     let mut exit_status = None;
     let mut vcpus = VcpuWatch::new(child.id(), VCPU_ASLEEP_AFTER);
@@ -760,6 +764,15 @@ pub fn run_watching(
             | Ending::GuestReset
             | Ending::EmulatorCrashed(..)
     );
+    if !powered_off && matches!(child.try_wait(), Ok(None)) {
+        out.qemu_threads = crate::process::thread_states(child.id());
+        tracing::warn!(
+            "{}: QEMU's threads as the run ends ({:?}): {}",
+            spec.name,
+            out.ending,
+            out.qemu_threads.join("; ")
+        );
+    }
     stop(&mut child, powered_off);
     let _ = reader.join();
     out.elapsed = started.elapsed();

@@ -614,6 +614,13 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
         l3["qemu_vhost_lines"],
         l3["tries"],
     );
+    if l3.get("qemu_threads").is_some() {
+        // The nested QEMU outlived its run (a deadline): where its threads were waiting.
+        eprintln!(
+            "{what}: L3 ended {}; QEMU's threads then: {}",
+            l3["ending"], l3["qemu_threads"]
+        );
+    }
     run.expect_success(what).unwrap();
     assert_eq!(l3["fio_exit"], 0, "{l3}");
     assert_eq!(
