@@ -193,14 +193,25 @@ record "{\"stopped\": {\"stop_ms\": $(( $(now_ms) - t0 )), \"active\": \"$(syste
 /// SIGKILL of the main process, twice: the process systemd started, then one an upgrade
 /// started (systemd warns it is "not our child" and may not notice its exit; as PID 1 it
 /// inherits it when the old process exits, and does). Each time systemd starts the unit again
-/// (Restart=always), the new process takes the connection from systemd's fd store
-/// (`LISTEN_FDS`), and the load continues with no error and no reconnect.
+/// (Restart=always), the new process takes the connections from systemd's fd store
+/// (`LISTEN_FDS`), and the loads continue with no error and no reconnect. Besides the RAM
+/// disk, a file image in the unit's state directory served through io_uring, which the
+/// sandbox's system call filter must let through (`@aio` in `@system-service`).
 #[test]
 fn under_systemd_a_sigkilled_target_comes_back_from_the_fd_store_without_a_reconnect() {
     let (records, pid0) = run_in_systemd_guest(
         "systemd-sigkill",
         None,
-        r#"sleep 2
+        r#"vfblk-rpc backend-create f file:/var/lib/vfblk/f.img:64M > /dev/null || die "backend-create file"
+vfblk-rpc vhost-blk-create f --socket /run/vfblk/f.sock --backend f --queues 2 > /dev/null \
+    || die "vhost-blk-create f"
+record "{\"file_backend\": $(vfblk-rpc --json backend-list | tr -d '\n')}"
+vfblk-loadgen --socket /run/vfblk/f.sock --queues 2 --qd 8 --rw mixed --verify --json \
+    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
+    > /tmp/load-f.json 2> /tmp/load-f.err &
+load_f=$!
+sleep 2
+kill -0 $load_f || die "the file backend's load generator ended: $(cat /tmp/load-f.err)"
 back() {
     [ "$(show NRestarts)" = "$1" ] && [ "$(systemctl is-active $unit)" = active ] \
         && [ "$(show MainPID)" != "$2" ] && [ "$(show MainPID)" != 0 ]
@@ -226,6 +237,9 @@ done
 # The RAM disk is the file it was (RemoveIPC= would have deleted it at each restart).
 record "{\"after\": {\"kills\": [${kills%,}], \"restarts\": $(show NRestarts), \"active\": \"$(systemctl is-active $unit)\", \"disk_inode\": [$disk_inode, $(stat -c %i /dev/shm/vfblk-m 2>/dev/null || echo 0)]}}"
 finish_load
+kill -TERM $load_f
+wait $load_f
+record "{\"load_file\": $(cat /tmp/load-f.json)}"
 "#,
     );
     let after = field(&records, "after");
@@ -243,8 +257,23 @@ finish_load
     let load = field(&records, "load");
     eprintln!("SIGKILL: {after}; load: {}", without_bulk(load));
     assert_no_error_nor_reconnect(load);
+    let backends = field(&records, "file_backend");
+    let file = backends
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "f"))
+        .unwrap_or_else(|| panic!("no backend f: {backends}"));
+    assert!(
+        file["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("io_uring"),
+        "{file}"
+    );
+    let load_file = field(&records, "load_file");
+    eprintln!("the file backend's load: {}", without_bulk(load_file));
+    assert_no_error_nor_reconnect(load_file);
     let journal = journal(&records);
-    let resumed = "started again from the fd store: 1 connection(s) resumed without reconnect";
+    let resumed = "started again from the fd store: 2 connection(s) resumed without reconnect";
     assert_eq!(journal.matches(resumed).count(), 2, "{journal}");
 }
 
