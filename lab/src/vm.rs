@@ -478,6 +478,34 @@ fn own_kernel_panic(line: &str) -> bool {
         .is_some_and(|(_, msg)| msg.starts_with("Kernel panic - not syncing"))
 }
 
+/// Whether a console line starts an oops report of this guest's own kernel (`[ 113.99] BUG:
+/// TASK stack guard page was hit ...`, `Oops: ...`, `general protection fault ...`).
+fn own_kernel_oops(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .is_some_and(|(_, msg)| {
+            msg.starts_with("BUG: ")
+                || msg.starts_with("Oops")
+                || msg.starts_with("general protection fault")
+        })
+}
+
+/// Whether a line of an oops report names a KVM vCPU thread of a nested guest's QEMU as the
+/// task it hit (`[ 113.99] CPU: 0 PID: 137 Comm: CPU 0/KVM Not tainted ...`).
+fn oops_in_kvm_vcpu(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .and_then(|(_, msg)| msg.split_once(" Comm: CPU "))
+        .is_some_and(|(_, task)| {
+            task.split_whitespace()
+                .next()
+                .is_some_and(|t| t.ends_with("/KVM"))
+        })
+}
+
+/// Lines an oops report's task line comes within, after its first line.
+const OOPS_TASK_LINE_WITHIN: u32 = 4;
+
 /// What one run produced.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -647,6 +675,9 @@ pub fn run_watching(
     let mut exit_status = None;
     let mut vcpus = VcpuWatch::new(child.id(), VCPU_ASLEEP_AFTER);
     let mut next_look = Instant::now();
+    // An oops report of this guest's kernel being read: its first line, and lines left in
+    // which its task line may come.
+    let mut oops: Option<(String, u32)> = None;
     loop {
         let deadline = if out.boot_time.is_none() {
             limits.boot
@@ -680,6 +711,26 @@ pub fn run_watching(
                     tracing::warn!("{}: guest kernel panicked: {line}", spec.name);
                     out.ending = Ending::Wedged(line);
                     break;
+                }
+                // An oops in the thread that runs a nested guest's vCPU is the nested
+                // virtualisation breaking this kernel (seen: a kernel stack overflow in
+                // exc_general_protection under TCG's emulated SVM); that vCPU never runs
+                // again, so the nested guest only freezes until a deadline.
+                if let Some((first, left)) = oops.take() {
+                    if oops_in_kvm_vcpu(&line) {
+                        let what = format!(
+                            "kernel oops in a nested guest's vCPU thread: {first} / {line}"
+                        );
+                        tracing::warn!("{}: guest kernel wedged: {what}", spec.name);
+                        out.ending = Ending::Wedged(what);
+                        break;
+                    }
+                    if left > 1 {
+                        oops = Some((first, left - 1));
+                    }
+                }
+                if own_kernel_oops(&line) {
+                    oops = Some((line.clone(), OOPS_TASK_LINE_WITHIN));
                 }
                 let stuck = soft_lockup(&line).filter(|&t| t >= WEDGED_AFTER);
                 let hung = hung_task(&line).filter(|&t| t >= HUNG_AFTER);
@@ -1129,6 +1180,42 @@ mod runner_tests {
         assert!(e.contains("fio[212]: segfault at 0"), "{e}");
     }
 
+    /// The oops seen in the lab (a kernel stack overflow in the thread running a nested
+    /// guest's vCPU) ends the run at once as wedged, not at its deadline, and the run is
+    /// tried again; the same oops in another task does not end it.
+    #[test]
+    fn an_oops_in_a_nested_guests_vcpu_thread_ends_the_run_as_wedged_at_once() {
+        let dir = temp_dir("oops");
+        let oops = |comm: &str| {
+            format!(
+                "echo '@@VFBLK-BOOTED 0.5'\n\
+                 echo '[  113.990336] BUG: TASK stack guard page was hit at 0000000042771ac9'\n\
+                 echo '[  113.990336] stack guard page: 0000 [#1] PREEMPT SMP NOPTI'\n\
+                 echo '[  113.990336] CPU: 0 PID: 137 Comm: {comm} Not tainted 6.1.0-57-amd64 #1'\n\
+                 exec sleep 30"
+            )
+        };
+        let limits = Limits {
+            boot: Duration::from_secs(3),
+            total: Duration::from_secs(4),
+        };
+        let spec = fake_qemu(&dir, "oops", &oops("CPU 0/KVM"));
+        let started = Instant::now();
+        let wedged = run(&spec, limits, &dir.join("log"), Echo::Quiet).unwrap();
+        assert!(
+            matches!(&wedged.ending, Ending::Wedged(w) if w.contains("stack guard page") && w.contains("CPU 0/KVM")),
+            "{:?}",
+            wedged.ending
+        );
+        assert!(wedged.ending.emulator_fault());
+        assert!(started.elapsed() < Duration::from_secs(3), "ended at once");
+        let retried = run_retrying_stalls(&spec, limits, 2, &dir.join("log"), Echo::Quiet).unwrap();
+        assert_eq!(retried.tries, 2, "tried again");
+        let other = fake_qemu(&dir, "oops-other", &oops("vfblk-bridge"));
+        let timed_out = run(&other, limits, &dir.join("log2"), Echo::Quiet).unwrap();
+        assert_eq!(timed_out.ending, Ending::TimedOut);
+    }
+
     #[test]
     fn records_are_parsed_and_hang_after_boot_times_out() {
         let dir = temp_dir("hang");
@@ -1165,6 +1252,18 @@ mod runner_tests {
         assert!(!own_kernel_panic(
             " INFO [L3] [   16.3] Kernel panic - not syncing: Fatal exception"
         ));
+        let oops = "[  113.990336] BUG: TASK stack guard page was hit at 0000000042771ac9 (stack is 00000000dcb5fefe..000000006e8a2926)";
+        assert!(own_kernel_oops(oops));
+        assert!(!own_kernel_oops(&format!(" INFO [L3] {oops}")));
+        assert!(!own_kernel_oops(
+            "[  598.26] watchdog: BUG: soft lockup - CPU#1 stuck for 540s! [qemu:103]"
+        ));
+        let task = "[  113.990336] CPU: 0 PID: 137 Comm: CPU 0/KVM Not tainted 6.1.0-57-amd64 #1  Debian 6.1.192-3";
+        assert!(oops_in_kvm_vcpu(task));
+        assert!(!oops_in_kvm_vcpu(
+            "[  113.99] CPU: 0 PID: 90 Comm: vfblk-bridge Not tainted 6.1.0-57-amd64 #1"
+        ));
+        assert!(!oops_in_kvm_vcpu(&format!(" INFO [L3] {task}")));
         let hung =
             "[  485.009067] INFO: task qemu-system-x86:140 blocked for more than 241 seconds.";
         assert_eq!(hung_task(hung), Some(Duration::from_secs(241)));
