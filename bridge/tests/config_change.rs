@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Guest, DISK};
+use common::{Guest, TestGuest, DISK};
 use vfblk_bridge::backend::{Backend, MemBackend};
 use vfblk_bridge::device::BlkDevice;
 use vfblk_bridge::virtio_blk::{req, status};

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{d, device_config, start_server, Guest, BUF, DISK, MEM};
+use common::{d, device_config, start_server, Guest, TestGuest, BUF, DISK, MEM};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::virtq::{Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};

@@ -15,7 +15,9 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{d, pd, start_server, start_server_reporting, Guest, PackedGuest, BUF, QSIZE};
+use common::{
+    d, pd, start_server, start_server_reporting, Guest, PackedGuest, TestGuest, BUF, QSIZE,
+};
 use vfblk_bridge::virtio_blk::{req, status};
 use vfblk_vhost::guest_errors::GuestErrors;
 use vfblk_vhost::mock::MockGuest;
@@ -42,6 +44,16 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap()
+}
+
+/// After the rounds (and a moment for the last connections to close): this process's fds
+/// and memory are where they were before them, give or take a few.
+fn assert_flat(what: &str, (fds0, rss0): (usize, u64)) {
+    std::thread::sleep(Duration::from_millis(100));
+    let (fds1, rss1) = (open_fds(), rss_kib());
+    eprintln!("{ROUNDS} {what}: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB");
+    assert!(fds1 <= fds0 + 4, "fds flat: {fds0} -> {fds1}");
+    assert!(rss1 <= rss0 + 64 * 1024, "RSS flat: {rss0} -> {rss1} KiB");
 }
 
 /// A pipe's read end wrapped as the EventFd type the frontend API takes (it is not one).
@@ -309,11 +321,7 @@ fn a_thousand_hostile_frontends_leave_the_process_serving_with_flat_fds_and_memo
         }
     }
     good_client(&socket, ROUNDS);
-    std::thread::sleep(Duration::from_millis(100));
-    let (fds1, rss1) = (open_fds(), rss_kib());
-    eprintln!("{ROUNDS} hostile rounds: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB");
-    assert!(fds1 <= fds0 + 4, "fds flat: {fds0} -> {fds1}");
-    assert!(rss1 <= rss0 + 64 * 1024, "RSS flat: {rss0} -> {rss1} KiB");
+    assert_flat("hostile rounds", (fds0, rss0));
 }
 
 /// A good client on packed rings: writes a pattern and reads it back, nothing around the
@@ -640,9 +648,5 @@ fn a_thousand_hostile_packed_ring_frontends_leave_the_process_serving_with_flat_
         }
     }
     good_packed_client(&socket, ROUNDS);
-    std::thread::sleep(Duration::from_millis(100));
-    let (fds1, rss1) = (open_fds(), rss_kib());
-    eprintln!("{ROUNDS} hostile packed rounds: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB");
-    assert!(fds1 <= fds0 + 4, "fds flat: {fds0} -> {fds1}");
-    assert!(rss1 <= rss0 + 64 * 1024, "RSS flat: {rss0} -> {rss1} KiB");
+    assert_flat("hostile packed rounds", (fds0, rss0));
 }

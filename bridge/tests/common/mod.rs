@@ -173,50 +173,6 @@ impl Guest {
         }
     }
 
-    pub fn put(&self, gpa: u64, data: &[u8]) {
-        self.g.write(gpa, data);
-    }
-
-    pub fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
-        self.g.read(gpa, len)
-    }
-
-    pub fn header(&self, gpa: u64, kind: u32, sector: u64) {
-        let h = RequestHeader {
-            kind,
-            ioprio: 0,
-            sector,
-        };
-        self.put(gpa, &h.to_bytes());
-    }
-
-    pub fn wait_used(&mut self) -> (u16, u32) {
-        let _ = self.kick.write(1);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(u) = self.g.pop_used() {
-                return u;
-            }
-            assert!(Instant::now() < deadline, "no completion within 5 s");
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-
-    /// A well-formed request: header, optional data, status. Returns (status, used len).
-    pub fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
-        let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
-        self.header(hdr, kind, sector);
-        self.put(st, &[0xff]);
-        let mut chain = vec![(hdr, 16, false)];
-        if let Some((len, write)) = data {
-            chain.push((dat, len, write));
-        }
-        chain.push((st, 1, true));
-        self.g.add_chain(&chain);
-        let (_, len) = self.wait_used();
-        (self.get(st, 1)[0], len)
-    }
-
     /// Raw descriptors at indexes 40.. (head 40); returns (status byte, used id, used len).
     /// Writes raw descriptors at indexes 40.. (head 40), makes them available and kicks.
     pub fn submit_raw(&mut self, descs: &[Descriptor]) {
@@ -248,6 +204,99 @@ impl Guest {
 
 pub fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
     Descriptor::new(addr, len, flags, next)
+}
+
+/// What a test does with a guest, whichever ring layout it drives: its memory, and whole
+/// requests.
+pub trait TestGuest {
+    fn mock(&self) -> &MockGuest;
+    fn kick(&self) -> &EventFd;
+    /// The next used buffer, if the device returned one: (id, bytes written).
+    fn pop_used(&mut self) -> Option<(u16, u32)>;
+    /// Makes a chain of (guest address, length, device-writable) buffers available.
+    fn add_chain(&mut self, buffers: &[(u64, u32, bool)]);
+
+    /// Kicks, then waits up to 5 s for the next used buffer.
+    fn wait_used(&mut self) -> (u16, u32) {
+        let _ = self.kick().write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(u) = self.pop_used() {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "no completion within 5 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// A well-formed request: header, optional data, status. Returns (status, used len).
+    fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+        let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
+        self.header(hdr, kind, sector);
+        self.put(st, &[0xff]);
+        let mut chain = vec![(hdr, 16, false)];
+        if let Some((len, write)) = data {
+            chain.push((dat, len, write));
+        }
+        chain.push((st, 1, true));
+        self.add_chain(&chain);
+        let (_, len) = self.wait_used();
+        (self.get(st, 1)[0], len)
+    }
+
+    fn put(&self, gpa: u64, data: &[u8]) {
+        self.mock().write(gpa, data);
+    }
+
+    fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
+        self.mock().read(gpa, len)
+    }
+
+    /// A virtio-blk request header at `gpa`.
+    fn header(&self, gpa: u64, kind: u32, sector: u64) {
+        let h = RequestHeader {
+            kind,
+            ioprio: 0,
+            sector,
+        };
+        self.put(gpa, &h.to_bytes());
+    }
+}
+
+impl TestGuest for Guest {
+    fn mock(&self) -> &MockGuest {
+        &self.g
+    }
+    fn kick(&self) -> &EventFd {
+        &self.kick
+    }
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        self.g.pop_used()
+    }
+    fn add_chain(&mut self, buffers: &[(u64, u32, bool)]) {
+        self.g.add_chain(buffers);
+    }
+}
+
+impl TestGuest for PackedGuest {
+    fn mock(&self) -> &MockGuest {
+        &self.g
+    }
+    fn kick(&self) -> &EventFd {
+        &self.kick
+    }
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        self.ring
+            .pop_used()
+            .expect("used ids the driver handed out")
+    }
+    fn add_chain(&mut self, buffers: &[(u64, u32, bool)]) {
+        let chain: Vec<DriverBuffer> = buffers
+            .iter()
+            .map(|&(gpa, len, write)| DriverBuffer { gpa, len, write })
+            .collect();
+        self.ring.add(&chain).expect("room in the ring");
+    }
 }
 
 /// A guest driving packed rings, connected as QEMU does with `packed=on`: RING_PACKED acked,
@@ -354,23 +403,6 @@ impl PackedGuest {
         pg
     }
 
-    pub fn put(&self, gpa: u64, data: &[u8]) {
-        self.g.write(gpa, data);
-    }
-
-    pub fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
-        self.g.read(gpa, len)
-    }
-
-    pub fn header(&self, gpa: u64, kind: u32, sector: u64) {
-        let h = RequestHeader {
-            kind,
-            ioprio: 0,
-            sector,
-        };
-        self.put(gpa, &h.to_bytes());
-    }
-
     /// Makes `descriptors` available as given (ids and flags but AVAIL/USED untouched) and
     /// kicks.
     pub fn submit_raw(&mut self, descriptors: &[PackedDescriptor]) {
@@ -391,35 +423,6 @@ impl PackedGuest {
                 u32::from_le_bytes(raw[8..12].try_into().unwrap()),
             )
         })
-    }
-
-    /// Waits up to 5 s for the next used buffer of the chains [`PackedGuest::request`] made.
-    pub fn wait_used(&mut self) -> (u16, u32) {
-        let _ = self.kick.write(1);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(u) = self.ring.pop_used().unwrap() {
-                return u;
-            }
-            assert!(Instant::now() < deadline, "no completion within 5 s");
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-
-    /// A well-formed request: header, optional data, status. Returns (status, used len).
-    pub fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
-        let (hdr, dat, st) = (BUF, BUF + 4096, BUF + 64 * 4096);
-        self.header(hdr, kind, sector);
-        self.put(st, &[0xff]);
-        let buf = |gpa, len, write| DriverBuffer { gpa, len, write };
-        let mut chain = vec![buf(hdr, 16, false)];
-        if let Some((len, write)) = data {
-            chain.push(buf(dat, len, write));
-        }
-        chain.push(buf(st, 1, true));
-        self.ring.add(&chain).expect("room in the ring");
-        let (_, len) = self.wait_used();
-        (self.get(st, 1)[0], len)
     }
 }
 
