@@ -181,16 +181,19 @@ pub fn thread_states(pid: u32) -> Vec<String> {
         let syscall = read("syscall");
         let mut fields = syscall.split_whitespace();
         let call = match fields.next() {
-            Some("running") | None => "running".to_string(),
+            // Unreadable, or the thread is gone.
+            None => "sys ?".to_string(),
+            Some("running") => "running".to_string(),
             Some(nr) => {
-                // read, write, recvfrom, recvmsg, sendmsg name their fd first: say what it is.
+                // read, write, recvfrom, sendmsg, recvmsg (x86_64 numbers: the lab's only
+                // architecture) name their fd first: say what it is.
                 let fd = fields
                     .next()
                     .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
                 let target = match (nr, fd) {
                     ("0" | "1" | "45" | "46" | "47", Some(fd)) => {
                         std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-                            .map(|l| format!("(fd {fd} {})", l.display()))
+                            .map(|l| format!(" (fd {fd} {})", l.display()))
                             .unwrap_or_default()
                     }
                     _ => String::new(),

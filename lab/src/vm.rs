@@ -478,16 +478,30 @@ fn own_kernel_panic(line: &str) -> bool {
         .is_some_and(|(_, msg)| msg.starts_with("Kernel panic - not syncing"))
 }
 
-/// Whether a console line starts an oops report of this guest's own kernel (`[ 113.99] BUG:
-/// TASK stack guard page was hit ...`, `Oops: ...`, `general protection fault ...`).
+/// Whether a console line is the banner the guest's own kernel prints when it kills the task
+/// it was running (`die()`: `[ 113.99] stack guard page: 0000 [#1] PREEMPT SMP NOPTI`,
+/// `general protection fault: 0000 [#1] ...`, `invalid opcode: 0000 [#1] ...`, `Oops: 0002
+/// [#1] ...`), the line before its task line. Warnings that print a task line too ("BUG:
+/// scheduling while atomic", "BUG: sleeping function called from invalid context") have no
+/// such banner and leave the task running.
 fn own_kernel_oops(line: &str) -> bool {
-    line.strip_prefix('[')
+    let Some((_, msg)) = line
+        .strip_prefix('[')
         .and_then(|rest| rest.split_once("] "))
-        .is_some_and(|(_, msg)| {
-            msg.starts_with("BUG: ")
-                || msg.starts_with("Oops")
-                || msg.starts_with("general protection fault")
-        })
+    else {
+        return false;
+    };
+    let Some((_, rest)) = msg.rsplit_once(": ") else {
+        return false;
+    };
+    let Some((code, rest)) = rest.split_once(" [#") else {
+        return false;
+    };
+    !code.is_empty()
+        && code.chars().all(|c| c.is_ascii_hexdigit())
+        && rest
+            .split_once(']')
+            .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Whether a line of an oops report names a KVM vCPU thread of a nested guest's QEMU as the
@@ -503,7 +517,7 @@ fn oops_in_kvm_vcpu(line: &str) -> bool {
         })
 }
 
-/// Lines an oops report's task line comes within, after its first line.
+/// Lines an oops report's task line comes within, after its banner (the next one, on 6.1).
 const OOPS_TASK_LINE_WITHIN: u32 = 4;
 
 /// What one run produced.
@@ -675,8 +689,8 @@ pub fn run_watching(
     let mut exit_status = None;
     let mut vcpus = VcpuWatch::new(child.id(), VCPU_ASLEEP_AFTER);
     let mut next_look = Instant::now();
-    // An oops report of this guest's kernel being read: its first line, and lines left in
-    // which its task line may come.
+    // An oops report of this guest's kernel being read: its banner, and lines left in which
+    // its task line may come.
     let mut oops: Option<(String, u32)> = None;
     loop {
         let deadline = if out.boot_time.is_none() {
@@ -716,17 +730,17 @@ pub fn run_watching(
                 // virtualisation breaking this kernel (seen: a kernel stack overflow in
                 // exc_general_protection under TCG's emulated SVM); that vCPU never runs
                 // again, so the nested guest only freezes until a deadline.
-                if let Some((first, left)) = oops.take() {
+                if let Some((banner, lines_left)) = oops.take() {
                     if oops_in_kvm_vcpu(&line) {
                         let what = format!(
-                            "kernel oops in a nested guest's vCPU thread: {first} / {line}"
+                            "kernel oops in a nested guest's vCPU thread: {banner} / {line}"
                         );
                         tracing::warn!("{}: guest kernel wedged: {what}", spec.name);
                         out.ending = Ending::Wedged(what);
                         break;
                     }
-                    if left > 1 {
-                        oops = Some((first, left - 1));
+                    if lines_left > 1 {
+                        oops = Some((banner, lines_left - 1));
                     }
                 }
                 if own_kernel_oops(&line) {
@@ -1214,6 +1228,17 @@ mod runner_tests {
         let other = fake_qemu(&dir, "oops-other", &oops("vfblk-bridge"));
         let timed_out = run(&other, limits, &dir.join("log2"), Echo::Quiet).unwrap();
         assert_eq!(timed_out.ending, Ending::TimedOut);
+        // A warning that names the vCPU thread but kills nothing (no die banner).
+        let warning = fake_qemu(
+            &dir,
+            "bug-warning",
+            "echo '@@VFBLK-BOOTED 0.5'\n\
+             echo '[   42.1] BUG: scheduling while atomic: CPU 0/KVM/137/0x00000002'\n\
+             echo '[   42.1] CPU: 0 PID: 137 Comm: CPU 0/KVM Not tainted 6.1.0-57-amd64 #1'\n\
+             exec sleep 30",
+        );
+        let not_wedged = run(&warning, limits, &dir.join("log3"), Echo::Quiet).unwrap();
+        assert_eq!(not_wedged.ending, Ending::TimedOut);
     }
 
     #[test]
@@ -1252,9 +1277,21 @@ mod runner_tests {
         assert!(!own_kernel_panic(
             " INFO [L3] [   16.3] Kernel panic - not syncing: Fatal exception"
         ));
-        let oops = "[  113.990336] BUG: TASK stack guard page was hit at 0000000042771ac9 (stack is 00000000dcb5fefe..000000006e8a2926)";
+        let oops = "[  113.990336] stack guard page: 0000 [#1] PREEMPT SMP NOPTI";
         assert!(own_kernel_oops(oops));
+        assert!(own_kernel_oops(
+            "[   42.1] general protection fault, probably for non-canonical address 0xdead: 0000 [#1] PREEMPT SMP NOPTI"
+        ));
+        assert!(own_kernel_oops(
+            "[   42.1] invalid opcode: 0000 [#2] PREEMPT SMP NOPTI"
+        ));
         assert!(!own_kernel_oops(&format!(" INFO [L3] {oops}")));
+        assert!(!own_kernel_oops(
+            "[  113.990336] BUG: TASK stack guard page was hit at 0000000042771ac9 (stack is 00000000dcb5fefe..000000006e8a2926)"
+        ));
+        assert!(!own_kernel_oops(
+            "[   42.1] BUG: scheduling while atomic: CPU 0/KVM/137/0x00000002"
+        ));
         assert!(!own_kernel_oops(
             "[  598.26] watchdog: BUG: soft lockup - CPU#1 stuck for 540s! [qemu:103]"
         ));

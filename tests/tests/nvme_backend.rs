@@ -659,7 +659,7 @@ fn qemu_guest_fio_on_nvme_across_upgrades_and_sigkills_without_reconnect() {
 }
 
 #[test]
-#[ignore = "out of the test command for its time (about 5 min; the QEMU 7.2 twin runs, and QEMU 10 under the keeper runs in the packed-ring and migration tests). Its L3 freeze in CI was classified (docs/lab.md): the lab guest's kernel oopsed in the nested vCPU's thread, an emulator fault now ended at once and retried"]
+#[ignore = "out of the test command for its time (about 5 min; the QEMU 7.2 twin runs, and QEMU 10 under the keeper runs in the packed-ring and migration tests). Its L3 freeze in CI matches by its symptoms the one classified by hand (docs/lab.md): the lab guest's kernel oopsed in the nested vCPU's thread, an emulator fault now ended at once and retried"]
 fn qemu_10_guest_fio_on_nvme_across_upgrades_and_sigkills_without_reconnect() {
     let _lock = lab_lock();
     let run = l3_fio_across_restarts_past_emulator_faults("test-nvme-l3-kept-q10", true, true);

@@ -236,6 +236,9 @@ for round in 1 2; do
 done
 # The RAM disk is the file it was (RemoveIPC= would have deleted it at each restart).
 record "{\"after\": {\"kills\": [${kills%,}], \"restarts\": $(show NRestarts), \"active\": \"$(systemctl is-active $unit)\", \"disk_inode\": [$disk_inode, $(stat -c %i /dev/shm/vfblk-m 2>/dev/null || echo 0)]}}"
+# The last restart's process serves the file image too (its counters start at its start).
+sleep 2
+record "{\"stats_after_kills\": $(vfblk-rpc --json stats | tr -d '\n')}"
 finish_load
 kill -TERM $load_f
 wait $load_f
@@ -268,6 +271,15 @@ record "{\"load_file\": $(cat /tmp/load-f.json)}"
             .unwrap_or("")
             .contains("io_uring"),
         "{file}"
+    );
+    let stats = field(&records, "stats_after_kills");
+    let served = stats["controllers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "f"))
+        .unwrap_or_else(|| panic!("no controller f: {stats}"));
+    assert!(
+        served["reads"].as_u64().unwrap_or(0) > 0 && served["writes"].as_u64().unwrap_or(0) > 0,
+        "the file image served after the last restart: {served}"
     );
     let load_file = field(&records, "load_file");
     eprintln!("the file backend's load: {}", without_bulk(load_file));

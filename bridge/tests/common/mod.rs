@@ -314,6 +314,8 @@ pub struct PackedGuest {
     pub _call: EventFd,
     /// The inflight region the device laid out (the frontend's copy).
     pub inflight: std::fs::File,
+    /// Keeps the memory `ring` points into mapped, whatever becomes of `g`.
+    _ring_memory: Arc<vfblk_vhost::memory::GuestMemory>,
 }
 
 impl PackedGuest {
@@ -349,9 +351,11 @@ impl PackedGuest {
         fe.set_vring_num(0, QSIZE).unwrap();
         let bytes = PackedDriverQueue::bytes(QSIZE) as u64;
         let gpa = g.alloc(bytes);
-        let host = g.memory().translate(gpa, bytes).unwrap();
+        let ring_memory = g.memory();
+        let host = ring_memory.translate(gpa, bytes).unwrap();
         // SAFETY: `alloc` zeroed these bytes, 16-aligned, inside the guest's memory, which
-        // `g` keeps mapped as long as this guest lives; nothing else is placed there.
+        // `_ring_memory` keeps mapped as long as the queue lives; nothing else is placed
+        // there.
         let ring = unsafe { PackedDriverQueue::new(host, gpa, QSIZE) };
         PackedGuest {
             fe,
@@ -361,6 +365,7 @@ impl PackedGuest {
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             _call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             inflight,
+            _ring_memory: ring_memory,
         }
     }
 
