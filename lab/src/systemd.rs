@@ -121,6 +121,11 @@ die() {
 }
 # ext4 needs crc32c (a soft dependency, which modules.dep does not list).
 for m in virtio_pci virtio_blk crc32c_generic ext4; do modprobe $m || die "modprobe $m"; done
+# A guest with an emulated NVMe controller: VFIO loaded here (the root file system has no
+# modules for this kernel), the binding left to vfblk-setup as on a host.
+if [ -e /lab/vfio ]; then
+    for m in vfio_iommu_type1 vfio_pci; do modprobe $m || die "modprobe $m"; done
+fi
 for i in $(seq 1 100); do [ -b /dev/vda ] && break; sleep 0.1; done
 mkdir -p /newroot
 mount -t ext4 /dev/vda /newroot || die "no root file system on /dev/vda"
@@ -197,16 +202,19 @@ impl SystemdLab {
         })
     }
 
-    /// The initramfs of a run of `script`: busybox, the modules the root disk needs, the
-    /// binaries (without debug info: the guest copies them), the unit of `dist/` as shipped
-    /// and the lab's service.
-    fn initramfs(&self, script: &str) -> Result<PathBuf> {
-        let mut image = Initramfs::new(
-            &self.kernel,
-            &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"],
-            0,
-        )?;
+    /// The initramfs of a run of `script`: busybox, the modules the root disk needs (and
+    /// VFIO's, with `vfio`), the binaries (without debug info: the guest copies them), the
+    /// unit of `dist/` as shipped and the lab's service.
+    fn initramfs(&self, script: &str, vfio: bool) -> Result<PathBuf> {
+        let mut modules = vec!["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+        if vfio {
+            modules.extend(["vfio_iommu_type1", "vfio_pci"]);
+        }
+        let mut image = Initramfs::new(&self.kernel, &modules, 0)?;
         image.set_init(INIT);
+        if vfio {
+            image.add_bytes("lab/vfio", "", 0o644);
+        }
         let stripped = self.dir.join("bin");
         std::fs::create_dir_all(&stripped)?;
         for bin in BINARIES {
@@ -247,8 +255,33 @@ impl SystemdLab {
 
     /// Boots the guest and runs `script` (bash, with `/lab/lib.sh`) as a systemd service.
     pub fn run(&self, script: &str, limits: Limits, echo: Echo) -> Result<RetriedRun> {
-        let initrd = self.initramfs(script)?;
-        let spec = self.spec(&initrd);
+        self.run_with_nvme(script, limits, echo, None)
+    }
+
+    /// [`SystemdLab::run`]; with `Some(mib)`, the guest also has an emulated NVMe controller
+    /// with one namespace of `mib` MiB behind a virtual IOMMU, and VFIO loaded, for the
+    /// unit's sandbox to meet a controller as on a host (the script binds it with
+    /// `vfblk-setup config --pci`).
+    pub fn run_with_nvme(
+        &self,
+        script: &str,
+        limits: Limits,
+        echo: Echo,
+        nvme_mib: Option<u64>,
+    ) -> Result<RetriedRun> {
+        let initrd = self.initramfs(script, nvme_mib.is_some())?;
+        let mut spec = self.spec(&initrd);
+        if let Some(mib) = nvme_mib {
+            let image = self.dir.join("nvme.img");
+            std::fs::File::create(&image)?.set_len(mib << 20)?;
+            spec.iommu = true;
+            spec.nvme.push(vm::NvmeDisk {
+                image,
+                serial: crate::scenario::NVME_SERIAL.to_string(),
+                more_namespaces: Vec::new(),
+                controllers: 1,
+            });
+        }
         let log = self.dir.join("console.log");
         let run = vm::run_retrying_stalls(&spec, limits, 3, &log, echo)?;
         if run.run.boot_time.is_none() {

@@ -77,6 +77,17 @@ finish_load() {
 /// then records the unit's journal; asserts the start ([`assert_started`]) and returns the
 /// guest's records and the PID systemd started first.
 fn run_in_systemd_guest(name: &str, env: Option<&str>, body: &str) -> (Vec<Value>, u64) {
+    run_in_systemd_guest_with(name, env, body, None)
+}
+
+/// [`run_in_systemd_guest`], with an emulated NVMe controller of `nvme_mib` MiB in the guest
+/// (VFIO loaded, not bound: the script does what an operator does).
+fn run_in_systemd_guest_with(
+    name: &str,
+    env: Option<&str>,
+    body: &str,
+    nvme_mib: Option<u64>,
+) -> (Vec<Value>, u64) {
     let _lock = lab_lock();
     let lab = SystemdLab::new(name).expect("systemd lab");
     let script = format!(
@@ -88,7 +99,7 @@ fn run_in_systemd_guest(name: &str, env: Option<&str>, body: &str) -> (Vec<Value
         total: std::time::Duration::from_secs(480),
     };
     let retried = lab
-        .run(&script, limits, Echo::Steps)
+        .run_with_nvme(&script, limits, Echo::Steps, nvme_mib)
         .expect("systemd guest");
     let run = &retried.run;
     eprintln!(
@@ -142,13 +153,25 @@ fn assert_started(records: &[Value]) {
 
 /// Type=notify, then `vfblk-rpc upgrade` under load: systemd follows MAINPID= to the new
 /// process (no restart, no reload), which keeps the watchdog fed past its period, and the
-/// load sees no error and no reconnect.
+/// load sees no error and no reconnect. Besides the RAM disk, an NVMe controller the
+/// sandboxed target drives through VFIO (bound by `vfblk-setup config --pci` as an operator
+/// does, attached over RPC), whose queues the new process adopts.
 #[test]
 fn under_systemd_the_unit_starts_as_notify_and_an_upgrade_moves_mainpid_without_a_reconnect() {
-    let (records, pid0) = run_in_systemd_guest(
+    let (records, pid0) = run_in_systemd_guest_with(
         "systemd-upgrade",
         None,
-        r#"sleep 2
+        r#"bdf=$(pci_by_class 0x010802) || die "no NVMe controller in the guest"
+vfblk-setup config --pci $bdf > /tmp/setup.out 2>&1 || die "vfblk-setup config --pci $bdf: $(cat /tmp/setup.out)"
+vfblk-rpc nvme-attach nvme0 $bdf > /tmp/attach.out 2>&1 || die "nvme-attach: $(cat /tmp/attach.out)"
+vfblk-rpc vhost-blk-create n --socket /run/vfblk/n.sock --backend nvme0n1 --queues 1 \
+    > /dev/null || die "vhost-blk-create n"
+vfblk-loadgen --socket /run/vfblk/n.sock --queues 1 --qd 8 --rw mixed --verify --json \
+    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
+    > /tmp/load-n.json 2> /tmp/load-n.err &
+load_n=$!
+sleep 2
+kill -0 $load_n || die "the NVMe backend's load generator ended: $(cat /tmp/load-n.err)"
 step "vfblk-rpc upgrade"
 vfblk-rpc --json upgrade > /tmp/upgrade.json || die "upgrade: $(cat /tmp/upgrade.json)"
 record "{\"upgrade\": $(tr -d '\n' < /tmp/upgrade.json)}"
@@ -157,11 +180,15 @@ pid1=$(show MainPID)
 sleep 8
 record "{\"after\": {\"pid1\": $pid1, \"pid_later\": $(show MainPID), \"active\": \"$(systemctl is-active $unit)\", \"sub\": \"$(show SubState)\", \"restarts\": $(show NRestarts), \"old_alive\": $(kill -0 $pid0 2>/dev/null && echo true || echo false)}}"
 finish_load
+kill -TERM $load_n
+wait $load_n
+record "{\"load_nvme\": $(cat /tmp/load-n.json)}"
 # The process an upgrade started is stopped like the one systemd started (SIGTERM, drained).
 t0=$(now_ms)
 systemctl stop $unit || die "systemctl stop"
 record "{\"stopped\": {\"stop_ms\": $(( $(now_ms) - t0 )), \"active\": \"$(systemctl is-active $unit)\", \"result\": \"$(show Result)\", \"pid1_alive\": $(kill -0 $pid1 2>/dev/null && echo true || echo false)}}"
 "#,
+        Some(256),
     );
     let upgrade = field(&records, "upgrade");
     assert_eq!(upgrade["old_pid"], pid0, "{upgrade}");
@@ -178,10 +205,17 @@ record "{\"stopped\": {\"stop_ms\": $(( $(now_ms) - t0 )), \"active\": \"$(syste
     let load = field(&records, "load");
     eprintln!("upgrade: {upgrade}; load: {}", without_bulk(load));
     assert_no_error_nor_reconnect(load);
+    let load_nvme = field(&records, "load_nvme");
+    eprintln!("the NVMe backend's load: {}", without_bulk(load_nvme));
+    assert_no_error_nor_reconnect(load_nvme);
     let journal = journal(&records);
     assert!(
-        journal.contains("took over 1 controller(s) from the previous process"),
+        journal.contains("took over 2 controller(s) from the previous process"),
         "{journal}"
+    );
+    assert!(
+        journal.contains("the new process adopted its queues (controller kept enabled)"),
+        "the NVMe controller's queues handed over: {journal}"
     );
     assert!(!journal.contains("Watchdog timeout"), "{journal}");
     let stopped = field(&records, "stopped");
