@@ -109,21 +109,36 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     let target = Arc::new(Mutex::new(target));
     let mut inherited = inherited.unwrap_or(from_store);
-    let rpc_server = rpc
-        .map(|path| match inherited.rpc.take() {
-            Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),
-            None => RpcServer::start(&path, target.clone()),
-        })
-        .transpose()?;
-    let metrics_server = metrics
-        .map(|address| match inherited.metrics.take() {
-            Some(fd) => MetricsServer::start_inherited(&address, target.clone(), fd),
-            None => MetricsServer::start(&address, target.clone()),
-        })
-        .transpose()?;
+    // Before the RPC socket answers: whoever reaches this process over it finds the pid
+    // file naming it (a supervisor reading it after `vfblk-rpc`, a test).
     if let Some(path) = &pid_file {
         crate::write_pid_file(path)?;
     }
+    let servers = (|| {
+        let rpc_server = rpc
+            .map(|path| match inherited.rpc.take() {
+                Some(fd) => RpcServer::start_inherited(&path, fd, target.clone()),
+                None => RpcServer::start(&path, target.clone()),
+            })
+            .transpose()?;
+        let metrics_server = metrics
+            .map(|address| match inherited.metrics.take() {
+                Some(fd) => MetricsServer::start_inherited(&address, target.clone(), fd),
+                None => MetricsServer::start(&address, target.clone()),
+            })
+            .transpose()?;
+        Ok::<_, crate::Error>((rpc_server, metrics_server))
+    })();
+    let (rpc_server, metrics_server) = match servers {
+        Ok(servers) => servers,
+        Err(e) => {
+            // Not started: the pid file must not name a process about to exit.
+            if let Some(path) = &pid_file {
+                crate::remove_pid_file(path);
+            }
+            return Err(e);
+        }
+    };
     crate::notify_ready();
     let status = |target: &Arc<Mutex<Target>>| {
         let line = target
