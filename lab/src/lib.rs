@@ -14,6 +14,7 @@ pub mod initramfs;
 pub mod iovec;
 pub mod kernel;
 pub mod migration;
+pub mod nvme_l3;
 pub mod process;
 pub mod qemu;
 pub mod recovery;

@@ -473,11 +473,6 @@ fn nvme_upgrade_pauses_beside_the_ram_disk() {
     );
 }
 
-/// A QEMU guest (L3, under KVM in the lab guest) running fio with verify on a disk served
-/// by the NVMe backend, while the target is upgraded by hand-over and killed with SIGKILL
-/// under `vfblk-keeper` (`kept`), or, today's reconnect path, killed and started again with
-/// QEMU reconnecting. Returns the run; its `l3_vhost` record has fio's figures and QEMU's
-/// complaints about the connection.
 /// What the nested guest's fio writes and verifies while the target restarts 20 times: it
 /// must outlast the restarts. 128 MiB once ended before the last restart (2026-12-07, a CI
 /// run by hand, after the request path got cheaper: fio took about 22 s on an idle machine
@@ -486,109 +481,28 @@ fn nvme_upgrade_pauses_beside_the_ram_disk() {
 /// keeps its 1.5 s, the time a restart takes here), so fio outlasts them.
 const RESTART_FIO_MIB: u32 = 256;
 
-fn l3_fio_across_restarts(lab_name: &str, qemu10: bool, kept: bool) -> vfblk_lab::vm::RetriedRun {
-    let qemu_flag = if qemu10 { "--qemu-10" } else { "" };
-    let (start, events) = if kept {
-        (
-            "RUST_LOG=info,vfblk_vhost=debug vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &\n\
-             for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done",
-            r#"for k in 1 2 3 4 5 6 7 8 9 10; do
-    vfblk-rpc --socket /tmp/rpc.sock --json upgrade | tr -d ' \n' >> /tmp/upgrades.json || { cat /tmp/kept.log; fail "upgrade $k refused"; }
-    echo >> /tmp/upgrades.json
-    sleep 0.5
-    p=$(vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
-    [ -n "$p" ] || { cat /tmp/kept.log; fail "no target pid"; }
-    kill -9 $p
-    sleep 1.5
-done"#,
-        )
-    } else {
-        (
-            "start_bridge() { vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf >/dev/null 2>>/tmp/kept.log & echo $! > /tmp/bridge.pid; }\n\
-             start_bridge\n\
-             for i in $(seq 1 200); do [ -S /tmp/k.sock ] && break; sleep 0.05; done",
-            r#"for k in 1 2 3 4 5 6 7 8 9 10; do
-    sleep 1
-    kill -9 $(cat /tmp/bridge.pid)
-    start_bridge
-    sleep 1.5
-done"#,
-        )
-    };
-    let script = format!(
-        r#". /lab/lib.sh
-modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
-modprobe kvm_amd || fail "modprobe kvm_amd"
-bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
-vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-touch /tmp/upgrades.json
-{start}
-[ -S /tmp/k.sock ] || {{ cat /tmp/kept.log; fail "the target did not start"; }}
-step "L3 under KVM with fio verify ({RESTART_FIO_MIB} MiB) on the NVMe backend: the target restarted 10 times while fio runs"
-vfblk-lab nested --vhost-user /tmp/k.sock --fio-mib {RESTART_FIO_MIB} --no-retry-once-started {qemu_flag} > /tmp/nested.out 2>&1 &
-np=$!
-for i in $(seq 1 1200); do grep -q "fio in L3" /tmp/l3/console-vhost-k.log 2>/dev/null && break; kill -0 $np 2>/dev/null || break; sleep 0.25; done
-grep -q "fio in L3" /tmp/l3/console-vhost-k.log || {{ cat /tmp/nested.out /tmp/kept.log; fail "fio never started in L3"; }}
-sleep 2
-{events}
-kill -0 $np 2>/dev/null && during=true || during=false
-wait $np; nrc=$?
-cat /tmp/nested.out
-record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"call_fds_while_running\": $(grep -c 'new call fd while running' /tmp/kept.log)}}"
-# On failure, what the console shows last: the target's restarts (ring indices at each),
-# then the guest's last lines (its disk counters every 10 s).
-[ $nrc = 0 ] || {{ grep -E "recovered from|killed by|handed over|while running|disconnected|ERROR|WARN" /tmp/kept.log | tail -22; tail -15 /tmp/l3/console-vhost-k.log; fail "L3 fio on the NVMe backend"; }}
-"#
-    );
-    let lab = Lab::new(lab_name).expect("lab setup");
-    let contents = Contents {
-        fio: false,
-        nested: true,
-        qemu10,
-        boot_disk: false,
-        qsd: false,
-    };
-    let budget = vfblk_lab::scenario::L3_LIMITS.total * vfblk_lab::scenario::L3_TRIES;
-    lab.run_l2(&script, contents, 256, budget, Echo::Steps)
-        .expect("run the lab guest")
-}
-
-/// How the nested guest's run ended, when the emulators ended it (TCG's nested SVM, KVM
-/// inside it) rather than the code under test: `Ending::emulator_fault`.
-fn l3_emulator_fault(run: &vfblk_lab::vm::RetriedRun) -> Option<String> {
-    let l3 = run.run.record("l3_vhost")?;
-    (l3["emulator_fault"] == true).then(|| l3["ending"].to_string())
-}
-
-/// Runs of [`l3_fio_across_restarts`] at most: on 2026-11-24 about half the QEMU 10 runs
-/// ended by an emulator fault (docs/lab.md).
-const L3_RESTART_RUNS: u32 = 4;
-
-/// [`l3_fio_across_restarts`], run again (from a new lab guest, up to [`L3_RESTART_RUNS`] in
-/// all) when the nested guest ended by an emulator fault ([`l3_emulator_fault`]): its run
-/// cannot be retried inside, where the restarts are over. Any other failure is returned.
+/// A QEMU guest (L3, under KVM in the lab guest) running fio with verify on a disk served
+/// by the NVMe backend ([`vfblk_lab::nvme_l3`]), while the target is upgraded by hand-over
+/// 10 times and killed with SIGKILL 10 times under `vfblk-keeper` (`kept`), or, today's
+/// reconnect path, killed and started again 10 times with QEMU reconnecting; past emulator
+/// faults. Its `l3_vhost` record has fio's figures and QEMU's complaints about the
+/// connection.
 fn l3_fio_across_restarts_past_emulator_faults(
     lab_name: &str,
     qemu10: bool,
     kept: bool,
 ) -> vfblk_lab::vm::RetriedRun {
-    let mut runs = 1;
-    loop {
-        let run = l3_fio_across_restarts(lab_name, qemu10, kept);
-        match l3_emulator_fault(&run) {
-            Some(why) if runs < L3_RESTART_RUNS => {
-                eprintln!(
-                    "{lab_name}: the nested guest ended by an emulator fault ({why}); run {} of {L3_RESTART_RUNS}",
-                    runs + 1
-                );
-                runs += 1;
-            }
-            _ => return run,
-        }
-    }
+    let o = vfblk_lab::nvme_l3::NvmeL3 {
+        qemu10,
+        kept,
+        upgrades: if kept { 10 } else { 0 },
+        kills: 10,
+        fio_mib: RESTART_FIO_MIB,
+    };
+    vfblk_lab::nvme_l3::run_past_emulator_faults(lab_name, &o).expect("run the lab guest")
 }
 
-/// Checks and prints an [`l3_fio_across_restarts`] run; returns fio's longest completion.
+/// Checks and prints a [`vfblk_lab::nvme_l3`] run; returns fio's longest completion.
 fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> f64 {
     let run = &retried.run;
     let l3 = run.record("l3_vhost").cloned().unwrap_or_default();
