@@ -590,14 +590,7 @@ fn nvme_demo(kills: u32, upgrades: u32, kept: bool, json: bool) -> Result<()> {
     let retried = crate::nvme_l3::run_past_emulator_faults("demo-nvme", &o)?;
     let run = &retried.run;
     let l3 = run.record("l3_vhost").cloned().unwrap_or_default();
-    let reports: Vec<serde_json::Value> = run
-        .record("reports")
-        .and_then(|r| r.as_array().cloned())
-        .unwrap_or_default();
-    let pauses: Vec<f64> = reports
-        .iter()
-        .filter_map(|r| r["pause_ms"].as_f64())
-        .collect();
+    let (reports, pauses) = crate::nvme_l3::upgrade_reports(run);
     let adopted = reports
         .iter()
         .filter(|r| {

@@ -6,7 +6,7 @@
 //! NVMe system tests and `vfblk-lab demo --nvme`.
 
 use crate::scenario::{Contents, Lab, L3_LIMITS, L3_TRIES};
-use crate::vm::{Echo, RetriedRun};
+use crate::vm::{Echo, RetriedRun, Run};
 use crate::Result;
 
 /// What to run.
@@ -149,4 +149,18 @@ pub fn run_past_emulator_faults(lab_name: &str, o: &NvmeL3) -> Result<RetriedRun
             _ => return Ok(run),
         }
     }
+}
+
+/// The upgrade reports a lab guest recorded (`reports`: `vfblk-rpc --json upgrade`'s
+/// answers), and the pause each gave.
+pub fn upgrade_reports(run: &Run) -> (Vec<serde_json::Value>, Vec<f64>) {
+    let reports: Vec<serde_json::Value> = run
+        .record("reports")
+        .and_then(|r| r.as_array().cloned())
+        .unwrap_or_default();
+    let pauses = reports
+        .iter()
+        .filter_map(|r| r["pause_ms"].as_f64())
+        .collect();
+    (reports, pauses)
 }

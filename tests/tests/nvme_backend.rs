@@ -260,14 +260,7 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
     );
     let run = &retried.run;
     let load = run.record("nvme_upgrades").cloned();
-    let reports: Vec<Value> = run
-        .record("reports")
-        .and_then(|r| r.as_array().cloned())
-        .unwrap_or_default();
-    let pauses: Vec<f64> = reports
-        .iter()
-        .filter_map(|r| r["pause_ms"].as_f64())
-        .collect();
+    let (reports, pauses) = vfblk_lab::nvme_l3::upgrade_reports(run);
     eprintln!(
         "NVMe backend under the keeper, 20 upgrades (+2 failed) + 10 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; upgrade pauses (target side) {pauses:.1?} ms; hugepages free {:?}; connections resumed {:?}; old processes that released their mappings {:?}",
         load.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
@@ -506,14 +499,7 @@ fn l3_fio_across_restarts_past_emulator_faults(
 fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> f64 {
     let run = &retried.run;
     let l3 = run.record("l3_vhost").cloned().unwrap_or_default();
-    let reports: Vec<Value> = run
-        .record("reports")
-        .and_then(|r| r.as_array().cloned())
-        .unwrap_or_default();
-    let pauses: Vec<f64> = reports
-        .iter()
-        .filter_map(|r| r["pause_ms"].as_f64())
-        .collect();
+    let (reports, pauses) = vfblk_lab::nvme_l3::upgrade_reports(run);
     let max_ms = l3["max_latency_ms"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
         "{what}: {}; fio exit {}, {} writes + {} verified reads in {} ms, longest completion {max_ms:.0} ms; upgrade pauses (target side) {pauses:.1?} ms; connections resumed {:?}, requests recovered {:?}, call fds replaced while running {:?}; QEMU about the connection: {}; L3 tries {}",

@@ -54,13 +54,18 @@ vfblk-rpc backend-create m mem:/dev/shm/vfblk-m:64M > /dev/null || die "backend-
 vfblk-rpc vhost-blk-create m --socket /run/vfblk/m.sock --backend m --queues 2 > /dev/null \
     || die "vhost-blk-create"
 record "{\"status_text_serving\": \"$(json_str "$(show StatusText)")\"}"
-# Requests count as lost after 30 s, Linux's block-layer timeout: a hung poller's wait for
-# systemd's watchdog (WatchdogSec=5 after the last ping, up to half a period after the hang)
-# and the restart took 9.7-20 s under TCG.
-vfblk-loadgen --socket /run/vfblk/m.sock --queues 2 --qd 8 --rw mixed --verify --json \
-    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
-    > /tmp/load.json 2> /tmp/load.err &
-load=$!
+# start_load SOCKET QUEUES NAME: a verifying load generator in the background, its report
+# in /tmp/NAME.json, its pid in $started. Requests count as lost after 30 s, Linux's
+# block-layer timeout: a hung poller's wait for systemd's watchdog (WatchdogSec=5 after the
+# last ping, up to half a period after the hang) and the restart took 9.7-20 s under TCG.
+start_load() {
+    vfblk-loadgen --socket "$1" --queues "$2" --qd 8 --rw mixed --verify --json \
+        --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
+        > /tmp/$3.json 2> /tmp/$3.err &
+    started=$!
+}
+start_load /run/vfblk/m.sock 2 load
+load=$started
 # The load runs: the target counts its requests.
 has_io() { vfblk-rpc --json stats 2>/dev/null | grep -q '"reads": [1-9]'; }
 wait_for 30 has_io || die "no I/O from the load generator: $(cat /tmp/load.err)"
@@ -166,10 +171,8 @@ vfblk-setup config --pci $bdf > /tmp/setup.out 2>&1 || die "vfblk-setup config -
 vfblk-rpc nvme-attach nvme0 $bdf > /tmp/attach.out 2>&1 || die "nvme-attach: $(cat /tmp/attach.out)"
 vfblk-rpc vhost-blk-create n --socket /run/vfblk/n.sock --backend nvme0n1 --queues 1 \
     > /dev/null || die "vhost-blk-create n"
-vfblk-loadgen --socket /run/vfblk/n.sock --queues 1 --qd 8 --rw mixed --verify --json \
-    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
-    > /tmp/load-n.json 2> /tmp/load-n.err &
-load_n=$!
+start_load /run/vfblk/n.sock 1 load-n
+load_n=$started
 sleep 2
 kill -0 $load_n || die "the NVMe backend's load generator ended: $(cat /tmp/load-n.err)"
 step "vfblk-rpc upgrade"
@@ -240,10 +243,8 @@ fn under_systemd_a_sigkilled_target_comes_back_from_the_fd_store_without_a_recon
 vfblk-rpc vhost-blk-create f --socket /run/vfblk/f.sock --backend f --queues 2 > /dev/null \
     || die "vhost-blk-create f"
 record "{\"file_backend\": $(vfblk-rpc --json backend-list | tr -d '\n')}"
-vfblk-loadgen --socket /run/vfblk/f.sock --queues 2 --qd 8 --rw mixed --verify --json \
-    --seconds 600 --reconnect-timeout-s 20 --log-gaps-over-ms 100 --io-timeout-s 30 \
-    > /tmp/load-f.json 2> /tmp/load-f.err &
-load_f=$!
+start_load /run/vfblk/f.sock 2 load-f
+load_f=$started
 sleep 2
 kill -0 $load_f || die "the file backend's load generator ended: $(cat /tmp/load-f.err)"
 back() {
