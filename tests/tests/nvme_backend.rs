@@ -646,8 +646,26 @@ fn nested_vm_on_the_nvme_backend() {
     // The lost completion (the 4000th command: after the iovec check, inside fio) was found
     // by the 1 s timeout and answered with one controller reset; fio waited, nothing failed.
     assert!(l3["max_latency_ms"].as_f64() > Some(900.0), "{l3}");
-    assert_eq!(run.record("stack_resets"), Some(&serde_json::json!(1)));
-    assert_eq!(run.record("stack_resent"), Some(&serde_json::json!(1)));
+    // One lost completion per queue pair, and a nested guest tried again (an emulator
+    // fault) connects again, so gets a queue pair of its own: each try that got past its
+    // 4000th command met one (a fresh-clone run saw 2 resets over 2 tries).
+    let tries = l3["tries"].as_u64().unwrap_or(1);
+    let resets = run
+        .record("stack_resets")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        (1..=tries).contains(&resets),
+        "{resets} reset(s) over {tries} nested guest run(s)"
+    );
+    let resent = run
+        .record("stack_resent")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        resent >= resets,
+        "the lost command re-sent at each reset: {resent} re-sent, {resets} reset(s)"
+    );
     // queue-size=1024: the firmware drove the ring with 256 entries first (inside the
     // 1024-entry inflight region), then the guest kernel with 1024.
     let rings = |key: &str| run.record(key).and_then(|v| v.as_u64()).unwrap_or(0);
