@@ -85,17 +85,22 @@ fn qemu_7_2_broke_the_guest(out: &MigrationOutcome) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// Runs of a QEMU 7.2 migration at most while its emulation breaks the guest
+/// ([`qemu_7_2_broke_the_guest`]): on 2026-12-08 it did in 3 of 6 runs.
+const QEMU_7_2_RUNS: u32 = 3;
+
 fn there_and_back(name: &str, qemu: Qemu, target: TargetKind) {
     let opts = MigrationOptions::new(qemu, target);
-    let out = run(name, &opts);
-    let out = match qemu_7_2_broke_the_guest(&out) {
-        Some(why) => {
-            // Once: a second such run fails the test.
-            eprintln!("{name}: QEMU 7.2's migration broke the guest ({why}), targets clean; run again once");
-            run(&format!("{name}-again"), &opts)
-        }
-        None => out,
-    };
+    let mut out = run(name, &opts);
+    for again in 2..=QEMU_7_2_RUNS {
+        let Some(why) = qemu_7_2_broke_the_guest(&out) else {
+            break;
+        };
+        eprintln!(
+            "{name}: QEMU 7.2's migration broke the guest ({why}), targets clean; run {again} of {QEMU_7_2_RUNS}"
+        );
+        out = run(&format!("{name}-{again}"), &opts);
+    }
     assert_clean(&out);
 }
 
