@@ -389,6 +389,39 @@ fn an_upgrade_from_the_previous_commits_binary_to_this_one() {
     );
 }
 
+/// The pid file is written before the RPC socket answers; a target whose RPC socket cannot
+/// be made (its path a directory) exits 1 and leaves no pid file naming a dead process.
+#[test]
+fn a_target_that_cannot_start_its_rpc_server_leaves_no_pid_file() {
+    let dir = std::env::temp_dir().join(format!("vfblk-upgrade-nopid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("not-a-socket")).unwrap();
+    let pid_file = dir.join("target.pid");
+    let mut child = Command::new(bin("vfblk-bridge"))
+        .arg("--rpc")
+        .arg(dir.join("not-a-socket"))
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the target did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(!pid_file.exists(), "a failed start leaves its pid file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_pid_file_names_the_serving_process_across_upgrades_and_goes_at_a_clean_exit() {
     let _lock = vfblk_tests::lab_lock();
