@@ -325,13 +325,17 @@ impl Target {
         } else {
             None
         };
+        let mut nvme = NvmeControllers::default();
+        if let Some(store) = &store {
+            nvme.keep_in(store.clone());
+        }
         Ok(Self {
             store,
             settings,
             pollers,
             backends: BTreeMap::new(),
             controllers: BTreeMap::new(),
-            nvme: NvmeControllers::default(),
+            nvme,
             attachments: BTreeMap::new(),
             rbd_clusters: BTreeMap::new(),
             rpc_listener: None,

@@ -25,6 +25,9 @@ impl Target {
     ) -> Vec<(String, Error)> {
         let mut failures = Vec::new();
         let started_from_store = !stored.names().is_empty();
+        // Before anything opens them: NVMe controllers the dead process drove are taken over
+        // as it left them.
+        self.nvme.take_stored(&mut stored);
         let TargetConfig {
             nvme,
             rbd_clusters,
@@ -54,6 +57,9 @@ impl Target {
                 }
             }
         }
+        self.nvme.drop_unclaimed();
+        // The resumed connections took their guest RAM mappings over; the rest goes.
+        self.nvme.lender_gone();
         // Left over: fds of connections that ended while their successor's names were
         // being stored, or of controllers gone from the configuration.
         let leftover = stored.names();

@@ -14,11 +14,16 @@ struct Arena {
     free: IovaAllocator,
 }
 
+/// Told of every arena a pool adds, before any chunk of it is handed out: its memfd, IOVA
+/// and length (a process keeping its DMA memory in an fd store stores it).
+pub type ArenaHook = Arc<dyn Fn(std::os::fd::BorrowedFd<'_>, u64, usize) + Send + Sync>;
+
 struct Inner {
     name: String,
     mapper: Arc<dyn DmaMapper>,
     iovas: Arc<Mutex<IovaAllocator>>,
     arenas: Vec<Arena>,
+    on_arena: Option<ArenaHook>,
 }
 
 /// A growing set of mapped arenas handing out page-aligned chunks.
@@ -52,6 +57,7 @@ impl DmaPool {
                 mapper,
                 iovas,
                 arenas: Vec::new(),
+                on_arena: None,
             })),
         }
     }
@@ -87,6 +93,9 @@ impl DmaPool {
                 let buffer = DmaBuffer::map(memory, inner.mapper.clone(), inner.iovas.clone())?;
                 let mut free = IovaAllocator::with_window(0, size as u64)?;
                 let offset = free.alloc(len as u64, align as u64)?;
+                if let Some(hook) = &inner.on_arena {
+                    hook(buffer.memory().fd(), buffer.iova(), size);
+                }
                 inner.arenas.push(Arena { buffer, free });
                 (inner.arenas.len() - 1, offset)
             }
@@ -131,6 +140,7 @@ impl DmaPool {
                 mapper,
                 iovas,
                 arenas,
+                on_arena: None,
             })),
         })
     }
@@ -198,6 +208,26 @@ impl DmaPool {
                 Ok((fd, a.buffer.iova(), a.buffer.memory().len()))
             })
             .collect()
+    }
+
+    /// Calls `hook` for every arena added from now on.
+    pub fn on_new_arena(&self, hook: ArenaHook) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.on_arena = Some(hook);
+        }
+    }
+
+    /// Each arena's IOVA and length, in arena order.
+    pub fn arena_layout(&self) -> Vec<(u64, usize)> {
+        self.inner
+            .lock()
+            .map(|i| {
+                i.arenas
+                    .iter()
+                    .map(|a| (a.buffer.iova(), a.buffer.memory().len()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The IOVA ranges (start, length) of the arenas, sorted.

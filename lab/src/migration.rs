@@ -71,8 +71,10 @@ pub struct MigrationOptions {
     /// The targets.
     pub target: TargetKind,
     /// The source targets of both migrations (A1 and B) run with `--test-skip-dirty-log`
-    /// (a bridge built with the `test-delay` feature: it takes the log and never marks
-    /// it): the negative control, with two chances to be caught.
+    /// (a bridge built with the `test-delay` feature: it takes the log and never marks the
+    /// data it writes into guest buffers, only rings and status bytes, so the guest's
+    /// kernel survives to read stale data): the negative control, with two chances to be
+    /// caught.
     pub sources_skip_dirty_log: bool,
     /// The first source target runs under `vfblk-keeper`, and is upgraded by hand-over
     /// (`vfblk-rpc upgrade`) and then killed with SIGKILL while the first migration runs.

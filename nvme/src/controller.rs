@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     cc: Cc,
     /// Shadow doorbell and event index pages, when Doorbell Buffer Config is in use.
     dbbuf: Option<(DmaChunk, DmaChunk)>,
+    /// The record kept for a successor after a crash, once [`Controller::keep`] was called.
+    keeping: Mutex<Option<Keeping>>,
 }
 
 /// An NVMe controller brought up through VFIO. I/O queue pairs created from it may be moved
@@ -284,6 +286,50 @@ pub struct QueueHandover {
     pub memfds: Vec<std::os::fd::OwnedFd>,
 }
 
+/// The version of [`KeptController`] this driver writes and reads. Raise it whenever the
+/// record or what a recovering process assumes changes meaning.
+pub const KEPT_VERSION: u32 = 1;
+
+/// How long [`Controller::recover`] waits for the admin commands a dead process left.
+const RECOVERY_ADMIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A controller as the process driving it keeps it for a successor after a crash
+/// ([`Controller::keep`], [`Controller::recover`]), rewritten whenever it changes: under the
+/// admin lock, before an admin command's doorbell rings and after its completion is read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptController {
+    /// [`KEPT_VERSION`] of the writer.
+    pub version: u32,
+    /// Where the VFIO regions sit in the device fd.
+    pub layout: crate::vfio::RegionLayout,
+    /// The controller as a hand-over records it, but with no I/O queue pairs and the admin
+    /// queue where it stands (commands may be outstanding).
+    pub controller: ControllerRecord,
+    /// Admin commands written to the submission queue whose completions were not read.
+    pub admin_outstanding: u16,
+    /// I/O queue ids whose queues may exist on the controller.
+    pub io_queues: Vec<u16>,
+}
+
+/// What a successor did to take a dead process's controller over ([`Controller::recover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// I/O queue pairs of the dead process deleted (their commands completed or aborted).
+    pub queues_deleted: usize,
+    /// Admin commands of the dead process completed (they were outstanding).
+    pub admin_completed: u16,
+    /// Bytes of the dead process's other DMA memory unmapped.
+    pub unmapped_bytes: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+struct Keeping {
+    file: crate::kept::KeptFile,
+    record: KeptController,
+    io_queues: std::collections::BTreeSet<u16>,
+}
+
 fn hex(page: &[u8; 4096]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(2 * page.len());
@@ -425,6 +471,7 @@ impl Controller {
             cc,
             dbbuf: None,
             use_sgl: options.sgl,
+            keeping: Mutex::new(None),
         };
         *shared.identify_page = shared.read_identify(Command::identify(1, 0, 0))?;
         shared.identify = IdentifyController::parse(&shared.identify_page);
@@ -617,47 +664,12 @@ impl Controller {
                 queues.push(qp.record().map_err(unhealthy)?);
             }
         }
-        let chunk = |c: &DmaChunk| {
-            let (arena, offset, len) = c.location();
-            ChunkRecord {
-                arena: arena as u32,
-                offset: offset as u64,
-                len: len as u64,
-            }
-        };
         let arenas = s.pool.arena_records().map_err(|source| Error::Dma {
             device: s.name.clone(),
             source,
         })?;
-        let scratch = chunk(&*s.scratch.lock().map_err(|_| poisoned("scratch"))?);
-        let record = ControllerRecord {
-            version: QUEUE_HANDOVER_VERSION,
-            cap: s.cap.0,
-            cc: cc.0,
-            upper_iova_half: s.upper_iova_half,
-            arenas: arenas
-                .iter()
-                .map(|(_, iova, len)| ArenaRecord {
-                    iova: *iova,
-                    len: *len as u64,
-                })
-                .collect(),
-            admin: admin_record,
-            scratch,
-            doorbell_buffers: s.dbbuf.as_ref().map(|(a, b)| [chunk(a), chunk(b)]),
-            io_queues_granted: s.io_queues_granted,
-            identify: hex(&s.identify_page),
-            namespaces: s
-                .namespaces
-                .iter()
-                .zip(&s.namespace_pages)
-                .map(|(n, page)| NamespaceRecord {
-                    nsid: n.nsid,
-                    identify: hex(page),
-                })
-                .collect(),
-            queues,
-        };
+        let layout: Vec<(u64, usize)> = arenas.iter().map(|(_, iova, len)| (*iova, *len)).collect();
+        let record = s.controller_record(cc, admin_record, &layout, queues)?;
         let vfio = s.pci.share()?;
         s.lent.store(true, std::sync::atomic::Ordering::Release);
         Ok(QueueHandover {
@@ -683,132 +695,12 @@ impl Controller {
         memfds: Vec<std::os::fd::OwnedFd>,
         options: &Options,
     ) -> Result<Self> {
-        let name = address.to_string();
+        let taking = Taking::new(address, vfio, record, memfds, false)?;
+        let name = taking.name.clone();
         let bad = |what: String| Error::Device {
             device: name.clone(),
             what: format!("handed-over queues: {what}"),
         };
-        if record.version != QUEUE_HANDOVER_VERSION {
-            return Err(bad(format!(
-                "record version {}, this driver reads {QUEUE_HANDOVER_VERSION}",
-                record.version
-            )));
-        }
-        if memfds.len() != record.arenas.len() {
-            return Err(bad(format!(
-                "{} memfd(s) for {} arenas",
-                memfds.len(),
-                record.arenas.len()
-            )));
-        }
-        let pci = Arc::new(VfioPci::adopt(address, vfio)?);
-        let regs = Registers::new(pci.bar0());
-        let bar = pci.bar0();
-        let cap = regs.cap();
-        let (cc, csts) = (regs.cc(), regs.csts());
-        if cap.0 != record.cap {
-            return Err(bad(format!(
-                "CAP {:#x}, the record says {:#x}",
-                cap.0, record.cap
-            )));
-        }
-        if cc.0 != record.cc || !cc.enabled() || !csts.ready() || csts.fatal() {
-            return Err(bad(format!(
-                "CC {:#x} (the record says {:#x}), CSTS {csts}: not the enabled, healthy controller recorded",
-                cc.0, record.cc
-            )));
-        }
-        if cc.page_size() != PAGE_SIZE || cc.entry_sizes() != (6, 4) {
-            return Err(bad(format!(
-                "CC {:#x}: not the page and entry sizes this driver uses",
-                cc.0
-            )));
-        }
-        let max_entries = cap.max_queue_entries().min(u32::from(u16::MAX)) as u16;
-        let granted = record.io_queues_granted;
-        if granted == 0 {
-            return Err(bad("no I/O queues granted".into()));
-        }
-
-        let vfio_mapper = Arc::new(VfioDmaMapper::new(
-            pci.container_fd().as_raw_fd(),
-            pci.clone(),
-        ));
-        let mapper: Arc<dyn DmaMapper> = vfio_mapper.clone();
-        let (first, end) = driver_iova_half(record.upper_iova_half);
-        let dma_err = |source| Error::Dma {
-            device: name.clone(),
-            source,
-        };
-        let iovas = Arc::new(Mutex::new(
-            IovaAllocator::with_window(first, end).map_err(dma_err)?,
-        ));
-        let owned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut buffers = Vec::with_capacity(memfds.len());
-        for (i, (fd, arena)) in memfds.into_iter().zip(&record.arenas).enumerate() {
-            let len = usize::try_from(arena.len)
-                .map_err(|_| bad(format!("arena {i}: {} bytes", arena.len)))?;
-            let memory = vfblk_hugepages::DmaMemory::from_fd(std::fs::File::from(fd), len)
-                .map_err(dma_err)?;
-            // SAFETY: the lender mapped this memfd's first `len` bytes at `arena.iova` in the
-            // container this process shares (the record says so; an IOVA outside the
-            // lender's half or overlapping another arena is refused by the reservation).
-            let buffer = unsafe {
-                vfblk_hugepages::DmaBuffer::adopted(
-                    memory,
-                    arena.iova,
-                    mapper.clone(),
-                    iovas.clone(),
-                    owned.clone(),
-                )
-            }
-            .map_err(dma_err)?;
-            buffers.push(buffer);
-        }
-        let pool = DmaPool::adopt(
-            &format!("vfblk-{name}"),
-            mapper.clone(),
-            iovas.clone(),
-            buffers,
-        )
-        .map_err(dma_err)?;
-        let claim = |c: &ChunkRecord, what: &str| -> Result<DmaChunk> {
-            let (offset, len) = (usize::try_from(c.offset), usize::try_from(c.len));
-            let (Ok(offset), Ok(len)) = (offset, len) else {
-                return Err(bad(format!("{what}: chunk {c:?}")));
-            };
-            pool.claim(c.arena as usize, offset, len)
-                .map_err(|source| Error::Dma {
-                    device: format!("{name} ({what})"),
-                    source,
-                })
-        };
-        let identify_page = unhex(&record.identify, "Identify Controller").map_err(bad)?;
-        let identify = IdentifyController::parse(&identify_page);
-        let max_transfer = max_transfer(cap, &identify);
-        let mut namespaces = Vec::new();
-        let mut namespace_pages = Vec::new();
-        for n in &record.namespaces {
-            if n.nsid == 0 || namespaces.iter().any(|m: &Namespace| m.nsid == n.nsid) {
-                return Err(bad(format!("namespace id {} zero or twice", n.nsid)));
-            }
-            let page = unhex(&n.identify, "Identify Namespace").map_err(bad)?;
-            namespaces.push(Namespace {
-                nsid: n.nsid,
-                info: IdentifyNamespace::parse(&page),
-            });
-            namespace_pages.push(page);
-        }
-
-        // The admin queue: where the controller's AQA/ASQ/ACQ say it is.
-        let a = &record.admin;
-        let aqa = bar.read32(offset::AQA);
-        if a.qid != 0
-            || !(2..=max_entries.min(4096)).contains(&a.entries)
-            || aqa != (u32::from(a.entries - 1) << 16) | u32::from(a.entries - 1)
-        {
-            return Err(bad(format!("admin queue {a:?} against AQA {aqa:#x}")));
-        }
         let check_positions = |q: &QueueRecord| {
             if q.sq_tail >= q.entries || q.sq_head >= q.entries || q.cq_head >= q.entries {
                 Err(bad(format!(
@@ -824,80 +716,20 @@ impl Controller {
                 Ok(())
             }
         };
-        check_positions(a)?;
-        let admin_layout = Layout::new(a.entries, PAGE_SIZE, PAGE_SIZE);
-        if a.memory.len != admin_layout.total as u64 {
-            return Err(bad(format!(
-                "admin queue memory {:?}, its layout needs {} bytes",
-                a.memory, admin_layout.total
-            )));
-        }
-        let admin_mem = claim(&a.memory, "admin queue")?;
-        let (asq, acq) = (bar.read64(offset::ASQ), bar.read64(offset::ACQ));
-        if asq != admin_mem.iova() || acq != admin_mem.iova() + admin_layout.cq_offset as u64 {
-            return Err(bad(format!(
-                "the admin queue recorded at IOVA {:#x}, the controller's is at ASQ {asq:#x}, ACQ {acq:#x}",
-                admin_mem.iova()
-            )));
-        }
-        let admin = QueuePair::adopt(
-            a,
-            admin_layout,
-            admin_mem,
-            pci.clone(),
-            cap.doorbell_stride(),
-            PAGE_SIZE as u64,
-        );
+        check_positions(&record.admin)?;
+        let admin = taking.admin(&record.admin)?;
         if !admin.phase_consistent() {
             return Err(bad(format!(
                 "admin queue: its completion ring does not match CQ head {} phase {}",
-                a.cq_head, a.phase
+                record.admin.cq_head, record.admin.phase
             )));
         }
-        if record.scratch.len != PAGE_SIZE as u64 {
-            return Err(bad(format!("scratch page {:?}", record.scratch)));
-        }
-        let scratch = claim(&record.scratch, "scratch page")?;
-        let dbbuf = match &record.doorbell_buffers {
-            Some([shadow, event]) => {
-                if shadow.len != PAGE_SIZE as u64 || event.len != PAGE_SIZE as u64 {
-                    return Err(bad(format!("doorbell pages {shadow:?} {event:?}")));
-                }
-                Some((
-                    claim(shadow, "shadow doorbells")?,
-                    claim(event, "event indexes")?,
-                ))
-            }
-            None => None,
-        };
-        let shared = Arc::new(Shared {
-            name: name.clone(),
-            pci: pci.clone(),
-            cap,
-            version: regs.version(),
-            mapper,
-            vfio_mapper,
-            upper_iova_half: record.upper_iova_half,
-            // Not ours until the lender lets go.
-            lent: std::sync::atomic::AtomicBool::new(true),
-            iovas,
-            admin: Mutex::new(admin),
-            identify,
-            identify_page,
-            namespaces,
-            namespace_pages,
-            spares: Mutex::new(Vec::new()),
-            owned,
-            io_queues_granted: granted,
-            max_transfer,
-            qids: Mutex::new(vec![false; usize::from(granted) + 1]),
-            scratch: Mutex::new(scratch),
-            pool: pool.clone(),
-            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            cc: cc.with_enable(false),
-            dbbuf,
-            use_sgl: options.sgl,
-        });
+        let max_entries = taking.cap.max_queue_entries().min(u32::from(u16::MAX)) as u16;
+        let granted = record.io_queues_granted;
+        // Not ours until the lender lets go.
+        let shared = Arc::new(taking.into_shared(admin, true, options));
+        let pci = shared.pci.clone();
+        let max_transfer = shared.max_transfer;
         let mut spares = Vec::with_capacity(record.queues.len());
         {
             let mut qids = shared.qids.lock().expect("fresh");
@@ -922,13 +754,13 @@ impl Controller {
                         q.qid, q.memory, layout.total
                     )));
                 }
-                let mem = claim(&q.memory, "I/O queue")?;
+                let mem = shared.claim(&q.memory, "I/O queue")?;
                 let mut qp = QueuePair::adopt(
                     q,
                     layout,
                     mem,
                     pci.clone(),
-                    cap.doorbell_stride(),
+                    shared.cap.doorbell_stride(),
                     max_transfer as u64,
                 );
                 qp.set_sgl(shared.use_sgl && shared.identify.supports_sgl());
@@ -955,6 +787,225 @@ impl Controller {
         Ok(Self { shared })
     }
 
+    /// Takes over a controller whose process died, from what it kept in the fd store
+    /// ([`Controller::keep`]): its VFIO fds (so vfio-pci never reset the function and the
+    /// guest RAM stays mapped), its DMA memory and the record. Only a healthy, enabled
+    /// controller that matches the record is taken (else `Err`: the caller resets it, as a
+    /// fresh open does). The admin queue continues where the dead process left it: a
+    /// command it wrote is submitted and every completion it had not consumed is waited
+    /// for. Then every I/O queue it may have created is deleted: the controller completes
+    /// or aborts each command on a submission queue before the deletion completes, so no
+    /// DMA of a dead process's command can land after this returns (re-running its
+    /// requests is safe). Whatever else the dead process had mapped in the driver's IOVAs
+    /// is removed. No CC.EN toggle, no Identify.
+    ///
+    /// `file` holds `kept` and goes on being written from the first admin command on, so a
+    /// successor of this process, should it die too, finds the controller as it is.
+    pub fn recover(
+        address: PciAddress,
+        vfio: crate::vfio::SharedVfio,
+        kept: &KeptController,
+        file: crate::kept::KeptFile,
+        memfds: Vec<std::os::fd::OwnedFd>,
+        options: &Options,
+    ) -> Result<(Self, Recovered)> {
+        let started = Instant::now();
+        if kept.version != KEPT_VERSION {
+            return Err(Error::Device {
+                device: address.to_string(),
+                what: format!(
+                    "kept record version {}, this driver reads {KEPT_VERSION}",
+                    kept.version
+                ),
+            });
+        }
+        let record = &kept.controller;
+        let taking = Taking::new(address, vfio, record, memfds, true)?;
+        let a = &record.admin;
+        let outstanding = kept.admin_outstanding;
+        if a.sq_tail >= a.entries || a.cq_head >= a.entries || outstanding >= a.entries {
+            return Err(taking.bad(format!(
+                "admin queue positions {a:?} with {outstanding} outstanding"
+            )));
+        }
+        let mut state = *a;
+        state.sq_head = (a.sq_tail + a.entries - outstanding) % a.entries;
+        let mut admin = taking.admin(&state)?;
+        // The dead process may have written a command and died before ringing: ring it.
+        // Not the CQ head: the controller may have been told a later one already.
+        admin.ring_sq_where_left();
+        let deadline = Instant::now() + RECOVERY_ADMIN_DEADLINE;
+        let mut drained = 0u16;
+        while drained < outstanding {
+            drained += admin.poll(usize::from(outstanding - drained), |_| {}) as u16;
+            if drained < outstanding && Instant::now() > deadline {
+                return Err(taking.bad(format!(
+                    "{} of the dead process's {outstanding} admin command(s) did not complete within {RECOVERY_ADMIN_DEADLINE:?}",
+                    outstanding - drained
+                )));
+            }
+            std::hint::spin_loop();
+        }
+        if !admin.phase_consistent() {
+            return Err(taking.bad(format!(
+                "admin queue: its completion ring does not match CQ head {} phase {} after {outstanding} outstanding completion(s)",
+                admin.live_record().cq_head,
+                admin.live_record().phase
+            )));
+        }
+        let granted = record.io_queues_granted;
+        if kept.io_queues.iter().any(|&q| q == 0 || q > granted) {
+            return Err(taking.bad(format!(
+                "I/O queue ids {:?} not among the {granted} granted",
+                kept.io_queues
+            )));
+        }
+        let upper = record.upper_iova_half;
+        let arenas = taking.arena_ranges();
+        let shared = Arc::new(taking.into_shared(admin, false, options));
+        *shared.keeping.lock().expect("fresh") = Some(Keeping {
+            file,
+            record: kept.clone(),
+            io_queues: kept.io_queues.iter().copied().collect(),
+        });
+        shared.note_kept(&shared.admin.lock().expect("fresh"));
+        let controller = Self { shared };
+        let s = &controller.shared;
+        let mut queues_deleted = 0;
+        for &qid in &kept.io_queues {
+            let mut existed = false;
+            for (cmd, what) in [
+                (Command::delete_sq(qid), "Delete I/O SQ of the dead process"),
+                (Command::delete_cq(qid), "Delete I/O CQ of the dead process"),
+            ] {
+                match s.admin_command(cmd, what) {
+                    Ok(_) => existed = true,
+                    // It was never created, or deleted already.
+                    Err(Error::Command { status, .. }) if status.sct() == 1 && status.sc() == 1 => {
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            s.note_io_queue(qid, false);
+            queues_deleted += usize::from(existed);
+        }
+        // Only now, with no command of the dead process left, may its other DMA memory go:
+        // the other half of the driver's IOVAs and what lies between the kept arenas.
+        let (other_first, other_end) = driver_iova_half(!upper);
+        let (own_first, own_end) = driver_iova_half(upper);
+        let mut removed = controller.unmap_within(other_first, other_end - other_first)?;
+        let mut at = own_first;
+        for (iova, len) in arenas {
+            if iova > at {
+                removed += controller.unmap_within(at, iova - at)?;
+            }
+            at = at.max(iova + len);
+        }
+        if at < own_end {
+            removed += controller.unmap_within(at, own_end - at)?;
+        }
+        let admin = s.admin.lock().map_err(|_| Error::Poisoned {
+            device: s.name.clone(),
+            lock: "admin",
+        })?;
+        s.note_kept(&admin);
+        drop(admin);
+        let recovered = Recovered {
+            queues_deleted,
+            admin_completed: outstanding,
+            unmapped_bytes: removed,
+            elapsed: started.elapsed(),
+        };
+        Ok((controller, recovered))
+    }
+
+    /// Keeps the controller for a successor after a crash of this process: its record is
+    /// written into `file` now and rewritten whenever it changes (see [`KeptController`]).
+    /// The caller stores `file`, the VFIO fds and every DMA arena's memfd
+    /// ([`Controller::kept_fds`], [`Controller::on_new_arena`]) in the fd store.
+    pub fn keep(&self, file: crate::kept::KeptFile) -> Result<()> {
+        let s = &self.shared;
+        let poisoned = |lock| Error::Poisoned {
+            device: s.name.clone(),
+            lock,
+        };
+        let admin = s.admin.lock().map_err(|_| poisoned("admin"))?;
+        let io_queues: std::collections::BTreeSet<u16> = s
+            .qids
+            .lock()
+            .map_err(|_| poisoned("qid"))?
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, used)| **used)
+            .map(|(qid, _)| qid as u16)
+            .collect();
+        let controller = s.controller_record(
+            s.cc.with_enable(true),
+            admin.live_record(),
+            &s.pool.arena_layout(),
+            Vec::new(),
+        )?;
+        *s.keeping.lock().map_err(|_| poisoned("kept record"))? = Some(Keeping {
+            file,
+            record: KeptController {
+                version: KEPT_VERSION,
+                layout: s.pci.layout(),
+                controller,
+                admin_outstanding: 0,
+                io_queues: Vec::new(),
+            },
+            io_queues,
+        });
+        s.write_kept(&admin)
+    }
+
+    /// Whether the controller's record is kept ([`Controller::keep`], or taken over with it
+    /// by [`Controller::recover`]).
+    pub fn kept(&self) -> bool {
+        self.shared.keeping.lock().is_ok_and(|k| k.is_some())
+    }
+
+    /// A duplicate of the kept record's memfd, for the store.
+    pub fn kept_record_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        let s = &self.shared;
+        let keeping = s.keeping.lock().map_err(|_| Error::Poisoned {
+            device: s.name.clone(),
+            lock: "kept record",
+        })?;
+        let k = keeping
+            .as_ref()
+            .ok_or_else(|| Error::BadArgument(format!("{}: not kept", s.name)))?;
+        k.file
+            .file()
+            .try_clone()
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|source| Error::Io {
+                what: format!("{}: duplicating the kept record's memfd", s.name),
+                source,
+            })
+    }
+
+    /// Duplicates of what the fd store keeps of the controller: the VFIO fds, and each DMA
+    /// arena's memfd with its IOVA.
+    pub fn kept_fds(&self) -> Result<(crate::vfio::SharedVfio, Vec<(u64, std::os::fd::OwnedFd)>)> {
+        let s = &self.shared;
+        let arenas = s.pool.arena_records().map_err(|source| Error::Dma {
+            device: s.name.clone(),
+            source,
+        })?;
+        Ok((
+            s.pci.share()?,
+            arenas.into_iter().map(|(fd, iova, _)| (iova, fd)).collect(),
+        ))
+    }
+
+    /// Calls `hook` with every DMA arena added from now on (memfd, IOVA, length), before
+    /// any record names it.
+    pub fn on_new_arena(&self, hook: vfblk_hugepages::ArenaHook) {
+        self.shared.pool.on_new_arena(hook);
+    }
+
     /// The process this controller was taken over from ([`Controller::take_over`]) has let
     /// go: the registers, queues and DMA memory are this process's now.
     pub fn lender_gone(&self) {
@@ -967,6 +1018,16 @@ impl Controller {
     pub fn dma_arenas(&self) -> (usize, u64) {
         let ranges = self.shared.pool.arena_ranges();
         (ranges.len(), ranges.iter().map(|r| r.1).sum())
+    }
+
+    /// The IOVA of each of the driver's DMA arenas.
+    pub fn arena_iovas(&self) -> Vec<u64> {
+        self.shared
+            .pool
+            .arena_ranges()
+            .into_iter()
+            .map(|(iova, _)| iova)
+            .collect()
     }
 
     /// I/O queue pairs handed out or parked (their queues live on the controller), and of
@@ -1209,7 +1270,399 @@ impl Controller {
     }
 }
 
+/// A controller being taken over from another process's record, its registers and memory
+/// checked: what [`Controller::take_over`] (a live lender) and [`Controller::recover`] (a
+/// dead one) share. Nothing is written to the device while it is built.
+struct Taking {
+    name: String,
+    pci: Arc<VfioPci>,
+    cap: Cap,
+    version: Version,
+    cc: Cc,
+    upper_iova_half: bool,
+    mapper: Arc<dyn DmaMapper>,
+    vfio_mapper: Arc<VfioDmaMapper>,
+    iovas: Arc<Mutex<IovaAllocator>>,
+    pool: DmaPool,
+    owned: Arc<std::sync::atomic::AtomicBool>,
+    identify: IdentifyController,
+    identify_page: Box<[u8; 4096]>,
+    namespaces: Vec<Namespace>,
+    namespace_pages: Vec<Box<[u8; 4096]>>,
+    scratch: DmaChunk,
+    dbbuf: Option<(DmaChunk, DmaChunk)>,
+    io_queues_granted: u16,
+    max_transfer: usize,
+    admin_memory: ChunkRecord,
+}
+
+impl Taking {
+    /// Adopts the record's DMA memory (`memfds`, at the recorded IOVAs) and checks the
+    /// controller against the record: CAP, CC, a ready controller without a fatal status,
+    /// the admin queue where AQA/ASQ/ACQ put it. With `owned` the memory is this
+    /// process's at once (its writer is dead); else once the lender lets go.
+    fn new(
+        address: PciAddress,
+        vfio: crate::vfio::SharedVfio,
+        record: &ControllerRecord,
+        memfds: Vec<std::os::fd::OwnedFd>,
+        owned: bool,
+    ) -> Result<Self> {
+        let name = address.to_string();
+        let bad = |what: String| Error::Device {
+            device: name.clone(),
+            what: format!("handed-over queues: {what}"),
+        };
+        if record.version != QUEUE_HANDOVER_VERSION {
+            return Err(bad(format!(
+                "record version {}, this driver reads {QUEUE_HANDOVER_VERSION}",
+                record.version
+            )));
+        }
+        if memfds.len() != record.arenas.len() {
+            return Err(bad(format!(
+                "{} memfd(s) for {} arenas",
+                memfds.len(),
+                record.arenas.len()
+            )));
+        }
+        let pci = Arc::new(VfioPci::adopt(address, vfio)?);
+        let regs = Registers::new(pci.bar0());
+        let bar = pci.bar0();
+        let cap = regs.cap();
+        let (cc, csts) = (regs.cc(), regs.csts());
+        if cap.0 != record.cap {
+            return Err(bad(format!(
+                "CAP {:#x}, the record says {:#x}",
+                cap.0, record.cap
+            )));
+        }
+        if cc.0 != record.cc || !cc.enabled() || !csts.ready() || csts.fatal() {
+            return Err(bad(format!(
+                "CC {:#x} (the record says {:#x}), CSTS {csts}: not the enabled, healthy controller recorded",
+                cc.0, record.cc
+            )));
+        }
+        if cc.page_size() != PAGE_SIZE || cc.entry_sizes() != (6, 4) {
+            return Err(bad(format!(
+                "CC {:#x}: not the page and entry sizes this driver uses",
+                cc.0
+            )));
+        }
+        if record.io_queues_granted == 0 {
+            return Err(bad("no I/O queues granted".into()));
+        }
+        let vfio_mapper = Arc::new(VfioDmaMapper::new(
+            pci.container_fd().as_raw_fd(),
+            pci.clone(),
+        ));
+        let mapper: Arc<dyn DmaMapper> = vfio_mapper.clone();
+        let (first, end) = driver_iova_half(record.upper_iova_half);
+        let dma_err = |source| Error::Dma {
+            device: name.clone(),
+            source,
+        };
+        let iovas = Arc::new(Mutex::new(
+            IovaAllocator::with_window(first, end).map_err(dma_err)?,
+        ));
+        let owned = Arc::new(std::sync::atomic::AtomicBool::new(owned));
+        let mut buffers = Vec::with_capacity(memfds.len());
+        for (i, (fd, arena)) in memfds.into_iter().zip(&record.arenas).enumerate() {
+            let len = usize::try_from(arena.len)
+                .map_err(|_| bad(format!("arena {i}: {} bytes", arena.len)))?;
+            let memory = vfblk_hugepages::DmaMemory::from_fd(std::fs::File::from(fd), len)
+                .map_err(dma_err)?;
+            // SAFETY: the record's writer mapped this memfd's first `len` bytes at
+            // `arena.iova` in the container this process shares (the record says so; an
+            // IOVA outside the writer's half or overlapping another arena is refused by the
+            // reservation).
+            let buffer = unsafe {
+                vfblk_hugepages::DmaBuffer::adopted(
+                    memory,
+                    arena.iova,
+                    mapper.clone(),
+                    iovas.clone(),
+                    owned.clone(),
+                )
+            }
+            .map_err(dma_err)?;
+            buffers.push(buffer);
+        }
+        let pool = DmaPool::adopt(
+            &format!("vfblk-{name}"),
+            mapper.clone(),
+            iovas.clone(),
+            buffers,
+        )
+        .map_err(dma_err)?;
+        let identify_page = unhex(&record.identify, "Identify Controller").map_err(bad)?;
+        let identify = IdentifyController::parse(&identify_page);
+        let max_transfer = max_transfer(cap, &identify);
+        let mut namespaces = Vec::new();
+        let mut namespace_pages = Vec::new();
+        for n in &record.namespaces {
+            if n.nsid == 0 || namespaces.iter().any(|m: &Namespace| m.nsid == n.nsid) {
+                return Err(bad(format!("namespace id {} zero or twice", n.nsid)));
+            }
+            let page = unhex(&n.identify, "Identify Namespace").map_err(bad)?;
+            namespaces.push(Namespace {
+                nsid: n.nsid,
+                info: IdentifyNamespace::parse(&page),
+            });
+            namespace_pages.push(page);
+        }
+        // The admin queue: where the controller's AQA/ASQ/ACQ say it is.
+        let a = &record.admin;
+        let max_entries = cap.max_queue_entries().min(u32::from(u16::MAX)) as u16;
+        let aqa = bar.read32(offset::AQA);
+        if a.qid != 0
+            || !(2..=max_entries.min(4096)).contains(&a.entries)
+            || aqa != (u32::from(a.entries - 1) << 16) | u32::from(a.entries - 1)
+        {
+            return Err(bad(format!("admin queue {a:?} against AQA {aqa:#x}")));
+        }
+        let admin_layout = Layout::new(a.entries, PAGE_SIZE, PAGE_SIZE);
+        if a.memory.len != admin_layout.total as u64 {
+            return Err(bad(format!(
+                "admin queue memory {:?}, its layout needs {} bytes",
+                a.memory, admin_layout.total
+            )));
+        }
+        let claim = |c: &ChunkRecord, what: &str| claim_chunk(&pool, &name, c, what);
+        let admin_iova = claim(&a.memory, "admin queue")?;
+        let (asq, acq) = (bar.read64(offset::ASQ), bar.read64(offset::ACQ));
+        if asq != admin_iova.iova() || acq != admin_iova.iova() + admin_layout.cq_offset as u64 {
+            return Err(bad(format!(
+                "the admin queue recorded at IOVA {:#x}, the controller's is at ASQ {asq:#x}, ACQ {acq:#x}",
+                admin_iova.iova()
+            )));
+        }
+        // Given back: [`Taking::admin`] claims it again for the queue pair.
+        drop(admin_iova);
+        if record.scratch.len != PAGE_SIZE as u64 {
+            return Err(bad(format!("scratch page {:?}", record.scratch)));
+        }
+        let scratch = claim(&record.scratch, "scratch page")?;
+        let dbbuf = match &record.doorbell_buffers {
+            Some([shadow, event]) => {
+                if shadow.len != PAGE_SIZE as u64 || event.len != PAGE_SIZE as u64 {
+                    return Err(bad(format!("doorbell pages {shadow:?} {event:?}")));
+                }
+                Some((
+                    claim(shadow, "shadow doorbells")?,
+                    claim(event, "event indexes")?,
+                ))
+            }
+            None => None,
+        };
+        Ok(Self {
+            name,
+            version: regs.version(),
+            pci,
+            cap,
+            cc,
+            upper_iova_half: record.upper_iova_half,
+            mapper,
+            vfio_mapper,
+            iovas,
+            pool,
+            owned,
+            identify,
+            identify_page,
+            namespaces,
+            namespace_pages,
+            scratch,
+            dbbuf,
+            io_queues_granted: record.io_queues_granted,
+            max_transfer,
+            admin_memory: a.memory,
+        })
+    }
+
+    fn bad(&self, what: String) -> Error {
+        Error::Device {
+            device: self.name.clone(),
+            what: format!("handed-over queues: {what}"),
+        }
+    }
+
+    /// The admin queue pair over the recorded memory at `state`'s positions.
+    fn admin(&self, state: &QueueRecord) -> Result<QueuePair> {
+        let memory = claim_chunk(&self.pool, &self.name, &self.admin_memory, "admin queue")?;
+        Ok(QueuePair::adopt(
+            state,
+            Layout::new(state.entries, PAGE_SIZE, PAGE_SIZE),
+            memory,
+            self.pci.clone(),
+            self.cap.doorbell_stride(),
+            PAGE_SIZE as u64,
+        ))
+    }
+
+    /// The arenas' IOVA ranges, sorted.
+    fn arena_ranges(&self) -> Vec<(u64, u64)> {
+        self.pool.arena_ranges()
+    }
+
+    fn into_shared(self, admin: QueuePair, lent: bool, options: &Options) -> Shared {
+        Shared {
+            name: self.name,
+            pci: self.pci,
+            cap: self.cap,
+            version: self.version,
+            mapper: self.mapper,
+            vfio_mapper: self.vfio_mapper,
+            upper_iova_half: self.upper_iova_half,
+            lent: std::sync::atomic::AtomicBool::new(lent),
+            iovas: self.iovas,
+            admin: Mutex::new(admin),
+            identify: self.identify,
+            identify_page: self.identify_page,
+            namespaces: self.namespaces,
+            namespace_pages: self.namespace_pages,
+            spares: Mutex::new(Vec::new()),
+            owned: self.owned,
+            io_queues_granted: self.io_queues_granted,
+            max_transfer: self.max_transfer,
+            qids: Mutex::new(vec![false; usize::from(self.io_queues_granted) + 1]),
+            scratch: Mutex::new(self.scratch),
+            pool: self.pool,
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            cc: self.cc.with_enable(false),
+            dbbuf: self.dbbuf,
+            use_sgl: options.sgl,
+            keeping: Mutex::new(None),
+        }
+    }
+}
+
+/// The chunk `c` of `pool`, taken out of its free space.
+fn claim_chunk(pool: &DmaPool, name: &str, c: &ChunkRecord, what: &str) -> Result<DmaChunk> {
+    let (offset, len) = (usize::try_from(c.offset), usize::try_from(c.len));
+    let (Ok(offset), Ok(len)) = (offset, len) else {
+        return Err(Error::Device {
+            device: name.to_string(),
+            what: format!("handed-over queues: {what}: chunk {c:?}"),
+        });
+    };
+    pool.claim(c.arena as usize, offset, len)
+        .map_err(|source| Error::Dma {
+            device: format!("{name} ({what})"),
+            source,
+        })
+}
+
 impl Shared {
+    /// The controller as a hand-over or a kept record describes it, with the admin queue
+    /// at `admin`, the arenas at `arenas` (IOVA and length, in arena order) and `queues`.
+    fn controller_record(
+        &self,
+        cc: Cc,
+        admin: QueueRecord,
+        arenas: &[(u64, usize)],
+        queues: Vec<QueueRecord>,
+    ) -> Result<ControllerRecord> {
+        let chunk = |c: &DmaChunk| {
+            let (arena, offset, len) = c.location();
+            ChunkRecord {
+                arena: arena as u32,
+                offset: offset as u64,
+                len: len as u64,
+            }
+        };
+        let scratch = chunk(&*self.scratch.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "scratch",
+        })?);
+        Ok(ControllerRecord {
+            version: QUEUE_HANDOVER_VERSION,
+            cap: self.cap.0,
+            cc: cc.0,
+            upper_iova_half: self.upper_iova_half,
+            arenas: arenas
+                .iter()
+                .map(|&(iova, len)| ArenaRecord {
+                    iova,
+                    len: len as u64,
+                })
+                .collect(),
+            admin,
+            scratch,
+            doorbell_buffers: self.dbbuf.as_ref().map(|(a, b)| [chunk(a), chunk(b)]),
+            io_queues_granted: self.io_queues_granted,
+            identify: hex(&self.identify_page),
+            namespaces: self
+                .namespaces
+                .iter()
+                .zip(&self.namespace_pages)
+                .map(|(n, page)| NamespaceRecord {
+                    nsid: n.nsid,
+                    identify: hex(page),
+                })
+                .collect(),
+            queues,
+        })
+    }
+
+    /// Rewrites the kept record, if there is one, with the admin queue where `admin` stands
+    /// (called under the admin lock).
+    fn write_kept(&self, admin: &QueuePair) -> Result<()> {
+        let mut keeping = self.keeping.lock().map_err(|_| Error::Poisoned {
+            device: self.name.clone(),
+            lock: "kept record",
+        })?;
+        let Some(k) = keeping.as_mut() else {
+            return Ok(());
+        };
+        k.record.controller.admin = admin.live_record();
+        k.record.admin_outstanding = admin.in_flight() as u16;
+        k.record.controller.arenas = self
+            .pool
+            .arena_layout()
+            .into_iter()
+            .map(|(iova, len)| ArenaRecord {
+                iova,
+                len: len as u64,
+            })
+            .collect();
+        k.record.io_queues = k.io_queues.iter().copied().collect();
+        let text = serde_json::to_vec(&k.record).map_err(|e| Error::Device {
+            device: self.name.clone(),
+            what: format!("encoding the kept record: {e}"),
+        })?;
+        k.file.write(&text)
+    }
+
+    /// [`Shared::write_kept`], a failure logged: the controller works on, and a successor
+    /// after a crash would reset it rather than trust a record that is behind.
+    fn note_kept(&self, admin: &QueuePair) {
+        if let Err(e) = self.write_kept(admin) {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "{}: the kept record was not updated ({e}); after a crash the controller would be reset",
+                self.name
+            );
+        }
+    }
+
+    /// Marks I/O queue `qid` as possibly existing on the controller (or not) in the kept
+    /// record; written with the next admin command.
+    fn note_io_queue(&self, qid: u16, exists: bool) {
+        if let Ok(mut keeping) = self.keeping.lock() {
+            if let Some(k) = keeping.as_mut() {
+                if exists {
+                    k.io_queues.insert(qid);
+                } else {
+                    k.io_queues.remove(&qid);
+                }
+            }
+        }
+    }
+
+    fn claim(&self, c: &ChunkRecord, what: &str) -> Result<DmaChunk> {
+        claim_chunk(&self.pool, &self.name, c, what)
+    }
+
     /// Runs one admin command to completion; returns its dword 0.
     pub fn admin_command(&self, cmd: Command, what: &str) -> Result<u32> {
         let mut admin = self.admin.lock().map_err(|_| Error::Poisoned {
@@ -1224,7 +1677,22 @@ impl Shared {
             device: self.name.clone(),
             what: format!("admin {what}: {e}"),
         })?;
+        // Kept before the doorbell: a successor rings a command written but not rung.
+        self.note_kept(admin);
         admin.ring();
+        let result = self.await_admin(admin, cid, cmd, what);
+        self.note_kept(admin);
+        result
+    }
+
+    /// Waits (bounded) for the completion of admin command `cid`.
+    fn await_admin(
+        &self,
+        admin: &mut QueuePair,
+        cid: u16,
+        cmd: Command,
+        what: &str,
+    ) -> Result<u32> {
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         let mut done = None;
         while done.is_none() {
@@ -1285,6 +1753,13 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         admin.reset_rings();
         admin.abandon_all();
+        // Before CC.EN: a successor must never take the old positions for the new queue.
+        if let Ok(mut keeping) = self.keeping.lock() {
+            if let Some(k) = keeping.as_mut() {
+                k.io_queues.clear();
+            }
+        }
+        self.note_kept(&admin);
         enable(&regs, bar, &admin, self.cc, &self.name, timeout)?;
         let wanted = self.io_queues_granted.max(1);
         self.admin_command_locked(
@@ -1382,6 +1857,7 @@ impl QueueOwner for Shared {
                 unsafe { p.write_volatile(0) };
             }
         }
+        self.note_io_queue(qid, true);
         self.admin_command_locked(
             &mut admin,
             Command::create_cq(qid, entries, cq_iova),
@@ -1401,6 +1877,7 @@ impl QueueOwner for Shared {
     fn delete_io_queues(&self, qid: u16) -> Result<()> {
         self.admin_command(Command::delete_sq(qid), "Delete I/O SQ")?;
         self.admin_command(Command::delete_cq(qid), "Delete I/O CQ")?;
+        self.note_io_queue(qid, false);
         self.release_qid(qid);
         Ok(())
     }

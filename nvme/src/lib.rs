@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod controller;
+pub mod kept;
 pub mod mmio;
 pub mod pci;
 pub mod prp;

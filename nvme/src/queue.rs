@@ -234,6 +234,9 @@ pub struct QueuePair {
     /// Fault injection: completions to let through before one is lost (as if the device
     /// never posted it), if armed.
     drop_after: Option<u64>,
+    /// Fault injection: completions to reap before every later one is held in the CQ
+    /// unread (as a process stuck, or killed, with completions pending), if armed.
+    hold_after: Option<u64>,
     /// Controller generation the queues were created in; a reset bumps the controller's.
     generation: u64,
     /// Commands in flight at a reset, reported as aborted by the next poll.
@@ -344,6 +347,7 @@ impl QueuePair {
             max_transfer,
             spurious: 0,
             drop_after: None,
+            hold_after: None,
             generation: 0,
             aborted: Vec::with_capacity(slots),
             lost: false,
@@ -411,6 +415,35 @@ impl QueuePair {
             self.phase
         };
         phase_at(self.cq_head) != self.phase && phase_at(before) == expected_before
+    }
+
+    /// Where the pair stands now, commands in flight or not (a kept record: see
+    /// `KeptController`).
+    pub(crate) fn live_record(&self) -> QueueRecord {
+        let (arena, offset, len) = self.memory.location();
+        QueueRecord {
+            qid: self.qid,
+            entries: self.entries,
+            memory: ChunkRecord {
+                arena: arena as u32,
+                offset: offset as u64,
+                len: len as u64,
+            },
+            sq_tail: self.sq_tail,
+            sq_head: self.sq_head,
+            cq_head: self.cq_head,
+            phase: self.phase,
+        }
+    }
+
+    /// Writes the SQ tail doorbell with the tail the pair has: a command a dead process
+    /// wrote but did not ring is submitted; one it rang is not submitted twice.
+    pub(crate) fn ring_sq_where_left(&mut self) {
+        fence(Ordering::SeqCst);
+        self.pci
+            .bar0()
+            .write32(self.sq_doorbell, u32::from(self.sq_tail));
+        self.rung_tail = self.sq_tail;
     }
 
     /// The generation (controller reset count) its queues were created in.
@@ -879,6 +912,9 @@ impl QueuePair {
         }
         let old_head = self.cq_head;
         while reaped < max {
+            if self.hold_after == Some(0) {
+                break;
+            }
             // SAFETY: cq_head < entries; the CQ ring is written by the device, read volatile.
             let entry = unsafe { self.cq.add(usize::from(self.cq_head)) };
             // SAFETY: as above; the status word is read first and alone to test the phase.
@@ -897,6 +933,15 @@ impl QueuePair {
             }
             self.sq_head = cqe.sq_head % self.entries;
             reaped += 1;
+            if let Some(n) = self.hold_after {
+                self.hold_after = Some(n - 1);
+                if n == 1 {
+                    tracing::warn!(
+                        "queue {}: fault injection holds every completion from now on",
+                        self.qid
+                    );
+                }
+            }
             if let Some(n) = self.drop_after {
                 if n == 0 {
                     // The injected fault: this command never completes as far as the caller
@@ -951,6 +996,12 @@ impl QueuePair {
     /// device had lost it (its command stays in flight until a timeout and a reset).
     pub fn inject_lost_completion(&mut self, after: u64) {
         self.drop_after = Some(after);
+    }
+
+    /// Fault injection for tests: after `after` more completions, none is read any more
+    /// (the commands stay in flight, their completions in the CQ).
+    pub fn inject_held_completions(&mut self, after: u64) {
+        self.hold_after = Some(after);
     }
 
     /// Opcode of the command in flight under `cid`, if any.

@@ -238,6 +238,11 @@ impl VfioPci {
         self.address
     }
 
+    /// Where the regions sit in the device fd.
+    pub fn layout(&self) -> RegionLayout {
+        self.layout
+    }
+
     /// The IOMMU group.
     pub fn iommu_group(&self) -> u32 {
         self.iommu_group

@@ -142,21 +142,36 @@ fn nvme_backend_verifies_across_sigkills() {
 
 /// The start of a script with the target on the NVMe backend under `vfblk-keeper`, its RPC
 /// socket at /tmp/rpc.sock, its vhost-user socket /tmp/k.sock, `target_pid` to ask it its pid.
+/// `$TARGET` may name a wrapper of vfblk-bridge.
 const KEPT_NVME_TARGET: &str = r#". /lab/lib.sh
 modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
 bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
 vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
-vfblk-keeper --dir /tmp/keep --json -- vfblk-bridge --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &
+vfblk-keeper --dir /tmp/keep --json -- ${TARGET:-vfblk-bridge} --socket /tmp/k.sock --backend nvme:$bdf --rpc /tmp/rpc.sock >/tmp/keeper.json 2>/tmp/kept.log &
 kp=$!
 for i in $(seq 1 200); do [ -S /tmp/rpc.sock ] && break; sleep 0.05; done
 [ -S /tmp/rpc.sock ] || { cat /tmp/kept.log; fail "the kept target did not start"; }
 target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
 "#;
 
-/// The NVMe backend under `vfblk-keeper` in the lab guest: SIGKILLs of the target under a
-/// verifying load generator cost no reconnect; each restarted target brings the controller
-/// up again, maps the resumed connection's memory and re-runs what was in flight.
-const KEPT_SCRIPT: &str = r#"step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
+/// The NVMe backend under `vfblk-keeper` in the lab guest. The keeper holds the
+/// controller's VFIO fds, DMA memory and record, so each target started after a SIGKILL takes
+/// the controller over as the dead one left it: no vfio-pci function reset, no controller
+/// reset, guest RAM still mapped; the dead process's I/O queues are deleted (every command
+/// on them completed or aborted) before what it had in flight is re-run. First the target's
+/// driver holds every completion it gets (16 requests out, their completions unread in the
+/// CQ) and is killed so; then 3 SIGKILLs under a verifying load generator.
+const KEPT_SCRIPT: &str = r#"step "completions held by the driver across a SIGKILL: the successor deletes the dead process's queues before it re-runs anything"
+vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 8 --json > /tmp/held.json &
+lg=$!
+for i in $(seq 1 200); do grep -q "holds every completion" /tmp/kept.log && break; sleep 0.1; done
+grep -q "holds every completion" /tmp/kept.log || { cat /tmp/kept.log; fail "the driver never held its completions"; }
+sleep 1
+kill -9 $(target_pid)
+wait $lg; rc=$?
+record "{\"held\": $(cat /tmp/held.json), \"held_rerun\": \"$(grep -o '[0-9]* request(s) to run again' /tmp/kept.log | head -1)\", \"held_takeover\": \"$(grep -m1 'taken over as the previous process left it' /tmp/kept.log | grep -o '[0-9]* of its I/O queue pair(s) deleted')\"}"
+[ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors across the held completions"; }
+step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
 lg=$!
 for k in 1 2 3; do
@@ -169,8 +184,14 @@ wait $lg; rc=$?
 record "{\"kept_kills\": $(cat /tmp/lg.json)}"
 grep -c "1 connection(s) resumed without reconnect" /tmp/kept.log > /tmp/resumed
 kill $kp; wait $kp
-record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json)}"
+record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json), \"taken_over\": $(grep -c 'taken over as the previous process left it, with no reset' /tmp/kept.log), \"reset\": $(grep -c 'resetting it' /tmp/kept.log)}"
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
+"#;
+
+/// A wrapper of vfblk-bridge whose first start holds its NVMe completions after 2,000.
+const HOLD_ONCE: &str = r#"printf '#!/bin/sh\nif [ -e /tmp/held-once ]; then exec vfblk-bridge "$@"; fi\ntouch /tmp/held-once\nexec vfblk-bridge --test-hold-nvme-completions 2000 "$@"\n' > /tmp/hold-once
+chmod +x /tmp/hold-once
+TARGET=/tmp/hold-once
 "#;
 
 #[test]
@@ -178,22 +199,50 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
     let _lock = lab_lock();
     let retried = run_script(
         "test-nvme-kept",
-        &format!("{KEPT_NVME_TARGET}{KEPT_SCRIPT}"),
+        &format!("{HOLD_ONCE}{KEPT_NVME_TARGET}{KEPT_SCRIPT}"),
     );
     let run = &retried.run;
     let kills = run.record("kept_kills").cloned();
     eprintln!(
-        "NVMe backend under the keeper, 3 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; connections resumed {:?}; keeper {:?}",
+        "NVMe backend under the keeper, 3 SIGKILLs: {} I/Os, {} verify errors, {} reconnects, longest gap {} ms; connections resumed {:?}; taken over {:?}, reset {:?}; keeper {:?}; held: {:?} {:?} {:?}",
         kills.as_ref().map_or(Value::Null, |k| k["ios"].clone()),
         kills.as_ref().map_or(Value::Null, |k| k["verify_errors"].clone()),
         kills.as_ref().map_or(Value::Null, |k| k["reconnects"].clone()),
         kills.as_ref().map_or(Value::Null, |k| k["max_gap_ms"].clone()),
         run.record("resumed"),
-        run.record("keeper")
+        run.record("taken_over"),
+        run.record("reset"),
+        run.record("keeper"),
+        run.record("held"),
+        run.record("held_rerun"),
+        run.record("held_takeover"),
     );
     run.expect_success("NVMe backend under the keeper").unwrap();
+    vfblk_tests::assert_no_error_nor_reconnect(&run.record("held").cloned().expect("held record"));
+    // The held requests were re-run, after the dead process's queue pair was deleted.
+    let rerun = run
+        .record("held_rerun")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let rerun: u64 = rerun
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        rerun >= 1,
+        "held requests re-run: {:?}",
+        run.record("held_rerun")
+    );
+    assert_eq!(
+        run.record("held_takeover").and_then(Value::as_str),
+        Some("1 of its I/O queue pair(s) deleted")
+    );
     vfblk_tests::assert_no_error_nor_reconnect(&kills.expect("kept_kills record"));
-    assert_eq!(run.record("resumed"), Some(&serde_json::json!(3)));
+    assert_eq!(run.record("resumed"), Some(&serde_json::json!(4)));
+    // Every successor took the controller as it was: none reset it.
+    assert_eq!(run.record("taken_over"), Some(&serde_json::json!(4)));
+    assert_eq!(run.record("reset"), Some(&serde_json::json!(0)));
 }
 
 /// Upgrades by hand-over of a target on the NVMe backend, under `vfblk-keeper`, mixed with
@@ -480,6 +529,106 @@ const RESTART_FIO_MIB: u32 = 256;
 /// reconnect path, killed and started again 10 times with QEMU reconnecting; past emulator
 /// faults. Its `l3_vhost` record has fio's figures and QEMU's complaints about the
 /// connection.
+/// SIGKILLs of the lab guest's NVMe target under `vfblk-keeper` measured beside a RAM disk
+/// target's, one after the other in the same guest, each under its own verifying load
+/// generator (QD16): the longest gap the load generator saw and how long each successor
+/// took to take the controller over. `VFBLK_TEST_NVME_KILLS` kills of each (default 100).
+const KILL_GAP_SCRIPT: &str = r#". /lab/lib.sh
+modprobe vfio_iommu_type1 && modprobe vfio_pci || fail "modprobe"
+bdf=$(pci_by_class 0x010802) || fail "no NVMe controller"
+vfblk-nvme bind-vfio $bdf || fail "bind-vfio"
+hugepages() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
+measure() {
+    name=$1; backend=$2
+    rm -rf /tmp/$name.sock /tmp/$name.rpc /tmp/keep-$name
+    vfblk-keeper --dir /tmp/keep-$name --json -- vfblk-bridge --socket /tmp/$name.sock --backend $backend --rpc /tmp/$name.rpc >/tmp/$name-keeper.json 2>/tmp/$name.log &
+    kp=$!
+    for i in $(seq 1 200); do [ -S /tmp/$name.rpc ] && break; sleep 0.05; done
+    [ -S /tmp/$name.rpc ] || { cat /tmp/$name.log; fail "the $name target did not start"; }
+    pid() { vfblk-rpc --socket /tmp/$name.rpc --json stats 2>/dev/null | tr -d ' \n' | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+    vfblk-loadgen --socket /tmp/$name.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 3600 --json > /tmp/$name-lg.json &
+    lg=$!
+    sleep 2
+    free_before=$(hugepages)
+    for k in $(seq 1 KILLS); do
+        p=$(pid)
+        [ -n "$p" ] || { cat /tmp/$name.log; fail "$name: no target pid before kill $k"; }
+        kill -9 $p
+        for i in $(seq 1 200); do q=$(pid); [ -n "$q" ] && [ "$q" != "$p" ] && break; sleep 0.05; done
+        sleep 0.3
+    done
+    free_after=$(hugepages)
+    kill -INT $lg; wait $lg; rc=$?
+    record "{\"$name\": {\"load\": $(cat /tmp/$name-lg.json), \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/$name.log), \"taken_over_ms\": [$(grep -o 'window(s) of guest RAM kept mapped, in [0-9.]* ms' /tmp/$name.log | sed 's/.* in \([0-9.]*\) ms/\1/' | paste -sd, -)], \"reset\": $(grep -c 'resetting it' /tmp/$name.log)}}"
+    kill $kp; wait $kp
+    [ $rc = 0 ] || { cat /tmp/$name.log; fail "$name: loadgen reported errors"; }
+}
+step "KILLS SIGKILLs of an NVMe target under vfblk-keeper, then of a RAM disk target, each under a verifying load generator"
+measure nvme nvme:$bdf
+measure mem mem:/tmp/mem.img:256M
+"#;
+
+#[test]
+#[ignore = "a measurement for docs/recovery.md (about 3 min per 100 kills of each); the take-over path is checked by nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting"]
+fn nvme_sigkill_gaps_beside_the_ram_disk() {
+    let _lock = lab_lock();
+    let kills: usize = std::env::var("VFBLK_TEST_NVME_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let lab = Lab::new("test-nvme-kill-gaps").expect("lab setup");
+    let retried = lab
+        .run_l2(
+            &KILL_GAP_SCRIPT.replace("KILLS", &kills.to_string()),
+            Contents::default(),
+            256,
+            Duration::from_secs(300 + 4 * kills as u64),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    let run = &retried.run;
+    let mut gaps = Vec::new();
+    for name in ["nvme", "mem"] {
+        let r = run.record(name).cloned().unwrap_or(Value::Null);
+        let taken: Vec<f64> = r["taken_over_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        eprintln!(
+            "{name}: {kills} SIGKILLs, longest gap the load generator saw {} ms; {} I/Os, {} verify errors, {} reconnects; connections resumed {}; controller taken over {} time(s) ({}), reset {}; hugepages free {}",
+            r["load"]["max_gap_ms"],
+            r["load"]["ios"],
+            r["load"]["verify_errors"],
+            r["load"]["reconnects"],
+            r["resumed"],
+            taken.len(),
+            if taken.is_empty() { "-".into() } else { vfblk_tests::percentiles(taken.clone()) },
+            r["reset"],
+            r["hugepages_free"],
+        );
+        gaps.push(r["load"]["max_gap_ms"].as_f64());
+        run.expect_success("NVMe and RAM disk SIGKILLs").unwrap();
+        vfblk_tests::assert_no_error_nor_reconnect(&r["load"]);
+        assert_eq!(r["resumed"], kills, "every kill resumed its connection");
+        assert_eq!(
+            r["hugepages_free"][0], r["hugepages_free"][1],
+            "hugepages leaked"
+        );
+        if name == "nvme" {
+            assert_eq!(
+                taken.len(),
+                kills,
+                "every successor took the controller over"
+            );
+            assert_eq!(r["reset"], 0, "no successor reset the controller");
+        }
+    }
+    eprintln!(
+        "longest gaps: NVMe {:?} ms, RAM disk {:?} ms",
+        gaps[0], gaps[1]
+    );
+}
+
 fn l3_fio_across_restarts_past_emulator_faults(
     lab_name: &str,
     qemu10: bool,

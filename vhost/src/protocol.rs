@@ -48,8 +48,9 @@ pub struct DeviceConfig {
     /// Keep each connection's fds and state in an fd store, so that a successor of a
     /// crashed process resumes it without a reconnect.
     pub fd_store: Option<crate::fd_store::DeviceStore>,
-    /// Mark the dirty log of a migration (off only in tests that show what goes wrong
-    /// without it: the log is offered and taken, and nothing is marked).
+    /// Mark the data the device writes into guest buffers in a migration's dirty log (off
+    /// only in tests that show what goes wrong without it: the log is offered and taken,
+    /// and only the rings and status bytes are marked).
     pub dirty_log_marks: bool,
 }
 

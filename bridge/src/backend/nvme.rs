@@ -21,8 +21,11 @@ use vfblk_vhost::memory::GuestMemory;
 
 use super::{Backend, BackendInfo, BackendQueue, Queue};
 use crate::request::{Operation, Request, MAX_DISCARD_SEGMENTS};
+
+mod kept;
 use crate::virtio_blk::{status, SECTOR};
 use crate::{Error, Result};
+use kept::{KeptWindows, StoredController};
 
 /// A range of 512-byte sectors as (first block, blocks) of a namespace with 2^shift-byte
 /// blocks; `None` unless both ends fall on block boundaries (rounding would touch blocks the
@@ -50,6 +53,8 @@ pub struct NvmeOptions {
     /// Fault injection (tests): each queue pair loses the completion that arrives after
     /// this many others.
     pub lose_completion_after: Option<u64>,
+    /// Fault injection (tests): each queue pair stops reading completions after this many.
+    pub hold_completions_after: Option<u64>,
     /// Use SGLs where the controller offers them; off, scatter lists PRPs cannot describe
     /// go through bounce buffers as on a controller without SGLs.
     pub use_sgl: bool,
@@ -60,6 +65,7 @@ impl Default for NvmeOptions {
         Self {
             command_timeout: Duration::from_secs(30),
             lose_completion_after: None,
+            hold_completions_after: None,
             use_sgl: true,
         }
     }
@@ -141,6 +147,9 @@ impl NvmeEngine {
             })?;
         if let Some(n) = options.lose_completion_after {
             qp.inject_lost_completion(n);
+        }
+        if let Some(n) = options.hold_completions_after {
+            qp.inject_held_completions(n);
         }
         let tick_ms = TICK.as_millis().max(1) as u64;
         Ok(Self {
@@ -303,6 +312,17 @@ pub struct LentWindow {
 /// What each window of this process holds, by window base.
 type MappedWindows = Arc<Mutex<BTreeMap<u64, Vec<MappedRegion>>>>;
 
+/// The windows of `mapped` as another process takes them over.
+fn lent_windows(mapped: &BTreeMap<u64, Vec<MappedRegion>>) -> Vec<LentWindow> {
+    mapped
+        .iter()
+        .map(|(base, regions)| LentWindow {
+            base: *base,
+            regions: regions.clone(),
+        })
+        .collect()
+}
+
 /// An opened controller, the IOVA windows its backends hold, and its queue pairs: one per
 /// poller, shared by every virtqueue of its backends that the poller runs.
 pub struct SharedController {
@@ -315,6 +335,8 @@ pub struct SharedController {
     adoptable: Arc<Mutex<Vec<LentWindow>>>,
     /// Set once the lender let go: mappings taken over from it are this process's to remove.
     lender_gone: Arc<std::sync::atomic::AtomicBool>,
+    /// Where `mapped` is kept for a successor after a crash, when the fd store is in use.
+    kept_windows: KeptWindows,
 }
 
 /// What a process taking over needs of a controller this one lends
@@ -361,6 +383,7 @@ impl SharedController {
             mapped: MappedWindows::default(),
             adoptable: Arc::default(),
             lender_gone: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            kept_windows: KeptWindows::default(),
         }
     }
 
@@ -405,6 +428,10 @@ impl SharedController {
 #[derive(Default)]
 pub struct NvmeControllers {
     open: BTreeMap<vfblk_nvme::pci::PciAddress, SharedController>,
+    /// The fd store each controller is kept in for a successor after a crash, if any.
+    store: Option<Arc<vfblk_vhost::fd_store::FdStore>>,
+    /// Controllers a dead predecessor kept in the store, taken over when opened.
+    stored: BTreeMap<vfblk_nvme::pci::PciAddress, StoredController>,
 }
 
 impl NvmeControllers {
@@ -420,19 +447,29 @@ impl NvmeControllers {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(v) => {
                 use vfblk_nvme::controller::Options;
-                let ctrl = Controller::open(
-                    address,
-                    &Options {
-                        io_queues,
-                        sgl: options.use_sgl,
-                        ..Options::default()
-                    },
-                )
-                .map_err(|source| Error::Nvme {
-                    what: format!("opening {address}"),
-                    source,
-                })?;
-                Ok(v.insert(SharedController::new(ctrl)))
+                let options = Options {
+                    io_queues,
+                    sgl: options.use_sgl,
+                    ..Options::default()
+                };
+                let recovered = match self.stored.remove(&address) {
+                    Some(stored) => kept::recover(self.store.as_ref(), address, stored, &options),
+                    None => None,
+                };
+                let shared = match recovered {
+                    Some(shared) => shared,
+                    None => {
+                        let ctrl =
+                            Controller::open(address, &options).map_err(|source| Error::Nvme {
+                                what: format!("opening {address}"),
+                                source,
+                            })?;
+                        let shared = SharedController::new(ctrl);
+                        kept::keep(self.store.as_ref(), address, &shared, None);
+                        shared
+                    }
+                };
+                Ok(v.insert(shared))
             }
         }
     }
@@ -487,16 +524,7 @@ impl NvmeControllers {
                 Ok((lending, queues)) => lent.push(LentController {
                     address: *address,
                     lending,
-                    windows: c
-                        .mapped
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .map(|(base, regions)| LentWindow {
-                            base: *base,
-                            regions: regions.clone(),
-                        })
-                        .collect(),
+                    windows: lent_windows(&c.mapped.lock().unwrap_or_else(|e| e.into_inner())),
                     queues,
                     queues_not_handed,
                 }),
@@ -517,7 +545,11 @@ impl NvmeControllers {
     pub fn reclaim_all(&self) {
         for (address, c) in self.open.iter().filter(|(_, c)| c.ctrl.lent()) {
             match c.ctrl.reclaim(&c.windows.ranges(WindowOwner::Used, true)) {
-                Ok(()) => tracing::info!("{address}: taken back after the hand-over failed"),
+                Ok(()) => {
+                    tracing::info!("{address}: taken back after the hand-over failed");
+                    // The borrower may have put its own record in the store.
+                    kept::keep(self.store.as_ref(), *address, c, None);
+                }
                 Err(e) => tracing::error!(
                     "{address}: could not be taken back after the hand-over failed: {}",
                     vfblk_vhost::error_chain(&e)
@@ -534,6 +566,7 @@ impl NvmeControllers {
     pub fn release_all(&self, adopted: &[vfblk_nvme::pci::PciAddress]) -> u64 {
         let mut removed = 0;
         for (address, c) in self.open.iter().filter(|(a, _)| !adopted.contains(a)) {
+            kept::forget_arenas(self.store.as_ref(), *address, &c.ctrl);
             match c.ctrl.release_lent() {
                 Ok(n) => removed += n,
                 Err(e) => tracing::error!(
@@ -572,8 +605,9 @@ impl NvmeControllers {
             what: format!("taking over {address}"),
             source,
         })?;
-        self.open
-            .insert(address, SharedController::adopted(ctrl, lender_windows));
+        let shared = SharedController::adopted(ctrl, lender_windows);
+        kept::keep(self.store.as_ref(), address, &shared, None);
+        self.open.insert(address, shared);
         Ok(())
     }
 
@@ -643,8 +677,9 @@ impl NvmeControllers {
                             bytes >> 10,
                             started.elapsed().as_secs_f64() * 1e3
                         );
-                        self.open
-                            .insert(address, SharedController::adopted(ctrl, lender_windows));
+                        let shared = SharedController::adopted(ctrl, lender_windows);
+                        kept::keep(self.store.as_ref(), address, &shared, None);
+                        self.open.insert(address, shared);
                         return Ok(TakenController {
                             address,
                             queues_adopted: true,
@@ -717,10 +752,12 @@ impl NvmeControllers {
 
     /// Closes the controllers no backend uses any more.
     pub fn close_unused(&mut self) {
+        let store = self.store.clone();
         self.open.retain(|address, c| {
             let keep = !c.unused();
             if !keep {
                 tracing::info!("{address}: no backend uses it; closing it");
+                kept::forget(store.as_ref(), *address, &c.ctrl);
             }
             keep
         });
@@ -738,6 +775,7 @@ pub struct NvmeBackend {
     mapped: MappedWindows,
     adoptable: Arc<Mutex<Vec<LentWindow>>>,
     lender_gone: Arc<std::sync::atomic::AtomicBool>,
+    kept_windows: KeptWindows,
     /// First block of the namespace this backend serves (a part of a namespace for one VM).
     first_block: u64,
     /// The controller's queue pairs by poller (shared with its other backends).
@@ -821,6 +859,7 @@ impl NvmeBackend {
             mapped: shared.mapped.clone(),
             adoptable: shared.adoptable.clone(),
             lender_gone: shared.lender_gone.clone(),
+            kept_windows: shared.kept_windows.clone(),
             first_block: range.offset / block,
             engines: shared.engines.clone(),
             mappings: Mutex::new(Vec::new()),
@@ -927,8 +966,11 @@ impl Backend for NvmeBackend {
         let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         // Old mappings go first: the same guest-physical ranges come back at the same IOVAs.
-        mappings.clear();
+        // Out of the kept record before they are unmapped, into it once mapped: a successor
+        // removes whatever is mapped in a window the record does not name.
         mapped.remove(&window.base());
+        self.kept_windows.write(&mapped);
+        mappings.clear();
         let Some(memory) = memory else { return Ok(()) };
         let mut regions = memory
             .regions()
@@ -946,6 +988,7 @@ impl Backend for NvmeBackend {
             );
             *mappings = adopted;
             mapped.insert(window.base(), regions);
+            self.kept_windows.write(&mapped);
             return Ok(());
         }
         for r in memory.regions() {
@@ -981,6 +1024,7 @@ impl Backend for NvmeBackend {
             mappings.push(m);
         }
         mapped.insert(window.base(), regions);
+        self.kept_windows.write(&mapped);
         Ok(())
     }
 }

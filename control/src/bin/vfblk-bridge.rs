@@ -97,8 +97,14 @@ struct Args {
     #[cfg(feature = "test-delay")]
     #[arg(long, value_name = "N")]
     test_lose_nvme_completion: Option<u64>,
-    /// Take a migration's dirty log and never mark it, to show the corruption that follows
-    /// (tests only).
+    /// NVMe backend fault injection: each queue pair stops reading completions after N
+    /// (its commands stay in flight; tests only).
+    #[cfg(feature = "test-delay")]
+    #[arg(long, value_name = "N")]
+    test_hold_nvme_completions: Option<u64>,
+    /// Take a migration's dirty log and never mark the data written into guest buffers in
+    /// it (rings and status bytes are marked), to show the corruption that follows (tests
+    /// only).
     #[cfg(feature = "test-delay")]
     #[arg(long)]
     test_skip_dirty_log: bool,
@@ -142,6 +148,10 @@ fn main() -> ExitCode {
     let lose_completion_after = args.test_lose_nvme_completion;
     #[cfg(not(feature = "test-delay"))]
     let lose_completion_after = None;
+    #[cfg(feature = "test-delay")]
+    let hold_completions_after = args.test_hold_nvme_completions;
+    #[cfg(not(feature = "test-delay"))]
+    let hold_completions_after = None;
     let settings = TargetSettings {
         cpus: args.cpus,
         pollers: usize::from(args.pollers),
@@ -150,6 +160,7 @@ fn main() -> ExitCode {
         nvme: vfblk_bridge::backend::NvmeOptions {
             command_timeout: Duration::from_millis(args.nvme_timeout_ms),
             lose_completion_after,
+            hold_completions_after,
             use_sgl: !args.nvme_no_sgl,
         },
         test_delay,
