@@ -297,7 +297,7 @@ done
 free_after=$(hugepages)
 kill -INT $lg; wait $lg; rc=$?
 record "{\"nvme_upgrades\": $(cat /tmp/lg.json)}"
-record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"queues_adopted\": $(grep -c 'queues adopted as the previous process left them' /tmp/kept.log)}"
+record "{\"reports\": [$(paste -sd, /tmp/upgrades.json)], \"hugepages_free\": [$free_before, $free_after], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"released\": $(grep -c 'DMA mappings released' /tmp/kept.log), \"taken_back\": $(grep -c 'taken back after the hand-over failed' /tmp/kept.log), \"borrower_unmapped\": $(grep -c 'the borrower had mapped' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"queues_adopted\": $(grep -c 'queues adopted as the previous process left them' /tmp/kept.log), \"crash_taken_over\": $(grep -c 'taken over as the previous process left it, with no reset' /tmp/kept.log), \"crash_reset\": $(grep -c 'resetting it' /tmp/kept.log)}"
 record "{\"arenas\": \"$(grep -o 'DMA arena(s) of [0-9]* KiB' /tmp/kept.log | sort -u | paste -sd, -)\", \"windows\": \"$(grep 'taken over as the previous process mapped it' /tmp/kept.log | grep -o 'at IOVA 0x[0-9a-f]*' | sort -u | paste -sd, -)\"}"
 kill $kp; wait $kp
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
@@ -352,12 +352,16 @@ fn nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_r
     // Only the old processes of the two fallbacks unmap their memory; after an adoption it
     // stays mapped for the new process.
     assert_eq!(run.record("released"), Some(&serde_json::json!(2)));
-    // The two failed ones and the one whose adoption failed took it over too.
+    // The two failed ones and the one whose adoption failed took it over too, and so did
+    // each process started after a SIGKILL: the keeper held the controller, its memory and
+    // its mappings, so the successor took it over as the dead one left it, never reset.
     assert_eq!(
         run.record("guest_ram_taken_over"),
-        Some(&serde_json::json!(22)),
-        "no upgrade mapped the guest RAM again"
+        Some(&serde_json::json!(32)),
+        "no upgrade or restart mapped the guest RAM again"
     );
+    assert_eq!(run.record("crash_taken_over"), Some(&serde_json::json!(10)));
+    assert_eq!(run.record("crash_reset"), Some(&serde_json::json!(0)));
     // 18 successful adoptions and the two upgrades that failed after adopting.
     assert_eq!(run.record("queues_adopted"), Some(&serde_json::json!(20)));
     assert_eq!(
