@@ -92,7 +92,7 @@ sleep 2
 kill -0 $np 2>/dev/null && during=true || during=false
 wait $np; nrc=$?
 cat /tmp/nested.out
-record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"call_fds_while_running\": $(grep -c 'new call fd while running' /tmp/kept.log)}}"
+record "{{\"events_during_fio\": $during, \"reports\": [$(paste -sd, /tmp/upgrades.json)], \"resumed\": $(grep -c '1 connection(s) resumed without reconnect' /tmp/kept.log), \"recovered\": $(grep -c 'recovered from the inflight region' /tmp/kept.log), \"guest_ram_taken_over\": $(grep -c 'taken over as the previous process mapped it' /tmp/kept.log), \"call_fds_while_running\": $(grep -c 'new call fd while running' /tmp/kept.log), \"crash_taken_over\": $(grep -c 'taken over as the previous process left it, with no reset' /tmp/kept.log), \"crash_reset\": $(grep -c 'resetting it' /tmp/kept.log)}}"
 # On failure, what the console shows last: the target's restarts (ring indices at each),
 # then the guest's last lines (its disk counters every 10 s).
 [ $nrc = 0 ] || {{ grep -E "recovered from|killed by|handed over|while running|disconnected|ERROR|WARN" /tmp/kept.log | tail -22; tail -15 /tmp/l3/console-vhost-k.log; fail "L3 fio on the NVMe backend"; }}

@@ -689,11 +689,15 @@ fn check_l3_run(retried: &vfblk_lab::vm::RetriedRun, what: &str, kept: bool) -> 
         assert_eq!(pauses.len(), 10, "{reports:?}");
         assert!(reports.iter().all(|r| r["connections"] == 1), "{reports:?}");
         assert_eq!(run.record("resumed"), Some(&serde_json::json!(10)));
+        // Each upgrade's new process and each process started after a SIGKILL took the
+        // guest RAM mappings over; every restart took the controller as it was.
         assert_eq!(
             run.record("guest_ram_taken_over"),
-            Some(&serde_json::json!(10)),
-            "no upgrade mapped the guest RAM again"
+            Some(&serde_json::json!(20)),
+            "no upgrade or restart mapped the guest RAM again"
         );
+        assert_eq!(run.record("crash_taken_over"), Some(&serde_json::json!(10)));
+        assert_eq!(run.record("crash_reset"), Some(&serde_json::json!(0)));
         assert_eq!(
             l3["qemu_vhost_lines"],
             serde_json::json!([]),
