@@ -160,7 +160,8 @@ target_pid() { vfblk-rpc --socket /tmp/rpc.sock --json stats | tr -d ' \n' | sed
 /// reset, guest RAM still mapped; the dead process's I/O queues are deleted (every command
 /// on them completed or aborted) before what it had in flight is re-run. First the target's
 /// driver holds every completion it gets (16 requests out, their completions unread in the
-/// CQ) and is killed so; then 3 SIGKILLs under a verifying load generator.
+/// CQ) and is killed so; then 3 SIGKILLs under a verifying load generator, the first of
+/// whose successors fails its take-over and resets the controller instead.
 const KEPT_SCRIPT: &str = r#"step "completions held by the driver across a SIGKILL: the successor deletes the dead process's queues before it re-runs anything"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 8 --json > /tmp/held.json &
 lg=$!
@@ -188,8 +189,18 @@ record "{\"resumed\": $(cat /tmp/resumed), \"keeper\": $(cat /tmp/keeper.json), 
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors"; }
 "#;
 
-/// A wrapper of vfblk-bridge whose first start holds its NVMe completions after 2,000.
-const HOLD_ONCE: &str = r#"printf '#!/bin/sh\nif [ -e /tmp/held-once ]; then exec vfblk-bridge "$@"; fi\ntouch /tmp/held-once\nexec vfblk-bridge --test-hold-nvme-completions 2000 "$@"\n' > /tmp/hold-once
+/// A wrapper of vfblk-bridge whose first start holds its NVMe completions after 2,000, and
+/// whose third start fails to take the controller over (`VFBLK_TEST_RECOVER_FAULT`: the
+/// fallback, a reset while the keeper still holds the device's fds).
+const HOLD_ONCE: &str = r#"cat > /tmp/hold-once <<'WRAPPER'
+#!/bin/sh
+n=$(cat /tmp/starts 2>/dev/null || echo 0); n=$((n + 1)); echo $n > /tmp/starts
+case $n in
+1) exec vfblk-bridge --test-hold-nvme-completions 2000 "$@" ;;
+3) VFBLK_TEST_RECOVER_FAULT=1 exec vfblk-bridge "$@" ;;
+*) exec vfblk-bridge "$@" ;;
+esac
+WRAPPER
 chmod +x /tmp/hold-once
 TARGET=/tmp/hold-once
 "#;
@@ -243,9 +254,10 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
     );
     vfblk_tests::assert_no_error_nor_reconnect(&kills.expect("kept_kills record"));
     assert_eq!(run.record("resumed"), Some(&serde_json::json!(4)));
-    // Every successor took the controller as it was: none reset it.
-    assert_eq!(run.record("taken_over"), Some(&serde_json::json!(4)));
-    assert_eq!(run.record("reset"), Some(&serde_json::json!(0)));
+    // Every successor took the controller as it was but the one made to fail, which reset
+    // it (the stored fds dropped first) and served on: no error, no reconnect.
+    assert_eq!(run.record("taken_over"), Some(&serde_json::json!(3)));
+    assert_eq!(run.record("reset"), Some(&serde_json::json!(1)));
 }
 
 /// Upgrades by hand-over of a target on the NVMe backend, under `vfblk-keeper`, mixed with

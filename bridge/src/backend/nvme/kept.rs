@@ -199,7 +199,9 @@ pub(super) fn recover(
         windows,
         windows_file,
     } = stored;
-    let (ctrl, done) = match Controller::recover(address, vfio, &kept, record, memfds, options) {
+    let recovered = Controller::recover(address, vfio, &kept, record, memfds, options)
+        .and_then(|taken| injected_recover_fault().map(|()| taken));
+    let (ctrl, done) = match recovered {
         Ok(taken) => taken,
         Err(e) => {
             tracing::warn!(
@@ -250,6 +252,20 @@ pub(super) fn recover(
     let shared = SharedController::adopted(ctrl, &valid);
     keep(store, address, &shared, windows_file);
     Some(shared)
+}
+
+/// In a test build (feature `test-delay`), `VFBLK_TEST_RECOVER_FAULT=1` makes the take-over
+/// of a dead process's controller fail after it succeeded (its queues deleted, its memory
+/// adopted), so that the controller is reset and opened afresh while the store still held
+/// its fds: the fallback, tested.
+fn injected_recover_fault() -> vfblk_nvme::Result<()> {
+    #[cfg(feature = "test-delay")]
+    if std::env::var("VFBLK_TEST_RECOVER_FAULT").as_deref() == Ok("1") {
+        return Err(vfblk_nvme::Error::BadArgument(
+            "the take-over failed by VFBLK_TEST_RECOVER_FAULT".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Keeps `shared` in `store` (if there is one): its fds, its arenas (and those to come), its
