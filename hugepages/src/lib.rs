@@ -20,7 +20,7 @@ pub mod reserve;
 pub use iova::IovaAllocator;
 pub use mapper::{DmaBuffer, DmaMapper, ExternalMapping, VfioDmaMapper};
 pub use memory::{memfd, DmaMemory, PageKind};
-pub use pool::{ArenaHook, DmaChunk, DmaPool};
+pub use pool::{file_identity, ArenaHook, DmaChunk, DmaPool};
 
 use std::fmt;
 

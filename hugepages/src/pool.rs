@@ -217,14 +217,17 @@ impl DmaPool {
         }
     }
 
-    /// Each arena's IOVA and length, in arena order.
-    pub fn arena_layout(&self) -> Vec<(u64, usize)> {
+    /// Each arena's IOVA, length and memfd identity (`st_dev`, `st_ino`), in arena order.
+    pub fn arena_layout(&self) -> Vec<(u64, usize, (u64, u64))> {
         self.inner
             .lock()
             .map(|i| {
                 i.arenas
                     .iter()
-                    .map(|a| (a.buffer.iova(), a.buffer.memory().len()))
+                    .map(|a| {
+                        let memory = a.buffer.memory();
+                        (a.buffer.iova(), memory.len(), file_identity(memory.fd()))
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -317,6 +320,20 @@ impl Drop for DmaChunk {
             }
         }
     }
+}
+
+/// The `st_dev` and `st_ino` of an open file ((0, 0) if fstat fails: no file has it).
+pub fn file_identity(fd: std::os::fd::BorrowedFd<'_>) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat into the buffer it is given; the result is checked before
+    // the buffer is read.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return (0, 0);
+    }
+    // SAFETY: fstat succeeded, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    (st.st_dev, st.st_ino)
 }
 
 #[cfg(test)]

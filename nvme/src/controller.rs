@@ -309,6 +309,9 @@ pub struct KeptController {
     pub admin_outstanding: u16,
     /// I/O queue ids whose queues may exist on the controller.
     pub io_queues: Vec<u16>,
+    /// Each arena's memfd (`st_dev`, `st_ino`), in the arenas' order: a successor checks
+    /// that the fd it was given is the memory mapped at the arena's IOVA.
+    pub arena_files: Vec<(u64, u64)>,
 }
 
 /// What a successor did to take a dead process's controller over ([`Controller::recover`]).
@@ -577,6 +580,8 @@ impl Controller {
         let vfio = s.pci.share()?;
         let regs = Registers::new(s.pci.bar0());
         let timeout = Duration::from_millis(s.cap.timeout_ms().max(500));
+        // Before the controller changes hands: this process's record stops being true.
+        s.void_kept();
         disable(&regs, &s.name, timeout)?;
         s.lent.store(true, std::sync::atomic::Ordering::Release);
         Ok(Lending {
@@ -671,6 +676,9 @@ impl Controller {
         let layout: Vec<(u64, usize)> = arenas.iter().map(|(_, iova, len)| (*iova, *len)).collect();
         let record = s.controller_record(cc, admin_record, &layout, queues)?;
         let vfio = s.pci.share()?;
+        // The borrower drives the admin queue from now on: this process's record would be
+        // behind it. (Taken back after a failed hand-over, the reset writes it anew.)
+        s.void_kept();
         s.lent.store(true, std::sync::atomic::Ordering::Release);
         Ok(QueueHandover {
             vfio,
@@ -831,6 +839,11 @@ impl Controller {
         let mut state = *a;
         state.sq_head = (a.sq_tail + a.entries - outstanding) % a.entries;
         let mut admin = taking.admin(&state)?;
+        // Before anything is rung: the CQ must agree with the record, or the record is
+        // behind the controller and its SQ tail would make it run old entries.
+        if let Err(why) = admin.agrees_with_cq(outstanding) {
+            return Err(taking.bad(format!("admin queue: {why}")));
+        }
         // The dead process may have written a command and died before ringing: ring it.
         // Not the CQ head: the controller may have been told a later one already.
         admin.ring_sq_where_left();
@@ -940,10 +953,16 @@ impl Controller {
             .filter(|(_, used)| **used)
             .map(|(qid, _)| qid as u16)
             .collect();
+        let arenas: Vec<(u64, usize)> = s
+            .pool
+            .arena_layout()
+            .into_iter()
+            .map(|(iova, len, _)| (iova, len))
+            .collect();
         let controller = s.controller_record(
             s.cc.with_enable(true),
             admin.live_record(),
-            &s.pool.arena_layout(),
+            &arenas,
             Vec::new(),
         )?;
         *s.keeping.lock().map_err(|_| poisoned("kept record"))? = Some(Keeping {
@@ -954,6 +973,7 @@ impl Controller {
                 controller,
                 admin_outstanding: 0,
                 io_queues: Vec::new(),
+                arena_files: Vec::new(),
             },
             io_queues,
         });
@@ -1606,35 +1626,49 @@ impl Shared {
 
     /// Rewrites the kept record, if there is one, with the admin queue where `admin` stands
     /// (called under the admin lock).
+    /// On failure the record is voided: a successor resets the controller rather than
+    /// trust a record that is behind.
     fn write_kept(&self, admin: &QueuePair) -> Result<()> {
-        let mut keeping = self.keeping.lock().map_err(|_| Error::Poisoned {
-            device: self.name.clone(),
-            lock: "kept record",
-        })?;
+        // A panic elsewhere leaves the record as consistent as before it.
+        let mut keeping = self.keeping.lock().unwrap_or_else(|e| e.into_inner());
         let Some(k) = keeping.as_mut() else {
             return Ok(());
         };
         k.record.controller.admin = admin.live_record();
         k.record.admin_outstanding = admin.in_flight() as u16;
-        k.record.controller.arenas = self
-            .pool
-            .arena_layout()
-            .into_iter()
-            .map(|(iova, len)| ArenaRecord {
+        let layout = self.pool.arena_layout();
+        k.record.controller.arenas = layout
+            .iter()
+            .map(|&(iova, len, _)| ArenaRecord {
                 iova,
                 len: len as u64,
             })
             .collect();
+        k.record.arena_files = layout.iter().map(|&(_, _, id)| id).collect();
         k.record.io_queues = k.io_queues.iter().copied().collect();
-        let text = serde_json::to_vec(&k.record).map_err(|e| Error::Device {
-            device: self.name.clone(),
-            what: format!("encoding the kept record: {e}"),
-        })?;
-        k.file.write(&text)
+        let written = serde_json::to_vec(&k.record)
+            .map_err(|e| Error::Device {
+                device: self.name.clone(),
+                what: format!("encoding the kept record: {e}"),
+            })
+            .and_then(|text| k.file.write(&text));
+        if written.is_err() {
+            k.file.void();
+        }
+        written
+    }
+
+    /// Voids the kept record, if there is one: the controller is going to another process,
+    /// whose own record replaces this one's in the store.
+    fn void_kept(&self) {
+        let keeping = self.keeping.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keeping.as_ref() {
+            k.file.void();
+        }
     }
 
     /// [`Shared::write_kept`], a failure logged: the controller works on, and a successor
-    /// after a crash would reset it rather than trust a record that is behind.
+    /// after a crash resets it (the record is void).
     fn note_kept(&self, admin: &QueuePair) {
         if let Err(e) = self.write_kept(admin) {
             tracing::warn!(
@@ -1648,13 +1682,12 @@ impl Shared {
     /// Marks I/O queue `qid` as possibly existing on the controller (or not) in the kept
     /// record; written with the next admin command.
     fn note_io_queue(&self, qid: u16, exists: bool) {
-        if let Ok(mut keeping) = self.keeping.lock() {
-            if let Some(k) = keeping.as_mut() {
-                if exists {
-                    k.io_queues.insert(qid);
-                } else {
-                    k.io_queues.remove(&qid);
-                }
+        let mut keeping = self.keeping.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keeping.as_mut() {
+            if exists {
+                k.io_queues.insert(qid);
+            } else {
+                k.io_queues.remove(&qid);
             }
         }
     }
@@ -1754,10 +1787,13 @@ impl Shared {
         admin.reset_rings();
         admin.abandon_all();
         // Before CC.EN: a successor must never take the old positions for the new queue.
-        if let Ok(mut keeping) = self.keeping.lock() {
-            if let Some(k) = keeping.as_mut() {
-                k.io_queues.clear();
-            }
+        if let Some(k) = self
+            .keeping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            k.io_queues.clear();
         }
         self.note_kept(&admin);
         enable(&regs, bar, &admin, self.cc, &self.name, timeout)?;

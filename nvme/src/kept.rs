@@ -85,6 +85,7 @@ impl KeptFile {
     }
 
     fn slot(&self, index: u64) -> *mut u8 {
+        debug_assert!(index < 2, "slot {index}");
         // SAFETY: index is 0 or 1: the slot lies inside the mapping.
         unsafe {
             self.map
@@ -119,7 +120,14 @@ impl KeptFile {
         Ok(())
     }
 
-    /// The current slot's text, or None if the record was never written.
+    /// Makes the record read as never written: what it said is no longer true (the
+    /// controller went to another process, or a change could not be written), and a
+    /// successor must not trust it.
+    pub fn void(&self) {
+        self.current().store(0, Ordering::Release);
+    }
+
+    /// The current slot's text, or None if the record was never written (or voided).
     pub fn read(&self) -> Option<Vec<u8>> {
         let index = match self.current().load(Ordering::Acquire) {
             1 => 0,
@@ -158,6 +166,10 @@ mod tests {
         assert_eq!(again.read().as_deref(), Some(&b"second"[..]));
         assert!(kept.write(&vec![b'x'; SLOT_BYTES]).is_err(), "too long");
         assert_eq!(again.read().as_deref(), Some(&b"second"[..]));
+        kept.void();
+        assert_eq!(again.read(), None, "voided");
+        kept.write(b"third").unwrap();
+        assert_eq!(again.read().as_deref(), Some(&b"third"[..]));
     }
 
     #[test]

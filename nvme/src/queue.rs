@@ -381,20 +381,7 @@ impl QueuePair {
                 self.qid, self.sq_tail, self.rung_tail, self.sq_head
             ));
         }
-        let (arena, offset, len) = self.memory.location();
-        Ok(QueueRecord {
-            qid: self.qid,
-            entries: self.entries,
-            memory: ChunkRecord {
-                arena: arena as u32,
-                offset: offset as u64,
-                len: len as u64,
-            },
-            sq_tail: self.sq_tail,
-            sq_head: self.sq_head,
-            cq_head: self.cq_head,
-            phase: self.phase,
-        })
+        Ok(self.live_record())
     }
 
     /// Whether the CQ ring agrees with the head and phase the pair was given: with nothing
@@ -415,6 +402,59 @@ impl QueuePair {
             self.phase
         };
         phase_at(self.cq_head) != self.phase && phase_at(before) == expected_before
+    }
+
+    /// Whether the CQ ring agrees with positions taken from a record written by a process
+    /// that may have died with `outstanding` commands out: the entries from the head on may
+    /// be new for the outstanding ones only, the one after them must not be, and the last
+    /// entry read must be of the current pass and, with nothing outstanding, report the SQ
+    /// head at the recorded tail. A record behind the controller fails one of these (but
+    /// for one exactly whole passes behind, which the tail check still catches unless the
+    /// SQ wrapped too).
+    pub(crate) fn agrees_with_cq(&self, outstanding: u16) -> Result<(), String> {
+        let entries = self.entries;
+        let status_at = |i: u16| {
+            // SAFETY: i < entries; the CQ ring is read volatile.
+            unsafe { std::ptr::addr_of!((*self.cq.add(usize::from(i))).status).read_volatile() }
+        };
+        // The phase a completion posted at `cq_head + k` carries.
+        let new_phase = |k: u16| {
+            if u32::from(self.cq_head) + u32::from(k) >= u32::from(entries) {
+                !self.phase
+            } else {
+                self.phase
+            }
+        };
+        let beyond = (self.cq_head + outstanding) % entries;
+        if (status_at(beyond) & 1 == 1) == new_phase(outstanding) {
+            return Err(format!(
+                "a completion at CQ entry {beyond}, past the {outstanding} outstanding from head {}: the record is behind",
+                self.cq_head
+            ));
+        }
+        let last = (self.cq_head + entries - 1) % entries;
+        let last_phase = if self.cq_head == 0 {
+            !self.phase
+        } else {
+            self.phase
+        };
+        if (status_at(last) & 1 == 1) != last_phase {
+            return Err(format!(
+                "CQ entry {last}, the last one read, is not of the current pass (phase {})",
+                self.phase
+            ));
+        }
+        if outstanding == 0 {
+            // SAFETY: last < entries; read volatile after its phase was seen.
+            let cqe = unsafe { self.cq.add(usize::from(last)).read_volatile() };
+            if cqe.sq_head % entries != self.sq_tail {
+                return Err(format!(
+                    "the last completion reports SQ head {}, the record's tail is {}",
+                    cqe.sq_head, self.sq_tail
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Where the pair stands now, commands in flight or not (a kept record: see
@@ -492,6 +532,9 @@ impl QueuePair {
         let cq_bytes = usize::from(self.entries) * 16;
         // SAFETY: the CQ ring lies within our memory; the device does not own it now.
         unsafe { std::ptr::write_bytes(self.cq as *mut u8, 0, cq_bytes) };
+        // The SQ too: no old command stays where a wrong tail could make it run again.
+        // SAFETY: the SQ ring (entries commands) lies within our memory, not the device's now.
+        unsafe { std::ptr::write_bytes(self.sq, 0, usize::from(self.entries)) };
     }
 
     /// Forgets every command in flight (admin queue after a reset: nobody waits for them).

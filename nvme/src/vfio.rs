@@ -86,17 +86,28 @@ impl VfioPci {
             }
         };
         // A process that was just killed may still hold the group while the kernel tears it
-        // down (EBUSY): a restarted driver waits for that, bounded.
+        // down (EBUSY), and an fd store told to drop a dead process's container and device
+        // fds may not have yet (the group then cannot join a new container, nor the device
+        // open): a restarted driver waits for that, bounded.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut waited = false;
         let (container, device) = loop {
             let container =
                 Arc::new(VfioContainer::new(None).map_err(vfio("opening the container"))?);
             match VfioDevice::new(&sysfs.path(), container.clone() as Arc<dyn VfioOps>, false) {
                 Ok(device) => break (container, device),
-                Err(vfio_ioctls::VfioError::OpenGroup(ref e, _))
-                    if e.raw_os_error() == Some(libc::EBUSY)
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(
+                    ref e @ (vfio_ioctls::VfioError::OpenGroup(..)
+                    | vfio_ioctls::VfioError::GroupSetContainer
+                    | vfio_ioctls::VfioError::GroupViable
+                    | vfio_ioctls::VfioError::GroupGetDeviceFD(..)),
+                ) if still_held(e) && std::time::Instant::now() < deadline => {
+                    if !waited {
+                        tracing::info!(
+                            "{dev}: still held by another process ({e}); waiting up to 10 s"
+                        );
+                        waited = true;
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -299,4 +310,16 @@ fn map_bar0(device: RawFd, dev: &str, layout: &RegionLayout) -> Result<Mmio> {
         what: format!("{dev}: mmap of BAR0 ({len} bytes at region offset {offset:#x})"),
         source: e,
     })
+}
+
+/// Whether opening a device failed because another process (or an fd store) still holds
+/// its group or the device: a wait helps.
+fn still_held(e: &vfio_ioctls::VfioError) -> bool {
+    match e {
+        vfio_ioctls::VfioError::OpenGroup(io, _) => io.raw_os_error() == Some(libc::EBUSY),
+        vfio_ioctls::VfioError::GroupGetDeviceFD(sys) => sys.errno() == libc::EBUSY,
+        // Joining a container fails while the group is still in the old one.
+        vfio_ioctls::VfioError::GroupSetContainer | vfio_ioctls::VfioError::GroupViable => true,
+        _ => false,
+    }
 }

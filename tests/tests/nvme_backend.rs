@@ -170,7 +170,7 @@ grep -q "holds every completion" /tmp/kept.log || { cat /tmp/kept.log; fail "the
 sleep 1
 kill -9 $(target_pid)
 wait $lg; rc=$?
-record "{\"held\": $(cat /tmp/held.json), \"held_rerun\": \"$(grep -o '[0-9]* request(s) to run again' /tmp/kept.log | head -1)\", \"held_takeover\": \"$(grep -m1 'taken over as the previous process left it' /tmp/kept.log | grep -o '[0-9]* of its I/O queue pair(s) deleted')\"}"
+record "{\"held\": $(cat /tmp/held.json), \"held_rerun\": \"$(grep -o '[0-9]* request(s) to run again' /tmp/kept.log | head -1)\", \"held_takeover\": \"$(grep -m1 'taken over as the previous process left it' /tmp/kept.log | grep -o '[0-9]* of its I/O queue pair(s) deleted')\", \"held_order\": [$(grep -n -m1 'taken over as the previous process left it' /tmp/kept.log | cut -d: -f1), $(grep -n -m1 'request(s) to run again' /tmp/kept.log | cut -d: -f1)]}"
 [ $rc = 0 ] || { cat /tmp/kept.log; fail "loadgen reported errors across the held completions"; }
 step "4 KiB mixed verify, the target under vfblk-keeper killed with SIGKILL 3 times"
 vfblk-loadgen --socket /tmp/k.sock --rw mixed --verify --bs 4096 --qd 16 --seconds 12 --json > /tmp/lg.json &
@@ -233,20 +233,18 @@ fn nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting()
     );
     run.expect_success("NVMe backend under the keeper").unwrap();
     vfblk_tests::assert_no_error_nor_reconnect(&held.expect("held record"));
-    // The held requests were re-run, after the dead process's queue pair was deleted.
-    let rerun = run
-        .record("held_rerun")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let rerun: u64 = rerun
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    // The 16 held requests (the load generator's queue depth) were re-run, after the dead
+    // process's queue pair was deleted (the take-over's line comes first in the log).
+    assert_eq!(
+        run.record("held_rerun").and_then(Value::as_str),
+        Some("16 request(s) to run again")
+    );
+    let order = run.record("held_order").cloned().unwrap_or(Value::Null);
     assert!(
-        rerun >= 1,
-        "held requests re-run: {:?}",
-        run.record("held_rerun")
+        order[0].as_u64().is_some() && order[0].as_u64() < order[1].as_u64(),
+        "the take-over (log line {}) before the re-run (line {})",
+        order[0],
+        order[1]
     );
     assert_eq!(
         run.record("held_takeover").and_then(Value::as_str),
@@ -441,24 +439,46 @@ measure lent nvme:$bdf VFBLK_TEST_NVME_QUEUE_VERSIONS=
 measure mem mem:/tmp/mem.img:256M
 "#;
 
+/// Runs a measurement `script` in a lab guest with `placeholder` replaced by how many
+/// events to make: `$variable`, else `default`; the guest gets 5 min plus `seconds_each`
+/// per event. Returns that count and the run.
+fn measure_in_the_lab(
+    lab_name: &str,
+    script: &str,
+    placeholder: &str,
+    variable: &str,
+    default: usize,
+    seconds_each: u64,
+) -> (usize, vfblk_lab::vm::RetriedRun) {
+    let count: usize = std::env::var(variable)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    let lab = Lab::new(lab_name).expect("lab setup");
+    let retried = lab
+        .run_l2(
+            &script.replace(placeholder, &count.to_string()),
+            Contents::default(),
+            256,
+            Duration::from_secs(300 + seconds_each * count as u64),
+            Echo::Steps,
+        )
+        .expect("run the lab guest");
+    (count, retried)
+}
+
 #[test]
 #[ignore = "a measurement for docs/recovery.md: the 3x-the-RAM-disk target is not met in every run (3.1x in a quiet CI run by hand); the adoption path and its fallbacks are checked by nvme_backend_verifies_across_upgrades_and_sigkills_under_the_keeper_without_reconnecting"]
 fn nvme_upgrade_pauses_beside_the_ram_disk() {
     let _lock = lab_lock();
-    let upgrades: usize = std::env::var("VFBLK_TEST_NVME_UPGRADES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
-    let lab = Lab::new("test-nvme-pauses").expect("lab setup");
-    let retried = lab
-        .run_l2(
-            &PAUSE_SCRIPT.replace("UPGRADES", &upgrades.to_string()),
-            Contents::default(),
-            256,
-            Duration::from_secs(300 + 9 * upgrades as u64),
-            Echo::Steps,
-        )
-        .expect("run the lab guest");
+    let (upgrades, retried) = measure_in_the_lab(
+        "test-nvme-pauses",
+        PAUSE_SCRIPT,
+        "UPGRADES",
+        "VFBLK_TEST_NVME_UPGRADES",
+        30,
+        9,
+    );
     let run = &retried.run;
     let mut p99 = Vec::new();
     for name in ["nvme", "lent", "mem"] {
@@ -542,12 +562,6 @@ fn nvme_upgrade_pauses_beside_the_ram_disk() {
 /// keeps its 1.5 s, the time a restart takes here), so fio outlasts them.
 const RESTART_FIO_MIB: u32 = 256;
 
-/// A QEMU guest (L3, under KVM in the lab guest) running fio with verify on a disk served
-/// by the NVMe backend ([`vfblk_lab::nvme_l3`]), while the target is upgraded by hand-over
-/// 10 times and killed with SIGKILL 10 times under `vfblk-keeper` (`kept`), or, today's
-/// reconnect path, killed and started again 10 times with QEMU reconnecting; past emulator
-/// faults. Its `l3_vhost` record has fio's figures and QEMU's complaints about the
-/// connection.
 /// SIGKILLs of the lab guest's NVMe target under `vfblk-keeper` measured beside a RAM disk
 /// target's, one after the other in the same guest, each under its own verifying load
 /// generator (QD16): the longest gap the load generator saw and how long each successor
@@ -591,20 +605,14 @@ measure mem mem:/tmp/mem.img:256M
 #[ignore = "a measurement for docs/recovery.md (about 3 min per 100 kills of each); the take-over path is checked by nvme_backend_verifies_across_sigkills_under_the_keeper_without_reconnecting"]
 fn nvme_sigkill_gaps_beside_the_ram_disk() {
     let _lock = lab_lock();
-    let kills: usize = std::env::var("VFBLK_TEST_NVME_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    let lab = Lab::new("test-nvme-kill-gaps").expect("lab setup");
-    let retried = lab
-        .run_l2(
-            &KILL_GAP_SCRIPT.replace("KILLS", &kills.to_string()),
-            Contents::default(),
-            256,
-            Duration::from_secs(300 + 4 * kills as u64),
-            Echo::Steps,
-        )
-        .expect("run the lab guest");
+    let (kills, retried) = measure_in_the_lab(
+        "test-nvme-kill-gaps",
+        KILL_GAP_SCRIPT,
+        "KILLS",
+        "VFBLK_TEST_NVME_KILLS",
+        100,
+        4,
+    );
     let run = &retried.run;
     let mut gaps = Vec::new();
     for name in ["nvme", "mem"] {
@@ -648,6 +656,12 @@ fn nvme_sigkill_gaps_beside_the_ram_disk() {
     );
 }
 
+/// A QEMU guest (L3, under KVM in the lab guest) running fio with verify on a disk served
+/// by the NVMe backend ([`vfblk_lab::nvme_l3`]), while the target is upgraded by hand-over
+/// 10 times and killed with SIGKILL 10 times under `vfblk-keeper` (`kept`), or, today's
+/// reconnect path, killed and started again 10 times with QEMU reconnecting; past emulator
+/// faults. Its `l3_vhost` record has fio's figures and QEMU's complaints about the
+/// connection.
 fn l3_fio_across_restarts_past_emulator_faults(
     lab_name: &str,
     qemu10: bool,

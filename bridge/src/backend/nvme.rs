@@ -544,6 +544,8 @@ impl NvmeControllers {
     /// mapped is removed and each controller reset with this process's queues.
     pub fn reclaim_all(&self) {
         for (address, c) in self.open.iter().filter(|(_, c)| c.ctrl.lent()) {
+            // The borrower may have stored its record; the reset below makes it untrue.
+            kept::forget_record(self.store.as_ref(), *address);
             match c.ctrl.reclaim(&c.windows.ranges(WindowOwner::Used, true)) {
                 Ok(()) => {
                     tracing::info!("{address}: taken back after the hand-over failed");
@@ -757,7 +759,7 @@ impl NvmeControllers {
             let keep = !c.unused();
             if !keep {
                 tracing::info!("{address}: no backend uses it; closing it");
-                kept::forget(store.as_ref(), *address, &c.ctrl);
+                kept::forget_controller(store.as_ref(), *address, &c.ctrl);
             }
             keep
         });

@@ -40,7 +40,12 @@ impl Names {
 
     /// The controller whose record is stored under `name`, if it is such a name.
     fn record_owner(name: &str) -> Option<PciAddress> {
-        let text = name.strip_prefix(PREFIX)?.strip_suffix("/record")?;
+        name.strip_suffix("/record").and(Self::owner(name))
+    }
+
+    /// The controller a kept name belongs to, if it is one.
+    fn owner(name: &str) -> Option<PciAddress> {
+        let (text, _) = name.strip_prefix(PREFIX)?.split_once('/')?;
         text.replace('-', ":").parse().ok()
     }
 
@@ -56,8 +61,23 @@ impl Names {
     fn windows(&self) -> String {
         format!("{}/windows", self.prefix)
     }
+    fn arena_prefix(&self) -> String {
+        format!("{}/arena-", self.prefix)
+    }
     fn arena(&self, iova: u64) -> String {
-        format!("{}/arena-{iova:x}", self.prefix)
+        format!("{}{iova:x}", self.arena_prefix())
+    }
+    /// Every name of the controller, with the arenas at `arenas`.
+    fn all(&self, arenas: &[u64]) -> Vec<String> {
+        [
+            self.record(),
+            self.windows(),
+            self.container(),
+            self.device(),
+        ]
+        .into_iter()
+        .chain(arenas.iter().map(|&iova| self.arena(iova)))
+        .collect()
     }
 }
 
@@ -107,16 +127,49 @@ impl NvmeControllers {
             .iter()
             .filter_map(|n| Names::record_owner(n))
             .collect();
+        // A controller with fds but no record (a process killed between storing them and
+        // its record, or after removing another's): released now, so that it can be opened
+        // afresh; the store must not hold its device meanwhile.
+        let orphans: Vec<String> = stored
+            .names()
+            .into_iter()
+            .filter(|n| Names::owner(n).is_some_and(|a| !owners.contains(&a)))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(
+                "NVMe fds in the fd store without a record of their controller ({}); released",
+                orphans.join(", ")
+            );
+            for name in &orphans {
+                drop(stored.take(name));
+            }
+            forget(self.store.as_ref(), &orphans);
+        }
         for address in owners {
-            match take_one(address, stored) {
+            let names = Names::of(address);
+            let taken = take_one(address, stored);
+            // Arenas the record does not name (made after its last write, or by another
+            // process) go now: a controller opened afresh may store its own under the
+            // same names.
+            let mut unrecorded: Vec<String> = stored
+                .names()
+                .into_iter()
+                .filter(|n| n.starts_with(&names.arena_prefix()))
+                .collect();
+            unrecorded.dedup();
+            for name in &unrecorded {
+                drop(stored.take(name));
+            }
+            forget(self.store.as_ref(), &unrecorded);
+            match taken {
                 Ok(c) => {
                     self.stored.insert(address, c);
                 }
-                Err(why) => {
+                Err((why, arenas)) => {
                     tracing::warn!(
                         "{address}: what the fd store kept of it cannot be used ({why}); it will be opened afresh"
                     );
-                    forget_names(self.store.as_ref(), &Names::of(address), &[]);
+                    forget(self.store.as_ref(), &names.all(&arenas));
                 }
             }
         }
@@ -129,34 +182,67 @@ impl NvmeControllers {
                 "{address}: kept in the fd store by the previous process but not in the configuration; released"
             );
             let arenas: Vec<u64> = c.kept.controller.arenas.iter().map(|a| a.iova).collect();
-            forget_names(self.store.as_ref(), &Names::of(address), &arenas);
+            forget(self.store.as_ref(), &Names::of(address).all(&arenas));
         }
     }
 }
 
-fn take_one(address: PciAddress, stored: &mut StoredFds) -> Result<StoredController, String> {
+/// What the store holds of the controller at `address`, checked; else why not and the
+/// arenas whose names it took.
+fn take_one(
+    address: PciAddress,
+    stored: &mut StoredFds,
+) -> Result<StoredController, (String, Vec<u64>)> {
     let names = Names::of(address);
     let mut take = |name: String| stored.take(&name).ok_or(format!("{name} is not stored"));
-    let record_fd = take(names.record())?;
-    let container = take(names.container())?;
-    let device = take(names.device())?;
+    let fail = |why: String| (why, Vec::new());
+    let record_fd = take(names.record()).map_err(fail)?;
+    let container = take(names.container()).map_err(fail)?;
+    let device = take(names.device()).map_err(fail)?;
     let windows_fd = take(names.windows()).ok();
-    let record = KeptFile::open(std::fs::File::from(record_fd)).map_err(|e| e.to_string())?;
-    let text = record.read().ok_or("its record was never written")?;
-    let kept: KeptController =
-        serde_json::from_slice(&text).map_err(|e| format!("its record does not read: {e}"))?;
-    let mut arenas = Vec::with_capacity(kept.controller.arenas.len());
-    for a in &kept.controller.arenas {
-        arenas.push(take(names.arena(a.iova))?);
+    let record = KeptFile::open(std::fs::File::from(record_fd)).map_err(|e| fail(e.to_string()))?;
+    let text = record
+        .read()
+        .ok_or_else(|| fail("its record was never written, or was voided".into()))?;
+    let kept: KeptController = serde_json::from_slice(&text)
+        .map_err(|e| fail(format!("its record does not read: {e}")))?;
+    let iovas: Vec<u64> = kept.controller.arenas.iter().map(|a| a.iova).collect();
+    if kept.arena_files.len() != iovas.len() {
+        return Err((
+            format!(
+                "{} arena file(s) recorded for {} arenas",
+                kept.arena_files.len(),
+                iovas.len()
+            ),
+            iovas,
+        ));
+    }
+    let mut arenas = Vec::with_capacity(iovas.len());
+    for (&iova, &file) in iovas.iter().zip(&kept.arena_files) {
+        let fd = take(names.arena(iova)).map_err(|why| (why, iovas.clone()))?;
+        // The memory mapped at that IOVA, not another memfd under its name.
+        use std::os::fd::AsFd;
+        if vfblk_hugepages::file_identity(fd.as_fd()) != file {
+            return Err((
+                format!("the memfd stored for the arena at IOVA {iova:#x} is not the one recorded"),
+                iovas,
+            ));
+        }
+        arenas.push(fd);
     }
     let (windows, windows_file) = match windows_fd {
         None => (Vec::new(), None),
         Some(fd) => {
-            let file = KeptFile::open(std::fs::File::from(fd)).map_err(|e| e.to_string())?;
+            let file = KeptFile::open(std::fs::File::from(fd))
+                .map_err(|e| (e.to_string(), iovas.clone()))?;
             let windows = match file.read() {
                 None => Vec::new(),
-                Some(text) => serde_json::from_slice(&text)
-                    .map_err(|e| format!("its windows record does not read: {e}"))?,
+                Some(text) => serde_json::from_slice(&text).map_err(|e| {
+                    (
+                        format!("its windows record does not read: {e}"),
+                        iovas.clone(),
+                    )
+                })?,
             };
             (windows, Some(file))
         }
@@ -211,7 +297,7 @@ pub(super) fn recover(
             );
             // Every fd of it goes (ours with `stored`, the store's by name): the device is
             // opened afresh once nobody holds it.
-            forget_names(store, &names, &arenas);
+            forget(store, &names.all(&arenas));
             return None;
         }
     };
@@ -235,7 +321,7 @@ pub(super) fn recover(
                     "{address}: the dead process's mappings at IOVA {base:#x} could not be removed; resetting it"
                 );
                 drop(ctrl);
-                forget_names(store, &names, &arenas);
+                forget(store, &names.all(&arenas));
                 return None;
             }
         }
@@ -295,6 +381,26 @@ fn keep_fallible(
 ) -> Result<(), String> {
     let names = Names::of(address);
     let err = |e: &dyn std::error::Error| vfblk_vhost::error_chain(e);
+    let recovered = windows.is_some();
+    if !recovered {
+        // Whatever record the store holds under the name is another process's (an
+        // upgrade's other side): gone before anything else, so that a failure below leaves
+        // no record a successor would trust.
+        store.remove(&names.record()).map_err(|e| err(&e))?;
+    }
+    let (hook_store, hook_names) = (store.clone(), names.clone());
+    // Before the arenas are listed, so that none made meanwhile is missed.
+    shared.ctrl.on_new_arena(Arc::new(
+        move |fd: std::os::fd::BorrowedFd<'_>, iova: u64, _len: usize| {
+            if let Err(e) = hook_store.store(&hook_names.arena(iova), &fd) {
+                tracing::warn!(
+                    "a DMA arena of {} at IOVA {iova:#x} is not in the fd store ({}); after a crash the controller would be reset",
+                    hook_names.prefix,
+                    vfblk_vhost::error_chain(&e)
+                );
+            }
+        },
+    ));
     let (vfio, arenas) = shared.ctrl.kept_fds().map_err(|e| err(&e))?;
     // What a record names is stored before the record.
     store
@@ -306,27 +412,15 @@ fn keep_fallible(
     for (iova, fd) in &arenas {
         store.store(&names.arena(*iova), fd).map_err(|e| err(&e))?;
     }
-    let (hook_store, hook_names) = (store.clone(), names.clone());
-    shared.ctrl.on_new_arena(Arc::new(
-        move |fd: std::os::fd::BorrowedFd<'_>, iova: u64, _len: usize| {
-            if let Err(e) = hook_store.store(&hook_names.arena(iova), &fd) {
-                tracing::warn!(
-                    "a DMA arena of {} at IOVA {iova:#x} is not in the fd store ({}); after a crash it would be unmapped",
-                    hook_names.prefix,
-                    vfblk_vhost::error_chain(&e)
-                );
-            }
-        },
-    ));
     let create =
         |what: &str| KeptFile::create(&format!("vfblk-{what}-{address}")).map_err(|e| err(&e));
     if !shared.ctrl.kept() {
         shared.ctrl.keep(create("record")?).map_err(|e| err(&e))?;
     }
     let mut replace = Vec::new();
-    // The record the store holds is this controller's unless it was taken over from a dead
-    // process with it: a hand-over's other process may have stored its own.
-    if windows.is_none() {
+    // The record the store holds is this controller's when it was taken over from a dead
+    // process with it; else this process's goes in (last: what it names is stored).
+    if !recovered {
         let fd = shared.ctrl.kept_record_fd().map_err(|e| err(&e))?;
         replace.push((names.record(), fd));
     }
@@ -363,32 +457,31 @@ fn keep_fallible(
 /// Removes from the store the names of `ctrl`'s arenas (its memory is going: an upgrade's
 /// new process brought the controller up in memory of its own).
 pub(super) fn forget_arenas(store: Option<&Arc<FdStore>>, address: PciAddress, ctrl: &Controller) {
-    let Some(store) = store else { return };
     let names = Names::of(address);
-    for iova in ctrl.arena_iovas() {
-        if let Err(e) = store.remove(&names.arena(iova)) {
-            tracing::warn!("fd store: {}", vfblk_vhost::error_chain(&e));
-        }
-    }
+    let arenas: Vec<String> = ctrl.arena_iovas().iter().map(|&i| names.arena(i)).collect();
+    forget(store, &arenas);
+}
+
+/// Removes the record of the controller at `address` from the store: this process is
+/// about to drive it in a way the record there does not follow (taking it back after a
+/// failed upgrade); [`keep`] stores its own afterwards.
+pub(super) fn forget_record(store: Option<&Arc<FdStore>>, address: PciAddress) {
+    forget(store, &[Names::of(address).record()]);
 }
 
 /// Removes from the store everything kept of `ctrl` (it is closed for good).
-pub(super) fn forget(store: Option<&Arc<FdStore>>, address: PciAddress, ctrl: &Controller) {
-    forget_names(store, &Names::of(address), &ctrl.arena_iovas());
+pub(super) fn forget_controller(
+    store: Option<&Arc<FdStore>>,
+    address: PciAddress,
+    ctrl: &Controller,
+) {
+    forget(store, &Names::of(address).all(&ctrl.arena_iovas()));
 }
 
-fn forget_names(store: Option<&Arc<FdStore>>, names: &Names, arenas: &[u64]) {
+fn forget(store: Option<&Arc<FdStore>>, names: &[String]) {
     let Some(store) = store else { return };
-    let all = [
-        names.record(),
-        names.windows(),
-        names.container(),
-        names.device(),
-    ]
-    .into_iter()
-    .chain(arenas.iter().map(|&iova| names.arena(iova)));
-    for name in all {
-        if let Err(e) = store.remove(&name) {
+    for name in names {
+        if let Err(e) = store.remove(name) {
             tracing::warn!("fd store: {}", vfblk_vhost::error_chain(&e));
         }
     }
@@ -414,5 +507,7 @@ mod tests {
         assert_eq!(Names::record_owner(&names.record()), Some(address));
         assert_eq!(Names::record_owner(&names.container()), None);
         assert_eq!(Names::record_owner("vm1/record"), None);
+        assert_eq!(Names::owner(&names.arena(0x1000)), Some(address));
+        assert_eq!(Names::owner("vm1/sock"), None);
     }
 }
