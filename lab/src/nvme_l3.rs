@@ -85,6 +85,9 @@ touch /tmp/upgrades.json
 step "L3 under KVM with fio verify ({fio_mib} MiB) on the NVMe backend: {upgrades} upgrade(s) and {kills} SIGKILL(s) of the target while fio runs"
 vfblk-lab nested --vhost-user /tmp/k.sock --fio-mib {fio_mib} --no-retry-once-started {qemu_flag} > /tmp/nested.out 2>&1 &
 np=$!
+# Every 20 s while L3 runs, where the target and the guest are: a run that hits its deadline
+# shows on the console what it was doing.
+( while kill -0 $np 2>/dev/null; do sleep 20; echo "progress: target: $(grep -E 'taken over|handed over|killed by|resetting|ERROR|WARN' /tmp/kept.log | tail -2 | cut -c1-220 | tr '\n' '|') L3: $(tail -1 /tmp/l3/console-vhost-k.log 2>/dev/null | cut -c1-160)"; done ) &
 for i in $(seq 1 1200); do grep -q "fio in L3" /tmp/l3/console-vhost-k.log 2>/dev/null && break; kill -0 $np 2>/dev/null || break; sleep 0.25; done
 grep -q "fio in L3" /tmp/l3/console-vhost-k.log || {{ cat /tmp/nested.out /tmp/kept.log; fail "fio never started in L3"; }}
 sleep 2
