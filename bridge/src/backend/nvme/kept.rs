@@ -94,6 +94,8 @@ impl KeptWindows {
             .map_err(|e| e.to_string())
             .and_then(|text| file.write(&text).map_err(|e| e.to_string()));
         if let Err(e) = written {
+            // Void: a successor then unmaps every window rather than trust one it names.
+            file.void();
             tracing::warn!(
                 "the record of the guest RAM mapped for an NVMe controller was not updated ({e}); after a crash it would be mapped again"
             );
@@ -336,7 +338,7 @@ pub(super) fn recover(
         done.elapsed.as_secs_f64() * 1e3
     );
     let shared = SharedController::adopted(ctrl, &valid);
-    keep(store, address, &shared, windows_file);
+    keep(store, address, &shared, Some(windows_file));
     Some(shared)
 }
 
@@ -355,18 +357,18 @@ fn injected_recover_fault() -> vfblk_nvme::Result<()> {
 }
 
 /// Keeps `shared` in `store` (if there is one): its fds, its arenas (and those to come), its
-/// record and its windows. A controller taken over from a dead process has its records from
-/// the store already (the record inside it, `windows` here); else new ones replace whatever
-/// the store holds under their names. A failure is logged: the controller serves on, and a
-/// crash would reset it.
+/// record and its windows. A controller taken over from a dead process (`recovered`: with
+/// its windows record, if the store had one) has its records from the store already (the
+/// record inside it); else new ones replace whatever the store holds under their names. A
+/// failure is logged: the controller serves on, and a crash would reset it.
 pub(super) fn keep(
     store: Option<&Arc<FdStore>>,
     address: PciAddress,
     shared: &SharedController,
-    windows: Option<KeptFile>,
+    recovered: Option<Option<KeptFile>>,
 ) {
     let Some(store) = store else { return };
-    if let Err(why) = keep_fallible(store, address, shared, windows) {
+    if let Err(why) = keep_fallible(store, address, shared, recovered) {
         tracing::warn!(
             "{address}: not kept in the fd store ({why}); after a crash it would be reset"
         );
@@ -377,11 +379,15 @@ fn keep_fallible(
     store: &Arc<FdStore>,
     address: PciAddress,
     shared: &SharedController,
-    windows: Option<KeptFile>,
+    recovered: Option<Option<KeptFile>>,
 ) -> Result<(), String> {
     let names = Names::of(address);
     let err = |e: &dyn std::error::Error| vfblk_vhost::error_chain(e);
-    let recovered = windows.is_some();
+    // Taken over from a dead process with its records (the windows' may be missing).
+    let (recovered, windows) = match recovered {
+        Some(windows) => (true, windows),
+        None => (false, None),
+    };
     if !recovered {
         // Whatever record the store holds under the name is another process's (an
         // upgrade's other side): gone before anything else, so that a failure below leaves
