@@ -142,21 +142,23 @@ fn harness_reference_qemu_storage_daemon_there_and_back_on_qemu_10() {
     there_and_back("test-migration-qsd-10", qemu, TargetKind::Qsd);
 }
 
-/// The negative control: the source targets take the dirty log and mark nothing
-/// (`--test-skip-dirty-log`); the device's writes into guest RAM during a migration do not
-/// reach its destination, and the readcheck finds a region read back wrong there (after
-/// the first migration, or else after the second).
+/// The negative control: the source targets take the dirty log and leave the data they
+/// write into guest buffers unmarked (`--test-skip-dirty-log`); those writes during a
+/// migration do not reach its destination, and the readcheck finds a region read back
+/// wrong there (after the first migration, or else after the second). On QEMU 10: QEMU
+/// 7.2's migration under TCG breaks the guest too often for a control (docs/lab.md).
 #[test]
 fn without_the_dirty_log_the_destination_reads_stale_guest_memory() {
-    stale_without_the_log("test-migration-no-log", Qemu::system());
-}
-
-/// The negative control on QEMU 10 (by hand: the QEMU 7.2 one is in the suite).
-#[test]
-#[ignore]
-fn without_the_dirty_log_the_destination_reads_stale_guest_memory_on_qemu_10() {
     let qemu = Qemu::backports(20).expect("QEMU 10 from bookworm-backports");
     stale_without_the_log("test-migration-no-log-10", qemu);
+}
+
+/// The negative control on QEMU 7.2 (by hand: its guest died of the emulator in 2 of the
+/// last 4 fresh-clone runs).
+#[test]
+#[ignore = "QEMU 7.2's migration under TCG broke the guest in 2 of the last 4 fresh-clone runs; the suite runs the QEMU 10 control"]
+fn without_the_dirty_log_the_destination_reads_stale_guest_memory_on_qemu_7_2() {
+    stale_without_the_log("test-migration-no-log", Qemu::system());
 }
 
 fn stale_without_the_log(name: &str, qemu: Qemu) {
@@ -201,9 +203,17 @@ fn stale_without_the_log(name: &str, qemu: Qemu) {
 /// The first source target runs under `vfblk-keeper` and is upgraded by hand-over, then
 /// killed with SIGKILL, while the first migration runs: the log travels with the
 /// connection, the migration completes both ways, QEMU never reconnects, nothing is lost.
+/// On QEMU 10 (`VFBLK_TEST_MIGRATION_QEMU=7.2` for the system QEMU, by hand): QEMU 7.2's
+/// migration under TCG broke the guest in all three runs of one fresh-clone run, with every
+/// target clean (docs/lab.md); its there-and-back test keeps QEMU 7.2 in the suite.
 #[test]
 fn live_migration_across_an_upgrade_and_a_sigkill_of_the_source_target() {
-    let mut opts = MigrationOptions::new(Qemu::system(), TargetKind::Bridge);
+    let qemu = if std::env::var("VFBLK_TEST_MIGRATION_QEMU").as_deref() == Ok("7.2") {
+        Qemu::system()
+    } else {
+        Qemu::backports(20).expect("QEMU 10 from bookworm-backports")
+    };
+    let mut opts = MigrationOptions::new(qemu, TargetKind::Bridge);
     opts.keeper_events = true;
     let out = run_past_qemu_7_2_faults("test-migration-kept", &opts);
     assert_clean(&out);
