@@ -209,6 +209,23 @@ fn wait_ready(regs: &Registers, name: &str, ready: bool, timeout: Duration) -> R
     }
 }
 
+/// The ranges of `first..end` that no arena of `arenas` (sorted IOVA ranges) covers: where
+/// memory another process mapped in this process's half of the driver's IOVAs lies.
+fn gaps_between(first: u64, end: u64, arenas: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut at = first;
+    for &(iova, len) in arenas {
+        if iova > at {
+            gaps.push((at, iova - at));
+        }
+        at = at.max(iova + len);
+    }
+    if at < end {
+        gaps.push((at, end - at));
+    }
+    gaps
+}
+
 /// Largest transfer per command: MDTS in units of the minimum page, capped.
 fn max_transfer(cap: Cap, identify: &IdentifyController) -> usize {
     if identify.mdts > 0 {
@@ -874,7 +891,7 @@ impl Controller {
             )));
         }
         let upper = record.upper_iova_half;
-        let arenas = taking.arena_ranges();
+        let arenas = taking.pool.arena_ranges();
         let shared = Arc::new(taking.into_shared(admin, false, options));
         *shared.keeping.lock().expect("fresh") = Some(Keeping {
             file,
@@ -907,15 +924,8 @@ impl Controller {
         let (other_first, other_end) = driver_iova_half(!upper);
         let (own_first, own_end) = driver_iova_half(upper);
         let mut removed = controller.unmap_within(other_first, other_end - other_first)?;
-        let mut at = own_first;
-        for (iova, len) in arenas {
-            if iova > at {
-                removed += controller.unmap_within(at, iova - at)?;
-            }
-            at = at.max(iova + len);
-        }
-        if at < own_end {
-            removed += controller.unmap_within(at, own_end - at)?;
+        for (iova, len) in gaps_between(own_first, own_end, &arenas) {
+            removed += controller.unmap_within(iova, len)?;
         }
         let admin = s.admin.lock().map_err(|_| Error::Poisoned {
             device: s.name.clone(),
@@ -1093,17 +1103,7 @@ impl Controller {
         // A borrower that adopted the queues shares this process's half: whatever it
         // mapped there lies between this process's arenas.
         let (own_first, own_end) = driver_iova_half(s.upper_iova_half);
-        let mut gaps = Vec::new();
-        let mut at = own_first;
-        for (iova, len) in s.pool.arena_ranges() {
-            if iova > at {
-                gaps.push((at, iova - at));
-            }
-            at = at.max(iova + len);
-        }
-        if at < own_end {
-            gaps.push((at, own_end - at));
-        }
+        let gaps = gaps_between(own_first, own_end, &s.pool.arena_ranges());
         for &(iova, len) in std::iter::once(&(first, end - first))
             .chain(foreign)
             .chain(&gaps)
@@ -1517,11 +1517,6 @@ impl Taking {
             self.cap.doorbell_stride(),
             PAGE_SIZE as u64,
         ))
-    }
-
-    /// The arenas' IOVA ranges, sorted.
-    fn arena_ranges(&self) -> Vec<(u64, u64)> {
-        self.pool.arena_ranges()
     }
 
     fn into_shared(self, admin: QueuePair, lent: bool, options: &Options) -> Shared {
@@ -1960,6 +1955,17 @@ mod tests {
         let mut bad = text.clone();
         bad.replace_range(10..12, "zz");
         assert!(unhex(&bad, "page").is_err(), "not hex");
+    }
+
+    #[test]
+    fn gaps_are_what_the_arenas_leave_of_a_half() {
+        let arenas = [(0x1000, 0x1000), (0x4000, 0x2000)];
+        assert_eq!(
+            gaps_between(0x1000, 0x8000, &arenas),
+            [(0x2000, 0x2000), (0x6000, 0x2000)]
+        );
+        assert_eq!(gaps_between(0, 0x1000, &[]), [(0, 0x1000)]);
+        assert!(gaps_between(0x1000, 0x2000, &[(0x1000, 0x1000)]).is_empty());
     }
 
     #[test]
